@@ -1,0 +1,125 @@
+//! The command line.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use ratls::{AppId, PeerRole};
+
+use crate::logging::LogFormat;
+
+/// Exit status for a certificate that was read but refused.
+pub const EXIT_REJECTED: u8 = 1;
+/// Exit status for input that could not be read or parsed (sysexits EX_DATAERR).
+pub const EXIT_BAD_INPUT: u8 = 65;
+/// Exit status when a service the command needs is unavailable (sysexits EX_UNAVAILABLE).
+pub const EXIT_UNAVAILABLE: u8 = 69;
+
+/// dstack-mesh: attested identity, an attested service mesh and public HTTPS for dstack apps.
+#[derive(Debug, Parser)]
+#[command(name = "dstack-mesh", version, about)]
+pub struct Cli {
+    /// Log format (logs go to stderr).
+    #[arg(long, value_enum, default_value_t = LogFormat::Auto, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the local demo: a development agent and a sidecar identity from it.
+    Demo {
+        /// Keep the demo's CA and sockets here (default: a temporary directory).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Fetch this CVM's identity from the guest agent and print who it is.
+    Identity {
+        /// Guest agent address (unix:/path or http://host:port); default: DSTACK_AGENT_ADDRESS,
+        /// then /var/run/dstack.sock, then /var/run/tappd.sock.
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Serve the guest-agent API from a local CA (development only: NOT attested).
+    DevAgent {
+        /// Unix socket to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+        /// App id to issue certificates for (hex); default: a fixed development id.
+        #[arg(long)]
+        app_id: Option<AppId>,
+        /// Instance id (hex); default: derived from the app id and the state directory.
+        #[arg(long)]
+        instance_id: Option<String>,
+        /// App name reported by Info.
+        #[arg(long, default_value = "dev-app")]
+        app_name: String,
+        /// Directory of the shared root CA; agents sharing it form one mesh.
+        #[arg(long, default_value = ".dstack-mesh-dev")]
+        state_dir: PathBuf,
+    },
+    /// Print the RA-TLS view of a certificate or chain (PEM or DER, leaf first) as JSON.
+    InspectCert {
+        /// File to read, or `-` for stdin.
+        file: PathBuf,
+    },
+    /// Verify a certificate chain against a root with the mesh policy.
+    VerifyCert {
+        /// The chain (PEM, leaf first) or a single leaf.
+        file: PathBuf,
+        /// Trust anchor(s): PEM file with one or more root certificates.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Require this app id.
+        #[arg(long)]
+        expect_app_id: Option<AppId>,
+        /// The role the certificate is checked for.
+        #[arg(long, value_enum, default_value_t = RoleArg::Server)]
+        role: RoleArg,
+        /// Require an attestation bound to the leaf key.
+        #[arg(long)]
+        require_attestation: bool,
+    },
+}
+
+/// `--role` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RoleArg {
+    /// A server we dial (EKU serverAuth).
+    Server,
+    /// A client that dials us (EKU clientAuth).
+    Client,
+}
+
+impl From<RoleArg> for PeerRole {
+    fn from(r: RoleArg) -> Self {
+        match r {
+            RoleArg::Server => PeerRole::Server,
+            RoleArg::Client => PeerRole::Client,
+        }
+    }
+}
+
+/// Run a parsed command line.
+pub async fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Demo { state_dir } => crate::demo::run(state_dir).await,
+        Command::Identity { agent } => crate::tools::identity(agent).await,
+        Command::DevAgent {
+            socket,
+            app_id,
+            instance_id,
+            app_name,
+            state_dir,
+        } => crate::tools::dev_agent(socket, app_id, instance_id, app_name, state_dir).await,
+        Command::InspectCert { file } => crate::tools::inspect_cert(&file),
+        Command::VerifyCert {
+            file,
+            ca,
+            expect_app_id,
+            role,
+            require_attestation,
+        } => crate::tools::verify_cert(&file, &ca, expect_app_id, role.into(), require_attestation),
+    }
+}

@@ -1,0 +1,20 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = dstack_mesh::cli::Cli::parse();
+    dstack_mesh::logging::init(cli.log_format);
+    ratls::crypto::install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(71);
+        }
+    };
+    runtime.block_on(dstack_mesh::cli::run(cli))
+}

@@ -1,0 +1,184 @@
+//! One-shot commands: inspect and verify certificates, print the identity, run a dev agent.
+
+use std::{
+    io::Read,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::Arc,
+    time::Duration,
+};
+
+use ratls::{
+    agent::{AgentAddress, AgentClient, ADDRESS_ENV, DEFAULT_TIMEOUT},
+    cert,
+    dev_agent::{self, DevAgent, DevAgentConfig},
+    identity::{Identity, IdentityConfig, RotatingIdentity},
+    AppId, ChainView, PeerRole, Policy, TrustAnchors,
+};
+use rustls_pki_types::UnixTime;
+
+use crate::cli::{EXIT_BAD_INPUT, EXIT_REJECTED, EXIT_UNAVAILABLE};
+
+fn read_input(file: &Path) -> Result<Vec<u8>, String> {
+    if file.as_os_str() == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .map_err(|e| format!("stdin: {e}"))?;
+        return Ok(buf);
+    }
+    std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))
+}
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::from(code)
+}
+
+/// `inspect-cert FILE|-`: the RA-TLS view as JSON.
+pub fn inspect_cert(file: &Path) -> ExitCode {
+    let bytes = match read_input(file) {
+        Ok(b) => b,
+        Err(e) => return fail(EXIT_BAD_INPUT, e),
+    };
+    let view = match ChainView::from_bytes(&bytes) {
+        Ok(v) => v,
+        Err(e) => return fail(EXIT_BAD_INPUT, format_args!("{}: {e}", file.display())),
+    };
+    match serde_json::to_string_pretty(&view) {
+        Ok(json) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(EXIT_BAD_INPUT, e),
+    }
+}
+
+/// `verify-cert FILE --ca FILE`: exit 0 with the verified identity, or 1 with the reason.
+pub fn verify_cert(
+    file: &Path,
+    ca: &Path,
+    expect: Option<AppId>,
+    role: PeerRole,
+    require_attestation: bool,
+) -> ExitCode {
+    let load = |path: &Path| {
+        read_input(path)
+            .and_then(|b| cert::parse_chain(&b).map_err(|e| format!("{}: {e}", path.display())))
+    };
+    let chain = match load(file) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_BAD_INPUT, e),
+    };
+    let roots = match load(ca)
+        .and_then(|r| TrustAnchors::new(&r).map_err(|e| format!("{}: {e}", ca.display())))
+    {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_BAD_INPUT, e),
+    };
+    let mut policy = Policy::new(roots).require_attestation(require_attestation);
+    if let Some(id) = expect {
+        policy = policy.expect(id);
+    }
+    match policy.verify(&chain[0], &chain[1..], role, UnixTime::now()) {
+        Ok(peer) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&peer).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(r) => {
+            eprintln!("rejected ({}): {r}", r.reason());
+            ExitCode::from(EXIT_REJECTED)
+        }
+    }
+}
+
+/// `identity`: discover the agent, fetch an identity, print it.
+pub async fn identity(agent: Option<String>) -> ExitCode {
+    let env = std::env::var(ADDRESS_ENV).ok();
+    let candidates = match AgentAddress::candidates(agent.as_deref(), env.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_BAD_INPUT, e),
+    };
+    let (client, info) = match AgentClient::discover(candidates, DEFAULT_TIMEOUT).await {
+        Ok(found) => found,
+        Err(e) => return fail(EXIT_UNAVAILABLE, e),
+    };
+    match RotatingIdentity::start(client, info, IdentityConfig::default()).await {
+        Ok(id) => {
+            print!("{}", describe(&id.current()));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(EXIT_UNAVAILABLE, e),
+    }
+}
+
+/// `dev-agent`: serve until interrupted.
+pub async fn dev_agent(
+    socket: PathBuf,
+    app_id: Option<AppId>,
+    instance_id: Option<String>,
+    app_name: String,
+    state_dir: PathBuf,
+) -> ExitCode {
+    let config = DevAgentConfig {
+        app_id: app_id.unwrap_or_else(dev_agent::default_app_id),
+        instance_id,
+        app_name,
+        state_dir,
+    };
+    let agent = match DevAgent::new(config) {
+        Ok(a) => Arc::new(a),
+        Err(e) => return fail(EXIT_UNAVAILABLE, e),
+    };
+    eprintln!("WARNING: {}", dev_agent::NOT_ATTESTED);
+    let app_id = agent.app_id().clone();
+    let task = match agent.spawn(&socket) {
+        Ok(t) => t,
+        Err(e) => return fail(EXIT_UNAVAILABLE, e),
+    };
+    tracing::info!(socket = %socket.display(), %app_id, "dev-agent listening");
+    crate::demo::wait_for_shutdown().await;
+    task.abort();
+    let _ = std::fs::remove_file(&socket);
+    ExitCode::SUCCESS
+}
+
+/// A human summary of an identity.
+pub fn describe(id: &Identity) -> String {
+    let view = ChainView::new(&id.chain).ok();
+    let chain = view
+        .as_ref()
+        .map(|v| {
+            v.chain
+                .iter()
+                .map(|c| c.subject.clone())
+                .collect::<Vec<_>>()
+                .join("  <-  ")
+        })
+        .unwrap_or_default();
+    let lifetime = Duration::from_secs((id.not_after - id.not_before).max(0) as u64);
+    let attested = if id.attested {
+        "yes (attestation in the certificate binds its key)"
+    } else {
+        "NO (no attestation bound to the key)"
+    };
+    format!(
+        "app id        {}\ninstance id   {}\napp name      {}\nvalid         {} -> {} ({}h)\nfingerprint   {}\nchain         {}\nattested      {}\n",
+        id.app_id,
+        id.instance_id.as_deref().unwrap_or("-"),
+        if id.app_name.is_empty() { "-" } else { &id.app_name },
+        cert_time(id.not_before),
+        cert_time(id.not_after),
+        lifetime.as_secs() / 3600,
+        id.fingerprint,
+        chain,
+        attested,
+    )
+}
+
+fn cert_time(unix: i64) -> String {
+    ChainView::format_time(unix)
+}

@@ -1,0 +1,201 @@
+//! The attestation extension (`…62397.1.8`): which format, the quote, and whether its report
+//! data binds the certificate's key.
+//!
+//! This reads the evidence; it does not verify the quote's signature (that needs Intel's
+//! collateral and belongs to a quote verifier).
+
+use ring::digest;
+
+use crate::msgpack;
+
+/// Prefix of the report data that binds a certificate key: `sha512("ratls-cert:" || SPKI DER)`.
+pub const REPORT_DATA_PREFIX: &[u8] = b"ratls-cert:";
+
+/// The encoding of an attestation extension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// `VersionedAttestation::V0`: SCALE, a TDX quote followed by an event log.
+    V0Scale,
+    /// `VersionedAttestation::V1`: a msgpack map.
+    V1Msgpack,
+}
+
+/// What was read from an attestation extension.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attestation {
+    /// How it was encoded.
+    pub format: Format,
+    /// The TDX quote.
+    pub quote: Vec<u8>,
+}
+
+/// Why an attestation could not be read.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AttestationError {
+    /// Neither of dstack's versioned encodings.
+    #[error("unknown attestation encoding (first byte {0:#04x})")]
+    UnknownFormat(u8),
+    /// The extension is empty.
+    #[error("attestation is empty")]
+    Empty,
+    /// The SCALE or msgpack structure is broken.
+    #[error("attestation is malformed: {0}")]
+    Malformed(&'static str),
+}
+
+impl Attestation {
+    /// Parse the payload of the attestation extension (after the OCTET STRING wrapper).
+    pub fn parse(raw: &[u8]) -> Result<Self, AttestationError> {
+        match raw.first() {
+            None => Err(AttestationError::Empty),
+            Some(0x00) => Self::parse_v0(&raw[1..]),
+            Some(b) if (0x80..=0x8f).contains(b) || *b == 0xde || *b == 0xdf => Self::parse_v1(raw),
+            Some(b) => Err(AttestationError::UnknownFormat(*b)),
+        }
+    }
+
+    fn parse_v0(rest: &[u8]) -> Result<Self, AttestationError> {
+        // Attestation enum variant 0 = DstackTdx, then the quote as a SCALE Vec<u8>.
+        let rest = match rest.split_first() {
+            Some((0x00, rest)) => rest,
+            Some(_) => {
+                return Err(AttestationError::Malformed(
+                    "unsupported V0 platform variant",
+                ))
+            }
+            None => return Err(AttestationError::Malformed("V0 truncated")),
+        };
+        let (len, rest) = scale_compact(rest)?;
+        let quote = rest
+            .get(..len)
+            .ok_or(AttestationError::Malformed("V0 quote truncated"))?;
+        Ok(Self {
+            format: Format::V0Scale,
+            quote: quote.to_vec(),
+        })
+    }
+
+    fn parse_v1(raw: &[u8]) -> Result<Self, AttestationError> {
+        let value =
+            msgpack::decode(raw).map_err(|_| AttestationError::Malformed("V1 is not msgpack"))?;
+        let quote = value
+            .get("platform")
+            .and_then(|p| p.get("data"))
+            .and_then(|d| d.get("quote"))
+            .and_then(msgpack::Value::bytes)
+            .ok_or(AttestationError::Malformed("V1 has no platform.data.quote"))?;
+        Ok(Self {
+            format: Format::V1Msgpack,
+            quote,
+        })
+    }
+
+    /// The 64-byte report data of the TDX quote (v4 or v5), if the quote is long enough.
+    pub fn report_data(&self) -> Option<&[u8]> {
+        quote_report_data(&self.quote)
+    }
+
+    /// Whether the report data is `sha512("ratls-cert:" || spki_der)`.
+    pub fn binds_key(&self, spki_der: &[u8]) -> bool {
+        self.report_data() == Some(expected_report_data(spki_der).as_ref())
+    }
+}
+
+/// The report data that binds a key: `sha512("ratls-cert:" || spki_der)`.
+pub fn expected_report_data(spki_der: &[u8]) -> digest::Digest {
+    let mut ctx = digest::Context::new(&digest::SHA512);
+    ctx.update(REPORT_DATA_PREFIX);
+    ctx.update(spki_der);
+    ctx.finish()
+}
+
+/// Offset of `report_data` in a TDX v4 quote: the 48-byte header, then the TD report body.
+const V4_REPORT_DATA: usize = 48 + 520;
+/// In v5 quotes a 6-byte body descriptor (type, size) sits between header and body.
+const V5_REPORT_DATA: usize = 48 + 6 + 520;
+
+/// The report data of a TDX quote: v4 and v5 layouts, by the version field.
+pub fn quote_report_data(quote: &[u8]) -> Option<&[u8]> {
+    let version = u16::from_le_bytes([*quote.first()?, *quote.get(1)?]);
+    let offset = match version {
+        4 => V4_REPORT_DATA,
+        5 => V5_REPORT_DATA,
+        _ => return None,
+    };
+    quote.get(offset..offset + 64)
+}
+
+/// A SCALE compact-encoded length, and what follows it.
+fn scale_compact(input: &[u8]) -> Result<(usize, &[u8]), AttestationError> {
+    let err = AttestationError::Malformed("bad SCALE compact length");
+    let first = *input.first().ok_or(err.clone())?;
+    let (len, used) = match first & 0b11 {
+        0b00 => (u64::from(first >> 2), 1),
+        0b01 => {
+            let b = input.get(..2).ok_or(err.clone())?;
+            (u64::from(u16::from_le_bytes([b[0], b[1]]) >> 2), 2)
+        }
+        0b10 => {
+            let b = input.get(..4).ok_or(err.clone())?;
+            (
+                u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) >> 2),
+                4,
+            )
+        }
+        _ => {
+            let n = usize::from(first >> 2) + 4;
+            if n > 8 {
+                return Err(err);
+            }
+            let b = input.get(1..1 + n).ok_or(err.clone())?;
+            let mut v = 0u64;
+            for (i, byte) in b.iter().enumerate() {
+                v |= u64::from(*byte) << (8 * i);
+            }
+            (v, 1 + n)
+        }
+    };
+    let len = usize::try_from(len).map_err(|_| err)?;
+    Ok((len, &input[used..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_compact_modes() {
+        assert_eq!(scale_compact(&[0x04, 9]).unwrap(), (1, &[9u8][..]));
+        // 0x4e49 >> 2 = 5010: the quote length in the fixtures' V0 attestations.
+        assert_eq!(scale_compact(&[0x49, 0x4e]).unwrap().0, 5010);
+        assert_eq!(scale_compact(&[0x02, 0x00, 0x01, 0x00]).unwrap().0, 16384);
+        assert_eq!(scale_compact(&[0x03, 1, 0, 0, 0x40]).unwrap().0, 1 << 30);
+        assert!(scale_compact(&[0x01]).is_err());
+        assert!(scale_compact(&[0xff]).is_err());
+    }
+
+    #[test]
+    fn short_quotes_have_no_report_data() {
+        assert_eq!(quote_report_data(&[4, 0]), None);
+        assert_eq!(quote_report_data(&[]), None);
+        let mut q = vec![0u8; 700];
+        q[0] = 4;
+        q[568..632].fill(7);
+        assert_eq!(quote_report_data(&q), Some(&[7u8; 64][..]));
+        q[0] = 3;
+        assert_eq!(quote_report_data(&q), None);
+    }
+
+    #[test]
+    fn rejects_unknown_and_truncated() {
+        assert_eq!(Attestation::parse(&[]), Err(AttestationError::Empty));
+        assert!(matches!(
+            Attestation::parse(&[0x42]),
+            Err(AttestationError::UnknownFormat(0x42))
+        ));
+        assert!(Attestation::parse(&[0x00, 0x00, 0x49, 0x4e, 1, 2]).is_err());
+        assert!(Attestation::parse(&[0x81, 0xa1, b'x', 0x01]).is_err());
+    }
+}

@@ -1,0 +1,343 @@
+//! The sidecar's own RA-TLS identity: fetched from the guest agent, short-lived, refreshed
+//! before it expires, and published by atomic swap so listeners pick it up without a restart.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use arc_swap::ArcSwap;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{
+    agent::{AgentClient, AgentError, InfoResponse, TlsKeyRequest, TlsKeyResponse},
+    cert::{self, CertError, ChainView},
+    tls::CertResolver,
+    AppId, TrustAnchors,
+};
+
+/// Default lifetime requested for identity certificates (the agent's own default is ten years).
+pub const DEFAULT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+/// Backdating of `not_before`, so a peer whose clock is a little behind accepts the certificate.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+/// First retry delay after a failed refresh; doubles up to [`DEFAULT_RETRY_MAX`].
+pub const DEFAULT_RETRY_MIN: Duration = Duration::from_secs(1);
+/// Longest delay between refresh retries.
+pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// How the identity is requested and refreshed.
+#[derive(Clone, Debug)]
+pub struct IdentityConfig {
+    /// Subject CN of the certificate.
+    pub subject: String,
+    /// SANs of the certificate.
+    pub alt_names: Vec<String>,
+    /// Requested lifetime.
+    pub validity: Duration,
+    /// Refresh this long before expiry; `None` = a third of the lifetime.
+    pub refresh_margin: Option<Duration>,
+    /// Ask for an attestation bound to the key (RA-TLS).
+    pub ra_tls: bool,
+    /// First retry delay after a failed refresh.
+    pub retry_min: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            subject: "dstack-mesh".into(),
+            alt_names: vec!["localhost".into()],
+            validity: DEFAULT_VALIDITY,
+            refresh_margin: None,
+            ra_tls: true,
+            retry_min: DEFAULT_RETRY_MIN,
+            retry_max: DEFAULT_RETRY_MAX,
+        }
+    }
+}
+
+/// Why an identity could not be obtained.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    /// The agent call failed.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// The certificate chain is unusable.
+    #[error("identity certificate: {0}")]
+    Cert(#[from] CertError),
+    /// The private key is unusable or does not match the leaf.
+    #[error("identity key: {0}")]
+    Key(String),
+    /// Neither the certificate nor `Info` names the app.
+    #[error("identity has no app id (certificate without app id and Info without app_id)")]
+    NoAppId,
+    /// Certificate and `Info` disagree on the app.
+    #[error("identity certificate is for app {cert} but the agent's Info says {info}")]
+    AppIdConflict {
+        /// From the certificate.
+        cert: AppId,
+        /// From Info.
+        info: AppId,
+    },
+}
+
+/// One identity: key, chain and what it says.
+#[derive(Debug)]
+pub struct Identity {
+    /// The key and chain, ready for rustls.
+    pub key: Arc<CertifiedKey>,
+    /// The chain, leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The last certificate of the chain: the mesh's default trust anchor.
+    pub root: CertificateDer<'static>,
+    /// Our app id.
+    pub app_id: AppId,
+    /// Our instance id, when known.
+    pub instance_id: Option<String>,
+    /// The app's name from the agent's `Info`.
+    pub app_name: String,
+    /// Validity of the leaf (unix seconds).
+    pub not_before: i64,
+    /// End of validity of the leaf (unix seconds).
+    pub not_after: i64,
+    /// Whether the leaf carries an attestation bound to its key.
+    pub attested: bool,
+    /// SHA-256 of the leaf (hex).
+    pub fingerprint: String,
+}
+
+impl Identity {
+    /// Build an identity from a `GetTlsKey` answer and the agent's `Info`.
+    pub fn from_response(
+        resp: &TlsKeyResponse,
+        info: &InfoResponse,
+    ) -> Result<Self, IdentityError> {
+        let chain = cert::parse_pem_list(&resp.certificate_chain)?;
+        let view = ChainView::new(&chain)?;
+        let key_der = PrivateKeyDer::from_pem_slice(resp.key.as_bytes())
+            .map_err(|e| IdentityError::Key(format!("not a PEM private key: {e}")))?;
+        let signing = crate::crypto::provider()
+            .key_provider
+            .load_private_key(key_der)
+            .map_err(|e| IdentityError::Key(e.to_string()))?;
+        let key = CertifiedKey::new(chain.clone(), signing);
+        key.keys_match()
+            .map_err(|e| IdentityError::Key(format!("key does not match the certificate: {e}")))?;
+
+        let info_id = match info.app_id.trim() {
+            "" => None,
+            s => Some(
+                s.parse::<AppId>()
+                    .map_err(|e| IdentityError::Key(format!("Info app_id: {e}")))?,
+            ),
+        };
+        let app_id = match (view.app_id.clone(), info_id) {
+            (Some(cert), Some(info)) if cert != info => {
+                return Err(IdentityError::AppIdConflict { cert, info })
+            }
+            (Some(id), _) | (None, Some(id)) => id,
+            (None, None) => return Err(IdentityError::NoAppId),
+        };
+        let instance_id = view
+            .instance_id
+            .clone()
+            .or_else(|| Some(info.instance_id.clone()).filter(|s| !s.is_empty()));
+        let root = chain.last().cloned().ok_or(CertError::Empty)?;
+        let leaf = cert::parse_x509(0, &chain[0])?;
+        Ok(Self {
+            key: Arc::new(key),
+            root,
+            app_id,
+            instance_id,
+            app_name: info.app_name.clone(),
+            not_before: leaf.validity().not_before.timestamp(),
+            not_after: leaf.validity().not_after.timestamp(),
+            attested: view.attestation.as_ref().is_some_and(|a| a.binds_key),
+            fingerprint: view.leaf.sha256_fingerprint,
+            chain,
+        })
+    }
+
+    /// The root of our own chain as the only trust anchor.
+    pub fn trust_anchors(&self) -> Result<TrustAnchors, CertError> {
+        TrustAnchors::new(std::slice::from_ref(&self.root))
+    }
+
+    /// When to refresh: `margin` before expiry, or at two thirds of the lifetime.
+    pub fn refresh_at(&self, margin: Option<Duration>) -> SystemTime {
+        let lifetime = (self.not_after - self.not_before).max(0) as u64;
+        let margin = margin.map_or(lifetime / 3, |m| m.as_secs());
+        let at = (self.not_after.max(0) as u64).saturating_sub(margin);
+        UNIX_EPOCH + Duration::from_secs(at)
+    }
+}
+
+/// The current identity and the task that keeps it fresh. Clones share both; the task stops
+/// when the last clone is dropped.
+#[derive(Clone, Debug)]
+pub struct RotatingIdentity {
+    shared: Arc<Shared>,
+    _task: Arc<AbortOnDrop>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    agent: AgentClient,
+    info: InfoResponse,
+    config: IdentityConfig,
+    key: Arc<ArcSwap<CertifiedKey>>,
+    tx: watch::Sender<Arc<Identity>>,
+}
+
+#[derive(Debug)]
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl RotatingIdentity {
+    /// Fetch the first identity (failing if the agent cannot give one) and start refreshing.
+    pub async fn start(
+        agent: AgentClient,
+        info: InfoResponse,
+        config: IdentityConfig,
+    ) -> Result<Self, IdentityError> {
+        let first = Arc::new(fetch(&agent, &info, &config).await?);
+        let (tx, _) = watch::channel(first.clone());
+        let shared = Arc::new(Shared {
+            key: Arc::new(ArcSwap::new(first.key.clone())),
+            agent,
+            info,
+            config,
+            tx,
+        });
+        let task = tokio::spawn(refresh_loop(Arc::downgrade(&shared)));
+        Ok(Self {
+            shared,
+            _task: Arc::new(AbortOnDrop(task)),
+        })
+    }
+
+    /// The identity in use now.
+    pub fn current(&self) -> Arc<Identity> {
+        self.shared.tx.borrow().clone()
+    }
+
+    /// A resolver for rustls configs that always presents the current identity.
+    pub fn resolver(&self) -> CertResolver {
+        CertResolver::new(self.shared.key.clone())
+    }
+
+    /// A receiver that sees every new identity.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Identity>> {
+        self.shared.tx.subscribe()
+    }
+
+    /// Fetch a new identity now and publish it. On failure the current one stays.
+    pub async fn refresh_now(&self) -> Result<Arc<Identity>, IdentityError> {
+        let next =
+            Arc::new(fetch(&self.shared.agent, &self.shared.info, &self.shared.config).await?);
+        self.shared.publish(next.clone());
+        Ok(next)
+    }
+}
+
+impl Shared {
+    fn publish(&self, next: Arc<Identity>) {
+        self.key.store(next.key.clone());
+        tracing::info!(
+            app_id = %next.app_id,
+            not_after = %cert::rfc3339(next.not_after),
+            fingerprint = %next.fingerprint,
+            "identity refreshed"
+        );
+        self.tx.send_replace(next);
+    }
+}
+
+async fn fetch(
+    agent: &AgentClient,
+    info: &InfoResponse,
+    config: &IdentityConfig,
+) -> Result<Identity, IdentityError> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let req = TlsKeyRequest {
+        subject: config.subject.clone(),
+        alt_names: config.alt_names.clone(),
+        usage_ra_tls: config.ra_tls,
+        usage_server_auth: true,
+        usage_client_auth: true,
+        with_app_info: true,
+        not_before: Some(now.saturating_sub(CLOCK_SKEW).as_secs()),
+        not_after: Some((now + config.validity).as_secs()),
+    };
+    let resp = agent.get_tls_key(&req).await?;
+    Identity::from_response(&resp, info)
+}
+
+/// Sleeps until the refresh point of the current identity, refreshes, retries with backoff.
+/// Holds only a weak reference so dropping the last handle ends it.
+async fn refresh_loop(shared: std::sync::Weak<Shared>) {
+    let mut rx = match shared.upgrade() {
+        Some(s) => s.tx.subscribe(),
+        None => return,
+    };
+    loop {
+        let (wait, retry_min, retry_max) = {
+            let Some(s) = shared.upgrade() else { return };
+            let current = s.tx.borrow().clone();
+            let at = current.refresh_at(s.config.refresh_margin);
+            let wait = at
+                .duration_since(SystemTime::now())
+                .unwrap_or_default()
+                // Never spin, even when the agent hands out certificates that are already due.
+                .max(Duration::from_secs(1));
+            (wait, s.config.retry_min, s.config.retry_max)
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            // Someone refreshed on demand: recompute the deadline from the new identity.
+            changed = rx.changed() => {
+                if changed.is_err() { return; }
+                continue;
+            }
+        }
+        let mut backoff = retry_min;
+        loop {
+            let Some(s) = shared.upgrade() else { return };
+            match fetch(&s.agent, &s.info, &s.config).await {
+                Ok(next) => {
+                    s.publish(Arc::new(next));
+                    rx.borrow_and_update();
+                    break;
+                }
+                Err(e) => {
+                    let current = s.tx.borrow().clone();
+                    let expired = current.not_after
+                        <= SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .as_secs() as i64;
+                    if expired {
+                        tracing::error!(error = %e, retry_in = ?backoff, "identity expired and refresh failed");
+                    } else {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "identity refresh failed; serving the current identity");
+                    }
+                }
+            }
+            drop(s);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(retry_max);
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! RA-TLS for dstack.
+//!
+//! A dstack application proves who it is with a certificate chain from the guest agent: the leaf
+//! carries the app id (extension `1.3.6.1.4.1.62397.1.3`, or the app-info extension on simulator
+//! certificates), and the chain ends in the KMS root. This crate holds everything both directions
+//! of the mesh need to produce and check such proofs:
+//!
+//! - [`cert`]: read a certificate or chain (PEM or DER) into a [`ChainView`];
+//! - [`Policy`]: the verification rules (chain to a trust anchor, validity, EKU for the role, then
+//!   the app id against an expected id or an allowlist, optionally an attestation bound to the
+//!   key), with a typed [`Rejection`] per rule;
+//! - [`verifier`]: rustls verifiers that apply a policy inside the handshake, so a wrong peer
+//!   never receives a request byte, and [`verifier::peer_identity`] for the connection's owner;
+//! - [`agent`]: the guest-agent client (`dstack.sock`);
+//! - [`identity`]: the sidecar's own identity, refreshed before it expires and swapped atomically;
+//! - [`tls`]: rustls configs for the mesh on top of the two;
+//! - [`dev_agent`]: a development agent with a local CA, which says loudly that it is not attested.
+//!
+//! One crypto backend is used throughout: ring, via [`crypto::provider`].
+
+pub mod agent;
+mod app_id;
+pub mod attestation;
+pub mod cert;
+pub mod crypto;
+pub mod dev_agent;
+pub mod ext;
+pub mod identity;
+mod msgpack;
+pub mod policy;
+pub mod tls;
+pub mod verifier;
+
+pub use app_id::{AppId, AppIdError, MAX_APP_ID_LEN};
+pub use cert::{AppIdSource, CertError, ChainView};
+pub use policy::{AllowList, PeerRole, Policy, Rejection, TrustAnchors, VerifiedPeer};

@@ -1,0 +1,405 @@
+//! The RA-TLS verification policy: one routine for both directions of the mesh.
+//!
+//! Order matters: the chain is verified first (rustls-webpki, to a configured trust anchor, in
+//! its validity period, EKU allowing the role), and only then are the dstack claims read, because
+//! an app id is only as good as the issuer that signed it.
+
+use std::{collections::BTreeSet, fmt, sync::Arc};
+
+use rustls::{crypto::WebPkiSupportedAlgorithms, DistinguishedName};
+use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
+use webpki::{EndEntityCert, KeyUsage};
+use x509_parser::certificate::X509Certificate;
+
+use crate::{
+    cert::{self, AppIdSource, CertError, Claims},
+    ext::USAGE_APP,
+    AppId,
+};
+
+/// Which side of the handshake the peer being verified is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerRole {
+    /// We dialled it: it must be allowed `serverAuth`.
+    Server,
+    /// It dialled us: it must be allowed `clientAuth`.
+    Client,
+}
+
+impl fmt::Display for PeerRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Server => "server",
+            Self::Client => "client",
+        })
+    }
+}
+
+/// Which app ids a listener accepts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AllowList {
+    /// Every app whose certificate chains to a trust anchor.
+    Any,
+    /// Only these apps.
+    Only(BTreeSet<AppId>),
+}
+
+impl AllowList {
+    /// Whether `id` is allowed.
+    pub fn allows(&self, id: &AppId) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Only(ids) => ids.contains(id),
+        }
+    }
+}
+
+/// Certificates a chain must end in. A root with the same name but another key is another root.
+#[derive(Clone)]
+pub struct TrustAnchors {
+    anchors: Arc<[TrustAnchor<'static>]>,
+    subjects: Arc<[DistinguishedName]>,
+}
+
+impl fmt::Debug for TrustAnchors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TrustAnchors")
+            .field("count", &self.anchors.len())
+            .finish()
+    }
+}
+
+impl TrustAnchors {
+    /// Trust anchors from root certificates (DER).
+    pub fn new(roots: &[CertificateDer<'_>]) -> Result<Self, CertError> {
+        if roots.is_empty() {
+            return Err(CertError::Empty);
+        }
+        let mut anchors = Vec::with_capacity(roots.len());
+        let mut subjects = Vec::with_capacity(roots.len());
+        for (index, der) in roots.iter().enumerate() {
+            let anchor = webpki::anchor_from_trusted_cert(der).map_err(|e| CertError::Der {
+                index,
+                reason: format!("{e:?}"),
+            })?;
+            subjects.push(DistinguishedName::from(anchor.subject.to_vec()));
+            anchors.push(anchor.to_owned());
+        }
+        Ok(Self {
+            anchors: anchors.into(),
+            subjects: subjects.into(),
+        })
+    }
+
+    /// The anchors' subjects, for the CertificateRequest's certificate authorities hint.
+    pub fn subjects(&self) -> &[DistinguishedName] {
+        &self.subjects
+    }
+
+    fn anchors(&self) -> &[TrustAnchor<'static>] {
+        &self.anchors
+    }
+}
+
+/// What a peer must prove.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// Roots the chain must end in.
+    pub anchors: TrustAnchors,
+    /// App ids accepted (inbound).
+    pub allow: AllowList,
+    /// The one app id accepted (outbound: the target).
+    pub expected: Option<AppId>,
+    /// Refuse leaves without an attestation extension whose report data binds the leaf key.
+    pub require_attestation: bool,
+}
+
+impl Policy {
+    /// A policy that accepts any app under `anchors`.
+    pub fn new(anchors: TrustAnchors) -> Self {
+        Self {
+            anchors,
+            allow: AllowList::Any,
+            expected: None,
+            require_attestation: false,
+        }
+    }
+
+    /// Only accept `id` (outbound: the target app).
+    pub fn expect(mut self, id: AppId) -> Self {
+        self.expected = Some(id);
+        self
+    }
+
+    /// Only accept apps in `allow` (inbound).
+    pub fn allow(mut self, allow: AllowList) -> Self {
+        self.allow = allow;
+        self
+    }
+
+    /// Require an attestation bound to the leaf key.
+    pub fn require_attestation(mut self, on: bool) -> Self {
+        self.require_attestation = on;
+        self
+    }
+
+    /// Verify a peer's chain for `role` at `now`. Handshake signatures are not checked here:
+    /// rustls does that with the key of the certificate this accepts.
+    pub fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        role: PeerRole,
+        now: UnixTime,
+    ) -> Result<VerifiedPeer, Rejection> {
+        // 1-2. Chain to an anchor, validity, EKU (webpki checks EKU where present on every
+        // element; the leaf's presence is required below).
+        let ee = EndEntityCert::try_from(end_entity)
+            .map_err(|e| Rejection::Malformed(format!("leaf: {e:?}")))?;
+        let usage = match role {
+            PeerRole::Server => KeyUsage::server_auth(),
+            PeerRole::Client => KeyUsage::client_auth(),
+        };
+        let path = ee
+            .verify_for_usage(
+                algorithms().all,
+                self.anchors.anchors(),
+                intermediates,
+                now,
+                usage,
+                None,
+                None,
+            )
+            .map_err(|e| Rejection::from_webpki(e, role))?;
+
+        // From here on the chain is trusted, so its claims are the issuer's.
+        let leaf =
+            cert::parse_x509(0, end_entity).map_err(|e| Rejection::Malformed(e.to_string()))?;
+        match cert::eku_names(&leaf) {
+            Some(names) if names.iter().any(|n| n == role_eku(role)) => {}
+            _ => return Err(Rejection::WrongEku { role }),
+        }
+        let claims = Claims::read(0, &leaf).map_err(|e| Rejection::Malformed(e.to_string()))?;
+
+        // 4. An application leaf, not an App CA or another special certificate.
+        if let Some(usage) = &claims.usage {
+            if usage != USAGE_APP {
+                return Err(Rejection::NotAppLeaf(usage.clone()));
+            }
+        }
+
+        // 3. App id: from `.1.3`, else app-info; any App CA on the verified path must agree.
+        let peer = identity_of(&leaf, &claims)?;
+        let app_id = &peer.app_id;
+        for (i, ca) in path.intermediate_certificates().enumerate() {
+            let ca_der = ca.der();
+            let ca = cert::parse_x509(i + 1, &ca_der)
+                .map_err(|e| Rejection::Malformed(e.to_string()))?;
+            let ca_claims =
+                Claims::read(i + 1, &ca).map_err(|e| Rejection::Malformed(e.to_string()))?;
+            if let Some((ca_id, _)) = ca_claims.app_id {
+                if ca_id != *app_id {
+                    return Err(Rejection::AppCaMismatch {
+                        leaf: app_id.clone(),
+                        ca: ca_id,
+                    });
+                }
+            }
+        }
+
+        // 5. The app the caller wanted / the apps the listener admits.
+        if let Some(expected) = &self.expected {
+            if expected != app_id {
+                return Err(Rejection::AppIdMismatch {
+                    expected: expected.clone(),
+                    found: app_id.clone(),
+                });
+            }
+        }
+        if !self.allow.allows(app_id) {
+            return Err(Rejection::AppIdNotAllowed(app_id.clone()));
+        }
+
+        // 6. Attestation bound to this very key.
+        if self.require_attestation {
+            match &claims.attestation {
+                None => return Err(Rejection::AttestationMissing),
+                Some(Err(e)) => return Err(Rejection::Malformed(format!("attestation: {e}"))),
+                Some(Ok(_)) if !peer.attested => return Err(Rejection::AttestationNotBound),
+                Some(Ok(_)) => {}
+            }
+        }
+        Ok(peer)
+    }
+}
+
+/// The identity a leaf claims. Callers must have verified the chain first.
+pub(crate) fn identity_of(
+    leaf: &X509Certificate<'_>,
+    claims: &Claims,
+) -> Result<VerifiedPeer, Rejection> {
+    let (app_id, app_id_source) = claims.app_id.clone().ok_or(Rejection::MissingAppId)?;
+    let attested =
+        matches!(&claims.attestation, Some(Ok(att)) if att.binds_key(leaf.public_key().raw));
+    Ok(VerifiedPeer {
+        instance_id: claims.instance_id().map(str::to_owned),
+        app_id,
+        app_id_source,
+        attested,
+        not_after: leaf.validity().not_after.timestamp(),
+    })
+}
+
+fn role_eku(role: PeerRole) -> &'static str {
+    match role {
+        PeerRole::Server => "serverAuth",
+        PeerRole::Client => "clientAuth",
+    }
+}
+
+/// The signature algorithms of the one crypto provider.
+pub(crate) fn algorithms() -> WebPkiSupportedAlgorithms {
+    crate::crypto::provider().signature_verification_algorithms
+}
+
+/// A peer that passed [`Policy::verify`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct VerifiedPeer {
+    /// The peer's app id.
+    pub app_id: AppId,
+    /// Where it was read from.
+    pub app_id_source: AppIdSource,
+    /// The peer's instance id, when its certificate carries app-info.
+    pub instance_id: Option<String>,
+    /// Whether the leaf carries an attestation whose report data binds its key.
+    pub attested: bool,
+    /// End of the leaf's validity (unix seconds).
+    pub not_after: i64,
+}
+
+/// Why a peer certificate was refused. Each variant is one rule of the policy.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// The chain does not lead to a trust anchor (unknown root, or a signature that does not
+    /// verify, as with a root of the same name but another key).
+    #[error("certificate is not issued by a trusted root")]
+    UnknownIssuer,
+    /// A certificate of the chain has expired.
+    #[error("certificate expired at {not_after}")]
+    Expired {
+        /// When (RFC 3339).
+        not_after: String,
+    },
+    /// A certificate of the chain is not valid yet.
+    #[error("certificate is not valid before {not_before}")]
+    NotYetValid {
+        /// When (RFC 3339).
+        not_before: String,
+    },
+    /// The leaf's extended key usage does not allow the role.
+    #[error("certificate is not allowed for TLS {role} authentication (extended key usage)")]
+    WrongEku {
+        /// The role the peer played.
+        role: PeerRole,
+    },
+    /// The leaf's dstack usage extension is not `app:custom`.
+    #[error("certificate usage is {0:?}, not an application leaf (\"app:custom\")")]
+    NotAppLeaf(String),
+    /// The leaf carries no app id (neither `.1.3` nor app-info).
+    #[error("certificate carries no app id")]
+    MissingAppId,
+    /// The App CA on the path names another app than the leaf.
+    #[error("leaf app id {leaf} differs from its App CA's {ca}")]
+    AppCaMismatch {
+        /// Leaf's app id.
+        leaf: AppId,
+        /// App CA's app id.
+        ca: AppId,
+    },
+    /// Outbound: the peer is another app than the target.
+    #[error("peer app id {found} is not the expected {expected}")]
+    AppIdMismatch {
+        /// The target.
+        expected: AppId,
+        /// What the peer presented.
+        found: AppId,
+    },
+    /// Inbound: the caller's app is not on the allowlist.
+    #[error("app {0} is not allowed")]
+    AppIdNotAllowed(AppId),
+    /// The policy requires attestation and the leaf has none.
+    #[error("certificate carries no attestation")]
+    AttestationMissing,
+    /// The attestation's report data does not bind the leaf's key.
+    #[error("attestation does not bind the certificate key")]
+    AttestationNotBound,
+    /// The certificate could not be parsed or is structurally invalid.
+    #[error("malformed certificate: {0}")]
+    Malformed(String),
+    /// Any other chain failure (a CA used as leaf, path length, …).
+    #[error("invalid certificate chain: {0}")]
+    Chain(String),
+}
+
+impl Rejection {
+    /// A short, bounded label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::UnknownIssuer => "unknown_issuer",
+            Self::Expired { .. } => "expired",
+            Self::NotYetValid { .. } => "not_yet_valid",
+            Self::WrongEku { .. } => "wrong_eku",
+            Self::NotAppLeaf(_) => "not_app_leaf",
+            Self::MissingAppId => "missing_app_id",
+            Self::AppCaMismatch { .. } => "app_ca_mismatch",
+            Self::AppIdMismatch { .. } => "app_id_mismatch",
+            Self::AppIdNotAllowed(_) => "app_id_not_allowed",
+            Self::AttestationMissing => "attestation_missing",
+            Self::AttestationNotBound => "attestation_not_bound",
+            Self::Malformed(_) => "malformed",
+            Self::Chain(_) => "invalid_chain",
+        }
+    }
+
+    fn from_webpki(e: webpki::Error, role: PeerRole) -> Self {
+        use webpki::Error as E;
+        match e {
+            E::UnknownIssuer
+            | E::InvalidSignatureForPublicKey
+            | E::UnsupportedSignatureAlgorithmForPublicKeyContext(_) => Self::UnknownIssuer,
+            E::CertExpired { not_after, .. } => Self::Expired {
+                not_after: cert::rfc3339(not_after.as_secs() as i64),
+            },
+            E::CertNotValidYet { not_before, .. } => Self::NotYetValid {
+                not_before: cert::rfc3339(not_before.as_secs() as i64),
+            },
+            E::RequiredEkuNotFoundContext(_) | E::EmptyEkuExtension => Self::WrongEku { role },
+            E::BadDer
+            | E::BadDerTime
+            | E::TrailingData(_)
+            | E::ExtensionValueInvalid
+            | E::UnsupportedCriticalExtension => Self::Malformed(format!("{e:?}")),
+            other => Self::Chain(format!("{other:?}")),
+        }
+    }
+
+    /// The rejection inside a rustls error, if one of our verifiers produced it.
+    pub fn from_tls_error(err: &rustls::Error) -> Option<&Rejection> {
+        match err {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
+                other.0.downcast_ref::<Rejection>()
+            }
+            _ => None,
+        }
+    }
+}
+
+impl From<Rejection> for rustls::Error {
+    fn from(r: Rejection) -> Self {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+            Arc::new(r),
+        )))
+    }
+}

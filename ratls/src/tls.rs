@@ -1,0 +1,93 @@
+//! rustls configurations for the mesh, built on a rotating identity and a [`Policy`].
+//!
+//! Session resumption is off on both sides: a resumed session skips the verifier, and the
+//! allowlist, the expected app id or the peer's validity may have changed since. Connections are
+//! pooled, so full handshakes are rare anyway.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::{
+    client::{ResolvesClientCert, Resumption},
+    server::{ClientHello, NoServerSessionStorage, ResolvesServerCert},
+    sign::CertifiedKey,
+    ClientConfig, ServerConfig, SignatureScheme,
+};
+
+use crate::{
+    verifier::{ClientVerifier, ServerVerifier},
+    Policy,
+};
+
+/// ALPN protocols the mesh offers: h2 first (multiplexing between sidecars), then HTTP/1.1.
+pub const MESH_ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
+
+/// Serves whatever certificate is current; swapping it affects only later handshakes.
+#[derive(Debug, Clone)]
+pub struct CertResolver {
+    current: Arc<ArcSwap<CertifiedKey>>,
+}
+
+impl CertResolver {
+    /// A resolver that reads `current` at every handshake.
+    pub fn new(current: Arc<ArcSwap<CertifiedKey>>) -> Self {
+        Self { current }
+    }
+
+    /// A resolver for one fixed certificate.
+    pub fn fixed(key: CertifiedKey) -> Self {
+        Self::new(Arc::new(ArcSwap::from_pointee(key)))
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+impl ResolvesClientCert for CertResolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A server config that presents `resolver`'s certificate and requires a client certificate
+/// accepted by `policy`.
+pub fn mesh_server_config(
+    resolver: CertResolver,
+    policy: Arc<Policy>,
+) -> Result<ServerConfig, rustls::Error> {
+    let mut config = ServerConfig::builder_with_provider(crate::crypto::provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(Arc::new(ClientVerifier::new(policy)))
+        .with_cert_resolver(Arc::new(resolver));
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    config.alpn_protocols = MESH_ALPN.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// A client config that presents `resolver`'s certificate and accepts only servers that
+/// `policy` accepts (usually one expected app id).
+pub fn mesh_client_config(
+    resolver: CertResolver,
+    policy: Arc<Policy>,
+) -> Result<ClientConfig, rustls::Error> {
+    let mut config = ClientConfig::builder_with_provider(crate::crypto::provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ServerVerifier::new(policy)))
+        .with_client_cert_resolver(Arc::new(resolver));
+    config.resumption = Resumption::disabled();
+    config.alpn_protocols = MESH_ALPN.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
