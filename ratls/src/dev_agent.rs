@@ -157,20 +157,25 @@ impl DevAgent {
         &self.root.cert_pem
     }
 
-    /// Serve the API on `listener` until the task is dropped. Each connection gets a task.
+    /// Serve the API on `listener` until this future is dropped; connections end with it.
     pub async fn serve(self: Arc<Self>, listener: UnixListener) {
+        let mut connections = tokio::task::JoinSet::new();
         loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning or exiting.
-                    tracing::warn!(error = %e, "dev-agent accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning or exiting.
+                        tracing::warn!(error = %e, "dev-agent accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                // Reap finished connections so the set does not grow without bound.
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             };
             let agent = self.clone();
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 let service = service_fn(move |req| {
                     let agent = agent.clone();
                     async move { Ok::<_, Infallible>(agent.handle(req).await) }

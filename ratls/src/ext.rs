@@ -98,8 +98,9 @@ pub(crate) fn unwrap_octet_string<'a>(
     Ok(rest)
 }
 
-/// Wrap a payload in a DER OCTET STRING (for minting certificates).
-pub(crate) fn wrap_octet_string(payload: &[u8]) -> Vec<u8> {
+/// Wrap a payload in a DER OCTET STRING: the `extnValue` content of every dstack extension
+/// (for minting certificates, e.g. with rcgen's `CustomExtension::from_oid_content`).
+pub fn wrap_octet_string(payload: &[u8]) -> Vec<u8> {
     let len = payload.len();
     let mut out = Vec::with_capacity(len + 6);
     out.push(0x04);
@@ -173,16 +174,22 @@ pub(crate) fn app_info(der: &[u8]) -> Result<AppInfo, ExtensionError> {
 
 /// Raw byte fields for [`encode_app_info`], in dstack's order.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct AppInfoFields<'a> {
-    pub(crate) app_id: &'a [u8],
-    pub(crate) compose_hash: &'a [u8],
-    pub(crate) instance_id: &'a [u8],
-    pub(crate) device_id: &'a [u8],
-    pub(crate) key_provider_info: &'a [u8],
+pub struct AppInfoFields<'a> {
+    /// App id bytes.
+    pub app_id: &'a [u8],
+    /// Compose hash bytes.
+    pub compose_hash: &'a [u8],
+    /// Instance id bytes.
+    pub instance_id: &'a [u8],
+    /// Device id bytes.
+    pub device_id: &'a [u8],
+    /// Key provider JSON text.
+    pub key_provider_info: &'a [u8],
 }
 
-/// The DER content of an app-info extension, as the guest agent writes it.
-pub(crate) fn encode_app_info(f: &AppInfoFields<'_>) -> Vec<u8> {
+/// The `extnValue` content of an app-info extension, as the guest agent writes it (the
+/// measurements are zero).
+pub fn encode_app_info(f: &AppInfoFields<'_>) -> Vec<u8> {
     let mut w = msgpack::Writer::default();
     w.array_header(APP_INFO_FIELDS);
     w.bin(f.app_id);

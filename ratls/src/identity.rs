@@ -87,7 +87,6 @@ pub enum IdentityError {
 }
 
 /// One identity: key, chain and what it says.
-#[derive(Debug)]
 pub struct Identity {
     /// The key and chain, ready for rustls.
     pub key: Arc<CertifiedKey>,
@@ -109,6 +108,17 @@ pub struct Identity {
     pub attested: bool,
     /// SHA-256 of the leaf (hex).
     pub fingerprint: String,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("app_id", &self.app_id)
+            .field("instance_id", &self.instance_id)
+            .field("not_after", &cert::rfc3339(self.not_after))
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Identity {
