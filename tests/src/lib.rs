@@ -1,1 +1,95 @@
-//! end-to-end tests
+//! Harness for end-to-end tests: processes owned by guards that kill and reap them on drop,
+//! bounded polling instead of sleeps, and the path of the `dstack-mesh` binary under test.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// The `dstack-mesh` binary built for this test run (cargo builds it before the tests because
+/// this crate depends on the `dstack-mesh` package).
+pub fn mesh_binary() -> PathBuf {
+    let mut dir = std::env::current_exe().expect("test executable path");
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join("dstack-mesh")
+}
+
+/// A child process killed and reaped when dropped, so no test leaks a process.
+#[derive(Debug)]
+pub struct ChildGuard {
+    name: String,
+    child: Child,
+    stderr: PathBuf,
+}
+
+impl ChildGuard {
+    /// Start `cmd` with stderr captured to a file in `log_dir`.
+    pub fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> std::io::Result<Self> {
+        let stderr = log_dir.join(format!("{name}.stderr"));
+        let file = std::fs::File::create(&stderr)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            stderr,
+        })
+    }
+
+    /// What the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Fail with the process's stderr if it has exited.
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("{} exited ({status}): {}", self.name, self.stderr());
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Poll `check` every 20 ms until it holds or `limit` passes; panics naming `what`.
+pub fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
+
+/// Start `dstack-mesh dev-agent` for `app_id` on `<dir>/<name>.sock` and wait for the socket.
+pub fn dev_agent(dir: &Path, name: &str, app_id: &str, state_dir: &Path) -> (ChildGuard, PathBuf) {
+    let socket = dir.join(format!("{name}.sock"));
+    let mut cmd = Command::new(mesh_binary());
+    cmd.arg("dev-agent")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--app-id")
+        .arg(app_id)
+        .arg("--state-dir")
+        .arg(state_dir);
+    let mut guard = ChildGuard::spawn(name, cmd, dir).expect("start dev-agent");
+    wait_until(&format!("{name} socket"), Duration::from_secs(20), || {
+        guard.assert_running();
+        socket.exists()
+    });
+    (guard, socket)
+}
