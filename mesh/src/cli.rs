@@ -11,6 +11,8 @@ use crate::logging::LogFormat;
 pub const EXIT_REJECTED: u8 = 1;
 /// Exit status for input that could not be read or parsed (sysexits EX_DATAERR).
 pub const EXIT_BAD_INPUT: u8 = 65;
+/// Exit status for an input file that cannot be opened (sysexits EX_NOINPUT).
+pub const EXIT_NO_INPUT: u8 = 66;
 /// Exit status when a service the command needs is unavailable (sysexits EX_UNAVAILABLE).
 pub const EXIT_UNAVAILABLE: u8 = 69;
 

@@ -17,17 +17,20 @@ use ratls::{
 };
 use rustls_pki_types::UnixTime;
 
-use crate::cli::{EXIT_BAD_INPUT, EXIT_REJECTED, EXIT_UNAVAILABLE};
+use crate::cli::{EXIT_BAD_INPUT, EXIT_NO_INPUT, EXIT_REJECTED, EXIT_UNAVAILABLE};
 
-fn read_input(file: &Path) -> Result<Vec<u8>, String> {
+/// A command's input could not be had: the exit status and the one-line message.
+struct InputError(u8, String);
+
+fn read_input(file: &Path) -> Result<Vec<u8>, InputError> {
     if file.as_os_str() == "-" {
         let mut buf = Vec::new();
         std::io::stdin()
             .read_to_end(&mut buf)
-            .map_err(|e| format!("stdin: {e}"))?;
+            .map_err(|e| InputError(EXIT_NO_INPUT, format!("stdin: {e}")))?;
         return Ok(buf);
     }
-    std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))
+    std::fs::read(file).map_err(|e| InputError(EXIT_NO_INPUT, format!("{}: {e}", file.display())))
 }
 
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
@@ -39,7 +42,7 @@ fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
 pub fn inspect_cert(file: &Path) -> ExitCode {
     let bytes = match read_input(file) {
         Ok(b) => b,
-        Err(e) => return fail(EXIT_BAD_INPUT, e),
+        Err(InputError(code, e)) => return fail(code, e),
     };
     let view = match ChainView::from_bytes(&bytes) {
         Ok(v) => v,
@@ -62,19 +65,19 @@ pub fn verify_cert(
     role: PeerRole,
     require_attestation: bool,
 ) -> ExitCode {
+    let bad = |path: &Path, e: &dyn std::fmt::Display| {
+        InputError(EXIT_BAD_INPUT, format!("{}: {e}", path.display()))
+    };
     let load = |path: &Path| {
-        read_input(path)
-            .and_then(|b| cert::parse_chain(&b).map_err(|e| format!("{}: {e}", path.display())))
+        read_input(path).and_then(|b| cert::parse_chain(&b).map_err(|e| bad(path, &e)))
     };
     let chain = match load(file) {
         Ok(c) => c,
-        Err(e) => return fail(EXIT_BAD_INPUT, e),
+        Err(InputError(code, e)) => return fail(code, e),
     };
-    let roots = match load(ca)
-        .and_then(|r| TrustAnchors::new(&r).map_err(|e| format!("{}: {e}", ca.display())))
-    {
+    let roots = match load(ca).and_then(|r| TrustAnchors::new(&r).map_err(|e| bad(ca, &e))) {
         Ok(r) => r,
-        Err(e) => return fail(EXIT_BAD_INPUT, e),
+        Err(InputError(code, e)) => return fail(code, e),
     };
     let mut policy = Policy::new(roots).require_attestation(require_attestation);
     if let Some(id) = expect {

@@ -80,7 +80,8 @@ impl AgentAddress {
         configured: Option<&str>,
         env: Option<&str>,
     ) -> Result<Vec<AgentAddress>, AgentError> {
-        match configured.or(env).filter(|s| !s.trim().is_empty()) {
+        let given = |s: &&str| !s.trim().is_empty();
+        match configured.filter(given).or(env.filter(given)) {
             Some(addr) => Ok(vec![addr.parse()?]),
             None => Ok(vec![
                 Self::Unix(DEFAULT_SOCKET.into()),
@@ -501,4 +502,44 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_blank_setting_does_not_hide_the_environment() {
+        let env = Some("unix:/run/env.sock");
+        for blank in [Some(""), Some("  "), None] {
+            assert_eq!(
+                AgentAddress::candidates(blank, env).unwrap(),
+                [AgentAddress::Unix("/run/env.sock".into())]
+            );
+        }
+        assert_eq!(
+            AgentAddress::candidates(Some(" "), Some("")).unwrap(),
+            [
+                AgentAddress::Unix(DEFAULT_SOCKET.into()),
+                AgentAddress::Unix(LEGACY_SOCKET.into())
+            ]
+        );
+    }
+
+    #[test]
+    fn addresses_parse() {
+        assert_eq!(
+            "unix:///var/run/dstack.sock"
+                .parse::<AgentAddress>()
+                .unwrap(),
+            AgentAddress::Unix("/var/run/dstack.sock".into())
+        );
+        assert_eq!(
+            "http://127.0.0.1:8090/".parse::<AgentAddress>().unwrap(),
+            AgentAddress::Http("http://127.0.0.1:8090".into())
+        );
+        for bad in ["unix:", "https://x", "http://", ""] {
+            assert!(bad.parse::<AgentAddress>().is_err(), "{bad}");
+        }
+    }
 }

@@ -171,7 +171,7 @@ mod tests {
         // 0x4e49 >> 2 = 5010: the quote length in the fixtures' V0 attestations.
         assert_eq!(scale_compact(&[0x49, 0x4e]).unwrap().0, 5010);
         assert_eq!(scale_compact(&[0x02, 0x00, 0x01, 0x00]).unwrap().0, 16384);
-        assert_eq!(scale_compact(&[0x03, 1, 0, 0, 0x40]).unwrap().0, 1 << 30);
+        assert_eq!(scale_compact(&[0x03, 0, 0, 0, 0x40]).unwrap().0, 1 << 30);
         assert!(scale_compact(&[0x01]).is_err());
         assert!(scale_compact(&[0xff]).is_err());
     }

@@ -23,6 +23,9 @@ pub enum CertError {
     /// No certificate at all (empty input, or PEM without a CERTIFICATE block).
     #[error("no certificate found")]
     Empty,
+    /// Neither PEM (no `-----BEGIN` line) nor DER (does not start with a SEQUENCE).
+    #[error("not a certificate: neither PEM (no -----BEGIN CERTIFICATE----- line) nor DER")]
+    NotCertificate,
     /// The PEM armour is broken.
     #[error("invalid PEM: {0}")]
     Pem(String),
@@ -64,6 +67,8 @@ pub fn parse_chain(input: &[u8]) -> Result<Vec<CertificateDer<'static>>, CertErr
         CertificateDer::pem_slice_iter(input)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| CertError::Pem(e.to_string()))?
+    } else if trimmed[0] != 0x30 {
+        return Err(CertError::NotCertificate);
     } else {
         split_der(input)?
     };
@@ -322,7 +327,7 @@ pub(crate) fn parse_x509<'a>(
     der: &'a CertificateDer<'_>,
 ) -> Result<X509Certificate<'a>, CertError> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         Ok(_) => Err(CertError::Der {
             index,
             reason: "trailing bytes after certificate".into(),

@@ -120,7 +120,7 @@ impl DevAgent {
     pub fn new(config: DevAgentConfig) -> Result<Self, DevAgentError> {
         let dir = &config.state_dir;
         create_dir(dir)?;
-        let root = load_or_create_ca(dir, "root-ca", || root_params(), None)?;
+        let root = load_or_create_ca(dir, "root-ca", root_params, None)?;
         let app_dir = dir.join("apps").join(config.app_id.to_string());
         create_dir(&app_dir)?;
         let app_ca = load_or_create_ca(

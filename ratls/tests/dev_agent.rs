@@ -1,5 +1,7 @@
 //! The development agent speaks the guest agent's API with the KMS chain shape.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 use std::{path::Path, sync::Arc, time::Duration};
 
 use ratls::{

@@ -1,6 +1,8 @@
 //! Every certificate the dstack simulator (and the KMS logic) produced parses, shows the app id
 //! the fixture README states, and verifies (or is refused) as the policy says.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 use std::path::PathBuf;
 
 use ratls::{AppIdSource, ChainView, PeerRole, Policy, Rejection, TrustAnchors};
@@ -17,8 +19,11 @@ fn read(rel: &str) -> Vec<u8> {
     std::fs::read(dir().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
 }
 
-/// (fixture, app id, source, attestation binds key)
-const EXPECTED: &[(&str, Option<&str>, Option<AppIdSource>, Option<bool>)] = &[
+/// A fixture directory, its app id and source per the fixture README, and whether its
+/// attestation binds the leaf key (`None`: no attestation).
+type Expected = (&'static str, Option<&'static str>, Option<AppIdSource>, Option<bool>);
+
+const EXPECTED: &[Expected] = &[
     (
         "kms-app1-mesh-get-equiv",
         Some(APP1),

@@ -1,6 +1,8 @@
 //! A few thousand random and mutated inputs through every parser that sees untrusted bytes, in
 //! the normal suite (the coverage-guided targets are in `fuzz/`). Deterministic: a fixed seed.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 use std::path::PathBuf;
 
 /// xorshift64*: a small deterministic generator, so a failure reproduces.

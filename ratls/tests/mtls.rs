@@ -2,6 +2,8 @@
 //! handshake, a refused peer's application never reads a byte, and rotation swaps the served
 //! certificate without touching open connections.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 use std::{
     collections::BTreeSet,
     path::Path,

@@ -1,6 +1,8 @@
 //! Every rule of the verification policy, one rejection reason at a time, on certificates the
 //! tests mint themselves.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 mod support;
 
 use std::{collections::BTreeSet, time::Duration};

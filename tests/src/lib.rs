@@ -1,6 +1,9 @@
 //! Harness for end-to-end tests: processes owned by guards that kill and reap them on drop,
 //! bounded polling instead of sleeps, and the path of the `dstack-mesh` binary under test.
 
+// Only tests use this crate; a failed expectation is a failed test.
+#![allow(clippy::expect_used)]
+
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},

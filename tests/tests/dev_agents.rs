@@ -1,6 +1,8 @@
 //! Two `dstack-mesh dev-agent` processes sharing a state directory form one mesh: identities
 //! from each complete mutual TLS with the other, and refuse a third app that is not expected.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 use std::{sync::Arc, time::Duration};
 
 use e2e::dev_agent;

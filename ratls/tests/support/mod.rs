@@ -1,5 +1,6 @@
 //! Certificates minted for tests: a KMS-shaped PKI whose every property a test can bend.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 #![allow(dead_code)]
 
 use std::time::Duration;
@@ -160,7 +161,7 @@ impl Pki {
     }
 
     pub fn anchors(&self) -> ratls::TrustAnchors {
-        ratls::TrustAnchors::new(&[self.root.der.clone()]).unwrap()
+        ratls::TrustAnchors::new(std::slice::from_ref(&self.root.der)).unwrap()
     }
 
     /// `[leaf, app CA]` for a leaf spec, with the App CA carrying `ca_app_id`.

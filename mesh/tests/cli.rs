@@ -1,0 +1,395 @@
+//! The `dstack-mesh` binary as a user runs it: exit codes, stdout and stderr of each subcommand
+//! against the dstack simulator's certificates (`/work/shared/fixtures/dstack-sim/certs`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+use std::{
+    fs::File,
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_dstack-mesh");
+const CERTS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../shared/fixtures/dstack-sim/certs"
+);
+const APP1_ID: &str = "5bb4ff9a3837357f19dc176407a5709c62eb6c56";
+const APP2_ID: &str = "71cbb64614e7090669b2f0cb159295bd81804fa9";
+/// Exit status for unreadable or unparsable input (`cli::EXIT_BAD_INPUT`).
+const EXIT_BAD_INPUT: i32 = 65;
+const EXIT_NO_INPUT: i32 = 66;
+/// Exit status for a certificate that was read but refused (`cli::EXIT_REJECTED`).
+const EXIT_REJECTED: i32 = 1;
+
+fn cert(rel: &str) -> PathBuf {
+    Path::new(CERTS).join(rel)
+}
+
+/// The binary, isolated from the caller's agent address and log settings.
+fn mesh() -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_remove("DSTACK_AGENT_ADDRESS")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn run(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    mesh()
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {BIN}: {e}"))
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_no_panic(out: &Output) {
+    let (o, e) = (stdout(out), stderr(out));
+    assert!(
+        !o.contains("panicked") && !e.contains("panicked"),
+        "stdout: {o}\nstderr: {e}"
+    );
+}
+
+fn assert_exit(out: &Output, code: i32) {
+    assert_no_panic(out);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "stdout: {}\nstderr: {}",
+        stdout(out),
+        stderr(out)
+    );
+}
+
+/// Bad input: the bad-input status and one `error:` line on stderr.
+fn assert_bad_input(out: &Output) {
+    assert_failed_input(out, EXIT_BAD_INPUT);
+}
+
+fn assert_failed_input(out: &Output, code: i32) {
+    assert_exit(out, code);
+    let err = stderr(out);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "want one stderr line, got: {err}");
+    assert!(lines[0].starts_with("error:"), "{err}");
+    assert!(out.stdout.is_empty(), "stdout: {}", stdout(out));
+}
+
+fn inspect_json(out: &Output) -> serde_json::Value {
+    assert_exit(out, 0);
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", stdout(out)))
+}
+
+/// DER of each certificate of a fixture PEM, leaf first.
+fn der_chain(rel: &str) -> Vec<Vec<u8>> {
+    ratls::cert::parse_chain(&read(&cert(rel)))
+        .unwrap_or_else(|e| panic!("fixture {rel}: {e}"))
+        .into_iter()
+        .map(|c| c.to_vec())
+        .collect()
+}
+
+// ---- inspect-cert ----
+
+#[test]
+fn inspect_kms_chain() {
+    let json = inspect_json(&run(&[&"inspect-cert", &cert("kms-app1-ratls/chain.pem")]));
+    assert_eq!(json["app_id"], APP1_ID);
+    assert_eq!(json["app_id_source"], "extension");
+    assert_eq!(json["chain"].as_array().map(Vec::len), Some(3));
+}
+
+#[test]
+fn inspect_simulator_app_info_chain() {
+    let json = inspect_json(&run(&[
+        &"inspect-cert",
+        &cert("sim-app2-appinfo/chain.pem"),
+    ]));
+    assert_eq!(json["app_id"], APP2_ID);
+    assert_eq!(json["app_id_source"], "app_info");
+    assert_eq!(
+        json["instance_id"],
+        "30dd0ddbcd7bbe24f1a8598846ae67329d8073ae"
+    );
+    assert_eq!(json["chain"].as_array().map(Vec::len), Some(2));
+}
+
+#[test]
+fn inspect_reads_stdin() {
+    let leaf = read(&cert("sim-app1-appinfo/leaf.pem"));
+    let mut child = mesh()
+        .args(["inspect-cert", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Dropping stdin after the write closes it, so the command sees EOF.
+    child.stdin.take().unwrap().write_all(&leaf).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let json = inspect_json(&out);
+    assert_eq!(json["app_id"], APP1_ID);
+    assert_eq!(json["app_id_source"], "app_info");
+    assert_eq!(json["chain"].as_array().map(Vec::len), Some(1));
+}
+
+#[test]
+fn inspect_reads_concatenated_der() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("chain.der");
+    std::fs::write(&path, der_chain("kms-app2-ratls/chain.pem").concat()).unwrap();
+    let json = inspect_json(&run(&[&"inspect-cert", &path]));
+    assert_eq!(json["app_id"], APP2_ID);
+    assert_eq!(json["chain"].as_array().map(Vec::len), Some(3));
+}
+
+// ---- verify-cert ----
+
+fn verify(chain: &str, ca: &str, extra: &[&str]) -> Output {
+    mesh()
+        .arg("verify-cert")
+        .arg(cert(chain))
+        .arg("--ca")
+        .arg(cert(ca))
+        .args(extra)
+        .output()
+        .unwrap_or_else(|e| panic!("run {BIN}: {e}"))
+}
+
+fn assert_rejected(out: &Output, reason: &str) {
+    assert_exit(out, EXIT_REJECTED);
+    let err = stderr(out);
+    assert!(err.contains(reason), "want {reason:?} in: {err}");
+    assert!(out.stdout.is_empty(), "stdout: {}", stdout(out));
+}
+
+#[test]
+fn verify_kms_chain_with_expected_app_id() {
+    let out = verify(
+        "kms-app1-ratls/chain.pem",
+        "kms-app1-ratls/ca.pem",
+        &["--expect-app-id", APP1_ID],
+    );
+    assert_exit(&out, 0);
+    assert!(stdout(&out).contains(APP1_ID), "{}", stdout(&out));
+}
+
+#[test]
+fn verify_rejects_another_app() {
+    let out = verify(
+        "kms-app1-ratls/chain.pem",
+        "kms-app1-ratls/ca.pem",
+        &["--expect-app-id", APP2_ID],
+    );
+    assert_rejected(&out, "app_id_mismatch");
+}
+
+#[test]
+fn verify_rejects_a_server_only_cert_as_client() {
+    let out = verify(
+        "sim-app1-noratls/chain.pem",
+        "sim-app1-noratls/ca.pem",
+        &["--role", "client"],
+    );
+    assert_rejected(&out, "wrong_eku");
+}
+
+#[test]
+fn verify_rejects_a_cert_without_app_id() {
+    let out = verify("sim-app1-ratls/chain.pem", "sim-app1-ratls/ca.pem", &[]);
+    assert_rejected(&out, "missing_app_id");
+}
+
+#[test]
+fn verify_kms_leaf_without_its_app_ca_is_unknown_issuer() {
+    let out = verify("kms-app1-ratls/leaf.pem", "kms-app1-ratls/ca.pem", &[]);
+    assert_rejected(&out, "unknown_issuer");
+}
+
+#[test]
+fn verify_simulator_leaf_issued_by_the_root() {
+    let out = verify("sim-app1-appinfo/leaf.pem", "sim-app1-appinfo/ca.pem", &[]);
+    assert_exit(&out, 0);
+    assert!(stdout(&out).contains(APP1_ID), "{}", stdout(&out));
+}
+
+// ---- bad input ----
+
+/// Files that are not certificates, each with a name for failure messages.
+fn bad_files(dir: &Path) -> Vec<(&'static str, PathBuf)> {
+    let mut files = Vec::new();
+    let mut add = |name: &'static str, bytes: &[u8]| {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        files.push((name, path));
+    };
+    add(
+        "text",
+        b"this is not a certificate, just some text\nover two lines\n",
+    );
+    let leaf = der_chain("kms-app1-ratls/leaf.pem").remove(0);
+    add("truncated.der", &leaf[..100]);
+    add("empty", b"");
+    add(
+        "garbage.pem",
+        b"-----BEGIN CERTIFICATE-----\n!!!! not base64 @@@@\n-----END CERTIFICATE-----\n",
+    );
+    add("key-only.pem", &read(&cert("kms-app1-ratls/key.pem")));
+    files.push(("missing", dir.join("does-not-exist.pem")));
+    files
+}
+
+/// A file that cannot be opened is EX_NOINPUT; one that is not a certificate, EX_DATAERR.
+fn expected_exit(name: &str) -> i32 {
+    if name == "missing" {
+        EXIT_NO_INPUT
+    } else {
+        EXIT_BAD_INPUT
+    }
+}
+
+#[test]
+fn inspect_bad_files_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, path) in bad_files(dir.path()) {
+        let out = run(&[&"inspect-cert", &path]);
+        assert_failed_input(&out, expected_exit(name));
+        if name == "text" {
+            assert!(
+                stderr(&out).contains("not a certificate"),
+                "{}",
+                stderr(&out)
+            );
+        }
+        assert!(
+            stderr(&out).contains(&path.display().to_string()),
+            "{name}: the error names the file: {}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn verify_bad_files_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = cert("kms-app1-ratls/ca.pem");
+    let chain = cert("kms-app1-ratls/chain.pem");
+    for (name, path) in bad_files(dir.path()) {
+        let as_chain = run(&[&"verify-cert", &path, &"--ca", &ca]);
+        assert_failed_input(&as_chain, expected_exit(name));
+        let as_ca = run(&[&"verify-cert", &chain, &"--ca", &path]);
+        assert_failed_input(&as_ca, expected_exit(name));
+        assert!(
+            stderr(&as_ca).contains(&path.display().to_string()),
+            "{name}: the error names the file: {}",
+            stderr(&as_ca)
+        );
+    }
+}
+
+#[test]
+fn bad_stdin_fails_cleanly() {
+    let out = mesh()
+        .args(["inspect-cert", "-"])
+        .stdin(Stdio::from(File::open("/dev/null").unwrap()))
+        .output()
+        .unwrap();
+    assert_bad_input(&out);
+}
+
+// ---- demo, identity, dev-agent ----
+
+#[test]
+fn demo_prints_an_unattested_identity() {
+    let out = run(&[&"demo"]);
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    assert!(text.contains("app id"), "{text}");
+    assert!(text.contains("NO (no attestation"), "{text}");
+}
+
+#[test]
+fn identity_without_an_agent_names_the_socket() {
+    let out = run(&[&"identity", &"--agent", &"unix:/nonexistent.sock"]);
+    assert_no_panic(&out);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.contains("/nonexistent.sock"), "{err}");
+}
+
+/// A running `dev-agent`, killed and reaped on drop.
+#[derive(Debug)]
+struct DevAgentProcess {
+    child: Child,
+}
+
+impl Drop for DevAgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn identity_from_a_dev_agent() {
+    let app_id = "00112233445566778899aabbccddeeff00c0ffee";
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    let agent_log = dir.path().join("agent.stderr");
+    let mut agent = DevAgentProcess {
+        child: mesh()
+            .arg("dev-agent")
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--app-id", app_id])
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .stdout(Stdio::null())
+            .stderr(File::create(&agent_log).unwrap())
+            .spawn()
+            .unwrap(),
+    };
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if let Some(status) = agent.child.try_wait().unwrap() {
+            panic!(
+                "dev-agent exited with {status}: {}",
+                std::fs::read_to_string(&agent_log).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dev-agent did not create {} within 10s",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let address = format!("unix:{}", socket.display());
+    let out = run(&[&"identity", &"--agent", &address]);
+    assert_exit(&out, 0);
+    let text = stdout(&out);
+    assert!(text.contains(app_id), "{text}");
+    assert!(text.contains("NO (no attestation"), "{text}");
+
+    drop(agent);
+    let log = std::fs::read_to_string(&agent_log).unwrap();
+    assert!(log.contains("NOT attested"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
