@@ -21,7 +21,12 @@ fn read(rel: &str) -> Vec<u8> {
 
 /// A fixture directory, its app id and source per the fixture README, and whether its
 /// attestation binds the leaf key (`None`: no attestation).
-type Expected = (&'static str, Option<&'static str>, Option<AppIdSource>, Option<bool>);
+type Expected = (
+    &'static str,
+    Option<&'static str>,
+    Option<AppIdSource>,
+    Option<bool>,
+);
 
 const EXPECTED: &[Expected] = &[
     (
