@@ -111,6 +111,8 @@ pub fn expected_report_data(spki_der: &[u8]) -> digest::Digest {
     ctx.finish()
 }
 
+/// `tee_type` of a TDX quote (header bytes 4..8).
+const TEE_TYPE_TDX: u32 = 0x81;
 /// Offset of `report_data` in a TDX v4 quote: the 48-byte header, then the TD report body.
 const V4_REPORT_DATA: usize = 48 + 520;
 /// In v5 quotes a 6-byte body descriptor (type, size) sits between header and body.
@@ -119,9 +121,20 @@ const V5_REPORT_DATA: usize = 48 + 6 + 520;
 /// The report data of a TDX quote: v4 and v5 layouts, by the version field.
 pub fn quote_report_data(quote: &[u8]) -> Option<&[u8]> {
     let version = u16::from_le_bytes([*quote.first()?, *quote.get(1)?]);
+    let tee_type = u32::from_le_bytes(quote.get(4..8)?.try_into().ok()?);
+    if tee_type != TEE_TYPE_TDX {
+        return None;
+    }
     let offset = match version {
         4 => V4_REPORT_DATA,
-        5 => V5_REPORT_DATA,
+        // Body types 2 (TD 1.0) and 3 (TD 1.5) both start with the TD 1.0 report.
+        5 if matches!(
+            u16::from_le_bytes(quote.get(48..50)?.try_into().ok()?),
+            2 | 3
+        ) =>
+        {
+            V5_REPORT_DATA
+        }
         _ => return None,
     };
     quote.get(offset..offset + 64)
@@ -182,6 +195,7 @@ mod tests {
         assert_eq!(quote_report_data(&[]), None);
         let mut q = vec![0u8; 700];
         q[0] = 4;
+        q[4] = 0x81;
         q[568..632].fill(7);
         assert_eq!(quote_report_data(&q), Some(&[7u8; 64][..]));
         q[0] = 3;

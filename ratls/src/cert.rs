@@ -455,5 +455,9 @@ pub fn fuzz_entry(data: &[u8]) {
             );
         }
     }
-    let _ = crate::verifier::peer_identity(Some(&chain));
+    if let Ok(leaf) = parse_x509(0, &chain[0]) {
+        if let Ok(claims) = Claims::read(0, &leaf) {
+            let _ = crate::policy::identity_of(&leaf, &claims);
+        }
+    }
 }

@@ -48,6 +48,8 @@ pub const NOT_ATTESTED: &str =
 pub const DEV_ORGANIZATION: &str = "Dstack dev-agent (NOT ATTESTED)";
 /// Largest request body accepted.
 const MAX_REQUEST_BYTES: usize = 64 << 10;
+/// A client must send its request headers within this.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Lifetime of the root and of App CAs.
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
@@ -130,13 +132,24 @@ impl DevAgent {
             Some(&root.issuer),
         )?;
         let secret = load_or_create_secret(&dir.join("key-secret"))?;
-        let instance_id = config.instance_id.clone().unwrap_or_else(|| {
-            let mut ctx = digest::Context::new(&digest::SHA256);
-            ctx.update(config.app_id.as_bytes());
-            ctx.update(dir.as_os_str().as_encoded_bytes());
-            hex::encode(&ctx.finish().as_ref()[..20])
-        });
-        Ok(Self {
+        let app_ca_path = app_dir.join("app-ca.pem");
+        let instance_id = match &config.instance_id {
+            // Same rules as an app id: hex, 1 to 64 bytes.
+            Some(given) => given
+                .parse::<AppId>()
+                .map_err(|e| DevAgentError::Ca {
+                    what: "instance id".into(),
+                    reason: e.to_string(),
+                })?
+                .to_string(),
+            None => {
+                let mut ctx = digest::Context::new(&digest::SHA256);
+                ctx.update(config.app_id.as_bytes());
+                ctx.update(dir.as_os_str().as_encoded_bytes());
+                hex::encode(&ctx.finish().as_ref()[..20])
+            }
+        };
+        let agent = Self {
             app_id: config.app_id,
             instance_id,
             app_name: config.app_name,
@@ -144,7 +157,36 @@ impl DevAgent {
             app_ca,
             key_secret: hmac::Key::new(hmac::HMAC_SHA256, &secret),
             rng: SystemRandom::new(),
-        })
+        };
+        agent.probe().map_err(|reason| DevAgentError::Ca {
+            what: app_ca_path.display().to_string(),
+            reason: format!("{reason} (a stale or mixed state directory? remove it to start over)"),
+        })?;
+        Ok(agent)
+    }
+
+    /// Issue one leaf and verify it as a peer would: catches a CA whose key does not match its
+    /// certificate, or an App CA left from an earlier root.
+    fn probe(&self) -> Result<(), String> {
+        let resp = self.issue(&TlsKeyRequest {
+            subject: "probe".into(),
+            usage_server_auth: true,
+            with_app_info: true,
+            ..Default::default()
+        })?;
+        let chain =
+            crate::cert::parse_pem_list(&resp.certificate_chain).map_err(|e| e.to_string())?;
+        let anchors = crate::TrustAnchors::new(&chain[2..]).map_err(|e| e.to_string())?;
+        crate::Policy::new(anchors)
+            .expect(self.app_id.clone())
+            .verify(
+                &chain[0],
+                &chain[1..2],
+                crate::PeerRole::Server,
+                rustls_pki_types::UnixTime::now(),
+            )
+            .map(drop)
+            .map_err(|e| format!("issued certificate does not verify: {e}"))
     }
 
     /// The app id this agent speaks for.
@@ -181,6 +223,8 @@ impl DevAgent {
                     async move { Ok::<_, Infallible>(agent.handle(req).await) }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
                     .serve_connection(TokioIo::new(stream), service)
                     .await
                 {
@@ -190,12 +234,24 @@ impl DevAgent {
         }
     }
 
-    /// Bind `socket` (replacing a stale socket file) and serve on a background task.
+    /// Bind `socket` and serve on a background task. A stale socket (nobody listening) is
+    /// replaced; a live socket, or anything that is not a socket, is left alone.
     pub fn spawn(
         self: Arc<Self>,
         socket: &Path,
     ) -> Result<tokio::task::JoinHandle<()>, DevAgentError> {
-        if socket.exists() {
+        let in_use = |what: &str| DevAgentError::Io {
+            path: socket.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::AddrInUse, what.to_owned()),
+        };
+        if let Ok(meta) = fs::symlink_metadata(socket) {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(in_use("exists and is not a socket; not replacing it"));
+            }
+            if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+                return Err(in_use("another agent is listening on this socket"));
+            }
             fs::remove_file(socket).map_err(|source| DevAgentError::Io {
                 path: socket.to_owned(),
                 source,
@@ -285,6 +341,11 @@ impl DevAgent {
     }
 
     fn get_tls_key(&self, req: &TlsKeyRequest) -> Result<Response<Full<Bytes>>, String> {
+        json(&self.issue(req)?)
+    }
+
+    /// Mint a leaf under this app's CA: the `[leaf, App CA, root]` chain and its key.
+    fn issue(&self, req: &TlsKeyRequest) -> Result<TlsKeyResponse, String> {
         if let (Some(nb), Some(na)) = (req.not_before, req.not_after) {
             if nb >= na {
                 return Err("not_before must be earlier than not_after".into());
@@ -347,8 +408,8 @@ impl DevAgent {
             .push(extension(oid::CERT_USAGE, USAGE_APP.as_bytes()));
         let cert = params
             .signed_by(&key, &self.app_ca.issuer)
-            .map_err(|e| e.to_string())?;
-        json(&TlsKeyResponse {
+            .map_err(|e| format!("signing the leaf: {e}"))?;
+        Ok(TlsKeyResponse {
             key: key.serialize_pem(),
             certificate_chain: vec![
                 cert.pem(),
@@ -640,29 +701,23 @@ fn load_or_create_secret(path: &Path) -> Result<Vec<u8>, DevAgentError> {
     })
 }
 
-/// Write `contents` to `path` unless it exists: temp file (0600, fsync) + hard link, which fails
-/// if another process won the race; then the winner's file is what everyone reads.
+/// Write `contents` to `path` unless it exists: a private temp file (0600, fsync) in the same
+/// directory, linked into place without replacing; if another agent won the race, its file is
+/// what everyone reads.
 fn publish_once(path: &Path, contents: &[u8]) -> Result<(), DevAgentError> {
     let io = |source| DevAgentError::Io {
         path: path.to_owned(),
         source,
     };
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    {
-        let mut opts = fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut file = opts.open(&tmp).map_err(io)?;
-        file.write_all(contents).map_err(io)?;
-        file.sync_all().map_err(io)?;
-    }
-    let linked = fs::hard_link(&tmp, path);
-    let _ = fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(io(e)),
+    let dir = path.parent().unwrap_or(Path::new("."));
+    // tempfile creates the file 0600 under a unique name.
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    tmp.write_all(contents).map_err(io)?;
+    tmp.as_file().sync_all().map_err(io)?;
+    match tmp.persist_noclobber(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(io(e.error)),
     }
 }
 

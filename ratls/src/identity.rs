@@ -60,6 +60,43 @@ impl Default for IdentityConfig {
     }
 }
 
+/// Never refresh more often than this, whatever the certificate says.
+pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest single sleep of the refresh task; it then re-reads the clock, so a suspended VM
+/// does not wake up hours past the refresh point.
+const MAX_SLEEP: Duration = Duration::from_secs(300);
+/// Longest lifetime that may be requested (the agent's own default is ten years).
+pub const MAX_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+impl IdentityConfig {
+    /// Check the settings before anything is requested.
+    pub fn validate(&self) -> Result<(), IdentityError> {
+        let bad = |m: String| Err(IdentityError::Config(m));
+        if self.validity < Duration::from_secs(60) || self.validity > MAX_VALIDITY {
+            return bad(format!(
+                "validity {:?} is outside 60s..={}d",
+                self.validity,
+                MAX_VALIDITY.as_secs() / 86400
+            ));
+        }
+        if let Some(margin) = self.refresh_margin {
+            if margin >= self.validity {
+                return bad(format!(
+                    "refresh margin {margin:?} must be shorter than the validity {:?}",
+                    self.validity
+                ));
+            }
+        }
+        if self.retry_min.is_zero() || self.retry_min > self.retry_max {
+            return bad(format!(
+                "retry delays must satisfy 0 < min ({:?}) <= max ({:?})",
+                self.retry_min, self.retry_max
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Why an identity could not be obtained.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -73,6 +110,23 @@ pub enum IdentityError {
     /// The private key is unusable or does not match the leaf.
     #[error("identity key: {0}")]
     Key(String),
+    /// The configuration cannot work.
+    #[error("identity config: {0}")]
+    Config(String),
+    /// `Info` returned an app id that is not hex.
+    #[error("guest agent Info: app_id: {0}")]
+    BadInfo(crate::AppIdError),
+    /// The agent issued an identity that peers would refuse.
+    #[error("the agent issued an identity peers would refuse ({role}): {rejection}")]
+    Unusable {
+        /// The role it failed in.
+        role: crate::PeerRole,
+        /// Why.
+        rejection: crate::Rejection,
+    },
+    /// The chain does not end in a self-signed root, so there is no trust anchor to share.
+    #[error("identity chain does not end in a self-signed CA root (last element: {0})")]
+    NoRoot(String),
     /// Neither the certificate nor `Info` names the app.
     #[error("identity has no app id (certificate without app id and Info without app_id)")]
     NoAppId,
@@ -108,6 +162,8 @@ pub struct Identity {
     pub attested: bool,
     /// SHA-256 of the leaf (hex).
     pub fingerprint: String,
+    /// When it was fetched (unix seconds).
+    pub fetched_at: i64,
 }
 
 impl std::fmt::Debug for Identity {
@@ -141,10 +197,7 @@ impl Identity {
 
         let info_id = match info.app_id.trim() {
             "" => None,
-            s => Some(
-                s.parse::<AppId>()
-                    .map_err(|e| IdentityError::Key(format!("Info app_id: {e}")))?,
-            ),
+            s => Some(s.parse::<AppId>().map_err(IdentityError::BadInfo)?),
         };
         let app_id = match (view.app_id.clone(), info_id) {
             (Some(cert), Some(info)) if cert != info => {
@@ -169,8 +222,27 @@ impl Identity {
             not_after: leaf.validity().not_after.timestamp(),
             attested: view.attestation.as_ref().is_some_and(|a| a.binds_key),
             fingerprint: view.leaf.sha256_fingerprint,
+            fetched_at: unix_now(),
             chain,
         })
+    }
+
+    /// Check the identity as a peer would, in both roles, against its own root: an agent that
+    /// hands out something peers refuse must not replace a working identity.
+    pub fn self_check(&self) -> Result<(), IdentityError> {
+        let root = cert::parse_x509(self.chain.len() - 1, &self.root)?;
+        if root.subject() != root.issuer() || !root.is_ca() {
+            return Err(IdentityError::NoRoot(root.subject().to_string()));
+        }
+        let policy = crate::Policy::new(self.trust_anchors()?);
+        let now = rustls_pki_types::UnixTime::now();
+        let (leaf, rest) = self.chain.split_first().ok_or(CertError::Empty)?;
+        for role in [crate::PeerRole::Server, crate::PeerRole::Client] {
+            policy
+                .verify(leaf, rest, role, now)
+                .map_err(|rejection| IdentityError::Unusable { role, rejection })?;
+        }
+        Ok(())
     }
 
     /// The root of our own chain as the only trust anchor.
@@ -178,11 +250,17 @@ impl Identity {
         TrustAnchors::new(std::slice::from_ref(&self.root))
     }
 
-    /// When to refresh: `margin` before expiry, or at two thirds of the lifetime.
+    /// When to refresh: `margin` before expiry, or at two thirds of the lifetime, counted from
+    /// when it was fetched (agents that ignore the requested validity backdate to 1975), and
+    /// never sooner than [`MIN_REFRESH_INTERVAL`] after the fetch.
     pub fn refresh_at(&self, margin: Option<Duration>) -> SystemTime {
-        let lifetime = (self.not_after - self.not_before).max(0) as u64;
+        let start = self.not_before.max(self.fetched_at).max(0) as u64;
+        let end = (self.not_after.max(0) as u64).max(start);
+        let lifetime = end - start;
         let margin = margin.map_or(lifetime / 3, |m| m.as_secs());
-        let at = (self.not_after.max(0) as u64).saturating_sub(margin);
+        let at = end
+            .saturating_sub(margin)
+            .max(start + MIN_REFRESH_INTERVAL.as_secs());
         UNIX_EPOCH + Duration::from_secs(at)
     }
 }
@@ -200,8 +278,12 @@ struct Shared {
     agent: AgentClient,
     info: InfoResponse,
     config: IdentityConfig,
-    key: Arc<ArcSwap<CertifiedKey>>,
+    /// The one source of truth; the resolver reads it at every handshake.
+    current: Arc<ArcSwap<Identity>>,
+    /// Notifies subscribers; always sent after `current` is stored, under `fetching`.
     tx: watch::Sender<Arc<Identity>>,
+    /// One fetch-and-publish at a time, so an older fetch never overwrites a newer one.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -220,14 +302,16 @@ impl RotatingIdentity {
         info: InfoResponse,
         config: IdentityConfig,
     ) -> Result<Self, IdentityError> {
+        config.validate()?;
         let first = Arc::new(fetch(&agent, &info, &config).await?);
         let (tx, _) = watch::channel(first.clone());
         let shared = Arc::new(Shared {
-            key: Arc::new(ArcSwap::new(first.key.clone())),
+            current: Arc::new(ArcSwap::new(first)),
             agent,
             info,
             config,
             tx,
+            fetching: tokio::sync::Mutex::new(()),
         });
         let task = tokio::spawn(refresh_loop(Arc::downgrade(&shared)));
         Ok(Self {
@@ -238,12 +322,12 @@ impl RotatingIdentity {
 
     /// The identity in use now.
     pub fn current(&self) -> Arc<Identity> {
-        self.shared.tx.borrow().clone()
+        self.shared.current.load_full()
     }
 
     /// A resolver for rustls configs that always presents the current identity.
     pub fn resolver(&self) -> CertResolver {
-        CertResolver::new(self.shared.key.clone())
+        CertResolver::identity(self.shared.current.clone())
     }
 
     /// A receiver that sees every new identity.
@@ -253,16 +337,20 @@ impl RotatingIdentity {
 
     /// Fetch a new identity now and publish it. On failure the current one stays.
     pub async fn refresh_now(&self) -> Result<Arc<Identity>, IdentityError> {
-        let next =
-            Arc::new(fetch(&self.shared.agent, &self.shared.info, &self.shared.config).await?);
-        self.shared.publish(next.clone());
-        Ok(next)
+        self.shared.refresh().await
     }
 }
 
 impl Shared {
+    async fn refresh(&self) -> Result<Arc<Identity>, IdentityError> {
+        let _one_at_a_time = self.fetching.lock().await;
+        let next = Arc::new(fetch(&self.agent, &self.info, &self.config).await?);
+        self.publish(next.clone());
+        Ok(next)
+    }
+
     fn publish(&self, next: Arc<Identity>) {
-        self.key.store(next.key.clone());
+        self.current.store(next.clone());
         tracing::info!(
             app_id = %next.app_id,
             not_after = %cert::rfc3339(next.not_after),
@@ -281,6 +369,9 @@ async fn fetch(
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
+    let not_after = now.checked_add(config.validity).ok_or_else(|| {
+        IdentityError::Config(format!("validity {:?} overflows", config.validity))
+    })?;
     let req = TlsKeyRequest {
         subject: config.subject.clone(),
         alt_names: config.alt_names.clone(),
@@ -289,10 +380,18 @@ async fn fetch(
         usage_client_auth: true,
         with_app_info: true,
         not_before: Some(now.saturating_sub(CLOCK_SKEW).as_secs()),
-        not_after: Some((now + config.validity).as_secs()),
+        not_after: Some(not_after.as_secs()),
     };
     let resp = agent.get_tls_key(&req).await?;
-    Identity::from_response(&resp, info)
+    let identity = Identity::from_response(&resp, info)?;
+    identity.self_check()?;
+    Ok(identity)
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Sleeps until the refresh point of the current identity, refreshes, retries with backoff.
@@ -305,40 +404,29 @@ async fn refresh_loop(shared: std::sync::Weak<Shared>) {
     loop {
         let (wait, retry_min, retry_max) = {
             let Some(s) = shared.upgrade() else { return };
-            let current = s.tx.borrow().clone();
-            let at = current.refresh_at(s.config.refresh_margin);
-            let wait = at
-                .duration_since(SystemTime::now())
-                .unwrap_or_default()
-                // Never spin, even when the agent hands out certificates that are already due.
-                .max(Duration::from_secs(1));
+            let at = s.current.load().refresh_at(s.config.refresh_margin);
+            let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
             (wait, s.config.retry_min, s.config.retry_max)
         };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            // Someone refreshed on demand: recompute the deadline from the new identity.
-            changed = rx.changed() => {
-                if changed.is_err() { return; }
-                continue;
+        if !wait.is_zero() {
+            tokio::select! {
+                // Wake at least every MAX_SLEEP to re-read the wall clock.
+                _ = tokio::time::sleep(wait.min(MAX_SLEEP)) => {}
+                // Someone refreshed on demand: recompute the deadline from the new identity.
+                changed = rx.changed() => if changed.is_err() { return },
             }
+            continue;
         }
         let mut backoff = retry_min;
         loop {
             let Some(s) = shared.upgrade() else { return };
-            match fetch(&s.agent, &s.info, &s.config).await {
-                Ok(next) => {
-                    s.publish(Arc::new(next));
+            match s.refresh().await {
+                Ok(_) => {
                     rx.borrow_and_update();
                     break;
                 }
                 Err(e) => {
-                    let current = s.tx.borrow().clone();
-                    let expired = current.not_after
-                        <= SystemTime::now()
-                            .duration_since(UNIX_EPOCH)
-                            .unwrap_or_default()
-                            .as_secs() as i64;
-                    if expired {
+                    if s.current.load().not_after <= unix_now() {
                         tracing::error!(error = %e, retry_in = ?backoff, "identity expired and refresh failed");
                     } else {
                         tracing::warn!(error = %e, retry_in = ?backoff, "identity refresh failed; serving the current identity");

@@ -83,7 +83,9 @@ impl TrustAnchors {
                 index,
                 reason: format!("{e:?}"),
             })?;
-            subjects.push(DistinguishedName::from(anchor.subject.to_vec()));
+            // webpki keeps the subject's contents; the CertificateRequest hint is the whole
+            // DER Name (a SEQUENCE), which OpenSSL and Go clients decode.
+            subjects.push(DistinguishedName::in_sequence(anchor.subject.as_ref()));
             anchors.push(anchor.to_owned());
         }
         Ok(Self {
@@ -192,6 +194,14 @@ impl Policy {
         // 3. App id: from `.1.3`, else app-info; any App CA on the verified path must agree.
         let peer = identity_of(&leaf, &claims)?;
         let app_id = &peer.app_id;
+        // App-info is written by the requesting CVM's agent; it names the app only where no App
+        // CA could have (the simulator's root signs leaves directly). Under a KMS App CA the
+        // `.1.3` extension the KMS wrote is the only claim that counts.
+        if peer.app_id_source == AppIdSource::AppInfo
+            && (path.intermediate_certificates().next().is_some() || claims.usage.is_none())
+        {
+            return Err(Rejection::MissingAppId);
+        }
         for (i, ca) in path.intermediate_certificates().enumerate() {
             let ca_der = ca.der();
             let ca = cert::parse_x509(i + 1, &ca_der)
@@ -287,16 +297,20 @@ pub enum Rejection {
     #[error("certificate is not issued by a trusted root")]
     UnknownIssuer,
     /// A certificate of the chain has expired.
-    #[error("certificate expired at {not_after}")]
+    #[error("certificate expired at {}", cert::rfc3339(*.not_after))]
     Expired {
-        /// When (RFC 3339).
-        not_after: String,
+        /// End of validity (unix seconds).
+        not_after: i64,
+        /// The time of the check (unix seconds).
+        at: i64,
     },
     /// A certificate of the chain is not valid yet.
-    #[error("certificate is not valid before {not_before}")]
+    #[error("certificate is not valid before {}", cert::rfc3339(*.not_before))]
     NotYetValid {
-        /// When (RFC 3339).
-        not_before: String,
+        /// Start of validity (unix seconds).
+        not_before: i64,
+        /// The time of the check (unix seconds).
+        at: i64,
     },
     /// The leaf's extended key usage does not allow the role.
     #[error("certificate is not allowed for TLS {role} authentication (extended key usage)")]
@@ -369,11 +383,13 @@ impl Rejection {
             E::UnknownIssuer
             | E::InvalidSignatureForPublicKey
             | E::UnsupportedSignatureAlgorithmForPublicKeyContext(_) => Self::UnknownIssuer,
-            E::CertExpired { not_after, .. } => Self::Expired {
-                not_after: cert::rfc3339(not_after.as_secs() as i64),
+            E::CertExpired { not_after, time } => Self::Expired {
+                not_after: secs(not_after),
+                at: secs(time),
             },
-            E::CertNotValidYet { not_before, .. } => Self::NotYetValid {
-                not_before: cert::rfc3339(not_before.as_secs() as i64),
+            E::CertNotValidYet { not_before, time } => Self::NotYetValid {
+                not_before: secs(not_before),
+                at: secs(time),
             },
             E::RequiredEkuNotFoundContext(_) | E::EmptyEkuExtension => Self::WrongEku { role },
             E::BadDer
@@ -385,21 +401,69 @@ impl Rejection {
         }
     }
 
-    /// The rejection inside a rustls error, if one of our verifiers produced it.
-    pub fn from_tls_error(err: &rustls::Error) -> Option<&Rejection> {
-        match err {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
-                other.0.downcast_ref::<Rejection>()
-            }
-            _ => None,
-        }
+    /// The rejection a rustls error stands for, if one of our verifiers produced it.
+    ///
+    /// Chain, validity, EKU and encoding failures travel as rustls's own variants so the peer
+    /// gets the right alert (`unknown_ca`, `certificate_expired`, ...); identity failures travel
+    /// as the typed rejection itself, with the ids that did not match.
+    pub fn from_tls_error(err: &rustls::Error) -> Option<Rejection> {
+        use rustls::{CertificateError as C, ExtendedKeyPurpose as P};
+        let rustls::Error::InvalidCertificate(e) = err else {
+            return None;
+        };
+        Some(match e {
+            C::Other(other) => return other.0.downcast_ref::<Rejection>().cloned(),
+            C::UnknownIssuer => Self::UnknownIssuer,
+            C::ExpiredContext { time, not_after } => Self::Expired {
+                not_after: secs(*not_after),
+                at: secs(*time),
+            },
+            C::NotValidYetContext { time, not_before } => Self::NotYetValid {
+                not_before: secs(*not_before),
+                at: secs(*time),
+            },
+            C::InvalidPurposeContext { required, .. } => Self::WrongEku {
+                role: match required {
+                    P::ClientAuth => PeerRole::Client,
+                    _ => PeerRole::Server,
+                },
+            },
+            C::BadEncoding => Self::Malformed("certificate encoding".into()),
+            _ => return None,
+        })
     }
+}
+
+fn secs(t: UnixTime) -> i64 {
+    i64::try_from(t.as_secs()).unwrap_or(i64::MAX)
+}
+
+fn unix(secs: i64) -> UnixTime {
+    UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs.max(0) as u64))
 }
 
 impl From<Rejection> for rustls::Error {
     fn from(r: Rejection) -> Self {
-        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
-            Arc::new(r),
-        )))
+        use rustls::{CertificateError as C, ExtendedKeyPurpose as P};
+        rustls::Error::InvalidCertificate(match r {
+            Rejection::UnknownIssuer => C::UnknownIssuer,
+            Rejection::Expired { not_after, at } => C::ExpiredContext {
+                time: unix(at),
+                not_after: unix(not_after),
+            },
+            Rejection::NotYetValid { not_before, at } => C::NotValidYetContext {
+                time: unix(at),
+                not_before: unix(not_before),
+            },
+            Rejection::WrongEku { role } => C::InvalidPurposeContext {
+                required: match role {
+                    PeerRole::Server => P::ServerAuth,
+                    PeerRole::Client => P::ClientAuth,
+                },
+                presented: Vec::new(),
+            },
+            Rejection::Malformed(_) => C::BadEncoding,
+            other => C::Other(rustls::OtherError(Arc::new(other))),
+        })
     }
 }

@@ -15,6 +15,7 @@ use rustls::{
 };
 
 use crate::{
+    identity::Identity,
     verifier::{ClientVerifier, ServerVerifier},
     Policy,
 };
@@ -25,24 +26,46 @@ pub const MESH_ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 /// Serves whatever certificate is current; swapping it affects only later handshakes.
 #[derive(Debug, Clone)]
 pub struct CertResolver {
-    current: Arc<ArcSwap<CertifiedKey>>,
+    source: Source,
+}
+
+#[derive(Debug, Clone)]
+enum Source {
+    Key(Arc<ArcSwap<CertifiedKey>>),
+    Identity(Arc<ArcSwap<Identity>>),
 }
 
 impl CertResolver {
     /// A resolver that reads `current` at every handshake.
     pub fn new(current: Arc<ArcSwap<CertifiedKey>>) -> Self {
-        Self { current }
+        Self {
+            source: Source::Key(current),
+        }
+    }
+
+    /// A resolver that presents the key of the current identity.
+    pub fn identity(current: Arc<ArcSwap<Identity>>) -> Self {
+        Self {
+            source: Source::Identity(current),
+        }
     }
 
     /// A resolver for one fixed certificate.
     pub fn fixed(key: CertifiedKey) -> Self {
         Self::new(Arc::new(ArcSwap::from_pointee(key)))
     }
+
+    fn current(&self) -> Arc<CertifiedKey> {
+        match &self.source {
+            Source::Key(k) => k.load_full(),
+            Source::Identity(id) => id.load().key.clone(),
+        }
+    }
 }
 
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.load_full())
+        Some(self.current())
     }
 }
 
@@ -52,7 +75,7 @@ impl ResolvesClientCert for CertResolver {
         _root_hint_subjects: &[&[u8]],
         _sigschemes: &[SignatureScheme],
     ) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.load_full())
+        Some(self.current())
     }
 
     fn has_certs(&self) -> bool {
@@ -76,12 +99,27 @@ pub fn mesh_server_config(
     Ok(config)
 }
 
-/// A client config that presents `resolver`'s certificate and accepts only servers that
-/// `policy` accepts (usually one expected app id).
+/// Why a mesh TLS config could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsConfigError {
+    /// rustls refused the settings.
+    #[error(transparent)]
+    Rustls(#[from] rustls::Error),
+    /// An outbound policy without an expected app id would accept any app under the root.
+    #[error("outbound TLS needs the target's app id (Policy::expect)")]
+    NoTarget,
+}
+
+/// A client config that presents `resolver`'s certificate and accepts only the server
+/// `policy` expects. The server name is not checked, so the policy must name the target.
 pub fn mesh_client_config(
     resolver: CertResolver,
     policy: Arc<Policy>,
-) -> Result<ClientConfig, rustls::Error> {
+) -> Result<ClientConfig, TlsConfigError> {
+    if policy.expected.is_none() {
+        return Err(TlsConfigError::NoTarget);
+    }
     let mut config = ClientConfig::builder_with_provider(crate::crypto::provider())
         .with_safe_default_protocol_versions()?
         .dangerous()

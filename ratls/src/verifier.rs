@@ -10,7 +10,7 @@ use std::sync::Arc;
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     server::danger::{ClientCertVerified, ClientCertVerifier},
-    DigitallySignedStruct, DistinguishedName, SignatureScheme,
+    CommonState, DigitallySignedStruct, DistinguishedName, HandshakeKind, SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
@@ -133,12 +133,16 @@ impl ClientCertVerifier for ClientVerifier {
 /// The identity of the peer of a connection whose handshake one of our verifiers accepted.
 ///
 /// rustls keeps the peer's certificates, not the verifier's verdict, so the claims are read again
-/// from the leaf with the same code the verifier used. Session resumption is off in every config
-/// [`crate::tls`] builds, so the certificates here were verified in this very handshake.
-pub fn peer_identity(
-    peer_certificates: Option<&[CertificateDer<'_>]>,
-) -> Result<VerifiedPeer, Rejection> {
-    let leaf_der = peer_certificates
+/// from the leaf with the code the verifier used. A resumed session skipped the verifier, so it
+/// is refused here; the configs in [`crate::tls`] never resume.
+pub fn peer_identity(conn: &CommonState) -> Result<VerifiedPeer, Rejection> {
+    if conn.handshake_kind() == Some(HandshakeKind::Resumed) {
+        return Err(Rejection::Malformed(
+            "resumed session: the peer certificate was not verified in this handshake".into(),
+        ));
+    }
+    let leaf_der = conn
+        .peer_certificates()
         .and_then(<[_]>::first)
         .ok_or(Rejection::Malformed("no peer certificate".into()))?;
     let leaf = parse_x509(0, leaf_der).map_err(|e| Rejection::Malformed(e.to_string()))?;

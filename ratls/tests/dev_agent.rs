@@ -227,3 +227,70 @@ fn a_corrupt_state_directory_is_a_clear_error() {
     .unwrap_err();
     assert!(err.to_string().contains("root-ca.pem"), "{err}");
 }
+
+fn config(state: &Path, app: &str) -> DevAgentConfig {
+    DevAgentConfig {
+        app_id: app.parse().unwrap(),
+        instance_id: None,
+        app_name: "x".into(),
+        state_dir: state.to_owned(),
+    }
+}
+
+#[tokio::test]
+async fn spawn_never_removes_a_live_socket_or_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_client, _task) = start(dir.path(), APP, "live.sock").await;
+    let second = Arc::new(DevAgent::new(config(&dir.path().join("state"), APP)).unwrap());
+    let err = second
+        .clone()
+        .spawn(&dir.path().join("live.sock"))
+        .unwrap_err();
+    assert!(err.to_string().contains("listening"), "{err}");
+
+    let file = dir.path().join("not-a-socket");
+    std::fs::write(&file, "precious").unwrap();
+    let err = second.clone().spawn(&file).unwrap_err();
+    assert!(err.to_string().contains("not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
+
+    // A stale socket (nobody listening) is replaced.
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let _task = second.spawn(&stale).unwrap();
+    AgentClient::new(AgentAddress::Unix(stale))
+        .info()
+        .await
+        .unwrap();
+}
+
+#[test]
+fn an_instance_id_must_be_hex() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), APP);
+    cfg.instance_id = Some("not-hex".into());
+    let err = DevAgent::new(cfg).unwrap_err();
+    assert!(err.to_string().contains("instance id"), "{err}");
+}
+
+#[test]
+fn agents_created_at_once_agree_on_one_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let roots: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let state = state.clone();
+                s.spawn(move || {
+                    let app = format!("{i:02x}").repeat(20);
+                    DevAgent::new(config(&state, &app))
+                        .unwrap()
+                        .root_pem()
+                        .to_owned()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(roots.iter().all(|r| *r == roots[0]));
+}

@@ -98,7 +98,7 @@ async fn server(
                     }
                 };
                 seen.accepted.fetch_add(1, Ordering::SeqCst);
-                let caller = peer_identity(tls.get_ref().1.peer_certificates()).unwrap();
+                let caller = peer_identity(tls.get_ref().1).unwrap();
                 let mut buf = [0u8; 1024];
                 loop {
                     match tls.read(&mut buf).await {
@@ -143,7 +143,7 @@ async fn ping(tls: &mut tokio_rustls::client::TlsStream<TcpStream>) -> std::io::
 
 fn rejection(err: &std::io::Error) -> Option<Rejection> {
     let tls = err.get_ref()?.downcast_ref::<rustls::Error>()?;
-    Rejection::from_tls_error(tls).cloned()
+    Rejection::from_tls_error(tls)
 }
 
 /// Wait (bounded) until `f` holds.
@@ -167,7 +167,7 @@ async fn mutual_tls_completes_when_the_policy_allows() {
 
     let (addr, seen) = server(&b, AllowList::Only(BTreeSet::from([id(APP_A)]))).await;
     let mut tls = connect(&a, APP_B, addr).await.unwrap();
-    let server_peer = peer_identity(tls.get_ref().1.peer_certificates()).unwrap();
+    let server_peer = peer_identity(tls.get_ref().1).unwrap();
     assert_eq!(server_peer.app_id, id(APP_B));
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     // The server knows the caller by its verified app id.

@@ -40,9 +40,9 @@ fn app_id_from_app_info_is_accepted_when_the_leaf_has_no_app_id_extension() {
     let mut leaf = Leaf::new(APP_A);
     leaf.app_id = None;
     leaf.app_info_id = Some(hex::decode(APP_B).unwrap());
-    // Simulator shape: the App CA carries no app id either.
-    let chain = pki.chain(&leaf, None);
-    let peer = verify(&Policy::new(pki.anchors()), &chain, PeerRole::Server).unwrap();
+    // Simulator shape: the root signs the leaf directly.
+    let (leaf, _) = leaf.signed_by(&pki.root);
+    let peer = verify(&Policy::new(pki.anchors()), &[leaf], PeerRole::Server).unwrap();
     assert_eq!(peer.app_id, app(APP_B));
     assert_eq!(peer.app_id_source, AppIdSource::AppInfo);
     assert_eq!(peer.instance_id.as_deref(), Some(&*"11".repeat(20)));
@@ -261,7 +261,7 @@ fn rejection_survives_the_trip_through_rustls() {
     let err: rustls::Error = Rejection::AppIdNotAllowed(app(APP_A)).into();
     assert_eq!(
         Rejection::from_tls_error(&err),
-        Some(&Rejection::AppIdNotAllowed(app(APP_A)))
+        Some(Rejection::AppIdNotAllowed(app(APP_A)))
     );
     assert_eq!(
         Rejection::from_tls_error(&rustls::Error::DecryptError),
@@ -270,14 +270,94 @@ fn rejection_survives_the_trip_through_rustls() {
 }
 
 #[test]
+fn chain_failures_travel_as_rustls_variants_so_the_alert_is_right() {
+    use rustls::{AlertDescription as A, CertificateError};
+    let cases = [
+        (Rejection::UnknownIssuer, A::UnknownCA),
+        (
+            Rejection::Expired {
+                not_after: 100,
+                at: 200,
+            },
+            A::CertificateExpired,
+        ),
+        (
+            Rejection::NotYetValid {
+                not_before: 300,
+                at: 200,
+            },
+            A::CertificateExpired,
+        ),
+        (
+            Rejection::WrongEku {
+                role: PeerRole::Client,
+            },
+            A::UnsupportedCertificate,
+        ),
+        (
+            Rejection::AppIdNotAllowed(app(APP_A)),
+            A::CertificateUnknown,
+        ),
+    ];
+    for (rejection, alert) in cases {
+        let err: rustls::Error = rejection.clone().into();
+        let rustls::Error::InvalidCertificate(cert_err) = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(A::from(cert_err.clone()), alert, "{rejection:?}");
+        // And the reason survives the trip, with its details.
+        assert_eq!(Rejection::from_tls_error(&err), Some(rejection));
+    }
+    let malformed: rustls::Error = Rejection::Malformed("x".into()).into();
+    assert_eq!(
+        malformed,
+        rustls::Error::InvalidCertificate(CertificateError::BadEncoding)
+    );
+}
+
+#[test]
+fn client_ca_hints_are_whole_der_names() {
+    use x509_parser::prelude::FromDer;
+    let pki = Pki::new();
+    let anchors = pki.anchors();
+    let hint = &anchors.subjects()[0];
+    let (rest, name) = x509_parser::x509::X509Name::from_der(hint.as_ref()).unwrap();
+    assert!(rest.is_empty());
+    assert_eq!(name.to_string(), "O=Dstack, CN=Dstack KMS CA");
+}
+
+#[test]
+fn app_info_counts_only_on_leaves_the_root_signs_directly() {
+    let pki = Pki::new();
+    let mut leaf = Leaf::new(APP_A);
+    leaf.app_id = None;
+    leaf.app_info_id = Some(hex::decode(APP_B).unwrap());
+    // Under an App CA (KMS shape) only `.1.3`, which the KMS writes, names the app.
+    let chain = pki.chain(&leaf, None);
+    assert_eq!(
+        verify(&Policy::new(pki.anchors()), &chain, PeerRole::Server).unwrap_err(),
+        Rejection::MissingAppId
+    );
+    // And without the usage extension the leaf is not an application leaf of the simulator.
+    leaf.usage = None;
+    let (direct, _) = leaf.signed_by(&pki.root);
+    assert_eq!(
+        verify(&Policy::new(pki.anchors()), &[direct], PeerRole::Server).unwrap_err(),
+        Rejection::MissingAppId
+    );
+}
+
+#[test]
 fn every_reason_label_is_distinct() {
     let all = [
         Rejection::UnknownIssuer,
         Rejection::Expired {
-            not_after: String::new(),
+            not_after: 0,
+            at: 1,
         },
         Rejection::NotYetValid {
-            not_before: String::new(),
+            not_before: 1,
+            at: 0,
         },
         Rejection::WrongEku {
             role: PeerRole::Server,

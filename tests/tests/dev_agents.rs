@@ -57,7 +57,7 @@ async fn identities_from_two_dev_agent_processes_form_one_mesh() {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 if let Ok(mut tls) = acceptor.accept(tcp).await {
-                    let caller = peer_identity(tls.get_ref().1.peer_certificates()).unwrap();
+                    let caller = peer_identity(tls.get_ref().1).unwrap();
                     let mut buf = [0u8; 16];
                     if tls.read(&mut buf).await.unwrap_or(0) > 0 {
                         let _ = tls.write_all(caller.app_id.to_string().as_bytes()).await;
@@ -94,7 +94,9 @@ async fn identities_from_two_dev_agent_processes_form_one_mesh() {
         .downcast_ref::<rustls::Error>()
         .unwrap();
     assert_eq!(
-        Rejection::from_tls_error(tls_err).map(Rejection::reason),
+        Rejection::from_tls_error(tls_err)
+            .as_ref()
+            .map(Rejection::reason),
         Some("app_id_mismatch")
     );
 }
