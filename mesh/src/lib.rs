@@ -3,6 +3,7 @@
 //! so tests build the whole app in-process.
 
 pub mod cli;
+pub mod config;
 pub mod demo;
 pub mod logging;
 pub mod tools;

@@ -1,0 +1,680 @@
+//! The sidecar's configuration: one TOML file (dstack-vpc's `dstack-mesh.toml` loads as it is)
+//! overlaid by environment variables, validated completely before anything listens. Every
+//! error names the key (file key or variable) and what is expected.
+
+mod raw;
+pub mod source;
+
+use std::{
+    collections::BTreeSet,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use ratls::{identity::IdentityConfig, AppId};
+use raw::{AllowValue, DurationValue, RawConfig, RawListener};
+pub use source::{Env, Source};
+
+/// Default inbound listener: every interface, the gateway forwards here.
+pub const DEFAULT_INBOUND_LISTEN: &str = "0.0.0.0:443";
+/// Default mesh backend (the app), as dstack-vpc's `MESH_BACKEND`.
+pub const DEFAULT_BACKEND: &str = "127.0.0.1:8000";
+/// Default auth service listener (loopback: only the local nginx should ask it).
+pub const DEFAULT_AUTH_LISTEN: &str = "127.0.0.1:8092";
+/// Default outbound proxy listener (loopback: the app's keys are behind it).
+pub const DEFAULT_CLIENT_LISTEN: &str = "127.0.0.1:8091";
+/// ClientHello plus handshake must finish within this (one deadline: no slowloris).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Request headers must arrive within this.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// An idle keep-alive connection is closed after this.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Connecting to the backend must succeed within this.
+pub const DEFAULT_BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Concurrent inbound connections; more wait in the kernel's backlog.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Largest request head accepted; larger gets 431.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 << 10;
+/// Guest-agent call deadline.
+pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Environment variables, in order of precedence within each setting.
+pub mod env {
+    /// Path of the configuration file.
+    pub const CONFIG: &str = "DSTACK_MESH_CONFIG";
+    /// The mesh backend (`host:port`); `MESH_BACKEND` is dstack-vpc's name.
+    pub const BACKEND: &[&str] = &["DSTACK_MESH_BACKEND", "MESH_BACKEND"];
+    /// Apps allowed to call in (`any` or a comma list); the VPC names are dstack-vpc's.
+    pub const ALLOWED_APPS: &[&str] = &[
+        "DSTACK_MESH_ALLOWED_APPS",
+        "VPC_ALLOWED_APPS",
+        "DSTACK_VPC_ALLOWED_APPS",
+    ];
+    /// The gateway domain (dstack-vpc's name).
+    pub const GATEWAY_DOMAIN: &[&str] = &["DSTACK_GATEWAY_DOMAIN"];
+    /// The guest agent's address.
+    pub const AGENT: &[&str] = &[ratls::agent::ADDRESS_ENV];
+    /// Inbound listener address.
+    pub const INBOUND_LISTEN: &[&str] = &["DSTACK_MESH_INBOUND_LISTEN"];
+    /// Auth service listener address.
+    pub const AUTH_LISTEN: &[&str] = &["DSTACK_MESH_AUTH_LISTEN"];
+    /// Outbound proxy listener address.
+    pub const CLIENT_LISTEN: &[&str] = &["DSTACK_MESH_CLIENT_LISTEN"];
+}
+
+/// Which apps may call in.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Allow {
+    /// Every app under the trust anchors (`any`).
+    Any,
+    /// These apps.
+    Apps(BTreeSet<AppId>),
+    /// Not configured: only other instances of this app (safe default).
+    OwnApp,
+}
+
+impl Allow {
+    /// The policy's allowlist, given our own app id.
+    pub fn resolve(&self, own: &AppId) -> ratls::AllowList {
+        match self {
+            Self::Any => ratls::AllowList::Any,
+            Self::Apps(ids) => ratls::AllowList::Only(ids.clone()),
+            Self::OwnApp => ratls::AllowList::Only(BTreeSet::from([own.clone()])),
+        }
+    }
+}
+
+/// A `host:port` to connect to.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct HostPort {
+    /// Host name or IP literal (IPv6 without brackets).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl FromStr for HostPort {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let s = s.strip_prefix("http://").unwrap_or(s).trim_end_matches('/');
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?} is not host:port"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let valid_host = !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'));
+        if !valid_host {
+            return Err(format!("{s:?}: bad host"));
+        }
+        match port.parse::<u16>() {
+            Ok(port) if port > 0 => Ok(Self {
+                host: host.to_owned(),
+                port,
+            }),
+            _ => Err(format!("{s:?}: port must be 1-65535")),
+        }
+    }
+}
+
+/// The inbound listener: mesh callers (and, later, public domains) on one TLS port.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct InboundConfig {
+    /// Whether it runs.
+    pub enabled: bool,
+    /// Address to bind.
+    pub listen: SocketAddr,
+    /// The app that receives authenticated mesh requests.
+    pub backend: HostPort,
+    /// Apps allowed to call in.
+    pub allow: Allow,
+    /// Refuse callers without an attestation bound to their key.
+    pub require_attestation: bool,
+    /// Extra trust anchors (PEM files) next to our own KMS root (federation).
+    pub trust_anchors: Vec<PathBuf>,
+    /// ClientHello + handshake deadline.
+    #[serde(with = "secs")]
+    pub handshake_timeout: Duration,
+    /// Request header deadline.
+    #[serde(with = "secs")]
+    pub header_timeout: Duration,
+    /// Idle keep-alive limit.
+    #[serde(with = "secs")]
+    pub idle_timeout: Duration,
+    /// Backend connect deadline.
+    #[serde(with = "secs")]
+    pub backend_connect_timeout: Duration,
+    /// Concurrent connections.
+    pub max_connections: usize,
+    /// Largest request head.
+    pub max_header_bytes: usize,
+}
+
+/// A plain listener with an on/off switch (auth service, outbound proxy).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ListenerConfig {
+    /// Whether it runs.
+    pub enabled: bool,
+    /// Address to bind.
+    pub listen: SocketAddr,
+}
+
+/// The auth service for nginx's `auth_request`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AuthConfig {
+    /// Whether and where it listens.
+    #[serde(flatten)]
+    pub listener: ListenerConfig,
+    /// Its allowlist when it differs from the inbound one.
+    pub allow: Option<Allow>,
+}
+
+/// Certificate files of a dstack-vpc deployment (used to render nginx configs).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TlsFiles {
+    /// Certificate chain.
+    pub cert_file: PathBuf,
+    /// Private key.
+    pub key_file: PathBuf,
+    /// KMS root.
+    pub ca_file: PathBuf,
+}
+
+/// The guest agent.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AgentConfig {
+    /// Address, when not discovered.
+    pub address: Option<String>,
+    /// Per-call deadline.
+    #[serde(with = "secs")]
+    pub timeout: Duration,
+}
+
+/// Everything the sidecar needs.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Config {
+    /// The guest agent.
+    pub agent: AgentConfig,
+    /// How the identity is requested.
+    #[serde(skip)]
+    pub identity: IdentityConfig,
+    /// The inbound listener.
+    pub inbound: InboundConfig,
+    /// The auth service.
+    pub auth: AuthConfig,
+    /// The outbound proxy (`[client]`).
+    pub client: ListenerConfig,
+    /// The gateway domain (`[dstack]`).
+    pub gateway_domain: Option<String>,
+    /// dstack-vpc's certificate files (`[tls]`).
+    pub tls: TlsFiles,
+}
+
+mod secs {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}s", d.as_secs_f64()))
+    }
+}
+
+/// One problem with one setting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file key (`inbound.backend`) or variable (`MESH_BACKEND`).
+    pub key: String,
+    /// What is wrong and what is expected.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Every problem found, so one run shows them all.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration:")?;
+        for e in &self.0 {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Parse `"500ms"`, `"10s"`, `"5m"`, `"24h"`, `"7d"` (or bare seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| {
+        format!("{s:?} is not a duration (e.g. \"500ms\", \"10s\", \"5m\", \"24h\")")
+    })?;
+    let secs = |mult: u64| n.checked_mul(mult).map(Duration::from_secs);
+    match unit.trim() {
+        "ms" => Some(Duration::from_millis(n)),
+        "" | "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86400),
+        other => return Err(format!("{s:?}: unknown unit {other:?} (ms, s, m, h, d)")),
+    }
+    .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Parse an allowlist: `any`, or hex app ids separated by commas or whitespace.
+pub fn parse_allow(text: &str) -> Result<Allow, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("any") {
+        return Ok(Allow::Any);
+    }
+    let mut ids = BTreeSet::new();
+    for part in text
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|p| !p.is_empty())
+    {
+        ids.insert(part.parse::<AppId>().map_err(|e| e.to_string())?);
+    }
+    if ids.is_empty() {
+        return Err("empty: use \"any\" or a comma-separated list of hex app ids".into());
+    }
+    Ok(Allow::Apps(ids))
+}
+
+/// Collects errors while settings are converted.
+struct Check {
+    errors: Vec<ConfigError>,
+}
+
+impl Check {
+    fn fail(&mut self, key: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            key: key.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(
+        &mut self,
+        key: &str,
+        value: Option<&DurationValue>,
+        default: Duration,
+    ) -> Duration {
+        match value {
+            None => default,
+            Some(DurationValue::Seconds(n)) => Duration::from_secs(*n),
+            Some(DurationValue::Text(t)) => parse_duration(t).unwrap_or_else(|e| {
+                self.fail(key, e);
+                default
+            }),
+        }
+    }
+
+    fn socket(&mut self, key: &str, text: &str) -> Option<SocketAddr> {
+        match text.trim().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.fail(
+                    key,
+                    format!("{text:?} is not an IP:port address (e.g. 0.0.0.0:443)"),
+                );
+                None
+            }
+        }
+    }
+
+    fn allow(&mut self, key: &str, value: &AllowValue) -> Option<Allow> {
+        let text = match value {
+            AllowValue::Text(t) => t.clone(),
+            AllowValue::List(items) => items.join(","),
+        };
+        parse_allow(&text).map_err(|e| self.fail(key, e)).ok()
+    }
+
+    /// dstack-vpc's `address` + `port`, or our `listen`.
+    fn listener(
+        &mut self,
+        section: &str,
+        raw: Option<&RawListener>,
+        env: Option<(&'static str, String)>,
+        default: &str,
+    ) -> ListenerConfig {
+        let enabled = raw.and_then(|r| r.enabled).unwrap_or(true);
+        let fallback: SocketAddr = default
+            .parse()
+            .unwrap_or_else(|_| unreachable!("default address"));
+        let listen = if let Some((var, value)) = env {
+            self.socket(var, &value)
+        } else if let Some(listen) = raw.and_then(|r| r.listen.as_deref()) {
+            self.socket(&format!("{section}.listen"), listen)
+        } else {
+            match raw.map(|r| (r.address.as_deref(), r.port)) {
+                Some((Some(addr), port)) => {
+                    let port = port.unwrap_or(fallback.port());
+                    let host = addr.trim_start_matches('[').trim_end_matches(']');
+                    match host.parse::<std::net::IpAddr>() {
+                        Ok(ip) => Some(SocketAddr::new(ip, port)),
+                        Err(_) => {
+                            self.fail(
+                                &format!("{section}.address"),
+                                format!("{addr:?} is not an IP address"),
+                            );
+                            None
+                        }
+                    }
+                }
+                Some((None, Some(port))) => Some(SocketAddr::new(fallback.ip(), port)),
+                _ => Some(fallback),
+            }
+        };
+        ListenerConfig {
+            enabled,
+            listen: listen.unwrap_or(fallback),
+        }
+    }
+}
+
+impl Config {
+    /// Load the file at `path` (if any) and overlay `env`.
+    pub fn load(path: Option<&Path>, env: &dyn Source) -> Result<Self, ConfigErrors> {
+        let raw = match path {
+            None => RawConfig::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigErrors(vec![ConfigError {
+                        key: path.display().to_string(),
+                        message: format!("cannot read the configuration file: {e}"),
+                    }])
+                })?;
+                Self::parse_toml(&text, &path.display().to_string())?
+            }
+        };
+        Self::from_raw(&raw, env)
+    }
+
+    /// Parse TOML text (errors name `origin`).
+    fn parse_toml(text: &str, origin: &str) -> Result<RawConfig, ConfigErrors> {
+        toml::from_str::<RawConfig>(text).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                key: origin.to_owned(),
+                message: e.message().to_owned()
+                    + &e.span()
+                        .map(|s| format!(" (at byte {})", s.start))
+                        .unwrap_or_default(),
+            }])
+        })
+    }
+
+    /// Load from TOML text (tests, embedded defaults).
+    pub fn from_toml(text: &str, env: &dyn Source) -> Result<Self, ConfigErrors> {
+        Self::from_raw(&Self::parse_toml(text, "config")?, env)
+    }
+
+    fn from_raw(raw: &RawConfig, env: &dyn Source) -> Result<Self, ConfigErrors> {
+        let mut c = Check { errors: Vec::new() };
+        let first = |keys: &[&'static str]| source::first(env, keys);
+
+        // [agent]
+        let agent_raw = raw.agent.clone().unwrap_or_default();
+        let agent = AgentConfig {
+            address: first(env::AGENT).map(|(_, v)| v).or(agent_raw.address),
+            timeout: c.duration(
+                "agent.timeout",
+                agent_raw.timeout.as_ref(),
+                DEFAULT_AGENT_TIMEOUT,
+            ),
+        };
+        if let Some(addr) = &agent.address {
+            if let Err(e) = addr.parse::<ratls::agent::AgentAddress>() {
+                c.fail("agent.address", e.to_string());
+            }
+        }
+
+        // [identity]
+        let id_raw = raw.identity.clone().unwrap_or_default();
+        let defaults = IdentityConfig::default();
+        let identity = IdentityConfig {
+            subject: id_raw.subject.unwrap_or(defaults.subject.clone()),
+            alt_names: id_raw.alt_names.unwrap_or(defaults.alt_names.clone()),
+            validity: c.duration(
+                "identity.validity",
+                id_raw.validity.as_ref(),
+                defaults.validity,
+            ),
+            refresh_margin: id_raw
+                .refresh_margin
+                .as_ref()
+                .map(|m| c.duration("identity.refresh_margin", Some(m), Duration::ZERO)),
+            ra_tls: id_raw.ra_tls.unwrap_or(defaults.ra_tls),
+            ..defaults
+        };
+        if let Err(e) = identity.validate() {
+            c.fail("identity", e.to_string());
+        }
+
+        // [inbound]
+        let ib = raw.inbound.clone().unwrap_or_default();
+        let listen_default = DEFAULT_INBOUND_LISTEN
+            .parse()
+            .unwrap_or_else(|_| unreachable!("default address"));
+        let listen = match first(env::INBOUND_LISTEN) {
+            Some((var, v)) => c.socket(var, &v),
+            None => ib
+                .listen
+                .as_deref()
+                .map_or(Some(listen_default), |l| c.socket("inbound.listen", l)),
+        }
+        .unwrap_or(listen_default);
+        let backend_file = ib
+            .backend
+            .as_deref()
+            .map(|b| ("inbound.backend", b.to_owned()));
+        let backend_text = match first(env::BACKEND) {
+            Some((var, v)) => Some((var.to_owned(), v)),
+            None => backend_file.map(|(k, v)| (k.to_owned(), v)),
+        };
+        let backend = match backend_text {
+            None => DEFAULT_BACKEND
+                .parse()
+                .unwrap_or_else(|_| unreachable!("default backend")),
+            Some((key, text)) => text.parse::<HostPort>().unwrap_or_else(|e| {
+                c.fail(&key, e);
+                HostPort {
+                    host: "127.0.0.1".into(),
+                    port: 8000,
+                }
+            }),
+        };
+        let file_allow = ib
+            .allowed_apps
+            .as_ref()
+            .map(|a| ("inbound.allowed_apps", a.clone()));
+        let allow = match first(env::ALLOWED_APPS) {
+            Some((var, v)) => parse_allow(&v).map_err(|e| c.fail(var, e)).ok(),
+            None => file_allow.and_then(|(k, v)| c.allow(k, &v)),
+        }
+        .unwrap_or(Allow::OwnApp);
+        let inbound = InboundConfig {
+            enabled: ib.enabled.unwrap_or(true),
+            listen,
+            backend,
+            allow,
+            require_attestation: ib.require_attestation.unwrap_or(false),
+            trust_anchors: ib
+                .trust_anchors
+                .unwrap_or_default()
+                .into_iter()
+                .map(PathBuf::from)
+                .collect(),
+            handshake_timeout: c.duration(
+                "inbound.handshake_timeout",
+                ib.handshake_timeout.as_ref(),
+                DEFAULT_HANDSHAKE_TIMEOUT,
+            ),
+            header_timeout: c.duration(
+                "inbound.header_timeout",
+                ib.header_timeout.as_ref(),
+                DEFAULT_HEADER_TIMEOUT,
+            ),
+            idle_timeout: c.duration(
+                "inbound.idle_timeout",
+                ib.idle_timeout.as_ref(),
+                DEFAULT_IDLE_TIMEOUT,
+            ),
+            backend_connect_timeout: c.duration(
+                "inbound.backend_connect_timeout",
+                ib.backend_connect_timeout.as_ref(),
+                DEFAULT_BACKEND_CONNECT_TIMEOUT,
+            ),
+            max_connections: ib.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            max_header_bytes: ib.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES),
+        };
+        for (key, d) in [
+            ("inbound.handshake_timeout", inbound.handshake_timeout),
+            ("inbound.header_timeout", inbound.header_timeout),
+            ("inbound.idle_timeout", inbound.idle_timeout),
+            (
+                "inbound.backend_connect_timeout",
+                inbound.backend_connect_timeout,
+            ),
+            ("agent.timeout", agent.timeout),
+        ] {
+            if d.is_zero() {
+                c.fail(key, "must be greater than zero");
+            }
+        }
+        if inbound.max_connections == 0 {
+            c.fail("inbound.max_connections", "must be at least 1");
+        }
+        if !(1024..=1 << 20).contains(&inbound.max_header_bytes) {
+            c.fail(
+                "inbound.max_header_bytes",
+                "must be between 1024 and 1048576",
+            );
+        }
+        for path in &inbound.trust_anchors {
+            if !path.is_file() {
+                c.fail(
+                    "inbound.trust_anchors",
+                    format!("{} is not a readable file", path.display()),
+                );
+            }
+        }
+
+        // [auth], [client]
+        let auth_listener = c.listener(
+            "auth",
+            raw.auth.as_ref(),
+            first(env::AUTH_LISTEN),
+            DEFAULT_AUTH_LISTEN,
+        );
+        let auth_allow = raw
+            .auth
+            .as_ref()
+            .and_then(|a| a.allowed_apps.as_ref())
+            .and_then(|a| c.allow("auth.allowed_apps", a));
+        let client = c.listener(
+            "client",
+            raw.client.as_ref(),
+            first(env::CLIENT_LISTEN),
+            DEFAULT_CLIENT_LISTEN,
+        );
+        if raw
+            .client
+            .as_ref()
+            .and_then(|r| r.allowed_apps.as_ref())
+            .is_some()
+        {
+            c.fail(
+                "client.allowed_apps",
+                "not a setting of the outbound proxy (see inbound.allowed_apps)",
+            );
+        }
+
+        // [dstack], [tls]
+        let gateway_domain = first(env::GATEWAY_DOMAIN)
+            .map(|(_, v)| v)
+            .or_else(|| raw.dstack.as_ref().and_then(|d| d.gateway_domain.clone()))
+            .filter(|d| !d.trim().is_empty());
+        let tls_raw = raw.tls.clone().unwrap_or_default();
+        let tls = TlsFiles {
+            cert_file: tls_raw
+                .cert_file
+                .unwrap_or(nginx_compat::render::DEFAULT_CERT_FILE.into())
+                .into(),
+            key_file: tls_raw
+                .key_file
+                .unwrap_or(nginx_compat::render::DEFAULT_KEY_FILE.into())
+                .into(),
+            ca_file: tls_raw
+                .ca_file
+                .unwrap_or(nginx_compat::render::DEFAULT_CA_FILE.into())
+                .into(),
+        };
+
+        // Listeners must not collide.
+        let mut bound: Vec<(&str, SocketAddr)> = Vec::new();
+        for (key, enabled, addr) in [
+            ("inbound.listen", inbound.enabled, inbound.listen),
+            ("auth.listen", auth_listener.enabled, auth_listener.listen),
+            ("client.listen", client.enabled, client.listen),
+        ] {
+            if !enabled {
+                continue;
+            }
+            if let Some((other, _)) = bound.iter().find(|(_, a)| {
+                a.port() == addr.port()
+                    && (a.ip() == addr.ip()
+                        || a.ip().is_unspecified()
+                        || addr.ip().is_unspecified())
+            }) {
+                c.fail(key, format!("{addr} collides with {other}"));
+            }
+            bound.push((key, addr));
+        }
+
+        if !c.errors.is_empty() {
+            return Err(ConfigErrors(c.errors));
+        }
+        Ok(Config {
+            agent,
+            identity,
+            inbound,
+            auth: AuthConfig {
+                listener: auth_listener,
+                allow: auth_allow,
+            },
+            client,
+            gateway_domain,
+            tls,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,99 @@
+//! The configuration file as written: every field optional, unknown keys refused (a typo must
+//! not silently fall back to a default). dstack-vpc's `dstack-mesh.toml` (`[client]`, `[auth]`,
+//! `[dstack]`, `[tls]`) is a valid file.
+
+use serde::Deserialize;
+
+/// One TOML value that may be a number of seconds or a string such as `"10s"`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum DurationValue {
+    /// Seconds.
+    Seconds(u64),
+    /// `"500ms"`, `"10s"`, `"5m"`, `"24h"`, `"7d"`.
+    Text(String),
+}
+
+/// The allowlist: `"any"`, a comma-separated string, or an array of hex app ids.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum AllowValue {
+    /// `"any"` or `"id1,id2"`.
+    Text(String),
+    /// `["id1", "id2"]`.
+    List(Vec<String>),
+}
+
+/// dstack-vpc's listener sections: `address` and `port` apart, plus `enabled`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub enabled: Option<bool>,
+    pub address: Option<String>,
+    pub port: Option<u16>,
+    /// Ours: `host:port` in one value (overrides address/port).
+    pub listen: Option<String>,
+    /// Auth only: an allowlist of its own (default: the inbound one).
+    pub allowed_apps: Option<AllowValue>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDstack {
+    pub gateway_domain: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    pub ca_file: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgent {
+    pub address: Option<String>,
+    pub timeout: Option<DurationValue>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdentity {
+    pub subject: Option<String>,
+    pub alt_names: Option<Vec<String>>,
+    pub validity: Option<DurationValue>,
+    pub refresh_margin: Option<DurationValue>,
+    pub ra_tls: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInbound {
+    pub enabled: Option<bool>,
+    pub listen: Option<String>,
+    pub backend: Option<String>,
+    pub allowed_apps: Option<AllowValue>,
+    pub require_attestation: Option<bool>,
+    pub trust_anchors: Option<Vec<String>>,
+    pub handshake_timeout: Option<DurationValue>,
+    pub header_timeout: Option<DurationValue>,
+    pub idle_timeout: Option<DurationValue>,
+    pub backend_connect_timeout: Option<DurationValue>,
+    pub max_connections: Option<usize>,
+    pub max_header_bytes: Option<usize>,
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub client: Option<RawListener>,
+    pub auth: Option<RawListener>,
+    pub dstack: Option<RawDstack>,
+    pub tls: Option<RawTls>,
+    pub agent: Option<RawAgent>,
+    pub identity: Option<RawIdentity>,
+    pub inbound: Option<RawInbound>,
+}

@@ -1,0 +1,169 @@
+use std::collections::HashMap;
+
+use super::*;
+
+fn no_env() -> HashMap<&'static str, &'static str> {
+    HashMap::new()
+}
+
+const DSTACK_VPC: &str = r#"
+[client]
+address = "0.0.0.0"
+port = 8091
+
+[auth]
+address = "0.0.0.0"
+port = 8092
+
+[dstack]
+gateway_domain = "fixed/127.0.0.1:443"
+
+[tls]
+cert_file = "/etc/ssl/certs/server.crt"
+key_file = "/etc/ssl/private/server.key"
+ca_file = "/etc/ssl/certs/ca.crt"
+"#;
+
+#[test]
+fn dstack_vpc_file_loads_unchanged() {
+    // With `enabled`, as mesh-serve.sh writes it.
+    let with_enabled = DSTACK_VPC
+        .replace("[client]\n", "[client]\nenabled = true\n")
+        .replace("[auth]\n", "[auth]\nenabled = true\n");
+    for text in [DSTACK_VPC.to_owned(), with_enabled] {
+        let c = Config::from_toml(&text, &no_env()).unwrap();
+        assert_eq!(c.client.listen, "0.0.0.0:8091".parse().unwrap());
+        assert_eq!(c.auth.listener.listen, "0.0.0.0:8092".parse().unwrap());
+        assert_eq!(c.gateway_domain.as_deref(), Some("fixed/127.0.0.1:443"));
+        assert_eq!(c.tls.ca_file, PathBuf::from("/etc/ssl/certs/ca.crt"));
+        assert_eq!(c.inbound.backend.to_string(), DEFAULT_BACKEND);
+        assert_eq!(c.inbound.allow, Allow::OwnApp);
+    }
+}
+
+#[test]
+fn defaults_are_safe() {
+    let c = Config::from_toml("", &no_env()).unwrap();
+    assert!(c.client.listen.ip().is_loopback());
+    assert!(c.auth.listener.listen.ip().is_loopback());
+    assert_eq!(c.inbound.listen, DEFAULT_INBOUND_LISTEN.parse().unwrap());
+    assert_eq!(c.inbound.allow, Allow::OwnApp);
+    assert_eq!(c.inbound.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+}
+
+#[test]
+fn new_keys_and_env_overrides() {
+    let text = r#"
+[inbound]
+listen = "127.0.0.1:9443"
+backend = "app:8080"
+allowed_apps = ["5bb4ff9a3837357f19dc176407a5709c62eb6c56"]
+handshake_timeout = "2s"
+idle_timeout = 30
+"#;
+    let c = Config::from_toml(text, &no_env()).unwrap();
+    assert_eq!(c.inbound.listen, "127.0.0.1:9443".parse().unwrap());
+    assert_eq!(c.inbound.backend.to_string(), "app:8080");
+    assert_eq!(c.inbound.handshake_timeout, Duration::from_secs(2));
+    assert_eq!(c.inbound.idle_timeout, Duration::from_secs(30));
+    assert!(matches!(c.inbound.allow, Allow::Apps(ref ids) if ids.len() == 1));
+
+    let env = HashMap::from([
+        ("MESH_BACKEND", "127.0.0.1:7000"),
+        ("VPC_ALLOWED_APPS", "any"),
+        ("DSTACK_MESH_INBOUND_LISTEN", "127.0.0.1:9444"),
+        ("DSTACK_GATEWAY_DOMAIN", "gw.example.com"),
+    ]);
+    let c = Config::from_toml(text, &env).unwrap();
+    assert_eq!(c.inbound.backend.to_string(), "127.0.0.1:7000");
+    assert_eq!(c.inbound.allow, Allow::Any);
+    assert_eq!(c.inbound.listen, "127.0.0.1:9444".parse().unwrap());
+    assert_eq!(c.gateway_domain.as_deref(), Some("gw.example.com"));
+
+    // The newer name wins over dstack-vpc's.
+    let env = HashMap::from([
+        ("DSTACK_MESH_BACKEND", "127.0.0.1:7001"),
+        ("MESH_BACKEND", "127.0.0.1:7000"),
+        (
+            "DSTACK_VPC_ALLOWED_APPS",
+            "5bb4ff9a3837357f19dc176407a5709c62eb6c56, 71cbb64614e7090669b2f0cb159295bd81804fa9",
+        ),
+    ]);
+    let c = Config::from_toml("", &env).unwrap();
+    assert_eq!(c.inbound.backend.port, 7001);
+    assert!(matches!(c.inbound.allow, Allow::Apps(ref ids) if ids.len() == 2));
+}
+
+#[test]
+fn every_error_names_its_key() {
+    let text = r#"
+[inbound]
+listen = "not an address"
+backend = "nohost"
+allowed_apps = "zz"
+handshake_timeout = "10 parsecs"
+max_connections = 0
+
+[auth]
+address = "localhost"
+
+[identity]
+validity = "10s"
+"#;
+    let env = HashMap::from([("MESH_BACKEND", "x:0")]);
+    let errors = Config::from_toml(text, &env).unwrap_err().0;
+    let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+    for key in [
+        "inbound.listen",
+        "MESH_BACKEND",
+        "inbound.allowed_apps",
+        "inbound.handshake_timeout",
+        "inbound.max_connections",
+        "auth.address",
+        "identity",
+    ] {
+        assert!(keys.contains(&key), "{key} missing from {keys:?}");
+    }
+    // The file's backend is shadowed by the variable, so only the variable is reported.
+    assert!(!keys.contains(&"inbound.backend"));
+    let text = ConfigErrors(errors).to_string();
+    assert!(text.contains("port must be 1-65535"), "{text}");
+}
+
+#[test]
+fn unknown_keys_and_bad_toml_are_refused() {
+    let err = Config::from_toml("[inbound]\nbackedn = \"a:1\"\n", &no_env()).unwrap_err();
+    assert!(err.to_string().contains("backedn"), "{err}");
+    let err = Config::from_toml("[inbound\n", &no_env()).unwrap_err();
+    assert!(err.to_string().contains("config"), "{err}");
+    let err =
+        Config::load(Some(Path::new("/nonexistent/dstack-mesh.toml")), &no_env()).unwrap_err();
+    assert!(
+        err.to_string().contains("/nonexistent/dstack-mesh.toml"),
+        "{err}"
+    );
+}
+
+#[test]
+fn colliding_listeners_are_refused() {
+    let text = "[inbound]\nlisten = \"0.0.0.0:8092\"\n";
+    let err = Config::from_toml(text, &no_env()).unwrap_err();
+    assert!(err.to_string().contains("collides"), "{err}");
+    let text = "[inbound]\nlisten = \"0.0.0.0:8092\"\n[auth]\nenabled = false\n";
+    assert!(Config::from_toml(text, &no_env()).is_ok());
+}
+
+#[test]
+fn durations_and_allowlists_parse() {
+    assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+    assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+    assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+    assert!(parse_duration("h").is_err());
+    assert!(parse_duration("5y").is_err());
+    assert!(parse_duration(&format!("{}d", u64::MAX)).is_err());
+    assert_eq!(parse_allow(" ANY ").unwrap(), Allow::Any);
+    assert!(parse_allow(",").is_err());
+    assert!(matches!(parse_allow("aa bb,cc").unwrap(), Allow::Apps(ids) if ids.len() == 3));
+    assert!("[::1]:80".parse::<HostPort>().unwrap().to_string() == "[::1]:80");
+    assert!("http://app:8000/".parse::<HostPort>().is_ok());
+}
