@@ -13,6 +13,8 @@ pub const EXIT_REJECTED: u8 = 1;
 pub const EXIT_BAD_INPUT: u8 = 65;
 /// Exit status for an input file that cannot be opened (sysexits EX_NOINPUT).
 pub const EXIT_NO_INPUT: u8 = 66;
+/// Exit status for an invalid configuration (sysexits EX_USAGE, as the house style says).
+pub const EXIT_CONFIG: u8 = 64;
 /// Exit status when a service the command needs is unavailable (sysexits EX_UNAVAILABLE).
 pub const EXIT_UNAVAILABLE: u8 = 69;
 
@@ -30,6 +32,37 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the sidecar: identity from the guest agent, the inbound listener, the auth service.
+    Run {
+        /// Configuration file (default: $DSTACK_MESH_CONFIG, else built-in defaults).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate the configuration and print the effective settings.
+    CheckConfig {
+        /// Configuration file (default: $DSTACK_MESH_CONFIG, else built-in defaults).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Print an nginx configuration equivalent to dstack-vpc's, for deployments that keep nginx.
+    NginxConfig {
+        /// `server`: mTLS on 443 with auth_request to this sidecar; `client`: port 80 to the
+        /// outbound proxy.
+        #[arg(value_enum)]
+        kind: NginxKind,
+        /// The app behind nginx (default: inbound.backend / MESH_BACKEND).
+        #[arg(long)]
+        backend: Option<String>,
+        /// nginx `server_name` (default: $DSTACK_MESH_SERVER_NAME, else `_`).
+        #[arg(long)]
+        server_name: Option<String>,
+        /// Port nginx listens on (default: 443 for server, 80 for client).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Configuration file for the other settings (certificate paths, auth address).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Run the local demo: a development agent and a sidecar identity from it.
     Demo {
         /// Keep the demo's CA and sockets here (default: a temporary directory).
@@ -85,6 +118,15 @@ pub enum Command {
     },
 }
 
+/// `nginx-config` kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum NginxKind {
+    /// The mTLS server proxy in front of the app.
+    Server,
+    /// The plain-HTTP client proxy in front of the outbound proxy.
+    Client,
+}
+
 /// `--role` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum RoleArg {
@@ -106,6 +148,15 @@ impl From<RoleArg> for PeerRole {
 /// Run a parsed command line.
 pub async fn run(cli: Cli) -> ExitCode {
     match cli.command {
+        Command::Run { config } => crate::run::run(config).await,
+        Command::CheckConfig { config } => crate::run::check_config(config),
+        Command::NginxConfig {
+            kind,
+            backend,
+            server_name,
+            port,
+            config,
+        } => crate::run::nginx_config(kind, backend, server_name, port, config),
         Command::Demo { state_dir } => crate::demo::run(state_dir).await,
         Command::Identity { agent } => crate::tools::identity(agent).await,
         Command::DevAgent {

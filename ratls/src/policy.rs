@@ -176,6 +176,49 @@ impl Policy {
             .map_err(|e| Rejection::from_webpki(e, role))?;
 
         // From here on the chain is trusted, so its claims are the issuer's.
+        let cas: Vec<CertificateDer<'_>> =
+            path.intermediate_certificates().map(|c| c.der()).collect();
+        self.check_claims(end_entity, role, Proof::Chain(&cas))
+    }
+
+    /// Check a leaf whose chain a TLS terminator verified but could not pass on (nginx hands
+    /// `auth_request` the leaf only, never the App CA): validity, EKU, usage, app id, allowlist
+    /// and attestation, everything but the signature chain. The app id must come from the
+    /// `.1.3` extension (app-info alone is trusted only on leaves a root signs directly, which
+    /// [`Policy::verify`] can check itself). Use it only behind a terminator that verified the
+    /// chain against the same trust anchors.
+    pub fn verify_leaf_vouched(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        role: PeerRole,
+        now: UnixTime,
+    ) -> Result<VerifiedPeer, Rejection> {
+        let leaf =
+            cert::parse_x509(0, end_entity).map_err(|e| Rejection::Malformed(e.to_string()))?;
+        let at = secs(now);
+        let validity = leaf.validity();
+        if at < validity.not_before.timestamp() {
+            return Err(Rejection::NotYetValid {
+                not_before: validity.not_before.timestamp(),
+                at,
+            });
+        }
+        if at > validity.not_after.timestamp() {
+            return Err(Rejection::Expired {
+                not_after: validity.not_after.timestamp(),
+                at,
+            });
+        }
+        self.check_claims(end_entity, role, Proof::Vouched)
+    }
+
+    /// Steps 2-6 on a leaf whose chain is settled by `proof`.
+    fn check_claims(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        role: PeerRole,
+        proof: Proof<'_>,
+    ) -> Result<VerifiedPeer, Rejection> {
         let leaf =
             cert::parse_x509(0, end_entity).map_err(|e| Rejection::Malformed(e.to_string()))?;
         match cert::eku_names(&leaf) {
@@ -197,15 +240,18 @@ impl Policy {
         // App-info is written by the requesting CVM's agent; it names the app only where no App
         // CA could have (the simulator's root signs leaves directly). Under a KMS App CA the
         // `.1.3` extension the KMS wrote is the only claim that counts.
-        if peer.app_id_source == AppIdSource::AppInfo
-            && (path.intermediate_certificates().next().is_some() || claims.usage.is_none())
+        let signed_by_root = matches!(proof, Proof::Chain(cas) if cas.is_empty());
+        if peer.app_id_source == AppIdSource::AppInfo && (!signed_by_root || claims.usage.is_none())
         {
             return Err(Rejection::MissingAppId);
         }
-        for (i, ca) in path.intermediate_certificates().enumerate() {
-            let ca_der = ca.der();
-            let ca = cert::parse_x509(i + 1, &ca_der)
-                .map_err(|e| Rejection::Malformed(e.to_string()))?;
+        let cas = match proof {
+            Proof::Chain(cas) => cas,
+            Proof::Vouched => &[],
+        };
+        for (i, ca_der) in cas.iter().enumerate() {
+            let ca =
+                cert::parse_x509(i + 1, ca_der).map_err(|e| Rejection::Malformed(e.to_string()))?;
             let ca_claims =
                 Claims::read(i + 1, &ca).map_err(|e| Rejection::Malformed(e.to_string()))?;
             if let Some((ca_id, _)) = ca_claims.app_id {
@@ -242,6 +288,15 @@ impl Policy {
         }
         Ok(peer)
     }
+}
+
+/// How a leaf's issuer was established.
+#[derive(Clone, Copy)]
+enum Proof<'a> {
+    /// webpki verified the path; these are its CAs between leaf and anchor.
+    Chain(&'a [CertificateDer<'a>]),
+    /// A TLS terminator verified it and passed on only the leaf.
+    Vouched,
 }
 
 /// The identity a leaf claims. Callers must have verified the chain first.

@@ -395,3 +395,33 @@ pub fn fixture(rel: &str) -> String {
         env!("CARGO_MANIFEST_DIR")
     )
 }
+
+#[test]
+fn a_leaf_vouched_for_by_a_terminator_gets_every_other_check() {
+    let pki = Pki::new();
+    let policy = Policy::new(pki.anchors()).allow(AllowList::Only(BTreeSet::from([app(APP_A)])));
+    let vouched = |leaf: &Leaf| {
+        let chain = pki.chain(leaf, Some(APP_A));
+        policy.verify_leaf_vouched(&chain[0], PeerRole::Client, UnixTime::now())
+    };
+    // The KMS shape: the App CA is missing, `.1.3` names the app.
+    assert_eq!(vouched(&Leaf::new(APP_A)).unwrap().app_id, app(APP_A));
+    assert_eq!(
+        vouched(&Leaf::new(APP_B)).unwrap_err(),
+        Rejection::AppIdNotAllowed(app(APP_B))
+    );
+    let mut expired = Leaf::new(APP_A);
+    expired.not_after = OffsetDateTime::now_utc() - Duration::from_secs(1);
+    assert_eq!(vouched(&expired).unwrap_err().reason(), "expired");
+    let mut future = Leaf::new(APP_A);
+    future.not_before = OffsetDateTime::now_utc() + Duration::from_secs(600);
+    assert_eq!(vouched(&future).unwrap_err().reason(), "not_yet_valid");
+    let mut server_only = Leaf::new(APP_A);
+    server_only.eku = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    assert_eq!(vouched(&server_only).unwrap_err().reason(), "wrong_eku");
+    // App-info is the requester's own word: never enough without a verified chain.
+    let mut info_only = Leaf::new(APP_A);
+    info_only.app_id = None;
+    info_only.app_info_id = Some(hex::decode(APP_A).unwrap());
+    assert_eq!(vouched(&info_only).unwrap_err(), Rejection::MissingAppId);
+}

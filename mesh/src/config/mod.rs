@@ -89,7 +89,7 @@ impl Allow {
 }
 
 /// A `host:port` to connect to.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostPort {
     /// Host name or IP literal (IPv6 without brackets).
     pub host: String,
@@ -104,6 +104,12 @@ impl fmt::Display for HostPort {
         } else {
             write!(f, "{}:{}", self.host, self.port)
         }
+    }
+}
+
+impl serde::Serialize for HostPort {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 

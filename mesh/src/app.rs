@@ -1,0 +1,145 @@
+//! The whole sidecar, built from a [`Config`]: tests start it in-process exactly as `run` does.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use ratls::{
+    agent::{AgentAddress, AgentClient},
+    identity::RotatingIdentity,
+};
+use tokio::task::JoinSet;
+
+use crate::{
+    auth::AuthService,
+    config::Config,
+    inbound::{self, Inbound},
+};
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// No guest agent answered, or it gave no usable identity.
+    #[error("identity: {0}")]
+    Identity(String),
+    /// The inbound side could not be built or bound.
+    #[error(transparent)]
+    Inbound(#[from] inbound::InboundError),
+    /// A listener could not be bound.
+    #[error("{what} {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A running sidecar. Dropping it stops every listener.
+#[derive(Debug)]
+pub struct App {
+    /// Our identity.
+    pub identity: RotatingIdentity,
+    /// The inbound side, when enabled.
+    pub inbound: Option<Arc<Inbound>>,
+    /// The auth service, when enabled.
+    pub auth: Option<Arc<AuthService>>,
+    bound: Vec<(&'static str, SocketAddr)>,
+    tasks: JoinSet<()>,
+}
+
+impl App {
+    /// Find the agent, take an identity, build and bind every listener, then serve.
+    pub async fn start(config: Config) -> Result<Self, StartError> {
+        let candidates = AgentAddress::candidates(config.agent.address.as_deref(), None)
+            .map_err(|e| StartError::Identity(e.to_string()))?;
+        let (agent, info) = AgentClient::discover(candidates, config.agent.timeout)
+            .await
+            .map_err(|e| StartError::Identity(e.to_string()))?;
+        let identity = RotatingIdentity::start(agent, info, config.identity.clone())
+            .await
+            .map_err(|e| StartError::Identity(e.to_string()))?;
+        Self::start_with(config, identity).await
+    }
+
+    /// Start on an identity the caller already has.
+    pub async fn start_with(
+        config: Config,
+        identity: RotatingIdentity,
+    ) -> Result<Self, StartError> {
+        let mut bound = Vec::new();
+        let mut tasks = JoinSet::new();
+
+        // Bind everything before serving anything: a port in use fails the start, not later.
+        let inbound = match config.inbound.enabled {
+            true => {
+                let inbound = Arc::new(Inbound::new(config.inbound.clone(), &identity)?);
+                let listener = inbound.bind().await?;
+                bound.push(("inbound", local(&listener)));
+                Some((inbound, listener))
+            }
+            false => None,
+        };
+        let auth = match config.auth.listener.enabled {
+            true => {
+                let allow = config.auth.allow.as_ref().unwrap_or(&config.inbound.allow);
+                let policy = inbound::mesh_policy(&config.inbound, allow, &identity)?;
+                let addr = config.auth.listener.listen;
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        what: "auth.listen",
+                        addr,
+                        source,
+                    })?;
+                if !addr.ip().is_loopback() {
+                    tracing::warn!(%addr, "the auth service listens beyond loopback: anything that reaches it can ask about certificates; nginx should be its only client");
+                }
+                bound.push(("auth", local(&listener)));
+                Some((Arc::new(AuthService::new(Arc::new(policy))), listener))
+            }
+            false => None,
+        };
+
+        let inbound = inbound.map(|(inbound, listener)| {
+            tasks.spawn(inbound.clone().serve(listener));
+            inbound
+        });
+        let auth = auth.map(|(auth, listener)| {
+            tasks.spawn(auth.clone().serve(listener));
+            auth
+        });
+        for (what, addr) in &bound {
+            tracing::info!(listener = what, %addr, "listening");
+        }
+        Ok(Self {
+            identity,
+            inbound,
+            auth,
+            bound,
+            tasks,
+        })
+    }
+
+    /// The address a listener actually bound (`inbound`, `auth`).
+    pub fn addr(&self, what: &str) -> Option<SocketAddr> {
+        self.bound.iter().find(|(w, _)| *w == what).map(|(_, a)| *a)
+    }
+
+    /// Serve until `shutdown` resolves, then stop.
+    pub async fn run_until(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::select! {
+            _ = shutdown => tracing::info!("shutting down"),
+            Some(ended) = self.tasks.join_next() => {
+                tracing::error!(?ended, "a listener stopped unexpectedly");
+            }
+        }
+        self.tasks.shutdown().await;
+    }
+}
+
+fn local(listener: &tokio::net::TcpListener) -> SocketAddr {
+    listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+}

@@ -1,0 +1,233 @@
+//! The `auth_request` backend for deployments that keep nginx (dstack-vpc's auth service).
+//!
+//! `GET /auth` reads `x-client-verify` and `x-client-cert` and answers `200` with
+//! `x-dstack-app-id` (and `x-dstack-instance-id`), `401` when there is no usable certificate,
+//! `403` when the certificate is good but its app is not allowed. It does not take nginx's
+//! word for the caller: it checks validity, EKU, usage, app id and allowlist itself, and the
+//! chain too when it can. nginx hands over only the leaf, so for a KMS leaf (whose App CA
+//! nginx saw but did not pass on) the chain is the one thing nginx vouches for; a chain sent
+//! in full, or a leaf the root signed directly, is verified here to the trust anchors.
+//!
+//! Decisions are cached by the certificate's fingerprint: grants until the certificate
+//! expires, refusals for a minute. A new policy (allowlist) clears the cache.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use nginx_compat::auth_request::{self, ClientVerify};
+use ratls::{PeerRole, Policy, Rejection, VerifiedPeer};
+use rustls_pki_types::UnixTime;
+use tokio::{net::TcpListener, time::Instant};
+
+use crate::proxy::{self, Body};
+
+/// How long a refusal is remembered (a grant lasts until the certificate expires).
+const DENY_TTL: Duration = Duration::from_secs(60);
+/// Most decisions kept; past this, expired ones go, then all.
+const CACHE_ENTRIES: usize = 10_000;
+/// Request headers must arrive within this.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the service answered, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// 200 with the caller's identity.
+    Allow(VerifiedPeer),
+    /// 401: no certificate, or not one the mesh accepts.
+    Unauthorized(String),
+    /// 403: a good certificate for an app that is not allowed.
+    Forbidden(String),
+}
+
+#[derive(Debug)]
+struct Entry {
+    decision: Decision,
+    expires: Instant,
+}
+
+/// The auth service: a policy and a decision cache.
+#[derive(Debug)]
+pub struct AuthService {
+    policy: ArcSwap<Policy>,
+    cache: Mutex<HashMap<[u8; 32], Entry>>,
+}
+
+impl AuthService {
+    /// A service holding callers to `policy`.
+    pub fn new(policy: Arc<Policy>) -> Self {
+        Self {
+            policy: ArcSwap::new(policy),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Replace the policy (a new allowlist); every cached decision goes with the old one.
+    pub fn set_policy(&self, policy: Arc<Policy>) {
+        self.policy.store(policy);
+        self.lock_cache().clear();
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Entry>> {
+        // A panic elsewhere while holding the lock leaves a cache, not a broken invariant.
+        self.cache
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Decide on nginx's two headers.
+    pub fn decide(&self, verify: Option<&str>, cert: Option<&str>) -> Decision {
+        match ClientVerify::parse(verify) {
+            ClientVerify::Success => {}
+            ClientVerify::None => return Decision::Unauthorized("no client certificate".into()),
+            ClientVerify::Failed(why) => {
+                return Decision::Unauthorized(format!(
+                    "nginx could not verify the certificate: {why}"
+                ))
+            }
+        }
+        let Some(cert) = cert.filter(|c| !c.trim().is_empty()) else {
+            return Decision::Unauthorized("no client certificate".into());
+        };
+        let key: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, cert.trim().as_bytes())
+            .as_ref()
+            .try_into()
+            .unwrap_or([0; 32]);
+        let now = Instant::now();
+        if let Some(entry) = self.lock_cache().get(&key) {
+            if entry.expires > now {
+                return entry.decision.clone();
+            }
+        }
+        let decision = self.verify(cert);
+        let ttl = match &decision {
+            Decision::Allow(peer) => {
+                let left = peer.not_after - unix_now();
+                Duration::from_secs(left.max(0) as u64)
+            }
+            _ => DENY_TTL,
+        };
+        let mut cache = self.lock_cache();
+        if cache.len() >= CACHE_ENTRIES {
+            cache.retain(|_, e| e.expires > now);
+            if cache.len() >= CACHE_ENTRIES {
+                cache.clear();
+            }
+        }
+        cache.insert(
+            key,
+            Entry {
+                decision: decision.clone(),
+                expires: now + ttl,
+            },
+        );
+        decision
+    }
+
+    fn verify(&self, header: &str) -> Decision {
+        let certs = match auth_request::client_certs(Some(header)) {
+            Ok(certs) => certs,
+            Err(e) => return Decision::Unauthorized(e.to_string()),
+        };
+        let policy = self.policy.load();
+        let now = UnixTime::now();
+        let mut result = policy.verify(&certs[0], &certs[1..], PeerRole::Client, now);
+        // nginx passes the leaf only; its App CA stayed with nginx, which verified the chain.
+        if certs.len() == 1 && matches!(result, Err(Rejection::UnknownIssuer)) {
+            result = policy.verify_leaf_vouched(&certs[0], PeerRole::Client, now);
+        }
+        match result {
+            Ok(peer) => Decision::Allow(peer),
+            Err(r @ Rejection::AppIdNotAllowed(_)) => Decision::Forbidden(r.to_string()),
+            Err(r) => Decision::Unauthorized(format!("{} ({})", r, r.reason())),
+        }
+    }
+
+    /// Serve on `listener` until the future is dropped.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (tcp, remote) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "auth accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let this = self.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let this = this.clone();
+                    async move { Ok::<_, Infallible>(this.handle(&req, remote)) }
+                });
+                let result = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+                if let Err(e) = result {
+                    tracing::debug!(%remote, error = %e, "auth connection ended with an error");
+                }
+            });
+        }
+    }
+
+    fn handle(&self, req: &Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/health") | (&Method::HEAD, "/health") => {
+                proxy::text_response(StatusCode::OK, "healthy\n")
+            }
+            (&Method::GET, "/auth") => {
+                let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+                let decision = self.decide(
+                    header(auth_request::CLIENT_VERIFY),
+                    header(auth_request::CLIENT_CERT),
+                );
+                let uri = header("x-original-uri").unwrap_or("-");
+                respond(decision, remote, uri)
+            }
+            _ => proxy::error_response(StatusCode::NOT_FOUND, "not found"),
+        }
+    }
+}
+
+fn respond(decision: Decision, remote: SocketAddr, uri: &str) -> Response<Body> {
+    match decision {
+        Decision::Allow(peer) => {
+            tracing::debug!(%remote, caller = %peer.app_id, uri, "auth granted");
+            let mut resp = proxy::text_response(StatusCode::OK, "");
+            let headers = resp.headers_mut();
+            if let Ok(v) = HeaderValue::from_str(&peer.app_id.to_string()) {
+                headers.insert(auth_request::APP_ID, v);
+            }
+            if let Some(Ok(v)) = peer.instance_id.as_deref().map(HeaderValue::from_str) {
+                headers.insert(auth_request::INSTANCE_ID, v);
+            }
+            resp
+        }
+        Decision::Unauthorized(why) => {
+            tracing::warn!(%remote, uri, reason = %why, "auth refused (401)");
+            proxy::error_response(StatusCode::UNAUTHORIZED, "client certificate required")
+        }
+        Decision::Forbidden(why) => {
+            tracing::warn!(%remote, uri, reason = %why, "auth refused (403)");
+            proxy::error_response(StatusCode::FORBIDDEN, "app not allowed")
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}

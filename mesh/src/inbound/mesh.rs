@@ -1,0 +1,103 @@
+//! The mesh branch: HTTP from an authenticated caller, forwarded to the app.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use http::{Request, Response, StatusCode};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use ratls::{verifier::peer_identity, VerifiedPeer};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+use super::Inbound;
+use crate::proxy::{self, Activity, Body, IdleIo};
+
+/// How often an idle h2 connection is pinged, and how long the answer may take.
+const H2_KEEPALIVE: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(20));
+
+pub(super) async fn serve(
+    inbound: Arc<Inbound>,
+    tls: TlsStream<IdleIo<TcpStream>>,
+    remote: SocketAddr,
+    activity: Arc<Activity>,
+) {
+    let peer = match peer_identity(tls.get_ref().1) {
+        Ok(peer) => Arc::new(peer),
+        Err(e) => {
+            tracing::warn!(%remote, reason = e.reason(), "mesh caller has no usable identity");
+            return;
+        }
+    };
+    tracing::debug!(%remote, caller = %peer.app_id, "mesh connection");
+    let config = &inbound.config;
+    let service = {
+        let inbound = inbound.clone();
+        let peer = peer.clone();
+        service_fn(move |req| handle(inbound.clone(), peer.clone(), remote, req))
+    };
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // Also bounds how long an idle keep-alive connection waits for its next request.
+        .header_read_timeout(config.header_timeout)
+        .max_buf_size(config.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(H2_KEEPALIVE.0))
+        .keep_alive_timeout(H2_KEEPALIVE.1);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(%remote, error = %crate::error_chain(e.as_ref()), "mesh connection ended with an error");
+            }
+        }
+        _ = activity.idle_for(config.idle_timeout) => {
+            tracing::debug!(%remote, "mesh connection idle; closing");
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        }
+    }
+}
+
+async fn handle(
+    inbound: Arc<Inbound>,
+    peer: Arc<VerifiedPeer>,
+    remote: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    // Answered here, as dstack-vpc's nginx did: health checks never touch the app.
+    if req.uri().path() == "/health" {
+        return Ok(proxy::text_response(StatusCode::OK, "healthy\n"));
+    }
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let result = proxy::forward(&inbound.upstream, req, |headers| {
+        proxy::set_identity(
+            headers,
+            &peer.app_id.to_string(),
+            peer.instance_id.as_deref(),
+        );
+        proxy::forwarded_for(headers, remote.ip(), "https");
+    })
+    .await;
+    Ok(match result {
+        Ok(resp) => {
+            tracing::debug!(caller = %peer.app_id, %method, %path, status = resp.status().as_u16(), "mesh request");
+            resp
+        }
+        Err(e) => {
+            tracing::warn!(caller = %peer.app_id, %method, %path, error = %e, "mesh request failed");
+            let short = match e.status() {
+                StatusCode::GATEWAY_TIMEOUT => "backend timed out",
+                _ => "backend unavailable",
+            };
+            proxy::error_response(e.status(), short)
+        }
+    })
+}

@@ -1,0 +1,198 @@
+//! The inbound listener: one TLS port for mesh callers (and, with the ACME subsystem, public
+//! domains), chosen per connection from the ClientHello.
+//!
+//! A connection's path, stage by stage:
+//! listen → accept (connection limit) → peek the ClientHello and route, then finish the
+//! handshake, all under one deadline → verify the caller (inside the handshake) → serve
+//! HTTP/1.1 or h2 → strip forgeable headers, set the caller's identity → forward to the app.
+
+mod mesh;
+pub mod route;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use ratls::{identity::RotatingIdentity, Policy, Rejection, TrustAnchors};
+use rustls::ServerConfig;
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_rustls::LazyConfigAcceptor;
+
+use crate::{
+    config::{Allow, InboundConfig},
+    proxy::{Activity, IdleIo, Upstream, UpstreamConfig},
+};
+use route::{Hello, NoPublicNames, PublicNames, Route};
+
+/// Why the inbound listener could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum InboundError {
+    /// A trust anchor file could not be read.
+    #[error("inbound.trust_anchors: {path}: {reason}")]
+    Anchor {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The TLS configuration was refused.
+    #[error("inbound TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The backend address is not usable.
+    #[error("inbound.backend: {0}")]
+    Backend(String),
+    /// Binding the listener failed.
+    #[error("inbound.listen {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// The inbound side: its settings, the mesh TLS config and the backend pool.
+pub struct Inbound {
+    config: InboundConfig,
+    mesh_tls: ArcSwap<ServerConfig>,
+    policy: ArcSwap<Policy>,
+    upstream: Upstream,
+    names: Arc<dyn PublicNames>,
+    connections: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbound")
+            .field("listen", &self.config.listen)
+            .field("backend", &self.config.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The mesh policy for callers: our root plus configured anchors, and `allow`.
+pub fn mesh_policy(
+    config: &InboundConfig,
+    allow: &Allow,
+    identity: &RotatingIdentity,
+) -> Result<Policy, InboundError> {
+    let current = identity.current();
+    let mut roots = vec![current.root.clone()];
+    for path in &config.trust_anchors {
+        let anchor_err = |reason: String| InboundError::Anchor {
+            path: path.display().to_string(),
+            reason,
+        };
+        let bytes = std::fs::read(path).map_err(|e| anchor_err(e.to_string()))?;
+        roots.extend(ratls::cert::parse_chain(&bytes).map_err(|e| anchor_err(e.to_string()))?);
+    }
+    let anchors = TrustAnchors::new(&roots).map_err(|e| InboundError::Anchor {
+        path: "(trust anchors)".into(),
+        reason: e.to_string(),
+    })?;
+    Ok(Policy::new(anchors)
+        .allow(allow.resolve(&current.app_id))
+        .require_attestation(config.require_attestation))
+}
+
+impl Inbound {
+    /// Build the inbound side on `identity`.
+    pub fn new(config: InboundConfig, identity: &RotatingIdentity) -> Result<Self, InboundError> {
+        let policy = Arc::new(mesh_policy(&config, &config.allow, identity)?);
+        let mesh_tls = ratls::tls::mesh_server_config(identity.resolver(), policy.clone())?;
+        let upstream = Upstream::new(
+            &config.backend.to_string(),
+            UpstreamConfig {
+                connect_timeout: config.backend_connect_timeout,
+                ..UpstreamConfig::default()
+            },
+        )
+        .map_err(|e| InboundError::Backend(e.to_string()))?;
+        Ok(Self {
+            connections: Arc::new(Semaphore::new(config.max_connections)),
+            mesh_tls: ArcSwap::from_pointee(mesh_tls),
+            policy: ArcSwap::new(policy),
+            upstream,
+            names: Arc::new(NoPublicNames),
+            config,
+        })
+    }
+
+    /// Bind the configured address.
+    pub async fn bind(&self) -> Result<TcpListener, InboundError> {
+        TcpListener::bind(self.config.listen)
+            .await
+            .map_err(|source| InboundError::Bind {
+                addr: self.config.listen,
+                source,
+            })
+    }
+
+    /// The policy callers are held to now.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    /// Accept connections until the future is dropped.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            // Wait for a free slot first: past the limit, callers queue in the kernel backlog.
+            let Ok(permit) = self.connections.clone().acquire_owned().await else {
+                return;
+            };
+            let (tcp, remote) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // EMFILE and friends: back off, never exit.
+                    tracing::warn!(error = %e, "inbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let this = self.clone();
+            tokio::spawn(async move {
+                this.connection(tcp, remote).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn connection(self: Arc<Self>, tcp: tokio::net::TcpStream, remote: SocketAddr) {
+        let activity = Activity::new();
+        let io = IdleIo::new(tcp, activity.clone());
+        // ClientHello and handshake share one deadline, so a slow client cannot stretch it.
+        let handshake = async {
+            let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
+            let hello = Hello::from_rustls(&start.client_hello());
+            match route::route(&hello, self.names.as_ref()) {
+                // The ACME subsystem adds these configs; until then the names never match.
+                Route::AcmeChallenge(_) | Route::PublicDomain(_) | Route::Mesh => {
+                    start.into_stream(self.mesh_tls.load_full()).await
+                }
+            }
+        };
+        let tls = match tokio::time::timeout(self.config.handshake_timeout, handshake).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                log_handshake_failure(remote, &e);
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%remote, timeout = ?self.config.handshake_timeout, "inbound handshake timed out");
+                return;
+            }
+        };
+        mesh::serve(self, tls, remote, activity).await;
+    }
+}
+
+fn log_handshake_failure(remote: SocketAddr, e: &std::io::Error) {
+    let rejection = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(Rejection::from_tls_error);
+    match rejection {
+        Some(r) => tracing::warn!(%remote, reason = r.reason(), detail = %r, "mesh caller refused"),
+        None => tracing::debug!(%remote, error = %e, "inbound handshake failed"),
+    }
+}

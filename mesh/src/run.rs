@@ -1,0 +1,117 @@
+//! `run`, `check-config` and `nginx-config`: the commands that read the configuration.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use nginx_compat::render::{ClientProxy, ServerProxy};
+
+use crate::{
+    app::App,
+    cli::{NginxKind, EXIT_BAD_INPUT, EXIT_CONFIG, EXIT_UNAVAILABLE},
+    config::{self, Config, Env, Source},
+};
+
+/// The configuration file: the flag, else `DSTACK_MESH_CONFIG`.
+fn config_path(flag: Option<PathBuf>) -> Option<PathBuf> {
+    flag.or_else(|| Env.get(config::env::CONFIG).map(PathBuf::from))
+}
+
+fn load(flag: Option<PathBuf>) -> Result<Config, ExitCode> {
+    Config::load(config_path(flag).as_deref(), &Env).map_err(|e| {
+        eprint!("error: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+/// `run`: start the sidecar and serve until SIGTERM or Ctrl-C.
+pub async fn run(flag: Option<PathBuf>) -> ExitCode {
+    let config = match load(flag) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let app = match App::start(config).await {
+        Ok(app) => app,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    let id = app.identity.current();
+    tracing::info!(app_id = %id.app_id, fingerprint = %id.fingerprint, "dstack-mesh running");
+    app.run_until(crate::demo::wait_for_shutdown()).await;
+    ExitCode::SUCCESS
+}
+
+/// `check-config`: validate and print the effective settings as JSON.
+pub fn check_config(flag: Option<PathBuf>) -> ExitCode {
+    let config = match load(flag) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match serde_json::to_string_pretty(&config) {
+        Ok(json) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// `nginx-config server|client`: print the nginx configuration.
+pub fn nginx_config(
+    kind: NginxKind,
+    backend: Option<String>,
+    server_name: Option<String>,
+    port: Option<u16>,
+    flag: Option<PathBuf>,
+) -> ExitCode {
+    let config = match load(flag) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let rendered = match kind {
+        NginxKind::Server => {
+            let mut proxy = ServerProxy::new(
+                backend.unwrap_or_else(|| config.inbound.backend.to_string()),
+                config.auth.listener.listen,
+            );
+            if proxy.auth.ip().is_unspecified() {
+                // The auth service listens everywhere; nginx reaches it on loopback.
+                proxy.auth.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            proxy.server_name = server_name
+                .or_else(|| Env.get("DSTACK_MESH_SERVER_NAME"))
+                .unwrap_or_else(|| "_".into());
+            proxy.cert_file = config.tls.cert_file;
+            proxy.key_file = config.tls.key_file;
+            proxy.ca_file = config.tls.ca_file;
+            if let Some(port) = port {
+                proxy.port = port;
+            }
+            proxy.render()
+        }
+        NginxKind::Client => {
+            let mut outbound = config.client.listen;
+            if outbound.ip().is_unspecified() {
+                outbound.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            let mut proxy = ClientProxy::new(outbound);
+            if let Some(port) = port {
+                proxy.port = port;
+            }
+            proxy.render()
+        }
+    };
+    match rendered {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_BAD_INPUT)
+        }
+    }
+}
