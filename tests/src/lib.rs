@@ -2,7 +2,10 @@
 //! bounded polling instead of sleeps, and the path of the `dstack-mesh` binary under test.
 
 // Only tests use this crate; a failed expectation is a failed test.
-#![allow(clippy::expect_used)]
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+pub mod backend;
+pub mod client;
 
 use std::{
     path::{Path, PathBuf},
@@ -76,6 +79,42 @@ pub fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) 
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("timed out after {limit:?} waiting for {what}");
+}
+
+/// An in-process development agent for `app` (state shared through `state`) and an identity
+/// from it. Keep the returned task alive as long as the identity should refresh.
+pub async fn identity(
+    dir: &Path,
+    state: &Path,
+    app: &str,
+) -> (
+    ratls::identity::RotatingIdentity,
+    tokio::task::JoinHandle<()>,
+) {
+    use ratls::{
+        agent::{AgentAddress, AgentClient},
+        dev_agent::{DevAgent, DevAgentConfig},
+        identity::{IdentityConfig, RotatingIdentity},
+    };
+    let agent = std::sync::Arc::new(
+        DevAgent::new(DevAgentConfig {
+            app_id: app.parse().unwrap(),
+            instance_id: None,
+            app_name: format!("app-{}", &app[..4]),
+            state_dir: state.to_owned(),
+        })
+        .unwrap(),
+    );
+    let socket = dir.join(format!("{}-{}.sock", &app[..8], std::process::id()));
+    let task = agent.spawn(&socket).unwrap();
+    let (client, info) =
+        AgentClient::discover(vec![AgentAddress::Unix(socket)], Duration::from_secs(5))
+            .await
+            .unwrap();
+    let id = RotatingIdentity::start(client, info, IdentityConfig::default())
+        .await
+        .unwrap();
+    (id, task)
 }
 
 /// Start `dstack-mesh dev-agent` for `app_id` on `<dir>/<name>.sock` and wait for the socket.

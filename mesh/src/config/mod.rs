@@ -650,7 +650,8 @@ impl Config {
             ("auth.listen", auth_listener.enabled, auth_listener.listen),
             ("client.listen", client.enabled, client.listen),
         ] {
-            if !enabled {
+            // Port 0 asks the OS for a free port: never a collision.
+            if !enabled || addr.port() == 0 {
                 continue;
             }
             if let Some((other, _)) = bound.iter().find(|(_, a)| {

@@ -1,0 +1,448 @@
+//! The inbound listener, in-process, with development-agent identities and a real backend.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use dstack_mesh::{app::App, config::Config};
+use e2e::{
+    backend::Backend,
+    client::{channel, empty, tls_connect, MeshClient},
+    identity,
+};
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use ratls::{identity::RotatingIdentity, AppId};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SERVER: &str = "5e77e75e77e75e77e75e77e75e77e75e77e75e77";
+const CALLER: &str = "ca11e7ca11e7ca11e7ca11e7ca11e7ca11e7ca11";
+const STRANGER: &str = "57a7e957a7e957a7e957a7e957a7e957a7e957a7";
+
+fn id(s: &str) -> AppId {
+    s.parse().unwrap()
+}
+
+struct Mesh {
+    app: App,
+    backend: Backend,
+    caller: RotatingIdentity,
+    stranger: RotatingIdentity,
+    dir: tempfile::TempDir,
+    _agents: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Mesh {
+    async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    async fn start_with(extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let (server, a1) = identity(dir.path(), &state, SERVER).await;
+        let (caller, a2) = identity(dir.path(), &state, CALLER).await;
+        let (stranger, a3) = identity(dir.path(), &state, STRANGER).await;
+        let backend = Backend::start().await;
+        let text = format!(
+            "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{}\"\nallowed_apps = \"{CALLER}\"\n{extra}\n[auth]\nlisten = \"127.0.0.1:0\"\n",
+            backend.addr
+        );
+        let config = Config::from_toml(&text, &HashMap::<&str, &str>::new()).unwrap();
+        let app = App::start_with(config, server).await.unwrap();
+        Self {
+            app,
+            backend,
+            caller,
+            stranger,
+            dir,
+            _agents: vec![a1, a2, a3],
+        }
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        self.app.addr("inbound").unwrap()
+    }
+
+    async fn client(&self, alpn: Option<&[&[u8]]>) -> MeshClient {
+        MeshClient::connect(&self.caller, &id(SERVER), self.addr(), alpn)
+            .await
+            .unwrap()
+    }
+}
+
+fn json(body: &Bytes) -> serde_json::Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)))
+}
+
+#[tokio::test]
+async fn an_allowed_caller_reaches_the_backend_with_its_identity_only() {
+    let mesh = Mesh::start().await;
+    let mut client = mesh.client(Some(&[b"http/1.1"])).await;
+    assert!(!client.is_h2());
+    let (status, _, body) = client
+        .get(
+            "/hello?x=1",
+            &[
+                ("x-dstack-app-id", STRANGER),
+                ("x-dstack-instance-id", "forged"),
+                ("x-forwarded-for", "6.6.6.6"),
+                ("connection", "x-secret"),
+                ("x-secret", "hop"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let seen = json(&body);
+    assert_eq!(seen["path"], "/hello?x=1");
+    let headers = &seen["headers"];
+    assert_eq!(headers["x-dstack-app-id"], serde_json::json!([CALLER]));
+    let instance = mesh.caller.current().instance_id.clone().unwrap();
+    assert_eq!(
+        headers["x-dstack-instance-id"],
+        serde_json::json!([instance])
+    );
+    assert_eq!(headers["x-forwarded-for"], serde_json::json!(["127.0.0.1"]));
+    assert_eq!(headers["x-forwarded-proto"], serde_json::json!(["https"]));
+    assert!(headers.get("x-secret").is_none(), "{headers}");
+}
+
+#[tokio::test]
+async fn h2_multiplexes_requests_on_one_connection() {
+    let mesh = Mesh::start().await;
+    let client = mesh.client(None).await;
+    assert!(client.is_h2());
+    let MeshClient::H2(send) = client else {
+        unreachable!()
+    };
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let mut send = send.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = Request::get(format!("https://mesh.test/r{i}"))
+                .body(empty())
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(
+                json(&body)["headers"]["x-dstack-app-id"],
+                serde_json::json!([CALLER])
+            );
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(mesh.backend.count(), 20);
+}
+
+#[tokio::test]
+async fn health_is_answered_without_the_backend() {
+    let mesh = Mesh::start().await;
+    let mut client = mesh.client(None).await;
+    let (status, _, body) = client.get("/health", &[]).await.unwrap();
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"healthy\n"[..]));
+    assert_eq!(mesh.backend.count(), 0);
+}
+
+#[tokio::test]
+async fn a_down_backend_is_a_502_and_the_listener_stays_up() {
+    let mut mesh = Mesh::start().await;
+    let backend_addr = mesh.backend.addr;
+    drop(std::mem::replace(&mut mesh.backend, Backend::start().await));
+    // The replacement listens elsewhere; the configured address is now closed.
+    let mut client = mesh.client(None).await;
+    let (status, headers, body) = client.get("/x", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(
+        json(&body),
+        serde_json::json!({"error": "backend unavailable"})
+    );
+    // Health still answers, and once the backend is back, requests flow again.
+    assert_eq!(client.get("/health", &[]).await.unwrap().0, StatusCode::OK);
+    let _back = Backend::start_on(backend_addr).await;
+    let (status, _, _) = client.get("/x", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn response_bodies_stream() {
+    let mesh = Mesh::start().await;
+    let mut client = mesh.client(Some(&[b"http/1.1"])).await;
+    let resp = client
+        .send(Request::get("/stream").body(empty()).unwrap())
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    // The backend holds its second chunk until we have the first: buffering would hang here.
+    let first = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("the first chunk must arrive before the body ends")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.into_data().unwrap(), "first\n");
+    mesh.backend.release_stream.notify_one();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "second\n");
+}
+
+#[tokio::test]
+async fn request_bodies_stream() {
+    let mesh = Mesh::start().await;
+    for alpn in [&[b"http/1.1" as &[u8]][..], &[b"h2"]] {
+        let mut client = mesh.client(Some(alpn)).await;
+        let (tx, body) = channel();
+        let upload = Request::post("https://mesh.test/upload")
+            .body(body)
+            .unwrap();
+        let started = mesh.backend.upload_started.clone();
+        let send = tokio::spawn(async move { client.send(upload).await });
+        tx.send(Bytes::from(vec![b'a'; 100_000])).await.unwrap();
+        // The backend sees the first chunk while the rest is still unsent.
+        tokio::time::timeout(Duration::from_secs(10), started.notified())
+            .await
+            .expect("the first chunk must reach the backend before the body ends");
+        tx.send(Bytes::from(vec![b'b'; 50_000])).await.unwrap();
+        drop(tx);
+        let resp = send.await.unwrap().unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(json(&body)["received"], 150_000);
+    }
+}
+
+#[tokio::test]
+async fn websocket_upgrades_pass_through() {
+    let mesh = Mesh::start().await;
+    let mut client = mesh.client(Some(&[b"http/1.1"])).await;
+    let req = Request::get("/ws")
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .body(empty())
+        .unwrap();
+    let resp = client.send(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let upgraded = hyper::upgrade::on(resp).await.unwrap();
+    let mut io = hyper_util::rt::TokioIo::new(upgraded);
+    io.write_all(b"ping over the upgrade").await.unwrap();
+    let mut buf = [0u8; 21];
+    tokio::time::timeout(Duration::from_secs(10), io.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"ping over the upgrade");
+}
+
+/// A caller the listener must refuse: the handshake fails (or the first exchange does, since in
+/// TLS 1.3 the client may finish first), and the backend sees nothing.
+async fn assert_refused(mesh: &Mesh, identity: &RotatingIdentity) {
+    let outcome =
+        match MeshClient::connect(identity, &id(SERVER), mesh.addr(), Some(&[b"http/1.1"])).await {
+            Err(_) => None,
+            Ok(mut client) => client.get("/secret", &[]).await.ok().map(|r| r.0),
+        };
+    assert_eq!(outcome, None, "the refused caller got an answer");
+    assert_eq!(mesh.backend.count(), 0);
+}
+
+#[tokio::test]
+async fn an_app_not_on_the_allowlist_is_refused() {
+    let mesh = Mesh::start().await;
+    assert_refused(&mesh, &mesh.stranger).await;
+}
+
+#[tokio::test]
+async fn a_caller_from_another_root_is_refused_even_with_our_root_name() {
+    let mesh = Mesh::start().await;
+    // Another state directory: another root, named exactly like ours.
+    let other = tempfile::tempdir().unwrap();
+    let (foreign, _agent) = identity(other.path(), &other.path().join("state"), CALLER).await;
+    let ours = ratls::ChainView::new(&mesh.caller.current().chain).unwrap();
+    let theirs = ratls::ChainView::new(&foreign.current().chain).unwrap();
+    assert_eq!(ours.chain[2].subject, theirs.chain[2].subject);
+    // The foreign caller trusts our root, so only the server's verdict is tested.
+    let anchors = mesh.caller.current().trust_anchors().unwrap();
+    let policy = Arc::new(ratls::Policy::new(anchors).expect(id(SERVER)));
+    let config = ratls::tls::mesh_client_config(foreign.resolver(), policy).unwrap();
+    let tcp = tokio::net::TcpStream::connect(mesh.addr()).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("mesh.test").unwrap();
+    if let Ok(tls) = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+    {
+        let (mut send, conn) = hyper::client::conn::http1::handshake::<_, e2e::client::ClientBody>(
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let sent = send
+            .send_request(Request::get("/").body(empty()).unwrap())
+            .await;
+        assert!(sent.is_err(), "a foreign caller got an answer");
+    }
+    assert_eq!(mesh.backend.count(), 0);
+}
+
+/// A client certificate under our own App CA, minted with rcgen to bend one property.
+fn mint_under_app_ca(
+    state: &Path,
+    app: &str,
+    spec: impl FnOnce(&mut rcgen::CertificateParams),
+) -> (Vec<u8>, Vec<u8>) {
+    let bundle = std::fs::read_to_string(state.join("apps").join(app).join("app-ca.pem")).unwrap();
+    let key_at = bundle.find("-----BEGIN PRIVATE KEY-----").unwrap();
+    let ca_key = rcgen::KeyPair::from_pem(&bundle[key_at..]).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&bundle[..key_at], ca_key).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    params
+        .custom_extensions
+        .push(rcgen::CustomExtension::from_oid_content(
+            ratls::ext::oid::APP_ID,
+            ratls::ext::wrap_octet_string(&hex::decode(app).unwrap()),
+        ));
+    spec(&mut params);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let mut chain = cert.der().to_vec();
+    chain.extend(ratls::cert::parse_chain(bundle[..key_at].as_bytes()).unwrap()[0].to_vec());
+    (chain, key.serialize_der())
+}
+
+async fn refused_with_cert(mesh: &Mesh, chain_der: Vec<u8>, key_der: Vec<u8>) {
+    let chain = ratls::cert::parse_chain(&chain_der).unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(key_der.into());
+    let anchors = mesh.caller.current().trust_anchors().unwrap();
+    let verifier = ratls::verifier::ServerVerifier::new(Arc::new(
+        ratls::Policy::new(anchors).expect(id(SERVER)),
+    ));
+    let config = rustls::ClientConfig::builder_with_provider(ratls::crypto::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(mesh.addr()).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("mesh.test").unwrap();
+    if let Ok(mut tls) = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+    {
+        let _ = tls.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        let mut buf = Vec::new();
+        let _ = tls.read_to_end(&mut buf).await;
+        assert!(
+            !String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"),
+            "refused caller got an answer"
+        );
+    }
+    assert_eq!(mesh.backend.count(), 0);
+}
+
+#[tokio::test]
+async fn expired_and_app_id_less_certificates_are_refused() {
+    let mesh = Mesh::start().await;
+    let state = mesh.dir.path().join("state");
+    let (chain, key) = mint_under_app_ca(&state, CALLER, |p| {
+        p.not_before = time::OffsetDateTime::now_utc() - Duration::from_secs(7200);
+        p.not_after = time::OffsetDateTime::now_utc() - Duration::from_secs(3600);
+    });
+    refused_with_cert(&mesh, chain, key).await;
+    let (chain, key) = mint_under_app_ca(&state, CALLER, |p| p.custom_extensions.clear());
+    refused_with_cert(&mesh, chain, key).await;
+    // The same minting, unbent, is accepted: the refusals above are about the bent property.
+    let (chain, key) = mint_under_app_ca(&state, CALLER, |_| {});
+    let chain_certs = ratls::cert::parse_chain(&chain).unwrap();
+    let policy = mesh.app.inbound.as_ref().unwrap().policy();
+    policy
+        .verify(
+            &chain_certs[0],
+            &chain_certs[1..],
+            ratls::PeerRole::Client,
+            rustls_pki_types::UnixTime::now(),
+        )
+        .unwrap();
+    let _ = key;
+}
+
+#[tokio::test]
+async fn no_client_certificate_is_refused() {
+    let mesh = Mesh::start().await;
+    let anchors = mesh.caller.current().trust_anchors().unwrap();
+    let verifier = ratls::verifier::ServerVerifier::new(Arc::new(
+        ratls::Policy::new(anchors).expect(id(SERVER)),
+    ));
+    let config = rustls::ClientConfig::builder_with_provider(ratls::crypto::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(mesh.addr()).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("mesh.test").unwrap();
+    if let Ok(mut tls) = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+    {
+        let _ = tls.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        let mut buf = Vec::new();
+        let _ = tls.read_to_end(&mut buf).await;
+        assert!(buf.is_empty() || !String::from_utf8_lossy(&buf).contains("200"));
+    }
+    assert_eq!(mesh.backend.count(), 0);
+}
+
+#[tokio::test]
+async fn garbage_and_stalled_handshakes_do_not_hurt_other_callers() {
+    let mesh = Mesh::start_with("handshake_timeout = \"1s\"").await;
+    // Garbage instead of a ClientHello: closed.
+    let mut garbage = tokio::net::TcpStream::connect(mesh.addr()).await.unwrap();
+    garbage
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), garbage.read_to_end(&mut buf))
+        .await
+        .expect("garbage must be closed")
+        .ok();
+    // A client that never finishes: closed after the handshake deadline.
+    let mut stalled = tokio::net::TcpStream::connect(mesh.addr()).await.unwrap();
+    stalled
+        .write_all(&[0x16, 0x03, 0x01, 0x00, 0x50])
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(10), stalled.read(&mut [0u8; 16]))
+        .await
+        .expect("a stalled handshake must be closed by the deadline");
+    assert!(matches!(n, Ok(0) | Err(_)));
+    // Meanwhile a real caller is served.
+    let mut client = mesh.client(None).await;
+    assert_eq!(client.get("/ok", &[]).await.unwrap().0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431() {
+    let mesh = Mesh::start_with("max_header_bytes = 16384").await;
+    let tls = tls_connect(&mesh.caller, &id(SERVER), mesh.addr(), Some(&[b"http/1.1"]))
+        .await
+        .unwrap();
+    let mut tls = tls;
+    let big = "a".repeat(40_000);
+    let req = format!("GET / HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n");
+    let _ = tls.write_all(req.as_bytes()).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+    assert_eq!(mesh.backend.count(), 0);
+    // The listener keeps serving.
+    let mut client = mesh.client(None).await;
+    assert_eq!(client.get("/ok", &[]).await.unwrap().0, StatusCode::OK);
+}

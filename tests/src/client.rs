@@ -1,0 +1,134 @@
+//! An mTLS HTTP client with a sidecar identity: what another dstack-mesh (or the original
+//! client proxy) does when it calls this one.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use ratls::{identity::RotatingIdentity, tls::mesh_client_config, AppId, Policy};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+
+use crate::backend::ChannelBody;
+
+/// The request body type of [`MeshClient`].
+pub type ClientBody = BoxBody<Bytes, std::convert::Infallible>;
+
+/// An empty body.
+pub fn empty() -> ClientBody {
+    Full::new(Bytes::new()).boxed()
+}
+
+/// A chunk-by-chunk body and its sender.
+pub fn channel() -> (tokio::sync::mpsc::Sender<Bytes>, ClientBody) {
+    let (tx, body) = ChannelBody::pair();
+    (tx, body.boxed())
+}
+
+/// One HTTP connection over mTLS, HTTP/1.1 or h2 as ALPN decided.
+pub enum MeshClient {
+    /// HTTP/1.1.
+    H1(hyper::client::conn::http1::SendRequest<ClientBody>),
+    /// h2.
+    H2(hyper::client::conn::http2::SendRequest<ClientBody>),
+}
+
+impl std::fmt::Debug for MeshClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::H1(_) => "MeshClient::H1",
+            Self::H2(_) => "MeshClient::H2",
+        })
+    }
+}
+
+/// Dial `addr` with `identity`'s certificate, expecting `target`; `alpn` overrides the offer.
+pub async fn tls_connect(
+    identity: &RotatingIdentity,
+    target: &AppId,
+    addr: SocketAddr,
+    alpn: Option<&[&[u8]]>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let anchors = identity
+        .current()
+        .trust_anchors()
+        .map_err(std::io::Error::other)?;
+    let policy = Arc::new(Policy::new(anchors).expect(target.clone()));
+    let mut config =
+        mesh_client_config(identity.resolver(), policy).map_err(std::io::Error::other)?;
+    if let Some(alpn) = alpn {
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    }
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(format!("{target}-443s.dstack.test"))
+        .map_err(std::io::Error::other)?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+}
+
+impl MeshClient {
+    /// Connect and start HTTP on the negotiated protocol.
+    pub async fn connect(
+        identity: &RotatingIdentity,
+        target: &AppId,
+        addr: SocketAddr,
+        alpn: Option<&[&[u8]]>,
+    ) -> std::io::Result<Self> {
+        let tls = tls_connect(identity, target, addr, alpn).await?;
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let io = TokioIo::new(tls);
+        if h2 {
+            let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(std::io::Error::other)?;
+            tokio::spawn(conn);
+            Ok(Self::H2(send))
+        } else {
+            let (send, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(std::io::Error::other)?;
+            tokio::spawn(conn.with_upgrades());
+            Ok(Self::H1(send))
+        }
+    }
+
+    /// Whether h2 was negotiated.
+    pub fn is_h2(&self) -> bool {
+        matches!(self, Self::H2(_))
+    }
+
+    /// Send a request (the URI needs only a path for HTTP/1.1; h2 wants an authority).
+    pub async fn send(&mut self, req: Request<ClientBody>) -> hyper::Result<Response<Incoming>> {
+        match self {
+            Self::H1(s) => {
+                s.ready().await?;
+                s.send_request(req).await
+            }
+            Self::H2(s) => {
+                s.ready().await?;
+                s.send_request(req).await
+            }
+        }
+    }
+
+    /// GET `path` with extra headers; the response body collected.
+    pub async fn get(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> hyper::Result<(http::StatusCode, http::HeaderMap, Bytes)> {
+        let mut req = Request::get(format!("https://mesh.test{path}"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = self.send(req.body(empty()).expect("request")).await?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((status, headers, body))
+    }
+}
