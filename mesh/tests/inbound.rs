@@ -310,7 +310,7 @@ fn mint_under_app_ca(
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = params.signed_by(&key, &issuer).unwrap();
     let mut chain = cert.der().to_vec();
-    chain.extend(ratls::cert::parse_chain(bundle[..key_at].as_bytes()).unwrap()[0].to_vec());
+    chain.extend(ratls::cert::parse_chain(&bundle.as_bytes()[..key_at]).unwrap()[0].to_vec());
     (chain, key.serialize_der())
 }
 

@@ -135,3 +135,65 @@ pub fn dev_agent(dir: &Path, name: &str, app_id: &str, state_dir: &Path) -> (Chi
     });
     (guard, socket)
 }
+
+/// A free loopback port (bound and released; the OS does not hand it out again at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A program from Debian's packages; setup-test-deps installs it, so absence is a failure.
+pub fn program(name: &str) -> PathBuf {
+    for dir in [
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+        "/usr/local/bin",
+        "/usr/local/sbin",
+    ] {
+        let path = Path::new(dir).join(name);
+        if path.is_file() {
+            return path;
+        }
+    }
+    panic!("{name} is not installed: run scripts/setup-test-deps");
+}
+
+/// `dstack-mesh run` with `config`; returns the guard and the bound addresses it logged
+/// (`inbound`, `auth`).
+pub fn run_mesh(
+    dir: &Path,
+    name: &str,
+    config: &Path,
+) -> (ChildGuard, Vec<(String, std::net::SocketAddr)>) {
+    let mut cmd = Command::new(mesh_binary());
+    cmd.args(["--log-format", "json", "run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .env_remove("DSTACK_AGENT_ADDRESS");
+    let mut guard = ChildGuard::spawn(name, cmd, dir).expect("start dstack-mesh run");
+    let mut bound = Vec::new();
+    wait_until(
+        &format!("{name} to listen"),
+        Duration::from_secs(30),
+        || {
+            guard.assert_running();
+            bound = guard
+                .stderr()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| v["fields"]["message"] == "listening")
+                .filter_map(|v| {
+                    let what = v["fields"]["listener"].as_str()?.to_owned();
+                    let addr = v["fields"]["addr"].as_str()?.parse().ok()?;
+                    Some((what, addr))
+                })
+                .collect();
+            guard.stderr().contains("dstack-mesh running")
+        },
+    );
+    (guard, bound)
+}

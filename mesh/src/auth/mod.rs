@@ -83,6 +83,11 @@ impl AuthService {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// How many decisions are cached.
+    pub fn cached_decisions(&self) -> usize {
+        self.lock_cache().len()
+    }
+
     /// Decide on nginx's two headers.
     pub fn decide(&self, verify: Option<&str>, cert: Option<&str>) -> Decision {
         match ClientVerify::parse(verify) {
