@@ -58,11 +58,10 @@ fn leaf_pem(id: &RotatingIdentity) -> String {
 }
 
 fn pem(certs: &[rustls_pki_types::CertificateDer<'_>]) -> String {
-    use std::fmt::Write;
     let mut out = String::new();
     for c in certs {
         let b64 = base64_encode(c);
-        let _ = write!(out, "-----BEGIN CERTIFICATE-----\n");
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
         for line in b64.as_bytes().chunks(64) {
             out.push_str(std::str::from_utf8(line).unwrap());
             out.push('\n');
