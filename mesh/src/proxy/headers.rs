@@ -62,25 +62,47 @@ pub fn strip_identity(headers: &mut HeaderMap) {
     }
 }
 
-/// Set the authenticated identity (after [`strip_identity`]).
-pub fn set_identity(headers: &mut HeaderMap, app_id: &str, instance_id: Option<&str>) {
-    strip_identity(headers);
-    if let Ok(v) = HeaderValue::from_str(app_id) {
-        headers.insert(IDENTITY_HEADERS[0].clone(), v);
-    }
-    if let Some(Ok(v)) = instance_id.map(HeaderValue::from_str) {
-        headers.insert(IDENTITY_HEADERS[1].clone(), v);
-    }
+/// The headers a connection's requests get, computed once per connection: who the caller is
+/// and where it came from.
+#[derive(Clone, Debug)]
+pub struct CallerHeaders {
+    app_id: Option<HeaderValue>,
+    instance_id: Option<HeaderValue>,
+    peer_ip: HeaderValue,
+    proto: HeaderValue,
 }
 
-/// Replace the forwarding headers with what this hop saw: the peer's address and the scheme.
-/// A caller's own `x-forwarded-*` are not trusted.
-pub fn forwarded_for(headers: &mut HeaderMap, peer: IpAddr, proto: &'static str) {
-    let ip =
-        HeaderValue::from_str(&peer.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
-    headers.insert(X_FORWARDED_FOR, ip.clone());
-    headers.insert(X_REAL_IP, ip);
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+impl CallerHeaders {
+    /// For a caller with this identity (if authenticated) at `peer`, over `proto`.
+    pub fn new(
+        app_id: Option<&str>,
+        instance_id: Option<&str>,
+        peer: IpAddr,
+        proto: &'static str,
+    ) -> Self {
+        Self {
+            app_id: app_id.and_then(|v| HeaderValue::from_str(v).ok()),
+            instance_id: instance_id.and_then(|v| HeaderValue::from_str(v).ok()),
+            peer_ip: HeaderValue::from_str(&peer.to_string())
+                .unwrap_or(HeaderValue::from_static("unknown")),
+            proto: HeaderValue::from_static(proto),
+        }
+    }
+
+    /// Remove what the caller claimed and set what this hop knows.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        strip_identity(headers);
+        if let Some(v) = &self.app_id {
+            headers.insert(IDENTITY_HEADERS[0].clone(), v.clone());
+        }
+        if let Some(v) = &self.instance_id {
+            headers.insert(IDENTITY_HEADERS[1].clone(), v.clone());
+        }
+        // A caller's own x-forwarded-* are not trusted: replaced by what this hop saw.
+        headers.insert(X_FORWARDED_FOR, self.peer_ip.clone());
+        headers.insert(X_REAL_IP, self.peer_ip.clone());
+        headers.insert(X_FORWARDED_PROTO, self.proto.clone());
+    }
 }
 
 #[cfg(test)]
@@ -125,12 +147,16 @@ mod tests {
             ("X-Dstack-App-Id", "forged-again"),
             ("x-dstack-instance-id", "forged"),
         ]);
-        set_identity(&mut h, "abcd", None);
+        let ip = "10.0.0.7".parse().unwrap();
+        CallerHeaders::new(Some("abcd"), None, ip, "https").apply(&mut h);
         assert_eq!(h.get_all("x-dstack-app-id").iter().count(), 1);
         assert_eq!(h["x-dstack-app-id"], "abcd");
         assert!(h.get("x-dstack-instance-id").is_none());
-        set_identity(&mut h, "abcd", Some("ef01"));
+        CallerHeaders::new(Some("abcd"), Some("ef01"), ip, "https").apply(&mut h);
         assert_eq!(h["x-dstack-instance-id"], "ef01");
+        // Unauthenticated callers (public domains) get no identity at all.
+        CallerHeaders::new(None, None, ip, "https").apply(&mut h);
+        assert!(h.get("x-dstack-app-id").is_none());
     }
 
     #[test]
@@ -139,7 +165,7 @@ mod tests {
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-proto", "http"),
         ]);
-        forwarded_for(&mut h, "10.0.0.7".parse().unwrap(), "https");
+        CallerHeaders::new(None, None, "10.0.0.7".parse().unwrap(), "https").apply(&mut h);
         assert_eq!(h["x-forwarded-for"], "10.0.0.7");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-real-ip"], "10.0.0.7");

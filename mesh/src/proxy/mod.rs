@@ -11,9 +11,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 
 pub use forward::forward;
-pub use headers::{
-    forwarded_for, remove_hop_by_hop, set_identity, strip_identity, IDENTITY_HEADERS,
-};
+pub use headers::{remove_hop_by_hop, strip_identity, CallerHeaders, IDENTITY_HEADERS};
 pub use idle::{Activity, IdleIo};
 pub use upstream::{Upstream, UpstreamConfig, UpstreamError};
 

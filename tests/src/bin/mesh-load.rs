@@ -1,0 +1,457 @@
+//! mesh-load: the load client for `scripts/bench`. wrk cannot present a client certificate, so
+//! this one can: plain HTTP, TLS, or mTLS with a development-agent identity, HTTP/1.1 keep-alive
+//! or h2, or a new connection (full handshake) per request. It also serves the benchmark's
+//! backend, and reads CPU time and RSS of the processes under test from /proc.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark tool: a failure is a failed run
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use ratls::{
+    agent::{AgentAddress, AgentClient, TlsKeyRequest},
+    identity::{IdentityConfig, RotatingIdentity},
+    tls::mesh_client_config,
+    AppId, Policy,
+};
+use rustls_pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Parser)]
+#[command(about = "load client and backend for scripts/bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve `200 ok` (12 bytes) to every request, on one thread.
+    Backend {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Write an identity's key, chain and root as nginx reads them.
+    Identity {
+        #[arg(long)]
+        agent: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Run load and print one JSON line of results.
+    Run(RunArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Plain HTTP.
+    Plain,
+    /// TLS without a client certificate.
+    Tls,
+    /// TLS with the identity's client certificate.
+    Mtls,
+}
+
+#[derive(clap::Args, Clone)]
+struct RunArgs {
+    /// Name of the scenario (echoed in the output).
+    #[arg(long)]
+    name: String,
+    #[arg(long)]
+    addr: SocketAddr,
+    #[arg(long, value_enum)]
+    mode: Mode,
+    /// Guest agent of the client identity (tls, mtls).
+    #[arg(long)]
+    agent: Option<String>,
+    /// App id the server must prove (tls, mtls).
+    #[arg(long)]
+    expect: Option<AppId>,
+    /// Offer h2 (otherwise HTTP/1.1).
+    #[arg(long)]
+    h2: bool,
+    /// Concurrent connections (or, with --h2, concurrent streams over one connection each).
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Seconds of warm-up, not measured.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// A new connection (full handshake) for every request.
+    #[arg(long)]
+    new_connections: bool,
+    /// Instead of load: open this many idle keep-alive connections and report the RSS added.
+    #[arg(long)]
+    idle: Option<usize>,
+    /// Processes whose CPU time and RSS are measured.
+    #[arg(long = "pid")]
+    pids: Vec<u32>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    ratls::crypto::install_default();
+    match cli.command {
+        Cmd::Backend { listen } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(backend(listen));
+        }
+        Cmd::Identity { agent, out } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(write_identity(&agent, &out));
+        }
+        Cmd::Run(args) => {
+            // One worker: the load client must leave the other core to the proxy under test.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(run(args));
+        }
+    }
+}
+
+async fn backend(listen: SocketAddr) {
+    let listener = TcpListener::bind(listen).await.unwrap();
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(|_req| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                    b"ok from app\n",
+                ))))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+async fn write_identity(agent: &str, out: &std::path::Path) {
+    let client = AgentClient::new(agent.parse::<AgentAddress>().unwrap());
+    let resp = client
+        .get_tls_key(&TlsKeyRequest {
+            subject: "localhost".into(),
+            usage_server_auth: true,
+            usage_client_auth: true,
+            with_app_info: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    std::fs::create_dir_all(out).unwrap();
+    std::fs::write(out.join("server.key"), &resp.key).unwrap();
+    std::fs::write(out.join("server.crt"), resp.certificate_chain.concat()).unwrap();
+    std::fs::write(out.join("ca.crt"), resp.certificate_chain.last().unwrap()).unwrap();
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+/// Everything a connection needs: where, and how to do TLS.
+struct Dialer {
+    addr: SocketAddr,
+    tls: Option<tokio_rustls::TlsConnector>,
+    name: ServerName<'static>,
+    h2: bool,
+}
+
+enum Conn {
+    H1(Sender),
+    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+impl Dialer {
+    async fn connect(&self) -> std::io::Result<Conn> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        tcp.set_nodelay(true)?;
+        match &self.tls {
+            None => Ok(Conn::H1(h1(TokioIo::new(tcp)).await?)),
+            Some(tls) => {
+                let stream = tls.connect(self.name.clone(), tcp).await?;
+                if self.h2 {
+                    let (send, conn) = hyper::client::conn::http2::handshake(
+                        TokioExecutor::new(),
+                        TokioIo::new(stream),
+                    )
+                    .await
+                    .map_err(std::io::Error::other)?;
+                    tokio::spawn(conn);
+                    Ok(Conn::H2(send))
+                } else {
+                    Ok(Conn::H1(h1(TokioIo::new(stream)).await?))
+                }
+            }
+        }
+    }
+}
+
+async fn h1<T>(io: TokioIo<T>) -> std::io::Result<Sender>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
+impl Conn {
+    async fn get(&mut self) -> Result<(), String> {
+        let req = Request::get("https://bench.local/bench")
+            .header("host", "bench.local")
+            .body(Empty::new())
+            .unwrap();
+        let resp = match self {
+            Self::H1(s) => {
+                s.ready().await.map_err(|e| e.to_string())?;
+                s.send_request(req).await
+            }
+            Self::H2(s) => {
+                s.ready().await.map_err(|e| e.to_string())?;
+                s.send_request(req).await
+            }
+        }
+        .map_err(|e| e.to_string())?;
+        let status = resp.status();
+        resp.into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("status {status}"))
+        }
+    }
+}
+
+async fn dialer(args: &RunArgs) -> (Dialer, Option<RotatingIdentity>) {
+    let name = ServerName::try_from("bench.local").unwrap();
+    if args.mode == Mode::Plain {
+        return (
+            Dialer {
+                addr: args.addr,
+                tls: None,
+                name,
+                h2: false,
+            },
+            None,
+        );
+    }
+    let agent = args.agent.as_deref().expect("--agent for tls/mtls");
+    let (client, info) =
+        AgentClient::discover(vec![agent.parse().unwrap()], Duration::from_secs(5))
+            .await
+            .unwrap();
+    let identity = RotatingIdentity::start(client, info, IdentityConfig::default())
+        .await
+        .unwrap();
+    let anchors = identity.current().trust_anchors().unwrap();
+    let policy = Arc::new(Policy::new(anchors).expect(args.expect.clone().expect("--expect")));
+    let mut config = mesh_client_config(identity.resolver(), policy).unwrap();
+    if args.mode == Mode::Tls {
+        // Same server verification, no client certificate.
+        let mut anonymous = config.clone();
+        anonymous.client_auth_cert_resolver = Arc::new(NoClientCert);
+        config = anonymous;
+    }
+    config.alpn_protocols = if args.h2 {
+        vec![b"h2".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
+    (
+        Dialer {
+            addr: args.addr,
+            tls: Some(tls),
+            name,
+            h2: args.h2,
+        },
+        Some(identity),
+    )
+}
+
+/// Presents no client certificate (plain TLS scenarios).
+#[derive(Debug)]
+struct NoClientCert;
+
+impl rustls::client::ResolvesClientCert for NoClientCert {
+    fn resolve(
+        &self,
+        _hints: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        None
+    }
+
+    fn has_certs(&self) -> bool {
+        false
+    }
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the ')'.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn run(args: RunArgs) {
+    let (dialer, _identity) = dialer(&args).await;
+    let dialer = Arc::new(dialer);
+    if let Some(n) = args.idle {
+        return idle(&args, &dialer, n).await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..args.connections {
+        let dialer = dialer.clone();
+        let (stop, measuring) = (stop.clone(), measuring.clone());
+        let new_connections = args.new_connections;
+        tasks.push(tokio::spawn(async move {
+            let mut latencies: Vec<u32> = Vec::with_capacity(1 << 16);
+            let mut errors = 0u64;
+            let mut conn = None;
+            while !stop.load(Ordering::Relaxed) {
+                let start = Instant::now();
+                if conn.is_none() || new_connections {
+                    match dialer.connect().await {
+                        Ok(c) => conn = Some(c),
+                        Err(_) => {
+                            errors += 1;
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    }
+                }
+                let ok = match conn.as_mut() {
+                    Some(c) => c.get().await.is_ok(),
+                    None => false,
+                };
+                if !ok {
+                    conn = None;
+                }
+                if measuring.load(Ordering::Relaxed) {
+                    if ok {
+                        latencies
+                            .push(start.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+    let cpu_before: f64 = args.pids.iter().map(|p| cpu_seconds(*p)).sum();
+    let started = Instant::now();
+    measuring.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(args.duration)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu_after: f64 = args.pids.iter().map(|p| cpu_seconds(*p)).sum();
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (lat, err) = t.await.unwrap();
+        all.extend(lat);
+        errors += err;
+    }
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .map_or(0.0, |us| f64::from(*us) / 1000.0)
+    };
+    let requests = all.len();
+    let cpu = cpu_after - cpu_before;
+    let out = serde_json::json!({
+        "name": args.name,
+        "requests": requests,
+        "errors": errors,
+        "rps": requests as f64 / elapsed,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "cpu_s": cpu,
+        "cpu_us_per_request": if requests > 0 && !args.pids.is_empty() { cpu * 1e6 / requests as f64 } else { 0.0 },
+    });
+    println!("{out}");
+}
+
+async fn idle(args: &RunArgs, dialer: &Arc<Dialer>, n: usize) {
+    let rss = |pids: &[u32]| pids.iter().map(|p| rss_kib(*p)).sum::<u64>();
+    let before = rss(&args.pids);
+    let mut conns = Vec::with_capacity(n);
+    let mut failed = 0;
+    for _ in 0..n {
+        match dialer.connect().await {
+            Ok(mut c) => {
+                // One request each, so the connection is past its handshake and at rest.
+                if c.get().await.is_err() {
+                    failed += 1;
+                }
+                conns.push(c);
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss(&args.pids);
+    let out = serde_json::json!({
+        "name": args.name,
+        "idle_connections": conns.len(),
+        "failed": failed,
+        "rss_before_kib": before,
+        "rss_after_kib": after,
+        "rss_added_mib": (after as f64 - before as f64) / 1024.0,
+    });
+    println!("{out}");
+}
