@@ -315,12 +315,18 @@ fn bad_stdin_fails_cleanly() {
 // ---- demo, identity, dev-agent ----
 
 #[test]
-fn demo_prints_an_unattested_identity() {
+fn demo_runs_a_verified_call_between_two_apps() {
     let out = run(&[&"demo"]);
     assert_exit(&out, 0);
     let text = stdout(&out);
     assert!(text.contains("app id"), "{text}");
     assert!(text.contains("NO (no attestation"), "{text}");
+    // The demo app saw the frontend's verified id, not the forged one the frontend sent.
+    assert!(
+        text.contains("frontend -> backend over mTLS: 200 OK: hello from the demo app; the sidecar says you are app f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0"),
+        "{text}"
+    );
+    assert!(stderr(&out).contains("NOT attested"));
 }
 
 #[test]
