@@ -58,38 +58,7 @@ fn leaf_pem(id: &RotatingIdentity) -> String {
 }
 
 fn pem(certs: &[rustls_pki_types::CertificateDer<'_>]) -> String {
-    let mut out = String::new();
-    for c in certs {
-        let b64 = base64_encode(c);
-        out.push_str("-----BEGIN CERTIFICATE-----\n");
-        for line in b64.as_bytes().chunks(64) {
-            out.push_str(std::str::from_utf8(line).unwrap());
-            out.push('\n');
-        }
-        out.push_str("-----END CERTIFICATE-----\n");
-    }
-    out
-}
-
-fn base64_encode(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    e2e::to_pem(certs)
 }
 
 /// GET /auth on the running service, as nginx sends it.
@@ -180,8 +149,30 @@ async fn refusals() {
         ask(addr, Some("SUCCESS"), Some(&foreign_chain)).await.0,
         StatusCode::UNAUTHORIZED
     );
-    // A leaf its root signed directly is checked here even without a chain: a foreign one fails.
-    let _ = &s.dir;
+    // Leaves under our own App CA that nginx would have passed: expired, and without app id.
+    let state = s.dir.path().join("state");
+    let (expired, _) = e2e::mint_under_app_ca(&state, CALLER, |p| {
+        p.not_before = time::OffsetDateTime::now_utc() - std::time::Duration::from_secs(7200);
+        p.not_after = time::OffsetDateTime::now_utc() - std::time::Duration::from_secs(3600);
+    });
+    let expired = escape(&pem(&expired[..1]));
+    assert_eq!(
+        ask(addr, Some("SUCCESS"), Some(&expired)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (anonymous, _) = e2e::mint_under_app_ca(&state, CALLER, |p| p.custom_extensions.clear());
+    let anonymous = escape(&pem(&anonymous[..1]));
+    assert_eq!(
+        ask(addr, Some("SUCCESS"), Some(&anonymous)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    // The same minting, unbent, passes: the refusals are about the bent property.
+    let (good, _) = e2e::mint_under_app_ca(&state, CALLER, |_| {});
+    let good = escape(&pem(&good[..1]));
+    assert_eq!(
+        ask(addr, Some("SUCCESS"), Some(&good)).await.0,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]

@@ -2,14 +2,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
-use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use dstack_mesh::{app::App, config::Config};
 use e2e::{
     backend::Backend,
     client::{channel, empty, tls_connect, MeshClient},
-    identity,
+    identity, mint_under_app_ca,
 };
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
@@ -288,34 +288,11 @@ async fn a_caller_from_another_root_is_refused_even_with_our_root_name() {
     assert_eq!(mesh.backend.count(), 0);
 }
 
-/// A client certificate under our own App CA, minted with rcgen to bend one property.
-fn mint_under_app_ca(
-    state: &Path,
-    app: &str,
-    spec: impl FnOnce(&mut rcgen::CertificateParams),
-) -> (Vec<u8>, Vec<u8>) {
-    let bundle = std::fs::read_to_string(state.join("apps").join(app).join("app-ca.pem")).unwrap();
-    let key_at = bundle.find("-----BEGIN PRIVATE KEY-----").unwrap();
-    let ca_key = rcgen::KeyPair::from_pem(&bundle[key_at..]).unwrap();
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&bundle[..key_at], ca_key).unwrap();
-    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    params
-        .custom_extensions
-        .push(rcgen::CustomExtension::from_oid_content(
-            ratls::ext::oid::APP_ID,
-            ratls::ext::wrap_octet_string(&hex::decode(app).unwrap()),
-        ));
-    spec(&mut params);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let mut chain = cert.der().to_vec();
-    chain.extend(ratls::cert::parse_chain(&bundle.as_bytes()[..key_at]).unwrap()[0].to_vec());
-    (chain, key.serialize_der())
-}
-
-async fn refused_with_cert(mesh: &Mesh, chain_der: Vec<u8>, key_der: Vec<u8>) {
-    let chain = ratls::cert::parse_chain(&chain_der).unwrap();
+async fn refused_with_cert(
+    mesh: &Mesh,
+    chain: Vec<rustls_pki_types::CertificateDer<'static>>,
+    key_der: Vec<u8>,
+) {
     let key = rustls_pki_types::PrivateKeyDer::Pkcs8(key_der.into());
     let anchors = mesh.caller.current().trust_anchors().unwrap();
     let verifier = ratls::verifier::ServerVerifier::new(Arc::new(
@@ -357,8 +334,7 @@ async fn expired_and_app_id_less_certificates_are_refused() {
     let (chain, key) = mint_under_app_ca(&state, CALLER, |p| p.custom_extensions.clear());
     refused_with_cert(&mesh, chain, key).await;
     // The same minting, unbent, is accepted: the refusals above are about the bent property.
-    let (chain, key) = mint_under_app_ca(&state, CALLER, |_| {});
-    let chain_certs = ratls::cert::parse_chain(&chain).unwrap();
+    let (chain_certs, key) = mint_under_app_ca(&state, CALLER, |_| {});
     let policy = mesh.app.inbound.as_ref().unwrap().policy();
     policy
         .verify(
@@ -445,4 +421,35 @@ async fn oversized_headers_get_431() {
     // The listener keeps serving.
     let mut client = mesh.client(None).await;
     assert_eq!(client.get("/ok", &[]).await.unwrap().0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_slow_backend_is_a_504() {
+    // A backend that accepts and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let _hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            held.push(tcp);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (server, _a) = identity(dir.path(), &state, SERVER).await;
+    let (caller, _b) = identity(dir.path(), &state, CALLER).await;
+    let text = format!(
+        "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{silent_addr}\"\nallowed_apps = \"{CALLER}\"\nbackend_timeout = \"500ms\"\n[auth]\nenabled = false\n"
+    );
+    let config = Config::from_toml(&text, &HashMap::<&str, &str>::new()).unwrap();
+    let app = App::start_with(config, server).await.unwrap();
+    let mut client = MeshClient::connect(&caller, &id(SERVER), app.addr("inbound").unwrap(), None)
+        .await
+        .unwrap();
+    let (status, _, body) = client.get("/slow", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(
+        json(&body),
+        serde_json::json!({"error": "backend timed out"})
+    );
 }

@@ -197,3 +197,69 @@ pub fn run_mesh(
     );
     (guard, bound)
 }
+
+/// A client certificate under a development agent's App CA for `app`, minted with rcgen so a
+/// test can bend one property (`spec` edits the parameters; they start as a valid clientAuth
+/// leaf with the app id extension). Returns `[leaf, App CA]` and the leaf's PKCS#8 key.
+pub fn mint_under_app_ca(
+    state: &Path,
+    app: &str,
+    spec: impl FnOnce(&mut rcgen::CertificateParams),
+) -> (Vec<rustls_pki_types::CertificateDer<'static>>, Vec<u8>) {
+    let bundle = std::fs::read_to_string(state.join("apps").join(app).join("app-ca.pem")).unwrap();
+    let key_at = bundle.find("-----BEGIN PRIVATE KEY-----").unwrap();
+    let ca_key = rcgen::KeyPair::from_pem(&bundle[key_at..]).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&bundle[..key_at], ca_key).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    params
+        .custom_extensions
+        .push(rcgen::CustomExtension::from_oid_content(
+            ratls::ext::oid::APP_ID,
+            ratls::ext::wrap_octet_string(&hex_bytes(app)),
+        ));
+    spec(&mut params);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let ca = ratls::cert::parse_chain(&bundle.as_bytes()[..key_at])
+        .unwrap()
+        .remove(0);
+    (vec![cert.der().clone(), ca], key.serialize_der())
+}
+
+fn hex_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
+}
+
+/// PEM text of DER certificates (as nginx would hold them).
+pub fn to_pem(certs: &[rustls_pki_types::CertificateDer<'_>]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for cert in certs {
+        let mut b64 = String::new();
+        for chunk in cert.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..4 {
+                b64.push(if i <= chunk.len() {
+                    T[((n >> (18 - 6 * i)) & 63) as usize] as char
+                } else {
+                    '='
+                });
+            }
+        }
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(line).unwrap());
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out
+}

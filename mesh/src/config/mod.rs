@@ -34,6 +34,9 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Connecting to the backend must succeed within this.
 pub const DEFAULT_BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The backend must send its response head within this (bodies stream without a deadline;
+/// the idle timer catches a stalled transfer).
+pub const DEFAULT_BACKEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Concurrent inbound connections; more wait in the kernel's backlog.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Largest request head accepted; larger gets 431.
@@ -167,6 +170,9 @@ pub struct InboundConfig {
     /// Backend connect deadline.
     #[serde(with = "secs")]
     pub backend_connect_timeout: Duration,
+    /// Backend response-head deadline.
+    #[serde(with = "secs")]
+    pub backend_timeout: Duration,
     /// Concurrent connections.
     pub max_connections: usize,
     /// Largest request head.
@@ -557,6 +563,11 @@ impl Config {
                 ib.backend_connect_timeout.as_ref(),
                 DEFAULT_BACKEND_CONNECT_TIMEOUT,
             ),
+            backend_timeout: c.duration(
+                "inbound.backend_timeout",
+                ib.backend_timeout.as_ref(),
+                DEFAULT_BACKEND_TIMEOUT,
+            ),
             max_connections: ib.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
             max_header_bytes: ib.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES),
         };
@@ -568,6 +579,7 @@ impl Config {
                 "inbound.backend_connect_timeout",
                 inbound.backend_connect_timeout,
             ),
+            ("inbound.backend_timeout", inbound.backend_timeout),
             ("agent.timeout", agent.timeout),
         ] {
             if d.is_zero() {

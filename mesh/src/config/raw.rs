@@ -81,6 +81,7 @@ pub struct RawInbound {
     pub header_timeout: Option<DurationValue>,
     pub idle_timeout: Option<DurationValue>,
     pub backend_connect_timeout: Option<DurationValue>,
+    pub backend_timeout: Option<DurationValue>,
     pub max_connections: Option<usize>,
     pub max_header_bytes: Option<usize>,
 }

@@ -102,6 +102,7 @@ listen = "not an address"
 backend = "nohost"
 allowed_apps = "zz"
 handshake_timeout = "10 parsecs"
+backend_timeout = "0s"
 max_connections = 0
 
 [auth]
@@ -118,6 +119,7 @@ validity = "10s"
         "MESH_BACKEND",
         "inbound.allowed_apps",
         "inbound.handshake_timeout",
+        "inbound.backend_timeout",
         "inbound.max_connections",
         "auth.address",
         "identity",

@@ -103,6 +103,7 @@ impl Inbound {
             &config.backend.to_string(),
             UpstreamConfig {
                 connect_timeout: config.backend_connect_timeout,
+                response_timeout: config.backend_timeout,
                 ..UpstreamConfig::default()
             },
         )
