@@ -89,6 +89,9 @@ async fn an_allowed_caller_reaches_the_backend_with_its_identity_only() {
                 ("x-dstack-app-id", STRANGER),
                 ("x-dstack-instance-id", "forged"),
                 ("x-forwarded-for", "6.6.6.6"),
+                ("x_dstack_app_id", STRANGER),
+                ("forwarded", "for=6.6.6.6;host=evil.example"),
+                ("x-forwarded-host", "evil.example"),
                 ("connection", "x-secret"),
                 ("x-secret", "hop"),
             ],
@@ -108,6 +111,12 @@ async fn an_allowed_caller_reaches_the_backend_with_its_identity_only() {
     assert_eq!(headers["x-forwarded-for"], serde_json::json!(["127.0.0.1"]));
     assert_eq!(headers["x-forwarded-proto"], serde_json::json!(["https"]));
     assert!(headers.get("x-secret").is_none(), "{headers}");
+    for forged in ["x_dstack_app_id", "forwarded", "x-forwarded-host"] {
+        assert!(
+            headers.get(forged).is_none(),
+            "{forged} reached the backend: {headers}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -452,4 +461,51 @@ async fn a_slow_backend_is_a_504() {
         json(&body),
         serde_json::json!({"error": "backend timed out"})
     );
+}
+
+#[tokio::test]
+async fn h2c_upgrades_are_not_forwarded() {
+    let mesh = Mesh::start().await;
+    let mut client = mesh.client(Some(&[b"http/1.1"])).await;
+    let (status, _, body) = client
+        .get(
+            "/h2c",
+            &[
+                ("connection", "upgrade, http2-settings"),
+                ("upgrade", "h2c"),
+                ("http2-settings", "AAMAAABkAAQAAP__"),
+            ],
+        )
+        .await
+        .unwrap();
+    // Served as a plain request: the app never sees an upgrade it could accept.
+    assert_eq!(status, StatusCode::OK);
+    let seen = json(&body);
+    for hop in ["upgrade", "connection", "http2-settings"] {
+        assert!(
+            seen["headers"].get(hop).is_none(),
+            "{hop}: {}",
+            seen["headers"]
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_idle_websocket_tunnel_is_closed() {
+    let mesh = Mesh::start_with("idle_timeout = \"1s\"").await;
+    let mut client = mesh.client(Some(&[b"http/1.1"])).await;
+    let req = Request::get("/ws")
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .body(empty())
+        .unwrap();
+    let resp = client.send(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    io.write_all(b"hi").await.unwrap();
+    let mut buf = [0u8; 2];
+    io.read_exact(&mut buf).await.unwrap();
+    // Then silence: the tunnel is closed by the idle timer, not left open forever.
+    let closed = tokio::time::timeout(Duration::from_secs(20), io.read(&mut [0u8; 8])).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
 }

@@ -151,14 +151,18 @@ impl Inbound {
             };
             let _ = tcp.set_nodelay(true);
             let this = self.clone();
-            tokio::spawn(async move {
-                this.connection(tcp, remote).await;
-                drop(permit);
-            });
+            // The slot is held by the connection and by any WebSocket tunnel spliced from it.
+            let hold: Arc<dyn std::any::Any + Send + Sync> = Arc::new(permit);
+            tokio::spawn(this.connection(tcp, remote, hold));
         }
     }
 
-    async fn connection(self: Arc<Self>, tcp: tokio::net::TcpStream, remote: SocketAddr) {
+    async fn connection(
+        self: Arc<Self>,
+        tcp: tokio::net::TcpStream,
+        remote: SocketAddr,
+        hold: Arc<dyn std::any::Any + Send + Sync>,
+    ) {
         let activity = Activity::new();
         let io = IdleIo::new(tcp, activity.clone());
         // ClientHello and handshake share one deadline, so a slow client cannot stretch it.
@@ -186,7 +190,7 @@ impl Inbound {
                 return;
             }
         };
-        if let Some(serving) = mesh::serve(self, tls, remote, activity) {
+        if let Some(serving) = mesh::serve(self, tls, remote, activity, hold) {
             serving.await;
         }
     }

@@ -15,16 +15,17 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 /// Remove hop-by-hop headers: the fixed set and every header `Connection` names. `Upgrade` and
-/// `Connection: upgrade` are the caller's to restore when it forwards an upgrade.
+/// `Connection: upgrade` are the caller's to restore when it forwards an upgrade. `Trailer` is
+/// end-to-end (RFC 9110 §6.6.2) and stays.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
         .collect();
     for name in named {
         headers.remove(name);
@@ -33,31 +34,49 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         header::CONNECTION,
         KEEP_ALIVE,
         PROXY_CONNECTION,
+        HTTP2_SETTINGS,
         header::PROXY_AUTHORIZATION,
         header::PROXY_AUTHENTICATE,
         header::TRANSFER_ENCODING,
         header::UPGRADE,
-        header::TRAILER,
     ] {
         headers.remove(name);
     }
     // TE is hop-by-hop; only "trailers" may be passed on (RFC 9110 §10.1.4).
     let keeps_trailers = headers
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
+        .get_all(header::TE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"));
     headers.remove(header::TE);
     if keeps_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
-/// Remove every identity header the caller sent.
-pub fn strip_identity(headers: &mut HeaderMap) {
-    for name in &IDENTITY_HEADERS {
+/// Whether a caller-sent header could pass for one this proxy vouches for. Names are compared
+/// the way CGI/WSGI servers fold them (`_` reads as `-`), so `x_dstack_app_id` counts too.
+fn is_forgeable(name: &HeaderName) -> bool {
+    let folded: String = name
+        .as_str()
+        .chars()
+        .map(|c| if c == '_' { '-' } else { c })
+        .collect();
+    folded.starts_with("x-dstack-app-id")
+        || folded.starts_with("x-dstack-instance-id")
+        || folded.starts_with("x-forwarded-")
+        || folded == "forwarded"
+        || folded == "x-real-ip"
+}
+
+/// Remove every header a caller could use to pass for someone else or somewhere else.
+pub fn strip_forgeable(headers: &mut HeaderMap) {
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_forgeable(n))
+        .cloned()
+        .collect();
+    for name in names {
         headers.remove(name);
     }
 }
@@ -91,14 +110,14 @@ impl CallerHeaders {
 
     /// Remove what the caller claimed and set what this hop knows.
     pub fn apply(&self, headers: &mut HeaderMap) {
-        strip_identity(headers);
+        strip_forgeable(headers);
         if let Some(v) = &self.app_id {
             headers.insert(IDENTITY_HEADERS[0].clone(), v.clone());
         }
         if let Some(v) = &self.instance_id {
             headers.insert(IDENTITY_HEADERS[1].clone(), v.clone());
         }
-        // A caller's own x-forwarded-* are not trusted: replaced by what this hop saw.
+        // The caller's own forwarding headers are gone: these are what this hop saw.
         headers.insert(X_FORWARDED_FOR, self.peer_ip.clone());
         headers.insert(X_REAL_IP, self.peer_ip.clone());
         headers.insert(X_FORWARDED_PROTO, self.proto.clone());
@@ -138,6 +157,17 @@ mod tests {
         assert_eq!(left.len(), 2, "{left:?}");
         assert_eq!(h["x-app"], "kept");
         assert_eq!(h["te"], "trailers");
+        // Trailer is end-to-end; HTTP2-Settings is hop-by-hop; TE is read from every line.
+        let mut h = map(&[
+            ("trailer", "x-sum"),
+            ("http2-settings", "AAMAAABkAAQAAP__"),
+            ("te", "gzip"),
+            ("te", "trailers"),
+        ]);
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h["trailer"], "x-sum");
+        assert!(h.get("http2-settings").is_none());
+        assert_eq!(h["te"], "trailers");
     }
 
     #[test]
@@ -157,6 +187,31 @@ mod tests {
         // Unauthenticated callers (public domains) get no identity at all.
         CallerHeaders::new(None, None, ip, "https").apply(&mut h);
         assert!(h.get("x-dstack-app-id").is_none());
+    }
+
+    #[test]
+    fn every_forgeable_spelling_goes() {
+        let mut h = map(&[
+            ("x_dstack_app_id", "victim"),
+            ("x-dstack-app-id-extra", "victim"),
+            ("forwarded", "for=1.2.3.4;host=evil"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-port", "1"),
+            ("x_forwarded_for", "1.2.3.4"),
+            ("x-dstack-target-app", "kept"),
+        ]);
+        CallerHeaders::new(Some("abcd"), None, "10.0.0.7".parse().unwrap(), "https").apply(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(
+            left,
+            [
+                "x-dstack-target-app",
+                "x-dstack-app-id",
+                "x-forwarded-for",
+                "x-real-ip",
+                "x-forwarded-proto"
+            ]
+        );
     }
 
     #[test]

@@ -1,36 +1,48 @@
-//! An idle timer at the byte level: a connection that moves no byte either way for a while is
-//! closed, whatever protocol runs on it (HAProxy's `timeout client`).
+//! When a connection is idle: no request in flight and nothing moved for a while. Bytes count on
+//! HTTP/1.1 and on upgraded tunnels; on h2 they do not, because the protocol's own PINGs would
+//! keep every connection alive (HAProxy's `timeout client`, with h2 in mind).
 
 use std::{
     io,
     pin::Pin,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     task::{Context, Poll},
     time::Duration,
 };
 
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     time::Instant,
 };
 
-/// The last time bytes moved on a connection.
+/// What a connection has been doing.
 #[derive(Debug)]
 pub struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    in_flight: AtomicUsize,
+    bytes_count: AtomicBool,
 }
 
 impl Activity {
-    /// Starts now.
+    /// Starts now, counting bytes.
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            bytes_count: AtomicBool::new(true),
         })
+    }
+
+    /// From now on only requests count (h2: PING frames are bytes too).
+    pub fn ignore_bytes(&self) {
+        self.bytes_count.store(false, Ordering::Relaxed);
     }
 
     fn touch(&self) {
@@ -38,16 +50,84 @@ impl Activity {
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
-    /// Resolves once no byte has moved for `limit`.
+    fn touch_bytes(&self) {
+        if self.bytes_count.load(Ordering::Relaxed) {
+            self.touch();
+        }
+    }
+
+    /// A request started; it is in flight until the guard (and whatever holds it, such as the
+    /// response body) is dropped.
+    pub fn request(self: &Arc<Self>) -> RequestGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        RequestGuard(self.clone())
+    }
+
+    /// Resolves once nothing is in flight and nothing happened for `limit`.
     pub async fn idle_for(&self, limit: Duration) {
         loop {
             let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let deadline = last + limit;
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            let deadline = last.checked_add(limit).unwrap_or(now + limit);
+            if self.in_flight.load(Ordering::Relaxed) == 0 && now >= deadline {
                 return;
             }
-            tokio::time::sleep_until(deadline).await;
+            if self.in_flight.load(Ordering::Relaxed) == 0 {
+                tokio::time::sleep_until(deadline).await;
+            } else {
+                // A request is in flight: look again later.
+                tokio::time::sleep(limit.min(Duration::from_secs(60))).await;
+            }
         }
+    }
+}
+
+/// A request in flight (see [`Activity::request`]).
+#[derive(Debug)]
+pub struct RequestGuard(Arc<Activity>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A body that keeps its request in flight until it ends.
+#[derive(Debug)]
+pub struct GuardedBody<B> {
+    inner: B,
+    _guard: RequestGuard,
+}
+
+impl<B> GuardedBody<B> {
+    /// `inner`, holding `guard` until dropped.
+    pub fn new(inner: B, guard: RequestGuard) -> Self {
+        Self {
+            inner,
+            _guard: guard,
+        }
+    }
+}
+
+impl<B: HttpBody<Data = Bytes> + Unpin> HttpBody for GuardedBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -79,7 +159,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.activity.touch();
+            self.activity.touch_bytes();
         }
         res
     }
@@ -93,7 +173,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.activity.touch_bytes();
         }
         res
     }
@@ -105,7 +185,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.activity.touch_bytes();
         }
         res
     }
@@ -151,5 +231,49 @@ mod tests {
         )
         .await
         .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_in_flight_are_never_idle_and_h2_bytes_do_not_count() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let activity = Activity::new();
+        activity.ignore_bytes();
+        let mut io = IdleIo::new(a, activity.clone());
+        let guard = activity.request();
+        tokio::time::advance(Duration::from_secs(100)).await;
+        let idle = tokio::time::timeout(
+            Duration::from_secs(100),
+            activity.idle_for(Duration::from_secs(5)),
+        )
+        .await;
+        assert!(idle.is_err(), "a request in flight is not idle");
+        drop(guard);
+        // PINGs (bytes) after the request do not keep the connection alive.
+        b.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        io.read_exact(&mut buf).await.unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(6),
+            activity.idle_for(Duration::from_secs(5)),
+        )
+        .await
+        .unwrap();
+    }
+
+    #[test]
+    fn huge_limits_do_not_overflow() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let activity = Activity::new();
+            let idle = tokio::time::timeout(
+                Duration::from_millis(10),
+                activity.idle_for(Duration::from_secs(u64::MAX / 4)),
+            )
+            .await;
+            assert!(idle.is_err());
+        });
     }
 }

@@ -10,9 +10,9 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 
-pub use forward::forward;
-pub use headers::{remove_hop_by_hop, strip_identity, CallerHeaders, IDENTITY_HEADERS};
-pub use idle::{Activity, IdleIo};
+pub use forward::{forward, Tunnel};
+pub use headers::{remove_hop_by_hop, strip_forgeable, CallerHeaders, IDENTITY_HEADERS};
+pub use idle::{Activity, GuardedBody, IdleIo, RequestGuard};
 pub use upstream::{Upstream, UpstreamConfig, UpstreamError};
 
 /// Any error a body can raise.

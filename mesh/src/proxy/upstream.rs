@@ -144,6 +144,11 @@ impl Upstream {
         }
     }
 
+    /// `host:port` of the upstream.
+    pub fn authority(&self) -> &str {
+        self.authority.as_str()
+    }
+
     fn failed(&self, e: BoxError) -> UpstreamError {
         UpstreamError::Failed {
             upstream: self.authority.to_string(),
@@ -152,19 +157,29 @@ impl Upstream {
     }
 }
 
-/// Join two upgraded connections (client side and upstream side) until either closes.
+/// Join two upgraded connections (client side and upstream side) until either closes or the
+/// tunnel is idle; the tunnel's hold lives until then.
 pub(crate) async fn splice_upgrades(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
+    tunnel: super::forward::Tunnel,
 ) {
     match tokio::try_join!(client, upstream) {
         Ok((client, upstream)) => {
             let mut client = TokioIo::new(client);
             let mut upstream = TokioIo::new(upstream);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                tracing::debug!(error = %e, "upgraded connection ended");
+            tokio::select! {
+                ended = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+                    if let Err(e) = ended {
+                        tracing::debug!(error = %e, "upgraded connection ended");
+                    }
+                }
+                _ = tunnel.activity.idle_for(tunnel.idle) => {
+                    tracing::debug!("upgraded connection idle; closing");
+                }
             }
         }
         Err(e) => tracing::debug!(error = %e, "upgrade failed"),
     }
+    drop(tunnel);
 }
