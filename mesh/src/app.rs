@@ -96,7 +96,12 @@ impl App {
                     tracing::warn!(%addr, "the auth service listens beyond loopback: anything that reaches it can ask about certificates; nginx should be its only client");
                 }
                 bound.push(("auth", local(&listener)));
-                Some((Arc::new(AuthService::new(Arc::new(policy))), listener))
+                let trust_nginx = config.auth.trust_nginx_chain
+                    && nginx_roots_are_trusted(&config.tls.ca_file, &identity, &config.inbound);
+                Some((
+                    Arc::new(AuthService::new(Arc::new(policy), trust_nginx)),
+                    listener,
+                ))
             }
             false => None,
         };
@@ -135,6 +140,37 @@ impl App {
             }
         }
         self.tasks.shutdown().await;
+    }
+}
+
+/// Whether nginx's `ssl_client_certificate` holds only roots the mesh trusts: the auth service
+/// relies on nginx for the chain of a lone leaf, so nginx must check it against the same roots.
+/// A file the sidecar cannot read (nginx in another container) is taken on trust, with a warning.
+fn nginx_roots_are_trusted(
+    ca_file: &std::path::Path,
+    identity: &RotatingIdentity,
+    inbound: &crate::config::InboundConfig,
+) -> bool {
+    let Ok(bytes) = std::fs::read(ca_file) else {
+        tracing::warn!(ca_file = %ca_file.display(), "cannot read nginx's CA file to confirm it trusts only the mesh roots; lone leaves are accepted on nginx's word (set auth.trust_nginx_chain = false to refuse them)");
+        return true;
+    };
+    let mut ours = vec![identity.current().root.clone()];
+    for path in &inbound.trust_anchors {
+        if let Ok(roots) = std::fs::read(path).map(|b| ratls::cert::parse_chain(&b)) {
+            ours.extend(roots.unwrap_or_default());
+        }
+    }
+    match ratls::cert::parse_chain(&bytes) {
+        Ok(roots) if roots.iter().all(|r| ours.contains(r)) => true,
+        Ok(_) => {
+            tracing::error!(ca_file = %ca_file.display(), "nginx's CA file holds roots the mesh does not trust: lone leaves from nginx will be refused");
+            false
+        }
+        Err(e) => {
+            tracing::error!(ca_file = %ca_file.display(), error = %e, "nginx's CA file is unreadable as certificates: lone leaves from nginx will be refused");
+            false
+        }
     }
 }
 

@@ -37,8 +37,9 @@ async fn setup() -> Setup {
     let (stranger, a3) = identity(dir.path(), &state, STRANGER).await;
     let backend = Backend::start().await;
     let text = format!(
-        "[inbound]\nenabled = false\nbackend = \"{}\"\nallowed_apps = \"{CALLER}\"\n[auth]\nlisten = \"127.0.0.1:0\"\n",
-        backend.addr
+        "[inbound]\nenabled = false\nbackend = \"{}\"\nallowed_apps = \"{CALLER}\"\n[auth]\nlisten = \"127.0.0.1:0\"\n[tls]\nca_file = \"{}\"\n",
+        backend.addr,
+        write_root(&dir, &server),
     );
     let config = Config::from_toml(&text, &HashMap::<&str, &str>::new()).unwrap();
     let app = App::start_with(config, server).await.unwrap();
@@ -51,6 +52,13 @@ async fn setup() -> Setup {
         _agents: vec![a1, a2, a3],
         _backend: backend,
     }
+}
+
+/// nginx's CA file: our root, as mesh-serve.sh writes it.
+fn write_root(dir: &tempfile::TempDir, id: &RotatingIdentity) -> String {
+    let path = dir.path().join("ca.crt");
+    std::fs::write(&path, pem(std::slice::from_ref(&id.current().root))).unwrap();
+    path.display().to_string()
 }
 
 fn leaf_pem(id: &RotatingIdentity) -> String {
@@ -217,4 +225,70 @@ async fn decisions_are_cached_and_a_new_policy_clears_them() {
         auth.decide(Some("SUCCESS"), Some(&cert)),
         Decision::Forbidden(_)
     ));
+}
+
+#[tokio::test]
+async fn lone_leaves_need_nginx_to_trust_only_our_roots() {
+    // nginx's CA file holds another root too: a lone leaf is no longer taken on nginx's word.
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (server, _a) = identity(dir.path(), &state, SERVER).await;
+    let (caller, _b) = identity(dir.path(), &state, CALLER).await;
+    let other = tempfile::tempdir().unwrap();
+    let (foreign, _c) = identity(other.path(), &other.path().join("state"), CALLER).await;
+    let ca = dir.path().join("ca.crt");
+    let roots = [
+        server.current().root.clone(),
+        foreign.current().root.clone(),
+    ];
+    std::fs::write(&ca, pem(&roots)).unwrap();
+    let text = format!(
+        "[inbound]\nenabled = false\nallowed_apps = \"{CALLER}\"\n[auth]\nlisten = \"127.0.0.1:0\"\n[tls]\nca_file = \"{}\"\n",
+        ca.display()
+    );
+    let config = Config::from_toml(&text, &HashMap::<&str, &str>::new()).unwrap();
+    let app = App::start_with(config, server).await.unwrap();
+    let addr = app.addr("auth").unwrap();
+    let lone = escape(&leaf_pem(&caller));
+    assert_eq!(
+        ask(addr, Some("SUCCESS"), Some(&lone)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    // The full chain still verifies here, without nginx's word.
+    let full = escape(&pem(&caller.current().chain));
+    assert_eq!(
+        ask(addr, Some("SUCCESS"), Some(&full)).await.0,
+        StatusCode::OK
+    );
+
+    // Switched off explicitly: the same.
+    let text = format!(
+        "[inbound]\nenabled = false\nallowed_apps = \"{CALLER}\"\n[auth]\nlisten = \"127.0.0.1:0\"\ntrust_nginx_chain = false\n"
+    );
+    let (server2, _d) = identity(other.path(), &state, SERVER).await;
+    let config = Config::from_toml(&text, &HashMap::<&str, &str>::new()).unwrap();
+    let app = App::start_with(config, server2).await.unwrap();
+    let addr = app.addr("auth").unwrap();
+    assert_eq!(
+        ask(addr, Some("SUCCESS"), Some(&lone)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[test]
+fn garbage_does_not_evict_grants() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let s = setup().await;
+        let auth = s.app.auth.as_ref().unwrap();
+        let cert = escape(&leaf_pem(&s.caller));
+        assert!(matches!(
+            auth.decide(Some("SUCCESS"), Some(&cert)),
+            Decision::Allow(_)
+        ));
+        for i in 0..20_000 {
+            auth.decide(Some("SUCCESS"), Some(&format!("garbage-{i}")));
+        }
+        assert_eq!(auth.cached_decisions(), 1, "garbage is not cached");
+    });
 }

@@ -90,14 +90,18 @@ fn backend(addr: &str) -> Result<&str, RenderError> {
 }
 
 fn path(p: &std::path::Path) -> Result<String, RenderError> {
-    let s = p.to_string_lossy();
+    let err = || RenderError::Path(p.to_string_lossy().into_owned());
+    // Not UTF-8: nginx would read another path than the one named.
+    let s = p.to_str().ok_or_else(err)?;
+    // A backslash escapes the next character in nginx's tokenizer (the `;` after the path).
     let bad = s.is_empty()
-        || s.chars()
-            .any(|c| c.is_whitespace() || matches!(c, '"' | '\'' | '{' | '}' | ';' | '$' | '#'));
+        || s.chars().any(|c| {
+            c.is_whitespace() || matches!(c, '"' | '\'' | '{' | '}' | ';' | '$' | '#' | '\\')
+        });
     if bad {
-        Err(RenderError::Path(s.into_owned()))
+        Err(err())
     } else {
-        Ok(s.into_owned())
+        Ok(s.to_owned())
     }
 }
 
@@ -179,8 +183,12 @@ server {{
 
         proxy_set_header Host $host;
         proxy_set_header X-Real-IP $remote_addr;
-        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        # What this hop saw, not what the caller claims (an empty value drops the header).
+        proxy_set_header X-Forwarded-For $remote_addr;
         proxy_set_header X-Forwarded-Proto $scheme;
+        proxy_set_header X-Forwarded-Host \"\";
+        proxy_set_header X-Forwarded-Port \"\";
+        proxy_set_header Forwarded \"\";
 
         proxy_http_version 1.1;
         proxy_set_header Upgrade $http_upgrade;
@@ -306,6 +314,11 @@ mod tests {
         }
         let mut p = ServerProxy::new("app:8000", auth());
         p.key_file = "/tmp/a key;".into();
+        assert!(matches!(p.render(), Err(RenderError::Path(_))));
+        p.key_file = "/tmp/key\\".into();
+        assert!(matches!(p.render(), Err(RenderError::Path(_))));
+        use std::os::unix::ffi::OsStrExt;
+        p.key_file = std::ffi::OsStr::from_bytes(b"/tmp/\xff.key").into();
         assert!(matches!(p.render(), Err(RenderError::Path(_))));
         let mut p = ServerProxy::new("[::1]:8000", auth());
         p.server_name = "*.example.com".into();

@@ -59,14 +59,18 @@ struct Entry {
 pub struct AuthService {
     policy: ArcSwap<Policy>,
     cache: Mutex<HashMap<[u8; 32], Entry>>,
+    trust_nginx_chain: bool,
 }
 
 impl AuthService {
-    /// A service holding callers to `policy`.
-    pub fn new(policy: Arc<Policy>) -> Self {
+    /// A service holding callers to `policy`. With `trust_nginx_chain`, a lone leaf whose App
+    /// CA nginx kept is accepted on nginx's `SUCCESS` for the chain (everything else is still
+    /// checked here); without it, only chains this service can verify itself pass.
+    pub fn new(policy: Arc<Policy>, trust_nginx_chain: bool) -> Self {
         Self {
             policy: ArcSwap::new(policy),
             cache: Mutex::new(HashMap::new()),
+            trust_nginx_chain,
         }
     }
 
@@ -112,7 +116,11 @@ impl AuthService {
                 return entry.decision.clone();
             }
         }
-        let decision = self.verify(cert);
+        let (decision, cacheable) = self.verify(cert);
+        if !cacheable {
+            // Garbage is cheap to refuse again and must not push real decisions out.
+            return decision;
+        }
         let ttl = match &decision {
             Decision::Allow(peer) => {
                 let left = peer.not_after - unix_now();
@@ -122,38 +130,48 @@ impl AuthService {
         };
         let mut cache = self.lock_cache();
         if cache.len() >= CACHE_ENTRIES {
+            // Make room: expired entries first, then refusals; grants are never flushed
+            // wholesale, and if the cache is still full this decision is simply not kept.
             cache.retain(|_, e| e.expires > now);
             if cache.len() >= CACHE_ENTRIES {
-                cache.clear();
+                cache.retain(|_, e| matches!(e.decision, Decision::Allow(_)));
             }
         }
-        cache.insert(
-            key,
-            Entry {
-                decision: decision.clone(),
-                expires: now + ttl,
-            },
-        );
+        if cache.len() < CACHE_ENTRIES {
+            cache.insert(
+                key,
+                Entry {
+                    decision: decision.clone(),
+                    expires: now + ttl,
+                },
+            );
+        }
         decision
     }
 
-    fn verify(&self, header: &str) -> Decision {
+    /// The decision, and whether it may be cached (a header that is not a certificate is not).
+    fn verify(&self, header: &str) -> (Decision, bool) {
         let certs = match auth_request::client_certs(Some(header)) {
             Ok(certs) => certs,
-            Err(e) => return Decision::Unauthorized(e.to_string()),
+            Err(e) => return (Decision::Unauthorized(e.to_string()), false),
         };
         let policy = self.policy.load();
         let now = UnixTime::now();
         let mut result = policy.verify(&certs[0], &certs[1..], PeerRole::Client, now);
-        // nginx passes the leaf only; its App CA stayed with nginx, which verified the chain.
-        if certs.len() == 1 && matches!(result, Err(Rejection::UnknownIssuer)) {
+        // nginx passes the leaf only; its App CA stayed with nginx, which verified the chain
+        // against the same roots (checked at start, see `trust_nginx_chain`).
+        if certs.len() == 1
+            && matches!(result, Err(Rejection::UnknownIssuer))
+            && self.trust_nginx_chain
+        {
             result = policy.verify_leaf_vouched(&certs[0], PeerRole::Client, now);
         }
-        match result {
+        let decision = match result {
             Ok(peer) => Decision::Allow(peer),
             Err(r @ Rejection::AppIdNotAllowed(_)) => Decision::Forbidden(r.to_string()),
             Err(r) => Decision::Unauthorized(format!("{} ({})", r, r.reason())),
-        }
+        };
+        (decision, true)
     }
 
     /// Serve on `listener` until the future is dropped.

@@ -41,6 +41,11 @@ pub const DEFAULT_BACKEND_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Largest request head accepted; larger gets 431.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 << 10;
+/// Longest duration any setting accepts: beyond it a timer means "never", and arithmetic on
+/// instants could overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 86400);
+/// Most inbound connections accepted at once.
+pub const MAX_CONNECTIONS: usize = 1_000_000;
 /// Guest-agent call deadline.
 pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -126,10 +131,14 @@ impl FromStr for HostPort {
             .rsplit_once(':')
             .ok_or_else(|| format!("{s:?} is not host:port"))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        let valid_host = !host.is_empty()
-            && host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'));
+        let valid_host = if host.contains(':') {
+            host.parse::<std::net::Ipv6Addr>().is_ok()
+        } else {
+            !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        };
         if !valid_host {
             return Err(format!("{s:?}: bad host"));
         }
@@ -196,6 +205,9 @@ pub struct AuthConfig {
     pub listener: ListenerConfig,
     /// Its allowlist when it differs from the inbound one.
     pub allow: Option<Allow>,
+    /// Accept nginx's `SUCCESS` for the chain of a lone leaf (nginx never passes the App CA).
+    /// At start the sidecar checks that nginx's CA file holds only roots the mesh trusts.
+    pub trust_nginx_chain: bool,
 }
 
 /// Certificate files of a dstack-vpc deployment (used to render nginx configs).
@@ -337,13 +349,24 @@ impl Check {
         value: Option<&DurationValue>,
         default: Duration,
     ) -> Duration {
-        match value {
-            None => default,
-            Some(DurationValue::Seconds(n)) => Duration::from_secs(*n),
-            Some(DurationValue::Text(t)) => parse_duration(t).unwrap_or_else(|e| {
+        let parsed = match value {
+            None => return default,
+            Some(DurationValue::Seconds(n)) => Ok(Duration::from_secs(*n)),
+            Some(DurationValue::Text(t)) => parse_duration(t),
+        };
+        match parsed {
+            Ok(d) if d <= MAX_DURATION => d,
+            Ok(d) => {
+                self.fail(
+                    key,
+                    format!("{d:?} is longer than the 30 days any timeout may be"),
+                );
+                default
+            }
+            Err(e) => {
                 self.fail(key, e);
                 default
-            }),
+            }
         }
     }
 
@@ -586,8 +609,11 @@ impl Config {
                 c.fail(key, "must be greater than zero");
             }
         }
-        if inbound.max_connections == 0 {
-            c.fail("inbound.max_connections", "must be at least 1");
+        if !(1..=MAX_CONNECTIONS).contains(&inbound.max_connections) {
+            c.fail(
+                "inbound.max_connections",
+                format!("must be between 1 and {MAX_CONNECTIONS}"),
+            );
         }
         if !(1024..=1 << 20).contains(&inbound.max_header_bytes) {
             c.fail(
@@ -596,11 +622,13 @@ impl Config {
             );
         }
         for path in &inbound.trust_anchors {
-            if !path.is_file() {
-                c.fail(
-                    "inbound.trust_anchors",
-                    format!("{} is not a readable file", path.display()),
-                );
+            // Parsed now, so a bad file is a configuration error (exit 64), not a start failure.
+            let parsed = std::fs::read(path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| ratls::cert::parse_chain(&b).map_err(|e| e.to_string()))
+                .and_then(|roots| ratls::TrustAnchors::new(&roots).map_err(|e| e.to_string()));
+            if let Err(e) = parsed {
+                c.fail("inbound.trust_anchors", format!("{}: {e}", path.display()));
             }
         }
 
@@ -631,6 +659,17 @@ impl Config {
             c.fail(
                 "client.allowed_apps",
                 "not a setting of the outbound proxy (see inbound.allowed_apps)",
+            );
+        }
+        if raw
+            .client
+            .as_ref()
+            .and_then(|r| r.trust_nginx_chain)
+            .is_some()
+        {
+            c.fail(
+                "client.trust_nginx_chain",
+                "a setting of [auth], not of [client]",
             );
         }
 
@@ -687,6 +726,11 @@ impl Config {
             auth: AuthConfig {
                 listener: auth_listener,
                 allow: auth_allow,
+                trust_nginx_chain: raw
+                    .auth
+                    .as_ref()
+                    .and_then(|a| a.trust_nginx_chain)
+                    .unwrap_or(true),
             },
             client,
             gateway_domain,

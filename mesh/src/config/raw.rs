@@ -35,6 +35,8 @@ pub struct RawListener {
     pub listen: Option<String>,
     /// Auth only: an allowlist of its own (default: the inbound one).
     pub allowed_apps: Option<AllowValue>,
+    /// Auth only: accept nginx's verdict on the chain of a lone leaf.
+    pub trust_nginx_chain: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -147,6 +147,29 @@ fn unknown_keys_and_bad_toml_are_refused() {
 }
 
 #[test]
+fn values_that_would_fail_later_are_refused_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad_anchor = dir.path().join("anchor.pem");
+    std::fs::write(&bad_anchor, "not a certificate").unwrap();
+    let text = format!(
+        "[inbound]\nidle_timeout = 9223372036854775807\nheader_timeout = \"99999d\"\nmax_connections = 4611686018427387904\nbackend = \"abc:def:80\"\ntrust_anchors = [\"{}\"]\n",
+        bad_anchor.display()
+    );
+    let errors = Config::from_toml(&text, &no_env()).unwrap_err().0;
+    let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+    for key in [
+        "inbound.idle_timeout",
+        "inbound.header_timeout",
+        "inbound.max_connections",
+        "inbound.backend",
+        "inbound.trust_anchors",
+    ] {
+        assert!(keys.contains(&key), "{key} missing from {keys:?}");
+    }
+    assert!("[2001:db8::1]:80".parse::<HostPort>().is_ok());
+}
+
+#[test]
 fn colliding_listeners_are_refused() {
     let text = "[inbound]\nlisten = \"0.0.0.0:8092\"\n";
     let err = Config::from_toml(text, &no_env()).unwrap_err();
