@@ -509,3 +509,23 @@ async fn an_idle_websocket_tunnel_is_closed() {
     let closed = tokio::time::timeout(Duration::from_secs(20), io.read(&mut [0u8; 8])).await;
     assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
 }
+
+#[tokio::test]
+async fn a_slow_upload_is_not_a_slow_backend() {
+    let mesh = Mesh::start_with("backend_timeout = \"500ms\"").await;
+    let mut client = mesh.client(Some(&[b"http/1.1"])).await;
+    let (tx, body) = channel();
+    let upload = Request::post("https://mesh.test/upload")
+        .body(body)
+        .unwrap();
+    let send = tokio::spawn(async move { client.send(upload).await });
+    tx.send(Bytes::from_static(b"slow ")).await.unwrap();
+    // Three times the backend deadline passes while the caller is still uploading.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tx.send(Bytes::from_static(b"upload")).await.unwrap();
+    drop(tx);
+    let resp = send.await.unwrap().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(json(&body)["received"], 11);
+}

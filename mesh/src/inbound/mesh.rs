@@ -181,9 +181,15 @@ async fn handle(caller: Arc<Caller>, req: Request<Incoming>) -> Result<Response<
             resp.map(|body| GuardedBody::new(body, in_flight).boxed())
         }
         Err(e) => {
-            tracing::warn!(caller = %app_id, %method, %path, error = %e, "mesh request failed");
+            if e.is_callers() {
+                tracing::debug!(caller = %app_id, %method, %path, error = %e, "mesh request abandoned");
+            } else {
+                tracing::warn!(caller = %app_id, %method, %path, error = %e, "mesh request failed");
+            }
             let short = match e.status() {
                 StatusCode::GATEWAY_TIMEOUT => "backend timed out",
+                StatusCode::SERVICE_UNAVAILABLE => "backend busy",
+                StatusCode::BAD_REQUEST => "request body incomplete",
                 _ => "backend unavailable",
             };
             proxy::error_response(e.status(), short)

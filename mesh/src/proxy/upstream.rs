@@ -1,7 +1,20 @@
 //! A pooled HTTP/1.1 client for one upstream (the local app): connect deadline, response-head
 //! deadline, keep-alive reuse, upgrades.
 
-use std::time::Duration;
+use std::{
+    pin::Pin,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame};
+use http_body_util::BodyExt;
+use tokio::sync::{Notify, Semaphore};
 
 use http::{header, uri::Scheme, HeaderValue, Request, Response, Uri, Version};
 use hyper_util::{
@@ -22,6 +35,8 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
     /// Idle connections kept per upstream.
     pub max_idle: usize,
+    /// Requests at the upstream at once.
+    pub max_in_flight: usize,
 }
 
 impl Default for UpstreamConfig {
@@ -31,6 +46,7 @@ impl Default for UpstreamConfig {
             response_timeout: Duration::from_secs(60),
             pool_idle_timeout: Duration::from_secs(90),
             max_idle: 256,
+            max_in_flight: 4096,
         }
     }
 }
@@ -55,6 +71,15 @@ pub enum UpstreamError {
         /// The deadline.
         timeout: Duration,
     },
+    /// Too many requests at the upstream already; none freed up within the deadline.
+    #[error("upstream {upstream} is at its limit of requests in flight")]
+    Busy {
+        /// The upstream.
+        upstream: String,
+    },
+    /// The caller's request body failed mid-way (it went away): nothing to answer.
+    #[error("the caller abandoned its request body")]
+    CallerAborted,
     /// The exchange failed (connection reset, malformed response, ...).
     #[error("upstream {upstream} failed: {reason}")]
     Failed {
@@ -66,12 +91,20 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// 502 when the upstream is down or broken, 504 when it is slow.
+    /// 502 when the upstream is down or broken, 504 when it is slow, 503 when it is at its
+    /// limit, 400 when the caller broke off its own request.
     pub fn status(&self) -> http::StatusCode {
         match self {
             Self::Timeout { .. } => http::StatusCode::GATEWAY_TIMEOUT,
+            Self::Busy { .. } => http::StatusCode::SERVICE_UNAVAILABLE,
+            Self::CallerAborted => http::StatusCode::BAD_REQUEST,
             _ => http::StatusCode::BAD_GATEWAY,
         }
+    }
+
+    /// Whether the caller, not the upstream, caused it (logged at debug, not warn).
+    pub fn is_callers(&self) -> bool {
+        matches!(self, Self::CallerAborted)
     }
 }
 
@@ -79,6 +112,7 @@ impl UpstreamError {
 #[derive(Clone, Debug)]
 pub struct Upstream {
     client: Client<HttpConnector, Body>,
+    in_flight: Arc<Semaphore>,
     authority: http::uri::Authority,
     config: UpstreamConfig,
 }
@@ -98,6 +132,7 @@ impl Upstream {
             .build(connector);
         Ok(Self {
             client,
+            in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
             authority,
             config,
         })
@@ -130,17 +165,46 @@ impl Upstream {
         *req.uri_mut() = Uri::from_parts(parts).map_err(|e| self.failed(e.into()))?;
         *req.version_mut() = Version::HTTP_11;
 
-        match tokio::time::timeout(self.config.response_timeout, self.client.request(req)).await {
-            Err(_) => Err(UpstreamError::Timeout {
-                upstream: self.authority.to_string(),
-                timeout: self.config.response_timeout,
-            }),
-            Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect {
+        let timeout = self.config.response_timeout;
+        let timed_out = || UpstreamError::Timeout {
+            upstream: self.authority.to_string(),
+            timeout,
+        };
+        // A bounded number of requests at the upstream at once: past it, callers wait (within
+        // the response deadline) instead of exhausting file descriptors for everyone.
+        let _slot =
+            match tokio::time::timeout(timeout, self.in_flight.clone().acquire_owned()).await {
+                Ok(Ok(slot)) => slot,
+                _ => {
+                    return Err(UpstreamError::Busy {
+                        upstream: self.authority.to_string(),
+                    })
+                }
+            };
+        // The response deadline starts when the request body has been sent: a slow upload is
+        // the caller's pace, not a slow upstream.
+        let (req, sent) = watch_body(req);
+        let exchange = self.client.request(req);
+        tokio::pin!(exchange);
+        let deadline = async {
+            sent.ended.notified().await;
+            tokio::time::sleep(timeout).await;
+        };
+        let result = tokio::select! {
+            result = &mut exchange => result,
+            _ = deadline => return Err(timed_out()),
+        };
+        match result {
+            Ok(resp) => Ok(resp),
+            Err(e) if e.is_connect() => Err(UpstreamError::Connect {
                 upstream: self.authority.to_string(),
                 reason: crate::error_chain(&e),
             }),
-            Ok(Err(e)) => Err(self.failed(Box::new(e))),
-            Ok(Ok(resp)) => Ok(resp),
+            // The caller's own body failed (it went away mid-upload): its doing, not ours.
+            Err(_) if sent.caller_failed.load(Ordering::Relaxed) => {
+                Err(UpstreamError::CallerAborted)
+            }
+            Err(e) => Err(self.failed(Box::new(e))),
         }
     }
 
@@ -154,6 +218,75 @@ impl Upstream {
             upstream: self.authority.to_string(),
             reason: crate::error_chain(e.as_ref()),
         }
+    }
+}
+
+/// What the request body reports while it is sent.
+#[derive(Debug, Default)]
+struct SendState {
+    ended: Notify,
+    caller_failed: AtomicBool,
+}
+
+/// Wrap the request body so the sender learns when it has been sent in full, or failed.
+fn watch_body(req: Request<Body>) -> (Request<Body>, Arc<SendState>) {
+    let state = Arc::new(SendState::default());
+    let req = req.map(|body| {
+        WatchedBody {
+            inner: body,
+            state: state.clone(),
+            done: AtomicBool::new(false),
+        }
+        .boxed()
+    });
+    (req, state)
+}
+
+struct WatchedBody {
+    inner: Body,
+    state: Arc<SendState>,
+    done: AtomicBool,
+}
+
+impl WatchedBody {
+    fn finish(&self) {
+        if !self.done.swap(true, Ordering::Relaxed) {
+            self.state.ended.notify_one();
+        }
+    }
+}
+
+impl HttpBody for WatchedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.finish(),
+            Poll::Ready(Some(Err(_))) => {
+                self.state.caller_failed.store(true, Ordering::Relaxed);
+                self.finish();
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // hyper never polls a body that says it is empty: the end is now.
+        let end = self.inner.is_end_stream();
+        if end {
+            self.finish();
+        }
+        end
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
