@@ -13,14 +13,4 @@ pub mod proxy;
 pub mod run;
 pub mod tools;
 
-/// `e` and its sources, joined, so "connection refused" is not hidden behind "client error".
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
+pub use ratls::error_chain;

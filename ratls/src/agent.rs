@@ -463,7 +463,7 @@ impl AgentClient {
                     client.request(req).await
                 }
             }
-            .map_err(|e| transport_err(error_chain(&e)))?;
+            .map_err(|e| transport_err(crate::error_chain(&e)))?;
             let status = resp.status();
             let bytes = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
                 .collect()
@@ -490,18 +490,6 @@ fn snippet(bytes: &[u8]) -> String {
     } else {
         text.to_owned()
     }
-}
-
-/// `e` and its sources, so "connection refused" is not hidden behind "client error".
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

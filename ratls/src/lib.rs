@@ -34,3 +34,16 @@ pub mod verifier;
 pub use app_id::{AppId, AppIdError, MAX_APP_ID_LEN};
 pub use cert::{AppIdSource, CertError, ChainView};
 pub use policy::{AllowList, PeerRole, Policy, Rejection, TrustAnchors, VerifiedPeer};
+
+/// An error and its sources, joined by `: `, so "connection refused" is not hidden behind
+/// "client error".
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

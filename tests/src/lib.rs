@@ -263,3 +263,23 @@ pub fn to_pem(certs: &[rustls_pki_types::CertificateDer<'_>]) -> String {
     }
     out
 }
+
+/// The key, chain and root of a fresh identity from the agent at `socket`, written where nginx
+/// reads them (`server.key`, `server.crt`, `ca.crt` in `dir`), as dstack-vpc's mesh-serve.sh
+/// does with GetTlsKey.
+pub async fn write_nginx_identity(agent: ratls::agent::AgentAddress, dir: &Path) {
+    let resp = ratls::agent::AgentClient::new(agent)
+        .get_tls_key(&ratls::agent::TlsKeyRequest {
+            subject: "localhost".into(),
+            usage_server_auth: true,
+            usage_client_auth: true,
+            with_app_info: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("server.key"), &resp.key).unwrap();
+    std::fs::write(dir.join("server.crt"), resp.certificate_chain.concat()).unwrap();
+    std::fs::write(dir.join("ca.crt"), resp.certificate_chain.last().unwrap()).unwrap();
+}

@@ -12,10 +12,7 @@ use e2e::{
     wait_until, ChildGuard,
 };
 use http::StatusCode;
-use ratls::{
-    agent::{AgentAddress, AgentClient, TlsKeyRequest},
-    AppId,
-};
+use ratls::{agent::AgentAddress, AppId};
 
 const SERVER: &str = "5e125e125e125e125e125e125e125e125e125e12";
 const CALLER: &str = "ca11e2ca11e2ca11e2ca11e2ca11e2ca11e2ca11";
@@ -23,24 +20,6 @@ const STRANGER: &str = "57a2e257a2e257a2e257a2e257a2e257a2e257a2";
 
 fn id(s: &str) -> AppId {
     s.parse().unwrap()
-}
-
-/// The server's key and chain in the files nginx reads, fetched as dstack-vpc's mesh-serve.sh
-/// does (GetTlsKey, chain, root).
-async fn write_server_files(dir: &Path, socket: &Path) {
-    let resp = AgentClient::new(AgentAddress::Unix(socket.to_owned()))
-        .get_tls_key(&TlsKeyRequest {
-            subject: "localhost".into(),
-            usage_server_auth: true,
-            usage_client_auth: true,
-            with_app_info: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    std::fs::write(dir.join("server.key"), &resp.key).unwrap();
-    std::fs::write(dir.join("server.crt"), resp.certificate_chain.concat()).unwrap();
-    std::fs::write(dir.join("ca.crt"), resp.certificate_chain.last().unwrap()).unwrap();
 }
 
 fn start_nginx(dir: &Path, server_conf: &str) -> ChildGuard {
@@ -81,7 +60,7 @@ async fn nginx_with_our_auth_service_and_our_own_listener_agree() {
     let (caller, _a) = identity(d, &state, CALLER).await;
     let (stranger, _b) = identity(d, &state, STRANGER).await;
     let backend = Backend::start().await;
-    write_server_files(d, &server_sock).await;
+    e2e::write_nginx_identity(AgentAddress::Unix(server_sock.clone()), d).await;
 
     // The sidecar: auth service and inbound listener, on the dev agent's identity.
     let config = d.join("dstack-mesh.toml");

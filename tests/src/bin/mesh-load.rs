@@ -22,7 +22,7 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use ratls::{
-    agent::{AgentAddress, AgentClient, TlsKeyRequest},
+    agent::AgentClient,
     identity::{IdentityConfig, RotatingIdentity},
     tls::mesh_client_config,
     AppId, Policy,
@@ -119,7 +119,7 @@ fn main() {
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(write_identity(&agent, &out));
+            rt.block_on(e2e::write_nginx_identity(agent.parse().unwrap(), &out));
         }
         Cmd::Run(args) => {
             // One worker: the load client must leave the other core to the proxy under test.
@@ -151,24 +151,6 @@ async fn backend(listen: SocketAddr) {
                 .await;
         });
     }
-}
-
-async fn write_identity(agent: &str, out: &std::path::Path) {
-    let client = AgentClient::new(agent.parse::<AgentAddress>().unwrap());
-    let resp = client
-        .get_tls_key(&TlsKeyRequest {
-            subject: "localhost".into(),
-            usage_server_auth: true,
-            usage_client_auth: true,
-            with_app_info: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    std::fs::create_dir_all(out).unwrap();
-    std::fs::write(out.join("server.key"), &resp.key).unwrap();
-    std::fs::write(out.join("server.crt"), resp.certificate_chain.concat()).unwrap();
-    std::fs::write(out.join("ca.crt"), resp.certificate_chain.last().unwrap()).unwrap();
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
