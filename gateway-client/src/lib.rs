@@ -1,6 +1,13 @@
 //! Where a dstack target lives and how to reach it.
 //!
-//! This crate will hold target parsing from the `x-dstack-target-*` headers, gateway naming
-//! (`<id>-<port>s.<base_domain>`), gateway discovery from the CVM's sys-config, and the connector
-//! that dials and completes the RA-TLS handshake with [`ratls`]'s policy (issue 4). It is part
-//! of the workspace now so the layout, lints and dependency graph are fixed from the start.
+//! An app names the peer it wants with `x-dstack-target-*` headers ([`target`]); the sidecar
+//! turns that into an address and a TLS server name ([`address`]): through the dstack gateway,
+//! which passes TLS through to the target CVM by SNI (`<id>-<port>s.<base_domain>`), to one
+//! fixed address, or by a static table for networks where CVMs reach each other directly. The
+//! gateway's base domain and port come from its `/prpc/Info` ([`discovery`]).
+
+pub mod address;
+pub mod target;
+
+pub use address::{AddressError, Addressing, GatewaySetting, HostPort, Route};
+pub use target::{Target, TargetError, Transport};

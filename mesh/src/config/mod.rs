@@ -10,7 +10,6 @@ use std::{
     fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
-    str::FromStr,
     time::Duration,
 };
 
@@ -96,62 +95,8 @@ impl Allow {
     }
 }
 
-/// A `host:port` to connect to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HostPort {
-    /// Host name or IP literal (IPv6 without brackets).
-    pub host: String,
-    /// Port.
-    pub port: u16,
-}
-
-impl fmt::Display for HostPort {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
-}
-
-impl serde::Serialize for HostPort {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl FromStr for HostPort {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let s = s.strip_prefix("http://").unwrap_or(s).trim_end_matches('/');
-        let (host, port) = s
-            .rsplit_once(':')
-            .ok_or_else(|| format!("{s:?} is not host:port"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let valid_host = if host.contains(':') {
-            host.parse::<std::net::Ipv6Addr>().is_ok()
-        } else {
-            !host.is_empty()
-                && host
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
-        };
-        if !valid_host {
-            return Err(format!("{s:?}: bad host"));
-        }
-        match port.parse::<u16>() {
-            Ok(port) if port > 0 => Ok(Self {
-                host: host.to_owned(),
-                port,
-            }),
-            _ => Err(format!("{s:?}: port must be 1-65535")),
-        }
-    }
-}
-
+/// A `host:port` to connect to (defined with the gateway client, which dials them).
+pub use gateway_client::{GatewaySetting, HostPort};
 /// The inbound listener: mesh callers (and, later, public domains) on one TLS port.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct InboundConfig {
@@ -246,7 +191,7 @@ pub struct Config {
     /// The outbound proxy (`[client]`).
     pub client: ListenerConfig,
     /// The gateway domain (`[dstack]`).
-    pub gateway_domain: Option<String>,
+    pub gateway_domain: Option<GatewaySetting>,
     /// dstack-vpc's certificate files (`[tls]`).
     pub tls: TlsFiles,
 }
@@ -674,10 +619,20 @@ impl Config {
         }
 
         // [dstack], [tls]
-        let gateway_domain = first(env::GATEWAY_DOMAIN)
-            .map(|(_, v)| v)
-            .or_else(|| raw.dstack.as_ref().and_then(|d| d.gateway_domain.clone()))
-            .filter(|d| !d.trim().is_empty());
+        let gateway_text = match first(env::GATEWAY_DOMAIN) {
+            Some((var, v)) => Some((var.to_owned(), v)),
+            None => raw
+                .dstack
+                .as_ref()
+                .and_then(|d| d.gateway_domain.clone())
+                .filter(|d| !d.trim().is_empty())
+                .map(|d| ("dstack.gateway_domain".to_owned(), d)),
+        };
+        let gateway_domain = gateway_text.and_then(|(key, text)| {
+            text.parse::<GatewaySetting>()
+                .map_err(|e| c.fail(&key, e))
+                .ok()
+        });
         let tls_raw = raw.tls.clone().unwrap_or_default();
         let tls = TlsFiles {
             cert_file: tls_raw

@@ -34,7 +34,10 @@ fn dstack_vpc_file_loads_unchanged() {
         let c = Config::from_toml(&text, &no_env()).unwrap();
         assert_eq!(c.client.listen, "0.0.0.0:8091".parse().unwrap());
         assert_eq!(c.auth.listener.listen, "0.0.0.0:8092".parse().unwrap());
-        assert_eq!(c.gateway_domain.as_deref(), Some("fixed/127.0.0.1:443"));
+        assert_eq!(
+            c.gateway_domain,
+            Some(GatewaySetting::Fixed("127.0.0.1:443".parse().unwrap()))
+        );
         assert_eq!(c.tls.ca_file, PathBuf::from("/etc/ssl/certs/ca.crt"));
         assert_eq!(c.inbound.backend.to_string(), DEFAULT_BACKEND);
         assert_eq!(c.inbound.allow, Allow::OwnApp);
@@ -78,7 +81,13 @@ idle_timeout = 30
     assert_eq!(c.inbound.backend.to_string(), "127.0.0.1:7000");
     assert_eq!(c.inbound.allow, Allow::Any);
     assert_eq!(c.inbound.listen, "127.0.0.1:9444".parse().unwrap());
-    assert_eq!(c.gateway_domain.as_deref(), Some("gw.example.com"));
+    assert_eq!(
+        c.gateway_domain,
+        Some(GatewaySetting::Domain("gw.example.com".into()))
+    );
+    let bad = HashMap::from([("DSTACK_GATEWAY_DOMAIN", "not a domain")]);
+    let err = Config::from_toml("", &bad).unwrap_err();
+    assert!(err.to_string().contains("DSTACK_GATEWAY_DOMAIN"), "{err}");
 
     // The newer name wins over dstack-vpc's.
     let env = HashMap::from([

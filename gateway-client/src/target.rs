@@ -1,0 +1,257 @@
+//! The target an app asks for, read from its request headers.
+
+use http::HeaderMap;
+use ratls::AppId;
+
+/// The app to reach (hex app id). Without it the request is not for the mesh.
+pub const TARGET_APP: &str = "x-dstack-target-app";
+/// The port on the target CVM (default [`DEFAULT_PORT`]).
+pub const TARGET_PORT: &str = "x-dstack-target-port";
+/// A specific instance of the app (hex instance id).
+pub const TARGET_INSTANCE: &str = "x-dstack-target-instance";
+/// `false` to use the gateway's own TLS instead of mutual RA-TLS to the target.
+pub const TARGET_USE_TLS: &str = "x-dstack-target-use-tls";
+/// Every routing header, removed before a request is forwarded.
+pub const ROUTING_HEADERS: [&str; 4] = [TARGET_APP, TARGET_PORT, TARGET_INSTANCE, TARGET_USE_TLS];
+/// Port when none is named: the target's inbound listener.
+pub const DEFAULT_PORT: u16 = 443;
+
+/// How the connection to the target is secured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// Mutual RA-TLS with the target's sidecar, its app id verified in the handshake.
+    Mesh,
+    /// The gateway's own TLS (ordinary WebPKI); the target is not authenticated.
+    GatewayTls,
+}
+
+/// A peer an app wants to reach.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Target {
+    /// The app.
+    pub app_id: AppId,
+    /// The port on the target.
+    pub port: u16,
+    /// A specific instance, when named.
+    pub instance: Option<AppId>,
+    /// How the connection is secured.
+    pub transport: Transport,
+}
+
+/// A routing header that cannot be used. Each names the header.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TargetError {
+    /// The header is present but empty.
+    #[error("{header}: empty")]
+    Empty {
+        /// The header.
+        header: &'static str,
+    },
+    /// The header appears more than once.
+    #[error("{header}: given more than once")]
+    Duplicated {
+        /// The header.
+        header: &'static str,
+    },
+    /// The value is not what the header takes.
+    #[error("{header}: {value:?} is not {expected}")]
+    Invalid {
+        /// The header.
+        header: &'static str,
+        /// What was sent (truncated).
+        value: String,
+        /// What is expected.
+        expected: &'static str,
+    },
+    /// A routing header without `x-dstack-target-app`.
+    #[error("{header} given without {TARGET_APP}")]
+    WithoutApp {
+        /// The orphan header.
+        header: &'static str,
+    },
+}
+
+impl TargetError {
+    /// The header at fault.
+    pub fn header(&self) -> &'static str {
+        match self {
+            Self::Empty { header }
+            | Self::Duplicated { header }
+            | Self::Invalid { header, .. }
+            | Self::WithoutApp { header } => header,
+        }
+    }
+}
+
+/// One header's value: absent, or exactly one non-empty text value.
+fn single<'a>(
+    headers: &'a HeaderMap,
+    header: &'static str,
+) -> Result<Option<&'a str>, TargetError> {
+    let mut values = headers.get_all(header).iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(TargetError::Duplicated { header });
+    }
+    let text = first
+        .to_str()
+        .map_err(|_| invalid(header, "?", "visible ASCII"))?
+        .trim();
+    if text.is_empty() {
+        return Err(TargetError::Empty { header });
+    }
+    Ok(Some(text))
+}
+
+fn invalid(header: &'static str, value: &str, expected: &'static str) -> TargetError {
+    TargetError::Invalid {
+        header,
+        value: value.chars().take(80).collect(),
+        expected,
+    }
+}
+
+impl Target {
+    /// The target named by `headers`, `None` when there is no `x-dstack-target-app` (the
+    /// request is for the guest agent), or the first header that cannot be used.
+    pub fn from_headers(headers: &HeaderMap) -> Result<Option<Self>, TargetError> {
+        let Some(app) = single(headers, TARGET_APP)? else {
+            for header in [TARGET_PORT, TARGET_INSTANCE, TARGET_USE_TLS] {
+                if headers.contains_key(header) {
+                    return Err(TargetError::WithoutApp { header });
+                }
+            }
+            return Ok(None);
+        };
+        let app_id = app
+            .parse::<AppId>()
+            .map_err(|_| invalid(TARGET_APP, app, "a hex app id"))?;
+        let port = match single(headers, TARGET_PORT)? {
+            None => DEFAULT_PORT,
+            Some(p) => match p.parse::<u16>() {
+                Ok(port) if port > 0 => port,
+                _ => return Err(invalid(TARGET_PORT, p, "a port 1-65535")),
+            },
+        };
+        let instance = single(headers, TARGET_INSTANCE)?
+            .map(|i| {
+                i.parse::<AppId>()
+                    .map_err(|_| invalid(TARGET_INSTANCE, i, "a hex instance id"))
+            })
+            .transpose()?;
+        let transport = match single(headers, TARGET_USE_TLS)? {
+            None => Transport::Mesh,
+            // dstack-vpc's client accepted "true" and "1".
+            Some(v) if v.eq_ignore_ascii_case("true") || v == "1" => Transport::Mesh,
+            Some(v) if v.eq_ignore_ascii_case("false") || v == "0" => Transport::GatewayTls,
+            Some(v) => return Err(invalid(TARGET_USE_TLS, v, "true or false")),
+        };
+        Ok(Some(Self {
+            app_id,
+            port,
+            instance,
+            transport,
+        }))
+    }
+
+    /// The id the gateway routes by: the instance when named, else the app.
+    pub fn gateway_id(&self) -> &AppId {
+        self.instance.as_ref().unwrap_or(&self.app_id)
+    }
+}
+
+/// Remove the routing headers (before forwarding).
+pub fn strip_routing_headers(headers: &mut HeaderMap) {
+    for name in ROUTING_HEADERS {
+        headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::*;
+
+    const APP: &str = "5bb4ff9a3837357f19dc176407a5709c62eb6c56";
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn a_full_target() {
+        let t = Target::from_headers(&headers(&[
+            (TARGET_APP, &APP.to_uppercase()),
+            (TARGET_PORT, "8080"),
+            (TARGET_INSTANCE, "1691ed1b47506cad7d08834668691d88246f5b1f"),
+            (TARGET_USE_TLS, "false"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(t.app_id.to_string(), APP);
+        assert_eq!(t.port, 8080);
+        assert_eq!(t.transport, Transport::GatewayTls);
+        assert_eq!(
+            t.gateway_id().to_string(),
+            "1691ed1b47506cad7d08834668691d88246f5b1f"
+        );
+    }
+
+    #[test]
+    fn defaults_and_absence() {
+        let t = Target::from_headers(&headers(&[(TARGET_APP, APP)]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (t.port, t.transport, t.instance.clone()),
+            (443, Transport::Mesh, None)
+        );
+        assert_eq!(t.gateway_id().to_string(), APP);
+        assert_eq!(Target::from_headers(&HeaderMap::new()).unwrap(), None);
+    }
+
+    #[test]
+    fn every_bad_value_names_its_header() {
+        let cases: &[(&[(&'static str, &str)], &str)] = &[
+            (&[(TARGET_APP, "not-hex")], TARGET_APP),
+            (&[(TARGET_APP, "")], TARGET_APP),
+            (&[(TARGET_APP, APP), (TARGET_APP, APP)], TARGET_APP),
+            (&[(TARGET_APP, APP), (TARGET_PORT, "0")], TARGET_PORT),
+            (&[(TARGET_APP, APP), (TARGET_PORT, "70000")], TARGET_PORT),
+            (&[(TARGET_APP, APP), (TARGET_PORT, "")], TARGET_PORT),
+            (
+                &[(TARGET_APP, APP), (TARGET_PORT, "80"), (TARGET_PORT, "81")],
+                TARGET_PORT,
+            ),
+            (
+                &[(TARGET_APP, APP), (TARGET_INSTANCE, "xyz")],
+                TARGET_INSTANCE,
+            ),
+            (
+                &[(TARGET_APP, APP), (TARGET_USE_TLS, "yes")],
+                TARGET_USE_TLS,
+            ),
+            (&[(TARGET_PORT, "80")], TARGET_PORT),
+        ];
+        for (pairs, header) in cases {
+            let err = Target::from_headers(&headers(pairs)).unwrap_err();
+            assert_eq!(err.header(), *header, "{pairs:?}: {err}");
+            assert!(err.to_string().starts_with(header), "{err}");
+        }
+    }
+
+    #[test]
+    fn routing_headers_are_stripped() {
+        let mut h = headers(&[(TARGET_APP, APP), (TARGET_PORT, "80"), ("x-other", "kept")]);
+        strip_routing_headers(&mut h);
+        assert_eq!(h.len(), 1);
+    }
+}
