@@ -7,6 +7,7 @@
 //! gateway's base domain and port come from its `/prpc/Info` ([`discovery`]).
 
 pub mod address;
+pub mod discovery;
 pub mod target;
 
 pub use address::{AddressError, Addressing, GatewaySetting, HostPort, Route};
