@@ -1,0 +1,275 @@
+//! The connector: from a [`Target`] to a TLS stream whose peer has been verified.
+//!
+//! For the mesh, the handshake presents this sidecar's RA-TLS certificate and accepts only a
+//! server whose chain reaches the trust anchors and whose app id is the target's; a wrong peer
+//! fails inside the handshake, before any request byte is written. For the gateway's own TLS
+//! (`x-dstack-target-use-tls: false`) the server is verified as ordinary WebPKI and the
+//! connection is marked unauthenticated.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use ratls::{tls::CertResolver, Policy, Rejection, TrustAnchors, VerifiedPeer};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use crate::{
+    address::{AddressError, Addressing, Route},
+    target::{Target, Transport},
+};
+
+/// Deadline for the TCP connection.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline for the TLS handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A verified connection to a target.
+#[derive(Debug)]
+pub struct Connected {
+    /// The TLS stream.
+    pub stream: TlsStream<TcpStream>,
+    /// The peer's verified identity; `None` over the gateway's own TLS.
+    pub peer: Option<VerifiedPeer>,
+    /// Whether the peer chose h2.
+    pub h2: bool,
+    /// Where it went.
+    pub route: Route,
+}
+
+/// Which step of connecting failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// TCP connect (including name resolution).
+    Connect,
+    /// TLS handshake.
+    Handshake,
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Connect => "connect",
+            Self::Handshake => "TLS handshake",
+        })
+    }
+}
+
+/// Why a target could not be reached.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The target has no address.
+    #[error(transparent)]
+    NoRoute(#[from] AddressError),
+    /// A step did not finish in time.
+    #[error("{stage} to {addr} timed out after {timeout:?}")]
+    Timeout {
+        /// The step.
+        stage: Stage,
+        /// Where.
+        addr: String,
+        /// The deadline.
+        timeout: Duration,
+    },
+    /// Connecting or the handshake failed.
+    #[error("{stage} to {addr} failed: {reason}")]
+    Failed {
+        /// The step.
+        stage: Stage,
+        /// Where.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The peer is not who the target names: refused in the handshake.
+    #[error("peer at {addr} refused: {rejection}")]
+    Refused {
+        /// Where.
+        addr: String,
+        /// What the verification said.
+        rejection: Rejection,
+    },
+    /// Our own TLS settings could not be built.
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+/// Settings of a [`Connector`].
+#[derive(Clone, Debug)]
+pub struct ConnectorConfig {
+    /// TCP connect deadline.
+    pub connect_timeout: Duration,
+    /// TLS handshake deadline.
+    pub handshake_timeout: Duration,
+    /// ALPN offered to mesh peers (h2 first, so sidecars multiplex).
+    pub alpn: Vec<Vec<u8>>,
+}
+
+impl Default for ConnectorConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            alpn: ratls::tls::MESH_ALPN.iter().map(|p| p.to_vec()).collect(),
+        }
+    }
+}
+
+/// Dials targets and verifies them. Cheap to clone.
+#[derive(Clone)]
+pub struct Connector {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    addressing: Addressing,
+    resolver: CertResolver,
+    anchors: TrustAnchors,
+    /// For the gateway's own TLS: public roots.
+    webpki: Option<Arc<rustls::ClientConfig>>,
+    config: ConnectorConfig,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector")
+            .field("addressing", &self.inner.addressing)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connector {
+    /// A connector presenting `resolver`'s certificate, trusting `anchors` for mesh peers and
+    /// `webpki` (if given) for the gateway's own TLS.
+    pub fn new(
+        addressing: Addressing,
+        resolver: CertResolver,
+        anchors: TrustAnchors,
+        webpki: Option<Arc<rustls::ClientConfig>>,
+        config: ConnectorConfig,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                addressing,
+                resolver,
+                anchors,
+                webpki,
+                config,
+            }),
+        }
+    }
+
+    /// Where `target` would be dialled.
+    pub fn route(&self, target: &Target) -> Result<Route, AddressError> {
+        self.inner.addressing.route(target)
+    }
+
+    /// Dial `target` and complete the verified handshake.
+    pub async fn connect(&self, target: &Target) -> Result<Connected, ConnectError> {
+        let inner = &self.inner;
+        let route = inner.addressing.route(target)?;
+        let addr = route.connect.to_string();
+        let tls = match target.transport {
+            Transport::Mesh => {
+                // A policy per target: the expected app id is what makes the peer the target.
+                let policy = Policy::new(inner.anchors.clone()).expect(target.app_id.clone());
+                let mut config =
+                    ratls::tls::mesh_client_config(inner.resolver.clone(), Arc::new(policy))
+                        .map_err(|e| ConnectError::Config(e.to_string()))?;
+                config.alpn_protocols = inner.config.alpn.clone();
+                Arc::new(config)
+            }
+            Transport::GatewayTls => inner.webpki.clone().ok_or_else(|| {
+                ConnectError::Config("no public roots configured for the gateway's own TLS".into())
+            })?,
+        };
+        let name = ServerName::try_from(route.server_name.clone())
+            .map_err(|e| ConnectError::Config(format!("server name {}: {e}", route.server_name)))?;
+
+        let connect = TcpStream::connect((route.connect.host.as_str(), route.connect.port));
+        let tcp = match tokio::time::timeout(inner.config.connect_timeout, connect).await {
+            Err(_) => {
+                return Err(ConnectError::Timeout {
+                    stage: Stage::Connect,
+                    addr,
+                    timeout: inner.config.connect_timeout,
+                })
+            }
+            Ok(Err(e)) => {
+                return Err(ConnectError::Failed {
+                    stage: Stage::Connect,
+                    addr,
+                    reason: e.to_string(),
+                })
+            }
+            Ok(Ok(tcp)) => tcp,
+        };
+        let _ = tcp.set_nodelay(true);
+        let handshake = tokio_rustls::TlsConnector::from(tls).connect(name, tcp);
+        let stream = match tokio::time::timeout(inner.config.handshake_timeout, handshake).await {
+            Err(_) => {
+                return Err(ConnectError::Timeout {
+                    stage: Stage::Handshake,
+                    addr,
+                    timeout: inner.config.handshake_timeout,
+                })
+            }
+            Ok(Err(e)) => {
+                let rejection = e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                    .and_then(Rejection::from_tls_error);
+                return Err(match rejection {
+                    Some(rejection) => ConnectError::Refused { addr, rejection },
+                    None => ConnectError::Failed {
+                        stage: Stage::Handshake,
+                        addr,
+                        reason: e.to_string(),
+                    },
+                });
+            }
+            Ok(Ok(stream)) => stream,
+        };
+        let conn = stream.get_ref().1;
+        let h2 = conn.alpn_protocol() == Some(b"h2");
+        let peer = match target.transport {
+            Transport::Mesh => Some(ratls::verifier::peer_identity(conn).map_err(|rejection| {
+                ConnectError::Refused {
+                    addr: addr.clone(),
+                    rejection,
+                }
+            })?),
+            Transport::GatewayTls => None,
+        };
+        Ok(Connected {
+            stream,
+            peer,
+            h2,
+            route,
+        })
+    }
+}
+
+impl tower::Service<Target> for Connector {
+    type Response = Connected;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<Connected, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, target: Target) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { this.connect(&target).await })
+    }
+}
+
+#[cfg(test)]
+mod tests;
