@@ -300,6 +300,10 @@ impl Check {
             Some(DurationValue::Text(t)) => parse_duration(t),
         };
         match parsed {
+            Ok(d) if d.is_zero() => {
+                self.fail(key, "must be greater than zero");
+                default
+            }
             Ok(d) if d <= MAX_DURATION => d,
             Ok(d) => {
                 self.fail(
@@ -539,21 +543,6 @@ impl Config {
             max_connections: ib.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
             max_header_bytes: ib.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES),
         };
-        for (key, d) in [
-            ("inbound.handshake_timeout", inbound.handshake_timeout),
-            ("inbound.header_timeout", inbound.header_timeout),
-            ("inbound.idle_timeout", inbound.idle_timeout),
-            (
-                "inbound.backend_connect_timeout",
-                inbound.backend_connect_timeout,
-            ),
-            ("inbound.backend_timeout", inbound.backend_timeout),
-            ("agent.timeout", agent.timeout),
-        ] {
-            if d.is_zero() {
-                c.fail(key, "must be greater than zero");
-            }
-        }
         if !(1..=MAX_CONNECTIONS).contains(&inbound.max_connections) {
             c.fail(
                 "inbound.max_connections",
