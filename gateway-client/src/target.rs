@@ -38,6 +38,20 @@ pub struct Target {
     pub transport: Transport,
 }
 
+impl std::fmt::Display for Target {
+    /// `app:port`, with `@instance` when one is named and ` (gateway TLS)` without mTLS.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.app_id, self.port)?;
+        if let Some(instance) = &self.instance {
+            write!(f, "@{instance}")?;
+        }
+        if self.transport == Transport::GatewayTls {
+            f.write_str(" (gateway TLS)")?;
+        }
+        Ok(())
+    }
+}
+
 /// A routing header that cannot be used. Each names the header.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

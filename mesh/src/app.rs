@@ -12,6 +12,7 @@ use crate::{
     auth::AuthService,
     config::Config,
     inbound::{self, Inbound},
+    outbound::{self, AgentPassthrough, Outbound},
 };
 
 /// Why the sidecar could not start.
@@ -23,6 +24,9 @@ pub enum StartError {
     /// The inbound side could not be built or bound.
     #[error(transparent)]
     Inbound(#[from] inbound::InboundError),
+    /// The outbound proxy could not be built or bound.
+    #[error(transparent)]
+    Outbound(#[from] outbound::OutboundError),
     /// A listener could not be bound.
     #[error("{what} {addr}: {source}")]
     Bind {
@@ -44,8 +48,12 @@ pub struct App {
     pub inbound: Option<Arc<Inbound>>,
     /// The auth service, when enabled.
     pub auth: Option<Arc<AuthService>>,
+    /// The outbound proxy, when enabled.
+    pub outbound: Option<Arc<Outbound>>,
     bound: Vec<(&'static str, SocketAddr)>,
     tasks: JoinSet<()>,
+    /// Held so that dropping the app aborts them.
+    _background: JoinSet<()>,
 }
 
 impl App {
@@ -69,6 +77,8 @@ impl App {
     ) -> Result<Self, StartError> {
         let mut bound = Vec::new();
         let mut tasks = JoinSet::new();
+        // Tasks that end when their work is done (listeners must not).
+        let mut background = JoinSet::new();
 
         // Bind everything before serving anything: a port in use fails the start, not later.
         let inbound = match config.inbound.enabled {
@@ -105,6 +115,29 @@ impl App {
             }
             false => None,
         };
+        let outbound = match config.client.enabled {
+            true => {
+                let anchors = inbound::mesh_anchors(&config.inbound, &identity)?;
+                let agent = AgentPassthrough::new(
+                    identity.agent().clone(),
+                    config.outbound.agent_key_methods,
+                );
+                let outbound = Arc::new(Outbound::new(
+                    config.client.listen,
+                    config.outbound.clone(),
+                    identity.resolver(),
+                    anchors,
+                    Some(agent),
+                )?);
+                if !config.client.listen.ip().is_loopback() {
+                    tracing::warn!(addr = %config.client.listen, "the outbound proxy listens beyond loopback: anything that reaches it can call other apps as this app");
+                }
+                let listener = outbound.bind().await?;
+                bound.push(("outbound", local(&listener)));
+                Some((outbound, listener))
+            }
+            false => None,
+        };
 
         let inbound = inbound.map(|(inbound, listener)| {
             tasks.spawn(inbound.clone().serve(listener));
@@ -114,6 +147,17 @@ impl App {
             tasks.spawn(auth.clone().serve(listener));
             auth
         });
+        let outbound = outbound.map(|(outbound, listener)| {
+            match outbound::configured_addressing(&config.outbound, config.gateway_domain.as_ref())
+            {
+                Some((addressing, domain)) => outbound.set_addressing(addressing, domain),
+                None => {
+                    background.spawn(outbound.clone().discover_gateway());
+                }
+            }
+            tasks.spawn(outbound.clone().serve(listener));
+            outbound
+        });
         for (what, addr) in &bound {
             tracing::info!(listener = what, %addr, "listening");
         }
@@ -121,12 +165,14 @@ impl App {
             identity,
             inbound,
             auth,
+            outbound,
             bound,
             tasks,
+            _background: background,
         })
     }
 
-    /// The address a listener actually bound (`inbound`, `auth`).
+    /// The address a listener actually bound (`inbound`, `auth`, `outbound`).
     pub fn addr(&self, what: &str) -> Option<SocketAddr> {
         self.bound.iter().find(|(w, _)| *w == what).map(|(_, a)| *a)
     }

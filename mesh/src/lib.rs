@@ -9,6 +9,7 @@ pub mod config;
 pub mod demo;
 pub mod inbound;
 pub mod logging;
+pub mod outbound;
 pub mod proxy;
 pub mod run;
 pub mod tools;

@@ -424,27 +424,35 @@ impl AgentClient {
         serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))
     }
 
-    /// Call `method` and return the status and body as they came.
-    pub async fn call_raw<Req: Serialize + ?Sized>(
+    /// Pass a request through to `method` as it came: `GET` with its query, or `POST` with its
+    /// body and content type. Returns the status, content type and body as the agent sent them.
+    /// The legacy agent (tappd) names its methods `/prpc/Tappd.<Method>`.
+    pub async fn passthrough(
         &self,
+        http_method: Method,
         method: &str,
-        body: &Req,
-    ) -> Result<(StatusCode, Bytes), AgentError> {
+        query: Option<&str>,
+        content_type: Option<http::HeaderValue>,
+        body: Bytes,
+    ) -> Result<(StatusCode, Option<http::HeaderValue>, Bytes), AgentError> {
         let transport_err = |reason: String| AgentError::Transport {
             address: self.address.to_string(),
             method: method.to_owned(),
             reason,
         };
-        let body = serde_json::to_vec(body).map_err(|e| transport_err(e.to_string()))?;
-        let path = if self.address.is_legacy() {
-            format!("/prpc/Tappd.{method}?json")
+        let mut path = if self.address.is_legacy() {
+            format!("/prpc/Tappd.{method}")
         } else {
             format!("/{method}")
         };
-        let builder = Request::builder()
-            .method(Method::POST)
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::ACCEPT, "application/json");
+        if let Some(q) = query.filter(|q| !q.is_empty()) {
+            path.push('?');
+            path.push_str(q);
+        }
+        let mut builder = Request::builder().method(http_method);
+        if let Some(ct) = content_type {
+            builder = builder.header(header::CONTENT_TYPE, ct);
+        }
         let fut = async {
             let resp = match &self.transport {
                 Transport::Unix(client, socket) => {
@@ -465,12 +473,13 @@ impl AgentClient {
             }
             .map_err(|e| transport_err(crate::error_chain(&e)))?;
             let status = resp.status();
+            let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
             let bytes = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
                 .collect()
                 .await
                 .map_err(|e| transport_err(format!("reading body: {e}")))?
                 .to_bytes();
-            Ok((status, bytes))
+            Ok((status, content_type, bytes))
         };
         tokio::time::timeout(self.timeout, fut)
             .await
@@ -479,6 +488,26 @@ impl AgentClient {
                 method: method.to_owned(),
                 timeout: self.timeout,
             })?
+    }
+
+    /// Call `method` and return the status and body as they came.
+    pub async fn call_raw<Req: Serialize + ?Sized>(
+        &self,
+        method: &str,
+        body: &Req,
+    ) -> Result<(StatusCode, Bytes), AgentError> {
+        let body = serde_json::to_vec(body).map_err(|e| AgentError::Transport {
+            address: self.address.to_string(),
+            method: method.to_owned(),
+            reason: e.to_string(),
+        })?;
+        // tappd answers JSON only when asked with `?json`.
+        let query = self.address.is_legacy().then_some("json");
+        let json = http::HeaderValue::from_static("application/json");
+        let (status, _, bytes) = self
+            .passthrough(Method::POST, method, query, Some(json), body.into())
+            .await?;
+        Ok((status, bytes))
     }
 }
 

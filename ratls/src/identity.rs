@@ -330,6 +330,11 @@ impl RotatingIdentity {
         CertResolver::identity(self.shared.current.clone())
     }
 
+    /// The guest agent the identity comes from.
+    pub fn agent(&self) -> &AgentClient {
+        &self.shared.agent
+    }
+
     /// A receiver that sees every new identity.
     pub fn subscribe(&self) -> watch::Receiver<Arc<Identity>> {
         self.shared.tx.subscribe()

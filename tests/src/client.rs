@@ -22,6 +22,11 @@ pub fn empty() -> ClientBody {
     Full::new(Bytes::new()).boxed()
 }
 
+/// A complete body.
+pub fn full(bytes: impl Into<Bytes>) -> ClientBody {
+    Full::new(bytes.into()).boxed()
+}
+
 /// A chunk-by-chunk body and its sender.
 pub fn channel() -> (tokio::sync::mpsc::Sender<Bytes>, ClientBody) {
     let (tx, body) = ChannelBody::pair();

@@ -67,7 +67,7 @@ async fn nginx_with_our_auth_service_and_our_own_listener_agree() {
     std::fs::write(
         &config,
         format!(
-            "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\nallowed_apps = \"{CALLER}\"\n\n[auth]\naddress = \"127.0.0.1\"\nport = 0\n\n[tls]\ncert_file = \"{d}/server.crt\"\nkey_file = \"{d}/server.key\"\nca_file = \"{d}/ca.crt\"\n",
+            "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\nallowed_apps = \"{CALLER}\"\n\n[auth]\naddress = \"127.0.0.1\"\nport = 0\n\n[client]\naddress = \"127.0.0.1\"\nport = 0\n\n[tls]\ncert_file = \"{d}/server.crt\"\nkey_file = \"{d}/server.key\"\nca_file = \"{d}/ca.crt\"\n",
             sock = server_sock.display(),
             backend = backend.addr,
             d = d.display(),

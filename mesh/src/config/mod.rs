@@ -45,6 +45,14 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 << 10;
 pub const MAX_DURATION: Duration = Duration::from_secs(30 * 86400);
 /// Most inbound connections accepted at once.
 pub const MAX_CONNECTIONS: usize = 1_000_000;
+/// Outbound: TCP connect deadline to a peer or the gateway.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Outbound: the peer must send its response head within this after the upload ends.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Outbound: an idle pooled peer connection is closed after this (under the gateway's ~10 min).
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Outbound: h2 PING interval on pooled peer connections.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// Guest-agent call deadline.
 pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -142,6 +150,38 @@ pub struct ListenerConfig {
     pub listen: SocketAddr,
 }
 
+/// The outbound proxy's behaviour (`[outbound]`; its listener is dstack-vpc's `[client]`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct OutboundConfig {
+    /// Requests without a target header go to the guest agent.
+    pub agent_passthrough: bool,
+    /// Key-bearing agent methods (GetKey, GetTlsKey, Sign, ...) pass too.
+    pub agent_key_methods: bool,
+    /// TCP connect deadline.
+    #[serde(with = "secs")]
+    pub connect_timeout: Duration,
+    /// TLS handshake deadline.
+    #[serde(with = "secs")]
+    pub handshake_timeout: Duration,
+    /// Response-head deadline, counted from the end of the upload.
+    #[serde(with = "secs")]
+    pub response_timeout: Duration,
+    /// Idle pooled connections close after this.
+    #[serde(with = "secs")]
+    pub pool_idle_timeout: Duration,
+    /// h2 PING interval on pooled connections.
+    #[serde(with = "secs")]
+    pub keepalive_interval: Duration,
+    /// Dial this address for every gateway name (the SNI stays the gateway name).
+    pub gateway_address: Option<HostPort>,
+    /// Extra roots (PEM) for the gateway's own TLS, beside the public WebPKI roots.
+    pub gateway_roots: Option<PathBuf>,
+    /// The CVM's sys-config, where `gateway_urls` come from when no gateway is configured.
+    pub sys_config: PathBuf,
+    /// Direct addresses by app id (networks where CVMs reach each other without the gateway).
+    pub routes: std::collections::BTreeMap<AppId, HostPort>,
+}
+
 /// The auth service for nginx's `auth_request`.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct AuthConfig {
@@ -188,8 +228,10 @@ pub struct Config {
     pub inbound: InboundConfig,
     /// The auth service.
     pub auth: AuthConfig,
-    /// The outbound proxy (`[client]`).
+    /// The outbound proxy's listener (`[client]`).
     pub client: ListenerConfig,
+    /// The outbound proxy's behaviour.
+    pub outbound: OutboundConfig,
     /// The gateway domain (`[dstack]`).
     pub gateway_domain: Option<GatewaySetting>,
     /// dstack-vpc's certificate files (`[tls]`).
@@ -607,6 +649,69 @@ impl Config {
             );
         }
 
+        // [outbound]
+        let ob = raw.outbound.clone().unwrap_or_default();
+        let mut routes = std::collections::BTreeMap::new();
+        for (app, addr) in ob.routes.iter().flatten() {
+            let key = format!("outbound.routes.{app}");
+            match (app.parse::<AppId>(), addr.parse::<HostPort>()) {
+                (Ok(app), Ok(addr)) => {
+                    routes.insert(app, addr);
+                }
+                (Err(e), _) => c.fail(&key, format!("not an app id: {e}")),
+                (_, Err(e)) => c.fail(&key, e),
+            }
+        }
+        let gateway_roots = ob.gateway_roots.as_ref().map(PathBuf::from);
+        if let Some(path) = &gateway_roots {
+            let parsed = std::fs::read(path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| ratls::cert::parse_chain(&b).map_err(|e| e.to_string()));
+            if let Err(e) = parsed {
+                c.fail("outbound.gateway_roots", format!("{}: {e}", path.display()));
+            }
+        }
+        let outbound = OutboundConfig {
+            agent_passthrough: ob.agent_passthrough.unwrap_or(true),
+            agent_key_methods: ob.agent_key_methods.unwrap_or(false),
+            connect_timeout: c.duration(
+                "outbound.connect_timeout",
+                ob.connect_timeout.as_ref(),
+                DEFAULT_CONNECT_TIMEOUT,
+            ),
+            handshake_timeout: c.duration(
+                "outbound.handshake_timeout",
+                ob.handshake_timeout.as_ref(),
+                DEFAULT_HANDSHAKE_TIMEOUT,
+            ),
+            response_timeout: c.duration(
+                "outbound.response_timeout",
+                ob.response_timeout.as_ref(),
+                DEFAULT_RESPONSE_TIMEOUT,
+            ),
+            pool_idle_timeout: c.duration(
+                "outbound.pool_idle_timeout",
+                ob.pool_idle_timeout.as_ref(),
+                DEFAULT_POOL_IDLE_TIMEOUT,
+            ),
+            keepalive_interval: c.duration(
+                "outbound.keepalive_interval",
+                ob.keepalive_interval.as_ref(),
+                DEFAULT_KEEPALIVE_INTERVAL,
+            ),
+            gateway_address: ob.gateway_address.as_deref().and_then(|a| {
+                a.parse::<HostPort>()
+                    .map_err(|e| c.fail("outbound.gateway_address", e))
+                    .ok()
+            }),
+            gateway_roots,
+            sys_config: ob.sys_config.map_or_else(
+                || gateway_client::discovery::DEFAULT_SYS_CONFIG.into(),
+                PathBuf::from,
+            ),
+            routes,
+        };
+
         // [dstack], [tls]
         let gateway_text = match first(env::GATEWAY_DOMAIN) {
             Some((var, v)) => Some((var.to_owned(), v)),
@@ -677,6 +782,7 @@ impl Config {
                     .unwrap_or(true),
             },
             client,
+            outbound,
             gateway_domain,
             tls,
         })

@@ -91,7 +91,24 @@ pub struct RawInbound {
 /// The whole file.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawOutbound {
+    pub agent_passthrough: Option<bool>,
+    pub agent_key_methods: Option<bool>,
+    pub connect_timeout: Option<DurationValue>,
+    pub handshake_timeout: Option<DurationValue>,
+    pub response_timeout: Option<DurationValue>,
+    pub pool_idle_timeout: Option<DurationValue>,
+    pub keepalive_interval: Option<DurationValue>,
+    pub gateway_address: Option<String>,
+    pub gateway_roots: Option<String>,
+    pub sys_config: Option<String>,
+    pub routes: Option<std::collections::BTreeMap<String, String>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawConfig {
+    pub outbound: Option<RawOutbound>,
     pub client: Option<RawListener>,
     pub auth: Option<RawListener>,
     pub dstack: Option<RawDstack>,

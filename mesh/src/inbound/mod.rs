@@ -75,6 +75,17 @@ pub fn mesh_policy(
     allow: &Allow,
     identity: &RotatingIdentity,
 ) -> Result<Policy, InboundError> {
+    let anchors = mesh_anchors(config, identity)?;
+    Ok(Policy::new(anchors)
+        .allow(allow.resolve(&identity.current().app_id))
+        .require_attestation(config.require_attestation))
+}
+
+/// The roots mesh peers must chain to: our KMS root plus configured anchors (federation).
+pub fn mesh_anchors(
+    config: &InboundConfig,
+    identity: &RotatingIdentity,
+) -> Result<TrustAnchors, InboundError> {
     let current = identity.current();
     let mut roots = vec![current.root.clone()];
     for path in &config.trust_anchors {
@@ -85,13 +96,10 @@ pub fn mesh_policy(
         let bytes = std::fs::read(path).map_err(|e| anchor_err(e.to_string()))?;
         roots.extend(ratls::cert::parse_chain(&bytes).map_err(|e| anchor_err(e.to_string()))?);
     }
-    let anchors = TrustAnchors::new(&roots).map_err(|e| InboundError::Anchor {
+    TrustAnchors::new(&roots).map_err(|e| InboundError::Anchor {
         path: "(trust anchors)".into(),
         reason: e.to_string(),
-    })?;
-    Ok(Policy::new(anchors)
-        .allow(allow.resolve(&current.app_id))
-        .require_attestation(config.require_attestation))
+    })
 }
 
 impl Inbound {

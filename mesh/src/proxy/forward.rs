@@ -57,10 +57,33 @@ fn wants_websocket(req: &Request<Incoming>) -> bool {
 /// WebSocket upgrade is spliced under `tunnel`; without one, upgrades are not forwarded.
 pub async fn forward(
     upstream: &Upstream,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     tunnel: Option<Tunnel>,
     set_headers: impl FnOnce(&mut HeaderMap),
 ) -> Result<Response<Body>, UpstreamError> {
+    forward_with(req, tunnel, set_headers, upstream.authority(), |req| {
+        upstream.send(req)
+    })
+    .await
+}
+
+/// Whether `req` is a WebSocket upgrade this proxy would splice (given a tunnel).
+pub fn is_websocket(req: &Request<Incoming>) -> bool {
+    wants_websocket(req)
+}
+
+/// [`forward`] through any sender: `send` takes the prepared request and returns the
+/// upstream's response head; `upstream` names it in errors.
+pub async fn forward_with<F>(
+    mut req: Request<Incoming>,
+    tunnel: Option<Tunnel>,
+    set_headers: impl FnOnce(&mut HeaderMap),
+    upstream: &str,
+    send: impl FnOnce(Request<Body>) -> F,
+) -> Result<Response<Body>, UpstreamError>
+where
+    F: std::future::Future<Output = Result<Response<Incoming>, UpstreamError>>,
+{
     let upgrade = tunnel.filter(|_| wants_websocket(&req));
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let from_h2 = req.version() == Version::HTTP_2;
@@ -80,7 +103,7 @@ pub async fn forward(
     set_headers(&mut parts.headers);
     let req = Request::from_parts(parts, body.map_err(Into::into).boxed());
 
-    let mut resp = upstream.send(req).await?;
+    let mut resp = send(req).await?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let answered_websocket = resp
             .headers()
@@ -94,7 +117,7 @@ pub async fn forward(
             }
             _ => {
                 return Err(UpstreamError::Failed {
-                    upstream: upstream.authority().to_owned(),
+                    upstream: upstream.to_owned(),
                     reason: "switched protocols without being asked for a WebSocket".into(),
                 })
             }

@@ -10,9 +10,10 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 
-pub use forward::{forward, Tunnel};
+pub use forward::{forward, forward_with, is_websocket, Tunnel};
 pub use headers::{remove_hop_by_hop, strip_forgeable, CallerHeaders, IDENTITY_HEADERS};
 pub use idle::{Activity, GuardedBody, IdleIo, RequestGuard};
+pub(crate) use upstream::exchange;
 pub use upstream::{Upstream, UpstreamConfig, UpstreamError};
 
 /// Any error a body can raise.
@@ -29,8 +30,20 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 
 /// A short JSON error for the caller; the details belong in the log line, not here.
 pub fn error_response(status: StatusCode, error: &str) -> Response<Body> {
-    let body = serde_json::json!({ "error": error }).to_string();
-    let mut resp = Response::new(full(body));
+    json_response(status, serde_json::json!({ "error": error }).to_string())
+}
+
+/// A JSON error with its detail, for callers that may know it (the local app, not a peer).
+pub fn detailed_error(status: StatusCode, error: &str, detail: &str) -> Response<Body> {
+    json_response(
+        status,
+        serde_json::json!({ "error": error, "detail": detail }).to_string(),
+    )
+}
+
+/// A JSON answer.
+pub fn json_response(status: StatusCode, json: String) -> Response<Body> {
+    let mut resp = Response::new(full(json));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

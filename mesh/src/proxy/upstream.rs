@@ -63,6 +63,30 @@ pub enum UpstreamError {
         /// Why.
         reason: String,
     },
+    /// Connecting (TCP or TLS handshake) did not finish in time.
+    #[error("upstream {upstream}: {reason}")]
+    ConnectTimeout {
+        /// The upstream.
+        upstream: String,
+        /// Which step and how long.
+        reason: String,
+    },
+    /// The peer is not the one asked for: refused inside the handshake, nothing was sent.
+    #[error("upstream {upstream} refused: {reason}")]
+    Refused {
+        /// The upstream.
+        upstream: String,
+        /// What the verification said.
+        reason: String,
+    },
+    /// The peer refused us (our certificate) after the handshake.
+    #[error("upstream {upstream} refused this caller: {reason}")]
+    Rejected {
+        /// The upstream.
+        upstream: String,
+        /// Why, as far as we can tell.
+        reason: String,
+    },
     /// Connected, but no response head within the deadline.
     #[error("upstream {upstream} sent no response within {timeout:?}")]
     Timeout {
@@ -95,7 +119,7 @@ impl UpstreamError {
     /// limit, 400 when the caller broke off its own request.
     pub fn status(&self) -> http::StatusCode {
         match self {
-            Self::Timeout { .. } => http::StatusCode::GATEWAY_TIMEOUT,
+            Self::Timeout { .. } | Self::ConnectTimeout { .. } => http::StatusCode::GATEWAY_TIMEOUT,
             Self::Busy { .. } => http::StatusCode::SERVICE_UNAVAILABLE,
             Self::CallerAborted => http::StatusCode::BAD_REQUEST,
             _ => http::StatusCode::BAD_GATEWAY,
@@ -165,47 +189,20 @@ impl Upstream {
         *req.uri_mut() = Uri::from_parts(parts).map_err(|e| self.failed(e.into()))?;
         *req.version_mut() = Version::HTTP_11;
 
-        let timeout = self.config.response_timeout;
-        let timed_out = || UpstreamError::Timeout {
-            upstream: self.authority.to_string(),
-            timeout,
-        };
-        // A bounded number of requests at the upstream at once: past it, callers wait (within
-        // the response deadline) instead of exhausting file descriptors for everyone.
-        let _slot =
-            match tokio::time::timeout(timeout, self.in_flight.clone().acquire_owned()).await {
-                Ok(Ok(slot)) => slot,
-                _ => {
-                    return Err(UpstreamError::Busy {
-                        upstream: self.authority.to_string(),
-                    })
-                }
-            };
-        // The response deadline starts when the request body has been sent: a slow upload is
-        // the caller's pace, not a slow upstream.
-        let (req, sent) = watch_body(req);
-        let exchange = self.client.request(req);
-        tokio::pin!(exchange);
-        let deadline = async {
-            sent.ended.notified().await;
-            tokio::time::sleep(timeout).await;
-        };
-        let result = tokio::select! {
-            result = &mut exchange => result,
-            _ = deadline => return Err(timed_out()),
-        };
-        match result {
-            Ok(resp) => Ok(resp),
-            Err(e) if e.is_connect() => Err(UpstreamError::Connect {
-                upstream: self.authority.to_string(),
-                reason: crate::error_chain(&e),
-            }),
-            // The caller's own body failed (it went away mid-upload): its doing, not ours.
-            Err(_) if sent.caller_failed.load(Ordering::Relaxed) => {
-                Err(UpstreamError::CallerAborted)
-            }
-            Err(e) => Err(self.failed(Box::new(e))),
-        }
+        exchange(
+            &self.client,
+            &self.in_flight,
+            req,
+            self.config.response_timeout,
+            self.authority.as_str(),
+            |e| {
+                e.is_connect().then(|| UpstreamError::Connect {
+                    upstream: self.authority.to_string(),
+                    reason: crate::error_chain(e),
+                })
+            },
+        )
+        .await
     }
 
     /// `host:port` of the upstream.
@@ -217,6 +214,61 @@ impl Upstream {
         UpstreamError::Failed {
             upstream: self.authority.to_string(),
             reason: crate::error_chain(e.as_ref()),
+        }
+    }
+}
+
+/// Send `req` on `client`: wait for a slot under `in_flight`, then for the response head
+/// within `timeout` counted from the end of the upload. `classify` turns the client's own
+/// errors (connect failures above all) into typed ones; the rest are `Failed`.
+pub(crate) async fn exchange<C>(
+    client: &Client<C, Body>,
+    in_flight: &Arc<Semaphore>,
+    req: Request<Body>,
+    timeout: Duration,
+    upstream: &str,
+    classify: impl FnOnce(&hyper_util::client::legacy::Error) -> Option<UpstreamError>,
+) -> Result<Response<hyper::body::Incoming>, UpstreamError>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    // A bounded number of requests at the upstream at once: past it, callers wait (within
+    // the response deadline) instead of exhausting file descriptors for everyone.
+    let _slot = match tokio::time::timeout(timeout, in_flight.clone().acquire_owned()).await {
+        Ok(Ok(slot)) => slot,
+        _ => {
+            return Err(UpstreamError::Busy {
+                upstream: upstream.to_owned(),
+            })
+        }
+    };
+    // The response deadline starts when the request body has been sent: a slow upload is
+    // the caller's pace, not a slow upstream.
+    let (req, sent) = watch_body(req);
+    let exchange = client.request(req);
+    tokio::pin!(exchange);
+    let deadline = async {
+        sent.ended.notified().await;
+        tokio::time::sleep(timeout).await;
+    };
+    let result = tokio::select! {
+        result = &mut exchange => result,
+        _ = deadline => return Err(UpstreamError::Timeout { upstream: upstream.to_owned(), timeout }),
+    };
+    match result {
+        Ok(resp) => Ok(resp),
+        Err(e) => {
+            if let Some(typed) = classify(&e) {
+                return Err(typed);
+            }
+            // The caller's own body failed (it went away mid-upload): its doing, not ours.
+            if sent.caller_failed.load(Ordering::Relaxed) {
+                return Err(UpstreamError::CallerAborted);
+            }
+            Err(UpstreamError::Failed {
+                upstream: upstream.to_owned(),
+                reason: crate::error_chain(&e),
+            })
         }
     }
 }

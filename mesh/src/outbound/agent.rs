@@ -1,0 +1,173 @@
+//! Requests without a target header go to the guest agent, as the original dstack-mesh did:
+//! `/gateway` answers the gateway domain, and a snake_case last path segment names the
+//! PascalCase method (`/get_quote` → `GetQuote`).
+//!
+//! Anything that can reach the outbound port could use the app's keys through it, so only
+//! read-only methods pass unless `outbound.agent_key_methods` allows the rest.
+
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use ratls::agent::{AgentClient, AgentError};
+
+use crate::proxy::{self, Body};
+
+/// Methods that reveal nothing secret and change nothing: attestation and metadata.
+const READ_ONLY: &[&str] = &["Info", "Version", "GetQuote", "Attest"];
+/// Largest request body passed to the agent (its requests are small JSON documents).
+const MAX_BODY: usize = 64 << 10;
+
+/// The passthrough's settings.
+#[derive(Clone, Debug)]
+pub struct AgentPassthrough {
+    agent: AgentClient,
+    key_methods: bool,
+}
+
+/// What a path asks of the agent.
+#[derive(Debug, PartialEq, Eq)]
+enum Call {
+    /// `/gateway`.
+    Gateway,
+    /// An agent method, by its PascalCase name.
+    Method(String),
+}
+
+impl AgentPassthrough {
+    /// Pass to `agent`; `key_methods` lets every method through.
+    pub fn new(agent: AgentClient, key_methods: bool) -> Self {
+        Self { agent, key_methods }
+    }
+
+    /// Answer `req`; `/gateway` answers `gateway_domain`.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        gateway_domain: Option<&str>,
+    ) -> Response<Body> {
+        let call = match parse(req.uri().path()) {
+            Some(call) => call,
+            None => {
+                return proxy::detailed_error(
+                    StatusCode::NOT_FOUND,
+                    "not a guest-agent method",
+                    &format!(
+                        "{} names no method; send x-dstack-target-app to reach another app",
+                        req.uri().path()
+                    ),
+                )
+            }
+        };
+        let method = match call {
+            Call::Gateway => {
+                let body = serde_json::json!({ "gateway_domain": gateway_domain });
+                return proxy::json_response(StatusCode::OK, body.to_string());
+            }
+            Call::Method(method) => method,
+        };
+        if !self.key_methods && !READ_ONLY.contains(&method.as_str()) {
+            tracing::warn!(%method, "guest-agent method refused on the outbound port");
+            return proxy::detailed_error(
+                StatusCode::FORBIDDEN,
+                "guest-agent method not allowed",
+                &format!(
+                    "{method} is not one of the read-only methods ({}); set outbound.agent_key_methods = true to let this port use the app's keys",
+                    READ_ONLY.join(", ")
+                ),
+            );
+        }
+        let http_method = match *req.method() {
+            Method::GET | Method::HEAD => Method::GET,
+            Method::POST => Method::POST,
+            _ => {
+                return proxy::detailed_error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "guest-agent methods take GET or POST",
+                    &format!("{} {}", req.method(), req.uri().path()),
+                )
+            }
+        };
+        let query = req.uri().query().map(str::to_owned);
+        let content_type = req.headers().get(header::CONTENT_TYPE).cloned();
+        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(e) => {
+                return proxy::detailed_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body unusable",
+                    &format!("guest-agent requests are at most {MAX_BODY} bytes: {e}"),
+                )
+            }
+        };
+        match self
+            .agent
+            .passthrough(http_method, &method, query.as_deref(), content_type, body)
+            .await
+        {
+            Ok((status, content_type, body)) => {
+                tracing::debug!(%method, status = status.as_u16(), "guest-agent passthrough");
+                let mut resp = Response::new(proxy::full(body));
+                *resp.status_mut() = status;
+                if let Some(ct) = content_type {
+                    resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+                }
+                resp
+            }
+            Err(e) => {
+                tracing::warn!(%method, error = %e, "guest-agent passthrough failed");
+                let status = match e {
+                    AgentError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+                    _ => StatusCode::BAD_GATEWAY,
+                };
+                proxy::detailed_error(status, "guest agent unavailable", &e.to_string())
+            }
+        }
+    }
+}
+
+/// The call a path names: its last segment, snake_case mapped to PascalCase.
+fn parse(path: &str) -> Option<Call> {
+    let last = path.trim_end_matches('/').rsplit('/').next()?;
+    if last == "gateway" {
+        return Some(Call::Gateway);
+    }
+    if last.is_empty()
+        || last.len() > 64
+        || !last.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return None;
+    }
+    let mut name = String::with_capacity(last.len());
+    for word in last.split('_').filter(|w| !w.is_empty()) {
+        let mut chars = word.chars();
+        if let Some(first) = chars.next() {
+            name.push(first.to_ascii_uppercase());
+            name.extend(chars);
+        }
+    }
+    (!name.is_empty()).then_some(Call::Method(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snake_case_maps_to_pascal_case() {
+        let m = |s: &str| Some(Call::Method(s.to_owned()));
+        assert_eq!(parse("/get_quote"), m("GetQuote"));
+        assert_eq!(parse("/info"), m("Info"));
+        assert_eq!(parse("/Info"), m("Info"));
+        assert_eq!(parse("/GetTlsKey"), m("GetTlsKey"));
+        assert_eq!(parse("/get_tls_key"), m("GetTlsKey"));
+        assert_eq!(parse("/prpc/get_quote/"), m("GetQuote"));
+        assert_eq!(parse("/gateway"), Some(Call::Gateway));
+    }
+
+    #[test]
+    fn paths_that_name_no_method() {
+        for p in ["/", "", "/a.b", "/../x-y", "/_", "/%41"] {
+            assert_eq!(parse(p), None, "{p}");
+        }
+    }
+}

@@ -1,0 +1,461 @@
+//! The outbound proxy: the app sends plain HTTP with `x-dstack-target-*` headers, the proxy
+//! forwards it over mutual RA-TLS to the target's sidecar, verified in the handshake.
+//!
+//! A request's path: parse the routing headers (a bad one is a `400` naming it, nothing
+//! dialled) → no target: the guest-agent passthrough → route (gateway name, fixed or static
+//! address) → a pooled connection to the target, h2-multiplexed when the peer offers it → strip
+//! routing and hop-by-hop headers → stream both bodies; WebSocket upgrades are spliced.
+
+mod agent;
+mod pool;
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwapOption;
+use gateway_client::{
+    target::strip_routing_headers, Addressing, Connector, ConnectorConfig, Target, Transport,
+};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use ratls::{tls::CertResolver, TrustAnchors};
+use tokio::{net::TcpListener, sync::Semaphore};
+
+pub use agent::AgentPassthrough;
+pub use pool::{PeerInfo, PeerPool, PoolConfig};
+
+use crate::{
+    config::OutboundConfig,
+    proxy::{self, Activity, Body, GuardedBody, IdleIo, Tunnel, UpstreamError},
+};
+
+/// An idle connection from the app is closed after this.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Request headers from the app must arrive within this.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections from apps at once.
+const MAX_CONNECTIONS: usize = 10_000;
+/// Requests in flight on a connection get this long to finish when it is closed for idleness.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Why the outbound proxy could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboundError {
+    /// The gateway's roots could not be read.
+    #[error("outbound.gateway_roots {path}: {reason}")]
+    Roots {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// rustls refused the settings.
+    #[error("outbound TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    /// Binding the listener failed.
+    #[error("client.listen {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Counters of what went out (exported by the admin endpoint).
+#[derive(Debug, Default)]
+pub struct OutboundStats {
+    /// Requests forwarded to a verified peer.
+    pub authenticated: AtomicU64,
+    /// Requests forwarded through the gateway's own TLS, the peer not verified.
+    pub unauthenticated: AtomicU64,
+    /// Requests answered with an error status by the proxy itself.
+    pub failed: AtomicU64,
+}
+
+/// The outbound side.
+pub struct Outbound {
+    listen: SocketAddr,
+    config: OutboundConfig,
+    resolver: CertResolver,
+    anchors: TrustAnchors,
+    webpki: Arc<rustls::ClientConfig>,
+    multiplexed: Arc<ArcSwapOption<Connector>>,
+    upgrades: Arc<ArcSwapOption<Connector>>,
+    /// What `/gateway` answers.
+    gateway_domain: ArcSwapOption<String>,
+    pool: PeerPool,
+    agent: Option<AgentPassthrough>,
+    connections: Arc<Semaphore>,
+    /// What went out.
+    pub stats: OutboundStats,
+}
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbound")
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where targets live, when the configuration says: the static table, a fixed address, or
+/// the configured gateway domain. `None`: the gateway must be discovered. The string is what
+/// `/gateway` answers.
+pub fn configured_addressing(
+    config: &OutboundConfig,
+    gateway: Option<&gateway_client::GatewaySetting>,
+) -> Option<(Addressing, Option<String>)> {
+    use gateway_client::GatewaySetting;
+    let domain = gateway.map(ToString::to_string);
+    if !config.routes.is_empty() {
+        return Some((Addressing::Static(config.routes.clone()), domain));
+    }
+    match gateway? {
+        GatewaySetting::Fixed(addr) => Some((Addressing::Fixed(addr.clone()), domain)),
+        GatewaySetting::Domain(base) => Some((
+            Addressing::Gateway {
+                base_domain: base.clone(),
+                port: gateway_client::address::DEFAULT_GATEWAY_PORT,
+                dial: config.gateway_address.clone(),
+            },
+            domain,
+        )),
+    }
+}
+
+/// Public WebPKI roots (compiled in: CVM images often carry no system store), plus `extra`.
+pub fn webpki_config(
+    extra: Option<&std::path::Path>,
+) -> Result<rustls::ClientConfig, OutboundError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra {
+        let err = |reason: String| OutboundError::Roots {
+            path: path.display().to_string(),
+            reason,
+        };
+        let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        for cert in ratls::cert::parse_chain(&bytes).map_err(|e| err(e.to_string()))? {
+            roots.add(cert).map_err(|e| err(e.to_string()))?;
+        }
+    }
+    Ok(
+        rustls::ClientConfig::builder_with_provider(ratls::crypto::provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+impl Outbound {
+    /// The proxy on `listen`, presenting `resolver`'s certificate and trusting `anchors` for
+    /// peers. `addressing` may come later ([`Outbound::set_addressing`]) when the gateway is
+    /// discovered after the start; until then targeted requests get `502`.
+    pub fn new(
+        listen: SocketAddr,
+        config: OutboundConfig,
+        resolver: CertResolver,
+        anchors: TrustAnchors,
+        agent: Option<AgentPassthrough>,
+    ) -> Result<Self, OutboundError> {
+        let webpki = Arc::new(webpki_config(config.gateway_roots.as_deref())?);
+        let multiplexed = Arc::new(ArcSwapOption::empty());
+        let upgrades = Arc::new(ArcSwapOption::empty());
+        let pool = PeerPool::new(
+            multiplexed.clone(),
+            upgrades.clone(),
+            PoolConfig {
+                response_timeout: config.response_timeout,
+                idle_timeout: config.pool_idle_timeout,
+                keepalive_interval: config.keepalive_interval,
+            },
+        );
+        Ok(Self {
+            listen,
+            agent: agent.filter(|_| config.agent_passthrough),
+            config,
+            resolver,
+            anchors,
+            webpki,
+            multiplexed,
+            upgrades,
+            gateway_domain: ArcSwapOption::empty(),
+            pool,
+            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            stats: OutboundStats::default(),
+        })
+    }
+
+    /// The WebPKI client config used for the gateway's own TLS (and its discovery).
+    pub fn webpki(&self) -> Arc<rustls::ClientConfig> {
+        self.webpki.clone()
+    }
+
+    /// Where targets are dialled from now on; `gateway_domain` is what `/gateway` answers.
+    pub fn set_addressing(&self, addressing: Addressing, gateway_domain: Option<String>) {
+        self.gateway_domain.store(gateway_domain.map(Arc::new));
+        let connector = |alpn: &[&[u8]]| {
+            let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
+            let mut webpki = (*self.webpki).clone();
+            webpki.alpn_protocols = alpn.clone();
+            Arc::new(Connector::new(
+                addressing.clone(),
+                self.resolver.clone(),
+                self.anchors.clone(),
+                Some(Arc::new(webpki)),
+                ConnectorConfig {
+                    connect_timeout: self.config.connect_timeout,
+                    handshake_timeout: self.config.handshake_timeout,
+                    alpn,
+                },
+            ))
+        };
+        self.multiplexed
+            .store(Some(connector(ratls::tls::MESH_ALPN)));
+        self.upgrades.store(Some(connector(&[b"http/1.1"])));
+    }
+
+    /// Whether targets can be routed yet.
+    pub fn has_addressing(&self) -> bool {
+        self.multiplexed.load().is_some()
+    }
+
+    /// Bind the listener.
+    pub async fn bind(&self) -> Result<TcpListener, OutboundError> {
+        TcpListener::bind(self.listen)
+            .await
+            .map_err(|source| OutboundError::Bind {
+                addr: self.listen,
+                source,
+            })
+    }
+
+    /// Accept connections from apps until the future is dropped.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let Ok(permit) = self.connections.clone().acquire_owned().await else {
+                return;
+            };
+            let (tcp, remote) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let hold: Arc<dyn std::any::Any + Send + Sync> = Arc::new(permit);
+            tokio::spawn(self.clone().connection(tcp, remote, hold));
+        }
+    }
+
+    async fn connection(
+        self: Arc<Self>,
+        tcp: tokio::net::TcpStream,
+        remote: SocketAddr,
+        hold: Arc<dyn std::any::Any + Send + Sync>,
+    ) {
+        let activity = Activity::new();
+        let io = TokioIo::new(IdleIo::new(tcp, activity.clone()));
+        let tunnel = Tunnel {
+            activity: activity.clone(),
+            idle: IDLE_TIMEOUT,
+            hold,
+        };
+        let this = self.clone();
+        let service = service_fn(move |req| Box::pin(this.clone().handle(req, tunnel.clone())));
+        // HTTP/1.1, and h2 with prior knowledge for gRPC clients.
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .keep_alive(true);
+        builder.http2().timer(TokioTimer::new());
+        let conn = builder.serve_connection_with_upgrades(io, service);
+        tokio::pin!(conn);
+        tokio::select! {
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(%remote, error = %e, "outbound connection ended with an error");
+                }
+                return;
+            }
+            _ = activity.idle_for(IDLE_TIMEOUT) => {}
+        }
+        conn.as_mut().graceful_shutdown();
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        tunnel: Tunnel,
+    ) -> Result<Response<Body>, Infallible> {
+        let in_flight = tunnel.activity.request();
+        let target = match Target::from_headers(req.headers()) {
+            Ok(Some(target)) => target,
+            Ok(None) => {
+                let resp = match &self.agent {
+                    Some(agent) => {
+                        let domain = self.gateway_domain.load_full();
+                        agent
+                            .handle(req, domain.as_deref().map(String::as_str))
+                            .await
+                    }
+                    None => proxy::detailed_error(
+                        StatusCode::BAD_REQUEST,
+                        "no target",
+                        "x-dstack-target-app is required (the guest-agent passthrough is off)",
+                    ),
+                };
+                return Ok(resp.map(|b| GuardedBody::new(b, in_flight).boxed()));
+            }
+            Err(e) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(header = e.header(), error = %e, "bad routing header");
+                return Ok(proxy::detailed_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad routing header",
+                    &e.to_string(),
+                ));
+            }
+        };
+        if req.method() == Method::CONNECT {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            return Ok(proxy::detailed_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is not proxied",
+                "send the request itself with the target headers, or a WebSocket upgrade",
+            ));
+        }
+        // The route is known before anything is dialled: an unroutable target fails here.
+        let route = match self.multiplexed.load().as_ref().map(|c| c.route(&target)) {
+            Some(Ok(route)) => route,
+            Some(Err(e)) => return Ok(self.refuse(&target, StatusCode::BAD_GATEWAY, "no route to target", &e.to_string())),
+            None => {
+                return Ok(self.refuse(
+                    &target,
+                    StatusCode::BAD_GATEWAY,
+                    "no route to target",
+                    "the gateway is not known yet: discovery has not succeeded (set dstack.gateway_domain)",
+                ))
+            }
+        };
+        let upgrade = proxy::is_websocket(&req);
+        let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+        let set_headers = |headers: &mut http::HeaderMap| {
+            strip_routing_headers(headers);
+            if !headers.contains_key(header::HOST) {
+                if let Ok(host) = HeaderValue::from_str(&route.server_name) {
+                    headers.insert(header::HOST, host);
+                }
+            }
+        };
+        let name = target.to_string();
+        let result = proxy::forward_with(req, Some(tunnel), set_headers, &name, |req| {
+            self.pool.send(&target, req, upgrade)
+        })
+        .await;
+        Ok(match result {
+            Ok(resp) => {
+                let counter = match target.transport {
+                    Transport::Mesh => &self.stats.authenticated,
+                    Transport::GatewayTls => &self.stats.unauthenticated,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                let peer = resp.extensions().get::<PeerInfo>();
+                tracing::debug!(
+                    target = %name,
+                    peer = ?peer.and_then(|p| p.app_id.as_ref()).map(ToString::to_string),
+                    authenticated = target.transport == Transport::Mesh,
+                    %method, %path,
+                    status = resp.status().as_u16(),
+                    "outbound request"
+                );
+                resp.map(|b| GuardedBody::new(b, in_flight).boxed())
+            }
+            Err(e) => {
+                let short = match &e {
+                    UpstreamError::Refused { .. } => "peer identity mismatch",
+                    UpstreamError::Rejected { .. } => "peer refused this app",
+                    UpstreamError::ConnectTimeout { .. } => "peer did not answer in time",
+                    UpstreamError::Timeout { .. } => "peer response timed out",
+                    UpstreamError::Connect { .. } => "peer unreachable",
+                    UpstreamError::Busy { .. } => "too many requests in flight",
+                    UpstreamError::CallerAborted => "request body incomplete",
+                    _ => "peer failed",
+                };
+                if e.is_callers() {
+                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(target = %name, %method, %path, error = %e, "outbound request abandoned");
+                    proxy::detailed_error(e.status(), short, &e.to_string())
+                } else {
+                    self.refuse(&target, e.status(), short, &e.to_string())
+                }
+            }
+        })
+    }
+
+    /// Find the gateway from the CVM's sys-config and its `/prpc/Info`, retrying with backoff
+    /// until it answers; meanwhile targeted requests get `502` and everything else works.
+    pub async fn discover_gateway(self: Arc<Self>) {
+        let mut delay = Duration::from_secs(1);
+        loop {
+            let found = match gateway_client::discovery::gateway_urls(&self.config.sys_config) {
+                Ok(urls) => gateway_client::discovery::discover(
+                    &urls,
+                    self.webpki.clone(),
+                    gateway_client::discovery::DEFAULT_TIMEOUT,
+                )
+                .await
+                .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match found {
+                Ok((url, info)) => {
+                    tracing::info!(%url, base_domain = %info.base_domain, port = info.external_port, "gateway discovered");
+                    let addressing = Addressing::Gateway {
+                        base_domain: info.base_domain.clone(),
+                        port: info.external_port,
+                        dial: self.config.gateway_address.clone(),
+                    };
+                    self.set_addressing(addressing, Some(info.base_domain));
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?delay, "gateway discovery failed; targeted requests get 502 until it succeeds (or set dstack.gateway_domain)");
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(60));
+        }
+    }
+
+    /// Count, log and answer a failure that is not the app's doing.
+    fn refuse(
+        &self,
+        target: &Target,
+        status: StatusCode,
+        error: &str,
+        detail: &str,
+    ) -> Response<Body> {
+        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(target = %target, status = status.as_u16(), error, detail, "outbound request failed");
+        proxy::detailed_error(status, error, detail)
+    }
+}

@@ -1,0 +1,296 @@
+//! The outbound proxy, in-process: sidecar A's outbound port → sidecar B's inbound → B's
+//! backend, with development-agent identities; plus the guest-agent passthrough.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
+
+use bytes::Bytes;
+use dstack_mesh::{app::App, config::Config};
+use e2e::{backend::Backend, client::empty, identity};
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+const A: &str = "aaaa0000aaaa0000aaaa0000aaaa0000aaaa0000";
+const B: &str = "bbbb1111bbbb1111bbbb1111bbbb1111bbbb1111";
+const STRANGER: &str = "57a7e957a7e957a7e957a7e957a7e957a7e957a7";
+
+struct Pair {
+    a: App,
+    b: App,
+    backend: Backend,
+    _dir: tempfile::TempDir,
+    _agents: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn config(text: &str) -> Config {
+    Config::from_toml(text, &HashMap::<&str, &str>::new()).unwrap()
+}
+
+impl Pair {
+    /// B allows `b_allows`; A reaches B at a fixed address; `a_extra` is appended to A's config.
+    async fn start(b_allows: &str, a_extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let (a_id, a1) = identity(dir.path(), &state, A).await;
+        let (b_id, a2) = identity(dir.path(), &state, B).await;
+        let backend = Backend::start().await;
+        let b = App::start_with(
+            config(&format!(
+                "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{}\"\nallowed_apps = \"{b_allows}\"\n[auth]\nenabled = false\n[client]\nenabled = false\n",
+                backend.addr
+            )),
+            b_id,
+        )
+        .await
+        .unwrap();
+        let a = App::start_with(
+            config(&format!(
+                "[inbound]\nenabled = false\n[auth]\nenabled = false\n[client]\naddress = \"127.0.0.1\"\nport = 0\n[dstack]\ngateway_domain = \"fixed/{}\"\n{a_extra}",
+                b.addr("inbound").unwrap()
+            )),
+            a_id,
+        )
+        .await
+        .unwrap();
+        Self {
+            a,
+            b,
+            backend,
+            _dir: dir,
+            _agents: vec![a1, a2],
+        }
+    }
+
+    fn outbound(&self) -> SocketAddr {
+        self.a.addr("outbound").unwrap()
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection to `addr`.
+async fn send(addr: SocketAddr, req: Request<e2e::client::ClientBody>) -> Response<Incoming> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender.send_request(req).await.unwrap()
+}
+
+fn get(path: &str, headers: &[(&str, &str)]) -> Request<e2e::client::ClientBody> {
+    let mut req = Request::get(path).header("host", "app-b.internal");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.body(empty()).unwrap()
+}
+
+async fn json(resp: Response<Incoming>) -> serde_json::Value {
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&body)))
+}
+
+#[tokio::test]
+async fn a_request_reaches_the_target_with_the_callers_identity() {
+    let pair = Pair::start(A, "").await;
+    let resp = send(
+        pair.outbound(),
+        get(
+            "/hello?x=1",
+            &[
+                ("x-dstack-target-app", B),
+                ("x-dstack-target-port", "8080"),
+                ("x-dstack-app-id", STRANGER),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let seen = json(resp).await;
+    assert_eq!(seen["path"], "/hello?x=1");
+    assert_eq!(seen["headers"]["x-dstack-app-id"][0], A);
+    assert_eq!(seen["headers"]["host"][0], "app-b.internal");
+    let names: Vec<&String> = seen["headers"].as_object().unwrap().keys().collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with("x-dstack-target")),
+        "routing headers reached the backend: {names:?}"
+    );
+    assert_eq!(pair.backend.count(), 1);
+}
+
+#[tokio::test]
+async fn a_target_that_refuses_the_caller_is_a_502_and_the_app_sees_nothing() {
+    let pair = Pair::start(STRANGER, "").await;
+    let resp = send(pair.outbound(), get("/", &[("x-dstack-target-app", B)])).await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let body = json(resp).await;
+    assert_eq!(body["error"], "peer refused this app", "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("allowlist"),
+        "{body}"
+    );
+    assert_eq!(pair.backend.count(), 0);
+    drop(pair.b);
+}
+
+#[tokio::test]
+async fn a_peer_with_another_app_id_is_refused_in_the_handshake() {
+    // A asks for STRANGER but the address answers as B: identity mismatch.
+    let pair = Pair::start(A, "").await;
+    let resp = send(
+        pair.outbound(),
+        get("/", &[("x-dstack-target-app", STRANGER)]),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let body = json(resp).await;
+    assert_eq!(body["error"], "peer identity mismatch", "{body}");
+    assert_eq!(pair.backend.count(), 0);
+}
+
+#[tokio::test]
+async fn bad_routing_headers_are_400s_naming_the_header_and_nothing_is_dialled() {
+    let pair = Pair::start(A, "").await;
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("x-dstack-target-app", "not-hex")], "x-dstack-target-app"),
+        (&[("x-dstack-target-app", "")], "x-dstack-target-app"),
+        (
+            &[("x-dstack-target-app", B), ("x-dstack-target-port", "0")],
+            "x-dstack-target-port",
+        ),
+        (
+            &[
+                ("x-dstack-target-app", B),
+                ("x-dstack-target-port", "70000"),
+            ],
+            "x-dstack-target-port",
+        ),
+        (
+            &[("x-dstack-target-app", B), ("x-dstack-target-app", A)],
+            "x-dstack-target-app",
+        ),
+        (
+            &[
+                ("x-dstack-target-app", B),
+                ("x-dstack-target-use-tls", "maybe"),
+            ],
+            "x-dstack-target-use-tls",
+        ),
+    ];
+    for (headers, named) in cases {
+        let resp = send(pair.outbound(), get("/", headers)).await;
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{headers:?}");
+        let body = json(resp).await;
+        assert_eq!(body["error"], "bad routing header");
+        assert!(
+            body["detail"].as_str().unwrap().contains(named),
+            "{headers:?}: {body}"
+        );
+    }
+    assert_eq!(pair.backend.count(), 0);
+}
+
+#[tokio::test]
+async fn keep_alive_requests_share_one_h2_connection() {
+    let pair = Pair::start(A, "").await;
+    let tcp = TcpStream::connect(pair.outbound()).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let resp = sender
+            .send_request(get("/", &[("x-dstack-target-app", B)]))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let seen = json(resp).await;
+        assert_eq!(seen["headers"]["x-dstack-app-id"][0], A);
+    }
+    assert_eq!(pair.backend.count(), 3);
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_is_spliced_end_to_end() {
+    let pair = Pair::start(A, "").await;
+    let mut tcp = TcpStream::connect(pair.outbound()).await.unwrap();
+    tcp.write_all(
+        format!(
+            "GET /ws HTTP/1.1\r\nhost: b\r\nx-dstack-target-app: {B}\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tcp.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    tcp.write_all(b"ping through the mesh").await.unwrap();
+    let mut echoed = [0u8; 21];
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echoed, b"ping through the mesh");
+}
+
+#[tokio::test]
+async fn the_agent_passthrough_answers_read_only_methods_and_refuses_keys() {
+    let pair = Pair::start(A, "").await;
+    let resp = send(pair.outbound(), get("/info", &[])).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(json(resp).await["app_id"], A);
+
+    let resp = send(pair.outbound(), get("/gateway", &[])).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let domain = json(resp).await["gateway_domain"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(domain.starts_with("fixed/127.0.0.1:"), "{domain}");
+
+    for path in ["/get_key", "/GetTlsKey", "/sign"] {
+        let resp = send(pair.outbound(), get(path, &[])).await;
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{path}");
+        let body = json(resp).await;
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("agent_key_methods"),
+            "{body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn key_methods_pass_when_allowed_and_the_passthrough_can_be_off() {
+    let pair = Pair::start(A, "[outbound]\nagent_key_methods = true\n").await;
+    let req = Request::post("/get_key")
+        .header("host", "localhost")
+        .header("content-type", "application/json")
+        .body(e2e::client::full(Bytes::from_static(
+            br#"{"path":"test","purpose":"x"}"#,
+        )))
+        .unwrap();
+    let resp = send(pair.outbound(), req).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(json(resp).await["key"].is_string());
+
+    let off = Pair::start(A, "[outbound]\nagent_passthrough = false\n").await;
+    let resp = send(off.outbound(), get("/info", &[])).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(json(resp).await["error"], "no target");
+}
