@@ -63,7 +63,8 @@ pub enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Run the local demo: a development agent and a sidecar identity from it.
+    /// Run the local demo mesh: three apps with development agents, their sidecars and a
+    /// gateway stand-in, all on loopback; one call allowed, one refused.
     Demo {
         /// Keep the demo's CA and sockets here (default: a temporary directory).
         #[arg(long)]

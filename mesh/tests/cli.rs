@@ -315,15 +315,20 @@ fn bad_stdin_fails_cleanly() {
 // ---- demo, identity, dev-agent ----
 
 #[test]
-fn demo_runs_a_verified_call_between_two_apps() {
+fn demo_runs_verified_calls_through_the_outbound_proxies_and_the_gateway() {
     let out = run(&[&"demo"]);
     assert_exit(&out, 0);
     let text = stdout(&out);
     assert!(text.contains("app id"), "{text}");
     assert!(text.contains("NO (no attestation"), "{text}");
-    // The demo app saw the frontend's verified id, not the forged one the frontend sent.
+    // B's demo app saw A's verified id, not the forged one A sent.
     assert!(
-        text.contains("frontend -> backend over mTLS: 200 OK: hello from the demo app; the sidecar says you are app f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0"),
+        text.contains("app A -> B: 200 OK: hello from the demo app; the sidecar says you are app a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0"),
+        "{text}"
+    );
+    // C is not on B's allowlist.
+    assert!(
+        text.contains("app C -> B: 502 Bad Gateway") && text.contains("peer refused this app"),
         "{text}"
     );
     assert!(stderr(&out).contains("NOT attested"));

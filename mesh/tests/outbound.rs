@@ -294,3 +294,107 @@ async fn key_methods_pass_when_allowed_and_the_passthrough_can_be_off() {
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     assert_eq!(json(resp).await["error"], "no target");
 }
+
+/// A sidecar A whose gateway is `gateway` (nothing behind it, or something that never talks).
+async fn lone_a(gateway: SocketAddr, extra: &str) -> (App, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (a_id, _agent) = identity(dir.path(), &state, A).await;
+    let a = App::start_with(
+        config(&format!(
+            "[inbound]\nenabled = false\n[auth]\nenabled = false\n[client]\naddress = \"127.0.0.1\"\nport = 0\n[dstack]\ngateway_domain = \"fixed/{gateway}\"\n{extra}"
+        )),
+        a_id,
+    )
+    .await
+    .unwrap();
+    (a, dir)
+}
+
+#[tokio::test]
+async fn a_target_that_is_down_is_a_502_and_the_proxy_stays_healthy() {
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let (a, _dir) = lone_a(closed, "").await;
+    let outbound = a.addr("outbound").unwrap();
+    let resp = send(outbound, get("/", &[("x-dstack-target-app", B)])).await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let body = json(resp).await;
+    assert_eq!(body["error"], "peer unreachable", "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("connect"),
+        "{body}"
+    );
+    let resp = send(outbound, get("/info", &[])).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_peer_that_never_answers_the_handshake_is_a_504_within_the_deadline() {
+    // Accepts TCP and then says nothing, holding every socket open.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            sockets.push(s);
+        }
+    });
+    let (a, _dir) = lone_a(silent_addr, "[outbound]\nhandshake_timeout = \"300ms\"\n").await;
+    let outbound = a.addr("outbound").unwrap();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(20),
+        send(outbound, get("/", &[("x-dstack-target-app", B)])),
+    )
+    .await
+    .expect("the handshake deadline holds");
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    let body = json(resp).await;
+    assert_eq!(body["error"], "peer did not answer in time", "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("handshake"),
+        "{body}"
+    );
+    let resp = send(outbound, get("/gateway", &[])).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    held.abort();
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_peer_closed_is_replaced_transparently() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (a_id, _a1) = identity(dir.path(), &state, A).await;
+    let (b_id, _a2) = identity(dir.path(), &state, B).await;
+    let backend = Backend::start().await;
+    // B closes idle connections after a second.
+    let b = App::start_with(
+        config(&format!(
+            "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{}\"\nallowed_apps = \"{A}\"\nidle_timeout = \"1s\"\n[auth]\nenabled = false\n[client]\nenabled = false\n",
+            backend.addr
+        )),
+        b_id,
+    )
+    .await
+    .unwrap();
+    let a = App::start_with(
+        config(&format!(
+            "[inbound]\nenabled = false\n[auth]\nenabled = false\n[client]\naddress = \"127.0.0.1\"\nport = 0\n[dstack]\ngateway_domain = \"fixed/{}\"\n",
+            b.addr("inbound").unwrap()
+        )),
+        a_id,
+    )
+    .await
+    .unwrap();
+    let outbound = a.addr("outbound").unwrap();
+    for round in 0..3 {
+        let resp = send(outbound, get("/", &[("x-dstack-target-app", B)])).await;
+        assert_eq!(resp.status(), StatusCode::OK, "round {round}");
+        let _ = json(resp).await;
+        // Past B's idle limit: the pooled connection is closed under the pool.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    assert_eq!(backend.count(), 3);
+}

@@ -1,5 +1,6 @@
 //! A backend that shows what reached it: every request is counted and answered with its
-//! method, path, headers and body length as JSON. Special paths test streaming and upgrades
+//! method, path, headers and body length as JSON (`/upload` answers the body's length and
+//! SHA-256 instead). Special paths test streaming and upgrades
 //! without timing: the backend waits on gates the test opens.
 
 use std::{
@@ -115,17 +116,22 @@ async fn handle(state: State, mut req: Request<Incoming>) -> Result<Response<Bod
             let mut body = req.into_body();
             let mut total = 0usize;
             let mut first = true;
+            let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
             while let Some(frame) = body.frame().await {
                 let Ok(frame) = frame else { break };
                 if let Some(data) = frame.data_ref() {
                     total += data.len();
+                    digest.update(data);
                     if first && !data.is_empty() {
                         first = false;
                         state.2.notify_one();
                     }
                 }
             }
-            Ok(json(&serde_json::json!({ "received": total })))
+            Ok(json(&serde_json::json!({
+                "received": total,
+                "sha256": hex(digest.finish().as_ref()),
+            })))
         }
         "/ws" => {
             let on_upgrade = hyper::upgrade::on(&mut req);
@@ -174,6 +180,11 @@ async fn handle(state: State, mut req: Request<Incoming>) -> Result<Response<Bod
             })))
         }
     }
+}
+
+/// Lowercase hex of `bytes` (a digest as tests print it).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn json(value: &serde_json::Value) -> Response<Body> {

@@ -1,13 +1,17 @@
 //! The embedded default: a local demo mesh on one machine, with no TEE and no configuration.
 //!
-//! Two apps get identities from development agents that share a root. The "backend" app runs a
-//! sidecar (inbound listener) in front of a small demo app; the "frontend" app calls it over
-//! mutual TLS. The output shows both identities and what the demo app received: the caller's
-//! app id, set by the sidecar after it verified the caller's certificate.
+//! Three apps get identities from development agents that share a root. App B runs a sidecar
+//! in front of a small demo app and lets only app A in. Apps A and C call B the way every app
+//! does: plain HTTP to their own sidecar's outbound port with `x-dstack-target-app`. Their
+//! sidecars dial B through an in-process stand-in for the dstack gateway (TLS passthrough by
+//! SNI) and verify B inside the handshake. The output shows what B's demo app saw (A's app
+//! id, set by B's sidecar after it verified A's certificate) and what was refused (C).
+
+mod gateway;
 
 use std::{
-    collections::HashMap, convert::Infallible, path::PathBuf, process::ExitCode, sync::Arc,
-    time::Duration,
+    collections::HashMap, convert::Infallible, net::SocketAddr, path::PathBuf, process::ExitCode,
+    sync::Arc, time::Duration,
 };
 
 use anyhow::Context;
@@ -19,13 +23,19 @@ use ratls::{
     agent::{AgentAddress, AgentClient},
     dev_agent::{self, DevAgent, DevAgentConfig},
     identity::{IdentityConfig, RotatingIdentity},
-    AppId, Policy,
+    AppId,
 };
+
+pub use gateway::SniGateway;
 
 use crate::{app::App, cli::EXIT_UNAVAILABLE, config::Config};
 
-/// The demo's frontend app.
-const FRONTEND: &str = "f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0";
+/// App A: the caller B allows.
+const APP_A: &str = "a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0";
+/// App C: a caller B does not allow.
+const APP_C: &str = "c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0";
+/// The gateway's base domain in the demo.
+const BASE_DOMAIN: &str = "gateway.demo";
 
 /// Run the demo and print what happened.
 pub async fn run(state_dir: Option<PathBuf>) -> ExitCode {
@@ -77,39 +87,70 @@ async fn dev_identity(
 }
 
 async fn demo(dir: PathBuf) -> anyhow::Result<String> {
-    let backend_app = dev_agent::default_app_id();
-    let frontend_app: AppId = FRONTEND.parse()?;
-    let (backend_id, _a) = dev_identity(&dir, "backend", backend_app.clone()).await?;
-    let (frontend_id, _b) = dev_identity(&dir, "frontend", frontend_app.clone()).await?;
+    let app_b = dev_agent::default_app_id();
+    let app_a: AppId = APP_A.parse()?;
+    let app_c: AppId = APP_C.parse()?;
+    let (id_a, _agent_a) = dev_identity(&dir, "app-a", app_a.clone()).await?;
+    let (id_b, _agent_b) = dev_identity(&dir, "app-b", app_b.clone()).await?;
+    let (id_c, _agent_c) = dev_identity(&dir, "app-c", app_c.clone()).await?;
 
-    // The demo app the backend's sidecar protects.
+    // B's demo app, and B's sidecar in front of it: only app A may call.
     let app_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let app_addr = app_listener.local_addr()?;
     let demo_app = tokio::spawn(serve_demo_app(app_listener));
+    let sidecar_b = App::start_with(
+        demo_config(&format!(
+            "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{app_addr}\"\nallowed_apps = \"{APP_A}\"\n[client]\nenabled = false\n"
+        ))?,
+        id_b.clone(),
+    )
+    .await?;
+    let inbound_b = sidecar_b.addr("inbound").context("B's inbound listener")?;
 
-    // The backend's sidecar: inbound listener, only the frontend app allowed.
-    let config = Config::from_toml(
-        &format!(
-            "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{app_addr}\"\nallowed_apps = \"{FRONTEND}\"\n[auth]\nenabled = false\n[client]\nenabled = false\n"
-        ),
-        &HashMap::<String, String>::new(),
-    )?;
-    let sidecar = App::start_with(config, backend_id.clone()).await?;
-    let inbound = sidecar.addr("inbound").context("inbound listener")?;
+    // The gateway stand-in: `<B>-443s.gateway.demo` passes through to B's sidecar.
+    let gw_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let gw_addr = gw_listener.local_addr()?;
+    let gw = SniGateway::new(BASE_DOMAIN, HashMap::from([(app_b.to_string(), inbound_b)]));
+    let gw_task = tokio::spawn(gw.serve(gw_listener));
 
-    // The frontend calls over mTLS, expecting the backend app's id.
-    let answer = call(&frontend_id, &backend_app, inbound).await?;
+    // A's and C's sidecars: outbound proxies that reach every gateway name via the stand-in.
+    let outbound = format!(
+        "[inbound]\nenabled = false\n[client]\naddress = \"127.0.0.1\"\nport = 0\n[dstack]\ngateway_domain = \"{BASE_DOMAIN}\"\n[outbound]\ngateway_address = \"{gw_addr}\"\n"
+    );
+    let sidecar_a = App::start_with(demo_config(&outbound)?, id_a.clone()).await?;
+    let sidecar_c = App::start_with(demo_config(&outbound)?, id_c.clone()).await?;
+    let out_a = sidecar_a.addr("outbound").context("A's outbound proxy")?;
+    let out_c = sidecar_c.addr("outbound").context("C's outbound proxy")?;
+
+    let from_a = call(out_a, &app_b).await?;
+    let from_c = call(out_c, &app_b).await?;
     demo_app.abort();
+    gw_task.abort();
 
     Ok(format!(
-        "dstack-mesh demo: a local mesh of two apps (development agents in {})\n\n\
-         frontend app (the caller)\n{}\n\
-         backend app (its sidecar listens on {inbound}, in front of the demo app on {app_addr})\n{}\n\
-         frontend -> backend over mTLS: {answer}\n",
+        "dstack-mesh demo: a local mesh of three apps (development agents in {})\n\n\
+         app A (allowed to call B; its sidecar's outbound proxy is {out_a})\n{}\n\
+         app B (its sidecar's inbound listener is {inbound_b}, in front of the demo app on {app_addr})\n{}\n\
+         app C (not on B's allowlist; outbound proxy {out_c})\n{}\n\
+         Each app sends plain HTTP to its own sidecar, naming B in x-dstack-target-app.\n\
+         The sidecar dials {app_b}-443s.{BASE_DOMAIN}\n\
+         through the gateway stand-in on {gw_addr} (TLS passthrough by SNI)\n\
+         and verifies B's app id inside the handshake, before any request byte leaves.\n\n\
+         app A -> B: {from_a}\n\
+         app C -> B: {from_c}\n",
         dir.display(),
-        indent(&crate::tools::describe(&frontend_id.current())),
-        indent(&crate::tools::describe(&backend_id.current())),
+        indent(&crate::tools::describe(&id_a.current())),
+        indent(&crate::tools::describe(&id_b.current())),
+        indent(&crate::tools::describe(&id_c.current())),
     ))
+}
+
+/// A sidecar config for the demo: the auth service off, the rest from `text`.
+fn demo_config(text: &str) -> anyhow::Result<Config> {
+    Ok(Config::from_toml(
+        &format!("[auth]\nenabled = false\n{text}"),
+        &HashMap::<String, String>::new(),
+    )?)
 }
 
 fn indent(text: &str) -> String {
@@ -139,37 +180,29 @@ async fn serve_demo_app(listener: tokio::net::TcpListener) {
     }
 }
 
-/// One mTLS request with `identity`, expecting `target`.
-async fn call(
-    identity: &RotatingIdentity,
-    target: &AppId,
-    addr: std::net::SocketAddr,
-) -> anyhow::Result<String> {
-    let anchors = identity.current().trust_anchors()?;
-    let policy = Arc::new(Policy::new(anchors).expect(target.clone()));
-    let mut tls = ratls::tls::mesh_client_config(identity.resolver(), policy)?;
-    // This client speaks HTTP/1.1 only; offering h2 would let the sidecar pick it.
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let name = rustls_pki_types::ServerName::try_from(format!("{target}-443s.demo.local"))?;
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-        .connect(name, tcp)
-        .await
-        .context("mTLS handshake with the backend's sidecar")?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+/// What an app does: one plain HTTP request to its own sidecar, naming the target app.
+async fn call(outbound: SocketAddr, target: &AppId) -> anyhow::Result<String> {
+    let tcp = tokio::net::TcpStream::connect(outbound).await?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
     let req = Request::get("/hello")
-        .header("host", "backend.demo.local")
-        // A forgery the sidecar must drop.
+        .header("host", "app-b.demo")
+        .header("x-dstack-target-app", target.to_string())
+        // A forgery the target's sidecar must drop.
         .header(
             "x-dstack-app-id",
             "0000000000000000000000000000000000000000",
         )
         .body(Empty::<Bytes>::new())?;
-    let resp = send.send_request(req).await?;
+    let resp = tokio::time::timeout(Duration::from_secs(30), send.send_request(req))
+        .await
+        .context("no answer from the sidecar")??;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
-    Ok(format!("{status}: {}", String::from_utf8_lossy(&body)))
+    Ok(format!(
+        "{status}: {}",
+        String::from_utf8_lossy(&body).trim()
+    ))
 }
 
 /// Resolves on SIGTERM or Ctrl-C. SIGHUP, whose default action would end the process, is
