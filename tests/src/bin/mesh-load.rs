@@ -20,6 +20,7 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use ratls::{
     agent::AgentClient,
@@ -101,6 +102,17 @@ struct RunArgs {
     /// Processes whose CPU time and RSS are measured.
     #[arg(long = "pid")]
     pids: Vec<u32>,
+    /// An extra request header, `name:value` (repeatable): the outbound proxy's target.
+    #[arg(long = "header")]
+    headers: Vec<String>,
+    /// Hold the total request rate at this many per second (latency at moderate load)
+    /// instead of sending as fast as answers come.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Instead of load: one streamed POST of this many bytes (plain HTTP), reporting the
+    /// throughput and each process's peak RSS while it ran.
+    #[arg(long)]
+    upload_bytes: Option<u64>,
 }
 
 fn main() {
@@ -141,7 +153,14 @@ async fn backend(listen: SocketAddr) {
         };
         let _ = tcp.set_nodelay(true);
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(|_req| async {
+            let service = hyper::service::service_fn(|req: Request<Incoming>| async {
+                // Read what was sent (uploads) before answering.
+                let mut body = req.into_body();
+                while let Some(frame) = body.frame().await {
+                    if frame.is_err() {
+                        break;
+                    }
+                }
                 Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
                     b"ok from app\n",
                 ))))
@@ -161,6 +180,7 @@ struct Dialer {
     tls: Option<tokio_rustls::TlsConnector>,
     name: ServerName<'static>,
     h2: bool,
+    headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 enum Conn {
@@ -205,11 +225,17 @@ where
 }
 
 impl Conn {
-    async fn get(&mut self) -> Result<(), String> {
-        let req = Request::get("https://bench.local/bench")
+    async fn get(
+        &mut self,
+        headers: &[(http::HeaderName, http::HeaderValue)],
+    ) -> Result<(), String> {
+        let mut req = Request::get("https://bench.local/bench")
             .header("host", "bench.local")
             .body(Empty::new())
             .unwrap();
+        for (k, v) in headers {
+            req.headers_mut().insert(k, v.clone());
+        }
         let resp = match self {
             Self::H1(s) => {
                 s.ready().await.map_err(|e| e.to_string())?;
@@ -234,6 +260,16 @@ impl Conn {
     }
 }
 
+fn headers(args: &RunArgs) -> Vec<(http::HeaderName, http::HeaderValue)> {
+    args.headers
+        .iter()
+        .map(|h| {
+            let (k, v) = h.split_once(':').expect("--header name:value");
+            (k.trim().parse().unwrap(), v.trim().parse().unwrap())
+        })
+        .collect()
+}
+
 async fn dialer(args: &RunArgs) -> (Dialer, Option<RotatingIdentity>) {
     let name = ServerName::try_from("bench.local").unwrap();
     if args.mode == Mode::Plain {
@@ -243,6 +279,7 @@ async fn dialer(args: &RunArgs) -> (Dialer, Option<RotatingIdentity>) {
                 tls: None,
                 name,
                 h2: false,
+                headers: headers(args),
             },
             None,
         );
@@ -276,6 +313,7 @@ async fn dialer(args: &RunArgs) -> (Dialer, Option<RotatingIdentity>) {
             tls: Some(tls),
             name,
             h2: args.h2,
+            headers: headers(args),
         },
         Some(identity),
     )
@@ -330,6 +368,13 @@ async fn run(args: RunArgs) {
     if let Some(n) = args.idle {
         return idle(&args, &dialer, n).await;
     }
+    if let Some(bytes) = args.upload_bytes {
+        return upload(&args, bytes).await;
+    }
+    // At a fixed rate, each connection sends its share on a timer.
+    let period = args
+        .rate
+        .map(|r| Duration::from_secs_f64(args.connections as f64 / r.max(1) as f64));
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
@@ -341,7 +386,15 @@ async fn run(args: RunArgs) {
             let mut latencies: Vec<u32> = Vec::with_capacity(1 << 16);
             let mut errors = 0u64;
             let mut conn = None;
+            let mut ticks = period.map(|p| {
+                let mut t = tokio::time::interval(p);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                t
+            });
             while !stop.load(Ordering::Relaxed) {
+                if let Some(t) = ticks.as_mut() {
+                    t.tick().await;
+                }
                 let start = Instant::now();
                 if conn.is_none() || new_connections {
                     match dialer.connect().await {
@@ -354,7 +407,7 @@ async fn run(args: RunArgs) {
                     }
                 }
                 let ok = match conn.as_mut() {
-                    Some(c) => c.get().await.is_ok(),
+                    Some(c) => c.get(&dialer.headers).await.is_ok(),
                     None => false,
                 };
                 if !ok {
@@ -417,7 +470,7 @@ async fn idle(args: &RunArgs, dialer: &Arc<Dialer>, n: usize) {
         match dialer.connect().await {
             Ok(mut c) => {
                 // One request each, so the connection is past its handshake and at rest.
-                if c.get().await.is_err() {
+                if c.get(&dialer.headers).await.is_err() {
                     failed += 1;
                 }
                 conns.push(c);
@@ -434,6 +487,68 @@ async fn idle(args: &RunArgs, dialer: &Arc<Dialer>, n: usize) {
         "rss_before_kib": before,
         "rss_after_kib": after,
         "rss_added_mib": (after as f64 - before as f64) / 1024.0,
+    });
+    println!("{out}");
+}
+
+/// A megabyte of zeros, sent again and again without copying.
+static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+
+async fn upload(args: &RunArgs, bytes: u64) {
+    let tcp = TcpStream::connect(args.addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let (tx, body) = e2e::backend::ChannelBody::pair();
+    let mut req = Request::post("/upload")
+        .header("host", "bench.local")
+        .body(body)
+        .unwrap();
+    for (k, v) in headers(args) {
+        req.headers_mut().insert(k, v);
+    }
+    let pids = args.pids.clone();
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        tokio::spawn(async move {
+            let mut peak = vec![0u64; pids.len()];
+            while sampling.load(Ordering::Relaxed) {
+                for (i, pid) in pids.iter().enumerate() {
+                    peak[i] = peak[i].max(rss_kib(*pid));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            peak
+        })
+    };
+    let started = Instant::now();
+    let feeder = tokio::spawn(async move {
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(ZEROS.len() as u64) as usize;
+            if tx.send(Bytes::from_static(&ZEROS[..n])).await.is_err() {
+                break;
+            }
+            left -= n as u64;
+        }
+    });
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status();
+    resp.into_body().collect().await.unwrap();
+    feeder.await.unwrap();
+    let seconds = started.elapsed().as_secs_f64();
+    sampling.store(false, Ordering::Relaxed);
+    let peak = sampler.await.unwrap();
+    let out = serde_json::json!({
+        "name": args.name,
+        "status": status.as_u16(),
+        "bytes": bytes,
+        "seconds": seconds,
+        "mib_per_s": bytes as f64 / (1 << 20) as f64 / seconds,
+        "peak_rss_mib": peak.iter().map(|k| *k as f64 / 1024.0).collect::<Vec<_>>(),
     });
     println!("{out}");
 }
