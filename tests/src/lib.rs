@@ -54,6 +54,11 @@ impl ChildGuard {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// How the process ended, if it has.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Fail with the process's stderr if it has exited.
     pub fn assert_running(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {

@@ -12,6 +12,7 @@ use e2e::{
     wait_until, ChildGuard,
 };
 use http::StatusCode;
+use http_body_util::BodyExt;
 use ratls::{agent::AgentAddress, AppId};
 
 const SERVER: &str = "5e125e125e125e125e125e125e125e125e125e12";
@@ -25,7 +26,7 @@ fn id(s: &str) -> AppId {
 fn start_nginx(dir: &Path, server_conf: &str) -> ChildGuard {
     std::fs::write(dir.join("server.conf"), server_conf).unwrap();
     let main = format!(
-        "worker_processes 1;\nerror_log {d}/nginx-error.log info;\npid {d}/nginx.pid;\nevents {{ worker_connections 1024; }}\nhttp {{\n    access_log off;\n    client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n    fastcgi_temp_path {d}/fastcgi;\n    uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n    include {d}/server.conf;\n}}\n",
+        "worker_processes 1;\nerror_log {d}/nginx-error.log info;\npid {d}/nginx.pid;\nevents {{ worker_connections 1024; }}\nhttp {{\n    log_format connections '$connection $connection_requests $server_protocol $status $request_uri';\n    access_log {d}/access.log connections;\n    client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n    fastcgi_temp_path {d}/fastcgi;\n    uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n    include {d}/server.conf;\n}}\n",
         d = dir.display()
     );
     std::fs::write(dir.join("nginx.conf"), main).unwrap();
@@ -51,72 +52,127 @@ fn start_nginx(dir: &Path, server_conf: &str) -> ChildGuard {
     ChildGuard::spawn("nginx", cmd, dir).unwrap()
 }
 
+/// The server side of dstack-vpc's deployment: SERVER's development agent, a backend, a
+/// `dstack-mesh run` sidecar (auth service, inbound listener, outbound proxy) and nginx in
+/// front, configured by `dstack-mesh nginx-config server`.
+struct Site {
+    dir: tempfile::TempDir,
+    state: std::path::PathBuf,
+    backend: Backend,
+    /// dstack-mesh's own inbound listener.
+    inbound: std::net::SocketAddr,
+    /// nginx's mTLS listener.
+    nginx_addr: std::net::SocketAddr,
+    _processes: Vec<ChildGuard>,
+}
+
+impl Site {
+    async fn start() -> Self {
+        Self::start_with(false).await
+    }
+
+    /// With `http1_only`, nginx listens as dstack-vpc's template does (no `http2`).
+    async fn start_with(http1_only: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let state = d.join("state");
+        let (server_agent, server_sock) = dev_agent(d, "server-agent", SERVER, &state);
+        let backend = Backend::start().await;
+        e2e::write_nginx_identity(AgentAddress::Unix(server_sock.clone()), d).await;
+
+        // The sidecar: auth service and inbound listener, on the dev agent's identity.
+        let config = d.join("dstack-mesh.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\nallowed_apps = \"{CALLER}\"\n\n[auth]\naddress = \"127.0.0.1\"\nport = 0\n\n[client]\naddress = \"127.0.0.1\"\nport = 0\n\n[tls]\ncert_file = \"{d}/server.crt\"\nkey_file = \"{d}/server.key\"\nca_file = \"{d}/ca.crt\"\n",
+                sock = server_sock.display(),
+                backend = backend.addr,
+                d = d.display(),
+            ),
+        )
+        .unwrap();
+        let (mesh, bound) = run_mesh(d, "dstack-mesh", &config);
+        let (inbound, auth) = (listener(&bound, "inbound"), listener(&bound, "auth"));
+
+        // nginx, configured by `dstack-mesh nginx-config server`, pointed at that auth service.
+        let auth_config = d.join("nginx-side.toml");
+        std::fs::write(
+            &auth_config,
+            std::fs::read_to_string(&config).unwrap().replace(
+                "[auth]\naddress = \"127.0.0.1\"\nport = 0",
+                &format!("[auth]\naddress = \"127.0.0.1\"\nport = {}", auth.port()),
+            ),
+        )
+        .unwrap();
+        // `free_port` can race with other tests' listeners: on a lost race, another port.
+        let (nginx, nginx_addr) = (1..=5)
+            .find_map(|attempt| {
+                let nginx_port = free_port();
+                let rendered = Command::new(e2e::mesh_binary())
+                    .args([
+                        "nginx-config",
+                        "server",
+                        "--port",
+                        &nginx_port.to_string(),
+                        "--config",
+                    ])
+                    .arg(&auth_config)
+                    .output()
+                    .unwrap();
+                assert!(
+                    rendered.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&rendered.stderr)
+                );
+                let mut conf = String::from_utf8(rendered.stdout).unwrap();
+                if http1_only {
+                    assert!(conf.contains(" ssl http2;"), "{conf}");
+                    conf = conf.replace(" ssl http2;", " ssl;");
+                }
+                let mut nginx = start_nginx(d, &conf);
+                let nginx_addr: std::net::SocketAddr =
+                    format!("127.0.0.1:{nginx_port}").parse().unwrap();
+                let mut exited = None;
+                wait_until("nginx to listen", Duration::from_secs(20), || {
+                    exited = nginx.exited();
+                    exited.is_some() || std::net::TcpStream::connect(nginx_addr).is_ok()
+                });
+                match exited {
+                    None => Some((nginx, nginx_addr)),
+                    Some(_) if attempt < 5 && nginx.stderr().contains("Address already in use") => {
+                        None
+                    }
+                    Some(status) => panic!("nginx exited ({status}): {}", nginx.stderr()),
+                }
+            })
+            .unwrap();
+        Self {
+            dir,
+            state,
+            backend,
+            inbound,
+            nginx_addr,
+            _processes: vec![server_agent, mesh, nginx],
+        }
+    }
+}
+
+fn listener(bound: &[(String, std::net::SocketAddr)], what: &str) -> std::net::SocketAddr {
+    bound
+        .iter()
+        .find(|(w, _)| w == what)
+        .map(|(_, a)| *a)
+        .unwrap_or_else(|| panic!("no {what} listener in {bound:?}"))
+}
+
 #[tokio::test]
 async fn nginx_with_our_auth_service_and_our_own_listener_agree() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let state = d.join("state");
-    let (_server_agent, server_sock) = dev_agent(d, "server-agent", SERVER, &state);
-    let (caller, _a) = identity(d, &state, CALLER).await;
-    let (stranger, _b) = identity(d, &state, STRANGER).await;
-    let backend = Backend::start().await;
-    e2e::write_nginx_identity(AgentAddress::Unix(server_sock.clone()), d).await;
-
-    // The sidecar: auth service and inbound listener, on the dev agent's identity.
-    let config = d.join("dstack-mesh.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\nallowed_apps = \"{CALLER}\"\n\n[auth]\naddress = \"127.0.0.1\"\nport = 0\n\n[client]\naddress = \"127.0.0.1\"\nport = 0\n\n[tls]\ncert_file = \"{d}/server.crt\"\nkey_file = \"{d}/server.key\"\nca_file = \"{d}/ca.crt\"\n",
-            sock = server_sock.display(),
-            backend = backend.addr,
-            d = d.display(),
-        ),
-    )
-    .unwrap();
-    let (_mesh, bound) = run_mesh(d, "dstack-mesh", &config);
-    let addr_of = |what: &str| {
-        bound
-            .iter()
-            .find(|(w, _)| w == what)
-            .map(|(_, a)| *a)
-            .unwrap()
-    };
-    let (inbound, auth) = (addr_of("inbound"), addr_of("auth"));
-
-    // nginx, configured by `dstack-mesh nginx-config server`, pointed at that auth service.
-    let nginx_port = free_port();
-    let auth_config = d.join("nginx-side.toml");
-    std::fs::write(
-        &auth_config,
-        std::fs::read_to_string(&config).unwrap().replace(
-            "address = \"127.0.0.1\"\nport = 0",
-            &format!("address = \"127.0.0.1\"\nport = {}", auth.port()),
-        ),
-    )
-    .unwrap();
-    let rendered = Command::new(e2e::mesh_binary())
-        .args([
-            "nginx-config",
-            "server",
-            "--port",
-            &nginx_port.to_string(),
-            "--config",
-        ])
-        .arg(&auth_config)
-        .output()
-        .unwrap();
-    assert!(
-        rendered.status.success(),
-        "{}",
-        String::from_utf8_lossy(&rendered.stderr)
-    );
-    let mut nginx = start_nginx(d, &String::from_utf8(rendered.stdout).unwrap());
-    let nginx_addr: std::net::SocketAddr = format!("127.0.0.1:{nginx_port}").parse().unwrap();
-    wait_until("nginx to listen", Duration::from_secs(20), || {
-        nginx.assert_running();
-        std::net::TcpStream::connect(nginx_addr).is_ok()
-    });
+    let site = Site::start().await;
+    let (d, backend) = (site.dir.path(), &site.backend);
+    let (caller, _a) = identity(d, &site.state, CALLER).await;
+    let (stranger, _b) = identity(d, &site.state, STRANGER).await;
+    let (inbound, nginx_addr) = (site.inbound, site.nginx_addr);
 
     for (front, addr) in [("nginx", nginx_addr), ("dstack-mesh", inbound)] {
         // The allowed app gets through, named by its verified id, whatever it claims.
@@ -238,4 +294,113 @@ async fn no_cert_get(addr: std::net::SocketAddr) -> Option<String> {
     let text = String::from_utf8_lossy(&buf);
     text.strip_prefix("HTTP/1.1 ")
         .map(|rest| rest[..3].to_owned())
+}
+
+/// dstack-mesh's outbound proxy as nginx's client: the app's plain HTTP/1.1 goes out as mTLS
+/// with the sidecar's identity, nginx asks the auth service, and the backend learns who called.
+#[tokio::test]
+async fn our_outbound_proxy_calls_through_nginx_over_h2_and_reuses_its_connection() {
+    outbound_through_nginx(false).await;
+}
+
+#[tokio::test]
+async fn our_outbound_proxy_calls_through_an_http1_nginx_and_keeps_it_alive() {
+    outbound_through_nginx(true).await;
+}
+
+async fn outbound_through_nginx(http1_only: bool) {
+    let site = Site::start_with(http1_only).await;
+    let d = site.dir.path();
+    let (_caller_agent, caller_sock) = dev_agent(d, "caller-agent", CALLER, &site.state);
+    let config = d.join("caller.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nenabled = false\n\n[auth]\nenabled = false\n\n[client]\naddress = \"127.0.0.1\"\nport = 0\n\n[dstack]\ngateway_domain = \"fixed/{nginx}\"\n",
+            sock = caller_sock.display(),
+            nginx = site.nginx_addr,
+        ),
+    )
+    .unwrap();
+    let (_caller, bound) = run_mesh(d, "caller-sidecar", &config);
+    let outbound = listener(&bound, "outbound");
+
+    // Two requests in a row on one keep-alive connection from the app.
+    let tcp = tokio::net::TcpStream::connect(outbound).await.unwrap();
+    let (mut app, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for path in ["/first", "/second"] {
+        let req = http::Request::get(path)
+            .header("host", "server.internal")
+            .header("x-dstack-target-app", SERVER)
+            .header("x-dstack-app-id", STRANGER)
+            .body(e2e::client::empty())
+            .unwrap();
+        let resp = app.send_request(req).await.unwrap();
+        assert_eq!(resp.version(), http::Version::HTTP_11);
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "{path}: {}\n{}",
+            String::from_utf8_lossy(&body),
+            std::fs::read_to_string(d.join("nginx-error.log"))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| !l.contains("[notice]"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(seen["path"], path);
+        assert_eq!(
+            seen["headers"]["x-dstack-app-id"],
+            serde_json::json!([CALLER])
+        );
+        let names: Vec<&String> = seen["headers"].as_object().unwrap().keys().collect();
+        assert!(
+            !names.iter().any(|n| n.starts_with("x-dstack-target")),
+            "routing headers reached the backend: {names:?}"
+        );
+    }
+    assert_eq!(site.backend.count(), 2);
+
+    // nginx logged both with one connection serial number ($connection): the sidecar reused
+    // its pooled connection.
+    let log = d.join("access.log");
+    let mut lines = Vec::new();
+    wait_until(
+        "nginx to log both requests",
+        Duration::from_secs(10),
+        || {
+            lines = std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .map(|l| l.split(' ').map(str::to_owned).collect::<Vec<_>>())
+                .collect();
+            lines.len() >= 2
+        },
+    );
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let (first, second) = (&lines[0], &lines[1]);
+    assert_eq!(
+        (&first[3][..], &first[4][..]),
+        ("200", "/first"),
+        "{lines:?}"
+    );
+    assert_eq!(
+        (&second[3][..], &second[4][..]),
+        ("200", "/second"),
+        "{lines:?}"
+    );
+    assert_eq!(first[0], second[0], "two connections: {lines:?}");
+    let protocol = if http1_only { "HTTP/1.1" } else { "HTTP/2.0" };
+    assert_eq!(
+        (&first[2][..], &second[2][..]),
+        (protocol, protocol),
+        "{lines:?}"
+    );
 }

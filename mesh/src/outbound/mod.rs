@@ -358,17 +358,21 @@ impl Outbound {
         };
         let upgrade = proxy::is_websocket(&req);
         let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-        let set_headers = |headers: &mut http::HeaderMap| {
-            strip_routing_headers(headers);
-            if !headers.contains_key(header::HOST) {
-                if let Ok(host) = HeaderValue::from_str(&route.server_name) {
-                    headers.insert(header::HOST, host);
-                }
-            }
-        };
+        // The app's Host travels on (as `:authority` over h2); without one, the target's name.
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| {
+                req.uri()
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            })
+            .or_else(|| HeaderValue::from_str(&route.server_name).ok())
+            .unwrap_or_else(|| HeaderValue::from_static("localhost"));
         let name = target.to_string();
-        let result = proxy::forward_with(req, Some(tunnel), set_headers, &name, |req| {
-            self.pool.send(&target, req, upgrade)
+        let result = proxy::forward_with(req, Some(tunnel), strip_routing_headers, &name, |req| {
+            self.pool.send(&target, req, host, upgrade)
         })
         .await;
         Ok(match result {

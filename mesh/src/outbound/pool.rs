@@ -1,34 +1,34 @@
-//! Pooled, verified connections to peers: hyper's client pool on top of the gateway-client
-//! connector.
+//! Pooled, verified connections to peers, per target.
 //!
-//! hyper's pool keys connections by URI authority, so each [`Target`] gets a synthetic
-//! authority that encodes it exactly ([`PoolKey`]); the connector decodes it and dials. One
-//! pool multiplexes requests over h2 when the peer negotiates it (another dstack-mesh), and
-//! keeps HTTP/1.1 connections alive otherwise (nginx). WebSocket upgrades need HTTP/1.1, so
-//! they use a second pool that offers only `http/1.1`.
+//! A target's connections live in a [`Slot`]: one shared h2 connection when the peer
+//! negotiated h2 (another dstack-mesh), where every request is a stream; otherwise idle
+//! HTTP/1.1 connections kept alive for reuse (nginx). While a target's protocol is unknown,
+//! one dial at a time, so a burst of first requests opens one h2 connection, not one each.
+//! WebSocket upgrades need HTTP/1.1 and their connection for good, so they dial an
+//! `http/1.1`-only connection of their own.
+//!
+//! hyper-util's pool is not used: it keys connections by the request's authority and sends that
+//! authority as h2's `:authority`, so the app's `Host` could not travel as `:authority`.
 
 use std::{
-    future::Future,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, Weak,
+    },
+    time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwapOption;
-use gateway_client::{ConnectError, Connected as PeerConnection, Connector, Target, Transport};
-use http::{Request, Response, Uri};
-use hyper::body::Incoming;
-use hyper_util::{
-    client::legacy::{
-        connect::{Connected, Connection},
-        Client,
-    },
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+use gateway_client::{ConnectError, Connector, Target, Transport};
+use http::{header, uri::Scheme, HeaderValue, Request, Response, Uri, Version};
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
 };
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use ratls::AppId;
-use tokio::{net::TcpStream, sync::Semaphore};
-use tokio_rustls::client::TlsStream;
+use tokio::sync::Semaphore;
 
 use crate::proxy::{self, Body, UpstreamError};
 
@@ -38,6 +38,8 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 const MAX_IDLE_PER_TARGET: usize = 64;
 /// Requests in flight to all peers at once; more wait within the response deadline.
 const MAX_IN_FLIGHT: usize = 8192;
+/// How often idle connections past their time are closed.
+const SWEEP_EVERY: Duration = Duration::from_secs(15);
 
 /// Pool settings.
 #[derive(Clone, Debug)]
@@ -50,134 +52,431 @@ pub struct PoolConfig {
     pub keepalive_interval: Duration,
 }
 
-/// The connector behind both pools; swapped in when gateway discovery succeeds late.
+/// The connector behind the pool; swapped in when gateway discovery succeeds late.
 pub(crate) type SharedConnector = Arc<ArcSwapOption<Connector>>;
+
+/// What a pooled connection says about its peer (in each response's extensions).
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    /// The verified app id (`None` over the gateway's own TLS).
+    pub app_id: Option<AppId>,
+    /// The verified instance id, when the certificate names one.
+    pub instance: Option<String>,
+    /// Where the connection went.
+    pub address: String,
+}
 
 /// Connections to peers, pooled per target.
 #[derive(Clone)]
 pub struct PeerPool {
-    multiplexed: Client<PoolConnector, Body>,
-    upgrades: Client<PoolConnector, Body>,
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    multiplexed: SharedConnector,
+    upgrades: SharedConnector,
+    slots: Mutex<HashMap<Target, Arc<Slot>>>,
     in_flight: Arc<Semaphore>,
     config: PoolConfig,
+}
+
+/// One target's connections.
+#[derive(Default)]
+struct Slot {
+    h2: Mutex<Option<(http2::SendRequest<Body>, PeerInfo)>>,
+    idle: Mutex<Vec<Idle>>,
+    /// The peer answered HTTP/1.1: dial freely, h2 will not come.
+    h1_only: AtomicBool,
+    /// One dial at a time while the protocol is unknown.
+    dialing: tokio::sync::Mutex<()>,
+    last_used: Mutex<Option<Instant>>,
+}
+
+struct Idle {
+    sender: http1::SendRequest<Body>,
+    info: PeerInfo,
+    since: Instant,
+}
+
+/// A connection chosen for one request.
+enum Conn {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+/// Why a request did not get a response head.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PoolError {
+    /// No connection could be made.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The exchange on a connection failed; `true` when the connection was new.
+    #[error("{0}")]
+    Send(#[source] hyper::Error, bool),
 }
 
 impl std::fmt::Debug for PeerPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PeerPool")
-            .field("config", &self.config)
+            .field("config", &self.inner.config)
             .finish_non_exhaustive()
     }
 }
 
 impl PeerPool {
-    /// Pools over `multiplexed` (offers h2 and http/1.1) and `upgrades` (http/1.1 only).
+    /// A pool over `multiplexed` (offers h2 and http/1.1) and `upgrades` (http/1.1 only).
     pub(crate) fn new(
         multiplexed: SharedConnector,
         upgrades: SharedConnector,
         config: PoolConfig,
     ) -> Self {
-        let client = |connector: SharedConnector| {
-            Client::builder(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(config.idle_timeout)
-                .pool_max_idle_per_host(MAX_IDLE_PER_TARGET)
-                // The gateway cuts idle connections: PINGs keep a pooled h2 connection alive
-                // and find a dead one before a request does.
-                .http2_keep_alive_interval(config.keepalive_interval)
-                .http2_keep_alive_timeout(KEEPALIVE_TIMEOUT)
-                .http2_keep_alive_while_idle(true)
-                // A request that meets a pooled connection closed under it, before any byte
-                // of it was written, goes again on another connection.
-                .retry_canceled_requests(true)
-                // The caller's Host goes through; the pool key is not a name anyone should see.
-                .set_host(false)
-                .build(PoolConnector { connector })
-        };
-        Self {
-            multiplexed: client(multiplexed),
-            upgrades: client(upgrades),
+        let inner = Arc::new(PoolInner {
+            multiplexed,
+            upgrades,
+            slots: Mutex::new(HashMap::new()),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             config,
-        }
+        });
+        tokio::spawn(sweep(Arc::downgrade(&inner)));
+        Self { inner }
     }
 
-    /// Send `req` to `target`: its URI's path and query are kept, the authority becomes the
-    /// target's pool key. `upgrade` picks the HTTP/1.1-only pool.
+    /// Send `req` to `target` (its URI's path and query are kept; `host` is its authority).
+    /// `upgrade` dials a connection of its own, HTTP/1.1 only.
     pub async fn send(
         &self,
         target: &Target,
-        mut req: Request<Body>,
+        req: Request<Body>,
+        host: HeaderValue,
         upgrade: bool,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let key = PoolKey::of(target);
-        let path = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        *req.uri_mut() = Uri::builder()
-            .scheme("http")
-            .authority(key.0.as_str())
-            .path_and_query(path)
-            .build()
-            .map_err(|e| UpstreamError::Failed {
-                upstream: target.to_string(),
-                reason: format!("request URI: {e}"),
-            })?;
-        *req.version_mut() = http::Version::HTTP_11;
-        let client = if upgrade {
-            &self.upgrades
-        } else {
-            &self.multiplexed
-        };
         let name = target.to_string();
         proxy::exchange(
-            client,
-            &self.in_flight,
+            |req| {
+                self.inner
+                    .clone()
+                    .request(target.clone(), req, host, upgrade)
+            },
+            &self.inner.in_flight,
             req,
-            self.config.response_timeout,
+            self.inner.config.response_timeout,
             &name,
-            |e| classify(e, &name),
+            |e| classify(e, target, &name),
         )
         .await
+    }
+}
+
+impl PoolInner {
+    fn slot(&self, target: &Target) -> Arc<Slot> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.entry(target.clone()).or_default().clone()
+    }
+
+    async fn request(
+        self: Arc<Self>,
+        target: Target,
+        req: Request<Body>,
+        host: HeaderValue,
+        upgrade: bool,
+    ) -> Result<Response<Incoming>, PoolError> {
+        let slot = self.slot(&target);
+        if let Ok(mut used) = slot.last_used.lock() {
+            *used = Some(Instant::now());
+        }
+        let (conn, info, reused) = match upgrade {
+            true => {
+                let (conn, info) = self.dial(&target, &slot, true).await?;
+                (conn, info, false)
+            }
+            false => match slot.checkout() {
+                Some((conn, info)) => (conn, info, true),
+                None => {
+                    let (conn, info) = self.connect(&target, &slot).await?;
+                    (conn, info, false)
+                }
+            },
+        };
+        match send_on(conn, req, &host, &slot, &info, upgrade).await {
+            Ok(resp) => Ok(resp),
+            // A pooled connection closed under us before any byte of the request was written:
+            // the request is whole, so it goes once more on a fresh connection.
+            Err((e, Some(req))) if reused => {
+                tracing::debug!(target = %target, error = %e, "pooled connection was closed; retrying on a fresh one");
+                let (conn, info) = self.connect(&target, &slot).await?;
+                send_on(conn, req, &host, &slot, &info, upgrade)
+                    .await
+                    .map_err(|(e, _)| PoolError::Send(e, false))
+            }
+            Err((e, _)) => Err(PoolError::Send(e, !reused)),
+        }
+    }
+
+    /// A connection for a new request: dial, one at a time until the protocol is known.
+    async fn connect(&self, target: &Target, slot: &Slot) -> Result<(Conn, PeerInfo), PoolError> {
+        if slot.h1_only.load(Ordering::Relaxed) {
+            return self.dial(target, slot, false).await;
+        }
+        let _dialing = slot.dialing.lock().await;
+        // Someone else's dial may have brought the h2 connection meanwhile.
+        if let Some(found) = slot.checkout() {
+            return Ok(found);
+        }
+        self.dial(target, slot, false).await
+    }
+
+    async fn dial(
+        &self,
+        target: &Target,
+        slot: &Slot,
+        upgrade: bool,
+    ) -> Result<(Conn, PeerInfo), PoolError> {
+        let connector = match upgrade {
+            true => &self.upgrades,
+            false => &self.multiplexed,
+        }
+        .load_full()
+        .ok_or_else(|| {
+            ConnectError::Config(
+                "no gateway is known yet (discovery has not succeeded; set dstack.gateway_domain)"
+                    .into(),
+            )
+        })?;
+        let connected = connector.connect(target).await?;
+        let info = PeerInfo {
+            app_id: connected.peer.as_ref().map(|p| p.app_id.clone()),
+            instance: connected.peer.and_then(|p| p.instance_id),
+            address: connected.route.connect.to_string(),
+        };
+        if target.transport == Transport::GatewayTls {
+            tracing::warn!(target = %target, address = %info.address, "unauthenticated connection through the gateway's own TLS (x-dstack-target-use-tls: false): the peer's identity is not verified");
+        } else {
+            tracing::debug!(target = %target, address = %info.address, h2 = connected.h2, "peer connection verified");
+        }
+        let io = TokioIo::new(connected.stream);
+        let handshake_failed = |e: hyper::Error| PoolError::Send(e, true);
+        if connected.h2 {
+            let mut builder = http2::Builder::new(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .keep_alive_interval(self.config.keepalive_interval)
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                .keep_alive_while_idle(true);
+            let (sender, conn) = builder.handshake(io).await.map_err(handshake_failed)?;
+            let name = target.to_string();
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(target = %name, error = %e, "h2 peer connection ended");
+                }
+            });
+            if let Ok(mut h2) = slot.h2.lock() {
+                *h2 = Some((sender.clone(), info.clone()));
+            }
+            Ok((Conn::H2(sender), info))
+        } else {
+            slot.h1_only.store(!upgrade, Ordering::Relaxed);
+            let (sender, conn) = http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(handshake_failed)?;
+            tokio::spawn(async move {
+                let _ = conn.with_upgrades().await;
+            });
+            Ok((Conn::H1(sender), info))
+        }
+    }
+}
+
+impl Slot {
+    /// A usable pooled connection: the h2 one, else an idle HTTP/1.1 one.
+    fn checkout(&self) -> Option<(Conn, PeerInfo)> {
+        if let Ok(mut h2) = self.h2.lock() {
+            match h2.as_ref() {
+                Some((sender, info)) if !sender.is_closed() => {
+                    return Some((Conn::H2(sender.clone()), info.clone()))
+                }
+                Some(_) => *h2 = None,
+                None => {}
+            }
+        }
+        let mut idle = self.idle.lock().ok()?;
+        while let Some(entry) = idle.pop() {
+            if entry.sender.is_ready() {
+                return Some((Conn::H1(entry.sender), entry.info));
+            }
+        }
+        None
+    }
+
+    /// Keep an HTTP/1.1 connection for the next request.
+    fn checkin(&self, sender: http1::SendRequest<Body>, info: PeerInfo) {
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() < MAX_IDLE_PER_TARGET {
+                idle.push(Idle {
+                    sender,
+                    info,
+                    since: Instant::now(),
+                });
+            }
+        }
+    }
+
+    /// Close what has been idle for `limit`; whether anything is left.
+    fn sweep(&self, limit: Duration) -> bool {
+        let now = Instant::now();
+        let mut left = false;
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.retain(|e| now.duration_since(e.since) < limit && !e.sender.is_closed());
+            left |= !idle.is_empty();
+        }
+        let unused = self
+            .last_used
+            .lock()
+            .ok()
+            .and_then(|t| *t)
+            .is_none_or(|t| now.duration_since(t) >= limit);
+        if let Ok(mut h2) = self.h2.lock() {
+            if unused || h2.as_ref().is_some_and(|(s, _)| s.is_closed()) {
+                *h2 = None;
+            }
+            left |= h2.is_some();
+        }
+        left
+    }
+}
+
+/// Send on `conn`; on failure, the request back when none of it was written.
+async fn send_on(
+    conn: Conn,
+    mut req: Request<Body>,
+    host: &HeaderValue,
+    slot: &Arc<Slot>,
+    info: &PeerInfo,
+    upgrade: bool,
+) -> Result<Response<Incoming>, (hyper::Error, Option<Request<Body>>)> {
+    let result = match conn {
+        Conn::H2(mut sender) => {
+            // h2 carries the host as `:authority`; a `Host` beside it is a duplicate to nginx.
+            req.headers_mut().remove(header::HOST);
+            *req.version_mut() = Version::HTTP_2;
+            let path = req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(Scheme::HTTPS);
+            parts.authority = host.to_str().ok().and_then(|h| h.parse().ok());
+            parts.path_and_query = Some(path);
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+            sender.try_send_request(req).await
+        }
+        Conn::H1(mut sender) => {
+            req.headers_mut().insert(header::HOST, host.clone());
+            *req.version_mut() = Version::HTTP_11;
+            let path = req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+            *req.uri_mut() = Uri::from(path);
+            let result = sender.try_send_request(req).await;
+            if result.is_ok() && !upgrade {
+                // Back to the pool once this exchange is over and the connection can take
+                // another request; a closed one is dropped.
+                let (slot, info) = (slot.clone(), info.clone());
+                tokio::spawn(async move {
+                    if std::future::poll_fn(|cx| sender.poll_ready(cx))
+                        .await
+                        .is_ok()
+                    {
+                        slot.checkin(sender, info);
+                    }
+                });
+            }
+            result
+        }
+    };
+    match result {
+        Ok(mut resp) => {
+            resp.extensions_mut().insert(info.clone());
+            Ok(resp)
+        }
+        Err(mut e) => {
+            let req = e.take_message();
+            Err((e.into_error(), req))
+        }
+    }
+}
+
+/// Close idle connections past their time, and forget targets with nothing left.
+async fn sweep(pool: Weak<PoolInner>) {
+    loop {
+        tokio::time::sleep(SWEEP_EVERY).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let limit = pool.config.idle_timeout;
+        let slots: Vec<(Target, Arc<Slot>)> = match pool.slots.lock() {
+            Ok(slots) => slots.iter().map(|(t, s)| (t.clone(), s.clone())).collect(),
+            Err(_) => return,
+        };
+        for (target, slot) in slots {
+            if !slot.sweep(limit) && Arc::strong_count(&slot) <= 2 {
+                if let Ok(mut slots) = pool.slots.lock() {
+                    slots.remove(&target);
+                }
+            }
+        }
     }
 }
 
 /// A failure as the caller should see it: connect failures by their typed cause, and a peer
 /// that refused our certificate (with TLS 1.3 the client learns that only after its
 /// handshake, from the peer's alert) as a refusal, not a broken peer.
-fn classify(e: &hyper_util::client::legacy::Error, target: &str) -> Option<UpstreamError> {
-    let upstream = target.to_owned();
-    let mut source = std::error::Error::source(e);
-    while let Some(err) = source {
-        if let Some(connect) = err.downcast_ref::<ConnectError>() {
+fn classify(e: &PoolError, target: &Target, name: &str) -> Option<UpstreamError> {
+    let upstream = name.to_owned();
+    match e {
+        PoolError::Connect(connect) => {
             let reason = connect.to_string();
-            return Some(match connect {
+            Some(match connect {
                 ConnectError::Timeout { .. } => UpstreamError::ConnectTimeout { upstream, reason },
+                ConnectError::Refused { .. } if target.transport == Transport::GatewayTls => {
+                    UpstreamError::Connect {
+                        upstream,
+                        reason: format!("the gateway's certificate is not trusted: {reason}"),
+                    }
+                }
                 ConnectError::Refused { .. } => UpstreamError::Refused { upstream, reason },
                 _ => UpstreamError::Connect { upstream, reason },
-            });
+            })
         }
-        // h2 keeps its io cause out of `source()`.
-        let io = err
-            .downcast_ref::<std::io::Error>()
-            .or_else(|| err.downcast_ref::<h2::Error>().and_then(h2::Error::get_io));
-        if let Some(alert) = io.and_then(received_alert) {
-            return Some(UpstreamError::Rejected {
+        PoolError::Send(err, fresh) => {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+            while let Some(err) = source {
+                let io = err
+                    .downcast_ref::<std::io::Error>()
+                    .or_else(|| err.downcast_ref::<h2::Error>().and_then(h2::Error::get_io));
+                if let Some(alert) = io.and_then(received_alert) {
+                    return Some(UpstreamError::Rejected {
+                        upstream,
+                        reason: format!(
+                            "the peer refused this sidecar's certificate ({alert}): is this app on the target's allowlist, under a root it trusts?"
+                        ),
+                    });
+                }
+                source = err.source();
+            }
+            // Through a TCP gateway the peer's alert can be lost when the gateway closes first.
+            (*fresh && target.transport == Transport::Mesh).then(|| UpstreamError::Failed {
                 upstream,
                 reason: format!(
-                    "the peer refused this sidecar's certificate ({alert}): is this app on the target's allowlist, under a root it trusts?"
+                    "{}: the peer closed a new connection after the handshake (a sidecar that does not allow this app refuses it this way)",
+                    crate::error_chain(err)
                 ),
-            });
+            })
         }
-        source = err.source();
     }
-    e.is_connect().then(|| UpstreamError::Connect {
-        upstream,
-        reason: crate::error_chain(e),
-    })
 }
 
 /// The alert a peer ended the connection with. tokio-rustls hands it over as text only
@@ -193,230 +492,20 @@ fn received_alert(io: &std::io::Error) -> Option<String> {
         .then_some(text)
 }
 
-/// A [`Target`] written as a URI authority, and read back by the connector: hyper pools by
-/// authority, so two requests share connections exactly when they share a key.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct PoolKey(String);
-
-/// Label marking the gateway's own TLS (no mTLS).
-const GATEWAY_TLS: &str = "gw";
-/// Label marking the mesh (mTLS, verified peer).
-const MESH: &str = "mesh";
-/// Label for "any instance".
-const ANY: &str = "any";
-
-impl PoolKey {
-    /// `<app>.<port>.<instance|any>.<mesh|gw>`.
-    pub(crate) fn of(target: &Target) -> Self {
-        let instance = target
-            .instance
-            .as_ref()
-            .map_or_else(|| ANY.to_owned(), AppId::to_string);
-        let transport = match target.transport {
-            Transport::Mesh => MESH,
-            Transport::GatewayTls => GATEWAY_TLS,
-        };
-        Self(format!(
-            "{}.{}.{instance}.{transport}",
-            target.app_id, target.port
-        ))
-    }
-
-    /// The target a URI's authority names.
-    pub(crate) fn target(uri: &Uri) -> Option<Target> {
-        let mut labels = uri.host()?.split('.');
-        let app_id = labels.next()?.parse().ok()?;
-        let port = labels.next()?.parse().ok()?;
-        let instance = match labels.next()? {
-            ANY => None,
-            id => Some(id.parse().ok()?),
-        };
-        let transport = match labels.next()? {
-            MESH => Transport::Mesh,
-            GATEWAY_TLS => Transport::GatewayTls,
-            _ => return None,
-        };
-        if labels.next().is_some() {
-            return None;
-        }
-        Some(Target {
-            app_id,
-            port,
-            instance,
-            transport,
-        })
-    }
-}
-
-/// What a pooled connection carries besides its bytes (copied into each response's
-/// extensions by hyper).
-#[derive(Clone, Debug)]
-pub struct PeerInfo {
-    /// The verified app id (`None` over the gateway's own TLS).
-    pub app_id: Option<AppId>,
-    /// The verified instance id, when the certificate names one.
-    pub instance: Option<String>,
-    /// Where the connection went.
-    pub address: String,
-}
-
-/// Adapts the gateway-client connector to hyper's pool.
-#[derive(Clone)]
-struct PoolConnector {
-    connector: SharedConnector,
-}
-
-impl tower::Service<Uri> for PoolConnector {
-    type Response = PeerIo;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<PeerIo, ConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let connector = self.connector.load_full();
-        Box::pin(async move {
-            let target = PoolKey::target(&uri)
-                .ok_or_else(|| ConnectError::Config(format!("not a pool key: {uri}")))?;
-            let connector = connector.ok_or_else(|| {
-                ConnectError::Config(
-                    "no gateway is known yet (discovery has not succeeded; set dstack.gateway_domain)"
-                        .into(),
-                )
-            })?;
-            let PeerConnection {
-                stream,
-                peer,
-                h2,
-                route,
-            } = connector.connect(&target).await?;
-            if target.transport == Transport::GatewayTls {
-                tracing::warn!(target = %target, address = %route.connect, "unauthenticated connection through the gateway's own TLS (x-dstack-target-use-tls: false): the peer's identity is not verified");
-            } else {
-                tracing::debug!(target = %target, address = %route.connect, h2, "peer connection verified");
-            }
-            Ok(PeerIo {
-                io: TokioIo::new(stream),
-                h2,
-                info: PeerInfo {
-                    app_id: peer.as_ref().map(|p| p.app_id.clone()),
-                    instance: peer.and_then(|p| p.instance_id),
-                    address: route.connect.to_string(),
-                },
-            })
-        })
-    }
-}
-
-/// A verified peer connection, as hyper's pool holds it.
-pub(crate) struct PeerIo {
-    io: TokioIo<TlsStream<TcpStream>>,
-    h2: bool,
-    info: PeerInfo,
-}
-
-impl Connection for PeerIo {
-    fn connected(&self) -> Connected {
-        let connected = Connected::new().extra(self.info.clone());
-        if self.h2 {
-            connected.negotiated_h2()
-        } else {
-            connected
-        }
-    }
-}
-
-impl hyper::rt::Read for PeerIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for PeerIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn target(instance: Option<&str>, transport: Transport) -> Target {
-        Target {
-            app_id: "ea549f02e1a25fabd1cb788380e033ec5461b2ff".parse().unwrap(),
-            port: 8080,
-            instance: instance.map(|i| i.parse().unwrap()),
-            transport,
-        }
-    }
-
     #[test]
-    fn pool_keys_round_trip() {
-        for t in [
-            target(None, Transport::Mesh),
-            target(
-                Some("0123456789abcdef0123456789abcdef01234567"),
-                Transport::Mesh,
-            ),
-            target(None, Transport::GatewayTls),
-        ] {
-            let key = PoolKey::of(&t);
-            let uri: Uri = format!("http://{}/x", key.0).parse().unwrap();
-            assert_eq!(PoolKey::target(&uri), Some(t));
-        }
-    }
-
-    #[test]
-    fn distinct_targets_get_distinct_keys() {
-        let a = PoolKey::of(&target(None, Transport::Mesh));
-        let b = PoolKey::of(&target(None, Transport::GatewayTls));
-        let mut c = target(None, Transport::Mesh);
-        c.port = 443;
-        assert_ne!(a, b);
-        assert_ne!(a, PoolKey::of(&c));
-    }
-
-    #[test]
-    fn foreign_authorities_are_not_keys() {
-        for uri in [
-            "http://example.com/",
-            "http://zz.443.any.mesh/",
-            "http://ea549f02e1a25fabd1cb788380e033ec5461b2ff.0x.any.mesh/",
-            "http://ea549f02e1a25fabd1cb788380e033ec5461b2ff.443.any.tcp/",
-            "http://ea549f02e1a25fabd1cb788380e033ec5461b2ff.443.any.mesh.extra/",
-        ] {
-            assert_eq!(PoolKey::target(&uri.parse().unwrap()), None, "{uri}");
-        }
+    fn fatal_alerts_are_recognised_by_their_text() {
+        let io = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "received fatal alert: CertificateUnknown",
+        );
+        assert!(received_alert(&io).unwrap().contains("CertificateUnknown"));
+        let other = std::io::Error::new(std::io::ErrorKind::InvalidData, "bad record mac");
+        assert_eq!(received_alert(&other), None);
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(received_alert(&reset), None);
     }
 }

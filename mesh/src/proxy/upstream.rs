@@ -190,12 +190,12 @@ impl Upstream {
         *req.version_mut() = Version::HTTP_11;
 
         exchange(
-            &self.client,
+            |req| self.client.request(req),
             &self.in_flight,
             req,
             self.config.response_timeout,
             self.authority.as_str(),
-            |e| {
+            |e: &hyper_util::client::legacy::Error| {
                 e.is_connect().then(|| UpstreamError::Connect {
                     upstream: self.authority.to_string(),
                     reason: crate::error_chain(e),
@@ -221,16 +221,17 @@ impl Upstream {
 /// Send `req` on `client`: wait for a slot under `in_flight`, then for the response head
 /// within `timeout` counted from the end of the upload. `classify` turns the client's own
 /// errors (connect failures above all) into typed ones; the rest are `Failed`.
-pub(crate) async fn exchange<C>(
-    client: &Client<C, Body>,
+pub(crate) async fn exchange<F, E>(
+    send: impl FnOnce(Request<Body>) -> F,
     in_flight: &Arc<Semaphore>,
     req: Request<Body>,
     timeout: Duration,
     upstream: &str,
-    classify: impl FnOnce(&hyper_util::client::legacy::Error) -> Option<UpstreamError>,
+    classify: impl FnOnce(&E) -> Option<UpstreamError>,
 ) -> Result<Response<hyper::body::Incoming>, UpstreamError>
 where
-    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<Response<hyper::body::Incoming>, E>>,
+    E: std::error::Error + 'static,
 {
     // A bounded number of requests at the upstream at once: past it, callers wait (within
     // the response deadline) instead of exhausting file descriptors for everyone.
@@ -245,7 +246,7 @@ where
     // The response deadline starts when the request body has been sent: a slow upload is
     // the caller's pace, not a slow upstream.
     let (req, sent) = watch_body(req);
-    let exchange = client.request(req);
+    let exchange = send(req);
     tokio::pin!(exchange);
     let deadline = async {
         sent.ended.notified().await;
