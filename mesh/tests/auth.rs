@@ -263,7 +263,7 @@ async fn lone_leaves_need_nginx_to_trust_only_our_roots() {
 
     // Switched off explicitly: the same.
     let text = format!(
-        "[inbound]\nenabled = false\nallowed_apps = \"{CALLER}\"\n[auth]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\ntrust_nginx_chain = false\n"
+        "[inbound]\nenabled = false\nallowed_apps = \"{CALLER}\"\n[auth]\nlisten = \"127.0.0.1:0\"\ntrust_nginx_chain = false\n[client]\nenabled = false\n"
     );
     let (server2, _d) = identity(other.path(), &state, SERVER).await;
     let config = Config::from_toml(&text, &HashMap::<&str, &str>::new()).unwrap();
