@@ -7,15 +7,16 @@ use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
 use dstack_mesh::{app::App, config::Config};
-use e2e::{backend::Backend, client::empty, identity};
+use e2e::{
+    backend::Backend,
+    client::{echo, empty, websocket_via},
+    identity,
+};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::net::TcpStream;
 
 const A: &str = "aaaa0000aaaa0000aaaa0000aaaa0000aaaa0000";
 const B: &str = "bbbb1111bbbb1111bbbb1111bbbb1111bbbb1111";
@@ -36,6 +37,11 @@ fn config(text: &str) -> Config {
 impl Pair {
     /// B allows `b_allows`; A reaches B at a fixed address; `a_extra` is appended to A's config.
     async fn start(b_allows: &str, a_extra: &str) -> Self {
+        Self::start_with(b_allows, "", a_extra).await
+    }
+
+    /// As [`Pair::start`], with `b_inbound` added to B's `[inbound]` section.
+    async fn start_with(b_allows: &str, b_inbound: &str, a_extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
         let (a_id, a1) = identity(dir.path(), &state, A).await;
@@ -43,7 +49,7 @@ impl Pair {
         let backend = Backend::start().await;
         let b = App::start_with(
             config(&format!(
-                "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{}\"\nallowed_apps = \"{b_allows}\"\n[auth]\nenabled = false\n[client]\nenabled = false\n",
+                "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{}\"\nallowed_apps = \"{b_allows}\"\n{b_inbound}[auth]\nenabled = false\n[client]\nenabled = false\n",
                 backend.addr
             )),
             b_id,
@@ -220,30 +226,11 @@ async fn keep_alive_requests_share_one_h2_connection() {
 #[tokio::test]
 async fn a_websocket_upgrade_is_spliced_end_to_end() {
     let pair = Pair::start(A, "").await;
-    let mut tcp = TcpStream::connect(pair.outbound()).await.unwrap();
-    tcp.write_all(
-        format!(
-            "GET /ws HTTP/1.1\r\nhost: b\r\nx-dstack-target-app: {B}\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        tcp.read_exact(&mut byte).await.unwrap();
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    tcp.write_all(b"ping through the mesh").await.unwrap();
-    let mut echoed = [0u8; 21];
-    tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut echoed))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&echoed, b"ping through the mesh");
+    let mut tcp = websocket_via(pair.outbound(), B).await;
+    assert_eq!(
+        echo(&mut tcp, b"ping through the mesh").await,
+        b"ping through the mesh"
+    );
 }
 
 #[tokio::test]
@@ -364,31 +351,9 @@ async fn a_peer_that_never_answers_the_handshake_is_a_504_within_the_deadline() 
 
 #[tokio::test]
 async fn a_pooled_connection_the_peer_closed_is_replaced_transparently() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let (a_id, _a1) = identity(dir.path(), &state, A).await;
-    let (b_id, _a2) = identity(dir.path(), &state, B).await;
-    let backend = Backend::start().await;
     // B closes idle connections after a second.
-    let b = App::start_with(
-        config(&format!(
-            "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{}\"\nallowed_apps = \"{A}\"\nidle_timeout = \"1s\"\n[auth]\nenabled = false\n[client]\nenabled = false\n",
-            backend.addr
-        )),
-        b_id,
-    )
-    .await
-    .unwrap();
-    let a = App::start_with(
-        config(&format!(
-            "[inbound]\nenabled = false\n[auth]\nenabled = false\n[client]\naddress = \"127.0.0.1\"\nport = 0\n[dstack]\ngateway_domain = \"fixed/{}\"\n",
-            b.addr("inbound").unwrap()
-        )),
-        a_id,
-    )
-    .await
-    .unwrap();
-    let outbound = a.addr("outbound").unwrap();
+    let pair = Pair::start_with(A, "idle_timeout = \"1s\"\n", "").await;
+    let outbound = pair.outbound();
     for round in 0..3 {
         let resp = send(outbound, get("/", &[("x-dstack-target-app", B)])).await;
         assert_eq!(resp.status(), StatusCode::OK, "round {round}");
@@ -396,5 +361,5 @@ async fn a_pooled_connection_the_peer_closed_is_replaced_transparently() {
         // Past B's idle limit: the pooled connection is closed under the pool.
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
-    assert_eq!(backend.count(), 3);
+    assert_eq!(pair.backend.count(), 3);
 }

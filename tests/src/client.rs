@@ -137,3 +137,42 @@ impl MeshClient {
         Ok((status, headers, body))
     }
 }
+
+/// Ask the outbound proxy at `outbound` for a WebSocket to `/ws` on app `target` (raw
+/// HTTP/1.1, as a browser library would) and return the stream after a `101`.
+pub async fn websocket_via(outbound: SocketAddr, target: &str) -> TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(outbound).await.unwrap();
+    tcp.write_all(
+        format!(
+            "GET /ws HTTP/1.1\r\nhost: b\r\nx-dstack-target-app: {target}\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tcp.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    tcp
+}
+
+/// Write `message` on `tcp` and read the same number of bytes back (within 10 s).
+pub async fn echo(tcp: &mut TcpStream, message: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp.write_all(message).await.unwrap();
+    let mut echoed = vec![0u8; message.len()];
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tcp.read_exact(&mut echoed),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    echoed
+}

@@ -24,10 +24,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::net::TcpStream;
 
 /// The caller.
 const A: &str = "aaaa2222aaaa2222aaaa2222aaaa2222aaaa2222";
@@ -394,31 +391,9 @@ async fn a_100_mib_streamed_upload_arrives_intact() {
 #[tokio::test]
 async fn a_websocket_is_spliced_through_the_gateway() {
     let mesh = Mesh::start().await;
-    let mut tcp = TcpStream::connect(mesh.outbound).await.unwrap();
-    tcp.write_all(
-        format!(
-            "GET /ws HTTP/1.1\r\nhost: b\r\nx-dstack-target-app: {B}\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        tcp.read_exact(&mut byte).await.unwrap();
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut tcp = e2e::client::websocket_via(mesh.outbound, B).await;
     for message in [&b"ping through the gateway"[..], b"and a second frame"] {
-        tcp.write_all(message).await.unwrap();
-        let mut echoed = vec![0u8; message.len()];
-        tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut echoed))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(echoed, message);
+        assert_eq!(e2e::client::echo(&mut tcp, message).await, message);
     }
     assert_eq!(mesh.backend.count(), 1);
 }

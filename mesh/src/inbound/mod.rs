@@ -9,7 +9,7 @@
 mod mesh;
 pub mod route;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use arc_swap::ArcSwap;
 use ratls::{identity::RotatingIdentity, Policy, Rejection, TrustAnchors};
@@ -19,7 +19,7 @@ use tokio_rustls::LazyConfigAcceptor;
 
 use crate::{
     config::{Allow, InboundConfig},
-    proxy::{Activity, IdleIo, Upstream, UpstreamConfig},
+    proxy::{self, Activity, IdleIo, Upstream, UpstreamConfig},
 };
 use route::{Hello, NoPublicNames, PublicNames, Route};
 
@@ -143,25 +143,11 @@ impl Inbound {
 
     /// Accept connections until the future is dropped.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            // Wait for a free slot first: past the limit, callers queue in the kernel backlog.
-            let Ok(permit) = self.connections.clone().acquire_owned().await else {
-                return;
-            };
-            let (tcp, remote) = match listener.accept().await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // EMFILE and friends: back off, never exit.
-                    tracing::warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let this = self.clone();
-            // The slot is held by the connection and by any WebSocket tunnel spliced from it.
-            let hold: Arc<dyn std::any::Any + Send + Sync> = Arc::new(permit);
-            tokio::spawn(this.connection(tcp, remote, hold));
+        // The slot is held by the connection and by any WebSocket tunnel spliced from it.
+        while let Some((tcp, remote, hold)) =
+            proxy::accept(&listener, &self.connections, "inbound").await
+        {
+            tokio::spawn(self.clone().connection(tcp, remote, hold));
         }
     }
 
@@ -169,7 +155,7 @@ impl Inbound {
         self: Arc<Self>,
         tcp: tokio::net::TcpStream,
         remote: SocketAddr,
-        hold: Arc<dyn std::any::Any + Send + Sync>,
+        hold: proxy::Hold,
     ) {
         let activity = Activity::new();
         let io = IdleIo::new(tcp, activity.clone());

@@ -245,20 +245,9 @@ impl Outbound {
 
     /// Accept connections from apps until the future is dropped.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            let Ok(permit) = self.connections.clone().acquire_owned().await else {
-                return;
-            };
-            let (tcp, remote) = match listener.accept().await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let hold: Arc<dyn std::any::Any + Send + Sync> = Arc::new(permit);
+        while let Some((tcp, remote, hold)) =
+            proxy::accept(&listener, &self.connections, "outbound").await
+        {
             tokio::spawn(self.clone().connection(tcp, remote, hold));
         }
     }
@@ -267,7 +256,7 @@ impl Outbound {
         self: Arc<Self>,
         tcp: tokio::net::TcpStream,
         remote: SocketAddr,
-        hold: Arc<dyn std::any::Any + Send + Sync>,
+        hold: proxy::Hold,
     ) {
         let activity = Activity::new();
         let io = TokioIo::new(IdleIo::new(tcp, activity.clone()));
@@ -372,7 +361,7 @@ impl Outbound {
             .unwrap_or_else(|| HeaderValue::from_static("localhost"));
         let name = target.to_string();
         let result = proxy::forward_with(req, Some(tunnel), strip_routing_headers, &name, |req| {
-            self.pool.send(&target, req, host, upgrade)
+            self.pool.send(&target, &name, req, host, upgrade)
         })
         .await;
         Ok(match result {

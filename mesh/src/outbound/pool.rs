@@ -141,16 +141,16 @@ impl PeerPool {
         Self { inner }
     }
 
-    /// Send `req` to `target` (its URI's path and query are kept; `host` is its authority).
-    /// `upgrade` dials a connection of its own, HTTP/1.1 only.
+    /// Send `req` to `target`, called `name` in errors (its URI's path and query are kept;
+    /// `host` is its authority). `upgrade` dials a connection of its own, HTTP/1.1 only.
     pub async fn send(
         &self,
         target: &Target,
+        name: &str,
         req: Request<Body>,
         host: HeaderValue,
         upgrade: bool,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let name = target.to_string();
         proxy::exchange(
             |req| {
                 self.inner
@@ -160,8 +160,8 @@ impl PeerPool {
             &self.inner.in_flight,
             req,
             self.inner.config.response_timeout,
-            &name,
-            |e| classify(e, target, &name),
+            name,
+            |e| classify(e, target, name),
         )
         .await
     }
@@ -170,6 +170,10 @@ impl PeerPool {
 impl PoolInner {
     fn slot(&self, target: &Target) -> Arc<Slot> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        // A lookup first: the key is cloned only for a target's first request.
+        if let Some(slot) = slots.get(target) {
+            return slot.clone();
+        }
         slots.entry(target.clone()).or_default().clone()
     }
 
@@ -359,11 +363,7 @@ async fn send_on(
             // h2 carries the host as `:authority`; a `Host` beside it is a duplicate to nginx.
             req.headers_mut().remove(header::HOST);
             *req.version_mut() = Version::HTTP_2;
-            let path = req
-                .uri()
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+            let path = proxy::path_and_query(req.uri());
             let mut parts = http::uri::Parts::default();
             parts.scheme = Some(Scheme::HTTPS);
             parts.authority = host.to_str().ok().and_then(|h| h.parse().ok());
@@ -376,11 +376,7 @@ async fn send_on(
         Conn::H1(mut sender) => {
             req.headers_mut().insert(header::HOST, host.clone());
             *req.version_mut() = Version::HTTP_11;
-            let path = req
-                .uri()
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+            let path = proxy::path_and_query(req.uri());
             *req.uri_mut() = Uri::from(path);
             let result = sender.try_send_request(req).await;
             if result.is_ok() && !upgrade {

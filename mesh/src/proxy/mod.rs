@@ -21,6 +21,40 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type every proxy path uses: streamed, never collected.
 pub type Body = BoxBody<Bytes, BoxError>;
 
+/// What a connection holds while it lives: its slot under the connection limit (dropped when
+/// the connection and every tunnel spliced from it have ended).
+pub type Hold = std::sync::Arc<dyn std::any::Any + Send + Sync>;
+
+/// The next connection on `listener`, once `slots` (the connection limit) has room: past the
+/// limit, callers queue in the kernel backlog. Accept errors (EMFILE and friends) back off and
+/// never end the loop; `None` only when the limit is closed.
+pub async fn accept(
+    listener: &tokio::net::TcpListener,
+    slots: &std::sync::Arc<tokio::sync::Semaphore>,
+    what: &'static str,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr, Hold)> {
+    let permit = slots.clone().acquire_owned().await.ok()?;
+    loop {
+        match listener.accept().await {
+            Ok((tcp, remote)) => {
+                let _ = tcp.set_nodelay(true);
+                return Some((tcp, remote, std::sync::Arc::new(permit)));
+            }
+            Err(e) => {
+                tracing::warn!(listener = what, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The path and query of `uri` (`/` when it has none, as in authority-form).
+pub fn path_and_query(uri: &http::Uri) -> http::uri::PathAndQuery {
+    uri.path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
+}
+
 /// A complete body (errors, health answers).
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())

@@ -177,11 +177,7 @@ impl Upstream {
                 req.headers_mut().insert(header::HOST, host);
             }
         }
-        let path = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let path = super::path_and_query(req.uri());
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(Scheme::HTTP);
         parts.authority = Some(self.authority.clone());
