@@ -9,6 +9,8 @@ use ratls::{
 use tokio::task::JoinSet;
 
 use crate::{
+    acme::{self, Acme},
+    admin::Admin,
     auth::AuthService,
     config::Config,
     inbound::{self, Inbound},
@@ -27,6 +29,9 @@ pub enum StartError {
     /// The outbound proxy could not be built or bound.
     #[error(transparent)]
     Outbound(#[from] outbound::OutboundError),
+    /// The public-domain subsystem could not be built.
+    #[error(transparent)]
+    Acme(#[from] acme::AcmeError),
     /// A listener could not be bound.
     #[error("{what} {addr}: {source}")]
     Bind {
@@ -50,6 +55,8 @@ pub struct App {
     pub auth: Option<Arc<AuthService>>,
     /// The outbound proxy, when enabled.
     pub outbound: Option<Arc<Outbound>>,
+    /// Public domains, when configured.
+    pub acme: Option<Arc<Acme>>,
     bound: Vec<(&'static str, SocketAddr)>,
     tasks: JoinSet<()>,
     /// Held so that dropping the app aborts them.
@@ -80,10 +87,20 @@ impl App {
         // Tasks that end when their work is done (listeners must not).
         let mut background = JoinSet::new();
 
+        // Stored certificates are loaded before the listener opens: served from the first
+        // connection, with no request to the CA.
+        let acme = match config.public.domains.is_empty() {
+            true => None,
+            false => Some(Acme::new(&config.public, identity.agent().clone())?),
+        };
         // Bind everything before serving anything: a port in use fails the start, not later.
         let inbound = match config.inbound.enabled {
             true => {
-                let inbound = Arc::new(Inbound::new(config.inbound.clone(), &identity)?);
+                let mut inbound = Inbound::new(config.inbound.clone(), &identity)?;
+                if let Some(acme) = &acme {
+                    inbound = inbound.with_public(acme.clone())?;
+                }
+                let inbound = Arc::new(inbound);
                 let listener = inbound.bind().await?;
                 bound.push(("inbound", local(&listener)));
                 Some((inbound, listener))
@@ -139,6 +156,24 @@ impl App {
             false => None,
         };
 
+        let http01 = match (&acme, config.public.acme.http_listen) {
+            (Some(_), Some(addr)) => Some(bind("acme.http_listen", addr).await?),
+            _ => None,
+        };
+        let admin = match config.admin.enabled {
+            true => Some(bind("admin.listen", config.admin.listen).await?),
+            false => None,
+        };
+        if let Some(l) = &http01 {
+            bound.push(("http", local(l)));
+        }
+        if let Some(l) = &admin {
+            if !config.admin.listen.ip().is_loopback() {
+                tracing::warn!(addr = %config.admin.listen, "the admin listener listens beyond loopback: anything that reaches it can read certificate state and trigger renewals");
+            }
+            bound.push(("admin", local(l)));
+        }
+
         let inbound = inbound.map(|(inbound, listener)| {
             tasks.spawn(inbound.clone().serve(listener));
             inbound
@@ -158,6 +193,16 @@ impl App {
             tasks.spawn(outbound.clone().serve(listener));
             outbound
         });
+        if let (Some(acme), Some(listener)) = (&acme, http01) {
+            tasks.spawn(acme::http01::serve(listener, acme.challenges()));
+        }
+        if let Some(listener) = admin {
+            let admin = Arc::new(Admin::new(identity.clone(), acme.clone()));
+            tasks.spawn(admin.serve(listener));
+        }
+        if let Some(acme) = &acme {
+            acme.start(&mut background);
+        }
         for (what, addr) in &bound {
             tracing::info!(listener = what, %addr, "listening");
         }
@@ -166,13 +211,14 @@ impl App {
             inbound,
             auth,
             outbound,
+            acme,
             bound,
             tasks,
             _background: background,
         })
     }
 
-    /// The address a listener actually bound (`inbound`, `auth`, `outbound`).
+    /// The address a listener actually bound (`inbound`, `auth`, `outbound`, `http`, `admin`).
     pub fn addr(&self, what: &str) -> Option<SocketAddr> {
         self.bound.iter().find(|(w, _)| *w == what).map(|(_, a)| *a)
     }
@@ -218,6 +264,12 @@ fn nginx_roots_are_trusted(
             false
         }
     }
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
 }
 
 fn local(listener: &tokio::net::TcpListener) -> SocketAddr {

@@ -70,6 +70,14 @@ pub enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// Public-domain certificates of the running sidecar (through its admin listener).
+    Certs {
+        /// The sidecar's admin address.
+        #[arg(long, env = "DSTACK_MESH_ADMIN", default_value = "127.0.0.1:8090", global = true)]
+        admin: String,
+        #[command(subcommand)]
+        action: CertsAction,
+    },
     /// Fetch this CVM's identity from the guest agent and print who it is.
     Identity {
         /// Guest agent address (unix:/path or http://host:port); default: DSTACK_AGENT_ADDRESS,
@@ -119,6 +127,22 @@ pub enum Command {
     },
 }
 
+/// `certs` actions.
+#[derive(Debug, Subcommand)]
+pub enum CertsAction {
+    /// Domain, status, issuer, expiry, days left and last error of every domain.
+    List {
+        /// Print the JSON the admin endpoint returns.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Order a new certificate for DOMAIN now.
+    Renew {
+        /// The domain (primary name or alias).
+        domain: String,
+    },
+}
+
 /// `nginx-config` kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum NginxKind {
@@ -159,6 +183,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             config,
         } => crate::run::nginx_config(kind, backend, server_name, port, config),
         Command::Demo { state_dir } => crate::demo::run(state_dir).await,
+        Command::Certs { admin, action } => crate::admin::cli::certs(&admin, action).await,
         Command::Identity { agent } => crate::tools::identity(agent).await,
         Command::DevAgent {
             socket,

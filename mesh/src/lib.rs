@@ -2,6 +2,8 @@
 //! `ratls`, `gateway-client` and `nginx-compat` crates. `main.rs` only parses and calls in here,
 //! so tests build the whole app in-process.
 
+pub mod acme;
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cli;

@@ -185,3 +185,11 @@ pub fn describe(id: &Identity) -> String {
 fn cert_time(unix: i64) -> String {
     ChainView::format_time(unix)
 }
+
+/// A time for logs and tables: RFC 3339, UTC.
+pub fn format_time(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    ChainView::format_time(secs)
+}

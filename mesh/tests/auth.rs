@@ -37,7 +37,7 @@ async fn setup() -> Setup {
     let (stranger, a3) = identity(dir.path(), &state, STRANGER).await;
     let backend = Backend::start().await;
     let text = format!(
-        "[inbound]\nenabled = false\nbackend = \"{}\"\nallowed_apps = \"{CALLER}\"\n[auth]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n[tls]\nca_file = \"{}\"\n",
+        "[inbound]\nenabled = false\nbackend = \"{}\"\nallowed_apps = \"{CALLER}\"\n[auth]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n[tls]\nca_file = \"{}\"\n",
         backend.addr,
         write_root(&dir, &server),
     );
@@ -243,7 +243,7 @@ async fn lone_leaves_need_nginx_to_trust_only_our_roots() {
     ];
     std::fs::write(&ca, pem(&roots)).unwrap();
     let text = format!(
-        "[inbound]\nenabled = false\nallowed_apps = \"{CALLER}\"\n[auth]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n[tls]\nca_file = \"{}\"\n",
+        "[inbound]\nenabled = false\nallowed_apps = \"{CALLER}\"\n[auth]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n[tls]\nca_file = \"{}\"\n",
         ca.display()
     );
     let config = Config::from_toml(&text, &HashMap::<&str, &str>::new()).unwrap();
@@ -263,7 +263,7 @@ async fn lone_leaves_need_nginx_to_trust_only_our_roots() {
 
     // Switched off explicitly: the same.
     let text = format!(
-        "[inbound]\nenabled = false\nallowed_apps = \"{CALLER}\"\n[auth]\nlisten = \"127.0.0.1:0\"\ntrust_nginx_chain = false\n[client]\nenabled = false\n"
+        "[inbound]\nenabled = false\nallowed_apps = \"{CALLER}\"\n[auth]\nlisten = \"127.0.0.1:0\"\ntrust_nginx_chain = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n"
     );
     let (server2, _d) = identity(other.path(), &state, SERVER).await;
     let config = Config::from_toml(&text, &HashMap::<&str, &str>::new()).unwrap();

@@ -46,7 +46,7 @@ impl Mesh {
         let (stranger, a3) = identity(dir.path(), &state, STRANGER).await;
         let backend = Backend::start().await;
         let text = format!(
-            "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{}\"\nallowed_apps = \"{CALLER}\"\n{extra}\n[auth]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n",
+            "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{}\"\nallowed_apps = \"{CALLER}\"\n{extra}\n[auth]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n",
             backend.addr
         );
         let config = Config::from_toml(&text, &HashMap::<&str, &str>::new()).unwrap();
@@ -431,7 +431,7 @@ async fn a_slow_backend_is_a_504() {
     let (server, _a) = identity(dir.path(), &state, SERVER).await;
     let (caller, _b) = identity(dir.path(), &state, CALLER).await;
     let text = format!(
-        "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{silent_addr}\"\nallowed_apps = \"{CALLER}\"\nbackend_timeout = \"500ms\"\n[auth]\nenabled = false\n[client]\nenabled = false\n"
+        "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{silent_addr}\"\nallowed_apps = \"{CALLER}\"\nbackend_timeout = \"500ms\"\n[auth]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n"
     );
     let config = Config::from_toml(&text, &HashMap::<&str, &str>::new()).unwrap();
     let app = App::start_with(config, server).await.unwrap();

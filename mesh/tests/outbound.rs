@@ -49,7 +49,7 @@ impl Pair {
         let backend = Backend::start().await;
         let b = App::start_with(
             config(&format!(
-                "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{}\"\nallowed_apps = \"{b_allows}\"\n{b_inbound}[auth]\nenabled = false\n[client]\nenabled = false\n",
+                "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{}\"\nallowed_apps = \"{b_allows}\"\n{b_inbound}[auth]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n",
                 backend.addr
             )),
             b_id,
@@ -58,7 +58,7 @@ impl Pair {
         .unwrap();
         let a = App::start_with(
             config(&format!(
-                "[inbound]\nenabled = false\n[auth]\nenabled = false\n[client]\naddress = \"127.0.0.1\"\nport = 0\n[dstack]\ngateway_domain = \"fixed/{}\"\n{a_extra}",
+                "[inbound]\nenabled = false\n[auth]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\naddress = \"127.0.0.1\"\nport = 0\n[dstack]\ngateway_domain = \"fixed/{}\"\n{a_extra}",
                 b.addr("inbound").unwrap()
             )),
             a_id,
@@ -289,7 +289,7 @@ async fn lone_a(gateway: SocketAddr, extra: &str) -> (App, tempfile::TempDir) {
     let (a_id, _agent) = identity(dir.path(), &state, A).await;
     let a = App::start_with(
         config(&format!(
-            "[inbound]\nenabled = false\n[auth]\nenabled = false\n[client]\naddress = \"127.0.0.1\"\nport = 0\n[dstack]\ngateway_domain = \"fixed/{gateway}\"\n{extra}"
+            "[inbound]\nenabled = false\n[auth]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\naddress = \"127.0.0.1\"\nport = 0\n[dstack]\ngateway_domain = \"fixed/{gateway}\"\n{extra}"
         )),
         a_id,
     )

@@ -66,7 +66,7 @@ impl Mesh {
         std::fs::write(
             &b_config,
             format!(
-                "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\nallowed_apps = \"{A}\"\n\n[auth]\nenabled = false\n\n[client]\nenabled = false\n",
+                "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\nallowed_apps = \"{A}\"\n\n[auth]\nenabled = false\n\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n",
                 sock = b_agent.display(),
                 backend = backend.addr,
             ),
@@ -123,7 +123,7 @@ fn sidecar(
     std::fs::write(
         &config,
         format!(
-            "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nenabled = false\n\n[auth]\nenabled = false\n\n[client]\naddress = \"127.0.0.1\"\nport = 0\n\n[dstack]\ngateway_domain = \"{BASE}\"\n\n[outbound]\ngateway_address = \"{gateway}\"\n{roots}",
+            "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nenabled = false\n\n[auth]\nenabled = false\n\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\naddress = \"127.0.0.1\"\nport = 0\n\n[dstack]\ngateway_domain = \"{BASE}\"\n\n[outbound]\ngateway_address = \"{gateway}\"\n{roots}",
             sock = agent.display(),
         ),
     )

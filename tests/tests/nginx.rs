@@ -85,7 +85,7 @@ impl Site {
         std::fs::write(
             &config,
             format!(
-                "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\nallowed_apps = \"{CALLER}\"\n\n[auth]\naddress = \"127.0.0.1\"\nport = 0\n\n[client]\naddress = \"127.0.0.1\"\nport = 0\n\n[tls]\ncert_file = \"{d}/server.crt\"\nkey_file = \"{d}/server.key\"\nca_file = \"{d}/ca.crt\"\n",
+                "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\nallowed_apps = \"{CALLER}\"\n\n[auth]\naddress = \"127.0.0.1\"\nport = 0\n\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\naddress = \"127.0.0.1\"\nport = 0\n\n[tls]\ncert_file = \"{d}/server.crt\"\nkey_file = \"{d}/server.key\"\nca_file = \"{d}/ca.crt\"\n",
                 sock = server_sock.display(),
                 backend = backend.addr,
                 d = d.display(),
@@ -316,7 +316,7 @@ async fn outbound_through_nginx(http1_only: bool) {
     std::fs::write(
         &config,
         format!(
-            "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nenabled = false\n\n[auth]\nenabled = false\n\n[client]\naddress = \"127.0.0.1\"\nport = 0\n\n[dstack]\ngateway_domain = \"fixed/{nginx}\"\n",
+            "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nenabled = false\n\n[auth]\nenabled = false\n\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\naddress = \"127.0.0.1\"\nport = 0\n\n[dstack]\ngateway_domain = \"fixed/{nginx}\"\n",
             sock = caller_sock.display(),
             nginx = site.nginx_addr,
         ),

@@ -25,6 +25,8 @@ pub const DEFAULT_BACKEND: &str = "127.0.0.1:8000";
 pub const DEFAULT_AUTH_LISTEN: &str = "127.0.0.1:8092";
 /// Default outbound proxy listener (loopback: the app's keys are behind it).
 pub const DEFAULT_CLIENT_LISTEN: &str = "127.0.0.1:8091";
+/// Default admin listener (health, readiness, certificates, metrics): loopback only.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8090";
 /// ClientHello plus handshake must finish within this (one deadline: no slowloris).
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Request headers must arrive within this.
@@ -78,6 +80,8 @@ pub mod env {
     pub const AUTH_LISTEN: &[&str] = &["DSTACK_MESH_AUTH_LISTEN"];
     /// Outbound proxy listener address.
     pub const CLIENT_LISTEN: &[&str] = &["DSTACK_MESH_CLIENT_LISTEN"];
+    /// Admin listener address.
+    pub const ADMIN_LISTEN: &[&str] = &["DSTACK_MESH_ADMIN_LISTEN"];
 }
 
 /// Which apps may call in.
@@ -230,12 +234,16 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The outbound proxy's listener (`[client]`).
     pub client: ListenerConfig,
+    /// The admin listener (`[admin]`).
+    pub admin: ListenerConfig,
     /// The outbound proxy's behaviour.
     pub outbound: OutboundConfig,
     /// The gateway domain (`[dstack]`).
     pub gateway_domain: Option<GatewaySetting>,
     /// dstack-vpc's certificate files (`[tls]`).
     pub tls: TlsFiles,
+    /// Public domains and their certificates (`[[domains]]`, `[acme]`).
+    pub public: PublicConfig,
 }
 
 mod secs {
@@ -352,6 +360,31 @@ impl Check {
                     key,
                     format!("{d:?} is longer than the 30 days any timeout may be"),
                 );
+                default
+            }
+            Err(e) => {
+                self.fail(key, e);
+                default
+            }
+        }
+    }
+
+    /// A duration without the 30-day cap of timeouts (certificate lifetimes).
+    fn long_duration(
+        &mut self,
+        key: &str,
+        value: Option<&DurationValue>,
+        default: Duration,
+    ) -> Duration {
+        let parsed = match value {
+            None => return default,
+            Some(DurationValue::Seconds(n)) => Ok(Duration::from_secs(*n)),
+            Some(DurationValue::Text(t)) => parse_duration(t),
+        };
+        match parsed {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.fail(key, "must be greater than zero");
                 default
             }
             Err(e) => {
@@ -626,6 +659,12 @@ impl Config {
             first(env::CLIENT_LISTEN),
             DEFAULT_CLIENT_LISTEN,
         );
+        let admin = c.listener(
+            "admin",
+            raw.admin.as_ref(),
+            first(env::ADMIN_LISTEN),
+            DEFAULT_ADMIN_LISTEN,
+        );
         if raw
             .client
             .as_ref()
@@ -743,12 +782,31 @@ impl Config {
                 .into(),
         };
 
+        let public = domains::public(
+            raw.acme.as_ref(),
+            raw.domains.as_deref().unwrap_or_default(),
+            env,
+            &mut c,
+        );
+        if !public.domains.is_empty() && !inbound.enabled {
+            c.fail(
+                "inbound.enabled",
+                "public domains are served on the inbound listener: enable it",
+            );
+        }
+
         // Listeners must not collide.
         let mut bound: Vec<(&str, SocketAddr)> = Vec::new();
         for (key, enabled, addr) in [
             ("inbound.listen", inbound.enabled, inbound.listen),
             ("auth.listen", auth_listener.enabled, auth_listener.listen),
             ("client.listen", client.enabled, client.listen),
+            ("admin.listen", admin.enabled, admin.listen),
+            (
+                "acme.http_listen",
+                public.acme.http_listen.is_some(),
+                public.acme.http_listen.unwrap_or(inbound.listen),
+            ),
         ] {
             // Port 0 asks the OS for a free port: never a collision.
             if !enabled || addr.port() == 0 {
@@ -782,12 +840,16 @@ impl Config {
                     .unwrap_or(true),
             },
             client,
+            admin,
             outbound,
             gateway_domain,
             tls,
+            public,
         })
     }
 }
 
 #[cfg(test)]
 mod tests;
+pub mod domains;
+pub use domains::{AcmeConfig, Challenge, DomainConfig, Eab, Issuer, Mode, PublicConfig};

@@ -116,4 +116,7 @@ pub struct RawConfig {
     pub agent: Option<RawAgent>,
     pub identity: Option<RawIdentity>,
     pub inbound: Option<RawInbound>,
+    pub acme: Option<super::domains::RawAcme>,
+    pub admin: Option<RawListener>,
+    pub domains: Option<Vec<super::domains::RawDomain>>,
 }

@@ -100,7 +100,7 @@ async fn demo(dir: PathBuf) -> anyhow::Result<String> {
     let demo_app = tokio::spawn(serve_demo_app(app_listener));
     let sidecar_b = App::start_with(
         demo_config(&format!(
-            "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{app_addr}\"\nallowed_apps = \"{APP_A}\"\n[client]\nenabled = false\n"
+            "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{app_addr}\"\nallowed_apps = \"{APP_A}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n"
         ))?,
         id_b.clone(),
     )
@@ -115,7 +115,7 @@ async fn demo(dir: PathBuf) -> anyhow::Result<String> {
 
     // A's and C's sidecars: outbound proxies that reach every gateway name via the stand-in.
     let outbound = format!(
-        "[inbound]\nenabled = false\n[client]\naddress = \"127.0.0.1\"\nport = 0\n[dstack]\ngateway_domain = \"{BASE_DOMAIN}\"\n[outbound]\ngateway_address = \"{gw_addr}\"\n"
+        "[inbound]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\naddress = \"127.0.0.1\"\nport = 0\n[dstack]\ngateway_domain = \"{BASE_DOMAIN}\"\n[outbound]\ngateway_address = \"{gw_addr}\"\n"
     );
     let sidecar_a = App::start_with(demo_config(&outbound)?, id_a.clone()).await?;
     let sidecar_c = App::start_with(demo_config(&outbound)?, id_c.clone()).await?;

@@ -1,4 +1,5 @@
-//! The mesh branch: HTTP from an authenticated caller, forwarded to the app.
+//! HTTP from a caller, forwarded to a backend: the mesh branch (an authenticated peer, to the
+//! mesh backend) and the public-domain branch in `http` mode (anyone, to the domain's backend).
 
 use std::{
     any::Any,
@@ -19,8 +20,12 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 use super::Inbound;
-use crate::proxy::{self, Activity, Body, CallerHeaders, GuardedBody, IdleIo, Tunnel};
+use crate::{
+    acme::Domain,
+    proxy::{self, Activity, Body, CallerHeaders, GuardedBody, IdleIo, Tunnel, Upstream},
+};
 
+const X_FORWARDED_HOST: http::HeaderName = http::HeaderName::from_static("x-forwarded-host");
 /// How often an idle h2 connection is pinged, and how long the answer may take.
 const H2_KEEPALIVE: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(20));
 /// Concurrent streams one h2 caller may open.
@@ -31,10 +36,18 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// A connection being served; boxed so the task holds only what serving needs.
 pub(super) type Serving = Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// Who is on the other end.
+enum Who {
+    /// An authenticated mesh peer.
+    Peer(VerifiedPeer),
+    /// A public client of this domain.
+    Public(Arc<Domain>),
+}
+
 /// What every request of one connection shares.
 struct Caller {
-    inbound: Arc<Inbound>,
-    peer: VerifiedPeer,
+    upstream: Upstream,
+    who: Who,
     headers: CallerHeaders,
     tunnel: Tunnel,
 }
@@ -56,10 +69,6 @@ pub(super) fn serve(
         }
     };
     tracing::debug!(%remote, caller = %peer.app_id, "mesh connection");
-    let config = &inbound.config;
-    let idle = config.idle_timeout;
-    let header_timeout = config.header_timeout;
-    let max_header_bytes = config.max_header_bytes;
     // The caller's certificate vouches for this connection only while it is valid.
     let expires = u64::try_from(peer.not_after)
         .ok()
@@ -69,25 +78,81 @@ pub(super) fn serve(
                 .ok()
         })
         .unwrap_or_default();
+    let headers = CallerHeaders::new(
+        Some(&peer.app_id.to_string()),
+        peer.instance_id.as_deref(),
+        remote.ip(),
+        "https",
+    );
+    let upstream = inbound.upstream.clone();
+    Some(serve_http(
+        &inbound,
+        Who::Peer(peer),
+        upstream,
+        headers,
+        tls,
+        remote,
+        activity,
+        hold,
+        expires,
+    ))
+}
+
+/// Serve a public domain in `http` mode: anyone may call; the backend learns the client's
+/// address, scheme and host from `x-forwarded-*` (the client's own copies removed).
+pub(super) fn serve_public(
+    inbound: &Inbound,
+    domain: Arc<Domain>,
+    upstream: Upstream,
+    tls: TlsStream<IdleIo<TcpStream>>,
+    remote: SocketAddr,
+    activity: Arc<Activity>,
+    hold: Arc<dyn Any + Send + Sync>,
+) -> Serving {
+    let headers = CallerHeaders::new(None, None, remote.ip(), "https");
+    serve_http(
+        inbound,
+        Who::Public(domain),
+        upstream,
+        headers,
+        tls,
+        remote,
+        activity,
+        hold,
+        Duration::MAX,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn serve_http(
+    inbound: &Inbound,
+    who: Who,
+    upstream: Upstream,
+    headers: CallerHeaders,
+    tls: TlsStream<IdleIo<TcpStream>>,
+    remote: SocketAddr,
+    activity: Arc<Activity>,
+    hold: Arc<dyn Any + Send + Sync>,
+    expires: Duration,
+) -> Serving {
+    let config = &inbound.config;
+    let idle = config.idle_timeout;
+    let header_timeout = config.header_timeout;
+    let max_header_bytes = config.max_header_bytes;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     if h2 {
         // h2 PINGs are bytes too: only requests count towards idleness.
         activity.ignore_bytes();
     }
     let caller = Arc::new(Caller {
-        headers: CallerHeaders::new(
-            Some(&peer.app_id.to_string()),
-            peer.instance_id.as_deref(),
-            remote.ip(),
-            "https",
-        ),
+        headers,
         tunnel: Tunnel {
             activity: activity.clone(),
             idle,
             hold,
         },
-        peer,
-        inbound,
+        who,
+        upstream,
     });
     // Boxed per request: hyper keeps one slot per connection for the request future, and an
     // unboxed one would hold its full size on every idle connection.
@@ -110,7 +175,7 @@ pub(super) fn serve(
             .keep_alive_interval(Some(H2_KEEPALIVE.0))
             .keep_alive_timeout(H2_KEEPALIVE.1);
         let conn = builder.serve_connection(io, service);
-        Some(Box::pin(watch.drive(conn, |c| c.graceful_shutdown())))
+        Box::pin(watch.drive(conn, |c| c.graceful_shutdown()))
     } else {
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -120,7 +185,7 @@ pub(super) fn serve(
             .keep_alive(true)
             .serve_connection(io, service)
             .with_upgrades();
-        Some(Box::pin(watch.drive(conn, |c| c.graceful_shutdown())))
+        Box::pin(watch.drive(conn, |c| c.graceful_shutdown()))
     }
 }
 
@@ -145,22 +210,22 @@ impl Watch {
         let why = tokio::select! {
             result = conn.as_mut() => {
                 if let Err(e) = result {
-                    tracing::debug!(%remote, error = %crate::error_chain(&e), "mesh connection ended with an error");
+                    tracing::debug!(%remote, error = %crate::error_chain(&e), "inbound connection ended with an error");
                 }
                 return;
             }
             _ = self.activity.idle_for(self.idle) => "idle",
             _ = tokio::time::sleep(self.expires) => "caller certificate expired",
         };
-        tracing::debug!(%remote, why, "closing mesh connection");
+        tracing::debug!(%remote, why, "closing inbound connection");
         shutdown(conn.as_mut());
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
     }
 }
 
 async fn handle(caller: Arc<Caller>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    // Answered here, as dstack-vpc's nginx did: health checks never touch the app.
-    if req.uri().path() == "/health" {
+    // Answered here, as dstack-vpc's nginx did: mesh health checks never touch the app.
+    if matches!(caller.who, Who::Peer(_)) && req.uri().path() == "/health" {
         return Ok(proxy::text_response(StatusCode::OK, "healthy\n"));
     }
     // In flight until the response body has been sent.
@@ -168,23 +233,46 @@ async fn handle(caller: Arc<Caller>, req: Request<Incoming>) -> Result<Response<
     // Cheap clones (Method is inline for standard methods, Uri shares its bytes): kept for
     // the log line without allocating.
     let (method, uri) = (req.method().clone(), req.uri().clone());
-    let upstream = &caller.inbound.upstream;
-    let result = proxy::forward(upstream, req, Some(caller.tunnel.clone()), |headers| {
-        caller.headers.apply(headers)
+    // The host the client asked for (h2's :authority or HTTP/1.1's Host), for public domains.
+    let forwarded_host = match caller.who {
+        Who::Public(_) => uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                req.headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .and_then(|h| http::HeaderValue::from_str(&h).ok()),
+        Who::Peer(_) => None,
+    };
+    let result = proxy::forward(&caller.upstream, req, Some(caller.tunnel.clone()), |headers| {
+        caller.headers.apply(headers);
+        if let Some(host) = forwarded_host {
+            headers.insert(X_FORWARDED_HOST, host);
+        }
     })
     .await;
     let path = uri.path();
-    let app_id = &caller.peer.app_id;
+    let who: &dyn std::fmt::Display = match &caller.who {
+        Who::Peer(peer) => &peer.app_id,
+        Who::Public(domain) => &domain.config.names[0],
+    };
+    let kind = match caller.who {
+        Who::Peer(_) => "mesh",
+        Who::Public(_) => "public",
+    };
     Ok(match result {
         Ok(resp) => {
-            tracing::debug!(caller = %app_id, %method, %path, status = resp.status().as_u16(), "mesh request");
+            tracing::debug!(caller = %who, kind, %method, %path, status = resp.status().as_u16(), "inbound request");
             resp.map(|body| GuardedBody::new(body, in_flight).boxed())
         }
         Err(e) => {
             if e.is_callers() {
-                tracing::debug!(caller = %app_id, %method, %path, error = %e, "mesh request abandoned");
+                tracing::debug!(caller = %who, kind, %method, %path, error = %e, "inbound request abandoned");
             } else {
-                tracing::warn!(caller = %app_id, %method, %path, error = %e, "mesh request failed");
+                tracing::warn!(caller = %who, kind, %method, %path, error = %e, "inbound request failed");
             }
             let short = match e.status() {
                 StatusCode::GATEWAY_TIMEOUT => "backend timed out",

@@ -7,9 +7,10 @@
 //! HTTP/1.1 or h2 → strip forgeable headers, set the caller's identity → forward to the app.
 
 mod mesh;
+mod public;
 pub mod route;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 
 use arc_swap::ArcSwap;
 use ratls::{identity::RotatingIdentity, Policy, Rejection, TrustAnchors};
@@ -18,7 +19,8 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_rustls::LazyConfigAcceptor;
 
 use crate::{
-    config::{Allow, InboundConfig},
+    acme::{Acme, Domain},
+    config::{Allow, InboundConfig, Mode},
     proxy::{self, Activity, IdleIo, Upstream, UpstreamConfig},
 };
 use route::{Hello, NoPublicNames, PublicNames, Route};
@@ -57,7 +59,17 @@ pub struct Inbound {
     policy: ArcSwap<Policy>,
     upstream: Upstream,
     names: Arc<dyn PublicNames>,
+    acme: Option<Arc<Acme>>,
+    /// `http`-mode domains' backends, by primary name.
+    public_upstreams: HashMap<String, Upstream>,
     connections: Arc<Semaphore>,
+}
+
+/// Which branch a connection took at the ClientHello.
+enum Branch {
+    Mesh,
+    Public(Arc<Domain>),
+    Challenge,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -122,8 +134,33 @@ impl Inbound {
             policy: ArcSwap::new(policy),
             upstream,
             names: Arc::new(NoPublicNames),
+            acme: None,
+            public_upstreams: HashMap::new(),
             config,
         })
+    }
+
+    /// Serve public domains on this listener too.
+    pub fn with_public(mut self, acme: Arc<Acme>) -> Result<Self, InboundError> {
+        for domain in acme.domains() {
+            if domain.config.mode != Mode::Http {
+                continue;
+            }
+            let upstream = Upstream::new(
+                &domain.config.backend.to_string(),
+                UpstreamConfig {
+                    connect_timeout: self.config.backend_connect_timeout,
+                    response_timeout: self.config.backend_timeout,
+                    ..UpstreamConfig::default()
+                },
+            )
+            .map_err(|e| InboundError::Backend(format!("{}: {e}", domain.name())))?;
+            self.public_upstreams
+                .insert(domain.name().to_owned(), upstream);
+        }
+        self.names = acme.clone();
+        self.acme = Some(acme);
+        Ok(self)
     }
 
     /// Bind the configured address.
@@ -163,18 +200,25 @@ impl Inbound {
         let handshake = async {
             let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
             let hello = Hello::from_rustls(&start.client_hello());
-            match route::route(&hello, self.names.as_ref()) {
-                // The ACME subsystem adds these configs; until then the names never match.
-                Route::AcmeChallenge(_) | Route::PublicDomain(_) | Route::Mesh => {
-                    start.into_stream(self.mesh_tls.load_full()).await
-                }
-            }
+            let acme = self.acme.as_ref();
+            let (branch, config) = match route::route(&hello, self.names.as_ref()) {
+                Route::AcmeChallenge(_) => match acme {
+                    Some(acme) => (Branch::Challenge, acme.challenge_tls()),
+                    None => (Branch::Mesh, self.mesh_tls.load_full()),
+                },
+                Route::PublicDomain(name) => match acme.and_then(|a| a.lookup(&name)) {
+                    Some(domain) => (Branch::Public(domain.clone()), domain.tls()),
+                    None => (Branch::Mesh, self.mesh_tls.load_full()),
+                },
+                Route::Mesh => (Branch::Mesh, self.mesh_tls.load_full()),
+            };
+            start.into_stream(config).await.map(|tls| (branch, tls))
         };
         // Each phase is boxed, so the task does not keep the handshake's space for the life of
         // the connection: an idle connection holds only what serving needs (see BENCHMARKS.md).
         let handshake = Box::pin(handshake);
-        let tls = match tokio::time::timeout(self.config.handshake_timeout, handshake).await {
-            Ok(Ok(tls)) => tls,
+        let (branch, tls) = match tokio::time::timeout(self.config.handshake_timeout, handshake).await {
+            Ok(Ok(done)) => done,
             Ok(Err(e)) => {
                 log_handshake_failure(remote, &e);
                 return;
@@ -184,8 +228,25 @@ impl Inbound {
                 return;
             }
         };
-        if let Some(serving) = mesh::serve(self, tls, remote, activity, hold) {
-            serving.await;
+        match branch {
+            Branch::Mesh => {
+                if let Some(serving) = mesh::serve(self, tls, remote, activity, hold) {
+                    serving.await;
+                }
+            }
+            Branch::Challenge => public::close_validation(tls, remote).await,
+            Branch::Public(domain) => match domain.config.mode {
+                Mode::Http => {
+                    let Some(upstream) = self.public_upstreams.get(domain.name()).cloned() else {
+                        return;
+                    };
+                    mesh::serve_public(&self, domain, upstream, tls, remote, activity, hold).await;
+                }
+                Mode::Tcp => {
+                    public::splice(&self.config, &domain, tls, remote, activity).await;
+                    drop(hold);
+                }
+            },
         }
     }
 }

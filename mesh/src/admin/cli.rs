@@ -1,0 +1,162 @@
+//! `dstack-mesh certs`: the admin endpoints, read from the terminal.
+
+use std::{process::ExitCode, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+
+use crate::{
+    acme::{CertStatus, Status},
+    cli::{CertsAction, EXIT_UNAVAILABLE},
+};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One request to the admin listener at `addr`: the status and body.
+pub async fn request(addr: &str, method: http::Method, path: &str) -> Result<(http::StatusCode, Bytes), String> {
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("cannot reach the admin listener at {addr}: {e} (is the sidecar running? --admin sets the address)"))?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, addr)
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, body))
+    };
+    tokio::time::timeout(TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| Err(format!("the admin listener at {addr} did not answer within {TIMEOUT:?}")))
+}
+
+/// Run a `certs` action.
+pub async fn certs(addr: &str, action: CertsAction) -> ExitCode {
+    match action {
+        CertsAction::List { json } => match request(addr, http::Method::GET, "/certs").await {
+            Ok((status, body)) if status.is_success() => {
+                if json {
+                    println!("{}", String::from_utf8_lossy(&body));
+                    return ExitCode::SUCCESS;
+                }
+                match serde_json::from_slice::<Vec<CertStatus>>(&body) {
+                    Ok(list) => {
+                        print!("{}", table(&list, std::time::SystemTime::now()));
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: unexpected answer from {addr}: {e}");
+                        ExitCode::from(EXIT_UNAVAILABLE)
+                    }
+                }
+            }
+            Ok((status, body)) => {
+                eprintln!("error: {addr} answered {status}: {}", String::from_utf8_lossy(&body));
+                ExitCode::from(EXIT_UNAVAILABLE)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_UNAVAILABLE)
+            }
+        },
+        CertsAction::Renew { domain } => {
+            let path = format!("/certs/{domain}/renew");
+            match request(addr, http::Method::POST, &path).await {
+                Ok((status, _)) if status == http::StatusCode::ACCEPTED => {
+                    println!("{domain}: renewal started (see `dstack-mesh certs list`)");
+                    ExitCode::SUCCESS
+                }
+                Ok((status, _)) if status == http::StatusCode::NOT_FOUND => {
+                    eprintln!("error: {domain} is not a configured domain");
+                    ExitCode::from(crate::cli::EXIT_BAD_INPUT)
+                }
+                Ok((status, body)) => {
+                    eprintln!("error: {addr} answered {status}: {}", String::from_utf8_lossy(&body));
+                    ExitCode::from(EXIT_UNAVAILABLE)
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_UNAVAILABLE)
+                }
+            }
+        }
+    }
+}
+
+fn status_word(s: Status) -> &'static str {
+    match s {
+        Status::Pending => "pending",
+        Status::Issuing => "issuing",
+        Status::Valid => "valid",
+        Status::Renewing => "renewing",
+        Status::Failed => "failed",
+    }
+}
+
+/// The `certs list` table.
+pub fn table(list: &[CertStatus], now: std::time::SystemTime) -> String {
+    let now = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut rows = vec![[
+        "DOMAIN".to_owned(),
+        "STATUS".to_owned(),
+        "ISSUER".to_owned(),
+        "NOT AFTER".to_owned(),
+        "DAYS LEFT".to_owned(),
+        "LAST ERROR".to_owned(),
+    ]];
+    for s in list {
+        let not_after = s.not_after.map_or("-".to_owned(), |t| {
+            ratls::cert::ChainView::format_time(i64::try_from(t).unwrap_or(i64::MAX))
+        });
+        let days = s.not_after.map_or("-".to_owned(), |t| {
+            let left = (t as f64 - now as f64) / 86400.0;
+            match s.expired {
+                true => format!("{left:.1} EXPIRED"),
+                false => format!("{left:.1}"),
+            }
+        });
+        let mut error = s.last_error.clone().unwrap_or_else(|| "-".into());
+        if let Some(next) = s.next_attempt {
+            error.push_str(&format!(" (next attempt in {}s)", next.saturating_sub(now)));
+        }
+        rows.push([
+            s.domain.clone(),
+            status_word(s.status).to_owned(),
+            s.issuer.clone(),
+            not_after,
+            days,
+            error,
+        ]);
+    }
+    let widths: Vec<usize> = (0..5)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if i < 5 {
+                out.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+            } else {
+                out.push_str(cell);
+            }
+        }
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,143 @@
+//! The admin listener (default `127.0.0.1:8090`): health, readiness, certificates and their
+//! metrics, and the renew action `dstack-mesh certs renew` calls. Read-only but for that one
+//! POST; it listens on loopback unless told otherwise.
+
+pub mod cli;
+
+use std::{convert::Infallible, fmt::Write as _, sync::Arc, time::Duration};
+
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use ratls::identity::RotatingIdentity;
+use tokio::{net::TcpListener, sync::Semaphore};
+
+use crate::{
+    acme::Acme,
+    proxy::{self, Body},
+};
+
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_CONNECTIONS: usize = 64;
+
+/// What the admin endpoints report on.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    identity: RotatingIdentity,
+    acme: Option<Arc<Acme>>,
+}
+
+impl Admin {
+    /// Report on `identity` and, when configured, the public domains.
+    pub fn new(identity: RotatingIdentity, acme: Option<Arc<Acme>>) -> Self {
+        Self { identity, acme }
+    }
+
+    /// Serve `listener` until the future is dropped.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        while let Some((tcp, _remote, hold)) = proxy::accept(&listener, &slots, "admin").await {
+            let admin = self.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let answer = admin.answer(&req);
+                    async move { Ok::<_, Infallible>(answer) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(tcp), service);
+                let _ = tokio::time::timeout(Duration::from_secs(300), conn).await;
+                drop(hold);
+            });
+        }
+    }
+
+    /// Why the sidecar is not ready; empty when it is.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let identity = self.identity.current();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if u64::try_from(identity.not_after).is_ok_and(|t| t <= now) {
+            problems.push("identity: the mesh certificate has expired and refresh keeps failing".into());
+        }
+        if let Some(acme) = &self.acme {
+            problems.extend(acme.problems());
+        }
+        problems
+    }
+
+    fn answer(&self, req: &Request<Incoming>) -> Response<Body> {
+        let path = req.uri().path();
+        match (req.method(), path) {
+            (&Method::GET, "/health") => proxy::text_response(StatusCode::OK, "ok\n"),
+            (&Method::GET, "/ready") => {
+                let problems = self.problems();
+                let status = match problems.is_empty() {
+                    true => StatusCode::OK,
+                    false => StatusCode::SERVICE_UNAVAILABLE,
+                };
+                let body = serde_json::json!({ "ready": problems.is_empty(), "problems": problems });
+                proxy::json_response(status, body.to_string())
+            }
+            (&Method::GET, "/certs") => {
+                let status = self.acme.as_ref().map(|a| a.status()).unwrap_or_default();
+                match serde_json::to_string(&status) {
+                    Ok(json) => proxy::json_response(StatusCode::OK, json),
+                    Err(e) => proxy::error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                }
+            }
+            (&Method::POST, p) if p.starts_with("/certs/") && p.ends_with("/renew") => {
+                let domain = &p["/certs/".len()..p.len() - "/renew".len()];
+                match self.acme.as_ref().is_some_and(|a| a.renew(domain)) {
+                    true => proxy::json_response(
+                        StatusCode::ACCEPTED,
+                        serde_json::json!({ "renewing": domain }).to_string(),
+                    ),
+                    false => proxy::error_response(StatusCode::NOT_FOUND, "no such domain"),
+                }
+            }
+            (&Method::GET, "/metrics") => {
+                let mut resp = Response::new(proxy::full(self.metrics()));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                resp
+            }
+            _ => proxy::error_response(StatusCode::NOT_FOUND, "not found"),
+        }
+    }
+
+    /// Prometheus text: the certificate series (the operations issue adds the rest).
+    pub fn metrics(&self) -> String {
+        let mut out = String::new();
+        let identity = self.identity.current();
+        let _ = writeln!(out, "# HELP dstack_mesh_identity_expiration_timestamp_seconds When the mesh certificate expires.");
+        let _ = writeln!(out, "# TYPE dstack_mesh_identity_expiration_timestamp_seconds gauge");
+        let _ = writeln!(out, "dstack_mesh_identity_expiration_timestamp_seconds {}", identity.not_after);
+        let Some(acme) = &self.acme else {
+            return out;
+        };
+        let status = acme.status();
+        let series: [(&str, &str, &str, fn(&crate::acme::CertStatus) -> Option<String>); 5] = [
+            ("certificate_expiration_timestamp_seconds", "gauge", "When the served certificate expires.", |s| s.not_after.map(|t| t.to_string())),
+            ("certificate_renewal_timestamp_seconds", "gauge", "When renewal is due.", |s| s.renew_at.map(|t| t.to_string())),
+            ("certificate_ready_status", "gauge", "1 when a valid, unexpired certificate is served.", |s| Some(u8::from(s.not_after.is_some() && !s.expired).to_string())),
+            ("certificate_expired", "gauge", "1 when the served certificate has expired (renewal failing).", |s| Some(u8::from(s.expired).to_string())),
+            ("certificate_renewal_failures_total", "counter", "Failed orders since start.", |s| Some(s.failures_total.to_string())),
+        ];
+        for (name, kind, help, value) in series {
+            let _ = writeln!(out, "# HELP dstack_mesh_{name} {help}");
+            let _ = writeln!(out, "# TYPE dstack_mesh_{name} {kind}");
+            for s in &status {
+                if let Some(v) = value(s) {
+                    let _ = writeln!(out, "dstack_mesh_{name}{{domain=\"{}\",issuer=\"{}\"}} {v}", s.domain, s.issuer.replace('"', ""));
+                }
+            }
+        }
+        out
+    }
+}

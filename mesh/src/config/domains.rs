@@ -1,0 +1,651 @@
+//! Public domains (`[[domains]]`, `[acme]`) and dstack-ingress's environment variables.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+use super::{raw::DurationValue, secs, source::Source, Check, HostPort};
+
+/// Environment variables with dstack-ingress's names.
+pub mod env {
+    /// The single domain.
+    pub const DOMAIN: &[&str] = &["DOMAIN"];
+    /// Several domains, one per line.
+    pub const DOMAINS: &[&str] = &["DOMAINS"];
+    /// `domain=host:port`, one per line.
+    pub const ROUTING_MAP: &[&str] = &["ROUTING_MAP"];
+    /// The backend of `DOMAIN` (and of `DOMAINS` entries missing from `ROUTING_MAP`).
+    pub const TARGET_ENDPOINT: &[&str] = &["TARGET_ENDPOINT"];
+    /// An extra name on the single domain's certificate.
+    pub const ALIAS_DOMAIN: &[&str] = &["ALIAS_DOMAIN"];
+    /// Account contact.
+    pub const EMAIL: &[&str] = &["ACME_EMAIL", "CERTBOT_EMAIL"];
+    /// Let's Encrypt's staging CA.
+    pub const STAGING: &[&str] = &["ACME_STAGING", "CERTBOT_STAGING"];
+    /// `tls-alpn-01`, `http-01` or `dns-01`.
+    pub const CHALLENGE: &[&str] = &["CHALLENGE_TYPE"];
+    /// Renew this many days before expiry.
+    pub const RENEW_DAYS: &[&str] = &["RENEW_DAYS_BEFORE"];
+}
+
+/// Default directory of the certificate store.
+pub const DEFAULT_STORE: &str = "/var/lib/dstack-mesh/acme";
+/// Default first retry after a failed issuance.
+pub const DEFAULT_RETRY_MIN: Duration = Duration::from_secs(10);
+/// Default longest wait between retries.
+pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(6 * 3600);
+/// Default lifetime of `internal-ca` certificates.
+pub const DEFAULT_INTERNAL_LIFETIME: Duration = Duration::from_secs(90 * 86400);
+/// Default deadline of one request to the CA.
+pub const DEFAULT_CA_TIMEOUT: Duration = Duration::from_secs(30);
+/// Let's Encrypt's production directory.
+pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+/// Let's Encrypt's staging directory.
+pub const LETSENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
+
+/// How a public domain's traffic reaches its backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Proxy HTTP (h2 or HTTP/1.1 from clients) with `x-forwarded-*`.
+    #[default]
+    Http,
+    /// Splice the decrypted stream, any protocol.
+    Tcp,
+}
+
+/// How the CA validates control of a name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub enum Challenge {
+    /// RFC 8737, answered on the shared TLS listener.
+    #[default]
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+    /// A token under `/.well-known/acme-challenge/` on `:80`.
+    #[serde(rename = "http-01")]
+    Http01,
+    /// A TXT record through a DNS provider.
+    #[serde(rename = "dns-01")]
+    Dns01,
+}
+
+impl std::str::FromStr for Challenge {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "tls-alpn-01" | "tls-alpn" => Ok(Self::TlsAlpn01),
+            "http-01" | "http" => Ok(Self::Http01),
+            "dns-01" | "dns" => Ok(Self::Dns01),
+            other => Err(format!(
+                "{other:?} is not a challenge type (tls-alpn-01, http-01, dns-01)"
+            )),
+        }
+    }
+}
+
+/// Who signs a domain's certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Issuer {
+    /// An ACME directory (Let's Encrypt, ZeroSSL, a private CA, pebble).
+    Acme(String),
+    /// A local CA: no network, not publicly trusted (the demo's default).
+    InternalCa,
+}
+
+impl Issuer {
+    /// The short name shown by `certs list`.
+    pub fn label(&self) -> String {
+        match self {
+            Self::Acme(url) if url == LETSENCRYPT => "letsencrypt".into(),
+            Self::Acme(url) if url == LETSENCRYPT_STAGING => "letsencrypt-staging".into(),
+            Self::Acme(url) => url.clone(),
+            Self::InternalCa => "internal-ca".into(),
+        }
+    }
+}
+
+impl std::str::FromStr for Issuer {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "letsencrypt" => Ok(Self::Acme(LETSENCRYPT.into())),
+            "letsencrypt-staging" => Ok(Self::Acme(LETSENCRYPT_STAGING.into())),
+            "internal-ca" => Ok(Self::InternalCa),
+            url if url.starts_with("https://") || url.starts_with("http://") => {
+                url.parse::<http::Uri>()
+                    .map_err(|e| format!("{url:?}: {e}"))?;
+                Ok(Self::Acme(url.to_owned()))
+            }
+            other => Err(format!(
+                "{other:?} is not an issuer (letsencrypt, letsencrypt-staging, internal-ca or an ACME directory URL)"
+            )),
+        }
+    }
+}
+
+/// One public domain: the names on its certificate and where its traffic goes.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DomainConfig {
+    /// The primary name first, then aliases (SANs); `*.example.com` for a wildcard.
+    pub names: Vec<String>,
+    /// Where traffic goes.
+    pub backend: HostPort,
+    /// HTTP proxy or TCP splice.
+    pub mode: Mode,
+    /// Who signs the certificate.
+    pub issuer: Issuer,
+    /// How the CA validates.
+    pub challenge: Challenge,
+}
+
+impl DomainConfig {
+    /// The primary name: the domain's key everywhere (store, CLI, status).
+    pub fn primary(&self) -> &str {
+        self.names.first().map_or("", String::as_str)
+    }
+}
+
+/// External Account Binding for CAs that require it (ZeroSSL, most commercial CAs).
+#[derive(Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Eab {
+    /// Key identifier.
+    pub kid: String,
+    /// The HMAC key (base64url as CAs hand it out). Never printed.
+    #[serde(serialize_with = "redacted")]
+    pub hmac_key: String,
+}
+
+impl std::fmt::Debug for Eab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Eab")
+            .field("kid", &self.kid)
+            .field("hmac_key", &"<redacted>")
+            .finish()
+    }
+}
+
+fn redacted<S: serde::Serializer>(_: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str("<redacted>")
+}
+
+/// How certificates are obtained, kept and renewed (`[acme]`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AcmeConfig {
+    /// Directory of the certificate store.
+    pub store: PathBuf,
+    /// Account contact (`mailto:` is added).
+    pub email: Option<String>,
+    /// Renew this long before expiry; unset: when a third of the lifetime remains.
+    pub renew_before: Option<Duration>,
+    /// The `:80` listener (HTTP-01 and redirects to https), when set.
+    pub http_listen: Option<SocketAddr>,
+    /// External Account Binding.
+    pub eab: Option<Eab>,
+    /// Extra roots (PEM) trusted for the CA's own HTTPS (private CAs, pebble).
+    pub ca_roots: Vec<PathBuf>,
+    /// First retry after a failure; doubles up to `retry_max`.
+    #[serde(with = "secs")]
+    pub retry_min: Duration,
+    /// Longest wait between retries (shortened while a certificate is near expiry).
+    #[serde(with = "secs")]
+    pub retry_max: Duration,
+    /// Deadline of each request to the CA.
+    #[serde(with = "secs")]
+    pub ca_timeout: Duration,
+    /// Lifetime of `internal-ca` certificates.
+    #[serde(with = "secs")]
+    pub internal_ca_lifetime: Duration,
+}
+
+impl Default for AcmeConfig {
+    fn default() -> Self {
+        Self {
+            store: DEFAULT_STORE.into(),
+            email: None,
+            renew_before: None,
+            http_listen: None,
+            eab: None,
+            ca_roots: Vec::new(),
+            retry_min: DEFAULT_RETRY_MIN,
+            retry_max: DEFAULT_RETRY_MAX,
+            ca_timeout: DEFAULT_CA_TIMEOUT,
+            internal_ca_lifetime: DEFAULT_INTERNAL_LIFETIME,
+        }
+    }
+}
+
+/// `[acme]` as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAcme {
+    pub store: Option<String>,
+    pub email: Option<String>,
+    pub issuer: Option<String>,
+    pub challenge: Option<String>,
+    pub renew_before: Option<DurationValue>,
+    pub http_listen: Option<String>,
+    pub eab_kid: Option<String>,
+    pub eab_hmac_key: Option<String>,
+    pub ca_roots: Option<Vec<String>>,
+    pub retry_min: Option<DurationValue>,
+    pub retry_max: Option<DurationValue>,
+    pub ca_timeout: Option<DurationValue>,
+    pub internal_ca_lifetime: Option<DurationValue>,
+}
+
+/// One `[[domains]]` entry as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDomain {
+    pub names: Option<Vec<String>>,
+    pub backend: Option<String>,
+    pub mode: Option<String>,
+    pub issuer: Option<String>,
+    pub challenge: Option<String>,
+}
+
+/// Check one DNS name (lowercased, no trailing dot); `*.` is allowed as the first label.
+pub fn check_name(name: &str) -> Result<String, String> {
+    let lower = name.trim().trim_end_matches('.').to_ascii_lowercase();
+    let bare = lower.strip_prefix("*.").unwrap_or(&lower);
+    let bad = |why: &str| Err(format!("{name:?} is not a valid domain name: {why}"));
+    if bare.is_empty() {
+        return bad("empty");
+    }
+    if lower.len() > 253 {
+        return bad("longer than 253 characters");
+    }
+    let labels: Vec<&str> = bare.split('.').collect();
+    if labels.len() < 2 {
+        return bad("a public name has at least two labels");
+    }
+    for label in &labels {
+        if label.is_empty() || label.len() > 63 {
+            return bad("each label is 1 to 63 characters");
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return bad("only letters, digits and '-' (use punycode for other scripts)");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return bad("a label cannot start or end with '-'");
+        }
+    }
+    if labels.last().is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit())) {
+        return bad("an IP address is not a domain");
+    }
+    Ok(lower)
+}
+
+/// dstack-ingress's `TARGET_ENDPOINT`: `host:port`, optionally `http://` or `grpc://`.
+pub fn parse_target(text: &str) -> Result<HostPort, String> {
+    let t = text.trim();
+    let bare = ["http://", "https://", "grpc://", "grpcs://", "tcp://"]
+        .iter()
+        .find_map(|p| t.strip_prefix(p))
+        .unwrap_or(t)
+        .trim_end_matches('/');
+    bare.parse::<HostPort>()
+        .map_err(|e| format!("{text:?}: {e} (expected host:port, optionally with http://)"))
+}
+
+/// Everything about public domains.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PublicConfig {
+    /// The domains.
+    pub domains: Vec<DomainConfig>,
+    /// Issuance settings.
+    pub acme: AcmeConfig,
+}
+
+pub(super) fn public(
+    acme: Option<&RawAcme>,
+    domains: &[RawDomain],
+    env: &dyn Source,
+    c: &mut Check,
+) -> PublicConfig {
+    let first = |keys: &[&'static str]| super::source::first(env, keys);
+    let raw = acme.cloned().unwrap_or_default();
+    let staging = first(env::STAGING).and_then(|(var, v)| match v.trim() {
+        "1" | "true" | "yes" => Some(true),
+        "0" | "false" | "no" => Some(false),
+        other => {
+            c.fail(var, format!("{other:?} is not true or false"));
+            None
+        }
+    });
+    let issuer = match (staging, raw.issuer.as_deref()) {
+        (Some(true), _) => Issuer::Acme(LETSENCRYPT_STAGING.into()),
+        (_, Some(text)) => text
+            .parse()
+            .map_err(|e| c.fail("acme.issuer", e))
+            .unwrap_or(Issuer::InternalCa),
+        (_, None) => Issuer::Acme(LETSENCRYPT.into()),
+    };
+    let challenge = match (first(env::CHALLENGE), raw.challenge.as_deref()) {
+        (Some((var, v)), _) => v.parse().map_err(|e| c.fail(var, e)).unwrap_or_default(),
+        (None, Some(v)) => v
+            .parse()
+            .map_err(|e| c.fail("acme.challenge", e))
+            .unwrap_or_default(),
+        (None, None) => Challenge::default(),
+    };
+    let renew_before = match first(env::RENEW_DAYS) {
+        Some((var, v)) => match v.trim().parse::<u64>() {
+            Ok(days) if (1..=365).contains(&days) => Some(Duration::from_secs(days * 86400)),
+            _ => {
+                c.fail(var, format!("{v:?} is not a number of days from 1 to 365"));
+                None
+            }
+        },
+        None => raw.renew_before.as_ref().and_then(|v| {
+            let d = match v {
+                DurationValue::Seconds(n) => Ok(Duration::from_secs(*n)),
+                DurationValue::Text(t) => super::parse_duration(t),
+            };
+            d.map_err(|e| c.fail("acme.renew_before", e)).ok()
+        }),
+    };
+    let eab = match (raw.eab_kid, raw.eab_hmac_key) {
+        (Some(kid), Some(hmac_key)) => Some(Eab { kid, hmac_key }),
+        (None, None) => None,
+        _ => {
+            c.fail(
+                "acme.eab_kid",
+                "eab_kid and eab_hmac_key go together (both from the CA's dashboard)",
+            );
+            None
+        }
+    };
+    let acme = AcmeConfig {
+        store: raw.store.map_or_else(|| DEFAULT_STORE.into(), PathBuf::from),
+        email: first(env::EMAIL).map(|(_, v)| v).or(raw.email),
+        renew_before,
+        http_listen: raw
+            .http_listen
+            .as_deref()
+            .and_then(|t| c.socket("acme.http_listen", t)),
+        eab,
+        ca_roots: raw
+            .ca_roots
+            .unwrap_or_default()
+            .into_iter()
+            .map(PathBuf::from)
+            .collect(),
+        retry_min: c.duration("acme.retry_min", raw.retry_min.as_ref(), DEFAULT_RETRY_MIN),
+        retry_max: c.duration("acme.retry_max", raw.retry_max.as_ref(), DEFAULT_RETRY_MAX),
+        ca_timeout: c.duration("acme.ca_timeout", raw.ca_timeout.as_ref(), DEFAULT_CA_TIMEOUT),
+        internal_ca_lifetime: c.long_duration(
+            "acme.internal_ca_lifetime",
+            raw.internal_ca_lifetime.as_ref(),
+            DEFAULT_INTERNAL_LIFETIME,
+        ),
+    };
+
+    let mut list = Vec::new();
+    for (i, d) in domains.iter().enumerate() {
+        let key = format!("domains[{i}]");
+        let names: Vec<String> = d
+            .names
+            .iter()
+            .flatten()
+            .filter_map(|n| check_name(n).map_err(|e| c.fail(&key, e)).ok())
+            .collect();
+        if d.names.as_ref().is_none_or(Vec::is_empty) {
+            c.fail(&key, "no names: set names = [\"example.com\", ...]");
+            continue;
+        }
+        let label = d.names.iter().flatten().next().cloned().unwrap_or_default();
+        let Some(backend) = d.backend.as_deref() else {
+            c.fail(&key, format!("{label}: no backend (set backend = \"host:port\")"));
+            continue;
+        };
+        let backend = match parse_target(backend) {
+            Ok(b) => b,
+            Err(e) => {
+                c.fail(&format!("{key}.backend"), e);
+                continue;
+            }
+        };
+        let mode = match d.mode.as_deref().map(str::trim) {
+            None | Some("http") => Mode::Http,
+            Some("tcp") => Mode::Tcp,
+            Some(other) => {
+                c.fail(&format!("{key}.mode"), format!("{other:?}: use http or tcp"));
+                Mode::Http
+            }
+        };
+        let issuer = match d.issuer.as_deref() {
+            Some(t) => t
+                .parse()
+                .map_err(|e| c.fail(&format!("{key}.issuer"), e))
+                .unwrap_or(Issuer::InternalCa),
+            None => issuer.clone(),
+        };
+        let challenge = match d.challenge.as_deref() {
+            Some(t) => t
+                .parse()
+                .map_err(|e| c.fail(&format!("{key}.challenge"), e))
+                .unwrap_or_default(),
+            None => challenge,
+        };
+        list.push((key, DomainConfig { names, backend, mode, issuer, challenge }));
+    }
+
+    // dstack-ingress's variables.
+    let single = first(env::DOMAIN);
+    let many = first(env::DOMAINS);
+    let target = first(env::TARGET_ENDPOINT);
+    let alias = first(env::ALIAS_DOMAIN);
+    let mut routes = BTreeMap::new();
+    if let Some((var, map)) = first(env::ROUTING_MAP) {
+        for line in map.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            let Some((domain, backend)) = line.split_once('=') else {
+                c.fail(var, format!("{line:?}: expected domain=host:port"));
+                continue;
+            };
+            match (check_name(domain), parse_target(backend)) {
+                (Ok(d), Ok(b)) => {
+                    routes.insert(d, b);
+                }
+                (Err(e), _) | (_, Err(e)) => c.fail(var, e),
+            }
+        }
+    }
+    let default_backend = target.as_ref().and_then(|(var, t)| {
+        parse_target(t).map_err(|e| c.fail(var, e)).ok()
+    });
+    let mut env_domains: Vec<(&str, String)> = Vec::new();
+    if let Some((var, d)) = &single {
+        env_domains.push((var, d.clone()));
+    }
+    if let Some((var, text)) = &many {
+        if alias.is_some() {
+            c.fail(
+                "ALIAS_DOMAIN",
+                "ALIAS_DOMAIN adds a name to the single DOMAIN's certificate and cannot be combined with DOMAINS: list the alias in DOMAINS (and ROUTING_MAP) instead",
+            );
+        }
+        for line in text.split(['\n', ',']).map(str::trim).filter(|l| !l.is_empty()) {
+            env_domains.push((var, line.to_owned()));
+        }
+    }
+    if alias.is_some() && single.is_none() && many.is_none() {
+        c.fail("ALIAS_DOMAIN", "ALIAS_DOMAIN needs DOMAIN");
+    }
+    for (var, text) in env_domains {
+        let Ok(name) = check_name(&text).map_err(|e| c.fail(var, e)) else {
+            continue;
+        };
+        let Some(backend) = routes.remove(&name).or_else(|| default_backend.clone()) else {
+            c.fail(
+                var,
+                format!("{name}: no backend (set TARGET_ENDPOINT, or {name}=host:port in ROUTING_MAP)"),
+            );
+            continue;
+        };
+        let mut names = vec![name];
+        if var == "DOMAIN" {
+            if let Some((avar, a)) = &alias {
+                if let Ok(a) = check_name(a).map_err(|e| c.fail(avar, e)) {
+                    names.push(a);
+                }
+            }
+        }
+        list.push((
+            var.to_owned(),
+            DomainConfig { names, backend, mode: Mode::Http, issuer: issuer.clone(), challenge },
+        ));
+    }
+    for domain in routes.keys() {
+        c.fail(
+            "ROUTING_MAP",
+            format!("{domain} is routed but is not in DOMAIN or DOMAINS"),
+        );
+    }
+
+    // Names are unique across domains; wildcards need DNS-01; DNS-01 arrives with providers.
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    for (key, d) in &list {
+        for name in &d.names {
+            if let Some(other) = seen.insert(name.clone(), key.clone()) {
+                c.fail(key, format!("{name} is also served by {other}: a name belongs to one domain"));
+            }
+            if name.starts_with("*.") && d.challenge != Challenge::Dns01 && d.issuer != Issuer::InternalCa {
+                c.fail(
+                    key,
+                    format!("{name}: a wildcard needs the dns-01 challenge; CAs never offer {} for wildcards", challenge_name(d.challenge)),
+                );
+            }
+        }
+        if d.challenge == Challenge::Dns01 && d.issuer != Issuer::InternalCa {
+            c.fail(
+                key,
+                format!("{}: dns-01 needs a DNS provider, which this build does not have yet; use tls-alpn-01 or http-01", d.primary()),
+            );
+        }
+        if d.challenge == Challenge::Http01
+            && d.issuer != Issuer::InternalCa
+            && acme.http_listen.is_none()
+        {
+            c.fail(
+                key,
+                format!("{}: http-01 needs the :80 listener (acme.http_listen = \"0.0.0.0:80\")", d.primary()),
+            );
+        }
+    }
+    PublicConfig {
+        domains: list.into_iter().map(|(_, d)| d).collect(),
+        acme,
+    }
+}
+
+fn challenge_name(c: Challenge) -> &'static str {
+    match c {
+        Challenge::TlsAlpn01 => "tls-alpn-01",
+        Challenge::Http01 => "http-01",
+        Challenge::Dns01 => "dns-01",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::config::Config;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, String> {
+        let env: HashMap<&str, &str> = env.iter().copied().collect();
+        Config::from_toml(&format!("[admin]\nenabled = false\n{toml}"), &env).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn toml_domains() {
+        let c = load(
+            "[acme]\nissuer = \"https://ca.test/dir\"\nstore = \"/tmp/s\"\nrenew_before = \"30d\"\nhttp_listen = \"127.0.0.1:8080\"\n\
+             [[domains]]\nnames = [\"App.Example.com.\", \"www.example.com\"]\nbackend = \"127.0.0.1:8080\"\n\
+             [[domains]]\nnames = [\"db.example.com\"]\nbackend = \"db:5432\"\nmode = \"tcp\"\nissuer = \"internal-ca\"\nchallenge = \"http-01\"\n",
+            &[],
+        )
+        .unwrap();
+        let d = &c.public.domains;
+        assert_eq!(d[0].names, ["app.example.com", "www.example.com"]);
+        assert_eq!(d[0].issuer, Issuer::Acme("https://ca.test/dir".into()));
+        assert_eq!(d[0].challenge, Challenge::TlsAlpn01);
+        assert_eq!(d[1].mode, Mode::Tcp);
+        assert_eq!(d[1].issuer, Issuer::InternalCa);
+        assert_eq!(c.public.acme.renew_before, Some(Duration::from_secs(30 * 86400)));
+    }
+
+    #[test]
+    fn dstack_ingress_variables() {
+        let c = load(
+            "",
+            &[
+                ("DOMAIN", "app.example.com"),
+                ("TARGET_ENDPOINT", "http://app:80"),
+                ("ALIAS_DOMAIN", "www.example.com"),
+                ("CERTBOT_EMAIL", "ops@example.com"),
+                ("CERTBOT_STAGING", "true"),
+                ("RENEW_DAYS_BEFORE", "20"),
+            ],
+        )
+        .unwrap();
+        let d = &c.public.domains[0];
+        assert_eq!(d.names, ["app.example.com", "www.example.com"]);
+        assert_eq!(d.backend.to_string(), "app:80");
+        assert_eq!(d.issuer, Issuer::Acme(LETSENCRYPT_STAGING.into()));
+        assert_eq!(c.public.acme.email.as_deref(), Some("ops@example.com"));
+        assert_eq!(c.public.acme.renew_before, Some(Duration::from_secs(20 * 86400)));
+
+        let c = load(
+            "",
+            &[
+                ("DOMAINS", "a.example.com\nb.example.com\n\nc.example.com"),
+                ("ROUTING_MAP", "a.example.com=a:1\nb.example.com=grpc://b:2"),
+                ("TARGET_ENDPOINT", "fallback:3"),
+            ],
+        )
+        .unwrap();
+        let backends: Vec<String> = c.public.domains.iter().map(|d| d.backend.to_string()).collect();
+        assert_eq!(backends, ["a:1", "b:2", "fallback:3"]);
+    }
+
+    #[test]
+    fn errors_name_the_entry() {
+        let cases: &[(&str, &[(&str, &str)], &str)] = &[
+            ("", &[("DOMAINS", "a.example.com"), ("ALIAS_DOMAIN", "b.example.com"), ("TARGET_ENDPOINT", "x:1")], "ALIAS_DOMAIN: ALIAS_DOMAIN adds a name"),
+            ("", &[("DOMAIN", "*.example.com"), ("TARGET_ENDPOINT", "x:1")], "a wildcard needs the dns-01 challenge"),
+            ("", &[("DOMAIN", "bad_name.example.com"), ("TARGET_ENDPOINT", "x:1")], "DOMAIN: \"bad_name.example.com\" is not a valid domain name"),
+            ("", &[("DOMAINS", "a.example.com")], "a.example.com: no backend"),
+            ("", &[("DOMAINS", "a.example.com"), ("ROUTING_MAP", "z.example.com=z:1"), ("TARGET_ENDPOINT", "x:1")], "z.example.com is routed but is not in DOMAIN or DOMAINS"),
+            ("[acme]\nissuer = \"internal-ca\"\n[[domains]]\nnames = [\"a.example.com\"]\nbackend = \"x:1\"\n[[domains]]\nnames = [\"A.example.com\"]\nbackend = \"x:2\"\n", &[], "domains[1]: a.example.com is also served by domains[0]"),
+            ("[[domains]]\nnames = [\"a.example.com\"]\n", &[], "domains[0]: a.example.com: no backend"),
+            ("[[domains]]\nnames = [\"a.example.com\"]\nbackend = \"x:1\"\nchallenge = \"http-01\"\n", &[], "http-01 needs the :80 listener"),
+            ("[[domains]]\nnames = [\"a.example.com\"]\nbackend = \"x:1\"\nissuer = \"ftp://ca\"\n", &[], "is not an issuer"),
+            ("[[domains]]\nnames = [\"10.0.0.1\"]\nbackend = \"x:1\"\n", &[], "an IP address is not a domain"),
+            ("", &[("DOMAIN", "a.example.com"), ("TARGET_ENDPOINT", "x:1"), ("RENEW_DAYS_BEFORE", "soon")], "RENEW_DAYS_BEFORE"),
+            ("[acme]\neab_kid = \"k\"\n", &[], "eab_kid and eab_hmac_key go together"),
+        ];
+        for (toml, env, want) in cases {
+            let err = load(toml, env).unwrap_err();
+            assert!(err.contains(want), "{toml} {env:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(check_name("*.Example.COM.").unwrap(), "*.example.com");
+        for bad in ["", "com", "-a.example.com", "a..example.com", "a.*.example.com", "é.example.com"] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_target("grpc://svc:50051/").unwrap().to_string(), "svc:50051");
+        assert!(parse_target("http://nohost").is_err());
+    }
+}
