@@ -73,7 +73,12 @@ pub enum Command {
     /// Public-domain certificates of the running sidecar (through its admin listener).
     Certs {
         /// The sidecar's admin address.
-        #[arg(long, env = "DSTACK_MESH_ADMIN", default_value = "127.0.0.1:8090", global = true)]
+        #[arg(
+            long,
+            env = "DSTACK_MESH_ADMIN",
+            default_value = "127.0.0.1:8090",
+            global = true
+        )]
         admin: String,
         #[command(subcommand)]
         action: CertsAction,

@@ -75,6 +75,31 @@ pub async fn tls_connect(
         .await
 }
 
+/// Dial `addr` as a browser would for `name`: WebPKI verification against `roots` (PEM),
+/// no client certificate, ALPN `alpn`.
+pub async fn public_connect(
+    addr: SocketAddr,
+    name: &str,
+    roots_pem: &[u8],
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in ratls::cert::parse_chain(roots_pem).map_err(std::io::Error::other)? {
+        roots.add(cert).map_err(std::io::Error::other)?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(ratls::crypto::provider())
+        .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+        .map_err(std::io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(name.to_owned()).map_err(std::io::Error::other)?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+}
+
 impl MeshClient {
     /// Connect and start HTTP on the negotiated protocol.
     pub async fn connect(
@@ -84,6 +109,11 @@ impl MeshClient {
         alpn: Option<&[&[u8]]>,
     ) -> std::io::Result<Self> {
         let tls = tls_connect(identity, target, addr, alpn).await?;
+        Self::over(tls).await
+    }
+
+    /// Start HTTP on an established TLS connection (the protocol ALPN chose).
+    pub async fn over(tls: tokio_rustls::client::TlsStream<TcpStream>) -> std::io::Result<Self> {
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         let io = TokioIo::new(tls);
         if h2 {
@@ -126,7 +156,20 @@ impl MeshClient {
         path: &str,
         headers: &[(&str, &str)],
     ) -> hyper::Result<(http::StatusCode, http::HeaderMap, Bytes)> {
-        let mut req = Request::get(format!("https://mesh.test{path}"));
+        self.get_from("mesh.test", path, headers).await
+    }
+
+    /// GET `https://{host}{path}`; the response body collected.
+    pub async fn get_from(
+        &mut self,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> hyper::Result<(http::StatusCode, http::HeaderMap, Bytes)> {
+        let mut req = Request::get(format!("https://{host}{path}"));
+        if !self.is_h2() {
+            req = req.header(http::header::HOST, host);
+        }
         for (k, v) in headers {
             req = req.header(*k, *v);
         }

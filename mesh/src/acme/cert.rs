@@ -72,8 +72,8 @@ pub fn load(chain_pem: &[u8], key_pem: &[u8], names: &[String]) -> Result<Loaded
     let certified = CertifiedKey::new(chain, signing);
     certified.keys_match().map_err(|_| CertError::KeyMismatch)?;
 
-    let (_, cert) = x509_parser::parse_x509_certificate(&leaf)
-        .map_err(|e| CertError::Parse(e.to_string()))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&leaf).map_err(|e| CertError::Parse(e.to_string()))?;
     let sans: Vec<String> = cert
         .subject_alternative_name()
         .ok()
@@ -138,7 +138,10 @@ mod tests {
             load(cert.as_bytes(), key.as_bytes(), &["b.example.com".into()]).unwrap_err(),
             CertError::Names("b.example.com".into())
         );
-        assert_eq!(load(b"", key.as_bytes(), &names).unwrap_err(), CertError::NoCertificate);
+        assert_eq!(
+            load(b"", key.as_bytes(), &names).unwrap_err(),
+            CertError::NoCertificate
+        );
         let truncated = &cert.as_bytes()[..cert.len() / 2];
         assert!(load(truncated, key.as_bytes(), &names).is_err());
         assert!(matches!(
@@ -146,6 +149,11 @@ mod tests {
             CertError::Key(_)
         ));
         // Garbage between PEM blocks never panics.
-        assert!(load(b"-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n", key.as_bytes(), &names).is_err());
+        assert!(load(
+            b"-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n",
+            key.as_bytes(),
+            &names
+        )
+        .is_err());
     }
 }

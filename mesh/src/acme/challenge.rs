@@ -32,9 +32,7 @@ pub struct ChallengeError {
 impl Challenges {
     /// Whether `name` has a TLS-ALPN-01 response.
     pub fn has_tls_alpn(&self, name: &str) -> bool {
-        self.tls_alpn
-            .read()
-            .is_ok_and(|m| m.contains_key(name))
+        self.tls_alpn.read().is_ok_and(|m| m.contains_key(name))
     }
 
     /// The key authorization for an HTTP-01 `token`.
@@ -106,7 +104,10 @@ struct TlsAlpnResolver(Arc<Challenges>);
 
 impl ResolvesServerCert for TlsAlpnResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let name = hello.server_name()?.trim_end_matches('.').to_ascii_lowercase();
+        let name = hello
+            .server_name()?
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
         self.0.tls_alpn.read().ok()?.get(&name).cloned()
     }
 }

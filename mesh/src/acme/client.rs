@@ -15,10 +15,7 @@ use instant_acme::{
 use ratls::agent::AgentClient;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use super::{
-    challenge::Challenges,
-    store::CertStore,
-};
+use super::{challenge::Challenges, store::CertStore};
 use crate::config::{Challenge, Eab};
 
 /// Why an issuance failed, in the terms the lifecycle acts on.
@@ -87,9 +84,9 @@ fn classify(e: instant_acme::Error) -> IssueError {
             Err(other) => IssueError::Server(ratls::error_chain(other.as_ref())),
         },
         // A body that is not a problem document: an HTML error page, a proxy in the way.
-        instant_acme::Error::Json(e) => {
-            IssueError::Server(format!("the CA answered something that is not ACME JSON: {e}"))
-        }
+        instant_acme::Error::Json(e) => IssueError::Server(format!(
+            "the CA answered something that is not ACME JSON: {e}"
+        )),
         instant_acme::Error::Timeout(_) => {
             IssueError::Validation("the order did not become ready in time".into())
         }
@@ -101,7 +98,10 @@ fn is_account_gone(e: &instant_acme::Error) -> bool {
     matches!(e, instant_acme::Error::Api(p) if p.r#type.as_deref() == Some(ACCOUNT_GONE))
 }
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, BodyWrapper<Bytes>>;
+type HttpsClient = Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    BodyWrapper<Bytes>,
+>;
 
 /// HTTPS to the CA with our roots and a deadline on every request.
 #[derive(Clone)]
@@ -132,7 +132,11 @@ impl HttpClient for CaHttp {
             };
             tokio::time::timeout(timeout, fetch)
                 .await
-                .unwrap_or_else(|_| Err(instant_acme::Error::Other(Box::new(Transport::Timeout(timeout)))))
+                .unwrap_or_else(|_| {
+                    Err(instant_acme::Error::Other(Box::new(Transport::Timeout(
+                        timeout,
+                    ))))
+                })
         })
     }
 }
@@ -208,7 +212,9 @@ impl AcmeClient {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         for root in extra_roots {
-            roots.add(root.clone()).map_err(|e| format!("acme.ca_roots: {e}"))?;
+            roots
+                .add(root.clone())
+                .map_err(|e| format!("acme.ca_roots: {e}"))?;
         }
         let tls = rustls::ClientConfig::builder_with_provider(ratls::crypto::provider())
             .with_protocol_versions(rustls::DEFAULT_VERSIONS)
@@ -247,11 +253,7 @@ impl AcmeClient {
         let req = http::Request::get(&self.directory)
             .body(BodyWrapper::default())
             .map_err(|e| IssueError::Local(e.to_string()))?;
-        let rsp = self
-            .http
-            .request(req)
-            .await
-            .map_err(classify)?;
+        let rsp = self.http.request(req).await.map_err(classify)?;
         let status = rsp.parts.status;
         match status.is_success() {
             true => Ok(()),
@@ -304,7 +306,11 @@ impl AcmeClient {
 
     async fn restore(&self, record: AccountRecord) -> Result<Account, IssueError> {
         if let Some(creds) = record.credentials {
-            return self.builder().from_credentials(creds).await.map_err(classify);
+            return self
+                .builder()
+                .from_credentials(creds)
+                .await
+                .map_err(classify);
         }
         let key = self.derived_key().await?;
         self.builder()
@@ -356,7 +362,8 @@ impl AcmeClient {
             url: account.id().to_owned(),
             credentials,
         };
-        let bytes = serde_json::to_vec_pretty(&record).map_err(|e| IssueError::Local(e.to_string()))?;
+        let bytes =
+            serde_json::to_vec_pretty(&record).map_err(|e| IssueError::Local(e.to_string()))?;
         self.store
             .write(&self.store_key(), &bytes, secret)
             .map_err(|e| IssueError::Local(e.to_string()))?;
@@ -434,7 +441,9 @@ impl AcmeClient {
                         tokens.push(handle.token.clone());
                     }
                     Challenge::Dns01 => {
-                        return Err(instant_acme::Error::Other("dns-01 needs a DNS provider".into()))
+                        return Err(instant_acme::Error::Other(
+                            "dns-01 needs a DNS provider".into(),
+                        ))
                     }
                 }
                 handle.set_ready().await?;
@@ -446,10 +455,12 @@ impl AcmeClient {
                 .timeout(Duration::from_secs(90));
             let status = order.poll_ready(&polls).await?;
             if status != OrderStatus::Ready {
-                return Err(instant_acme::Error::Api(self.validation_problem(&mut order).await));
+                return Err(instant_acme::Error::Api(
+                    self.validation_problem(&mut order).await,
+                ));
             }
-            let key = rcgen::KeyPair::generate()
-                .map_err(|e| instant_acme::Error::Other(Box::new(e)))?;
+            let key =
+                rcgen::KeyPair::generate().map_err(|e| instant_acme::Error::Other(Box::new(e)))?;
             let csr = rcgen::CertificateParams::new(names.to_vec())
                 .and_then(|p| p.serialize_request(&key))
                 .map_err(|e| instant_acme::Error::Other(Box::new(e)))?;
@@ -541,21 +552,26 @@ mod tests {
 
     #[test]
     fn problems_are_classified() {
-        let problem = |v: serde_json::Value| {
-            instant_acme::Error::Api(serde_json::from_value(v).unwrap())
-        };
+        let problem =
+            |v: serde_json::Value| instant_acme::Error::Api(serde_json::from_value(v).unwrap());
         assert!(matches!(
             classify(problem(serde_json::json!({"type": "urn:ietf:params:acme:error:rateLimited", "detail": "too many", "status": 429}))),
             IssueError::RateLimited(m) if m.contains("too many")
         ));
         assert!(matches!(
-            classify(problem(serde_json::json!({"type": "urn:ietf:params:acme:error:serverInternal", "status": 500}))),
+            classify(problem(
+                serde_json::json!({"type": "urn:ietf:params:acme:error:serverInternal", "status": 500})
+            )),
             IssueError::Server(_)
         ));
         assert!(matches!(
-            classify(problem(serde_json::json!({"type": "urn:ietf:params:acme:error:connection", "status": 400}))),
+            classify(problem(
+                serde_json::json!({"type": "urn:ietf:params:acme:error:connection", "status": 400})
+            )),
             IssueError::Validation(_)
         ));
-        assert!(is_account_gone(&problem(serde_json::json!({"type": ACCOUNT_GONE}))));
+        assert!(is_account_gone(&problem(
+            serde_json::json!({"type": ACCOUNT_GONE})
+        )));
     }
 }

@@ -19,7 +19,9 @@ const MAX_CONNECTIONS: usize = 1024;
 /// Serve `listener` until the future is dropped.
 pub async fn serve(listener: TcpListener, challenges: Arc<Challenges>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    while let Some((tcp, _remote, hold)) = proxy::accept(&listener, &slots, "acme.http_listen").await {
+    while let Some((tcp, _remote, hold)) =
+        proxy::accept(&listener, &slots, "acme.http_listen").await
+    {
         let challenges = challenges.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
@@ -59,7 +61,11 @@ fn answer(challenges: &Challenges, req: &Request<Incoming>) -> Response<Body> {
     let Some(host) = host else {
         return proxy::text_response(StatusCode::BAD_REQUEST, "a Host header is needed\n");
     };
-    let location = format!("https://{}{}", host.host(), proxy::path_and_query(req.uri()));
+    let location = format!(
+        "https://{}{}",
+        host.host(),
+        proxy::path_and_query(req.uri())
+    );
     match HeaderValue::from_str(&location) {
         Ok(value) => {
             let mut resp = proxy::text_response(StatusCode::MOVED_PERMANENTLY, "use https\n");

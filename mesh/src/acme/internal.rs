@@ -40,14 +40,22 @@ impl InternalCa {
         };
         if let (Some(cert), Some(key)) = (read(CA_CERT)?, read(CA_KEY)?) {
             let pair = KeyPair::from_pem(&key).map_err(|e| format!("{CA_KEY}: {e}"))?;
-            let issuer = Issuer::from_ca_cert_pem(&cert, pair).map_err(|e| format!("{CA_CERT}: {e}"))?;
-            return Ok(Self { issuer, ca_pem: cert, lifetime });
+            let issuer =
+                Issuer::from_ca_cert_pem(&cert, pair).map_err(|e| format!("{CA_CERT}: {e}"))?;
+            return Ok(Self {
+                issuer,
+                ca_pem: cert,
+                lifetime,
+            });
         }
         let key = KeyPair::generate().map_err(|e| e.to_string())?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "dstack-mesh");
-        dn.push(DnType::CommonName, "dstack-mesh internal CA (not publicly trusted)");
+        dn.push(
+            DnType::CommonName,
+            "dstack-mesh internal CA (not publicly trusted)",
+        );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -73,7 +81,10 @@ impl InternalCa {
         let key = KeyPair::generate().map_err(|e| e.to_string())?;
         let mut params = CertificateParams::new(names.to_vec()).map_err(|e| e.to_string())?;
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, names.first().cloned().unwrap_or_default());
+        dn.push(
+            DnType::CommonName,
+            names.first().cloned().unwrap_or_default(),
+        );
         params.distinguished_name = dn;
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
         let now = time::OffsetDateTime::now_utc();

@@ -371,7 +371,10 @@ impl Acme {
             .filter_map(|s| {
                 let why = s.last_error.as_deref().unwrap_or("no attempt finished yet");
                 if s.expired {
-                    Some(format!("{}: the certificate expired and renewal keeps failing: {why}", s.domain))
+                    Some(format!(
+                        "{}: the certificate expired and renewal keeps failing: {why}",
+                        s.domain
+                    ))
                 } else if s.not_after.is_none() && s.status == Status::Failed {
                     Some(format!("{}: no certificate: {why}", s.domain))
                 } else {
@@ -433,7 +436,10 @@ impl Acme {
             .duration_since(cert.not_before)
             .unwrap_or_default();
         let before = self.config.renew_before.unwrap_or(lifetime / 3);
-        let due = cert.not_after.checked_sub(before).unwrap_or(cert.not_before);
+        let due = cert
+            .not_after
+            .checked_sub(before)
+            .unwrap_or(cert.not_before);
         due.max(cert.not_before + lifetime / 10)
     }
 
@@ -446,10 +452,18 @@ impl Acme {
         let cap = match cert {
             None => CAP_WITHOUT_CERT,
             Some(c) if c.expired(now) => CAP_WITHOUT_CERT,
-            Some(c) if c.not_after.duration_since(now).unwrap_or_default() < Duration::from_secs(7 * 86400) => CAP_NEAR_EXPIRY,
+            Some(c)
+                if c.not_after.duration_since(now).unwrap_or_default()
+                    < Duration::from_secs(7 * 86400) =>
+            {
+                CAP_NEAR_EXPIRY
+            }
             Some(_) => self.config.retry_max,
         };
-        let wait = base.min(cap).min(self.config.retry_max).max(self.config.retry_min);
+        let wait = base
+            .min(cap)
+            .min(self.config.retry_max)
+            .max(self.config.retry_min);
         // Up to a tenth more, so replicas that failed together do not retry together.
         wait + jitter(wait / 10)
     }
@@ -468,7 +482,10 @@ impl Acme {
                             s.status = Some(Status::Valid);
                         }
                     });
-                    let lifetime = cert.not_after.duration_since(cert.not_before).unwrap_or_default();
+                    let lifetime = cert
+                        .not_after
+                        .duration_since(cert.not_before)
+                        .unwrap_or_default();
                     // Replicas with the same certificate spread their renewals.
                     let wait = due.duration_since(now).unwrap_or_default()
                         + jitter((lifetime / 100).min(Duration::from_secs(3600)));
@@ -479,7 +496,11 @@ impl Acme {
                 }
             }
             d.set(|s| {
-                s.status = Some(if current.is_some() { Status::Renewing } else { Status::Issuing });
+                s.status = Some(if current.is_some() {
+                    Status::Renewing
+                } else {
+                    Status::Issuing
+                });
             });
             tracing::info!(domain = %name, issuer = %d.config.issuer.label(), renewal = current.is_some(), "ordering a certificate");
             let started = std::time::Instant::now();
@@ -510,10 +531,14 @@ impl Acme {
                         .unwrap_or(1);
                     let wait = match &e {
                         // The CA said how long; doubling on top of its answer only delays.
-                        IssueError::RateLimited(_) => self.backoff(failures + 2, current.as_deref()),
+                        IssueError::RateLimited(_) => {
+                            self.backoff(failures + 2, current.as_deref())
+                        }
                         _ => self.backoff(failures, current.as_deref()),
                     };
-                    let expired = current.as_ref().is_some_and(|c| c.expired(SystemTime::now()));
+                    let expired = current
+                        .as_ref()
+                        .is_some_and(|c| c.expired(SystemTime::now()));
                     tracing::error!(
                         domain = %name,
                         attempt = failures,
@@ -568,30 +593,47 @@ impl Acme {
     async fn obtain(&self, d: &Domain) -> Result<Loaded, IssueError> {
         let names = &d.config.names;
         let issued: Issued = match self.issuers.get(&d.config.issuer) {
-            Some(IssuerRuntime::Acme(client)) => {
-                tokio::time::timeout(ORDER_DEADLINE, client.issue(names, d.config.challenge, &self.challenges))
-                    .await
-                    .map_err(|_| IssueError::Unreachable(format!("the order took longer than {ORDER_DEADLINE:?}")))??
-            }
+            Some(IssuerRuntime::Acme(client)) => tokio::time::timeout(
+                ORDER_DEADLINE,
+                client.issue(names, d.config.challenge, &self.challenges),
+            )
+            .await
+            .map_err(|_| {
+                IssueError::Unreachable(format!("the order took longer than {ORDER_DEADLINE:?}"))
+            })??,
             Some(IssuerRuntime::Internal(ca)) => ca.issue(names).map_err(IssueError::Local)?,
             None => return Err(IssueError::Local("no issuer configured".into())),
         };
-        let loaded = cert::load(issued.chain_pem.as_bytes(), issued.key_pem.as_bytes(), names)
-            .map_err(|e| IssueError::Server(format!("the issued certificate is unusable: {e}")))?;
+        let loaded = cert::load(
+            issued.chain_pem.as_bytes(),
+            issued.key_pem.as_bytes(),
+            names,
+        )
+        .map_err(|e| IssueError::Server(format!("the issued certificate is unusable: {e}")))?;
         // Key first: a crash between the two writes leaves a pair that does not match, which
         // the next start detects and reissues; never a certificate served with a wrong key.
         let name = d.name();
         let meta = serde_json::json!({ "issuer": d.config.issuer.label(), "names": names });
         let stored = self
             .store
-            .write(&domain_key(name, "key.pem"), issued.key_pem.as_bytes(), true)
+            .write(
+                &domain_key(name, "key.pem"),
+                issued.key_pem.as_bytes(),
+                true,
+            )
             .and_then(|()| {
-                self.store
-                    .write(&domain_key(name, "chain.pem"), issued.chain_pem.as_bytes(), false)
+                self.store.write(
+                    &domain_key(name, "chain.pem"),
+                    issued.chain_pem.as_bytes(),
+                    false,
+                )
             })
             .and_then(|()| {
-                self.store
-                    .write(&domain_key(name, "meta.json"), meta.to_string().as_bytes(), false)
+                self.store.write(
+                    &domain_key(name, "meta.json"),
+                    meta.to_string().as_bytes(),
+                    false,
+                )
             });
         if let Err(e) = stored {
             // Served anyway: a full disk must not take the domain down; the next start orders.

@@ -107,7 +107,9 @@ impl CertStore for DirStore {
         let path = self.path(key)?;
         let dir = path.parent().unwrap_or(&self.root).to_owned();
         create_dirs(&dir).map_err(io_err(&dir))?;
-        let name = path.file_name().map_or_else(Default::default, |n| n.to_string_lossy().into_owned());
+        let name = path
+            .file_name()
+            .map_or_else(Default::default, |n| n.to_string_lossy().into_owned());
         let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
         let result = (|| {
             let mut file = fs::OpenOptions::new()
@@ -155,12 +157,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = DirStore::new(dir.path().join("store"));
         assert_eq!(store.read("certs/a.example/cert.pem").unwrap(), None);
-        store.write("certs/a.example/key.pem", b"secret", true).unwrap();
-        store.write("certs/a.example/cert.pem", b"one", false).unwrap();
-        store.write("certs/a.example/cert.pem", b"two", false).unwrap();
-        assert_eq!(store.read("certs/a.example/cert.pem").unwrap().unwrap(), b"two");
+        store
+            .write("certs/a.example/key.pem", b"secret", true)
+            .unwrap();
+        store
+            .write("certs/a.example/cert.pem", b"one", false)
+            .unwrap();
+        store
+            .write("certs/a.example/cert.pem", b"two", false)
+            .unwrap();
+        assert_eq!(
+            store.read("certs/a.example/cert.pem").unwrap().unwrap(),
+            b"two"
+        );
         let mode = |p: &str| {
-            fs::metadata(dir.path().join("store").join(p)).unwrap().permissions().mode() & 0o777
+            fs::metadata(dir.path().join("store").join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
         };
         assert_eq!(mode("certs/a.example/key.pem"), 0o600);
         assert_eq!(mode("certs/a.example/cert.pem"), 0o644);
@@ -178,9 +193,20 @@ mod tests {
     #[test]
     fn keys_cannot_escape() {
         let store = DirStore::new("/nonexistent");
-        for key in ["../x", "certs/../../etc/passwd", "/abs", "", "a//b", "certs/.hidden", "a b"] {
+        for key in [
+            "../x",
+            "certs/../../etc/passwd",
+            "/abs",
+            "",
+            "a//b",
+            "certs/.hidden",
+            "a b",
+        ] {
             assert!(matches!(store.read(key), Err(StoreError::Key(_))), "{key}");
         }
-        assert_eq!(domain_key("*.example.com", "cert.pem"), "certs/_wildcard.example.com/cert.pem");
+        assert_eq!(
+            domain_key("*.example.com", "cert.pem"),
+            "certs/_wildcard.example.com/cert.pem"
+        );
     }
 }

@@ -14,7 +14,11 @@ use crate::{
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One request to the admin listener at `addr`: the status and body.
-pub async fn request(addr: &str, method: http::Method, path: &str) -> Result<(http::StatusCode, Bytes), String> {
+pub async fn request(
+    addr: &str,
+    method: http::Method,
+    path: &str,
+) -> Result<(http::StatusCode, Bytes), String> {
     let exchange = async {
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
@@ -41,7 +45,11 @@ pub async fn request(addr: &str, method: http::Method, path: &str) -> Result<(ht
     };
     tokio::time::timeout(TIMEOUT, exchange)
         .await
-        .unwrap_or_else(|_| Err(format!("the admin listener at {addr} did not answer within {TIMEOUT:?}")))
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "the admin listener at {addr} did not answer within {TIMEOUT:?}"
+            ))
+        })
 }
 
 /// Run a `certs` action.
@@ -65,7 +73,10 @@ pub async fn certs(addr: &str, action: CertsAction) -> ExitCode {
                 }
             }
             Ok((status, body)) => {
-                eprintln!("error: {addr} answered {status}: {}", String::from_utf8_lossy(&body));
+                eprintln!(
+                    "error: {addr} answered {status}: {}",
+                    String::from_utf8_lossy(&body)
+                );
                 ExitCode::from(EXIT_UNAVAILABLE)
             }
             Err(e) => {
@@ -85,7 +96,10 @@ pub async fn certs(addr: &str, action: CertsAction) -> ExitCode {
                     ExitCode::from(crate::cli::EXIT_BAD_INPUT)
                 }
                 Ok((status, body)) => {
-                    eprintln!("error: {addr} answered {status}: {}", String::from_utf8_lossy(&body));
+                    eprintln!(
+                        "error: {addr} answered {status}: {}",
+                        String::from_utf8_lossy(&body)
+                    );
                     ExitCode::from(EXIT_UNAVAILABLE)
                 }
                 Err(e) => {

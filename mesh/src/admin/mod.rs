@@ -61,7 +61,9 @@ impl Admin {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         if u64::try_from(identity.not_after).is_ok_and(|t| t <= now) {
-            problems.push("identity: the mesh certificate has expired and refresh keeps failing".into());
+            problems.push(
+                "identity: the mesh certificate has expired and refresh keeps failing".into(),
+            );
         }
         if let Some(acme) = &self.acme {
             problems.extend(acme.problems());
@@ -79,14 +81,17 @@ impl Admin {
                     true => StatusCode::OK,
                     false => StatusCode::SERVICE_UNAVAILABLE,
                 };
-                let body = serde_json::json!({ "ready": problems.is_empty(), "problems": problems });
+                let body =
+                    serde_json::json!({ "ready": problems.is_empty(), "problems": problems });
                 proxy::json_response(status, body.to_string())
             }
             (&Method::GET, "/certs") => {
                 let status = self.acme.as_ref().map(|a| a.status()).unwrap_or_default();
                 match serde_json::to_string(&status) {
                     Ok(json) => proxy::json_response(StatusCode::OK, json),
-                    Err(e) => proxy::error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+                    Err(e) => {
+                        proxy::error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())
+                    }
                 }
             }
             (&Method::POST, p) if p.starts_with("/certs/") && p.ends_with("/renew") => {
@@ -116,25 +121,67 @@ impl Admin {
         let mut out = String::new();
         let identity = self.identity.current();
         let _ = writeln!(out, "# HELP dstack_mesh_identity_expiration_timestamp_seconds When the mesh certificate expires.");
-        let _ = writeln!(out, "# TYPE dstack_mesh_identity_expiration_timestamp_seconds gauge");
-        let _ = writeln!(out, "dstack_mesh_identity_expiration_timestamp_seconds {}", identity.not_after);
+        let _ = writeln!(
+            out,
+            "# TYPE dstack_mesh_identity_expiration_timestamp_seconds gauge"
+        );
+        let _ = writeln!(
+            out,
+            "dstack_mesh_identity_expiration_timestamp_seconds {}",
+            identity.not_after
+        );
         let Some(acme) = &self.acme else {
             return out;
         };
         let status = acme.status();
-        let series: [(&str, &str, &str, fn(&crate::acme::CertStatus) -> Option<String>); 5] = [
-            ("certificate_expiration_timestamp_seconds", "gauge", "When the served certificate expires.", |s| s.not_after.map(|t| t.to_string())),
-            ("certificate_renewal_timestamp_seconds", "gauge", "When renewal is due.", |s| s.renew_at.map(|t| t.to_string())),
-            ("certificate_ready_status", "gauge", "1 when a valid, unexpired certificate is served.", |s| Some(u8::from(s.not_after.is_some() && !s.expired).to_string())),
-            ("certificate_expired", "gauge", "1 when the served certificate has expired (renewal failing).", |s| Some(u8::from(s.expired).to_string())),
-            ("certificate_renewal_failures_total", "counter", "Failed orders since start.", |s| Some(s.failures_total.to_string())),
+        let series: [(
+            &str,
+            &str,
+            &str,
+            fn(&crate::acme::CertStatus) -> Option<String>,
+        ); 5] = [
+            (
+                "certificate_expiration_timestamp_seconds",
+                "gauge",
+                "When the served certificate expires.",
+                |s| s.not_after.map(|t| t.to_string()),
+            ),
+            (
+                "certificate_renewal_timestamp_seconds",
+                "gauge",
+                "When renewal is due.",
+                |s| s.renew_at.map(|t| t.to_string()),
+            ),
+            (
+                "certificate_ready_status",
+                "gauge",
+                "1 when a valid, unexpired certificate is served.",
+                |s| Some(u8::from(s.not_after.is_some() && !s.expired).to_string()),
+            ),
+            (
+                "certificate_expired",
+                "gauge",
+                "1 when the served certificate has expired (renewal failing).",
+                |s| Some(u8::from(s.expired).to_string()),
+            ),
+            (
+                "certificate_renewal_failures_total",
+                "counter",
+                "Failed orders since start.",
+                |s| Some(s.failures_total.to_string()),
+            ),
         ];
         for (name, kind, help, value) in series {
             let _ = writeln!(out, "# HELP dstack_mesh_{name} {help}");
             let _ = writeln!(out, "# TYPE dstack_mesh_{name} {kind}");
             for s in &status {
                 if let Some(v) = value(s) {
-                    let _ = writeln!(out, "dstack_mesh_{name}{{domain=\"{}\",issuer=\"{}\"}} {v}", s.domain, s.issuer.replace('"', ""));
+                    let _ = writeln!(
+                        out,
+                        "dstack_mesh_{name}{{domain=\"{}\",issuer=\"{}\"}} {v}",
+                        s.domain,
+                        s.issuer.replace('"', "")
+                    );
                 }
             }
         }

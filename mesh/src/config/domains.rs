@@ -276,7 +276,10 @@ pub fn check_name(name: &str) -> Result<String, String> {
             return bad("a label cannot start or end with '-'");
         }
     }
-    if labels.last().is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit())) {
+    if labels
+        .last()
+        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+    {
         return bad("an IP address is not a domain");
     }
     Ok(lower)
@@ -363,7 +366,9 @@ pub(super) fn public(
         }
     };
     let acme = AcmeConfig {
-        store: raw.store.map_or_else(|| DEFAULT_STORE.into(), PathBuf::from),
+        store: raw
+            .store
+            .map_or_else(|| DEFAULT_STORE.into(), PathBuf::from),
         email: first(env::EMAIL).map(|(_, v)| v).or(raw.email),
         renew_before,
         http_listen: raw
@@ -379,7 +384,11 @@ pub(super) fn public(
             .collect(),
         retry_min: c.duration("acme.retry_min", raw.retry_min.as_ref(), DEFAULT_RETRY_MIN),
         retry_max: c.duration("acme.retry_max", raw.retry_max.as_ref(), DEFAULT_RETRY_MAX),
-        ca_timeout: c.duration("acme.ca_timeout", raw.ca_timeout.as_ref(), DEFAULT_CA_TIMEOUT),
+        ca_timeout: c.duration(
+            "acme.ca_timeout",
+            raw.ca_timeout.as_ref(),
+            DEFAULT_CA_TIMEOUT,
+        ),
         internal_ca_lifetime: c.long_duration(
             "acme.internal_ca_lifetime",
             raw.internal_ca_lifetime.as_ref(),
@@ -402,7 +411,10 @@ pub(super) fn public(
         }
         let label = d.names.iter().flatten().next().cloned().unwrap_or_default();
         let Some(backend) = d.backend.as_deref() else {
-            c.fail(&key, format!("{label}: no backend (set backend = \"host:port\")"));
+            c.fail(
+                &key,
+                format!("{label}: no backend (set backend = \"host:port\")"),
+            );
             continue;
         };
         let backend = match parse_target(backend) {
@@ -416,7 +428,10 @@ pub(super) fn public(
             None | Some("http") => Mode::Http,
             Some("tcp") => Mode::Tcp,
             Some(other) => {
-                c.fail(&format!("{key}.mode"), format!("{other:?}: use http or tcp"));
+                c.fail(
+                    &format!("{key}.mode"),
+                    format!("{other:?}: use http or tcp"),
+                );
                 Mode::Http
             }
         };
@@ -434,7 +449,16 @@ pub(super) fn public(
                 .unwrap_or_default(),
             None => challenge,
         };
-        list.push((key, DomainConfig { names, backend, mode, issuer, challenge }));
+        list.push((
+            key,
+            DomainConfig {
+                names,
+                backend,
+                mode,
+                issuer,
+                challenge,
+            },
+        ));
     }
 
     // dstack-ingress's variables.
@@ -444,7 +468,11 @@ pub(super) fn public(
     let alias = first(env::ALIAS_DOMAIN);
     let mut routes = BTreeMap::new();
     if let Some((var, map)) = first(env::ROUTING_MAP) {
-        for line in map.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        for line in map
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
             let Some((domain, backend)) = line.split_once('=') else {
                 c.fail(var, format!("{line:?}: expected domain=host:port"));
                 continue;
@@ -457,9 +485,9 @@ pub(super) fn public(
             }
         }
     }
-    let default_backend = target.as_ref().and_then(|(var, t)| {
-        parse_target(t).map_err(|e| c.fail(var, e)).ok()
-    });
+    let default_backend = target
+        .as_ref()
+        .and_then(|(var, t)| parse_target(t).map_err(|e| c.fail(var, e)).ok());
     let mut env_domains: Vec<(&str, String)> = Vec::new();
     if let Some((var, d)) = &single {
         env_domains.push((var, d.clone()));
@@ -471,7 +499,11 @@ pub(super) fn public(
                 "ALIAS_DOMAIN adds a name to the single DOMAIN's certificate and cannot be combined with DOMAINS: list the alias in DOMAINS (and ROUTING_MAP) instead",
             );
         }
-        for line in text.split(['\n', ',']).map(str::trim).filter(|l| !l.is_empty()) {
+        for line in text
+            .split(['\n', ','])
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+        {
             env_domains.push((var, line.to_owned()));
         }
     }
@@ -485,7 +517,9 @@ pub(super) fn public(
         let Some(backend) = routes.remove(&name).or_else(|| default_backend.clone()) else {
             c.fail(
                 var,
-                format!("{name}: no backend (set TARGET_ENDPOINT, or {name}=host:port in ROUTING_MAP)"),
+                format!(
+                    "{name}: no backend (set TARGET_ENDPOINT, or {name}=host:port in ROUTING_MAP)"
+                ),
             );
             continue;
         };
@@ -499,7 +533,13 @@ pub(super) fn public(
         }
         list.push((
             var.to_owned(),
-            DomainConfig { names, backend, mode: Mode::Http, issuer: issuer.clone(), challenge },
+            DomainConfig {
+                names,
+                backend,
+                mode: Mode::Http,
+                issuer: issuer.clone(),
+                challenge,
+            },
         ));
     }
     for domain in routes.keys() {
@@ -514,9 +554,15 @@ pub(super) fn public(
     for (key, d) in &list {
         for name in &d.names {
             if let Some(other) = seen.insert(name.clone(), key.clone()) {
-                c.fail(key, format!("{name} is also served by {other}: a name belongs to one domain"));
+                c.fail(
+                    key,
+                    format!("{name} is also served by {other}: a name belongs to one domain"),
+                );
             }
-            if name.starts_with("*.") && d.challenge != Challenge::Dns01 && d.issuer != Issuer::InternalCa {
+            if name.starts_with("*.")
+                && d.challenge != Challenge::Dns01
+                && d.issuer != Issuer::InternalCa
+            {
                 c.fail(
                     key,
                     format!("{name}: a wildcard needs the dns-01 challenge; CAs never offer {} for wildcards", challenge_name(d.challenge)),
@@ -535,7 +581,10 @@ pub(super) fn public(
         {
             c.fail(
                 key,
-                format!("{}: http-01 needs the :80 listener (acme.http_listen = \"0.0.0.0:80\")", d.primary()),
+                format!(
+                    "{}: http-01 needs the :80 listener (acme.http_listen = \"0.0.0.0:80\")",
+                    d.primary()
+                ),
             );
         }
     }
@@ -562,7 +611,8 @@ mod tests {
 
     fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, String> {
         let env: HashMap<&str, &str> = env.iter().copied().collect();
-        Config::from_toml(&format!("[admin]\nenabled = false\n{toml}"), &env).map_err(|e| e.to_string())
+        Config::from_toml(&format!("[admin]\nenabled = false\n{toml}"), &env)
+            .map_err(|e| e.to_string())
     }
 
     #[test]
@@ -580,7 +630,10 @@ mod tests {
         assert_eq!(d[0].challenge, Challenge::TlsAlpn01);
         assert_eq!(d[1].mode, Mode::Tcp);
         assert_eq!(d[1].issuer, Issuer::InternalCa);
-        assert_eq!(c.public.acme.renew_before, Some(Duration::from_secs(30 * 86400)));
+        assert_eq!(
+            c.public.acme.renew_before,
+            Some(Duration::from_secs(30 * 86400))
+        );
     }
 
     #[test]
@@ -602,7 +655,10 @@ mod tests {
         assert_eq!(d.backend.to_string(), "app:80");
         assert_eq!(d.issuer, Issuer::Acme(LETSENCRYPT_STAGING.into()));
         assert_eq!(c.public.acme.email.as_deref(), Some("ops@example.com"));
-        assert_eq!(c.public.acme.renew_before, Some(Duration::from_secs(20 * 86400)));
+        assert_eq!(
+            c.public.acme.renew_before,
+            Some(Duration::from_secs(20 * 86400))
+        );
 
         let c = load(
             "",
@@ -613,7 +669,12 @@ mod tests {
             ],
         )
         .unwrap();
-        let backends: Vec<String> = c.public.domains.iter().map(|d| d.backend.to_string()).collect();
+        let backends: Vec<String> = c
+            .public
+            .domains
+            .iter()
+            .map(|d| d.backend.to_string())
+            .collect();
         assert_eq!(backends, ["a:1", "b:2", "fallback:3"]);
     }
 
@@ -642,10 +703,20 @@ mod tests {
     #[test]
     fn names() {
         assert_eq!(check_name("*.Example.COM.").unwrap(), "*.example.com");
-        for bad in ["", "com", "-a.example.com", "a..example.com", "a.*.example.com", "é.example.com"] {
+        for bad in [
+            "",
+            "com",
+            "-a.example.com",
+            "a..example.com",
+            "a.*.example.com",
+            "é.example.com",
+        ] {
             assert!(check_name(bad).is_err(), "{bad}");
         }
-        assert_eq!(parse_target("grpc://svc:50051/").unwrap().to_string(), "svc:50051");
+        assert_eq!(
+            parse_target("grpc://svc:50051/").unwrap().to_string(),
+            "svc:50051"
+        );
         assert!(parse_target("http://nohost").is_err());
     }
 }

@@ -849,7 +849,7 @@ impl Config {
     }
 }
 
+pub mod domains;
 #[cfg(test)]
 mod tests;
-pub mod domains;
 pub use domains::{AcmeConfig, Challenge, DomainConfig, Eab, Issuer, Mode, PublicConfig};

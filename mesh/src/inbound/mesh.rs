@@ -247,12 +247,17 @@ async fn handle(caller: Arc<Caller>, req: Request<Incoming>) -> Result<Response<
             .and_then(|h| http::HeaderValue::from_str(&h).ok()),
         Who::Peer(_) => None,
     };
-    let result = proxy::forward(&caller.upstream, req, Some(caller.tunnel.clone()), |headers| {
-        caller.headers.apply(headers);
-        if let Some(host) = forwarded_host {
-            headers.insert(X_FORWARDED_HOST, host);
-        }
-    })
+    let result = proxy::forward(
+        &caller.upstream,
+        req,
+        Some(caller.tunnel.clone()),
+        |headers| {
+            caller.headers.apply(headers);
+            if let Some(host) = forwarded_host {
+                headers.insert(X_FORWARDED_HOST, host);
+            }
+        },
+    )
     .await;
     let path = uri.path();
     let who: &dyn std::fmt::Display = match &caller.who {

@@ -217,7 +217,9 @@ impl Inbound {
         // Each phase is boxed, so the task does not keep the handshake's space for the life of
         // the connection: an idle connection holds only what serving needs (see BENCHMARKS.md).
         let handshake = Box::pin(handshake);
-        let (branch, tls) = match tokio::time::timeout(self.config.handshake_timeout, handshake).await {
+        let (branch, tls) = match tokio::time::timeout(self.config.handshake_timeout, handshake)
+            .await
+        {
             Ok(Ok(done)) => done,
             Ok(Err(e)) => {
                 log_handshake_failure(remote, &e);

@@ -1,0 +1,387 @@
+//! Public domains in-process: SNI routing next to the mesh on one port, `http` and `tcp`
+//! modes, the internal CA, renewal under load, restarts and a corrupt store. The ACME flows
+//! against a real CA (pebble) are in `tests/tests/acme.rs`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{collections::HashMap, path::Path, time::Duration};
+
+use dstack_mesh::{acme::Status, app::App, config::Config};
+use e2e::{
+    backend::Backend,
+    client::{public_connect, MeshClient},
+    identity,
+};
+use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SERVER: &str = "5e77e75e77e75e77e75e77e75e77e75e77e75e77";
+const CALLER: &str = "ca11e7ca11e7ca11e7ca11e7ca11e7ca11e7ca11";
+const H2_H1: &[&[u8]] = &[b"h2", b"http/1.1"];
+
+/// A TCP echo server (the `tcp` mode backend).
+async fn echo_server() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+struct Site {
+    app: App,
+    backend: Backend,
+    caller: ratls::identity::RotatingIdentity,
+    agents: Vec<tokio::task::JoinHandle<()>>,
+    _sockets: tempfile::TempDir,
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        for agent in &self.agents {
+            agent.abort();
+        }
+    }
+}
+
+/// A sidecar with `domains` (`{backend}` stands for the test backend's address).
+async fn start(dir: &Path, domains: &str, acme_extra: &str) -> Site {
+    let state = dir.join("state");
+    // Sockets apart for each start (a restart runs new agents); the CA state is shared.
+    let sockets = tempfile::tempdir_in(dir).unwrap();
+    let (server, a1) = identity(sockets.path(), &state, SERVER).await;
+    let (caller, a2) = identity(sockets.path(), &state, CALLER).await;
+    let backend = Backend::start().await;
+    let text = format!(
+        "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\nallowed_apps = \"{CALLER}\"\n\
+         [auth]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n\
+         [acme]\nstore = \"{store}\"\nissuer = \"internal-ca\"\nretry_min = \"1s\"\n{acme_extra}\n{domains}",
+        backend = backend.addr,
+        store = dir.join("store").display(),
+    )
+    .replace("{backend}", &backend.addr.to_string());
+    let config = Config::from_toml(&text, &HashMap::<&str, &str>::new()).unwrap();
+    let app = App::start_with(config, server).await.unwrap();
+    Site {
+        app,
+        backend,
+        caller,
+        agents: vec![a1, a2],
+        _sockets: sockets,
+    }
+}
+
+fn status_of(app: &App, domain: &str) -> dstack_mesh::acme::CertStatus {
+    app.acme
+        .as_ref()
+        .unwrap()
+        .status()
+        .into_iter()
+        .find(|s| s.domain == domain)
+        .unwrap()
+}
+
+async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn internal_root(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("store/internal-ca/ca.pem")).unwrap()
+}
+
+async fn admin_get(app: &App, path: &str) -> (StatusCode, serde_json::Value) {
+    let addr = app.addr("admin").unwrap().to_string();
+    let (status, body) = dstack_mesh::admin::cli::request(&addr, http::Method::GET, path)
+        .await
+        .unwrap();
+    (status, serde_json::from_slice(&body).unwrap())
+}
+
+#[tokio::test]
+async fn domains_share_the_mesh_port_by_sni() {
+    let dir = tempfile::tempdir().unwrap();
+    let echo = echo_server().await;
+    let site = start(
+        dir.path(),
+        &format!(
+            "[[domains]]\nnames = [\"web.example.test\", \"www.example.test\"]\nbackend = \"{{backend}}\"\n\
+             [[domains]]\nnames = [\"raw.example.test\"]\nbackend = \"{echo}\"\nmode = \"tcp\"\n\
+             [[domains]]\nnames = [\"down.example.test\"]\nbackend = \"127.0.0.1:9\"\nissuer = \"https://127.0.0.1:9/directory\"\n"
+        ),
+        "",
+    )
+    .await;
+    let app = &site.app;
+    let addr = app.addr("inbound").unwrap();
+    wait_for("web and raw to be valid", || {
+        status_of(app, "web.example.test").status == Status::Valid
+            && status_of(app, "raw.example.test").status == Status::Valid
+    })
+    .await;
+    let root = internal_root(dir.path());
+
+    // tcp mode: any protocol, spliced after TLS.
+    let mut tls = public_connect(addr, "raw.example.test", &root, &[])
+        .await
+        .unwrap();
+    tls.write_all(b"ping over tls").await.unwrap();
+    let mut got = [0u8; 13];
+    tls.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"ping over tls");
+
+    // No certificate yet (its CA is down): a TLS alert, never another certificate.
+    let err = public_connect(addr, "down.example.test", &root, H2_H1)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("alert"), "{err}");
+    wait_for("the down domain to fail", || {
+        status_of(app, "down.example.test").status == Status::Failed
+    })
+    .await;
+    let down = status_of(app, "down.example.test");
+    assert!(
+        down.last_error
+            .as_deref()
+            .unwrap()
+            .contains("CA unreachable"),
+        "{down:?}"
+    );
+    assert!(down.next_attempt.is_some());
+
+    // The mesh still works on the same port.
+    let mut mesh = MeshClient::connect(&site.caller, &SERVER.parse().unwrap(), addr, None)
+        .await
+        .unwrap();
+    let (status, _, _) = mesh.get("/hello", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+
+    // Admin: certs and readiness.
+    let (status, certs) = admin_get(app, "/certs").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(certs.as_array().unwrap().len(), 3);
+    let (status, ready) = admin_get(app, "/ready").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        ready["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("down.example.test: no certificate"),
+        "{ready}"
+    );
+    let table = dstack_mesh::admin::cli::table(
+        &app.acme.as_ref().unwrap().status(),
+        std::time::SystemTime::now(),
+    );
+    assert!(
+        table.contains("web.example.test")
+            && table.contains("valid")
+            && table.contains("internal-ca"),
+        "{table}"
+    );
+    assert!(
+        table.contains("down.example.test")
+            && table.contains("failed")
+            && table.contains("CA unreachable"),
+        "{table}"
+    );
+}
+
+#[tokio::test]
+async fn http_mode_forwards_with_x_forwarded_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = start(
+        dir.path(),
+        "[[domains]]\nnames = [\"web.example.test\", \"www.example.test\"]\nbackend = \"{backend}\"\n",
+        "",
+    )
+    .await;
+    let backend = &site.backend;
+    let app = &site.app;
+    let addr = app.addr("inbound").unwrap();
+    wait_for("web to be valid", || {
+        status_of(app, "web.example.test").status == Status::Valid
+    })
+    .await;
+    let root = internal_root(dir.path());
+    for alpn in [H2_H1, &[b"http/1.1".as_slice()][..]] {
+        let tls = public_connect(addr, "www.example.test", &root, alpn)
+            .await
+            .unwrap();
+        // No client certificate was asked for; the domain's own certificate was served.
+        let mut client = MeshClient::over(tls).await.unwrap();
+        assert_eq!(client.is_h2(), alpn.len() == 2);
+        let (status, _, body) = client
+            .get_from(
+                "www.example.test",
+                "/page?q=1",
+                &[
+                    ("x-forwarded-for", "6.6.6.6"),
+                    ("x-forwarded-host", "evil.example"),
+                    ("x-dstack-app-id", CALLER),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+        let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let headers = &seen["headers"];
+        assert_eq!(seen["path"], "/page?q=1");
+        assert_eq!(
+            headers["x-forwarded-for"],
+            serde_json::json!(["127.0.0.1"]),
+            "{headers}"
+        );
+        assert_eq!(headers["x-forwarded-proto"], serde_json::json!(["https"]));
+        assert_eq!(
+            headers["x-forwarded-host"],
+            serde_json::json!(["www.example.test"])
+        );
+        assert!(headers.get("x-dstack-app-id").is_none(), "{headers}");
+    }
+    assert_eq!(backend.count(), 2);
+}
+
+#[tokio::test]
+async fn renewal_under_load_fails_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    // Six-second certificates: renewed when a third of the lifetime remains.
+    let site = start(
+        dir.path(),
+        "[[domains]]\nnames = [\"web.example.test\"]\nbackend = \"{backend}\"\n",
+        "internal_ca_lifetime = \"6s\"\n",
+    )
+    .await;
+    let backend = &site.backend;
+    let app = &site.app;
+    let addr = app.addr("inbound").unwrap();
+    wait_for("web to be valid", || {
+        status_of(app, "web.example.test").status == Status::Valid
+    })
+    .await;
+    let first = status_of(app, "web.example.test").serial.unwrap();
+    let root = internal_root(dir.path());
+    // One long-lived connection and a new connection per round, for ten seconds.
+    let mut kept = MeshClient::over(
+        public_connect(addr, "web.example.test", &root, H2_H1)
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let (mut ok, mut serials) = (0, std::collections::BTreeSet::new());
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < end {
+        let (status, _, _) = kept
+            .get_from("web.example.test", "/kept", &[])
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+        let tls = public_connect(addr, "web.example.test", &root, H2_H1)
+            .await
+            .expect("a new connection during renewal");
+        let serial = {
+            let cert = &tls.get_ref().1.peer_certificates().unwrap()[0];
+            let (_, parsed) = x509_parser::parse_x509_certificate(cert).unwrap();
+            parsed.raw_serial_as_string()
+        };
+        serials.insert(serial);
+        let mut fresh = MeshClient::over(tls).await.unwrap();
+        let (status, _, _) = fresh
+            .get_from("web.example.test", "/new", &[])
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+        ok += 2;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let now = status_of(app, "web.example.test");
+    assert!(now.issued_total >= 3, "{now:?}");
+    assert_ne!(now.serial.unwrap(), first);
+    assert!(serials.len() >= 2, "clients saw {serials:?}");
+    assert_eq!(backend.count(), ok);
+}
+
+#[tokio::test]
+async fn restart_serves_the_stored_certificate_and_bad_files_are_reissued() {
+    let dir = tempfile::tempdir().unwrap();
+    let domains = "[[domains]]\nnames = [\"a.example.test\"]\nbackend = \"{backend}\"\n\
+         [[domains]]\nnames = [\"b.example.test\"]\nbackend = \"{backend}\"\n\
+         [[domains]]\nnames = [\"c.example.test\"]\nbackend = \"{backend}\"\n\
+         [[domains]]\nnames = [\"d.example.test\"]\nbackend = \"{backend}\"\n";
+    let site = start(dir.path(), domains, "").await;
+    for d in ["a", "b", "c", "d"] {
+        wait_for("issuance", || {
+            status_of(&site.app, &format!("{d}.example.test")).status == Status::Valid
+        })
+        .await;
+    }
+    let serial = |app: &App, d: &str| status_of(app, &format!("{d}.example.test")).serial.unwrap();
+    let before: Vec<String> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|d| serial(&site.app, d))
+        .collect();
+    drop(site);
+
+    // Damage three of them: garbage PEM, a certificate without its key, another domain's key.
+    let certs = dir.path().join("store/certs");
+    std::fs::write(
+        certs.join("b.example.test/chain.pem"),
+        b"-----BEGIN CERTIFICATE-----\ngarbage\n",
+    )
+    .unwrap();
+    std::fs::remove_file(certs.join("c.example.test/key.pem")).unwrap();
+    std::fs::copy(
+        certs.join("a.example.test/key.pem"),
+        certs.join("d.example.test/key.pem"),
+    )
+    .unwrap();
+    let key_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(certs.join("a.example.test/key.pem"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(key_mode & 0o777, 0o600);
+
+    let site = start(dir.path(), domains, "").await;
+    // Served from the store at once: no order for a.
+    let a = status_of(&site.app, "a.example.test");
+    assert_eq!(a.serial.as_deref(), Some(before[0].as_str()));
+    assert_eq!(a.issued_total, 0);
+    for (i, d) in ["b", "c", "d"].iter().enumerate() {
+        let name = format!("{d}.example.test");
+        wait_for("reissue", || {
+            status_of(&site.app, &name).status == Status::Valid
+        })
+        .await;
+        let now = status_of(&site.app, &name);
+        assert_ne!(
+            now.serial.as_deref(),
+            Some(before[i + 1].as_str()),
+            "{name} was served from a bad store"
+        );
+        assert_eq!(now.issued_total, 1, "{now:?}");
+    }
+    assert!(certs.join("b.example.test/chain.pem.corrupt").exists());
+    assert!(certs.join("d.example.test/key.pem.corrupt").exists());
+    let root = internal_root(dir.path());
+    let addr = site.app.addr("inbound").unwrap();
+    let tls = public_connect(addr, "d.example.test", &root, H2_H1)
+        .await
+        .unwrap();
+    let mut client = MeshClient::over(tls).await.unwrap();
+    let (status, _, _) = client.get_from("d.example.test", "/", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+}
