@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod pebble;
 
 use std::{
     path::{Path, PathBuf},
@@ -29,14 +30,15 @@ pub fn mesh_binary() -> PathBuf {
 pub struct ChildGuard {
     name: String,
     child: Child,
-    stderr: PathBuf,
+    // Where stderr goes (and stdout too, for `spawn_with_stdout`).
+    log: PathBuf,
 }
 
 impl ChildGuard {
     /// Start `cmd` with stderr captured to a file in `log_dir`.
     pub fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> std::io::Result<Self> {
-        let stderr = log_dir.join(format!("{name}.stderr"));
-        let file = std::fs::File::create(&stderr)?;
+        let log = log_dir.join(format!("{name}.stderr"));
+        let file = std::fs::File::create(&log)?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -45,13 +47,39 @@ impl ChildGuard {
         Ok(Self {
             name: name.to_owned(),
             child,
-            stderr,
+            log,
         })
     }
 
-    /// What the process wrote to stderr so far.
+    /// Start `cmd` with stdout and stderr both appended to `<name>.log` in `log_dir`, for
+    /// programs that log to stdout (pebble). A later guard with the same name appends to the
+    /// same file, so a restarted process keeps one log.
+    pub fn spawn_with_stdout(
+        name: &str,
+        mut cmd: Command,
+        log_dir: &Path,
+    ) -> std::io::Result<Self> {
+        let log = log_dir.join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            log,
+        })
+    }
+
+    /// What the process wrote to stderr so far (stdout and stderr interleaved for a guard from
+    /// [`ChildGuard::spawn_with_stdout`]).
     pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// How the process ended, if it has.

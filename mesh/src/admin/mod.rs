@@ -134,12 +134,8 @@ impl Admin {
             return out;
         };
         let status = acme.status();
-        let series: [(
-            &str,
-            &str,
-            &str,
-            fn(&crate::acme::CertStatus) -> Option<String>,
-        ); 5] = [
+        type Value = fn(&crate::acme::CertStatus) -> Option<String>;
+        let series: [(&str, &str, &str, Value); 5] = [
             (
                 "certificate_expiration_timestamp_seconds",
                 "gauge",
