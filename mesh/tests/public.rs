@@ -385,3 +385,140 @@ async fn restart_serves_the_stored_certificate_and_bad_files_are_reissued() {
     let (status, _, _) = client.get_from("d.example.test", "/", &[]).await.unwrap();
     assert_eq!(status, StatusCode::OK);
 }
+
+/// A stand-in ACME CA answering the way a broken or busy one does: `broken` answers every
+/// request with an HTML 500 (a proxy error page); otherwise the directory and nonces work and
+/// every signed request gets RFC 8555's `rateLimited` problem with HTTP 429.
+async fn fake_ca(broken: bool) -> std::net::SocketAddr {
+    use http_body_util::Full;
+    use hyper::{body::Incoming, service::service_fn, Request, Response};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let base = format!("http://{addr}");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let base = base.clone();
+            let service = service_fn(move |req: Request<Incoming>| {
+                let base = base.clone();
+                async move {
+                    let resp = if broken {
+                        Response::builder()
+                            .status(500)
+                            .header("content-type", "text/html")
+                            .body(Full::new(bytes::Bytes::from("<html>upstream error</html>")))
+                    } else {
+                        match req.uri().path() {
+                            "/dir" => Response::builder()
+                                .header("content-type", "application/json")
+                                .body(Full::new(bytes::Bytes::from(
+                                    serde_json::json!({
+                                        "newNonce": format!("{base}/nonce"),
+                                        "newAccount": format!("{base}/account"),
+                                        "newOrder": format!("{base}/order"),
+                                        "revokeCert": format!("{base}/revoke"),
+                                        "keyChange": format!("{base}/key"),
+                                    })
+                                    .to_string(),
+                                ))),
+                            "/nonce" => Response::builder()
+                                .header("replay-nonce", "bm9uY2U")
+                                .header("cache-control", "no-store")
+                                .body(Full::new(bytes::Bytes::new())),
+                            _ => Response::builder()
+                                .status(429)
+                                .header("content-type", "application/problem+json")
+                                .header("replay-nonce", "bm9uY2U")
+                                .header("retry-after", "3600")
+                                .body(Full::new(bytes::Bytes::from(
+                                    serde_json::json!({
+                                        "type": "urn:ietf:params:acme:error:rateLimited",
+                                        "detail": "too many new accounts from this address",
+                                        "status": 429,
+                                    })
+                                    .to_string(),
+                                ))),
+                        }
+                    };
+                    Ok::<_, std::convert::Infallible>(resp.unwrap())
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service),
+            );
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn ca_errors_and_rate_limits_fail_one_domain_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = fake_ca(true).await;
+    let limited = fake_ca(false).await;
+    let site = start(
+        dir.path(),
+        &format!(
+            "[[domains]]\nnames = [\"err.example.test\"]\nbackend = \"{{backend}}\"\nissuer = \"http://{broken}/dir\"\n\
+             [[domains]]\nnames = [\"limited.example.test\"]\nbackend = \"{{backend}}\"\nissuer = \"http://{limited}/dir\"\n\
+             [[domains]]\nnames = [\"ok.example.test\"]\nbackend = \"{{backend}}\"\n"
+        ),
+        "",
+    )
+    .await;
+    let app = &site.app;
+    wait_for("both CAs to fail", || {
+        status_of(app, "err.example.test").status == Status::Failed
+            && status_of(app, "limited.example.test").status == Status::Failed
+    })
+    .await;
+    let err = status_of(app, "err.example.test");
+    let message = err.last_error.clone().unwrap();
+    assert!(
+        message.starts_with("CA error:") && message.contains("not ACME"),
+        "{message}"
+    );
+    let limited_status = status_of(app, "limited.example.test");
+    let message = limited_status.last_error.clone().unwrap();
+    assert!(
+        message.starts_with("rate limited by the CA") && message.contains("too many new accounts"),
+        "{message}"
+    );
+    // A rate limit waits longer than a plain failure before trying again.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        limited_status.next_attempt.unwrap() >= now + 3,
+        "{limited_status:?}"
+    );
+
+    // The other domain and the mesh are unaffected.
+    assert_eq!(status_of(app, "ok.example.test").status, Status::Valid);
+    let root = internal_root(dir.path());
+    let addr = app.addr("inbound").unwrap();
+    let mut client = MeshClient::over(
+        public_connect(addr, "ok.example.test", &root, H2_H1)
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let (status, _, _) = client.get_from("ok.example.test", "/", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let mut mesh = MeshClient::connect(&site.caller, &SERVER.parse().unwrap(), addr, None)
+        .await
+        .unwrap();
+    assert_eq!(mesh.get("/", &[]).await.unwrap().0, StatusCode::OK);
+
+    // It keeps retrying with backoff: the broken CA's domain fails again within seconds.
+    wait_for("a second attempt", || {
+        status_of(app, "err.example.test").consecutive_failures >= 2
+    })
+    .await;
+    assert_eq!(
+        status_of(app, "limited.example.test").consecutive_failures,
+        1
+    );
+}

@@ -240,6 +240,27 @@ async fn tls_alpn_and_http01_issue_next_to_mesh_traffic_and_survive_a_restart() 
         let (status, _) = fetch(addr, name, &root).await.unwrap();
         assert_eq!(status, StatusCode::OK, "{name}");
     }
+    // The :80 listener sends everything but challenges to https.
+    let mut http = tokio::net::TcpStream::connect(("127.0.0.1", setup.http_port))
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut http,
+        b"GET /path?q=1 HTTP/1.1\r\nHost: web.acme.test\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut http, &mut answer)
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 301"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("location: https://web.acme.test/path?q=1"),
+        "{answer}"
+    );
     let app = sidecar.cert("app.acme.test").await;
     assert!(
         app.issued_by.as_deref().unwrap().contains("Pebble"),
