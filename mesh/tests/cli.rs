@@ -326,9 +326,17 @@ fn demo_runs_verified_calls_through_the_outbound_proxies_and_the_gateway() {
         text.contains("app A -> B: 200 OK: hello from the demo app; the sidecar says you are app a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0"),
         "{text}"
     );
-    // C is not on B's allowlist.
+    // B's public domain, from the internal CA, on the same port.
     assert!(
-        text.contains("app C -> B: 502 Bad Gateway") && text.contains("peer refused this app"),
+        text.contains("https://app-b.demo.test/ -> 200 OK: hello from the demo app; the sidecar says you are app (none)"),
+        "{text}"
+    );
+    // C is not on B's allowlist. B's alert usually reaches C's sidecar ("peer refused this
+    // app"); about one run in twenty the h2 client reports only the close that follows it.
+    assert!(
+        text.contains("app C -> B: 502 Bad Gateway")
+            && (text.contains("peer refused this app")
+                || text.contains("closed a new connection after the handshake")),
         "{text}"
     );
     assert!(stderr(&out).contains("NOT attested"));

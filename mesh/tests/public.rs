@@ -118,7 +118,8 @@ async fn domains_share_the_mesh_port_by_sni() {
         &format!(
             "[[domains]]\nnames = [\"web.example.test\", \"www.example.test\"]\nbackend = \"{{backend}}\"\n\
              [[domains]]\nnames = [\"raw.example.test\"]\nbackend = \"{echo}\"\nmode = \"tcp\"\n\
-             [[domains]]\nnames = [\"down.example.test\"]\nbackend = \"127.0.0.1:9\"\nissuer = \"https://127.0.0.1:9/directory\"\n"
+             [[domains]]\nnames = [\"down.example.test\"]\nbackend = \"127.0.0.1:9\"\nissuer = \"https://127.0.0.1:9/directory\"\n\
+             [[domains]]\nnames = [\"*.wild.example.test\"]\nbackend = \"{echo}\"\nmode = \"tcp\"\n"
         ),
         "",
     )
@@ -140,6 +141,18 @@ async fn domains_share_the_mesh_port_by_sni() {
     let mut got = [0u8; 13];
     tls.read_exact(&mut got).await.unwrap();
     assert_eq!(&got, b"ping over tls");
+
+    // A wildcard covers one label, no more.
+    wait_for("the wildcard", || {
+        status_of(app, "*.wild.example.test").status == Status::Valid
+    })
+    .await;
+    public_connect(addr, "a.wild.example.test", &root, &[])
+        .await
+        .unwrap();
+    assert!(public_connect(addr, "a.b.wild.example.test", &root, &[])
+        .await
+        .is_err());
 
     // No certificate yet (its CA is down): a TLS alert, never another certificate.
     let err = public_connect(addr, "down.example.test", &root, H2_H1)
@@ -171,7 +184,7 @@ async fn domains_share_the_mesh_port_by_sni() {
     // Admin: certs and readiness.
     let (status, certs) = admin_get(app, "/certs").await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(certs.as_array().unwrap().len(), 3);
+    assert_eq!(certs.as_array().unwrap().len(), 4);
     let (status, ready) = admin_get(app, "/ready").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(

@@ -36,6 +36,8 @@ const APP_A: &str = "a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0";
 const APP_C: &str = "c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0";
 /// The gateway's base domain in the demo.
 const BASE_DOMAIN: &str = "gateway.demo";
+/// B's public custom domain.
+const PUBLIC_DOMAIN: &str = "app-b.demo.test";
 
 /// Run the demo and print what happened.
 pub async fn run(state_dir: Option<PathBuf>) -> ExitCode {
@@ -100,7 +102,10 @@ async fn demo(dir: PathBuf) -> anyhow::Result<String> {
     let demo_app = tokio::spawn(serve_demo_app(app_listener));
     let sidecar_b = App::start_with(
         demo_config(&format!(
-            "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{app_addr}\"\nallowed_apps = \"{APP_A}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n"
+            "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{app_addr}\"\nallowed_apps = \"{APP_A}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n\
+             [acme]\nstore = \"{store}\"\nissuer = \"internal-ca\"\n\
+             [[domains]]\nnames = [\"{PUBLIC_DOMAIN}\"]\nbackend = \"{app_addr}\"\n",
+            store = dir.join("acme").display(),
         ))?,
         id_b.clone(),
     )
@@ -124,6 +129,7 @@ async fn demo(dir: PathBuf) -> anyhow::Result<String> {
 
     let from_a = call(out_a, &app_b).await?;
     let from_c = call(out_c, &app_b).await?;
+    let from_browser = browse(&sidecar_b, inbound_b, &dir.join("acme/internal-ca/ca.pem")).await?;
     demo_app.abort();
     gw_task.abort();
 
@@ -137,7 +143,11 @@ async fn demo(dir: PathBuf) -> anyhow::Result<String> {
          through the gateway stand-in on {gw_addr} (TLS passthrough by SNI)\n\
          and verifies B's app id inside the handshake, before any request byte leaves.\n\n\
          app A -> B: {from_a}\n\
-         app C -> B: {from_c}\n",
+         app C -> B: {from_c}\n\n\
+         B's sidecar also serves the public domain {PUBLIC_DOMAIN} on the same port, with a\n\
+         certificate from the internal CA (the demo's issuer; set [acme] issuer = \"letsencrypt\"\n\
+         in production). A browser's request, no client certificate:\n\
+         https://{PUBLIC_DOMAIN}/ -> {from_browser}\n",
         dir.display(),
         indent(&crate::tools::describe(&id_a.current())),
         indent(&crate::tools::describe(&id_b.current())),
@@ -178,6 +188,54 @@ async fn serve_demo_app(listener: tokio::net::TcpListener) {
                 .await;
         });
     }
+}
+
+/// What a browser does: HTTPS to B's public domain, trusting the internal CA's root.
+async fn browse(
+    sidecar: &App,
+    inbound: SocketAddr,
+    root: &std::path::Path,
+) -> anyhow::Result<String> {
+    // The internal CA signs within milliseconds of start; wait for it all the same.
+    for _ in 0..250 {
+        let valid = sidecar.acme.as_ref().is_some_and(|a| {
+            a.status()
+                .iter()
+                .all(|s| s.status == crate::acme::Status::Valid)
+        });
+        if valid {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in ratls::cert::parse_chain(&std::fs::read(root)?)? {
+        roots.add(cert)?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(ratls::crypto::provider())
+        .with_protocol_versions(rustls::DEFAULT_VERSIONS)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(inbound).await?;
+    let name = rustls_pki_types::ServerName::try_from(PUBLIC_DOMAIN)?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+    tokio::spawn(conn);
+    let req = Request::get("/")
+        .header("host", PUBLIC_DOMAIN)
+        .body(Empty::<Bytes>::new())?;
+    let resp = tokio::time::timeout(Duration::from_secs(30), send.send_request(req))
+        .await
+        .context("no answer from the sidecar")??;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok(format!(
+        "{status}: {}",
+        String::from_utf8_lossy(&body).trim()
+    ))
 }
 
 /// What an app does: one plain HTTP request to its own sidecar, naming the target app.

@@ -198,7 +198,9 @@ impl Inbound {
         let io = IdleIo::new(tcp, activity.clone());
         // ClientHello and handshake share one deadline, so a slow client cannot stretch it.
         let handshake = async {
-            let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
+            let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io)
+                .await
+                .map_err(|e| (e, None))?;
             let hello = Hello::from_rustls(&start.client_hello());
             let acme = self.acme.as_ref();
             let (branch, config) = match route::route(&hello, self.names.as_ref()) {
@@ -212,7 +214,10 @@ impl Inbound {
                 },
                 Route::Mesh => (Branch::Mesh, self.mesh_tls.load_full()),
             };
-            start.into_stream(config).await.map(|tls| (branch, tls))
+            match start.into_stream(config).into_fallible().await {
+                Ok(tls) => Ok((branch, tls)),
+                Err((e, io)) => Err((e, Some(io))),
+            }
         };
         // Each phase is boxed, so the task does not keep the handshake's space for the life of
         // the connection: an idle connection holds only what serving needs (see BENCHMARKS.md).
@@ -221,8 +226,11 @@ impl Inbound {
             .await
         {
             Ok(Ok(done)) => done,
-            Ok(Err(e)) => {
+            Ok(Err((e, io))) => {
                 log_handshake_failure(remote, &e);
+                if let Some(io) = io {
+                    linger(io).await;
+                }
                 return;
             }
             Err(_) => {
@@ -251,6 +259,27 @@ impl Inbound {
             },
         }
     }
+}
+
+/// After refusing a handshake: the alert is written; close our side and read what the client
+/// already sent (TLS 1.3 clients send their first request right after their certificate)
+/// before closing. Closing with unread data makes the kernel send a reset, which can destroy the
+/// alert before the client reads it, and the client would learn only "connection reset".
+async fn linger(mut io: IdleIo<tokio::net::TcpStream>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+    let drain = async {
+        let _ = io.shutdown().await;
+        let mut scratch = [0u8; 4096];
+        let mut left: usize = 64 * 1024;
+        while left > 0 {
+            match io.read(&mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 fn log_handshake_failure(remote: SocketAddr, e: &std::io::Error) {
