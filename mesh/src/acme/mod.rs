@@ -365,7 +365,6 @@ impl Acme {
 
     /// What needs an operator: expired certificates and domains with none.
     pub fn problems(&self) -> Vec<String> {
-        let now = SystemTime::now();
         self.status()
             .into_iter()
             .filter_map(|s| {
@@ -378,7 +377,6 @@ impl Acme {
                 } else if s.not_after.is_none() && s.status == Status::Failed {
                     Some(format!("{}: no certificate: {why}", s.domain))
                 } else {
-                    let _ = now;
                     None
                 }
             })

@@ -680,7 +680,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_entry() {
-        let cases: &[(&str, &[(&str, &str)], &str)] = &[
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case<'_>] = &[
             ("", &[("DOMAINS", "a.example.com"), ("ALIAS_DOMAIN", "b.example.com"), ("TARGET_ENDPOINT", "x:1")], "ALIAS_DOMAIN: ALIAS_DOMAIN adds a name"),
             ("", &[("DOMAIN", "*.example.com"), ("TARGET_ENDPOINT", "x:1")], "a wildcard needs the dns-01 challenge"),
             ("", &[("DOMAIN", "bad_name.example.com"), ("TARGET_ENDPOINT", "x:1")], "DOMAIN: \"bad_name.example.com\" is not a valid domain name"),
