@@ -167,6 +167,13 @@ impl std::fmt::Debug for Eab {
     }
 }
 
+fn opt_secs<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_str(&format!("{}s", d.as_secs())),
+        None => s.serialize_none(),
+    }
+}
+
 fn redacted<S: serde::Serializer>(_: &str, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str("<redacted>")
 }
@@ -179,6 +186,7 @@ pub struct AcmeConfig {
     /// Account contact (`mailto:` is added).
     pub email: Option<String>,
     /// Renew this long before expiry; unset: when a third of the lifetime remains.
+    #[serde(serialize_with = "opt_secs")]
     pub renew_before: Option<Duration>,
     /// The `:80` listener (HTTP-01 and redirects to https), when set.
     pub http_listen: Option<SocketAddr>,
