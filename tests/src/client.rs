@@ -167,7 +167,8 @@ impl MeshClient {
         headers: &[(&str, &str)],
     ) -> hyper::Result<(http::StatusCode, http::HeaderMap, Bytes)> {
         let mut req = Request::get(format!("https://{host}{path}"));
-        if !self.is_h2() {
+        let has_host = headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host"));
+        if !self.is_h2() && !has_host {
             req = req.header(http::header::HOST, host);
         }
         for (k, v) in headers {
