@@ -1,0 +1,281 @@
+//! Renewal: when a certificate is due, how long to wait after a failure, and the loop each
+//! domain runs: order, check, store, serve; or fail, report, back off and try again.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use super::{
+    cert::{self, Loaded},
+    client::{IssueError, Issued},
+    jitter,
+    store::{domain_key, CertStore},
+    Acme, Domain, IssuerRuntime, Status, CAP_NEAR_EXPIRY, CAP_WITHOUT_CERT, ORDER_DEADLINE,
+    RECHECK,
+};
+
+impl Acme {
+    /// When `cert` is due: `renew_before` ahead of expiry, else when a third of its lifetime
+    /// remains; never in the first tenth of its life (a setting longer than the CA's lifetime
+    /// must not turn into an order loop).
+    pub(super) fn renew_at(&self, cert: &Loaded) -> SystemTime {
+        let lifetime = cert
+            .not_after
+            .duration_since(cert.not_before)
+            .unwrap_or_default();
+        let before = self.config.renew_before.unwrap_or(lifetime / 3);
+        let due = cert
+            .not_after
+            .checked_sub(before)
+            .unwrap_or(cert.not_before);
+        due.max(cert.not_before + lifetime / 10)
+    }
+
+    /// The wait after `failures` failed attempts in a row: doubling from `retry_min`, capped
+    /// by `retry_max`, and much lower while the domain has no certificate or little time left.
+    fn backoff(&self, failures: u32, cert: Option<&Loaded>) -> Duration {
+        let exp = failures.saturating_sub(1).min(20);
+        let base = self.config.retry_min.saturating_mul(1 << exp);
+        let now = SystemTime::now();
+        let cap = match cert {
+            None => CAP_WITHOUT_CERT,
+            Some(c) if c.expired(now) => CAP_WITHOUT_CERT,
+            Some(c)
+                if c.not_after.duration_since(now).unwrap_or_default()
+                    < Duration::from_secs(7 * 86400) =>
+            {
+                CAP_NEAR_EXPIRY
+            }
+            Some(_) => self.config.retry_max,
+        };
+        let wait = base
+            .min(cap)
+            .min(self.config.retry_max)
+            .max(self.config.retry_min);
+        // Up to a tenth more, so replicas that failed together do not retry together.
+        wait + jitter(wait / 10)
+    }
+
+    pub(super) async fn lifecycle(self: Arc<Self>, d: Arc<Domain>) {
+        let name = d.name().to_owned();
+        loop {
+            let current = d.served.load_full();
+            let stale = d.state.lock().map(|s| s.stale).unwrap_or(false);
+            let now = SystemTime::now();
+            if let (Some(cert), false) = (current.as_deref(), stale) {
+                let due = self.renew_at(cert);
+                if due > now {
+                    d.set(|s| {
+                        if s.status != Some(Status::Failed) {
+                            s.status = Some(Status::Valid);
+                        }
+                    });
+                    let lifetime = cert
+                        .not_after
+                        .duration_since(cert.not_before)
+                        .unwrap_or_default();
+                    // Replicas with the same certificate spread their renewals.
+                    let wait = due.duration_since(now).unwrap_or_default()
+                        + jitter((lifetime / 100).min(Duration::from_secs(3600)));
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait.min(RECHECK)) => continue,
+                        _ = d.renew_now.notified() => {}
+                    }
+                }
+            }
+            d.set(|s| {
+                s.status = Some(if current.is_some() {
+                    Status::Renewing
+                } else {
+                    Status::Issuing
+                });
+            });
+            tracing::info!(domain = %name, issuer = %d.config.issuer.label(), renewal = current.is_some(), "ordering a certificate");
+            let started = std::time::Instant::now();
+            match self.obtain(&d).await {
+                Ok(loaded) => {
+                    tracing::info!(
+                        domain = %name,
+                        serial = %loaded.serial,
+                        not_after = %crate::tools::format_time(loaded.not_after),
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "certificate issued and served"
+                    );
+                    d.serve(Some(loaded));
+                    d.set(|s| {
+                        s.status = Some(Status::Valid);
+                        s.last_error = None;
+                        s.next_attempt = None;
+                        s.consecutive_failures = 0;
+                        s.issued_total += 1;
+                        s.stale = false;
+                    });
+                }
+                Err(e) => {
+                    let failures = d
+                        .state
+                        .lock()
+                        .map(|s| s.consecutive_failures + 1)
+                        .unwrap_or(1);
+                    let wait = match &e {
+                        // The CA said how long; doubling on top of its answer only delays.
+                        IssueError::RateLimited(_) => {
+                            self.backoff(failures + 2, current.as_deref())
+                        }
+                        _ => self.backoff(failures, current.as_deref()),
+                    };
+                    let expired = current
+                        .as_ref()
+                        .is_some_and(|c| c.expired(SystemTime::now()));
+                    tracing::error!(
+                        domain = %name,
+                        attempt = failures,
+                        retry_in_s = wait.as_secs(),
+                        serving = if expired { "an EXPIRED certificate" } else if current.is_some() { "the previous certificate" } else { "nothing (TLS alert)" },
+                        error = %e,
+                        "certificate order failed"
+                    );
+                    d.set(|s| {
+                        s.status = Some(Status::Failed);
+                        s.last_error = Some(e.to_string());
+                        s.next_attempt = Some(SystemTime::now() + wait);
+                        s.consecutive_failures = failures;
+                        s.failures_total += 1;
+                    });
+                    self.wait_to_retry(&d, wait, &e).await;
+                }
+            }
+        }
+    }
+
+    /// Sleep until the next attempt; wake early on `certs renew`, or when the CA that was down
+    /// answers its directory again (probed cheaply, so recovery takes seconds, not a backoff).
+    async fn wait_to_retry(&self, d: &Domain, wait: Duration, error: &IssueError) {
+        let deadline = tokio::time::Instant::now() + wait;
+        let probe = match (&self.issuers.get(&d.config.issuer), error.probe_helps()) {
+            (Some(IssuerRuntime::Acme(c)), true) => Some(c.clone()),
+            _ => None,
+        };
+        let interval = self.config.retry_min.min(Duration::from_secs(5));
+        loop {
+            let step = match probe {
+                Some(_) => deadline.min(tokio::time::Instant::now() + interval),
+                None => deadline,
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(step) => {}
+                _ = d.renew_now.notified() => return,
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            if let Some(client) = &probe {
+                if client.probe().await.is_ok() {
+                    tracing::info!(domain = %d.name(), directory = %client.directory(), "the CA answers again: retrying now");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn obtain(&self, d: &Domain) -> Result<Loaded, IssueError> {
+        let names = &d.config.names;
+        let issued: Issued = match self.issuers.get(&d.config.issuer) {
+            Some(IssuerRuntime::Acme(client)) => tokio::time::timeout(
+                ORDER_DEADLINE,
+                client.issue(names, d.config.challenge, &self.challenges),
+            )
+            .await
+            .map_err(|_| {
+                IssueError::Unreachable(format!("the order took longer than {ORDER_DEADLINE:?}"))
+            })??,
+            Some(IssuerRuntime::Internal(ca)) => ca.issue(names).map_err(IssueError::Local)?,
+            None => return Err(IssueError::Local("no issuer configured".into())),
+        };
+        let loaded = cert::load(
+            issued.chain_pem.as_bytes(),
+            issued.key_pem.as_bytes(),
+            names,
+        )
+        .map_err(|e| IssueError::Server(format!("the issued certificate is unusable: {e}")))?;
+        // Key first: a crash between the two writes leaves a pair that does not match, which
+        // the next start detects and reissues; never a certificate served with a wrong key.
+        let name = d.name();
+        let meta = serde_json::json!({ "issuer": d.config.issuer.label(), "names": names });
+        let stored = self
+            .store
+            .write(
+                &domain_key(name, "key.pem"),
+                issued.key_pem.as_bytes(),
+                true,
+            )
+            .and_then(|()| {
+                self.store.write(
+                    &domain_key(name, "chain.pem"),
+                    issued.chain_pem.as_bytes(),
+                    false,
+                )
+            })
+            .and_then(|()| {
+                self.store.write(
+                    &domain_key(name, "meta.json"),
+                    meta.to_string().as_bytes(),
+                    false,
+                )
+            });
+        if let Err(e) = stored {
+            // Served anyway: a full disk must not take the domain down; the next start orders.
+            tracing::error!(domain = %name, error = %e, "certificate not stored");
+        }
+        Ok(loaded)
+    }
+}
+
+/// Load a domain's stored certificate; anything unusable is reported, moved aside and
+/// reissued, never served.
+pub(super) fn load_stored(store: &dyn CertStore, d: &Domain) {
+    let name = d.name();
+    let chain_key = domain_key(name, "chain.pem");
+    let key_key = domain_key(name, "key.pem");
+    let read = |k: &str| store.read(k);
+    let problem = match (read(&chain_key), read(&key_key)) {
+        (Ok(None), Ok(None)) => return,
+        (Ok(Some(chain)), Ok(Some(key))) => match cert::load(&chain, &key, &d.config.names) {
+            Ok(loaded) => {
+                let meta: Option<serde_json::Value> = store
+                    .read(&domain_key(name, "meta.json"))
+                    .ok()
+                    .flatten()
+                    .and_then(|b| serde_json::from_slice(&b).ok());
+                let issuer = meta
+                    .as_ref()
+                    .and_then(|m| m.get("issuer"))
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned);
+                let stale = issuer.as_deref() != Some(d.config.issuer.label().as_str());
+                if stale {
+                    tracing::info!(domain = %name, stored = ?issuer, configured = %d.config.issuer.label(), "stored certificate is from another issuer: serving it until the new one arrives");
+                }
+                tracing::info!(domain = %name, serial = %loaded.serial, not_after = %crate::tools::format_time(loaded.not_after), "stored certificate loaded");
+                d.serve(Some(loaded));
+                d.set(|s| {
+                    s.status = Some(Status::Valid);
+                    s.stale = stale;
+                });
+                return;
+            }
+            Err(e) => format!("stored certificate unusable: {e}"),
+        },
+        (Ok(Some(_)), Ok(None)) => "stored certificate has no key".to_owned(),
+        (Ok(None), Ok(Some(_))) => "stored key has no certificate".to_owned(),
+        (Err(e), _) | (_, Err(e)) => format!("store unreadable: {e}"),
+    };
+    tracing::error!(domain = %name, store = %store.location(), problem = %problem, "reissuing: the stored files are moved aside and never served");
+    for key in [&chain_key, &key_key] {
+        if let Err(e) = store.quarantine(key) {
+            tracing::warn!(domain = %name, error = %e, "could not move a bad file aside");
+        }
+    }
+    d.set(|s| s.last_error = Some(problem));
+}
