@@ -39,16 +39,7 @@ impl ChildGuard {
     pub fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> std::io::Result<Self> {
         let log = log_dir.join(format!("{name}.stderr"));
         let file = std::fs::File::create(&log)?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()?;
-        Ok(Self {
-            name: name.to_owned(),
-            child,
-            log,
-        })
+        Self::start(name, cmd.stdout(Stdio::null()).stderr(file), log)
     }
 
     /// Start `cmd` with stdout and stderr both appended to `<name>.log` in `log_dir`, for
@@ -64,11 +55,11 @@ impl ChildGuard {
             .create(true)
             .append(true)
             .open(&log)?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .spawn()?;
+        Self::start(name, cmd.stdout(file.try_clone()?).stderr(file), log)
+    }
+
+    fn start(name: &str, cmd: &mut Command, log: PathBuf) -> std::io::Result<Self> {
+        let child = cmd.stdin(Stdio::null()).spawn()?;
         Ok(Self {
             name: name.to_owned(),
             child,

@@ -1,41 +1,24 @@
 //! The plain-HTTP listener (`:80`): HTTP-01 key authorizations, and a redirect to https for
 //! everything else.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{net::TcpListener, sync::Semaphore};
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
 
 use super::challenge::Challenges;
 use crate::proxy::{self, Body};
 
 const PREFIX: &str = "/.well-known/acme-challenge/";
-/// A validation request is tiny; anything slower is not one.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: usize = 1024;
 
 /// Serve `listener` until the future is dropped.
 pub async fn serve(listener: TcpListener, challenges: Arc<Challenges>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    while let Some((tcp, _remote, hold)) =
-        proxy::accept(&listener, &slots, "acme.http_listen").await
-    {
-        let challenges = challenges.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let answer = answer(&challenges, &req);
-                async move { Ok::<_, Infallible>(answer) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(tcp), service);
-            let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
-            drop(hold);
-        });
-    }
+    proxy::serve_plain(listener, "acme.http_listen", MAX_CONNECTIONS, move |req| {
+        answer(&challenges, req)
+    })
+    .await;
 }
 
 fn answer(challenges: &Challenges, req: &Request<Incoming>) -> Response<Body> {

@@ -54,59 +54,48 @@ pub async fn request(
 
 /// Run a `certs` action.
 pub async fn certs(addr: &str, action: CertsAction) -> ExitCode {
+    let (method, path) = match &action {
+        CertsAction::List { .. } => (http::Method::GET, "/certs".to_owned()),
+        CertsAction::Renew { domain } => (http::Method::POST, format!("/certs/{domain}/renew")),
+    };
+    let (status, body) = match request(addr, method, &path).await {
+        Ok(answer) => answer,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
     match action {
-        CertsAction::List { json } => match request(addr, http::Method::GET, "/certs").await {
-            Ok((status, body)) if status.is_success() => {
-                if json {
-                    println!("{}", String::from_utf8_lossy(&body));
-                    return ExitCode::SUCCESS;
-                }
-                match serde_json::from_slice::<Vec<CertStatus>>(&body) {
-                    Ok(list) => {
-                        print!("{}", table(&list, std::time::SystemTime::now()));
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("error: unexpected answer from {addr}: {e}");
-                        ExitCode::from(EXIT_UNAVAILABLE)
-                    }
-                }
-            }
-            Ok((status, body)) => {
-                eprintln!(
-                    "error: {addr} answered {status}: {}",
-                    String::from_utf8_lossy(&body)
-                );
-                ExitCode::from(EXIT_UNAVAILABLE)
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(EXIT_UNAVAILABLE)
-            }
-        },
-        CertsAction::Renew { domain } => {
-            let path = format!("/certs/{domain}/renew");
-            match request(addr, http::Method::POST, &path).await {
-                Ok((status, _)) if status == http::StatusCode::ACCEPTED => {
-                    println!("{domain}: renewal started (see `dstack-mesh certs list`)");
+        CertsAction::List { json: true } if status.is_success() => {
+            println!("{}", String::from_utf8_lossy(&body));
+            ExitCode::SUCCESS
+        }
+        CertsAction::List { json: false } if status.is_success() => {
+            match serde_json::from_slice::<Vec<CertStatus>>(&body) {
+                Ok(list) => {
+                    print!("{}", table(&list, std::time::SystemTime::now()));
                     ExitCode::SUCCESS
                 }
-                Ok((status, _)) if status == http::StatusCode::NOT_FOUND => {
-                    eprintln!("error: {domain} is not a configured domain");
-                    ExitCode::from(crate::cli::EXIT_BAD_INPUT)
-                }
-                Ok((status, body)) => {
-                    eprintln!(
-                        "error: {addr} answered {status}: {}",
-                        String::from_utf8_lossy(&body)
-                    );
-                    ExitCode::from(EXIT_UNAVAILABLE)
-                }
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    eprintln!("error: unexpected answer from {addr}: {e}");
                     ExitCode::from(EXIT_UNAVAILABLE)
                 }
             }
+        }
+        CertsAction::Renew { domain } if status == http::StatusCode::ACCEPTED => {
+            println!("{domain}: renewal started (see `dstack-mesh certs list`)");
+            ExitCode::SUCCESS
+        }
+        CertsAction::Renew { domain } if status == http::StatusCode::NOT_FOUND => {
+            eprintln!("error: {domain} is not a configured domain");
+            ExitCode::from(crate::cli::EXIT_BAD_INPUT)
+        }
+        _ => {
+            eprintln!(
+                "error: {addr} answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            );
+            ExitCode::from(EXIT_UNAVAILABLE)
         }
     }
 }

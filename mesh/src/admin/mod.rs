@@ -4,20 +4,18 @@
 
 pub mod cli;
 
-use std::{convert::Infallible, fmt::Write as _, sync::Arc, time::Duration};
+use std::{fmt::Write as _, sync::Arc};
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::body::Incoming;
 use ratls::identity::RotatingIdentity;
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::net::TcpListener;
 
 use crate::{
     acme::Acme,
     proxy::{self, Body},
 };
 
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTIONS: usize = 64;
 
 /// What the admin endpoints report on.
@@ -35,22 +33,10 @@ impl Admin {
 
     /// Serve `listener` until the future is dropped.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        while let Some((tcp, _remote, hold)) = proxy::accept(&listener, &slots, "admin").await {
-            let admin = self.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req| {
-                    let answer = admin.answer(&req);
-                    async move { Ok::<_, Infallible>(answer) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT)
-                    .serve_connection(TokioIo::new(tcp), service);
-                let _ = tokio::time::timeout(Duration::from_secs(300), conn).await;
-                drop(hold);
-            });
-        }
+        proxy::serve_plain(listener, "admin", MAX_CONNECTIONS, move |req| {
+            self.answer(req)
+        })
+        .await;
     }
 
     /// Why the sidecar is not ready; empty when it is.

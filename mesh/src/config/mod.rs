@@ -338,11 +338,32 @@ impl Check {
         });
     }
 
+    /// A timeout: more than zero, at most [`MAX_DURATION`].
     fn duration(
         &mut self,
         key: &str,
         value: Option<&DurationValue>,
         default: Duration,
+    ) -> Duration {
+        self.bounded_duration(key, value, default, Some(MAX_DURATION))
+    }
+
+    /// A duration without the 30-day cap of timeouts (certificate lifetimes).
+    fn long_duration(
+        &mut self,
+        key: &str,
+        value: Option<&DurationValue>,
+        default: Duration,
+    ) -> Duration {
+        self.bounded_duration(key, value, default, None)
+    }
+
+    fn bounded_duration(
+        &mut self,
+        key: &str,
+        value: Option<&DurationValue>,
+        default: Duration,
+        max: Option<Duration>,
     ) -> Duration {
         let parsed = match value {
             None => return default,
@@ -354,39 +375,14 @@ impl Check {
                 self.fail(key, "must be greater than zero");
                 default
             }
-            Ok(d) if d <= MAX_DURATION => d,
-            Ok(d) => {
+            Ok(d) if max.is_some_and(|max| d > max) => {
                 self.fail(
                     key,
                     format!("{d:?} is longer than the 30 days any timeout may be"),
                 );
                 default
             }
-            Err(e) => {
-                self.fail(key, e);
-                default
-            }
-        }
-    }
-
-    /// A duration without the 30-day cap of timeouts (certificate lifetimes).
-    fn long_duration(
-        &mut self,
-        key: &str,
-        value: Option<&DurationValue>,
-        default: Duration,
-    ) -> Duration {
-        let parsed = match value {
-            None => return default,
-            Some(DurationValue::Seconds(n)) => Ok(Duration::from_secs(*n)),
-            Some(DurationValue::Text(t)) => parse_duration(t),
-        };
-        match parsed {
-            Ok(d) if !d.is_zero() => d,
-            Ok(_) => {
-                self.fail(key, "must be greater than zero");
-                default
-            }
+            Ok(d) => d,
             Err(e) => {
                 self.fail(key, e);
                 default

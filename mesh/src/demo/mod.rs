@@ -222,11 +222,19 @@ async fn browse(
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
-    tokio::spawn(conn);
     let req = Request::get("/")
         .header("host", PUBLIC_DOMAIN)
         .body(Empty::<Bytes>::new())?;
+    exchange(tls, req).await
+}
+
+/// One HTTP/1.1 request on `io`: "status: body".
+async fn exchange<IO>(io: IO, req: Request<Empty<Bytes>>) -> anyhow::Result<String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(conn);
     let resp = tokio::time::timeout(Duration::from_secs(30), send.send_request(req))
         .await
         .context("no answer from the sidecar")??;
@@ -241,8 +249,6 @@ async fn browse(
 /// What an app does: one plain HTTP request to its own sidecar, naming the target app.
 async fn call(outbound: SocketAddr, target: &AppId) -> anyhow::Result<String> {
     let tcp = tokio::net::TcpStream::connect(outbound).await?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
     let req = Request::get("/hello")
         .header("host", "app-b.demo")
         .header("x-dstack-target-app", target.to_string())
@@ -252,15 +258,7 @@ async fn call(outbound: SocketAddr, target: &AppId) -> anyhow::Result<String> {
             "0000000000000000000000000000000000000000",
         )
         .body(Empty::<Bytes>::new())?;
-    let resp = tokio::time::timeout(Duration::from_secs(30), send.send_request(req))
-        .await
-        .context("no answer from the sidecar")??;
-    let status = resp.status();
-    let body = resp.into_body().collect().await?.to_bytes();
-    Ok(format!(
-        "{status}: {}",
-        String::from_utf8_lossy(&body).trim()
-    ))
+    exchange(tcp, req).await
 }
 
 /// Resolves on SIGTERM or Ctrl-C. SIGHUP, whose default action would end the process, is

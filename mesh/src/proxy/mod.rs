@@ -48,6 +48,37 @@ pub async fn accept(
     }
 }
 
+/// Serve small local HTTP/1.1 listeners (admin, `:80`) whose answers need no I/O: a connection
+/// limit, a header deadline and a deadline on each connection's life.
+pub async fn serve_plain<F>(
+    listener: tokio::net::TcpListener,
+    what: &'static str,
+    max_connections: usize,
+    answer: F,
+) where
+    F: Fn(&http::Request<hyper::body::Incoming>) -> Response<Body> + Send + Sync + 'static,
+{
+    const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+    const CONNECTION_LIFE: std::time::Duration = std::time::Duration::from_secs(300);
+    let answer = std::sync::Arc::new(answer);
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections));
+    while let Some((tcp, _remote, hold)) = accept(&listener, &slots, what).await {
+        let answer = answer.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let resp = answer(&req);
+                async move { Ok::<_, std::convert::Infallible>(resp) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFE, conn).await;
+            drop(hold);
+        });
+    }
+}
+
 /// The path and query of `uri` (`/` when it has none, as in authority-form).
 pub fn path_and_query(uri: &http::Uri) -> http::uri::PathAndQuery {
     uri.path_and_query()
