@@ -281,6 +281,7 @@ impl Acme {
             };
             issuers.insert(d.issuer.clone(), runtime);
         }
+        let ticketer = rustls::crypto::ring::Ticketer::new()?;
         let mut domains = Vec::new();
         let (mut exact, mut wildcard) = (HashMap::new(), HashMap::new());
         for (i, config) in public.domains.iter().enumerate() {
@@ -298,6 +299,10 @@ impl Acme {
             if config.mode == Mode::Http {
                 tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
             }
+            // Browsers resume sessions: stateless tickets (rotating keys, shared by every
+            // domain) cost no memory per client, unlike a session cache.
+            tls.ticketer = ticketer.clone();
+            tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
             let domain = Arc::new(Domain {
                 config: config.clone(),
                 served: ArcSwapOption::empty(),

@@ -229,7 +229,8 @@ impl Inbound {
             Ok(Err((e, io))) => {
                 log_handshake_failure(remote, &e);
                 if let Some(io) = io {
-                    linger(io).await;
+                    // Boxed like every phase: its buffer must not sit in every connection's task.
+                    Box::pin(linger(io)).await;
                 }
                 return;
             }
@@ -244,7 +245,7 @@ impl Inbound {
                     serving.await;
                 }
             }
-            Branch::Challenge => public::close_validation(tls, remote).await,
+            Branch::Challenge => Box::pin(public::close_validation(tls, remote)).await,
             Branch::Public(domain) => match domain.config.mode {
                 Mode::Http => {
                     let Some(upstream) = self.public_upstreams.get(domain.name()).cloned() else {
@@ -253,7 +254,7 @@ impl Inbound {
                     mesh::serve_public(&self, domain, upstream, tls, remote, activity, hold).await;
                 }
                 Mode::Tcp => {
-                    public::splice(&self.config, &domain, tls, remote, activity).await;
+                    Box::pin(public::splice(&self.config, &domain, tls, remote, activity)).await;
                     drop(hold);
                 }
             },
