@@ -1,6 +1,8 @@
 //! mesh-load: the load client for `scripts/bench`. wrk cannot present a client certificate, so
 //! this one can: plain HTTP, TLS, or mTLS with a development-agent identity, HTTP/1.1 keep-alive
-//! or h2, or a new connection (full handshake) per request. It also serves the benchmark's
+//! or h2, or a new connection (full handshake) per request. It also speaks to a public domain
+//! as a browser does (WebPKI against a given root, the domain as SNI and Host, no client
+//! certificate). It also serves the benchmark's
 //! backend, and reads CPU time and RSS of the processes under test from /proc.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark tool: a failure is a failed run
@@ -28,7 +30,7 @@ use ratls::{
     tls::mesh_client_config,
     AppId, Policy,
 };
-use rustls_pki_types::ServerName;
+use rustls_pki_types::{pem::PemObject, CertificateDer, ServerName};
 use tokio::net::{TcpListener, TcpStream};
 
 #[derive(Parser)]
@@ -53,7 +55,7 @@ enum Cmd {
         out: PathBuf,
     },
     /// Run load and print one JSON line of results.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -64,6 +66,9 @@ enum Mode {
     Tls,
     /// TLS with the identity's client certificate.
     Mtls,
+    /// TLS to a public domain: WebPKI verification against `--ca` for `--sni`, no client
+    /// certificate, no agent.
+    Public,
 }
 
 #[derive(clap::Args, Clone)]
@@ -81,6 +86,12 @@ struct RunArgs {
     /// App id the server must prove (tls, mtls).
     #[arg(long)]
     expect: Option<AppId>,
+    /// Server name for SNI, certificate verification and the Host header (public).
+    #[arg(long)]
+    sni: Option<String>,
+    /// Root certificates (PEM) the server's chain must lead to (public).
+    #[arg(long)]
+    ca: Option<PathBuf>,
     /// Offer h2 (otherwise HTTP/1.1).
     #[arg(long)]
     h2: bool,
@@ -140,7 +151,7 @@ fn main() {
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(run(args));
+            rt.block_on(run(*args));
         }
     }
 }
@@ -179,6 +190,8 @@ struct Dialer {
     addr: SocketAddr,
     tls: Option<tokio_rustls::TlsConnector>,
     name: ServerName<'static>,
+    // The Host header and the authority of the request URI.
+    host: String,
     h2: bool,
     headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
@@ -225,15 +238,13 @@ where
 }
 
 impl Conn {
-    async fn get(
-        &mut self,
-        headers: &[(http::HeaderName, http::HeaderValue)],
-    ) -> Result<(), String> {
-        let mut req = Request::get("https://bench.local/bench")
-            .header("host", "bench.local")
+    async fn get(&mut self, dialer: &Dialer) -> Result<(), String> {
+        let host = &dialer.host;
+        let mut req = Request::get(format!("https://{host}/bench"))
+            .header("host", host)
             .body(Empty::new())
             .unwrap();
-        for (k, v) in headers {
+        for (k, v) in &dialer.headers {
             req.headers_mut().insert(k, v.clone());
         }
         let resp = match self {
@@ -270,19 +281,33 @@ fn headers(args: &RunArgs) -> Vec<(http::HeaderName, http::HeaderValue)> {
         .collect()
 }
 
+fn alpn(args: &RunArgs) -> Vec<Vec<u8>> {
+    if args.h2 {
+        vec![b"h2".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    }
+}
+
 async fn dialer(args: &RunArgs) -> (Dialer, Option<RotatingIdentity>) {
     let name = ServerName::try_from("bench.local").unwrap();
-    if args.mode == Mode::Plain {
-        return (
-            Dialer {
-                addr: args.addr,
-                tls: None,
-                name,
-                h2: false,
-                headers: headers(args),
-            },
-            None,
-        );
+    let host = "bench.local".to_owned();
+    match args.mode {
+        Mode::Plain => {
+            return (
+                Dialer {
+                    addr: args.addr,
+                    tls: None,
+                    name,
+                    host,
+                    h2: false,
+                    headers: headers(args),
+                },
+                None,
+            )
+        }
+        Mode::Public => return (public_dialer(args), None),
+        Mode::Tls | Mode::Mtls => {}
     }
     let agent = args.agent.as_deref().expect("--agent for tls/mtls");
     let (client, info) =
@@ -301,22 +326,43 @@ async fn dialer(args: &RunArgs) -> (Dialer, Option<RotatingIdentity>) {
         anonymous.client_auth_cert_resolver = Arc::new(NoClientCert);
         config = anonymous;
     }
-    config.alpn_protocols = if args.h2 {
-        vec![b"h2".to_vec()]
-    } else {
-        vec![b"http/1.1".to_vec()]
-    };
+    config.alpn_protocols = alpn(args);
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
     (
         Dialer {
             addr: args.addr,
             tls: Some(tls),
             name,
+            host,
             h2: args.h2,
             headers: headers(args),
         },
         Some(identity),
     )
+}
+
+/// A browser's view of a public domain: the roots in `--ca`, `--sni` as the name.
+fn public_dialer(args: &RunArgs) -> Dialer {
+    let sni = args.sni.clone().expect("--sni for public");
+    let ca = args.ca.as_deref().expect("--ca for public");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("--ca is a PEM file") {
+        roots.add(cert.expect("a PEM certificate")).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(ratls::crypto::provider())
+        .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn(args);
+    Dialer {
+        addr: args.addr,
+        tls: Some(tokio_rustls::TlsConnector::from(Arc::new(config))),
+        name: ServerName::try_from(sni.clone()).expect("--sni is a DNS name"),
+        host: sni,
+        h2: args.h2,
+        headers: headers(args),
+    }
 }
 
 /// Presents no client certificate (plain TLS scenarios).
@@ -407,7 +453,7 @@ async fn run(args: RunArgs) {
                     }
                 }
                 let ok = match conn.as_mut() {
-                    Some(c) => c.get(&dialer.headers).await.is_ok(),
+                    Some(c) => c.get(&dialer).await.is_ok(),
                     None => false,
                 };
                 if !ok {
@@ -470,7 +516,7 @@ async fn idle(args: &RunArgs, dialer: &Arc<Dialer>, n: usize) {
         match dialer.connect().await {
             Ok(mut c) => {
                 // One request each, so the connection is past its handshake and at rest.
-                if c.get(&dialer.headers).await.is_err() {
+                if c.get(dialer).await.is_err() {
                     failed += 1;
                 }
                 conns.push(c);
