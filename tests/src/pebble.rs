@@ -82,6 +82,8 @@ pub struct PebbleOptions {
     /// `PEBBLE_WFE_NONCEREJECT`, `PEBBLE_AUTHZREUSE`, `PEBBLE_ALTERNATE_ROOTS`,
     /// `PEBBLE_CHAIN_LENGTH` and `PEBBLE_WFE_ORDERS_PER_PAGE`).
     pub env: Vec<(String, String)>,
+    /// External Account Binding keys (`kid`, base64url HMAC key); any makes EAB required.
+    pub eab_keys: Vec<(String, String)>,
 }
 
 /// pebble and pebble-challtestsrv, killed on drop; on a panicking thread their logs are printed
@@ -147,6 +149,15 @@ impl Pebble {
                 "ocspResponderURL": "",
                 "externalAccountBindingRequired": false,
             }});
+            if !opts.eab_keys.is_empty() {
+                config["pebble"]["externalAccountBindingRequired"] = true.into();
+                config["pebble"]["externalAccountMACKeys"] = opts
+                    .eab_keys
+                    .iter()
+                    .map(|(kid, key)| (kid.clone(), serde_json::Value::from(key.clone())))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into();
+            }
             if let Some(validity) = opts.validity {
                 config["pebble"]["certificateValidityPeriod"] = validity.as_secs().into();
             }

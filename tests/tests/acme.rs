@@ -48,6 +48,10 @@ struct Setup {
 impl Setup {
     /// pebble validating against ports a sidecar will listen on.
     async fn new(validity: Option<Duration>) -> Self {
+        Self::with(validity, Vec::new()).await
+    }
+
+    async fn with(validity: Option<Duration>, eab_keys: Vec<(String, String)>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (inbound_port, http_port) = (free_port(), free_port());
         let pebble_dir = dir.path().join("pebble");
@@ -59,6 +63,7 @@ impl Setup {
                     http_port,
                     validity,
                     env: Vec::new(),
+                    eab_keys,
                 },
             )
         })
@@ -83,17 +88,22 @@ impl Setup {
 
     /// Start `dstack-mesh run` with `domains` (`{backend}` is the test backend).
     fn sidecar(&self, name: &str, domains: &str) -> Sidecar {
+        self.sidecar_with(name, domains, "store", "")
+    }
+
+    /// The same with its own store directory and extra `[acme]` lines.
+    fn sidecar_with(&self, name: &str, domains: &str, store: &str, acme: &str) -> Sidecar {
         let config = self.path().join(format!("{name}.toml"));
         let text = format!(
             "[agent]\naddress = \"unix:{sock}\"\n\n\
              [inbound]\nlisten = \"127.0.0.1:{inbound}\"\nbackend = \"{backend}\"\nallowed_apps = \"{CALLER}\"\n\n\
              [auth]\nenabled = false\n\n[client]\nenabled = false\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
              [acme]\nstore = \"{store}\"\nissuer = \"{directory}\"\nca_roots = [\"{ca}\"]\n\
-             http_listen = \"127.0.0.1:{http}\"\nretry_min = \"1s\"\nemail = \"ops@example.test\"\n\n{domains}",
+             http_listen = \"127.0.0.1:{http}\"\nretry_min = \"1s\"\nemail = \"ops@example.test\"\n{acme}\n\n{domains}",
             sock = self.socket.display(),
             inbound = self.inbound_port,
             backend = self.backend.addr,
-            store = self.path().join("store").display(),
+            store = self.path().join(store).display(),
             directory = self.pebble.directory,
             ca = self.pebble.ca_file.display(),
             http = self.http_port,
@@ -453,4 +463,70 @@ async fn short_lived_certificates_renew_under_load_and_expiry_is_never_silent() 
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The account URL a sidecar stored for pebble's directory.
+fn stored_account(store: &Path) -> String {
+    let dir = store.join("accounts");
+    let file = std::fs::read_dir(&dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
+    record["url"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_one_account_with_external_account_binding() {
+    // pebble requires EAB here, as ZeroSSL does; the key is base64url as CAs hand it out.
+    let hmac = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    let mut setup = Setup::with(None, vec![("kid-1".into(), hmac.into())]).await;
+    let domains = "[[domains]]\nnames = [\"app.acme.test\"]\nbackend = \"{backend}\"\n";
+    let eab = format!("eab_kid = \"kid-1\"\neab_hmac_key = \"{hmac}\"\n");
+    let mut first = setup.sidecar_with("replica-1", domains, "store-1", &eab);
+    first
+        .wait(
+            "issuance with EAB",
+            Duration::from_secs(30),
+            valid("app.acme.test"),
+        )
+        .await;
+    let (status, _) = fetch(first.inbound, "app.acme.test", &setup.root())
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    drop(first);
+
+    // A second replica of the same app, with a store of its own (or the first's store lost):
+    // the key the agent derives is the same, so the CA finds the same account.
+    let mut second = setup.sidecar_with("replica-2", domains, "store-2", &eab);
+    second
+        .wait("issuance", Duration::from_secs(30), valid("app.acme.test"))
+        .await;
+    let (a, b) = (
+        stored_account(&setup.path().join("store-1")),
+        stored_account(&setup.path().join("store-2")),
+    );
+    assert!(
+        a.starts_with(&setup.pebble.directory.replace("/dir", "/")),
+        "{a}"
+    );
+    assert_eq!(a, b, "two replicas, two accounts");
+    drop(second);
+
+    // A wrong HMAC key is refused by a CA that does not know the account yet (a restarted
+    // pebble forgets every account), with the CA's message.
+    tokio::task::block_in_place(|| setup.pebble.restart());
+    let wrong =
+        "eab_kid = \"kid-1\"\neab_hmac_key = \"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\"\n";
+    let mut third = setup.sidecar_with("replica-3", domains, "store-3", wrong);
+    let certs = third
+        .wait("the refusal", Duration::from_secs(30), |c| {
+            c[0].status == Status::Failed
+        })
+        .await;
+    let error = certs[0].last_error.clone().unwrap();
+    assert!(error.starts_with("CA refused"), "{error}");
 }

@@ -9,8 +9,8 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use instant_acme::{
-    Account, AuthorizationStatus, BodyWrapper, BytesResponse, ChallengeType, ExternalAccountKey,
-    HttpClient, Identifier, Key, NewAccount, NewOrder, OrderStatus, RetryPolicy,
+    Account, AuthorizationStatus, BodyWrapper, BytesResponse, ChallengeType, HttpClient,
+    Identifier, Key, NewOrder, OrderStatus, RetryPolicy,
 };
 use ratls::agent::AgentClient;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -59,7 +59,7 @@ enum Transport {
     Timeout(Duration),
 }
 
-fn classify(e: instant_acme::Error) -> IssueError {
+pub(super) fn classify(e: instant_acme::Error) -> IssueError {
     match e {
         instant_acme::Error::Api(p) => {
             let text = p.to_string();
@@ -305,13 +305,6 @@ impl AcmeClient {
     }
 
     async fn restore(&self, record: AccountRecord) -> Result<Account, IssueError> {
-        if let Some(creds) = record.credentials {
-            return self
-                .builder()
-                .from_credentials(creds)
-                .await
-                .map_err(classify);
-        }
         let key = self.derived_key().await?;
         self.builder()
             .from_parts(record.url, key, self.directory.clone())
@@ -322,26 +315,17 @@ impl AcmeClient {
     async fn register(&self) -> Result<Account, IssueError> {
         let contact = self.email.as_ref().map(|e| format!("mailto:{e}"));
         let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
-        let (account, credentials) = match &self.eab {
-            // instant-acme binds an external account only to a key it generates; that key is
-            // stored (0600) instead of derived. See the closing note of the ACME issue.
+        let pkcs8 = self.derived_key().await?;
+        let account = match &self.eab {
             Some(eab) => {
-                let hmac = decode_b64url(&eab.hmac_key).map_err(IssueError::Local)?;
-                let binding = ExternalAccountKey::new(eab.kid.clone(), &hmac);
-                let new = NewAccount {
-                    contact: &contacts,
-                    terms_of_service_agreed: true,
-                    only_return_existing: false,
-                };
-                let (account, creds) = self
-                    .builder()
-                    .create(&new, self.directory.clone(), Some(&binding))
+                let url = super::eab::register(&self.http, &self.directory, &pkcs8, eab, &contacts)
+                    .await?;
+                self.builder()
+                    .from_parts(url, pkcs8, self.directory.clone())
                     .await
-                    .map_err(classify)?;
-                (account, Some(creds))
+                    .map_err(classify)?
             }
             None => {
-                let pkcs8 = self.derived_key().await?;
                 let key = Key::from_pkcs8_der(pkcs8.clone_key()).map_err(classify)?;
                 let (account, _) = self
                     .builder()
@@ -353,19 +337,17 @@ impl AcmeClient {
                         tracing::warn!(directory = %self.directory, error = %e, "ACME account contact not updated");
                     }
                 }
-                (account, None)
+                account
             }
         };
-        let secret = credentials.is_some();
         let record = AccountRecord {
             directory: self.directory.clone(),
             url: account.id().to_owned(),
-            credentials,
         };
         let bytes =
             serde_json::to_vec_pretty(&record).map_err(|e| IssueError::Local(e.to_string()))?;
         self.store
-            .write(&self.store_key(), &bytes, secret)
+            .write(&self.store_key(), &bytes, false)
             .map_err(|e| IssueError::Local(e.to_string()))?;
         tracing::info!(directory = %self.directory, account = %account.id(), "ACME account ready");
         Ok(account)
@@ -494,38 +476,11 @@ impl AcmeClient {
     }
 }
 
-/// What the store keeps about an account: never the derived key, which the agent gives again.
+/// What the store keeps about an account: never the key, which the agent derives again.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct AccountRecord {
     directory: String,
     url: String,
-    /// Only for External Account Binding, whose key instant-acme generates.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    credentials: Option<instant_acme::AccountCredentials>,
-}
-
-fn decode_b64url(text: &str) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in text.trim().trim_end_matches('=').bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'-' | b'+' => 62,
-            b'_' | b'/' => 63,
-            _ => return Err("acme.eab_hmac_key is not base64url".into()),
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -541,13 +496,6 @@ mod tests {
         assert_ne!(a.secret_pkcs8_der(), c.secret_pkcs8_der());
         // ring (through instant-acme) accepts it as a signing key.
         Key::from_pkcs8_der(a).unwrap();
-    }
-
-    #[test]
-    fn base64url() {
-        assert_eq!(decode_b64url("aGVsbG8").unwrap(), b"hello");
-        assert_eq!(decode_b64url("aGVsbG8=").unwrap(), b"hello");
-        assert!(decode_b64url("a b").is_err());
     }
 
     #[test]

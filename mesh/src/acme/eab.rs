@@ -1,0 +1,245 @@
+//! Registering an account with External Account Binding (RFC 8555 §7.3.4) under the key the
+//! guest agent derives. instant-acme binds an external account only to a key it generates, and
+//! a generated key would give every replica its own account (and break a CAA `accounturi`
+//! pin), so this one request is signed here; everything after it goes through instant-acme.
+
+use bytes::Bytes;
+use instant_acme::{BodyWrapper, HttpClient};
+use ring::{
+    rand::SystemRandom,
+    signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING},
+};
+use rustls_pki_types::PrivatePkcs8KeyDer;
+
+use super::client::{classify, IssueError};
+use crate::config::Eab;
+
+/// base64url without padding (RFC 7515 §2).
+pub fn b64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+        }
+    }
+    out
+}
+
+/// base64url, padded or not (the form CAs hand out HMAC keys in).
+pub fn b64url_decode(text: &str) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in text.trim().trim_end_matches('=').bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' | b'+' => 62,
+            b'_' | b'/' => 63,
+            _ => return Err("acme.eab_hmac_key is not base64url".into()),
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Ok(out)
+}
+
+/// The account key's public JWK (RFC 7518 §6.2).
+fn jwk(pkcs8: &PrivatePkcs8KeyDer<'_>) -> Result<serde_json::Value, IssueError> {
+    use p256::{elliptic_curve::sec1::ToEncodedPoint, pkcs8::DecodePrivateKey};
+    let secret = p256::SecretKey::from_pkcs8_der(pkcs8.secret_pkcs8_der())
+        .map_err(|e| IssueError::Local(format!("account key: {e}")))?;
+    let point = secret.public_key().to_encoded_point(false);
+    let (Some(x), Some(y)) = (point.x(), point.y()) else {
+        return Err(IssueError::Local("account key: no public point".into()));
+    };
+    Ok(serde_json::json!({ "crv": "P-256", "kty": "EC", "x": b64url(x), "y": b64url(y) }))
+}
+
+/// A flattened JWS (RFC 7515 §7.2.2) over `payload`, signed by `sign`.
+fn jws(
+    protected: &serde_json::Value,
+    payload: &[u8],
+    sign: impl FnOnce(&[u8]) -> Result<Vec<u8>, IssueError>,
+) -> Result<serde_json::Value, IssueError> {
+    let protected = b64url(protected.to_string().as_bytes());
+    let payload = b64url(payload);
+    let signature = sign(format!("{protected}.{payload}").as_bytes())?;
+    Ok(serde_json::json!({
+        "protected": protected,
+        "payload": payload,
+        "signature": b64url(&signature),
+    }))
+}
+
+async fn fetch(
+    http: &dyn HttpClient,
+    req: http::Request<BodyWrapper<Bytes>>,
+) -> Result<(http::response::Parts, Bytes), IssueError> {
+    let mut rsp = http.request(req).await.map_err(classify)?;
+    let body = rsp
+        .body
+        .into_bytes()
+        .await
+        .map_err(|e| IssueError::Unreachable(e.to_string()))?;
+    Ok((rsp.parts, body))
+}
+
+fn problem(body: &[u8]) -> IssueError {
+    match serde_json::from_slice::<instant_acme::Problem>(body) {
+        // No challenge is validated here: `unauthorized` means the binding was refused.
+        Ok(p) => match classify(instant_acme::Error::Api(p)) {
+            IssueError::Validation(message) => IssueError::Refused(message),
+            other => other,
+        },
+        Err(_) => IssueError::Server(format!(
+            "the CA answered something that is not ACME JSON: {}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        )),
+    }
+}
+
+fn request(
+    method: &str,
+    url: &str,
+    body: Vec<u8>,
+) -> Result<http::Request<BodyWrapper<Bytes>>, IssueError> {
+    http::Request::builder()
+        .method(method)
+        .uri(url)
+        .header(http::header::CONTENT_TYPE, "application/jose+json")
+        .body(BodyWrapper::from(body))
+        .map_err(|e| IssueError::Local(e.to_string()))
+}
+
+/// Register (or find) the account of `pkcs8` with the CA at `directory`, bound to the external
+/// account `eab`; returns the account URL.
+pub async fn register(
+    http: &dyn HttpClient,
+    directory: &str,
+    pkcs8: &PrivatePkcs8KeyDer<'_>,
+    eab: &Eab,
+    contacts: &[&str],
+) -> Result<String, IssueError> {
+    let (parts, body) = fetch(http, request("GET", directory, Vec::new())?).await?;
+    if !parts.status.is_success() {
+        return Err(problem(&body));
+    }
+    let dir: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| IssueError::Server(format!("directory: {e}")))?;
+    let url = |key: &str| {
+        dir[key]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| IssueError::Server(format!("the directory has no {key}")))
+    };
+    let (new_nonce, new_account) = (url("newNonce")?, url("newAccount")?);
+    let rng = SystemRandom::new();
+    let key = EcdsaKeyPair::from_pkcs8(
+        &ECDSA_P256_SHA256_FIXED_SIGNING,
+        pkcs8.secret_pkcs8_der(),
+        &rng,
+    )
+    .map_err(|e| IssueError::Local(format!("account key: {e}")))?;
+    let jwk = jwk(pkcs8)?;
+    let hmac_key = b64url_decode(&eab.hmac_key).map_err(IssueError::Local)?;
+    let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &hmac_key);
+    // The external account signs our public key (§7.3.4).
+    let binding = jws(
+        &serde_json::json!({ "alg": "HS256", "kid": eab.kid, "url": new_account }),
+        jwk.to_string().as_bytes(),
+        |msg| Ok(ring::hmac::sign(&hmac, msg).as_ref().to_vec()),
+    )?;
+    let payload = serde_json::json!({
+        "termsOfServiceAgreed": true,
+        "contact": contacts,
+        "externalAccountBinding": binding,
+    });
+    let (parts, _) = fetch(http, request("HEAD", &new_nonce, Vec::new())?).await?;
+    let mut nonce = parts.headers.get("replay-nonce").cloned();
+    // One retry on badNonce, with the nonce the refusal carries (RFC 8555 §6.5).
+    for _ in 0..2 {
+        let Some(current) = nonce.as_ref().and_then(|n| n.to_str().ok()) else {
+            return Err(IssueError::Server("the CA gave no Replay-Nonce".into()));
+        };
+        let signed = jws(
+            &serde_json::json!({ "alg": "ES256", "jwk": jwk, "nonce": current, "url": new_account }),
+            payload.to_string().as_bytes(),
+            |msg| {
+                key.sign(&rng, msg)
+                    .map(|s| s.as_ref().to_vec())
+                    .map_err(|_| IssueError::Local("signing failed".into()))
+            },
+        )?;
+        let (parts, body) = fetch(
+            http,
+            request("POST", &new_account, signed.to_string().into_bytes())?,
+        )
+        .await?;
+        if parts.status.is_success() {
+            return parts
+                .headers
+                .get(http::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .map(str::to_owned)
+                .ok_or_else(|| {
+                    IssueError::Server("newAccount answered without a Location".into())
+                });
+        }
+        let bad_nonce = serde_json::from_slice::<instant_acme::Problem>(&body)
+            .ok()
+            .and_then(|p| p.r#type)
+            .is_some_and(|t| t.ends_with(":badNonce"));
+        if !bad_nonce {
+            return Err(problem(&body));
+        }
+        nonce = parts.headers.get("replay-nonce").cloned();
+    }
+    Err(IssueError::Server("the CA refused two fresh nonces".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64url_round_trips() {
+        for input in [
+            &b""[..],
+            b"f",
+            b"fo",
+            b"foo",
+            b"foob",
+            b"fooba",
+            b"foobar",
+            &[0xfb, 0xff, 0xfe],
+        ] {
+            let encoded = b64url(input);
+            assert!(!encoded.contains('='));
+            assert_eq!(b64url_decode(&encoded).unwrap(), input, "{encoded}");
+        }
+        assert_eq!(b64url(b"foobar"), "Zm9vYmFy");
+        assert_eq!(b64url(&[0xfb, 0xff]), "-_8");
+        assert_eq!(b64url_decode("aGVsbG8=").unwrap(), b"hello");
+        assert!(b64url_decode("a b").is_err());
+    }
+
+    #[test]
+    fn jwk_has_the_public_point() {
+        let pkcs8 = super::super::client::derive_account_key(b"seed").unwrap();
+        let jwk = jwk(&pkcs8).unwrap();
+        assert_eq!(jwk["kty"], "EC");
+        assert_eq!(jwk["x"].as_str().unwrap().len(), 43);
+        assert_eq!(jwk["y"].as_str().unwrap().len(), 43);
+    }
+}
