@@ -327,6 +327,7 @@ async fn dialer(args: &RunArgs) -> (Dialer, Option<RotatingIdentity>) {
         config = anonymous;
     }
     config.alpn_protocols = alpn(args);
+    no_resumption(&mut config, args);
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
     (
         Dialer {
@@ -339,6 +340,14 @@ async fn dialer(args: &RunArgs) -> (Dialer, Option<RotatingIdentity>) {
         },
         Some(identity),
     )
+}
+
+/// `--new-connections` measures full handshakes: a resumed session skips the certificate
+/// signature, and servers differ in whether they issue tickets at all.
+fn no_resumption(config: &mut rustls::ClientConfig, args: &RunArgs) {
+    if args.new_connections {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
 }
 
 /// A browser's view of a public domain: the roots in `--ca`, `--sni` as the name.
@@ -355,6 +364,7 @@ fn public_dialer(args: &RunArgs) -> Dialer {
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = alpn(args);
+    no_resumption(&mut config, args);
     Dialer {
         addr: args.addr,
         tls: Some(tokio_rustls::TlsConnector::from(Arc::new(config))),
