@@ -15,45 +15,55 @@ use super::{
     RECHECK,
 };
 
+/// When a certificate valid from `not_before` to `not_after` is due: `renew_before` ahead of
+/// expiry, else when a third of its lifetime remains; never in the first tenth of its life (a
+/// setting longer than the CA's lifetime must not turn into an order loop).
+pub fn due(
+    not_before: SystemTime,
+    not_after: SystemTime,
+    renew_before: Option<Duration>,
+) -> SystemTime {
+    let lifetime = not_after.duration_since(not_before).unwrap_or_default();
+    let before = renew_before.unwrap_or(lifetime / 3);
+    let due = not_after.checked_sub(before).unwrap_or(not_before);
+    due.max(not_before + lifetime / 10)
+}
+
+/// The wait after `failures` failed attempts in a row: doubling from `min`, capped by `max`, and
+/// much lower while the domain has no usable certificate (it is down) or little time left.
+pub fn backoff(
+    min: Duration,
+    max: Duration,
+    failures: u32,
+    not_after: Option<SystemTime>,
+    now: SystemTime,
+) -> Duration {
+    let exp = failures.saturating_sub(1).min(20);
+    let base = min.saturating_mul(1 << exp);
+    let cap = match not_after.map(|t| t.duration_since(now)) {
+        None | Some(Err(_)) => CAP_WITHOUT_CERT,
+        Some(Ok(left)) if left < Duration::from_secs(7 * 86400) => CAP_NEAR_EXPIRY,
+        Some(Ok(_)) => max,
+    };
+    base.min(cap).min(max).max(min)
+}
+
 impl Acme {
-    /// When `cert` is due: `renew_before` ahead of expiry, else when a third of its lifetime
-    /// remains; never in the first tenth of its life (a setting longer than the CA's lifetime
-    /// must not turn into an order loop).
+    /// When `cert` is due (see [`due`]).
     pub(super) fn renew_at(&self, cert: &Loaded) -> SystemTime {
-        let lifetime = cert
-            .not_after
-            .duration_since(cert.not_before)
-            .unwrap_or_default();
-        let before = self.config.renew_before.unwrap_or(lifetime / 3);
-        let due = cert
-            .not_after
-            .checked_sub(before)
-            .unwrap_or(cert.not_before);
-        due.max(cert.not_before + lifetime / 10)
+        due(cert.not_before, cert.not_after, self.config.renew_before)
     }
 
-    /// The wait after `failures` failed attempts in a row: doubling from `retry_min`, capped
-    /// by `retry_max`, and much lower while the domain has no certificate or little time left.
+    /// The wait after a failure (see [`backoff`]), plus up to a tenth more so replicas that
+    /// failed together do not retry together.
     fn backoff(&self, failures: u32, cert: Option<&Loaded>) -> Duration {
-        let exp = failures.saturating_sub(1).min(20);
-        let base = self.config.retry_min.saturating_mul(1 << exp);
-        let now = SystemTime::now();
-        let cap = match cert {
-            None => CAP_WITHOUT_CERT,
-            Some(c) if c.expired(now) => CAP_WITHOUT_CERT,
-            Some(c)
-                if c.not_after.duration_since(now).unwrap_or_default()
-                    < Duration::from_secs(7 * 86400) =>
-            {
-                CAP_NEAR_EXPIRY
-            }
-            Some(_) => self.config.retry_max,
-        };
-        let wait = base
-            .min(cap)
-            .min(self.config.retry_max)
-            .max(self.config.retry_min);
-        // Up to a tenth more, so replicas that failed together do not retry together.
+        let wait = backoff(
+            self.config.retry_min,
+            self.config.retry_max,
+            failures,
+            cert.map(|c| c.not_after),
+            SystemTime::now(),
+        );
         wait + jitter(wait / 10)
     }
 
@@ -278,4 +288,49 @@ pub(super) fn load_stored(store: &dyn CertStore, d: &Domain) {
         }
     }
     d.set(|s| s.last_error = Some(problem));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(86400);
+
+    #[test]
+    fn renewal_is_due_at_two_thirds_or_the_setting() {
+        let start = SystemTime::UNIX_EPOCH + 1000 * DAY;
+        let end = start + 90 * DAY;
+        assert_eq!(due(start, end, None), start + 60 * DAY);
+        assert_eq!(due(start, end, Some(30 * DAY)), start + 60 * DAY);
+        assert_eq!(due(start, end, Some(20 * DAY)), start + 70 * DAY);
+        // Longer than the lifetime: not an order loop, the first tenth is kept.
+        assert_eq!(due(start, end, Some(365 * DAY)), start + 9 * DAY);
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped_by_what_is_at_stake() {
+        let (min, max) = (Duration::from_secs(10), Duration::from_secs(6 * 3600));
+        let now = SystemTime::UNIX_EPOCH + 1000 * DAY;
+        let far = Some(now + 60 * DAY);
+        let waits: Vec<u64> = (1..=6)
+            .map(|f| backoff(min, max, f, far, now).as_secs())
+            .collect();
+        assert_eq!(waits, [10, 20, 40, 80, 160, 320]);
+        assert_eq!(backoff(min, max, 40, far, now), max);
+        // No certificate, or an expired one: the domain is down, retry within minutes.
+        assert_eq!(backoff(min, max, 40, None, now), CAP_WITHOUT_CERT);
+        assert_eq!(
+            backoff(min, max, 40, Some(now - DAY), now),
+            CAP_WITHOUT_CERT
+        );
+        assert_eq!(
+            backoff(min, max, 40, Some(now + 3 * DAY), now),
+            CAP_NEAR_EXPIRY
+        );
+        // A cap below the minimum never shortens the minimum.
+        assert_eq!(
+            backoff(Duration::from_secs(600), max, 1, None, now).as_secs(),
+            600
+        );
+    }
 }
