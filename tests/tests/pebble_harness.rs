@@ -6,6 +6,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
+use dstack_mesh::acme::eab::b64url;
 use e2e::{
     free_port,
     pebble::{https, resolve, Pebble, PebbleOptions, Record, Reply},
@@ -204,22 +205,6 @@ impl Account {
         )
         .unwrap()
     }
-}
-
-/// Unpadded base64url (RFC 4648 §5), as JWS wants.
-fn b64url(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..=chunk.len() {
-            out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
-        }
-    }
-    out
 }
 
 #[test]

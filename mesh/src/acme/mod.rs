@@ -10,7 +10,7 @@
 pub mod cert;
 pub mod challenge;
 pub mod client;
-mod eab;
+pub mod eab;
 pub mod http01;
 pub mod internal;
 mod renewal;
