@@ -83,6 +83,11 @@ pub enum Command {
         #[command(subcommand)]
         action: CertsAction,
     },
+    /// Attestation evidence of public-domain certificates.
+    Evidence {
+        #[command(subcommand)]
+        action: EvidenceAction,
+    },
     /// Fetch this CVM's identity from the guest agent and print who it is.
     Identity {
         /// Guest agent address (unix:/path or http://host:port); default: DSTACK_AGENT_ADDRESS,
@@ -148,6 +153,23 @@ pub enum CertsAction {
     },
 }
 
+/// `evidence` actions.
+#[derive(Debug, Subcommand)]
+pub enum EvidenceAction {
+    /// Check an evidence directory or `https://<domain>/evidences/`: every file against
+    /// `sha256sum.txt`, and the quote's report data against `sha256sum.txt`.
+    Verify {
+        /// A directory, or the URL of an `/evidences/` listing.
+        source: String,
+        /// Extra root (PEM) trusted for the URL's HTTPS, beside the public ones.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Dial this address for the URL's host instead of resolving it (as curl's --resolve).
+        #[arg(long)]
+        connect_to: Option<std::net::SocketAddr>,
+    },
+}
+
 /// `nginx-config` kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum NginxKind {
@@ -189,6 +211,14 @@ pub async fn run(cli: Cli) -> ExitCode {
         } => crate::run::nginx_config(kind, backend, server_name, port, config),
         Command::Demo { state_dir } => crate::demo::run(state_dir).await,
         Command::Certs { admin, action } => crate::admin::cli::certs(&admin, action).await,
+        Command::Evidence {
+            action:
+                EvidenceAction::Verify {
+                    source,
+                    ca,
+                    connect_to,
+                },
+        } => crate::tools::evidence_verify(&source, ca.as_deref(), connect_to).await,
         Command::Identity { agent } => crate::tools::identity(agent).await,
         Command::DevAgent {
             socket,

@@ -193,3 +193,144 @@ pub fn format_time(t: std::time::SystemTime) -> String {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
     ChainView::format_time(secs)
 }
+
+/// `dstack-mesh evidence verify`: print each finding; exit 0 when nothing failed, 1 when a
+/// check failed, 69 when the evidence could not be fetched at all.
+pub async fn evidence_verify(
+    source: &str,
+    ca: Option<&Path>,
+    connect_to: Option<std::net::SocketAddr>,
+) -> ExitCode {
+    use crate::acme::evidence::{self, Finding};
+    let files = match source.starts_with("https://") || source.starts_with("http://") {
+        true => match fetch_evidence(source, ca, connect_to).await {
+            Ok(files) => files,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+        },
+        false => {
+            let dir = Path::new(source);
+            let mut files = std::collections::BTreeMap::new();
+            let sums = std::fs::read(dir.join(evidence::SUMS)).unwrap_or_default();
+            let mut names: Vec<String> = evidence::parse_sums(&String::from_utf8_lossy(&sums))
+                .into_iter()
+                .map(|(_, n)| n)
+                .collect();
+            names.extend([evidence::SUMS.to_owned(), evidence::QUOTE.to_owned()]);
+            for name in names {
+                let read = std::fs::read(dir.join(&name)).map_err(|e| e.to_string());
+                files.insert(name, read);
+            }
+            files
+        }
+    };
+    let findings = evidence::verify(&mut |name| {
+        files
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| Err("missing".into()))
+    });
+    let mut failed = false;
+    for finding in &findings {
+        match finding {
+            Finding::Ok(m) => println!("ok           {m}"),
+            Finding::Failed(m) => {
+                failed = true;
+                println!("FAILED       {m}");
+            }
+            Finding::NotChecked(m) => println!("not checked  {m}"),
+        }
+    }
+    match failed {
+        true => ExitCode::from(EXIT_REJECTED),
+        false => ExitCode::SUCCESS,
+    }
+}
+
+type Fetched = std::collections::BTreeMap<String, Result<Vec<u8>, String>>;
+
+/// GET `sha256sum.txt`, the quote and every listed file under `url`.
+async fn fetch_evidence(
+    url: &str,
+    ca: Option<&Path>,
+    connect_to: Option<std::net::SocketAddr>,
+) -> Result<Fetched, String> {
+    use http_body_util::BodyExt;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(ca) = ca {
+        let bytes = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+        for cert in cert::parse_chain(&bytes).map_err(|e| format!("{}: {e}", ca.display()))? {
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: {e}", ca.display()))?;
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(ratls::crypto::provider())
+        .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    // The name stays the URL's (SNI, certificate check); only where to dial may be overridden.
+    let resolve = tower::service_fn(
+        move |name: hyper_util::client::legacy::connect::dns::Name| async move {
+            match connect_to {
+                Some(addr) => Ok::<_, std::io::Error>(vec![addr].into_iter()),
+                None => tokio::net::lookup_host((name.as_str(), 0))
+                    .await
+                    .map(|addrs| addrs.collect::<Vec<_>>().into_iter()),
+            }
+        },
+    );
+    let mut dial = hyper_util::client::legacy::connect::HttpConnector::new_with_resolver(resolve);
+    dial.enforce_http(false);
+    dial.set_connect_timeout(Some(Duration::from_secs(10)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(dial);
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https);
+    let base = format!("{}/", url.trim_end_matches('/'));
+    let get = |name: String| {
+        let client = client.clone();
+        let target = format!("{base}{name}");
+        async move {
+            let fetch = async {
+                let uri: http::Uri = target.parse().map_err(|e| format!("{target}: {e}"))?;
+                let resp = client
+                    .get(uri)
+                    .await
+                    .map_err(|e| format!("{target}: {}", crate::error_chain(&e)))?;
+                let status = resp.status();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .to_bytes();
+                match status.is_success() {
+                    true => Ok(body.to_vec()),
+                    false => Err(format!("{target}: {status}")),
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(30), fetch)
+                .await
+                .unwrap_or_else(|_| Err(format!("{target}: no answer within 30 s")))
+        }
+    };
+    use crate::acme::evidence::{parse_sums, QUOTE, SUMS};
+    let sums = get(SUMS.to_owned()).await?;
+    let mut files = Fetched::new();
+    for (_, name) in parse_sums(&String::from_utf8_lossy(&sums)) {
+        let got = get(name.clone()).await;
+        files.insert(name, got);
+    }
+    files.insert(QUOTE.to_owned(), get(QUOTE.to_owned()).await);
+    files.insert(SUMS.to_owned(), Ok(sums));
+    Ok(files)
+}

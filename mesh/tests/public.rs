@@ -535,3 +535,123 @@ async fn ca_errors_and_rate_limits_fail_one_domain_only() {
         1
     );
 }
+
+/// `dstack-mesh evidence verify ARGS`: success and what it printed.
+async fn verify(args: Vec<String>) -> (bool, String) {
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dstack-mesh"))
+            .args(["evidence", "verify"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evidence_is_served_on_the_domain_and_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = start(
+        dir.path(),
+        "[[domains]]\nnames = [\"web.example.test\"]\nbackend = \"{backend}\"\n",
+        "",
+    )
+    .await;
+    let app = &site.app;
+    let addr = app.addr("inbound").unwrap();
+    wait_for("web to be valid", || {
+        status_of(app, "web.example.test").status == Status::Valid
+    })
+    .await;
+    let root = internal_root(dir.path());
+    let files = [
+        "acme-account.json",
+        "cert-web.example.test.pem",
+        "sha256sum.txt",
+        "quote.json",
+    ];
+
+    // The listing, over the public domain, names the four files; the backend never sees it.
+    let mut client = MeshClient::over(
+        public_connect(addr, "web.example.test", &root, H2_H1)
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let (status, _, body) = client
+        .get_from("web.example.test", "/evidences/", &[])
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let page = String::from_utf8_lossy(&body);
+    for f in files {
+        assert!(page.contains(&format!("href=\"{f}\"")), "{page}");
+    }
+    let (status, _, _) = client
+        .get_from(
+            "web.example.test",
+            "/evidences/../store/internal-ca/ca-key.pem",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(site.backend.count(), 0);
+
+    // verify, over HTTPS as a user would, and on a copy whose certificate was altered.
+    let url = format!("https://web.example.test:{}/evidences/", addr.port());
+    let ca = dir
+        .path()
+        .join("store/internal-ca/ca.pem")
+        .display()
+        .to_string();
+    let (ok, text) = verify(vec![
+        url,
+        "--ca".into(),
+        ca,
+        "--connect-to".into(),
+        addr.to_string(),
+    ])
+    .await;
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(
+            "ok           quote.json: the quote's report data is the SHA-256 of sha256sum.txt"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("not checked  the quote carries no signature"),
+        "{text}"
+    );
+    let copy = dir.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    for f in files {
+        let (status, _, body) = client
+            .get_from("web.example.test", &format!("/evidences/{f}"), &[])
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK, "{f}");
+        std::fs::write(copy.join(f), &body).unwrap();
+    }
+    let (ok, text) = verify(vec![copy.display().to_string()]).await;
+    assert!(ok, "{text}");
+    let cert = copy.join("cert-web.example.test.pem");
+    let mut pem = std::fs::read(&cert).unwrap();
+    pem.extend_from_slice(b"\n");
+    std::fs::write(&cert, pem).unwrap();
+    let (ok, text) = verify(vec![copy.display().to_string()]).await;
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("FAILED       cert-web.example.test.pem: SHA-256 differs from sha256sum.txt"),
+        "{text}"
+    );
+}

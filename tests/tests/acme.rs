@@ -514,6 +514,13 @@ async fn replicas_share_one_account_with_external_account_binding() {
         "{a}"
     );
     assert_eq!(a, b, "two replicas, two accounts");
+    // The evidence names that account and its key (what a CAA accounturi pin will name).
+    let evidence: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(setup.path().join("store-2/evidences/acme-account.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(evidence["uri"], serde_json::json!(a), "{evidence}");
+    assert_eq!(evidence["key"]["kty"], "EC", "{evidence}");
     drop(second);
 
     // A wrong HMAC key is refused by a CA that does not know the account yet (a restarted

@@ -353,6 +353,23 @@ impl AcmeClient {
         Ok(account)
     }
 
+    /// What the evidence says about this account: directory, URL (when registered) and the
+    /// public key (the same for every replica).
+    pub async fn describe(&self) -> serde_json::Value {
+        let url = self
+            .store
+            .read(&self.store_key())
+            .ok()
+            .flatten()
+            .and_then(|b| serde_json::from_slice::<AccountRecord>(&b).ok())
+            .map(|r| r.url);
+        let key = match self.derived_key().await {
+            Ok(pkcs8) => super::eab::jwk(&pkcs8).ok(),
+            Err(_) => None,
+        };
+        serde_json::json!({ "directory": self.directory, "uri": url, "key": key })
+    }
+
     /// The account URL, registering if needed.
     pub async fn account_url(&self) -> Result<String, IssueError> {
         Ok(self.account(false).await?.id().to_owned())

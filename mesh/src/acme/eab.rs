@@ -55,7 +55,7 @@ pub fn b64url_decode(text: &str) -> Result<Vec<u8>, String> {
 }
 
 /// The account key's public JWK (RFC 7518 §6.2).
-fn jwk(pkcs8: &PrivatePkcs8KeyDer<'_>) -> Result<serde_json::Value, IssueError> {
+pub(super) fn jwk(pkcs8: &PrivatePkcs8KeyDer<'_>) -> Result<serde_json::Value, IssueError> {
     use p256::{elliptic_curve::sec1::ToEncodedPoint, pkcs8::DecodePrivateKey};
     let secret = p256::SecretKey::from_pkcs8_der(pkcs8.secret_pkcs8_der())
         .map_err(|e| IssueError::Local(format!("account key: {e}")))?;

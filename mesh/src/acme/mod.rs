@@ -11,6 +11,7 @@ pub mod cert;
 pub mod challenge;
 pub mod client;
 pub mod eab;
+pub mod evidence;
 pub mod http01;
 pub mod internal;
 mod renewal;
@@ -211,6 +212,7 @@ pub struct Acme {
     challenge_tls: Arc<ServerConfig>,
     store: Arc<dyn CertStore>,
     issuers: HashMap<Issuer, IssuerRuntime>,
+    evidence: Arc<evidence::Evidence>,
     config: AcmeConfig,
 }
 
@@ -323,6 +325,7 @@ impl Acme {
             challenge_tls,
             store,
             issuers,
+            evidence: evidence::Evidence::new(&public.acme.evidence_dir, agent),
             config: public.acme.clone(),
         }))
     }
@@ -331,6 +334,53 @@ impl Acme {
     pub fn start(self: &Arc<Self>, tasks: &mut JoinSet<()>) {
         for domain in &self.domains {
             tasks.spawn(self.clone().lifecycle(domain.clone()));
+        }
+        // Stored certificates get fresh evidence (a new quote) at every start.
+        let acme = self.clone();
+        tasks.spawn(async move { acme.refresh_evidence().await });
+    }
+
+    /// The evidence files, when they are served on the public domains.
+    pub fn evidence_served(&self) -> Option<Arc<evidence::Evidence>> {
+        self.config.evidence_server.then(|| self.evidence.clone())
+    }
+
+    /// Rewrite the evidence: the accounts, every served certificate, sums and a new quote.
+    pub async fn refresh_evidence(&self) {
+        let mut certs = std::collections::BTreeMap::new();
+        for d in &self.domains {
+            if d.served.load().is_none() {
+                continue;
+            }
+            if let Ok(Some(pem)) = self.store.read(&store::domain_key(d.name(), "chain.pem")) {
+                certs.insert(
+                    d.name().to_owned(),
+                    String::from_utf8_lossy(&pem).into_owned(),
+                );
+            }
+        }
+        if certs.is_empty() {
+            return;
+        }
+        let mut issuers: Vec<(&Issuer, &IssuerRuntime)> = self.issuers.iter().collect();
+        issuers.sort_by_key(|(issuer, _)| issuer.label());
+        let mut accounts = Vec::new();
+        for (_, runtime) in issuers {
+            accounts.push(match runtime {
+                IssuerRuntime::Acme(client) => client.describe().await,
+                IssuerRuntime::Internal(_) => serde_json::json!({ "issuer": "internal-ca" }),
+            });
+        }
+        // One account reads as certbot's single account does; several as a list.
+        let account = match accounts.len() {
+            1 => accounts.remove(0),
+            _ => serde_json::json!({ "accounts": accounts }),
+        };
+        match self.evidence.write(&account, &certs).await {
+            Ok(()) => {
+                tracing::info!(certificates = certs.len(), dir = ?self.evidence, "evidence written")
+            }
+            Err(e) => tracing::warn!(error = %e, "evidence not written"),
         }
     }
 

@@ -113,6 +113,7 @@ impl Acme {
                         "certificate issued and served"
                     );
                     d.serve(Some(loaded));
+                    self.refresh_evidence().await;
                     d.set(|s| {
                         s.status = Some(Status::Valid);
                         s.last_error = None;

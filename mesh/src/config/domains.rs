@@ -26,6 +26,8 @@ pub mod env {
     pub const CHALLENGE: &[&str] = &["CHALLENGE_TYPE"];
     /// Renew this many days before expiry.
     pub const RENEW_DAYS: &[&str] = &["RENEW_DAYS_BEFORE"];
+    /// Serve the evidence files at `/evidences/`.
+    pub const EVIDENCE_SERVER: &[&str] = &["EVIDENCE_SERVER"];
 }
 
 /// Default directory of the certificate store.
@@ -206,6 +208,10 @@ pub struct AcmeConfig {
     /// Lifetime of `internal-ca` certificates.
     #[serde(with = "secs")]
     pub internal_ca_lifetime: Duration,
+    /// Where the evidence files go (default: `<store>/evidences`).
+    pub evidence_dir: PathBuf,
+    /// Serve them at `https://<domain>/evidences/` (`EVIDENCE_SERVER`).
+    pub evidence_server: bool,
 }
 
 impl Default for AcmeConfig {
@@ -221,6 +227,8 @@ impl Default for AcmeConfig {
             retry_max: DEFAULT_RETRY_MAX,
             ca_timeout: DEFAULT_CA_TIMEOUT,
             internal_ca_lifetime: DEFAULT_INTERNAL_LIFETIME,
+            evidence_dir: PathBuf::from(DEFAULT_STORE).join("evidences"),
+            evidence_server: true,
         }
     }
 }
@@ -242,6 +250,8 @@ pub struct RawAcme {
     pub retry_max: Option<DurationValue>,
     pub ca_timeout: Option<DurationValue>,
     pub internal_ca_lifetime: Option<DurationValue>,
+    pub evidence_dir: Option<String>,
+    pub evidence_server: Option<bool>,
 }
 
 /// One `[[domains]]` entry as written.
@@ -322,14 +332,18 @@ pub(super) fn public(
 ) -> PublicConfig {
     let first = |keys: &[&'static str]| super::source::first(env, keys);
     let raw = acme.cloned().unwrap_or_default();
-    let staging = first(env::STAGING).and_then(|(var, v)| match v.trim() {
-        "1" | "true" | "yes" => Some(true),
-        "0" | "false" | "no" => Some(false),
-        other => {
-            c.fail(var, format!("{other:?} is not true or false"));
-            None
-        }
-    });
+    let mut flag = |keys: &[&'static str]| {
+        first(keys).and_then(|(var, v)| match v.trim() {
+            "1" | "true" | "yes" => Some(true),
+            "0" | "false" | "no" => Some(false),
+            other => {
+                c.fail(var, format!("{other:?} is not true or false"));
+                None
+            }
+        })
+    };
+    let staging = flag(env::STAGING);
+    let evidence_server = flag(env::EVIDENCE_SERVER);
     let issuer = match (staging, raw.issuer.as_deref()) {
         (Some(true), _) => Issuer::Acme(LETSENCRYPT_STAGING.into()),
         (_, Some(text)) => text
@@ -373,10 +387,15 @@ pub(super) fn public(
             None
         }
     };
+    let store: PathBuf = raw
+        .store
+        .map_or_else(|| DEFAULT_STORE.into(), PathBuf::from);
     let acme = AcmeConfig {
-        store: raw
-            .store
-            .map_or_else(|| DEFAULT_STORE.into(), PathBuf::from),
+        evidence_dir: raw
+            .evidence_dir
+            .map_or_else(|| store.join("evidences"), PathBuf::from),
+        evidence_server: evidence_server.or(raw.evidence_server).unwrap_or(true),
+        store,
         email: first(env::EMAIL).map(|(_, v)| v).or(raw.email),
         renew_before,
         http_listen: raw

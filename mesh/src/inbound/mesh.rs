@@ -48,6 +48,8 @@ enum Who {
 struct Caller {
     upstream: Upstream,
     who: Who,
+    /// Evidence files served at `/evidences/` (public domains, when enabled).
+    evidence: Option<Arc<crate::acme::evidence::Evidence>>,
     headers: CallerHeaders,
     tunnel: Tunnel,
 }
@@ -88,6 +90,7 @@ pub(super) fn serve(
     Some(serve_http(
         &inbound,
         Who::Peer(peer),
+        None,
         upstream,
         headers,
         tls,
@@ -110,9 +113,11 @@ pub(super) fn serve_public(
     hold: Arc<dyn Any + Send + Sync>,
 ) -> Serving {
     let headers = CallerHeaders::new(None, None, remote.ip(), "https");
+    let evidence = inbound.acme.as_ref().and_then(|a| a.evidence_served());
     serve_http(
         inbound,
         Who::Public(domain),
+        evidence,
         upstream,
         headers,
         tls,
@@ -127,6 +132,7 @@ pub(super) fn serve_public(
 fn serve_http(
     inbound: &Inbound,
     who: Who,
+    evidence: Option<Arc<crate::acme::evidence::Evidence>>,
     upstream: Upstream,
     headers: CallerHeaders,
     tls: TlsStream<IdleIo<TcpStream>>,
@@ -152,6 +158,7 @@ fn serve_http(
             hold,
         },
         who,
+        evidence,
         upstream,
     });
     // Boxed per request: hyper keeps one slot per connection for the request future, and an
@@ -227,6 +234,13 @@ async fn handle(caller: Arc<Caller>, req: Request<Incoming>) -> Result<Response<
     // Answered here, as dstack-vpc's nginx did: mesh health checks never touch the app.
     if matches!(caller.who, Who::Peer(_)) && req.uri().path() == "/health" {
         return Ok(proxy::text_response(StatusCode::OK, "healthy\n"));
+    }
+    if let Some(answer) = caller
+        .evidence
+        .as_ref()
+        .and_then(|e| e.answer(req.uri().path()))
+    {
+        return Ok(answer);
     }
     // In flight until the response body has been sent.
     let in_flight = caller.tunnel.activity.request();
