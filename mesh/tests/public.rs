@@ -586,12 +586,20 @@ async fn evidence_is_served_on_the_domain_and_verifies() {
     )
     .await
     .unwrap();
-    let (status, _, body) = client
-        .get_from("web.example.test", "/evidences/", &[])
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK);
-    let page = String::from_utf8_lossy(&body);
+    // Written right after the certificate is served, so it may trail the status by a moment.
+    let mut page = String::new();
+    for _ in 0..250 {
+        let (status, _, body) = client
+            .get_from("web.example.test", "/evidences/", &[])
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+        page = String::from_utf8_lossy(&body).into_owned();
+        if page.contains("quote.json") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for f in files {
         assert!(page.contains(&format!("href=\"{f}\"")), "{page}");
     }

@@ -514,11 +514,16 @@ async fn replicas_share_one_account_with_external_account_binding() {
         "{a}"
     );
     assert_eq!(a, b, "two replicas, two accounts");
-    // The evidence names that account and its key (what a CAA accounturi pin will name).
-    let evidence: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(setup.path().join("store-2/evidences/acme-account.json")).unwrap(),
-    )
-    .unwrap();
+    // The evidence names that account and its key (what a CAA accounturi pin will name); it is
+    // written just after the certificate is served.
+    let file = setup.path().join("store-2/evidences/acme-account.json");
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !file.exists() {
+        assert!(tokio::time::Instant::now() < end, "no evidence written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let evidence: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
     assert_eq!(evidence["uri"], serde_json::json!(a), "{evidence}");
     assert_eq!(evidence["key"]["kty"], "EC", "{evidence}");
     drop(second);

@@ -76,11 +76,7 @@ impl Acme {
             if let (Some(cert), false) = (current.as_deref(), stale) {
                 let due = self.renew_at(cert);
                 if due > now {
-                    d.set(|s| {
-                        if s.status != Some(Status::Failed) {
-                            s.status = Some(Status::Valid);
-                        }
-                    });
+                    d.set(|s| s.status = Some(Status::Valid));
                     let lifetime = cert
                         .not_after
                         .duration_since(cert.not_before)
@@ -113,7 +109,6 @@ impl Acme {
                         "certificate issued and served"
                     );
                     d.serve(Some(loaded));
-                    self.refresh_evidence().await;
                     d.set(|s| {
                         s.status = Some(Status::Valid);
                         s.last_error = None;
@@ -122,6 +117,7 @@ impl Acme {
                         s.issued_total += 1;
                         s.stale = false;
                     });
+                    self.refresh_evidence().await;
                 }
                 Err(e) => {
                     let failures = d
@@ -130,7 +126,7 @@ impl Acme {
                         .map(|s| s.consecutive_failures + 1)
                         .unwrap_or(1);
                     let wait = match &e {
-                        // The CA said how long; doubling on top of its answer only delays.
+                        // A rate limit lasts hours: the usual pace only spends the allowance.
                         IssueError::RateLimited(_) => {
                             self.backoff(failures + 2, current.as_deref())
                         }
