@@ -246,7 +246,7 @@ pub fn verify(get: &mut dyn FnMut(&str) -> Result<Vec<u8>, String>) -> Vec<Findi
                         hex::encode(&expected)
                     ))),
                     None => out.push(Finding::Failed(format!(
-                        "{QUOTE}: not a TDX v4 quote (too short to carry report data)"
+                        "{QUOTE}: not a TDX quote (v4, or v5 with a TD report) that carries report data"
                     ))),
                 }
                 // The signature section follows the 632 bytes of header and report body.
@@ -299,8 +299,11 @@ mod tests {
             .as_ref()
             .to_vec();
         rd.resize(64, 0);
+        // The shape the development agent produces: a TDX v4 header, the report body, no
+        // signature.
         let mut quote = vec![0u8; 636];
-        quote[0] = 4;
+        quote[0..2].copy_from_slice(&4u16.to_le_bytes());
+        quote[4..8].copy_from_slice(&0x81u32.to_le_bytes());
         quote[568..632].copy_from_slice(&rd);
         let quote_json = serde_json::json!({
             "quote": hex::encode(&quote), "event_log": "[]", "report_data": hex::encode(&rd), "vm_config": "{}"
