@@ -87,6 +87,21 @@ fn status_of(app: &App, domain: &str) -> dstack_mesh::acme::CertStatus {
         .unwrap()
 }
 
+/// Wait until `domain` has a valid certificate.
+async fn wait_valid(app: &App, domain: &str) {
+    wait_for(&format!("{domain} to be valid"), || {
+        status_of(app, domain).status == Status::Valid
+    })
+    .await;
+}
+
+/// HTTP over TLS to `name` at `addr`, as a browser would (see [`public_connect`]).
+async fn https(addr: std::net::SocketAddr, name: &str, root: &[u8], alpn: &[&[u8]]) -> MeshClient {
+    MeshClient::over(public_connect(addr, name, root, alpn).await.unwrap())
+        .await
+        .unwrap()
+}
+
 async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
     for _ in 0..500 {
         if check() {
@@ -143,10 +158,7 @@ async fn domains_share_the_mesh_port_by_sni() {
     assert_eq!(&got, b"ping over tls");
 
     // A wildcard covers one label, no more.
-    wait_for("the wildcard", || {
-        status_of(app, "*.wild.example.test").status == Status::Valid
-    })
-    .await;
+    wait_valid(app, "*.wild.example.test").await;
     public_connect(addr, "a.wild.example.test", &root, &[])
         .await
         .unwrap();
@@ -224,17 +236,11 @@ async fn http_mode_forwards_with_x_forwarded_headers() {
     let backend = &site.backend;
     let app = &site.app;
     let addr = app.addr("inbound").unwrap();
-    wait_for("web to be valid", || {
-        status_of(app, "web.example.test").status == Status::Valid
-    })
-    .await;
+    wait_valid(app, "web.example.test").await;
     let root = internal_root(dir.path());
     for alpn in [H2_H1, &[b"http/1.1".as_slice()][..]] {
-        let tls = public_connect(addr, "www.example.test", &root, alpn)
-            .await
-            .unwrap();
         // No client certificate was asked for; the domain's own certificate was served.
-        let mut client = MeshClient::over(tls).await.unwrap();
+        let mut client = https(addr, "www.example.test", &root, alpn).await;
         assert_eq!(client.is_h2(), alpn.len() == 2);
         let (status, _, body) = client
             .get_from(
@@ -280,20 +286,11 @@ async fn renewal_under_load_fails_no_request() {
     let backend = &site.backend;
     let app = &site.app;
     let addr = app.addr("inbound").unwrap();
-    wait_for("web to be valid", || {
-        status_of(app, "web.example.test").status == Status::Valid
-    })
-    .await;
+    wait_valid(app, "web.example.test").await;
     let first = status_of(app, "web.example.test").serial.unwrap();
     let root = internal_root(dir.path());
     // One long-lived connection and a new connection per round, for ten seconds.
-    let mut kept = MeshClient::over(
-        public_connect(addr, "web.example.test", &root, H2_H1)
-            .await
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let mut kept = https(addr, "web.example.test", &root, H2_H1).await;
     let (mut ok, mut serials) = (0, std::collections::BTreeSet::new());
     let end = tokio::time::Instant::now() + Duration::from_secs(10);
     while tokio::time::Instant::now() < end {
@@ -336,10 +333,7 @@ async fn restart_serves_the_stored_certificate_and_bad_files_are_reissued() {
          [[domains]]\nnames = [\"d.example.test\"]\nbackend = \"{backend}\"\n";
     let site = start(dir.path(), domains, "").await;
     for d in ["a", "b", "c", "d"] {
-        wait_for("issuance", || {
-            status_of(&site.app, &format!("{d}.example.test")).status == Status::Valid
-        })
-        .await;
+        wait_valid(&site.app, &format!("{d}.example.test")).await;
     }
     let serial = |app: &App, d: &str| status_of(app, &format!("{d}.example.test")).serial.unwrap();
     let before: Vec<String> = ["a", "b", "c", "d"]
@@ -375,10 +369,7 @@ async fn restart_serves_the_stored_certificate_and_bad_files_are_reissued() {
     assert_eq!(a.issued_total, 0);
     for (i, d) in ["b", "c", "d"].iter().enumerate() {
         let name = format!("{d}.example.test");
-        wait_for("reissue", || {
-            status_of(&site.app, &name).status == Status::Valid
-        })
-        .await;
+        wait_valid(&site.app, &name).await;
         let now = status_of(&site.app, &name);
         assert_ne!(
             now.serial.as_deref(),
@@ -391,10 +382,7 @@ async fn restart_serves_the_stored_certificate_and_bad_files_are_reissued() {
     assert!(certs.join("d.example.test/key.pem.corrupt").exists());
     let root = internal_root(dir.path());
     let addr = site.app.addr("inbound").unwrap();
-    let tls = public_connect(addr, "d.example.test", &root, H2_H1)
-        .await
-        .unwrap();
-    let mut client = MeshClient::over(tls).await.unwrap();
+    let mut client = https(addr, "d.example.test", &root, H2_H1).await;
     let (status, _, _) = client.get_from("d.example.test", "/", &[]).await.unwrap();
     assert_eq!(status, StatusCode::OK);
 }
@@ -511,13 +499,7 @@ async fn ca_errors_and_rate_limits_fail_one_domain_only() {
     assert_eq!(status_of(app, "ok.example.test").status, Status::Valid);
     let root = internal_root(dir.path());
     let addr = app.addr("inbound").unwrap();
-    let mut client = MeshClient::over(
-        public_connect(addr, "ok.example.test", &root, H2_H1)
-            .await
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let mut client = https(addr, "ok.example.test", &root, H2_H1).await;
     let (status, _, _) = client.get_from("ok.example.test", "/", &[]).await.unwrap();
     assert_eq!(status, StatusCode::OK);
     let mut mesh = MeshClient::connect(&site.caller, &SERVER.parse().unwrap(), addr, None)
@@ -566,10 +548,7 @@ async fn evidence_is_served_on_the_domain_and_verifies() {
     .await;
     let app = &site.app;
     let addr = app.addr("inbound").unwrap();
-    wait_for("web to be valid", || {
-        status_of(app, "web.example.test").status == Status::Valid
-    })
-    .await;
+    wait_valid(app, "web.example.test").await;
     let root = internal_root(dir.path());
     let files = [
         "acme-account.json",
@@ -579,13 +558,7 @@ async fn evidence_is_served_on_the_domain_and_verifies() {
     ];
 
     // The listing, over the public domain, names the four files; the backend never sees it.
-    let mut client = MeshClient::over(
-        public_connect(addr, "web.example.test", &root, H2_H1)
-            .await
-            .unwrap(),
-    )
-    .await
-    .unwrap();
+    let mut client = https(addr, "web.example.test", &root, H2_H1).await;
     // Written right after the certificate is served, so it may trail the status by a moment.
     let mut page = String::new();
     for _ in 0..250 {
