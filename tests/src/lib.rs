@@ -5,7 +5,9 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 pub mod backend;
+pub mod bind;
 pub mod client;
+pub mod cloudflare;
 pub mod pebble;
 
 use std::{
@@ -259,31 +261,37 @@ fn hex_bytes(hex: &str) -> Vec<u8> {
 
 /// PEM text of DER certificates (as nginx would hold them).
 pub fn to_pem(certs: &[rustls_pki_types::CertificateDer<'_>]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for cert in certs {
-        let mut b64 = String::new();
-        for chunk in cert.chunks(3) {
-            let b = [
-                chunk[0],
-                *chunk.get(1).unwrap_or(&0),
-                *chunk.get(2).unwrap_or(&0),
-            ];
-            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-            for i in 0..4 {
-                b64.push(if i <= chunk.len() {
-                    T[((n >> (18 - 6 * i)) & 63) as usize] as char
-                } else {
-                    '='
-                });
-            }
-        }
         out.push_str("-----BEGIN CERTIFICATE-----\n");
-        for line in b64.as_bytes().chunks(64) {
+        for line in base64(cert).as_bytes().chunks(64) {
             out.push_str(std::str::from_utf8(line).unwrap());
             out.push('\n');
         }
         out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out
+}
+
+// Standard base64 with padding (RFC 4648 section 4), for PEM and TSIG secrets; the crate has
+// no base64 dependency for these few bytes.
+pub(crate) fn base64(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            out.push(if i <= chunk.len() {
+                T[((n >> (18 - 6 * i)) & 63) as usize] as char
+            } else {
+                '='
+            });
+        }
     }
     out
 }

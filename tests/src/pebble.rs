@@ -5,8 +5,9 @@
 //! pebble's HTTPS API (ACME clients trust [`Pebble::ca_file`] to talk to pebble; the root that
 //! signs *issued* certificates is another one, [`Pebble::issuance_root_pem`]), starts
 //! pebble-challtestsrv answering every A query with 127.0.0.1 and no AAAA, and starts pebble
-//! resolving through it, with random validation sleeps, random bad nonces and authorization
-//! reuse turned off so that every order is validated for real.
+//! resolving through it (or through [`PebbleOptions::dns_server`]), with random validation
+//! sleeps, random bad nonces and authorization reuse turned off so that every order is
+//! validated for real.
 //!
 //! Everything here blocks (std sockets, polling with short sleeps) and starts no runtime: call
 //! it from a plain `#[test]`, or from `#[tokio::test]` either before the async work or through
@@ -84,6 +85,11 @@ pub struct PebbleOptions {
     pub env: Vec<(String, String)>,
     /// External Account Binding keys (`kid`, base64url HMAC key); any makes EAB required.
     pub eab_keys: Vec<(String, String)>,
+    /// Where pebble resolves names for validation (`-dnsserver`), e.g. a
+    /// [`Bind`](crate::bind::Bind) server for DNS-01 against RFC 2136 updates. It then answers
+    /// the A/AAAA lookups of HTTP-01 and TLS-ALPN-01 too, so its zones need those records.
+    /// `None` = challtestsrv's DNS ([`Pebble::challtestsrv_dns`]).
+    pub dns_server: Option<SocketAddr>,
 }
 
 /// pebble and pebble-challtestsrv, killed on drop; on a panicking thread their logs are printed
@@ -97,13 +103,16 @@ pub struct Pebble {
     pub ca_file: PathBuf,
     /// pebble's management API, `https://127.0.0.1:<port>`, same certificate as the directory.
     pub management: String,
-    /// challtestsrv's DNS server (UDP and TCP), the resolver pebble validates with.
+    /// challtestsrv's DNS server (UDP and TCP), the resolver pebble validates with unless
+    /// [`PebbleOptions::dns_server`] names another.
     pub challtestsrv_dns: SocketAddr,
     /// challtestsrv's management API, `http://127.0.0.1:<port>` (plain HTTP).
     pub challtestsrv_management: String,
     dir: PathBuf,
     config: PathBuf,
     env: Vec<(String, String)>,
+    // pebble's `-dnsserver`.
+    resolver: SocketAddr,
     pebble: Option<ChildGuard>,
     challtestsrv: ChildGuard,
 }
@@ -132,6 +141,7 @@ impl Pebble {
             dir: dir.to_owned(),
             config: dir.join("pebble-config.json"),
             env,
+            resolver: opts.dns_server.unwrap_or(challtestsrv_dns),
             pebble: None,
             challtestsrv,
         };
@@ -225,23 +235,8 @@ impl Pebble {
     /// POST `body` to challtestsrv's management API at `path` (`/add-a`, `/set-txt`,
     /// `/set-default-ipv4`, `/set-servfail`, ...); panics unless it answers 200.
     pub fn challtestsrv(&self, path: &str, body: &serde_json::Value) {
-        let addr = self
-            .challtestsrv_management
-            .trim_start_matches("http://")
-            .to_owned();
-        let reply = (|| {
-            let mut tcp = connect(&addr)?;
-            tcp.write_all(&request_bytes(
-                "POST",
-                &addr,
-                path,
-                Some(("application/json", body.to_string().as_bytes())),
-            ))?;
-            let mut raw = Vec::new();
-            tcp.read_to_end(&mut raw)?;
-            parse_reply(&raw)
-        })()
-        .unwrap_or_else(|e| panic!("POST {path} to challtestsrv: {e}"));
+        let reply = post_json(&self.challtestsrv_management, path, body)
+            .unwrap_or_else(|e| panic!("POST {path} to challtestsrv: {e}"));
         assert_eq!(reply.status, 200, "POST {path} to challtestsrv: {reply:?}");
     }
 
@@ -256,7 +251,7 @@ impl Pebble {
         cmd.arg("-config")
             .arg(&self.config)
             .arg("-dnsserver")
-            .arg(self.challtestsrv_dns.to_string());
+            .arg(self.resolver.to_string());
         for var in PROXY_ENV {
             cmd.env_remove(var);
         }
@@ -480,6 +475,25 @@ pub fn https(
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
         Err(e) => return Err(e),
     }
+    parse_reply(&raw)
+}
+
+/// POST `body` as JSON to `base` (`http://host:port`, plain HTTP) at `path`, over HTTP/1.0.
+pub(crate) fn post_json(
+    base: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> std::io::Result<Reply> {
+    let authority = base.trim_start_matches("http://");
+    let mut tcp = connect(authority)?;
+    tcp.write_all(&request_bytes(
+        "POST",
+        authority,
+        path,
+        Some(("application/json", body.to_string().as_bytes())),
+    ))?;
+    let mut raw = Vec::new();
+    tcp.read_to_end(&mut raw)?;
     parse_reply(&raw)
 }
 

@@ -52,7 +52,20 @@ impl Setup {
     }
 
     async fn with(validity: Option<Duration>, eab_keys: Vec<(String, String)>) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::build(tempfile::tempdir().unwrap(), validity, eab_keys, None).await
+    }
+
+    /// pebble resolving (and validating DNS-01) against `dns`, in `dir`.
+    async fn with_dns(dir: tempfile::TempDir, dns: SocketAddr) -> Self {
+        Self::build(dir, None, Vec::new(), Some(dns)).await
+    }
+
+    async fn build(
+        dir: tempfile::TempDir,
+        validity: Option<Duration>,
+        eab_keys: Vec<(String, String)>,
+        dns_server: Option<SocketAddr>,
+    ) -> Self {
         let (inbound_port, http_port) = (free_port(), free_port());
         let pebble_dir = dir.path().join("pebble");
         let pebble = tokio::task::spawn_blocking(move || {
@@ -64,6 +77,7 @@ impl Setup {
                     validity,
                     env: Vec::new(),
                     eab_keys,
+                    dns_server,
                 },
             )
         })
@@ -541,4 +555,449 @@ async fn replicas_share_one_account_with_external_account_binding() {
         .await;
     let error = certs[0].last_error.clone().unwrap();
     assert!(error.starts_with("CA refused"), "{error}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// DNS-01: RFC 2136 against BIND, Cloudflare's v4 API against its stand-in, the dstack records.
+
+use e2e::{
+    bind::{Bind, BindOptions, Tsig, Zone},
+    cloudflare::CloudflareStandIn,
+};
+
+/// A CAA identity for pebble, whose directory lists none.
+const PEBBLE_CAA: &str = "pebble.test";
+
+/// BIND serving `example.test` (plus `records`), updatable with a fresh key; pebble resolving
+/// against it.
+async fn bind_setup(records: &[&str]) -> (Setup, Bind) {
+    let dir = tempfile::tempdir().unwrap();
+    let named_dir = dir.path().join("named");
+    let zone = Zone {
+        name: "example.test".into(),
+        records: records.iter().map(|r| (*r).to_owned()).collect(),
+    };
+    let bind = tokio::task::spawn_blocking(move || {
+        Bind::start(
+            &named_dir,
+            BindOptions {
+                zones: vec![zone],
+                tsig: Tsig::generate("mesh-key"),
+            },
+        )
+    })
+    .await
+    .unwrap();
+    let setup = Setup::with_dns(dir, bind.addr).await;
+    (setup, bind)
+}
+
+fn rfc2136(bind: &Bind, secret: &str, extra: &str) -> String {
+    format!(
+        "\n[dns]\nprovider = \"rfc2136\"\nserver = \"{}\"\ntsig_key = \"{}\"\ntsig_secret = \"{secret}\"\n\
+         caa_identities = [\"{PEBBLE_CAA}\"]\n{extra}\n",
+        bind.addr, bind.tsig.name
+    )
+}
+
+fn dns01_domain(names: &str) -> String {
+    format!("[[domains]]\nnames = [{names}]\nbackend = \"{{backend}}\"\nchallenge = \"dns-01\"\n\n")
+}
+
+fn records_in_place(domains: &'static [&'static str]) -> impl FnMut(&[CertStatus]) -> bool {
+    move |certs| {
+        domains.iter().all(|d| {
+            certs
+                .iter()
+                .any(|c| c.domain == *d && c.dns_records.as_deref() == Some("in place"))
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc2136_issues_a_wildcard_through_bind_and_writes_the_dstack_records_once() {
+    let (setup, bind) = bind_setup(&[]).await;
+    let domains = format!(
+        "{}{}",
+        dns01_domain("\"*.example.test\""),
+        dns01_domain("\"www.example.test\"")
+    );
+    let dns = rfc2136(
+        &bind,
+        &bind.tsig.secret,
+        "gateway_domain = \"gw.example.net\"\nset_caa = true\napp_port = 8443\n",
+    );
+    let mut a = setup.sidecar_with("a", &format!("{dns}{domains}"), "store", "");
+    a.wait("both certificates", Duration::from_secs(60), |c| {
+        valid("*.example.test")(c) && valid("www.example.test")(c)
+    })
+    .await;
+    a.wait(
+        "the dstack records",
+        Duration::from_secs(30),
+        records_in_place(&["*.example.test", "www.example.test"]),
+    )
+    .await;
+
+    // The wildcard serves any one label under it, verified against pebble's root.
+    let root = setup.root();
+    for host in ["foo.example.test", "www.example.test"] {
+        let (status, _) = fetch(a.inbound, host, &root).await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{host}");
+    }
+
+    // The records, as any resolver sees them.
+    assert_eq!(bind.dig("www.example.test", "CNAME"), ["gw.example.net."]);
+    assert_eq!(bind.dig("*.example.test", "CNAME"), ["gw.example.net."]);
+    let address = format!("\"{SERVER}:8443\"");
+    assert_eq!(
+        bind.dig("_dstack-app-address.www.example.test", "TXT"),
+        [address.as_str()]
+    );
+    assert_eq!(
+        bind.dig("_dstack-app-address-wildcard.example.test", "TXT"),
+        [address.as_str()]
+    );
+    let account = stored_account(&setup.path().join("store"));
+    let caa = bind.dig("example.test", "CAA");
+    assert_eq!(
+        caa,
+        [format!(
+            "0 issuewild \"{PEBBLE_CAA}; validationmethods=dns-01; accounturi={account}\""
+        )],
+        "the wildcard's CAA pin names the shared account"
+    );
+    // www is a CNAME: no CAA can sit there, and the sidecar says so rather than fail.
+    assert!(bind
+        .dig("www.example.test", "CAA")
+        .iter()
+        .all(|l| !l.contains("issue")));
+    // The challenge records are gone (the wildcard CNAME now covers those names: dig shows
+    // its target, never a TXT value).
+    for name in [
+        "_acme-challenge.example.test",
+        "_acme-challenge.www.example.test",
+    ] {
+        let lines = bind.dig(name, "TXT");
+        assert!(
+            lines.iter().all(|l| !l.starts_with('"')),
+            "{name}: {lines:?}"
+        );
+    }
+
+    // A second run finds everything in place and changes nothing.
+    let serial = bind.serial("example.test");
+    drop(a);
+    let mut b = setup.sidecar_with("b", &format!("{dns}{domains}"), "store", "");
+    b.wait(
+        "the dstack records again",
+        Duration::from_secs(30),
+        records_in_place(&["*.example.test", "www.example.test"]),
+    )
+    .await;
+    assert_eq!(
+        bind.serial("example.test"),
+        serial,
+        "the second run changed the zone"
+    );
+    assert!(
+        b.guard
+            .stderr()
+            .contains("dstack DNS records already in place"),
+        "{}",
+        b.guard.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_faults_fail_the_domain_with_the_reason_and_disturb_nothing_else() {
+    let (setup, bind) = bind_setup(&[
+        "plain IN A 127.0.0.1",
+        "caa IN CAA 0 issue \"other-ca.example\"",
+        "method IN CAA 0 issue \"pebble.test; validationmethods=http-01\"",
+    ])
+    .await;
+    let root = setup.root();
+    let plain = "[[domains]]\nnames = [\"plain.example.test\"]\nbackend = \"{backend}\"\n\n";
+
+    // A wrong TSIG key: BIND refuses the update; the tls-alpn-01 domain next to it is issued.
+    let wrong = Tsig::generate("mesh-key").secret;
+    let config = format!(
+        "{}{}{plain}",
+        rfc2136(&bind, &wrong, ""),
+        dns01_domain("\"key.example.test\"")
+    );
+    let mut a = setup.sidecar_with("wrong-key", &config, "store-a", "");
+    let certs = a
+        .wait(
+            "the wrong key to fail twice",
+            Duration::from_secs(60),
+            |c| {
+                valid("plain.example.test")(c)
+                    && c.iter()
+                        .any(|c| c.domain == "key.example.test" && c.consecutive_failures >= 2)
+            },
+        )
+        .await;
+    let key = certs
+        .iter()
+        .find(|c| c.domain == "key.example.test")
+        .unwrap();
+    assert_eq!(key.status, Status::Failed);
+    let error = key.last_error.as_deref().unwrap();
+    assert!(
+        error.contains("rfc2136") && error.contains("NOTAUTH") && error.contains("TSIG"),
+        "{error}"
+    );
+    assert!(key.next_attempt.is_some());
+    assert_eq!(
+        fetch(a.inbound, "plain.example.test", &root)
+            .await
+            .unwrap()
+            .0,
+        StatusCode::OK
+    );
+    drop(a);
+
+    // A resolver that never sees the record (a split-horizon view): failed, and cleaned up.
+    // CAA forbidding the CA or the method: failed before any order, naming the record.
+    let orders = setup.pebble.order_requests();
+    let resolvers = format!(
+        "resolvers = [\"{}\", \"{}\"]\npropagation_timeout = \"2s\"\n",
+        bind.addr, setup.pebble.challtestsrv_dns
+    );
+    let config = format!(
+        "{}{}{}{}",
+        rfc2136(&bind, &bind.tsig.secret, &resolvers),
+        dns01_domain("\"late.example.test\""),
+        dns01_domain("\"caa.example.test\""),
+        dns01_domain("\"method.example.test\"")
+    );
+    let mut b = setup.sidecar_with("faults", &config, "store-b", "");
+    let certs = b
+        .wait("three failures", Duration::from_secs(60), |c| {
+            c.iter()
+                .filter(|c| c.status == Status::Failed && c.last_error.is_some())
+                .count()
+                == 3
+        })
+        .await;
+    let error = |d: &str| {
+        certs
+            .iter()
+            .find(|c| c.domain == d)
+            .and_then(|c| c.last_error.clone())
+            .unwrap()
+    };
+    let late = error("late.example.test");
+    assert!(
+        late.contains("_acme-challenge.late.example.test")
+            && late.contains(&setup.pebble.challtestsrv_dns.to_string())
+            && late.contains("DNS_RESOLVERS"),
+        "{late}"
+    );
+    assert!(
+        bind.dig("_acme-challenge.late.example.test", "TXT")
+            .is_empty(),
+        "challenge record left behind"
+    );
+    let caa = error("caa.example.test");
+    assert!(
+        caa.contains("caa.example.test. CAA 0 issue \"other-ca.example\"")
+            && caa.contains("another CA"),
+        "{caa}"
+    );
+    let method = error("method.example.test");
+    assert!(
+        method.contains("allows only http-01") && method.contains("method.example.test. CAA"),
+        "{method}"
+    );
+    // Only `late` reached the CA: the CAA checks stop before ordering.
+    let late_orders = setup.pebble.order_requests() - orders;
+    let late_failures = certs
+        .iter()
+        .find(|c| c.domain == "late.example.test")
+        .unwrap()
+        .failures_total;
+    assert!(
+        late_orders as u64 <= late_failures + 1,
+        "{late_orders} orders for {late_failures} attempts"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudflare_api_issues_and_writes_records_and_survives_403_and_500() {
+    let setup = Setup::new(None).await;
+    const TOKEN: &str = "cf-token-e2e";
+    let cf = CloudflareStandIn::start(
+        TOKEN,
+        &["other.test", "example.test"],
+        Some(setup.pebble.challtestsrv_management.clone()),
+    );
+    // Someone else's records: an A record where our CNAME would go, and an old app address.
+    cf.insert("example.test", "A", "legacy.example.test", "192.0.2.1");
+    cf.insert(
+        "example.test",
+        "TXT",
+        "_dstack-app-address.shop.example.test",
+        "0ld0ld:443",
+    );
+    let dns = format!(
+        "\n[dns]\nprovider = \"cloudflare\"\napi_token = \"{TOKEN}\"\napi_url = \"{}\"\n\
+         resolvers = [\"{}\"]\ngateway_domain = \"gw.example.net\"\nset_caa = true\napp_port = 443\n\
+         caa_identities = [\"{PEBBLE_CAA}\"]\n",
+        cf.base, setup.pebble.challtestsrv_dns
+    );
+    let domains = format!(
+        "{}{}{}",
+        dns01_domain("\"*.apps.example.test\""),
+        dns01_domain("\"shop.example.test\""),
+        dns01_domain("\"legacy.example.test\"")
+    );
+    let config = format!("{dns}{domains}");
+    let mut a = setup.sidecar_with("cf", &config, "store", "");
+    a.wait("three certificates", Duration::from_secs(60), |c| {
+        valid("*.apps.example.test")(c)
+            && valid("shop.example.test")(c)
+            && valid("legacy.example.test")(c)
+    })
+    .await;
+    a.wait(
+        "the records",
+        Duration::from_secs(30),
+        records_in_place(&["*.apps.example.test", "shop.example.test"]),
+    )
+    .await;
+    let root = setup.root();
+    assert_eq!(
+        fetch(a.inbound, "x.apps.example.test", &root)
+            .await
+            .unwrap()
+            .0,
+        StatusCode::OK
+    );
+
+    // Every request carried the token; the bodies are the documented ones.
+    let requests = cf.requests();
+    assert!(requests
+        .iter()
+        .all(|r| r.authorization.as_deref() == Some(&format!("Bearer {TOKEN}") as &str)));
+    let posted = |kind: &str, name: &str| {
+        requests
+            .iter()
+            .filter(|r| r.method == "POST" && r.body["type"] == kind && r.body["name"] == name)
+            .map(|r| r.body.clone())
+            .collect::<Vec<_>>()
+    };
+    let challenge = posted("TXT", "_acme-challenge.apps.example.test");
+    assert_eq!(challenge.len(), 1, "{requests:#?}");
+    assert_eq!(challenge[0]["ttl"], 60);
+    assert_eq!(
+        challenge[0]["content"].as_str().unwrap().len(),
+        43,
+        "base64url SHA-256"
+    );
+    let cname = posted("CNAME", "shop.example.test");
+    assert_eq!(cname[0]["content"], "gw.example.net");
+    assert_eq!(cname[0]["proxied"], false);
+    let account = stored_account(&setup.path().join("store"));
+    let caa = posted("CAA", "apps.example.test");
+    assert_eq!(caa[0]["data"]["tag"], "issuewild");
+    assert_eq!(
+        caa[0]["data"]["value"],
+        format!("{PEBBLE_CAA}; validationmethods=dns-01; accounturi={account}")
+    );
+    assert!(
+        requests.iter().any(|r| r.method == "DELETE"),
+        "challenge records deleted"
+    );
+    let records = cf.records();
+    let named = |name: &str| {
+        records
+            .iter()
+            .filter(|r| r["name"] == name)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        records
+            .iter()
+            .all(|r| !r["name"].as_str().unwrap().starts_with("_acme-challenge")),
+        "{records:#?}"
+    );
+    // Our old app address was replaced; someone else's A record was left alone and reported.
+    let address = named("_dstack-app-address.shop.example.test");
+    assert_eq!(address.len(), 1, "{address:#?}");
+    assert_eq!(address[0]["content"], format!("{SERVER}:443"));
+    assert_eq!(named("legacy.example.test")[0]["content"], "192.0.2.1");
+    let legacy = a.cert("legacy.example.test").await;
+    let report = legacy.dns_records.unwrap_or_default();
+    assert!(
+        report.contains("legacy.example.test. A 192.0.2.1") && report.contains("does not remove"),
+        "{report}"
+    );
+
+    // The provider refuses (403), then breaks (500): the renewing domain fails with its words,
+    // backs off and retries; the others keep serving; then it recovers.
+    let writes =
+        |cf: &CloudflareStandIn| cf.requests().iter().filter(|r| r.method != "GET").count();
+    for (status, words) in [(403, "Authentication error"), (500, "HTTP 500")] {
+        cf.fail_with(status);
+        let (ok, out) = a.cli(&["renew", "shop.example.test"]);
+        assert!(ok, "{out}");
+        let certs = a
+            .wait("the provider error twice", Duration::from_secs(30), |c| {
+                c.iter().any(|c| {
+                    c.domain == "shop.example.test"
+                        && c.consecutive_failures >= 2
+                        && c.last_error.as_deref().is_some_and(|e| e.contains(words))
+                })
+            })
+            .await;
+        let shop = certs
+            .iter()
+            .find(|c| c.domain == "shop.example.test")
+            .unwrap();
+        assert!(
+            shop.not_after.is_some(),
+            "the old certificate keeps serving"
+        );
+        assert_eq!(
+            fetch(a.inbound, "shop.example.test", &root)
+                .await
+                .unwrap()
+                .0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            fetch(a.inbound, "y.apps.example.test", &root)
+                .await
+                .unwrap()
+                .0,
+            StatusCode::OK
+        );
+    }
+    cf.fail_with(0);
+    a.wait("recovery", Duration::from_secs(30), |c| {
+        c.iter().any(|c| {
+            c.domain == "shop.example.test" && c.status == Status::Valid && c.last_error.is_none()
+        })
+    })
+    .await;
+    assert!(cf
+        .records()
+        .iter()
+        .all(|r| !r["name"].as_str().unwrap().starts_with("_acme-challenge")));
+
+    // A second run writes nothing.
+    let before = writes(&cf);
+    drop(a);
+    let mut b = setup.sidecar_with("cf2", &config, "store", "");
+    b.wait(
+        "the records again",
+        Duration::from_secs(30),
+        records_in_place(&["*.apps.example.test", "shop.example.test"]),
+    )
+    .await;
+    assert_eq!(writes(&cf), before, "the second run wrote to the API");
 }

@@ -15,7 +15,11 @@ use instant_acme::{
 use ratls::agent::AgentClient;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use super::{challenge::Challenges, store::CertStore};
+use super::{
+    challenge::Challenges,
+    dns01::{caa, Dns, DnsError},
+    store::CertStore,
+};
 use crate::config::{Challenge, Eab};
 
 /// Why an issuance failed, in the terms the lifecycle acts on.
@@ -39,6 +43,9 @@ pub enum IssueError {
     /// Something on our side (agent, key, store).
     #[error("{0}")]
     Local(String),
+    /// The DNS side: the provider, propagation, CAA.
+    #[error("{0}")]
+    Dns(String),
 }
 
 impl IssueError {
@@ -81,7 +88,10 @@ pub(super) fn classify(e: instant_acme::Error) -> IssueError {
         }
         instant_acme::Error::Other(inner) => match inner.downcast::<Transport>() {
             Ok(t) => IssueError::Unreachable(t.to_string()),
-            Err(other) => IssueError::Server(ratls::error_chain(other.as_ref())),
+            Err(other) => match other.downcast::<DnsError>() {
+                Ok(dns) => IssueError::Dns(dns.to_string()),
+                Err(other) => IssueError::Server(ratls::error_chain(other.as_ref())),
+            },
         },
         // A body that is not a problem document: an HTML error page, a proxy in the way.
         instant_acme::Error::Json(e) => IssueError::Server(format!(
@@ -150,6 +160,10 @@ pub struct AcmeClient {
     email: Option<String>,
     eab: Option<Eab>,
     account: tokio::sync::Mutex<Option<Account>>,
+    /// The CA's `caaIdentities` (from its directory), once read.
+    caa_identities: tokio::sync::OnceCell<Vec<String>>,
+    /// Identities from the configuration, for CAs whose directory lists none.
+    configured_identities: Vec<String>,
 }
 
 impl std::fmt::Debug for AcmeClient {
@@ -198,6 +212,35 @@ pub fn account_key_path(directory: &str) -> String {
     format!("dstack-mesh/acme-account/{directory}")
 }
 
+/// HTTPS (or plain HTTP, for local stand-ins) with the WebPKI roots plus `extra_roots` and a
+/// connect timeout: the CA's client and the DNS provider APIs'.
+pub fn https_connector(
+    extra_roots: &[rustls_pki_types::CertificateDer<'static>],
+    timeout: Duration,
+) -> Result<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, String>
+{
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for root in extra_roots {
+        roots
+            .add(root.clone())
+            .map_err(|e| format!("acme.ca_roots: {e}"))?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(ratls::crypto::provider())
+        .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_connect_timeout(Some(timeout));
+    connector.enforce_http(false);
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector))
+}
+
 impl AcmeClient {
     /// A client for `directory`, trusting the WebPKI roots plus `extra_roots`.
     pub fn new(
@@ -209,26 +252,7 @@ impl AcmeClient {
         email: Option<String>,
         eab: Option<Eab>,
     ) -> Result<Self, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        for root in extra_roots {
-            roots
-                .add(root.clone())
-                .map_err(|e| format!("acme.ca_roots: {e}"))?;
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(ratls::crypto::provider())
-            .with_protocol_versions(rustls::DEFAULT_VERSIONS)
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        connector.set_connect_timeout(Some(timeout));
-        connector.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(connector);
+        let https = https_connector(extra_roots, timeout)?;
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(https);
@@ -240,7 +264,44 @@ impl AcmeClient {
             email,
             eab,
             account: tokio::sync::Mutex::new(None),
+            caa_identities: tokio::sync::OnceCell::new(),
+            configured_identities: Vec::new(),
         })
+    }
+
+    /// Identities to use when the directory lists none (`[dns] caa_identities`).
+    pub fn with_caa_identities(mut self, identities: Vec<String>) -> Self {
+        self.configured_identities = identities;
+        self
+    }
+
+    /// The domains this CA recognises in CAA records: the directory's `meta.caaIdentities`,
+    /// else the configured ones; empty when neither says (then CAA checks skip the CA name).
+    pub async fn caa_identities(&self) -> Vec<String> {
+        let fetched = self
+            .caa_identities
+            .get_or_try_init(|| async {
+                let req = http::Request::get(&self.directory)
+                    .body(BodyWrapper::default())
+                    .map_err(|e| e.to_string())?;
+                let mut rsp = self.http.request(req).await.map_err(|e| e.to_string())?;
+                let body = rsp.body.into_bytes().await.map_err(|e| e.to_string())?;
+                let dir: serde_json::Value =
+                    serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+                Ok::<_, String>(
+                    dir.pointer("/meta/caaIdentities")
+                        .and_then(serde_json::Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|v| v.as_str().map(str::to_ascii_lowercase))
+                        .collect(),
+                )
+            })
+            .await;
+        match fetched {
+            Ok(ids) if !ids.is_empty() => ids.clone(),
+            _ => self.configured_identities.clone(),
+        }
     }
 
     /// The directory URL.
@@ -381,14 +442,29 @@ impl AcmeClient {
         names: &[String],
         challenge: Challenge,
         challenges: &Challenges,
+        dns: Option<&Dns>,
     ) -> Result<Issued, IssueError> {
         let account = self.account(false).await?;
-        match self.order(&account, names, challenge, challenges).await {
+        if let Some(dns) = dns.filter(|d| d.checks_caa()) {
+            let identities = self.caa_identities().await;
+            let req = caa::Request {
+                identities: &identities,
+                account: Some(account.id()),
+                method: challenge.as_str(),
+            };
+            dns.check_caa(names, &req)
+                .await
+                .map_err(|e| IssueError::Dns(e.to_string()))?;
+        }
+        match self
+            .order(&account, names, challenge, challenges, dns)
+            .await
+        {
             // A CA that lost the account (a reset, a restarted pebble): same key, new account.
             Err(e) if is_account_gone(&e) => {
                 tracing::warn!(directory = %self.directory, "the CA does not know our account any more: registering again with the same key");
                 let account = self.account(true).await?;
-                self.order(&account, names, challenge, challenges)
+                self.order(&account, names, challenge, challenges, dns)
                     .await
                     .map_err(classify)
             }
@@ -402,10 +478,13 @@ impl AcmeClient {
         names: &[String],
         challenge: Challenge,
         challenges: &Challenges,
+        dns: Option<&Dns>,
     ) -> Result<Issued, instant_acme::Error> {
+        let dns_failed = |e: DnsError| instant_acme::Error::Other(Box::new(e));
         let identifiers: Vec<Identifier> = names.iter().cloned().map(Identifier::Dns).collect();
         let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
         let mut tokens = Vec::new();
+        let mut placed = Vec::new();
         let result = async {
             let mut authorizations = order.authorizations();
             while let Some(authz) = authorizations.next().await {
@@ -439,13 +518,33 @@ impl AcmeClient {
                         challenges.add_http(&handle.token, key_auth.as_str());
                         tokens.push(handle.token.clone());
                     }
+                    // Every record goes up before the CA is told to look: a wildcard and its
+                    // base share one name, and propagation is awaited once for all.
                     Challenge::Dns01 => {
-                        return Err(instant_acme::Error::Other(
-                            "dns-01 needs a DNS provider".into(),
-                        ))
+                        let dns = dns.ok_or_else(|| dns_failed(DnsError::NoProvider))?;
+                        let value = key_auth.dns_value();
+                        placed.push(
+                            dns.place_challenge(&name, &value)
+                                .await
+                                .map_err(dns_failed)?,
+                        );
+                        continue;
                     }
                 }
                 handle.set_ready().await?;
+            }
+            if let (Some(dns), false) = (dns, placed.is_empty()) {
+                dns.wait_visible(&placed).await.map_err(dns_failed)?;
+                let mut authorizations = order.authorizations();
+                while let Some(authz) = authorizations.next().await {
+                    let mut authz = authz?;
+                    if authz.status != AuthorizationStatus::Pending {
+                        continue;
+                    }
+                    if let Some(mut handle) = authz.challenge(ChallengeType::Dns01) {
+                        handle.set_ready().await?;
+                    }
+                }
             }
             // Pebble and Let's Encrypt validate within tens of milliseconds: poll fast first.
             let polls = RetryPolicy::new()
@@ -472,6 +571,9 @@ impl AcmeClient {
         }
         .await;
         challenges.remove(names, &tokens);
+        if let Some(dns) = dns {
+            dns.remove(&placed).await;
+        }
         result
     }
 

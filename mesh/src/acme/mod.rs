@@ -10,10 +10,12 @@
 pub mod cert;
 pub mod challenge;
 pub mod client;
+pub mod dns01;
 pub mod eab;
 pub mod evidence;
 pub mod http01;
 pub mod internal;
+mod records;
 mod renewal;
 pub mod store;
 
@@ -68,6 +70,9 @@ pub enum AcmeError {
     /// A TLS configuration was refused.
     #[error("public TLS: {0}")]
     Tls(#[from] rustls::Error),
+    /// The DNS provider could not be set up.
+    #[error("dns: {0}")]
+    Dns(String),
     /// The ACME client could not be built.
     #[error("ACME client for {directory}: {reason}")]
     Client {
@@ -131,6 +136,10 @@ pub struct CertStatus {
     pub failures_total: u64,
     /// Certificates obtained since start.
     pub issued_total: u64,
+    /// The dstack DNS records (CNAME, app-address TXT, CAA): `in place` or the last error;
+    /// absent when no DNS provider writes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_records: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -143,6 +152,8 @@ struct DomainState {
     issued_total: u64,
     /// The stored certificate came from another issuer or for other names: replace it.
     stale: bool,
+    /// The dstack DNS records: `in place` or the last error.
+    dns_records: Option<String>,
 }
 
 /// One public domain at run time.
@@ -214,6 +225,9 @@ pub struct Acme {
     issuers: HashMap<Issuer, IssuerRuntime>,
     evidence: Arc<evidence::Evidence>,
     config: AcmeConfig,
+    /// The DNS provider and resolvers, when configured.
+    dns: Option<Arc<dns01::Dns>>,
+    agent: AgentClient,
 }
 
 impl std::fmt::Debug for Acme {
@@ -271,7 +285,8 @@ impl Acme {
                     .map_err(|reason| AcmeError::Client {
                         directory: directory.clone(),
                         reason,
-                    })?,
+                    })?
+                    .with_caa_identities(public.dns.caa_identities.clone()),
                 )),
                 Issuer::InternalCa => IssuerRuntime::Internal(Arc::new(
                     InternalCa::open(&store, public.acme.internal_ca_lifetime).map_err(
@@ -317,7 +332,15 @@ impl Acme {
             renewal::load_stored(store.as_ref(), &domain);
             domains.push(domain);
         }
+        let dns = match public.dns.provider.is_some() || !public.dns.resolvers.is_empty() {
+            true => Some(Arc::new(
+                dns01::Dns::new(&public.dns).map_err(AcmeError::Dns)?,
+            )),
+            false => None,
+        };
         Ok(Arc::new(Self {
+            dns,
+            agent: agent.clone(),
             domains,
             exact,
             wildcard,
@@ -334,6 +357,9 @@ impl Acme {
     pub fn start(self: &Arc<Self>, tasks: &mut JoinSet<()>) {
         for domain in &self.domains {
             tasks.spawn(self.clone().lifecycle(domain.clone()));
+            if self.dns.as_ref().is_some_and(|d| d.manages_records()) {
+                tasks.spawn(self.clone().dstack_records(domain.clone()));
+            }
         }
         // Stored certificates get fresh evidence (a new quote) at every start.
         let acme = self.clone();
@@ -455,10 +481,11 @@ impl Acme {
                         s.consecutive_failures,
                         s.failures_total,
                         s.issued_total,
+                        s.dns_records.clone(),
                     )
                 });
-                let (status, last_error, next_attempt, consecutive, failures, issued) =
-                    state.unwrap_or((Status::Pending, None, None, 0, 0, 0));
+                let (status, last_error, next_attempt, consecutive, failures, issued, records) =
+                    state.unwrap_or((Status::Pending, None, None, 0, 0, 0, None));
                 CertStatus {
                     domain: d.name().to_owned(),
                     names: d.config.names.clone(),
@@ -477,6 +504,7 @@ impl Acme {
                     consecutive_failures: consecutive,
                     failures_total: failures,
                     issued_total: issued,
+                    dns_records: records,
                 }
             })
             .collect()

@@ -191,7 +191,12 @@ impl Acme {
         let issued: Issued = match self.issuers.get(&d.config.issuer) {
             Some(IssuerRuntime::Acme(client)) => tokio::time::timeout(
                 ORDER_DEADLINE,
-                client.issue(names, d.config.challenge, &self.challenges),
+                client.issue(
+                    names,
+                    d.config.challenge,
+                    &self.challenges,
+                    self.dns.as_deref(),
+                ),
             )
             .await
             .map_err(|_| {

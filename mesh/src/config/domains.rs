@@ -322,10 +322,13 @@ pub struct PublicConfig {
     pub domains: Vec<DomainConfig>,
     /// Issuance settings.
     pub acme: AcmeConfig,
+    /// DNS provider, resolvers and the dstack records.
+    pub dns: super::dns::DnsConfig,
 }
 
 pub(super) fn public(
     acme: Option<&RawAcme>,
+    dns: Option<&super::dns::RawDns>,
     domains: &[RawDomain],
     env: &dyn Source,
     c: &mut Check,
@@ -423,6 +426,7 @@ pub(super) fn public(
         ),
     };
 
+    let dns = super::dns::dns(dns, env, c);
     let mut list = Vec::new();
     for (i, d) in domains.iter().enumerate() {
         let key = format!("domains[{i}]");
@@ -592,14 +596,17 @@ pub(super) fn public(
             {
                 c.fail(
                     key,
-                    format!("{name}: a wildcard needs the dns-01 challenge; CAs never offer {} for wildcards", challenge_name(d.challenge)),
+                    format!("{name}: a wildcard needs the dns-01 challenge; CAs never offer {} for wildcards", d.challenge.as_str()),
                 );
             }
         }
-        if d.challenge == Challenge::Dns01 && d.issuer != Issuer::InternalCa {
+        if d.challenge == Challenge::Dns01
+            && d.issuer != Issuer::InternalCa
+            && dns.provider.is_none()
+        {
             c.fail(
                 key,
-                format!("{}: dns-01 needs a DNS provider, which this build does not have yet; use tls-alpn-01 or http-01", d.primary()),
+                format!("{}: dns-01 needs a DNS provider (DNS_PROVIDER=cloudflare or rfc2136, or [dns] provider)", d.primary()),
             );
         }
         if d.challenge == Challenge::Http01
@@ -618,14 +625,18 @@ pub(super) fn public(
     PublicConfig {
         domains: list.into_iter().map(|(_, d)| d).collect(),
         acme,
+        dns,
     }
 }
 
-fn challenge_name(c: Challenge) -> &'static str {
-    match c {
-        Challenge::TlsAlpn01 => "tls-alpn-01",
-        Challenge::Http01 => "http-01",
-        Challenge::Dns01 => "dns-01",
+impl Challenge {
+    /// The ACME name (CAA `validationmethods` uses it too).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TlsAlpn01 => "tls-alpn-01",
+            Self::Http01 => "http-01",
+            Self::Dns01 => "dns-01",
+        }
     }
 }
 

@@ -778,12 +778,17 @@ impl Config {
                 .into(),
         };
 
-        let public = domains::public(
+        let mut public = domains::public(
             raw.acme.as_ref(),
+            raw.dns.as_ref(),
             raw.domains.as_deref().unwrap_or_default(),
             env,
             &mut c,
         );
+        // The gateway reaches this CVM on the inbound listener's port unless told otherwise.
+        if public.dns.app_port.is_none() && inbound.listen.port() != 0 {
+            public.dns.app_port = Some(inbound.listen.port());
+        }
         if !public.domains.is_empty() && !inbound.enabled {
             c.fail(
                 "inbound.enabled",
@@ -845,7 +850,9 @@ impl Config {
     }
 }
 
+pub mod dns;
 pub mod domains;
 #[cfg(test)]
 mod tests;
+pub use dns::{DnsConfig, ProviderConfig};
 pub use domains::{AcmeConfig, Challenge, DomainConfig, Eab, Issuer, Mode, PublicConfig};

@@ -117,6 +117,7 @@ pub struct RawConfig {
     pub identity: Option<RawIdentity>,
     pub inbound: Option<RawInbound>,
     pub acme: Option<super::domains::RawAcme>,
+    pub dns: Option<super::dns::RawDns>,
     pub admin: Option<RawListener>,
     pub domains: Option<Vec<super::domains::RawDomain>>,
 }

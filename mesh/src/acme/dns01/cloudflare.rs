@@ -1,0 +1,332 @@
+//! Cloudflare's v4 API with a scoped token (Zone:Read, DNS:Edit): zones, then DNS records
+//! listed, created and deleted one by one. Every error carries Cloudflare's own code and text.
+
+use std::{net::SocketAddr, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use serde_json::{json, Value};
+
+use super::{BoxFuture, Data, DnsError, Provider, Record, Rtype, Zone};
+
+type HttpsClient = Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
+/// Marks records we write, for people reading the dashboard.
+const COMMENT: &str = "managed by dstack-mesh";
+/// Largest page the zones endpoint serves.
+const ZONES_PER_PAGE: u32 = 50;
+/// Largest page the records endpoint serves in one go.
+const RECORDS_PER_PAGE: u32 = 100;
+
+/// The API and the token.
+pub struct Cloudflare {
+    base: String,
+    token: String,
+    client: HttpsClient,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Cloudflare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cloudflare")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cloudflare {
+    /// `base` is the API root (`https://api.cloudflare.com/client/v4`).
+    pub fn new(base: &str, token: &str, timeout: Duration) -> Result<Self, String> {
+        let connector = crate::acme::client::https_connector(&[], timeout)?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+            client: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build(connector),
+            timeout,
+        })
+    }
+
+    fn fail(&self, message: String) -> DnsError {
+        DnsError::Provider {
+            provider: "cloudflare",
+            message,
+        }
+    }
+
+    /// One API call; the envelope's `result` on success, Cloudflare's errors otherwise.
+    async fn call(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(Value, Value), DnsError> {
+        let what = format!("{method} {path}");
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", self.token),
+            )
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| self.fail(format!("{what}: {e}")))?;
+        let exchange = async {
+            let rsp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| ratls::error_chain(&e))?;
+            let status = rsp.status();
+            let bytes = rsp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok::<_, String>((status, bytes))
+        };
+        let (status, bytes) = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| self.fail(format!("{what}: no answer within {:?}", self.timeout)))?
+            .map_err(|e| self.fail(format!("{what}: {e}")))?;
+        let envelope: Value = serde_json::from_slice(&bytes).map_err(|_| {
+            self.fail(format!(
+                "{what}: HTTP {status} with a body that is not the API's JSON"
+            ))
+        })?;
+        let success = envelope
+            .get("success")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        if !status.is_success() || !success {
+            let errors: Vec<String> = envelope
+                .get("errors")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|e| {
+                    format!(
+                        "{} (code {})",
+                        e.get("message")
+                            .and_then(Value::as_str)
+                            .unwrap_or("no message"),
+                        e.get("code").map(ToString::to_string).unwrap_or_default()
+                    )
+                })
+                .collect();
+            let hint = match status.as_u16() {
+                401 | 403 => {
+                    ": check the token and its scope (Zone:Read and DNS:Edit on this zone)"
+                }
+                _ => "",
+            };
+            return Err(self.fail(format!(
+                "{what}: HTTP {status}: {}{hint}",
+                errors.join("; ")
+            )));
+        }
+        let result = envelope.get("result").cloned().unwrap_or(Value::Null);
+        let info = envelope.get("result_info").cloned().unwrap_or(Value::Null);
+        Ok((result, info))
+    }
+
+    /// Every page of a listing.
+    async fn list(&self, path: &str, per_page: u32) -> Result<Vec<Value>, DnsError> {
+        let mut out = Vec::new();
+        for page in 1u32.. {
+            let sep = if path.contains('?') { '&' } else { '?' };
+            let (result, info) = self
+                .call(
+                    http::Method::GET,
+                    &format!("{path}{sep}page={page}&per_page={per_page}"),
+                    None,
+                )
+                .await?;
+            let items = result.as_array().cloned().unwrap_or_default();
+            let got = items.len();
+            out.extend(items);
+            let pages = info.get("total_pages").and_then(Value::as_u64).unwrap_or(1);
+            // A page limit keeps a misbehaving API from looping us forever.
+            if u64::from(page) >= pages || got == 0 || page >= 1000 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn parse(&self, v: &Value) -> Option<Record> {
+        let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+        let name = text("name")?.to_ascii_lowercase();
+        let content = text("content").unwrap_or_default();
+        let data = match text("type")?.as_str() {
+            // TXT content may come back quoted (Cloudflare's newer form).
+            "TXT" => Data::Txt(unquote(&content).to_owned()),
+            "CNAME" => Data::Cname(content.trim_end_matches('.').to_ascii_lowercase()),
+            "CAA" => {
+                let d = v.get("data")?;
+                Data::Caa {
+                    critical: d.get("flags").and_then(Value::as_u64).unwrap_or(0) & 128 != 0,
+                    tag: d.get("tag").and_then(Value::as_str)?.to_owned(),
+                    value: d.get("value").and_then(Value::as_str)?.to_owned(),
+                }
+            }
+            "A" => Data::Other(Rtype::A, content),
+            "AAAA" => Data::Other(Rtype::Aaaa, content),
+            _ => return None,
+        };
+        Some(Record {
+            name,
+            data,
+            ttl: v
+                .get("ttl")
+                .and_then(Value::as_u64)
+                .and_then(|t| u32::try_from(t).ok())
+                .unwrap_or(1),
+            id: text("id"),
+        })
+    }
+}
+
+fn unquote(s: &str) -> &str {
+    s.strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .unwrap_or(s)
+}
+
+impl Provider for Cloudflare {
+    fn name(&self) -> &'static str {
+        "cloudflare"
+    }
+
+    fn zones(&self) -> BoxFuture<'_, Result<Vec<Zone>, DnsError>> {
+        Box::pin(async move {
+            let items = self.list("/zones?status=active", ZONES_PER_PAGE).await?;
+            Ok(items
+                .iter()
+                .filter_map(|z| {
+                    Some(Zone {
+                        name: z.get("name")?.as_str()?.to_ascii_lowercase(),
+                        id: z.get("id")?.as_str()?.to_owned(),
+                    })
+                })
+                .collect())
+        })
+    }
+
+    fn records<'a>(
+        &'a self,
+        zone: &'a Zone,
+        name: &'a str,
+        rtype: Rtype,
+    ) -> BoxFuture<'a, Result<Vec<Record>, DnsError>> {
+        Box::pin(async move {
+            let path = format!(
+                "/zones/{}/dns_records?type={}&name={name}",
+                zone.id,
+                rtype.as_str()
+            );
+            let items = self.list(&path, RECORDS_PER_PAGE).await?;
+            Ok(items
+                .iter()
+                .filter_map(|v| self.parse(v))
+                .filter(|r| r.data.rtype() == rtype && r.name.eq_ignore_ascii_case(name))
+                .collect())
+        })
+    }
+
+    fn create<'a>(
+        &'a self,
+        zone: &'a Zone,
+        record: &'a Record,
+    ) -> BoxFuture<'a, Result<Record, DnsError>> {
+        Box::pin(async move {
+            let mut body = json!({
+                "type": record.data.rtype().as_str(),
+                "name": record.name,
+                "ttl": record.ttl,
+                "comment": COMMENT,
+            });
+            match &record.data {
+                Data::Txt(v) => body["content"] = json!(v),
+                // Proxied would put Cloudflare's TLS in front of the gateway: never.
+                Data::Cname(t) => {
+                    body["content"] = json!(t);
+                    body["proxied"] = json!(false);
+                }
+                Data::Caa {
+                    critical,
+                    tag,
+                    value,
+                } => {
+                    body["data"] = json!({ "flags": if *critical { 128 } else { 0 }, "tag": tag, "value": value });
+                }
+                Data::Other(t, _) => {
+                    return Err(self.fail(format!(
+                        "{} records are not written by dstack-mesh",
+                        t.as_str()
+                    )))
+                }
+            }
+            let (result, _) = self
+                .call(
+                    http::Method::POST,
+                    &format!("/zones/{}/dns_records", zone.id),
+                    Some(body),
+                )
+                .await?;
+            let mut created = record.clone();
+            created.id = result.get("id").and_then(Value::as_str).map(str::to_owned);
+            Ok(created)
+        })
+    }
+
+    fn delete<'a>(
+        &'a self,
+        zone: &'a Zone,
+        record: &'a Record,
+    ) -> BoxFuture<'a, Result<(), DnsError>> {
+        Box::pin(async move {
+            let ids = match &record.id {
+                Some(id) => vec![id.clone()],
+                None => self
+                    .records(zone, &record.name, record.data.rtype())
+                    .await?
+                    .into_iter()
+                    .filter(|r| r.data.same(&record.data))
+                    .filter_map(|r| r.id)
+                    .collect(),
+            };
+            for id in ids {
+                self.call(
+                    http::Method::DELETE,
+                    &format!("/zones/{}/dns_records/{id}", zone.id),
+                    None,
+                )
+                .await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn apex_cname(&self) -> bool {
+        true
+    }
+
+    fn default_resolvers(&self) -> BoxFuture<'_, Vec<SocketAddr>> {
+        // Two operators: a record seen by both has left Cloudflare's edge.
+        Box::pin(async {
+            vec![
+                SocketAddr::from(([1, 1, 1, 1], 53)),
+                SocketAddr::from(([8, 8, 8, 8], 53)),
+            ]
+        })
+    }
+}

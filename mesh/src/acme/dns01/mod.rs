@@ -1,0 +1,697 @@
+//! DNS-01 and the dstack DNS records through a small provider trait (Cloudflare, RFC 2136),
+//! with resolvers that check propagation and CAA before the CA is asked to look.
+//!
+//! Providers only list zones and records and create or delete one record; the policy (which
+//! zone, what to replace, what never to touch, when a record is visible) lives here, once.
+
+pub mod caa;
+pub mod cloudflare;
+pub mod rfc2136;
+pub mod wire;
+
+use std::{fmt, future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+
+use crate::config::{DnsConfig, DomainConfig, ProviderConfig};
+
+/// A boxed future, so the provider trait stays object safe.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Deadline of one DNS query or provider request.
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of one propagation or CAA query (a silent resolver is asked again later).
+const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
+/// Pause between propagation rounds.
+const POLL: Duration = Duration::from_secs(2);
+/// TTL of everything we write: challenge records are short-lived, and a gateway move should
+/// not wait on caches.
+const TTL: u32 = 60;
+
+/// Why a DNS step failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DnsError {
+    /// The provider refused or failed; its own message.
+    #[error("DNS provider {provider}: {message}")]
+    Provider {
+        /// `cloudflare` or `rfc2136`.
+        provider: &'static str,
+        /// What it said.
+        message: String,
+    },
+    /// The provider holds no zone enclosing the name.
+    #[error("DNS provider {provider}: no zone holds {name} ({zones})")]
+    NoZone {
+        /// The provider.
+        provider: &'static str,
+        /// The name.
+        name: String,
+        /// What it does hold.
+        zones: String,
+    },
+    /// A record at a name we manage that we did not write and will not remove.
+    #[error("{0}")]
+    Conflict(String),
+    /// A challenge record did not reach every resolver in time.
+    #[error("{0}")]
+    NotPropagated(String),
+    /// CAA forbids the order.
+    #[error("{0}")]
+    Caa(String),
+    /// No DNS provider is configured.
+    #[error("no DNS provider is configured (DNS_PROVIDER)")]
+    NoProvider,
+}
+
+/// The record types we write or look at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Rtype {
+    /// IPv4 address.
+    A,
+    /// IPv6 address.
+    Aaaa,
+    /// Alias.
+    Cname,
+    /// Text.
+    Txt,
+    /// Certification authority authorization.
+    Caa,
+}
+
+impl Rtype {
+    /// The type's mnemonic.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::A => "A",
+            Self::Aaaa => "AAAA",
+            Self::Cname => "CNAME",
+            Self::Txt => "TXT",
+            Self::Caa => "CAA",
+        }
+    }
+
+    fn hickory(self) -> hickory_proto::rr::RecordType {
+        use hickory_proto::rr::RecordType as T;
+        match self {
+            Self::A => T::A,
+            Self::Aaaa => T::AAAA,
+            Self::Cname => T::CNAME,
+            Self::Txt => T::TXT,
+            Self::Caa => T::CAA,
+        }
+    }
+}
+
+/// Record data, in the form we compare.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Data {
+    /// A TXT value (its character-strings joined).
+    Txt(String),
+    /// A CNAME target, lowercase, no trailing dot.
+    Cname(String),
+    /// A CAA property.
+    Caa {
+        /// The issuer-critical flag.
+        critical: bool,
+        /// `issue`, `issuewild`, …
+        tag: String,
+        /// The raw value.
+        value: String,
+    },
+    /// Another type, shown but never written.
+    Other(Rtype, String),
+}
+
+impl Data {
+    /// Its type.
+    pub fn rtype(&self) -> Rtype {
+        match self {
+            Self::Txt(_) => Rtype::Txt,
+            Self::Cname(_) => Rtype::Cname,
+            Self::Caa { .. } => Rtype::Caa,
+            Self::Other(t, _) => *t,
+        }
+    }
+
+    /// Equal as DNS sees it (CAA values compare after parsing: spacing does not matter).
+    pub fn same(&self, other: &Self) -> bool {
+        match (self, other) {
+            (
+                Self::Caa {
+                    critical: c1,
+                    tag: t1,
+                    value: v1,
+                },
+                Self::Caa {
+                    critical: c2,
+                    tag: t2,
+                    value: v2,
+                },
+            ) => {
+                c1 == c2
+                    && t1.eq_ignore_ascii_case(t2)
+                    && match (caa::IssueValue::parse(v1), caa::IssueValue::parse(v2)) {
+                        (Ok(a), Ok(b)) => a == b,
+                        _ => v1 == v2,
+                    }
+            }
+            (Self::Cname(a), Self::Cname(b)) => a.eq_ignore_ascii_case(b),
+            (a, b) => a == b,
+        }
+    }
+}
+
+impl fmt::Display for Data {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Txt(v) => write!(f, "TXT {v:?}"),
+            Self::Cname(t) => write!(f, "CNAME {t}."),
+            Self::Caa {
+                critical,
+                tag,
+                value,
+            } => {
+                write!(f, "CAA {} {tag} {value:?}", if *critical { 128 } else { 0 })
+            }
+            Self::Other(t, v) => write!(f, "{} {v}", t.as_str()),
+        }
+    }
+}
+
+/// One record; `id` is the provider's handle when it has one (Cloudflare).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// Owner name, lowercase, no trailing dot.
+    pub name: String,
+    /// Data.
+    pub data: Data,
+    /// TTL in seconds.
+    pub ttl: u32,
+    /// Provider handle.
+    pub id: Option<String>,
+}
+
+impl Record {
+    fn new(name: &str, data: Data) -> Self {
+        Self {
+            name: name.to_ascii_lowercase(),
+            data,
+            ttl: TTL,
+            id: None,
+        }
+    }
+}
+
+impl fmt::Display for Record {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}. {}", self.name, self.data)
+    }
+}
+
+/// A zone a provider holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Zone {
+    /// Its apex, lowercase, no trailing dot.
+    pub name: String,
+    /// The provider's handle (Cloudflare's zone id; the name for RFC 2136).
+    pub id: String,
+}
+
+/// What a DNS provider does for us.
+pub trait Provider: Send + Sync + fmt::Debug {
+    /// `cloudflare`, `rfc2136`.
+    fn name(&self) -> &'static str;
+    /// The zones this provider (this token, this key) can edit.
+    fn zones(&self) -> BoxFuture<'_, Result<Vec<Zone>, DnsError>>;
+    /// The closest enclosing zone of `name`.
+    fn zone_for<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Zone, DnsError>> {
+        Box::pin(async move {
+            let zones = self.zones().await?;
+            closest_zone(name, &zones)
+                .cloned()
+                .ok_or_else(|| DnsError::NoZone {
+                    provider: self.name(),
+                    name: name.to_owned(),
+                    zones: match zones.is_empty() {
+                        true => "it lists no zones: check the credentials' scope".to_owned(),
+                        false => format!(
+                            "it holds {}",
+                            zones
+                                .iter()
+                                .map(|z| z.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    },
+                })
+        })
+    }
+    /// The records of type `rtype` at `name`.
+    fn records<'a>(
+        &'a self,
+        zone: &'a Zone,
+        name: &'a str,
+        rtype: Rtype,
+    ) -> BoxFuture<'a, Result<Vec<Record>, DnsError>>;
+    /// Add one record (others at the name stay); returns it with its handle.
+    fn create<'a>(
+        &'a self,
+        zone: &'a Zone,
+        record: &'a Record,
+    ) -> BoxFuture<'a, Result<Record, DnsError>>;
+    /// Delete one record (as `records` or `create` returned it).
+    fn delete<'a>(
+        &'a self,
+        zone: &'a Zone,
+        record: &'a Record,
+    ) -> BoxFuture<'a, Result<(), DnsError>>;
+    /// Whether a CNAME may sit at a zone apex (Cloudflare flattens it; plain DNS cannot).
+    fn apex_cname(&self) -> bool {
+        false
+    }
+    /// Where records show first when no resolvers are configured.
+    fn default_resolvers(&self) -> BoxFuture<'_, Vec<SocketAddr>>;
+}
+
+/// `name` equals `zone` or sits under it.
+pub fn in_zone(name: &str, zone: &str) -> bool {
+    let (name, zone) = (name.to_ascii_lowercase(), zone.to_ascii_lowercase());
+    name == zone || name.ends_with(&format!(".{zone}"))
+}
+
+/// The longest zone enclosing `name`.
+pub fn closest_zone<'z>(name: &str, zones: &'z [Zone]) -> Option<&'z Zone> {
+    zones
+        .iter()
+        .filter(|z| in_zone(name, &z.name))
+        .max_by_key(|z| z.name.len())
+}
+
+/// A challenge record we placed, to remove when the order is over.
+#[derive(Clone, Debug)]
+pub struct Placed {
+    zone: Zone,
+    record: Record,
+}
+
+/// What happened to one dstack record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Already right: nothing written.
+    Unchanged(String),
+    /// Written.
+    Created(String),
+    /// Not written, and why.
+    Skipped(String),
+    /// Written, and our earlier value at that name removed.
+    Replaced {
+        /// The record now.
+        now: String,
+        /// What it replaced.
+        old: Vec<String>,
+    },
+}
+
+/// The DNS side of public domains: one provider, the resolvers, the dstack record settings.
+#[derive(Debug)]
+pub struct Dns {
+    provider: Option<Arc<dyn Provider>>,
+    config: DnsConfig,
+}
+
+/// Build the configured provider.
+pub fn provider(cfg: &ProviderConfig, timeout: Duration) -> Result<Arc<dyn Provider>, String> {
+    Ok(match cfg {
+        ProviderConfig::Cloudflare { api_token, api_url } => {
+            Arc::new(cloudflare::Cloudflare::new(api_url, &api_token.0, timeout)?)
+        }
+        ProviderConfig::Rfc2136 {
+            server,
+            key_name,
+            algorithm,
+            secret,
+            zones,
+        } => Arc::new(rfc2136::Rfc2136::new(
+            server, key_name, algorithm, &secret.0, zones, timeout,
+        )?),
+    })
+}
+
+impl Dns {
+    /// From `[dns]`.
+    pub fn new(config: &DnsConfig) -> Result<Self, String> {
+        let provider = config
+            .provider
+            .as_ref()
+            .map(|p| provider(p, STEP_TIMEOUT))
+            .transpose()?;
+        Ok(Self::with_provider(provider, config))
+    }
+
+    /// With a given provider (tests bring their own).
+    pub fn with_provider(provider: Option<Arc<dyn Provider>>, config: &DnsConfig) -> Self {
+        Self {
+            provider,
+            config: config.clone(),
+        }
+    }
+
+    /// Whether the dstack records are to be written.
+    pub fn manages_records(&self) -> bool {
+        self.provider.is_some() && (self.config.gateway_domain.is_some() || self.config.set_caa)
+    }
+
+    /// Whether a CAA pin is to be written (`SET_CAA`).
+    pub fn sets_caa(&self) -> bool {
+        self.config.set_caa
+    }
+
+    /// The port in the app-address TXT.
+    pub fn app_port(&self) -> Option<u16> {
+        self.config.app_port
+    }
+
+    /// Whether CAA is checked before ordering (needs resolvers: a provider's or configured).
+    pub fn checks_caa(&self) -> bool {
+        self.provider.is_some() || !self.config.resolvers.is_empty()
+    }
+
+    fn provider(&self) -> Result<&Arc<dyn Provider>, DnsError> {
+        self.provider.as_ref().ok_or(DnsError::NoProvider)
+    }
+
+    async fn resolvers(&self) -> Vec<SocketAddr> {
+        match (&self.provider, self.config.resolvers.is_empty()) {
+            (Some(p), true) => p.default_resolvers().await,
+            _ => self.config.resolvers.clone(),
+        }
+    }
+
+    /// Publish `_acme-challenge.<name>` = `value` for a DNS-01 challenge.
+    pub async fn place_challenge(&self, identifier: &str, value: &str) -> Result<Placed, DnsError> {
+        let provider = self.provider()?;
+        let owner = format!("_acme-challenge.{}", identifier.trim_start_matches("*."));
+        let zone = provider.zone_for(&owner).await?;
+        let record = Record::new(&owner, Data::Txt(value.to_owned()));
+        let record = provider.create(&zone, &record).await?;
+        tracing::debug!(record = %record, zone = %zone.name, "challenge record placed");
+        Ok(Placed { zone, record })
+    }
+
+    /// Remove challenge records; failures are logged, never fatal (the order is over).
+    pub async fn remove(&self, placed: &[Placed]) {
+        let Ok(provider) = self.provider() else {
+            return;
+        };
+        for p in placed {
+            match provider.delete(&p.zone, &p.record).await {
+                Ok(()) => tracing::debug!(record = %p.record, "challenge record removed"),
+                Err(e) => {
+                    tracing::warn!(record = %p.record, error = %e, "challenge record not removed")
+                }
+            }
+        }
+    }
+
+    /// Wait until every resolver sees every placed value, or fail after the timeout saying
+    /// which resolver saw what.
+    pub async fn wait_visible(&self, placed: &[Placed]) -> Result<(), DnsError> {
+        if !self.config.propagation_check || placed.is_empty() {
+            return Ok(());
+        }
+        let resolvers = self.resolvers().await;
+        let deadline = tokio::time::Instant::now() + self.config.propagation_timeout;
+        let mut waiting: Vec<(SocketAddr, &Placed, String)> = resolvers
+            .iter()
+            .flat_map(|r| placed.iter().map(move |p| (*r, p, String::new())))
+            .collect();
+        loop {
+            let mut still = Vec::new();
+            for (resolver, p, _) in waiting {
+                let Data::Txt(want) = &p.record.data else {
+                    continue;
+                };
+                let seen =
+                    match wire::query(resolver, &p.record.name, Rtype::Txt, QUERY_TIMEOUT).await {
+                        Ok(a) => {
+                            let values: Vec<String> = a
+                                .records
+                                .iter()
+                                .filter_map(|r| match &r.data {
+                                    Data::Txt(v) => Some(v.clone()),
+                                    _ => None,
+                                })
+                                .collect();
+                            if values.contains(want) {
+                                continue;
+                            }
+                            match values.is_empty() {
+                                true => format!("it answers {}", a.rcode),
+                                false => format!("it sees {values:?}"),
+                            }
+                        }
+                        Err(e) => e,
+                    };
+                still.push((resolver, p, seen));
+            }
+            if still.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() + POLL > deadline {
+                let (resolver, p, seen) = &still[0];
+                return Err(DnsError::NotPropagated(format!(
+                    "{} not seen by resolver {resolver} within {:?} ({seen}); a resolver with another view of the zone (split horizon) never will: list resolvers that see the public zone in DNS_RESOLVERS, or set DNS_PROPAGATION_CHECK=false",
+                    p.record,
+                    self.config.propagation_timeout
+                )));
+            }
+            waiting = still;
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// The relevant CAA set of `name` (RFC 8659 §3: the closest ancestor that has one).
+    async fn caa_set(&self, name: &str) -> Option<(String, Vec<Record>)> {
+        let resolvers = self.resolvers().await;
+        let mut owner = name.trim_start_matches("*.").to_owned();
+        loop {
+            let mut answered = false;
+            for r in &resolvers {
+                match wire::query(*r, &owner, Rtype::Caa, QUERY_TIMEOUT).await {
+                    Ok(a) => {
+                        answered = true;
+                        let set: Vec<Record> = a
+                            .records
+                            .into_iter()
+                            .filter(|r| r.data.rtype() == Rtype::Caa)
+                            .collect();
+                        if !set.is_empty() {
+                            return Some((owner, set));
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(resolver = %r, name = %owner, error = %e, "CAA query unanswered")
+                    }
+                }
+            }
+            if !answered {
+                // The CA checks CAA itself; ours is an early, clearer error, not a gate.
+                tracing::warn!(name = %owner, "no resolver answered the CAA query: not checked before ordering");
+                return None;
+            }
+            owner = match owner.split_once('.') {
+                Some((_, parent)) if parent.contains('.') => parent.to_owned(),
+                _ => return None,
+            };
+        }
+    }
+
+    /// Fail before ordering when CAA forbids this CA, account or method for any name.
+    pub async fn check_caa(
+        &self,
+        names: &[String],
+        req: &caa::Request<'_>,
+    ) -> Result<(), DnsError> {
+        for name in names {
+            if let Some((owner, set)) = self.caa_set(name).await {
+                caa::evaluate(name, &set, req).map_err(|e| {
+                    DnsError::Caa(format!(
+                        "{e} (the CAA set at {owner}; remove or extend it, or the CA will refuse)"
+                    ))
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write the dstack records of `domain`: the CNAME to the gateway and the app-address TXT
+    /// for every name, and with `SET_CAA` a CAA record pinning `account` and the method.
+    /// Idempotent; removes only what sits at names that exist for this route.
+    pub async fn ensure_records(
+        &self,
+        domain: &DomainConfig,
+        app_id: &str,
+        port: u16,
+        caa: Option<(&str, &str)>,
+    ) -> Result<Vec<Outcome>, DnsError> {
+        let mut out = Vec::new();
+        for name in &domain.names {
+            let base = name.strip_prefix("*.");
+            if let Some(gateway) = &self.config.gateway_domain {
+                out.push(
+                    self.ensure(Record::new(name, Data::Cname(gateway.clone())), true)
+                        .await?,
+                );
+            }
+            let txt_owner = match base {
+                Some(base) => format!("{}-wildcard.{base}", self.config.txt_prefix),
+                None => format!("{}.{name}", self.config.txt_prefix),
+            };
+            if self.config.gateway_domain.is_some() {
+                let value = format!("{app_id}:{port}");
+                out.push(
+                    self.ensure(Record::new(&txt_owner, Data::Txt(value)), true)
+                        .await?,
+                );
+            }
+            let caa_owner = base.unwrap_or(name);
+            let cnamed =
+                self.config.gateway_domain.is_some() && domain.names.iter().any(|n| n == caa_owner);
+            if self.config.set_caa && cnamed {
+                // A CNAME owns its name alone (RFC 1034 §3.6.2): CAA there would be refused or
+                // silently dropped, and the CA follows the CNAME to the gateway's CAA anyway.
+                out.push(Outcome::Skipped(format!(
+                    "CAA at {caa_owner}: the name is a CNAME to the gateway, which cannot carry other records"
+                )));
+            } else if let (true, Some((identity, account))) = (self.config.set_caa, caa) {
+                let value = caa::IssueValue {
+                    domain: identity.to_owned(),
+                    params: vec![
+                        (
+                            "validationmethods".into(),
+                            domain.challenge.as_str().to_owned(),
+                        ),
+                        ("accounturi".into(), account.to_owned()),
+                    ],
+                };
+                let record = Record::new(
+                    caa_owner,
+                    Data::Caa {
+                        critical: false,
+                        tag: if base.is_some() { "issuewild" } else { "issue" }.into(),
+                        value: value.render(),
+                    },
+                );
+                // Other CAA records stay: several issue records are alternatives, so adding
+                // ours never revokes another CA or account the owner allowed.
+                out.push(self.ensure(record, false).await?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Make `want` exist at its name. `exclusive`: other values of the type at that name are
+    /// ours from an earlier configuration and go (after the new one is in place).
+    async fn ensure(&self, want: Record, exclusive: bool) -> Result<Outcome, DnsError> {
+        let provider = self.provider()?;
+        let zone = provider.zone_for(&want.name).await?;
+        let rtype = want.data.rtype();
+        let existing = provider.records(&zone, &want.name, rtype).await?;
+        let (same, other): (Vec<_>, Vec<_>) =
+            existing.into_iter().partition(|r| r.data.same(&want.data));
+        if !same.is_empty() && (!exclusive || other.is_empty()) {
+            return Ok(Outcome::Unchanged(want.to_string()));
+        }
+        if rtype == Rtype::Cname {
+            if want.name == zone.name && !provider.apex_cname() {
+                return Err(DnsError::Conflict(format!(
+                    "{}: a CNAME cannot sit at the zone apex (RFC 1034 §3.6.2); point a subdomain at the gateway, or use a provider that flattens apex CNAMEs",
+                    want.name
+                )));
+            }
+            for t in [Rtype::A, Rtype::Aaaa, Rtype::Txt] {
+                if let Some(r) = provider.records(&zone, &want.name, t).await?.first() {
+                    return Err(DnsError::Conflict(format!(
+                        "`{r}` sits where the CNAME to the gateway goes, and dstack-mesh does not remove records it did not write: remove it, or unset GATEWAY_DOMAIN"
+                    )));
+                }
+            }
+        }
+        let old: Vec<String> = match exclusive {
+            true => other.iter().map(ToString::to_string).collect(),
+            false => Vec::new(),
+        };
+        // A name holds one CNAME: the old one goes first. Anything else: new first, so the
+        // name is never empty.
+        if rtype == Rtype::Cname {
+            for r in &other {
+                provider.delete(&zone, r).await?;
+            }
+        }
+        if same.is_empty() {
+            provider.create(&zone, &want).await?;
+        }
+        if exclusive && rtype != Rtype::Cname {
+            for r in &other {
+                provider.delete(&zone, r).await?;
+            }
+        }
+        Ok(match old.is_empty() {
+            true => Outcome::Created(want.to_string()),
+            false => Outcome::Replaced {
+                now: want.to_string(),
+                old,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closest_zone_wins() {
+        let zones = [
+            Zone {
+                name: "example.com".into(),
+                id: "1".into(),
+            },
+            Zone {
+                name: "dev.example.com".into(),
+                id: "2".into(),
+            },
+            Zone {
+                name: "ample.com".into(),
+                id: "3".into(),
+            },
+        ];
+        assert_eq!(
+            closest_zone("_acme-challenge.a.dev.example.com", &zones)
+                .unwrap()
+                .id,
+            "2"
+        );
+        assert_eq!(closest_zone("www.example.com", &zones).unwrap().id, "1");
+        assert_eq!(closest_zone("example.com", &zones).unwrap().id, "1");
+        // A suffix match is not enough: labels count.
+        assert_eq!(closest_zone("xample.com", &zones), None);
+        assert_eq!(closest_zone("other.org", &zones), None);
+    }
+
+    #[test]
+    fn caa_values_compare_parsed() {
+        let a = Data::Caa {
+            critical: false,
+            tag: "issue".into(),
+            value: "ca.example;accounturi=x".into(),
+        };
+        let b = Data::Caa {
+            critical: false,
+            tag: "ISSUE".into(),
+            value: "ca.example; accounturi=x".into(),
+        };
+        assert!(a.same(&b));
+        assert!(Data::Cname("GW.example".into()).same(&Data::Cname("gw.example".into())));
+        assert!(!Data::Txt("a".into()).same(&Data::Txt("A".into())));
+    }
+}

@@ -1,0 +1,322 @@
+//! DNS on the wire: queries (UDP, TCP when truncated) and TSIG-signed updates (TCP), with
+//! hickory-proto building and parsing the messages and a deadline on every exchange.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use hickory_proto::{
+    op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
+    rr::{rdata, DNSClass, Name, RData, RecordType, TSigner},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpStream, UdpSocket},
+};
+
+use super::{Data, Record, Rtype};
+
+/// What a server answered to a query.
+#[derive(Debug)]
+pub struct Answer {
+    /// The response code (`NXDomain` for a name that does not exist).
+    pub rcode: ResponseCode,
+    /// Records of the asked type (and CNAMEs on the way) from the answer section.
+    pub records: Vec<Record>,
+}
+
+/// A name in hickory's form (fully qualified).
+pub fn name(text: &str) -> Result<Name, String> {
+    let mut n = Name::from_ascii(text).map_err(|e| format!("{text:?} is not a DNS name: {e}"))?;
+    n.set_fqdn(true);
+    Ok(n)
+}
+
+/// Our record form of a hickory record, for the types we manage and compare.
+pub fn record(r: &hickory_proto::rr::Record) -> Option<Record> {
+    let name = r.name.to_ascii().trim_end_matches('.').to_ascii_lowercase();
+    let data = match &r.data {
+        RData::TXT(txt) => Data::Txt(
+            txt.txt_data
+                .iter()
+                .map(|s| String::from_utf8_lossy(s))
+                .collect(),
+        ),
+        RData::CNAME(c) => Data::Cname(c.0.to_ascii().trim_end_matches('.').to_ascii_lowercase()),
+        RData::CAA(caa) => Data::Caa {
+            critical: caa.issuer_critical,
+            tag: caa.tag.clone(),
+            value: String::from_utf8_lossy(&caa.value).into_owned(),
+        },
+        RData::A(a) => Data::Other(Rtype::A, a.to_string()),
+        RData::AAAA(a) => Data::Other(Rtype::Aaaa, a.to_string()),
+        _ => return None,
+    };
+    Some(Record {
+        name,
+        data,
+        ttl: r.ttl,
+        id: None,
+    })
+}
+
+/// A hickory record for one of ours.
+pub fn to_hickory(r: &Record) -> Result<hickory_proto::rr::Record, String> {
+    let owner = name(&r.name)?;
+    let data = match &r.data {
+        Data::Txt(text) => {
+            // A character-string holds 255 bytes; longer values are split, as DNS allows.
+            let chunks = text
+                .as_bytes()
+                .chunks(255)
+                .map(|c| String::from_utf8_lossy(c).into_owned())
+                .collect();
+            RData::TXT(rdata::TXT::new(chunks))
+        }
+        Data::Cname(target) => RData::CNAME(rdata::CNAME(name(target)?)),
+        Data::Caa {
+            critical,
+            tag,
+            value,
+        } => {
+            let issue = super::caa::IssueValue::parse(value)?;
+            let issuer = match issue.domain.as_str() {
+                "" => None,
+                d => Some(Name::from_ascii(d).map_err(|e| format!("CAA issuer {d:?}: {e}"))?),
+            };
+            let params = issue
+                .params
+                .iter()
+                .map(|(k, v)| rdata::caa::KeyValue::new(k.clone(), v.clone()))
+                .collect();
+            match tag.as_str() {
+                "issue" => RData::CAA(rdata::CAA::new_issue(*critical, issuer, params)),
+                "issuewild" => RData::CAA(rdata::CAA::new_issuewild(*critical, issuer, params)),
+                other => return Err(format!("CAA tag {other:?} is not written by dstack-mesh")),
+            }
+        }
+        Data::Other(t, v) => {
+            return Err(format!("{} {v} is not written by dstack-mesh", t.as_str()))
+        }
+    };
+    Ok(hickory_proto::rr::Record::from_rdata(owner, r.ttl, data))
+}
+
+fn random_id() -> u16 {
+    let mut b = [0u8; 2];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    u16::from_le_bytes(b)
+}
+
+/// Ask `server` for `rtype` records at `owner`, within `timeout`.
+pub async fn query(
+    server: SocketAddr,
+    owner: &str,
+    rtype: Rtype,
+    timeout: Duration,
+) -> Result<Answer, String> {
+    let mut msg = Message::query();
+    msg.metadata.id = random_id();
+    msg.metadata.recursion_desired = true;
+    msg.add_query(Query::query(name(owner)?, rtype.hickory()));
+    msg.edns = Some({
+        let mut e = Edns::new();
+        e.set_max_payload(1232);
+        e
+    });
+    let bytes = msg.to_vec().map_err(|e| e.to_string())?;
+    let exchange = async {
+        let reply = udp(server, &bytes, msg.metadata.id).await?;
+        match reply.metadata.truncation {
+            true => tcp(server, &bytes).await,
+            false => Ok(reply),
+        }
+    };
+    let reply = tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| format!("{server} did not answer within {timeout:?}"))??;
+    Ok(Answer {
+        rcode: reply.metadata.response_code,
+        records: reply.answers.iter().filter_map(record).collect(),
+    })
+}
+
+async fn udp(server: SocketAddr, bytes: &[u8], id: u16) -> Result<Message, String> {
+    let local: SocketAddr = match server {
+        SocketAddr::V4(_) => ([0, 0, 0, 0], 0).into(),
+        SocketAddr::V6(_) => ([0u16; 8], 0).into(),
+    };
+    let socket = UdpSocket::bind(local).await.map_err(|e| e.to_string())?;
+    socket
+        .connect(server)
+        .await
+        .map_err(|e| format!("{server}: {e}"))?;
+    socket
+        .send(bytes)
+        .await
+        .map_err(|e| format!("{server}: {e}"))?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = socket
+            .recv(&mut buf)
+            .await
+            .map_err(|e| format!("{server}: {e}"))?;
+        // Anything but our reply (a late answer to an earlier query) is ignored.
+        if let Ok(m) = Message::from_vec(&buf[..n]) {
+            if m.metadata.id == id && m.metadata.message_type == MessageType::Response {
+                return Ok(m);
+            }
+        }
+    }
+}
+
+async fn tcp_exchange(server: SocketAddr, bytes: &[u8]) -> Result<Vec<u8>, String> {
+    let mut s = TcpStream::connect(server)
+        .await
+        .map_err(|e| format!("{server}: {e}"))?;
+    let len = u16::try_from(bytes.len()).map_err(|_| "DNS message too long".to_owned())?;
+    let mut framed = len.to_be_bytes().to_vec();
+    framed.extend_from_slice(bytes);
+    s.write_all(&framed)
+        .await
+        .map_err(|e| format!("{server}: {e}"))?;
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len)
+        .await
+        .map_err(|e| format!("{server}: {e}"))?;
+    let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    s.read_exact(&mut reply)
+        .await
+        .map_err(|e| format!("{server}: {e}"))?;
+    Ok(reply)
+}
+
+async fn tcp(server: SocketAddr, bytes: &[u8]) -> Result<Message, String> {
+    let reply = tcp_exchange(server, bytes).await?;
+    Message::from_vec(&reply)
+        .map_err(|e| format!("{server} answered something that is not DNS: {e}"))
+}
+
+/// One change in an RFC 2136 update.
+#[derive(Debug)]
+pub enum Change<'a> {
+    /// Add this record (a duplicate is ignored by the server).
+    Add(&'a Record),
+    /// Delete this exact record.
+    Delete(&'a Record),
+}
+
+/// Send a TSIG-signed update of `zone` to `server` and check the signed answer.
+pub async fn update(
+    server: SocketAddr,
+    zone: &str,
+    changes: &[Change<'_>],
+    signer: &TSigner,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut msg = Message::new(random_id(), MessageType::Query, OpCode::Update);
+    let mut zq = Query::new();
+    zq.set_name(name(zone)?)
+        .set_query_class(DNSClass::IN)
+        .set_query_type(RecordType::SOA);
+    msg.add_query(zq);
+    for change in changes {
+        let mut r = match change {
+            Change::Add(r) | Change::Delete(r) => to_hickory(r)?,
+        };
+        if matches!(change, Change::Delete(_)) {
+            // RFC 2136 §2.5.4: class NONE, TTL 0 deletes this RR from the set.
+            r.dns_class = DNSClass::NONE;
+            r.ttl = 0;
+        }
+        msg.add_authority(r);
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut verifier = msg
+        .finalize(signer, now)
+        .map_err(|e| format!("signing the update: {e}"))?;
+    let bytes = msg.to_vec().map_err(|e| e.to_string())?;
+    let reply = tokio::time::timeout(timeout, tcp_exchange(server, &bytes))
+        .await
+        .map_err(|_| format!("{server} did not answer the update within {timeout:?}"))??;
+    let parsed = Message::from_vec(&reply)
+        .map_err(|e| format!("{server} answered something that is not DNS: {e}"))?;
+    let rcode = parsed.metadata.response_code;
+    if rcode != ResponseCode::NoError {
+        // The mnemonics nsupdate and BIND's log use, so the error reads the same everywhere.
+        let tsig = parsed
+            .signature
+            .as_ref()
+            .and_then(|s| s.data.error.as_ref())
+            .map(|e| format!(" (TSIG {})", format!("{e:?}").to_ascii_uppercase()))
+            .unwrap_or_default();
+        let mnemonic = match rcode {
+            ResponseCode::NotAuth => "NOTAUTH".to_owned(),
+            ResponseCode::Refused => "REFUSED".to_owned(),
+            ResponseCode::NotZone => "NOTZONE".to_owned(),
+            ResponseCode::ServFail => "SERVFAIL".to_owned(),
+            ResponseCode::FormErr => "FORMERR".to_owned(),
+            other => other.to_string(),
+        };
+        let hint = match rcode {
+            ResponseCode::NotAuth => ": the server does not accept this TSIG key for the zone (check the key name, secret and algorithm)",
+            ResponseCode::Refused => ": the server refuses updates to this zone from this key (check allow-update / update-policy)",
+            ResponseCode::NotZone => ": the name is not in the zone",
+            _ => "",
+        };
+        return Err(format!("{server} answered {mnemonic}{tsig}{hint}"));
+    }
+    // A success we cannot authenticate may be forged: the record might not be there.
+    match verifier.as_mut() {
+        Some(v) => v
+            .verify(&reply)
+            .map(|_| ())
+            .map_err(|e| format!("{server}'s answer is not signed with our TSIG key: {e}")),
+        None => Ok(()),
+    }
+}
+
+/// The zone `server` holds `owner` in: the owner of the SOA record it returns (in the answer
+/// at an apex, in the authority section below one). A name a wildcard CNAME covers answers
+/// with the CNAME and no SOA: then the parent is asked, up to the top.
+pub async fn zone_of(server: SocketAddr, owner: &str, timeout: Duration) -> Result<String, String> {
+    let mut ask = owner.to_owned();
+    loop {
+        let mut msg = Message::query();
+        msg.metadata.id = random_id();
+        msg.add_query(Query::query(name(&ask)?, RecordType::SOA));
+        let bytes = msg.to_vec().map_err(|e| e.to_string())?;
+        let reply = tokio::time::timeout(timeout, tcp(server, &bytes))
+            .await
+            .map_err(|_| format!("{server} did not answer within {timeout:?}"))??;
+        let rcode = reply.metadata.response_code;
+        if !matches!(rcode, ResponseCode::NoError | ResponseCode::NXDomain) {
+            return Err(format!(
+                "{server} answered {rcode} for the zone of {owner}: it is not authoritative for it"
+            ));
+        }
+        let soa = reply
+            .answers
+            .iter()
+            .chain(reply.authorities.iter())
+            .find(|r| r.record_type() == RecordType::SOA);
+        if let Some(soa) = soa {
+            return Ok(soa
+                .name
+                .to_ascii()
+                .trim_end_matches('.')
+                .to_ascii_lowercase());
+        }
+        ask = match ask.split_once('.') {
+            Some((_, parent)) if parent.contains('.') => parent.to_owned(),
+            _ => {
+                return Err(format!(
+                    "{server} returned no SOA for {owner}: it holds no zone enclosing it"
+                ))
+            }
+        };
+    }
+}

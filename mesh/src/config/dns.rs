@@ -1,0 +1,499 @@
+//! `[dns]`: the DNS provider behind DNS-01 and the dstack records, the resolvers that check
+//! propagation and CAA, with dstack-ingress's environment variables.
+
+use std::{net::SocketAddr, time::Duration};
+
+use serde::Deserialize;
+
+use super::{raw::DurationValue, secs, source::Source, Check};
+
+/// Environment variables (dstack-ingress's names where it has them).
+pub mod env {
+    /// `cloudflare` or `rfc2136`.
+    pub const PROVIDER: &[&str] = &["DNS_PROVIDER"];
+    /// Cloudflare API token (Zone:Read and DNS:Edit on the zones).
+    pub const CLOUDFLARE_TOKEN: &[&str] = &["CLOUDFLARE_API_TOKEN"];
+    /// Cloudflare API base, for proxies and tests.
+    pub const CLOUDFLARE_URL: &[&str] = &["CLOUDFLARE_API_URL"];
+    /// The primary server that takes RFC 2136 updates, `host[:port]`.
+    pub const RFC2136_SERVER: &[&str] = &["RFC2136_SERVER"];
+    /// TSIG key name.
+    pub const RFC2136_KEY: &[&str] = &["RFC2136_TSIG_KEY"];
+    /// TSIG secret, base64 as `tsig-keygen` prints it.
+    pub const RFC2136_SECRET: &[&str] = &["RFC2136_TSIG_SECRET"];
+    /// TSIG algorithm (`hmac-sha256` by default).
+    pub const RFC2136_ALGORITHM: &[&str] = &["RFC2136_TSIG_ALGORITHM"];
+    /// Zones the server holds (comma-separated); unset: found with SOA queries.
+    pub const RFC2136_ZONE: &[&str] = &["RFC2136_ZONE"];
+    /// Resolvers that must see a challenge record before the CA is told to look.
+    pub const RESOLVERS: &[&str] = &["DNS_RESOLVERS"];
+    /// How long to wait for them.
+    pub const PROPAGATION_TIMEOUT: &[&str] = &["DNS_PROPAGATION_TIMEOUT"];
+    /// `false` skips the propagation check.
+    pub const PROPAGATION_CHECK: &[&str] = &["DNS_PROPAGATION_CHECK"];
+    /// The CNAME target of every public domain (the dstack gateway's name).
+    pub const GATEWAY_DOMAIN: &[&str] = &["GATEWAY_DOMAIN"];
+    /// The app-address TXT label (`_dstack-app-address`).
+    pub const TXT_PREFIX: &[&str] = &["TXT_PREFIX"];
+    /// Pin issuance with a CAA record naming our ACME account.
+    pub const SET_CAA: &[&str] = &["SET_CAA"];
+    /// The port in the app-address TXT (`<app_id>:<port>`).
+    pub const PORT: &[&str] = &["PORT"];
+}
+
+/// Default wait for challenge records to propagate.
+pub const DEFAULT_PROPAGATION_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default app-address label, as dstack's gateway looks it up.
+pub const DEFAULT_TXT_PREFIX: &str = "_dstack-app-address";
+/// Cloudflare's v4 API.
+pub const CLOUDFLARE_API: &str = "https://api.cloudflare.com/client/v4";
+
+/// A secret from the configuration: never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl serde::Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+/// Where DNS records are written.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "provider", rename_all = "snake_case")]
+pub enum ProviderConfig {
+    /// Cloudflare's v4 API with a scoped token.
+    Cloudflare {
+        /// The token (Zone:Read, DNS:Edit).
+        api_token: Secret,
+        /// API base URL.
+        api_url: String,
+    },
+    /// RFC 2136 dynamic update signed with TSIG.
+    Rfc2136 {
+        /// The primary server.
+        server: String,
+        /// TSIG key name.
+        key_name: String,
+        /// TSIG algorithm name (`hmac-sha256`, …).
+        algorithm: String,
+        /// TSIG secret (base64).
+        secret: Secret,
+        /// Zones it holds; empty: found with SOA queries.
+        zones: Vec<String>,
+    },
+}
+
+/// `[dns]`, resolved.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DnsConfig {
+    /// The provider; DNS-01 and the dstack records need one.
+    #[serde(flatten)]
+    pub provider: Option<ProviderConfig>,
+    /// Resolvers checked for propagation and asked for CAA; empty: the provider's default
+    /// (the RFC 2136 server itself; public resolvers for Cloudflare).
+    pub resolvers: Vec<SocketAddr>,
+    /// Wait until every resolver sees a challenge record.
+    pub propagation_check: bool,
+    /// How long to wait for it.
+    #[serde(with = "secs")]
+    pub propagation_timeout: Duration,
+    /// CNAME every public domain to this name (the dstack gateway), when set.
+    pub gateway_domain: Option<String>,
+    /// The app-address TXT label.
+    pub txt_prefix: String,
+    /// Write a CAA record pinning our account and challenge method.
+    pub set_caa: bool,
+    /// The port in the app-address TXT; unset: the inbound listener's.
+    pub app_port: Option<u16>,
+    /// The CA's CAA identities when its directory does not list them (`caaIdentities`).
+    pub caa_identities: Vec<String>,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            provider: None,
+            resolvers: Vec::new(),
+            propagation_check: true,
+            propagation_timeout: DEFAULT_PROPAGATION_TIMEOUT,
+            gateway_domain: None,
+            txt_prefix: DEFAULT_TXT_PREFIX.into(),
+            set_caa: false,
+            app_port: None,
+            caa_identities: Vec::new(),
+        }
+    }
+}
+
+/// `[dns]` as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    pub provider: Option<String>,
+    pub api_token: Option<String>,
+    pub api_url: Option<String>,
+    pub server: Option<String>,
+    pub tsig_key: Option<String>,
+    pub tsig_secret: Option<String>,
+    pub tsig_algorithm: Option<String>,
+    pub zones: Option<Vec<String>>,
+    pub resolvers: Option<Vec<String>>,
+    pub propagation_check: Option<bool>,
+    pub propagation_timeout: Option<DurationValue>,
+    pub gateway_domain: Option<String>,
+    pub txt_prefix: Option<String>,
+    pub set_caa: Option<bool>,
+    pub app_port: Option<u16>,
+    pub caa_identities: Option<Vec<String>>,
+}
+
+/// A resolver address: `ip` or `ip:port` (53 when left out).
+fn resolver(text: &str) -> Result<SocketAddr, String> {
+    let t = text.trim();
+    t.parse::<SocketAddr>()
+        .or_else(|_| {
+            t.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+        .map_err(|_| format!("{t:?} is not a resolver address (ip or ip:port)"))
+}
+
+pub(super) fn dns(raw: Option<&RawDns>, env: &dyn Source, c: &mut Check) -> DnsConfig {
+    let first = |keys: &[&'static str]| super::source::first(env, keys);
+    let raw = raw.cloned().unwrap_or_default();
+    let defaults = DnsConfig::default();
+    // The environment wins over the file, as everywhere else.
+    let pick = |keys: &[&'static str], file: Option<String>, key: &'static str| {
+        first(keys).or(file.map(|v| (key, v)))
+    };
+    let mut flag = |keys: &[&'static str], file: Option<bool>| match first(keys) {
+        Some((var, v)) => match v.trim() {
+            "1" | "true" | "yes" => Some(true),
+            "0" | "false" | "no" => Some(false),
+            other => {
+                c.fail(var, format!("{other:?} is not true or false"));
+                None
+            }
+        },
+        None => file,
+    };
+    let propagation_check = flag(env::PROPAGATION_CHECK, raw.propagation_check).unwrap_or(true);
+    let set_caa = flag(env::SET_CAA, raw.set_caa).unwrap_or(false);
+
+    let provider = match pick(env::PROVIDER, raw.provider.clone(), "dns.provider") {
+        None => None,
+        Some((key, name)) => {
+            match name.trim().to_ascii_lowercase().as_str() {
+                "cloudflare" => match pick(
+                    env::CLOUDFLARE_TOKEN,
+                    raw.api_token.clone(),
+                    "dns.api_token",
+                ) {
+                    Some((_, token)) => Some(ProviderConfig::Cloudflare {
+                        api_token: Secret(token.trim().to_owned()),
+                        api_url: pick(env::CLOUDFLARE_URL, raw.api_url.clone(), "dns.api_url")
+                            .map_or_else(
+                                || CLOUDFLARE_API.to_owned(),
+                                |(_, u)| u.trim().trim_end_matches('/').to_owned(),
+                            ),
+                    }),
+                    None => {
+                        c.fail(key, "cloudflare needs an API token (CLOUDFLARE_API_TOKEN or dns.api_token) with Zone:Read and DNS:Edit");
+                        None
+                    }
+                },
+                "rfc2136" => {
+                    let server = pick(env::RFC2136_SERVER, raw.server.clone(), "dns.server");
+                    let key_name = pick(env::RFC2136_KEY, raw.tsig_key.clone(), "dns.tsig_key");
+                    let secret = pick(
+                        env::RFC2136_SECRET,
+                        raw.tsig_secret.clone(),
+                        "dns.tsig_secret",
+                    );
+                    let algorithm = pick(
+                        env::RFC2136_ALGORITHM,
+                        raw.tsig_algorithm.clone(),
+                        "dns.tsig_algorithm",
+                    )
+                    .map_or_else(
+                        || "hmac-sha256".to_owned(),
+                        |(_, a)| a.trim().to_ascii_lowercase(),
+                    );
+                    if !["hmac-sha256", "hmac-sha384", "hmac-sha512"].contains(&algorithm.as_str())
+                    {
+                        c.fail(
+                            "dns.tsig_algorithm",
+                            format!("{algorithm:?}: use hmac-sha256, hmac-sha384 or hmac-sha512"),
+                        );
+                    }
+                    let zones = match first(env::RFC2136_ZONE) {
+                        Some((_, v)) => v
+                            .split([',', ' ', '\n'])
+                            .filter(|z| !z.is_empty())
+                            .map(str::to_owned)
+                            .collect(),
+                        None => raw.zones.clone().unwrap_or_default(),
+                    };
+                    let zones = zones
+                        .iter()
+                        .filter_map(|z| {
+                            super::domains::check_name(z)
+                                .map_err(|e| c.fail("dns.zones", e))
+                                .ok()
+                        })
+                        .collect();
+                    match (server, key_name, secret) {
+                        (Some((_, server)), Some((_, key_name)), Some((skey, secret))) => {
+                            // Standard base64 (tsig-keygen's) decodes with the base64url decoder too.
+                            if crate::acme::eab::b64url_decode(secret.trim()).is_err() {
+                                c.fail(skey, "the TSIG secret is not base64 (copy it from tsig-keygen's output)");
+                            }
+                            Some(ProviderConfig::Rfc2136 {
+                                server: server.trim().to_owned(),
+                                key_name: key_name.trim().trim_end_matches('.').to_owned(),
+                                algorithm,
+                                secret: Secret(secret.trim().to_owned()),
+                                zones,
+                            })
+                        }
+                        _ => {
+                            c.fail(key, "rfc2136 needs a server, a TSIG key name and its secret (RFC2136_SERVER, RFC2136_TSIG_KEY, RFC2136_TSIG_SECRET or dns.server, dns.tsig_key, dns.tsig_secret)");
+                            None
+                        }
+                    }
+                }
+                other => {
+                    c.fail(key, format!("{other:?} is not a DNS provider this build has: use cloudflare or rfc2136 (RFC 2136 works with BIND, Knot, PowerDNS and most managed DNS)"));
+                    None
+                }
+            }
+        }
+    };
+
+    let resolvers = match first(env::RESOLVERS) {
+        Some((var, v)) => v
+            .split([',', ' ', '\n'])
+            .filter(|r| !r.is_empty())
+            .filter_map(|r| resolver(r).map_err(|e| c.fail(var, e)).ok())
+            .collect(),
+        None => raw
+            .resolvers
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|r| resolver(r).map_err(|e| c.fail("dns.resolvers", e)).ok())
+            .collect(),
+    };
+    let propagation_timeout = match first(env::PROPAGATION_TIMEOUT) {
+        Some((var, v)) => {
+            let t = v.trim();
+            let parsed = t
+                .parse::<u64>()
+                .map(Duration::from_secs)
+                .or_else(|_| super::parse_duration(t));
+            parsed
+                .map_err(|e| c.fail(var, e))
+                .unwrap_or(DEFAULT_PROPAGATION_TIMEOUT)
+        }
+        None => c.duration(
+            "dns.propagation_timeout",
+            raw.propagation_timeout.as_ref(),
+            DEFAULT_PROPAGATION_TIMEOUT,
+        ),
+    };
+    let gateway_domain = pick(
+        env::GATEWAY_DOMAIN,
+        raw.gateway_domain,
+        "dns.gateway_domain",
+    )
+    .and_then(|(key, g)| {
+        // dstack's gateway names start with `_.` (a wildcard stand-in): not a host name.
+        let bare = g.trim().trim_end_matches('.').to_ascii_lowercase();
+        let checked = bare.strip_prefix("_.").map_or_else(
+            || super::domains::check_name(&bare),
+            |rest| super::domains::check_name(rest).map(|_| bare.clone()),
+        );
+        checked.map_err(|e| c.fail(key, e)).ok()
+    });
+    let txt_prefix = pick(env::TXT_PREFIX, raw.txt_prefix, "dns.txt_prefix").map_or(
+        defaults.txt_prefix,
+        |(key, p)| {
+            let p = p.trim().trim_matches('.').to_owned();
+            if p.is_empty() || p.contains('.') || p.len() > 50 {
+                c.fail(
+                    key,
+                    format!("{p:?}: one DNS label, like _dstack-app-address"),
+                );
+            }
+            p
+        },
+    );
+    let app_port = match first(env::PORT) {
+        Some((var, v)) => v
+            .trim()
+            .parse::<u16>()
+            .map_err(|_| c.fail(var, format!("{v:?} is not a port")))
+            .ok(),
+        None => raw.app_port,
+    };
+    if provider.is_none() && (gateway_domain.is_some() || set_caa) {
+        c.fail(
+            if set_caa { "SET_CAA" } else { "GATEWAY_DOMAIN" },
+            "the dstack DNS records (GATEWAY_DOMAIN, SET_CAA) are written through a DNS provider: set DNS_PROVIDER",
+        );
+    }
+    DnsConfig {
+        provider,
+        resolvers,
+        propagation_check,
+        propagation_timeout,
+        gateway_domain,
+        txt_prefix,
+        set_caa,
+        app_port,
+        caa_identities: raw
+            .caa_identities
+            .unwrap_or_default()
+            .iter()
+            .map(|i| i.trim().to_ascii_lowercase())
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::config::{Challenge, Config};
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, String> {
+        let env: HashMap<&str, &str> = env.iter().copied().collect();
+        Config::from_toml(&format!("[admin]\nenabled = false\n{toml}"), &env)
+            .map_err(|e| e.to_string())
+    }
+
+    const WILDCARD: &[(&str, &str)] = &[
+        ("DOMAIN", "*.example.com"),
+        ("TARGET_ENDPOINT", "app:80"),
+        ("CHALLENGE_TYPE", "dns-01"),
+    ];
+
+    #[test]
+    fn dstack_ingress_cloudflare_variables() {
+        let mut env = WILDCARD.to_vec();
+        env.extend([
+            ("DNS_PROVIDER", "cloudflare"),
+            ("CLOUDFLARE_API_TOKEN", "tok-123"),
+            ("GATEWAY_DOMAIN", "_.dstack-prod.example.net"),
+            ("SET_CAA", "true"),
+            ("DNS_RESOLVERS", "1.1.1.1, 127.0.0.1:5353"),
+            ("DNS_PROPAGATION_TIMEOUT", "30"),
+        ]);
+        let c = load("", &env).unwrap();
+        let dns = &c.public.dns;
+        assert_eq!(c.public.domains[0].challenge, Challenge::Dns01);
+        assert!(
+            matches!(&dns.provider, Some(ProviderConfig::Cloudflare { api_url, .. }) if api_url == CLOUDFLARE_API)
+        );
+        assert_eq!(
+            dns.gateway_domain.as_deref(),
+            Some("_.dstack-prod.example.net")
+        );
+        assert!(dns.set_caa);
+        assert_eq!(
+            dns.resolvers,
+            [
+                "1.1.1.1:53".parse().unwrap(),
+                "127.0.0.1:5353".parse().unwrap()
+            ]
+        );
+        assert_eq!(dns.propagation_timeout, Duration::from_secs(30));
+        assert_eq!(dns.txt_prefix, DEFAULT_TXT_PREFIX);
+        // The token never shows: not in Debug, not in check-config's JSON.
+        assert!(!format!("{dns:?}").contains("tok-123"));
+        assert!(!serde_json::to_string(dns).unwrap().contains("tok-123"));
+    }
+
+    #[test]
+    fn rfc2136_from_toml() {
+        let c = load(
+            "[dns]\nprovider = \"rfc2136\"\nserver = \"127.0.0.1:5300\"\ntsig_key = \"mesh-key.\"\ntsig_secret = \"c2VjcmV0c2VjcmV0\"\nzones = [\"Example.com\"]\npropagation_check = false\ntxt_prefix = \"_app\"\n\
+             [[domains]]\nnames = [\"*.example.com\"]\nbackend = \"app:80\"\nchallenge = \"dns-01\"\n",
+            &[],
+        )
+        .unwrap();
+        let dns = &c.public.dns;
+        match &dns.provider {
+            Some(ProviderConfig::Rfc2136 {
+                server,
+                key_name,
+                algorithm,
+                zones,
+                ..
+            }) => {
+                assert_eq!(
+                    (server.as_str(), key_name.as_str(), algorithm.as_str()),
+                    ("127.0.0.1:5300", "mesh-key", "hmac-sha256")
+                );
+                assert_eq!(zones, &["example.com"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!dns.propagation_check);
+        assert_eq!(dns.txt_prefix, "_app");
+    }
+
+    #[test]
+    fn errors_name_what_is_missing() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("DNS_PROVIDER", "cloudflare")], "needs an API token"),
+            (
+                &[("DNS_PROVIDER", "rfc2136"), ("RFC2136_SERVER", "ns1")],
+                "needs a server, a TSIG key name and its secret",
+            ),
+            (
+                &[
+                    ("DNS_PROVIDER", "rfc2136"),
+                    ("RFC2136_SERVER", "ns1"),
+                    ("RFC2136_TSIG_KEY", "k"),
+                    ("RFC2136_TSIG_SECRET", "not base64!"),
+                ],
+                "not base64",
+            ),
+            (
+                &[
+                    ("DNS_PROVIDER", "rfc2136"),
+                    ("RFC2136_SERVER", "ns1"),
+                    ("RFC2136_TSIG_KEY", "k"),
+                    ("RFC2136_TSIG_SECRET", "c2VjcmV0"),
+                    ("RFC2136_TSIG_ALGORITHM", "hmac-md5"),
+                ],
+                "use hmac-sha256",
+            ),
+            (&[("DNS_PROVIDER", "linode")], "use cloudflare or rfc2136"),
+            (
+                &[("GATEWAY_DOMAIN", "gw.example.net")],
+                "through a DNS provider",
+            ),
+            (
+                &[("DNS_RESOLVERS", "resolver.example")],
+                "not a resolver address",
+            ),
+            (&[("TXT_PREFIX", "a.b")], "one DNS label"),
+            (&[], "dns-01 needs a DNS provider"),
+        ];
+        for (extra, want) in cases {
+            let mut env = WILDCARD.to_vec();
+            env.extend_from_slice(extra);
+            let e = load("", &env).unwrap_err();
+            assert!(e.contains(want), "{extra:?}: {e}");
+        }
+    }
+}
