@@ -138,6 +138,17 @@ pub fn table(list: &[CertStatus], now: std::time::SystemTime) -> String {
         if let Some(next) = s.next_attempt {
             error.push_str(&format!(" (next attempt in {}s)", next.saturating_sub(now)));
         }
+        // The dstack records fail apart from the certificate: show them in the same column.
+        if let Some(dns) = s
+            .dns_records
+            .as_deref()
+            .and_then(|r| r.strip_prefix("error: "))
+        {
+            error = match error.as_str() {
+                "-" => format!("DNS records: {dns}"),
+                _ => format!("{error}; DNS records: {dns}"),
+            };
+        }
         rows.push([
             s.domain.clone(),
             status_word(s.status).to_owned(),

@@ -173,17 +173,8 @@ pub(super) fn dns(raw: Option<&RawDns>, env: &dyn Source, c: &mut Check) -> DnsC
     let pick = |keys: &[&'static str], file: Option<String>, key: &'static str| {
         first(keys).or(file.map(|v| (key, v)))
     };
-    let mut flag = |keys: &[&'static str], file: Option<bool>| match first(keys) {
-        Some((var, v)) => match v.trim() {
-            "1" | "true" | "yes" => Some(true),
-            "0" | "false" | "no" => Some(false),
-            other => {
-                c.fail(var, format!("{other:?} is not true or false"));
-                None
-            }
-        },
-        None => file,
-    };
+    let mut flag =
+        |keys: &[&'static str], file: Option<bool>| super::domains::env_flag(env, keys, c).or(file);
     let propagation_check = flag(env::PROPAGATION_CHECK, raw.propagation_check).unwrap_or(true);
     let set_caa = flag(env::SET_CAA, raw.set_caa).unwrap_or(false);
 

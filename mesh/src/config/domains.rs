@@ -326,6 +326,18 @@ pub struct PublicConfig {
     pub dns: super::dns::DnsConfig,
 }
 
+/// A true/false environment variable (`1`/`0` and `yes`/`no` too); a typo is an error.
+pub(super) fn env_flag(env: &dyn Source, keys: &[&'static str], c: &mut Check) -> Option<bool> {
+    super::source::first(env, keys).and_then(|(var, v)| match v.trim() {
+        "1" | "true" | "yes" => Some(true),
+        "0" | "false" | "no" => Some(false),
+        other => {
+            c.fail(var, format!("{other:?} is not true or false"));
+            None
+        }
+    })
+}
+
 pub(super) fn public(
     acme: Option<&RawAcme>,
     dns: Option<&super::dns::RawDns>,
@@ -335,18 +347,8 @@ pub(super) fn public(
 ) -> PublicConfig {
     let first = |keys: &[&'static str]| super::source::first(env, keys);
     let raw = acme.cloned().unwrap_or_default();
-    let mut flag = |keys: &[&'static str]| {
-        first(keys).and_then(|(var, v)| match v.trim() {
-            "1" | "true" | "yes" => Some(true),
-            "0" | "false" | "no" => Some(false),
-            other => {
-                c.fail(var, format!("{other:?} is not true or false"));
-                None
-            }
-        })
-    };
-    let staging = flag(env::STAGING);
-    let evidence_server = flag(env::EVIDENCE_SERVER);
+    let staging = env_flag(env, env::STAGING, c);
+    let evidence_server = env_flag(env, env::EVIDENCE_SERVER, c);
     let issuer = match (staging, raw.issuer.as_deref()) {
         (Some(true), _) => Issuer::Acme(LETSENCRYPT_STAGING.into()),
         (_, Some(text)) => text
