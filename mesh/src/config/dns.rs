@@ -43,6 +43,8 @@ pub mod env {
 
 /// Default wait for challenge records to propagate.
 pub const DEFAULT_PROPAGATION_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest propagation wait: an order as a whole is cut off at five minutes.
+pub const MAX_PROPAGATION_TIMEOUT: Duration = Duration::from_secs(240);
 /// Default app-address label, as dstack's gateway looks it up.
 pub const DEFAULT_TXT_PREFIX: &str = "_dstack-app-address";
 /// Cloudflare's v4 API.
@@ -298,6 +300,18 @@ pub(super) fn dns(raw: Option<&RawDns>, env: &dyn Source, c: &mut Check) -> DnsC
             DEFAULT_PROPAGATION_TIMEOUT,
         ),
     };
+    // The whole order has five minutes; a longer wait would be cut off before the challenge
+    // records are cleaned up.
+    if propagation_timeout > MAX_PROPAGATION_TIMEOUT {
+        c.fail(
+            "dns.propagation_timeout",
+            format!(
+                "{}s is longer than the {}s an order may wait for DNS",
+                propagation_timeout.as_secs(),
+                MAX_PROPAGATION_TIMEOUT.as_secs()
+            ),
+        );
+    }
     let gateway_domain = pick(
         env::GATEWAY_DOMAIN,
         raw.gateway_domain,
@@ -478,6 +492,10 @@ mod tests {
                 "not a resolver address",
             ),
             (&[("TXT_PREFIX", "a.b")], "one DNS label"),
+            (
+                &[("DNS_PROPAGATION_TIMEOUT", "10m")],
+                "longer than the 240s",
+            ),
             (&[], "dns-01 needs a DNS provider"),
         ];
         for (extra, want) in cases {
