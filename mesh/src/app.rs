@@ -197,7 +197,8 @@ impl App {
             tasks.spawn(acme::http01::serve(listener, acme.challenges()));
         }
         if let Some(listener) = admin {
-            let admin = Arc::new(Admin::new(identity.clone(), acme.clone()));
+            let admin =
+                Arc::new(Admin::new(identity.clone(), acme.clone()).with_inbound(inbound.clone()));
             tasks.spawn(admin.serve(listener));
         }
         if let Some(acme) = &acme {

@@ -197,6 +197,20 @@ async fn domains_share_the_mesh_port_by_sni() {
     let (status, certs) = admin_get(app, "/certs").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(certs.as_array().unwrap().len(), 4);
+    // Routes: what the running listener serves, the same domain state as /certs.
+    let (status, routes) = admin_get(app, "/routes").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(routes["identity"]["app_id"], SERVER);
+    assert_eq!(routes["mesh"]["backend"], site.backend.addr.to_string());
+    assert_eq!(routes["mesh"]["allowed_apps"]["apps"][0], CALLER);
+    let names = |v: &serde_json::Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["domain"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(&routes["domains"]), names(&certs));
     let (status, ready) = admin_get(app, "/ready").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(
@@ -576,6 +590,15 @@ async fn evidence_is_served_on_the_domain_and_verifies() {
     for f in files {
         assert!(page.contains(&format!("href=\"{f}\"")), "{page}");
     }
+    // The admin port lists the same files.
+    let admin = app.addr("admin").unwrap().to_string();
+    let (status, listing) =
+        dstack_mesh::admin::cli::request(&admin, http::Method::GET, "/evidences/")
+            .await
+            .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let listing = String::from_utf8_lossy(&listing);
+    assert!(files.iter().all(|f| listing.contains(f)), "{listing}");
     let (status, _, _) = client
         .get_from(
             "web.example.test",

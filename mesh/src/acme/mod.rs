@@ -366,6 +366,11 @@ impl Acme {
         tasks.spawn(async move { acme.refresh_evidence().await });
     }
 
+    /// The evidence files (the admin port lists them whatever `evidence_server` says).
+    pub fn evidence(&self) -> Arc<evidence::Evidence> {
+        self.evidence.clone()
+    }
+
     /// The evidence files, when they are served on the public domains.
     pub fn evidence_served(&self) -> Option<Arc<evidence::Evidence>> {
         self.config.evidence_server.then(|| self.evidence.clone())

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     acme::Acme,
+    inbound::Inbound,
     proxy::{self, Body},
 };
 
@@ -23,12 +24,37 @@ const MAX_CONNECTIONS: usize = 64;
 pub struct Admin {
     identity: RotatingIdentity,
     acme: Option<Arc<Acme>>,
+    inbound: Option<Arc<Inbound>>,
 }
 
 impl Admin {
     /// Report on `identity` and, when configured, the public domains.
     pub fn new(identity: RotatingIdentity, acme: Option<Arc<Acme>>) -> Self {
-        Self { identity, acme }
+        Self {
+            identity,
+            acme,
+            inbound: None,
+        }
+    }
+
+    /// Also report the inbound listener's mesh route.
+    pub fn with_inbound(mut self, inbound: Option<Arc<Inbound>>) -> Self {
+        self.inbound = inbound;
+        self
+    }
+
+    /// What is served, read from the running listener and domains (never from the file):
+    /// identity, the mesh route, every public domain with its certificate state.
+    pub fn routes(&self) -> serde_json::Value {
+        let identity = self.identity.current();
+        serde_json::json!({
+            "identity": {
+                "app_id": identity.app_id.to_string(),
+                "not_after": identity.not_after,
+            },
+            "mesh": self.inbound.as_ref().map(|i| i.mesh_route()),
+            "domains": self.acme.as_ref().map(|a| a.status()).unwrap_or_default(),
+        })
     }
 
     /// Serve `listener` until the future is dropped.
@@ -90,6 +116,17 @@ impl Admin {
                     false => proxy::error_response(StatusCode::NOT_FOUND, "no such domain"),
                 }
             }
+            (&Method::GET, "/routes") => {
+                proxy::json_response(StatusCode::OK, self.routes().to_string())
+            }
+            // The evidence files, whether or not the public domains serve them.
+            (&Method::GET, p) if p == "/evidences" || p.starts_with("/evidences/") => self
+                .acme
+                .as_ref()
+                .and_then(|a| a.evidence().answer(p))
+                .unwrap_or_else(|| {
+                    proxy::error_response(StatusCode::NOT_FOUND, "no evidence here")
+                }),
             (&Method::GET, "/metrics") => {
                 let mut resp = Response::new(proxy::full(self.metrics()));
                 resp.headers_mut().insert(

@@ -178,6 +178,16 @@ impl Inbound {
         self.policy.load_full()
     }
 
+    /// The mesh route this listener serves, as the admin port reports it.
+    pub fn mesh_route(&self) -> serde_json::Value {
+        serde_json::json!({
+            "listen": self.config.listen.to_string(),
+            "backend": self.config.backend.to_string(),
+            "allowed_apps": self.config.allow,
+            "require_attestation": self.config.require_attestation,
+        })
+    }
+
     /// Accept connections until the future is dropped.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         // The slot is held by the connection and by any WebSocket tunnel spliced from it.
