@@ -234,11 +234,7 @@ impl Provider for Cloudflare {
                 rtype.as_str()
             );
             let items = self.list(&path, RECORDS_PER_PAGE).await?;
-            Ok(items
-                .iter()
-                .filter_map(|v| self.parse(v))
-                .filter(|r| r.data.rtype() == rtype && r.name.eq_ignore_ascii_case(name))
-                .collect())
+            Ok(items.iter().filter_map(|v| self.parse(v)).collect())
         })
     }
 
@@ -296,8 +292,7 @@ impl Provider for Cloudflare {
         Box::pin(async move {
             let ids = match &record.id {
                 Some(id) => vec![id.clone()],
-                None => self
-                    .records(zone, &record.name, record.data.rtype())
+                None => super::records_at(self, zone, &record.name, record.data.rtype())
                     .await?
                     .into_iter()
                     .filter(|r| r.data.same(&record.data))

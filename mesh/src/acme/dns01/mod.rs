@@ -244,7 +244,8 @@ pub trait Provider: Send + Sync + fmt::Debug {
                 })
         })
     }
-    /// The records of type `rtype` at `name`.
+    /// The records of type `rtype` at `name`; answers may carry others (a CNAME on the way),
+    /// which [`records_at`] drops.
     fn records<'a>(
         &'a self,
         zone: &'a Zone,
@@ -269,6 +270,18 @@ pub trait Provider: Send + Sync + fmt::Debug {
     }
     /// Where records show first when no resolvers are configured.
     fn default_resolvers(&self) -> BoxFuture<'_, Vec<SocketAddr>>;
+}
+
+/// Exactly the `rtype` records owned by `name`.
+pub async fn records_at(
+    provider: &dyn Provider,
+    zone: &Zone,
+    name: &str,
+    rtype: Rtype,
+) -> Result<Vec<Record>, DnsError> {
+    let mut records = provider.records(zone, name, rtype).await?;
+    records.retain(|r| r.data.rtype() == rtype && r.name.eq_ignore_ascii_case(name));
+    Ok(records)
 }
 
 /// `name` equals `zone` or sits under it.
@@ -595,7 +608,7 @@ impl Dns {
         let provider = self.provider()?;
         let zone = provider.zone_for(&want.name).await?;
         let rtype = want.data.rtype();
-        let existing = provider.records(&zone, &want.name, rtype).await?;
+        let existing = records_at(provider.as_ref(), &zone, &want.name, rtype).await?;
         let (same, other): (Vec<_>, Vec<_>) =
             existing.into_iter().partition(|r| r.data.same(&want.data));
         if !same.is_empty() && (!exclusive || other.is_empty()) {
@@ -609,7 +622,10 @@ impl Dns {
                 )));
             }
             for t in [Rtype::A, Rtype::Aaaa, Rtype::Txt] {
-                if let Some(r) = provider.records(&zone, &want.name, t).await?.first() {
+                if let Some(r) = records_at(provider.as_ref(), &zone, &want.name, t)
+                    .await?
+                    .first()
+                {
                     return Err(DnsError::Conflict(format!(
                         "`{r}` sits where the CNAME to the gateway goes, and dstack-mesh does not remove records it did not write: remove it, or unset GATEWAY_DOMAIN"
                     )));

@@ -152,11 +152,7 @@ impl Provider for Rfc2136 {
             let answer = wire::query(server, name, rtype, self.timeout)
                 .await
                 .map_err(|e| self.fail(e))?;
-            Ok(answer
-                .records
-                .into_iter()
-                .filter(|r| r.data.rtype() == rtype && r.name.eq_ignore_ascii_case(name))
-                .collect())
+            Ok(answer.records)
         })
     }
 
