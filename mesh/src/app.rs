@@ -15,6 +15,7 @@ use crate::{
     config::Config,
     inbound::{self, Inbound},
     outbound::{self, AgentPassthrough, Outbound},
+    proxy,
 };
 
 /// Why the sidecar could not start.
@@ -58,6 +59,8 @@ pub struct App {
     /// Public domains, when configured.
     pub acme: Option<Arc<Acme>>,
     bound: Vec<(&'static str, SocketAddr)>,
+    drain: proxy::Drain,
+    drain_timeout: std::time::Duration,
     tasks: JoinSet<()>,
     /// Held so that dropping the app aborts them.
     _background: JoinSet<()>,
@@ -84,6 +87,8 @@ impl App {
     ) -> Result<Self, StartError> {
         let mut bound = Vec::new();
         let mut tasks = JoinSet::new();
+        // SIGTERM: every listener stops accepting and every connection winds down.
+        let drain = proxy::Drain::default();
         // Tasks that end when their work is done (listeners must not).
         let mut background = JoinSet::new();
 
@@ -96,7 +101,8 @@ impl App {
         // Bind everything before serving anything: a port in use fails the start, not later.
         let inbound = match config.inbound.enabled {
             true => {
-                let mut inbound = Inbound::new(config.inbound.clone(), &identity)?;
+                let mut inbound =
+                    Inbound::new(config.inbound.clone(), &identity)?.with_drain(drain.clone());
                 if let Some(acme) = &acme {
                     inbound = inbound.with_public(acme.clone())?;
                 }
@@ -126,7 +132,9 @@ impl App {
                 let trust_nginx = config.auth.trust_nginx_chain
                     && nginx_roots_are_trusted(&config.tls.ca_file, &identity, &config.inbound);
                 Some((
-                    Arc::new(AuthService::new(Arc::new(policy), trust_nginx)),
+                    Arc::new(
+                        AuthService::new(Arc::new(policy), trust_nginx).with_drain(drain.clone()),
+                    ),
                     listener,
                 ))
             }
@@ -139,13 +147,16 @@ impl App {
                     identity.agent().clone(),
                     config.outbound.agent_key_methods,
                 );
-                let outbound = Arc::new(Outbound::new(
-                    config.client.listen,
-                    config.outbound.clone(),
-                    identity.resolver(),
-                    anchors,
-                    Some(agent),
-                )?);
+                let outbound = Arc::new(
+                    Outbound::new(
+                        config.client.listen,
+                        config.outbound.clone(),
+                        identity.resolver(),
+                        anchors,
+                        Some(agent),
+                    )?
+                    .with_drain(drain.clone()),
+                );
                 if !config.client.listen.ip().is_loopback() {
                     tracing::warn!(addr = %config.client.listen, "the outbound proxy listens beyond loopback: anything that reaches it can call other apps as this app");
                 }
@@ -194,11 +205,17 @@ impl App {
             outbound
         });
         if let (Some(acme), Some(listener)) = (&acme, http01) {
-            tasks.spawn(acme::http01::serve(listener, acme.challenges()));
+            tasks.spawn(acme::http01::serve(
+                listener,
+                acme.challenges(),
+                drain.clone(),
+            ));
         }
         if let Some(listener) = admin {
-            let admin =
-                Arc::new(Admin::new(identity.clone(), acme.clone()).with_inbound(inbound.clone()));
+            let admin = Admin::new(identity.clone(), acme.clone())
+                .with_inbound(inbound.clone())
+                .with_drain(drain.clone());
+            let admin = Arc::new(admin);
             tasks.spawn(admin.serve(listener));
         }
         if let Some(acme) = &acme {
@@ -214,6 +231,8 @@ impl App {
             outbound,
             acme,
             bound,
+            drain,
+            drain_timeout: config.drain_timeout,
             tasks,
             _background: background,
         })
@@ -224,15 +243,34 @@ impl App {
         self.bound.iter().find(|(w, _)| *w == what).map(|(_, a)| *a)
     }
 
-    /// Serve until `shutdown` resolves, then stop.
+    /// Serve until `shutdown` resolves, then drain: stop accepting, let in-flight requests
+    /// finish (up to `[lifecycle] drain_timeout`), stop.
     pub async fn run_until(mut self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::select! {
-            _ = shutdown => tracing::info!("shutting down"),
+            _ = shutdown => {}
             Some(ended) = self.tasks.join_next() => {
                 tracing::error!(?ended, "a listener stopped unexpectedly");
             }
         }
-        self.tasks.shutdown().await;
+        self.drain.start();
+        // The listeners return once they see the drain; joining them drops their sockets, so
+        // new connections are refused from here on.
+        let stopped = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(std::time::Duration::from_secs(1), stopped)
+            .await
+            .is_err()
+        {
+            self.tasks.shutdown().await;
+        }
+        let open = self.drain.live();
+        tracing::info!(connections = open, deadline = ?self.drain_timeout, "shutting down: no new connections; finishing requests in flight");
+        match self.drain.wait(self.drain_timeout).await {
+            0 => tracing::info!("drained: every connection finished"),
+            left => tracing::warn!(
+                connections = left,
+                "drain deadline passed: closing what is left"
+            ),
+        }
     }
 }
 

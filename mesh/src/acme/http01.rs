@@ -14,10 +14,14 @@ const PREFIX: &str = "/.well-known/acme-challenge/";
 const MAX_CONNECTIONS: usize = 1024;
 
 /// Serve `listener` until the future is dropped.
-pub async fn serve(listener: TcpListener, challenges: Arc<Challenges>) {
-    proxy::serve_plain(listener, "acme.http_listen", MAX_CONNECTIONS, move |req| {
-        answer(&challenges, req)
-    })
+pub async fn serve(listener: TcpListener, challenges: Arc<Challenges>, drain: proxy::Drain) {
+    proxy::serve_plain(
+        listener,
+        "acme.http_listen",
+        MAX_CONNECTIONS,
+        drain,
+        move |req| answer(&challenges, req),
+    )
     .await;
 }
 

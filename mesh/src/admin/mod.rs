@@ -25,6 +25,7 @@ pub struct Admin {
     identity: RotatingIdentity,
     acme: Option<Arc<Acme>>,
     inbound: Option<Arc<Inbound>>,
+    drain: proxy::Drain,
 }
 
 impl Admin {
@@ -34,7 +35,14 @@ impl Admin {
             identity,
             acme,
             inbound: None,
+            drain: proxy::Drain::default(),
         }
+    }
+
+    /// Stop with `drain` (SIGTERM) instead of a private one.
+    pub fn with_drain(mut self, drain: proxy::Drain) -> Self {
+        self.drain = drain;
+        self
     }
 
     /// Also report the inbound listener's mesh route.
@@ -59,7 +67,8 @@ impl Admin {
 
     /// Serve `listener` until the future is dropped.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        proxy::serve_plain(listener, "admin", MAX_CONNECTIONS, move |req| {
+        let drain = self.drain.clone();
+        proxy::serve_plain(listener, "admin", MAX_CONNECTIONS, drain, move |req| {
             self.answer(req)
         })
         .await;

@@ -60,7 +60,11 @@ pub struct AuthService {
     policy: ArcSwap<Policy>,
     cache: Mutex<HashMap<[u8; 32], Entry>>,
     trust_nginx_chain: bool,
+    drain: proxy::Drain,
 }
+
+/// Connections the auth service serves at once.
+const MAX_CONNECTIONS: usize = 1024;
 
 impl AuthService {
     /// A service holding callers to `policy`. With `trust_nginx_chain`, a lone leaf whose App
@@ -70,6 +74,7 @@ impl AuthService {
         Self {
             policy: ArcSwap::new(policy),
             cache: Mutex::new(HashMap::new()),
+            drain: proxy::Drain::default(),
             trust_nginx_chain,
         }
     }
@@ -174,33 +179,43 @@ impl AuthService {
         (decision, true)
     }
 
-    /// Serve on `listener` until the future is dropped.
+    /// Stop with `drain` (SIGTERM) instead of a private one.
+    pub fn with_drain(mut self, drain: proxy::Drain) -> Self {
+        self.drain = drain;
+        self
+    }
+
+    /// Serve on `listener` until the future is dropped or the drain starts.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            let (tcp, remote) = match listener.accept().await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "auth accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
+        // nginx keeps a few keep-alive connections; the limit only stops a runaway client.
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        while let Some((tcp, remote, hold)) =
+            proxy::accept(&listener, &slots, "auth", &self.drain).await
+        {
             let this = self.clone();
             tokio::spawn(async move {
+                let drain = this.drain.clone();
                 let service = service_fn(move |req| {
                     let this = this.clone();
                     async move { Ok::<_, Infallible>(this.handle(&req, remote)) }
                 });
-                let result = hyper::server::conn::http1::Builder::new()
+                let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_TIMEOUT)
                     .keep_alive(true)
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
+                    .serve_connection(TokioIo::new(tcp), service);
+                tokio::pin!(conn);
+                let result = tokio::select! {
+                    result = conn.as_mut() => result,
+                    _ = drain.started() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
                 if let Err(e) = result {
                     tracing::debug!(%remote, error = %e, "auth connection ended with an error");
                 }
+                drop(hold);
             });
         }
     }

@@ -244,7 +244,14 @@ pub struct Config {
     pub tls: TlsFiles,
     /// Public domains and their certificates (`[[domains]]`, `[acme]`).
     pub public: PublicConfig,
+    /// How long SIGTERM waits for in-flight requests (`[lifecycle] drain_timeout`).
+    #[serde(with = "secs")]
+    pub drain_timeout: Duration,
 }
+
+/// Default wait for in-flight requests at SIGTERM: inside Docker's and Kubernetes' default
+/// grace period (10 s and 30 s) with room to exit.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(8);
 
 mod secs {
     pub fn serialize<S: serde::Serializer>(
@@ -846,6 +853,13 @@ impl Config {
             gateway_domain,
             tls,
             public,
+            drain_timeout: c.duration(
+                "lifecycle.drain_timeout",
+                raw.lifecycle
+                    .as_ref()
+                    .and_then(|l| l.drain_timeout.as_ref()),
+                DEFAULT_DRAIN_TIMEOUT,
+            ),
         })
     }
 }

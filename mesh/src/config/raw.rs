@@ -107,6 +107,12 @@ pub struct RawOutbound {
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawLifecycle {
+    pub drain_timeout: Option<DurationValue>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub outbound: Option<RawOutbound>,
     pub client: Option<RawListener>,
@@ -118,6 +124,7 @@ pub struct RawConfig {
     pub inbound: Option<RawInbound>,
     pub acme: Option<super::domains::RawAcme>,
     pub dns: Option<super::dns::RawDns>,
+    pub lifecycle: Option<RawLifecycle>,
     pub admin: Option<RawListener>,
     pub domains: Option<Vec<super::domains::RawDomain>>,
 }

@@ -169,6 +169,7 @@ fn serve_http(
         idle,
         expires,
         remote,
+        drain: inbound.drain.clone(),
     };
     // ALPN already chose the protocol. Each is driven in its own box: an HTTP/1.1 connection
     // does not carry the size of h2's state, nor the other way round.
@@ -202,11 +203,13 @@ struct Watch {
     idle: Duration,
     expires: Duration,
     remote: SocketAddr,
+    drain: proxy::Drain,
 }
 
 impl Watch {
-    /// Serve until the connection ends, goes idle, or outlives the caller's certificate; then
-    /// let what is in flight finish (within [`SHUTDOWN_GRACE`]).
+    /// Serve until the connection ends, goes idle, outlives the caller's certificate, or the
+    /// sidecar drains; then let what is in flight finish (within [`SHUTDOWN_GRACE`]; a drain's
+    /// own deadline cuts it off earlier).
     async fn drive<C, E>(self, conn: C, shutdown: impl FnOnce(Pin<&mut C>))
     where
         C: Future<Output = Result<(), E>>,
@@ -223,6 +226,7 @@ impl Watch {
             }
             _ = self.activity.idle_for(self.idle) => "idle",
             _ = tokio::time::sleep(self.expires) => "caller certificate expired",
+            _ = self.drain.started() => "shutting down",
         };
         tracing::debug!(%remote, why, "closing inbound connection");
         shutdown(conn.as_mut());

@@ -63,6 +63,7 @@ pub struct Inbound {
     /// `http`-mode domains' backends, by primary name.
     public_upstreams: HashMap<String, Upstream>,
     connections: Arc<Semaphore>,
+    drain: proxy::Drain,
 }
 
 /// Which branch a connection took at the ClientHello.
@@ -130,6 +131,7 @@ impl Inbound {
         .map_err(|e| InboundError::Backend(e.to_string()))?;
         Ok(Self {
             connections: Arc::new(Semaphore::new(config.max_connections)),
+            drain: proxy::Drain::default(),
             mesh_tls: ArcSwap::from_pointee(mesh_tls),
             policy: ArcSwap::new(policy),
             upstream,
@@ -188,11 +190,17 @@ impl Inbound {
         })
     }
 
-    /// Accept connections until the future is dropped.
+    /// Stop with `drain` (SIGTERM) instead of a private one.
+    pub fn with_drain(mut self, drain: proxy::Drain) -> Self {
+        self.drain = drain;
+        self
+    }
+
+    /// Accept connections until the future is dropped or the drain starts.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         // The slot is held by the connection and by any WebSocket tunnel spliced from it.
         while let Some((tcp, remote, hold)) =
-            proxy::accept(&listener, &self.connections, "inbound").await
+            proxy::accept(&listener, &self.connections, "inbound", &self.drain).await
         {
             tokio::spawn(self.clone().connection(tcp, remote, hold));
         }

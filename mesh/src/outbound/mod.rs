@@ -99,6 +99,7 @@ pub struct Outbound {
     pool: PeerPool,
     agent: Option<AgentPassthrough>,
     connections: Arc<Semaphore>,
+    drain: proxy::Drain,
     /// What went out.
     pub stats: OutboundStats,
 }
@@ -195,6 +196,7 @@ impl Outbound {
             gateway_domain: ArcSwapOption::empty(),
             pool,
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            drain: proxy::Drain::default(),
             stats: OutboundStats::default(),
         })
     }
@@ -243,10 +245,16 @@ impl Outbound {
             })
     }
 
-    /// Accept connections from apps until the future is dropped.
+    /// Stop with `drain` (SIGTERM) instead of a private one.
+    pub fn with_drain(mut self, drain: proxy::Drain) -> Self {
+        self.drain = drain;
+        self
+    }
+
+    /// Accept connections from apps until the future is dropped or the drain starts.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         while let Some((tcp, remote, hold)) =
-            proxy::accept(&listener, &self.connections, "outbound").await
+            proxy::accept(&listener, &self.connections, "outbound", &self.drain).await
         {
             tokio::spawn(self.clone().connection(tcp, remote, hold));
         }
@@ -285,6 +293,7 @@ impl Outbound {
                 return;
             }
             _ = activity.idle_for(IDLE_TIMEOUT) => {}
+            _ = self.drain.started() => {}
         }
         conn.as_mut().graceful_shutdown();
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;

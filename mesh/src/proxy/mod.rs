@@ -1,6 +1,7 @@
 //! HTTP forwarding shared by the inbound and outbound sides: hop-by-hop headers, streaming
 //! bodies, upgrades, and errors that tell the caller who failed without leaking details.
 
+mod drain;
 mod forward;
 mod headers;
 mod idle;
@@ -10,6 +11,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 
+pub use drain::{Drain, Tracked};
 pub use forward::{forward, forward_with, is_websocket, Tunnel};
 pub use headers::{remove_hop_by_hop, strip_forgeable, CallerHeaders, IDENTITY_HEADERS};
 pub use idle::{Activity, GuardedBody, IdleIo, RequestGuard};
@@ -21,24 +23,35 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type every proxy path uses: streamed, never collected.
 pub type Body = BoxBody<Bytes, BoxError>;
 
-/// What a connection holds while it lives: its slot under the connection limit (dropped when
-/// the connection and every tunnel spliced from it have ended).
+/// What a connection holds while it lives: its slot under the connection limit and its place
+/// in the drain count (dropped when the connection and every tunnel spliced from it have
+/// ended).
 pub type Hold = std::sync::Arc<dyn std::any::Any + Send + Sync>;
 
 /// The next connection on `listener`, once `slots` (the connection limit) has room: past the
 /// limit, callers queue in the kernel backlog. Accept errors (EMFILE and friends) back off and
-/// never end the loop; `None` only when the limit is closed.
+/// never end the loop; `None` once `drain` has started (the caller then drops the listener, so
+/// new connections are refused) or the limit is closed.
 pub async fn accept(
     listener: &tokio::net::TcpListener,
     slots: &std::sync::Arc<tokio::sync::Semaphore>,
     what: &'static str,
+    drain: &Drain,
 ) -> Option<(tokio::net::TcpStream, std::net::SocketAddr, Hold)> {
-    let permit = slots.clone().acquire_owned().await.ok()?;
+    let permit = tokio::select! {
+        permit = slots.clone().acquire_owned() => permit.ok()?,
+        _ = drain.started() => return None,
+    };
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            _ = drain.started() => return None,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
             Ok((tcp, remote)) => {
                 let _ = tcp.set_nodelay(true);
-                return Some((tcp, remote, std::sync::Arc::new(permit)));
+                return Some((tcp, remote, std::sync::Arc::new((permit, drain.track()))));
             }
             Err(e) => {
                 tracing::warn!(listener = what, error = %e, "accept failed");
@@ -54,6 +67,7 @@ pub async fn serve_plain<F>(
     listener: tokio::net::TcpListener,
     what: &'static str,
     max_connections: usize,
+    drain: Drain,
     answer: F,
 ) where
     F: Fn(&http::Request<hyper::body::Incoming>) -> Response<Body> + Send + Sync + 'static,
@@ -62,8 +76,9 @@ pub async fn serve_plain<F>(
     const CONNECTION_LIFE: std::time::Duration = std::time::Duration::from_secs(300);
     let answer = std::sync::Arc::new(answer);
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections));
-    while let Some((tcp, _remote, hold)) = accept(&listener, &slots, what).await {
+    while let Some((tcp, _remote, hold)) = accept(&listener, &slots, what, &drain).await {
         let answer = answer.clone();
+        let drain = drain.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let resp = answer(&req);
@@ -73,7 +88,16 @@ pub async fn serve_plain<F>(
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
-            let _ = tokio::time::timeout(CONNECTION_LIFE, conn).await;
+            let life = async {
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = drain.started() => {}
+                }
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            };
+            let _ = tokio::time::timeout(CONNECTION_LIFE, life).await;
             drop(hold);
         });
     }

@@ -1,0 +1,85 @@
+//! The process lifecycle of `dstack-mesh run`: SIGTERM drains (no new connections, requests in
+//! flight finish, exit 0).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+use std::time::Duration;
+
+use e2e::{
+    backend::Backend,
+    client::{empty, MeshClient},
+    dev_agent, identity, run_mesh,
+};
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+
+const SERVER: &str = "5e77e75e77e75e77e75e77e75e77e75e77e75e77";
+const CALLER: &str = "ca11e7ca11e7ca11e7ca11e7ca11e7ca11e7ca11";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_refuses_new_connections_and_finishes_requests_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (_agent, socket) = dev_agent(dir.path(), "agent", SERVER, &state);
+    let (caller, _caller_agent) = identity(dir.path(), &state, CALLER).await;
+    let backend = Backend::start().await;
+    let config = dir.path().join("mesh.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\naddress = \"unix:{}\"\n\
+             [inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{}\"\nallowed_apps = \"{CALLER}\"\n\
+             [auth]\nenabled = false\n[client]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [lifecycle]\ndrain_timeout = \"20s\"\n",
+            socket.display(),
+            backend.addr
+        ),
+    )
+    .unwrap();
+    let (mut mesh, bound) = run_mesh(dir.path(), "mesh", &config);
+    let inbound = bound.iter().find(|(w, _)| w == "inbound").unwrap().1;
+    let server = SERVER.parse().unwrap();
+
+    // A slow response in flight (the backend holds its second chunk), and an idle h2
+    // connection that must not hold the exit up.
+    let mut slow = MeshClient::connect(&caller, &server, inbound, Some(&[b"http/1.1"]))
+        .await
+        .unwrap();
+    let resp = slow
+        .send(Request::get("/stream").body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "first\n");
+    let mut idle = MeshClient::connect(&caller, &server, inbound, Some(&[b"h2"]))
+        .await
+        .unwrap();
+    assert_eq!(idle.get("/x", &[]).await.unwrap().0, StatusCode::OK);
+
+    mesh.signal("TERM");
+
+    // New connections are refused soon after.
+    let end = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::net::TcpStream::connect(inbound).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            _ if tokio::time::Instant::now() > end => {
+                panic!("still accepting after SIGTERM: {}", mesh.stderr())
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    mesh.assert_running();
+
+    // The request in flight completes, then the process exits 0 well before the deadline.
+    backend.release_stream.notify_one();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "second\n");
+    let status = tokio::task::block_in_place(|| mesh.wait_exit(Duration::from_secs(10)));
+    assert!(status.success(), "{status}: {}", mesh.stderr());
+    let log = mesh.stderr();
+    assert!(log.contains("drained: every connection finished"), "{log}");
+    drop(idle);
+}
