@@ -61,6 +61,8 @@ pub struct App {
     bound: Vec<(&'static str, SocketAddr)>,
     drain: proxy::Drain,
     drain_timeout: std::time::Duration,
+    /// What is running: the last configuration, as far as it was applied.
+    running: Config,
     tasks: JoinSet<()>,
     /// Held so that dropping the app aborts them.
     _background: JoinSet<()>,
@@ -233,6 +235,7 @@ impl App {
             bound,
             drain,
             drain_timeout: config.drain_timeout,
+            running: config,
             tasks,
             _background: background,
         })
@@ -243,13 +246,26 @@ impl App {
         self.bound.iter().find(|(w, _)| *w == what).map(|(_, a)| *a)
     }
 
-    /// Serve until `shutdown` resolves, then drain: stop accepting, let in-flight requests
-    /// finish (up to `[lifecycle] drain_timeout`), stop.
-    pub async fn run_until(mut self, shutdown: impl std::future::Future<Output = ()>) {
-        tokio::select! {
-            _ = shutdown => {}
-            Some(ended) = self.tasks.join_next() => {
-                tracing::error!(?ended, "a listener stopped unexpectedly");
+    /// Serve until `shutdown` resolves, applying each configuration `reloads` delivers (SIGHUP;
+    /// a load error is logged and the running configuration stays); then drain: stop accepting,
+    /// let in-flight requests finish (up to `[lifecycle] drain_timeout`), stop.
+    pub async fn run_until(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+        mut reloads: tokio::sync::mpsc::Receiver<Result<Config, String>>,
+    ) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(ended) = self.tasks.join_next() => {
+                    tracing::error!(?ended, "a listener stopped unexpectedly");
+                    break;
+                }
+                Some(loaded) = reloads.recv() => match loaded.and_then(|c| self.reload(c)) {
+                    Ok(report) => tracing::info!(applied = ?report.applied, needs_restart = ?report.needs_restart, "configuration reloaded"),
+                    Err(e) => tracing::error!(error = %e, "configuration reload rejected: the running configuration stays"),
+                },
             }
         }
         self.drain.start();
@@ -271,6 +287,90 @@ impl App {
                 "drain deadline passed: closing what is left"
             ),
         }
+    }
+}
+
+/// What a reload changed, and what it could not change without a restart.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Settings now in force.
+    pub applied: Vec<&'static str>,
+    /// Sections that differ but are only read at start.
+    pub needs_restart: Vec<String>,
+}
+
+impl App {
+    /// Apply `new` where it can be applied live: the inbound and auth allowlists and the
+    /// outbound static routes. Everything is built before anything is swapped, so a failure
+    /// changes nothing. Other changed sections are reported as needing a restart.
+    pub fn reload(&mut self, new: Config) -> Result<ReloadReport, String> {
+        let old = &self.running;
+        let mut report = ReloadReport::default();
+        let inbound_allow = match (&self.inbound, new.inbound.allow != old.inbound.allow) {
+            (Some(inbound), true) => Some(
+                inbound
+                    .prepare_allow(&new.inbound.allow, &self.identity)
+                    .map_err(|e| e.to_string())?,
+            ),
+            _ => None,
+        };
+        let auth_allow = |c: &Config| c.auth.allow.clone().unwrap_or(c.inbound.allow.clone());
+        let auth_policy = match (&self.auth, auth_allow(&new) != auth_allow(old)) {
+            (Some(_), true) => Some(Arc::new(
+                inbound::mesh_policy(&new.inbound, &auth_allow(&new), &self.identity)
+                    .map_err(|e| e.to_string())?,
+            )),
+            _ => None,
+        };
+        let routes = match (&self.outbound, new.outbound.routes != old.outbound.routes) {
+            (Some(_), true) => {
+                outbound::configured_addressing(&new.outbound, new.gateway_domain.as_ref())
+                    .map(Some)
+                    .ok_or("the new outbound routes need a gateway that is discovered at start: restart to apply them")?
+            }
+            _ => None,
+        };
+
+        // Everything built: swap.
+        let mut running = self.running.clone();
+        if new.drain_timeout != old.drain_timeout {
+            self.drain_timeout = new.drain_timeout;
+            running.drain_timeout = new.drain_timeout;
+            report.applied.push("lifecycle.drain_timeout");
+        }
+        if let (Some(inbound), Some(prepared)) = (&self.inbound, inbound_allow) {
+            inbound.apply_allow(prepared);
+            running.inbound.allow = new.inbound.allow.clone();
+            report.applied.push("inbound.allowed_apps");
+        }
+        if let (Some(auth), Some(policy)) = (&self.auth, auth_policy) {
+            auth.set_policy(policy);
+            running.auth.allow = new.auth.allow.clone();
+            running.inbound.allow = new.inbound.allow.clone();
+            report.applied.push("auth.allowed_apps");
+        }
+        if let (Some(outbound), Some((addressing, domain))) = (&self.outbound, routes) {
+            outbound.set_addressing(addressing, domain);
+            running.outbound.routes = new.outbound.routes.clone();
+            report.applied.push("outbound.routes");
+        }
+        // What still differs is read only at start.
+        let (now, want) = (
+            serde_json::to_value(&running).map_err(|e| e.to_string())?,
+            serde_json::to_value(&new).map_err(|e| e.to_string())?,
+        );
+        if let (Some(now), Some(want)) = (now.as_object(), want.as_object()) {
+            report.needs_restart = want
+                .iter()
+                .filter(|(k, v)| now.get(*k) != Some(v))
+                .map(|(k, _)| k.clone())
+                .collect();
+        }
+        if !report.needs_restart.is_empty() {
+            tracing::warn!(sections = ?report.needs_restart, "changed settings that are read only at start: restart to apply them");
+        }
+        self.running = running;
+        Ok(report)
     }
 }
 

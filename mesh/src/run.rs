@@ -22,12 +22,42 @@ fn load(flag: Option<PathBuf>) -> Result<Config, ExitCode> {
     })
 }
 
-/// `run`: start the sidecar and serve until SIGTERM or Ctrl-C.
+/// Each SIGHUP reads the configuration again (same file, same environment) and hands the
+/// result to the running sidecar.
+fn reloads(path: Option<PathBuf>) -> tokio::sync::mpsc::Receiver<Result<Config, String>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reading the configuration again");
+                    let loaded = Config::load(path.as_deref(), &Env).map_err(|e| e.to_string());
+                    if tx.send(loaded).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "SIGHUP not handled: reload needs a restart"),
+    }
+    #[cfg(not(unix))]
+    drop((tx, path));
+    rx
+}
+
+/// `run`: start the sidecar and serve until SIGTERM or Ctrl-C; SIGHUP reloads.
 pub async fn run(flag: Option<PathBuf>) -> ExitCode {
-    let config = match load(flag) {
+    let path = config_path(flag);
+    let config = match Config::load(path.as_deref(), &Env) {
         Ok(c) => c,
-        Err(code) => return code,
+        Err(e) => {
+            eprint!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
     };
+    // Registered before anything slow, so an early SIGHUP does not end the process.
+    let reloads = reloads(path);
     let app = match App::start(config).await {
         Ok(app) => app,
         Err(e) => {
@@ -37,7 +67,8 @@ pub async fn run(flag: Option<PathBuf>) -> ExitCode {
     };
     let id = app.identity.current();
     tracing::info!(app_id = %id.app_id, fingerprint = %id.fingerprint, "dstack-mesh running");
-    app.run_until(crate::demo::wait_for_shutdown()).await;
+    app.run_until(crate::demo::wait_for_shutdown(), reloads)
+        .await;
     ExitCode::SUCCESS
 }
 

@@ -1,5 +1,6 @@
 //! The process lifecycle of `dstack-mesh run`: SIGTERM drains (no new connections, requests in
-//! flight finish, exit 0).
+//! flight finish, exit 0); SIGHUP reloads the allowlist without dropping connections and keeps
+//! the running configuration when the new one is broken.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
@@ -15,6 +16,18 @@ use http_body_util::BodyExt;
 
 const SERVER: &str = "5e77e75e77e75e77e75e77e75e77e75e77e75e77";
 const CALLER: &str = "ca11e7ca11e7ca11e7ca11e7ca11e7ca11e7ca11";
+const OTHER: &str = "07e407e407e407e407e407e407e407e407e407e4";
+
+/// A `dstack-mesh run` config: inbound to `backend`, allowing `allowed`.
+fn config(socket: &std::path::Path, backend: std::net::SocketAddr, allowed: &str) -> String {
+    format!(
+        "[agent]\naddress = \"unix:{}\"\n\
+         [inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\nallowed_apps = \"{allowed}\"\n\
+         [auth]\nenabled = false\n[client]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [lifecycle]\ndrain_timeout = \"20s\"\n",
+        socket.display()
+    )
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_refuses_new_connections_and_finishes_requests_in_flight() {
@@ -23,20 +36,9 @@ async fn sigterm_refuses_new_connections_and_finishes_requests_in_flight() {
     let (_agent, socket) = dev_agent(dir.path(), "agent", SERVER, &state);
     let (caller, _caller_agent) = identity(dir.path(), &state, CALLER).await;
     let backend = Backend::start().await;
-    let config = dir.path().join("mesh.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[agent]\naddress = \"unix:{}\"\n\
-             [inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{}\"\nallowed_apps = \"{CALLER}\"\n\
-             [auth]\nenabled = false\n[client]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-             [lifecycle]\ndrain_timeout = \"20s\"\n",
-            socket.display(),
-            backend.addr
-        ),
-    )
-    .unwrap();
-    let (mut mesh, bound) = run_mesh(dir.path(), "mesh", &config);
+    let file = dir.path().join("mesh.toml");
+    std::fs::write(&file, config(&socket, backend.addr, CALLER)).unwrap();
+    let (mut mesh, bound) = run_mesh(dir.path(), "mesh", &file);
     let inbound = bound.iter().find(|(w, _)| w == "inbound").unwrap().1;
     let server = SERVER.parse().unwrap();
 
@@ -82,4 +84,82 @@ async fn sigterm_refuses_new_connections_and_finishes_requests_in_flight() {
     let log = mesh.stderr();
     assert!(log.contains("drained: every connection finished"), "{log}");
     drop(idle);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_allowlist_keeps_connections_and_refuses_a_broken_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (_agent, socket) = dev_agent(dir.path(), "agent", SERVER, &state);
+    let (caller, _caller_agent) = identity(dir.path(), &state, CALLER).await;
+    let (other, _other_agent) = identity(dir.path(), &state, OTHER).await;
+    let backend = Backend::start().await;
+    let file = dir.path().join("mesh.toml");
+    std::fs::write(&file, config(&socket, backend.addr, CALLER)).unwrap();
+    let (mut mesh, bound) = run_mesh(dir.path(), "mesh", &file);
+    let inbound = bound.iter().find(|(w, _)| w == "inbound").unwrap().1;
+    let server = SERVER.parse().unwrap();
+    // Before: the caller is in, the other app is refused.
+    let mut kept = MeshClient::connect(&caller, &server, inbound, Some(&[b"http/1.1"]))
+        .await
+        .unwrap();
+    assert_eq!(get(&mut kept).await, StatusCode::OK);
+    let refused = async {
+        match MeshClient::connect(&other, &server, inbound, None).await {
+            Err(_) => true,
+            Ok(mut c) => c.get("/x", &[]).await.is_err(),
+        }
+    };
+    assert!(refused.await, "the other app got in before the reload");
+
+    // A new allowlist entry takes effect; the connection opened before keeps working.
+    std::fs::write(
+        &file,
+        config(&socket, backend.addr, &format!("{CALLER},{OTHER}")),
+    )
+    .unwrap();
+    mesh.signal("HUP");
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(mut c) = MeshClient::connect(&other, &server, inbound, None).await {
+            if c.get("/x", &[]).await.map(|r| r.0).ok() == Some(StatusCode::OK) {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the new entry never took effect: {}",
+            mesh.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get(&mut kept).await, StatusCode::OK);
+    assert!(
+        mesh.stderr().contains("configuration reloaded"),
+        "{}",
+        mesh.stderr()
+    );
+
+    // A broken configuration is refused with a log line; the running one stays.
+    std::fs::write(&file, "[inbound]\nallowed_apps = \"not-an-app-id\"\n").unwrap();
+    mesh.signal("HUP");
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !mesh.stderr().contains("configuration reload rejected") {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "no rejection logged: {}",
+            mesh.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    mesh.assert_running();
+    let mut again = MeshClient::connect(&other, &server, inbound, None)
+        .await
+        .unwrap();
+    assert_eq!(get(&mut again).await, StatusCode::OK);
+    assert_eq!(get(&mut kept).await, StatusCode::OK);
+}
+
+async fn get(client: &mut MeshClient) -> StatusCode {
+    client.get("/x", &[]).await.unwrap().0
 }

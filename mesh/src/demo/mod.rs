@@ -261,29 +261,16 @@ async fn call(outbound: SocketAddr, target: &AppId) -> anyhow::Result<String> {
     exchange(tcp, req).await
 }
 
-/// Resolves on SIGTERM or Ctrl-C. SIGHUP, whose default action would end the process, is
-/// caught and logged until configuration reload exists.
+/// Resolves on SIGTERM or Ctrl-C (`run` handles SIGHUP itself: a reload).
 pub async fn wait_for_shutdown() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut hup = signal(SignalKind::hangup()).ok();
-        let hangup = async {
-            match hup.as_mut() {
-                Some(hup) => {
-                    while hup.recv().await.is_some() {
-                        tracing::warn!("SIGHUP: configuration reload is not supported yet; restart to apply changes");
-                    }
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
         match signal(SignalKind::terminate()) {
             Ok(mut term) => {
                 tokio::select! {
                     _ = term.recv() => {}
                     _ = tokio::signal::ctrl_c() => {}
-                    _ = hangup => {}
                 }
             }
             Err(_) => {

@@ -64,6 +64,16 @@ pub struct Inbound {
     public_upstreams: HashMap<String, Upstream>,
     connections: Arc<Semaphore>,
     drain: proxy::Drain,
+    /// The allowlist now in force (SIGHUP replaces it).
+    allow: ArcSwap<Allow>,
+}
+
+/// A new allowlist, built and checked, ready to swap in.
+#[derive(Debug)]
+pub struct PreparedAllow {
+    allow: Allow,
+    policy: Arc<Policy>,
+    tls: Arc<ServerConfig>,
 }
 
 /// Which branch a connection took at the ClientHello.
@@ -132,6 +142,7 @@ impl Inbound {
         Ok(Self {
             connections: Arc::new(Semaphore::new(config.max_connections)),
             drain: proxy::Drain::default(),
+            allow: ArcSwap::from_pointee(config.allow.clone()),
             mesh_tls: ArcSwap::from_pointee(mesh_tls),
             policy: ArcSwap::new(policy),
             upstream,
@@ -180,12 +191,36 @@ impl Inbound {
         self.policy.load_full()
     }
 
+    /// Build the policy and TLS configuration for `allow`; nothing changes until
+    /// [`Inbound::apply_allow`], so a reload that fails elsewhere leaves this side untouched.
+    pub fn prepare_allow(
+        &self,
+        allow: &Allow,
+        identity: &RotatingIdentity,
+    ) -> Result<PreparedAllow, InboundError> {
+        let policy = Arc::new(mesh_policy(&self.config, allow, identity)?);
+        let tls = ratls::tls::mesh_server_config(identity.resolver(), policy.clone())?;
+        Ok(PreparedAllow {
+            allow: allow.clone(),
+            policy,
+            tls: Arc::new(tls),
+        })
+    }
+
+    /// New handshakes are held to the new allowlist; established connections keep the
+    /// verdict they were admitted with.
+    pub fn apply_allow(&self, prepared: PreparedAllow) {
+        self.mesh_tls.store(prepared.tls);
+        self.policy.store(prepared.policy);
+        self.allow.store(Arc::new(prepared.allow));
+    }
+
     /// The mesh route this listener serves, as the admin port reports it.
     pub fn mesh_route(&self) -> serde_json::Value {
         serde_json::json!({
             "listen": self.config.listen.to_string(),
             "backend": self.config.backend.to_string(),
-            "allowed_apps": self.config.allow,
+            "allowed_apps": *self.allow.load_full(),
             "require_attestation": self.config.require_attestation,
         })
     }
