@@ -91,6 +91,7 @@ impl App {
         let mut tasks = JoinSet::new();
         // SIGTERM: every listener stops accepting and every connection winds down.
         let drain = proxy::Drain::default();
+        let metrics = Arc::new(crate::metrics::Metrics::default());
         // Tasks that end when their work is done (listeners must not).
         let mut background = JoinSet::new();
 
@@ -103,8 +104,9 @@ impl App {
         // Bind everything before serving anything: a port in use fails the start, not later.
         let inbound = match config.inbound.enabled {
             true => {
-                let mut inbound =
-                    Inbound::new(config.inbound.clone(), &identity)?.with_drain(drain.clone());
+                let mut inbound = Inbound::new(config.inbound.clone(), &identity)?
+                    .with_drain(drain.clone())
+                    .with_metrics(metrics.clone());
                 if let Some(acme) = &acme {
                     inbound = inbound.with_public(acme.clone())?;
                 }
@@ -157,7 +159,8 @@ impl App {
                         anchors,
                         Some(agent),
                     )?
-                    .with_drain(drain.clone()),
+                    .with_drain(drain.clone())
+                    .with_metrics(metrics.clone()),
                 );
                 if !config.client.listen.ip().is_loopback() {
                     tracing::warn!(addr = %config.client.listen, "the outbound proxy listens beyond loopback: anything that reaches it can call other apps as this app");
@@ -216,6 +219,8 @@ impl App {
         if let Some(listener) = admin {
             let admin = Admin::new(identity.clone(), acme.clone())
                 .with_inbound(inbound.clone())
+                .with_outbound(outbound.clone())
+                .with_metrics(metrics.clone())
                 .with_drain(drain.clone());
             let admin = Arc::new(admin);
             tasks.spawn(admin.serve(listener));

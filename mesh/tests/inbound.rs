@@ -512,3 +512,43 @@ async fn a_slow_upload_is_not_a_slow_backend() {
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(json(&body)["received"], 11);
 }
+
+#[tokio::test]
+async fn metrics_count_requests_per_caller_and_refusals_by_reason() {
+    let mesh = Mesh::start().await;
+    assert_refused(&mesh, &mesh.stranger).await;
+    let mut client = mesh.client(Some(&[b"h2"])).await;
+    for _ in 0..3 {
+        assert_eq!(client.get("/x", &[]).await.unwrap().0, StatusCode::OK);
+    }
+    let admin = mesh.app.addr("admin").unwrap().to_string();
+    // The refusal is counted after the handshake's alert: poll briefly for it.
+    let mut text = String::new();
+    for _ in 0..100 {
+        let (status, body) =
+            dstack_mesh::admin::cli::request(&admin, http::Method::GET, "/metrics")
+                .await
+                .unwrap();
+        assert_eq!(status, StatusCode::OK);
+        text = String::from_utf8_lossy(&body).into_owned();
+        if text.contains("reason=\"app_id_not_allowed\"") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for line in [
+        format!("dstack_mesh_requests_total{{direction=\"inbound\",peer=\"{CALLER}\"}} 3"),
+        format!("dstack_mesh_request_errors_total{{direction=\"inbound\",peer=\"{CALLER}\"}} 0"),
+        "dstack_mesh_request_duration_seconds_count{direction=\"inbound\"} 3".to_owned(),
+        "dstack_mesh_handshake_failures_total{direction=\"inbound\",reason=\"app_id_not_allowed\"} 1".to_owned(),
+        "dstack_mesh_open_connections{listener=\"inbound\"} ".to_owned(),
+        "dstack_mesh_identity_expiration_timestamp_seconds ".to_owned(),
+    ] {
+        assert!(text.contains(&line), "{line}\n{text}");
+    }
+    // Every sample line parses as `name{labels} number`.
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let value = line.rsplit(' ').next().unwrap();
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+    }
+}

@@ -77,6 +77,15 @@ impl Pair {
     fn outbound(&self) -> SocketAddr {
         self.a.addr("outbound").unwrap()
     }
+
+    /// A's `/metrics`.
+    async fn metrics(&self) -> String {
+        let admin = self.a.addr("admin").unwrap().to_string();
+        let (_, body) = dstack_mesh::admin::cli::request(&admin, http::Method::GET, "/metrics")
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&body).into_owned()
+    }
 }
 
 /// One HTTP/1.1 request on a fresh connection to `addr`.
@@ -159,6 +168,13 @@ async fn a_peer_with_another_app_id_is_refused_in_the_handshake() {
     let body = json(resp).await;
     assert_eq!(body["error"], "peer identity mismatch", "{body}");
     assert_eq!(pair.backend.count(), 0);
+    let text = pair.metrics().await;
+    for line in [
+        format!("dstack_mesh_request_errors_total{{direction=\"outbound\",peer=\"{STRANGER}\"}} 1"),
+        "dstack_mesh_handshake_failures_total{direction=\"outbound\",reason=\"peer_identity_mismatch\"} 1".to_owned(),
+    ] {
+        assert!(text.contains(&line), "{line}\n{text}");
+    }
 }
 
 #[tokio::test]
@@ -221,6 +237,14 @@ async fn keep_alive_requests_share_one_h2_connection() {
         assert_eq!(seen["headers"]["x-dstack-app-id"][0], A);
     }
     assert_eq!(pair.backend.count(), 3);
+    let text = pair.metrics().await;
+    for line in [
+        format!("dstack_mesh_requests_total{{direction=\"outbound\",peer=\"{B}\"}} 3"),
+        "dstack_mesh_pool_connections{protocol=\"h2\"} 1".to_owned(),
+        "dstack_mesh_open_connections{listener=\"outbound\"} ".to_owned(),
+    ] {
+        assert!(text.contains(&line), "{line}\n{text}");
+    }
 }
 
 #[tokio::test]

@@ -14,6 +14,8 @@ use tokio::net::TcpListener;
 use crate::{
     acme::Acme,
     inbound::Inbound,
+    metrics::{escape, Metrics},
+    outbound::Outbound,
     proxy::{self, Body},
 };
 
@@ -25,6 +27,8 @@ pub struct Admin {
     identity: RotatingIdentity,
     acme: Option<Arc<Acme>>,
     inbound: Option<Arc<Inbound>>,
+    outbound: Option<Arc<Outbound>>,
+    metrics: Arc<Metrics>,
     drain: proxy::Drain,
 }
 
@@ -35,8 +39,22 @@ impl Admin {
             identity,
             acme,
             inbound: None,
+            outbound: None,
+            metrics: Arc::default(),
             drain: proxy::Drain::default(),
         }
+    }
+
+    /// Also report the outbound proxy's connections and pool.
+    pub fn with_outbound(mut self, outbound: Option<Arc<Outbound>>) -> Self {
+        self.outbound = outbound;
+        self
+    }
+
+    /// Render these request and handshake counters.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Stop with `drain` (SIGTERM) instead of a private one.
@@ -148,9 +166,41 @@ impl Admin {
         }
     }
 
-    /// Prometheus text: the certificate series (the operations issue adds the rest).
+    /// Prometheus text: requests, handshakes, connections, identity and certificates.
     pub fn metrics(&self) -> String {
         let mut out = String::new();
+        self.metrics.render(&mut out);
+        let gauge = |out: &mut String, name: &str, help: &str| {
+            let _ = writeln!(out, "# HELP dstack_mesh_{name} {help}");
+            let _ = writeln!(out, "# TYPE dstack_mesh_{name} gauge");
+        };
+        gauge(
+            &mut out,
+            "open_connections",
+            "Client connections open now, by listener.",
+        );
+        if let Some(inbound) = &self.inbound {
+            let _ = writeln!(
+                out,
+                "dstack_mesh_open_connections{{listener=\"inbound\"}} {}",
+                inbound.open_connections()
+            );
+        }
+        if let Some(outbound) = &self.outbound {
+            let _ = writeln!(
+                out,
+                "dstack_mesh_open_connections{{listener=\"outbound\"}} {}",
+                outbound.open_connections()
+            );
+            let (h2, h1) = outbound.pooled();
+            gauge(
+                &mut out,
+                "pool_connections",
+                "Connections to peers the outbound pool holds, by protocol (h1: idle ones).",
+            );
+            let _ = writeln!(out, "dstack_mesh_pool_connections{{protocol=\"h2\"}} {h2}");
+            let _ = writeln!(out, "dstack_mesh_pool_connections{{protocol=\"h1\"}} {h1}");
+        }
         let identity = self.identity.current();
         let _ = writeln!(out, "# HELP dstack_mesh_identity_expiration_timestamp_seconds When the mesh certificate expires.");
         let _ = writeln!(
@@ -167,7 +217,7 @@ impl Admin {
         };
         let status = acme.status();
         type Value = fn(&crate::acme::CertStatus) -> Option<String>;
-        let series: [(&str, &str, &str, Value); 5] = [
+        let series: [(&str, &str, &str, Value); 6] = [
             (
                 "certificate_expiration_timestamp_seconds",
                 "gauge",
@@ -198,6 +248,12 @@ impl Admin {
                 "Failed orders since start.",
                 |s| Some(s.failures_total.to_string()),
             ),
+            (
+                "acme_orders_valid_total",
+                "counter",
+                "Certificates obtained since start.",
+                |s| Some(s.issued_total.to_string()),
+            ),
         ];
         for (name, kind, help, value) in series {
             let _ = writeln!(out, "# HELP dstack_mesh_{name} {help}");
@@ -207,8 +263,8 @@ impl Admin {
                     let _ = writeln!(
                         out,
                         "dstack_mesh_{name}{{domain=\"{}\",issuer=\"{}\"}} {v}",
-                        s.domain,
-                        s.issuer.replace('"', "")
+                        escape(&s.domain),
+                        escape(&s.issuer)
                     );
                 }
             }

@@ -52,6 +52,8 @@ struct Caller {
     evidence: Option<Arc<crate::acme::evidence::Evidence>>,
     headers: CallerHeaders,
     tunnel: Tunnel,
+    /// This caller's request counters (the peer is fixed for the connection).
+    metrics: crate::metrics::PeerMetrics,
 }
 
 /// Set up HTTP on an authenticated connection. A plain function, not an async one: an async
@@ -150,7 +152,15 @@ fn serve_http(
         // h2 PINGs are bytes too: only requests count towards idleness.
         activity.ignore_bytes();
     }
+    let label = match &who {
+        Who::Peer(peer) => peer.app_id.to_string(),
+        Who::Public(domain) => domain.name().to_owned(),
+    };
+    let metrics = inbound
+        .metrics
+        .peer(crate::metrics::Direction::Inbound, &label);
     let caller = Arc::new(Caller {
+        metrics,
         headers,
         tunnel: Tunnel {
             activity: activity.clone(),
@@ -248,6 +258,7 @@ async fn handle(caller: Arc<Caller>, req: Request<Incoming>) -> Result<Response<
     }
     // In flight until the response body has been sent.
     let in_flight = caller.tunnel.activity.request();
+    let started = std::time::Instant::now();
     // Cheap clones (Method is inline for standard methods, Uri shares its bytes): kept for
     // the log line without allocating.
     let (method, uri) = (req.method().clone(), req.uri().clone());
@@ -286,6 +297,12 @@ async fn handle(caller: Arc<Caller>, req: Request<Incoming>) -> Result<Response<
         Who::Peer(_) => "mesh",
         Who::Public(_) => "public",
     };
+    caller.metrics.request(
+        result
+            .as_ref()
+            .map_or(true, |r| r.status().is_server_error()),
+        started.elapsed(),
+    );
     Ok(match result {
         Ok(resp) => {
             tracing::debug!(caller = %who, kind, %method, %path, status = resp.status().as_u16(), "inbound request");

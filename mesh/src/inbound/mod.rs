@@ -66,6 +66,7 @@ pub struct Inbound {
     drain: proxy::Drain,
     /// The allowlist now in force (SIGHUP replaces it).
     allow: ArcSwap<Allow>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A new allowlist, built and checked, ready to swap in.
@@ -143,6 +144,7 @@ impl Inbound {
             connections: Arc::new(Semaphore::new(config.max_connections)),
             drain: proxy::Drain::default(),
             allow: ArcSwap::from_pointee(config.allow.clone()),
+            metrics: Arc::default(),
             mesh_tls: ArcSwap::from_pointee(mesh_tls),
             policy: ArcSwap::new(policy),
             upstream,
@@ -231,6 +233,19 @@ impl Inbound {
         self
     }
 
+    /// Record requests and refused handshakes into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.config
+            .max_connections
+            .saturating_sub(self.connections.available_permits())
+    }
+
     /// Accept connections until the future is dropped or the drain starts.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         // The slot is held by the connection and by any WebSocket tunnel spliced from it.
@@ -280,7 +295,9 @@ impl Inbound {
         {
             Ok(Ok(done)) => done,
             Ok(Err((e, io))) => {
-                log_handshake_failure(remote, &e);
+                let reason = log_handshake_failure(remote, &e);
+                self.metrics
+                    .handshake_failure(crate::metrics::Direction::Inbound, reason);
                 if let Some(io) = io {
                     // Boxed like every phase: its buffer must not sit in every connection's task.
                     Box::pin(linger(io)).await;
@@ -288,6 +305,8 @@ impl Inbound {
                 return;
             }
             Err(_) => {
+                self.metrics
+                    .handshake_failure(crate::metrics::Direction::Inbound, "timeout");
                 tracing::debug!(%remote, timeout = ?self.config.handshake_timeout, "inbound handshake timed out");
                 return;
             }
@@ -336,13 +355,20 @@ async fn linger(mut io: IdleIo<tokio::net::TcpStream>) {
     let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
-fn log_handshake_failure(remote: SocketAddr, e: &std::io::Error) {
+/// Log a failed handshake; the reason label for the metrics.
+fn log_handshake_failure(remote: SocketAddr, e: &std::io::Error) -> &'static str {
     let rejection = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         .and_then(Rejection::from_tls_error);
     match rejection {
-        Some(r) => tracing::warn!(%remote, reason = r.reason(), detail = %r, "mesh caller refused"),
-        None => tracing::debug!(%remote, error = %e, "inbound handshake failed"),
+        Some(r) => {
+            tracing::warn!(%remote, reason = r.reason(), detail = %r, "mesh caller refused");
+            r.reason()
+        }
+        None => {
+            tracing::debug!(%remote, error = %e, "inbound handshake failed");
+            "tls_error"
+        }
     }
 }

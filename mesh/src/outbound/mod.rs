@@ -38,6 +38,7 @@ pub use pool::{PeerInfo, PeerPool, PoolConfig};
 
 use crate::{
     config::OutboundConfig,
+    metrics::Direction,
     proxy::{self, Activity, Body, GuardedBody, IdleIo, Tunnel, UpstreamError},
 };
 
@@ -100,6 +101,7 @@ pub struct Outbound {
     agent: Option<AgentPassthrough>,
     connections: Arc<Semaphore>,
     drain: proxy::Drain,
+    metrics: Arc<crate::metrics::Metrics>,
     /// What went out.
     pub stats: OutboundStats,
 }
@@ -197,6 +199,7 @@ impl Outbound {
             pool,
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             drain: proxy::Drain::default(),
+            metrics: Arc::default(),
             stats: OutboundStats::default(),
         })
     }
@@ -249,6 +252,22 @@ impl Outbound {
     pub fn with_drain(mut self, drain: proxy::Drain) -> Self {
         self.drain = drain;
         self
+    }
+
+    /// Record requests and refused peers into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Connections from apps open now.
+    pub fn open_connections(&self) -> usize {
+        MAX_CONNECTIONS.saturating_sub(self.connections.available_permits())
+    }
+
+    /// Pooled connections to peers: (h2, idle HTTP/1.1).
+    pub fn pooled(&self) -> (usize, usize) {
+        self.pool.connections()
     }
 
     /// Accept connections from apps until the future is dropped or the drain starts.
@@ -369,10 +388,27 @@ impl Outbound {
             .or_else(|| HeaderValue::from_str(&route.server_name).ok())
             .unwrap_or_else(|| HeaderValue::from_static("localhost"));
         let name = target.to_string();
+        let started = std::time::Instant::now();
         let result = proxy::forward_with(req, Some(tunnel), strip_routing_headers, &name, |req| {
             self.pool.send(&target, &name, req, host, upgrade)
         })
         .await;
+        let mut label = [0u8; 128];
+        let peer = crate::metrics::hex_label(target.app_id.as_bytes(), &mut label);
+        let failed = result
+            .as_ref()
+            .map_or(true, |r| r.status().is_server_error());
+        self.metrics
+            .request(Direction::Outbound, peer, failed, started.elapsed());
+        match &result {
+            Err(UpstreamError::Refused { .. }) => self
+                .metrics
+                .handshake_failure(Direction::Outbound, "peer_identity_mismatch"),
+            Err(UpstreamError::Rejected { .. }) => self
+                .metrics
+                .handshake_failure(Direction::Outbound, "refused_by_peer"),
+            _ => {}
+        }
         Ok(match result {
             Ok(resp) => {
                 let counter = match target.transport {

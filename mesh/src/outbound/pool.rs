@@ -141,6 +141,19 @@ impl PeerPool {
         Self { inner }
     }
 
+    /// Connections held now: (h2, idle HTTP/1.1).
+    pub fn connections(&self) -> (usize, usize) {
+        let slots = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.values().fold((0, 0), |(h2, h1), slot| {
+            let has_h2 = slot
+                .h2
+                .lock()
+                .is_ok_and(|c| c.as_ref().is_some_and(|(s, _)| !s.is_closed()));
+            let idle = slot.idle.lock().map_or(0, |i| i.len());
+            (h2 + usize::from(has_h2), h1 + idle)
+        })
+    }
+
     /// Send `req` to `target`, called `name` in errors (its URI's path and query are kept;
     /// `host` is its authority). `upgrade` dials a connection of its own, HTTP/1.1 only.
     pub async fn send(

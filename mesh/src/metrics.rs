@@ -1,0 +1,302 @@
+//! Request and handshake metrics, recorded on the hot path with atomics and rendered as
+//! Prometheus text by the admin port. Label sets are bounded: a direction, a peer (app id, or
+//! the domain for public requests; at most [`MAX_PEERS`], then `other`), a rejection reason.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Write as _,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    time::Duration,
+};
+
+/// Distinct peers tracked per direction; later ones are counted as `other`.
+pub const MAX_PEERS: usize = 1000;
+/// Upper bounds of the request duration histogram, in seconds.
+const BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// Which way a request went through the sidecar.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    /// A caller (mesh peer or public client) to our backend.
+    Inbound,
+    /// Our app to another app.
+    Outbound,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Inbound => "inbound",
+            Self::Outbound => "outbound",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    requests: AtomicU64,
+    errors: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        // Buckets are cumulative when rendered; here each observation lands in its first fit.
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+}
+
+/// The sidecar's request and handshake counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Per direction: peer label → counts. Looked up by `&str`, so a known peer costs no
+    /// allocation.
+    peers: [RwLock<HashMap<String, Arc<Counts>>>; 2],
+    durations: [Histogram; 2],
+    handshake_failures: Mutex<BTreeMap<(Direction, &'static str), u64>>,
+}
+
+/// One peer's counters, resolved once (per connection inbound) and recorded into per request.
+#[derive(Clone, Debug)]
+pub struct PeerMetrics {
+    metrics: Arc<Metrics>,
+    direction: Direction,
+    counts: Arc<Counts>,
+}
+
+impl PeerMetrics {
+    /// One request answered (or failed) after `elapsed`.
+    pub fn request(&self, failed: bool, elapsed: Duration) {
+        self.counts.requests.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            self.counts.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.metrics.durations[self.direction as usize].observe(elapsed);
+    }
+}
+
+impl Metrics {
+    /// The counters of `peer` in `direction` (created on first sight, `other` past the cap).
+    pub fn peer(self: &Arc<Self>, direction: Direction, peer: &str) -> PeerMetrics {
+        let map = &self.peers[direction as usize];
+        let known = map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer)
+            .cloned();
+        let counts = known.unwrap_or_else(|| {
+            let mut peers = map.write().unwrap_or_else(|p| p.into_inner());
+            let key = match peers.len() < MAX_PEERS || peers.contains_key(peer) {
+                true => peer,
+                false => "other",
+            };
+            peers.entry(key.to_owned()).or_default().clone()
+        });
+        PeerMetrics {
+            metrics: self.clone(),
+            direction,
+            counts,
+        }
+    }
+
+    /// One request of `peer` (see [`Metrics::peer`]).
+    pub fn request(
+        self: &Arc<Self>,
+        direction: Direction,
+        peer: &str,
+        failed: bool,
+        elapsed: Duration,
+    ) {
+        self.peer(direction, peer).request(failed, elapsed);
+    }
+
+    /// A handshake refused for `reason` (a [`ratls::Rejection::reason`] or a transport word).
+    pub fn handshake_failure(&self, direction: Direction, reason: &'static str) {
+        let mut failures = self
+            .handshake_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *failures.entry((direction, reason)).or_default() += 1;
+    }
+
+    /// Prometheus text for every series.
+    pub fn render(&self, out: &mut String) {
+        let mut rows: Vec<(Direction, String, u64, u64)> = Vec::new();
+        for direction in [Direction::Inbound, Direction::Outbound] {
+            let peers = self.peers[direction as usize]
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
+            for (peer, c) in peers.iter() {
+                rows.push((
+                    direction,
+                    peer.clone(),
+                    c.requests.load(Ordering::Relaxed),
+                    c.errors.load(Ordering::Relaxed),
+                ));
+            }
+        }
+        rows.sort();
+        for (name, help, errors) in [
+            (
+                "requests_total",
+                "Requests answered, by direction and peer app id (the domain for public requests).",
+                false,
+            ),
+            (
+                "request_errors_total",
+                "Requests answered with a 5xx or an error of the proxy's own.",
+                true,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP dstack_mesh_{name} {help}");
+            let _ = writeln!(out, "# TYPE dstack_mesh_{name} counter");
+            for (direction, peer, requests, failed) in &rows {
+                let value = if errors { failed } else { requests };
+                let _ = writeln!(
+                    out,
+                    "dstack_mesh_{name}{{direction=\"{}\",peer=\"{}\"}} {value}",
+                    direction.as_str(),
+                    escape(peer)
+                );
+            }
+        }
+        let name = "dstack_mesh_request_duration_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time to the response head, by direction."
+        );
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for direction in [Direction::Inbound, Direction::Outbound] {
+            let h = &self.durations[direction as usize];
+            let d = direction.as_str();
+            let mut cumulative = 0;
+            for (bound, count) in BUCKETS.iter().zip(&h.buckets) {
+                cumulative += count.load(Ordering::Relaxed);
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{direction=\"{d}\",le=\"{bound}\"}} {cumulative}"
+                );
+            }
+            let count = h.count.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{direction=\"{d}\",le=\"+Inf\"}} {count}"
+            );
+            let sum = h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+            let _ = writeln!(out, "{name}_sum{{direction=\"{d}\"}} {sum}");
+            let _ = writeln!(out, "{name}_count{{direction=\"{d}\"}} {count}");
+        }
+        let name = "dstack_mesh_handshake_failures_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Refused TLS handshakes, by direction and reason."
+        );
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let failures = self
+            .handshake_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for ((direction, reason), n) in failures.iter() {
+            let _ = writeln!(
+                out,
+                "{name}{{direction=\"{}\",reason=\"{reason}\"}} {n}",
+                direction.as_str()
+            );
+        }
+    }
+}
+
+/// `bytes` as lowercase hex in `buf`, for a label without a heap allocation (app ids are at
+/// most 64 bytes).
+pub fn hex_label<'b>(bytes: &[u8], buf: &'b mut [u8; 128]) -> &'b str {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = bytes.len().min(64);
+    for (i, b) in bytes[..n].iter().enumerate() {
+        buf[2 * i] = HEX[usize::from(b >> 4)];
+        buf[2 * i + 1] = HEX[usize::from(b & 15)];
+    }
+    std::str::from_utf8(&buf[..2 * n]).unwrap_or_default()
+}
+
+/// A label value as the text format wants it.
+pub fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_histograms_and_reasons() {
+        let m = Arc::new(Metrics::default());
+        m.request(Direction::Inbound, "ca11", false, Duration::from_millis(3));
+        m.request(Direction::Inbound, "ca11", true, Duration::from_millis(300));
+        m.request(Direction::Outbound, "b0b", false, Duration::from_secs(20));
+        m.handshake_failure(Direction::Inbound, "app_id_not_allowed");
+        let mut out = String::new();
+        m.render(&mut out);
+        for line in [
+            "dstack_mesh_requests_total{direction=\"inbound\",peer=\"ca11\"} 2",
+            "dstack_mesh_request_errors_total{direction=\"inbound\",peer=\"ca11\"} 1",
+            "dstack_mesh_request_duration_seconds_bucket{direction=\"inbound\",le=\"0.005\"} 1",
+            "dstack_mesh_request_duration_seconds_bucket{direction=\"inbound\",le=\"0.5\"} 2",
+            "dstack_mesh_request_duration_seconds_bucket{direction=\"outbound\",le=\"10\"} 0",
+            "dstack_mesh_request_duration_seconds_bucket{direction=\"outbound\",le=\"+Inf\"} 1",
+            "dstack_mesh_request_duration_seconds_count{direction=\"inbound\"} 2",
+            "dstack_mesh_handshake_failures_total{direction=\"inbound\",reason=\"app_id_not_allowed\"} 1",
+        ] {
+            assert!(out.contains(line), "{line}\n{out}");
+        }
+    }
+
+    #[test]
+    fn peers_beyond_the_cap_count_as_other() {
+        let m = Arc::new(Metrics::default());
+        for i in 0..MAX_PEERS + 5 {
+            m.request(
+                Direction::Outbound,
+                &format!("{i:040x}"),
+                false,
+                Duration::ZERO,
+            );
+        }
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(out.contains("peer=\"other\"} 5"), "{out}");
+        assert_eq!(
+            out.matches("dstack_mesh_requests_total{").count(),
+            MAX_PEERS + 1
+        );
+    }
+}
