@@ -83,6 +83,15 @@ pub enum Command {
         #[command(subcommand)]
         action: CertsAction,
     },
+    /// What the running sidecar serves: identity, mesh route, domains (the status page, as text).
+    Status {
+        /// The sidecar's admin address.
+        #[arg(long, env = "DSTACK_MESH_ADMIN", default_value = "127.0.0.1:8090")]
+        admin: String,
+        /// Print `/routes` as JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// Attestation evidence of public-domain certificates.
     Evidence {
         #[command(subcommand)]
@@ -211,6 +220,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         } => crate::run::nginx_config(kind, backend, server_name, port, config),
         Command::Demo { state_dir } => crate::demo::run(state_dir).await,
         Command::Certs { admin, action } => crate::admin::cli::certs(&admin, action).await,
+        Command::Status { admin, json } => crate::admin::cli::status(&admin, json).await,
         Command::Evidence {
             action:
                 EvidenceAction::Verify {

@@ -137,6 +137,14 @@ impl Metrics {
         self.peer(direction, peer).request(failed, elapsed);
     }
 
+    /// Distinct peers seen in `direction`.
+    pub fn peer_count(&self, direction: Direction) -> usize {
+        self.peers[direction as usize]
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
     /// A handshake refused for `reason` (a [`ratls::Rejection::reason`] or a transport word).
     pub fn handshake_failure(&self, direction: Direction, reason: &'static str) {
         let mut failures = self

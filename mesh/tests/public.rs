@@ -659,3 +659,106 @@ async fn evidence_is_served_on_the_domain_and_verifies() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_renders_routes_and_pills_in_chromium() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = start(
+        dir.path(),
+        "[[domains]]\nnames = [\"web.example.test\", \"www.example.test\"]\nbackend = \"{backend}\"\n\
+         [[domains]]\nnames = [\"down.example.test\"]\nbackend = \"127.0.0.1:9\"\nissuer = \"https://127.0.0.1:9/directory\"\n",
+        "",
+    )
+    .await;
+    let app = &site.app;
+    wait_valid(app, "web.example.test").await;
+    wait_for("the down domain to fail", || {
+        status_of(app, "down.example.test").status == Status::Failed
+    })
+    .await;
+    let url = format!("http://{}/", app.addr("admin").unwrap());
+    let profile = dir.path().join("chromium");
+    let (dom, shots) = {
+        let (url, profile) = (url.clone(), profile.clone());
+        tokio::task::spawn_blocking(move || {
+            let dom = e2e::chromium::dump_dom(&profile, &url);
+            // Into the test output (target/tmp), for a person to look at.
+            let out = Path::new(env!("CARGO_TARGET_TMPDIR"));
+            let shots = [
+                (out.join("status-page.png"), (1200, 700)),
+                (out.join("status-page-phone.png"), (390, 844)),
+            ];
+            for (path, size) in &shots {
+                e2e::chromium::screenshot(&profile, &url, path, *size);
+            }
+            (dom, shots)
+        })
+        .await
+        .unwrap()
+    };
+    // One row per domain, with its pill; the failed one carries the CA's message.
+    let row = |domain: &str| {
+        let start = dom
+            .find(&format!("data-domain=\"{domain}\""))
+            .unwrap_or_else(|| panic!("no row for {domain}: {dom}"));
+        let end = dom[start..].find("</tr>").unwrap() + start;
+        dom[start..end].to_owned()
+    };
+    let web = row("web.example.test");
+    assert!(
+        web.contains("<span class=\"pill pill-valid\">valid</span>"),
+        "{web}"
+    );
+    assert!(
+        web.contains("internal-ca") && web.contains("www.example.test"),
+        "{web}"
+    );
+    let down = row("down.example.test");
+    assert!(
+        down.contains("<span class=\"pill pill-failed\">failed</span>"),
+        "{down}"
+    );
+    assert!(down.contains("CA unreachable"), "{down}");
+    assert!(dom.contains(SERVER), "the identity is shown");
+    assert!(
+        dom.contains(&site.backend.addr.to_string()),
+        "the mesh route is shown"
+    );
+    for (path, _) in &shots {
+        assert!(
+            std::fs::metadata(path).unwrap().len() > 10_000,
+            "{}",
+            path.display()
+        );
+    }
+
+    // `dstack-mesh status` prints the same in a terminal.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_dstack-mesh"))
+        .args(["status", "--admin"])
+        .arg(app.addr("admin").unwrap().to_string())
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(SERVER) && text.contains(&site.backend.addr.to_string()),
+        "{text}"
+    );
+    let line = |d: &str| {
+        text.lines()
+            .find(|l| l.starts_with(d))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(line("web.example.test").contains("valid"), "{text}");
+    assert!(
+        line("down.example.test").contains("failed")
+            && line("down.example.test").contains("CA unreachable"),
+        "{text}"
+    );
+}

@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod bind;
+pub mod chromium;
 pub mod client;
 pub mod cloudflare;
 pub mod pebble;

@@ -7,7 +7,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 
 use crate::{
-    acme::{CertStatus, Status},
+    acme::CertStatus,
     cli::{CertsAction, EXIT_UNAVAILABLE},
 };
 
@@ -50,6 +50,84 @@ pub async fn request(
                 "the admin listener at {addr} did not answer within {TIMEOUT:?}"
             ))
         })
+}
+
+/// `dstack-mesh status`: the page's content as text.
+pub async fn status(addr: &str, json: bool) -> ExitCode {
+    let body = match request(addr, http::Method::GET, "/routes").await {
+        Ok((s, body)) if s.is_success() => body,
+        Ok((s, body)) => {
+            eprintln!(
+                "error: {addr} answered {s}: {}",
+                String::from_utf8_lossy(&body)
+            );
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    if json {
+        println!("{}", String::from_utf8_lossy(&body));
+        return ExitCode::SUCCESS;
+    }
+    match serde_json::from_slice::<super::Routes>(&body) {
+        Ok(routes) => {
+            print!("{}", status_text(&routes, std::time::SystemTime::now()));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: unexpected answer from {addr}: {e}");
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
+    }
+}
+
+/// The status page's content for a terminal.
+pub fn status_text(routes: &super::Routes, now: std::time::SystemTime) -> String {
+    let id = &routes.identity;
+    let mut out = format!(
+        "app       {}{}\n",
+        id.app_id,
+        match id.app_name.is_empty() {
+            true => String::new(),
+            false => format!(" ({})", id.app_name),
+        }
+    );
+    if let Some(instance) = &id.instance_id {
+        out.push_str(&format!("instance  {instance}\n"));
+    }
+    out.push_str(&format!(
+        "identity  expires {}{}\n",
+        ratls::cert::ChainView::format_time(id.not_after),
+        if id.attested { ", attested" } else { "" }
+    ));
+    out.push_str(&format!(
+        "peers     {} inbound, {} outbound seen\n",
+        routes.peers.inbound, routes.peers.outbound
+    ));
+    match &routes.mesh {
+        Some(m) => out.push_str(&format!(
+            "mesh      {} -> {} allowing {}{}\n",
+            m.listen,
+            m.backend,
+            m.allowed(),
+            if m.require_attestation {
+                " (attestation required)"
+            } else {
+                ""
+            }
+        )),
+        None => out.push_str("mesh      inbound listener off\n"),
+    }
+    if routes.domains.is_empty() {
+        out.push_str("\nno public domains\n");
+    } else {
+        out.push('\n');
+        out.push_str(&table(&routes.domains, now));
+    }
+    out
 }
 
 /// Run a `certs` action.
@@ -100,16 +178,6 @@ pub async fn certs(addr: &str, action: CertsAction) -> ExitCode {
     }
 }
 
-fn status_word(s: Status) -> &'static str {
-    match s {
-        Status::Pending => "pending",
-        Status::Issuing => "issuing",
-        Status::Valid => "valid",
-        Status::Renewing => "renewing",
-        Status::Failed => "failed",
-    }
-}
-
 /// The `certs list` table.
 pub fn table(list: &[CertStatus], now: std::time::SystemTime) -> String {
     let now = now
@@ -151,7 +219,7 @@ pub fn table(list: &[CertStatus], now: std::time::SystemTime) -> String {
         }
         rows.push([
             s.domain.clone(),
-            status_word(s.status).to_owned(),
+            super::page::status_word(s.status).to_owned(),
             s.issuer.clone(),
             not_after,
             days,

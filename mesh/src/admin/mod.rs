@@ -3,6 +3,7 @@
 //! POST; it listens on loopback unless told otherwise.
 
 pub mod cli;
+pub mod page;
 
 use std::{fmt::Write as _, sync::Arc};
 
@@ -20,6 +21,74 @@ use crate::{
 };
 
 const MAX_CONNECTIONS: usize = 64;
+
+/// What the sidecar serves now (`/routes`).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Routes {
+    /// The mesh identity.
+    pub identity: IdentityView,
+    /// The inbound mesh route, when the listener is on.
+    pub mesh: Option<MeshRoute>,
+    /// Public domains and their certificates.
+    pub domains: Vec<crate::acme::CertStatus>,
+    /// Distinct peers seen since start.
+    pub peers: PeerCounts,
+}
+
+/// The identity, as shown.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct IdentityView {
+    /// App id (hex).
+    pub app_id: String,
+    /// Instance id, when known.
+    pub instance_id: Option<String>,
+    /// The app's name.
+    pub app_name: String,
+    /// When the mesh certificate expires (Unix seconds).
+    pub not_after: i64,
+    /// Whether it carries an attestation.
+    pub attested: bool,
+}
+
+/// The inbound mesh route.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct MeshRoute {
+    /// Where it listens (as configured).
+    pub listen: String,
+    /// Where requests go.
+    pub backend: String,
+    /// Who may call (`"any"`, `"own_app"` or `{"apps": [...]}`).
+    pub allowed_apps: serde_json::Value,
+    /// Whether callers must carry an attestation.
+    pub require_attestation: bool,
+}
+
+impl MeshRoute {
+    /// The allowlist in words.
+    pub fn allowed(&self) -> String {
+        match &self.allowed_apps {
+            serde_json::Value::String(s) if s == "any" => "any app under the trust anchors".into(),
+            serde_json::Value::String(s) if s == "own_app" => "this app's own instances".into(),
+            v => match v.get("apps").and_then(serde_json::Value::as_array) {
+                Some(apps) => apps
+                    .iter()
+                    .filter_map(serde_json::Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                None => v.to_string(),
+            },
+        }
+    }
+}
+
+/// Distinct peers seen since start.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct PeerCounts {
+    /// Callers (app ids and public domains).
+    pub inbound: usize,
+    /// Targets.
+    pub outbound: usize,
+}
 
 /// What the admin endpoints report on.
 #[derive(Debug, Clone)]
@@ -70,17 +139,25 @@ impl Admin {
     }
 
     /// What is served, read from the running listener and domains (never from the file):
-    /// identity, the mesh route, every public domain with its certificate state.
-    pub fn routes(&self) -> serde_json::Value {
+    /// identity, the mesh route, every public domain with its certificate state, peers seen.
+    /// `/routes`, the page and `dstack-mesh status` all show this one value.
+    pub fn routes(&self) -> Routes {
         let identity = self.identity.current();
-        serde_json::json!({
-            "identity": {
-                "app_id": identity.app_id.to_string(),
-                "not_after": identity.not_after,
+        Routes {
+            identity: IdentityView {
+                app_id: identity.app_id.to_string(),
+                instance_id: identity.instance_id.clone(),
+                app_name: identity.app_name.clone(),
+                not_after: identity.not_after,
+                attested: identity.attested,
             },
-            "mesh": self.inbound.as_ref().map(|i| i.mesh_route()),
-            "domains": self.acme.as_ref().map(|a| a.status()).unwrap_or_default(),
-        })
+            mesh: self.inbound.as_ref().map(|i| i.mesh_route()),
+            domains: self.acme.as_ref().map(|a| a.status()).unwrap_or_default(),
+            peers: PeerCounts {
+                inbound: self.metrics.peer_count(crate::metrics::Direction::Inbound),
+                outbound: self.metrics.peer_count(crate::metrics::Direction::Outbound),
+            },
+        }
     }
 
     /// Serve `listener` until the future is dropped.
@@ -143,8 +220,24 @@ impl Admin {
                     false => proxy::error_response(StatusCode::NOT_FOUND, "no such domain"),
                 }
             }
-            (&Method::GET, "/routes") => {
-                proxy::json_response(StatusCode::OK, self.routes().to_string())
+            (&Method::GET, "/routes") => match serde_json::to_string(&self.routes()) {
+                Ok(json) => proxy::json_response(StatusCode::OK, json),
+                Err(e) => proxy::error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            },
+            (&Method::GET, "/") => {
+                let now = std::time::SystemTime::now();
+                let mut resp = Response::new(proxy::full(page::render(&self.routes(), now)));
+                let headers = resp.headers_mut();
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/html; charset=utf-8"),
+                );
+                // Inline style and script only: nothing is fetched from anywhere else.
+                headers.insert(
+                    header::CONTENT_SECURITY_POLICY,
+                    HeaderValue::from_static("default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src 'none'"),
+                );
+                resp
             }
             // The evidence files, whether or not the public domains serve them.
             (&Method::GET, p) if p == "/evidences" || p.starts_with("/evidences/") => self

@@ -218,13 +218,13 @@ impl Inbound {
     }
 
     /// The mesh route this listener serves, as the admin port reports it.
-    pub fn mesh_route(&self) -> serde_json::Value {
-        serde_json::json!({
-            "listen": self.config.listen.to_string(),
-            "backend": self.config.backend.to_string(),
-            "allowed_apps": *self.allow.load_full(),
-            "require_attestation": self.config.require_attestation,
-        })
+    pub fn mesh_route(&self) -> crate::admin::MeshRoute {
+        crate::admin::MeshRoute {
+            listen: self.config.listen.to_string(),
+            backend: self.config.backend.to_string(),
+            allowed_apps: serde_json::to_value(&*self.allow.load_full()).unwrap_or_default(),
+            require_attestation: self.config.require_attestation,
+        }
     }
 
     /// Stop with `drain` (SIGTERM) instead of a private one.

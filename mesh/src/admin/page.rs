@@ -1,0 +1,335 @@
+//! The status page at `/` on the admin port: the identity, the mesh route and every public
+//! domain with a status pill, issuer, expiry and days left; each row opens to its details.
+//! Rendered here from the same [`Routes`] value `/routes` serves, so page and data never
+//! drift; no external asset; readable on a phone; refreshes itself every 10 s.
+
+use std::{fmt::Write as _, time::SystemTime};
+
+use super::Routes;
+use crate::acme::{CertStatus, Status};
+
+/// Days left under which the expiry shows as a warning.
+const WARN_DAYS: f64 = 30.0;
+/// Days left under which it shows as danger.
+const DANGER_DAYS: f64 = 7.0;
+
+const STYLE: &str = r#"
+:root{--fg:#1d2430;--muted:#5c6675;--line:#e3e7ee;--bg:#f7f8fa;--card:#fff;
+--ok:#1a7f37;--okbg:#dcf5e3;--info:#0a5bd3;--infobg:#dde9fb;--warn:#8a5a00;--warnbg:#fdf0d0;
+--bad:#b42318;--badbg:#fde4e1;--idle:#4b5563;--idlebg:#eceef2}
+*{box-sizing:border-box}
+body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);background:var(--bg)}
+header,main,footer{max-width:1100px;margin:0 auto;padding:16px 20px}
+header h1{font-size:20px;margin:0 0 6px}
+.meta{color:var(--muted);display:flex;flex-wrap:wrap;gap:6px 18px}
+code{font:13px ui-monospace,SFMono-Regular,Menlo,monospace;word-break:break-all}
+section{background:var(--card);border:1px solid var(--line);border-radius:10px;margin:0 0 18px;overflow:hidden}
+section h2{font-size:15px;margin:0;padding:12px 16px;border-bottom:1px solid var(--line)}
+table{width:100%;border-collapse:collapse}
+th,td{text-align:left;padding:10px 16px;border-bottom:1px solid var(--line);vertical-align:top}
+th,.nw{white-space:nowrap}
+th{font-size:12px;text-transform:uppercase;letter-spacing:.04em;color:var(--muted);font-weight:600}
+tr:last-child td{border-bottom:0}
+.pill{display:inline-block;padding:2px 10px;border-radius:999px;font-size:12px;font-weight:600}
+.pill-valid{color:var(--ok);background:var(--okbg)}
+.pill-renewing,.pill-issuing{color:var(--info);background:var(--infobg)}
+.pill-pending{color:var(--idle);background:var(--idlebg)}
+.pill-failed{color:var(--bad);background:var(--badbg)}
+.days-warn{color:var(--warn);font-weight:600}
+.days-danger{color:var(--bad);font-weight:700}
+summary{cursor:pointer;font-weight:600}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 14px;margin:10px 0 2px;font-size:13px}
+dt{color:var(--muted)}dd{margin:0;word-break:break-word}
+.error{color:var(--bad)}
+.more{color:var(--muted);font-weight:400}
+.empty{padding:14px 16px;color:var(--muted)}
+footer{color:var(--muted);font-size:13px}
+a{color:var(--info)}
+@media (max-width:640px){
+ header,main,footer{padding:12px}
+ thead{display:none}
+ table,tbody,tr,td{display:block;width:100%}
+ tr{border-bottom:1px solid var(--line);padding:6px 0}
+ td{border:0;padding:4px 14px;display:flex;justify-content:space-between;gap:12px}
+ td::before{content:attr(data-label);color:var(--muted);font-size:12px;text-transform:uppercase}
+ td.host{display:block}td.host::before{content:none}
+}
+"#;
+
+// Swaps in a fresh <main> every 10 s, keeping the rows that were open.
+const SCRIPT: &str = r#"
+setInterval(async()=>{try{
+ const r=await fetch(location.pathname,{cache:"no-store"});if(!r.ok)return;
+ const d=new DOMParser().parseFromString(await r.text(),"text/html");
+ const open=[...document.querySelectorAll("details[open]")].map(e=>e.id);
+ const m=d.getElementById("main");if(!m)return;
+ document.getElementById("main").replaceWith(m);
+ for(const id of open){const e=document.getElementById(id);if(e)e.open=true}
+ const u=d.getElementById("updated");if(u)document.getElementById("updated").replaceWith(u);
+}catch(e){}},10000);
+"#;
+
+/// Text safe inside HTML elements and attributes.
+fn esc(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn unix(t: SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+fn date(unix: i64) -> String {
+    // RFC 3339 to the minute: the seconds only clutter a table.
+    let full = ratls::cert::ChainView::format_time(unix);
+    full.get(..16).map(|s| s.replace('T', " ")).unwrap_or(full)
+}
+
+/// The pill's word (also its class suffix).
+pub fn status_word(s: Status) -> &'static str {
+    match s {
+        Status::Pending => "pending",
+        Status::Issuing => "issuing",
+        Status::Valid => "valid",
+        Status::Renewing => "renewing",
+        Status::Failed => "failed",
+    }
+}
+
+/// Days left and the class they show with.
+fn days_left(not_after: Option<u64>, now: i64) -> (String, &'static str) {
+    let Some(t) = not_after else {
+        return ("–".into(), "");
+    };
+    let days = (t as f64 - now as f64) / 86400.0;
+    let class = if days < DANGER_DAYS {
+        "days-danger"
+    } else if days < WARN_DAYS {
+        "days-warn"
+    } else {
+        ""
+    };
+    match days < 0.0 {
+        true => ("expired".into(), "days-danger"),
+        false => (format!("{days:.1}"), class),
+    }
+}
+
+fn domain_row(out: &mut String, i: usize, d: &CertStatus, now: i64) {
+    let word = status_word(d.status);
+    let (days, days_class) = days_left(d.not_after, now);
+    let expires = d
+        .not_after
+        .map_or("–".into(), |t| date(i64::try_from(t).unwrap_or(i64::MAX)));
+    let others = d.names.len().saturating_sub(1);
+    let more = match others {
+        0 => String::new(),
+        n => format!(" <span class=\"more\">+{n}</span>"),
+    };
+    let _ = write!(
+        out,
+        "<tr class=\"route\" data-domain=\"{domain}\" data-status=\"{word}\">\
+         <td class=\"host\" data-label=\"Host\"><details id=\"d{i}\"{open}><summary>{domain}{more}</summary><dl>",
+        domain = esc(&d.domain),
+        // A failing route shows why without a click.
+        open = if d.last_error.is_some() { " open" } else { "" },
+    );
+    let mut item = |k: &str, v: &str, class: &str| {
+        let _ = write!(out, "<dt>{k}</dt><dd class=\"{class}\">{}</dd>", esc(v));
+    };
+    item("names", &d.names.join(", "), "");
+    item(
+        "backend",
+        &format!("{} ({:?})", d.backend, d.mode).to_lowercase(),
+        "",
+    );
+    if let Some(by) = &d.issued_by {
+        item("issued by", by, "");
+    }
+    if let Some(t) = d.renew_at {
+        item("renews", &date(i64::try_from(t).unwrap_or(i64::MAX)), "");
+    }
+    if let Some(e) = &d.last_error {
+        item("last error", e, "error");
+    }
+    if let Some(t) = d.next_attempt {
+        item(
+            "next attempt",
+            &date(i64::try_from(t).unwrap_or(i64::MAX)),
+            "",
+        );
+    }
+    if let Some(r) = &d.dns_records {
+        let class = if r.starts_with("error") { "error" } else { "" };
+        item("DNS records", r, class);
+    }
+    let _ = write!(
+        out,
+        "</dl></details></td>\
+         <td data-label=\"Status\"><span class=\"pill pill-{word}\">{word}</span></td>\
+         <td data-label=\"Issuer\">{issuer}</td>\
+         <td data-label=\"Expires\" class=\"nw\">{expires}</td>\
+         <td data-label=\"Days left\" class=\"nw {days_class}\">{days}</td></tr>",
+        issuer = esc(&d.issuer),
+    );
+}
+
+/// The whole page.
+pub fn render(routes: &Routes, now: SystemTime) -> String {
+    let now = unix(now);
+    let id = &routes.identity;
+    let mut out = String::with_capacity(8192);
+    let _ = write!(
+        out,
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
+         <title>dstack-mesh · {name}</title><style>{STYLE}</style></head><body>\
+         <header><h1>dstack-mesh{titled}</h1><div class=\"meta\">\
+         <span>app <code>{app}</code></span>",
+        name = esc(if id.app_name.is_empty() {
+            &id.app_id
+        } else {
+            &id.app_name
+        }),
+        titled = match id.app_name.is_empty() {
+            true => String::new(),
+            false => format!(" · {}", esc(&id.app_name)),
+        },
+        app = esc(&id.app_id),
+    );
+    if let Some(instance) = &id.instance_id {
+        let _ = write!(out, "<span>instance <code>{}</code></span>", esc(instance));
+    }
+    // The identity lives a day and rotates at two thirds: only an expired one is alarming.
+    let (days, class) = match days_left(u64::try_from(id.not_after).ok(), now) {
+        (days, _) if id.not_after > now => (days, ""),
+        (days, class) => (days, class),
+    };
+    let _ = write!(
+        out,
+        "<span>identity expires {} (<span class=\"{class}\">{days}</span> days){}</span>\
+         <span id=\"peers\">peers seen: {} inbound, {} outbound</span></div></header><main id=\"main\">",
+        date(id.not_after),
+        if id.attested { ", attested" } else { "" },
+        routes.peers.inbound,
+        routes.peers.outbound,
+    );
+    out.push_str("<section><h2>Mesh</h2>");
+    match &routes.mesh {
+        Some(m) => {
+            let _ = write!(
+                out,
+                "<table><thead><tr><th>Listen</th><th>Backend</th><th>Allowed apps</th></tr></thead><tbody><tr>\
+                 <td data-label=\"Listen\"><code>{}</code></td><td data-label=\"Backend\"><code>{}</code></td>\
+                 <td data-label=\"Allowed\"><code>{}</code>{}</td></tr></tbody></table>",
+                esc(&m.listen),
+                esc(&m.backend),
+                esc(&m.allowed()),
+                if m.require_attestation { " · attestation required" } else { "" },
+            );
+        }
+        None => out.push_str("<p class=\"empty\">The inbound listener is off.</p>"),
+    }
+    out.push_str("</section><section><h2>Public domains</h2>");
+    if routes.domains.is_empty() {
+        out.push_str("<p class=\"empty\">No public domains are configured.</p>");
+    } else {
+        out.push_str(
+            "<table class=\"routes\"><thead><tr><th>Host</th><th>Status</th><th>Issuer</th>\
+             <th>Expires</th><th>Days left</th></tr></thead><tbody>",
+        );
+        for (i, d) in routes.domains.iter().enumerate() {
+            domain_row(&mut out, i, d, now);
+        }
+        out.push_str("</tbody></table>");
+    }
+    let _ = write!(
+        out,
+        "</section></main><footer><span id=\"updated\">updated {} UTC</span> · refreshes every 10 s · \
+         <a href=\"/routes\">JSON</a> · <a href=\"/metrics\">metrics</a></footer>\
+         <script>{SCRIPT}</script></body></html>",
+        date(now)
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::{IdentityView, PeerCounts};
+
+    fn status(
+        domain: &str,
+        status: Status,
+        not_after: Option<u64>,
+        error: Option<&str>,
+    ) -> CertStatus {
+        serde_json::from_value(serde_json::json!({
+            "domain": domain, "names": [domain], "status": status, "issuer": "internal-ca",
+            "issued_by": null, "mode": "http", "backend": "app:80", "not_before": null,
+            "not_after": not_after, "renew_at": null, "serial": null, "expired": false,
+            "last_error": error, "next_attempt": null, "consecutive_failures": 0,
+            "failures_total": 0, "issued_total": 0,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn rows_pills_days_and_escaping() {
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        let day = 86400;
+        let routes = Routes {
+            identity: IdentityView {
+                app_id: "ab".repeat(20),
+                instance_id: None,
+                app_name: "<shop>".into(),
+                not_after: 1_800_000_000 + 3600,
+                attested: false,
+            },
+            mesh: None,
+            domains: vec![
+                status(
+                    "ok.example",
+                    Status::Valid,
+                    Some(1_800_000_000 + 60 * day),
+                    None,
+                ),
+                status(
+                    "soon.example",
+                    Status::Renewing,
+                    Some(1_800_000_000 + 20 * day),
+                    None,
+                ),
+                status(
+                    "late.example",
+                    Status::Valid,
+                    Some(1_800_000_000 + 3 * day),
+                    None,
+                ),
+                status("down.example", Status::Failed, None, Some("CA said <no>")),
+            ],
+            peers: PeerCounts::default(),
+        };
+        let html = render(&routes, now);
+        assert!(html.contains("<span class=\"pill pill-valid\">valid</span>"));
+        assert!(html.contains("pill pill-renewing"));
+        assert!(html.contains("<span class=\"pill pill-failed\">failed</span>"));
+        assert!(html.contains("class=\"nw days-warn\">20.0<"), "{html}");
+        assert!(html.contains("class=\"nw days-danger\">3.0<"));
+        assert!(html.contains("CA said &lt;no&gt;") && !html.contains("<no>"));
+        assert!(html.contains("&lt;shop&gt;") && !html.contains("<shop>"));
+        // Nothing is loaded from elsewhere.
+        assert!(!html.contains("http://") && !html.contains("https://") && !html.contains(" src="));
+    }
+}
