@@ -211,6 +211,20 @@ async fn domains_share_the_mesh_port_by_sni() {
             .collect::<Vec<_>>()
     };
     assert_eq!(names(&routes["domains"]), names(&certs));
+    // Certificate and order series per domain.
+    let admin = app.addr("admin").unwrap().to_string();
+    let (_, body) = dstack_mesh::admin::cli::request(&admin, http::Method::GET, "/metrics")
+        .await
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&body);
+    for line in [
+        "dstack_mesh_acme_orders_total{domain=\"web.example.test\",issuer=\"internal-ca\",result=\"valid\"} 1",
+        "dstack_mesh_certificate_expiration_timestamp_seconds{domain=\"web.example.test\",issuer=\"internal-ca\"} ",
+        "dstack_mesh_certificate_ready_status{domain=\"down.example.test\",issuer=\"https://127.0.0.1:9/directory\"} 0",
+    ] {
+        assert!(metrics.contains(line), "{line}\n{metrics}");
+    }
+    assert!(!metrics.contains("domain=\"down.example.test\",issuer=\"https://127.0.0.1:9/directory\",result=\"failed\"} 0"), "{metrics}");
     let (status, ready) = admin_get(app, "/ready").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(

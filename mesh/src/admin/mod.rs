@@ -310,7 +310,7 @@ impl Admin {
         };
         let status = acme.status();
         type Value = fn(&crate::acme::CertStatus) -> Option<String>;
-        let series: [(&str, &str, &str, Value); 6] = [
+        let series: [(&str, &str, &str, Value); 5] = [
             (
                 "certificate_expiration_timestamp_seconds",
                 "gauge",
@@ -341,12 +341,6 @@ impl Admin {
                 "Failed orders since start.",
                 |s| Some(s.failures_total.to_string()),
             ),
-            (
-                "acme_orders_valid_total",
-                "counter",
-                "Certificates obtained since start.",
-                |s| Some(s.issued_total.to_string()),
-            ),
         ];
         for (name, kind, help, value) in series {
             let _ = writeln!(out, "# HELP dstack_mesh_{name} {help}");
@@ -360,6 +354,22 @@ impl Admin {
                         escape(&s.issuer)
                     );
                 }
+            }
+        }
+        let name = "dstack_mesh_acme_orders_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Finished certificate orders since start, by result."
+        );
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for s in &status {
+            for (result, n) in [("valid", s.issued_total), ("failed", s.failures_total)] {
+                let _ = writeln!(
+                    out,
+                    "{name}{{domain=\"{}\",issuer=\"{}\",result=\"{result}\"}} {n}",
+                    escape(&s.domain),
+                    escape(&s.issuer)
+                );
             }
         }
         out
