@@ -63,6 +63,9 @@ pub struct App {
     drain_timeout: std::time::Duration,
     /// What is running: the last configuration, as far as it was applied.
     running: Config,
+    admin: Option<Arc<Admin>>,
+    /// The public domains' lifecycle tasks; a reload that replaces the domains drops them.
+    acme_tasks: JoinSet<()>,
     tasks: JoinSet<()>,
     /// Held so that dropping the app aborts them.
     _background: JoinSet<()>,
@@ -99,7 +102,7 @@ impl App {
         // connection, with no request to the CA.
         let acme = match config.public.domains.is_empty() {
             true => None,
-            false => Some(Acme::new(&config.public, identity.agent().clone())?),
+            false => Some(Acme::new(&config.public, identity.agent().clone(), None)?),
         };
         // Bind everything before serving anything: a port in use fails the start, not later.
         let inbound = match config.inbound.enabled {
@@ -216,17 +219,19 @@ impl App {
                 drain.clone(),
             ));
         }
-        if let Some(listener) = admin {
+        let admin = admin.map(|listener| {
             let admin = Admin::new(identity.clone(), acme.clone())
                 .with_inbound(inbound.clone())
                 .with_outbound(outbound.clone())
                 .with_metrics(metrics.clone())
                 .with_drain(drain.clone());
             let admin = Arc::new(admin);
-            tasks.spawn(admin.serve(listener));
-        }
+            tasks.spawn(admin.clone().serve(listener));
+            admin
+        });
+        let mut acme_tasks = JoinSet::new();
         if let Some(acme) = &acme {
-            acme.start(&mut background);
+            acme.start(&mut acme_tasks);
         }
         for (what, addr) in &bound {
             tracing::info!(listener = what, %addr, "listening");
@@ -241,6 +246,8 @@ impl App {
             drain,
             drain_timeout: config.drain_timeout,
             running: config,
+            admin,
+            acme_tasks,
             tasks,
             _background: background,
         })
@@ -327,6 +334,31 @@ impl App {
             )),
             _ => None,
         };
+        // Public domains: a new subsystem on the same store (stored certificates serve at once,
+        // nothing is reissued) and the same challenge responses (the :80 listener's).
+        let public = match (
+            &self.inbound,
+            public_reloadable(&new) != public_reloadable(old),
+        ) {
+            (Some(inbound), true) => {
+                let acme = match new.public.domains.is_empty() {
+                    true => None,
+                    false => Some(
+                        Acme::new(
+                            &new.public,
+                            self.identity.agent().clone(),
+                            self.acme.as_ref().map(|a| a.challenges()),
+                        )
+                        .map_err(|e| e.to_string())?,
+                    ),
+                };
+                let side = inbound
+                    .prepare_public(acme.clone())
+                    .map_err(|e| e.to_string())?;
+                Some((acme, side))
+            }
+            _ => None,
+        };
         let routes = match (&self.outbound, new.outbound.routes != old.outbound.routes) {
             (Some(_), true) => {
                 outbound::configured_addressing(&new.outbound, new.gateway_domain.as_ref())
@@ -354,6 +386,22 @@ impl App {
             running.inbound.allow = new.inbound.allow.clone();
             report.applied.push("auth.allowed_apps");
         }
+        if let (Some(inbound), Some((acme, side))) = (&self.inbound, public) {
+            inbound.set_public(side);
+            if let Some(admin) = &self.admin {
+                admin.set_acme(acme.clone());
+            }
+            // Dropping the old tasks stops the old domains' renewals; the new ones start.
+            self.acme_tasks = JoinSet::new();
+            if let Some(acme) = &acme {
+                acme.start(&mut self.acme_tasks);
+            }
+            self.acme = acme;
+            let http_listen = running.public.acme.http_listen;
+            running.public = new.public.clone();
+            running.public.acme.http_listen = http_listen;
+            report.applied.push("domains");
+        }
         if let (Some(outbound), Some((addressing, domain))) = (&self.outbound, routes) {
             outbound.set_addressing(addressing, domain);
             running.outbound.routes = new.outbound.routes.clone();
@@ -377,6 +425,13 @@ impl App {
         self.running = running;
         Ok(report)
     }
+}
+
+/// The public-domain settings a reload can apply (all but the `:80` listener's address).
+fn public_reloadable(c: &Config) -> crate::config::PublicConfig {
+    let mut p = c.public.clone();
+    p.acme.http_listen = None;
+    p
 }
 
 /// Whether nginx's `ssl_client_certificate` holds only roots the mesh trusts: the auth service

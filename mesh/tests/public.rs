@@ -50,6 +50,23 @@ impl Drop for Site {
     }
 }
 
+/// The configuration [`start`] runs (`{backend}` in `domains` stands for `backend`).
+fn site_config(
+    dir: &Path,
+    backend: std::net::SocketAddr,
+    domains: &str,
+    acme_extra: &str,
+) -> Config {
+    let text = format!(
+        "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\nallowed_apps = \"{CALLER}\"\n\
+         [auth]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n\
+         [acme]\nstore = \"{store}\"\nissuer = \"internal-ca\"\nretry_min = \"1s\"\n{acme_extra}\n{domains}",
+        store = dir.join("store").display(),
+    )
+    .replace("{backend}", &backend.to_string());
+    Config::from_toml(&text, &HashMap::<&str, &str>::new()).unwrap()
+}
+
 /// A sidecar with `domains` (`{backend}` stands for the test backend's address).
 async fn start(dir: &Path, domains: &str, acme_extra: &str) -> Site {
     let state = dir.join("state");
@@ -58,15 +75,7 @@ async fn start(dir: &Path, domains: &str, acme_extra: &str) -> Site {
     let (server, a1) = identity(sockets.path(), &state, SERVER).await;
     let (caller, a2) = identity(sockets.path(), &state, CALLER).await;
     let backend = Backend::start().await;
-    let text = format!(
-        "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\nallowed_apps = \"{CALLER}\"\n\
-         [auth]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n\
-         [acme]\nstore = \"{store}\"\nissuer = \"internal-ca\"\nretry_min = \"1s\"\n{acme_extra}\n{domains}",
-        backend = backend.addr,
-        store = dir.join("store").display(),
-    )
-    .replace("{backend}", &backend.addr.to_string());
-    let config = Config::from_toml(&text, &HashMap::<&str, &str>::new()).unwrap();
+    let config = site_config(dir, backend.addr, domains, acme_extra);
     let app = App::start_with(config, server).await.unwrap();
     Site {
         app,
@@ -775,4 +784,48 @@ async fn the_status_page_renders_routes_and_pills_in_chromium() {
             && line("down.example.test").contains("CA unreachable"),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn a_reload_adds_and_removes_domains_without_dropping_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let web = "[[domains]]\nnames = [\"web.example.test\"]\nbackend = \"{backend}\"\n";
+    let new = "[[domains]]\nnames = [\"new.example.test\"]\nbackend = \"{backend}\"\n";
+    let mut site = start(dir.path(), web, "").await;
+    wait_valid(&site.app, "web.example.test").await;
+    let addr = site.app.addr("inbound").unwrap();
+    let root = internal_root(dir.path());
+    let mut kept = https(addr, "web.example.test", &root, H2_H1).await;
+    assert_eq!(get(&mut kept, "web.example.test").await, StatusCode::OK);
+    let serial = status_of(&site.app, "web.example.test").serial;
+
+    // Added: issued and served; the stored one is served again, not reissued.
+    let both = site_config(dir.path(), site.backend.addr, &format!("{web}{new}"), "");
+    let report = site.app.reload(both).unwrap();
+    assert_eq!(report.applied, ["domains"], "{report:?}");
+    assert!(report.needs_restart.is_empty(), "{report:?}");
+    wait_valid(&site.app, "new.example.test").await;
+    assert_eq!(status_of(&site.app, "web.example.test").serial, serial);
+    let mut fresh = https(addr, "new.example.test", &root, H2_H1).await;
+    assert_eq!(get(&mut fresh, "new.example.test").await, StatusCode::OK);
+    assert_eq!(get(&mut kept, "web.example.test").await, StatusCode::OK);
+    let admin = site.app.addr("admin").unwrap().to_string();
+    let (_, certs) = dstack_mesh::admin::cli::request(&admin, http::Method::GET, "/certs")
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&certs).contains("new.example.test"));
+
+    // Removed: the name is not served any more (an unknown name gets the mesh's own
+    // certificate, which no browser trusts); the connection opened before keeps working.
+    let only_new = site_config(dir.path(), site.backend.addr, new, "");
+    site.app.reload(only_new).unwrap();
+    assert!(public_connect(addr, "web.example.test", &root, H2_H1)
+        .await
+        .is_err());
+    assert_eq!(get(&mut kept, "web.example.test").await, StatusCode::OK);
+    assert_eq!(get(&mut fresh, "new.example.test").await, StatusCode::OK);
+}
+
+async fn get(client: &mut MeshClient, host: &str) -> StatusCode {
+    client.get_from(host, "/", &[]).await.unwrap().0
 }

@@ -253,8 +253,13 @@ fn jitter(max: Duration) -> Duration {
 
 impl Acme {
     /// Build the subsystem: open the store, load stored certificates, prepare the issuers.
-    /// Nothing talks to a CA until [`Acme::start`].
-    pub fn new(public: &PublicConfig, agent: AgentClient) -> Result<Arc<Self>, AcmeError> {
+    /// Nothing talks to a CA until [`Acme::start`]. `challenges` carries over from the
+    /// instance a reload replaces, since the `:80` listener answers from it.
+    pub fn new(
+        public: &PublicConfig,
+        agent: AgentClient,
+        challenges: Option<Arc<Challenges>>,
+    ) -> Result<Arc<Self>, AcmeError> {
         let store: Arc<dyn CertStore> = Arc::new(DirStore::new(&public.acme.store));
         let mut extra_roots = Vec::new();
         for path in &public.acme.ca_roots {
@@ -264,7 +269,7 @@ impl Acme {
                 .map_err(|e| AcmeError::Roots(format!("{}: {e}", path.display())))?;
             extra_roots.extend(certs);
         }
-        let challenges = Arc::new(Challenges::default());
+        let challenges = challenges.unwrap_or_default();
         let challenge_tls = Arc::new(challenges.server_config()?);
         let mut issuers = HashMap::new();
         for d in &public.domains {

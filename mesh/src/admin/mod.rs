@@ -91,10 +91,10 @@ pub struct PeerCounts {
 }
 
 /// What the admin endpoints report on.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Admin {
     identity: RotatingIdentity,
-    acme: Option<Arc<Acme>>,
+    acme: arc_swap::ArcSwapOption<Acme>,
     inbound: Option<Arc<Inbound>>,
     outbound: Option<Arc<Outbound>>,
     metrics: Arc<Metrics>,
@@ -106,12 +106,17 @@ impl Admin {
     pub fn new(identity: RotatingIdentity, acme: Option<Arc<Acme>>) -> Self {
         Self {
             identity,
-            acme,
+            acme: arc_swap::ArcSwapOption::new(acme),
             inbound: None,
             outbound: None,
             metrics: Arc::default(),
             drain: proxy::Drain::default(),
         }
+    }
+
+    /// Report on these public domains from now on (a reload replaced them).
+    pub fn set_acme(&self, acme: Option<Arc<Acme>>) {
+        self.acme.store(acme);
     }
 
     /// Also report the outbound proxy's connections and pool.
@@ -152,7 +157,12 @@ impl Admin {
                 attested: identity.attested,
             },
             mesh: self.inbound.as_ref().map(|i| i.mesh_route()),
-            domains: self.acme.as_ref().map(|a| a.status()).unwrap_or_default(),
+            domains: self
+                .acme
+                .load_full()
+                .as_ref()
+                .map(|a| a.status())
+                .unwrap_or_default(),
             peers: PeerCounts {
                 inbound: self.metrics.peer_count(crate::metrics::Direction::Inbound),
                 outbound: self.metrics.peer_count(crate::metrics::Direction::Outbound),
@@ -181,7 +191,7 @@ impl Admin {
                 "identity: the mesh certificate has expired and refresh keeps failing".into(),
             );
         }
-        if let Some(acme) = &self.acme {
+        if let Some(acme) = self.acme.load_full() {
             problems.extend(acme.problems());
         }
         problems
@@ -202,7 +212,12 @@ impl Admin {
                 proxy::json_response(status, body.to_string())
             }
             (&Method::GET, "/certs") => {
-                let status = self.acme.as_ref().map(|a| a.status()).unwrap_or_default();
+                let status = self
+                    .acme
+                    .load_full()
+                    .as_ref()
+                    .map(|a| a.status())
+                    .unwrap_or_default();
                 match serde_json::to_string(&status) {
                     Ok(json) => proxy::json_response(StatusCode::OK, json),
                     Err(e) => {
@@ -212,7 +227,12 @@ impl Admin {
             }
             (&Method::POST, p) if p.starts_with("/certs/") && p.ends_with("/renew") => {
                 let domain = &p["/certs/".len()..p.len() - "/renew".len()];
-                match self.acme.as_ref().is_some_and(|a| a.renew(domain)) {
+                match self
+                    .acme
+                    .load_full()
+                    .as_ref()
+                    .is_some_and(|a| a.renew(domain))
+                {
                     true => proxy::json_response(
                         StatusCode::ACCEPTED,
                         serde_json::json!({ "renewing": domain }).to_string(),
@@ -242,7 +262,7 @@ impl Admin {
             // The evidence files, whether or not the public domains serve them.
             (&Method::GET, p) if p == "/evidences" || p.starts_with("/evidences/") => self
                 .acme
-                .as_ref()
+                .load_full()
                 .and_then(|a| a.evidence().answer(p))
                 .unwrap_or_else(|| {
                     proxy::error_response(StatusCode::NOT_FOUND, "no evidence here")
@@ -305,7 +325,7 @@ impl Admin {
             "dstack_mesh_identity_expiration_timestamp_seconds {}",
             identity.not_after
         );
-        let Some(acme) = &self.acme else {
+        let Some(acme) = self.acme.load_full() else {
             return out;
         };
         let status = acme.status();

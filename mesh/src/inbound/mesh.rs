@@ -107,16 +107,17 @@ pub(super) fn serve(
 /// address, scheme and host from `x-forwarded-*` (the client's own copies removed).
 pub(super) fn serve_public(
     inbound: &Inbound,
+    public: &super::PublicSide,
     domain: Arc<Domain>,
-    upstream: Upstream,
     tls: TlsStream<IdleIo<TcpStream>>,
     remote: SocketAddr,
     activity: Arc<Activity>,
     hold: Arc<dyn Any + Send + Sync>,
-) -> Serving {
+) -> Option<Serving> {
+    let upstream = public.upstreams.get(domain.name())?.clone();
+    let evidence = public.acme.as_ref().and_then(|a| a.evidence_served());
     let headers = CallerHeaders::new(None, None, remote.ip(), "https");
-    let evidence = inbound.acme.as_ref().and_then(|a| a.evidence_served());
-    serve_http(
+    Some(serve_http(
         inbound,
         Who::Public(domain),
         evidence,
@@ -127,7 +128,7 @@ pub(super) fn serve_public(
         activity,
         hold,
         Duration::MAX,
-    )
+    ))
 }
 
 #[allow(clippy::too_many_arguments)]

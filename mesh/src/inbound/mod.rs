@@ -58,15 +58,30 @@ pub struct Inbound {
     mesh_tls: ArcSwap<ServerConfig>,
     policy: ArcSwap<Policy>,
     upstream: Upstream,
-    names: Arc<dyn PublicNames>,
-    acme: Option<Arc<Acme>>,
-    /// `http`-mode domains' backends, by primary name.
-    public_upstreams: HashMap<String, Upstream>,
+    /// Public domains: swapped whole when a reload changes them.
+    public: ArcSwap<PublicSide>,
     connections: Arc<Semaphore>,
     drain: proxy::Drain,
     /// The allowlist now in force (SIGHUP replaces it).
     allow: ArcSwap<Allow>,
     metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// What the listener serves besides the mesh: the public domains, their certificates and
+/// backends. A reload builds a new one and swaps it in; connections keep the one they began on.
+pub struct PublicSide {
+    names: Arc<dyn PublicNames>,
+    acme: Option<Arc<Acme>>,
+    /// `http`-mode domains' backends, by primary name.
+    upstreams: HashMap<String, Upstream>,
+}
+
+impl std::fmt::Debug for PublicSide {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublicSide")
+            .field("domains", &self.upstreams.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// A new allowlist, built and checked, ready to swap in.
@@ -148,16 +163,27 @@ impl Inbound {
             mesh_tls: ArcSwap::from_pointee(mesh_tls),
             policy: ArcSwap::new(policy),
             upstream,
-            names: Arc::new(NoPublicNames),
-            acme: None,
-            public_upstreams: HashMap::new(),
+            public: ArcSwap::from_pointee(PublicSide {
+                names: Arc::new(NoPublicNames),
+                acme: None,
+                upstreams: HashMap::new(),
+            }),
             config,
         })
     }
 
     /// Serve public domains on this listener too.
-    pub fn with_public(mut self, acme: Arc<Acme>) -> Result<Self, InboundError> {
-        for domain in acme.domains() {
+    pub fn with_public(self, acme: Arc<Acme>) -> Result<Self, InboundError> {
+        let side = self.prepare_public(Some(acme))?;
+        self.set_public(side);
+        Ok(self)
+    }
+
+    /// Build the public side for `acme` (none: no public domains); nothing changes until
+    /// [`Inbound::set_public`].
+    pub fn prepare_public(&self, acme: Option<Arc<Acme>>) -> Result<PublicSide, InboundError> {
+        let mut upstreams = HashMap::new();
+        for domain in acme.iter().flat_map(|a| a.domains()) {
             if domain.config.mode != Mode::Http {
                 continue;
             }
@@ -170,12 +196,22 @@ impl Inbound {
                 },
             )
             .map_err(|e| InboundError::Backend(format!("{}: {e}", domain.name())))?;
-            self.public_upstreams
-                .insert(domain.name().to_owned(), upstream);
+            upstreams.insert(domain.name().to_owned(), upstream);
         }
-        self.names = acme.clone();
-        self.acme = Some(acme);
-        Ok(self)
+        let names: Arc<dyn PublicNames> = match &acme {
+            Some(acme) => acme.clone(),
+            None => Arc::new(NoPublicNames),
+        };
+        Ok(PublicSide {
+            names,
+            acme,
+            upstreams,
+        })
+    }
+
+    /// New handshakes see `side`; established connections keep the one they began on.
+    pub fn set_public(&self, side: PublicSide) {
+        self.public.store(Arc::new(side));
     }
 
     /// Bind the configured address.
@@ -264,14 +300,16 @@ impl Inbound {
     ) {
         let activity = Activity::new();
         let io = IdleIo::new(tcp, activity.clone());
+        // The public side as of this connection's start (a reload may swap it meanwhile).
+        let public = self.public.load_full();
         // ClientHello and handshake share one deadline, so a slow client cannot stretch it.
         let handshake = async {
             let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io)
                 .await
                 .map_err(|e| (e, None))?;
             let hello = Hello::from_rustls(&start.client_hello());
-            let acme = self.acme.as_ref();
-            let (branch, config) = match route::route(&hello, self.names.as_ref()) {
+            let acme = public.acme.as_ref();
+            let (branch, config) = match route::route(&hello, public.names.as_ref()) {
                 Route::AcmeChallenge(_) => match acme {
                     Some(acme) => (Branch::Challenge, acme.challenge_tls()),
                     None => (Branch::Mesh, self.mesh_tls.load_full()),
@@ -320,10 +358,12 @@ impl Inbound {
             Branch::Challenge => Box::pin(public::close_validation(tls, remote)).await,
             Branch::Public(domain) => match domain.config.mode {
                 Mode::Http => {
-                    let Some(upstream) = self.public_upstreams.get(domain.name()).cloned() else {
-                        return;
-                    };
-                    mesh::serve_public(&self, domain, upstream, tls, remote, activity, hold).await;
+                    let serving =
+                        mesh::serve_public(&self, &public, domain, tls, remote, activity, hold);
+                    drop(public);
+                    if let Some(serving) = serving {
+                        serving.await;
+                    }
                 }
                 Mode::Tcp => {
                     Box::pin(public::splice(&self.config, &domain, tls, remote, activity)).await;
