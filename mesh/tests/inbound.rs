@@ -546,6 +546,16 @@ async fn metrics_count_requests_per_caller_and_refusals_by_reason() {
     ] {
         assert!(text.contains(&line), "{line}\n{text}");
     }
+    // Health and readiness: up, identity loaded, listeners bound.
+    let (status, body) = dstack_mesh::admin::cli::request(&admin, http::Method::GET, "/health")
+        .await
+        .unwrap();
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok\n"[..]));
+    let (status, body) = dstack_mesh::admin::cli::request(&admin, http::Method::GET, "/ready")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&body)["ready"], true);
     // Every sample line parses as `name{labels} number`.
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let value = line.rsplit(' ').next().unwrap();

@@ -224,10 +224,20 @@ pub fn run_mesh(
     name: &str,
     config: &Path,
 ) -> (ChildGuard, Vec<(String, std::net::SocketAddr)>) {
+    run_mesh_logging(dir, name, config, "info")
+}
+
+/// [`run_mesh`] with `RUST_LOG=filter`.
+pub fn run_mesh_logging(
+    dir: &Path,
+    name: &str,
+    config: &Path,
+    filter: &str,
+) -> (ChildGuard, Vec<(String, std::net::SocketAddr)>) {
     let mut cmd = Command::new(mesh_binary());
     cmd.args(["--log-format", "json", "run", "--config"])
         .arg(config)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", filter)
         .env_remove("DSTACK_AGENT_ADDRESS");
     let mut guard = ChildGuard::spawn(name, cmd, dir).expect("start dstack-mesh run");
     let mut bound = Vec::new();

@@ -701,6 +701,10 @@ async fn rfc2136_issues_a_wildcard_through_bind_and_writes_the_dstack_records_on
         "the second run changed the zone"
     );
     assert!(
+        !b.guard.stderr().contains(&bind.tsig.secret),
+        "the TSIG secret was logged"
+    );
+    assert!(
         b.guard
             .stderr()
             .contains("dstack DNS records already in place"),
@@ -1000,4 +1004,8 @@ async fn cloudflare_api_issues_and_writes_records_and_survives_403_and_500() {
     )
     .await;
     assert_eq!(writes(&cf), before, "the second run wrote to the API");
+    assert!(
+        !b.guard.stderr().contains(TOKEN),
+        "the API token was logged"
+    );
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use e2e::{
     backend::Backend,
     client::{empty, MeshClient},
-    dev_agent, identity, run_mesh,
+    dev_agent, identity, run_mesh, run_mesh_logging,
 };
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
@@ -96,7 +96,7 @@ async fn sighup_reloads_the_allowlist_keeps_connections_and_refuses_a_broken_con
     let backend = Backend::start().await;
     let file = dir.path().join("mesh.toml");
     std::fs::write(&file, config(&socket, backend.addr, CALLER)).unwrap();
-    let (mut mesh, bound) = run_mesh(dir.path(), "mesh", &file);
+    let (mut mesh, bound) = run_mesh_logging(dir.path(), "mesh", &file, "dstack_mesh=debug,info");
     let inbound = bound.iter().find(|(w, _)| w == "inbound").unwrap().1;
     let server = SERVER.parse().unwrap();
     // Before: the caller is in, the other app is refused.
@@ -111,6 +111,27 @@ async fn sighup_reloads_the_allowlist_keeps_connections_and_refuses_a_broken_con
         }
     };
     assert!(refused.await, "the other app got in before the reload");
+    // Logs: JSON, one debug line per request naming the caller, one warning per refusal
+    // with the reason.
+    let lines = || -> Vec<serde_json::Value> {
+        mesh.stderr()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    };
+    let find = |message: &str| {
+        lines()
+            .into_iter()
+            .find(|l| l["fields"]["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} line: {}", mesh.stderr()))
+    };
+    let request = find("inbound request");
+    assert_eq!(request["level"], "DEBUG");
+    assert_eq!(request["fields"]["caller"], CALLER);
+    assert_eq!(request["fields"]["status"], 200);
+    let refusal = find("mesh caller refused");
+    assert_eq!(refusal["level"], "WARN");
+    assert_eq!(refusal["fields"]["reason"], "app_id_not_allowed");
 
     // A new allowlist entry takes effect; the connection opened before keeps working.
     std::fs::write(
