@@ -12,6 +12,7 @@ pub mod cloudflare;
 pub mod pebble;
 
 use std::{
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -62,7 +63,8 @@ impl ChildGuard {
     }
 
     fn start(name: &str, cmd: &mut Command, log: PathBuf) -> std::io::Result<Self> {
-        let child = cmd.stdin(Stdio::null()).spawn()?;
+        // Its own process group, so that drop ends what it started too (nginx's workers).
+        let child = cmd.stdin(Stdio::null()).process_group(0).spawn()?;
         Ok(Self {
             name: name.to_owned(),
             child,
@@ -119,6 +121,12 @@ impl ChildGuard {
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
+        // The whole group: killing the leader alone leaves its children (nginx workers keep
+        // listening after their master is gone).
+        let _ = Command::new("kill")
+            .args(["-s", "KILL", "--", &format!("-{}", self.child.id())])
+            .stderr(Stdio::null())
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -353,4 +361,35 @@ pub async fn write_nginx_identity(agent: ratls::agent::AgentAddress, dir: &Path)
     std::fs::write(dir.join("server.key"), &resp.key).unwrap();
     std::fs::write(dir.join("server.crt"), resp.certificate_chain.concat()).unwrap();
     std::fs::write(dir.join("ca.crt"), resp.certificate_chain.last().unwrap()).unwrap();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether `pid` is still running (a zombie waiting for init counts as ended).
+    fn alive(pid: &str) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| !stat.rsplit(") ").next().unwrap_or("").starts_with('Z'))
+    }
+
+    #[test]
+    fn dropping_a_guard_ends_what_the_process_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("grandchild.pid");
+        let mut cmd = Command::new("sh");
+        // A leader that starts a worker and waits, as nginx's master does.
+        cmd.arg("-c")
+            .arg(format!("sleep 300 & echo $! > {}; wait", pidfile.display()));
+        let guard = ChildGuard::spawn("leader", cmd, dir.path()).unwrap();
+        wait_until("the worker's pid", Duration::from_secs(10), || {
+            std::fs::read_to_string(&pidfile).is_ok_and(|p| p.ends_with('\n'))
+        });
+        let worker = std::fs::read_to_string(&pidfile).unwrap().trim().to_owned();
+        assert!(alive(&worker));
+        drop(guard);
+        wait_until("the worker to end", Duration::from_secs(10), || {
+            !alive(&worker)
+        });
+    }
 }
