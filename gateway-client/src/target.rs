@@ -15,6 +15,9 @@ pub const TARGET_USE_TLS: &str = "x-dstack-target-use-tls";
 pub const ROUTING_HEADERS: [&str; 4] = [TARGET_APP, TARGET_PORT, TARGET_INSTANCE, TARGET_USE_TLS];
 /// Port when none is named: the target's inbound listener.
 pub const DEFAULT_PORT: u16 = 443;
+/// Length of a dstack app or instance id in bytes (40 hex digits). Routing headers take only
+/// ids of this length: anything else cannot name a dstack app and is refused before dialling.
+pub const ID_LEN: usize = 20;
 
 /// How the connection to the target is secured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -98,6 +101,25 @@ impl TargetError {
     }
 }
 
+/// An optional header's value: an empty one means absent, as dstack-vpc's proxy read it.
+fn optional<'a>(
+    headers: &'a HeaderMap,
+    header: &'static str,
+) -> Result<Option<&'a str>, TargetError> {
+    match single(headers, header) {
+        Err(TargetError::Empty { .. }) => Ok(None),
+        other => other,
+    }
+}
+
+/// An app or instance id: exactly [`ID_LEN`] bytes of hex.
+fn id(header: &'static str, value: &str, expected: &'static str) -> Result<AppId, TargetError> {
+    match value.parse::<AppId>() {
+        Ok(id) if id.as_bytes().len() == ID_LEN => Ok(id),
+        _ => Err(invalid(header, value, expected)),
+    }
+}
+
 /// One header's value: absent, or exactly one non-empty text value.
 fn single<'a>(
     headers: &'a HeaderMap,
@@ -134,29 +156,24 @@ impl Target {
     pub fn from_headers(headers: &HeaderMap) -> Result<Option<Self>, TargetError> {
         let Some(app) = single(headers, TARGET_APP)? else {
             for header in [TARGET_PORT, TARGET_INSTANCE, TARGET_USE_TLS] {
-                if headers.contains_key(header) {
+                if optional(headers, header)?.is_some() {
                     return Err(TargetError::WithoutApp { header });
                 }
             }
             return Ok(None);
         };
-        let app_id = app
-            .parse::<AppId>()
-            .map_err(|_| invalid(TARGET_APP, app, "a hex app id"))?;
-        let port = match single(headers, TARGET_PORT)? {
+        let app_id = id(TARGET_APP, app, "a 40-hex-digit app id")?;
+        let port = match optional(headers, TARGET_PORT)? {
             None => DEFAULT_PORT,
             Some(p) => match p.parse::<u16>() {
                 Ok(port) if port > 0 => port,
                 _ => return Err(invalid(TARGET_PORT, p, "a port 1-65535")),
             },
         };
-        let instance = single(headers, TARGET_INSTANCE)?
-            .map(|i| {
-                i.parse::<AppId>()
-                    .map_err(|_| invalid(TARGET_INSTANCE, i, "a hex instance id"))
-            })
+        let instance = optional(headers, TARGET_INSTANCE)?
+            .map(|i| id(TARGET_INSTANCE, i, "a 40-hex-digit instance id"))
             .transpose()?;
-        let transport = match single(headers, TARGET_USE_TLS)? {
+        let transport = match optional(headers, TARGET_USE_TLS)? {
             None => Transport::Mesh,
             // dstack-vpc's client accepted "true" and "1".
             Some(v) if v.eq_ignore_ascii_case("true") || v == "1" => Transport::Mesh,
@@ -240,7 +257,13 @@ mod tests {
             (&[(TARGET_APP, APP), (TARGET_APP, APP)], TARGET_APP),
             (&[(TARGET_APP, APP), (TARGET_PORT, "0")], TARGET_PORT),
             (&[(TARGET_APP, APP), (TARGET_PORT, "70000")], TARGET_PORT),
-            (&[(TARGET_APP, APP), (TARGET_PORT, "")], TARGET_PORT),
+            // dstack ids are 20 bytes: shorter or longer hex names no app.
+            (&[(TARGET_APP, "5bb4ff9a")], TARGET_APP),
+            (&[(TARGET_APP, &format!("{APP}00"))], TARGET_APP),
+            (
+                &[(TARGET_APP, APP), (TARGET_INSTANCE, "1691ed1b")],
+                TARGET_INSTANCE,
+            ),
             (
                 &[(TARGET_APP, APP), (TARGET_PORT, "80"), (TARGET_PORT, "81")],
                 TARGET_PORT,
@@ -260,6 +283,27 @@ mod tests {
             assert_eq!(err.header(), *header, "{pairs:?}: {err}");
             assert!(err.to_string().starts_with(header), "{err}");
         }
+    }
+
+    #[test]
+    fn empty_optional_headers_read_as_absent() {
+        let t = Target::from_headers(&headers(&[
+            (TARGET_APP, APP),
+            (TARGET_PORT, ""),
+            (TARGET_INSTANCE, " "),
+            (TARGET_USE_TLS, ""),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (t.port, t.transport, t.instance),
+            (DEFAULT_PORT, Transport::Mesh, None)
+        );
+        // Empty orphans are absent too: the request is for the guest agent.
+        assert_eq!(
+            Target::from_headers(&headers(&[(TARGET_INSTANCE, "")])).unwrap(),
+            None
+        );
     }
 
     #[test]

@@ -136,11 +136,26 @@ impl App {
                     tracing::warn!(%addr, "the auth service listens beyond loopback: anything that reaches it can ask about certificates; nginx should be its only client");
                 }
                 bound.push(("auth", local(&listener)));
-                let trust_nginx = config.auth.trust_nginx_chain
-                    && nginx_roots_are_trusted(&config.tls.ca_file, &identity, &config.inbound);
+                let nginx_secret = match (&config.auth.nginx_secret, config.auth.trust_nginx_chain)
+                {
+                    (Some(secret), true)
+                        if nginx_roots_are_trusted(
+                            &config.tls.ca_file,
+                            &identity,
+                            &config.inbound,
+                        ) =>
+                    {
+                        Some(secret.clone())
+                    }
+                    (None, true) => {
+                        tracing::info!("no auth.nginx_secret: the auth service verifies every chain itself (a KMS leaf that nginx passes alone is refused); render nginx's configuration with `dstack-mesh nginx-config server` and a secret to take nginx's word");
+                        None
+                    }
+                    _ => None,
+                };
                 Some((
                     Arc::new(
-                        AuthService::new(Arc::new(policy), trust_nginx).with_drain(drain.clone()),
+                        AuthService::new(Arc::new(policy), nginx_secret).with_drain(drain.clone()),
                     ),
                     listener,
                 ))
@@ -152,7 +167,10 @@ impl App {
                 let anchors = inbound::mesh_anchors(&config.inbound, &identity)?;
                 let agent = AgentPassthrough::new(
                     identity.agent().clone(),
-                    config.outbound.agent_key_methods,
+                    outbound::AgentAccess {
+                        quotes: config.outbound.agent_quote_methods,
+                        keys: config.outbound.agent_key_methods,
+                    },
                 );
                 let outbound = Arc::new(
                     Outbound::new(
@@ -436,15 +454,18 @@ fn public_reloadable(c: &Config) -> crate::config::PublicConfig {
 
 /// Whether nginx's `ssl_client_certificate` holds only roots the mesh trusts: the auth service
 /// relies on nginx for the chain of a lone leaf, so nginx must check it against the same roots.
-/// A file the sidecar cannot read (nginx in another container) is taken on trust, with a warning.
+/// A file the sidecar cannot read proves nothing: nginx's word is then not taken.
 fn nginx_roots_are_trusted(
     ca_file: &std::path::Path,
     identity: &RotatingIdentity,
     inbound: &crate::config::InboundConfig,
 ) -> bool {
-    let Ok(bytes) = std::fs::read(ca_file) else {
-        tracing::warn!(ca_file = %ca_file.display(), "cannot read nginx's CA file to confirm it trusts only the mesh roots; lone leaves are accepted on nginx's word (set auth.trust_nginx_chain = false to refuse them)");
-        return true;
+    let bytes = match std::fs::read(ca_file) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            tracing::error!(ca_file = %ca_file.display(), error = %e, "cannot read nginx's CA file (tls.ca_file) to confirm it trusts only the mesh roots: lone leaves from nginx will be refused (mount the file, or set auth.trust_nginx_chain = false to say so)");
+            return false;
+        }
     };
     let mut ours = vec![identity.current().root.clone()];
     for path in &inbound.trust_anchors {

@@ -113,8 +113,12 @@ pub fn nginx_config(
                 proxy.auth.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
             }
             proxy.server_name = server_name
-                .or_else(|| Env.get("DSTACK_MESH_SERVER_NAME"))
+                .or_else(|| config::source::first(&Env, config::env::SERVER_NAME).map(|(_, v)| v))
                 .unwrap_or_else(|| "_".into());
+            proxy.auth_secret = config.auth.nginx_secret.map(|s| s.0);
+            if proxy.auth_secret.is_none() && config.auth.trust_nginx_chain {
+                eprintln!("note: no auth.nginx_secret (DSTACK_MESH_NGINX_SECRET): the auth service verifies every chain itself, so a KMS leaf that nginx passes alone is refused; set the same secret for the sidecar and here");
+            }
             proxy.cert_file = config.tls.cert_file;
             proxy.key_file = config.tls.key_file;
             proxy.ca_file = config.tls.ca_file;

@@ -85,6 +85,10 @@ pub fn verify_cert(
     }
     match policy.verify(&chain[0], &chain[1..], role, UnixTime::now()) {
         Ok(peer) => {
+            if require_attestation {
+                // What --require-attestation can promise today, and no more.
+                eprintln!("attestation: {}: its signature and TCB status are not checked, so this shows what the certificate claims, not that a TEE produced it", peer.attestation);
+            }
             println!(
                 "{}",
                 serde_json::to_string_pretty(&peer).unwrap_or_default()
@@ -163,13 +167,12 @@ pub fn describe(id: &Identity) -> String {
         })
         .unwrap_or_default();
     let lifetime = Duration::from_secs((id.not_after - id.not_before).max(0) as u64);
-    let attested = if id.attested {
-        "yes (attestation in the certificate binds its key)"
-    } else {
-        "NO (no attestation bound to the key)"
+    let attestation = match id.attestation {
+        ratls::AttestationStatus::KeyBound => id.attestation.describe(),
+        ratls::AttestationStatus::Absent => "NO (no attestation bound to the key)",
     };
     format!(
-        "app id        {}\ninstance id   {}\napp name      {}\nvalid         {} -> {} ({}h)\nfingerprint   {}\nchain         {}\nattested      {}\n",
+        "app id        {}\ninstance id   {}\napp name      {}\nvalid         {} -> {} ({}h)\nfingerprint   {}\nchain         {}\nattestation   {}\n",
         id.app_id,
         id.instance_id.as_deref().unwrap_or("-"),
         if id.app_name.is_empty() { "-" } else { &id.app_name },
@@ -178,7 +181,7 @@ pub fn describe(id: &Identity) -> String {
         lifetime.as_secs() / 3600,
         id.fingerprint,
         chain,
-        attested,
+        attestation,
     )
 }
 

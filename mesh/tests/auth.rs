@@ -7,7 +7,7 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 use bytes::Bytes;
 use dstack_mesh::{
     app::App,
-    auth::{AuthService, Decision},
+    auth::{AuthService, Decision, Vouch},
     config::Config,
 };
 use e2e::{backend::Backend, identity};
@@ -19,6 +19,8 @@ use ratls::identity::RotatingIdentity;
 const SERVER: &str = "a0717a0717a0717a0717a0717a0717a0717a0717";
 const CALLER: &str = "ca11ca11ca11ca11ca11ca11ca11ca11ca11ca11";
 const STRANGER: &str = "0bad0bad0bad0bad0bad0bad0bad0bad0bad0bad";
+/// The secret our nginx sends with every auth subrequest (`auth.nginx_secret`).
+const SECRET: &str = "0123456789abcdef0123456789abcdef-nginx";
 
 struct Setup {
     app: App,
@@ -37,7 +39,7 @@ async fn setup() -> Setup {
     let (stranger, a3) = identity(dir.path(), &state, STRANGER).await;
     let backend = Backend::start().await;
     let text = format!(
-        "[inbound]\nenabled = false\nbackend = \"{}\"\nallowed_apps = \"{CALLER}\"\n[auth]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n[tls]\nca_file = \"{}\"\n",
+        "[inbound]\nenabled = false\nbackend = \"{}\"\nallowed_apps = \"{CALLER}\"\n[auth]\nlisten = \"127.0.0.1:0\"\nnginx_secret = \"{SECRET}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n[tls]\nca_file = \"{}\"\n",
         backend.addr,
         write_root(&dir, &server),
     );
@@ -69,9 +71,19 @@ fn pem(certs: &[rustls_pki_types::CertificateDer<'_>]) -> String {
     e2e::to_pem(certs)
 }
 
-/// GET /auth on the running service, as nginx sends it.
+/// GET /auth on the running service, as our nginx sends it (with the secret).
 async fn ask(
     addr: SocketAddr,
+    verify: Option<&str>,
+    cert: Option<&str>,
+) -> (StatusCode, http::HeaderMap) {
+    ask_as(addr, Some(SECRET), verify, cert).await
+}
+
+/// GET /auth with `secret` (or none) in nginx's proof header.
+async fn ask_as(
+    addr: SocketAddr,
+    secret: Option<&str>,
     verify: Option<&str>,
     cert: Option<&str>,
 ) -> (StatusCode, http::HeaderMap) {
@@ -87,6 +99,9 @@ async fn ask(
     }
     if let Some(c) = cert {
         req = req.header("x-client-cert", c);
+    }
+    if let Some(secret) = secret {
+        req = req.header("x-dstack-mesh-nginx-secret", secret);
     }
     let resp = send
         .send_request(req.body(Empty::new()).unwrap())
@@ -211,10 +226,13 @@ async fn decisions_are_cached_and_a_new_policy_clears_them() {
     let s = setup().await;
     let auth: &Arc<AuthService> = s.app.auth.as_ref().unwrap();
     let cert = escape(&leaf_pem(&s.caller));
-    let first = auth.decide(Some("SUCCESS"), Some(&cert));
+    let first = auth.decide(Some("SUCCESS"), Some(&cert), Vouch::Nginx);
     assert!(matches!(first, Decision::Allow(_)));
     assert_eq!(auth.cached_decisions(), 1);
-    assert_eq!(auth.decide(Some("SUCCESS"), Some(&cert)), first);
+    assert_eq!(
+        auth.decide(Some("SUCCESS"), Some(&cert), Vouch::Nginx),
+        first
+    );
     assert_eq!(auth.cached_decisions(), 1);
     // A policy that no longer allows the caller: the cached grant must not survive it.
     let anchors = s.caller.current().trust_anchors().unwrap();
@@ -222,7 +240,7 @@ async fn decisions_are_cached_and_a_new_policy_clears_them() {
     auth.set_policy(Arc::new(none));
     assert_eq!(auth.cached_decisions(), 0);
     assert!(matches!(
-        auth.decide(Some("SUCCESS"), Some(&cert)),
+        auth.decide(Some("SUCCESS"), Some(&cert), Vouch::Nginx),
         Decision::Forbidden(_)
     ));
 }
@@ -243,7 +261,7 @@ async fn lone_leaves_need_nginx_to_trust_only_our_roots() {
     ];
     std::fs::write(&ca, pem(&roots)).unwrap();
     let text = format!(
-        "[inbound]\nenabled = false\nallowed_apps = \"{CALLER}\"\n[auth]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n[tls]\nca_file = \"{}\"\n",
+        "[inbound]\nenabled = false\nallowed_apps = \"{CALLER}\"\n[auth]\nlisten = \"127.0.0.1:0\"\nnginx_secret = \"{SECRET}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n[tls]\nca_file = \"{}\"\n",
         ca.display()
     );
     let config = Config::from_toml(&text, &HashMap::<&str, &str>::new()).unwrap();
@@ -263,7 +281,7 @@ async fn lone_leaves_need_nginx_to_trust_only_our_roots() {
 
     // Switched off explicitly: the same.
     let text = format!(
-        "[inbound]\nenabled = false\nallowed_apps = \"{CALLER}\"\n[auth]\nlisten = \"127.0.0.1:0\"\ntrust_nginx_chain = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n"
+        "[inbound]\nenabled = false\nallowed_apps = \"{CALLER}\"\n[auth]\nlisten = \"127.0.0.1:0\"\ntrust_nginx_chain = false\nnginx_secret = \"{SECRET}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n"
     );
     let (server2, _d) = identity(other.path(), &state, SERVER).await;
     let config = Config::from_toml(&text, &HashMap::<&str, &str>::new()).unwrap();
@@ -275,6 +293,91 @@ async fn lone_leaves_need_nginx_to_trust_only_our_roots() {
     );
 }
 
+/// A leaf signed by nobody but itself that claims `app` in the KMS app id extension.
+fn self_signed_leaf(app: &str) -> String {
+    let mut params = rcgen::CertificateParams::new(vec!["forged".into()]).unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let mut der = vec![0x04, 20];
+    der.extend(hex::decode(app).unwrap());
+    params
+        .custom_extensions
+        .push(rcgen::CustomExtension::from_oid_content(
+            &[1, 3, 6, 1, 4, 1, 62397, 1, 3],
+            der,
+        ));
+    let key = rcgen::KeyPair::generate().unwrap();
+    params.self_signed(&key).unwrap().pem()
+}
+
+#[tokio::test]
+async fn only_our_nginx_is_taken_at_its_word_for_a_lone_leaf() {
+    let s = setup().await;
+    let addr = s.app.addr("auth").unwrap();
+    let lone = escape(&leaf_pem(&s.caller));
+    // Without nginx's secret, or with a wrong one, a lone KMS leaf cannot be verified here.
+    for secret in [None, Some("0123456789abcdef0123456789abcdef-other")] {
+        assert_eq!(
+            ask_as(addr, secret, Some("SUCCESS"), Some(&lone)).await.0,
+            StatusCode::UNAUTHORIZED,
+            "{secret:?}"
+        );
+    }
+    assert_eq!(
+        ask(addr, Some("SUCCESS"), Some(&lone)).await.0,
+        StatusCode::OK
+    );
+    // A whole chain needs no one's word.
+    let full = escape(&pem(&s.caller.current().chain));
+    assert_eq!(
+        ask_as(addr, None, Some("SUCCESS"), Some(&full)).await.0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn a_forged_leaf_sent_straight_to_the_service_is_refused_under_any() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (server, _a) = identity(dir.path(), &state, SERVER).await;
+    let text = format!(
+        "[inbound]\nenabled = false\nallowed_apps = \"any\"\n[auth]\nlisten = \"127.0.0.1:0\"\nnginx_secret = \"{SECRET}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n[tls]\nca_file = \"{}\"\n",
+        write_root(&dir, &server),
+    );
+    let config = Config::from_toml(&text, &HashMap::<&str, &str>::new()).unwrap();
+    let app = App::start_with(config, server).await.unwrap();
+    let addr = app.addr("auth").unwrap();
+    let forged = escape(&self_signed_leaf(STRANGER));
+    let (status, headers) = ask_as(addr, None, Some("SUCCESS"), Some(&forged)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(headers.get("x-dstack-app-id").is_none());
+}
+
+#[tokio::test]
+async fn an_unreadable_nginx_ca_file_fails_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (server, _a) = identity(dir.path(), &state, SERVER).await;
+    let (caller, _b) = identity(dir.path(), &state, CALLER).await;
+    let text = format!(
+        "[inbound]\nenabled = false\nallowed_apps = \"{CALLER}\"\n[auth]\nlisten = \"127.0.0.1:0\"\nnginx_secret = \"{SECRET}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n[tls]\nca_file = \"{}\"\n",
+        dir.path().join("not-mounted/ca.crt").display()
+    );
+    let config = Config::from_toml(&text, &HashMap::<&str, &str>::new()).unwrap();
+    let app = App::start_with(config, server).await.unwrap();
+    let addr = app.addr("auth").unwrap();
+    // Nothing shows that nginx checks chains against our roots: its word is not taken.
+    let lone = escape(&leaf_pem(&caller));
+    assert_eq!(
+        ask(addr, Some("SUCCESS"), Some(&lone)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let full = escape(&pem(&caller.current().chain));
+    assert_eq!(
+        ask(addr, Some("SUCCESS"), Some(&full)).await.0,
+        StatusCode::OK
+    );
+}
+
 #[test]
 fn garbage_does_not_evict_grants() {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -283,11 +386,11 @@ fn garbage_does_not_evict_grants() {
         let auth = s.app.auth.as_ref().unwrap();
         let cert = escape(&leaf_pem(&s.caller));
         assert!(matches!(
-            auth.decide(Some("SUCCESS"), Some(&cert)),
+            auth.decide(Some("SUCCESS"), Some(&cert), Vouch::Nginx),
             Decision::Allow(_)
         ));
         for i in 0..20_000 {
-            auth.decide(Some("SUCCESS"), Some(&format!("garbage-{i}")));
+            auth.decide(Some("SUCCESS"), Some(&format!("garbage-{i}")), Vouch::Nginx);
         }
         assert_eq!(auth.cached_decisions(), 1, "garbage is not cached");
     });

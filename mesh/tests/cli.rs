@@ -190,6 +190,36 @@ fn verify_kms_chain_with_expected_app_id() {
 }
 
 #[test]
+fn require_attestation_says_what_it_checked_and_no_more() {
+    let out = verify(
+        "kms-app1-ratls/chain.pem",
+        "kms-app1-ratls/ca.pem",
+        &["--require-attestation"],
+    );
+    assert_exit(&out, 0);
+    let peer: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        peer["attestation"],
+        "report data binds the key; quote not verified"
+    );
+    assert!(
+        stderr(&out).contains("quote not verified"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stdout(&out).contains("attested"), "{}", stdout(&out));
+    // inspect-cert says the same of the quote.
+    let out = mesh()
+        .arg("inspect-cert")
+        .arg(cert("kms-app1-ratls/chain.pem"))
+        .output()
+        .unwrap();
+    let view = inspect_json(&out);
+    assert_eq!(view["attestation"]["binds_key"], true, "{view}");
+    assert_eq!(view["attestation"]["quote_verified"], false, "{view}");
+}
+
+#[test]
 fn verify_rejects_another_app() {
     let out = verify(
         "kms-app1-ratls/chain.pem",

@@ -205,6 +205,25 @@ async fn bad_routing_headers_are_400s_naming_the_header_and_nothing_is_dialled()
             ],
             "x-dstack-target-use-tls",
         ),
+        // Hex, but not a dstack id's 20 bytes: no app has it, so nothing may be dialled.
+        (
+            &[("x-dstack-target-app", "bbbb1111")],
+            "x-dstack-target-app",
+        ),
+        (
+            &[(
+                "x-dstack-target-app",
+                "bbbb1111bbbb1111bbbb1111bbbb1111bbbb111100",
+            )],
+            "x-dstack-target-app",
+        ),
+        (
+            &[
+                ("x-dstack-target-app", B),
+                ("x-dstack-target-instance", "bbbb"),
+            ],
+            "x-dstack-target-instance",
+        ),
     ];
     for (headers, named) in cases {
         let resp = send(pair.outbound(), get("/", headers)).await;
@@ -217,6 +236,26 @@ async fn bad_routing_headers_are_400s_naming_the_header_and_nothing_is_dialled()
         );
     }
     assert_eq!(pair.backend.count(), 0);
+}
+
+#[tokio::test]
+async fn empty_optional_routing_headers_are_absent_as_in_dstack_vpc() {
+    let pair = Pair::start(A, "").await;
+    let resp = send(
+        pair.outbound(),
+        get(
+            "/",
+            &[
+                ("x-dstack-target-app", B),
+                ("x-dstack-target-instance", ""),
+                ("x-dstack-target-port", ""),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(json(resp).await["headers"]["x-dstack-app-id"][0], A);
+    assert_eq!(pair.backend.count(), 1);
 }
 
 #[tokio::test]
@@ -258,7 +297,7 @@ async fn a_websocket_upgrade_is_spliced_end_to_end() {
 }
 
 #[tokio::test]
-async fn the_agent_passthrough_answers_read_only_methods_and_refuses_keys() {
+async fn the_agent_passthrough_answers_read_only_methods_and_refuses_keys_and_quotes() {
     let pair = Pair::start(A, "").await;
     let resp = send(pair.outbound(), get("/info", &[])).await;
     assert_eq!(resp.status(), StatusCode::OK);
@@ -284,6 +323,30 @@ async fn the_agent_passthrough_answers_read_only_methods_and_refuses_keys() {
             "{body}"
         );
     }
+    // A quote over report data the caller picks is attestation of anything: not by default.
+    for path in ["/get_quote?report_data=00", "/Attest?report_data=00"] {
+        let resp = send(pair.outbound(), get(path, &[])).await;
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{path}");
+        let body = json(resp).await;
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("agent_quote_methods"),
+            "{body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn quote_methods_pass_only_with_their_own_setting() {
+    let pair = Pair::start(A, "[outbound]\nagent_quote_methods = true\n").await;
+    let resp = send(pair.outbound(), get("/get_quote?report_data=00", &[])).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(json(resp).await["quote"].is_string());
+    // Quotes do not open the keys.
+    let resp = send(pair.outbound(), get("/get_key", &[])).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
 }
 
 #[tokio::test]

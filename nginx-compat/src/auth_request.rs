@@ -8,6 +8,10 @@ use rustls_pki_types::CertificateDer;
 pub const CLIENT_CERT: &str = "x-client-cert";
 /// Header with nginx's verdict: `$ssl_client_verify` (`SUCCESS`, `NONE`, `FAILED:reason`).
 pub const CLIENT_VERIFY: &str = "x-client-verify";
+/// Header with the per-deployment secret that the rendered nginx configuration sends with every
+/// auth subrequest: the proof that the request comes from our nginx, whose word on a lone
+/// leaf's chain the service may then take.
+pub const NGINX_SECRET: &str = "x-dstack-mesh-nginx-secret";
 /// Response header with the caller's app id, which nginx forwards to the backend.
 pub const APP_ID: &str = "x-dstack-app-id";
 /// Response header with the caller's instance id, when its certificate carries one.

@@ -36,6 +36,22 @@ pub enum RenderError {
     /// A file path has whitespace, quotes, braces or `;`.
     #[error("path {0:?}: whitespace, quotes, braces, '$' and ';' are not allowed")]
     Path(String),
+    /// The auth secret is too short or has characters other than letters, digits, `-`, `_`
+    /// (the value is not repeated here: it is a secret).
+    #[error("auth secret: {MIN_SECRET_LEN}-256 letters, digits, '-' or '_' are required")]
+    Secret,
+}
+
+/// Shortest auth secret accepted (characters).
+pub const MIN_SECRET_LEN: usize = 32;
+
+/// Whether `secret` can be the auth secret: long enough to guess never, and nothing nginx's
+/// tokenizer would read as syntax.
+pub fn valid_secret(secret: &str) -> bool {
+    (MIN_SECRET_LEN..=256).contains(&secret.len())
+        && secret
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
 }
 
 /// The mTLS server proxy: nginx in front of the backend, asking dstack-mesh who may pass.
@@ -55,6 +71,9 @@ pub struct ServerProxy {
     pub ca_file: PathBuf,
     /// dstack-mesh's auth service.
     pub auth: SocketAddr,
+    /// The secret nginx sends with each auth subrequest ([`crate::auth_request::NGINX_SECRET`]).
+    /// Without it the service verifies chains itself and refuses a lone KMS leaf.
+    pub auth_secret: Option<String>,
 }
 
 /// The client proxy: plain HTTP from the app to dstack-mesh's outbound proxy.
@@ -123,6 +142,7 @@ impl ServerProxy {
             key_file: DEFAULT_KEY_FILE.into(),
             ca_file: DEFAULT_CA_FILE.into(),
             auth,
+            auth_secret: None,
         }
     }
 
@@ -136,6 +156,14 @@ impl ServerProxy {
             path(&self.ca_file)?,
         );
         let (port, auth) = (self.port, self.auth);
+        let proof = match &self.auth_secret {
+            Some(secret) if valid_secret(secret) => format!(
+                "\n        # Proves to the auth service that this is our nginx (keep this file private).\n        proxy_set_header {} {secret};",
+                crate::auth_request::NGINX_SECRET
+            ),
+            Some(_) => return Err(RenderError::Secret),
+            None => String::new(),
+        };
         let mut out = String::new();
         let _ = write!(
             out,
@@ -204,7 +232,7 @@ server {{
         proxy_set_header x-client-cert $ssl_client_escaped_cert;
         proxy_set_header x-client-verify $ssl_client_verify;
         proxy_set_header X-Original-URI $request_uri;
-        proxy_set_header X-Original-Method $request_method;
+        proxy_set_header X-Original-Method $request_method;{proof}
         proxy_http_version 1.1;
         proxy_set_header Connection \"\";
     }}
@@ -284,6 +312,25 @@ mod tests {
             "return 200 \"healthy\\n\";",
         ] {
             assert!(conf.contains(needle), "missing {needle:?} in\n{conf}");
+        }
+    }
+
+    #[test]
+    fn the_auth_secret_goes_only_to_the_auth_subrequest() {
+        let conf = ServerProxy::new("127.0.0.1:8000", auth()).render().unwrap();
+        assert!(!conf.contains(crate::auth_request::NGINX_SECRET), "{conf}");
+        let mut p = ServerProxy::new("127.0.0.1:8000", auth());
+        let secret = "s3cr3t-".repeat(6);
+        p.auth_secret = Some(secret.clone());
+        let conf = p.render().unwrap();
+        let line = format!("proxy_set_header x-dstack-mesh-nginx-secret {secret};");
+        assert_eq!(conf.matches(&line).count(), 1, "{conf}");
+        let auth_location = conf.split("location = /_dstack_auth").nth(1).unwrap();
+        assert!(auth_location.contains(&line), "{conf}");
+        for bad in ["short", &format!("{secret} ;"), &format!("{secret}$x")] {
+            p.auth_secret = Some(bad.to_owned());
+            assert_eq!(p.render(), Err(RenderError::Secret), "{bad}");
+            assert!(!RenderError::Secret.to_string().contains(bad));
         }
     }
 

@@ -216,6 +216,43 @@ pub struct TlsKeyRequest {
     pub not_after: Option<u64>,
 }
 
+/// The legacy tappd agent's `DeriveKey` request (its `GetTlsKey`). Without `random_seed` tappd
+/// derives the key from `path` alone: every refresh and every restart would get the same
+/// private key, the one any other process on the CVM gets by asking with the same path.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct DeriveKeyRequest {
+    /// Key derivation path (unused with `random_seed`).
+    pub path: String,
+    /// Subject CN.
+    pub subject: String,
+    /// SANs.
+    pub alt_names: Vec<String>,
+    /// Embed an attestation bound to the key.
+    pub usage_ra_tls: bool,
+    /// EKU serverAuth.
+    pub usage_server_auth: bool,
+    /// EKU clientAuth.
+    pub usage_client_auth: bool,
+    /// A fresh random key instead of the one derived from `path`.
+    pub random_seed: bool,
+}
+
+impl DeriveKeyRequest {
+    /// The `DeriveKey` request for `req`, asking for a fresh key.
+    pub fn fresh(req: &TlsKeyRequest) -> Self {
+        Self {
+            path: "dstack-mesh/ra-tls".into(),
+            subject: req.subject.clone(),
+            alt_names: req.alt_names.clone(),
+            usage_ra_tls: req.usage_ra_tls,
+            usage_server_auth: req.usage_server_auth,
+            usage_client_auth: req.usage_client_auth,
+            random_seed: true,
+        }
+    }
+}
+
 /// `GetTlsKey` response: a PKCS#8 PEM key and the chain, leaf first, root last.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TlsKeyResponse {
@@ -364,8 +401,13 @@ impl AgentClient {
     /// `GetTlsKey`.
     pub async fn get_tls_key(&self, req: &TlsKeyRequest) -> Result<TlsKeyResponse, AgentError> {
         if self.address.is_legacy() {
-            // tappd's DeriveKey takes the same fields (and ignores validity).
-            return self.call("DeriveKey", req).await;
+            if req.not_before.is_some() || req.not_after.is_some() {
+                tracing::warn!(
+                    address = %self.address,
+                    "the legacy tappd agent ignores the requested validity: its certificates keep tappd's own lifetime"
+                );
+            }
+            return self.call("DeriveKey", &DeriveKeyRequest::fresh(req)).await;
         }
         self.call("GetTlsKey", req).await
     }

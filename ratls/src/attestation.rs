@@ -213,3 +213,49 @@ mod tests {
         assert!(Attestation::parse(&[0x81, 0xa1, b'x', 0x01]).is_err());
     }
 }
+
+/// What was established about a certificate's attestation. Until quotes are verified (their
+/// signature chain and TCB against Intel's collateral), the most a certificate earns is
+/// [`AttestationStatus::KeyBound`]: its words say exactly that, never "attested".
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub enum AttestationStatus {
+    /// No attestation, or one whose report data does not bind the certificate's key.
+    #[default]
+    #[serde(rename = "none")]
+    Absent,
+    /// The quote's report data binds the certificate's key; the quote itself is not verified.
+    #[serde(rename = "report data binds the key; quote not verified")]
+    KeyBound,
+}
+
+impl AttestationStatus {
+    /// [`AttestationStatus::KeyBound`] when `binds` holds.
+    pub fn from_binding(binds: bool) -> Self {
+        if binds {
+            Self::KeyBound
+        } else {
+            Self::Absent
+        }
+    }
+
+    /// Whether the report data binds the key.
+    pub fn binds_key(self) -> bool {
+        self == Self::KeyBound
+    }
+
+    /// What was checked, in words for people.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Absent => "none bound to the key",
+            Self::KeyBound => "report data binds the key; quote not verified",
+        }
+    }
+}
+
+impl std::fmt::Display for AttestationStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.describe())
+    }
+}

@@ -209,6 +209,9 @@ pub struct AttestationView {
     pub report_data: Option<String>,
     /// Whether the report data is `sha512("ratls-cert:" || leaf SPKI)`.
     pub binds_key: bool,
+    /// Whether the quote's signature and TCB were verified: never, yet; `binds_key` is all
+    /// that was checked.
+    pub quote_verified: bool,
     /// Why it could not be read, if it could not.
     pub error: Option<String>,
 }
@@ -289,6 +292,7 @@ impl ChainView {
                 quote_len: Some(att.quote.len()),
                 report_data: att.report_data().map(hex::encode),
                 binds_key: att.binds_key(&spki),
+                quote_verified: false,
                 error: None,
             },
             Err(e) => AttestationView {
@@ -296,6 +300,7 @@ impl ChainView {
                 quote_len: None,
                 report_data: None,
                 binds_key: false,
+                quote_verified: false,
                 error: Some(e.clone()),
             },
         });

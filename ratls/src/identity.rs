@@ -11,6 +11,7 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use tokio::{sync::watch, task::JoinHandle};
 
+use crate::attestation::AttestationStatus;
 use crate::{
     agent::{AgentClient, AgentError, InfoResponse, TlsKeyRequest, TlsKeyResponse},
     cert::{self, CertError, ChainView},
@@ -158,8 +159,8 @@ pub struct Identity {
     pub not_before: i64,
     /// End of validity of the leaf (unix seconds).
     pub not_after: i64,
-    /// Whether the leaf carries an attestation bound to its key.
-    pub attested: bool,
+    /// What the leaf's attestation shows (the quote itself is not verified).
+    pub attestation: AttestationStatus,
     /// SHA-256 of the leaf (hex).
     pub fingerprint: String,
     /// When it was fetched (unix seconds).
@@ -220,7 +221,9 @@ impl Identity {
             app_name: info.app_name.clone(),
             not_before: leaf.validity().not_before.timestamp(),
             not_after: leaf.validity().not_after.timestamp(),
-            attested: view.attestation.as_ref().is_some_and(|a| a.binds_key),
+            attestation: AttestationStatus::from_binding(
+                view.attestation.as_ref().is_some_and(|a| a.binds_key),
+            ),
             fingerprint: view.leaf.sha256_fingerprint,
             fetched_at: unix_now(),
             chain,

@@ -32,6 +32,7 @@ pub mod tls;
 pub mod verifier;
 
 pub use app_id::{AppId, AppIdError, MAX_APP_ID_LEN};
+pub use attestation::AttestationStatus;
 pub use cert::{AppIdSource, CertError, ChainView};
 pub use policy::{AllowList, PeerRole, Policy, Rejection, TrustAnchors, VerifiedPeer};
 

@@ -12,6 +12,7 @@ use webpki::{EndEntityCert, KeyUsage};
 use x509_parser::certificate::X509Certificate;
 
 use crate::{
+    attestation::AttestationStatus,
     cert::{self, AppIdSource, CertError, Claims},
     ext::USAGE_APP,
     AppId,
@@ -282,7 +283,9 @@ impl Policy {
             match &claims.attestation {
                 None => return Err(Rejection::AttestationMissing),
                 Some(Err(e)) => return Err(Rejection::Malformed(format!("attestation: {e}"))),
-                Some(Ok(_)) if !peer.attested => return Err(Rejection::AttestationNotBound),
+                Some(Ok(_)) if !peer.attestation.binds_key() => {
+                    return Err(Rejection::AttestationNotBound)
+                }
                 Some(Ok(_)) => {}
             }
         }
@@ -305,13 +308,14 @@ pub(crate) fn identity_of(
     claims: &Claims,
 ) -> Result<VerifiedPeer, Rejection> {
     let (app_id, app_id_source) = claims.app_id.clone().ok_or(Rejection::MissingAppId)?;
-    let attested =
-        matches!(&claims.attestation, Some(Ok(att)) if att.binds_key(leaf.public_key().raw));
+    let attestation = AttestationStatus::from_binding(
+        matches!(&claims.attestation, Some(Ok(att)) if att.binds_key(leaf.public_key().raw)),
+    );
     Ok(VerifiedPeer {
         instance_id: claims.instance_id().map(str::to_owned),
         app_id,
         app_id_source,
-        attested,
+        attestation,
         not_after: leaf.validity().not_after.timestamp(),
     })
 }
@@ -337,8 +341,8 @@ pub struct VerifiedPeer {
     pub app_id_source: AppIdSource,
     /// The peer's instance id, when its certificate carries app-info.
     pub instance_id: Option<String>,
-    /// Whether the leaf carries an attestation whose report data binds its key.
-    pub attested: bool,
+    /// What its attestation showed (the quote itself is not verified).
+    pub attestation: AttestationStatus,
     /// End of the leaf's validity (unix seconds).
     pub not_after: i64,
 }

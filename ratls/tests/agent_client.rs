@@ -75,6 +75,8 @@ fn simulator(path_and_query: &str) -> (StatusCode, Vec<u8>) {
         "/GetKey" => "app1/getkey_post.json",
         "/Version" => "app1/version_get.json",
         "/prpc/Tappd.Info?json" => "tappd/tappd_sock_prpc_Tappd.Info.json",
+        // tappd's DeriveKey answers in GetTlsKey's shape.
+        "/prpc/Tappd.DeriveKey?json" => "app1/tlskey_with_app_info.json",
         _ => {
             return (
                 StatusCode::BAD_REQUEST,
@@ -296,7 +298,11 @@ async fn get_tls_key_sends_the_request_and_builds_an_identity() {
     assert_eq!(identity.instance_id.as_deref(), Some(APP1_INSTANCE));
     assert_eq!(identity.app_name, "guest-agent");
     assert_eq!(identity.chain.len(), 2);
-    assert!(identity.attested, "the leaf's attestation binds its key");
+    assert_eq!(
+        identity.attestation,
+        ratls::AttestationStatus::KeyBound,
+        "the leaf's attestation binds its key"
+    );
 }
 
 #[tokio::test]
@@ -465,6 +471,25 @@ async fn legacy_tappd_socket_uses_prpc_paths() {
         1,
         "GetKey is refused without a call"
     );
+
+    // A fresh key on every request: without random_seed tappd derives the same key from the
+    // path each time, which any process on the CVM could ask for too.
+    let req = TlsKeyRequest {
+        subject: "dstack-mesh".into(),
+        usage_ra_tls: true,
+        usage_client_auth: true,
+        not_after: Some(4_000_000_000),
+        ..TlsKeyRequest::default()
+    };
+    client.get_tls_key(&req).await.unwrap();
+    let sent = &agent.requests()[1];
+    assert_json_post(sent, "/prpc/Tappd.DeriveKey?json");
+    assert_eq!(sent.body["random_seed"], true, "{sent:?}");
+    assert_eq!(sent.body["subject"], "dstack-mesh");
+    assert_eq!(sent.body["usage_client_auth"], true);
+    assert!(!sent.body["path"].as_str().unwrap().is_empty(), "{sent:?}");
+    // tappd has no validity fields: they are not sent as if they were honoured.
+    assert!(sent.body.get("not_after").is_none(), "{sent:?}");
 }
 
 #[tokio::test]

@@ -173,7 +173,11 @@ fn fixture_chains_verify_as_the_policy_says() {
                 (Some(id), ..) => {
                     let peer = result.unwrap_or_else(|e| panic!("{name}: {e}"));
                     assert_eq!(peer.app_id.to_string(), *id);
-                    assert_eq!(peer.attested, binds.unwrap_or(false), "{name}");
+                    assert_eq!(
+                        peer.attestation.binds_key(),
+                        binds.unwrap_or(false),
+                        "{name}"
+                    );
                 }
             }
         }

@@ -43,7 +43,7 @@ fn an_identity_from_a_simulator_answer_with_app_info() {
         id.instance_id.as_deref(),
         Some("1691ed1b47506cad7d08834668691d88246f5b1f")
     );
-    assert!(id.attested);
+    assert_eq!(id.attestation, ratls::AttestationStatus::KeyBound);
     id.self_check().unwrap();
 }
 

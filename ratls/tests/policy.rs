@@ -30,7 +30,7 @@ fn a_valid_kms_style_chain_is_accepted_in_both_roles() {
         let peer = verify(&policy, &chain, role).unwrap();
         assert_eq!(peer.app_id, app(APP_A));
         assert_eq!(peer.app_id_source, AppIdSource::Extension);
-        assert!(!peer.attested);
+        assert_eq!(peer.attestation, ratls::AttestationStatus::Absent);
     }
 }
 
@@ -253,7 +253,7 @@ fn attestation_required() {
     );
     // Without the requirement it is accepted, and reported as not attested.
     let peer = verify(&Policy::new(pki.anchors()), &chain, PeerRole::Server).unwrap();
-    assert!(!peer.attested);
+    assert_eq!(peer.attestation, ratls::AttestationStatus::Absent);
 }
 
 #[test]

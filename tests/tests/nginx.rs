@@ -15,6 +15,8 @@ use http::StatusCode;
 use http_body_util::BodyExt;
 use ratls::{agent::AgentAddress, AppId};
 
+/// What the rendered nginx configuration proves itself with to the auth service.
+const NGINX_SECRET: &str = "nginx-secret-for-the-test-0123456789abcdef";
 const SERVER: &str = "5e125e125e125e125e125e125e125e125e125e12";
 const CALLER: &str = "ca11e2ca11e2ca11e2ca11e2ca11e2ca11e2ca11";
 const STRANGER: &str = "57a2e257a2e257a2e257a2e257a2e257a2e257a2";
@@ -85,7 +87,7 @@ impl Site {
         std::fs::write(
             &config,
             format!(
-                "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\nallowed_apps = \"{CALLER}\"\n\n[auth]\naddress = \"127.0.0.1\"\nport = 0\n\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\naddress = \"127.0.0.1\"\nport = 0\n\n[tls]\ncert_file = \"{d}/server.crt\"\nkey_file = \"{d}/server.key\"\nca_file = \"{d}/ca.crt\"\n",
+                "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\nallowed_apps = \"{CALLER}\"\n\n[auth]\naddress = \"127.0.0.1\"\nport = 0\nnginx_secret = \"{NGINX_SECRET}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\naddress = \"127.0.0.1\"\nport = 0\n\n[tls]\ncert_file = \"{d}/server.crt\"\nkey_file = \"{d}/server.key\"\nca_file = \"{d}/ca.crt\"\n",
                 sock = server_sock.display(),
                 backend = backend.addr,
                 d = d.display(),

@@ -101,7 +101,11 @@ pub fn status_text(routes: &super::Routes, now: std::time::SystemTime) -> String
     out.push_str(&format!(
         "identity  expires {}{}\n",
         ratls::cert::ChainView::format_time(id.not_after),
-        if id.attested { ", attested" } else { "" }
+        match id.attestation {
+            ratls::AttestationStatus::KeyBound =>
+                "; attestation: report data binds the key, quote not verified",
+            ratls::AttestationStatus::Absent => "",
+        }
     ));
     out.push_str(&format!(
         "peers     {} inbound, {} outbound seen\n",

@@ -46,8 +46,8 @@ pub struct IdentityView {
     pub app_name: String,
     /// When the mesh certificate expires (Unix seconds).
     pub not_after: i64,
-    /// Whether it carries an attestation.
-    pub attested: bool,
+    /// What its attestation shows (the quote itself is not verified).
+    pub attestation: ratls::AttestationStatus,
 }
 
 /// The inbound mesh route.
@@ -154,7 +154,7 @@ impl Admin {
                 instance_id: identity.instance_id.clone(),
                 app_name: identity.app_name.clone(),
                 not_after: identity.not_after,
-                attested: identity.attested,
+                attestation: identity.attestation,
             },
             mesh: self.inbound.as_ref().map(|i| i.mesh_route()),
             domains: self

@@ -221,7 +221,10 @@ pub fn render(routes: &Routes, now: SystemTime) -> String {
         "<span>identity expires {} (<span class=\"{class}\">{days}</span> days){}</span>\
          <span id=\"peers\">peers seen: {} inbound, {} outbound</span></div></header><main id=\"main\">",
         date(id.not_after),
-        if id.attested { ", attested" } else { "" },
+        match id.attestation {
+            ratls::AttestationStatus::KeyBound => "; attestation: report data binds the key, quote not verified",
+            ratls::AttestationStatus::Absent => "",
+        },
         routes.peers.inbound,
         routes.peers.outbound,
     );
@@ -295,7 +298,7 @@ mod tests {
                 instance_id: None,
                 app_name: "<shop>".into(),
                 not_after: 1_800_000_000 + 3600,
-                attested: false,
+                attestation: ratls::AttestationStatus::Absent,
             },
             mesh: None,
             domains: vec![

@@ -5,11 +5,12 @@
 //! `403` when the certificate is good but its app is not allowed. It does not take nginx's
 //! word for the caller: it checks validity, EKU, usage, app id and allowlist itself, and the
 //! chain too when it can. nginx hands over only the leaf, so for a KMS leaf (whose App CA
-//! nginx saw but did not pass on) the chain is the one thing nginx vouches for; a chain sent
-//! in full, or a leaf the root signed directly, is verified here to the trust anchors.
+//! nginx saw but did not pass on) the chain is the one thing nginx vouches for, and only a
+//! request that proves it comes from our nginx (the per-deployment secret the rendered
+//! configuration sends) gets that trust; anything else must verify here to the trust anchors.
 //!
-//! Decisions are cached by the certificate's fingerprint: grants until the certificate
-//! expires, refusals for a minute. A new policy (allowlist) clears the cache.
+//! Decisions are cached by the certificate's fingerprint and whether nginx vouched: grants
+//! until the certificate expires, refusals for a minute. A new policy clears the cache.
 
 use std::{
     collections::HashMap,
@@ -28,7 +29,10 @@ use ratls::{PeerRole, Policy, Rejection, VerifiedPeer};
 use rustls_pki_types::UnixTime;
 use tokio::{net::TcpListener, time::Instant};
 
-use crate::proxy::{self, Body};
+use crate::{
+    config::Secret,
+    proxy::{self, Body},
+};
 
 /// How long a refusal is remembered (a grant lasts until the certificate expires).
 const DENY_TTL: Duration = Duration::from_secs(60);
@@ -43,9 +47,36 @@ pub enum Decision {
     /// 200 with the caller's identity.
     Allow(VerifiedPeer),
     /// 401: no certificate, or not one the mesh accepts.
-    Unauthorized(String),
+    Unauthorized(Unauthorized),
     /// 403: a good certificate for an app that is not allowed.
-    Forbidden(String),
+    Forbidden(Rejection),
+}
+
+/// Why a caller got 401.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Unauthorized {
+    /// nginx saw no client certificate, or none reached us.
+    #[error("no client certificate")]
+    NoCertificate,
+    /// nginx's own verification failed (its `$ssl_client_verify` text).
+    #[error("nginx could not verify the certificate: {0}")]
+    NginxFailed(String),
+    /// The certificate header cannot be read.
+    #[error(transparent)]
+    Header(#[from] auth_request::CertHeaderError),
+    /// The certificate is not one the mesh accepts.
+    #[error("{0} ({reason})", reason = .0.reason())]
+    Rejected(Rejection),
+}
+
+/// Where a request's word on the chain comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vouch {
+    /// It carries our nginx's secret: nginx verified the chain against the mesh's roots.
+    Nginx,
+    /// Anyone: the chain must verify here.
+    Nobody,
 }
 
 #[derive(Debug)]
@@ -58,8 +89,9 @@ struct Entry {
 #[derive(Debug)]
 pub struct AuthService {
     policy: ArcSwap<Policy>,
-    cache: Mutex<HashMap<[u8; 32], Entry>>,
-    trust_nginx_chain: bool,
+    cache: Mutex<HashMap<([u8; 32], bool), Entry>>,
+    /// The secret that makes a request our nginx's; `None`: nginx's word is never taken.
+    nginx_secret: Option<Secret>,
     drain: proxy::Drain,
 }
 
@@ -67,15 +99,26 @@ pub struct AuthService {
 const MAX_CONNECTIONS: usize = 1024;
 
 impl AuthService {
-    /// A service holding callers to `policy`. With `trust_nginx_chain`, a lone leaf whose App
-    /// CA nginx kept is accepted on nginx's `SUCCESS` for the chain (everything else is still
-    /// checked here); without it, only chains this service can verify itself pass.
-    pub fn new(policy: Arc<Policy>, trust_nginx_chain: bool) -> Self {
+    /// A service holding callers to `policy`. A request carrying `nginx_secret` has nginx's
+    /// `SUCCESS` taken for the chain of a lone leaf whose App CA nginx kept (everything else is
+    /// still checked here); without a secret, only chains this service verifies itself pass.
+    pub fn new(policy: Arc<Policy>, nginx_secret: Option<Secret>) -> Self {
         Self {
             policy: ArcSwap::new(policy),
             cache: Mutex::new(HashMap::new()),
             drain: proxy::Drain::default(),
-            trust_nginx_chain,
+            nginx_secret,
+        }
+    }
+
+    /// Whether a request that presented `proof` comes from our nginx (compared in constant
+    /// time: the secret must not leak through timing).
+    pub fn vouch(&self, proof: Option<&[u8]>) -> Vouch {
+        match (&self.nginx_secret, proof) {
+            (Some(secret), Some(proof)) if constant_time_eq(secret.0.as_bytes(), proof) => {
+                Vouch::Nginx
+            }
+            _ => Vouch::Nobody,
         }
     }
 
@@ -85,7 +128,7 @@ impl AuthService {
         self.lock_cache().clear();
     }
 
-    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Entry>> {
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<([u8; 32], bool), Entry>> {
         // A panic elsewhere while holding the lock leaves a cache, not a broken invariant.
         self.cache
             .lock()
@@ -97,31 +140,30 @@ impl AuthService {
         self.lock_cache().len()
     }
 
-    /// Decide on nginx's two headers.
-    pub fn decide(&self, verify: Option<&str>, cert: Option<&str>) -> Decision {
+    /// Decide on nginx's two headers; `vouch` says whether nginx's word on the chain counts.
+    pub fn decide(&self, verify: Option<&str>, cert: Option<&str>, vouch: Vouch) -> Decision {
         match ClientVerify::parse(verify) {
             ClientVerify::Success => {}
-            ClientVerify::None => return Decision::Unauthorized("no client certificate".into()),
+            ClientVerify::None => return Decision::Unauthorized(Unauthorized::NoCertificate),
             ClientVerify::Failed(why) => {
-                return Decision::Unauthorized(format!(
-                    "nginx could not verify the certificate: {why}"
-                ))
+                return Decision::Unauthorized(Unauthorized::NginxFailed(why))
             }
         }
         let Some(cert) = cert.filter(|c| !c.trim().is_empty()) else {
-            return Decision::Unauthorized("no client certificate".into());
+            return Decision::Unauthorized(Unauthorized::NoCertificate);
         };
-        let key: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, cert.trim().as_bytes())
+        let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, cert.trim().as_bytes())
             .as_ref()
             .try_into()
             .unwrap_or([0; 32]);
+        let key = (digest, vouch == Vouch::Nginx);
         let now = Instant::now();
         if let Some(entry) = self.lock_cache().get(&key) {
             if entry.expires > now {
                 return entry.decision.clone();
             }
         }
-        let (decision, cacheable) = self.verify(cert);
+        let (decision, cacheable) = self.verify(cert, vouch);
         if !cacheable {
             // Garbage is cheap to refuse again and must not push real decisions out.
             return decision;
@@ -155,26 +197,26 @@ impl AuthService {
     }
 
     /// The decision, and whether it may be cached (a header that is not a certificate is not).
-    fn verify(&self, header: &str) -> (Decision, bool) {
+    fn verify(&self, header: &str, vouch: Vouch) -> (Decision, bool) {
         let certs = match auth_request::client_certs(Some(header)) {
             Ok(certs) => certs,
-            Err(e) => return (Decision::Unauthorized(e.to_string()), false),
+            Err(e) => return (Decision::Unauthorized(e.into()), false),
         };
         let policy = self.policy.load();
         let now = UnixTime::now();
         let mut result = policy.verify(&certs[0], &certs[1..], PeerRole::Client, now);
         // nginx passes the leaf only; its App CA stayed with nginx, which verified the chain
-        // against the same roots (checked at start, see `trust_nginx_chain`).
+        // against the same roots (checked at start). Only our nginx's word counts.
         if certs.len() == 1
             && matches!(result, Err(Rejection::UnknownIssuer))
-            && self.trust_nginx_chain
+            && vouch == Vouch::Nginx
         {
             result = policy.verify_leaf_vouched(&certs[0], PeerRole::Client, now);
         }
         let decision = match result {
             Ok(peer) => Decision::Allow(peer),
-            Err(r @ Rejection::AppIdNotAllowed(_)) => Decision::Forbidden(r.to_string()),
-            Err(r) => Decision::Unauthorized(format!("{} ({})", r, r.reason())),
+            Err(r @ Rejection::AppIdNotAllowed(_)) => Decision::Forbidden(r),
+            Err(r) => Decision::Unauthorized(Unauthorized::Rejected(r)),
         };
         (decision, true)
     }
@@ -227,9 +269,15 @@ impl AuthService {
             }
             (&Method::GET, "/auth") => {
                 let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+                let vouch = self.vouch(
+                    req.headers()
+                        .get(auth_request::NGINX_SECRET)
+                        .map(HeaderValue::as_bytes),
+                );
                 let decision = self.decide(
                     header(auth_request::CLIENT_VERIFY),
                     header(auth_request::CLIENT_CERT),
+                    vouch,
                 );
                 let uri = header("x-original-uri").unwrap_or("-");
                 respond(decision, remote, uri)
@@ -268,4 +316,9 @@ fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// `a == b` in time that depends on the lengths only.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

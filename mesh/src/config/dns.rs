@@ -50,21 +50,7 @@ pub const DEFAULT_TXT_PREFIX: &str = "_dstack-app-address";
 /// Cloudflare's v4 API.
 pub const CLOUDFLARE_API: &str = "https://api.cloudflare.com/client/v4";
 
-/// A secret from the configuration: never printed.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(pub String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl serde::Serialize for Secret {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str("<redacted>")
-    }
-}
+pub use super::Secret;
 
 /// Where DNS records are written.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]

@@ -82,6 +82,10 @@ pub mod env {
     pub const CLIENT_LISTEN: &[&str] = &["DSTACK_MESH_CLIENT_LISTEN"];
     /// Admin listener address.
     pub const ADMIN_LISTEN: &[&str] = &["DSTACK_MESH_ADMIN_LISTEN"];
+    /// `auth.nginx_secret`.
+    pub const NGINX_SECRET: &[&str] = &["DSTACK_MESH_NGINX_SECRET"];
+    /// The server name `nginx-config server` renders.
+    pub const SERVER_NAME: &[&str] = &["DSTACK_MESH_SERVER_NAME"];
 }
 
 /// Which apps may call in.
@@ -161,6 +165,8 @@ pub struct OutboundConfig {
     pub agent_passthrough: bool,
     /// Key-bearing agent methods (GetKey, GetTlsKey, Sign, ...) pass too.
     pub agent_key_methods: bool,
+    /// `GetQuote` and `Attest` (quotes over caller-chosen report data) pass too.
+    pub agent_quote_methods: bool,
     /// TCP connect deadline.
     #[serde(with = "secs")]
     pub connect_timeout: Duration,
@@ -194,9 +200,29 @@ pub struct AuthConfig {
     pub listener: ListenerConfig,
     /// Its allowlist when it differs from the inbound one.
     pub allow: Option<Allow>,
-    /// Accept nginx's `SUCCESS` for the chain of a lone leaf (nginx never passes the App CA).
-    /// At start the sidecar checks that nginx's CA file holds only roots the mesh trusts.
+    /// Accept nginx's `SUCCESS` for the chain of a lone leaf (nginx never passes the App CA),
+    /// from requests that carry `nginx_secret`. At start the sidecar checks that nginx's CA
+    /// file holds only roots the mesh trusts.
     pub trust_nginx_chain: bool,
+    /// What our nginx sends with every auth subrequest (`nginx-config server` renders it);
+    /// without it, every chain is verified here and a lone KMS leaf is refused.
+    pub nginx_secret: Option<Secret>,
+}
+
+/// A secret from the configuration: never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl serde::Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
 }
 
 /// Certificate files of a dstack-vpc deployment (used to render nginx configs).
@@ -716,6 +742,7 @@ impl Config {
         let outbound = OutboundConfig {
             agent_passthrough: ob.agent_passthrough.unwrap_or(true),
             agent_key_methods: ob.agent_key_methods.unwrap_or(false),
+            agent_quote_methods: ob.agent_quote_methods.unwrap_or(false),
             connect_timeout: c.duration(
                 "outbound.connect_timeout",
                 ob.connect_timeout.as_ref(),
@@ -831,6 +858,24 @@ impl Config {
             bound.push((key, addr));
         }
 
+        let nginx_secret = first(env::NGINX_SECRET)
+            .map(|(_, v)| v)
+            .or_else(|| raw.auth.as_ref().and_then(|a| a.nginx_secret.clone()))
+            .map(|v| v.trim().to_owned());
+        if nginx_secret
+            .as_deref()
+            .is_some_and(|s| !nginx_compat::render::valid_secret(s))
+        {
+            c.fail(
+                "auth.nginx_secret",
+                format!(
+                    "at least {} letters, digits, '-' or '_' (e.g. `openssl rand -hex 32`)",
+                    nginx_compat::render::MIN_SECRET_LEN
+                ),
+            );
+        }
+        let nginx_secret = nginx_secret.map(Secret);
+
         if !c.errors.is_empty() {
             return Err(ConfigErrors(c.errors));
         }
@@ -846,6 +891,7 @@ impl Config {
                     .as_ref()
                     .and_then(|a| a.trust_nginx_chain)
                     .unwrap_or(true),
+                nginx_secret,
             },
             client,
             admin,

@@ -37,6 +37,8 @@ pub struct RawListener {
     pub allowed_apps: Option<AllowValue>,
     /// Auth only: accept nginx's verdict on the chain of a lone leaf.
     pub trust_nginx_chain: Option<bool>,
+    /// Auth only: the secret our nginx sends with each auth subrequest.
+    pub nginx_secret: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -94,6 +96,7 @@ pub struct RawInbound {
 pub struct RawOutbound {
     pub agent_passthrough: Option<bool>,
     pub agent_key_methods: Option<bool>,
+    pub agent_quote_methods: Option<bool>,
     pub connect_timeout: Option<DurationValue>,
     pub handshake_timeout: Option<DurationValue>,
     pub response_timeout: Option<DurationValue>,

@@ -54,6 +54,8 @@ struct Caller {
     tunnel: Tunnel,
     /// This caller's request counters (the peer is fixed for the connection).
     metrics: crate::metrics::PeerMetrics,
+    /// Largest request head accepted.
+    max_header_bytes: usize,
 }
 
 /// Set up HTTP on an authenticated connection. A plain function, not an async one: an async
@@ -171,6 +173,7 @@ fn serve_http(
         who,
         evidence,
         upstream,
+        max_header_bytes,
     });
     // Boxed per request: hyper keeps one slot per connection for the request future, and an
     // unboxed one would hold its full size on every idle connection.
@@ -246,6 +249,17 @@ impl Watch {
 }
 
 async fn handle(caller: Arc<Caller>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    // h2 bounds its header list itself (`max_header_list_size`).
+    if req.version() != http::Version::HTTP_2 && proxy::head_size(&req) > caller.max_header_bytes {
+        tracing::debug!(
+            limit = caller.max_header_bytes,
+            "inbound request head too large"
+        );
+        return Ok(proxy::error_response(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request head too large",
+        ));
+    }
     // Answered here, as dstack-vpc's nginx did: mesh health checks never touch the app.
     if matches!(caller.who, Who::Peer(_)) && req.uri().path() == "/health" {
         return Ok(proxy::text_response(StatusCode::OK, "healthy\n"));

@@ -2,8 +2,10 @@
 //! `/gateway` answers the gateway domain, and a snake_case last path segment names the
 //! PascalCase method (`/get_quote` → `GetQuote`).
 //!
-//! Anything that can reach the outbound port could use the app's keys through it, so only
-//! read-only methods pass unless `outbound.agent_key_methods` allows the rest.
+//! Anything that can reach the outbound port could use the app's keys through it, or get quotes
+//! over report data of its choosing, so only `Info` and `Version` pass by default:
+//! `outbound.agent_quote_methods` lets `GetQuote`/`Attest` through, `outbound.agent_key_methods`
+//! every other method.
 
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
@@ -12,16 +14,47 @@ use ratls::agent::{AgentClient, AgentError};
 
 use crate::proxy::{self, Body};
 
-/// Methods that reveal nothing secret and change nothing: attestation and metadata.
-const READ_ONLY: &[&str] = &["Info", "Version", "GetQuote", "Attest"];
+/// Methods that reveal nothing secret and change nothing: metadata.
+const READ_ONLY: &[&str] = &["Info", "Version"];
+/// Methods that sign caller-chosen report data with the CVM's attestation.
+const QUOTE_METHODS: &[&str] = &["GetQuote", "Attest"];
 /// Largest request body passed to the agent (its requests are small JSON documents).
 const MAX_BODY: usize = 64 << 10;
+
+/// Which agent methods beyond [`READ_ONLY`] the passthrough lets through.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentAccess {
+    /// `GetQuote` and `Attest`: quotes over report data the caller chooses.
+    pub quotes: bool,
+    /// Every other method (GetKey, GetTlsKey, Sign, ...): the app's keys.
+    pub keys: bool,
+}
+
+impl AgentAccess {
+    /// Why `method` is refused, or `None` when it may pass.
+    fn refusal(self, method: &str) -> Option<String> {
+        if READ_ONLY.contains(&method) {
+            return None;
+        }
+        if QUOTE_METHODS.contains(&method) {
+            return (!self.quotes).then(|| {
+                format!("{method} signs report data the caller chooses; set outbound.agent_quote_methods = true to let this port ask for quotes")
+            });
+        }
+        (!self.keys).then(|| {
+            format!(
+                "{method} is not one of the read-only methods ({}); set outbound.agent_key_methods = true to let this port use the app's keys",
+                READ_ONLY.join(", ")
+            )
+        })
+    }
+}
 
 /// The passthrough's settings.
 #[derive(Clone, Debug)]
 pub struct AgentPassthrough {
     agent: AgentClient,
-    key_methods: bool,
+    access: AgentAccess,
 }
 
 /// What a path asks of the agent.
@@ -34,9 +67,9 @@ enum Call {
 }
 
 impl AgentPassthrough {
-    /// Pass to `agent`; `key_methods` lets every method through.
-    pub fn new(agent: AgentClient, key_methods: bool) -> Self {
-        Self { agent, key_methods }
+    /// Pass to `agent` the read-only methods and what `access` allows.
+    pub fn new(agent: AgentClient, access: AgentAccess) -> Self {
+        Self { agent, access }
     }
 
     /// Answer `req`; `/gateway` answers `gateway_domain`.
@@ -65,15 +98,12 @@ impl AgentPassthrough {
             }
             Call::Method(method) => method,
         };
-        if !self.key_methods && !READ_ONLY.contains(&method.as_str()) {
+        if let Some(why) = self.access.refusal(&method) {
             tracing::warn!(%method, "guest-agent method refused on the outbound port");
             return proxy::detailed_error(
                 StatusCode::FORBIDDEN,
                 "guest-agent method not allowed",
-                &format!(
-                    "{method} is not one of the read-only methods ({}); set outbound.agent_key_methods = true to let this port use the app's keys",
-                    READ_ONLY.join(", ")
-                ),
+                &why,
             );
         }
         let http_method = match *req.method() {
@@ -162,6 +192,33 @@ mod tests {
         assert_eq!(parse("/get_tls_key"), m("GetTlsKey"));
         assert_eq!(parse("/prpc/get_quote/"), m("GetQuote"));
         assert_eq!(parse("/gateway"), Some(Call::Gateway));
+    }
+
+    #[test]
+    fn each_method_class_needs_its_own_setting() {
+        let none = AgentAccess::default();
+        let quotes = AgentAccess {
+            quotes: true,
+            keys: false,
+        };
+        let keys = AgentAccess {
+            quotes: false,
+            keys: true,
+        };
+        for m in ["Info", "Version"] {
+            assert_eq!(none.refusal(m), None, "{m}");
+        }
+        for m in ["GetQuote", "Attest"] {
+            assert!(none.refusal(m).unwrap().contains("agent_quote_methods"));
+            assert!(keys.refusal(m).is_some(), "keys do not imply quotes: {m}");
+            assert_eq!(quotes.refusal(m), None);
+        }
+        // A name we do not know (another spelling included) is held like a key method.
+        for m in ["GetKey", "GetTlsKey", "Sign", "Getquote"] {
+            assert!(none.refusal(m).unwrap().contains("agent_key_methods"));
+            assert!(quotes.refusal(m).is_some(), "{m}");
+            assert_eq!(keys.refusal(m), None);
+        }
     }
 
     #[test]

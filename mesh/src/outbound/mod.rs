@@ -33,7 +33,7 @@ use hyper_util::{
 use ratls::{tls::CertResolver, TrustAnchors};
 use tokio::{net::TcpListener, sync::Semaphore};
 
-pub use agent::AgentPassthrough;
+pub use agent::{AgentAccess, AgentPassthrough};
 pub use pool::{PeerInfo, PeerPool, PoolConfig};
 
 use crate::{

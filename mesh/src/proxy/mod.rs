@@ -103,6 +103,23 @@ pub async fn serve_plain<F>(
     }
 }
 
+/// The size of `req`'s head as an HTTP/1.1 client wrote it: request line, every header line,
+/// the blank line. hyper bounds its read buffer only between reads, so a head that arrives in
+/// one large read can pass its limit; this is the exact check.
+pub fn head_size<B>(req: &http::Request<B>) -> usize {
+    let uri = req.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |p| p.as_str().len());
+    let request_line = req.method().as_str().len() + 1 + target + 1 + "HTTP/1.1\r\n".len();
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + 2 + value.len() + 2)
+        .sum();
+    request_line + headers + 2
+}
+
 /// The path and query of `uri` (`/` when it has none, as in authority-form).
 pub fn path_and_query(uri: &http::Uri) -> http::uri::PathAndQuery {
     uri.path_and_query()
