@@ -171,7 +171,8 @@ async fn a_peer_with_another_app_id_is_refused_in_the_handshake() {
     let text = pair.metrics().await;
     for line in [
         format!("dstack_mesh_request_errors_total{{direction=\"outbound\",peer=\"{STRANGER}\"}} 1"),
-        "dstack_mesh_handshake_failures_total{direction=\"outbound\",reason=\"peer_identity_mismatch\"} 1".to_owned(),
+        "dstack_mesh_handshake_failures_total{direction=\"outbound\",reason=\"app_id_mismatch\"} 1"
+            .to_owned(),
     ] {
         assert!(text.contains(&line), "{line}\n{text}");
     }

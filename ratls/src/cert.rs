@@ -11,7 +11,7 @@ use x509_parser::{
 };
 
 use crate::{
-    attestation::{Attestation, Format},
+    attestation::{Attestation, AttestationError, Format},
     ext::{self, AppInfo, ExtensionError, Kind},
     AppId,
 };
@@ -138,7 +138,7 @@ pub(crate) struct Claims {
     pub(crate) app_id: Option<(AppId, AppIdSource)>,
     pub(crate) usage: Option<String>,
     pub(crate) app_info: Option<AppInfo>,
-    pub(crate) attestation: Option<Result<Attestation, String>>,
+    pub(crate) attestation: Option<Result<Attestation, AttestationError>>,
 }
 
 impl Claims {
@@ -153,7 +153,7 @@ impl Claims {
                 Kind::AppInfo => claims.app_info = Some(ext::app_info(e.value).map_err(wrap)?),
                 Kind::Attestation => {
                     let raw = ext::unwrap_octet_string("attestation", e.value).map_err(wrap)?;
-                    claims.attestation = Some(Attestation::parse(raw).map_err(|e| e.to_string()));
+                    claims.attestation = Some(Attestation::parse(raw));
                 }
                 Kind::Legacy | Kind::Other => {}
             }
@@ -301,7 +301,7 @@ impl ChainView {
                 report_data: None,
                 binds_key: false,
                 quote_verified: false,
-                error: Some(e.clone()),
+                error: Some(e.to_string()),
             },
         });
         Ok(Self {

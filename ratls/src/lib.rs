@@ -34,7 +34,7 @@ pub mod verifier;
 pub use app_id::{AppId, AppIdError, MAX_APP_ID_LEN};
 pub use attestation::AttestationStatus;
 pub use cert::{AppIdSource, CertError, ChainView};
-pub use policy::{AllowList, PeerRole, Policy, Rejection, TrustAnchors, VerifiedPeer};
+pub use policy::{AllowList, Malformed, PeerRole, Policy, Rejection, TrustAnchors, VerifiedPeer};
 
 /// An error and its sources, joined by `: `, so "connection refused" is not hidden behind
 /// "client error".

@@ -159,7 +159,7 @@ impl Policy {
         // 1-2. Chain to an anchor, validity, EKU (webpki checks EKU where present on every
         // element; the leaf's presence is required below).
         let ee = EndEntityCert::try_from(end_entity)
-            .map_err(|e| Rejection::Malformed(format!("leaf: {e:?}")))?;
+            .map_err(|e| Rejection::Malformed(Malformed::Webpki(e)))?;
         let usage = match role {
             PeerRole::Server => KeyUsage::server_auth(),
             PeerRole::Client => KeyUsage::client_auth(),
@@ -194,8 +194,7 @@ impl Policy {
         role: PeerRole,
         now: UnixTime,
     ) -> Result<VerifiedPeer, Rejection> {
-        let leaf =
-            cert::parse_x509(0, end_entity).map_err(|e| Rejection::Malformed(e.to_string()))?;
+        let leaf = cert::parse_x509(0, end_entity).map_err(|e| Rejection::Malformed(e.into()))?;
         let at = secs(now);
         let validity = leaf.validity();
         if at < validity.not_before.timestamp() {
@@ -220,13 +219,12 @@ impl Policy {
         role: PeerRole,
         proof: Proof<'_>,
     ) -> Result<VerifiedPeer, Rejection> {
-        let leaf =
-            cert::parse_x509(0, end_entity).map_err(|e| Rejection::Malformed(e.to_string()))?;
+        let leaf = cert::parse_x509(0, end_entity).map_err(|e| Rejection::Malformed(e.into()))?;
         match cert::eku_names(&leaf) {
             Some(names) if names.iter().any(|n| n == role_eku(role)) => {}
             _ => return Err(Rejection::WrongEku { role }),
         }
-        let claims = Claims::read(0, &leaf).map_err(|e| Rejection::Malformed(e.to_string()))?;
+        let claims = Claims::read(0, &leaf).map_err(|e| Rejection::Malformed(e.into()))?;
 
         // 4. An application leaf, not an App CA or another special certificate.
         if let Some(usage) = &claims.usage {
@@ -251,10 +249,8 @@ impl Policy {
             Proof::Vouched => &[],
         };
         for (i, ca_der) in cas.iter().enumerate() {
-            let ca =
-                cert::parse_x509(i + 1, ca_der).map_err(|e| Rejection::Malformed(e.to_string()))?;
-            let ca_claims =
-                Claims::read(i + 1, &ca).map_err(|e| Rejection::Malformed(e.to_string()))?;
+            let ca = cert::parse_x509(i + 1, ca_der).map_err(|e| Rejection::Malformed(e.into()))?;
+            let ca_claims = Claims::read(i + 1, &ca).map_err(|e| Rejection::Malformed(e.into()))?;
             if let Some((ca_id, _)) = ca_claims.app_id {
                 if ca_id != *app_id {
                     return Err(Rejection::AppCaMismatch {
@@ -282,7 +278,7 @@ impl Policy {
         if self.require_attestation {
             match &claims.attestation {
                 None => return Err(Rejection::AttestationMissing),
-                Some(Err(e)) => return Err(Rejection::Malformed(format!("attestation: {e}"))),
+                Some(Err(e)) => return Err(Rejection::Malformed(e.clone().into())),
                 Some(Ok(_)) if !peer.attestation.binds_key() => {
                     return Err(Rejection::AttestationNotBound)
                 }
@@ -410,10 +406,35 @@ pub enum Rejection {
     AttestationNotBound,
     /// The certificate could not be parsed or is structurally invalid.
     #[error("malformed certificate: {0}")]
-    Malformed(String),
+    Malformed(Malformed),
     /// Any other chain failure (a CA used as leaf, path length, …).
     #[error("invalid certificate chain: {0}")]
-    Chain(String),
+    Chain(webpki::Error),
+    /// The connection presented no certificate.
+    #[error("no peer certificate")]
+    NoCertificate,
+    /// A resumed TLS session: its certificate was verified in an earlier handshake, not this
+    /// one, so nothing here vouches for it.
+    #[error("resumed session: the peer certificate was not verified in this handshake")]
+    ResumedSession,
+}
+
+/// What could not be read in a certificate.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Malformed {
+    /// Our parser refused it (DER, a dstack extension, conflicting app ids).
+    #[error(transparent)]
+    Cert(#[from] CertError),
+    /// webpki refused its structure.
+    #[error("{0}")]
+    Webpki(webpki::Error),
+    /// Its attestation extension cannot be read.
+    #[error("attestation: {0}")]
+    Attestation(#[from] crate::attestation::AttestationError),
+    /// rustls reported a bad encoding (the cause is not known here).
+    #[error("bad encoding")]
+    Encoding,
 }
 
 impl Rejection {
@@ -433,6 +454,8 @@ impl Rejection {
             Self::AttestationNotBound => "attestation_not_bound",
             Self::Malformed(_) => "malformed",
             Self::Chain(_) => "invalid_chain",
+            Self::NoCertificate => "no_certificate",
+            Self::ResumedSession => "resumed_session",
         }
     }
 
@@ -455,8 +478,8 @@ impl Rejection {
             | E::BadDerTime
             | E::TrailingData(_)
             | E::ExtensionValueInvalid
-            | E::UnsupportedCriticalExtension => Self::Malformed(format!("{e:?}")),
-            other => Self::Chain(format!("{other:?}")),
+            | E::UnsupportedCriticalExtension => Self::Malformed(Malformed::Webpki(e)),
+            other => Self::Chain(other),
         }
     }
 
@@ -487,7 +510,7 @@ impl Rejection {
                     _ => PeerRole::Server,
                 },
             },
-            C::BadEncoding => Self::Malformed("certificate encoding".into()),
+            C::BadEncoding => Self::Malformed(Malformed::Encoding),
             _ => return None,
         })
     }

@@ -137,15 +137,13 @@ impl ClientCertVerifier for ClientVerifier {
 /// is refused here; the configs in [`crate::tls`] never resume.
 pub fn peer_identity(conn: &CommonState) -> Result<VerifiedPeer, Rejection> {
     if conn.handshake_kind() == Some(HandshakeKind::Resumed) {
-        return Err(Rejection::Malformed(
-            "resumed session: the peer certificate was not verified in this handshake".into(),
-        ));
+        return Err(Rejection::ResumedSession);
     }
     let leaf_der = conn
         .peer_certificates()
         .and_then(<[_]>::first)
-        .ok_or(Rejection::Malformed("no peer certificate".into()))?;
-    let leaf = parse_x509(0, leaf_der).map_err(|e| Rejection::Malformed(e.to_string()))?;
-    let claims = Claims::read(0, &leaf).map_err(|e| Rejection::Malformed(e.to_string()))?;
+        .ok_or(Rejection::NoCertificate)?;
+    let leaf = parse_x509(0, leaf_der).map_err(|e| Rejection::Malformed(e.into()))?;
+    let claims = Claims::read(0, &leaf).map_err(|e| Rejection::Malformed(e.into()))?;
     identity_of(&leaf, &claims)
 }

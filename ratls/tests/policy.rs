@@ -308,7 +308,7 @@ fn chain_failures_travel_as_rustls_variants_so_the_alert_is_right() {
         // And the reason survives the trip, with its details.
         assert_eq!(Rejection::from_tls_error(&err), Some(rejection));
     }
-    let malformed: rustls::Error = Rejection::Malformed("x".into()).into();
+    let malformed: rustls::Error = Rejection::Malformed(ratls::Malformed::Encoding).into();
     assert_eq!(
         malformed,
         rustls::Error::InvalidCertificate(CertificateError::BadEncoding)
@@ -375,8 +375,10 @@ fn every_reason_label_is_distinct() {
         Rejection::AppIdNotAllowed(app(APP_A)),
         Rejection::AttestationMissing,
         Rejection::AttestationNotBound,
-        Rejection::Malformed(String::new()),
-        Rejection::Chain(String::new()),
+        Rejection::Malformed(ratls::Malformed::Encoding),
+        Rejection::Chain(webpki::Error::CaUsedAsEndEntity),
+        Rejection::NoCertificate,
+        Rejection::ResumedSession,
     ];
     let labels: BTreeSet<_> = all.iter().map(Rejection::reason).collect();
     assert_eq!(labels.len(), all.len());

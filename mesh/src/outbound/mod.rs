@@ -401,9 +401,9 @@ impl Outbound {
         self.metrics
             .request(Direction::Outbound, peer, failed, started.elapsed());
         match &result {
-            Err(UpstreamError::Refused { .. }) => self
+            Err(UpstreamError::Refused { rejection, .. }) => self
                 .metrics
-                .handshake_failure(Direction::Outbound, "peer_identity_mismatch"),
+                .handshake_failure(Direction::Outbound, rejection.reason()),
             Err(UpstreamError::Rejected { .. }) => self
                 .metrics
                 .handshake_failure(Direction::Outbound, "refused_by_peer"),

@@ -456,7 +456,11 @@ fn classify(e: &PoolError, target: &Target, name: &str) -> Option<UpstreamError>
                         reason: format!("the gateway's certificate is not trusted: {reason}"),
                     }
                 }
-                ConnectError::Refused { .. } => UpstreamError::Refused { upstream, reason },
+                ConnectError::Refused { rejection, .. } => UpstreamError::Refused {
+                    upstream,
+                    rejection: rejection.clone(),
+                    reason,
+                },
                 _ => UpstreamError::Connect { upstream, reason },
             })
         }

@@ -76,7 +76,9 @@ pub enum UpstreamError {
     Refused {
         /// The upstream.
         upstream: String,
-        /// What the verification said.
+        /// The rule the peer's certificate broke (its `reason()` labels metrics).
+        rejection: ratls::Rejection,
+        /// The whole story, with the address dialled.
         reason: String,
     },
     /// The peer refused us (our certificate) after the handshake.
