@@ -16,6 +16,7 @@ use crate::{
     inbound::{self, Inbound},
     outbound::{self, AgentPassthrough, Outbound},
     proxy,
+    trust::{self, TrustError},
 };
 
 /// Why the sidecar could not start.
@@ -30,6 +31,9 @@ pub enum StartError {
     /// The outbound proxy could not be built or bound.
     #[error(transparent)]
     Outbound(#[from] outbound::OutboundError),
+    /// A trust anchor is unusable.
+    #[error(transparent)]
+    Trust(#[from] TrustError),
     /// The public-domain subsystem could not be built.
     #[error(transparent)]
     Acme(#[from] acme::AcmeError),
@@ -123,7 +127,7 @@ impl App {
         let auth = match config.auth.listener.enabled {
             true => {
                 let allow = config.auth.allow.as_ref().unwrap_or(&config.inbound.allow);
-                let policy = inbound::mesh_policy(&config.inbound, allow, &identity)?;
+                let policy = trust::mesh_policy(&config.inbound, allow, &identity)?;
                 let addr = config.auth.listener.listen;
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
@@ -139,10 +143,10 @@ impl App {
                 let nginx_secret = match (&config.auth.nginx_secret, config.auth.trust_nginx_chain)
                 {
                     (Some(secret), true)
-                        if nginx_roots_are_trusted(
+                        if trust::nginx_roots_are_trusted(
                             &config.tls.ca_file,
-                            &identity,
                             &config.inbound,
+                            &identity,
                         ) =>
                     {
                         Some(secret.clone())
@@ -164,7 +168,7 @@ impl App {
         };
         let outbound = match config.client.enabled {
             true => {
-                let anchors = inbound::mesh_anchors(&config.inbound, &identity)?;
+                let anchors = trust::mesh_anchors(&config.inbound, &identity)?;
                 let agent = AgentPassthrough::new(
                     identity.agent().clone(),
                     outbound::AgentAccess {
@@ -347,7 +351,7 @@ impl App {
         let auth_allow = |c: &Config| c.auth.allow.clone().unwrap_or(c.inbound.allow.clone());
         let auth_policy = match (&self.auth, auth_allow(&new) != auth_allow(old)) {
             (Some(_), true) => Some(Arc::new(
-                inbound::mesh_policy(&new.inbound, &auth_allow(&new), &self.identity)
+                trust::mesh_policy(&new.inbound, &auth_allow(&new), &self.identity)
                     .map_err(|e| e.to_string())?,
             )),
             _ => None,
@@ -450,40 +454,6 @@ fn public_reloadable(c: &Config) -> crate::config::PublicConfig {
     let mut p = c.public.clone();
     p.acme.http_listen = None;
     p
-}
-
-/// Whether nginx's `ssl_client_certificate` holds only roots the mesh trusts: the auth service
-/// relies on nginx for the chain of a lone leaf, so nginx must check it against the same roots.
-/// A file the sidecar cannot read proves nothing: nginx's word is then not taken.
-fn nginx_roots_are_trusted(
-    ca_file: &std::path::Path,
-    identity: &RotatingIdentity,
-    inbound: &crate::config::InboundConfig,
-) -> bool {
-    let bytes = match std::fs::read(ca_file) {
-        Ok(bytes) => bytes,
-        Err(e) => {
-            tracing::error!(ca_file = %ca_file.display(), error = %e, "cannot read nginx's CA file (tls.ca_file) to confirm it trusts only the mesh roots: lone leaves from nginx will be refused (mount the file, or set auth.trust_nginx_chain = false to say so)");
-            return false;
-        }
-    };
-    let mut ours = vec![identity.current().root.clone()];
-    for path in &inbound.trust_anchors {
-        if let Ok(roots) = std::fs::read(path).map(|b| ratls::cert::parse_chain(&b)) {
-            ours.extend(roots.unwrap_or_default());
-        }
-    }
-    match ratls::cert::parse_chain(&bytes) {
-        Ok(roots) if roots.iter().all(|r| ours.contains(r)) => true,
-        Ok(_) => {
-            tracing::error!(ca_file = %ca_file.display(), "nginx's CA file holds roots the mesh does not trust: lone leaves from nginx will be refused");
-            false
-        }
-        Err(e) => {
-            tracing::error!(ca_file = %ca_file.display(), error = %e, "nginx's CA file is unreadable as certificates: lone leaves from nginx will be refused");
-            false
-        }
-    }
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {

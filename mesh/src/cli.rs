@@ -219,8 +219,8 @@ pub async fn run(cli: Cli) -> ExitCode {
             config,
         } => crate::run::nginx_config(kind, backend, server_name, port, config),
         Command::Demo { state_dir } => crate::demo::run(state_dir).await,
-        Command::Certs { admin, action } => crate::admin::cli::certs(&admin, action).await,
-        Command::Status { admin, json } => crate::admin::cli::status(&admin, json).await,
+        Command::Certs { admin, action } => crate::status::certs(&admin, action).await,
+        Command::Status { admin, json } => crate::status::status(&admin, json).await,
         Command::Evidence {
             action:
                 EvidenceAction::Verify {

@@ -6,7 +6,9 @@ pub mod acme;
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod base64url;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod inbound;
@@ -15,6 +17,8 @@ pub mod metrics;
 pub mod outbound;
 pub mod proxy;
 pub mod run;
+pub mod status;
 pub mod tools;
+pub mod trust;
 
 pub use ratls::error_chain;

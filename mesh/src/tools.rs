@@ -176,25 +176,13 @@ pub fn describe(id: &Identity) -> String {
         id.app_id,
         id.instance_id.as_deref().unwrap_or("-"),
         if id.app_name.is_empty() { "-" } else { &id.app_name },
-        cert_time(id.not_before),
-        cert_time(id.not_after),
+        crate::clock::rfc3339(id.not_before),
+        crate::clock::rfc3339(id.not_after),
         lifetime.as_secs() / 3600,
         id.fingerprint,
         chain,
         attestation,
     )
-}
-
-fn cert_time(unix: i64) -> String {
-    ChainView::format_time(unix)
-}
-
-/// A time for logs and tables: RFC 3339, UTC.
-pub fn format_time(t: std::time::SystemTime) -> String {
-    let secs = t
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-    ChainView::format_time(secs)
 }
 
 /// `dstack-mesh evidence verify`: print each finding; exit 0 when nothing failed, 1 when a

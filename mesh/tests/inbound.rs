@@ -586,10 +586,9 @@ async fn metrics_count_requests_per_caller_and_refusals_by_reason() {
     // The refusal is counted after the handshake's alert: poll briefly for it.
     let mut text = String::new();
     for _ in 0..100 {
-        let (status, body) =
-            dstack_mesh::admin::cli::request(&admin, http::Method::GET, "/metrics")
-                .await
-                .unwrap();
+        let (status, body) = dstack_mesh::status::request(&admin, http::Method::GET, "/metrics")
+            .await
+            .unwrap();
         assert_eq!(status, StatusCode::OK);
         text = String::from_utf8_lossy(&body).into_owned();
         if text.contains("reason=\"app_id_not_allowed\"") {
@@ -608,11 +607,11 @@ async fn metrics_count_requests_per_caller_and_refusals_by_reason() {
         assert!(text.contains(&line), "{line}\n{text}");
     }
     // Health and readiness: up, identity loaded, listeners bound.
-    let (status, body) = dstack_mesh::admin::cli::request(&admin, http::Method::GET, "/health")
+    let (status, body) = dstack_mesh::status::request(&admin, http::Method::GET, "/health")
         .await
         .unwrap();
     assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok\n"[..]));
-    let (status, body) = dstack_mesh::admin::cli::request(&admin, http::Method::GET, "/ready")
+    let (status, body) = dstack_mesh::status::request(&admin, http::Method::GET, "/ready")
         .await
         .unwrap();
     assert_eq!(status, StatusCode::OK);

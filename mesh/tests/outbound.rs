@@ -81,7 +81,7 @@ impl Pair {
     /// A's `/metrics`.
     async fn metrics(&self) -> String {
         let admin = self.a.addr("admin").unwrap().to_string();
-        let (_, body) = dstack_mesh::admin::cli::request(&admin, http::Method::GET, "/metrics")
+        let (_, body) = dstack_mesh::status::request(&admin, http::Method::GET, "/metrics")
             .await
             .unwrap();
         String::from_utf8_lossy(&body).into_owned()

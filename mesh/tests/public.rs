@@ -127,7 +127,7 @@ fn internal_root(dir: &Path) -> Vec<u8> {
 
 async fn admin_get(app: &App, path: &str) -> (StatusCode, serde_json::Value) {
     let addr = app.addr("admin").unwrap().to_string();
-    let (status, body) = dstack_mesh::admin::cli::request(&addr, http::Method::GET, path)
+    let (status, body) = dstack_mesh::status::request(&addr, http::Method::GET, path)
         .await
         .unwrap();
     (status, serde_json::from_slice(&body).unwrap())
@@ -222,7 +222,7 @@ async fn domains_share_the_mesh_port_by_sni() {
     assert_eq!(names(&routes["domains"]), names(&certs));
     // Certificate and order series per domain.
     let admin = app.addr("admin").unwrap().to_string();
-    let (_, body) = dstack_mesh::admin::cli::request(&admin, http::Method::GET, "/metrics")
+    let (_, body) = dstack_mesh::status::request(&admin, http::Method::GET, "/metrics")
         .await
         .unwrap();
     let metrics = String::from_utf8_lossy(&body);
@@ -243,7 +243,7 @@ async fn domains_share_the_mesh_port_by_sni() {
             .contains("down.example.test: no certificate"),
         "{ready}"
     );
-    let table = dstack_mesh::admin::cli::table(
+    let table = dstack_mesh::status::table(
         &app.acme.as_ref().unwrap().status(),
         std::time::SystemTime::now(),
     );
@@ -615,10 +615,9 @@ async fn evidence_is_served_on_the_domain_and_verifies() {
     }
     // The admin port lists the same files.
     let admin = app.addr("admin").unwrap().to_string();
-    let (status, listing) =
-        dstack_mesh::admin::cli::request(&admin, http::Method::GET, "/evidences/")
-            .await
-            .unwrap();
+    let (status, listing) = dstack_mesh::status::request(&admin, http::Method::GET, "/evidences/")
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::OK);
     let listing = String::from_utf8_lossy(&listing);
     assert!(files.iter().all(|f| listing.contains(f)), "{listing}");
@@ -810,7 +809,7 @@ async fn a_reload_adds_and_removes_domains_without_dropping_connections() {
     assert_eq!(get(&mut fresh, "new.example.test").await, StatusCode::OK);
     assert_eq!(get(&mut kept, "web.example.test").await, StatusCode::OK);
     let admin = site.app.addr("admin").unwrap().to_string();
-    let (_, certs) = dstack_mesh::admin::cli::request(&admin, http::Method::GET, "/certs")
+    let (_, certs) = dstack_mesh::status::request(&admin, http::Method::GET, "/certs")
         .await
         .unwrap();
     assert!(String::from_utf8_lossy(&certs).contains("new.example.test"));

@@ -147,7 +147,7 @@ impl Setup {
 impl Sidecar {
     async fn certs(&self) -> Vec<CertStatus> {
         let (status, body) =
-            dstack_mesh::admin::cli::request(&self.admin.to_string(), http::Method::GET, "/certs")
+            dstack_mesh::status::request(&self.admin.to_string(), http::Method::GET, "/certs")
                 .await
                 .unwrap();
         assert_eq!(status, StatusCode::OK);
@@ -438,7 +438,7 @@ async fn short_lived_certificates_renew_under_load_and_expiry_is_never_silent() 
         .await;
     assert_eq!(certs[0].status, Status::Failed);
     let (status, body) =
-        dstack_mesh::admin::cli::request(&sidecar.admin.to_string(), http::Method::GET, "/ready")
+        dstack_mesh::status::request(&sidecar.admin.to_string(), http::Method::GET, "/ready")
             .await
             .unwrap();
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -448,7 +448,7 @@ async fn short_lived_certificates_renew_under_load_and_expiry_is_never_silent() 
         "{body}"
     );
     let (_, metrics) =
-        dstack_mesh::admin::cli::request(&sidecar.admin.to_string(), http::Method::GET, "/metrics")
+        dstack_mesh::status::request(&sidecar.admin.to_string(), http::Method::GET, "/metrics")
             .await
             .unwrap();
     let metrics = String::from_utf8_lossy(&metrics);

@@ -6,7 +6,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use dstack_mesh::acme::eab::b64url;
+use dstack_mesh::base64url::encode as b64url;
 use e2e::{
     free_port,
     pebble::{https, resolve, Pebble, PebbleOptions, Record, Reply},

@@ -9,10 +9,11 @@ use std::{
 use rustls::{
     server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
-    ServerConfig,
 };
 
-use crate::inbound::route::ACME_TLS_ALPN;
+/// ALPN protocol of the ACME TLS-ALPN-01 challenge (RFC 8737): validation connections offer
+/// only this, and get only the challenge certificate.
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
 /// The responses the CA may ask for right now.
 #[derive(Debug, Default)]
@@ -88,14 +89,10 @@ impl Challenges {
         }
     }
 
-    /// The TLS configuration for validation connections (ALPN `acme-tls/1` only).
-    pub fn server_config(self: &Arc<Self>) -> Result<ServerConfig, rustls::Error> {
-        let mut config = ServerConfig::builder_with_provider(ratls::crypto::provider())
-            .with_protocol_versions(rustls::DEFAULT_VERSIONS)?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(TlsAlpnResolver(self.clone())));
-        config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
-        Ok(config)
+    /// The certificates validation connections get (the listener offers them with ALPN
+    /// [`ACME_TLS_ALPN`] only).
+    pub fn resolver(self: &Arc<Self>) -> Arc<dyn ResolvesServerCert> {
+        Arc::new(TlsAlpnResolver(self.clone()))
     }
 }
 

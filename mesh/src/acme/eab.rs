@@ -12,47 +12,10 @@ use ring::{
 use rustls_pki_types::PrivatePkcs8KeyDer;
 
 use super::client::{classify, IssueError};
-use crate::config::Eab;
-
-/// base64url without padding (RFC 7515 §2).
-pub fn b64url(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..=chunk.len() {
-            out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
-        }
-    }
-    out
-}
-
-/// base64url, padded or not (the form CAs hand out HMAC keys in).
-pub fn b64url_decode(text: &str) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    let (mut acc, mut bits) = (0u32, 0);
-    for c in text.trim().trim_end_matches('=').bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'-' | b'+' => 62,
-            b'_' | b'/' => 63,
-            _ => return Err("acme.eab_hmac_key is not base64url".into()),
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Ok(out)
-}
+use crate::{
+    base64url::{decode as b64url_decode, encode as b64url},
+    config::Eab,
+};
 
 /// The account key's public JWK (RFC 7518 §6.2).
 pub(super) fn jwk(pkcs8: &PrivatePkcs8KeyDer<'_>) -> Result<serde_json::Value, IssueError> {
@@ -152,7 +115,8 @@ pub async fn register(
     )
     .map_err(|e| IssueError::Local(format!("account key: {e}")))?;
     let jwk = jwk(pkcs8)?;
-    let hmac_key = b64url_decode(&eab.hmac_key).map_err(IssueError::Local)?;
+    let hmac_key = b64url_decode(&eab.hmac_key)
+        .map_err(|e| IssueError::Local(format!("acme.eab_hmac_key: {e}")))?;
     let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &hmac_key);
     // The external account signs our public key (§7.3.4).
     let binding = jws(
@@ -211,28 +175,6 @@ pub async fn register(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base64url_round_trips() {
-        for input in [
-            &b""[..],
-            b"f",
-            b"fo",
-            b"foo",
-            b"foob",
-            b"fooba",
-            b"foobar",
-            &[0xfb, 0xff, 0xfe],
-        ] {
-            let encoded = b64url(input);
-            assert!(!encoded.contains('='));
-            assert_eq!(b64url_decode(&encoded).unwrap(), input, "{encoded}");
-        }
-        assert_eq!(b64url(b"foobar"), "Zm9vYmFy");
-        assert_eq!(b64url(&[0xfb, 0xff]), "-_8");
-        assert_eq!(b64url_decode("aGVsbG8=").unwrap(), b"hello");
-        assert!(b64url_decode("a b").is_err());
-    }
 
     #[test]
     fn jwk_has_the_public_point() {

@@ -22,7 +22,7 @@ pub mod store;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
 use arc_swap::ArcSwapOption;
@@ -30,14 +30,10 @@ use ratls::agent::AgentClient;
 use rustls::{
     server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
-    ServerConfig,
 };
 use tokio::{sync::Notify, task::JoinSet};
 
-use crate::{
-    config::{AcmeConfig, DomainConfig, Issuer, Mode, PublicConfig},
-    inbound::route::PublicNames,
-};
+use crate::config::{AcmeConfig, DomainConfig, Issuer, Mode, PublicConfig};
 use cert::Loaded;
 use challenge::Challenges;
 use client::AcmeClient;
@@ -67,9 +63,6 @@ pub enum AcmeError {
         /// Why.
         reason: String,
     },
-    /// A TLS configuration was refused.
-    #[error("public TLS: {0}")]
-    Tls(#[from] rustls::Error),
     /// The DNS provider could not be set up.
     #[error("dns: {0}")]
     Dns(String),
@@ -164,7 +157,6 @@ pub struct Domain {
     serving: Arc<ArcSwapOption<CertifiedKey>>,
     state: Mutex<DomainState>,
     renew_now: Notify,
-    tls: Arc<ServerConfig>,
 }
 
 impl std::fmt::Debug for Domain {
@@ -176,9 +168,10 @@ impl std::fmt::Debug for Domain {
 }
 
 impl Domain {
-    /// The TLS configuration clients of this domain get.
-    pub fn tls(&self) -> Arc<ServerConfig> {
-        self.tls.clone()
+    /// The certificate this domain serves now (none: a TLS alert, never another domain's or
+    /// the mesh one); renewals swap it under the listener.
+    pub fn resolver(&self) -> Arc<dyn ResolvesServerCert> {
+        Arc::new(DomainResolver(self.serving.clone()))
     }
 
     /// The primary name.
@@ -220,7 +213,6 @@ pub struct Acme {
     exact: HashMap<String, usize>,
     wildcard: HashMap<String, usize>,
     challenges: Arc<Challenges>,
-    challenge_tls: Arc<ServerConfig>,
     store: Arc<dyn CertStore>,
     issuers: HashMap<Issuer, IssuerRuntime>,
     evidence: Arc<evidence::Evidence>,
@@ -237,10 +229,6 @@ impl std::fmt::Debug for Acme {
             .field("store", &self.store.location())
             .finish_non_exhaustive()
     }
-}
-
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// A uniformly random duration below `max` (jitter).
@@ -270,7 +258,6 @@ impl Acme {
             extra_roots.extend(certs);
         }
         let challenges = challenges.unwrap_or_default();
-        let challenge_tls = Arc::new(challenges.server_config()?);
         let mut issuers = HashMap::new();
         for d in &public.domains {
             if issuers.contains_key(&d.issuer) {
@@ -304,7 +291,6 @@ impl Acme {
             };
             issuers.insert(d.issuer.clone(), runtime);
         }
-        let ticketer = rustls::crypto::ring::Ticketer::new()?;
         let mut domains = Vec::new();
         let (mut exact, mut wildcard) = (HashMap::new(), HashMap::new());
         for (i, config) in public.domains.iter().enumerate() {
@@ -315,24 +301,12 @@ impl Acme {
                 };
             }
             let serving = Arc::new(ArcSwapOption::empty());
-            let mut tls = ServerConfig::builder_with_provider(ratls::crypto::provider())
-                .with_protocol_versions(rustls::DEFAULT_VERSIONS)?
-                .with_no_client_auth()
-                .with_cert_resolver(Arc::new(DomainResolver(serving.clone())));
-            if config.mode == Mode::Http {
-                tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-            }
-            // Browsers resume sessions: stateless tickets (rotating keys, shared by every
-            // domain) cost no memory per client, unlike a session cache.
-            tls.ticketer = ticketer.clone();
-            tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
             let domain = Arc::new(Domain {
                 config: config.clone(),
                 served: ArcSwapOption::empty(),
                 serving,
                 state: Mutex::new(DomainState::default()),
                 renew_now: Notify::new(),
-                tls: Arc::new(tls),
             });
             renewal::load_stored(store.as_ref(), &domain);
             domains.push(domain);
@@ -350,7 +324,6 @@ impl Acme {
             exact,
             wildcard,
             challenges,
-            challenge_tls,
             store,
             issuers,
             evidence: evidence::Evidence::new(&public.acme.evidence_dir, agent),
@@ -423,11 +396,6 @@ impl Acme {
     /// The challenge responses (the `:80` listener answers HTTP-01 from them).
     pub fn challenges(&self) -> Arc<Challenges> {
         self.challenges.clone()
-    }
-
-    /// TLS for TLS-ALPN-01 validation connections.
-    pub fn challenge_tls(&self) -> Arc<ServerConfig> {
-        self.challenge_tls.clone()
     }
 
     /// The domain serving `name` (exact or alias first, then a wildcard one label up).
@@ -504,13 +472,17 @@ impl Acme {
                     issued_by: served.as_ref().map(|l| l.issuer.clone()),
                     mode: d.config.mode,
                     backend: d.config.backend.to_string(),
-                    not_before: served.as_ref().map(|l| unix(l.not_before)),
-                    not_after: served.as_ref().map(|l| unix(l.not_after)),
-                    renew_at: served.as_ref().map(|l| unix(self.renew_at(l))),
+                    not_before: served
+                        .as_ref()
+                        .map(|l| crate::clock::unix_u64(l.not_before)),
+                    not_after: served.as_ref().map(|l| crate::clock::unix_u64(l.not_after)),
+                    renew_at: served
+                        .as_ref()
+                        .map(|l| crate::clock::unix_u64(self.renew_at(l))),
                     serial: served.as_ref().map(|l| l.serial.clone()),
                     expired: served.as_ref().is_some_and(|l| l.expired(now)),
                     last_error,
-                    next_attempt: next_attempt.map(unix),
+                    next_attempt: next_attempt.map(crate::clock::unix_u64),
                     consecutive_failures: consecutive,
                     failures_total: failures,
                     issued_total: issued,
@@ -518,15 +490,5 @@ impl Acme {
                 }
             })
             .collect()
-    }
-}
-
-impl PublicNames for Acme {
-    fn has_challenge(&self, name: &str) -> bool {
-        self.challenges.has_tls_alpn(name)
-    }
-
-    fn domain_for(&self, name: &str) -> Option<String> {
-        self.lookup(name).map(|d| d.name().to_owned())
     }
 }

@@ -104,7 +104,7 @@ impl Acme {
                     tracing::info!(
                         domain = %name,
                         serial = %loaded.serial,
-                        not_after = %crate::tools::format_time(loaded.not_after),
+                        not_after = %crate::clock::rfc3339_of(loaded.not_after),
                         elapsed_ms = started.elapsed().as_millis() as u64,
                         "certificate issued and served"
                     );
@@ -269,7 +269,7 @@ pub(super) fn load_stored(store: &dyn CertStore, d: &Domain) {
                 if stale {
                     tracing::info!(domain = %name, stored = ?issuer, configured = %d.config.issuer.label(), "stored certificate is from another issuer: serving it until the new one arrives");
                 }
-                tracing::info!(domain = %name, serial = %loaded.serial, not_after = %crate::tools::format_time(loaded.not_after), "stored certificate loaded");
+                tracing::info!(domain = %name, serial = %loaded.serial, not_after = %crate::clock::rfc3339_of(loaded.not_after), "stored certificate loaded");
                 d.serve(Some(loaded));
                 d.set(|s| {
                     s.status = Some(Status::Valid);

@@ -2,7 +2,6 @@
 //! metrics, and the renew action `dstack-mesh certs renew` calls. Read-only but for that one
 //! POST; it listens on loopback unless told otherwise.
 
-pub mod cli;
 pub mod page;
 
 use std::{fmt::Write as _, sync::Arc};
@@ -14,7 +13,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     acme::Acme,
-    inbound::Inbound,
+    inbound::{Inbound, MeshRoute},
     metrics::{escape, Metrics},
     outbound::Outbound,
     proxy::{self, Body},
@@ -48,37 +47,6 @@ pub struct IdentityView {
     pub not_after: i64,
     /// What its attestation shows (the quote itself is not verified).
     pub attestation: ratls::AttestationStatus,
-}
-
-/// The inbound mesh route.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct MeshRoute {
-    /// Where it listens (as configured).
-    pub listen: String,
-    /// Where requests go.
-    pub backend: String,
-    /// Who may call (`"any"`, `"own_app"` or `{"apps": [...]}`).
-    pub allowed_apps: serde_json::Value,
-    /// Whether callers must carry an attestation.
-    pub require_attestation: bool,
-}
-
-impl MeshRoute {
-    /// The allowlist in words.
-    pub fn allowed(&self) -> String {
-        match &self.allowed_apps {
-            serde_json::Value::String(s) if s == "any" => "any app under the trust anchors".into(),
-            serde_json::Value::String(s) if s == "own_app" => "this app's own instances".into(),
-            v => match v.get("apps").and_then(serde_json::Value::as_array) {
-                Some(apps) => apps
-                    .iter()
-                    .filter_map(serde_json::Value::as_str)
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                None => v.to_string(),
-            },
-        }
-    }
 }
 
 /// Distinct peers seen since start.
@@ -183,10 +151,7 @@ impl Admin {
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         let identity = self.identity.current();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        if u64::try_from(identity.not_after).is_ok_and(|t| t <= now) {
+        if identity.not_after <= crate::clock::unix_now() {
             problems.push(
                 "identity: the mesh certificate has expired and refresh keeps failing".into(),
             );

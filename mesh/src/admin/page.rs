@@ -85,14 +85,9 @@ fn esc(text: &str) -> String {
     out
 }
 
-fn unix(t: SystemTime) -> i64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
 fn date(unix: i64) -> String {
     // RFC 3339 to the minute: the seconds only clutter a table.
-    let full = ratls::cert::ChainView::format_time(unix);
+    let full = crate::clock::rfc3339(unix);
     full.get(..16).map(|s| s.replace('T', " ")).unwrap_or(full)
 }
 
@@ -187,7 +182,7 @@ fn domain_row(out: &mut String, i: usize, d: &CertStatus, now: i64) {
 
 /// The whole page.
 pub fn render(routes: &Routes, now: SystemTime) -> String {
-    let now = unix(now);
+    let now = crate::clock::unix(now);
     let id = &routes.identity;
     let mut out = String::with_capacity(8192);
     let _ = write!(

@@ -23,7 +23,7 @@ use std::{
 use arc_swap::ArcSwap;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use nginx_compat::auth_request::{self, ClientVerify};
 use ratls::{PeerRole, Policy, Rejection, VerifiedPeer};
 use rustls_pki_types::UnixTime;
@@ -31,7 +31,7 @@ use tokio::{net::TcpListener, time::Instant};
 
 use crate::{
     config::Secret,
-    proxy::{self, Body},
+    proxy::{self, conn::Lifetime, Body},
 };
 
 /// How long a refusal is remembered (a grant lasts until the certificate expires).
@@ -170,7 +170,7 @@ impl AuthService {
         }
         let ttl = match &decision {
             Decision::Allow(peer) => {
-                let left = peer.not_after - unix_now();
+                let left = peer.not_after - crate::clock::unix_now();
                 Duration::from_secs(left.max(0) as u64)
             }
             _ => DENY_TTL,
@@ -236,27 +236,14 @@ impl AuthService {
         {
             let this = self.clone();
             tokio::spawn(async move {
-                let drain = this.drain.clone();
+                let lifetime = Lifetime::until_drain("auth", remote, this.drain.clone());
                 let service = service_fn(move |req| {
                     let this = this.clone();
                     async move { Ok::<_, Infallible>(this.handle(&req, remote)) }
                 });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT)
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(tcp), service);
-                tokio::pin!(conn);
-                let result = tokio::select! {
-                    result = conn.as_mut() => result,
-                    _ = drain.started() => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
-                };
-                if let Err(e) = result {
-                    tracing::debug!(%remote, error = %e, "auth connection ended with an error");
-                }
+                let conn =
+                    proxy::conn::http1(HEADER_TIMEOUT).serve_connection(TokioIo::new(tcp), service);
+                lifetime.drive(conn, |c| c.graceful_shutdown()).await;
                 drop(hold);
             });
         }
@@ -310,12 +297,6 @@ fn respond(decision: Decision, remote: SocketAddr, uri: &str) -> Response<Body> 
             proxy::error_response(StatusCode::FORBIDDEN, "app not allowed")
         }
     }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// `a == b` in time that depends on the lengths only.

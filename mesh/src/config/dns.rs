@@ -231,7 +231,7 @@ pub(super) fn dns(raw: Option<&RawDns>, env: &dyn Source, c: &mut Check) -> DnsC
                     match (server, key_name, secret) {
                         (Some((_, server)), Some((_, key_name)), Some((skey, secret))) => {
                             // Standard base64 (tsig-keygen's) decodes with the base64url decoder too.
-                            if crate::acme::eab::b64url_decode(secret.trim()).is_err() {
+                            if crate::base64url::decode(secret.trim()).is_err() {
                                 c.fail(skey, "the TSIG secret is not base64 (copy it from tsig-keygen's output)");
                             }
                             Some(ProviderConfig::Rfc2136 {

@@ -1,41 +1,47 @@
-//! The inbound listener: one TLS port for mesh callers (and, with the ACME subsystem, public
-//! domains), chosen per connection from the ClientHello.
+//! The inbound listener: one TLS port for mesh callers and public domains, the branch chosen
+//! per connection from its ClientHello. [`Inbound::connection`] is a connection's whole path:
 //!
-//! A connection's path, stage by stage:
-//! listen → accept (connection limit) → peek the ClientHello and route, then finish the
-//! handshake, all under one deadline → verify the caller (inside the handshake) → serve
-//! HTTP/1.1 or h2 → strip forgeable headers, set the caller's identity → forward to the app.
+//! listen → accept (connection limit) → peek the ClientHello and route it (`route`), then
+//! finish the handshake with that route's TLS, verifying a mesh caller inside it, all under
+//! one deadline → serve the branch: the mesh (`mesh`: the caller's identity, HTTP, forgeable
+//! headers stripped, `x-dstack-app-id` set, the mesh backend), a public domain (`public`:
+//! HTTP with `x-forwarded-*`, or a TCP splice, to the domain's backend), or an ACME
+//! validation (`public`: the challenge certificate, then close). HTTP for the mesh and public
+//! domains is one path (`http`).
 
+mod http;
 mod mesh;
 mod public;
 pub mod route;
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
 use arc_swap::ArcSwap;
-use ratls::{identity::RotatingIdentity, Policy, Rejection, TrustAnchors};
+use ratls::{identity::RotatingIdentity, Policy, Rejection};
 use rustls::ServerConfig;
-use tokio::{net::TcpListener, sync::Semaphore};
-use tokio_rustls::LazyConfigAcceptor;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
+use tokio_rustls::{server::TlsStream, LazyConfigAcceptor};
+
+pub use public::PublicSide;
 
 use crate::{
     acme::{Acme, Domain},
     config::{Allow, InboundConfig, Mode},
-    proxy::{self, Activity, IdleIo, Upstream, UpstreamConfig},
+    metrics::{Direction, Metrics},
+    proxy::{self, Activity, Hold, IdleIo, Upstream},
+    trust::{self, TrustError},
 };
-use route::{Hello, NoPublicNames, PublicNames, Route};
+use route::{Hello, Route};
 
 /// Why the inbound listener could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum InboundError {
-    /// A trust anchor file could not be read.
-    #[error("inbound.trust_anchors: {path}: {reason}")]
-    Anchor {
-        /// The file.
-        path: String,
-        /// Why.
-        reason: String,
-    },
+    /// A trust anchor is unusable.
+    #[error(transparent)]
+    Trust(#[from] TrustError),
     /// The TLS configuration was refused.
     #[error("inbound TLS: {0}")]
     Tls(#[from] rustls::Error),
@@ -64,22 +70,14 @@ pub struct Inbound {
     drain: proxy::Drain,
     /// The allowlist now in force (SIGHUP replaces it).
     allow: ArcSwap<Allow>,
-    metrics: Arc<crate::metrics::Metrics>,
+    metrics: Arc<Metrics>,
 }
 
-/// What the listener serves besides the mesh: the public domains, their certificates and
-/// backends. A reload builds a new one and swaps it in; connections keep the one they began on.
-pub struct PublicSide {
-    names: Arc<dyn PublicNames>,
-    acme: Option<Arc<Acme>>,
-    /// `http`-mode domains' backends, by primary name.
-    upstreams: HashMap<String, Upstream>,
-}
-
-impl std::fmt::Debug for PublicSide {
+impl std::fmt::Debug for Inbound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PublicSide")
-            .field("domains", &self.upstreams.len())
+        f.debug_struct("Inbound")
+            .field("listen", &self.config.listen)
+            .field("backend", &self.config.backend)
             .finish_non_exhaustive()
     }
 }
@@ -92,6 +90,37 @@ pub struct PreparedAllow {
     tls: Arc<ServerConfig>,
 }
 
+/// The mesh route this listener serves, as the admin port reports it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct MeshRoute {
+    /// Where it listens (as configured).
+    pub listen: String,
+    /// Where requests go.
+    pub backend: String,
+    /// Who may call (`"any"`, `"own_app"` or `{"apps": [...]}`).
+    pub allowed_apps: serde_json::Value,
+    /// Whether callers must carry an attestation.
+    pub require_attestation: bool,
+}
+
+impl MeshRoute {
+    /// The allowlist in words.
+    pub fn allowed(&self) -> String {
+        match &self.allowed_apps {
+            serde_json::Value::String(s) if s == "any" => "any app under the trust anchors".into(),
+            serde_json::Value::String(s) if s == "own_app" => "this app's own instances".into(),
+            v => match v.get("apps").and_then(serde_json::Value::as_array) {
+                Some(apps) => apps
+                    .iter()
+                    .filter_map(serde_json::Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                None => v.to_string(),
+            },
+        }
+    }
+}
+
 /// Which branch a connection took at the ClientHello.
 enum Branch {
     Mesh,
@@ -99,60 +128,14 @@ enum Branch {
     Challenge,
 }
 
-impl std::fmt::Debug for Inbound {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inbound")
-            .field("listen", &self.config.listen)
-            .field("backend", &self.config.backend)
-            .finish_non_exhaustive()
-    }
-}
-
-/// The mesh policy for callers: our root plus configured anchors, and `allow`.
-pub fn mesh_policy(
-    config: &InboundConfig,
-    allow: &Allow,
-    identity: &RotatingIdentity,
-) -> Result<Policy, InboundError> {
-    let anchors = mesh_anchors(config, identity)?;
-    Ok(Policy::new(anchors)
-        .allow(allow.resolve(&identity.current().app_id))
-        .require_attestation(config.require_attestation))
-}
-
-/// The roots mesh peers must chain to: our KMS root plus configured anchors (federation).
-pub fn mesh_anchors(
-    config: &InboundConfig,
-    identity: &RotatingIdentity,
-) -> Result<TrustAnchors, InboundError> {
-    let current = identity.current();
-    let mut roots = vec![current.root.clone()];
-    for path in &config.trust_anchors {
-        let anchor_err = |reason: String| InboundError::Anchor {
-            path: path.display().to_string(),
-            reason,
-        };
-        let bytes = std::fs::read(path).map_err(|e| anchor_err(e.to_string()))?;
-        roots.extend(ratls::cert::parse_chain(&bytes).map_err(|e| anchor_err(e.to_string()))?);
-    }
-    TrustAnchors::new(&roots).map_err(|e| InboundError::Anchor {
-        path: "(trust anchors)".into(),
-        reason: e.to_string(),
-    })
-}
-
 impl Inbound {
     /// Build the inbound side on `identity`.
     pub fn new(config: InboundConfig, identity: &RotatingIdentity) -> Result<Self, InboundError> {
-        let policy = Arc::new(mesh_policy(&config, &config.allow, identity)?);
+        let policy = Arc::new(trust::mesh_policy(&config, &config.allow, identity)?);
         let mesh_tls = ratls::tls::mesh_server_config(identity.resolver(), policy.clone())?;
         let upstream = Upstream::new(
             &config.backend.to_string(),
-            UpstreamConfig {
-                connect_timeout: config.backend_connect_timeout,
-                response_timeout: config.backend_timeout,
-                ..UpstreamConfig::default()
-            },
+            public::upstream_config(&config),
         )
         .map_err(|e| InboundError::Backend(e.to_string()))?;
         Ok(Self {
@@ -163,11 +146,7 @@ impl Inbound {
             mesh_tls: ArcSwap::from_pointee(mesh_tls),
             policy: ArcSwap::new(policy),
             upstream,
-            public: ArcSwap::from_pointee(PublicSide {
-                names: Arc::new(NoPublicNames),
-                acme: None,
-                upstreams: HashMap::new(),
-            }),
+            public: ArcSwap::from_pointee(PublicSide::none()),
             config,
         })
     }
@@ -182,31 +161,10 @@ impl Inbound {
     /// Build the public side for `acme` (none: no public domains); nothing changes until
     /// [`Inbound::set_public`].
     pub fn prepare_public(&self, acme: Option<Arc<Acme>>) -> Result<PublicSide, InboundError> {
-        let mut upstreams = HashMap::new();
-        for domain in acme.iter().flat_map(|a| a.domains()) {
-            if domain.config.mode != Mode::Http {
-                continue;
-            }
-            let upstream = Upstream::new(
-                &domain.config.backend.to_string(),
-                UpstreamConfig {
-                    connect_timeout: self.config.backend_connect_timeout,
-                    response_timeout: self.config.backend_timeout,
-                    ..UpstreamConfig::default()
-                },
-            )
-            .map_err(|e| InboundError::Backend(format!("{}: {e}", domain.name())))?;
-            upstreams.insert(domain.name().to_owned(), upstream);
+        match acme {
+            Some(acme) => PublicSide::new(acme, &self.config),
+            None => Ok(PublicSide::none()),
         }
-        let names: Arc<dyn PublicNames> = match &acme {
-            Some(acme) => acme.clone(),
-            None => Arc::new(NoPublicNames),
-        };
-        Ok(PublicSide {
-            names,
-            acme,
-            upstreams,
-        })
     }
 
     /// New handshakes see `side`; established connections keep the one they began on.
@@ -236,7 +194,7 @@ impl Inbound {
         allow: &Allow,
         identity: &RotatingIdentity,
     ) -> Result<PreparedAllow, InboundError> {
-        let policy = Arc::new(mesh_policy(&self.config, allow, identity)?);
+        let policy = Arc::new(trust::mesh_policy(&self.config, allow, identity)?);
         let tls = ratls::tls::mesh_server_config(identity.resolver(), policy.clone())?;
         Ok(PreparedAllow {
             allow: allow.clone(),
@@ -253,9 +211,9 @@ impl Inbound {
         self.allow.store(Arc::new(prepared.allow));
     }
 
-    /// The mesh route this listener serves, as the admin port reports it.
-    pub fn mesh_route(&self) -> crate::admin::MeshRoute {
-        crate::admin::MeshRoute {
+    /// The mesh route this listener serves.
+    pub fn mesh_route(&self) -> MeshRoute {
+        MeshRoute {
             listen: self.config.listen.to_string(),
             backend: self.config.backend.to_string(),
             allowed_apps: serde_json::to_value(&*self.allow.load_full()).unwrap_or_default(),
@@ -270,7 +228,7 @@ impl Inbound {
     }
 
     /// Record requests and refused handshakes into `metrics`.
-    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = metrics;
         self
     }
@@ -292,84 +250,98 @@ impl Inbound {
         }
     }
 
-    async fn connection(
-        self: Arc<Self>,
-        tcp: tokio::net::TcpStream,
-        remote: SocketAddr,
-        hold: proxy::Hold,
-    ) {
+    /// One connection's whole path. Each phase is boxed, so the task does not keep the
+    /// handshake's space for the life of the connection: an idle connection holds only what
+    /// serving needs (see BENCHMARKS.md).
+    async fn connection(self: Arc<Self>, tcp: TcpStream, remote: SocketAddr, hold: Hold) {
         let activity = Activity::new();
         let io = IdleIo::new(tcp, activity.clone());
         // The public side as of this connection's start (a reload may swap it meanwhile).
         let public = self.public.load_full();
-        // ClientHello and handshake share one deadline, so a slow client cannot stretch it.
+        // ClientHello → route → handshake (a mesh caller is verified inside it), one deadline.
+        let Some((branch, tls)) = Box::pin(self.handshake(io, &public, remote)).await else {
+            return;
+        };
+        match branch {
+            // Mesh: the verified caller → HTTP → its identity set → the mesh backend.
+            Branch::Mesh => {
+                drop(public);
+                if let Some(serving) = mesh::serve(&self, tls, remote, activity, hold) {
+                    serving.await;
+                }
+            }
+            // ACME TLS-ALPN-01: the CA reads the challenge certificate and leaves.
+            Branch::Challenge => Box::pin(public::close_validation(tls, remote)).await,
+            // Public, http mode: HTTP → x-forwarded-* → the domain's backend.
+            Branch::Public(domain) if domain.config.mode == Mode::Http => {
+                let serving =
+                    public::serve_http(&self, &public, domain, tls, remote, activity, hold);
+                drop(public);
+                if let Some(serving) = serving {
+                    serving.await;
+                }
+            }
+            // Public, tcp mode: the decrypted stream spliced to the domain's backend.
+            Branch::Public(domain) => {
+                drop(public);
+                Box::pin(public::splice(&self.config, &domain, tls, remote, activity)).await;
+                drop(hold);
+            }
+        }
+    }
+
+    /// Peek the ClientHello, route it, and finish the handshake with the route's TLS, under
+    /// one deadline so a slow client cannot stretch it. `None` when the handshake failed or
+    /// timed out (logged and counted).
+    async fn handshake(
+        &self,
+        io: IdleIo<TcpStream>,
+        public: &PublicSide,
+        remote: SocketAddr,
+    ) -> Option<(Branch, TlsStream<IdleIo<TcpStream>>)> {
         let handshake = async {
             let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io)
                 .await
                 .map_err(|e| (e, None))?;
             let hello = Hello::from_rustls(&start.client_hello());
-            let acme = public.acme.as_ref();
-            let (branch, config) = match route::route(&hello, public.names.as_ref()) {
-                Route::AcmeChallenge(_) => match acme {
-                    Some(acme) => (Branch::Challenge, acme.challenge_tls()),
-                    None => (Branch::Mesh, self.mesh_tls.load_full()),
-                },
-                Route::PublicDomain(name) => match acme.and_then(|a| a.lookup(&name)) {
-                    Some(domain) => (Branch::Public(domain.clone()), domain.tls()),
-                    None => (Branch::Mesh, self.mesh_tls.load_full()),
-                },
-                Route::Mesh => (Branch::Mesh, self.mesh_tls.load_full()),
-            };
+            let (branch, config) = self.branch(route::route(&hello, public), public);
             match start.into_stream(config).into_fallible().await {
                 Ok(tls) => Ok((branch, tls)),
                 Err((e, io)) => Err((e, Some(io))),
             }
         };
-        // Each phase is boxed, so the task does not keep the handshake's space for the life of
-        // the connection: an idle connection holds only what serving needs (see BENCHMARKS.md).
-        let handshake = Box::pin(handshake);
-        let (branch, tls) = match tokio::time::timeout(self.config.handshake_timeout, handshake)
-            .await
-        {
-            Ok(Ok(done)) => done,
+        match tokio::time::timeout(self.config.handshake_timeout, handshake).await {
+            Ok(Ok(done)) => Some(done),
             Ok(Err((e, io))) => {
                 let reason = log_handshake_failure(remote, &e);
-                self.metrics
-                    .handshake_failure(crate::metrics::Direction::Inbound, reason);
+                self.metrics.handshake_failure(Direction::Inbound, reason);
                 if let Some(io) = io {
                     // Boxed like every phase: its buffer must not sit in every connection's task.
                     Box::pin(linger(io)).await;
                 }
-                return;
+                None
             }
             Err(_) => {
                 self.metrics
-                    .handshake_failure(crate::metrics::Direction::Inbound, "timeout");
+                    .handshake_failure(Direction::Inbound, "timeout");
                 tracing::debug!(%remote, timeout = ?self.config.handshake_timeout, "inbound handshake timed out");
-                return;
+                None
             }
-        };
-        match branch {
-            Branch::Mesh => {
-                if let Some(serving) = mesh::serve(self, tls, remote, activity, hold) {
-                    serving.await;
-                }
-            }
-            Branch::Challenge => Box::pin(public::close_validation(tls, remote)).await,
-            Branch::Public(domain) => match domain.config.mode {
-                Mode::Http => {
-                    let serving =
-                        mesh::serve_public(&self, &public, domain, tls, remote, activity, hold);
-                    drop(public);
-                    if let Some(serving) = serving {
-                        serving.await;
-                    }
-                }
-                Mode::Tcp => {
-                    Box::pin(public::splice(&self.config, &domain, tls, remote, activity)).await;
-                    drop(hold);
-                }
-            },
+        }
+    }
+
+    /// The branch and TLS configuration for `route`; a name the public side no longer serves
+    /// goes to the mesh.
+    fn branch(&self, route: Route, public: &PublicSide) -> (Branch, Arc<ServerConfig>) {
+        let mesh = || (Branch::Mesh, self.mesh_tls.load_full());
+        match route {
+            Route::AcmeChallenge(_) => public
+                .challenge_tls()
+                .map_or_else(mesh, |tls| (Branch::Challenge, tls)),
+            Route::PublicDomain(name) => public
+                .domain(&name)
+                .map_or_else(mesh, |(domain, tls)| (Branch::Public(domain), tls)),
+            Route::Mesh => mesh(),
         }
     }
 }
@@ -378,7 +350,7 @@ impl Inbound {
 /// already sent (TLS 1.3 clients send their first request right after their certificate)
 /// before closing. Closing with unread data makes the kernel send a reset, which can destroy the
 /// alert before the client reads it, and the client would learn only "connection reset".
-async fn linger(mut io: IdleIo<tokio::net::TcpStream>) {
+async fn linger(mut io: IdleIo<TcpStream>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
     let drain = async {

@@ -1,28 +1,180 @@
-//! Public domains in `tcp` mode (the decrypted stream spliced to the backend, any protocol, as
-//! HAProxy's TCP mode does) and TLS-ALPN-01 validation connections.
+//! Public custom domains on the shared listener: the TLS configurations built from the
+//! certificates the ACME subsystem holds, and the three ways their connections are served:
+//! `http` mode (HTTP with `x-forwarded-*` to the domain's backend), `tcp` mode (the decrypted
+//! stream spliced to the backend, any protocol, as HAProxy's TCP mode does), and TLS-ALPN-01
+//! validation connections (the CA reads the challenge certificate and leaves).
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
+use rustls::ServerConfig;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tokio_rustls::server::TlsStream;
 
+use super::{
+    http::{self, Conn, Serving, Who},
+    route::PublicNames,
+    Inbound, InboundError,
+};
 use crate::{
-    acme::Domain,
-    config::InboundConfig,
-    proxy::{Activity, IdleIo},
+    acme::{challenge::ACME_TLS_ALPN, Acme, Domain},
+    config::{InboundConfig, Mode},
+    metrics::Direction,
+    proxy::{conn::Lifetime, Activity, CallerHeaders, Hold, IdleIo, Upstream, UpstreamConfig},
 };
 
-/// A validator only reads the certificate: say goodbye properly and close.
-pub(super) async fn close_validation(mut tls: TlsStream<IdleIo<TcpStream>>, remote: SocketAddr) {
-    let name = tls.get_ref().1.server_name().unwrap_or_default().to_owned();
-    tracing::info!(%remote, %name, "TLS-ALPN-01 validation connection");
-    let _ = tokio::time::timeout(Duration::from_secs(5), tls.shutdown()).await;
+/// What the listener serves besides the mesh. A reload builds a new one and swaps it in;
+/// connections keep the one they began on.
+pub struct PublicSide {
+    acme: Option<Arc<Acme>>,
+    /// By primary name.
+    domains: HashMap<String, Served>,
+    /// TLS-ALPN-01 validation connections.
+    challenge_tls: Option<Arc<ServerConfig>>,
 }
 
-/// Splice `tls` to the domain's backend until either side closes or the connection idles.
+/// One domain as the listener serves it.
+struct Served {
+    domain: Arc<Domain>,
+    tls: Arc<ServerConfig>,
+    /// `http` mode's backend pool.
+    upstream: Option<Upstream>,
+}
+
+impl std::fmt::Debug for PublicSide {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublicSide")
+            .field("domains", &self.domains.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PublicSide {
+    /// Nothing public: the mesh only.
+    pub(super) fn none() -> Self {
+        Self {
+            acme: None,
+            domains: HashMap::new(),
+            challenge_tls: None,
+        }
+    }
+
+    /// The TLS configurations and backends for `acme`'s domains.
+    pub(super) fn new(acme: Arc<Acme>, config: &InboundConfig) -> Result<Self, InboundError> {
+        // Browsers resume sessions: stateless tickets (rotating keys, shared by every domain)
+        // cost no memory per client, unlike a session cache.
+        let ticketer = rustls::crypto::ring::Ticketer::new()?;
+        let mut domains = HashMap::new();
+        for domain in acme.domains() {
+            let mut tls = server_config(domain.resolver())?;
+            tls.ticketer = ticketer.clone();
+            tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            let upstream = match domain.config.mode {
+                Mode::Http => {
+                    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                    let backend = domain.config.backend.to_string();
+                    Some(
+                        Upstream::new(&backend, upstream_config(config)).map_err(|e| {
+                            InboundError::Backend(format!("{}: {e}", domain.name()))
+                        })?,
+                    )
+                }
+                Mode::Tcp => None,
+            };
+            let served = Served {
+                domain: domain.clone(),
+                tls: Arc::new(tls),
+                upstream,
+            };
+            domains.insert(domain.name().to_owned(), served);
+        }
+        // A validator offers only acme-tls/1 and gets only the challenge certificate.
+        let mut challenge = server_config(acme.challenges().resolver())?;
+        challenge.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+        Ok(Self {
+            acme: Some(acme),
+            domains,
+            challenge_tls: Some(Arc::new(challenge)),
+        })
+    }
+
+    /// The TLS configuration for validation connections.
+    pub(super) fn challenge_tls(&self) -> Option<Arc<ServerConfig>> {
+        self.challenge_tls.clone()
+    }
+
+    /// The domain whose primary name is `name`, and its TLS configuration.
+    pub(super) fn domain(&self, name: &str) -> Option<(Arc<Domain>, Arc<ServerConfig>)> {
+        let served = self.domains.get(name)?;
+        Some((served.domain.clone(), served.tls.clone()))
+    }
+}
+
+impl PublicNames for PublicSide {
+    fn has_challenge(&self, name: &str) -> bool {
+        self.acme
+            .as_ref()
+            .is_some_and(|a| a.challenges().has_tls_alpn(name))
+    }
+
+    fn domain_for(&self, name: &str) -> Option<String> {
+        Some(self.acme.as_ref()?.lookup(name)?.name().to_owned())
+    }
+}
+
+/// TLS 1.2 and 1.3, no client certificate, `resolver`'s certificate.
+fn server_config(
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+) -> Result<ServerConfig, rustls::Error> {
+    Ok(
+        ServerConfig::builder_with_provider(ratls::crypto::provider())
+            .with_protocol_versions(rustls::DEFAULT_VERSIONS)?
+            .with_no_client_auth()
+            .with_cert_resolver(resolver),
+    )
+}
+
+/// A backend's deadlines, from the listener's settings.
+pub(super) fn upstream_config(config: &InboundConfig) -> UpstreamConfig {
+    UpstreamConfig {
+        connect_timeout: config.backend_connect_timeout,
+        response_timeout: config.backend_timeout,
+        ..UpstreamConfig::default()
+    }
+}
+
+/// `http` mode: anyone may call; the backend learns the client's address, scheme and host from
+/// `x-forwarded-*` (the client's own copies removed).
+pub(super) fn serve_http(
+    inbound: &Inbound,
+    public: &PublicSide,
+    domain: Arc<Domain>,
+    tls: TlsStream<IdleIo<TcpStream>>,
+    remote: SocketAddr,
+    activity: Arc<Activity>,
+    hold: Hold,
+) -> Option<Serving> {
+    let upstream = public.domains.get(domain.name())?.upstream.clone()?;
+    let conn = Conn {
+        headers: CallerHeaders::new(None, None, remote.ip(), "https"),
+        metrics: inbound.metrics.peer(Direction::Inbound, domain.name()),
+        evidence: public.acme.as_ref().and_then(|a| a.evidence_served()),
+        upstream,
+        lifetime: Lifetime {
+            idle: Some((activity.clone(), inbound.config.idle_timeout)),
+            ..Lifetime::until_drain("inbound", remote, inbound.drain.clone())
+        },
+        who: Who::Public(domain),
+        activity,
+        hold,
+    };
+    Some(http::serve(conn, tls, &inbound.config))
+}
+
+/// `tcp` mode: splice `tls` to the domain's backend until either side closes or the connection
+/// idles.
 pub(super) async fn splice(
     config: &InboundConfig,
-    domain: &Arc<Domain>,
+    domain: &Domain,
     mut tls: TlsStream<IdleIo<TcpStream>>,
     remote: SocketAddr,
     activity: Arc<Activity>,
@@ -51,4 +203,11 @@ pub(super) async fn splice(
             tracing::debug!(%remote, domain = %domain.name(), "tcp splice idle: closing");
         }
     }
+}
+
+/// A TLS-ALPN-01 validator only reads the certificate: say goodbye properly and close.
+pub(super) async fn close_validation(mut tls: TlsStream<IdleIo<TcpStream>>, remote: SocketAddr) {
+    let name = tls.get_ref().1.server_name().unwrap_or_default().to_owned();
+    tracing::info!(%remote, %name, "TLS-ALPN-01 validation connection");
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.shutdown()).await;
 }

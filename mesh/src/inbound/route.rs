@@ -3,8 +3,7 @@
 //! One port carries three kinds of traffic. The decision is a pure function so every case can
 //! be tested as a table; the I/O around it only peeks at the ClientHello.
 
-/// ALPN protocol of the ACME TLS-ALPN-01 challenge (RFC 8737).
-pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+use crate::acme::challenge::ACME_TLS_ALPN;
 
 /// What the listener needs from a ClientHello.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -26,10 +26,7 @@ use gateway_client::{
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::{body::Incoming, service::service_fn};
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto,
-};
+use hyper_util::rt::TokioIo;
 use ratls::{tls::CertResolver, TrustAnchors};
 use tokio::{net::TcpListener, sync::Semaphore};
 
@@ -39,7 +36,9 @@ pub use pool::{PeerInfo, PeerPool, PoolConfig};
 use crate::{
     config::OutboundConfig,
     metrics::Direction,
-    proxy::{self, Activity, Body, GuardedBody, IdleIo, Tunnel, UpstreamError},
+    proxy::{
+        self, conn::Lifetime, Activity, Body, GuardedBody, Hop, IdleIo, Tunnel, UpstreamError,
+    },
 };
 
 /// An idle connection from the app is closed after this.
@@ -48,8 +47,6 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections from apps at once.
 const MAX_CONNECTIONS: usize = 10_000;
-/// Requests in flight on a connection get this long to finish when it is closed for idleness.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// Why the outbound proxy could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +70,65 @@ pub enum OutboundError {
         /// The error.
         source: std::io::Error,
     },
+}
+
+/// A request refused before anything was dialled: the app's doing.
+enum Unroutable {
+    /// A routing header cannot be used.
+    Header(gateway_client::target::TargetError),
+    /// `CONNECT` with a target (tunnels are not proxied).
+    Connect,
+}
+
+impl Unroutable {
+    fn answer(&self) -> Response<Body> {
+        match self {
+            Self::Header(e) => {
+                tracing::warn!(header = e.header(), error = %e, "bad routing header");
+                proxy::detailed_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad routing header",
+                    &e.to_string(),
+                )
+            }
+            Self::Connect => proxy::detailed_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is not proxied",
+                "send the request itself with the target headers, or a WebSocket upgrade",
+            ),
+        }
+    }
+}
+
+/// What the log line of a sent request names, and how it is sent.
+struct Sent {
+    method: Method,
+    path: String,
+    /// The app's Host travels on (as `:authority` over h2); without one, the target's name.
+    host: HeaderValue,
+    upgrade: bool,
+}
+
+impl Sent {
+    fn of(req: &Request<Incoming>, route: &gateway_client::Route) -> Self {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| {
+                req.uri()
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            })
+            .or_else(|| HeaderValue::from_str(&route.server_name).ok())
+            .unwrap_or_else(|| HeaderValue::from_static("localhost"));
+        Self {
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            host,
+            upgrade: proxy::is_websocket(req),
+        }
+    }
 }
 
 /// Counters of what went out (exported by the admin endpoint).
@@ -295,104 +351,103 @@ impl Outbound {
         let this = self.clone();
         let service = service_fn(move |req| Box::pin(this.clone().handle(req, tunnel.clone())));
         // HTTP/1.1, and h2 with prior knowledge for gRPC clients.
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT)
-            .keep_alive(true);
-        builder.http2().timer(TokioTimer::new());
+        let builder = proxy::conn::auto(HEADER_TIMEOUT);
         let conn = builder.serve_connection_with_upgrades(io, service);
-        tokio::pin!(conn);
-        tokio::select! {
-            ended = conn.as_mut() => {
-                if let Err(e) = ended {
-                    tracing::debug!(%remote, error = %e, "outbound connection ended with an error");
-                }
-                return;
-            }
-            _ = activity.idle_for(IDLE_TIMEOUT) => {}
-            _ = self.drain.started() => {}
-        }
-        conn.as_mut().graceful_shutdown();
-        let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+        let lifetime = Lifetime {
+            idle: Some((activity, IDLE_TIMEOUT)),
+            ..Lifetime::until_drain("outbound", remote, self.drain.clone())
+        };
+        lifetime.drive(conn, |c| c.graceful_shutdown()).await;
     }
 
+    /// One request from the app: parse → route → send → respond.
     async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
         tunnel: Tunnel,
     ) -> Result<Response<Body>, Infallible> {
         let in_flight = tunnel.activity.request();
-        let target = match Target::from_headers(req.headers()) {
+        // Parse: the routing headers. None: the guest agent; a bad one: 400 naming it.
+        let target = match self.parse(&req) {
             Ok(Some(target)) => target,
             Ok(None) => {
-                let resp = match &self.agent {
-                    Some(agent) => {
-                        let domain = self.gateway_domain.load_full();
-                        agent
-                            .handle(req, domain.as_deref().map(String::as_str))
-                            .await
-                    }
-                    None => proxy::detailed_error(
-                        StatusCode::BAD_REQUEST,
-                        "no target",
-                        "x-dstack-target-app is required (the guest-agent passthrough is off)",
-                    ),
-                };
+                let resp = self.agent(req).await;
                 return Ok(resp.map(|b| GuardedBody::new(b, in_flight).boxed()));
             }
-            Err(e) => {
+            Err(refusal) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(header = e.header(), error = %e, "bad routing header");
-                return Ok(proxy::detailed_error(
-                    StatusCode::BAD_REQUEST,
-                    "bad routing header",
-                    &e.to_string(),
-                ));
+                return Ok(refusal.answer());
             }
         };
-        if req.method() == Method::CONNECT {
-            self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            return Ok(proxy::detailed_error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "CONNECT is not proxied",
-                "send the request itself with the target headers, or a WebSocket upgrade",
-            ));
-        }
-        // The route is known before anything is dialled: an unroutable target fails here.
-        let route = match self.multiplexed.load().as_ref().map(|c| c.route(&target)) {
-            Some(Ok(route)) => route,
-            Some(Err(e)) => return Ok(self.refuse(&target, StatusCode::BAD_GATEWAY, "no route to target", &e.to_string())),
-            None => {
+        // Route: where the target lives, known before anything is dialled.
+        let route = match self.route(&target) {
+            Ok(route) => route,
+            Err(detail) => {
                 return Ok(self.refuse(
                     &target,
                     StatusCode::BAD_GATEWAY,
                     "no route to target",
-                    "the gateway is not known yet: discovery has not succeeded (set dstack.gateway_domain)",
+                    &detail,
                 ))
             }
         };
-        let upgrade = proxy::is_websocket(&req);
-        let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-        // The app's Host travels on (as `:authority` over h2); without one, the target's name.
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .cloned()
-            .or_else(|| {
-                req.uri()
-                    .authority()
-                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            })
-            .or_else(|| HeaderValue::from_str(&route.server_name).ok())
-            .unwrap_or_else(|| HeaderValue::from_static("localhost"));
-        let name = target.to_string();
+        // Send: a pooled connection whose peer was verified in the handshake; routing and
+        // hop-by-hop headers removed, bodies streamed, a WebSocket upgrade spliced.
+        let request = Sent::of(&req, &route);
         let started = std::time::Instant::now();
+        let name = target.to_string();
+        let (host, upgrade) = (request.host.clone(), request.upgrade);
         let result = proxy::forward_with(req, Some(tunnel), strip_routing_headers, &name, |req| {
             self.pool.send(&target, &name, req, host, upgrade)
         })
         .await;
+        // Respond: count, log, and answer; a failure as a classified JSON error.
+        Ok(self.respond(&target, &request, started, result, in_flight))
+    }
+
+    /// The target the routing headers name; `None` for the guest agent.
+    fn parse(&self, req: &Request<Incoming>) -> Result<Option<Target>, Unroutable> {
+        let target = Target::from_headers(req.headers()).map_err(Unroutable::Header)?;
+        if target.is_some() && req.method() == Method::CONNECT {
+            return Err(Unroutable::Connect);
+        }
+        Ok(target)
+    }
+
+    /// A request without a target: the guest-agent passthrough, when it is on.
+    async fn agent(&self, req: Request<Incoming>) -> Response<Body> {
+        match &self.agent {
+            Some(agent) => {
+                let domain = self.gateway_domain.load_full();
+                agent
+                    .handle(req, domain.as_deref().map(String::as_str))
+                    .await
+            }
+            None => proxy::detailed_error(
+                StatusCode::BAD_REQUEST,
+                "no target",
+                "x-dstack-target-app is required (the guest-agent passthrough is off)",
+            ),
+        }
+    }
+
+    /// Where `target` is dialled, or why it cannot be.
+    fn route(&self, target: &Target) -> Result<gateway_client::Route, String> {
+        match self.multiplexed.load().as_ref() {
+            Some(connector) => connector.route(target).map_err(|e| e.to_string()),
+            None => Err("the gateway is not known yet: discovery has not succeeded (set dstack.gateway_domain)".into()),
+        }
+    }
+
+    /// Count and log the exchange, and turn a failure into the app's JSON error.
+    fn respond(
+        &self,
+        target: &Target,
+        request: &Sent,
+        started: std::time::Instant,
+        result: Result<Response<Body>, UpstreamError>,
+        in_flight: proxy::RequestGuard,
+    ) -> Response<Body> {
         let mut label = [0u8; 128];
         let peer = crate::metrics::hex_label(target.app_id.as_bytes(), &mut label);
         let failed = result
@@ -400,16 +455,8 @@ impl Outbound {
             .map_or(true, |r| r.status().is_server_error());
         self.metrics
             .request(Direction::Outbound, peer, failed, started.elapsed());
-        match &result {
-            Err(UpstreamError::Refused { rejection, .. }) => self
-                .metrics
-                .handshake_failure(Direction::Outbound, rejection.reason()),
-            Err(UpstreamError::Rejected { .. }) => self
-                .metrics
-                .handshake_failure(Direction::Outbound, "refused_by_peer"),
-            _ => {}
-        }
-        Ok(match result {
+        let (method, path) = (&request.method, &request.path);
+        match result {
             Ok(resp) => {
                 let counter = match target.transport {
                     Transport::Mesh => &self.stats.authenticated,
@@ -418,7 +465,7 @@ impl Outbound {
                 counter.fetch_add(1, Ordering::Relaxed);
                 let peer = resp.extensions().get::<PeerInfo>();
                 tracing::debug!(
-                    target = %name,
+                    %target,
                     peer = ?peer.and_then(|p| p.app_id.as_ref()).map(ToString::to_string),
                     authenticated = target.transport == Transport::Mesh,
                     %method, %path,
@@ -428,25 +475,23 @@ impl Outbound {
                 resp.map(|b| GuardedBody::new(b, in_flight).boxed())
             }
             Err(e) => {
-                let short = match &e {
-                    UpstreamError::Refused { .. } => "peer identity mismatch",
-                    UpstreamError::Rejected { .. } => "peer refused this app",
-                    UpstreamError::ConnectTimeout { .. } => "peer did not answer in time",
-                    UpstreamError::Timeout { .. } => "peer response timed out",
-                    UpstreamError::Connect { .. } => "peer unreachable",
-                    UpstreamError::Busy { .. } => "too many requests in flight",
-                    UpstreamError::CallerAborted => "request body incomplete",
-                    _ => "peer failed",
-                };
-                if e.is_callers() {
-                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(target = %name, %method, %path, error = %e, "outbound request abandoned");
-                    proxy::detailed_error(e.status(), short, &e.to_string())
-                } else {
-                    self.refuse(&target, e.status(), short, &e.to_string())
+                match &e {
+                    UpstreamError::Refused { rejection, .. } => self
+                        .metrics
+                        .handshake_failure(Direction::Outbound, rejection.reason()),
+                    UpstreamError::Rejected { .. } => self
+                        .metrics
+                        .handshake_failure(Direction::Outbound, "refused_by_peer"),
+                    _ => {}
                 }
+                let failure = e.failure();
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                let detail = format_args!("{target}, {method} {path}: {e}");
+                failure.log("outbound request failed", &detail);
+                // The app is ours: it gets the detail too.
+                proxy::detailed_error(failure.status, failure.short(Hop::Peer), &e.to_string())
             }
-        })
+        }
     }
 
     /// Find the gateway from the CVM's sys-config and its `/prpc/Info`, retrying with backoff

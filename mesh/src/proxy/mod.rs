@@ -1,7 +1,9 @@
 //! HTTP forwarding shared by the inbound and outbound sides: hop-by-hop headers, streaming
 //! bodies, upgrades, and errors that tell the caller who failed without leaking details.
 
+pub mod conn;
 mod drain;
+mod failure;
 mod forward;
 mod headers;
 mod idle;
@@ -12,6 +14,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 
 pub use drain::{Drain, Tracked};
+pub use failure::{Blame, Failure, Hop};
 pub use forward::{forward, forward_with, is_websocket, Tunnel};
 pub use headers::{remove_hop_by_hop, strip_forgeable, CallerHeaders, IDENTITY_HEADERS};
 pub use idle::{Activity, GuardedBody, IdleIo, RequestGuard};
@@ -76,28 +79,21 @@ pub async fn serve_plain<F>(
     const CONNECTION_LIFE: std::time::Duration = std::time::Duration::from_secs(300);
     let answer = std::sync::Arc::new(answer);
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections));
-    while let Some((tcp, _remote, hold)) = accept(&listener, &slots, what, &drain).await {
+    while let Some((tcp, remote, hold)) = accept(&listener, &slots, what, &drain).await {
         let answer = answer.clone();
-        let drain = drain.clone();
+        let lifetime = conn::Lifetime {
+            expires: CONNECTION_LIFE,
+            grace: HEADER_TIMEOUT,
+            ..conn::Lifetime::until_drain(what, remote, drain.clone())
+        };
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let resp = answer(&req);
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
+            let conn = conn::http1(HEADER_TIMEOUT)
                 .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
-            let life = async {
-                tokio::pin!(conn);
-                tokio::select! {
-                    _ = conn.as_mut() => return,
-                    _ = drain.started() => {}
-                }
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            };
-            let _ = tokio::time::timeout(CONNECTION_LIFE, life).await;
+            lifetime.drive(conn, |c| c.graceful_shutdown()).await;
             drop(hold);
         });
     }

@@ -116,24 +116,6 @@ pub enum UpstreamError {
     },
 }
 
-impl UpstreamError {
-    /// 502 when the upstream is down or broken, 504 when it is slow, 503 when it is at its
-    /// limit, 400 when the caller broke off its own request.
-    pub fn status(&self) -> http::StatusCode {
-        match self {
-            Self::Timeout { .. } | Self::ConnectTimeout { .. } => http::StatusCode::GATEWAY_TIMEOUT,
-            Self::Busy { .. } => http::StatusCode::SERVICE_UNAVAILABLE,
-            Self::CallerAborted => http::StatusCode::BAD_REQUEST,
-            _ => http::StatusCode::BAD_GATEWAY,
-        }
-    }
-
-    /// Whether the caller, not the upstream, caused it (logged at debug, not warn).
-    pub fn is_callers(&self) -> bool {
-        matches!(self, Self::CallerAborted)
-    }
-}
-
 /// One upstream `host:port` with a connection pool.
 #[derive(Clone, Debug)]
 pub struct Upstream {

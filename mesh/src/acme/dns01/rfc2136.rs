@@ -45,7 +45,7 @@ impl Rfc2136 {
             "hmac-sha512" => TsigAlgorithm::HmacSha512,
             other => return Err(format!("TSIG algorithm {other:?} is not supported")),
         };
-        let key = crate::acme::eab::b64url_decode(secret)
+        let key = crate::base64url::decode(secret)
             .map_err(|_| "the TSIG secret is not base64".to_owned())?;
         let signer = TSigner::new(key, algorithm, wire::name(key_name)?, FUDGE)
             .map_err(|e| format!("TSIG key {key_name}: {e}"))?;

@@ -3,7 +3,7 @@
 
 use std::{
     net::SocketAddr,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
 use hickory_proto::{
@@ -232,9 +232,7 @@ pub async fn update(
         }
         msg.add_authority(r);
     }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = crate::clock::unix_u64(SystemTime::now());
     let mut verifier = msg
         .finalize(signer, now)
         .map_err(|e| format!("signing the update: {e}"))?;

@@ -1,4 +1,4 @@
-//! `dstack-mesh certs`: the admin endpoints, read from the terminal.
+//! `dstack-mesh status` and `certs`: the admin endpoints, read from the terminal.
 
 use std::{process::ExitCode, time::Duration};
 
@@ -72,7 +72,7 @@ pub async fn status(addr: &str, json: bool) -> ExitCode {
         println!("{}", String::from_utf8_lossy(&body));
         return ExitCode::SUCCESS;
     }
-    match serde_json::from_slice::<super::Routes>(&body) {
+    match serde_json::from_slice::<crate::admin::Routes>(&body) {
         Ok(routes) => {
             print!("{}", status_text(&routes, std::time::SystemTime::now()));
             ExitCode::SUCCESS
@@ -85,7 +85,7 @@ pub async fn status(addr: &str, json: bool) -> ExitCode {
 }
 
 /// The status page's content for a terminal.
-pub fn status_text(routes: &super::Routes, now: std::time::SystemTime) -> String {
+pub fn status_text(routes: &crate::admin::Routes, now: std::time::SystemTime) -> String {
     let id = &routes.identity;
     let mut out = format!(
         "app       {}{}\n",
@@ -100,7 +100,7 @@ pub fn status_text(routes: &super::Routes, now: std::time::SystemTime) -> String
     }
     out.push_str(&format!(
         "identity  expires {}{}\n",
-        ratls::cert::ChainView::format_time(id.not_after),
+        crate::clock::rfc3339(id.not_after),
         match id.attestation {
             ratls::AttestationStatus::KeyBound =>
                 "; attestation: report data binds the key, quote not verified",
@@ -184,9 +184,7 @@ pub async fn certs(addr: &str, action: CertsAction) -> ExitCode {
 
 /// The `certs list` table.
 pub fn table(list: &[CertStatus], now: std::time::SystemTime) -> String {
-    let now = now
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = crate::clock::unix_u64(now);
     let mut rows = vec![[
         "DOMAIN".to_owned(),
         "STATUS".to_owned(),
@@ -197,7 +195,7 @@ pub fn table(list: &[CertStatus], now: std::time::SystemTime) -> String {
     ]];
     for s in list {
         let not_after = s.not_after.map_or("-".to_owned(), |t| {
-            ratls::cert::ChainView::format_time(i64::try_from(t).unwrap_or(i64::MAX))
+            crate::clock::rfc3339(i64::try_from(t).unwrap_or(i64::MAX))
         });
         let days = s.not_after.map_or("-".to_owned(), |t| {
             let left = (t as f64 - now as f64) / 86400.0;
@@ -223,7 +221,7 @@ pub fn table(list: &[CertStatus], now: std::time::SystemTime) -> String {
         }
         rows.push([
             s.domain.clone(),
-            super::page::status_word(s.status).to_owned(),
+            crate::admin::page::status_word(s.status).to_owned(),
             s.issuer.clone(),
             not_after,
             days,

@@ -1,0 +1,182 @@
+//! One classification of a failed exchange for every side: who caused it picks the status, the
+//! short body the caller sees, the log level and the reason label; details go to the log only.
+
+use http::StatusCode;
+
+use super::UpstreamError;
+
+/// Who caused a failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blame {
+    /// The caller (a bad request, a body it broke off): logged at debug, a 4xx.
+    Caller,
+    /// What we forward to (down, slow, busy, not who it should be): logged at warn, a 5xx.
+    Upstream,
+    /// This sidecar (no route yet, a setting): logged at warn, a 5xx.
+    Internal,
+}
+
+/// What the other end of a forwarded exchange is, for the words of the short body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hop {
+    /// The local app behind the inbound listener (or a public domain's backend).
+    Backend,
+    /// Another CVM's sidecar, reached by the outbound proxy.
+    Peer,
+}
+
+/// A failure, classified.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// Who caused it.
+    pub blame: Blame,
+    /// The status the caller gets.
+    pub status: StatusCode,
+    /// A short, bounded reason for logs.
+    pub reason: &'static str,
+}
+
+impl Failure {
+    /// The short body the caller gets (`{"error": ...}`), in `hop`'s words.
+    pub fn short(&self, hop: Hop) -> &'static str {
+        match (self.reason, hop) {
+            ("caller_aborted", _) => "request body incomplete",
+            ("timeout", Hop::Backend) | ("connect_timeout", Hop::Backend) => "backend timed out",
+            ("busy", Hop::Backend) => "backend busy",
+            (_, Hop::Backend) => "backend unavailable",
+            ("refused", Hop::Peer) => "peer identity mismatch",
+            ("rejected", Hop::Peer) => "peer refused this app",
+            ("connect_timeout", Hop::Peer) => "peer did not answer in time",
+            ("timeout", Hop::Peer) => "peer response timed out",
+            ("connect", Hop::Peer) => "peer unreachable",
+            ("busy", Hop::Peer) => "too many requests in flight",
+            (_, Hop::Peer) => "peer failed",
+        }
+    }
+
+    /// Log `message` with `detail` at the level the blame calls for.
+    pub fn log(&self, message: &str, detail: &dyn std::fmt::Display) {
+        match self.blame {
+            Blame::Caller => {
+                tracing::debug!(reason = self.reason, status = self.status.as_u16(), %detail, "{message}")
+            }
+            Blame::Upstream | Blame::Internal => {
+                tracing::warn!(reason = self.reason, status = self.status.as_u16(), %detail, "{message}")
+            }
+        }
+    }
+}
+
+impl UpstreamError {
+    /// 502 when the upstream is down or broken, 504 when it is slow, 503 when it is at its
+    /// limit, 400 when the caller broke off its own request.
+    pub fn failure(&self) -> Failure {
+        let (blame, status, reason) = match self {
+            Self::CallerAborted => (Blame::Caller, StatusCode::BAD_REQUEST, "caller_aborted"),
+            Self::Timeout { .. } => (Blame::Upstream, StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            Self::ConnectTimeout { .. } => (
+                Blame::Upstream,
+                StatusCode::GATEWAY_TIMEOUT,
+                "connect_timeout",
+            ),
+            Self::Busy { .. } => (Blame::Upstream, StatusCode::SERVICE_UNAVAILABLE, "busy"),
+            Self::Connect { .. } => (Blame::Upstream, StatusCode::BAD_GATEWAY, "connect"),
+            Self::Refused { .. } => (Blame::Upstream, StatusCode::BAD_GATEWAY, "refused"),
+            Self::Rejected { .. } => (Blame::Upstream, StatusCode::BAD_GATEWAY, "rejected"),
+            Self::Failed { .. } => (Blame::Upstream, StatusCode::BAD_GATEWAY, "failed"),
+        };
+        Failure {
+            blame,
+            status,
+            reason,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_failure_has_one_status_and_words_for_both_hops() {
+        let upstream = || "u".to_owned();
+        let table = [
+            (
+                UpstreamError::CallerAborted,
+                400,
+                "request body incomplete",
+                "request body incomplete",
+            ),
+            (
+                UpstreamError::Timeout {
+                    upstream: upstream(),
+                    timeout: std::time::Duration::ZERO,
+                },
+                504,
+                "backend timed out",
+                "peer response timed out",
+            ),
+            (
+                UpstreamError::ConnectTimeout {
+                    upstream: upstream(),
+                    reason: String::new(),
+                },
+                504,
+                "backend timed out",
+                "peer did not answer in time",
+            ),
+            (
+                UpstreamError::Busy {
+                    upstream: upstream(),
+                },
+                503,
+                "backend busy",
+                "too many requests in flight",
+            ),
+            (
+                UpstreamError::Connect {
+                    upstream: upstream(),
+                    reason: String::new(),
+                },
+                502,
+                "backend unavailable",
+                "peer unreachable",
+            ),
+            (
+                UpstreamError::Refused {
+                    upstream: upstream(),
+                    rejection: ratls::Rejection::UnknownIssuer,
+                    reason: String::new(),
+                },
+                502,
+                "backend unavailable",
+                "peer identity mismatch",
+            ),
+            (
+                UpstreamError::Rejected {
+                    upstream: upstream(),
+                    reason: String::new(),
+                },
+                502,
+                "backend unavailable",
+                "peer refused this app",
+            ),
+            (
+                UpstreamError::Failed {
+                    upstream: upstream(),
+                    reason: String::new(),
+                },
+                502,
+                "backend unavailable",
+                "peer failed",
+            ),
+        ];
+        for (e, status, backend, peer) in table {
+            let f = e.failure();
+            assert_eq!(f.status.as_u16(), status, "{e}");
+            assert_eq!(f.short(Hop::Backend), backend, "{e}");
+            assert_eq!(f.short(Hop::Peer), peer, "{e}");
+            assert_eq!(f.blame == Blame::Caller, f.status.is_client_error(), "{e}");
+        }
+    }
+}
