@@ -137,8 +137,86 @@ pub enum Addressing {
     },
     /// Every target at one address.
     Fixed(HostPort),
-    /// Direct networks: a table of app id → address.
-    Static(BTreeMap<AppId, HostPort>),
+    /// Direct networks: the targets the table names at their addresses, the rest through
+    /// `otherwise` (the gateway, when there is one).
+    Static {
+        /// The table.
+        routes: StaticRoutes,
+        /// Where targets the table does not name go; `None`: nowhere.
+        otherwise: Option<Box<Addressing>>,
+    },
+}
+
+/// A key of the static table: an app on one port, or an app on every port.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RouteKey {
+    /// Every port of the app.
+    App(AppId),
+    /// One port of the app (preferred over [`RouteKey::App`]).
+    AppPort(AppId, u16),
+}
+
+impl FromStr for RouteKey {
+    type Err = String;
+
+    /// `<app id>` or `<app id>:<port>`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (app, port) = match s.rsplit_once(':') {
+            Some((app, port)) => (app, Some(port)),
+            None => (s, None),
+        };
+        let app = app
+            .parse::<AppId>()
+            .map_err(|e| format!("{s:?}: not an app id: {e}"))?;
+        match port.map(str::parse::<u16>) {
+            None => Ok(Self::App(app)),
+            Some(Ok(port)) if port > 0 => Ok(Self::AppPort(app, port)),
+            Some(_) => Err(format!("{s:?}: the port after ':' must be 1-65535")),
+        }
+    }
+}
+
+impl fmt::Display for RouteKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::App(app) => write!(f, "{app}"),
+            Self::AppPort(app, port) => write!(f, "{app}:{port}"),
+        }
+    }
+}
+
+/// Direct addresses by app and port, or by app alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StaticRoutes(BTreeMap<RouteKey, HostPort>);
+
+impl StaticRoutes {
+    /// Route `key` to `addr`.
+    pub fn insert(&mut self, key: RouteKey, addr: HostPort) {
+        self.0.insert(key, addr);
+    }
+
+    /// The address for `app` on `port`: the entry for that port, else the app's.
+    pub fn get(&self, app: &AppId, port: u16) -> Option<&HostPort> {
+        self.0
+            .get(&RouteKey::AppPort(app.clone(), port))
+            .or_else(|| self.0.get(&RouteKey::App(app.clone())))
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Every entry.
+    pub fn iter(&self) -> impl Iterator<Item = (&RouteKey, &HostPort)> {
+        self.0.iter()
+    }
+}
+
+impl FromIterator<(RouteKey, HostPort)> for StaticRoutes {
+    fn from_iter<I: IntoIterator<Item = (RouteKey, HostPort)>>(iter: I) -> Self {
+        Self(iter.into_iter().collect())
+    }
 }
 
 /// Where to connect for a target, and the TLS server name to send.
@@ -210,10 +288,13 @@ impl Addressing {
                 }),
                 Transport::GatewayTls => Err(AddressError::NoGatewayTls("fixed")),
             },
-            Self::Static(table) => {
-                let addr = table
-                    .get(&target.app_id)
-                    .ok_or_else(|| AddressError::UnknownApp(target.app_id.clone()))?;
+            Self::Static { routes, otherwise } => {
+                let Some(addr) = routes.get(&target.app_id, target.port) else {
+                    return match otherwise {
+                        Some(otherwise) => otherwise.route(target),
+                        None => Err(AddressError::UnknownApp(target.app_id.clone())),
+                    };
+                };
                 match target.transport {
                     Transport::Mesh => Ok(Route {
                         connect: addr.clone(),
@@ -276,8 +357,14 @@ mod tests {
             ("127.0.0.1:443".into(), "127.0.0.1".into())
         );
         assert!(a.route(&target(Transport::GatewayTls, false)).is_err());
-        let table = BTreeMap::from([(APP.parse().unwrap(), "10.0.0.5:443".parse().unwrap())]);
-        let a = Addressing::Static(table);
+        let routes = StaticRoutes::from_iter([(
+            RouteKey::App(APP.parse().unwrap()),
+            "10.0.0.5:443".parse().unwrap(),
+        )]);
+        let a = Addressing::Static {
+            routes,
+            otherwise: None,
+        };
         assert_eq!(
             a.route(&target(Transport::Mesh, false))
                 .unwrap()
@@ -288,6 +375,49 @@ mod tests {
         let mut other = target(Transport::Mesh, false);
         other.app_id = "aa".repeat(20).parse().unwrap();
         assert!(matches!(a.route(&other), Err(AddressError::UnknownApp(_))));
+    }
+
+    #[test]
+    fn static_routes_by_port_then_app_then_the_gateway() {
+        let app: AppId = APP.parse().unwrap();
+        let routes = StaticRoutes::from_iter([
+            (RouteKey::App(app.clone()), "10.0.0.5:443".parse().unwrap()),
+            (
+                RouteKey::AppPort(app, 8080),
+                "10.0.0.6:8443".parse().unwrap(),
+            ),
+        ]);
+        let gateway = Addressing::from_setting(&"gw.example.com".parse().unwrap(), None);
+        let a = Addressing::Static {
+            routes,
+            otherwise: Some(Box::new(gateway)),
+        };
+        let connect = |t: &Target| a.route(t).unwrap().connect.to_string();
+        // Port 8080 has its own entry; any other port takes the app's.
+        assert_eq!(connect(&target(Transport::Mesh, false)), "10.0.0.6:8443");
+        let mut other_port = target(Transport::Mesh, false);
+        other_port.port = 9000;
+        assert_eq!(connect(&other_port), "10.0.0.5:443");
+        // An app the table does not name goes through the gateway.
+        let mut other_app = target(Transport::Mesh, false);
+        other_app.app_id = "aa".repeat(20).parse().unwrap();
+        let r = a.route(&other_app).unwrap();
+        assert_eq!(
+            r.server_name,
+            format!("{}-8080s.gw.example.com", "aa".repeat(20))
+        );
+        // Keys: an app, or an app and a port.
+        assert_eq!(
+            format!("{APP}:8080").parse::<RouteKey>().unwrap(),
+            RouteKey::AppPort(APP.parse().unwrap(), 8080)
+        );
+        assert_eq!(
+            APP.parse::<RouteKey>().unwrap(),
+            RouteKey::App(APP.parse().unwrap())
+        );
+        for bad in [format!("{APP}:0"), format!("{APP}:x"), "zz".into()] {
+            assert!(bad.parse::<RouteKey>().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub mod connector;
 pub mod discovery;
 pub mod target;
 
-pub use address::{AddressError, Addressing, GatewaySetting, HostPort, Route};
+pub use address::{
+    AddressError, Addressing, GatewaySetting, HostPort, Route, RouteKey, StaticRoutes,
+};
 pub use connector::{ConnectError, Connected, Connector, ConnectorConfig};
 pub use target::{Target, TargetError, Transport};

@@ -22,9 +22,12 @@ use crate::{
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// No guest agent answered, or it gave no usable identity.
+    /// No guest agent answered.
     #[error("identity: {0}")]
-    Identity(String),
+    Agent(#[from] ratls::agent::AgentError),
+    /// The agent gave no usable identity.
+    #[error("identity: {0}")]
+    Identity(#[from] ratls::identity::IdentityError),
     /// The inbound side could not be built or bound.
     #[error(transparent)]
     Inbound(#[from] inbound::InboundError),
@@ -78,14 +81,9 @@ pub struct App {
 impl App {
     /// Find the agent, take an identity, build and bind every listener, then serve.
     pub async fn start(config: Config) -> Result<Self, StartError> {
-        let candidates = AgentAddress::candidates(config.agent.address.as_deref(), None)
-            .map_err(|e| StartError::Identity(e.to_string()))?;
-        let (agent, info) = AgentClient::discover(candidates, config.agent.timeout)
-            .await
-            .map_err(|e| StartError::Identity(e.to_string()))?;
-        let identity = RotatingIdentity::start(agent, info, config.identity.clone())
-            .await
-            .map_err(|e| StartError::Identity(e.to_string()))?;
+        let candidates = AgentAddress::candidates(config.agent.address.as_deref(), None)?;
+        let (agent, info) = AgentClient::discover(candidates, config.agent.timeout).await?;
+        let identity = RotatingIdentity::start(agent, info, config.identity.clone()).await?;
         Self::start_with(config, identity).await
     }
 
@@ -159,7 +157,9 @@ impl App {
                 };
                 Some((
                     Arc::new(
-                        AuthService::new(Arc::new(policy), nginx_secret).with_drain(drain.clone()),
+                        AuthService::new(Arc::new(policy), nginx_secret)
+                            .with_limits(config.auth.header_timeout, config.auth.max_connections)
+                            .with_drain(drain.clone()),
                     ),
                     listener,
                 ))
@@ -224,9 +224,10 @@ impl App {
             auth
         });
         let outbound = outbound.map(|(outbound, listener)| {
-            match outbound::configured_addressing(&config.outbound, config.gateway_domain.as_ref())
-            {
-                Some((addressing, domain)) => outbound.set_addressing(addressing, domain),
+            // Static routes serve at once; the gateway, for every other target, is configured
+            // or found in the background.
+            match outbound::configured_gateway(&config.outbound, config.gateway_domain.as_ref()) {
+                Some((addressing, domain)) => outbound.set_gateway(addressing, domain),
                 None => {
                     background.spawn(outbound.clone().discover_gateway());
                 }
@@ -286,7 +287,7 @@ impl App {
     pub async fn run_until(
         mut self,
         shutdown: impl std::future::Future<Output = ()>,
-        mut reloads: tokio::sync::mpsc::Receiver<Result<Config, String>>,
+        mut reloads: tokio::sync::mpsc::Receiver<Result<Config, ReloadError>>,
     ) {
         tokio::pin!(shutdown);
         loop {
@@ -324,6 +325,26 @@ impl App {
     }
 }
 
+/// Why a reload was refused; the running configuration stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file or the environment does not load.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigErrors),
+    /// The new allowlist or public domains cannot be served.
+    #[error(transparent)]
+    Inbound(#[from] inbound::InboundError),
+    /// A trust anchor is unusable.
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+    /// The new public domains cannot be set up.
+    #[error(transparent)]
+    Acme(#[from] acme::AcmeError),
+    /// The configurations could not be compared.
+    #[error("comparing configurations: {0}")]
+    Compare(serde_json::Error),
+}
+
 /// What a reload changed, and what it could not change without a restart.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ReloadReport {
@@ -337,23 +358,22 @@ impl App {
     /// Apply `new` where it can be applied live: the inbound and auth allowlists and the
     /// outbound static routes. Everything is built before anything is swapped, so a failure
     /// changes nothing. Other changed sections are reported as needing a restart.
-    pub fn reload(&mut self, new: Config) -> Result<ReloadReport, String> {
+    pub fn reload(&mut self, new: Config) -> Result<ReloadReport, ReloadError> {
         let old = &self.running;
         let mut report = ReloadReport::default();
         let inbound_allow = match (&self.inbound, new.inbound.allow != old.inbound.allow) {
-            (Some(inbound), true) => Some(
-                inbound
-                    .prepare_allow(&new.inbound.allow, &self.identity)
-                    .map_err(|e| e.to_string())?,
-            ),
+            (Some(inbound), true) => {
+                Some(inbound.prepare_allow(&new.inbound.allow, &self.identity)?)
+            }
             _ => None,
         };
         let auth_allow = |c: &Config| c.auth.allow.clone().unwrap_or(c.inbound.allow.clone());
         let auth_policy = match (&self.auth, auth_allow(&new) != auth_allow(old)) {
-            (Some(_), true) => Some(Arc::new(
-                trust::mesh_policy(&new.inbound, &auth_allow(&new), &self.identity)
-                    .map_err(|e| e.to_string())?,
-            )),
+            (Some(_), true) => Some(Arc::new(trust::mesh_policy(
+                &new.inbound,
+                &auth_allow(&new),
+                &self.identity,
+            )?)),
             _ => None,
         };
         // Public domains: a new subsystem on the same store (stored certificates serve at once,
@@ -365,28 +385,19 @@ impl App {
             (Some(inbound), true) => {
                 let acme = match new.public.domains.is_empty() {
                     true => None,
-                    false => Some(
-                        Acme::new(
-                            &new.public,
-                            self.identity.agent().clone(),
-                            self.acme.as_ref().map(|a| a.challenges()),
-                        )
-                        .map_err(|e| e.to_string())?,
-                    ),
+                    false => Some(Acme::new(
+                        &new.public,
+                        self.identity.agent().clone(),
+                        self.acme.as_ref().map(|a| a.challenges()),
+                    )?),
                 };
-                let side = inbound
-                    .prepare_public(acme.clone())
-                    .map_err(|e| e.to_string())?;
+                let side = inbound.prepare_public(acme.clone())?;
                 Some((acme, side))
             }
             _ => None,
         };
         let routes = match (&self.outbound, new.outbound.routes != old.outbound.routes) {
-            (Some(_), true) => {
-                outbound::configured_addressing(&new.outbound, new.gateway_domain.as_ref())
-                    .map(Some)
-                    .ok_or("the new outbound routes need a gateway that is discovered at start: restart to apply them")?
-            }
+            (Some(_), true) => Some(new.outbound.routes.clone()),
             _ => None,
         };
 
@@ -424,15 +435,15 @@ impl App {
             running.public.acme.http_listen = http_listen;
             report.applied.push("domains");
         }
-        if let (Some(outbound), Some((addressing, domain))) = (&self.outbound, routes) {
-            outbound.set_addressing(addressing, domain);
+        if let (Some(outbound), Some(routes)) = (&self.outbound, routes) {
+            outbound.set_routes(routes);
             running.outbound.routes = new.outbound.routes.clone();
             report.applied.push("outbound.routes");
         }
         // What still differs is read only at start.
         let (now, want) = (
-            serde_json::to_value(&running).map_err(|e| e.to_string())?,
-            serde_json::to_value(&new).map_err(|e| e.to_string())?,
+            serde_json::to_value(&running).map_err(ReloadError::Compare)?,
+            serde_json::to_value(&new).map_err(ReloadError::Compare)?,
         );
         if let (Some(now), Some(want)) = (now.as_object(), want.as_object()) {
             report.needs_restart = want

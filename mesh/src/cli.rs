@@ -72,22 +72,17 @@ pub enum Command {
     },
     /// Public-domain certificates of the running sidecar (through its admin listener).
     Certs {
-        /// The sidecar's admin address.
-        #[arg(
-            long,
-            env = "DSTACK_MESH_ADMIN",
-            default_value = "127.0.0.1:8090",
-            global = true
-        )]
-        admin: String,
+        /// The sidecar's admin address [default: DSTACK_MESH_ADMIN, else 127.0.0.1:8090].
+        #[arg(long, global = true)]
+        admin: Option<String>,
         #[command(subcommand)]
         action: CertsAction,
     },
     /// What the running sidecar serves: identity, mesh route, domains (the status page, as text).
     Status {
-        /// The sidecar's admin address.
-        #[arg(long, env = "DSTACK_MESH_ADMIN", default_value = "127.0.0.1:8090")]
-        admin: String,
+        /// The sidecar's admin address [default: DSTACK_MESH_ADMIN, else 127.0.0.1:8090].
+        #[arg(long)]
+        admin: Option<String>,
         /// Print `/routes` as JSON instead.
         #[arg(long)]
         json: bool,
@@ -219,8 +214,10 @@ pub async fn run(cli: Cli) -> ExitCode {
             config,
         } => crate::run::nginx_config(kind, backend, server_name, port, config),
         Command::Demo { state_dir } => crate::demo::run(state_dir).await,
-        Command::Certs { admin, action } => crate::status::certs(&admin, action).await,
-        Command::Status { admin, json } => crate::status::status(&admin, json).await,
+        Command::Certs { admin, action } => {
+            crate::status::certs(&admin_address(admin), action).await
+        }
+        Command::Status { admin, json } => crate::status::status(&admin_address(admin), json).await,
         Command::Evidence {
             action:
                 EvidenceAction::Verify {
@@ -246,4 +243,12 @@ pub async fn run(cli: Cli) -> ExitCode {
             require_attestation,
         } => crate::tools::verify_cert(&file, &ca, expect_app_id, role.into(), require_attestation),
     }
+}
+
+/// The admin listener a client command talks to: the flag, else `DSTACK_MESH_ADMIN`, else the
+/// default admin address.
+fn admin_address(flag: Option<String>) -> String {
+    use crate::config::{self, source};
+    flag.or_else(|| source::first(&config::Env, config::env::ADMIN).map(|(_, v)| v))
+        .unwrap_or_else(|| config::DEFAULT_ADMIN_LISTEN.to_owned())
 }

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod https;
 pub mod inbound;
 pub mod logging;
 pub mod metrics;

@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use nginx_compat::render::{ClientProxy, ServerProxy};
 
 use crate::{
-    app::App,
+    app::{App, ReloadError},
     cli::{NginxKind, EXIT_BAD_INPUT, EXIT_CONFIG, EXIT_UNAVAILABLE},
     config::{self, Config, Env, Source},
 };
@@ -24,7 +24,7 @@ fn load(flag: Option<PathBuf>) -> Result<Config, ExitCode> {
 
 /// Each SIGHUP reads the configuration again (same file, same environment) and hands the
 /// result to the running sidecar.
-fn reloads(path: Option<PathBuf>) -> tokio::sync::mpsc::Receiver<Result<Config, String>> {
+fn reloads(path: Option<PathBuf>) -> tokio::sync::mpsc::Receiver<Result<Config, ReloadError>> {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     #[cfg(unix)]
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -32,7 +32,7 @@ fn reloads(path: Option<PathBuf>) -> tokio::sync::mpsc::Receiver<Result<Config, 
             tokio::spawn(async move {
                 while hup.recv().await.is_some() {
                     tracing::info!("SIGHUP: reading the configuration again");
-                    let loaded = Config::load(path.as_deref(), &Env).map_err(|e| e.to_string());
+                    let loaded = Config::load(path.as_deref(), &Env).map_err(ReloadError::Config);
                     if tx.send(loaded).await.is_err() {
                         return;
                     }

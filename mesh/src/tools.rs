@@ -9,7 +9,7 @@ use std::{
 };
 
 use ratls::{
-    agent::{AgentAddress, AgentClient, ADDRESS_ENV, DEFAULT_TIMEOUT},
+    agent::{AgentAddress, AgentClient, DEFAULT_TIMEOUT},
     cert,
     dev_agent::{self, DevAgent, DevAgentConfig},
     identity::{Identity, IdentityConfig, RotatingIdentity},
@@ -104,7 +104,8 @@ pub fn verify_cert(
 
 /// `identity`: discover the agent, fetch an identity, print it.
 pub async fn identity(agent: Option<String>) -> ExitCode {
-    let env = std::env::var(ADDRESS_ENV).ok();
+    let env = crate::config::source::first(&crate::config::Env, crate::config::env::AGENT)
+        .map(|(_, v)| v);
     let candidates = match AgentAddress::candidates(agent.as_deref(), env.as_deref()) {
         Ok(c) => c,
         Err(e) => return fail(EXIT_BAD_INPUT, e),
@@ -249,21 +250,12 @@ async fn fetch_evidence(
     connect_to: Option<std::net::SocketAddr>,
 ) -> Result<Fetched, String> {
     use http_body_util::BodyExt;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(ca) = ca {
-        let bytes = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
-        for cert in cert::parse_chain(&bytes).map_err(|e| format!("{}: {e}", ca.display()))? {
-            roots
-                .add(cert)
-                .map_err(|e| format!("{}: {e}", ca.display()))?;
-        }
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(ratls::crypto::provider())
-        .with_protocol_versions(rustls::DEFAULT_VERSIONS)
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let extra = ca
+        .map(crate::https::roots_file)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let tls = crate::https::client_config(extra.as_deref().unwrap_or_default())
+        .map_err(|e| e.to_string())?;
     // The name stays the URL's (SNI, certificate check); only where to dial may be overridden.
     let resolve = tower::service_fn(
         move |name: hyper_util::client::legacy::connect::dns::Name| async move {
@@ -278,11 +270,7 @@ async fn fetch_evidence(
     let mut dial = hyper_util::client::legacy::connect::HttpConnector::new_with_resolver(resolve);
     dial.enforce_http(false);
     dial.set_connect_timeout(Some(Duration::from_secs(10)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(dial);
+    let https = crate::https::connector(tls, dial);
     let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build(https);

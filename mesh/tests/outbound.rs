@@ -370,6 +370,41 @@ async fn key_methods_pass_when_allowed_and_the_passthrough_can_be_off() {
     assert_eq!(json(resp).await["error"], "no target");
 }
 
+#[tokio::test]
+async fn static_routes_by_app_and_port_and_the_gateway_for_the_rest() {
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    // The table names STRANGER (every port) and B's port 8443, both at a closed port; the
+    // gateway (fixed to B) serves everything else.
+    let pair = Pair::start(
+        A,
+        &format!("[outbound.routes]\n\"{STRANGER}\" = \"{closed}\"\n\"{B}:8443\" = \"{closed}\"\n"),
+    )
+    .await;
+    let to = |app: &'static str, port: &'static str| {
+        get(
+            "/",
+            &[("x-dstack-target-app", app), ("x-dstack-target-port", port)],
+        )
+    };
+    let resp = send(pair.outbound(), to(B, "443")).await;
+    assert_eq!(resp.status(), StatusCode::OK, "B:443 through the gateway");
+    // Through the gateway these would be 200 (B) and an identity mismatch (STRANGER): the
+    // unreachable address says the table was used.
+    for (app, port) in [(B, "8443"), (STRANGER, "443"), (STRANGER, "8080")] {
+        let resp = send(pair.outbound(), to(app, port)).await;
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY, "{app}:{port}");
+        assert_eq!(
+            json(resp).await["error"],
+            "peer unreachable",
+            "{app}:{port}"
+        );
+    }
+    assert_eq!(pair.backend.count(), 1);
+}
+
 /// A sidecar A whose gateway is `gateway` (nothing behind it, or something that never talks).
 async fn lone_a(gateway: SocketAddr, extra: &str) -> (App, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();

@@ -195,7 +195,10 @@ async fn unknown_targets_and_gateway_tls_without_roots_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let (client, _a) = identity(dir.path(), CLIENT).await;
     let c = Connector::new(
-        Addressing::Static(Default::default()),
+        Addressing::Static {
+            routes: Default::default(),
+            otherwise: None,
+        },
         client.resolver(),
         client.current().trust_anchors().unwrap(),
         None,

@@ -212,35 +212,6 @@ pub fn account_key_path(directory: &str) -> String {
     format!("dstack-mesh/acme-account/{directory}")
 }
 
-/// HTTPS (or plain HTTP, for local stand-ins) with the WebPKI roots plus `extra_roots` and a
-/// connect timeout: the CA's client and the DNS provider APIs'.
-pub fn https_connector(
-    extra_roots: &[rustls_pki_types::CertificateDer<'static>],
-    timeout: Duration,
-) -> Result<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, String>
-{
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    for root in extra_roots {
-        roots
-            .add(root.clone())
-            .map_err(|e| format!("acme.ca_roots: {e}"))?;
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(ratls::crypto::provider())
-        .with_protocol_versions(rustls::DEFAULT_VERSIONS)
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    connector.set_connect_timeout(Some(timeout));
-    connector.enforce_http(false);
-    Ok(hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(connector))
-}
-
 impl AcmeClient {
     /// A client for `directory`, trusting the WebPKI roots plus `extra_roots`.
     pub fn new(
@@ -252,7 +223,9 @@ impl AcmeClient {
         email: Option<String>,
         eab: Option<Eab>,
     ) -> Result<Self, String> {
-        let https = https_connector(extra_roots, timeout)?;
+        let tls =
+            crate::https::client_config(extra_roots).map_err(|e| format!("acme.ca_roots: {e}"))?;
+        let https = crate::https::connector(tls, crate::https::dialer(timeout));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(https);

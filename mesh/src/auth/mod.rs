@@ -38,8 +38,6 @@ use crate::{
 const DENY_TTL: Duration = Duration::from_secs(60);
 /// Most decisions kept; past this, expired ones go, then all.
 const CACHE_ENTRIES: usize = 10_000;
-/// Request headers must arrive within this.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the service answered, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,10 +91,11 @@ pub struct AuthService {
     /// The secret that makes a request our nginx's; `None`: nginx's word is never taken.
     nginx_secret: Option<Secret>,
     drain: proxy::Drain,
+    /// nginx's request head must arrive within this.
+    header_timeout: Duration,
+    /// Connections at once.
+    max_connections: usize,
 }
-
-/// Connections the auth service serves at once.
-const MAX_CONNECTIONS: usize = 1024;
 
 impl AuthService {
     /// A service holding callers to `policy`. A request carrying `nginx_secret` has nginx's
@@ -108,7 +107,16 @@ impl AuthService {
             cache: Mutex::new(HashMap::new()),
             drain: proxy::Drain::default(),
             nginx_secret,
+            header_timeout: crate::config::DEFAULT_AUTH_HEADER_TIMEOUT,
+            max_connections: crate::config::DEFAULT_AUTH_MAX_CONNECTIONS,
         }
+    }
+
+    /// Serve with `header_timeout` and at most `max_connections` at once.
+    pub fn with_limits(mut self, header_timeout: Duration, max_connections: usize) -> Self {
+        self.header_timeout = header_timeout;
+        self.max_connections = max_connections;
+        self
     }
 
     /// Whether a request that presented `proof` comes from our nginx (compared in constant
@@ -230,19 +238,20 @@ impl AuthService {
     /// Serve on `listener` until the future is dropped or the drain starts.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         // nginx keeps a few keep-alive connections; the limit only stops a runaway client.
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let slots = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
         while let Some((tcp, remote, hold)) =
             proxy::accept(&listener, &slots, "auth", &self.drain).await
         {
             let this = self.clone();
             tokio::spawn(async move {
                 let lifetime = Lifetime::until_drain("auth", remote, this.drain.clone());
+                let header_timeout = this.header_timeout;
                 let service = service_fn(move |req| {
                     let this = this.clone();
                     async move { Ok::<_, Infallible>(this.handle(&req, remote)) }
                 });
                 let conn =
-                    proxy::conn::http1(HEADER_TIMEOUT).serve_connection(TokioIo::new(tcp), service);
+                    proxy::conn::http1(header_timeout).serve_connection(TokioIo::new(tcp), service);
                 lifetime.drive(conn, |c| c.graceful_shutdown()).await;
                 drop(hold);
             });

@@ -13,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use gateway_client::{RouteKey, StaticRoutes};
 use ratls::{identity::IdentityConfig, AppId};
 use raw::{AllowValue, DurationValue, RawConfig, RawListener};
 pub use source::{Env, Source};
@@ -40,6 +41,12 @@ pub const DEFAULT_BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_BACKEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Concurrent inbound connections; more wait in the kernel's backlog.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// An app's connection to the outbound proxy closes after this long idle.
+pub const DEFAULT_OUTBOUND_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// The auth service's header deadline.
+pub const DEFAULT_AUTH_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The auth service's connection cap.
+pub const DEFAULT_AUTH_MAX_CONNECTIONS: usize = 1024;
 /// Largest request head accepted; larger gets 431.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 << 10;
 /// Longest duration any setting accepts: beyond it a timer means "never", and arithmetic on
@@ -82,6 +89,8 @@ pub mod env {
     pub const CLIENT_LISTEN: &[&str] = &["DSTACK_MESH_CLIENT_LISTEN"];
     /// Admin listener address.
     pub const ADMIN_LISTEN: &[&str] = &["DSTACK_MESH_ADMIN_LISTEN"];
+    /// The admin address `status` and `certs` talk to.
+    pub const ADMIN: &[&str] = &["DSTACK_MESH_ADMIN"];
     /// `auth.nginx_secret`.
     pub const NGINX_SECRET: &[&str] = &["DSTACK_MESH_NGINX_SECRET"];
     /// The server name `nginx-config server` renders.
@@ -188,8 +197,22 @@ pub struct OutboundConfig {
     pub gateway_roots: Option<PathBuf>,
     /// The CVM's sys-config, where `gateway_urls` come from when no gateway is configured.
     pub sys_config: PathBuf,
-    /// Direct addresses by app id (networks where CVMs reach each other without the gateway).
-    pub routes: std::collections::BTreeMap<AppId, HostPort>,
+    /// Direct addresses by app id, or app id and port (networks where CVMs reach each other
+    /// without the gateway); targets they do not name go through the gateway.
+    #[serde(serialize_with = "serialize_routes")]
+    pub routes: StaticRoutes,
+    /// An app's connection closes after this long without a byte either way.
+    #[serde(with = "secs")]
+    pub idle_timeout: Duration,
+    /// An app's request head must arrive within this.
+    #[serde(with = "secs")]
+    pub header_timeout: Duration,
+    /// Connections from apps at once.
+    pub max_connections: usize,
+}
+
+fn serialize_routes<S: serde::Serializer>(routes: &StaticRoutes, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(routes.iter().map(|(k, v)| (k.to_string(), v.to_string())))
 }
 
 /// The auth service for nginx's `auth_request`.
@@ -207,6 +230,11 @@ pub struct AuthConfig {
     /// What our nginx sends with every auth subrequest (`nginx-config server` renders it);
     /// without it, every chain is verified here and a lone KMS leaf is refused.
     pub nginx_secret: Option<Secret>,
+    /// nginx's request head must arrive within this.
+    #[serde(with = "secs")]
+    pub header_timeout: Duration,
+    /// Connections at once (nginx keeps a few keep-alive ones; the cap stops a runaway client).
+    pub max_connections: usize,
 }
 
 /// A secret from the configuration: never printed.
@@ -719,14 +747,12 @@ impl Config {
 
         // [outbound]
         let ob = raw.outbound.clone().unwrap_or_default();
-        let mut routes = std::collections::BTreeMap::new();
+        let mut routes = StaticRoutes::default();
         for (app, addr) in ob.routes.iter().flatten() {
             let key = format!("outbound.routes.{app}");
-            match (app.parse::<AppId>(), addr.parse::<HostPort>()) {
-                (Ok(app), Ok(addr)) => {
-                    routes.insert(app, addr);
-                }
-                (Err(e), _) => c.fail(&key, format!("not an app id: {e}")),
+            match (app.parse::<RouteKey>(), addr.parse::<HostPort>()) {
+                (Ok(app), Ok(addr)) => routes.insert(app, addr),
+                (Err(e), _) => c.fail(&key, e),
                 (_, Err(e)) => c.fail(&key, e),
             }
         }
@@ -779,7 +805,24 @@ impl Config {
                 PathBuf::from,
             ),
             routes,
+            idle_timeout: c.duration(
+                "outbound.idle_timeout",
+                ob.idle_timeout.as_ref(),
+                DEFAULT_OUTBOUND_IDLE_TIMEOUT,
+            ),
+            header_timeout: c.duration(
+                "outbound.header_timeout",
+                ob.header_timeout.as_ref(),
+                DEFAULT_HEADER_TIMEOUT,
+            ),
+            max_connections: ob.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
         };
+        if !(1..=MAX_CONNECTIONS).contains(&outbound.max_connections) {
+            c.fail(
+                "outbound.max_connections",
+                format!("{} is not 1-{MAX_CONNECTIONS}", outbound.max_connections),
+            );
+        }
 
         // [dstack], [tls]
         let gateway_text = match first(env::GATEWAY_DOMAIN) {
@@ -875,6 +918,42 @@ impl Config {
             );
         }
         let nginx_secret = nginx_secret.map(Secret);
+        let auth_raw = raw.auth.clone().unwrap_or_default();
+        let auth_header_timeout = c.duration(
+            "auth.header_timeout",
+            auth_raw.header_timeout.as_ref(),
+            DEFAULT_AUTH_HEADER_TIMEOUT,
+        );
+        let auth_max_connections = auth_raw
+            .max_connections
+            .unwrap_or(DEFAULT_AUTH_MAX_CONNECTIONS);
+        if !(1..=MAX_CONNECTIONS).contains(&auth_max_connections) {
+            c.fail(
+                "auth.max_connections",
+                format!("{auth_max_connections} is not 1-{MAX_CONNECTIONS}"),
+            );
+        }
+        for (field, set) in [
+            (
+                "header_timeout",
+                raw.client
+                    .as_ref()
+                    .is_some_and(|r| r.header_timeout.is_some()),
+            ),
+            (
+                "max_connections",
+                raw.client
+                    .as_ref()
+                    .is_some_and(|r| r.max_connections.is_some()),
+            ),
+        ] {
+            if set {
+                c.fail(
+                    &format!("client.{field}"),
+                    "set it in [outbound] (the outbound proxy's settings) or [auth]",
+                );
+            }
+        }
 
         if !c.errors.is_empty() {
             return Err(ConfigErrors(c.errors));
@@ -892,6 +971,8 @@ impl Config {
                     .and_then(|a| a.trust_nginx_chain)
                     .unwrap_or(true),
                 nginx_secret,
+                header_timeout: auth_header_timeout,
+                max_connections: auth_max_connections,
             },
             client,
             admin,

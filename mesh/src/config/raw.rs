@@ -39,6 +39,10 @@ pub struct RawListener {
     pub trust_nginx_chain: Option<bool>,
     /// Auth only: the secret our nginx sends with each auth subrequest.
     pub nginx_secret: Option<String>,
+    /// Auth only: the request-head deadline.
+    pub header_timeout: Option<DurationValue>,
+    /// Auth only: connections at once.
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -106,6 +110,9 @@ pub struct RawOutbound {
     pub gateway_roots: Option<String>,
     pub sys_config: Option<String>,
     pub routes: Option<std::collections::BTreeMap<String, String>>,
+    pub idle_timeout: Option<DurationValue>,
+    pub header_timeout: Option<DurationValue>,
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -201,3 +201,67 @@ fn durations_and_allowlists_parse() {
     assert!("[::1]:80".parse::<HostPort>().unwrap().to_string() == "[::1]:80");
     assert!("http://app:8000/".parse::<HostPort>().is_ok());
 }
+
+#[test]
+fn outbound_and_auth_limits_and_routes_by_port() {
+    let app = "5bb4ff9a3837357f19dc176407a5709c62eb6c56";
+    let text = format!(
+        "[outbound]\nidle_timeout = \"60s\"\nheader_timeout = \"5s\"\nmax_connections = 100\n\
+         [outbound.routes]\n\"{app}\" = \"10.0.0.2:443\"\n\"{app}:8080\" = \"10.0.0.3:8443\"\n\
+         [auth]\nheader_timeout = \"3s\"\nmax_connections = 16\n"
+    );
+    let c = Config::from_toml(&text, &no_env()).unwrap();
+    assert_eq!(c.outbound.idle_timeout, Duration::from_secs(60));
+    assert_eq!(c.outbound.header_timeout, Duration::from_secs(5));
+    assert_eq!(c.outbound.max_connections, 100);
+    assert_eq!(c.auth.header_timeout, Duration::from_secs(3));
+    assert_eq!(c.auth.max_connections, 16);
+    let app_id: AppId = app.parse().unwrap();
+    let at = |port| {
+        c.outbound
+            .routes
+            .get(&app_id, port)
+            .map(ToString::to_string)
+    };
+    assert_eq!(at(8080).as_deref(), Some("10.0.0.3:8443"));
+    assert_eq!(at(443).as_deref(), Some("10.0.0.2:443"));
+    // check-config prints the keys as written.
+    let json = serde_json::to_value(&c).unwrap();
+    assert_eq!(
+        json["outbound"]["routes"][format!("{app}:8080")],
+        "10.0.0.3:8443"
+    );
+
+    let d = Config::from_toml("", &no_env()).unwrap();
+    assert_eq!(d.outbound.idle_timeout, DEFAULT_OUTBOUND_IDLE_TIMEOUT);
+    assert_eq!(d.outbound.header_timeout, DEFAULT_HEADER_TIMEOUT);
+    assert_eq!(d.outbound.max_connections, DEFAULT_MAX_CONNECTIONS);
+    assert_eq!(d.auth.header_timeout, DEFAULT_AUTH_HEADER_TIMEOUT);
+    assert_eq!(d.auth.max_connections, DEFAULT_AUTH_MAX_CONNECTIONS);
+
+    for (text, key) in [
+        (
+            format!("[outbound.routes]\n\"{app}:0\" = \"h:1\"\n"),
+            "outbound.routes.",
+        ),
+        (
+            format!("[outbound.routes]\n\"{app}\" = \"nohost\"\n"),
+            "outbound.routes.",
+        ),
+        (
+            "[outbound]\nmax_connections = 0\n".into(),
+            "outbound.max_connections",
+        ),
+        (
+            "[auth]\nmax_connections = 0\n".into(),
+            "auth.max_connections",
+        ),
+        (
+            "[client]\nheader_timeout = \"1s\"\n".into(),
+            "client.header_timeout",
+        ),
+    ] {
+        let err = Config::from_toml(&text, &no_env()).unwrap_err();
+        assert!(err.to_string().contains(key), "{text}: {err}");
+    }
+}

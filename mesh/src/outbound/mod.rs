@@ -19,9 +19,10 @@ use std::{
     time::Duration,
 };
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use gateway_client::{
-    target::strip_routing_headers, Addressing, Connector, ConnectorConfig, Target, Transport,
+    target::strip_routing_headers, Addressing, Connector, ConnectorConfig, StaticRoutes, Target,
+    Transport,
 };
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -41,24 +42,12 @@ use crate::{
     },
 };
 
-/// An idle connection from the app is closed after this.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
-/// Request headers from the app must arrive within this.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
-/// Connections from apps at once.
-const MAX_CONNECTIONS: usize = 10_000;
-
 /// Why the outbound proxy could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
-    /// The gateway's roots could not be read.
-    #[error("outbound.gateway_roots {path}: {reason}")]
-    Roots {
-        /// The file.
-        path: String,
-        /// Why.
-        reason: String,
-    },
+    /// The gateway's roots cannot be used.
+    #[error("outbound.gateway_roots: {0}")]
+    Roots(#[from] crate::https::RootsError),
     /// rustls refused the settings.
     #[error("outbound TLS: {0}")]
     Tls(#[from] rustls::Error),
@@ -151,8 +140,10 @@ pub struct Outbound {
     webpki: Arc<rustls::ClientConfig>,
     multiplexed: Arc<ArcSwapOption<Connector>>,
     upgrades: Arc<ArcSwapOption<Connector>>,
-    /// What `/gateway` answers.
-    gateway_domain: ArcSwapOption<String>,
+    /// The gateway, once known, and what `/gateway` answers.
+    gateway: ArcSwapOption<(Addressing, String)>,
+    /// Direct addresses; the rest go through the gateway.
+    routes: ArcSwap<StaticRoutes>,
     pool: PeerPool,
     agent: Option<AgentPassthrough>,
     connections: Arc<Semaphore>,
@@ -170,53 +161,32 @@ impl std::fmt::Debug for Outbound {
     }
 }
 
-/// Where targets live, when the configuration says: the static table, a fixed address, or
-/// the configured gateway domain. `None`: the gateway must be discovered. The string is what
-/// `/gateway` answers.
-pub fn configured_addressing(
+/// The gateway the configuration names (a fixed address or a base domain), and what `/gateway`
+/// answers; `None`: it must be discovered.
+pub fn configured_gateway(
     config: &OutboundConfig,
     gateway: Option<&gateway_client::GatewaySetting>,
-) -> Option<(Addressing, Option<String>)> {
+) -> Option<(Addressing, String)> {
     use gateway_client::GatewaySetting;
-    let domain = gateway.map(ToString::to_string);
-    if !config.routes.is_empty() {
-        return Some((Addressing::Static(config.routes.clone()), domain));
-    }
-    match gateway? {
-        GatewaySetting::Fixed(addr) => Some((Addressing::Fixed(addr.clone()), domain)),
-        GatewaySetting::Domain(base) => Some((
-            Addressing::Gateway {
-                base_domain: base.clone(),
-                port: gateway_client::address::DEFAULT_GATEWAY_PORT,
-                dial: config.gateway_address.clone(),
-            },
-            domain,
-        )),
-    }
+    let addressing = match gateway? {
+        GatewaySetting::Fixed(addr) => Addressing::Fixed(addr.clone()),
+        GatewaySetting::Domain(base) => Addressing::Gateway {
+            base_domain: base.clone(),
+            port: gateway_client::address::DEFAULT_GATEWAY_PORT,
+            dial: config.gateway_address.clone(),
+        },
+    };
+    Some((addressing, gateway?.to_string()))
 }
 
-/// Public WebPKI roots (compiled in: CVM images often carry no system store), plus `extra`.
+/// The gateway's own TLS: the WebPKI roots plus `extra` (`outbound.gateway_roots`).
 pub fn webpki_config(
     extra: Option<&std::path::Path>,
 ) -> Result<rustls::ClientConfig, OutboundError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = extra {
-        let err = |reason: String| OutboundError::Roots {
-            path: path.display().to_string(),
-            reason,
-        };
-        let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-        for cert in ratls::cert::parse_chain(&bytes).map_err(|e| err(e.to_string()))? {
-            roots.add(cert).map_err(|e| err(e.to_string()))?;
-        }
-    }
-    Ok(
-        rustls::ClientConfig::builder_with_provider(ratls::crypto::provider())
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
+    let extra = extra.map(crate::https::roots_file).transpose()?;
+    Ok(crate::https::client_config(
+        extra.as_deref().unwrap_or_default(),
+    )?)
 }
 
 impl Outbound {
@@ -242,6 +212,7 @@ impl Outbound {
                 keepalive_interval: config.keepalive_interval,
             },
         );
+        let (routes, max_connections) = (config.routes.clone(), config.max_connections);
         Ok(Self {
             listen,
             agent: agent.filter(|_| config.agent_passthrough),
@@ -251,9 +222,10 @@ impl Outbound {
             webpki,
             multiplexed,
             upgrades,
-            gateway_domain: ArcSwapOption::empty(),
+            gateway: ArcSwapOption::empty(),
+            routes: ArcSwap::from_pointee(routes),
             pool,
-            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            connections: Arc::new(Semaphore::new(max_connections)),
             drain: proxy::Drain::default(),
             metrics: Arc::default(),
             stats: OutboundStats::default(),
@@ -265,9 +237,31 @@ impl Outbound {
         self.webpki.clone()
     }
 
-    /// Where targets are dialled from now on; `gateway_domain` is what `/gateway` answers.
-    pub fn set_addressing(&self, addressing: Addressing, gateway_domain: Option<String>) {
-        self.gateway_domain.store(gateway_domain.map(Arc::new));
+    /// The gateway from now on (configured or discovered); `domain` is what `/gateway` answers.
+    pub fn set_gateway(&self, addressing: Addressing, domain: String) {
+        self.gateway.store(Some(Arc::new((addressing, domain))));
+        self.readdress();
+    }
+
+    /// New static routes (SIGHUP); the gateway stays.
+    pub fn set_routes(&self, routes: StaticRoutes) {
+        self.routes.store(Arc::new(routes));
+        self.readdress();
+    }
+
+    /// Build the connectors for the routes and the gateway as they are now: the routes' targets
+    /// directly, the rest through the gateway; neither known yet, no connector (502s).
+    fn readdress(&self) {
+        let routes = self.routes.load_full();
+        let gateway = self.gateway.load_full();
+        let addressing = match (routes.is_empty(), gateway.as_deref()) {
+            (true, None) => return,
+            (true, Some((gateway, _))) => gateway.clone(),
+            (false, gateway) => Addressing::Static {
+                routes: (*routes).clone(),
+                otherwise: gateway.map(|(g, _)| Box::new(g.clone())),
+            },
+        };
         let connector = |alpn: &[&[u8]]| {
             let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
             let mut webpki = (*self.webpki).clone();
@@ -318,7 +312,9 @@ impl Outbound {
 
     /// Connections from apps open now.
     pub fn open_connections(&self) -> usize {
-        MAX_CONNECTIONS.saturating_sub(self.connections.available_permits())
+        self.config
+            .max_connections
+            .saturating_sub(self.connections.available_permits())
     }
 
     /// Pooled connections to peers: (h2, idle HTTP/1.1).
@@ -345,16 +341,16 @@ impl Outbound {
         let io = TokioIo::new(IdleIo::new(tcp, activity.clone()));
         let tunnel = Tunnel {
             activity: activity.clone(),
-            idle: IDLE_TIMEOUT,
+            idle: self.config.idle_timeout,
             hold,
         };
         let this = self.clone();
         let service = service_fn(move |req| Box::pin(this.clone().handle(req, tunnel.clone())));
         // HTTP/1.1, and h2 with prior knowledge for gRPC clients.
-        let builder = proxy::conn::auto(HEADER_TIMEOUT);
+        let builder = proxy::conn::auto(self.config.header_timeout);
         let conn = builder.serve_connection_with_upgrades(io, service);
         let lifetime = Lifetime {
-            idle: Some((activity, IDLE_TIMEOUT)),
+            idle: Some((activity, self.config.idle_timeout)),
             ..Lifetime::until_drain("outbound", remote, self.drain.clone())
         };
         lifetime.drive(conn, |c| c.graceful_shutdown()).await;
@@ -418,9 +414,9 @@ impl Outbound {
     async fn agent(&self, req: Request<Incoming>) -> Response<Body> {
         match &self.agent {
             Some(agent) => {
-                let domain = self.gateway_domain.load_full();
+                let gateway = self.gateway.load_full();
                 agent
-                    .handle(req, domain.as_deref().map(String::as_str))
+                    .handle(req, gateway.as_deref().map(|(_, d)| d.as_str()))
                     .await
             }
             None => proxy::detailed_error(
@@ -517,7 +513,7 @@ impl Outbound {
                         port: info.external_port,
                         dial: self.config.gateway_address.clone(),
                     };
-                    self.set_addressing(addressing, Some(info.base_domain));
+                    self.set_gateway(addressing, info.base_domain);
                     return;
                 }
                 Err(e) => {
