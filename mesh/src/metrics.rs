@@ -4,12 +4,18 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    fmt::Write as _,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, RwLock,
     },
     time::Duration,
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, NoLabelSet},
+    metrics::MetricType,
+    registry::Registry,
 };
 
 /// Distinct peers tracked per direction; later ones are counted as `other`.
@@ -153,9 +159,10 @@ impl Metrics {
             .unwrap_or_else(|p| p.into_inner());
         *failures.entry((direction, reason)).or_default() += 1;
     }
+}
 
-    /// Prometheus text for every series.
-    pub fn render(&self, out: &mut String) {
+impl Collector for Metrics {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
         let mut rows: Vec<(Direction, String, u64, u64)> = Vec::new();
         for direction in [Direction::Inbound, Direction::Outbound] {
             let peers = self.peers[direction as usize]
@@ -173,72 +180,77 @@ impl Metrics {
         rows.sort();
         for (name, help, errors) in [
             (
-                "requests_total",
+                "dstack_mesh_requests",
                 "Requests answered, by direction and peer app id (the domain for public requests).",
                 false,
             ),
             (
-                "request_errors_total",
+                "dstack_mesh_request_errors",
                 "Requests answered with a 5xx or an error of the proxy's own.",
                 true,
             ),
         ] {
-            let _ = writeln!(out, "# HELP dstack_mesh_{name} {help}");
-            let _ = writeln!(out, "# TYPE dstack_mesh_{name} counter");
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             for (direction, peer, requests, failed) in &rows {
                 let value = if errors { failed } else { requests };
-                let _ = writeln!(
-                    out,
-                    "dstack_mesh_{name}{{direction=\"{}\",peer=\"{}\"}} {value}",
-                    direction.as_str(),
-                    escape(peer)
-                );
+                let labels = [("direction", direction.as_str()), ("peer", peer.as_str())];
+                family
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(value, None)?;
             }
         }
-        let name = "dstack_mesh_request_duration_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Time to the response head, by direction."
-        );
-        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut family = encoder.encode_descriptor(
+            "dstack_mesh_request_duration_seconds",
+            "Time to the response head, by direction.",
+            None,
+            MetricType::Histogram,
+        )?;
         for direction in [Direction::Inbound, Direction::Outbound] {
             let h = &self.durations[direction as usize];
-            let d = direction.as_str();
-            let mut cumulative = 0;
-            for (bound, count) in BUCKETS.iter().zip(&h.buckets) {
-                cumulative += count.load(Ordering::Relaxed);
-                let _ = writeln!(
-                    out,
-                    "{name}_bucket{{direction=\"{d}\",le=\"{bound}\"}} {cumulative}"
-                );
-            }
-            let count = h.count.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{direction=\"{d}\",le=\"+Inf\"}} {count}"
-            );
+            let buckets: Vec<(f64, u64)> = BUCKETS
+                .iter()
+                .zip(&h.buckets)
+                .map(|(bound, n)| (*bound, n.load(Ordering::Relaxed)))
+                .collect();
             let sum = h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-            let _ = writeln!(out, "{name}_sum{{direction=\"{d}\"}} {sum}");
-            let _ = writeln!(out, "{name}_count{{direction=\"{d}\"}} {count}");
+            family
+                .encode_family(&[("direction", direction.as_str())])?
+                .encode_histogram::<NoLabelSet>(
+                    sum,
+                    h.count.load(Ordering::Relaxed),
+                    &buckets,
+                    None,
+                )?;
         }
-        let name = "dstack_mesh_handshake_failures_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Refused TLS handshakes, by direction and reason."
-        );
-        let _ = writeln!(out, "# TYPE {name} counter");
+        let mut family = encoder.encode_descriptor(
+            "dstack_mesh_handshake_failures",
+            "Refused TLS handshakes, by direction and reason.",
+            None,
+            MetricType::Counter,
+        )?;
         let failures = self
             .handshake_failures
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         for ((direction, reason), n) in failures.iter() {
-            let _ = writeln!(
-                out,
-                "{name}{{direction=\"{}\",reason=\"{reason}\"}} {n}",
-                direction.as_str()
-            );
+            family
+                .encode_family(&[("direction", direction.as_str()), ("reason", reason)])?
+                .encode_counter::<NoLabelSet, _, u64>(n, None)?;
         }
+        Ok(())
     }
+}
+
+/// The Prometheus text exposition of `collectors`, in order.
+pub fn exposition(collectors: Vec<Box<dyn Collector>>) -> String {
+    let mut registry = Registry::default();
+    for collector in collectors {
+        registry.register_collector(collector);
+    }
+    let mut out = String::new();
+    // Writing into a String cannot fail; a collector's error would only cut the text short.
+    let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry);
+    out
 }
 
 /// `bytes` as lowercase hex in `buf`, for a label without a heap allocation (app ids are at
@@ -253,14 +265,6 @@ pub fn hex_label<'b>(bytes: &[u8], buf: &'b mut [u8; 128]) -> &'b str {
     std::str::from_utf8(&buf[..2 * n]).unwrap_or_default()
 }
 
-/// A label value as the text format wants it.
-pub fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,8 +276,7 @@ mod tests {
         m.request(Direction::Inbound, "ca11", true, Duration::from_millis(300));
         m.request(Direction::Outbound, "b0b", false, Duration::from_secs(20));
         m.handshake_failure(Direction::Inbound, "app_id_not_allowed");
-        let mut out = String::new();
-        m.render(&mut out);
+        let out = exposition(vec![Box::new(m.clone())]);
         for line in [
             "dstack_mesh_requests_total{direction=\"inbound\",peer=\"ca11\"} 2",
             "dstack_mesh_request_errors_total{direction=\"inbound\",peer=\"ca11\"} 1",
@@ -299,8 +302,7 @@ mod tests {
                 Duration::ZERO,
             );
         }
-        let mut out = String::new();
-        m.render(&mut out);
+        let out = exposition(vec![Box::new(m.clone())]);
         assert!(out.contains("peer=\"other\"} 5"), "{out}");
         assert_eq!(
             out.matches("dstack_mesh_requests_total{").count(),

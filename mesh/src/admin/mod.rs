@@ -4,17 +4,22 @@
 
 pub mod page;
 
-use std::{fmt::Write as _, sync::Arc};
+use std::sync::Arc;
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, NoLabelSet},
+    metrics::MetricType,
+};
 use ratls::identity::RotatingIdentity;
 use tokio::net::TcpListener;
 
 use crate::{
     acme::Acme,
     inbound::{Inbound, MeshRoute},
-    metrics::{escape, Metrics},
+    metrics::Metrics,
     outbound::Outbound,
     proxy::{self, Body},
 };
@@ -246,117 +251,136 @@ impl Admin {
 
     /// Prometheus text: requests, handshakes, connections, identity and certificates.
     pub fn metrics(&self) -> String {
-        let mut out = String::new();
-        self.metrics.render(&mut out);
-        let gauge = |out: &mut String, name: &str, help: &str| {
-            let _ = writeln!(out, "# HELP dstack_mesh_{name} {help}");
-            let _ = writeln!(out, "# TYPE dstack_mesh_{name} gauge");
+        let (inbound, outbound) = (self.inbound.as_ref(), self.outbound.as_ref());
+        let state = State {
+            open: [
+                inbound.map(|i| ("inbound", i.open_connections())),
+                outbound.map(|o| ("outbound", o.open_connections())),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+            pool: outbound.map(|o| o.pooled()),
+            identity_not_after: self.identity.current().not_after,
+            certificates: self.acme.load_full().map(|a| a.status()),
         };
-        gauge(
-            &mut out,
-            "open_connections",
+        crate::metrics::exposition(vec![Box::new(self.metrics.clone()), Box::new(state)])
+    }
+}
+
+/// What the admin port reads at a scrape besides the request counters.
+#[derive(Debug)]
+struct State {
+    /// Client connections open now, by listener.
+    open: Vec<(&'static str, usize)>,
+    /// The outbound pool: (h2, idle HTTP/1.1).
+    pool: Option<(usize, usize)>,
+    identity_not_after: i64,
+    /// Every public domain's state, when there are public domains.
+    certificates: Option<Vec<crate::acme::CertStatus>>,
+}
+
+impl Collector for State {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let mut family = encoder.encode_descriptor(
+            "dstack_mesh_open_connections",
             "Client connections open now, by listener.",
-        );
-        if let Some(inbound) = &self.inbound {
-            let _ = writeln!(
-                out,
-                "dstack_mesh_open_connections{{listener=\"inbound\"}} {}",
-                inbound.open_connections()
-            );
+            None,
+            MetricType::Gauge,
+        )?;
+        for (listener, n) in &self.open {
+            family
+                .encode_family(&[("listener", *listener)])?
+                .encode_gauge(n)?;
         }
-        if let Some(outbound) = &self.outbound {
-            let _ = writeln!(
-                out,
-                "dstack_mesh_open_connections{{listener=\"outbound\"}} {}",
-                outbound.open_connections()
-            );
-            let (h2, h1) = outbound.pooled();
-            gauge(
-                &mut out,
-                "pool_connections",
+        if let Some((h2, h1)) = self.pool {
+            let mut family = encoder.encode_descriptor(
+                "dstack_mesh_pool_connections",
                 "Connections to peers the outbound pool holds, by protocol (h1: idle ones).",
-            );
-            let _ = writeln!(out, "dstack_mesh_pool_connections{{protocol=\"h2\"}} {h2}");
-            let _ = writeln!(out, "dstack_mesh_pool_connections{{protocol=\"h1\"}} {h1}");
+                None,
+                MetricType::Gauge,
+            )?;
+            for (protocol, n) in [("h2", h2), ("h1", h1)] {
+                family
+                    .encode_family(&[("protocol", protocol)])?
+                    .encode_gauge(&n)?;
+            }
         }
-        let identity = self.identity.current();
-        let _ = writeln!(out, "# HELP dstack_mesh_identity_expiration_timestamp_seconds When the mesh certificate expires.");
-        let _ = writeln!(
-            out,
-            "# TYPE dstack_mesh_identity_expiration_timestamp_seconds gauge"
-        );
-        let _ = writeln!(
-            out,
-            "dstack_mesh_identity_expiration_timestamp_seconds {}",
-            identity.not_after
-        );
-        let Some(acme) = self.acme.load_full() else {
-            return out;
+        encoder
+            .encode_descriptor(
+                "dstack_mesh_identity_expiration_timestamp_seconds",
+                "When the mesh certificate expires.",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&self.identity_not_after)?;
+        let Some(status) = &self.certificates else {
+            return Ok(());
         };
-        let status = acme.status();
-        type Value = fn(&crate::acme::CertStatus) -> Option<String>;
-        let series: [(&str, &str, &str, Value); 5] = [
+        type Value = fn(&crate::acme::CertStatus) -> Option<u64>;
+        let series: [(&str, MetricType, &str, Value); 5] = [
             (
-                "certificate_expiration_timestamp_seconds",
-                "gauge",
+                "dstack_mesh_certificate_expiration_timestamp_seconds",
+                MetricType::Gauge,
                 "When the served certificate expires.",
-                |s| s.not_after.map(|t| t.to_string()),
+                |s| s.not_after,
             ),
             (
-                "certificate_renewal_timestamp_seconds",
-                "gauge",
+                "dstack_mesh_certificate_renewal_timestamp_seconds",
+                MetricType::Gauge,
                 "When renewal is due.",
-                |s| s.renew_at.map(|t| t.to_string()),
+                |s| s.renew_at,
             ),
             (
-                "certificate_ready_status",
-                "gauge",
+                "dstack_mesh_certificate_ready_status",
+                MetricType::Gauge,
                 "1 when a valid, unexpired certificate is served.",
-                |s| Some(u8::from(s.not_after.is_some() && !s.expired).to_string()),
+                |s| Some(u64::from(s.not_after.is_some() && !s.expired)),
             ),
             (
-                "certificate_expired",
-                "gauge",
+                "dstack_mesh_certificate_expired",
+                MetricType::Gauge,
                 "1 when the served certificate has expired (renewal failing).",
-                |s| Some(u8::from(s.expired).to_string()),
+                |s| Some(u64::from(s.expired)),
             ),
             (
-                "certificate_renewal_failures_total",
-                "counter",
+                "dstack_mesh_certificate_renewal_failures",
+                MetricType::Counter,
                 "Failed orders since start.",
-                |s| Some(s.failures_total.to_string()),
+                |s| Some(s.failures_total),
             ),
         ];
         for (name, kind, help, value) in series {
-            let _ = writeln!(out, "# HELP dstack_mesh_{name} {help}");
-            let _ = writeln!(out, "# TYPE dstack_mesh_{name} {kind}");
-            for s in &status {
-                if let Some(v) = value(s) {
-                    let _ = writeln!(
-                        out,
-                        "dstack_mesh_{name}{{domain=\"{}\",issuer=\"{}\"}} {v}",
-                        escape(&s.domain),
-                        escape(&s.issuer)
-                    );
+            let counter = matches!(kind, MetricType::Counter);
+            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+            for s in status {
+                let Some(v) = value(s) else { continue };
+                let labels = [("domain", s.domain.as_str()), ("issuer", s.issuer.as_str())];
+                let mut metric = family.encode_family(&labels)?;
+                match counter {
+                    true => metric.encode_counter::<NoLabelSet, _, u64>(&v, None)?,
+                    false => metric.encode_gauge(&v)?,
                 }
             }
         }
-        let name = "dstack_mesh_acme_orders_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Finished certificate orders since start, by result."
-        );
-        let _ = writeln!(out, "# TYPE {name} counter");
-        for s in &status {
+        let mut family = encoder.encode_descriptor(
+            "dstack_mesh_acme_orders",
+            "Finished certificate orders since start, by result.",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in status {
             for (result, n) in [("valid", s.issued_total), ("failed", s.failures_total)] {
-                let _ = writeln!(
-                    out,
-                    "{name}{{domain=\"{}\",issuer=\"{}\",result=\"{result}\"}} {n}",
-                    escape(&s.domain),
-                    escape(&s.issuer)
-                );
+                let labels = [
+                    ("domain", s.domain.as_str()),
+                    ("issuer", s.issuer.as_str()),
+                    ("result", result),
+                ];
+                family
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
             }
         }
-        out
+        Ok(())
     }
 }
