@@ -1,0 +1,131 @@
+use std::collections::HashMap;
+
+use super::*;
+use crate::config::{Challenge, Config};
+
+fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, String> {
+    let env: HashMap<&str, &str> = env.iter().copied().collect();
+    Config::from_toml(&format!("[admin]\nenabled = false\n{toml}"), &env).map_err(|e| e.to_string())
+}
+
+const WILDCARD: &[(&str, &str)] = &[
+    ("DOMAIN", "*.example.com"),
+    ("TARGET_ENDPOINT", "app:80"),
+    ("CHALLENGE_TYPE", "dns-01"),
+];
+
+#[test]
+fn dstack_ingress_cloudflare_variables() {
+    let mut env = WILDCARD.to_vec();
+    env.extend([
+        ("DNS_PROVIDER", "cloudflare"),
+        ("CLOUDFLARE_API_TOKEN", "tok-123"),
+        ("GATEWAY_DOMAIN", "_.dstack-prod.example.net"),
+        ("SET_CAA", "true"),
+        ("DNS_RESOLVERS", "1.1.1.1, 127.0.0.1:5353"),
+        ("DNS_PROPAGATION_TIMEOUT", "30"),
+    ]);
+    let c = load("", &env).unwrap();
+    let dns = &c.public.dns;
+    assert_eq!(c.public.domains[0].challenge, Challenge::Dns01);
+    assert!(
+        matches!(&dns.provider, Some(ProviderConfig::Cloudflare { api_url, .. }) if api_url == CLOUDFLARE_API)
+    );
+    assert_eq!(
+        dns.gateway_domain.as_deref(),
+        Some("_.dstack-prod.example.net")
+    );
+    assert!(dns.set_caa);
+    assert_eq!(
+        dns.resolvers,
+        [
+            "1.1.1.1:53".parse().unwrap(),
+            "127.0.0.1:5353".parse().unwrap()
+        ]
+    );
+    assert_eq!(dns.propagation_timeout, Duration::from_secs(30));
+    assert_eq!(dns.txt_prefix, DEFAULT_TXT_PREFIX);
+    // The token never shows: not in Debug, not in check-config's JSON.
+    assert!(!format!("{dns:?}").contains("tok-123"));
+    assert!(!serde_json::to_string(dns).unwrap().contains("tok-123"));
+}
+
+#[test]
+fn rfc2136_from_toml() {
+    let c = load(
+        "[dns]\nprovider = \"rfc2136\"\nserver = \"127.0.0.1:5300\"\ntsig_key = \"mesh-key.\"\ntsig_secret = \"c2VjcmV0c2VjcmV0\"\nzones = [\"Example.com\"]\npropagation_check = false\ntxt_prefix = \"_app\"\n\
+         [[domains]]\nnames = [\"*.example.com\"]\nbackend = \"app:80\"\nchallenge = \"dns-01\"\n",
+        &[],
+    )
+    .unwrap();
+    let dns = &c.public.dns;
+    match &dns.provider {
+        Some(ProviderConfig::Rfc2136 {
+            server,
+            key_name,
+            algorithm,
+            zones,
+            ..
+        }) => {
+            assert_eq!(
+                (server.as_str(), key_name.as_str(), algorithm.as_str()),
+                ("127.0.0.1:5300", "mesh-key", "hmac-sha256")
+            );
+            assert_eq!(zones, &["example.com"]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!dns.propagation_check);
+    assert_eq!(dns.txt_prefix, "_app");
+}
+
+#[test]
+fn errors_name_what_is_missing() {
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("DNS_PROVIDER", "cloudflare")], "needs an API token"),
+        (
+            &[("DNS_PROVIDER", "rfc2136"), ("RFC2136_SERVER", "ns1")],
+            "needs a server, a TSIG key name and its secret",
+        ),
+        (
+            &[
+                ("DNS_PROVIDER", "rfc2136"),
+                ("RFC2136_SERVER", "ns1"),
+                ("RFC2136_TSIG_KEY", "k"),
+                ("RFC2136_TSIG_SECRET", "not base64!"),
+            ],
+            "not base64",
+        ),
+        (
+            &[
+                ("DNS_PROVIDER", "rfc2136"),
+                ("RFC2136_SERVER", "ns1"),
+                ("RFC2136_TSIG_KEY", "k"),
+                ("RFC2136_TSIG_SECRET", "c2VjcmV0"),
+                ("RFC2136_TSIG_ALGORITHM", "hmac-md5"),
+            ],
+            "use hmac-sha256",
+        ),
+        (&[("DNS_PROVIDER", "linode")], "use cloudflare or rfc2136"),
+        (
+            &[("GATEWAY_DOMAIN", "gw.example.net")],
+            "through a DNS provider",
+        ),
+        (
+            &[("DNS_RESOLVERS", "resolver.example")],
+            "not a resolver address",
+        ),
+        (&[("TXT_PREFIX", "a.b")], "one DNS label"),
+        (
+            &[("DNS_PROPAGATION_TIMEOUT", "10m")],
+            "longer than the 240s",
+        ),
+        (&[], "dns-01 needs a DNS provider"),
+    ];
+    for (extra, want) in cases {
+        let mut env = WILDCARD.to_vec();
+        env.extend_from_slice(extra);
+        let e = load("", &env).unwrap_err();
+        assert!(e.contains(want), "{extra:?}: {e}");
+    }
+}
