@@ -553,408 +553,36 @@ impl Config {
 
     fn from_raw(raw: &RawConfig, env: &dyn Source) -> Result<Self, ConfigErrors> {
         let mut c = Check { errors: Vec::new() };
-        let first = |keys: &[&'static str]| source::first(env, keys);
-
-        // [agent]
-        let agent_raw = raw.agent.clone().unwrap_or_default();
-        let agent = AgentConfig {
-            address: first(env::AGENT).map(|(_, v)| v).or(agent_raw.address),
-            timeout: c.duration(
-                "agent.timeout",
-                agent_raw.timeout.as_ref(),
-                DEFAULT_AGENT_TIMEOUT,
-            ),
-        };
-        if let Some(addr) = &agent.address {
-            if let Err(e) = addr.parse::<ratls::agent::AgentAddress>() {
-                c.fail("agent.address", e.to_string());
-            }
-        }
-
-        // [identity]
-        let id_raw = raw.identity.clone().unwrap_or_default();
-        let defaults = IdentityConfig::default();
-        let identity = IdentityConfig {
-            subject: id_raw.subject.unwrap_or(defaults.subject.clone()),
-            alt_names: id_raw.alt_names.unwrap_or(defaults.alt_names.clone()),
-            validity: c.duration(
-                "identity.validity",
-                id_raw.validity.as_ref(),
-                defaults.validity,
-            ),
-            refresh_margin: id_raw
-                .refresh_margin
-                .as_ref()
-                .map(|m| c.duration("identity.refresh_margin", Some(m), Duration::ZERO)),
-            ra_tls: id_raw.ra_tls.unwrap_or(defaults.ra_tls),
-            ..defaults
-        };
-        if let Err(e) = identity.validate() {
-            c.fail("identity", e.to_string());
-        }
-
-        // [inbound]
-        let ib = raw.inbound.clone().unwrap_or_default();
-        let listen_default = DEFAULT_INBOUND_LISTEN
-            .parse()
-            .unwrap_or_else(|_| unreachable!("default address"));
-        let listen = match first(env::INBOUND_LISTEN) {
-            Some((var, v)) => c.socket(var, &v),
-            None => ib
-                .listen
-                .as_deref()
-                .map_or(Some(listen_default), |l| c.socket("inbound.listen", l)),
-        }
-        .unwrap_or(listen_default);
-        let backend_file = ib
-            .backend
-            .as_deref()
-            .map(|b| ("inbound.backend", b.to_owned()));
-        let backend_text = match first(env::BACKEND) {
-            Some((var, v)) => Some((var.to_owned(), v)),
-            None => backend_file.map(|(k, v)| (k.to_owned(), v)),
-        };
-        let backend = match backend_text {
-            None => DEFAULT_BACKEND
-                .parse()
-                .unwrap_or_else(|_| unreachable!("default backend")),
-            Some((key, text)) => text.parse::<HostPort>().unwrap_or_else(|e| {
-                c.fail(&key, e);
-                HostPort {
-                    host: "127.0.0.1".into(),
-                    port: 8000,
-                }
-            }),
-        };
-        let file_allow = ib
-            .allowed_apps
-            .as_ref()
-            .map(|a| ("inbound.allowed_apps", a.clone()));
-        let allow = match first(env::ALLOWED_APPS) {
-            Some((var, v)) => parse_allow(&v).map_err(|e| c.fail(var, e)).ok(),
-            None => file_allow.and_then(|(k, v)| c.allow(k, &v)),
-        }
-        .unwrap_or(Allow::OwnApp);
-        let inbound = InboundConfig {
-            enabled: ib.enabled.unwrap_or(true),
-            listen,
-            backend,
-            allow,
-            require_attestation: ib.require_attestation.unwrap_or(false),
-            trust_anchors: ib
-                .trust_anchors
-                .unwrap_or_default()
-                .into_iter()
-                .map(PathBuf::from)
-                .collect(),
-            handshake_timeout: c.duration(
-                "inbound.handshake_timeout",
-                ib.handshake_timeout.as_ref(),
-                DEFAULT_HANDSHAKE_TIMEOUT,
-            ),
-            header_timeout: c.duration(
-                "inbound.header_timeout",
-                ib.header_timeout.as_ref(),
-                DEFAULT_HEADER_TIMEOUT,
-            ),
-            idle_timeout: c.duration(
-                "inbound.idle_timeout",
-                ib.idle_timeout.as_ref(),
-                DEFAULT_IDLE_TIMEOUT,
-            ),
-            backend_connect_timeout: c.duration(
-                "inbound.backend_connect_timeout",
-                ib.backend_connect_timeout.as_ref(),
-                DEFAULT_BACKEND_CONNECT_TIMEOUT,
-            ),
-            backend_timeout: c.duration(
-                "inbound.backend_timeout",
-                ib.backend_timeout.as_ref(),
-                DEFAULT_BACKEND_TIMEOUT,
-            ),
-            max_connections: ib.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
-            max_header_bytes: ib.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES),
-        };
-        if !(1..=MAX_CONNECTIONS).contains(&inbound.max_connections) {
-            c.fail(
-                "inbound.max_connections",
-                format!("must be between 1 and {MAX_CONNECTIONS}"),
-            );
-        }
-        if !(1024..=1 << 20).contains(&inbound.max_header_bytes) {
-            c.fail(
-                "inbound.max_header_bytes",
-                "must be between 1024 and 1048576",
-            );
-        }
-        for path in &inbound.trust_anchors {
-            // Parsed now, so a bad file is a configuration error (exit 64), not a start failure.
-            let parsed = std::fs::read(path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| ratls::cert::parse_chain(&b).map_err(|e| e.to_string()))
-                .and_then(|roots| ratls::TrustAnchors::new(&roots).map_err(|e| e.to_string()));
-            if let Err(e) = parsed {
-                c.fail("inbound.trust_anchors", format!("{}: {e}", path.display()));
-            }
-        }
-
-        // [auth], [client]
-        let auth_listener = c.listener(
-            "auth",
-            raw.auth.as_ref(),
-            first(env::AUTH_LISTEN),
-            DEFAULT_AUTH_LISTEN,
-        );
-        let auth_allow = raw
-            .auth
-            .as_ref()
-            .and_then(|a| a.allowed_apps.as_ref())
-            .and_then(|a| c.allow("auth.allowed_apps", a));
-        let client = c.listener(
-            "client",
-            raw.client.as_ref(),
-            first(env::CLIENT_LISTEN),
-            DEFAULT_CLIENT_LISTEN,
-        );
-        let admin = c.listener(
-            "admin",
-            raw.admin.as_ref(),
-            first(env::ADMIN_LISTEN),
-            DEFAULT_ADMIN_LISTEN,
-        );
-        if raw
-            .client
-            .as_ref()
-            .and_then(|r| r.allowed_apps.as_ref())
-            .is_some()
-        {
-            c.fail(
-                "client.allowed_apps",
-                "not a setting of the outbound proxy (see inbound.allowed_apps)",
-            );
-        }
-        if raw
-            .client
-            .as_ref()
-            .and_then(|r| r.trust_nginx_chain)
-            .is_some()
-        {
-            c.fail(
-                "client.trust_nginx_chain",
-                "a setting of [auth], not of [client]",
-            );
-        }
-
-        // [outbound]
-        let ob = raw.outbound.clone().unwrap_or_default();
-        let mut routes = StaticRoutes::default();
-        for (app, addr) in ob.routes.iter().flatten() {
-            let key = format!("outbound.routes.{app}");
-            match (app.parse::<RouteKey>(), addr.parse::<HostPort>()) {
-                (Ok(app), Ok(addr)) => routes.insert(app, addr),
-                (Err(e), _) => c.fail(&key, e),
-                (_, Err(e)) => c.fail(&key, e),
-            }
-        }
-        let gateway_roots = ob.gateway_roots.as_ref().map(PathBuf::from);
-        if let Some(path) = &gateway_roots {
-            let parsed = std::fs::read(path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| ratls::cert::parse_chain(&b).map_err(|e| e.to_string()));
-            if let Err(e) = parsed {
-                c.fail("outbound.gateway_roots", format!("{}: {e}", path.display()));
-            }
-        }
-        let outbound = OutboundConfig {
-            agent_passthrough: ob.agent_passthrough.unwrap_or(true),
-            agent_key_methods: ob.agent_key_methods.unwrap_or(false),
-            agent_quote_methods: ob.agent_quote_methods.unwrap_or(false),
-            connect_timeout: c.duration(
-                "outbound.connect_timeout",
-                ob.connect_timeout.as_ref(),
-                DEFAULT_CONNECT_TIMEOUT,
-            ),
-            handshake_timeout: c.duration(
-                "outbound.handshake_timeout",
-                ob.handshake_timeout.as_ref(),
-                DEFAULT_HANDSHAKE_TIMEOUT,
-            ),
-            response_timeout: c.duration(
-                "outbound.response_timeout",
-                ob.response_timeout.as_ref(),
-                DEFAULT_RESPONSE_TIMEOUT,
-            ),
-            pool_idle_timeout: c.duration(
-                "outbound.pool_idle_timeout",
-                ob.pool_idle_timeout.as_ref(),
-                DEFAULT_POOL_IDLE_TIMEOUT,
-            ),
-            keepalive_interval: c.duration(
-                "outbound.keepalive_interval",
-                ob.keepalive_interval.as_ref(),
-                DEFAULT_KEEPALIVE_INTERVAL,
-            ),
-            gateway_address: ob.gateway_address.as_deref().and_then(|a| {
-                a.parse::<HostPort>()
-                    .map_err(|e| c.fail("outbound.gateway_address", e))
-                    .ok()
-            }),
-            gateway_roots,
-            sys_config: ob.sys_config.map_or_else(
-                || gateway_client::discovery::DEFAULT_SYS_CONFIG.into(),
-                PathBuf::from,
-            ),
-            routes,
-            idle_timeout: c.duration(
-                "outbound.idle_timeout",
-                ob.idle_timeout.as_ref(),
-                DEFAULT_OUTBOUND_IDLE_TIMEOUT,
-            ),
-            header_timeout: c.duration(
-                "outbound.header_timeout",
-                ob.header_timeout.as_ref(),
-                DEFAULT_HEADER_TIMEOUT,
-            ),
-            max_connections: ob.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
-        };
-        if !(1..=MAX_CONNECTIONS).contains(&outbound.max_connections) {
-            c.fail(
-                "outbound.max_connections",
-                format!("{} is not 1-{MAX_CONNECTIONS}", outbound.max_connections),
-            );
-        }
-
-        // [dstack], [tls]
-        let gateway_text = match first(env::GATEWAY_DOMAIN) {
-            Some((var, v)) => Some((var.to_owned(), v)),
-            None => raw
-                .dstack
-                .as_ref()
-                .and_then(|d| d.gateway_domain.clone())
-                .filter(|d| !d.trim().is_empty())
-                .map(|d| ("dstack.gateway_domain".to_owned(), d)),
-        };
-        let gateway_domain = gateway_text.and_then(|(key, text)| {
-            text.parse::<GatewaySetting>()
-                .map_err(|e| c.fail(&key, e))
-                .ok()
-        });
-        let tls_raw = raw.tls.clone().unwrap_or_default();
-        let tls = TlsFiles {
-            cert_file: tls_raw
-                .cert_file
-                .unwrap_or(nginx_compat::render::DEFAULT_CERT_FILE.into())
-                .into(),
-            key_file: tls_raw
-                .key_file
-                .unwrap_or(nginx_compat::render::DEFAULT_KEY_FILE.into())
-                .into(),
-            ca_file: tls_raw
-                .ca_file
-                .unwrap_or(nginx_compat::render::DEFAULT_CA_FILE.into())
-                .into(),
-        };
-
-        let mut public = domains::public(
-            raw.acme.as_ref(),
-            raw.dns.as_ref(),
-            raw.domains.as_deref().unwrap_or_default(),
-            env,
+        let agent = agent(raw, env, &mut c);
+        let identity = identity(raw, &mut c);
+        let inbound = inbound(raw, env, &mut c);
+        let (auth_listener, client, admin) = listeners(raw, env, &mut c);
+        let auth = auth(raw, env, auth_listener, &mut c);
+        let outbound = outbound(raw, &mut c);
+        let gateway_domain = gateway(raw, env, &mut c);
+        let tls = tls_files(raw);
+        let public = public(raw, env, &inbound, &mut c);
+        no_collisions(
+            &[
+                ("inbound.listen", inbound.enabled, inbound.listen),
+                ("auth.listen", auth.listener.enabled, auth.listener.listen),
+                ("client.listen", client.enabled, client.listen),
+                ("admin.listen", admin.enabled, admin.listen),
+                (
+                    "acme.http_listen",
+                    public.acme.http_listen.is_some(),
+                    public.acme.http_listen.unwrap_or(inbound.listen),
+                ),
+            ],
             &mut c,
         );
-        // The gateway reaches this CVM on the inbound listener's port unless told otherwise.
-        if public.dns.app_port.is_none() && inbound.listen.port() != 0 {
-            public.dns.app_port = Some(inbound.listen.port());
-        }
-        if !public.domains.is_empty() && !inbound.enabled {
-            c.fail(
-                "inbound.enabled",
-                "public domains are served on the inbound listener: enable it",
-            );
-        }
-
-        // Listeners must not collide.
-        let mut bound: Vec<(&str, SocketAddr)> = Vec::new();
-        for (key, enabled, addr) in [
-            ("inbound.listen", inbound.enabled, inbound.listen),
-            ("auth.listen", auth_listener.enabled, auth_listener.listen),
-            ("client.listen", client.enabled, client.listen),
-            ("admin.listen", admin.enabled, admin.listen),
-            (
-                "acme.http_listen",
-                public.acme.http_listen.is_some(),
-                public.acme.http_listen.unwrap_or(inbound.listen),
-            ),
-        ] {
-            // Port 0 asks the OS for a free port: never a collision.
-            if !enabled || addr.port() == 0 {
-                continue;
-            }
-            if let Some((other, _)) = bound.iter().find(|(_, a)| {
-                a.port() == addr.port()
-                    && (a.ip() == addr.ip()
-                        || a.ip().is_unspecified()
-                        || addr.ip().is_unspecified())
-            }) {
-                c.fail(key, format!("{addr} collides with {other}"));
-            }
-            bound.push((key, addr));
-        }
-
-        let nginx_secret = first(env::NGINX_SECRET)
-            .map(|(_, v)| v)
-            .or_else(|| raw.auth.as_ref().and_then(|a| a.nginx_secret.clone()))
-            .map(|v| v.trim().to_owned());
-        if nginx_secret
-            .as_deref()
-            .is_some_and(|s| !nginx_compat::render::valid_secret(s))
-        {
-            c.fail(
-                "auth.nginx_secret",
-                format!(
-                    "at least {} letters, digits, '-' or '_' (e.g. `openssl rand -hex 32`)",
-                    nginx_compat::render::MIN_SECRET_LEN
-                ),
-            );
-        }
-        let nginx_secret = nginx_secret.map(Secret);
-        let auth_raw = raw.auth.clone().unwrap_or_default();
-        let auth_header_timeout = c.duration(
-            "auth.header_timeout",
-            auth_raw.header_timeout.as_ref(),
-            DEFAULT_AUTH_HEADER_TIMEOUT,
+        let drain_timeout = c.duration(
+            "lifecycle.drain_timeout",
+            raw.lifecycle
+                .as_ref()
+                .and_then(|l| l.drain_timeout.as_ref()),
+            DEFAULT_DRAIN_TIMEOUT,
         );
-        let auth_max_connections = auth_raw
-            .max_connections
-            .unwrap_or(DEFAULT_AUTH_MAX_CONNECTIONS);
-        if !(1..=MAX_CONNECTIONS).contains(&auth_max_connections) {
-            c.fail(
-                "auth.max_connections",
-                format!("{auth_max_connections} is not 1-{MAX_CONNECTIONS}"),
-            );
-        }
-        for (field, set) in [
-            (
-                "header_timeout",
-                raw.client
-                    .as_ref()
-                    .is_some_and(|r| r.header_timeout.is_some()),
-            ),
-            (
-                "max_connections",
-                raw.client
-                    .as_ref()
-                    .is_some_and(|r| r.max_connections.is_some()),
-            ),
-        ] {
-            if set {
-                c.fail(
-                    &format!("client.{field}"),
-                    "set it in [outbound] (the outbound proxy's settings) or [auth]",
-                );
-            }
-        }
-
         if !c.errors.is_empty() {
             return Err(ConfigErrors(c.errors));
         }
@@ -962,35 +590,463 @@ impl Config {
             agent,
             identity,
             inbound,
-            auth: AuthConfig {
-                listener: auth_listener,
-                allow: auth_allow,
-                trust_nginx_chain: raw
-                    .auth
-                    .as_ref()
-                    .and_then(|a| a.trust_nginx_chain)
-                    .unwrap_or(true),
-                nginx_secret,
-                header_timeout: auth_header_timeout,
-                max_connections: auth_max_connections,
-            },
+            auth,
             client,
             admin,
             outbound,
             gateway_domain,
             tls,
             public,
-            drain_timeout: c.duration(
-                "lifecycle.drain_timeout",
-                raw.lifecycle
-                    .as_ref()
-                    .and_then(|l| l.drain_timeout.as_ref()),
-                DEFAULT_DRAIN_TIMEOUT,
-            ),
+            drain_timeout,
         })
     }
 }
 
+/// `[agent]`: where the guest agent is.
+fn agent(raw: &RawConfig, env: &dyn Source, c: &mut Check) -> AgentConfig {
+    let first = |keys: &[&'static str]| source::first(env, keys);
+    let agent_raw = raw.agent.clone().unwrap_or_default();
+    let agent = AgentConfig {
+        address: first(env::AGENT).map(|(_, v)| v).or(agent_raw.address),
+        timeout: c.duration(
+            "agent.timeout",
+            agent_raw.timeout.as_ref(),
+            DEFAULT_AGENT_TIMEOUT,
+        ),
+    };
+    if let Some(addr) = &agent.address {
+        if let Err(e) = addr.parse::<ratls::agent::AgentAddress>() {
+            c.fail("agent.address", e.to_string());
+        }
+    }
+    agent
+}
+
+/// `[identity]`: the RA-TLS certificate requested from the agent.
+fn identity(raw: &RawConfig, c: &mut Check) -> IdentityConfig {
+    let id_raw = raw.identity.clone().unwrap_or_default();
+    let defaults = IdentityConfig::default();
+    let identity = IdentityConfig {
+        subject: id_raw.subject.unwrap_or(defaults.subject.clone()),
+        alt_names: id_raw.alt_names.unwrap_or(defaults.alt_names.clone()),
+        validity: c.duration(
+            "identity.validity",
+            id_raw.validity.as_ref(),
+            defaults.validity,
+        ),
+        refresh_margin: id_raw
+            .refresh_margin
+            .as_ref()
+            .map(|m| c.duration("identity.refresh_margin", Some(m), Duration::ZERO)),
+        ra_tls: id_raw.ra_tls.unwrap_or(defaults.ra_tls),
+        ..defaults
+    };
+    if let Err(e) = identity.validate() {
+        c.fail("identity", e.to_string());
+    }
+    identity
+}
+
+/// `[inbound]`: the mesh listener.
+fn inbound(raw: &RawConfig, env: &dyn Source, c: &mut Check) -> InboundConfig {
+    let first = |keys: &[&'static str]| source::first(env, keys);
+    let ib = raw.inbound.clone().unwrap_or_default();
+    let listen_default = DEFAULT_INBOUND_LISTEN
+        .parse()
+        .unwrap_or_else(|_| unreachable!("default address"));
+    let listen = match first(env::INBOUND_LISTEN) {
+        Some((var, v)) => c.socket(var, &v),
+        None => ib
+            .listen
+            .as_deref()
+            .map_or(Some(listen_default), |l| c.socket("inbound.listen", l)),
+    }
+    .unwrap_or(listen_default);
+    let backend_file = ib
+        .backend
+        .as_deref()
+        .map(|b| ("inbound.backend", b.to_owned()));
+    let backend_text = match first(env::BACKEND) {
+        Some((var, v)) => Some((var.to_owned(), v)),
+        None => backend_file.map(|(k, v)| (k.to_owned(), v)),
+    };
+    let backend = match backend_text {
+        None => DEFAULT_BACKEND
+            .parse()
+            .unwrap_or_else(|_| unreachable!("default backend")),
+        Some((key, text)) => text.parse::<HostPort>().unwrap_or_else(|e| {
+            c.fail(&key, e);
+            HostPort {
+                host: "127.0.0.1".into(),
+                port: 8000,
+            }
+        }),
+    };
+    let file_allow = ib
+        .allowed_apps
+        .as_ref()
+        .map(|a| ("inbound.allowed_apps", a.clone()));
+    let allow = match first(env::ALLOWED_APPS) {
+        Some((var, v)) => parse_allow(&v).map_err(|e| c.fail(var, e)).ok(),
+        None => file_allow.and_then(|(k, v)| c.allow(k, &v)),
+    }
+    .unwrap_or(Allow::OwnApp);
+    let inbound = InboundConfig {
+        enabled: ib.enabled.unwrap_or(true),
+        listen,
+        backend,
+        allow,
+        require_attestation: ib.require_attestation.unwrap_or(false),
+        trust_anchors: ib
+            .trust_anchors
+            .unwrap_or_default()
+            .into_iter()
+            .map(PathBuf::from)
+            .collect(),
+        handshake_timeout: c.duration(
+            "inbound.handshake_timeout",
+            ib.handshake_timeout.as_ref(),
+            DEFAULT_HANDSHAKE_TIMEOUT,
+        ),
+        header_timeout: c.duration(
+            "inbound.header_timeout",
+            ib.header_timeout.as_ref(),
+            DEFAULT_HEADER_TIMEOUT,
+        ),
+        idle_timeout: c.duration(
+            "inbound.idle_timeout",
+            ib.idle_timeout.as_ref(),
+            DEFAULT_IDLE_TIMEOUT,
+        ),
+        backend_connect_timeout: c.duration(
+            "inbound.backend_connect_timeout",
+            ib.backend_connect_timeout.as_ref(),
+            DEFAULT_BACKEND_CONNECT_TIMEOUT,
+        ),
+        backend_timeout: c.duration(
+            "inbound.backend_timeout",
+            ib.backend_timeout.as_ref(),
+            DEFAULT_BACKEND_TIMEOUT,
+        ),
+        max_connections: ib.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        max_header_bytes: ib.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES),
+    };
+    if !(1..=MAX_CONNECTIONS).contains(&inbound.max_connections) {
+        c.fail(
+            "inbound.max_connections",
+            format!("must be between 1 and {MAX_CONNECTIONS}"),
+        );
+    }
+    if !(1024..=1 << 20).contains(&inbound.max_header_bytes) {
+        c.fail(
+            "inbound.max_header_bytes",
+            "must be between 1024 and 1048576",
+        );
+    }
+    for path in &inbound.trust_anchors {
+        // Parsed now, so a bad file is a configuration error (exit 64), not a start failure.
+        let parsed = std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| ratls::cert::parse_chain(&b).map_err(|e| e.to_string()))
+            .and_then(|roots| ratls::TrustAnchors::new(&roots).map_err(|e| e.to_string()));
+        if let Err(e) = parsed {
+            c.fail("inbound.trust_anchors", format!("{}: {e}", path.display()));
+        }
+    }
+    inbound
+}
+
+/// dstack-vpc's listener sections `[auth]` and `[client]`, and `[admin]`: where they listen.
+fn listeners(
+    raw: &RawConfig,
+    env: &dyn Source,
+    c: &mut Check,
+) -> (ListenerConfig, ListenerConfig, ListenerConfig) {
+    let first = |keys: &[&'static str]| source::first(env, keys);
+    let auth_listener = c.listener(
+        "auth",
+        raw.auth.as_ref(),
+        first(env::AUTH_LISTEN),
+        DEFAULT_AUTH_LISTEN,
+    );
+    let client = c.listener(
+        "client",
+        raw.client.as_ref(),
+        first(env::CLIENT_LISTEN),
+        DEFAULT_CLIENT_LISTEN,
+    );
+    let admin = c.listener(
+        "admin",
+        raw.admin.as_ref(),
+        first(env::ADMIN_LISTEN),
+        DEFAULT_ADMIN_LISTEN,
+    );
+    if raw
+        .client
+        .as_ref()
+        .and_then(|r| r.allowed_apps.as_ref())
+        .is_some()
+    {
+        c.fail(
+            "client.allowed_apps",
+            "not a setting of the outbound proxy (see inbound.allowed_apps)",
+        );
+    }
+    if raw
+        .client
+        .as_ref()
+        .and_then(|r| r.trust_nginx_chain)
+        .is_some()
+    {
+        c.fail(
+            "client.trust_nginx_chain",
+            "a setting of [auth], not of [client]",
+        );
+    }
+    (auth_listener, client, admin)
+}
+
+/// `[outbound]`: the outbound proxy's behaviour.
+fn outbound(raw: &RawConfig, c: &mut Check) -> OutboundConfig {
+    let ob = raw.outbound.clone().unwrap_or_default();
+    let mut routes = StaticRoutes::default();
+    for (app, addr) in ob.routes.iter().flatten() {
+        let key = format!("outbound.routes.{app}");
+        match (app.parse::<RouteKey>(), addr.parse::<HostPort>()) {
+            (Ok(app), Ok(addr)) => routes.insert(app, addr),
+            (Err(e), _) => c.fail(&key, e),
+            (_, Err(e)) => c.fail(&key, e),
+        }
+    }
+    let gateway_roots = ob.gateway_roots.as_ref().map(PathBuf::from);
+    if let Some(path) = &gateway_roots {
+        let parsed = std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| ratls::cert::parse_chain(&b).map_err(|e| e.to_string()));
+        if let Err(e) = parsed {
+            c.fail("outbound.gateway_roots", format!("{}: {e}", path.display()));
+        }
+    }
+    let outbound = OutboundConfig {
+        agent_passthrough: ob.agent_passthrough.unwrap_or(true),
+        agent_key_methods: ob.agent_key_methods.unwrap_or(false),
+        agent_quote_methods: ob.agent_quote_methods.unwrap_or(false),
+        connect_timeout: c.duration(
+            "outbound.connect_timeout",
+            ob.connect_timeout.as_ref(),
+            DEFAULT_CONNECT_TIMEOUT,
+        ),
+        handshake_timeout: c.duration(
+            "outbound.handshake_timeout",
+            ob.handshake_timeout.as_ref(),
+            DEFAULT_HANDSHAKE_TIMEOUT,
+        ),
+        response_timeout: c.duration(
+            "outbound.response_timeout",
+            ob.response_timeout.as_ref(),
+            DEFAULT_RESPONSE_TIMEOUT,
+        ),
+        pool_idle_timeout: c.duration(
+            "outbound.pool_idle_timeout",
+            ob.pool_idle_timeout.as_ref(),
+            DEFAULT_POOL_IDLE_TIMEOUT,
+        ),
+        keepalive_interval: c.duration(
+            "outbound.keepalive_interval",
+            ob.keepalive_interval.as_ref(),
+            DEFAULT_KEEPALIVE_INTERVAL,
+        ),
+        gateway_address: ob.gateway_address.as_deref().and_then(|a| {
+            a.parse::<HostPort>()
+                .map_err(|e| c.fail("outbound.gateway_address", e))
+                .ok()
+        }),
+        gateway_roots,
+        sys_config: ob.sys_config.map_or_else(
+            || gateway_client::discovery::DEFAULT_SYS_CONFIG.into(),
+            PathBuf::from,
+        ),
+        routes,
+        idle_timeout: c.duration(
+            "outbound.idle_timeout",
+            ob.idle_timeout.as_ref(),
+            DEFAULT_OUTBOUND_IDLE_TIMEOUT,
+        ),
+        header_timeout: c.duration(
+            "outbound.header_timeout",
+            ob.header_timeout.as_ref(),
+            DEFAULT_HEADER_TIMEOUT,
+        ),
+        max_connections: ob.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+    };
+    if !(1..=MAX_CONNECTIONS).contains(&outbound.max_connections) {
+        c.fail(
+            "outbound.max_connections",
+            format!("{} is not 1-{MAX_CONNECTIONS}", outbound.max_connections),
+        );
+    }
+    outbound
+}
+
+/// `[dstack] gateway_domain`, or `DSTACK_GATEWAY_DOMAIN`.
+fn gateway(raw: &RawConfig, env: &dyn Source, c: &mut Check) -> Option<GatewaySetting> {
+    let first = |keys: &[&'static str]| source::first(env, keys);
+    let gateway_text = match first(env::GATEWAY_DOMAIN) {
+        Some((var, v)) => Some((var.to_owned(), v)),
+        None => raw
+            .dstack
+            .as_ref()
+            .and_then(|d| d.gateway_domain.clone())
+            .filter(|d| !d.trim().is_empty())
+            .map(|d| ("dstack.gateway_domain".to_owned(), d)),
+    };
+    let gateway_domain = gateway_text.and_then(|(key, text)| {
+        text.parse::<GatewaySetting>()
+            .map_err(|e| c.fail(&key, e))
+            .ok()
+    });
+    gateway_domain
+}
+
+/// `[tls]`: dstack-vpc's certificate files (for `nginx-config`).
+fn tls_files(raw: &RawConfig) -> TlsFiles {
+    let tls_raw = raw.tls.clone().unwrap_or_default();
+    let tls = TlsFiles {
+        cert_file: tls_raw
+            .cert_file
+            .unwrap_or(nginx_compat::render::DEFAULT_CERT_FILE.into())
+            .into(),
+        key_file: tls_raw
+            .key_file
+            .unwrap_or(nginx_compat::render::DEFAULT_KEY_FILE.into())
+            .into(),
+        ca_file: tls_raw
+            .ca_file
+            .unwrap_or(nginx_compat::render::DEFAULT_CA_FILE.into())
+            .into(),
+    };
+    tls
+}
+
+/// `[auth]`: the auth service's allowlist, nginx trust and limits.
+fn auth(raw: &RawConfig, env: &dyn Source, listener: ListenerConfig, c: &mut Check) -> AuthConfig {
+    let first = |keys: &[&'static str]| source::first(env, keys);
+    let auth_allow = raw
+        .auth
+        .as_ref()
+        .and_then(|a| a.allowed_apps.as_ref())
+        .and_then(|a| c.allow("auth.allowed_apps", a));
+    let nginx_secret = first(env::NGINX_SECRET)
+        .map(|(_, v)| v)
+        .or_else(|| raw.auth.as_ref().and_then(|a| a.nginx_secret.clone()))
+        .map(|v| v.trim().to_owned());
+    if nginx_secret
+        .as_deref()
+        .is_some_and(|s| !nginx_compat::render::valid_secret(s))
+    {
+        c.fail(
+            "auth.nginx_secret",
+            format!(
+                "at least {} letters, digits, '-' or '_' (e.g. `openssl rand -hex 32`)",
+                nginx_compat::render::MIN_SECRET_LEN
+            ),
+        );
+    }
+    let nginx_secret = nginx_secret.map(Secret);
+    let auth_raw = raw.auth.clone().unwrap_or_default();
+    let auth_header_timeout = c.duration(
+        "auth.header_timeout",
+        auth_raw.header_timeout.as_ref(),
+        DEFAULT_AUTH_HEADER_TIMEOUT,
+    );
+    let auth_max_connections = auth_raw
+        .max_connections
+        .unwrap_or(DEFAULT_AUTH_MAX_CONNECTIONS);
+    if !(1..=MAX_CONNECTIONS).contains(&auth_max_connections) {
+        c.fail(
+            "auth.max_connections",
+            format!("{auth_max_connections} is not 1-{MAX_CONNECTIONS}"),
+        );
+    }
+    for (field, set) in [
+        (
+            "header_timeout",
+            raw.client
+                .as_ref()
+                .is_some_and(|r| r.header_timeout.is_some()),
+        ),
+        (
+            "max_connections",
+            raw.client
+                .as_ref()
+                .is_some_and(|r| r.max_connections.is_some()),
+        ),
+    ] {
+        if set {
+            c.fail(
+                &format!("client.{field}"),
+                "set it in [outbound] (the outbound proxy's settings) or [auth]",
+            );
+        }
+    }
+    AuthConfig {
+        listener,
+        allow: auth_allow,
+        trust_nginx_chain: raw
+            .auth
+            .as_ref()
+            .and_then(|a| a.trust_nginx_chain)
+            .unwrap_or(true),
+        nginx_secret,
+        header_timeout: auth_header_timeout,
+        max_connections: auth_max_connections,
+    }
+}
+
+/// `[acme]`, `[dns]`, `[[domains]]` and dstack-ingress's variables, checked against the
+/// inbound listener that serves them.
+fn public(
+    raw: &RawConfig,
+    env: &dyn Source,
+    inbound: &InboundConfig,
+    c: &mut Check,
+) -> PublicConfig {
+    let mut public = domains::public(
+        raw.acme.as_ref(),
+        raw.dns.as_ref(),
+        raw.domains.as_deref().unwrap_or_default(),
+        env,
+        c,
+    );
+    // The gateway reaches this CVM on the inbound listener's port unless told otherwise.
+    if public.dns.app_port.is_none() && inbound.listen.port() != 0 {
+        public.dns.app_port = Some(inbound.listen.port());
+    }
+    if !public.domains.is_empty() && !inbound.enabled {
+        c.fail(
+            "inbound.enabled",
+            "public domains are served on the inbound listener: enable it",
+        );
+    }
+    public
+}
+
+/// No two enabled listeners on one address (port 0 asks the OS, so never collides).
+fn no_collisions(listeners: &[(&'static str, bool, SocketAddr)], c: &mut Check) {
+    let mut bound: Vec<(&str, SocketAddr)> = Vec::new();
+    for &(key, enabled, addr) in listeners {
+        if !enabled || addr.port() == 0 {
+            continue;
+        }
+        if let Some((other, _)) = bound.iter().find(|(_, a)| {
+            a.port() == addr.port()
+                && (a.ip() == addr.ip() || a.ip().is_unspecified() || addr.ip().is_unspecified())
+        }) {
+            c.fail(key, format!("{addr} collides with {other}"));
+        }
+        bound.push((key, addr));
+    }
+}
 pub mod dns;
 pub mod domains;
 #[cfg(test)]
