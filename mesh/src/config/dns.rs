@@ -157,104 +157,12 @@ pub(super) fn dns(raw: Option<&RawDns>, env: &dyn Source, c: &mut Check) -> DnsC
     let first = |keys: &[&'static str]| super::source::first(env, keys);
     let raw = raw.cloned().unwrap_or_default();
     let defaults = DnsConfig::default();
-    // The environment wins over the file, as everywhere else.
-    let pick = |keys: &[&'static str], file: Option<String>, key: &'static str| {
-        first(keys).or(file.map(|v| (key, v)))
-    };
     let mut flag =
         |keys: &[&'static str], file: Option<bool>| super::domains::env_flag(env, keys, c).or(file);
     let propagation_check = flag(env::PROPAGATION_CHECK, raw.propagation_check).unwrap_or(true);
     let set_caa = flag(env::SET_CAA, raw.set_caa).unwrap_or(false);
 
-    let provider = match pick(env::PROVIDER, raw.provider.clone(), "dns.provider") {
-        None => None,
-        Some((key, name)) => {
-            match name.trim().to_ascii_lowercase().as_str() {
-                "cloudflare" => match pick(
-                    env::CLOUDFLARE_TOKEN,
-                    raw.api_token.clone(),
-                    "dns.api_token",
-                ) {
-                    Some((_, token)) => Some(ProviderConfig::Cloudflare {
-                        api_token: Secret(token.trim().to_owned()),
-                        api_url: pick(env::CLOUDFLARE_URL, raw.api_url.clone(), "dns.api_url")
-                            .map_or_else(
-                                || CLOUDFLARE_API.to_owned(),
-                                |(_, u)| u.trim().trim_end_matches('/').to_owned(),
-                            ),
-                    }),
-                    None => {
-                        c.fail(key, "cloudflare needs an API token (CLOUDFLARE_API_TOKEN or dns.api_token) with Zone:Read and DNS:Edit");
-                        None
-                    }
-                },
-                "rfc2136" => {
-                    let server = pick(env::RFC2136_SERVER, raw.server.clone(), "dns.server");
-                    let key_name = pick(env::RFC2136_KEY, raw.tsig_key.clone(), "dns.tsig_key");
-                    let secret = pick(
-                        env::RFC2136_SECRET,
-                        raw.tsig_secret.clone(),
-                        "dns.tsig_secret",
-                    );
-                    let algorithm = pick(
-                        env::RFC2136_ALGORITHM,
-                        raw.tsig_algorithm.clone(),
-                        "dns.tsig_algorithm",
-                    )
-                    .map_or_else(
-                        || "hmac-sha256".to_owned(),
-                        |(_, a)| a.trim().to_ascii_lowercase(),
-                    );
-                    if !["hmac-sha256", "hmac-sha384", "hmac-sha512"].contains(&algorithm.as_str())
-                    {
-                        c.fail(
-                            "dns.tsig_algorithm",
-                            format!("{algorithm:?}: use hmac-sha256, hmac-sha384 or hmac-sha512"),
-                        );
-                    }
-                    let zones = match first(env::RFC2136_ZONE) {
-                        Some((_, v)) => v
-                            .split([',', ' ', '\n'])
-                            .filter(|z| !z.is_empty())
-                            .map(str::to_owned)
-                            .collect(),
-                        None => raw.zones.clone().unwrap_or_default(),
-                    };
-                    let zones = zones
-                        .iter()
-                        .filter_map(|z| {
-                            super::domains::check_name(z)
-                                .map_err(|e| c.fail("dns.zones", e))
-                                .ok()
-                        })
-                        .collect();
-                    match (server, key_name, secret) {
-                        (Some((_, server)), Some((_, key_name)), Some((skey, secret))) => {
-                            // Standard base64 (tsig-keygen's) decodes with the base64url decoder too.
-                            if crate::base64url::decode(secret.trim()).is_err() {
-                                c.fail(skey, "the TSIG secret is not base64 (copy it from tsig-keygen's output)");
-                            }
-                            Some(ProviderConfig::Rfc2136 {
-                                server: server.trim().to_owned(),
-                                key_name: key_name.trim().trim_end_matches('.').to_owned(),
-                                algorithm,
-                                secret: Secret(secret.trim().to_owned()),
-                                zones,
-                            })
-                        }
-                        _ => {
-                            c.fail(key, "rfc2136 needs a server, a TSIG key name and its secret (RFC2136_SERVER, RFC2136_TSIG_KEY, RFC2136_TSIG_SECRET or dns.server, dns.tsig_key, dns.tsig_secret)");
-                            None
-                        }
-                    }
-                }
-                other => {
-                    c.fail(key, format!("{other:?} is not a DNS provider this build has: use cloudflare or rfc2136 (RFC 2136 works with BIND, Knot, PowerDNS and most managed DNS)"));
-                    None
-                }
-            }
-        }
-    };
+    let provider = provider(&raw, env, c);
 
     let resolvers = match first(env::RESOLVERS) {
         Some((var, v)) => v
@@ -299,6 +207,7 @@ pub(super) fn dns(raw: Option<&RawDns>, env: &dyn Source, c: &mut Check) -> DnsC
         );
     }
     let gateway_domain = pick(
+        env,
         env::GATEWAY_DOMAIN,
         raw.gateway_domain,
         "dns.gateway_domain",
@@ -312,7 +221,7 @@ pub(super) fn dns(raw: Option<&RawDns>, env: &dyn Source, c: &mut Check) -> DnsC
         );
         checked.map_err(|e| c.fail(key, e)).ok()
     });
-    let txt_prefix = pick(env::TXT_PREFIX, raw.txt_prefix, "dns.txt_prefix").map_or(
+    let txt_prefix = pick(env, env::TXT_PREFIX, raw.txt_prefix, "dns.txt_prefix").map_or(
         defaults.txt_prefix,
         |(key, p)| {
             let p = p.trim().trim_matches('.').to_owned();
@@ -354,6 +263,120 @@ pub(super) fn dns(raw: Option<&RawDns>, env: &dyn Source, c: &mut Check) -> DnsC
             .iter()
             .map(|i| i.trim().to_ascii_lowercase())
             .collect(),
+    }
+}
+
+/// The environment wins over the file, as everywhere else.
+fn pick(
+    env: &dyn Source,
+    keys: &[&'static str],
+    file: Option<String>,
+    key: &'static str,
+) -> Option<(&'static str, String)> {
+    super::source::first(env, keys).or(file.map(|v| (key, v)))
+}
+
+/// `DNS_PROVIDER` / `[dns] provider` and its credentials.
+fn provider(raw: &RawDns, env: &dyn Source, c: &mut Check) -> Option<ProviderConfig> {
+    let (key, name) = pick(env, env::PROVIDER, raw.provider.clone(), "dns.provider")?;
+    match name.trim().to_ascii_lowercase().as_str() {
+        "cloudflare" => cloudflare(raw, env, key, c),
+        "rfc2136" => rfc2136(raw, env, key, c),
+        other => {
+            c.fail(key, format!("{other:?} is not a DNS provider this build has: use cloudflare or rfc2136 (RFC 2136 works with BIND, Knot, PowerDNS and most managed DNS)"));
+            None
+        }
+    }
+}
+
+/// `cloudflare`: an API token with Zone:Read and DNS:Edit.
+fn cloudflare(raw: &RawDns, env: &dyn Source, key: &str, c: &mut Check) -> Option<ProviderConfig> {
+    match pick(
+        env,
+        env::CLOUDFLARE_TOKEN,
+        raw.api_token.clone(),
+        "dns.api_token",
+    ) {
+        Some((_, token)) => Some(ProviderConfig::Cloudflare {
+            api_token: Secret(token.trim().to_owned()),
+            api_url: pick(env, env::CLOUDFLARE_URL, raw.api_url.clone(), "dns.api_url")
+                .map_or_else(
+                    || CLOUDFLARE_API.to_owned(),
+                    |(_, u)| u.trim().trim_end_matches('/').to_owned(),
+                ),
+        }),
+        None => {
+            c.fail(key, "cloudflare needs an API token (CLOUDFLARE_API_TOKEN or dns.api_token) with Zone:Read and DNS:Edit");
+            None
+        }
+    }
+}
+
+/// `rfc2136`: a primary server, a TSIG key name and its secret.
+fn rfc2136(raw: &RawDns, env: &dyn Source, key: &str, c: &mut Check) -> Option<ProviderConfig> {
+    let first = |keys: &[&'static str]| super::source::first(env, keys);
+
+    let server = pick(env, env::RFC2136_SERVER, raw.server.clone(), "dns.server");
+    let key_name = pick(env, env::RFC2136_KEY, raw.tsig_key.clone(), "dns.tsig_key");
+    let secret = pick(
+        env,
+        env::RFC2136_SECRET,
+        raw.tsig_secret.clone(),
+        "dns.tsig_secret",
+    );
+    let algorithm = pick(
+        env,
+        env::RFC2136_ALGORITHM,
+        raw.tsig_algorithm.clone(),
+        "dns.tsig_algorithm",
+    )
+    .map_or_else(
+        || "hmac-sha256".to_owned(),
+        |(_, a)| a.trim().to_ascii_lowercase(),
+    );
+    if !["hmac-sha256", "hmac-sha384", "hmac-sha512"].contains(&algorithm.as_str()) {
+        c.fail(
+            "dns.tsig_algorithm",
+            format!("{algorithm:?}: use hmac-sha256, hmac-sha384 or hmac-sha512"),
+        );
+    }
+    let zones = match first(env::RFC2136_ZONE) {
+        Some((_, v)) => v
+            .split([',', ' ', '\n'])
+            .filter(|z| !z.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        None => raw.zones.clone().unwrap_or_default(),
+    };
+    let zones = zones
+        .iter()
+        .filter_map(|z| {
+            super::domains::check_name(z)
+                .map_err(|e| c.fail("dns.zones", e))
+                .ok()
+        })
+        .collect();
+    match (server, key_name, secret) {
+        (Some((_, server)), Some((_, key_name)), Some((skey, secret))) => {
+            // Standard base64 (tsig-keygen's) decodes with the base64url decoder too.
+            if crate::base64url::decode(secret.trim()).is_err() {
+                c.fail(
+                    skey,
+                    "the TSIG secret is not base64 (copy it from tsig-keygen's output)",
+                );
+            }
+            Some(ProviderConfig::Rfc2136 {
+                server: server.trim().to_owned(),
+                key_name: key_name.trim().trim_end_matches('.').to_owned(),
+                algorithm,
+                secret: Secret(secret.trim().to_owned()),
+                zones,
+            })
+        }
+        _ => {
+            c.fail(key, "rfc2136 needs a server, a TSIG key name and its secret (RFC2136_SERVER, RFC2136_TSIG_KEY, RFC2136_TSIG_SECRET or dns.server, dns.tsig_key, dns.tsig_secret)");
+            None
+        }
     }
 }
 

@@ -345,6 +345,27 @@ pub(super) fn public(
     env: &dyn Source,
     c: &mut Check,
 ) -> PublicConfig {
+    let (acme, issuer, challenge) = acme_settings(acme, env, c);
+    let dns = super::dns::dns(dns, env, c);
+    let mut list = Vec::new();
+    for (i, d) in domains.iter().enumerate() {
+        list.extend(configured_domain(i, d, &issuer, challenge, c));
+    }
+    list.extend(ingress_domains(env, &issuer, challenge, c));
+    check_domains(&list, &dns, &acme, c);
+    PublicConfig {
+        domains: list.into_iter().map(|(_, d)| d).collect(),
+        acme,
+        dns,
+    }
+}
+
+/// `[acme]` and its variables; the default issuer and challenge of every domain.
+fn acme_settings(
+    acme: Option<&RawAcme>,
+    env: &dyn Source,
+    c: &mut Check,
+) -> (AcmeConfig, Issuer, Challenge) {
     let first = |keys: &[&'static str]| super::source::first(env, keys);
     let raw = acme.cloned().unwrap_or_default();
     let staging = env_flag(env, env::STAGING, c);
@@ -428,73 +449,90 @@ pub(super) fn public(
         ),
     };
 
-    let dns = super::dns::dns(dns, env, c);
-    let mut list = Vec::new();
-    for (i, d) in domains.iter().enumerate() {
-        let key = format!("domains[{i}]");
-        let names: Vec<String> = d
-            .names
-            .iter()
-            .flatten()
-            .filter_map(|n| check_name(n).map_err(|e| c.fail(&key, e)).ok())
-            .collect();
-        if d.names.as_ref().is_none_or(Vec::is_empty) {
-            c.fail(&key, "no names: set names = [\"example.com\", ...]");
-            continue;
-        }
-        let label = d.names.iter().flatten().next().cloned().unwrap_or_default();
-        let Some(backend) = d.backend.as_deref() else {
-            c.fail(
-                &key,
-                format!("{label}: no backend (set backend = \"host:port\")"),
-            );
-            continue;
-        };
-        let backend = match parse_target(backend) {
-            Ok(b) => b,
-            Err(e) => {
-                c.fail(&format!("{key}.backend"), e);
-                continue;
-            }
-        };
-        let mode = match d.mode.as_deref().map(str::trim) {
-            None | Some("http") => Mode::Http,
-            Some("tcp") => Mode::Tcp,
-            Some(other) => {
-                c.fail(
-                    &format!("{key}.mode"),
-                    format!("{other:?}: use http or tcp"),
-                );
-                Mode::Http
-            }
-        };
-        let issuer = match d.issuer.as_deref() {
-            Some(t) => t
-                .parse()
-                .map_err(|e| c.fail(&format!("{key}.issuer"), e))
-                .unwrap_or(Issuer::InternalCa),
-            None => issuer.clone(),
-        };
-        let challenge = match d.challenge.as_deref() {
-            Some(t) => t
-                .parse()
-                .map_err(|e| c.fail(&format!("{key}.challenge"), e))
-                .unwrap_or_default(),
-            None => challenge,
-        };
-        list.push((
-            key,
-            DomainConfig {
-                names,
-                backend,
-                mode,
-                issuer,
-                challenge,
-            },
-        ));
-    }
+    (acme, issuer, challenge)
+}
 
-    // dstack-ingress's variables.
+/// One `[[domains]]` entry (the key names it in errors); `None` when it cannot be used.
+fn configured_domain(
+    i: usize,
+    d: &RawDomain,
+    issuer: &Issuer,
+    challenge: Challenge,
+    c: &mut Check,
+) -> Option<(String, DomainConfig)> {
+    let key = format!("domains[{i}]");
+    let names: Vec<String> = d
+        .names
+        .iter()
+        .flatten()
+        .filter_map(|n| check_name(n).map_err(|e| c.fail(&key, e)).ok())
+        .collect();
+    if d.names.as_ref().is_none_or(Vec::is_empty) {
+        c.fail(&key, "no names: set names = [\"example.com\", ...]");
+        return None;
+    }
+    let label = d.names.iter().flatten().next().cloned().unwrap_or_default();
+    let Some(backend) = d.backend.as_deref() else {
+        c.fail(
+            &key,
+            format!("{label}: no backend (set backend = \"host:port\")"),
+        );
+        return None;
+    };
+    let backend = match parse_target(backend) {
+        Ok(b) => b,
+        Err(e) => {
+            c.fail(&format!("{key}.backend"), e);
+            return None;
+        }
+    };
+    let mode = match d.mode.as_deref().map(str::trim) {
+        None | Some("http") => Mode::Http,
+        Some("tcp") => Mode::Tcp,
+        Some(other) => {
+            c.fail(
+                &format!("{key}.mode"),
+                format!("{other:?}: use http or tcp"),
+            );
+            Mode::Http
+        }
+    };
+    let issuer = match d.issuer.as_deref() {
+        Some(t) => t
+            .parse()
+            .map_err(|e| c.fail(&format!("{key}.issuer"), e))
+            .unwrap_or(Issuer::InternalCa),
+        None => issuer.clone(),
+    };
+    let challenge = match d.challenge.as_deref() {
+        Some(t) => t
+            .parse()
+            .map_err(|e| c.fail(&format!("{key}.challenge"), e))
+            .unwrap_or_default(),
+        None => challenge,
+    };
+    Some((
+        key,
+        DomainConfig {
+            names,
+            backend,
+            mode,
+            issuer,
+            challenge,
+        },
+    ))
+}
+
+/// dstack-ingress's variables: `DOMAIN` (with `ALIAS_DOMAIN`), `DOMAINS`, `TARGET_ENDPOINT`,
+/// `ROUTING_MAP`.
+fn ingress_domains(
+    env: &dyn Source,
+    issuer: &Issuer,
+    challenge: Challenge,
+    c: &mut Check,
+) -> Vec<(String, DomainConfig)> {
+    let first = |keys: &[&'static str]| super::source::first(env, keys);
+    let mut list = Vec::new();
     let single = first(env::DOMAIN);
     let many = first(env::DOMAINS);
     let target = first(env::TARGET_ENDPOINT);
@@ -582,9 +620,18 @@ pub(super) fn public(
         );
     }
 
-    // Names are unique across domains; wildcards need DNS-01; DNS-01 arrives with providers.
+    list
+}
+
+/// Names are unique across domains; wildcards need DNS-01; each challenge has what it needs.
+fn check_domains(
+    list: &[(String, DomainConfig)],
+    dns: &super::dns::DnsConfig,
+    acme: &AcmeConfig,
+    c: &mut Check,
+) {
     let mut seen: BTreeMap<String, String> = BTreeMap::new();
-    for (key, d) in &list {
+    for (key, d) in list {
         for name in &d.names {
             if let Some(other) = seen.insert(name.clone(), key.clone()) {
                 c.fail(
@@ -623,11 +670,6 @@ pub(super) fn public(
                 ),
             );
         }
-    }
-    PublicConfig {
-        domains: list.into_iter().map(|(_, d)| d).collect(),
-        acme,
-        dns,
     }
 }
 

@@ -900,18 +900,17 @@ fn gateway(raw: &RawConfig, env: &dyn Source, c: &mut Check) -> Option<GatewaySe
             .filter(|d| !d.trim().is_empty())
             .map(|d| ("dstack.gateway_domain".to_owned(), d)),
     };
-    let gateway_domain = gateway_text.and_then(|(key, text)| {
+    gateway_text.and_then(|(key, text)| {
         text.parse::<GatewaySetting>()
             .map_err(|e| c.fail(&key, e))
             .ok()
-    });
-    gateway_domain
+    })
 }
 
 /// `[tls]`: dstack-vpc's certificate files (for `nginx-config`).
 fn tls_files(raw: &RawConfig) -> TlsFiles {
     let tls_raw = raw.tls.clone().unwrap_or_default();
-    let tls = TlsFiles {
+    TlsFiles {
         cert_file: tls_raw
             .cert_file
             .unwrap_or(nginx_compat::render::DEFAULT_CERT_FILE.into())
@@ -924,8 +923,7 @@ fn tls_files(raw: &RawConfig) -> TlsFiles {
             .ca_file
             .unwrap_or(nginx_compat::render::DEFAULT_CA_FILE.into())
             .into(),
-    };
-    tls
+    }
 }
 
 /// `[auth]`: the auth service's allowlist, nginx trust and limits.
