@@ -6,7 +6,7 @@ use ratls::{
     agent::{AgentAddress, AgentClient},
     identity::RotatingIdentity,
 };
-use tokio::task::JoinSet;
+use tokio::{net::TcpListener, task::JoinSet};
 
 use crate::{
     acme::{self, Acme},
@@ -92,14 +92,11 @@ impl App {
         config: Config,
         identity: RotatingIdentity,
     ) -> Result<Self, StartError> {
-        let mut bound = Vec::new();
-        let mut tasks = JoinSet::new();
         // SIGTERM: every listener stops accepting and every connection winds down.
-        let drain = proxy::Drain::default();
-        let metrics = Arc::new(crate::metrics::Metrics::default());
-        // Tasks that end when their work is done (listeners must not).
-        let mut background = JoinSet::new();
-
+        let shared = Shared {
+            drain: proxy::Drain::default(),
+            metrics: Arc::default(),
+        };
         // Stored certificates are loaded before the listener opens: served from the first
         // connection, with no request to the CA.
         let acme = match config.public.domains.is_empty() {
@@ -107,114 +104,27 @@ impl App {
             false => Some(Acme::new(&config.public, identity.agent().clone(), None)?),
         };
         // Bind everything before serving anything: a port in use fails the start, not later.
-        let inbound = match config.inbound.enabled {
-            true => {
-                let mut inbound = Inbound::new(config.inbound.clone(), &identity)?
-                    .with_drain(drain.clone())
-                    .with_metrics(metrics.clone());
-                if let Some(acme) = &acme {
-                    inbound = inbound.with_public(acme.clone())?;
-                }
-                let inbound = Arc::new(inbound);
-                let listener = inbound.bind().await?;
-                bound.push(("inbound", local(&listener)));
-                Some((inbound, listener))
-            }
-            false => None,
-        };
-        let auth = match config.auth.listener.enabled {
-            true => {
-                let allow = config.auth.allow.as_ref().unwrap_or(&config.inbound.allow);
-                let policy = trust::mesh_policy(&config.inbound, allow, &identity)?;
-                let addr = config.auth.listener.listen;
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| StartError::Bind {
-                        what: "auth.listen",
-                        addr,
-                        source,
-                    })?;
-                if !addr.ip().is_loopback() {
-                    tracing::warn!(%addr, "the auth service listens beyond loopback: anything that reaches it can ask about certificates; nginx should be its only client");
-                }
-                bound.push(("auth", local(&listener)));
-                let nginx_secret = match (&config.auth.nginx_secret, config.auth.trust_nginx_chain)
-                {
-                    (Some(secret), true)
-                        if trust::nginx_roots_are_trusted(
-                            &config.tls.ca_file,
-                            &config.inbound,
-                            &identity,
-                        ) =>
-                    {
-                        Some(secret.clone())
-                    }
-                    (None, true) => {
-                        tracing::info!("no auth.nginx_secret: the auth service verifies every chain itself (a KMS leaf that nginx passes alone is refused); render nginx's configuration with `dstack-mesh nginx-config server` and a secret to take nginx's word");
-                        None
-                    }
-                    _ => None,
-                };
-                Some((
-                    Arc::new(
-                        AuthService::new(Arc::new(policy), nginx_secret)
-                            .with_limits(config.auth.header_timeout, config.auth.max_connections)
-                            .with_drain(drain.clone()),
-                    ),
-                    listener,
-                ))
-            }
-            false => None,
-        };
-        let outbound = match config.client.enabled {
-            true => {
-                let anchors = trust::mesh_anchors(&config.inbound, &identity)?;
-                let agent = AgentPassthrough::new(
-                    identity.agent().clone(),
-                    outbound::AgentAccess {
-                        quotes: config.outbound.agent_quote_methods,
-                        keys: config.outbound.agent_key_methods,
-                    },
-                );
-                let outbound = Arc::new(
-                    Outbound::new(
-                        config.client.listen,
-                        config.outbound.clone(),
-                        identity.resolver(),
-                        anchors,
-                        Some(agent),
-                    )?
-                    .with_drain(drain.clone())
-                    .with_metrics(metrics.clone()),
-                );
-                if !config.client.listen.ip().is_loopback() {
-                    tracing::warn!(addr = %config.client.listen, "the outbound proxy listens beyond loopback: anything that reaches it can call other apps as this app");
-                }
-                let listener = outbound.bind().await?;
-                bound.push(("outbound", local(&listener)));
-                Some((outbound, listener))
-            }
-            false => None,
-        };
-
+        let mut bound = Vec::new();
+        let inbound = bind_inbound(&config, &identity, acme.as_ref(), &shared, &mut bound).await?;
+        let auth = bind_auth(&config, &identity, &shared, &mut bound).await?;
+        let outbound = bind_outbound(&config, &identity, &shared, &mut bound).await?;
         let http01 = match (&acme, config.public.acme.http_listen) {
-            (Some(_), Some(addr)) => Some(bind("acme.http_listen", addr).await?),
+            (Some(_), Some(addr)) => {
+                Some(bind("acme.http_listen", addr, &mut bound, "http").await?)
+            }
             _ => None,
         };
         let admin = match config.admin.enabled {
-            true => Some(bind("admin.listen", config.admin.listen).await?),
+            true => Some(bind("admin.listen", config.admin.listen, &mut bound, "admin").await?),
             false => None,
         };
-        if let Some(l) = &http01 {
-            bound.push(("http", local(l)));
-        }
-        if let Some(l) = &admin {
-            if !config.admin.listen.ip().is_loopback() {
-                tracing::warn!(addr = %config.admin.listen, "the admin listener listens beyond loopback: anything that reaches it can read certificate state and trigger renewals");
-            }
-            bound.push(("admin", local(l)));
+        if admin.is_some() && !config.admin.listen.ip().is_loopback() {
+            tracing::warn!(addr = %config.admin.listen, "the admin listener listens beyond loopback: anything that reaches it can read certificate state and trigger renewals");
         }
 
+        // Serve. Listeners run in `tasks` (one ending is an error); tasks that finish their
+        // work (gateway discovery) in `background`.
+        let (mut tasks, mut background) = (JoinSet::new(), JoinSet::new());
         let inbound = inbound.map(|(inbound, listener)| {
             tasks.spawn(inbound.clone().serve(listener));
             inbound
@@ -236,18 +146,19 @@ impl App {
             outbound
         });
         if let (Some(acme), Some(listener)) = (&acme, http01) {
+            let challenges = acme.challenges();
             tasks.spawn(acme::http01::serve(
                 listener,
-                acme.challenges(),
-                drain.clone(),
+                challenges,
+                shared.drain.clone(),
             ));
         }
         let admin = admin.map(|listener| {
             let admin = Admin::new(identity.clone(), acme.clone())
                 .with_inbound(inbound.clone())
                 .with_outbound(outbound.clone())
-                .with_metrics(metrics.clone())
-                .with_drain(drain.clone());
+                .with_metrics(shared.metrics.clone())
+                .with_drain(shared.drain.clone());
             let admin = Arc::new(admin);
             tasks.spawn(admin.clone().serve(listener));
             admin
@@ -266,7 +177,7 @@ impl App {
             outbound,
             acme,
             bound,
-            drain,
+            drain: shared.drain,
             drain_timeout: config.drain_timeout,
             running: config,
             admin,
@@ -323,6 +234,109 @@ impl App {
             ),
         }
     }
+}
+
+/// What every listener shares: the drain (SIGTERM) and the request metrics.
+struct Shared {
+    drain: proxy::Drain,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// Where listeners bound, by name.
+type Bound = Vec<(&'static str, SocketAddr)>;
+
+/// The inbound listener (with the public domains on it), bound.
+async fn bind_inbound(
+    config: &Config,
+    identity: &RotatingIdentity,
+    acme: Option<&Arc<Acme>>,
+    shared: &Shared,
+    bound: &mut Bound,
+) -> Result<Option<(Arc<Inbound>, TcpListener)>, StartError> {
+    if !config.inbound.enabled {
+        return Ok(None);
+    }
+    let mut inbound = Inbound::new(config.inbound.clone(), identity)?
+        .with_drain(shared.drain.clone())
+        .with_metrics(shared.metrics.clone());
+    if let Some(acme) = acme {
+        inbound = inbound.with_public(acme.clone())?;
+    }
+    let inbound = Arc::new(inbound);
+    let listener = inbound.bind().await?;
+    bound.push(("inbound", local(&listener)));
+    Ok(Some((inbound, listener)))
+}
+
+/// The auth service for nginx, bound; nginx's word counts only with its secret and a CA file
+/// that holds the mesh roots alone.
+async fn bind_auth(
+    config: &Config,
+    identity: &RotatingIdentity,
+    shared: &Shared,
+    bound: &mut Bound,
+) -> Result<Option<(Arc<AuthService>, TcpListener)>, StartError> {
+    let settings = &config.auth;
+    if !settings.listener.enabled {
+        return Ok(None);
+    }
+    let allow = settings.allow.as_ref().unwrap_or(&config.inbound.allow);
+    let policy = trust::mesh_policy(&config.inbound, allow, identity)?;
+    let addr = settings.listener.listen;
+    let listener = bind("auth.listen", addr, bound, "auth").await?;
+    if !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "the auth service listens beyond loopback: anything that reaches it can ask about certificates; nginx should be its only client");
+    }
+    let nginx_secret = match (&settings.nginx_secret, settings.trust_nginx_chain) {
+        (Some(secret), true)
+            if trust::nginx_roots_are_trusted(&config.tls.ca_file, &config.inbound, identity) =>
+        {
+            Some(secret.clone())
+        }
+        (None, true) => {
+            tracing::info!("no auth.nginx_secret: the auth service verifies every chain itself (a KMS leaf that nginx passes alone is refused); render nginx's configuration with `dstack-mesh nginx-config server` and a secret to take nginx's word");
+            None
+        }
+        _ => None,
+    };
+    let auth = AuthService::new(Arc::new(policy), nginx_secret)
+        .with_limits(settings.header_timeout, settings.max_connections)
+        .with_drain(shared.drain.clone());
+    Ok(Some((Arc::new(auth), listener)))
+}
+
+/// The outbound proxy, bound (its gateway is set when it starts serving).
+async fn bind_outbound(
+    config: &Config,
+    identity: &RotatingIdentity,
+    shared: &Shared,
+    bound: &mut Bound,
+) -> Result<Option<(Arc<Outbound>, TcpListener)>, StartError> {
+    if !config.client.enabled {
+        return Ok(None);
+    }
+    let anchors = trust::mesh_anchors(&config.inbound, identity)?;
+    let access = outbound::AgentAccess {
+        quotes: config.outbound.agent_quote_methods,
+        keys: config.outbound.agent_key_methods,
+    };
+    let agent = AgentPassthrough::new(identity.agent().clone(), access);
+    let outbound = Outbound::new(
+        config.client.listen,
+        config.outbound.clone(),
+        identity.resolver(),
+        anchors,
+        Some(agent),
+    )?
+    .with_drain(shared.drain.clone())
+    .with_metrics(shared.metrics.clone());
+    if !config.client.listen.ip().is_loopback() {
+        tracing::warn!(addr = %config.client.listen, "the outbound proxy listens beyond loopback: anything that reaches it can call other apps as this app");
+    }
+    let outbound = Arc::new(outbound);
+    let listener = outbound.bind().await?;
+    bound.push(("outbound", local(&listener)));
+    Ok(Some((outbound, listener)))
 }
 
 /// Why a reload was refused; the running configuration stays.
@@ -467,13 +481,25 @@ fn public_reloadable(c: &Config) -> crate::config::PublicConfig {
     p
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
-    tokio::net::TcpListener::bind(addr)
+/// Bind `addr` for the listener `name` (its configuration `key` in errors).
+async fn bind(
+    key: &'static str,
+    addr: SocketAddr,
+    bound: &mut Bound,
+    name: &'static str,
+) -> Result<TcpListener, StartError> {
+    let listener = TcpListener::bind(addr)
         .await
-        .map_err(|source| StartError::Bind { what, addr, source })
+        .map_err(|source| StartError::Bind {
+            what: key,
+            addr,
+            source,
+        })?;
+    bound.push((name, local(&listener)));
+    Ok(listener)
 }
 
-fn local(listener: &tokio::net::TcpListener) -> SocketAddr {
+fn local(listener: &TcpListener) -> SocketAddr {
     listener
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
