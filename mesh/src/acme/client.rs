@@ -22,30 +22,31 @@ use super::{
 };
 use crate::config::{Challenge, Eab};
 
-/// Why an issuance failed, in the terms the lifecycle acts on.
-#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+/// Why an account step or an order failed. `Display` is what `/certs` shows as the last error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum IssueError {
     /// The CA did not answer (connection refused, DNS, timeout).
     #[error("CA unreachable: {0}")]
-    Unreachable(String),
+    Unreachable(Unreachable),
     /// The CA answered with a server error or something that is not ACME.
     #[error("CA error: {0}")]
-    Server(String),
+    Server(CaFault),
     /// The CA refused for now: `rateLimited` or HTTP 429.
     #[error("rate limited by the CA: {0}")]
-    RateLimited(String),
+    RateLimited(Problem),
     /// The CA refused the request (problem document).
     #[error("CA refused: {0}")]
-    Refused(String),
+    Refused(Problem),
     /// The CA could not validate control of a name.
     #[error("validation failed: {0}")]
-    Validation(String),
+    Validation(Validation),
     /// Something on our side (agent, key, store).
-    #[error("{0}")]
-    Local(String),
+    #[error(transparent)]
+    Local(#[from] LocalError),
     /// The DNS side: the provider, propagation, CAA.
-    #[error("{0}")]
-    Dns(String),
+    #[error(transparent)]
+    Dns(#[from] DnsError),
 }
 
 impl IssueError {
@@ -55,13 +56,141 @@ impl IssueError {
     }
 }
 
+/// A problem document (RFC 8555 §6.7), as the CA worded it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// Its `type` URN, when given.
+    pub kind: Option<String>,
+    /// Its HTTP status, when given.
+    pub status: Option<u16>,
+    /// The whole document in words (type, detail, subproblems).
+    pub text: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl From<&instant_acme::Problem> for Problem {
+    fn from(p: &instant_acme::Problem) -> Self {
+        Self {
+            kind: p.r#type.clone(),
+            status: p.status,
+            text: p.to_string(),
+        }
+    }
+}
+
+/// Why the CA could not be reached.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Unreachable {
+    /// Connecting or the exchange failed, or took too long.
+    #[error(transparent)]
+    Transport(#[from] Transport),
+    /// The answer's body broke off.
+    #[error("reading the answer: {0}")]
+    Body(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The whole order ran past its deadline.
+    #[error("the order took longer than {0:?}")]
+    OrderDeadline(Duration),
+}
+
+/// The CA answered, but not with something usable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaFault {
+    /// A server-side problem document.
+    #[error("{0}")]
+    Problem(Problem),
+    /// A body that is not ACME JSON (an HTML error page, a proxy in the way).
+    #[error("the CA answered something that is not ACME JSON: {0}")]
+    NotAcme(String),
+    /// The directory answered with an error status.
+    #[error("directory answered {0}")]
+    DirectoryStatus(http::StatusCode),
+    /// The directory lacks a resource.
+    #[error("the directory has no {0}")]
+    DirectoryMissing(&'static str),
+    /// No `Replay-Nonce` header.
+    #[error("the CA gave no Replay-Nonce")]
+    NoNonce,
+    /// Two fresh nonces refused in a row.
+    #[error("the CA refused two fresh nonces")]
+    Nonces,
+    /// `newAccount` answered without the account's URL.
+    #[error("newAccount answered without a Location")]
+    NoLocation,
+    /// The issued chain or key does not load or does not match.
+    #[error("the issued certificate is unusable: {0}")]
+    Unusable(#[from] super::cert::CertError),
+    /// Anything else the ACME client reported.
+    #[error("{}", ratls::error_chain(.0.as_ref()))]
+    Other(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Why validation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Validation {
+    /// The CA's problem document.
+    #[error("{0}")]
+    Problem(Problem),
+    /// The order never became ready.
+    #[error("the order did not become ready in time")]
+    NotReady,
+}
+
+/// A failure on this side.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LocalError {
+    /// The guest agent did not give the account key.
+    #[error("account key from the guest agent: {0}")]
+    Agent(#[from] ratls::agent::AgentError),
+    /// The agent's `GetKey` answer is not hex.
+    #[error("the guest agent's GetKey answer is not hex")]
+    KeyNotHex,
+    /// The account key cannot be used.
+    #[error("account key: {0}")]
+    Key(String),
+    /// The EAB HMAC key is not base64url.
+    #[error("acme.eab_hmac_key: {0}")]
+    HmacKey(#[from] crate::base64url::NotBase64url),
+    /// Signing a request failed.
+    #[error("signing failed")]
+    Signing,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] super::store::StoreError),
+    /// The account record cannot be written.
+    #[error("account record: {0}")]
+    Record(#[from] serde_json::Error),
+    /// A request could not be built.
+    #[error("request: {0}")]
+    Request(#[from] http::Error),
+    /// The internal CA could not issue.
+    #[error("internal CA: {0}")]
+    InternalCa(#[from] super::internal::InternalCaError),
+    /// The domain's issuer is not set up.
+    #[error("no issuer configured")]
+    NoIssuer,
+    /// The ACME client refused our input.
+    #[error(transparent)]
+    Acme(instant_acme::Error),
+}
+
 const ACCOUNT_GONE: &str = "urn:ietf:params:acme:error:accountDoesNotExist";
 
 /// Transport failures, kept apart from the CA's answers.
 #[derive(Debug, thiserror::Error)]
-enum Transport {
+pub enum Transport {
+    /// Connecting or the exchange failed.
     #[error("{0}")]
     Failed(String),
+    /// No answer in time.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
 }
@@ -69,38 +198,34 @@ enum Transport {
 pub(super) fn classify(e: instant_acme::Error) -> IssueError {
     match e {
         instant_acme::Error::Api(p) => {
-            let text = p.to_string();
+            let problem = Problem::from(&p);
             let kind = p.r#type.as_deref().unwrap_or_default();
             if kind.ends_with(":rateLimited") || p.status == Some(429) {
-                IssueError::RateLimited(text)
+                IssueError::RateLimited(problem)
             } else if p.status.is_some_and(|s| s >= 500) || kind.ends_with(":serverInternal") {
-                IssueError::Server(text)
+                IssueError::Server(CaFault::Problem(problem))
             } else if kind.ends_with(":connection")
                 || kind.ends_with(":unauthorized")
                 || kind.ends_with(":tls")
                 || kind.ends_with(":dns")
                 || kind.ends_with(":incorrectResponse")
             {
-                IssueError::Validation(text)
+                IssueError::Validation(Validation::Problem(problem))
             } else {
-                IssueError::Refused(text)
+                IssueError::Refused(problem)
             }
         }
         instant_acme::Error::Other(inner) => match inner.downcast::<Transport>() {
-            Ok(t) => IssueError::Unreachable(t.to_string()),
+            Ok(t) => IssueError::Unreachable(Unreachable::Transport(*t)),
             Err(other) => match other.downcast::<DnsError>() {
-                Ok(dns) => IssueError::Dns(dns.to_string()),
-                Err(other) => IssueError::Server(ratls::error_chain(other.as_ref())),
+                Ok(dns) => IssueError::Dns(*dns),
+                Err(other) => IssueError::Server(CaFault::Other(other)),
             },
         },
         // A body that is not a problem document: an HTML error page, a proxy in the way.
-        instant_acme::Error::Json(e) => IssueError::Server(format!(
-            "the CA answered something that is not ACME JSON: {e}"
-        )),
-        instant_acme::Error::Timeout(_) => {
-            IssueError::Validation("the order did not become ready in time".into())
-        }
-        other => IssueError::Local(other.to_string()),
+        instant_acme::Error::Json(e) => IssueError::Server(CaFault::NotAcme(e.to_string())),
+        instant_acme::Error::Timeout(_) => IssueError::Validation(Validation::NotReady),
+        other => IssueError::Local(LocalError::Acme(other)),
     }
 }
 
@@ -286,12 +411,12 @@ impl AcmeClient {
     pub async fn probe(&self) -> Result<(), IssueError> {
         let req = http::Request::get(&self.directory)
             .body(BodyWrapper::default())
-            .map_err(|e| IssueError::Local(e.to_string()))?;
+            .map_err(LocalError::from)?;
         let rsp = self.http.request(req).await.map_err(classify)?;
         let status = rsp.parts.status;
         match status.is_success() {
             true => Ok(()),
-            false => Err(IssueError::Server(format!("directory answered {status}"))),
+            false => Err(IssueError::Server(CaFault::DirectoryStatus(status))),
         }
     }
 
@@ -305,10 +430,10 @@ impl AcmeClient {
             .agent
             .get_key(&account_key_path(&self.directory), "acme-account")
             .await
-            .map_err(|e| IssueError::Local(format!("account key from the guest agent: {e}")))?;
-        let seed = hex::decode(reply.key.trim_start_matches("0x"))
-            .map_err(|_| IssueError::Local("the guest agent's GetKey answer is not hex".into()))?;
-        derive_account_key(&seed).map_err(IssueError::Local)
+            .map_err(LocalError::from)?;
+        let seed =
+            hex::decode(reply.key.trim_start_matches("0x")).map_err(|_| LocalError::KeyNotHex)?;
+        Ok(derive_account_key(&seed).map_err(LocalError::Key)?)
     }
 
     fn builder(&self) -> instant_acme::AccountBuilder {
@@ -327,7 +452,7 @@ impl AcmeClient {
         let stored = self
             .store
             .read(&self.store_key())
-            .map_err(|e| IssueError::Local(e.to_string()))?
+            .map_err(LocalError::from)?
             .and_then(|b| serde_json::from_slice::<AccountRecord>(&b).ok())
             .filter(|r| r.directory == self.directory);
         let account = match (stored, fresh) {
@@ -378,11 +503,10 @@ impl AcmeClient {
             directory: self.directory.clone(),
             url: account.id().to_owned(),
         };
-        let bytes =
-            serde_json::to_vec_pretty(&record).map_err(|e| IssueError::Local(e.to_string()))?;
+        let bytes = serde_json::to_vec_pretty(&record).map_err(LocalError::from)?;
         self.store
             .write(&self.store_key(), &bytes, false)
-            .map_err(|e| IssueError::Local(e.to_string()))?;
+            .map_err(LocalError::from)?;
         tracing::info!(directory = %self.directory, account = %account.id(), "ACME account ready");
         Ok(account)
     }
@@ -425,9 +549,7 @@ impl AcmeClient {
                 account: Some(account.id()),
                 method: challenge.as_str(),
             };
-            dns.check_caa(names, &req)
-                .await
-                .map_err(|e| IssueError::Dns(e.to_string()))?;
+            dns.check_caa(names, &req).await?;
         }
         match self
             .order(&account, names, challenge, challenges, dns)
@@ -596,7 +718,7 @@ mod tests {
             |v: serde_json::Value| instant_acme::Error::Api(serde_json::from_value(v).unwrap());
         assert!(matches!(
             classify(problem(serde_json::json!({"type": "urn:ietf:params:acme:error:rateLimited", "detail": "too many", "status": 429}))),
-            IssueError::RateLimited(m) if m.contains("too many")
+            IssueError::RateLimited(p) if p.text.contains("too many")
         ));
         assert!(matches!(
             classify(problem(

@@ -11,7 +11,7 @@ use ring::{
 };
 use rustls_pki_types::PrivatePkcs8KeyDer;
 
-use super::client::{classify, IssueError};
+use super::client::{classify, CaFault, IssueError, LocalError, Unreachable, Validation};
 use crate::{
     base64url::{decode as b64url_decode, encode as b64url},
     config::Eab,
@@ -21,10 +21,10 @@ use crate::{
 pub(super) fn jwk(pkcs8: &PrivatePkcs8KeyDer<'_>) -> Result<serde_json::Value, IssueError> {
     use p256::{elliptic_curve::sec1::ToEncodedPoint, pkcs8::DecodePrivateKey};
     let secret = p256::SecretKey::from_pkcs8_der(pkcs8.secret_pkcs8_der())
-        .map_err(|e| IssueError::Local(format!("account key: {e}")))?;
+        .map_err(|e| LocalError::Key(e.to_string()))?;
     let point = secret.public_key().to_encoded_point(false);
     let (Some(x), Some(y)) = (point.x(), point.y()) else {
-        return Err(IssueError::Local("account key: no public point".into()));
+        return Err(LocalError::Key("no public point".into()).into());
     };
     Ok(serde_json::json!({ "crv": "P-256", "kty": "EC", "x": b64url(x), "y": b64url(y) }))
 }
@@ -54,7 +54,7 @@ async fn fetch(
         .body
         .into_bytes()
         .await
-        .map_err(|e| IssueError::Unreachable(e.to_string()))?;
+        .map_err(|e| IssueError::Unreachable(Unreachable::Body(e)))?;
     Ok((rsp.parts, body))
 }
 
@@ -62,12 +62,11 @@ fn problem(body: &[u8]) -> IssueError {
     match serde_json::from_slice::<instant_acme::Problem>(body) {
         // No challenge is validated here: `unauthorized` means the binding was refused.
         Ok(p) => match classify(instant_acme::Error::Api(p)) {
-            IssueError::Validation(message) => IssueError::Refused(message),
+            IssueError::Validation(Validation::Problem(p)) => IssueError::Refused(p),
             other => other,
         },
-        Err(_) => IssueError::Server(format!(
-            "the CA answered something that is not ACME JSON: {}",
-            String::from_utf8_lossy(&body[..body.len().min(200)])
+        Err(_) => IssueError::Server(CaFault::NotAcme(
+            String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
         )),
     }
 }
@@ -82,7 +81,7 @@ fn request(
         .uri(url)
         .header(http::header::CONTENT_TYPE, "application/jose+json")
         .body(BodyWrapper::from(body))
-        .map_err(|e| IssueError::Local(e.to_string()))
+        .map_err(|e| LocalError::from(e).into())
 }
 
 /// Register (or find) the account of `pkcs8` with the CA at `directory`, bound to the external
@@ -98,13 +97,13 @@ pub async fn register(
     if !parts.status.is_success() {
         return Err(problem(&body));
     }
-    let dir: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|e| IssueError::Server(format!("directory: {e}")))?;
-    let url = |key: &str| {
+    let dir: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| IssueError::Server(CaFault::NotAcme(e.to_string())))?;
+    let url = |key: &'static str| {
         dir[key]
             .as_str()
             .map(str::to_owned)
-            .ok_or_else(|| IssueError::Server(format!("the directory has no {key}")))
+            .ok_or(IssueError::Server(CaFault::DirectoryMissing(key)))
     };
     let (new_nonce, new_account) = (url("newNonce")?, url("newAccount")?);
     let rng = SystemRandom::new();
@@ -113,10 +112,9 @@ pub async fn register(
         pkcs8.secret_pkcs8_der(),
         &rng,
     )
-    .map_err(|e| IssueError::Local(format!("account key: {e}")))?;
+    .map_err(|e| LocalError::Key(e.to_string()))?;
     let jwk = jwk(pkcs8)?;
-    let hmac_key = b64url_decode(&eab.hmac_key)
-        .map_err(|e| IssueError::Local(format!("acme.eab_hmac_key: {e}")))?;
+    let hmac_key = b64url_decode(&eab.hmac_key).map_err(LocalError::from)?;
     let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &hmac_key);
     // The external account signs our public key (§7.3.4).
     let binding = jws(
@@ -134,7 +132,7 @@ pub async fn register(
     // One retry on badNonce, with the nonce the refusal carries (RFC 8555 §6.5).
     for _ in 0..2 {
         let Some(current) = nonce.as_ref().and_then(|n| n.to_str().ok()) else {
-            return Err(IssueError::Server("the CA gave no Replay-Nonce".into()));
+            return Err(IssueError::Server(CaFault::NoNonce));
         };
         let signed = jws(
             &serde_json::json!({ "alg": "ES256", "jwk": jwk, "nonce": current, "url": new_account }),
@@ -142,7 +140,7 @@ pub async fn register(
             |msg| {
                 key.sign(&rng, msg)
                     .map(|s| s.as_ref().to_vec())
-                    .map_err(|_| IssueError::Local("signing failed".into()))
+                    .map_err(|_| LocalError::Signing.into())
             },
         )?;
         let (parts, body) = fetch(
@@ -156,9 +154,7 @@ pub async fn register(
                 .get(http::header::LOCATION)
                 .and_then(|l| l.to_str().ok())
                 .map(str::to_owned)
-                .ok_or_else(|| {
-                    IssueError::Server("newAccount answered without a Location".into())
-                });
+                .ok_or(IssueError::Server(CaFault::NoLocation));
         }
         let bad_nonce = serde_json::from_slice::<instant_acme::Problem>(&body)
             .ok()
@@ -169,7 +165,7 @@ pub async fn register(
         }
         nonce = parts.headers.get("replay-nonce").cloned();
     }
-    Err(IssueError::Server("the CA refused two fresh nonces".into()))
+    Err(IssueError::Server(CaFault::Nonces))
 }
 
 #[cfg(test)]

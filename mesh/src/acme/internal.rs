@@ -8,7 +8,10 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
-use super::{client::Issued, store::CertStore};
+use super::{
+    client::Issued,
+    store::{CertStore, StoreError},
+};
 
 const CA_CERT: &str = "internal-ca/ca.pem";
 const CA_KEY: &str = "internal-ca/ca-key.pem";
@@ -29,26 +32,53 @@ impl std::fmt::Debug for InternalCa {
     }
 }
 
+/// Why the internal CA could not be opened or could not sign.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InternalCaError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored file (the CA's key or certificate) is unusable.
+    #[error("{file}: {source}")]
+    Stored {
+        /// Which file.
+        file: &'static str,
+        /// Why.
+        source: rcgen::Error,
+    },
+    /// Generating or signing failed.
+    #[error(transparent)]
+    Rcgen(#[from] rcgen::Error),
+    /// The system's random number generator failed.
+    #[error("random number generator failed")]
+    Random,
+}
+
 impl InternalCa {
     /// Load the CA from the store, or create and store one.
-    pub fn open(store: &Arc<dyn CertStore>, lifetime: Duration) -> Result<Self, String> {
-        let read = |key: &str| {
-            store
-                .read(key)
-                .map_err(|e| e.to_string())
-                .map(|b| b.and_then(|b| String::from_utf8(b).ok()))
+    pub fn open(store: &Arc<dyn CertStore>, lifetime: Duration) -> Result<Self, InternalCaError> {
+        let read = |key: &str| -> Result<Option<String>, InternalCaError> {
+            Ok(store.read(key)?.and_then(|b| String::from_utf8(b).ok()))
         };
         if let (Some(cert), Some(key)) = (read(CA_CERT)?, read(CA_KEY)?) {
-            let pair = KeyPair::from_pem(&key).map_err(|e| format!("{CA_KEY}: {e}"))?;
-            let issuer =
-                Issuer::from_ca_cert_pem(&cert, pair).map_err(|e| format!("{CA_CERT}: {e}"))?;
+            let pair = KeyPair::from_pem(&key).map_err(|source| InternalCaError::Stored {
+                file: CA_KEY,
+                source,
+            })?;
+            let issuer = Issuer::from_ca_cert_pem(&cert, pair).map_err(|source| {
+                InternalCaError::Stored {
+                    file: CA_CERT,
+                    source,
+                }
+            })?;
             return Ok(Self {
                 issuer,
                 ca_pem: cert,
                 lifetime,
             });
         }
-        let key = KeyPair::generate().map_err(|e| e.to_string())?;
+        let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "dstack-mesh");
@@ -62,13 +92,9 @@ impl InternalCa {
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - Duration::from_secs(3600);
         params.not_after = now + Duration::from_secs(10 * 365 * 86400);
-        let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
-        store
-            .write(CA_KEY, key.serialize_pem().as_bytes(), true)
-            .map_err(|e| e.to_string())?;
-        store
-            .write(CA_CERT, cert.pem().as_bytes(), false)
-            .map_err(|e| e.to_string())?;
+        let cert = params.self_signed(&key)?;
+        store.write(CA_KEY, key.serialize_pem().as_bytes(), true)?;
+        store.write(CA_CERT, cert.pem().as_bytes(), false)?;
         Ok(Self {
             issuer: Issuer::new(params, key),
             ca_pem: cert.pem(),
@@ -77,9 +103,9 @@ impl InternalCa {
     }
 
     /// Sign a certificate for `names`.
-    pub fn issue(&self, names: &[String]) -> Result<Issued, String> {
-        let key = KeyPair::generate().map_err(|e| e.to_string())?;
-        let mut params = CertificateParams::new(names.to_vec()).map_err(|e| e.to_string())?;
+    pub fn issue(&self, names: &[String]) -> Result<Issued, InternalCaError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names.to_vec())?;
         let mut dn = DistinguishedName::new();
         dn.push(
             DnType::CommonName,
@@ -93,12 +119,10 @@ impl InternalCa {
         params.not_after = now + self.lifetime;
         let mut serial = [0u8; 16];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial)
-            .map_err(|_| "random number generator failed".to_owned())?;
+            .map_err(|_| InternalCaError::Random)?;
         serial[0] &= 0x7f;
         params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(|e| e.to_string())?;
+        let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued {
             chain_pem: format!("{}{}", cert.pem(), self.ca_pem),
             key_pem: key.serialize_pem(),

@@ -61,7 +61,7 @@ pub enum AcmeError {
         /// The store.
         store: String,
         /// Why.
-        reason: String,
+        reason: internal::InternalCaError,
     },
     /// The DNS provider could not be set up.
     #[error("dns: {0}")]

@@ -8,7 +8,7 @@ use std::{
 
 use super::{
     cert::{self, Loaded},
-    client::{IssueError, Issued},
+    client::{CaFault, IssueError, Issued, LocalError, Unreachable},
     jitter,
     store::{domain_key, CertStore},
     Acme, Domain, IssuerRuntime, Status, CAP_NEAR_EXPIRY, CAP_WITHOUT_CERT, ORDER_DEADLINE,
@@ -199,18 +199,16 @@ impl Acme {
                 ),
             )
             .await
-            .map_err(|_| {
-                IssueError::Unreachable(format!("the order took longer than {ORDER_DEADLINE:?}"))
-            })??,
-            Some(IssuerRuntime::Internal(ca)) => ca.issue(names).map_err(IssueError::Local)?,
-            None => return Err(IssueError::Local("no issuer configured".into())),
+            .map_err(|_| IssueError::Unreachable(Unreachable::OrderDeadline(ORDER_DEADLINE)))??,
+            Some(IssuerRuntime::Internal(ca)) => ca.issue(names).map_err(LocalError::from)?,
+            None => return Err(LocalError::NoIssuer.into()),
         };
         let loaded = cert::load(
             issued.chain_pem.as_bytes(),
             issued.key_pem.as_bytes(),
             names,
         )
-        .map_err(|e| IssueError::Server(format!("the issued certificate is unusable: {e}")))?;
+        .map_err(|e| IssueError::Server(CaFault::Unusable(e)))?;
         // Key first: a crash between the two writes leaves a pair that does not match, which
         // the next start detects and reissues; never a certificate served with a wrong key.
         let name = d.name();

@@ -461,7 +461,7 @@ impl Dns {
                                 false => format!("it sees {values:?}"),
                             }
                         }
-                        Err(e) => e,
+                        Err(e) => e.to_string(),
                     };
                 still.push((resolver, p, seen));
             }

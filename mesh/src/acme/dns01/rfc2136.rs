@@ -47,8 +47,13 @@ impl Rfc2136 {
         };
         let key = crate::base64url::decode(secret)
             .map_err(|_| "the TSIG secret is not base64".to_owned())?;
-        let signer = TSigner::new(key, algorithm, wire::name(key_name)?, FUDGE)
-            .map_err(|e| format!("TSIG key {key_name}: {e}"))?;
+        let signer = TSigner::new(
+            key,
+            algorithm,
+            wire::name(key_name).map_err(|e| e.to_string())?,
+            FUDGE,
+        )
+        .map_err(|e| format!("TSIG key {key_name}: {e}"))?;
         let server = match server.rsplit_once(':') {
             Some((_, port)) if port.parse::<u16>().is_ok() && !server.ends_with(']') => {
                 server.to_owned()
@@ -133,7 +138,7 @@ impl Provider for Rfc2136 {
             let server = self.addr().await?;
             let zone = wire::zone_of(server, name, self.timeout)
                 .await
-                .map_err(|e| self.fail(e))?;
+                .map_err(|e| self.fail(e.to_string()))?;
             Ok(Zone {
                 name: zone.clone(),
                 id: zone,
@@ -151,7 +156,7 @@ impl Provider for Rfc2136 {
             let server = self.addr().await?;
             let answer = wire::query(server, name, rtype, self.timeout)
                 .await
-                .map_err(|e| self.fail(e))?;
+                .map_err(|e| self.fail(e.to_string()))?;
             Ok(answer.records)
         })
     }

@@ -9,6 +9,8 @@ use std::{
 use hickory_proto::{
     op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
     rr::{rdata, DNSClass, Name, RData, RecordType, TSigner},
+    serialize::binary::DecodeError,
+    ProtoError,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -16,6 +18,89 @@ use tokio::{
 };
 
 use super::{Data, Record, Rtype};
+
+/// What went wrong talking DNS. Each names the server or the value at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// Not a DNS name.
+    #[error("{0:?} is not a DNS name: {1}")]
+    Name(String, #[source] ProtoError),
+    /// A CAA value we would write cannot be encoded.
+    #[error("CAA value {0:?}: {1}")]
+    CaaValue(String, String),
+    /// A record type or tag dstack-mesh never writes.
+    #[error("{0} is not written by dstack-mesh")]
+    NotOurs(String),
+    /// The message could not be encoded or signed.
+    #[error("building the message: {0}")]
+    Encode(#[from] ProtoError),
+    /// The message is longer than DNS over TCP carries.
+    #[error("DNS message too long")]
+    TooLong,
+    /// The socket failed.
+    #[error("{server}: {source}")]
+    Io {
+        /// The server.
+        server: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The server did not answer in time.
+    #[error("{server} did not answer within {timeout:?}")]
+    Timeout {
+        /// The server.
+        server: SocketAddr,
+        /// The deadline.
+        timeout: Duration,
+    },
+    /// The answer is not a DNS message.
+    #[error("{server} answered something that is not DNS: {source}")]
+    NotDns {
+        /// The server.
+        server: SocketAddr,
+        /// What the decoder said.
+        source: DecodeError,
+    },
+    /// The update was refused, in nsupdate's words (`NOTAUTH (TSIG BADSIG)`) with a hint.
+    #[error("{server} answered {mnemonic}{tsig}{hint}")]
+    Refused {
+        /// The server.
+        server: SocketAddr,
+        /// The response code as nsupdate prints it.
+        mnemonic: String,
+        /// ` (TSIG ...)` when the server said why the signature failed.
+        tsig: String,
+        /// What to check.
+        hint: &'static str,
+    },
+    /// A success that does not carry our TSIG: it may be forged.
+    #[error("{server}'s answer is not signed with our TSIG key: {source}")]
+    Unsigned {
+        /// The server.
+        server: SocketAddr,
+        /// What the verifier said.
+        source: ProtoError,
+    },
+    /// The server is not authoritative for the name.
+    #[error("{server} answered {rcode} for the zone of {owner}: it is not authoritative for it")]
+    NotAuthoritative {
+        /// The server.
+        server: SocketAddr,
+        /// Its answer.
+        rcode: ResponseCode,
+        /// The name asked about.
+        owner: String,
+    },
+    /// The server holds no zone enclosing the name.
+    #[error("{server} returned no SOA for {owner}: it holds no zone enclosing it")]
+    NoZone {
+        /// The server.
+        server: SocketAddr,
+        /// The name asked about.
+        owner: String,
+    },
+}
 
 /// What a server answered to a query.
 #[derive(Debug)]
@@ -27,8 +112,8 @@ pub struct Answer {
 }
 
 /// A name in hickory's form (fully qualified).
-pub fn name(text: &str) -> Result<Name, String> {
-    let mut n = Name::from_ascii(text).map_err(|e| format!("{text:?} is not a DNS name: {e}"))?;
+pub fn name(text: &str) -> Result<Name, WireError> {
+    let mut n = Name::from_ascii(text).map_err(|e| WireError::Name(text.to_owned(), e))?;
     n.set_fqdn(true);
     Ok(n)
 }
@@ -62,7 +147,7 @@ pub fn record(r: &hickory_proto::rr::Record) -> Option<Record> {
 }
 
 /// A hickory record for one of ours.
-pub fn to_hickory(r: &Record) -> Result<hickory_proto::rr::Record, String> {
+pub fn to_hickory(r: &Record) -> Result<hickory_proto::rr::Record, WireError> {
     let owner = name(&r.name)?;
     let data = match &r.data {
         Data::Txt(text) => {
@@ -80,10 +165,11 @@ pub fn to_hickory(r: &Record) -> Result<hickory_proto::rr::Record, String> {
             tag,
             value,
         } => {
-            let issue = super::caa::IssueValue::parse(value)?;
+            let issue = super::caa::IssueValue::parse(value)
+                .map_err(|e| WireError::CaaValue(value.clone(), e))?;
             let issuer = match issue.domain.as_str() {
                 "" => None,
-                d => Some(Name::from_ascii(d).map_err(|e| format!("CAA issuer {d:?}: {e}"))?),
+                d => Some(Name::from_ascii(d).map_err(|e| WireError::Name(d.to_owned(), e))?),
             };
             let params = issue
                 .params
@@ -93,12 +179,10 @@ pub fn to_hickory(r: &Record) -> Result<hickory_proto::rr::Record, String> {
             match tag.as_str() {
                 "issue" => RData::CAA(rdata::CAA::new_issue(*critical, issuer, params)),
                 "issuewild" => RData::CAA(rdata::CAA::new_issuewild(*critical, issuer, params)),
-                other => return Err(format!("CAA tag {other:?} is not written by dstack-mesh")),
+                other => return Err(WireError::NotOurs(format!("CAA tag {other:?}"))),
             }
         }
-        Data::Other(t, v) => {
-            return Err(format!("{} {v} is not written by dstack-mesh", t.as_str()))
-        }
+        Data::Other(t, v) => return Err(WireError::NotOurs(format!("{} {v}", t.as_str()))),
     };
     Ok(hickory_proto::rr::Record::from_rdata(owner, r.ttl, data))
 }
@@ -115,7 +199,7 @@ pub async fn query(
     owner: &str,
     rtype: Rtype,
     timeout: Duration,
-) -> Result<Answer, String> {
+) -> Result<Answer, WireError> {
     let mut msg = Message::query();
     msg.metadata.id = random_id();
     msg.metadata.recursion_desired = true;
@@ -125,7 +209,7 @@ pub async fn query(
         e.set_max_payload(1232);
         e
     });
-    let bytes = msg.to_vec().map_err(|e| e.to_string())?;
+    let bytes = msg.to_vec()?;
     let exchange = async {
         let reply = udp(server, &bytes, msg.metadata.id).await?;
         match reply.metadata.truncation {
@@ -135,33 +219,25 @@ pub async fn query(
     };
     let reply = tokio::time::timeout(timeout, exchange)
         .await
-        .map_err(|_| format!("{server} did not answer within {timeout:?}"))??;
+        .map_err(|_| WireError::Timeout { server, timeout })??;
     Ok(Answer {
         rcode: reply.metadata.response_code,
         records: reply.answers.iter().filter_map(record).collect(),
     })
 }
 
-async fn udp(server: SocketAddr, bytes: &[u8], id: u16) -> Result<Message, String> {
+async fn udp(server: SocketAddr, bytes: &[u8], id: u16) -> Result<Message, WireError> {
+    let io = |source| WireError::Io { server, source };
     let local: SocketAddr = match server {
         SocketAddr::V4(_) => ([0, 0, 0, 0], 0).into(),
         SocketAddr::V6(_) => ([0u16; 8], 0).into(),
     };
-    let socket = UdpSocket::bind(local).await.map_err(|e| e.to_string())?;
-    socket
-        .connect(server)
-        .await
-        .map_err(|e| format!("{server}: {e}"))?;
-    socket
-        .send(bytes)
-        .await
-        .map_err(|e| format!("{server}: {e}"))?;
+    let socket = UdpSocket::bind(local).await.map_err(io)?;
+    socket.connect(server).await.map_err(io)?;
+    socket.send(bytes).await.map_err(io)?;
     let mut buf = vec![0u8; 4096];
     loop {
-        let n = socket
-            .recv(&mut buf)
-            .await
-            .map_err(|e| format!("{server}: {e}"))?;
+        let n = socket.recv(&mut buf).await.map_err(io)?;
         // Anything but our reply (a late answer to an earlier query) is ignored.
         if let Ok(m) = Message::from_vec(&buf[..n]) {
             if m.metadata.id == id && m.metadata.message_type == MessageType::Response {
@@ -171,31 +247,23 @@ async fn udp(server: SocketAddr, bytes: &[u8], id: u16) -> Result<Message, Strin
     }
 }
 
-async fn tcp_exchange(server: SocketAddr, bytes: &[u8]) -> Result<Vec<u8>, String> {
-    let mut s = TcpStream::connect(server)
-        .await
-        .map_err(|e| format!("{server}: {e}"))?;
-    let len = u16::try_from(bytes.len()).map_err(|_| "DNS message too long".to_owned())?;
+async fn tcp_exchange(server: SocketAddr, bytes: &[u8]) -> Result<Vec<u8>, WireError> {
+    let io = |source| WireError::Io { server, source };
+    let mut s = TcpStream::connect(server).await.map_err(io)?;
+    let len = u16::try_from(bytes.len()).map_err(|_| WireError::TooLong)?;
     let mut framed = len.to_be_bytes().to_vec();
     framed.extend_from_slice(bytes);
-    s.write_all(&framed)
-        .await
-        .map_err(|e| format!("{server}: {e}"))?;
+    s.write_all(&framed).await.map_err(io)?;
     let mut len = [0u8; 2];
-    s.read_exact(&mut len)
-        .await
-        .map_err(|e| format!("{server}: {e}"))?;
+    s.read_exact(&mut len).await.map_err(io)?;
     let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    s.read_exact(&mut reply)
-        .await
-        .map_err(|e| format!("{server}: {e}"))?;
+    s.read_exact(&mut reply).await.map_err(io)?;
     Ok(reply)
 }
 
-async fn tcp(server: SocketAddr, bytes: &[u8]) -> Result<Message, String> {
+async fn tcp(server: SocketAddr, bytes: &[u8]) -> Result<Message, WireError> {
     let reply = tcp_exchange(server, bytes).await?;
-    Message::from_vec(&reply)
-        .map_err(|e| format!("{server} answered something that is not DNS: {e}"))
+    Message::from_vec(&reply).map_err(|source| WireError::NotDns { server, source })
 }
 
 /// One change in an RFC 2136 update.
@@ -214,7 +282,7 @@ pub async fn update(
     changes: &[Change<'_>],
     signer: &TSigner,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), WireError> {
     let mut msg = Message::new(random_id(), MessageType::Query, OpCode::Update);
     let mut zq = Query::new();
     zq.set_name(name(zone)?)
@@ -233,15 +301,13 @@ pub async fn update(
         msg.add_authority(r);
     }
     let now = crate::clock::unix_u64(SystemTime::now());
-    let mut verifier = msg
-        .finalize(signer, now)
-        .map_err(|e| format!("signing the update: {e}"))?;
-    let bytes = msg.to_vec().map_err(|e| e.to_string())?;
+    let mut verifier = msg.finalize(signer, now)?;
+    let bytes = msg.to_vec()?;
     let reply = tokio::time::timeout(timeout, tcp_exchange(server, &bytes))
         .await
-        .map_err(|_| format!("{server} did not answer the update within {timeout:?}"))??;
-    let parsed = Message::from_vec(&reply)
-        .map_err(|e| format!("{server} answered something that is not DNS: {e}"))?;
+        .map_err(|_| WireError::Timeout { server, timeout })??;
+    let parsed =
+        Message::from_vec(&reply).map_err(|source| WireError::NotDns { server, source })?;
     let rcode = parsed.metadata.response_code;
     if rcode != ResponseCode::NoError {
         // The mnemonics nsupdate and BIND's log use, so the error reads the same everywhere.
@@ -265,14 +331,19 @@ pub async fn update(
             ResponseCode::NotZone => ": the name is not in the zone",
             _ => "",
         };
-        return Err(format!("{server} answered {mnemonic}{tsig}{hint}"));
+        return Err(WireError::Refused {
+            server,
+            mnemonic,
+            tsig,
+            hint,
+        });
     }
     // A success we cannot authenticate may be forged: the record might not be there.
     match verifier.as_mut() {
         Some(v) => v
             .verify(&reply)
             .map(|_| ())
-            .map_err(|e| format!("{server}'s answer is not signed with our TSIG key: {e}")),
+            .map_err(|source| WireError::Unsigned { server, source }),
         None => Ok(()),
     }
 }
@@ -280,21 +351,27 @@ pub async fn update(
 /// The zone `server` holds `owner` in: the owner of the SOA record it returns (in the answer
 /// at an apex, in the authority section below one). A name a wildcard CNAME covers answers
 /// with the CNAME and no SOA: then the parent is asked, up to the top.
-pub async fn zone_of(server: SocketAddr, owner: &str, timeout: Duration) -> Result<String, String> {
+pub async fn zone_of(
+    server: SocketAddr,
+    owner: &str,
+    timeout: Duration,
+) -> Result<String, WireError> {
     let mut ask = owner.to_owned();
     loop {
         let mut msg = Message::query();
         msg.metadata.id = random_id();
         msg.add_query(Query::query(name(&ask)?, RecordType::SOA));
-        let bytes = msg.to_vec().map_err(|e| e.to_string())?;
+        let bytes = msg.to_vec()?;
         let reply = tokio::time::timeout(timeout, tcp(server, &bytes))
             .await
-            .map_err(|_| format!("{server} did not answer within {timeout:?}"))??;
+            .map_err(|_| WireError::Timeout { server, timeout })??;
         let rcode = reply.metadata.response_code;
         if !matches!(rcode, ResponseCode::NoError | ResponseCode::NXDomain) {
-            return Err(format!(
-                "{server} answered {rcode} for the zone of {owner}: it is not authoritative for it"
-            ));
+            return Err(WireError::NotAuthoritative {
+                server,
+                rcode,
+                owner: owner.to_owned(),
+            });
         }
         let soa = reply
             .answers
@@ -311,9 +388,10 @@ pub async fn zone_of(server: SocketAddr, owner: &str, timeout: Duration) -> Resu
         ask = match ask.split_once('.') {
             Some((_, parent)) if parent.contains('.') => parent.to_owned(),
             _ => {
-                return Err(format!(
-                    "{server} returned no SOA for {owner}: it holds no zone enclosing it"
-                ))
+                return Err(WireError::NoZone {
+                    server,
+                    owner: owner.to_owned(),
+                })
             }
         };
     }
