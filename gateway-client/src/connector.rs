@@ -171,6 +171,8 @@ impl Connector {
     }
 
     /// Dial `target` and complete the verified handshake.
+    // Long on purpose: dial, then the verified handshake, each under its deadline, with the
+    // typed error each step can give.
     pub async fn connect(&self, target: &Target) -> Result<Connected, ConnectError> {
         let inner = &self.inner;
         let route = inner.addressing.route(target)?;

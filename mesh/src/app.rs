@@ -88,6 +88,8 @@ impl App {
     }
 
     /// Start on an identity the caller already has.
+    // Long on purpose: the start sequence in order (load, bind every listener, serve), the
+    // one place that shows what the sidecar runs.
     pub async fn start_with(
         config: Config,
         identity: RotatingIdentity,
@@ -372,6 +374,8 @@ impl App {
     /// Apply `new` where it can be applied live: the inbound and auth allowlists and the
     /// outbound static routes. Everything is built before anything is swapped, so a failure
     /// changes nothing. Other changed sections are reported as needing a restart.
+    // Long on purpose: everything a reload changes is built first and swapped after, in one
+    // place, so that no failure can leave half a configuration applied.
     pub fn reload(&mut self, new: Config) -> Result<ReloadReport, ReloadError> {
         let old = &self.running;
         let mut report = ReloadReport::default();

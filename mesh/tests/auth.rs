@@ -260,12 +260,7 @@ async fn lone_leaves_need_nginx_to_trust_only_our_roots() {
         foreign.current().root.clone(),
     ];
     std::fs::write(&ca, pem(&roots)).unwrap();
-    let text = format!(
-        "[inbound]\nenabled = false\nallowed_apps = \"{CALLER}\"\n[auth]\nlisten = \"127.0.0.1:0\"\nnginx_secret = \"{SECRET}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n[tls]\nca_file = \"{}\"\n",
-        ca.display()
-    );
-    let config = Config::from_toml(&text, &HashMap::<&str, &str>::new()).unwrap();
-    let app = App::start_with(config, server).await.unwrap();
+    let app = auth_service(server, CALLER, &ca.display().to_string()).await;
     let addr = app.addr("auth").unwrap();
     let lone = escape(&leaf_pem(&caller));
     assert_eq!(
@@ -291,6 +286,15 @@ async fn lone_leaves_need_nginx_to_trust_only_our_roots() {
         ask(addr, Some("SUCCESS"), Some(&lone)).await.0,
         StatusCode::UNAUTHORIZED
     );
+}
+
+/// An auth service (with our nginx's secret) admitting `allowed`, nginx's CA file at `ca_file`.
+async fn auth_service(server: RotatingIdentity, allowed: &str, ca_file: &str) -> App {
+    let text = format!(
+        "[inbound]\nenabled = false\nallowed_apps = \"{allowed}\"\n[auth]\nlisten = \"127.0.0.1:0\"\nnginx_secret = \"{SECRET}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n[tls]\nca_file = \"{ca_file}\"\n"
+    );
+    let config = Config::from_toml(&text, &HashMap::<&str, &str>::new()).unwrap();
+    App::start_with(config, server).await.unwrap()
 }
 
 /// A leaf signed by nobody but itself that claims `app` in the KMS app id extension.
@@ -339,12 +343,8 @@ async fn a_forged_leaf_sent_straight_to_the_service_is_refused_under_any() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let (server, _a) = identity(dir.path(), &state, SERVER).await;
-    let text = format!(
-        "[inbound]\nenabled = false\nallowed_apps = \"any\"\n[auth]\nlisten = \"127.0.0.1:0\"\nnginx_secret = \"{SECRET}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n[tls]\nca_file = \"{}\"\n",
-        write_root(&dir, &server),
-    );
-    let config = Config::from_toml(&text, &HashMap::<&str, &str>::new()).unwrap();
-    let app = App::start_with(config, server).await.unwrap();
+    let ca = write_root(&dir, &server);
+    let app = auth_service(server, "any", &ca).await;
     let addr = app.addr("auth").unwrap();
     let forged = escape(&self_signed_leaf(STRANGER));
     let (status, headers) = ask_as(addr, None, Some("SUCCESS"), Some(&forged)).await;
@@ -358,12 +358,8 @@ async fn an_unreadable_nginx_ca_file_fails_closed() {
     let state = dir.path().join("state");
     let (server, _a) = identity(dir.path(), &state, SERVER).await;
     let (caller, _b) = identity(dir.path(), &state, CALLER).await;
-    let text = format!(
-        "[inbound]\nenabled = false\nallowed_apps = \"{CALLER}\"\n[auth]\nlisten = \"127.0.0.1:0\"\nnginx_secret = \"{SECRET}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n[tls]\nca_file = \"{}\"\n",
-        dir.path().join("not-mounted/ca.crt").display()
-    );
-    let config = Config::from_toml(&text, &HashMap::<&str, &str>::new()).unwrap();
-    let app = App::start_with(config, server).await.unwrap();
+    let missing = dir.path().join("not-mounted/ca.crt");
+    let app = auth_service(server, CALLER, &missing.display().to_string()).await;
     let addr = app.addr("auth").unwrap();
     // Nothing shows that nginx checks chains against our roots: its word is not taken.
     let lone = escape(&leaf_pem(&caller));

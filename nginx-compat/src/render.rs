@@ -147,6 +147,7 @@ impl ServerProxy {
     }
 
     /// The `http {}`-level configuration (a conf.d file).
+    // Long on purpose: one nginx configuration file, kept whole so it reads as the file.
     pub fn render(&self) -> Result<String, RenderError> {
         let name = server_name(&self.server_name)?;
         let backend = backend(&self.backend)?;

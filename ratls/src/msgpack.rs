@@ -107,6 +107,7 @@ impl<'a> Reader<'a> {
         Ok(len)
     }
 
+    // Long on purpose: one match over MessagePack's type bytes, the format's own table.
     fn value(&mut self, depth: usize) -> Result<Value<'a>, DecodeError> {
         if depth > MAX_DEPTH {
             return Err(DecodeError("msgpack nesting too deep"));

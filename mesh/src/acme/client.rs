@@ -567,6 +567,8 @@ impl AcmeClient {
         }
     }
 
+    // Long on purpose: one ACME order in the protocol's order (new order, authorizations,
+    // challenges, ready, finalize, certificate), each CA answer handled where it arrives.
     async fn order(
         &self,
         account: &Account,

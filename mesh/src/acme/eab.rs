@@ -86,6 +86,8 @@ fn request(
 
 /// Register (or find) the account of `pkcs8` with the CA at `directory`, bound to the external
 /// account `eab`; returns the account URL.
+// Long on purpose: RFC 8555 §7.3.4 in order (directory, key, binding, nonce, newAccount with
+// one badNonce retry).
 pub async fn register(
     http: &dyn HttpClient,
     directory: &str,

@@ -239,6 +239,57 @@ fn jitter(max: Duration) -> Duration {
     Duration::from_millis(u64::from_le_bytes(bytes) % max_ms)
 }
 
+/// One issuer per distinct `issuer` of the domains: an ACME client (the account derived from
+/// the app's key, the CA's roots) or the internal CA.
+fn issuers(
+    public: &PublicConfig,
+    agent: &AgentClient,
+    store: &Arc<dyn CertStore>,
+) -> Result<HashMap<Issuer, IssuerRuntime>, AcmeError> {
+    let mut extra_roots = Vec::new();
+    for path in &public.acme.ca_roots {
+        let bytes = std::fs::read(path)
+            .map_err(|e| AcmeError::Roots(format!("{}: {e}", path.display())))?;
+        let certs = ratls::cert::parse_chain(&bytes)
+            .map_err(|e| AcmeError::Roots(format!("{}: {e}", path.display())))?;
+        extra_roots.extend(certs);
+    }
+    let mut issuers = HashMap::new();
+    for d in &public.domains {
+        if issuers.contains_key(&d.issuer) {
+            continue;
+        }
+        let runtime = match &d.issuer {
+            Issuer::Acme(directory) => IssuerRuntime::Acme(Arc::new(
+                AcmeClient::new(
+                    directory,
+                    &extra_roots,
+                    public.acme.ca_timeout,
+                    agent.clone(),
+                    store.clone(),
+                    public.acme.email.clone(),
+                    public.acme.eab.clone(),
+                )
+                .map_err(|reason| AcmeError::Client {
+                    directory: directory.clone(),
+                    reason,
+                })?
+                .with_caa_identities(public.dns.caa_identities.clone()),
+            )),
+            Issuer::InternalCa => IssuerRuntime::Internal(Arc::new(
+                InternalCa::open(store, public.acme.internal_ca_lifetime).map_err(|reason| {
+                    AcmeError::InternalCa {
+                        store: store.location(),
+                        reason,
+                    }
+                })?,
+            )),
+        };
+        issuers.insert(d.issuer.clone(), runtime);
+    }
+    Ok(issuers)
+}
+
 impl Acme {
     /// Build the subsystem: open the store, load stored certificates, prepare the issuers.
     /// Nothing talks to a CA until [`Acme::start`]. `challenges` carries over from the
@@ -249,48 +300,8 @@ impl Acme {
         challenges: Option<Arc<Challenges>>,
     ) -> Result<Arc<Self>, AcmeError> {
         let store: Arc<dyn CertStore> = Arc::new(DirStore::new(&public.acme.store));
-        let mut extra_roots = Vec::new();
-        for path in &public.acme.ca_roots {
-            let bytes = std::fs::read(path)
-                .map_err(|e| AcmeError::Roots(format!("{}: {e}", path.display())))?;
-            let certs = ratls::cert::parse_chain(&bytes)
-                .map_err(|e| AcmeError::Roots(format!("{}: {e}", path.display())))?;
-            extra_roots.extend(certs);
-        }
         let challenges = challenges.unwrap_or_default();
-        let mut issuers = HashMap::new();
-        for d in &public.domains {
-            if issuers.contains_key(&d.issuer) {
-                continue;
-            }
-            let runtime = match &d.issuer {
-                Issuer::Acme(directory) => IssuerRuntime::Acme(Arc::new(
-                    AcmeClient::new(
-                        directory,
-                        &extra_roots,
-                        public.acme.ca_timeout,
-                        agent.clone(),
-                        store.clone(),
-                        public.acme.email.clone(),
-                        public.acme.eab.clone(),
-                    )
-                    .map_err(|reason| AcmeError::Client {
-                        directory: directory.clone(),
-                        reason,
-                    })?
-                    .with_caa_identities(public.dns.caa_identities.clone()),
-                )),
-                Issuer::InternalCa => IssuerRuntime::Internal(Arc::new(
-                    InternalCa::open(&store, public.acme.internal_ca_lifetime).map_err(
-                        |reason| AcmeError::InternalCa {
-                            store: store.location(),
-                            reason,
-                        },
-                    )?,
-                )),
-            };
-            issuers.insert(d.issuer.clone(), runtime);
-        }
+        let issuers = issuers(public, &agent, &store)?;
         let mut domains = Vec::new();
         let (mut exact, mut wildcard) = (HashMap::new(), HashMap::new());
         for (i, config) in public.domains.iter().enumerate() {

@@ -67,6 +67,8 @@ impl Acme {
         wait + jitter(wait / 10)
     }
 
+    // Long on purpose: the domain's state machine as one loop (pending, issuing, valid,
+    // renewing, failed), every transition visible in one place.
     pub(super) async fn lifecycle(self: Arc<Self>, d: Arc<Domain>) {
         let name = d.name().to_owned();
         loop {

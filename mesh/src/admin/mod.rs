@@ -167,6 +167,7 @@ impl Admin {
         problems
     }
 
+    // Long on purpose: the admin port's routing table, one arm per endpoint.
     fn answer(&self, req: &Request<Incoming>) -> Response<Body> {
         let path = req.uri().path();
         match (req.method(), path) {
@@ -314,73 +315,81 @@ impl Collector for State {
                 MetricType::Gauge,
             )?
             .encode_gauge(&self.identity_not_after)?;
-        let Some(status) = &self.certificates else {
-            return Ok(());
-        };
-        type Value = fn(&crate::acme::CertStatus) -> Option<u64>;
-        let series: [(&str, MetricType, &str, Value); 5] = [
-            (
-                "dstack_mesh_certificate_expiration_timestamp_seconds",
-                MetricType::Gauge,
-                "When the served certificate expires.",
-                |s| s.not_after,
-            ),
-            (
-                "dstack_mesh_certificate_renewal_timestamp_seconds",
-                MetricType::Gauge,
-                "When renewal is due.",
-                |s| s.renew_at,
-            ),
-            (
-                "dstack_mesh_certificate_ready_status",
-                MetricType::Gauge,
-                "1 when a valid, unexpired certificate is served.",
-                |s| Some(u64::from(s.not_after.is_some() && !s.expired)),
-            ),
-            (
-                "dstack_mesh_certificate_expired",
-                MetricType::Gauge,
-                "1 when the served certificate has expired (renewal failing).",
-                |s| Some(u64::from(s.expired)),
-            ),
-            (
-                "dstack_mesh_certificate_renewal_failures",
-                MetricType::Counter,
-                "Failed orders since start.",
-                |s| Some(s.failures_total),
-            ),
-        ];
-        for (name, kind, help, value) in series {
-            let counter = matches!(kind, MetricType::Counter);
-            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
-            for s in status {
-                let Some(v) = value(s) else { continue };
-                let labels = [("domain", s.domain.as_str()), ("issuer", s.issuer.as_str())];
-                let mut metric = family.encode_family(&labels)?;
-                match counter {
-                    true => metric.encode_counter::<NoLabelSet, _, u64>(&v, None)?,
-                    false => metric.encode_gauge(&v)?,
-                }
-            }
+        match &self.certificates {
+            Some(status) => encode_certificates(status, &mut encoder),
+            None => Ok(()),
         }
-        let mut family = encoder.encode_descriptor(
-            "dstack_mesh_acme_orders",
-            "Finished certificate orders since start, by result.",
-            None,
-            MetricType::Counter,
-        )?;
-        for s in status {
-            for (result, n) in [("valid", s.issued_total), ("failed", s.failures_total)] {
-                let labels = [
-                    ("domain", s.domain.as_str()),
-                    ("issuer", s.issuer.as_str()),
-                    ("result", result),
-                ];
-                family
-                    .encode_family(&labels)?
-                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
-            }
-        }
-        Ok(())
     }
+}
+
+/// Each public domain's certificate series and its finished orders.
+fn encode_certificates(
+    status: &[crate::acme::CertStatus],
+    encoder: &mut DescriptorEncoder<'_>,
+) -> std::fmt::Result {
+    type Value = fn(&crate::acme::CertStatus) -> Option<u64>;
+    let series: [(&str, MetricType, &str, Value); 5] = [
+        (
+            "dstack_mesh_certificate_expiration_timestamp_seconds",
+            MetricType::Gauge,
+            "When the served certificate expires.",
+            |s| s.not_after,
+        ),
+        (
+            "dstack_mesh_certificate_renewal_timestamp_seconds",
+            MetricType::Gauge,
+            "When renewal is due.",
+            |s| s.renew_at,
+        ),
+        (
+            "dstack_mesh_certificate_ready_status",
+            MetricType::Gauge,
+            "1 when a valid, unexpired certificate is served.",
+            |s| Some(u64::from(s.not_after.is_some() && !s.expired)),
+        ),
+        (
+            "dstack_mesh_certificate_expired",
+            MetricType::Gauge,
+            "1 when the served certificate has expired (renewal failing).",
+            |s| Some(u64::from(s.expired)),
+        ),
+        (
+            "dstack_mesh_certificate_renewal_failures",
+            MetricType::Counter,
+            "Failed orders since start.",
+            |s| Some(s.failures_total),
+        ),
+    ];
+    for (name, kind, help, value) in series {
+        let counter = matches!(kind, MetricType::Counter);
+        let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+        for s in status {
+            let Some(v) = value(s) else { continue };
+            let labels = [("domain", s.domain.as_str()), ("issuer", s.issuer.as_str())];
+            let mut metric = family.encode_family(&labels)?;
+            match counter {
+                true => metric.encode_counter::<NoLabelSet, _, u64>(&v, None)?,
+                false => metric.encode_gauge(&v)?,
+            }
+        }
+    }
+    let mut family = encoder.encode_descriptor(
+        "dstack_mesh_acme_orders",
+        "Finished certificate orders since start, by result.",
+        None,
+        MetricType::Counter,
+    )?;
+    for s in status {
+        for (result, n) in [("valid", s.issued_total), ("failed", s.failures_total)] {
+            let labels = [
+                ("domain", s.domain.as_str()),
+                ("issuer", s.issuer.as_str()),
+                ("result", result),
+            ];
+            family
+                .encode_family(&labels)?
+                .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+        }
+    }
+    Ok(())
 }

@@ -164,48 +164,8 @@ pub(super) fn dns(raw: Option<&RawDns>, env: &dyn Source, c: &mut Check) -> DnsC
 
     let provider = provider(&raw, env, c);
 
-    let resolvers = match first(env::RESOLVERS) {
-        Some((var, v)) => v
-            .split([',', ' ', '\n'])
-            .filter(|r| !r.is_empty())
-            .filter_map(|r| resolver(r).map_err(|e| c.fail(var, e)).ok())
-            .collect(),
-        None => raw
-            .resolvers
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|r| resolver(r).map_err(|e| c.fail("dns.resolvers", e)).ok())
-            .collect(),
-    };
-    let propagation_timeout = match first(env::PROPAGATION_TIMEOUT) {
-        Some((var, v)) => {
-            let t = v.trim();
-            let parsed = t
-                .parse::<u64>()
-                .map(Duration::from_secs)
-                .or_else(|_| super::parse_duration(t));
-            parsed
-                .map_err(|e| c.fail(var, e))
-                .unwrap_or(DEFAULT_PROPAGATION_TIMEOUT)
-        }
-        None => c.duration(
-            "dns.propagation_timeout",
-            raw.propagation_timeout.as_ref(),
-            DEFAULT_PROPAGATION_TIMEOUT,
-        ),
-    };
-    // The whole order has five minutes; a longer wait would be cut off before the challenge
-    // records are cleaned up.
-    if propagation_timeout > MAX_PROPAGATION_TIMEOUT {
-        c.fail(
-            "dns.propagation_timeout",
-            format!(
-                "{}s is longer than the {}s an order may wait for DNS",
-                propagation_timeout.as_secs(),
-                MAX_PROPAGATION_TIMEOUT.as_secs()
-            ),
-        );
-    }
+    let resolvers = resolvers(&raw, env, c);
+    let propagation_timeout = propagation_timeout(&raw, env, c);
     let gateway_domain = pick(
         env,
         env::GATEWAY_DOMAIN,
@@ -264,6 +224,60 @@ pub(super) fn dns(raw: Option<&RawDns>, env: &dyn Source, c: &mut Check) -> DnsC
             .map(|i| i.trim().to_ascii_lowercase())
             .collect(),
     }
+}
+
+/// `DNS_RESOLVERS` / `[dns] resolvers`: who must see a challenge record before the CA looks.
+fn resolvers(raw: &RawDns, env: &dyn Source, c: &mut Check) -> Vec<SocketAddr> {
+    let first = |keys: &[&'static str]| super::source::first(env, keys);
+    match first(env::RESOLVERS) {
+        Some((var, v)) => v
+            .split([',', ' ', '\n'])
+            .filter(|r| !r.is_empty())
+            .filter_map(|r| resolver(r).map_err(|e| c.fail(var, e)).ok())
+            .collect(),
+        None => raw
+            .resolvers
+            .clone()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|r| resolver(r).map_err(|e| c.fail("dns.resolvers", e)).ok())
+            .collect(),
+    }
+}
+
+/// How long to wait for the resolvers, capped below the order deadline.
+fn propagation_timeout(raw: &RawDns, env: &dyn Source, c: &mut Check) -> Duration {
+    let first = |keys: &[&'static str]| super::source::first(env, keys);
+    let propagation_timeout = match first(env::PROPAGATION_TIMEOUT) {
+        Some((var, v)) => {
+            let t = v.trim();
+            let parsed = t
+                .parse::<u64>()
+                .map(Duration::from_secs)
+                .or_else(|_| super::parse_duration(t));
+            parsed
+                .map_err(|e| c.fail(var, e))
+                .unwrap_or(DEFAULT_PROPAGATION_TIMEOUT)
+        }
+        None => c.duration(
+            "dns.propagation_timeout",
+            raw.propagation_timeout.as_ref(),
+            DEFAULT_PROPAGATION_TIMEOUT,
+        ),
+    };
+    // The whole order has five minutes; a longer wait would be cut off before the challenge
+    // records are cleaned up.
+    if propagation_timeout > MAX_PROPAGATION_TIMEOUT {
+        c.fail(
+            "dns.propagation_timeout",
+            format!(
+                "{}s is longer than the {}s an order may wait for DNS",
+                propagation_timeout.as_secs(),
+                MAX_PROPAGATION_TIMEOUT.as_secs()
+            ),
+        );
+    }
+    propagation_timeout
 }
 
 /// The environment wins over the file, as everywhere else.

@@ -386,22 +386,7 @@ fn acme_settings(
             .unwrap_or_default(),
         (None, None) => Challenge::default(),
     };
-    let renew_before = match first(env::RENEW_DAYS) {
-        Some((var, v)) => match v.trim().parse::<u64>() {
-            Ok(days) if (1..=365).contains(&days) => Some(Duration::from_secs(days * 86400)),
-            _ => {
-                c.fail(var, format!("{v:?} is not a number of days from 1 to 365"));
-                None
-            }
-        },
-        None => raw.renew_before.as_ref().and_then(|v| {
-            let d = match v {
-                DurationValue::Seconds(n) => Ok(Duration::from_secs(*n)),
-                DurationValue::Text(t) => super::parse_duration(t),
-            };
-            d.map_err(|e| c.fail("acme.renew_before", e)).ok()
-        }),
-    };
+    let renew_before = renew_before(&raw, env, c);
     let eab = match (raw.eab_kid, raw.eab_hmac_key) {
         (Some(kid), Some(hmac_key)) => Some(Eab { kid, hmac_key }),
         (None, None) => None,
@@ -450,6 +435,27 @@ fn acme_settings(
     };
 
     (acme, issuer, challenge)
+}
+
+/// `RENEW_DAYS_BEFORE` / `acme.renew_before`; `None`: when a third of the lifetime remains.
+fn renew_before(raw: &RawAcme, env: &dyn Source, c: &mut Check) -> Option<Duration> {
+    let first = |keys: &[&'static str]| super::source::first(env, keys);
+    match first(env::RENEW_DAYS) {
+        Some((var, v)) => match v.trim().parse::<u64>() {
+            Ok(days) if (1..=365).contains(&days) => Some(Duration::from_secs(days * 86400)),
+            _ => {
+                c.fail(var, format!("{v:?} is not a number of days from 1 to 365"));
+                None
+            }
+        },
+        None => raw.renew_before.as_ref().and_then(|v| {
+            let d = match v {
+                DurationValue::Seconds(n) => Ok(Duration::from_secs(*n)),
+                DurationValue::Text(t) => super::parse_duration(t),
+            };
+            d.map_err(|e| c.fail("acme.renew_before", e)).ok()
+        }),
+    }
 }
 
 /// One `[[domains]]` entry (the key names it in errors); `None` when it cannot be used.
@@ -537,25 +543,7 @@ fn ingress_domains(
     let many = first(env::DOMAINS);
     let target = first(env::TARGET_ENDPOINT);
     let alias = first(env::ALIAS_DOMAIN);
-    let mut routes = BTreeMap::new();
-    if let Some((var, map)) = first(env::ROUTING_MAP) {
-        for line in map
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        {
-            let Some((domain, backend)) = line.split_once('=') else {
-                c.fail(var, format!("{line:?}: expected domain=host:port"));
-                continue;
-            };
-            match (check_name(domain), parse_target(backend)) {
-                (Ok(d), Ok(b)) => {
-                    routes.insert(d, b);
-                }
-                (Err(e), _) | (_, Err(e)) => c.fail(var, e),
-            }
-        }
-    }
+    let mut routes = routing_map(env, c);
     let default_backend = target
         .as_ref()
         .and_then(|(var, t)| parse_target(t).map_err(|e| c.fail(var, e)).ok());
@@ -621,6 +609,31 @@ fn ingress_domains(
     }
 
     list
+}
+
+/// `ROUTING_MAP`: `domain=host:port` lines.
+fn routing_map(env: &dyn Source, c: &mut Check) -> BTreeMap<String, HostPort> {
+    let first = |keys: &[&'static str]| super::source::first(env, keys);
+    let mut routes = BTreeMap::new();
+    if let Some((var, map)) = first(env::ROUTING_MAP) {
+        for line in map
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            let Some((domain, backend)) = line.split_once('=') else {
+                c.fail(var, format!("{line:?}: expected domain=host:port"));
+                continue;
+            };
+            match (check_name(domain), parse_target(backend)) {
+                (Ok(d), Ok(b)) => {
+                    routes.insert(d, b);
+                }
+                (Err(e), _) | (_, Err(e)) => c.fail(var, e),
+            }
+        }
+    }
+    routes
 }
 
 /// Names are unique across domains; wildcards need DNS-01; each challenge has what it needs.

@@ -649,48 +649,8 @@ fn identity(raw: &RawConfig, c: &mut Check) -> IdentityConfig {
 
 /// `[inbound]`: the mesh listener.
 fn inbound(raw: &RawConfig, env: &dyn Source, c: &mut Check) -> InboundConfig {
-    let first = |keys: &[&'static str]| source::first(env, keys);
     let ib = raw.inbound.clone().unwrap_or_default();
-    let listen_default = DEFAULT_INBOUND_LISTEN
-        .parse()
-        .unwrap_or_else(|_| unreachable!("default address"));
-    let listen = match first(env::INBOUND_LISTEN) {
-        Some((var, v)) => c.socket(var, &v),
-        None => ib
-            .listen
-            .as_deref()
-            .map_or(Some(listen_default), |l| c.socket("inbound.listen", l)),
-    }
-    .unwrap_or(listen_default);
-    let backend_file = ib
-        .backend
-        .as_deref()
-        .map(|b| ("inbound.backend", b.to_owned()));
-    let backend_text = match first(env::BACKEND) {
-        Some((var, v)) => Some((var.to_owned(), v)),
-        None => backend_file.map(|(k, v)| (k.to_owned(), v)),
-    };
-    let backend = match backend_text {
-        None => DEFAULT_BACKEND
-            .parse()
-            .unwrap_or_else(|_| unreachable!("default backend")),
-        Some((key, text)) => text.parse::<HostPort>().unwrap_or_else(|e| {
-            c.fail(&key, e);
-            HostPort {
-                host: "127.0.0.1".into(),
-                port: 8000,
-            }
-        }),
-    };
-    let file_allow = ib
-        .allowed_apps
-        .as_ref()
-        .map(|a| ("inbound.allowed_apps", a.clone()));
-    let allow = match first(env::ALLOWED_APPS) {
-        Some((var, v)) => parse_allow(&v).map_err(|e| c.fail(var, e)).ok(),
-        None => file_allow.and_then(|(k, v)| c.allow(k, &v)),
-    }
-    .unwrap_or(Allow::OwnApp);
+    let (listen, backend, allow) = inbound_addresses(&ib, env, c);
     let inbound = InboundConfig {
         enabled: ib.enabled.unwrap_or(true),
         listen,
@@ -731,6 +691,63 @@ fn inbound(raw: &RawConfig, env: &dyn Source, c: &mut Check) -> InboundConfig {
         max_connections: ib.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
         max_header_bytes: ib.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES),
     };
+    check_inbound(&inbound, c);
+    inbound
+}
+
+/// Where `[inbound]` listens, where it forwards, and whom it admits (each: the environment,
+/// else the file, else the default).
+fn inbound_addresses(
+    ib: &raw::RawInbound,
+    env: &dyn Source,
+    c: &mut Check,
+) -> (SocketAddr, HostPort, Allow) {
+    let first = |keys: &[&'static str]| source::first(env, keys);
+    let listen_default = DEFAULT_INBOUND_LISTEN
+        .parse()
+        .unwrap_or_else(|_| unreachable!("default address"));
+    let listen = match first(env::INBOUND_LISTEN) {
+        Some((var, v)) => c.socket(var, &v),
+        None => ib
+            .listen
+            .as_deref()
+            .map_or(Some(listen_default), |l| c.socket("inbound.listen", l)),
+    }
+    .unwrap_or(listen_default);
+    let backend_file = ib
+        .backend
+        .as_deref()
+        .map(|b| ("inbound.backend", b.to_owned()));
+    let backend_text = match first(env::BACKEND) {
+        Some((var, v)) => Some((var.to_owned(), v)),
+        None => backend_file.map(|(k, v)| (k.to_owned(), v)),
+    };
+    let backend = match backend_text {
+        None => DEFAULT_BACKEND
+            .parse()
+            .unwrap_or_else(|_| unreachable!("default backend")),
+        Some((key, text)) => text.parse::<HostPort>().unwrap_or_else(|e| {
+            c.fail(&key, e);
+            HostPort {
+                host: "127.0.0.1".into(),
+                port: 8000,
+            }
+        }),
+    };
+    let file_allow = ib
+        .allowed_apps
+        .as_ref()
+        .map(|a| ("inbound.allowed_apps", a.clone()));
+    let allow = match first(env::ALLOWED_APPS) {
+        Some((var, v)) => parse_allow(&v).map_err(|e| c.fail(var, e)).ok(),
+        None => file_allow.and_then(|(k, v)| c.allow(k, &v)),
+    }
+    .unwrap_or(Allow::OwnApp);
+    (listen, backend, allow)
+}
+
+/// The limits are in range and the extra trust anchors load.
+fn check_inbound(inbound: &InboundConfig, c: &mut Check) {
     if !(1..=MAX_CONNECTIONS).contains(&inbound.max_connections) {
         c.fail(
             "inbound.max_connections",
@@ -753,7 +770,6 @@ fn inbound(raw: &RawConfig, env: &dyn Source, c: &mut Check) -> InboundConfig {
             c.fail("inbound.trust_anchors", format!("{}: {e}", path.display()));
         }
     }
-    inbound
 }
 
 /// dstack-vpc's listener sections `[auth]` and `[client]`, and `[admin]`: where they listen.
