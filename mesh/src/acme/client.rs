@@ -143,6 +143,24 @@ pub enum Validation {
     NotReady,
 }
 
+/// Why the ACME account key is unusable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// No hash of the seed was a P-256 scalar (once in 2^32 per try; 64 tries).
+    #[error("no usable P-256 scalar from the seed")]
+    NoScalar,
+    /// PKCS#8 encoding or decoding failed.
+    #[error("PKCS#8: {0}")]
+    Pkcs8(#[from] p256::pkcs8::Error),
+    /// ring refused the key.
+    #[error("{0}")]
+    Rejected(#[from] ring::error::KeyRejected),
+    /// The public key has no affine point.
+    #[error("no public point")]
+    NoPublicPoint,
+}
+
 /// A failure on this side.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -153,9 +171,9 @@ pub enum LocalError {
     /// The agent's `GetKey` answer is not hex.
     #[error("the guest agent's GetKey answer is not hex")]
     KeyNotHex,
-    /// The account key cannot be used.
+    /// The account key cannot be derived, encoded or loaded.
     #[error("account key: {0}")]
-    Key(String),
+    Key(#[from] KeyError),
     /// The EAB HMAC key is not base64url.
     #[error("acme.eab_hmac_key: {0}")]
     HmacKey(#[from] crate::base64url::NotBase64url),
@@ -316,7 +334,7 @@ impl std::fmt::Debug for Issued {
 
 /// The account key: a P-256 scalar hashed from the agent's `GetKey` seed for this directory.
 /// Every instance of the app derives the same key, so they share one ACME account.
-pub fn derive_account_key(seed: &[u8]) -> Result<PrivatePkcs8KeyDer<'static>, String> {
+pub fn derive_account_key(seed: &[u8]) -> Result<PrivatePkcs8KeyDer<'static>, KeyError> {
     use p256::pkcs8::EncodePrivateKey;
     for counter in 0u32..64 {
         let mut input = b"dstack-mesh acme account key v1\0".to_vec();
@@ -325,11 +343,11 @@ pub fn derive_account_key(seed: &[u8]) -> Result<PrivatePkcs8KeyDer<'static>, St
         let digest = ring::digest::digest(&ring::digest::SHA256, &input);
         // Out of range for the curve order once in 2^32 tries: hash again.
         if let Ok(secret) = p256::SecretKey::from_slice(digest.as_ref()) {
-            let doc = secret.to_pkcs8_der().map_err(|e| e.to_string())?;
+            let doc = secret.to_pkcs8_der()?;
             return Ok(PrivatePkcs8KeyDer::from(doc.as_bytes().to_vec()));
         }
     }
-    Err("no usable P-256 scalar from the seed".into())
+    Err(KeyError::NoScalar)
 }
 
 /// The `GetKey` path of the account key for `directory`.
@@ -433,7 +451,7 @@ impl AcmeClient {
             .map_err(LocalError::from)?;
         let seed =
             hex::decode(reply.key.trim_start_matches("0x")).map_err(|_| LocalError::KeyNotHex)?;
-        Ok(derive_account_key(&seed).map_err(LocalError::Key)?)
+        Ok(derive_account_key(&seed).map_err(LocalError::from)?)
     }
 
     fn builder(&self) -> instant_acme::AccountBuilder {

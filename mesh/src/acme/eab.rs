@@ -11,7 +11,7 @@ use ring::{
 };
 use rustls_pki_types::PrivatePkcs8KeyDer;
 
-use super::client::{classify, CaFault, IssueError, LocalError, Unreachable, Validation};
+use super::client::{classify, CaFault, IssueError, KeyError, LocalError, Unreachable, Validation};
 use crate::{
     base64url::{decode as b64url_decode, encode as b64url},
     config::Eab,
@@ -21,10 +21,10 @@ use crate::{
 pub(super) fn jwk(pkcs8: &PrivatePkcs8KeyDer<'_>) -> Result<serde_json::Value, IssueError> {
     use p256::{elliptic_curve::sec1::ToEncodedPoint, pkcs8::DecodePrivateKey};
     let secret = p256::SecretKey::from_pkcs8_der(pkcs8.secret_pkcs8_der())
-        .map_err(|e| LocalError::Key(e.to_string()))?;
+        .map_err(|e| LocalError::Key(e.into()))?;
     let point = secret.public_key().to_encoded_point(false);
     let (Some(x), Some(y)) = (point.x(), point.y()) else {
-        return Err(LocalError::Key("no public point".into()).into());
+        return Err(LocalError::Key(KeyError::NoPublicPoint).into());
     };
     Ok(serde_json::json!({ "crv": "P-256", "kty": "EC", "x": b64url(x), "y": b64url(y) }))
 }
@@ -114,7 +114,7 @@ pub async fn register(
         pkcs8.secret_pkcs8_der(),
         &rng,
     )
-    .map_err(|e| LocalError::Key(e.to_string()))?;
+    .map_err(|e| LocalError::Key(e.into()))?;
     let jwk = jwk(pkcs8)?;
     let hmac_key = b64url_decode(&eab.hmac_key).map_err(LocalError::from)?;
     let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &hmac_key);

@@ -54,8 +54,13 @@ pub enum DnsError {
     #[error("{0}")]
     NotPropagated(String),
     /// CAA forbids the order.
-    #[error("{0}")]
-    Caa(String),
+    #[error("{forbidden} (the CAA set at {owner}; remove or extend it, or the CA will refuse)")]
+    Caa {
+        /// Where the relevant CAA set is.
+        owner: String,
+        /// Why it forbids this order.
+        forbidden: caa::Forbidden,
+    },
     /// No DNS provider is configured.
     #[error("no DNS provider is configured (DNS_PROVIDER)")]
     NoProvider,
@@ -526,11 +531,8 @@ impl Dns {
     ) -> Result<(), DnsError> {
         for name in names {
             if let Some((owner, set)) = self.caa_set(name).await {
-                caa::evaluate(name, &set, req).map_err(|e| {
-                    DnsError::Caa(format!(
-                        "{e} (the CAA set at {owner}; remove or extend it, or the CA will refuse)"
-                    ))
-                })?;
+                caa::evaluate(name, &set, req)
+                    .map_err(|forbidden| DnsError::Caa { owner, forbidden })?;
             }
         }
         Ok(())

@@ -28,7 +28,7 @@ pub enum WireError {
     Name(String, #[source] ProtoError),
     /// A CAA value we would write cannot be encoded.
     #[error("CAA value {0:?}: {1}")]
-    CaaValue(String, String),
+    CaaValue(String, #[source] super::caa::BadParameter),
     /// A record type or tag dstack-mesh never writes.
     #[error("{0} is not written by dstack-mesh")]
     NotOurs(String),
