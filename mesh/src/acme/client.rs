@@ -365,9 +365,8 @@ impl AcmeClient {
         store: Arc<dyn CertStore>,
         email: Option<String>,
         eab: Option<Eab>,
-    ) -> Result<Self, String> {
-        let tls =
-            crate::https::client_config(extra_roots).map_err(|e| format!("acme.ca_roots: {e}"))?;
+    ) -> Result<Self, crate::https::RootsError> {
+        let tls = crate::https::client_config(extra_roots)?;
         let https = crate::https::connector(tls, crate::https::dialer(timeout));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))

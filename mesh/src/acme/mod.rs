@@ -65,14 +65,14 @@ pub enum AcmeError {
     },
     /// The DNS provider could not be set up.
     #[error("dns: {0}")]
-    Dns(String),
-    /// The ACME client could not be built.
-    #[error("ACME client for {directory}: {reason}")]
+    Dns(#[from] dns01::SetupError),
+    /// The ACME client could not be built (its roots: `acme.ca_roots`).
+    #[error("ACME client for {directory}: acme.ca_roots: {reason}")]
     Client {
         /// The directory.
         directory: String,
         /// Why.
-        reason: String,
+        reason: crate::https::RootsError,
     },
 }
 
@@ -323,9 +323,7 @@ impl Acme {
             domains.push(domain);
         }
         let dns = match public.dns.provider.is_some() || !public.dns.resolvers.is_empty() {
-            true => Some(Arc::new(
-                dns01::Dns::new(&public.dns).map_err(AcmeError::Dns)?,
-            )),
+            true => Some(Arc::new(dns01::Dns::new(&public.dns)?)),
             false => None,
         };
         Ok(Arc::new(Self {

@@ -483,7 +483,7 @@ impl Outbound {
                 let failure = e.failure();
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 let detail = format_args!("{target}, {method} {path}: {e}");
-                failure.log("outbound request failed", &detail);
+                failure.log(Hop::Peer, "outbound request failed", &detail);
                 // The app is ours: it gets the detail too.
                 proxy::detailed_error(failure.status, failure.short(Hop::Peer), &e.to_string())
             }

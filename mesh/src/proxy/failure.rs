@@ -54,14 +54,23 @@ impl Failure {
         }
     }
 
-    /// Log `message` with `detail` at the level the blame calls for.
-    pub fn log(&self, message: &str, detail: &dyn std::fmt::Display) {
-        match self.blame {
-            Blame::Caller => {
-                tracing::debug!(reason = self.reason, status = self.status.as_u16(), %detail, "{message}")
+    /// Log `message` with `detail` at the level the blame calls for, under the side's own
+    /// target (`dstack_mesh::inbound` or `dstack_mesh::outbound`), so log filters by side keep
+    /// working.
+    pub fn log(&self, hop: Hop, message: &str, detail: &dyn std::fmt::Display) {
+        let (reason, status) = (self.reason, self.status.as_u16());
+        match (self.blame, hop) {
+            (Blame::Caller, Hop::Backend) => {
+                tracing::debug!(target: "dstack_mesh::inbound", reason, status, %detail, "{message}")
             }
-            Blame::Upstream | Blame::Internal => {
-                tracing::warn!(reason = self.reason, status = self.status.as_u16(), %detail, "{message}")
+            (Blame::Caller, Hop::Peer) => {
+                tracing::debug!(target: "dstack_mesh::outbound", reason, status, %detail, "{message}")
+            }
+            (_, Hop::Backend) => {
+                tracing::warn!(target: "dstack_mesh::inbound", reason, status, %detail, "{message}")
+            }
+            (_, Hop::Peer) => {
+                tracing::warn!(target: "dstack_mesh::outbound", reason, status, %detail, "{message}")
             }
         }
     }
@@ -178,5 +187,68 @@ mod tests {
             assert_eq!(f.short(Hop::Peer), peer, "{e}");
             assert_eq!(f.blame == Blame::Caller, f.status.is_client_error(), "{e}");
         }
+    }
+
+    /// Collects what a subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn failures_log_under_their_side_at_the_blames_level() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let upstream = UpstreamError::Busy {
+                upstream: "u".into(),
+            };
+            upstream
+                .failure()
+                .log(Hop::Peer, "outbound request failed", &"d");
+            upstream
+                .failure()
+                .log(Hop::Backend, "inbound request failed", &"d");
+            UpstreamError::CallerAborted
+                .failure()
+                .log(Hop::Peer, "outbound request failed", &"d");
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let seen: Vec<(&str, &str, &str)> = lines
+            .iter()
+            .map(|l| {
+                (
+                    l["target"].as_str().unwrap(),
+                    l["level"].as_str().unwrap(),
+                    l["fields"]["reason"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("dstack_mesh::outbound", "WARN", "busy"),
+                ("dstack_mesh::inbound", "WARN", "busy"),
+                ("dstack_mesh::outbound", "DEBUG", "caller_aborted"),
+            ]
+        );
     }
 }

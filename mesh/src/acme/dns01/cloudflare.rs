@@ -40,8 +40,8 @@ impl std::fmt::Debug for Cloudflare {
 
 impl Cloudflare {
     /// `base` is the API root (`https://api.cloudflare.com/client/v4`).
-    pub fn new(base: &str, token: &str, timeout: Duration) -> Result<Self, String> {
-        let tls = crate::https::client_config(&[]).map_err(|e| e.to_string())?;
+    pub fn new(base: &str, token: &str, timeout: Duration) -> Result<Self, super::SetupError> {
+        let tls = crate::https::client_config(&[])?;
         let connector = crate::https::connector(tls, crate::https::dialer(timeout));
         Ok(Self {
             base: base.trim_end_matches('/').to_owned(),

@@ -26,6 +26,32 @@ const POLL: Duration = Duration::from_secs(2);
 /// not wait on caches.
 const TTL: u32 = 60;
 
+/// Why the DNS provider could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SetupError {
+    /// The HTTPS client for the provider's API.
+    #[error("HTTPS client: {0}")]
+    Https(#[from] crate::https::RootsError),
+    /// A TSIG algorithm hickory does not sign with.
+    #[error("TSIG algorithm {0:?} is not supported")]
+    Algorithm(String),
+    /// The TSIG secret is not base64.
+    #[error("the TSIG secret is not base64")]
+    Secret(#[from] crate::base64url::NotBase64url),
+    /// The TSIG key name is not a DNS name.
+    #[error(transparent)]
+    KeyName(#[from] wire::WireError),
+    /// The TSIG signer refused the key.
+    #[error("TSIG key {name}: {source}")]
+    Tsig {
+        /// The key name.
+        name: String,
+        /// What hickory said.
+        source: hickory_proto::dnssec::DnsSecError,
+    },
+}
+
 /// Why a DNS step failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DnsError {
@@ -336,7 +362,7 @@ pub struct Dns {
 }
 
 /// Build the configured provider.
-pub fn provider(cfg: &ProviderConfig, timeout: Duration) -> Result<Arc<dyn Provider>, String> {
+pub fn provider(cfg: &ProviderConfig, timeout: Duration) -> Result<Arc<dyn Provider>, SetupError> {
     Ok(match cfg {
         ProviderConfig::Cloudflare { api_token, api_url } => {
             Arc::new(cloudflare::Cloudflare::new(api_url, &api_token.0, timeout)?)
@@ -355,7 +381,7 @@ pub fn provider(cfg: &ProviderConfig, timeout: Duration) -> Result<Arc<dyn Provi
 
 impl Dns {
     /// From `[dns]`.
-    pub fn new(config: &DnsConfig) -> Result<Self, String> {
+    pub fn new(config: &DnsConfig) -> Result<Self, SetupError> {
         let provider = config
             .provider
             .as_ref()

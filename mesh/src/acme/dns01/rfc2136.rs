@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use hickory_proto::rr::{rdata::tsig::TsigAlgorithm, TSigner};
 
-use super::{wire, BoxFuture, DnsError, Provider, Record, Rtype, Zone};
+use super::{wire, BoxFuture, DnsError, Provider, Record, Rtype, SetupError, Zone};
 
 /// Time skew the server may see between our clock and its own (RFC 8945 recommends 300 s).
 const FUDGE: u16 = 300;
@@ -38,22 +38,21 @@ impl Rfc2136 {
         secret: &str,
         zones: &[String],
         timeout: Duration,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SetupError> {
         let algorithm = match algorithm {
             "hmac-sha256" => TsigAlgorithm::HmacSha256,
             "hmac-sha384" => TsigAlgorithm::HmacSha384,
             "hmac-sha512" => TsigAlgorithm::HmacSha512,
-            other => return Err(format!("TSIG algorithm {other:?} is not supported")),
+            other => return Err(SetupError::Algorithm(other.to_owned())),
         };
-        let key = crate::base64url::decode(secret)
-            .map_err(|_| "the TSIG secret is not base64".to_owned())?;
-        let signer = TSigner::new(
-            key,
-            algorithm,
-            wire::name(key_name).map_err(|e| e.to_string())?,
-            FUDGE,
-        )
-        .map_err(|e| format!("TSIG key {key_name}: {e}"))?;
+        let key = crate::base64url::decode(secret)?;
+        let signer =
+            TSigner::new(key, algorithm, wire::name(key_name)?, FUDGE).map_err(|source| {
+                SetupError::Tsig {
+                    name: key_name.to_owned(),
+                    source,
+                }
+            })?;
         let server = match server.rsplit_once(':') {
             Some((_, port)) if port.parse::<u16>().is_ok() && !server.ends_with(']') => {
                 server.to_owned()
