@@ -119,11 +119,19 @@ async fn sighup_reloads_the_allowlist_keeps_connections_and_refuses_a_broken_con
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
             .collect()
     };
+    // The sidecar writes its line as it answers: the client can see the answer first.
     let find = |message: &str| {
-        lines()
-            .into_iter()
-            .find(|l| l["fields"]["message"] == message)
-            .unwrap_or_else(|| panic!("no {message:?} line: {}", mesh.stderr()))
+        let has = || {
+            lines()
+                .into_iter()
+                .find(|l| l["fields"]["message"] == message)
+        };
+        e2e::wait_until(
+            &format!("a {message:?} log line"),
+            Duration::from_secs(10),
+            || has().is_some(),
+        );
+        has().unwrap_or_else(|| panic!("no {message:?} line: {}", mesh.stderr()))
     };
     let request = find("inbound request");
     assert_eq!(request["level"], "DEBUG");
