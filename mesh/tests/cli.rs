@@ -1,5 +1,5 @@
 //! The `dstack-mesh` binary as a user runs it: exit codes, stdout and stderr of each subcommand
-//! against the dstack simulator's certificates (`/work/shared/fixtures/dstack-sim/certs`).
+//! against the dstack simulator's certificates (`testdata/dstack-sim/certs`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
@@ -12,10 +12,7 @@ use std::{
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_dstack-mesh");
-const CERTS: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/fixtures/dstack-sim/certs"
-);
+const CERTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/dstack-sim/certs");
 const APP1_ID: &str = "5bb4ff9a3837357f19dc176407a5709c62eb6c56";
 const APP2_ID: &str = "71cbb64614e7090669b2f0cb159295bd81804fa9";
 /// Exit status for unreadable or unparsable input (`cli::EXIT_BAD_INPUT`).

@@ -78,3 +78,31 @@ fn inbound_returns_no_admin_types() {
     let found = offenders("inbound", &["admin"]);
     assert!(found.is_empty(), "{found:#?}");
 }
+
+#[test]
+fn no_test_reads_outside_the_repository() {
+    // The fixtures live in testdata/: a clone alone runs the suite. (The needles are built
+    // here so that this file does not match them.)
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let needles = [["..", "shared"].join("/"), ["shared", "fixtures"].join("/")];
+    for dir in [
+        "mesh",
+        "ratls",
+        "gateway-client",
+        "nginx-compat",
+        "tests",
+        "fuzz",
+    ] {
+        for file in sources(&root.join(dir)) {
+            if file.components().any(|c| c.as_os_str() == "target") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&file).unwrap();
+            assert!(
+                !needles.iter().any(|n| text.contains(n.as_str())),
+                "{} reads the shared folder beside the repository",
+                file.display()
+            );
+        }
+    }
+}

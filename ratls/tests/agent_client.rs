@@ -1,5 +1,5 @@
 //! Round trips of `AgentClient` against a fake guest agent that answers with the responses the
-//! real dstack simulator gave (`/work/shared/fixtures/dstack-sim/api`).
+//! real dstack simulator gave (`testdata/dstack-sim/api`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
@@ -29,10 +29,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-const FIXTURES: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/fixtures/dstack-sim/api"
-);
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/dstack-sim/api");
 const APP1_ID: &str = "5bb4ff9a3837357f19dc176407a5709c62eb6c56";
 const APP1_INSTANCE: &str = "1691ed1b47506cad7d08834668691d88246f5b1f";
 /// Long enough for a loaded CI machine, short enough that a hang fails the test quickly.

@@ -12,7 +12,7 @@ const APP1: &str = "5bb4ff9a3837357f19dc176407a5709c62eb6c56";
 const APP2: &str = "71cbb64614e7090669b2f0cb159295bd81804fa9";
 
 fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/dstack-sim")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/dstack-sim")
 }
 
 fn read(rel: &str) -> Vec<u8> {

@@ -22,8 +22,7 @@ impl Rng {
 }
 
 fn seeds() -> Vec<Vec<u8>> {
-    let dir =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/dstack-sim/certs");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/dstack-sim/certs");
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -96,7 +95,7 @@ fn random_and_mutated_certificates_never_panic() {
 fn random_and_mutated_attestations_never_panic() {
     let pem = std::fs::read(
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/fixtures/dstack-sim/api/app1/quote_post.json"),
+            .join("../testdata/dstack-sim/api/app1/quote_post.json"),
     )
     .unwrap();
     let quote: ratls::agent::QuoteResponse = serde_json::from_slice(&pem).unwrap();

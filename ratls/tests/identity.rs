@@ -15,7 +15,7 @@ use ratls::{
 
 fn fixture<T: serde::de::DeserializeOwned>(rel: &str) -> T {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/fixtures/dstack-sim")
+        .join("../testdata/dstack-sim")
         .join(rel);
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }

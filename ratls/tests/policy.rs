@@ -393,7 +393,7 @@ fn an_extension_helper_round_trips() {
 
 pub fn fixture(rel: &str) -> String {
     format!(
-        "{}/../../shared/fixtures/dstack-sim/{rel}",
+        "{}/../testdata/dstack-sim/{rel}",
         env!("CARGO_MANIFEST_DIR")
     )
 }

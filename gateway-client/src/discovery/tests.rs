@@ -7,7 +7,7 @@ use super::*;
 
 fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/fixtures/dstack-sim")
+        .join("../testdata/dstack-sim")
         .join(rel)
 }
 
