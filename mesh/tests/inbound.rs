@@ -622,3 +622,166 @@ async fn metrics_count_requests_per_caller_and_refusals_by_reason() {
         assert!(value.parse::<f64>().is_ok(), "{line}");
     }
 }
+
+/// A PROXY v2 header naming `client` (as the dstack gateway with `pp: true` writes it).
+fn proxy_v2(client: &str) -> Vec<u8> {
+    use ppp::v2::{Builder, Command, Protocol, Version};
+    let pair: (std::net::SocketAddr, std::net::SocketAddr) =
+        (client.parse().unwrap(), "10.0.0.1:443".parse().unwrap());
+    Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, pair)
+        .build()
+        .unwrap()
+}
+
+async fn client_after(mesh: &Mesh, preface: &[u8]) -> std::io::Result<MeshClient> {
+    let tls = e2e::client::tls_connect_after(
+        &mesh.caller,
+        &id(SERVER),
+        mesh.addr(),
+        Some(&[b"http/1.1"]),
+        preface,
+        None,
+    )
+    .await?;
+    MeshClient::over(tls).await
+}
+
+#[tokio::test]
+async fn behind_a_proxy_protocol_gateway_the_client_address_is_the_headers() {
+    let mesh = Mesh::start_with("proxy_protocol = \"any\"\nhandshake_timeout = \"2s\"").await;
+    for preface in [
+        proxy_v2("203.0.113.7:51234"),
+        b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 443\r\n".to_vec(),
+    ] {
+        let mut client = client_after(&mesh, &preface).await.unwrap();
+        let (status, _, body) = client
+            .get("/", &[("x-forwarded-for", "6.6.6.6")])
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+        let seen = json(&body);
+        assert_eq!(
+            seen["headers"]["x-forwarded-for"],
+            serde_json::json!(["203.0.113.7"]),
+            "{seen}"
+        );
+        assert_eq!(
+            seen["headers"]["x-dstack-app-id"],
+            serde_json::json!([CALLER])
+        );
+    }
+    assert_eq!(mesh.backend.count(), 2);
+    // Required and missing, or garbage: refused before TLS, nothing reaches the backend.
+    assert!(client_after(&mesh, &[]).await.is_err());
+    assert!(client_after(&mesh, b"PROXY TCP4 1.2.3 x y z\r\n")
+        .await
+        .is_err());
+    // A header that stalls half-way is cut by the handshake deadline.
+    let mut stalled = tokio::net::TcpStream::connect(mesh.addr()).await.unwrap();
+    stalled
+        .write_all(&proxy_v2("203.0.113.7:1")[..10])
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(10), stalled.read(&mut [0u8; 16]))
+        .await
+        .expect("a stalled PROXY header must be closed by the deadline");
+    assert!(matches!(n, Ok(0) | Err(_)));
+    assert_eq!(mesh.backend.count(), 2);
+    let text = dstack_mesh::status::request(
+        &mesh.app.addr("admin").unwrap().to_string(),
+        http::Method::GET,
+        "/metrics",
+    )
+    .await
+    .unwrap()
+    .1;
+    let text = String::from_utf8_lossy(&text);
+    assert!(
+        text.contains("dstack_mesh_handshake_failures_total{direction=\"inbound\",reason=\"proxy_protocol\"} 2"),
+        "{text}"
+    );
+    // The listener is unharmed.
+    let mut client = client_after(&mesh, &proxy_v2("198.51.100.1:1"))
+        .await
+        .unwrap();
+    assert_eq!(client.get("/", &[]).await.unwrap().0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn with_proxy_protocol_off_a_header_is_garbage_and_the_listener_is_unharmed() {
+    let mesh = Mesh::start().await;
+    assert!(client_after(&mesh, &proxy_v2("203.0.113.7:51234"))
+        .await
+        .is_err());
+    assert_eq!(mesh.backend.count(), 0);
+    let mut client = mesh.client(None).await;
+    assert_eq!(client.get("/", &[]).await.unwrap().0, StatusCode::OK);
+}
+
+/// Debian's HAProxy in front of `inbound`, as the dstack gateway with `pp: true`: one frontend
+/// sending PROXY v2 (`send-proxy-v2`), one sending v1 (`send-proxy`). Their addresses.
+fn haproxy_sending_proxy(
+    dir: &std::path::Path,
+    inbound: std::net::SocketAddr,
+) -> (e2e::ChildGuard, [std::net::SocketAddr; 2]) {
+    for attempt in 1.. {
+        let ports = [e2e::free_port(), e2e::free_port()];
+        let config = format!(
+            "global\n    maxconn 256\n\ndefaults\n    mode tcp\n    timeout connect 10s\n    timeout client 60s\n    timeout server 60s\n\n\
+             frontend v2\n    bind 127.0.0.1:{}\n    default_backend v2\n\nbackend v2\n    server mesh {inbound} send-proxy-v2\n\n\
+             frontend v1\n    bind 127.0.0.1:{}\n    default_backend v1\n\nbackend v1\n    server mesh {inbound} send-proxy\n",
+            ports[0], ports[1]
+        );
+        let file = dir.join("haproxy.cfg");
+        std::fs::write(&file, config).unwrap();
+        let mut cmd = std::process::Command::new(e2e::program("haproxy"));
+        cmd.arg("-db").arg("-f").arg(&file);
+        let mut haproxy = e2e::ChildGuard::spawn("haproxy", cmd, dir).unwrap();
+        let addrs = ports.map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p)));
+        let mut exited = None;
+        e2e::wait_until("haproxy to listen", Duration::from_secs(20), || {
+            exited = haproxy.exited();
+            exited.is_some()
+                || addrs
+                    .iter()
+                    .all(|a| std::net::TcpStream::connect(a).is_ok())
+        });
+        match exited {
+            None => return (haproxy, addrs),
+            Some(_) if attempt < 5 && haproxy.stderr().contains("cannot bind socket") => {}
+            Some(status) => panic!("haproxy exited ({status}): {}", haproxy.stderr()),
+        }
+    }
+    unreachable!()
+}
+
+#[tokio::test]
+async fn haproxy_send_proxy_v1_and_v2_carry_the_client_address_to_the_backend() {
+    let mesh = Mesh::start_with("proxy_protocol = \"any\"").await;
+    let (_haproxy, gateways) = haproxy_sending_proxy(mesh.dir.path(), mesh.addr());
+    // The client dials the gateway from 127.0.0.2; the sidecar's TCP peer is HAProxy
+    // (127.0.0.1), so only the header can tell the backend where the client was.
+    for gateway in gateways {
+        let tls = e2e::client::tls_connect_after(
+            &mesh.caller,
+            &id(SERVER),
+            gateway,
+            Some(&[b"http/1.1"]),
+            &[],
+            Some([127, 0, 0, 2].into()),
+        )
+        .await
+        .unwrap();
+        let mut client = MeshClient::over(tls).await.unwrap();
+        let (status, _, body) = client.get("/", &[]).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        let seen = json(&body);
+        assert_eq!(
+            seen["headers"]["x-forwarded-for"],
+            serde_json::json!(["127.0.0.2"]),
+            "via {gateway}: {seen}"
+        );
+    }
+    // A client that skips the gateway sends no header: refused.
+    assert!(client_after(&mesh, &[]).await.is_err());
+}

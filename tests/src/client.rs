@@ -57,6 +57,19 @@ pub async fn tls_connect(
     addr: SocketAddr,
     alpn: Option<&[&[u8]]>,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    tls_connect_after(identity, target, addr, alpn, &[], None).await
+}
+
+/// [`tls_connect`], writing `preface` (a PROXY protocol header, as a gateway does) first, from
+/// the local address `source` when given (another loopback address than the gateway's).
+pub async fn tls_connect_after(
+    identity: &RotatingIdentity,
+    target: &AppId,
+    addr: SocketAddr,
+    alpn: Option<&[&[u8]]>,
+    preface: &[u8],
+    source: Option<std::net::IpAddr>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let anchors = identity
         .current()
         .trust_anchors()
@@ -67,7 +80,17 @@ pub async fn tls_connect(
     if let Some(alpn) = alpn {
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     }
-    let tcp = TcpStream::connect(addr).await?;
+    let mut tcp = match source {
+        None => TcpStream::connect(addr).await?,
+        Some(ip) => {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(ip, 0))?;
+            socket.connect(addr).await?
+        }
+    };
+    if !preface.is_empty() {
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, preface).await?;
+    }
     let name = ServerName::try_from(format!("{target}-443s.dstack.test"))
         .map_err(std::io::Error::other)?;
     tokio_rustls::TlsConnector::from(Arc::new(config))

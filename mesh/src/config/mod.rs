@@ -89,6 +89,8 @@ pub mod env {
     pub const CLIENT_LISTEN: &[&str] = &["DSTACK_MESH_CLIENT_LISTEN"];
     /// Admin listener address.
     pub const ADMIN_LISTEN: &[&str] = &["DSTACK_MESH_ADMIN_LISTEN"];
+    /// `inbound.proxy_protocol` (dstack-ingress's name).
+    pub const PROXY_PROTOCOL: &[&str] = &["ACCEPT_PROXY_PROTOCOL"];
     /// The admin address `status` and `certs` talk to.
     pub const ADMIN: &[&str] = &["DSTACK_MESH_ADMIN"];
     /// `auth.nginx_secret`.
@@ -156,6 +158,8 @@ pub struct InboundConfig {
     pub max_connections: usize,
     /// Largest request head.
     pub max_header_bytes: usize,
+    /// The PROXY protocol header the gateway writes first (`pp: true`); off by default.
+    pub proxy_protocol: ProxyProtocol,
 }
 
 /// A plain listener with an on/off switch (auth service, outbound proxy).
@@ -235,6 +239,36 @@ pub struct AuthConfig {
     pub header_timeout: Duration,
     /// Connections at once (nginx keeps a few keep-alive ones; the cap stops a runaway client).
     pub max_connections: usize,
+}
+
+/// Which PROXY headers the listener requires (`inbound.proxy_protocol`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    /// No header: the connection starts with the ClientHello.
+    #[default]
+    Off,
+    /// Version 1 (text) only.
+    V1,
+    /// Version 2 (binary) only.
+    V2,
+    /// Either version.
+    Any,
+}
+
+impl std::str::FromStr for ProxyProtocol {
+    type Err = String;
+
+    /// `off`, `v1`, `v2`, `any`; dstack-ingress's `true`/`false` mean `any`/`off`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "off" | "false" | "0" | "no" => Ok(Self::Off),
+            "v1" => Ok(Self::V1),
+            "v2" => Ok(Self::V2),
+            "any" | "on" | "true" | "1" | "yes" => Ok(Self::Any),
+            other => Err(format!("{other:?}: use off, v1, v2 or any")),
+        }
+    }
 }
 
 /// A secret from the configuration: never printed.
@@ -690,6 +724,14 @@ fn inbound(raw: &RawConfig, env: &dyn Source, c: &mut Check) -> InboundConfig {
         ),
         max_connections: ib.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
         max_header_bytes: ib.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES),
+        proxy_protocol: match (source::first(env, env::PROXY_PROTOCOL), &ib.proxy_protocol) {
+            (Some((var, v)), _) => v.parse().map_err(|e| c.fail(var, e)).unwrap_or_default(),
+            (None, Some(v)) => v
+                .parse()
+                .map_err(|e| c.fail("inbound.proxy_protocol", e))
+                .unwrap_or_default(),
+            (None, None) => ProxyProtocol::Off,
+        },
     };
     check_inbound(&inbound, c);
     inbound

@@ -92,6 +92,7 @@ pub struct RawInbound {
     pub backend_timeout: Option<DurationValue>,
     pub max_connections: Option<usize>,
     pub max_header_bytes: Option<usize>,
+    pub proxy_protocol: Option<String>,
 }
 
 /// The whole file.

@@ -11,6 +11,7 @@
 
 mod http;
 mod mesh;
+pub mod proxy_protocol;
 mod public;
 pub mod route;
 
@@ -119,6 +120,14 @@ impl MeshRoute {
             },
         }
     }
+}
+
+/// Why a connection never reached its branch.
+enum Refused {
+    /// Its PROXY header.
+    Proxy(proxy_protocol::ProxyError),
+    /// The TLS handshake; the stream, when there is an alert to linger over.
+    Tls(std::io::Error, Option<IdleIo<TcpStream>>),
 }
 
 /// Which branch a connection took at the ClientHello.
@@ -258,8 +267,11 @@ impl Inbound {
         let io = IdleIo::new(tcp, activity.clone());
         // The public side as of this connection's start (a reload may swap it meanwhile).
         let public = self.public.load_full();
-        // ClientHello → route → handshake (a mesh caller is verified inside it), one deadline.
-        let Some((branch, tls)) = Box::pin(self.handshake(io, &public, remote)).await else {
+        // PROXY header (when the gateway sends one) → ClientHello → route → handshake (a mesh
+        // caller is verified inside it), all under one deadline. `remote` becomes the client
+        // the header names.
+        let Some((branch, tls, remote)) = Box::pin(self.handshake(io, &public, remote)).await
+        else {
             return;
         };
         match branch {
@@ -290,29 +302,45 @@ impl Inbound {
         }
     }
 
-    /// Peek the ClientHello, route it, and finish the handshake with the route's TLS, under
-    /// one deadline so a slow client cannot stretch it. `None` when the handshake failed or
-    /// timed out (logged and counted).
+    /// Read the PROXY header (when configured), peek the ClientHello, route it, and finish the
+    /// handshake with the route's TLS, under one deadline so a slow client cannot stretch it.
+    /// The branch, the stream and the client's address; `None` when any step failed or timed
+    /// out (logged and counted).
     async fn handshake(
         &self,
-        io: IdleIo<TcpStream>,
+        mut io: IdleIo<TcpStream>,
         public: &PublicSide,
-        remote: SocketAddr,
-    ) -> Option<(Branch, TlsStream<IdleIo<TcpStream>>)> {
+        peer: SocketAddr,
+    ) -> Option<(Branch, TlsStream<IdleIo<TcpStream>>, SocketAddr)> {
+        let accept = self.config.proxy_protocol;
+        let mut remote = peer;
         let handshake = async {
+            if accept != proxy_protocol::Accept::Off {
+                match proxy_protocol::read(&mut io, accept).await {
+                    Ok(client) => remote = client.unwrap_or(peer),
+                    Err(e) => return Err(Refused::Proxy(e)),
+                }
+            }
             let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io)
                 .await
-                .map_err(|e| (e, None))?;
+                .map_err(|e| Refused::Tls(e, None))?;
             let hello = Hello::from_rustls(&start.client_hello());
             let (branch, config) = self.branch(route::route(&hello, public), public);
             match start.into_stream(config).into_fallible().await {
                 Ok(tls) => Ok((branch, tls)),
-                Err((e, io)) => Err((e, Some(io))),
+                Err((e, io)) => Err(Refused::Tls(e, Some(io))),
             }
         };
-        match tokio::time::timeout(self.config.handshake_timeout, handshake).await {
-            Ok(Ok(done)) => Some(done),
-            Ok(Err((e, io))) => {
+        let result = tokio::time::timeout(self.config.handshake_timeout, handshake).await;
+        match result {
+            Ok(Ok((branch, tls))) => Some((branch, tls, remote)),
+            Ok(Err(Refused::Proxy(e))) => {
+                self.metrics
+                    .handshake_failure(Direction::Inbound, "proxy_protocol");
+                tracing::warn!(%peer, error = %e, "inbound connection refused: PROXY protocol");
+                None
+            }
+            Ok(Err(Refused::Tls(e, io))) => {
                 let reason = log_handshake_failure(remote, &e);
                 self.metrics.handshake_failure(Direction::Inbound, reason);
                 if let Some(io) = io {
