@@ -78,6 +78,20 @@ pub async fn read<IO: AsyncRead + Unpin>(
     Err(ProxyError::Missing(accept))
 }
 
+/// [`read`] over bytes already in memory (fuzzing, tests): `input` is advanced past the header.
+pub fn read_slice(input: &mut &[u8], accept: Accept) -> Result<Option<SocketAddr>, ProxyError> {
+    use std::{
+        future::Future,
+        task::{Context, Poll, Waker},
+    };
+    // Reading from a slice never waits: one poll finishes it.
+    let mut read = std::pin::pin!(read(input, accept));
+    match read.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(result) => result,
+        Poll::Pending => Err(ProxyError::Io(std::io::ErrorKind::WouldBlock.into())),
+    }
+}
+
 fn v2(header: &[u8]) -> Result<Option<SocketAddr>, ProxyError> {
     use ppp::v2::{Addresses, Command, Header};
     let parsed = Header::try_from(header).map_err(|e| ProxyError::Malformed(e.to_string()))?;

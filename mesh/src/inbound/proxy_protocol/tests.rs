@@ -166,3 +166,57 @@ fn settings_parse_as_dstack_ingress_writes_them() {
     }
     assert!("v3".parse::<Accept>().is_err());
 }
+
+/// xorshift64*: deterministic, so a failure reproduces.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+#[test]
+fn random_and_mutated_headers_never_panic_nor_read_past_a_header() {
+    let seeds = [
+        v2_proxy(),
+        v2_header(Command::Local, ppp::v2::Addresses::Unspecified),
+        b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 443\r\n".to_vec(),
+        b"PROXY TCP6 2001:db8::7 2001:db8::1 51234 443\r\n".to_vec(),
+        b"PROXY UNKNOWN\r\n".to_vec(),
+    ];
+    let mut rng = Rng(0x005e_ed0f_9a7e_u64);
+    for round in 0..20_000 {
+        let mut input = seeds[round % seeds.len()].clone();
+        match round % 3 {
+            // Flip a few bytes.
+            0 => {
+                for _ in 0..1 + rng.next() % 4 {
+                    let i = (rng.next() as usize) % input.len();
+                    input[i] = rng.next() as u8;
+                }
+            }
+            // Cut it short, or pad it.
+            1 => input.truncate((rng.next() as usize) % (input.len() + 1)),
+            // Random bytes behind a real prefix.
+            _ => {
+                let keep = (rng.next() as usize) % input.len();
+                input.truncate(keep);
+                input.extend((0..rng.next() % 64).map(|_| rng.next() as u8));
+            }
+        }
+        input.extend_from_slice(AFTER);
+        for accept in [Accept::V1, Accept::V2, Accept::Any] {
+            let mut rest: &[u8] = &input;
+            let _ = read_slice(&mut rest, accept);
+            let consumed = input.len() - rest.len();
+            assert!(
+                consumed <= 16 + V2_MAX_BODY,
+                "{round}: read {consumed} bytes"
+            );
+        }
+    }
+}
