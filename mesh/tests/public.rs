@@ -828,3 +828,90 @@ async fn a_reload_adds_and_removes_domains_without_dropping_connections() {
 async fn get(client: &mut MeshClient, host: &str) -> StatusCode {
     client.get_from(host, "/", &[]).await.unwrap().0
 }
+
+/// A tcp-mode backend that reads the PROXY header the sidecar sends and answers the client
+/// address it names, then echoes.
+async fn proxy_reading_server() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                use dstack_mesh::inbound::proxy_protocol::{read, Accept};
+                let client = read(&mut tcp, Accept::V2).await;
+                let answer = match client {
+                    Ok(Some(a)) => format!("{a}\n"),
+                    other => format!("{other:?}\n"),
+                };
+                let _ = tcp.write_all(answer.as_bytes()).await;
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn tcp_mode_can_send_the_backend_a_proxy_header_with_the_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = proxy_reading_server().await;
+    let site = start(
+        dir.path(),
+        &format!(
+            "[[domains]]\nnames = [\"pp.example.test\"]\nbackend = \"{backend}\"\nmode = \"tcp\"\nsend_proxy_protocol = true\n"
+        ),
+        "",
+    )
+    .await;
+    let addr = site.app.addr("inbound").unwrap();
+    wait_valid(&site.app, "pp.example.test").await;
+    let root = internal_root(dir.path());
+    let mut tls = public_connect(addr, "pp.example.test", &root, &[])
+        .await
+        .unwrap();
+    let client = tls.get_ref().0.local_addr().unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        tls.read_exact(&mut byte).await.unwrap();
+        line.push(byte[0]);
+    }
+    assert_eq!(String::from_utf8_lossy(&line).trim(), client.to_string());
+    // The stream after the header is the client's own.
+    tls.write_all(b"after the header").await.unwrap();
+    let mut got = [0u8; 16];
+    tls.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"after the header");
+}
+
+#[test]
+fn send_proxy_protocol_is_for_tcp_mode_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[acme]\nstore = \"{}\"\nissuer = \"internal-ca\"\n\
+         [[domains]]\nnames = [\"web.example.test\"]\nbackend = \"127.0.0.1:1\"\nsend_proxy_protocol = true\n",
+        dir.path().display()
+    );
+    let err = Config::from_toml(&text, &HashMap::<&str, &str>::new()).unwrap_err();
+    assert!(
+        err.to_string().contains("domains[0].send_proxy_protocol"),
+        "{err}"
+    );
+    // SEND_PROXY_PROTOCOL turns it on for tcp-mode domains and leaves http-mode ones alone.
+    let text = format!(
+        "[acme]\nstore = \"{}\"\nissuer = \"internal-ca\"\n\
+         [[domains]]\nnames = [\"web.example.test\"]\nbackend = \"127.0.0.1:1\"\n\
+         [[domains]]\nnames = [\"raw.example.test\"]\nbackend = \"127.0.0.1:2\"\nmode = \"tcp\"\n",
+        dir.path().display()
+    );
+    let env = HashMap::from([("SEND_PROXY_PROTOCOL", "true")]);
+    let config = Config::from_toml(&text, &env).unwrap();
+    let sends: Vec<bool> = config
+        .public
+        .domains
+        .iter()
+        .map(|d| d.send_proxy_protocol)
+        .collect();
+    assert_eq!(sends, [false, true]);
+}

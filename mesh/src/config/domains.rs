@@ -28,6 +28,8 @@ pub mod env {
     pub const RENEW_DAYS: &[&str] = &["RENEW_DAYS_BEFORE"];
     /// Serve the evidence files at `/evidences/`.
     pub const EVIDENCE_SERVER: &[&str] = &["EVIDENCE_SERVER"];
+    /// Send tcp-mode backends a PROXY v2 header with the client's address.
+    pub const SEND_PROXY_PROTOCOL: &[&str] = &["SEND_PROXY_PROTOCOL"];
 }
 
 /// Default directory of the certificate store.
@@ -141,6 +143,9 @@ pub struct DomainConfig {
     pub issuer: Issuer,
     /// How the CA validates.
     pub challenge: Challenge,
+    /// `tcp` mode: each connection to the backend starts with a PROXY v2 header naming the
+    /// client (`http` mode tells it in `x-forwarded-for` instead).
+    pub send_proxy_protocol: bool,
 }
 
 impl DomainConfig {
@@ -263,6 +268,7 @@ pub struct RawDomain {
     pub mode: Option<String>,
     pub issuer: Option<String>,
     pub challenge: Option<String>,
+    pub send_proxy_protocol: Option<bool>,
 }
 
 /// Check one DNS name (lowercased, no trailing dot); `*.` is allowed as the first label.
@@ -348,8 +354,9 @@ pub(super) fn public(
     let (acme, issuer, challenge) = acme_settings(acme, env, c);
     let dns = super::dns::dns(dns, env, c);
     let mut list = Vec::new();
+    let send_proxy = env_flag(env, env::SEND_PROXY_PROTOCOL, c).unwrap_or(false);
     for (i, d) in domains.iter().enumerate() {
-        list.extend(configured_domain(i, d, &issuer, challenge, c));
+        list.extend(configured_domain(i, d, &issuer, challenge, send_proxy, c));
     }
     list.extend(ingress_domains(env, &issuer, challenge, c));
     check_domains(&list, &dns, &acme, c);
@@ -464,6 +471,7 @@ fn configured_domain(
     d: &RawDomain,
     issuer: &Issuer,
     challenge: Challenge,
+    send_proxy_protocol: bool,
     c: &mut Check,
 ) -> Option<(String, DomainConfig)> {
     let key = format!("domains[{i}]");
@@ -517,6 +525,19 @@ fn configured_domain(
             .unwrap_or_default(),
         None => challenge,
     };
+    let send_proxy_protocol = match (d.send_proxy_protocol, mode) {
+        (Some(true), Mode::Http) => {
+            c.fail(
+                &format!("{key}.send_proxy_protocol"),
+                "only tcp-mode backends get a PROXY header (http mode's connections are pooled; the client is in x-forwarded-for)",
+            );
+            false
+        }
+        (Some(set), _) => set,
+        // SEND_PROXY_PROTOCOL sets it for every tcp-mode domain.
+        (None, Mode::Tcp) => send_proxy_protocol,
+        (None, Mode::Http) => false,
+    };
     Some((
         key,
         DomainConfig {
@@ -525,6 +546,7 @@ fn configured_domain(
             mode,
             issuer,
             challenge,
+            send_proxy_protocol,
         },
     ))
 }
@@ -598,6 +620,7 @@ fn ingress_domains(
                 mode: Mode::Http,
                 issuer: issuer.clone(),
                 challenge,
+                send_proxy_protocol: false,
             },
         ));
     }

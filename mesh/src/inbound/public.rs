@@ -193,6 +193,26 @@ pub(super) async fn splice(
         }
     };
     let _ = upstream.set_nodelay(true);
+    if domain.config.send_proxy_protocol {
+        // The backend learns the client as HAProxy's `send-proxy-v2` tells it.
+        let local = tls.get_ref().0.get_ref().local_addr();
+        let header = local.map_err(std::io::Error::other).and_then(|local| {
+            ppp::v2::Builder::with_addresses(
+                ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+                ppp::v2::Protocol::Stream,
+                same_family(remote, local),
+            )
+            .build()
+        });
+        let sent = match header {
+            Ok(header) => upstream.write_all(&header).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
+            tracing::warn!(%remote, domain = %domain.name(), %backend, error = %e, "tcp backend: PROXY header not sent");
+            return;
+        }
+    }
     tokio::select! {
         result = tokio::io::copy_bidirectional(&mut tls, &mut upstream) => {
             if let Err(e) = result {
@@ -210,4 +230,38 @@ pub(super) async fn close_validation(mut tls: TlsStream<IdleIo<TcpStream>>, remo
     let name = tls.get_ref().1.server_name().unwrap_or_default().to_owned();
     tracing::info!(%remote, %name, "TLS-ALPN-01 validation connection");
     let _ = tokio::time::timeout(Duration::from_secs(5), tls.shutdown()).await;
+}
+
+/// `client` and `local` in one address family, as a PROXY v2 header carries them (a v4 address
+/// beside a v6 one becomes v4-mapped v6).
+fn same_family(client: SocketAddr, local: SocketAddr) -> (SocketAddr, SocketAddr) {
+    let v6 = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+        v6 => v6,
+    };
+    match (client, local) {
+        (SocketAddr::V4(_), SocketAddr::V4(_)) | (SocketAddr::V6(_), SocketAddr::V6(_)) => {
+            (client, local)
+        }
+        _ => (v6(client), v6(local)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_proxy_header_carries_one_family() {
+        let v4: SocketAddr = "203.0.113.7:5".parse().unwrap();
+        let local4: SocketAddr = "10.0.0.1:443".parse().unwrap();
+        let local6: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
+        assert_eq!(same_family(v4, local4), (v4, local4));
+        let (client, local) = same_family(v4, local6);
+        assert_eq!(
+            client,
+            "[::ffff:203.0.113.7]:5".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(local, local6);
+    }
 }
