@@ -95,6 +95,10 @@ struct RunArgs {
     /// Offer h2 (otherwise HTTP/1.1).
     #[arg(long)]
     h2: bool,
+    /// Start every connection with a PROXY v2 header, as the dstack gateway does for a port
+    /// with `pp: true`.
+    #[arg(long)]
+    proxy_v2: bool,
     /// Concurrent connections (or, with --h2, concurrent streams over one connection each).
     #[arg(long, default_value_t = 64)]
     connections: usize,
@@ -194,6 +198,22 @@ struct Dialer {
     host: String,
     h2: bool,
     headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    proxy_v2: bool,
+}
+
+/// A PROXY v2 header for an IPv4 TCP connection from `source` to `destination`.
+fn proxy_v2_header(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    for a in [source, destination] {
+        match a.ip() {
+            std::net::IpAddr::V4(ip) => h.extend_from_slice(&ip.octets()),
+            std::net::IpAddr::V6(_) => h.extend_from_slice(&[127, 0, 0, 1]),
+        }
+    }
+    h.extend_from_slice(&source.port().to_be_bytes());
+    h.extend_from_slice(&destination.port().to_be_bytes());
+    h
 }
 
 enum Conn {
@@ -203,8 +223,12 @@ enum Conn {
 
 impl Dialer {
     async fn connect(&self) -> std::io::Result<Conn> {
-        let tcp = TcpStream::connect(self.addr).await?;
+        let mut tcp = TcpStream::connect(self.addr).await?;
         tcp.set_nodelay(true)?;
+        if self.proxy_v2 {
+            let header = proxy_v2_header(tcp.local_addr()?, self.addr);
+            tokio::io::AsyncWriteExt::write_all(&mut tcp, &header).await?;
+        }
         match &self.tls {
             None => Ok(Conn::H1(h1(TokioIo::new(tcp)).await?)),
             Some(tls) => {
@@ -302,6 +326,7 @@ async fn dialer(args: &RunArgs) -> (Dialer, Option<RotatingIdentity>) {
                     host,
                     h2: false,
                     headers: headers(args),
+                    proxy_v2: args.proxy_v2,
                 },
                 None,
             )
@@ -337,6 +362,7 @@ async fn dialer(args: &RunArgs) -> (Dialer, Option<RotatingIdentity>) {
             host,
             h2: args.h2,
             headers: headers(args),
+            proxy_v2: args.proxy_v2,
         },
         Some(identity),
     )
@@ -372,6 +398,7 @@ fn public_dialer(args: &RunArgs) -> Dialer {
         host: sni,
         h2: args.h2,
         headers: headers(args),
+        proxy_v2: args.proxy_v2,
     }
 }
 
