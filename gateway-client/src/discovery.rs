@@ -30,23 +30,75 @@ pub struct GatewayInfo {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DiscoveryError {
-    /// The sys-config file could not be read or parsed.
-    #[error("sys-config {path}: {reason}")]
-    SysConfig {
+    /// The sys-config file could not be read.
+    #[error("sys-config {path}: {source}")]
+    SysConfigRead {
         /// The file.
         path: String,
         /// Why.
-        reason: String,
+        source: std::io::Error,
+    },
+    /// The sys-config file is not the JSON expected.
+    #[error("sys-config {path}: {source}")]
+    SysConfigJson {
+        /// The file.
+        path: String,
+        /// Why.
+        source: serde_json::Error,
     },
     /// The sys-config names no gateway.
     #[error("sys-config {0} lists no gateway_urls")]
     NoUrls(String),
     /// Every gateway failed.
-    #[error("no gateway answered /prpc/Info; tried: {}", .tried.join("; "))]
+    #[error("no gateway answered /prpc/Info; tried: {}", describe(.tried))]
     NoneAnswered {
         /// Each URL with why it failed.
-        tried: Vec<String>,
+        tried: Vec<(String, InfoError)>,
     },
+}
+
+fn describe(tried: &[(String, InfoError)]) -> String {
+    tried
+        .iter()
+        .map(|(url, e)| format!("{url} ({e})"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Why one gateway's `/prpc/Info` gave no answer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InfoError {
+    /// The URL does not parse, or is not `http://`/`https://` with a host.
+    #[error("bad URL: {0}")]
+    Url(String),
+    /// Connecting failed.
+    #[error("connect: {0}")]
+    Connect(#[source] std::io::Error),
+    /// The URL's host is not a TLS server name.
+    #[error("server name: {0}")]
+    ServerName(#[from] rustls_pki_types::InvalidDnsNameError),
+    /// The TLS handshake failed.
+    #[error("TLS: {0}")]
+    Tls(#[source] std::io::Error),
+    /// The HTTP exchange failed.
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+    /// The request could not be built.
+    #[error("{0}")]
+    Request(#[from] http::Error),
+    /// The answer's body broke off or was too long.
+    #[error("reading Info: {0}")]
+    Body(String),
+    /// Not `200 OK`.
+    #[error("HTTP {0}")]
+    Status(StatusCode),
+    /// The body is not `Info`.
+    #[error("Info is not the JSON expected: {0}")]
+    Json(#[from] serde_json::Error),
+    /// No answer within the deadline.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
 }
 
 #[derive(Deserialize)]
@@ -57,12 +109,15 @@ struct SysConfig {
 
 /// The gateway URLs listed in the sys-config file at `path`.
 pub fn gateway_urls(path: &Path) -> Result<Vec<String>, DiscoveryError> {
-    let err = |reason: String| DiscoveryError::SysConfig {
+    let text = std::fs::read(path).map_err(|source| DiscoveryError::SysConfigRead {
         path: path.display().to_string(),
-        reason,
-    };
-    let text = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    let config: SysConfig = serde_json::from_slice(&text).map_err(|e| err(e.to_string()))?;
+        source,
+    })?;
+    let config: SysConfig =
+        serde_json::from_slice(&text).map_err(|source| DiscoveryError::SysConfigJson {
+            path: path.display().to_string(),
+            source,
+        })?;
     let urls: Vec<String> = config
         .gateway_urls
         .into_iter()
@@ -86,29 +141,36 @@ pub async fn discover(
     for url in urls {
         match tokio::time::timeout(timeout, info(url, tls.clone())).await {
             Ok(Ok(info)) => return Ok((url.clone(), info)),
-            Ok(Err(e)) => tried.push(format!("{url} ({e})")),
-            Err(_) => tried.push(format!("{url} (no answer within {timeout:?})")),
+            Ok(Err(e)) => tried.push((url.clone(), e)),
+            Err(_) => tried.push((url.clone(), InfoError::Timeout(timeout))),
         }
     }
     Err(DiscoveryError::NoneAnswered { tried })
 }
 
 /// One `GET <url>/prpc/Info`.
-async fn info(url: &str, tls: Arc<rustls::ClientConfig>) -> Result<GatewayInfo, String> {
+async fn info(url: &str, tls: Arc<rustls::ClientConfig>) -> Result<GatewayInfo, InfoError> {
     let uri: http::Uri = format!("{url}/prpc/Info")
         .parse()
-        .map_err(|e| format!("bad URL: {e}"))?;
+        .map_err(|e: http::uri::InvalidUri| InfoError::Url(e.to_string()))?;
     let https = match uri.scheme_str() {
         Some("https") => true,
         Some("http") => false,
-        _ => return Err("only http:// and https:// gateway URLs are supported".into()),
+        _ => {
+            return Err(InfoError::Url(
+                "only http:// and https:// gateway URLs are supported".into(),
+            ))
+        }
     };
-    let host = uri.host().ok_or("URL without a host")?.to_owned();
+    let host = uri
+        .host()
+        .ok_or_else(|| InfoError::Url("no host".into()))?
+        .to_owned();
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let tcp =
         tokio::net::TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port))
             .await
-            .map_err(|e| format!("connect: {e}"))?;
+            .map_err(InfoError::Connect)?;
     let req = Request::builder()
         .method(Method::GET)
         .uri(uri.path_and_query().map_or("/prpc/Info", |p| p.as_str()))
@@ -117,39 +179,39 @@ async fn info(url: &str, tls: Arc<rustls::ClientConfig>) -> Result<GatewayInfo, 
             uri.authority().map_or(host.as_str(), |a| a.as_str()),
         )
         .header(http::header::ACCEPT, "application/json")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
+        .body(Empty::<Bytes>::new())?;
     let resp = if https {
-        let name = ServerName::try_from(host.clone()).map_err(|e| format!("server name: {e}"))?;
+        let name = ServerName::try_from(host.clone())?;
         let stream = tokio_rustls::TlsConnector::from(tls)
             .connect(name, tcp)
             .await
-            .map_err(|e| format!("TLS: {e}"))?;
+            .map_err(InfoError::Tls)?;
         send(TokioIo::new(stream), req).await?
     } else {
         send(TokioIo::new(tcp), req).await?
     };
     let (status, body) = resp;
     if status != StatusCode::OK {
-        return Err(format!("HTTP {status}"));
+        return Err(InfoError::Status(status));
     }
-    serde_json::from_slice(&body).map_err(|e| format!("Info is not the JSON expected: {e}"))
+    Ok(serde_json::from_slice(&body)?)
 }
 
-async fn send<T>(io: TokioIo<T>, req: Request<Empty<Bytes>>) -> Result<(StatusCode, Bytes), String>
+async fn send<T>(
+    io: TokioIo<T>,
+    req: Request<Empty<Bytes>>,
+) -> Result<(StatusCode, Bytes), InfoError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
     tokio::spawn(conn);
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await?;
     let status = resp.status();
     let body = Limited::new(resp.into_body(), MAX_INFO_BYTES)
         .collect()
         .await
-        .map_err(|e| format!("reading Info: {e}"))?
+        .map_err(|e| InfoError::Body(e.to_string()))?
         .to_bytes();
     Ok((status, body))
 }

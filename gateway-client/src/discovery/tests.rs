@@ -117,4 +117,18 @@ async fn the_first_gateway_that_answers_wins() {
     }
     assert!(text.contains("no answer within"), "{text}");
     assert!(text.contains("not the JSON expected"), "{text}");
+    // Each URL keeps its typed reason.
+    let DiscoveryError::NoneAnswered { tried } = err else {
+        panic!("{err:?}")
+    };
+    assert!(
+        tried
+            .iter()
+            .any(|(_, e)| matches!(e, InfoError::Timeout(_))),
+        "{tried:?}"
+    );
+    assert!(
+        tried.iter().any(|(_, e)| matches!(e, InfoError::Json(_))),
+        "{tried:?}"
+    );
 }
