@@ -2,32 +2,22 @@
 //! the auth service: the roots peers must chain to, the policy callers are held to, and whether
 //! nginx (for the auth service) checks chains against those same roots.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ratls::{identity::RotatingIdentity, CertError, Policy, TrustAnchors};
 use rustls_pki_types::CertificateDer;
 
-use crate::config::{Allow, InboundConfig};
+use crate::{
+    config::{Allow, InboundConfig},
+    https::{roots_file, RootsError},
+};
 
 /// A configured trust anchor that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
-    /// The file cannot be read.
-    #[error("inbound.trust_anchors: {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The file holds no usable certificate.
-    #[error("inbound.trust_anchors: {path}: {source}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: CertError,
-    },
+    /// A file in `inbound.trust_anchors` cannot be read or holds no certificate.
+    #[error("inbound.trust_anchors: {0}")]
+    File(#[from] RootsError),
     /// The roots cannot be trust anchors.
     #[error("trust anchors: {0}")]
     Anchors(CertError),
@@ -40,16 +30,7 @@ pub fn mesh_roots(
 ) -> Result<Vec<CertificateDer<'static>>, TrustError> {
     let mut roots = vec![identity.current().root.clone()];
     for path in &config.trust_anchors {
-        let bytes = std::fs::read(path).map_err(|source| TrustError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        roots.extend(
-            ratls::cert::parse_chain(&bytes).map_err(|source| TrustError::Parse {
-                path: path.clone(),
-                source,
-            })?,
-        );
+        roots.extend(roots_file(path)?);
     }
     Ok(roots)
 }

@@ -54,7 +54,7 @@ const ORDER_DEADLINE: Duration = Duration::from_secs(300);
 pub enum AcmeError {
     /// A configured root file is unusable.
     #[error("acme.ca_roots: {0}")]
-    Roots(String),
+    Roots(#[from] crate::https::RootsError),
     /// The internal CA could not be created or loaded.
     #[error("internal CA in {store}: {reason}")]
     InternalCa {
@@ -248,11 +248,7 @@ fn issuers(
 ) -> Result<HashMap<Issuer, IssuerRuntime>, AcmeError> {
     let mut extra_roots = Vec::new();
     for path in &public.acme.ca_roots {
-        let bytes = std::fs::read(path)
-            .map_err(|e| AcmeError::Roots(format!("{}: {e}", path.display())))?;
-        let certs = ratls::cert::parse_chain(&bytes)
-            .map_err(|e| AcmeError::Roots(format!("{}: {e}", path.display())))?;
-        extra_roots.extend(certs);
+        extra_roots.extend(crate::https::roots_file(path)?);
     }
     let mut issuers = HashMap::new();
     for d in &public.domains {
