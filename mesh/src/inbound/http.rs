@@ -177,7 +177,7 @@ async fn handle(caller: Arc<Caller>, req: Request<Incoming>) -> Result<Response<
             let failure = e.failure();
             let detail = format_args!("{kind} caller {who}, {method} {path}: {e}");
             failure.log(Hop::Backend, "inbound request failed", &detail);
-            proxy::error_response(failure.status, failure.short(Hop::Backend))
+            proxy::error_response(failure.status(), failure.short(Hop::Backend))
         }
     })
 }

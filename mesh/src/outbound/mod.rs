@@ -485,7 +485,7 @@ impl Outbound {
                 let detail = format_args!("{target}, {method} {path}: {e}");
                 failure.log(Hop::Peer, "outbound request failed", &detail);
                 // The app is ours: it gets the detail too.
-                proxy::detailed_error(failure.status, failure.short(Hop::Peer), &e.to_string())
+                proxy::detailed_error(failure.status(), failure.short(Hop::Peer), &e.to_string())
             }
         }
     }

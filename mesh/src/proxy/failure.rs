@@ -25,41 +25,86 @@ pub enum Hop {
     Peer,
 }
 
-/// A failure, classified.
+/// A failure, classified: each kind has one blame, one status, one reason label and the short
+/// body each hop's caller gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Failure {
-    /// Who caused it.
-    pub blame: Blame,
-    /// The status the caller gets.
-    pub status: StatusCode,
-    /// A short, bounded reason for logs.
-    pub reason: &'static str,
+pub enum Failure {
+    /// The caller broke off its own request body.
+    CallerAborted,
+    /// No response head in time.
+    Timeout,
+    /// Connecting (TCP or TLS) did not finish in time.
+    ConnectTimeout,
+    /// At its limit of requests in flight.
+    Busy,
+    /// Unreachable.
+    Connect,
+    /// Not the peer asked for (refused inside the handshake).
+    Refused,
+    /// The peer refused us.
+    Rejected,
+    /// Anything else that broke the exchange.
+    Failed,
 }
 
 impl Failure {
+    /// Who caused it.
+    pub fn blame(self) -> Blame {
+        match self {
+            Self::CallerAborted => Blame::Caller,
+            _ => Blame::Upstream,
+        }
+    }
+
+    /// The status the caller gets.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::CallerAborted => StatusCode::BAD_REQUEST,
+            Self::Timeout | Self::ConnectTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Connect | Self::Refused | Self::Rejected | Self::Failed => {
+                StatusCode::BAD_GATEWAY
+            }
+        }
+    }
+
+    /// A short, bounded reason for logs.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::CallerAborted => "caller_aborted",
+            Self::Timeout => "timeout",
+            Self::ConnectTimeout => "connect_timeout",
+            Self::Busy => "busy",
+            Self::Connect => "connect",
+            Self::Refused => "refused",
+            Self::Rejected => "rejected",
+            Self::Failed => "failed",
+        }
+    }
+
     /// The short body the caller gets (`{"error": ...}`), in `hop`'s words.
-    pub fn short(&self, hop: Hop) -> &'static str {
-        match (self.reason, hop) {
-            ("caller_aborted", _) => "request body incomplete",
-            ("timeout", Hop::Backend) | ("connect_timeout", Hop::Backend) => "backend timed out",
-            ("busy", Hop::Backend) => "backend busy",
+    pub fn short(self, hop: Hop) -> &'static str {
+        match (self, hop) {
+            (Self::CallerAborted, _) => "request body incomplete",
+            (Self::Timeout | Self::ConnectTimeout, Hop::Backend) => "backend timed out",
+            (Self::Busy, Hop::Backend) => "backend busy",
             (_, Hop::Backend) => "backend unavailable",
-            ("refused", Hop::Peer) => "peer identity mismatch",
-            ("rejected", Hop::Peer) => "peer refused this app",
-            ("connect_timeout", Hop::Peer) => "peer did not answer in time",
-            ("timeout", Hop::Peer) => "peer response timed out",
-            ("connect", Hop::Peer) => "peer unreachable",
-            ("busy", Hop::Peer) => "too many requests in flight",
-            (_, Hop::Peer) => "peer failed",
+            (Self::Refused, Hop::Peer) => "peer identity mismatch",
+            (Self::Rejected, Hop::Peer) => "peer refused this app",
+            (Self::ConnectTimeout, Hop::Peer) => "peer did not answer in time",
+            (Self::Timeout, Hop::Peer) => "peer response timed out",
+            (Self::Connect, Hop::Peer) => "peer unreachable",
+            (Self::Busy, Hop::Peer) => "too many requests in flight",
+            (Self::Failed, Hop::Peer) => "peer failed",
         }
     }
 
     /// Log `message` with `detail` at the level the blame calls for, under the side's own
     /// target (`dstack_mesh::inbound` or `dstack_mesh::outbound`), so log filters by side keep
     /// working.
-    pub fn log(&self, hop: Hop, message: &str, detail: &dyn std::fmt::Display) {
-        let (reason, status) = (self.reason, self.status.as_u16());
-        match (self.blame, hop) {
+    pub fn log(self, hop: Hop, message: &str, detail: &dyn std::fmt::Display) {
+        let (reason, status) = (self.reason(), self.status().as_u16());
+        match (self.blame(), hop) {
             (Blame::Caller, Hop::Backend) => {
                 tracing::debug!(target: "dstack_mesh::inbound", reason, status, %detail, "{message}")
             }
@@ -80,24 +125,15 @@ impl UpstreamError {
     /// 502 when the upstream is down or broken, 504 when it is slow, 503 when it is at its
     /// limit, 400 when the caller broke off its own request.
     pub fn failure(&self) -> Failure {
-        let (blame, status, reason) = match self {
-            Self::CallerAborted => (Blame::Caller, StatusCode::BAD_REQUEST, "caller_aborted"),
-            Self::Timeout { .. } => (Blame::Upstream, StatusCode::GATEWAY_TIMEOUT, "timeout"),
-            Self::ConnectTimeout { .. } => (
-                Blame::Upstream,
-                StatusCode::GATEWAY_TIMEOUT,
-                "connect_timeout",
-            ),
-            Self::Busy { .. } => (Blame::Upstream, StatusCode::SERVICE_UNAVAILABLE, "busy"),
-            Self::Connect { .. } => (Blame::Upstream, StatusCode::BAD_GATEWAY, "connect"),
-            Self::Refused { .. } => (Blame::Upstream, StatusCode::BAD_GATEWAY, "refused"),
-            Self::Rejected { .. } => (Blame::Upstream, StatusCode::BAD_GATEWAY, "rejected"),
-            Self::Failed { .. } => (Blame::Upstream, StatusCode::BAD_GATEWAY, "failed"),
-        };
-        Failure {
-            blame,
-            status,
-            reason,
+        match self {
+            Self::CallerAborted => Failure::CallerAborted,
+            Self::Timeout { .. } => Failure::Timeout,
+            Self::ConnectTimeout { .. } => Failure::ConnectTimeout,
+            Self::Busy { .. } => Failure::Busy,
+            Self::Connect { .. } => Failure::Connect,
+            Self::Refused { .. } => Failure::Refused,
+            Self::Rejected { .. } => Failure::Rejected,
+            Self::Failed { .. } => Failure::Failed,
         }
     }
 }
@@ -182,10 +218,14 @@ mod tests {
         ];
         for (e, status, backend, peer) in table {
             let f = e.failure();
-            assert_eq!(f.status.as_u16(), status, "{e}");
+            assert_eq!(f.status().as_u16(), status, "{e}");
             assert_eq!(f.short(Hop::Backend), backend, "{e}");
             assert_eq!(f.short(Hop::Peer), peer, "{e}");
-            assert_eq!(f.blame == Blame::Caller, f.status.is_client_error(), "{e}");
+            assert_eq!(
+                f.blame() == Blame::Caller,
+                f.status().is_client_error(),
+                "{e}"
+            );
         }
     }
 
