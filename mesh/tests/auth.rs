@@ -262,17 +262,9 @@ async fn lone_leaves_need_nginx_to_trust_only_our_roots() {
     std::fs::write(&ca, pem(&roots)).unwrap();
     let app = auth_service(server, CALLER, &ca.display().to_string()).await;
     let addr = app.addr("auth").unwrap();
-    let lone = escape(&leaf_pem(&caller));
-    assert_eq!(
-        ask(addr, Some("SUCCESS"), Some(&lone)).await.0,
-        StatusCode::UNAUTHORIZED
-    );
     // The full chain still verifies here, without nginx's word.
-    let full = escape(&pem(&caller.current().chain));
-    assert_eq!(
-        ask(addr, Some("SUCCESS"), Some(&full)).await.0,
-        StatusCode::OK
-    );
+    assert_lone_then_full(addr, &caller, StatusCode::UNAUTHORIZED).await;
+    let lone = escape(&leaf_pem(&caller));
 
     // Switched off explicitly: the same.
     let text = format!(
@@ -295,6 +287,17 @@ async fn auth_service(server: RotatingIdentity, allowed: &str, ca_file: &str) ->
     );
     let config = Config::from_toml(&text, &HashMap::<&str, &str>::new()).unwrap();
     App::start_with(config, server).await.unwrap()
+}
+
+/// A lone leaf of `caller` gets `lone`; its whole chain, which needs no one's word, gets 200.
+async fn assert_lone_then_full(addr: SocketAddr, caller: &RotatingIdentity, lone: StatusCode) {
+    let leaf = escape(&leaf_pem(caller));
+    assert_eq!(ask(addr, Some("SUCCESS"), Some(&leaf)).await.0, lone);
+    let full = escape(&pem(&caller.current().chain));
+    assert_eq!(
+        ask(addr, Some("SUCCESS"), Some(&full)).await.0,
+        StatusCode::OK
+    );
 }
 
 /// A leaf signed by nobody but itself that claims `app` in the KMS app id extension.
@@ -362,16 +365,7 @@ async fn an_unreadable_nginx_ca_file_fails_closed() {
     let app = auth_service(server, CALLER, &missing.display().to_string()).await;
     let addr = app.addr("auth").unwrap();
     // Nothing shows that nginx checks chains against our roots: its word is not taken.
-    let lone = escape(&leaf_pem(&caller));
-    assert_eq!(
-        ask(addr, Some("SUCCESS"), Some(&lone)).await.0,
-        StatusCode::UNAUTHORIZED
-    );
-    let full = escape(&pem(&caller.current().chain));
-    assert_eq!(
-        ask(addr, Some("SUCCESS"), Some(&full)).await.0,
-        StatusCode::OK
-    );
+    assert_lone_then_full(addr, &caller, StatusCode::UNAUTHORIZED).await;
 }
 
 #[test]
