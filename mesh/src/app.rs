@@ -11,7 +11,7 @@ use tokio::{net::TcpListener, task::JoinSet};
 use crate::{
     acme::{self, Acme},
     admin::Admin,
-    auth::AuthService,
+    auth::{AuthService, NginxProof},
     config::Config,
     inbound::{self, Inbound},
     outbound::{self, AgentPassthrough, Outbound},
@@ -289,19 +289,22 @@ async fn bind_auth(
     if !addr.ip().is_loopback() {
         tracing::warn!(%addr, "the auth service listens beyond loopback: anything that reaches it can ask about certificates; nginx should be its only client");
     }
-    let nginx_secret = match (&settings.nginx_secret, settings.trust_nginx_chain) {
-        (Some(secret), true)
-            if trust::nginx_roots_are_trusted(&config.tls.ca_file, &config.inbound, identity) =>
-        {
-            Some(secret.clone())
+    let roots_trusted =
+        || trust::nginx_roots_are_trusted(&config.tls.ca_file, &config.inbound, identity);
+    let nginx = match (&settings.nginx_secret, settings.trust_nginx_chain) {
+        (_, false) => NginxProof::Never,
+        (Some(secret), true) if roots_trusted() => NginxProof::Secret(secret.clone()),
+        (None, true) if settings.trust_loopback && roots_trusted() => {
+            tracing::warn!("auth: nginx's word on a chain is taken from any caller on loopback (auth.trust_loopback); a secret (auth.nginx_secret) limits it to nginx");
+            NginxProof::Loopback
         }
-        (None, true) => {
+        (None, true) if !settings.trust_loopback => {
             tracing::info!("no auth.nginx_secret: the auth service verifies every chain itself (a KMS leaf that nginx passes alone is refused); render nginx's configuration with `dstack-mesh nginx-config server` and a secret to take nginx's word");
-            None
+            NginxProof::Never
         }
-        _ => None,
+        _ => NginxProof::Never,
     };
-    let auth = AuthService::new(Arc::new(policy), nginx_secret)
+    let auth = AuthService::new(Arc::new(policy), nginx)
         .with_limits(settings.header_timeout, settings.max_connections)
         .with_drain(shared.drain.clone());
     Ok(Some((Arc::new(auth), listener)))

@@ -15,18 +15,27 @@ pub const EXIT_BAD_INPUT: u8 = 65;
 pub const EXIT_NO_INPUT: u8 = 66;
 /// Exit status for an invalid configuration (sysexits EX_USAGE, as the house style says).
 pub const EXIT_CONFIG: u8 = 64;
+/// Exit status for a command line that cannot be used (as clap's own usage errors).
+pub const EXIT_USAGE: u8 = 2;
 /// Exit status when a service the command needs is unavailable (sysexits EX_UNAVAILABLE).
 pub const EXIT_UNAVAILABLE: u8 = 69;
 
 /// dstack-mesh: attested identity, an attested service mesh and public HTTPS for dstack apps.
+///
+/// `dstack-mesh --config FILE` with no subcommand is dstack-vpc's command line: the sidecar runs
+/// with dstack-vpc's defaults (see `run`).
 #[derive(Debug, Parser)]
-#[command(name = "dstack-mesh", version, about)]
+#[command(name = "dstack-mesh", version, about, arg_required_else_help = true)]
 pub struct Cli {
     /// Log format (logs go to stderr).
     #[arg(long, value_enum, default_value_t = LogFormat::Auto, global = true)]
     pub log_format: LogFormat,
+    /// dstack-vpc's form: run with this file and dstack-vpc's defaults (no inbound listener
+    /// unless `[inbound]` is set, any app under the KMS root unless an allowlist is set).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 /// Subcommands.
@@ -37,6 +46,17 @@ pub enum Command {
         /// Configuration file (default: $DSTACK_MESH_CONFIG, else built-in defaults).
         #[arg(long, short)]
         config: Option<PathBuf>,
+    },
+    /// Ask the running sidecar's admin listener whether it is healthy (the container's
+    /// HEALTHCHECK: the image has no curl). Exit 0 when it answers 200.
+    Health {
+        /// The sidecar's admin address [default: DSTACK_MESH_ADMIN, else the port of
+        /// DSTACK_MESH_ADMIN_LISTEN on loopback, else 127.0.0.1:8090].
+        #[arg(long)]
+        admin: Option<String>,
+        /// Ask `/ready` (identity fresh, certificates served) instead of `/health` (serving).
+        #[arg(long)]
+        ready: bool,
     },
     /// Validate the configuration and print the effective settings.
     CheckConfig {
@@ -203,8 +223,19 @@ impl From<RoleArg> for PeerRole {
 
 /// Run a parsed command line.
 pub async fn run(cli: Cli) -> ExitCode {
-    match cli.command {
+    let command = match (cli.command, cli.config) {
+        (None, config) => return crate::run::run_as_dstack_vpc(config).await,
+        (Some(_), Some(_)) => {
+            eprintln!("error: --config before a subcommand is dstack-vpc's form, which takes no subcommand; put it after the subcommand (`dstack-mesh run --config FILE`)");
+            return ExitCode::from(EXIT_USAGE);
+        }
+        (Some(command), None) => command,
+    };
+    match command {
         Command::Run { config } => crate::run::run(config).await,
+        Command::Health { admin, ready } => {
+            crate::status::health(&admin_address(admin), ready).await
+        }
         Command::CheckConfig { config } => crate::run::check_config(config),
         Command::NginxConfig {
             kind,
@@ -245,10 +276,22 @@ pub async fn run(cli: Cli) -> ExitCode {
     }
 }
 
-/// The admin listener a client command talks to: the flag, else `DSTACK_MESH_ADMIN`, else the
-/// default admin address.
+/// The admin listener a client command talks to: the flag, else `DSTACK_MESH_ADMIN`, else
+/// where the sidecar in this environment listens (`DSTACK_MESH_ADMIN_LISTEN`, an unspecified
+/// address read as loopback: in a container the HEALTHCHECK shares the sidecar's environment),
+/// else the default admin address.
 fn admin_address(flag: Option<String>) -> String {
     use crate::config::{self, source};
-    flag.or_else(|| source::first(&config::Env, config::env::ADMIN).map(|(_, v)| v))
+    let env = |keys| source::first(&config::Env, keys).map(|(_, v)| v);
+    flag.or_else(|| env(config::env::ADMIN))
+        .or_else(|| {
+            let listen: std::net::SocketAddr = env(config::env::ADMIN_LISTEN)?.parse().ok()?;
+            let ip = match listen.ip() {
+                ip if ip.is_unspecified() && ip.is_ipv4() => std::net::Ipv4Addr::LOCALHOST.into(),
+                ip if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+                ip => ip,
+            };
+            Some(std::net::SocketAddr::new(ip, listen.port()).to_string())
+        })
         .unwrap_or_else(|| config::DEFAULT_ADMIN_LISTEN.to_owned())
 }

@@ -7,7 +7,7 @@ use nginx_compat::render::{ClientProxy, ServerProxy};
 use crate::{
     app::{App, ReloadError},
     cli::{NginxKind, EXIT_BAD_INPUT, EXIT_CONFIG, EXIT_UNAVAILABLE},
-    config::{self, Config, Env, Source},
+    config::{self, Config, Defaults, Env, Source},
 };
 
 /// The configuration file: the flag, else `DSTACK_MESH_CONFIG`.
@@ -24,7 +24,10 @@ fn load(flag: Option<PathBuf>) -> Result<Config, ExitCode> {
 
 /// Each SIGHUP reads the configuration again (same file, same environment) and hands the
 /// result to the running sidecar.
-fn reloads(path: Option<PathBuf>) -> tokio::sync::mpsc::Receiver<Result<Config, ReloadError>> {
+fn reloads(
+    path: Option<PathBuf>,
+    defaults: Defaults,
+) -> tokio::sync::mpsc::Receiver<Result<Config, ReloadError>> {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     #[cfg(unix)]
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -32,7 +35,9 @@ fn reloads(path: Option<PathBuf>) -> tokio::sync::mpsc::Receiver<Result<Config, 
             tokio::spawn(async move {
                 while hup.recv().await.is_some() {
                     tracing::info!("SIGHUP: reading the configuration again");
-                    let loaded = Config::load(path.as_deref(), &Env).map_err(ReloadError::Config);
+                    let loaded = Config::load_as(path.as_deref(), &Env, defaults)
+                        .map(|(config, _)| config)
+                        .map_err(ReloadError::Config);
                     if tx.send(loaded).await.is_err() {
                         return;
                     }
@@ -42,22 +47,37 @@ fn reloads(path: Option<PathBuf>) -> tokio::sync::mpsc::Receiver<Result<Config, 
         Err(e) => tracing::warn!(error = %e, "SIGHUP not handled: reload needs a restart"),
     }
     #[cfg(not(unix))]
-    drop((tx, path));
+    drop((tx, path, defaults));
     rx
 }
 
 /// `run`: start the sidecar and serve until SIGTERM or Ctrl-C; SIGHUP reloads.
 pub async fn run(flag: Option<PathBuf>) -> ExitCode {
+    serve(flag, Defaults::Ours).await
+}
+
+/// `dstack-mesh --config FILE`, the command line dstack-vpc's supervisord and scripts use:
+/// `run` with dstack-vpc's defaults, each logged once as a migration note.
+pub async fn run_as_dstack_vpc(flag: Option<PathBuf>) -> ExitCode {
+    serve(flag, Defaults::DstackVpc).await
+}
+
+async fn serve(flag: Option<PathBuf>, defaults: Defaults) -> ExitCode {
     let path = config_path(flag);
-    let config = match Config::load(path.as_deref(), &Env) {
-        Ok(c) => c,
+    let config = match Config::load_as(path.as_deref(), &Env, defaults) {
+        Ok((config, notes)) => {
+            for note in notes {
+                tracing::info!(target: "dstack_mesh::migration", "dstack-vpc default: {note}");
+            }
+            config
+        }
         Err(e) => {
             eprint!("error: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
     // Registered before anything slow, so an early SIGHUP does not end the process.
-    let reloads = reloads(path);
+    let reloads = reloads(path, defaults);
     let app = match App::start(config).await {
         Ok(app) => app,
         Err(e) => {
@@ -116,7 +136,10 @@ pub fn nginx_config(
                 .or_else(|| config::source::first(&Env, config::env::SERVER_NAME).map(|(_, v)| v))
                 .unwrap_or_else(|| "_".into());
             proxy.auth_secret = config.auth.nginx_secret.map(|s| s.0);
-            if proxy.auth_secret.is_none() && config.auth.trust_nginx_chain {
+            if proxy.auth_secret.is_none()
+                && config.auth.trust_nginx_chain
+                && !config.auth.trust_loopback
+            {
                 eprintln!("note: no auth.nginx_secret (DSTACK_MESH_NGINX_SECRET): the auth service verifies every chain itself, so a KMS leaf that nginx passes alone is refused; set the same secret for the sidecar and here");
             }
             proxy.cert_file = config.tls.cert_file;

@@ -12,12 +12,23 @@ use crate::{
 };
 
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// `health` answers well within Docker's default HEALTHCHECK timeout (30 s).
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One request to the admin listener at `addr`: the status and body.
 pub async fn request(
     addr: &str,
     method: http::Method,
     path: &str,
+) -> Result<(http::StatusCode, Bytes), String> {
+    request_within(addr, method, path, TIMEOUT).await
+}
+
+async fn request_within(
+    addr: &str,
+    method: http::Method,
+    path: &str,
+    timeout: Duration,
 ) -> Result<(http::StatusCode, Bytes), String> {
     let exchange = async {
         let tcp = tokio::net::TcpStream::connect(addr)
@@ -43,13 +54,34 @@ pub async fn request(
             .to_bytes();
         Ok((status, body))
     };
-    tokio::time::timeout(TIMEOUT, exchange)
+    tokio::time::timeout(timeout, exchange)
         .await
         .unwrap_or_else(|_| {
             Err(format!(
-                "the admin listener at {addr} did not answer within {TIMEOUT:?}"
+                "the admin listener at {addr} did not answer within {timeout:?}"
             ))
         })
+}
+
+/// `dstack-mesh health`: exit 0 when the admin listener answers `/health` (or `/ready`) with
+/// 200; otherwise say why on stderr and exit 1, which Docker counts as unhealthy.
+pub async fn health(addr: &str, ready: bool) -> ExitCode {
+    let path = if ready { "/ready" } else { "/health" };
+    match request_within(addr, http::Method::GET, path, HEALTH_TIMEOUT).await {
+        Ok((status, _)) if status == http::StatusCode::OK => {
+            println!("{addr}{path}: ok");
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            let body = String::from_utf8_lossy(&body);
+            eprintln!("unhealthy: {addr}{path} answered {status}: {}", body.trim());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("unhealthy: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `dstack-mesh status`: the page's content as text.

@@ -7,8 +7,8 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc};
 use bytes::Bytes;
 use dstack_mesh::{
     app::App,
-    auth::{AuthService, Decision, Vouch},
-    config::Config,
+    auth::{AuthService, Decision, NginxProof, Vouch},
+    config::{Config, Secret},
 };
 use e2e::{backend::Backend, identity};
 use http::{Request, StatusCode};
@@ -219,6 +219,45 @@ async fn health_and_unknown_paths() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn nginx_is_believed_only_with_its_secret_or_from_loopback_when_so_configured() {
+    let s = setup().await;
+    let anchors = s.caller.current().trust_anchors().unwrap();
+    let policy = Arc::new(ratls::Policy::new(anchors));
+    let loopback: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+    let loopback6: SocketAddr = "[::1]:40000".parse().unwrap();
+    // Another container on the compose network, as dstack-vpc's auth port (0.0.0.0) allows.
+    let neighbour: SocketAddr = "172.18.0.5:40000".parse().unwrap();
+
+    let by_loopback = AuthService::new(policy.clone(), NginxProof::Loopback);
+    assert_eq!(by_loopback.vouch(None, loopback), Vouch::Nginx);
+    assert_eq!(by_loopback.vouch(None, loopback6), Vouch::Nginx);
+    assert_eq!(
+        by_loopback.vouch(Some(SECRET.as_bytes()), neighbour),
+        Vouch::Nobody
+    );
+
+    let by_secret = AuthService::new(
+        policy.clone(),
+        NginxProof::Secret(Secret(SECRET.to_owned())),
+    );
+    assert_eq!(
+        by_secret.vouch(Some(SECRET.as_bytes()), neighbour),
+        Vouch::Nginx
+    );
+    assert_eq!(by_secret.vouch(None, loopback), Vouch::Nobody);
+    assert_eq!(
+        by_secret.vouch(Some(b"0123456789abcdef"), loopback),
+        Vouch::Nobody
+    );
+
+    let never = AuthService::new(policy, NginxProof::Never);
+    assert_eq!(
+        never.vouch(Some(SECRET.as_bytes()), loopback),
+        Vouch::Nobody
+    );
 }
 
 #[tokio::test]

@@ -439,3 +439,90 @@ fn identity_from_a_dev_agent() {
     assert!(log.contains("NOT attested"), "{log}");
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// An admin listener stand-in that answers every request with `status_line` until dropped;
+/// its address.
+fn admin_answering(status_line: &'static str) -> std::net::SocketAddr {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut head = [0u8; 1024];
+            let _ = conn.read(&mut head);
+            let body = "{\"ready\":false,\"problems\":[\"identity: expired\"]}";
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {status_line}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    addr
+}
+
+#[test]
+fn health_is_the_exit_status_of_one_admin_request() {
+    let ok = admin_answering("200 OK").to_string();
+    let out = run(&[&"health", &"--admin", &ok]);
+    assert_exit(&out, 0);
+    assert!(stdout(&out).contains("/health: ok"), "{}", stdout(&out));
+
+    let not_ready = admin_answering("503 Service Unavailable").to_string();
+    let out = run(&[&"health", &"--ready", &"--admin", &not_ready]);
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains("/ready answered 503") && stderr(&out).contains("identity: expired"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Nothing listening: unhealthy, with where it looked.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let out = run(&[&"health", &"--admin", &closed]);
+    assert_exit(&out, 1);
+    assert!(stderr(&out).contains(&closed), "{}", stderr(&out));
+}
+
+#[test]
+fn health_finds_the_admin_listener_the_environment_gives_the_sidecar() {
+    // In a container the sidecar may listen on every interface; the HEALTHCHECK, in the same
+    // environment, asks it on loopback.
+    let addr = admin_answering("200 OK");
+    let out = mesh()
+        .arg("health")
+        .env_remove("DSTACK_MESH_ADMIN")
+        .env(
+            "DSTACK_MESH_ADMIN_LISTEN",
+            format!("0.0.0.0:{}", addr.port()),
+        )
+        .output()
+        .unwrap();
+    assert_exit(&out, 0);
+}
+
+#[test]
+fn dstack_vpc_form_takes_no_subcommand_and_nothing_at_all_is_help() {
+    let out = run(&[]);
+    assert_exit(&out, 2);
+    assert!(stderr(&out).contains("Usage"), "{}", stderr(&out));
+    let out = run(&[&"--config", &"/nonexistent.toml", &"run"]);
+    assert_exit(&out, 2);
+    assert!(
+        stderr(&out).contains("dstack-mesh run --config FILE"),
+        "{}",
+        stderr(&out)
+    );
+    // dstack-vpc's form reads the file like `run` does: a missing one is a config error.
+    let out = run(&[&"--config", &"/nonexistent.toml"]);
+    assert_exit(&out, 64);
+    assert!(
+        stderr(&out).contains("/nonexistent.toml"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -247,7 +247,17 @@ pub fn run_mesh_logging(
         .arg(config)
         .env("RUST_LOG", filter)
         .env_remove("DSTACK_AGENT_ADDRESS");
-    let mut guard = ChildGuard::spawn(name, cmd, dir).expect("start dstack-mesh run");
+    start_mesh(dir, name, cmd)
+}
+
+/// Start `cmd`, a sidecar invocation that logs JSON, and wait until it runs; the guard and
+/// the listeners it bound (`listening` log lines).
+pub fn start_mesh(
+    dir: &Path,
+    name: &str,
+    cmd: Command,
+) -> (ChildGuard, Vec<(String, std::net::SocketAddr)>) {
+    let mut guard = ChildGuard::spawn(name, cmd, dir).expect("start dstack-mesh");
     let mut bound = Vec::new();
     wait_until(
         &format!("{name} to listen"),

@@ -406,3 +406,170 @@ async fn outbound_through_nginx(http1_only: bool) {
         "{lines:?}"
     );
 }
+
+/// The file dstack-vpc's `mesh-serve.sh` writes, as it writes it; the test changes only the
+/// ports (0: tests share the machine) and the certificate paths (its temporary directory).
+const DSTACK_VPC_CONFIG: &str = r#"[client]
+enabled = true
+address = "0.0.0.0"
+port = 8091
+
+[auth]
+enabled = true
+address = "0.0.0.0"
+port = 8092
+
+[dstack]
+gateway_domain = "${DSTACK_GATEWAY_DOMAIN}"
+
+[tls]
+cert_file = "/etc/ssl/certs/server.crt"
+key_file = "/etc/ssl/private/server.key"
+ca_file = "/etc/ssl/certs/ca.crt"
+"#;
+
+/// dstack-vpc's image with our binary in place of its own: supervisord's command line
+/// (`dstack-mesh --config FILE`, no subcommand), the file its script writes, the certificates
+/// it takes from the agent, and nginx on the port in front with its template (auth on
+/// loopback, no secret). Its client proxy and another app's sidecar both call through that
+/// nginx, and callers in no allowlist are admitted, as dstack-vpc admitted them.
+#[tokio::test]
+async fn dstack_vpc_image_with_our_binary_serves_its_nginx_and_client_proxy_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let state = d.join("state");
+    let (_server_agent, server_sock) = dev_agent(d, "server-agent", SERVER, &state);
+    let backend = Backend::start().await;
+    e2e::write_nginx_identity(AgentAddress::Unix(server_sock.clone()), d).await;
+
+    // nginx's port comes first: the file's gateway is nginx itself (the app's own instances
+    // reach each other through the gateway; here that is the nginx in front of it).
+    let nginx_port = free_port();
+    let nginx_addr: std::net::SocketAddr = format!("127.0.0.1:{nginx_port}").parse().unwrap();
+    let config = d.join("dstack-mesh.toml");
+    std::fs::write(
+        &config,
+        DSTACK_VPC_CONFIG
+            .replace("port = 8091", "port = 0")
+            .replace("port = 8092", "port = 0")
+            .replace("${DSTACK_GATEWAY_DOMAIN}", &format!("fixed/{nginx_addr}"))
+            .replace("/etc/ssl/certs/", &format!("{}/", d.display()))
+            .replace("/etc/ssl/private/", &format!("{}/", d.display())),
+    )
+    .unwrap();
+    let mut cmd = Command::new(e2e::mesh_binary());
+    cmd.args(["--log-format", "json", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        // What the container would have at /var/run/dstack.sock and on loopback only.
+        .env(
+            "DSTACK_AGENT_ADDRESS",
+            format!("unix:{}", server_sock.display()),
+        )
+        .env("DSTACK_MESH_ADMIN_LISTEN", "127.0.0.1:0")
+        .env_remove("VPC_ALLOWED_APPS")
+        .env_remove("DSTACK_MESH_ALLOWED_APPS")
+        .env_remove("DSTACK_MESH_NGINX_SECRET");
+    let (mesh, bound) = e2e::start_mesh(d, "dstack-vpc-mesh", cmd);
+    let names: Vec<&str> = bound.iter().map(|(w, _)| w.as_str()).collect();
+    assert!(
+        !names.contains(&"inbound"),
+        "nginx holds the port: no inbound listener unless configured ({names:?})"
+    );
+    let (auth, outbound) = (listener(&bound, "auth"), listener(&bound, "outbound"));
+    assert!(auth.ip().is_unspecified() && outbound.ip().is_unspecified());
+    // Each default is said once, at start.
+    let log = mesh.stderr();
+    let notes: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("dstack-vpc default"))
+        .collect();
+    assert_eq!(notes.len(), 3, "{log}");
+
+    // nginx as dstack-vpc's template sets it up: mTLS with the agent's files, auth_request to
+    // 127.0.0.1 on the auth port, and no secret.
+    let side = d.join("nginx-side.toml");
+    std::fs::write(
+        &side,
+        format!(
+            "[auth]\naddress = \"127.0.0.1\"\nport = {}\n[inbound]\nbackend = \"{}\"\n[tls]\ncert_file = \"{d}/server.crt\"\nkey_file = \"{d}/server.key\"\nca_file = \"{d}/ca.crt\"\n",
+            auth.port(),
+            backend.addr,
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    let rendered = Command::new(e2e::mesh_binary())
+        .args([
+            "nginx-config",
+            "server",
+            "--port",
+            &nginx_port.to_string(),
+            "--config",
+        ])
+        .arg(&side)
+        .env_remove("DSTACK_MESH_NGINX_SECRET")
+        .output()
+        .unwrap();
+    let template = String::from_utf8(rendered.stdout).unwrap();
+    assert!(
+        rendered.status.success() && !template.contains("nginx-secret"),
+        "{template}"
+    );
+    let template = template.replace(" ssl http2;", " ssl;");
+    let mut nginx = start_nginx(d, &template);
+    wait_until("nginx to listen", Duration::from_secs(20), || {
+        assert!(nginx.exited().is_none(), "nginx: {}", nginx.stderr());
+        std::net::TcpStream::connect(nginx_addr).is_ok()
+    });
+
+    // 1. The image's own client proxy (dstack-vpc's [client] on 8091): out through nginx to
+    //    another instance of the app, which nginx's auth_request admits.
+    // 2. Another app's dstack-mesh sidecar, in no allowlist, through the same nginx.
+    let (_caller_agent, caller_sock) = dev_agent(d, "caller-agent", CALLER, &state);
+    let caller_config = d.join("caller.toml");
+    std::fs::write(
+        &caller_config,
+        format!(
+            "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nenabled = false\n\n[auth]\nenabled = false\n\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\naddress = \"127.0.0.1\"\nport = 0\n\n[dstack]\ngateway_domain = \"fixed/{nginx_addr}\"\n",
+            sock = caller_sock.display(),
+        ),
+    )
+    .unwrap();
+    let (_caller, caller_bound) = run_mesh(d, "caller-sidecar", &caller_config);
+    let caller_outbound = listener(&caller_bound, "outbound");
+    let own_outbound = std::net::SocketAddr::new([127, 0, 0, 1].into(), outbound.port());
+    for (proxy, expected) in [(own_outbound, SERVER), (caller_outbound, CALLER)] {
+        let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+        let (mut app, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get("/via-dstack-vpc")
+            .header("host", "server.internal")
+            .header("x-dstack-target-app", SERVER)
+            .body(e2e::client::empty())
+            .unwrap();
+        let resp = app.send_request(req).await.unwrap();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "{expected}: {}\n{}",
+            String::from_utf8_lossy(&body),
+            mesh.stderr()
+        );
+        let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            seen["headers"]["x-dstack-app-id"],
+            serde_json::json!([expected])
+        );
+    }
+    assert_eq!(backend.count(), 2);
+
+    // Still no admission without a client certificate.
+    assert_eq!(no_cert_get(nginx_addr).await.as_deref(), Some("401"));
+    assert_eq!(backend.count(), 2);
+}

@@ -71,10 +71,23 @@ pub enum Unauthorized {
 /// Where a request's word on the chain comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Vouch {
-    /// It carries our nginx's secret: nginx verified the chain against the mesh's roots.
+    /// It proved itself our nginx's: nginx verified the chain against the mesh's roots.
     Nginx,
     /// Anyone: the chain must verify here.
     Nobody,
+}
+
+/// How a request proves it comes from our nginx.
+#[derive(Clone, Debug, Default)]
+pub enum NginxProof {
+    /// It cannot: nginx's word is never taken.
+    #[default]
+    Never,
+    /// It carries this secret (the configuration `nginx-config server` renders sends it).
+    Secret(Secret),
+    /// It comes from loopback: dstack-vpc's template, which sends no secret, talks to
+    /// 127.0.0.1, and callers in other containers have addresses of their own.
+    Loopback,
 }
 
 #[derive(Debug)]
@@ -88,8 +101,8 @@ struct Entry {
 pub struct AuthService {
     policy: ArcSwap<Policy>,
     cache: Mutex<HashMap<([u8; 32], bool), Entry>>,
-    /// The secret that makes a request our nginx's; `None`: nginx's word is never taken.
-    nginx_secret: Option<Secret>,
+    /// What makes a request our nginx's.
+    nginx: NginxProof,
     drain: proxy::Drain,
     /// nginx's request head must arrive within this.
     header_timeout: Duration,
@@ -98,15 +111,16 @@ pub struct AuthService {
 }
 
 impl AuthService {
-    /// A service holding callers to `policy`. A request carrying `nginx_secret` has nginx's
-    /// `SUCCESS` taken for the chain of a lone leaf whose App CA nginx kept (everything else is
-    /// still checked here); without a secret, only chains this service verifies itself pass.
-    pub fn new(policy: Arc<Policy>, nginx_secret: Option<Secret>) -> Self {
+    /// A service holding callers to `policy`. A request that proves itself our nginx's
+    /// (`nginx`) has nginx's `SUCCESS` taken for the chain of a lone leaf whose App CA nginx
+    /// kept (everything else is still checked here); any other request passes only with a
+    /// chain this service verifies itself.
+    pub fn new(policy: Arc<Policy>, nginx: NginxProof) -> Self {
         Self {
             policy: ArcSwap::new(policy),
             cache: Mutex::new(HashMap::new()),
             drain: proxy::Drain::default(),
-            nginx_secret,
+            nginx,
             header_timeout: crate::config::DEFAULT_AUTH_HEADER_TIMEOUT,
             max_connections: crate::config::DEFAULT_AUTH_MAX_CONNECTIONS,
         }
@@ -119,14 +133,19 @@ impl AuthService {
         self
     }
 
-    /// Whether a request that presented `proof` comes from our nginx (compared in constant
-    /// time: the secret must not leak through timing).
-    pub fn vouch(&self, proof: Option<&[u8]>) -> Vouch {
-        match (&self.nginx_secret, proof) {
-            (Some(secret), Some(proof)) if constant_time_eq(secret.0.as_bytes(), proof) => {
-                Vouch::Nginx
+    /// Whether a request from `remote` that presented `proof` comes from our nginx (the
+    /// secret compared in constant time: it must not leak through timing).
+    pub fn vouch(&self, proof: Option<&[u8]>, remote: SocketAddr) -> Vouch {
+        let nginx = match (&self.nginx, proof) {
+            (NginxProof::Secret(secret), Some(proof)) => {
+                constant_time_eq(secret.0.as_bytes(), proof)
             }
-            _ => Vouch::Nobody,
+            (NginxProof::Loopback, _) => remote.ip().is_loopback(),
+            _ => false,
+        };
+        match nginx {
+            true => Vouch::Nginx,
+            false => Vouch::Nobody,
         }
     }
 
@@ -269,6 +288,7 @@ impl AuthService {
                     req.headers()
                         .get(auth_request::NGINX_SECRET)
                         .map(HeaderValue::as_bytes),
+                    remote,
                 );
                 let decision = self.decide(
                     header(auth_request::CLIENT_VERIFY),

@@ -99,6 +99,17 @@ pub mod env {
     pub const SERVER_NAME: &[&str] = &["DSTACK_MESH_SERVER_NAME"];
 }
 
+/// Whose defaults fill in what the file and environment leave out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Defaults {
+    /// `dstack-mesh run`: ours, safe (inbound listener on, only this app's instances admitted).
+    Ours,
+    /// `dstack-mesh --config FILE`, dstack-vpc's command line: what dstack-vpc's service gave,
+    /// so its files and its nginx (which holds 443) keep working unchanged. Each default taken
+    /// is reported as a migration note.
+    DstackVpc,
+}
+
 /// Which apps may call in.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -234,6 +245,10 @@ pub struct AuthConfig {
     /// What our nginx sends with every auth subrequest (`nginx-config server` renders it);
     /// without it, every chain is verified here and a lone KMS leaf is refused.
     pub nginx_secret: Option<Secret>,
+    /// Without a secret, take nginx's word from callers on loopback: dstack-vpc's own
+    /// template sends no secret and reaches the service on 127.0.0.1, while other containers
+    /// come from their own addresses. Off unless set, or in dstack-vpc's form.
+    pub trust_loopback: bool,
     /// nginx's request head must arrive within this.
     #[serde(with = "secs")]
     pub header_timeout: Duration,
@@ -552,6 +567,15 @@ impl Check {
 impl Config {
     /// Load the file at `path` (if any) and overlay `env`.
     pub fn load(path: Option<&Path>, env: &dyn Source) -> Result<Self, ConfigErrors> {
+        Self::load_as(path, env, Defaults::Ours).map(|(config, _)| config)
+    }
+
+    /// [`Config::load`] with `defaults`; also the migration notes for the defaults taken.
+    pub fn load_as(
+        path: Option<&Path>,
+        env: &dyn Source,
+        defaults: Defaults,
+    ) -> Result<(Self, Vec<String>), ConfigErrors> {
         let raw = match path {
             None => RawConfig::default(),
             Some(path) => {
@@ -564,7 +588,7 @@ impl Config {
                 Self::parse_toml(&text, &path.display().to_string())?
             }
         };
-        Self::from_raw(&raw, env)
+        Self::from_raw(&raw, env, defaults)
     }
 
     /// Parse TOML text (errors name `origin`).
@@ -582,20 +606,37 @@ impl Config {
 
     /// Load from TOML text (tests, embedded defaults).
     pub fn from_toml(text: &str, env: &dyn Source) -> Result<Self, ConfigErrors> {
-        Self::from_raw(&Self::parse_toml(text, "config")?, env)
+        Self::from_toml_as(text, env, Defaults::Ours).map(|(config, _)| config)
     }
 
-    fn from_raw(raw: &RawConfig, env: &dyn Source) -> Result<Self, ConfigErrors> {
+    /// [`Config::from_toml`] with `defaults`; also the migration notes for the defaults taken.
+    pub fn from_toml_as(
+        text: &str,
+        env: &dyn Source,
+        defaults: Defaults,
+    ) -> Result<(Self, Vec<String>), ConfigErrors> {
+        Self::from_raw(&Self::parse_toml(text, "config")?, env, defaults)
+    }
+
+    fn from_raw(
+        raw: &RawConfig,
+        env: &dyn Source,
+        defaults: Defaults,
+    ) -> Result<(Self, Vec<String>), ConfigErrors> {
         let mut c = Check { errors: Vec::new() };
         let agent = agent(raw, env, &mut c);
         let identity = identity(raw, &mut c);
-        let inbound = inbound(raw, env, &mut c);
+        let mut inbound = inbound(raw, env, &mut c);
         let (auth_listener, client, admin) = listeners(raw, env, &mut c);
-        let auth = auth(raw, env, auth_listener, &mut c);
+        let mut auth = auth(raw, env, auth_listener, &mut c);
         let outbound = outbound(raw, &mut c);
         let gateway_domain = gateway(raw, env, &mut c);
         let tls = tls_files(raw);
         let public = public(raw, env, &inbound, &mut c);
+        let notes = match defaults {
+            Defaults::Ours => Vec::new(),
+            Defaults::DstackVpc => dstack_vpc_defaults(raw, env, &public, &mut inbound, &mut auth),
+        };
         no_collisions(
             &[
                 ("inbound.listen", inbound.enabled, inbound.listen),
@@ -620,7 +661,7 @@ impl Config {
         if !c.errors.is_empty() {
             return Err(ConfigErrors(c.errors));
         }
-        Ok(Config {
+        let config = Config {
             agent,
             identity,
             inbound,
@@ -632,8 +673,45 @@ impl Config {
             tls,
             public,
             drain_timeout,
-        })
+        };
+        Ok((config, notes))
     }
+}
+
+/// dstack-vpc's service, for what its file leaves out: nginx holds 443 (no inbound listener),
+/// every app under the KMS root is admitted, and its nginx template, which sends no secret,
+/// is believed from loopback. Each one taken comes back as a note for the log.
+fn dstack_vpc_defaults(
+    raw: &RawConfig,
+    env: &dyn Source,
+    public: &PublicConfig,
+    inbound: &mut InboundConfig,
+    auth: &mut AuthConfig,
+) -> Vec<String> {
+    let mut notes = Vec::new();
+    let inbound_set = raw.inbound.is_some()
+        || source::first(env, env::INBOUND_LISTEN).is_some()
+        || !public.domains.is_empty();
+    if !inbound_set {
+        inbound.enabled = false;
+        notes.push(
+            "no [inbound]: dstack-mesh's own mTLS listener is off, as dstack-vpc's nginx holds 443; add [inbound] (and retire nginx) to let dstack-mesh terminate mTLS itself".to_owned(),
+        );
+    }
+    if inbound.allow == Allow::OwnApp && auth.allow.is_none() {
+        inbound.allow = Allow::Any;
+        notes.push(
+            "no allowlist: any app under the KMS root may call in, as dstack-vpc admitted; name the callers in VPC_ALLOWED_APPS or inbound.allowed_apps".to_owned(),
+        );
+    }
+    let loopback_set = raw.auth.as_ref().and_then(|a| a.trust_loopback).is_some();
+    if auth.listener.enabled && auth.nginx_secret.is_none() && !loopback_set {
+        auth.trust_loopback = true;
+        notes.push(
+            "no auth.nginx_secret: nginx's verdict on a caller's chain is taken from loopback (dstack-vpc's template sends no secret); set the secret and add `proxy_set_header x-dstack-mesh-nginx-secret` to the /auth location to take it from nginx alone".to_owned(),
+        );
+    }
+    notes
 }
 
 /// `[agent]`: where the guest agent is.
@@ -853,12 +931,11 @@ fn listeners(
     if raw
         .client
         .as_ref()
-        .and_then(|r| r.trust_nginx_chain)
-        .is_some()
+        .is_some_and(|r| r.trust_nginx_chain.is_some() || r.trust_loopback.is_some())
     {
         c.fail(
             "client.trust_nginx_chain",
-            "a setting of [auth], not of [client]",
+            "trust_nginx_chain and trust_loopback are settings of [auth], not of [client]",
         );
     }
     (auth_listener, client, admin)
@@ -1054,6 +1131,7 @@ fn auth(raw: &RawConfig, env: &dyn Source, listener: ListenerConfig, c: &mut Che
             .and_then(|a| a.trust_nginx_chain)
             .unwrap_or(true),
         nginx_secret,
+        trust_loopback: auth_raw.trust_loopback.unwrap_or(false),
         header_timeout: auth_header_timeout,
         max_connections: auth_max_connections,
     }

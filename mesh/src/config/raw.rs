@@ -39,6 +39,8 @@ pub struct RawListener {
     pub trust_nginx_chain: Option<bool>,
     /// Auth only: the secret our nginx sends with each auth subrequest.
     pub nginx_secret: Option<String>,
+    /// Auth only: without a secret, take nginx's word from loopback callers.
+    pub trust_loopback: Option<bool>,
     /// Auth only: the request-head deadline.
     pub header_timeout: Option<DurationValue>,
     /// Auth only: connections at once.

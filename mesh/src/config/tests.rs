@@ -45,6 +45,46 @@ fn dstack_vpc_file_loads_unchanged() {
 }
 
 #[test]
+fn dstack_vpc_command_line_takes_its_defaults_and_says_so() {
+    let (c, notes) = Config::from_toml_as(DSTACK_VPC, &no_env(), Defaults::DstackVpc).unwrap();
+    assert!(!c.inbound.enabled, "nginx holds 443 in dstack-vpc's image");
+    assert_eq!(c.inbound.allow, Allow::Any);
+    assert!(c.auth.trust_loopback);
+    assert!(c.client.enabled && c.auth.listener.enabled);
+    assert_eq!(notes.len(), 3, "{notes:?}");
+    for (note, about) in notes.iter().zip(["[inbound]", "allowlist", "nginx_secret"]) {
+        assert!(note.contains(about), "{note}");
+    }
+
+    // Whatever the file or the environment says wins, and is not a note.
+    let env = HashMap::from([
+        (
+            "VPC_ALLOWED_APPS",
+            "ca11e2ca11e2ca11e2ca11e2ca11e2ca11e2ca11",
+        ),
+        (
+            "DSTACK_MESH_NGINX_SECRET",
+            "0123456789abcdef0123456789abcdef",
+        ),
+    ]);
+    let text = format!("{DSTACK_VPC}\n[inbound]\nlisten = \"127.0.0.1:9443\"\n");
+    let (c, notes) = Config::from_toml_as(&text, &env, Defaults::DstackVpc).unwrap();
+    assert!(c.inbound.enabled);
+    assert!(matches!(c.inbound.allow, Allow::Apps(ref ids) if ids.len() == 1));
+    assert!(!c.auth.trust_loopback);
+    assert!(notes.is_empty(), "{notes:?}");
+    let text = format!("{DSTACK_VPC}\n[auth]\ntrust_loopback = false\n")
+        .replace("[auth]\naddress = \"0.0.0.0\"\nport = 8092\n", "");
+    let (c, _) = Config::from_toml_as(&text, &no_env(), Defaults::DstackVpc).unwrap();
+    assert!(!c.auth.trust_loopback);
+
+    // `run` keeps ours for the same file.
+    let (c, notes) = Config::from_toml_as(DSTACK_VPC, &no_env(), Defaults::Ours).unwrap();
+    assert!(c.inbound.enabled && !c.auth.trust_loopback && notes.is_empty());
+    assert_eq!(c.inbound.allow, Allow::OwnApp);
+}
+
+#[test]
 fn defaults_are_safe() {
     let c = Config::from_toml("", &no_env()).unwrap();
     assert!(c.client.listen.ip().is_loopback());
