@@ -74,15 +74,26 @@ impl HostPort {
 pub enum GatewaySetting {
     /// `fixed/host:port`: every target at one address (tests, a single host).
     Fixed(HostPort),
-    /// The gateway's base domain; its port comes from discovery or [`DEFAULT_GATEWAY_PORT`].
-    Domain(String),
+    /// The gateway's base domain, and its external port when the setting names one
+    /// (dstack-vpc writes `base_domain:external_port`); otherwise the port comes from
+    /// discovery or [`DEFAULT_GATEWAY_PORT`].
+    Domain {
+        /// The base domain (lowercase).
+        base: String,
+        /// The external port, if named.
+        port: Option<u16>,
+    },
 }
 
 impl fmt::Display for GatewaySetting {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Fixed(addr) => write!(f, "fixed/{addr}"),
-            Self::Domain(d) => f.write_str(d),
+            Self::Domain { base, port: None } => f.write_str(base),
+            Self::Domain {
+                base,
+                port: Some(port),
+            } => write!(f, "{base}:{port}"),
         }
     }
 }
@@ -104,9 +115,16 @@ impl FromStr for GatewaySetting {
         if let Some(addr) = s.strip_prefix("fixed/") {
             return addr.parse().map(Self::Fixed);
         }
-        let valid = !s.is_empty()
-            && s.len() <= 253
-            && s.split('.').all(|label| {
+        let (name, port) = match s.rsplit_once(':') {
+            Some((name, port)) => match port.parse::<u16>() {
+                Ok(port) if port != 0 => (name, Some(port)),
+                _ => return Err(format!("{s:?}: the gateway port must be 1-65535")),
+            },
+            None => (s, None),
+        };
+        let valid = !name.is_empty()
+            && name.len() <= 253
+            && name.split('.').all(|label| {
                 !label.is_empty()
                     && label.len() <= 63
                     && label
@@ -114,10 +132,14 @@ impl FromStr for GatewaySetting {
                         .all(|b| b.is_ascii_alphanumeric() || b == b'-')
             });
         if valid {
-            Ok(Self::Domain(s.to_ascii_lowercase()))
+            Ok(Self::Domain {
+                base: name.to_ascii_lowercase(),
+                port,
+            })
         } else {
             Err(format!(
-                "{s:?} is neither a domain name (the gateway's base domain) nor fixed/host:port"
+                "{s:?} is neither a domain name (the gateway's base domain, optionally with \
+                 :port) nor fixed/host:port"
             ))
         }
     }
@@ -245,9 +267,9 @@ impl Addressing {
     pub fn from_setting(setting: &GatewaySetting, discovered_port: Option<u16>) -> Self {
         match setting {
             GatewaySetting::Fixed(addr) => Self::Fixed(addr.clone()),
-            GatewaySetting::Domain(base) => Self::Gateway {
+            GatewaySetting::Domain { base, port } => Self::Gateway {
                 base_domain: base.clone(),
-                port: discovered_port.unwrap_or(DEFAULT_GATEWAY_PORT),
+                port: port.or(discovered_port).unwrap_or(DEFAULT_GATEWAY_PORT),
                 dial: None,
             },
         }

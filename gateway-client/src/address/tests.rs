@@ -117,9 +117,35 @@ fn gateway_settings_parse() {
     );
     assert_eq!(
         "GW.Example.com".parse::<GatewaySetting>().unwrap(),
-        GatewaySetting::Domain("gw.example.com".into())
+        GatewaySetting::Domain {
+            base: "gw.example.com".into(),
+            port: None
+        }
     );
-    for bad in ["", "fixed/nohost", "a..b", "has space.com", "fixed/h:0"] {
+    // dstack-vpc's form: `base_domain:external_port`, the port used for every target.
+    let vpc = "dstack.example.com:8443".parse::<GatewaySetting>().unwrap();
+    assert_eq!(
+        vpc,
+        GatewaySetting::Domain {
+            base: "dstack.example.com".into(),
+            port: Some(8443)
+        }
+    );
+    assert_eq!(vpc.to_string(), "dstack.example.com:8443");
+    let Addressing::Gateway { port, .. } = Addressing::from_setting(&vpc, Some(443)) else {
+        panic!("not a gateway");
+    };
+    assert_eq!(port, 8443, "the named port wins over discovery");
+    for bad in [
+        "",
+        "fixed/nohost",
+        "a..b",
+        "has space.com",
+        "fixed/h:0",
+        "gw.example.com:0",
+        "gw.example.com:https",
+        ":443",
+    ] {
         assert!(bad.parse::<GatewaySetting>().is_err(), "{bad}");
     }
 }

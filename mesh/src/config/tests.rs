@@ -123,7 +123,10 @@ idle_timeout = 30
     assert_eq!(c.inbound.listen, "127.0.0.1:9444".parse().unwrap());
     assert_eq!(
         c.gateway_domain,
-        Some(GatewaySetting::Domain("gw.example.com".into()))
+        Some(GatewaySetting::Domain {
+            base: "gw.example.com".into(),
+            port: None
+        })
     );
     let bad = HashMap::from([("DSTACK_GATEWAY_DOMAIN", "not a domain")]);
     let err = Config::from_toml("", &bad).unwrap_err();

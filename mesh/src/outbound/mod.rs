@@ -170,9 +170,9 @@ pub fn configured_gateway(
     use gateway_client::GatewaySetting;
     let addressing = match gateway? {
         GatewaySetting::Fixed(addr) => Addressing::Fixed(addr.clone()),
-        GatewaySetting::Domain(base) => Addressing::Gateway {
+        GatewaySetting::Domain { base, port } => Addressing::Gateway {
             base_domain: base.clone(),
-            port: gateway_client::address::DEFAULT_GATEWAY_PORT,
+            port: port.unwrap_or(gateway_client::address::DEFAULT_GATEWAY_PORT),
             dial: config.gateway_address.clone(),
         },
     };
