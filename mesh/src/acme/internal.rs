@@ -16,6 +16,54 @@ use super::{
 const CA_CERT: &str = "internal-ca/ca.pem";
 const CA_KEY: &str = "internal-ca/ca-key.pem";
 
+/// The internal CA as an issuer: opened at start when the store allows, else at the next
+/// issuance. A store that cannot hold it (read-only, full) fails those domains' issuance,
+/// retried like a CA that is down, and never the sidecar's start or its other traffic.
+pub struct InternalIssuer {
+    store: Arc<dyn CertStore>,
+    lifetime: Duration,
+    ca: std::sync::Mutex<Option<Arc<InternalCa>>>,
+}
+
+impl std::fmt::Debug for InternalIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InternalIssuer")
+            .field("store", &self.store.location())
+            .finish_non_exhaustive()
+    }
+}
+
+impl InternalIssuer {
+    /// The issuer, trying the store once now (a failure is logged, and tried again later).
+    pub fn new(store: Arc<dyn CertStore>, lifetime: Duration) -> Self {
+        let issuer = Self {
+            store,
+            lifetime,
+            ca: std::sync::Mutex::new(None),
+        };
+        if let Err(e) = issuer.ca() {
+            tracing::error!(store = %issuer.store.location(), error = %e, "internal CA unavailable: its domains are not served until the store can hold it; other traffic is unaffected");
+        }
+        issuer
+    }
+
+    /// The CA, opened (or created) on first success.
+    fn ca(&self) -> Result<Arc<InternalCa>, InternalCaError> {
+        let mut slot = self.ca.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ca) = slot.as_ref() {
+            return Ok(ca.clone());
+        }
+        let ca = Arc::new(InternalCa::open(&self.store, self.lifetime)?);
+        *slot = Some(ca.clone());
+        Ok(ca)
+    }
+
+    /// A certificate for `names`.
+    pub fn issue(&self, names: &[String]) -> Result<Issued, InternalCaError> {
+        self.ca()?.issue(names)
+    }
+}
+
 /// The local CA.
 pub struct InternalCa {
     issuer: Issuer<'static, KeyPair>,

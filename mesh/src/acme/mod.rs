@@ -37,7 +37,7 @@ use crate::config::{AcmeConfig, DomainConfig, Issuer, Mode, PublicConfig};
 use cert::Loaded;
 use challenge::Challenges;
 use client::AcmeClient;
-use internal::InternalCa;
+use internal::InternalIssuer;
 use store::{CertStore, DirStore};
 
 /// Longest sleep between checks of a valid certificate (clock jumps, suspended VMs).
@@ -55,14 +55,6 @@ pub enum AcmeError {
     /// A configured root file is unusable.
     #[error("acme.ca_roots: {0}")]
     Roots(#[from] crate::https::RootsError),
-    /// The internal CA could not be created or loaded.
-    #[error("internal CA in {store}: {reason}")]
-    InternalCa {
-        /// The store.
-        store: String,
-        /// Why.
-        reason: internal::InternalCaError,
-    },
     /// The DNS provider could not be set up.
     #[error("dns: {0}")]
     Dns(#[from] dns01::SetupError),
@@ -204,7 +196,7 @@ impl ResolvesServerCert for DomainResolver {
 
 enum IssuerRuntime {
     Acme(Arc<AcmeClient>),
-    Internal(Arc<InternalCa>),
+    Internal(Arc<InternalIssuer>),
 }
 
 /// The public-domain subsystem.
@@ -272,14 +264,10 @@ fn issuers(
                 })?
                 .with_caa_identities(public.dns.caa_identities.clone()),
             )),
-            Issuer::InternalCa => IssuerRuntime::Internal(Arc::new(
-                InternalCa::open(store, public.acme.internal_ca_lifetime).map_err(|reason| {
-                    AcmeError::InternalCa {
-                        store: store.location(),
-                        reason,
-                    }
-                })?,
-            )),
+            Issuer::InternalCa => IssuerRuntime::Internal(Arc::new(InternalIssuer::new(
+                store.clone(),
+                public.acme.internal_ca_lifetime,
+            ))),
         };
         issuers.insert(d.issuer.clone(), runtime);
     }
