@@ -261,6 +261,15 @@ impl DevAgent {
             path: socket.to_owned(),
             source,
         })?;
+        // Like the guest agent's socket, for every container of the machine whatever its
+        // user (the sidecar's image runs as a non-root one).
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(socket, fs::Permissions::from_mode(0o666)).map_err(|source| {
+            DevAgentError::Io {
+                path: socket.to_owned(),
+                source,
+            }
+        })?;
         Ok(tokio::spawn(self.serve(listener)))
     }
 
