@@ -90,6 +90,9 @@ pub struct PebbleOptions {
     /// the A/AAAA lookups of HTTP-01 and TLS-ALPN-01 too, so its zones need those records.
     /// `None` = challtestsrv's DNS ([`Pebble::challtestsrv_dns`]).
     pub dns_server: Option<SocketAddr>,
+    /// Where the directory and management API listen (default 127.0.0.1), e.g. the docker
+    /// bridge's address so that containers reach pebble; its certificate names it too.
+    pub listen_ip: Option<IpAddr>,
 }
 
 /// pebble and pebble-challtestsrv, killed on drop; on a panicking thread their logs are printed
@@ -125,7 +128,8 @@ impl Pebble {
         for log in ["pebble.log", "challtestsrv.log"] {
             let _ = std::fs::remove_file(dir.join(log));
         }
-        let (ca_file, certificate, private_key) = write_api_certificate(dir);
+        let ip = opts.listen_ip.unwrap_or([127, 0, 0, 1].into());
+        let (ca_file, certificate, private_key) = write_api_certificate(dir, ip);
         let (challtestsrv, challtestsrv_dns, challtestsrv_management) = start_challtestsrv(dir);
         let mut env: Vec<(String, String)> = DEFAULT_ENV
             .iter()
@@ -147,11 +151,13 @@ impl Pebble {
         };
         for attempt in 1..=BIND_ATTEMPTS {
             let (listen, management) = (free_port(), free_port());
-            pebble.directory = format!("https://127.0.0.1:{listen}/dir");
-            pebble.management = format!("https://127.0.0.1:{management}");
+            let (listen, management) =
+                (SocketAddr::new(ip, listen), SocketAddr::new(ip, management));
+            pebble.directory = format!("https://{listen}/dir");
+            pebble.management = format!("https://{management}");
             let mut config = serde_json::json!({"pebble": {
-                "listenAddress": format!("127.0.0.1:{listen}"),
-                "managementListenAddress": format!("127.0.0.1:{management}"),
+                "listenAddress": listen.to_string(),
+                "managementListenAddress": management.to_string(),
                 "certificate": certificate,
                 "privateKey": private_key,
                 "httpPort": opts.http_port,
@@ -335,7 +341,7 @@ fn failure(log: String) -> Failure {
 
 // The test CA (`ca.pem`) and pebble's HTTPS certificate and key signed by it (`cert.pem`,
 // `key.pem`) for `localhost` and 127.0.0.1.
-fn write_api_certificate(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+fn write_api_certificate(dir: &Path, ip: IpAddr) -> (PathBuf, PathBuf, PathBuf) {
     use rcgen::{
         BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
         KeyUsagePurpose,
@@ -348,8 +354,12 @@ fn write_api_certificate(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("CA key"))
         .expect("self-sign the API CA");
     let key = KeyPair::generate().expect("pebble's key");
-    let mut leaf = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-        .expect("leaf parameters");
+    let mut leaf = CertificateParams::new(vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        ip.to_string(),
+    ])
+    .expect("leaf parameters");
     leaf.distinguished_name
         .push(DnType::CommonName, "localhost");
     let leaf = leaf

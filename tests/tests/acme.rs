@@ -78,6 +78,7 @@ impl Setup {
                     env: Vec::new(),
                     eab_keys,
                     dns_server,
+                    listen_ip: None,
                 },
             )
         })
