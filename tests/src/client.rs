@@ -98,6 +98,27 @@ pub async fn tls_connect_after(
         .await
 }
 
+/// One plain HTTP/1.1 GET of `path` to `addr` (an outbound proxy, a backend), on its own
+/// connection, with `headers`: the status and the body.
+pub async fn http1_get(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (http::StatusCode, Bytes) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::get(path);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let resp = send.send_request(req.body(empty()).unwrap()).await.unwrap();
+    let status = resp.status();
+    (status, resp.into_body().collect().await.unwrap().to_bytes())
+}
+
 /// Dial `addr` as a browser would for `name`: WebPKI verification against `roots` (PEM),
 /// no client certificate, ALPN `alpn`.
 pub async fn public_connect(

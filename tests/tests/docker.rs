@@ -18,7 +18,6 @@ use e2e::{
     ChildGuard,
 };
 use http::StatusCode;
-use http_body_util::BodyExt;
 
 const A: &str = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
 const B: &str = "b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2";
@@ -228,32 +227,6 @@ fn echo_app(dir: &Path, extra: &str) -> PathBuf {
     file
 }
 
-async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (StatusCode, Vec<u8>) {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let mut req = http::Request::get(path);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = send
-        .send_request(req.body(e2e::client::empty()).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status();
-    (
-        status,
-        resp.into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-}
-
 /// `deploy/mesh` twice, as two CVMs: app A calls app B through its sidecar, the gateway and B's
 /// sidecar, and B's backend sees A's verified id. Both sidecars run as the image says (non-root,
 /// read-only root, no capabilities), turn healthy, and stop cleanly within the grace period.
@@ -306,7 +279,7 @@ async fn mesh_compose_carries_app_a_to_app_b_through_the_gateway() {
     a.healthy("dstack-mesh");
 
     let outbound = a.port("dstack-mesh", 8091);
-    let (status, body) = get(
+    let (status, body) = e2e::client::http1_get(
         outbound,
         "/from-a",
         &[

@@ -107,48 +107,9 @@ impl Site {
             ),
         )
         .unwrap();
-        // `free_port` can race with other tests' listeners: on a lost race, another port.
-        let (nginx, nginx_addr) = (1..=5)
-            .find_map(|attempt| {
-                let nginx_port = free_port();
-                let rendered = Command::new(e2e::mesh_binary())
-                    .args([
-                        "nginx-config",
-                        "server",
-                        "--port",
-                        &nginx_port.to_string(),
-                        "--config",
-                    ])
-                    .arg(&auth_config)
-                    .output()
-                    .unwrap();
-                assert!(
-                    rendered.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&rendered.stderr)
-                );
-                let mut conf = String::from_utf8(rendered.stdout).unwrap();
-                if http1_only {
-                    assert!(conf.contains(" ssl http2;"), "{conf}");
-                    conf = conf.replace(" ssl http2;", " ssl;");
-                }
-                let mut nginx = start_nginx(d, &conf);
-                let nginx_addr: std::net::SocketAddr =
-                    format!("127.0.0.1:{nginx_port}").parse().unwrap();
-                let mut exited = None;
-                wait_until("nginx to listen", Duration::from_secs(20), || {
-                    exited = nginx.exited();
-                    exited.is_some() || std::net::TcpStream::connect(nginx_addr).is_ok()
-                });
-                match exited {
-                    None => Some((nginx, nginx_addr)),
-                    Some(_) if attempt < 5 && nginx.stderr().contains("Address already in use") => {
-                        None
-                    }
-                    Some(status) => panic!("nginx exited ({status}): {}", nginx.stderr()),
-                }
-            })
-            .unwrap();
+        let (nginx, nginx_addr) = rendered_nginx(d, &auth_config, http1_only, |conf| {
+            assert!(conf.contains("nginx-secret"), "{conf}");
+        });
         Self {
             dir,
             state,
@@ -158,6 +119,79 @@ impl Site {
             _processes: vec![server_agent, mesh, nginx],
         }
     }
+}
+
+/// nginx with the configuration `dstack-mesh nginx-config server --config <config>` renders
+/// (`http1_only`: without `http2`, as dstack-vpc's template listens), after `check` has looked
+/// at it; on a free port, another one if a race with other tests' listeners is lost.
+fn rendered_nginx(
+    d: &Path,
+    config: &Path,
+    http1_only: bool,
+    check: impl Fn(&str),
+) -> (ChildGuard, std::net::SocketAddr) {
+    (1..=5)
+        .find_map(|attempt| {
+            let nginx_port = free_port();
+            let rendered = Command::new(e2e::mesh_binary())
+                .args([
+                    "nginx-config",
+                    "server",
+                    "--port",
+                    &nginx_port.to_string(),
+                    "--config",
+                ])
+                .arg(config)
+                .env_remove("DSTACK_MESH_NGINX_SECRET")
+                .output()
+                .unwrap();
+            assert!(
+                rendered.status.success(),
+                "{}",
+                String::from_utf8_lossy(&rendered.stderr)
+            );
+            let mut conf = String::from_utf8(rendered.stdout).unwrap();
+            check(&conf);
+            if http1_only {
+                assert!(conf.contains(" ssl http2;"), "{conf}");
+                conf = conf.replace(" ssl http2;", " ssl;");
+            }
+            let mut nginx = start_nginx(d, &conf);
+            let nginx_addr: std::net::SocketAddr =
+                format!("127.0.0.1:{nginx_port}").parse().unwrap();
+            let mut exited = None;
+            wait_until("nginx to listen", Duration::from_secs(20), || {
+                exited = nginx.exited();
+                exited.is_some() || std::net::TcpStream::connect(nginx_addr).is_ok()
+            });
+            match exited {
+                None => Some((nginx, nginx_addr)),
+                Some(_) if attempt < 5 && nginx.stderr().contains("Address already in use") => None,
+                Some(status) => panic!("nginx exited ({status}): {}", nginx.stderr()),
+            }
+        })
+        .unwrap()
+}
+
+/// CALLER's sidecar (`dstack-mesh run`, outbound only) whose gateway is `gateway`; its agent,
+/// itself, and its outbound proxy's address.
+fn caller_sidecar(
+    d: &Path,
+    state: &Path,
+    gateway: std::net::SocketAddr,
+) -> (Vec<ChildGuard>, std::net::SocketAddr) {
+    let (agent, caller_sock) = dev_agent(d, "caller-agent", CALLER, state);
+    let config = d.join("caller.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nenabled = false\n\n[auth]\nenabled = false\n\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\naddress = \"127.0.0.1\"\nport = 0\n\n[dstack]\ngateway_domain = \"fixed/{gateway}\"\n",
+            sock = caller_sock.display(),
+        ),
+    )
+    .unwrap();
+    let (caller, bound) = run_mesh(d, "caller-sidecar", &config);
+    (vec![agent, caller], listener(&bound, "outbound"))
 }
 
 fn listener(bound: &[(String, std::net::SocketAddr)], what: &str) -> std::net::SocketAddr {
@@ -313,19 +347,7 @@ async fn our_outbound_proxy_calls_through_an_http1_nginx_and_keeps_it_alive() {
 async fn outbound_through_nginx(http1_only: bool) {
     let site = Site::start_with(http1_only).await;
     let d = site.dir.path();
-    let (_caller_agent, caller_sock) = dev_agent(d, "caller-agent", CALLER, &site.state);
-    let config = d.join("caller.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nenabled = false\n\n[auth]\nenabled = false\n\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\naddress = \"127.0.0.1\"\nport = 0\n\n[dstack]\ngateway_domain = \"fixed/{nginx}\"\n",
-            sock = caller_sock.display(),
-            nginx = site.nginx_addr,
-        ),
-    )
-    .unwrap();
-    let (_caller, bound) = run_mesh(d, "caller-sidecar", &config);
-    let outbound = listener(&bound, "outbound");
+    let (_caller, outbound) = caller_sidecar(d, &site.state, site.nginx_addr);
 
     // Two requests in a row on one keep-alive connection from the app.
     let tcp = tokio::net::TcpStream::connect(outbound).await.unwrap();
@@ -442,16 +464,30 @@ async fn dstack_vpc_image_with_our_binary_serves_its_nginx_and_client_proxy_unch
     let backend = Backend::start().await;
     e2e::write_nginx_identity(AgentAddress::Unix(server_sock.clone()), d).await;
 
-    // nginx's port comes first: the file's gateway is nginx itself (the app's own instances
-    // reach each other through the gateway; here that is the nginx in front of it).
-    let nginx_port = free_port();
-    let nginx_addr: std::net::SocketAddr = format!("127.0.0.1:{nginx_port}").parse().unwrap();
+    // nginx first, as dstack-vpc's template sets it up: mTLS with the agent's files, HTTP/1.1,
+    // auth_request to 127.0.0.1 on the auth port, and no secret. The file's gateway is this
+    // nginx (the app's own instances reach each other through the gateway).
+    let auth_port = free_port();
+    let side = d.join("nginx-side.toml");
+    std::fs::write(
+        &side,
+        format!(
+            "[auth]\naddress = \"127.0.0.1\"\nport = {auth_port}\n[inbound]\nbackend = \"{}\"\n[tls]\ncert_file = \"{d}/server.crt\"\nkey_file = \"{d}/server.key\"\nca_file = \"{d}/ca.crt\"\n",
+            backend.addr,
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    let (_nginx, nginx_addr) = rendered_nginx(d, &side, true, |conf| {
+        assert!(!conf.contains("nginx-secret"), "{conf}");
+    });
+
     let config = d.join("dstack-mesh.toml");
     std::fs::write(
         &config,
         DSTACK_VPC_CONFIG
             .replace("port = 8091", "port = 0")
-            .replace("port = 8092", "port = 0")
+            .replace("port = 8092", &format!("port = {auth_port}"))
             .replace("${DSTACK_GATEWAY_DOMAIN}", &format!("fixed/{nginx_addr}"))
             .replace("/etc/ssl/certs/", &format!("{}/", d.display()))
             .replace("/etc/ssl/private/", &format!("{}/", d.display())),
@@ -486,74 +522,18 @@ async fn dstack_vpc_image_with_our_binary_serves_its_nginx_and_client_proxy_unch
         .collect();
     assert_eq!(notes.len(), 3, "{log}");
 
-    // nginx as dstack-vpc's template sets it up: mTLS with the agent's files, auth_request to
-    // 127.0.0.1 on the auth port, and no secret.
-    let side = d.join("nginx-side.toml");
-    std::fs::write(
-        &side,
-        format!(
-            "[auth]\naddress = \"127.0.0.1\"\nport = {}\n[inbound]\nbackend = \"{}\"\n[tls]\ncert_file = \"{d}/server.crt\"\nkey_file = \"{d}/server.key\"\nca_file = \"{d}/ca.crt\"\n",
-            auth.port(),
-            backend.addr,
-            d = d.display()
-        ),
-    )
-    .unwrap();
-    let rendered = Command::new(e2e::mesh_binary())
-        .args([
-            "nginx-config",
-            "server",
-            "--port",
-            &nginx_port.to_string(),
-            "--config",
-        ])
-        .arg(&side)
-        .env_remove("DSTACK_MESH_NGINX_SECRET")
-        .output()
-        .unwrap();
-    let template = String::from_utf8(rendered.stdout).unwrap();
-    assert!(
-        rendered.status.success() && !template.contains("nginx-secret"),
-        "{template}"
-    );
-    let template = template.replace(" ssl http2;", " ssl;");
-    let mut nginx = start_nginx(d, &template);
-    wait_until("nginx to listen", Duration::from_secs(20), || {
-        assert!(nginx.exited().is_none(), "nginx: {}", nginx.stderr());
-        std::net::TcpStream::connect(nginx_addr).is_ok()
-    });
-
     // 1. The image's own client proxy (dstack-vpc's [client] on 8091): out through nginx to
     //    another instance of the app, which nginx's auth_request admits.
     // 2. Another app's dstack-mesh sidecar, in no allowlist, through the same nginx.
-    let (_caller_agent, caller_sock) = dev_agent(d, "caller-agent", CALLER, &state);
-    let caller_config = d.join("caller.toml");
-    std::fs::write(
-        &caller_config,
-        format!(
-            "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nenabled = false\n\n[auth]\nenabled = false\n\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\naddress = \"127.0.0.1\"\nport = 0\n\n[dstack]\ngateway_domain = \"fixed/{nginx_addr}\"\n",
-            sock = caller_sock.display(),
-        ),
-    )
-    .unwrap();
-    let (_caller, caller_bound) = run_mesh(d, "caller-sidecar", &caller_config);
-    let caller_outbound = listener(&caller_bound, "outbound");
+    let (_caller, caller_outbound) = caller_sidecar(d, &state, nginx_addr);
     let own_outbound = std::net::SocketAddr::new([127, 0, 0, 1].into(), outbound.port());
     for (proxy, expected) in [(own_outbound, SERVER), (caller_outbound, CALLER)] {
-        let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
-        let (mut app, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        let req = http::Request::get("/via-dstack-vpc")
-            .header("host", "server.internal")
-            .header("x-dstack-target-app", SERVER)
-            .body(e2e::client::empty())
-            .unwrap();
-        let resp = app.send_request(req).await.unwrap();
-        let status = resp.status();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let (status, body) = e2e::client::http1_get(
+            proxy,
+            "/via-dstack-vpc",
+            &[("host", "server.internal"), ("x-dstack-target-app", SERVER)],
+        )
+        .await;
         assert_eq!(
             status,
             StatusCode::OK,
