@@ -548,6 +548,9 @@ async fn dstack_vpc_image_with_our_binary_serves_its_nginx_and_client_proxy_unch
         );
     }
     assert_eq!(backend.count(), 2);
+    // dstack-vpc's image health-checks its client proxy: `wget http://localhost:8091/health`.
+    let (status, body) = e2e::client::http1_get(own_outbound, "/health", &[]).await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"healthy\n"[..]));
 
     // Still no admission without a client certificate.
     assert_eq!(no_cert_get(nginx_addr).await.as_deref(), Some("401"));

@@ -410,8 +410,12 @@ impl Outbound {
         Ok(target)
     }
 
-    /// A request without a target: the guest-agent passthrough, when it is on.
+    /// A request without a target: `/health` (dstack-vpc's image health-checks its client
+    /// proxy there), else the guest-agent passthrough, when it is on.
     async fn agent(&self, req: Request<Incoming>) -> Response<Body> {
+        if req.uri().path() == "/health" && matches!(*req.method(), Method::GET | Method::HEAD) {
+            return proxy::text_response(StatusCode::OK, "healthy\n");
+        }
         match &self.agent {
             Some(agent) => {
                 let gateway = self.gateway.load_full();
