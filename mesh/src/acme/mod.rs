@@ -17,6 +17,7 @@ pub mod http01;
 pub mod internal;
 mod records;
 mod renewal;
+pub mod seal;
 pub mod store;
 
 use std::{
