@@ -12,6 +12,8 @@ pub mod challenge;
 pub mod client;
 pub mod dns01;
 pub mod eab;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod evidence;
 pub mod http01;
 pub mod internal;

@@ -1,0 +1,396 @@
+//! The replicated store on etcd v3: every value sealed with the app's key ([`Sealer`]) under a
+//! name the store cannot read, a lease lock per object with fenced writes, so that one
+//! instance of the app orders a certificate and a paused one cannot overwrite a newer result.
+//!
+//! Keys are `<prefix>/<kind>/<HMAC>`. A lock is `<prefix>/lock/<HMAC>` attached to the holder's
+//! lease; a fenced write is a transaction that succeeds only while that key still carries
+//! that lease. When the holder dies its lease expires, the key goes, and a waiter takes over.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
+};
+
+use super::seal::{Kind, SealError, Sealer};
+
+/// How to reach etcd.
+#[derive(Clone, Debug)]
+pub struct EtcdSettings {
+    /// `http://host:port` or `https://host:port`, one per member.
+    pub endpoints: Vec<String>,
+    /// The app's key prefix (`/dstack-mesh/<app id>` by default).
+    pub prefix: String,
+    /// CA of etcd's server certificates (TLS).
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (mTLS).
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's key.
+    pub key_file: Option<PathBuf>,
+    /// Each request's deadline, and the connection's.
+    pub timeout: Duration,
+}
+
+/// Why an etcd operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    /// etcd could not be reached or refused the request.
+    #[error("etcd at {endpoints}: {source}")]
+    Unavailable {
+        /// The endpoints tried.
+        endpoints: String,
+        /// What the client said.
+        source: etcd_client::Error,
+    },
+    /// The request did not finish in time.
+    #[error("etcd at {endpoints}: no answer within {timeout:?}")]
+    Timeout {
+        /// The endpoints tried.
+        endpoints: String,
+        /// The deadline.
+        timeout: Duration,
+    },
+    /// A TLS file is unreadable.
+    #[error("etcd TLS file {path}: {source}")]
+    TlsFile {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A stored value did not open: changed, moved or sealed by another app. Treated as absent.
+    #[error("stored {kind} {name:?} refused: {source}")]
+    Sealed {
+        /// Its kind.
+        kind: &'static str,
+        /// Its logical name.
+        name: String,
+        /// Why.
+        source: SealError,
+    },
+    /// The lock was lost (its lease expired) before the write: a newer holder may have written.
+    #[error("lock on {0:?} lost before the write")]
+    LostLock(String),
+}
+
+/// The app's objects in etcd.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    settings: Arc<EtcdSettings>,
+    sealer: Arc<Sealer>,
+}
+
+/// gRPC status codes of a request that a member did not answer: CANCELLED (the client's
+/// per-attempt timeout), DEADLINE_EXCEEDED, UNAVAILABLE (refused, reset, no leader yet).
+const GRPC_RETRY: [i32; 3] = [1, 4, 14];
+
+/// A member did not answer (down, partitioned, electing a leader): worth sending again, to
+/// whichever member the client picks next. Every request here is safe to repeat: puts write
+/// the same value, a repeated lock attempt finds its own key and gives its lease back.
+fn unreachable_member(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => GRPC_RETRY.contains(&i32::from(status.code())),
+        etcd_client::Error::TransportError(_) => true,
+        _ => false,
+    }
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.settings.endpoints)
+            .field("prefix", &self.settings.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A held lock: its lease is kept alive until dropped or released.
+#[derive(Debug)]
+pub struct Lock {
+    name: String,
+    key: String,
+    lease: i64,
+    keepalive: tokio::task::JoinHandle<()>,
+}
+
+impl Lock {
+    /// The lease fencing this holder's writes.
+    pub fn lease(&self) -> i64 {
+        self.lease
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        self.keepalive.abort();
+    }
+}
+
+impl EtcdStore {
+    /// Connect to `settings.endpoints` (TLS when files are given) and seal with `sealer`.
+    pub async fn connect(settings: EtcdSettings, sealer: Arc<Sealer>) -> Result<Self, EtcdError> {
+        // Each attempt gets a third of the deadline, so a dead member costs one attempt, not
+        // the whole call.
+        let attempt = settings.timeout / 3;
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(attempt)
+            .with_timeout(attempt)
+            .with_keep_alive(Duration::from_secs(10), attempt);
+        if settings.ca_file.is_some() || settings.cert_file.is_some() {
+            let read = |path: &PathBuf| {
+                std::fs::read(path).map_err(|source| EtcdError::TlsFile {
+                    path: path.clone(),
+                    source,
+                })
+            };
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &settings.ca_file {
+                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&settings.cert_file, &settings.key_file) {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            options = options.with_tls(tls);
+        }
+        let endpoints = settings.endpoints.join(",");
+        let connect = Client::connect(&settings.endpoints, Some(options));
+        let client = match tokio::time::timeout(settings.timeout, connect).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(source)) => return Err(EtcdError::Unavailable { endpoints, source }),
+            Err(_) => {
+                return Err(EtcdError::Timeout {
+                    endpoints,
+                    timeout: settings.timeout,
+                })
+            }
+        };
+        let store = Self {
+            client,
+            settings: Arc::new(settings),
+            sealer,
+        };
+        // A connection is lazy: one read proves the endpoints answer.
+        store.get(Kind::Order, "hello").await?;
+        Ok(store)
+    }
+
+    /// The etcd key of `name` as `kind`.
+    pub fn key(&self, kind: Kind, name: &str) -> String {
+        format!("{}/{}", self.settings.prefix, self.sealer.name(kind, name))
+    }
+
+    /// `op` on a client within the request deadline, its errors naming the endpoints. A
+    /// member that cannot be reached is not an answer: the request goes again (the client
+    /// balances over the members, so it lands on a live one) until the deadline.
+    async fn call<T, F>(&self, mut op: impl FnMut(Client) -> F) -> Result<T, EtcdError>
+    where
+        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let endpoints = || self.settings.endpoints.join(",");
+        let deadline = tokio::time::Instant::now() + self.settings.timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, op(self.client.clone())).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(e)) if unreachable_member(&e) && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(Err(source)) => {
+                    return Err(EtcdError::Unavailable {
+                        endpoints: endpoints(),
+                        source,
+                    })
+                }
+                Err(_) => {
+                    return Err(EtcdError::Timeout {
+                        endpoints: endpoints(),
+                        timeout: self.settings.timeout,
+                    })
+                }
+            }
+        }
+    }
+
+    /// The plaintext of `name`, or `None`. A value that does not open is an error (the caller
+    /// reports it and treats the object as absent).
+    pub async fn get(&self, kind: Kind, name: &str) -> Result<Option<Vec<u8>>, EtcdError> {
+        let key = self.key(kind, name);
+        let resp = self
+            .call(|mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
+        match resp.kvs().first() {
+            None => Ok(None),
+            Some(kv) => self
+                .sealer
+                .open(kind, name, kv.value())
+                .map(Some)
+                .map_err(|source| EtcdError::Sealed {
+                    kind: kind.label(),
+                    name: name.to_owned(),
+                    source,
+                }),
+        }
+    }
+
+    /// Seal and store `value` under `name`, while `lock` is still held.
+    pub async fn put_fenced(
+        &self,
+        lock: &Lock,
+        kind: Kind,
+        name: &str,
+        value: &[u8],
+    ) -> Result<(), EtcdError> {
+        let sealed = self
+            .sealer
+            .seal(kind, name, value)
+            .map_err(|source| EtcdError::Sealed {
+                kind: kind.label(),
+                name: name.to_owned(),
+                source,
+            })?;
+        let txn = Txn::new()
+            .when([Compare::lease(
+                lock.key.clone(),
+                CompareOp::Equal,
+                lock.lease,
+            )])
+            .and_then([TxnOp::put(self.key(kind, name), sealed, None)]);
+        let resp = self
+            .call(|mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        match resp.succeeded() {
+            true => Ok(()),
+            false => Err(EtcdError::LostLock(lock.name.clone())),
+        }
+    }
+
+    /// The lock on `name`, waiting (on a watch) while another instance holds it. The lease lives
+    /// `ttl` unless kept alive; this instance keeps it alive until the [`Lock`] is dropped.
+    pub async fn lock(&self, name: &str, ttl: Duration) -> Result<Lock, EtcdError> {
+        let key = self.key(Kind::Lock, name);
+        let ttl_secs = i64::try_from(ttl.as_secs().max(2)).unwrap_or(i64::MAX);
+        loop {
+            let lease = self
+                .call(|mut c| async move { c.lease_grant(ttl_secs, None).await })
+                .await?
+                .id();
+            let holder = self
+                .sealer
+                .seal(Kind::Lock, name, format!("lease {lease:x}").as_bytes())
+                .map_err(|source| EtcdError::Sealed {
+                    kind: Kind::Lock.label(),
+                    name: name.to_owned(),
+                    source,
+                })?;
+            // Take it if nobody holds it (the key does not exist: create revision 0).
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(
+                    key.clone(),
+                    holder,
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
+            let resp = self
+                .call(|mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
+            if resp.succeeded() {
+                let keepalive = self.keep_alive(lease, ttl).await?;
+                return Ok(Lock {
+                    name: name.to_owned(),
+                    key,
+                    lease,
+                    keepalive,
+                });
+            }
+            let _ = self
+                .call(|mut c| async move { c.lease_revoke(lease).await })
+                .await;
+            // Held: wait for its key to go (released, or its holder's lease expired), from the
+            // revision just read, so a delete in between is not missed; look again after a TTL.
+            let since = resp.header().map_or(0, |h| h.revision());
+            let mut watch = self
+                .call(|mut c| {
+                    let key = key.clone();
+                    let from = WatchOptions::new().with_start_revision(since + 1);
+                    async move { c.watch(key, Some(from)).await }
+                })
+                .await?;
+            let deadline = tokio::time::Instant::now() + ttl;
+            while let Ok(Ok(Some(resp))) = tokio::time::timeout_at(deadline, watch.message()).await
+            {
+                if resp
+                    .events()
+                    .iter()
+                    .any(|e| e.event_type() == EventType::Delete)
+                {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// A task that renews `lease` at a third of `ttl` until aborted.
+    async fn keep_alive(
+        &self,
+        lease: i64,
+        ttl: Duration,
+    ) -> Result<tokio::task::JoinHandle<()>, EtcdError> {
+        let (mut keeper, mut responses) = self
+            .call(|mut c| async move { c.lease_keep_alive(lease).await })
+            .await?;
+        Ok(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(ttl / 3);
+            loop {
+                tick.tick().await;
+                if keeper.keep_alive().await.is_err() {
+                    return;
+                }
+                match responses.message().await {
+                    Ok(Some(resp)) if resp.ttl() > 0 => {}
+                    // TTL 0: the lease is gone; the fenced writes will say so.
+                    _ => return,
+                }
+            }
+        }))
+    }
+
+    /// Give the lock up now (its key goes with its lease).
+    pub async fn release(&self, lock: Lock) -> Result<(), EtcdError> {
+        lock.keepalive.abort();
+        let lease = lock.lease;
+        self.call(|mut c| async move { c.lease_revoke(lease).await })
+            .await?;
+        Ok(())
+    }
+
+    /// Every raw key and value under the prefix (for inspection and tests).
+    pub async fn raw(&self) -> Result<Vec<(String, Vec<u8>)>, EtcdError> {
+        let prefix = self.settings.prefix.clone();
+        let resp = self
+            .call(|mut c| {
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    kv.value().to_vec(),
+                )
+            })
+            .collect())
+    }
+}
