@@ -103,7 +103,12 @@ impl App {
         // connection, with no request to the CA.
         let acme = match config.public.domains.is_empty() {
             true => None,
-            false => Some(Acme::new(&config.public, identity.agent().clone(), None)?),
+            false => Some(Acme::new(
+                &config.public,
+                &shared_store(&config, &identity),
+                identity.agent().clone(),
+                None,
+            )?),
         };
         // Bind everything before serving anything: a port in use fails the start, not later.
         let mut bound = Vec::new();
@@ -270,6 +275,14 @@ async fn bind_inbound(
     Ok(Some((inbound, listener)))
 }
 
+/// What the app's instances share for public domains: the `[store]` and this app's id.
+fn shared_store(config: &Config, identity: &RotatingIdentity) -> acme::Shared {
+    acme::Shared {
+        store: config.store.clone(),
+        app_id: identity.current().app_id.clone(),
+    }
+}
+
 /// The auth service for nginx, bound; nginx's word counts only with its secret and a CA file
 /// that holds the mesh roots alone.
 async fn bind_auth(
@@ -408,6 +421,7 @@ impl App {
                     true => None,
                     false => Some(Acme::new(
                         &new.public,
+                        &shared_store(&new, &self.identity),
                         self.identity.agent().clone(),
                         self.acme.as_ref().map(|a| a.challenges()),
                     )?),
@@ -481,11 +495,17 @@ impl App {
     }
 }
 
-/// The public-domain settings a reload can apply (all but the `:80` listener's address).
-fn public_reloadable(c: &Config) -> crate::config::PublicConfig {
+/// The public-domain settings a reload can apply (all but the `:80` listener's address), and
+/// the store they live in.
+fn public_reloadable(
+    c: &Config,
+) -> (
+    crate::config::PublicConfig,
+    crate::config::store::StoreConfig,
+) {
     let mut p = c.public.clone();
     p.acme.http_listen = None;
-    p
+    (p, c.store.clone())
 }
 
 /// Bind `addr` for the listener `name` (its configuration `key` in errors).

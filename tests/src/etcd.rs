@@ -30,6 +30,7 @@ pub struct EtcdCluster {
 impl EtcdCluster {
     /// Start `size` members in `dir` and wait until the cluster answers.
     pub fn start(dir: &Path, size: usize) -> Self {
+        std::fs::create_dir_all(dir).expect("create the etcd directory");
         let members = (0..size)
             .map(|i| Member {
                 name: format!("m{i}"),

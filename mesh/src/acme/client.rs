@@ -47,6 +47,10 @@ pub enum IssueError {
     /// The DNS side: the provider, propagation, CAA.
     #[error(transparent)]
     Dns(#[from] DnsError),
+    /// The fleet's store (etcd) for replicas.
+    #[cfg(feature = "etcd")]
+    #[error("shared store: {0}")]
+    Shared(#[from] super::replicas::SharedError),
 }
 
 impl IssueError {

@@ -19,6 +19,8 @@ pub mod http01;
 pub mod internal;
 mod records;
 mod renewal;
+#[cfg(feature = "etcd")]
+pub mod replicas;
 pub mod seal;
 pub mod store;
 
@@ -36,7 +38,16 @@ use rustls::{
 };
 use tokio::{sync::Notify, task::JoinSet};
 
-use crate::config::{AcmeConfig, DomainConfig, Issuer, Mode, PublicConfig};
+use crate::config::{store::StoreConfig, AcmeConfig, DomainConfig, Issuer, Mode, PublicConfig};
+
+/// What the instances of an app share: where (`[store]`) and as which app.
+#[derive(Clone, Debug)]
+pub struct Shared {
+    /// The store backend.
+    pub store: StoreConfig,
+    /// The app, whose key seals the values and whose id names its prefix.
+    pub app_id: ratls::AppId,
+}
 use cert::Loaded;
 use challenge::Challenges;
 use client::AcmeClient;
@@ -212,6 +223,9 @@ pub struct Acme {
     issuers: HashMap<Issuer, IssuerRuntime>,
     evidence: Arc<evidence::Evidence>,
     config: AcmeConfig,
+    /// The fleet's store, when instances share certificates through etcd.
+    #[cfg(feature = "etcd")]
+    replicas: Option<Arc<replicas::Replicas>>,
     /// The DNS provider and resolvers, when configured.
     dns: Option<Arc<dns01::Dns>>,
     agent: AgentClient,
@@ -283,9 +297,13 @@ impl Acme {
     /// instance a reload replaces, since the `:80` listener answers from it.
     pub fn new(
         public: &PublicConfig,
+        shared: &Shared,
         agent: AgentClient,
         challenges: Option<Arc<Challenges>>,
     ) -> Result<Arc<Self>, AcmeError> {
+        // Without etcd support the configuration has refused every store but the file one.
+        #[cfg(not(feature = "etcd"))]
+        let _ = shared;
         let store: Arc<dyn CertStore> = Arc::new(DirStore::new(&public.acme.store));
         let challenges = challenges.unwrap_or_default();
         let issuers = issuers(public, &agent, &store)?;
@@ -314,6 +332,22 @@ impl Acme {
             false => None,
         };
         Ok(Arc::new(Self {
+            #[cfg(feature = "etcd")]
+            replicas: match &shared.store {
+                StoreConfig::File => None,
+                StoreConfig::Etcd(etcd) => Some(Arc::new(replicas::Replicas::new(
+                    etcd::EtcdSettings {
+                        endpoints: etcd.endpoints.clone(),
+                        prefix: format!("{}/{}", etcd.prefix, shared.app_id),
+                        ca_file: etcd.ca_file.clone(),
+                        cert_file: etcd.cert_file.clone(),
+                        key_file: etcd.key_file.clone(),
+                        timeout: etcd.timeout,
+                    },
+                    etcd.lock_ttl,
+                    agent.clone(),
+                ))),
+            },
             dns,
             agent: agent.clone(),
             domains,
@@ -329,6 +363,16 @@ impl Acme {
 
     /// Start one lifecycle task per domain.
     pub fn start(self: &Arc<Self>, tasks: &mut JoinSet<()>) {
+        // A wrong etcd endpoint or credential shows at start, not at the first renewal.
+        #[cfg(feature = "etcd")]
+        if let Some(replicas) = self.replicas.clone() {
+            tasks.spawn(async move {
+                match replicas.check().await {
+                    Ok(()) => tracing::info!(store = %replicas.location(), "sharing certificates with the app's other instances"),
+                    Err(e) => tracing::error!(store = %replicas.location(), error = %e, "the fleet's store is unavailable: certificates held here are served, orders wait for it"),
+                }
+            });
+        }
         for domain in &self.domains {
             tasks.spawn(self.clone().lifecycle(domain.clone()));
             if self.dns.as_ref().is_some_and(|d| d.manages_records()) {

@@ -101,7 +101,7 @@ impl Acme {
             });
             tracing::info!(domain = %name, issuer = %d.config.issuer.label(), renewal = current.is_some(), "ordering a certificate");
             let started = std::time::Instant::now();
-            match self.obtain(&d).await {
+            match self.acquire(&d, current.as_deref()).await {
                 Ok(loaded) => {
                     tracing::info!(
                         domain = %name,
@@ -188,7 +188,71 @@ impl Acme {
         }
     }
 
-    async fn obtain(&self, d: &Domain) -> Result<Loaded, IssueError> {
+    /// A certificate for `d`: alone, an order; with replicas, under the fleet's lock: the
+    /// fleet's if another instance just got a fresh one, else an order the fleet then shares.
+    async fn acquire(&self, d: &Domain, current: Option<&Loaded>) -> Result<Loaded, IssueError> {
+        #[cfg(feature = "etcd")]
+        if let Some(replicas) = &self.replicas {
+            return self.acquire_shared(replicas, d, current).await;
+        }
+        let _ = current;
+        Ok(self.obtain(d).await?.0)
+    }
+
+    /// [`Acme::acquire`] through the fleet's lock.
+    #[cfg(feature = "etcd")]
+    async fn acquire_shared(
+        &self,
+        replicas: &super::replicas::Replicas,
+        d: &Domain,
+        current: Option<&Loaded>,
+    ) -> Result<Loaded, IssueError> {
+        let name = d.name();
+        let lock = replicas.lock(name).await?;
+        let result = async {
+            // Another instance may have finished while this one waited for the lock.
+            if let Some(shared) = replicas.fetch(name).await? {
+                let issued = Issued {
+                    chain_pem: shared.chain_pem,
+                    key_pem: shared.key_pem,
+                };
+                match cert::load(
+                    issued.chain_pem.as_bytes(),
+                    issued.key_pem.as_bytes(),
+                    &d.config.names,
+                ) {
+                    Ok(loaded)
+                        if self.renew_at(&loaded) > SystemTime::now()
+                            && current.is_none_or(|c| loaded.not_after >= c.not_after) =>
+                    {
+                        tracing::info!(domain = %name, serial = %loaded.serial, store = %replicas.location(), "the fleet's certificate taken: no order");
+                        self.keep(d, &issued);
+                        return Ok(loaded);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(domain = %name, error = %e, "the fleet's certificate is unusable: ordering a new one")
+                    }
+                }
+            }
+            let (loaded, issued) = self.obtain(d).await?;
+            let shared = super::replicas::Shared {
+                chain_pem: issued.chain_pem,
+                key_pem: issued.key_pem,
+            };
+            if let Err(e) = replicas.publish(&lock, name, &shared).await {
+                // Served here anyway; another instance that finds nothing orders again.
+                tracing::error!(domain = %name, store = %replicas.location(), error = %e, "certificate not shared with the fleet");
+            }
+            Ok(loaded)
+        }
+        .await;
+        replicas.release(lock).await;
+        result
+    }
+
+    /// An order (or the internal CA), kept in the local store.
+    async fn obtain(&self, d: &Domain) -> Result<(Loaded, Issued), IssueError> {
         let names = &d.config.names;
         let issued: Issued = match self.issuers.get(&d.config.issuer) {
             Some(IssuerRuntime::Acme(client)) => tokio::time::timeout(
@@ -211,6 +275,13 @@ impl Acme {
             names,
         )
         .map_err(|e| IssueError::Server(CaFault::Unusable(e)))?;
+        self.keep(d, &issued);
+        Ok((loaded, issued))
+    }
+
+    /// Write `issued` to the local store (served whether or not that works).
+    fn keep(&self, d: &Domain, issued: &Issued) {
+        let names = &d.config.names;
         // Key first: a crash between the two writes leaves a pair that does not match, which
         // the next start detects and reissues; never a certificate served with a wrong key.
         let name = d.name();
@@ -240,7 +311,6 @@ impl Acme {
             // Served anyway: a full disk must not take the domain down; the next start orders.
             tracing::error!(domain = %name, error = %e, "certificate not stored");
         }
-        Ok(loaded)
     }
 }
 

@@ -347,6 +347,8 @@ pub struct Config {
     pub tls: TlsFiles,
     /// Public domains and their certificates (`[[domains]]`, `[acme]`).
     pub public: PublicConfig,
+    /// Where certificates and ACME state are kept and shared (`[store]`).
+    pub store: store::StoreConfig,
     /// How long SIGTERM waits for in-flight requests (`[lifecycle] drain_timeout`).
     #[serde(with = "secs")]
     pub drain_timeout: Duration,
@@ -633,6 +635,7 @@ impl Config {
         let gateway_domain = gateway(raw, env, &mut c);
         let tls = tls_files(raw);
         let public = public(raw, env, &inbound, &mut c);
+        let store = store::store(raw.store.as_ref(), env, &mut c);
         let notes = match defaults {
             Defaults::Ours => Vec::new(),
             Defaults::DstackVpc => dstack_vpc_defaults(raw, env, &public, &mut inbound, &mut auth),
@@ -672,6 +675,7 @@ impl Config {
             gateway_domain,
             tls,
             public,
+            store,
             drain_timeout,
         };
         Ok((config, notes))
@@ -1183,6 +1187,7 @@ fn no_collisions(listeners: &[(&'static str, bool, SocketAddr)], c: &mut Check) 
 }
 pub mod dns;
 pub mod domains;
+pub mod store;
 #[cfg(test)]
 mod tests;
 pub use dns::{DnsConfig, ProviderConfig};

@@ -140,4 +140,5 @@ pub struct RawConfig {
     pub lifecycle: Option<RawLifecycle>,
     pub admin: Option<RawListener>,
     pub domains: Option<Vec<super::domains::RawDomain>>,
+    pub store: Option<super::store::RawStore>,
 }

@@ -1,0 +1,155 @@
+//! Several instances of one app behind one name (issue 15): three `dstack-mesh run` sidecars of
+//! the same app (development agents sharing a state directory, so they derive the same keys)
+//! and a three-member etcd cluster. One certificate for the fleet, whoever orders it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use e2e::{backend::Backend, dev_agent, etcd::EtcdCluster, run_mesh, wait_until, ChildGuard};
+
+const APP: &str = "3e9113e9113e9113e9113e9113e9113e9113e911";
+const DOMAIN: &str = "shop.test";
+
+/// One sidecar of the fleet on the internal CA, sharing through `endpoints`; its mesh backend
+/// is `backend` too, with `caller` allowed in.
+fn replica(
+    dir: &Path,
+    i: usize,
+    state: &Path,
+    backend: SocketAddr,
+    endpoints: &[String],
+    caller: &str,
+) -> (Vec<ChildGuard>, SocketAddr) {
+    let (agent, sock) = dev_agent(dir, &format!("agent-{i}"), APP, state);
+    let config = dir.join(format!("replica-{i}.toml"));
+    let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\nallowed_apps = \"{caller}\"\n\n[auth]\nenabled = false\n\n[client]\nenabled = false\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[acme]\nissuer = \"internal-ca\"\nstore = \"{store}\"\n\n[[domains]]\nnames = [\"{DOMAIN}\"]\nbackend = \"{backend}\"\n\n[store]\nbackend = \"etcd\"\nendpoints = [{endpoints}]\n",
+            sock = sock.display(),
+            store = dir.join(format!("store-{i}")).display(),
+            endpoints = endpoints.join(", "),
+        ),
+    )
+    .unwrap();
+    let (mesh, bound) = run_mesh(dir, &format!("replica-{i}"), &config);
+    let inbound = bound
+        .iter()
+        .find(|(what, _)| what == "inbound")
+        .map(|(_, a)| *a)
+        .unwrap();
+    (vec![agent, mesh], inbound)
+}
+
+/// The SHA-256 of the leaf `addr` serves for `DOMAIN`, checked against `roots`.
+async fn served_leaf(addr: SocketAddr, roots: &[u8]) -> Option<String> {
+    let tls = e2e::client::public_connect(addr, DOMAIN, roots, &[b"http/1.1"])
+        .await
+        .ok()?;
+    let leaf = tls.get_ref().1.peer_certificates()?[0].clone();
+    Some(e2e::backend::hex(
+        ring::digest::digest(&ring::digest::SHA256, &leaf).as_ref(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_replicas_share_one_certificate_ordered_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cluster = EtcdCluster::start(&d.join("etcd"), 3);
+    let backend = Backend::start().await;
+    let state = d.join("state");
+    let replicas: Vec<(Vec<ChildGuard>, SocketAddr)> = (0..3)
+        .map(|i| replica(d, i, &state, backend.addr, &cluster.endpoints(), APP))
+        .collect();
+
+    // Every instance serves the domain, and the same certificate: one issuance for the fleet
+    // (each internal-CA issuance makes a new key, so two orders could not look alike).
+    let mut leaves = Vec::new();
+    wait_until(
+        "every replica to serve the domain",
+        Duration::from_secs(60),
+        || {
+            let roots: Vec<u8> = (0..3)
+                .filter_map(|i| std::fs::read(d.join(format!("store-{i}/internal-ca/ca.pem"))).ok())
+                .flatten()
+                .collect();
+            leaves = replicas
+                .iter()
+                .map(|(_, addr)| {
+                    tokio::task::block_in_place(|| {
+                        tokio::runtime::Handle::current().block_on(served_leaf(*addr, &roots))
+                    })
+                })
+                .collect();
+            leaves.iter().all(Option::is_some)
+        },
+    );
+    assert!(
+        leaves.iter().all(|l| l == &leaves[0]),
+        "the replicas serve different certificates: {leaves:?}"
+    );
+    let logs: Vec<String> = replicas.iter().map(|(p, _)| p[1].stderr()).collect();
+    let taken = logs
+        .iter()
+        .filter(|l| l.contains("the fleet's certificate taken"))
+        .count();
+    assert_eq!(
+        taken, 2,
+        "two replicas take the one the first ordered:\n{logs:?}"
+    );
+
+    // What etcd holds is sealed: no PEM, no domain name.
+    let dump = cluster.etcdctl(&["get", "--prefix", "/dstack-mesh/"]);
+    let text = String::from_utf8_lossy(&dump.stdout);
+    assert!(!text.is_empty() && dump.status.success(), "{dump:?}");
+    for plain in ["BEGIN", DOMAIN] {
+        assert!(!text.contains(plain), "{plain} readable in etcd:\n{text}");
+    }
+}
+
+/// etcd unreachable at start: the sidecar says so, naming the endpoint, serves the mesh, and
+/// the domain waits (failed, retried) instead of ordering on its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_etcd_endpoint_is_named_and_the_mesh_still_serves() {
+    const CALLER: &str = "ca11e7ca11e7ca11e7ca11e7ca11e7ca11e7ca11";
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let state = d.join("state");
+    let backend = Backend::start().await;
+    let nobody = format!("http://127.0.0.1:{}", e2e::free_port());
+    let (processes, inbound) = replica(
+        d,
+        0,
+        &state,
+        backend.addr,
+        std::slice::from_ref(&nobody),
+        CALLER,
+    );
+    let mesh = &processes[1];
+    wait_until("the store error", Duration::from_secs(30), || {
+        let log = mesh.stderr();
+        log.contains("the fleet's store is unavailable") && log.contains(&nobody)
+    });
+    let (caller, _caller_agent) = e2e::identity(d, &state, CALLER).await;
+    let mut client = e2e::client::MeshClient::connect(
+        &caller,
+        &APP.parse().unwrap(),
+        inbound,
+        Some(&[b"http/1.1"]),
+    )
+    .await
+    .unwrap();
+    let (status, _, _) = client
+        .get("/mesh", &[("host", "app.internal")])
+        .await
+        .unwrap();
+    assert_eq!(status, http::StatusCode::OK);
+    assert_eq!(backend.count(), 1);
+    assert!(
+        !mesh.stderr().contains("certificate issued"),
+        "ordered without the fleet's lock"
+    );
+}
