@@ -18,11 +18,15 @@ COPY gateway-client gateway-client
 COPY nginx-compat nginx-compat
 COPY mesh mesh
 COPY tests tests
+# The etcd store (replicas) builds etcd's protos: protoc and its well-known types.
+RUN command -v protoc >/dev/null && [ -e /usr/include/google/protobuf/descriptor.proto ] \
+ || (apt-get update && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev \
+     && rm -rf /var/lib/apt/lists/*)
 # Debug info stays out of the image (symbols stay, so a panic's backtrace names functions).
 ENV CARGO_PROFILE_RELEASE_STRIP=debuginfo \
     CARGO_NET_RETRY=5 \
     CARGO_INCREMENTAL=0
-RUN cargo build --release --locked -p dstack-mesh --bin dstack-mesh \
+RUN cargo build --release --locked -p dstack-mesh --bin dstack-mesh --features etcd \
  && mkdir -p /out/store \
  && cp target/release/dstack-mesh /out/dstack-mesh
 
