@@ -12,7 +12,8 @@ const APP: &str = "3e9113e9113e9113e9113e9113e9113e9113e911";
 const DOMAIN: &str = "shop.test";
 
 /// One sidecar of the fleet on the internal CA, sharing through `endpoints`; its mesh backend
-/// is `backend` too, with `caller` allowed in.
+/// is `backend` too, with `caller` allowed in. Its processes and its inbound and admin
+/// addresses.
 fn replica(
     dir: &Path,
     i: usize,
@@ -20,7 +21,7 @@ fn replica(
     backend: SocketAddr,
     endpoints: &[String],
     caller: &str,
-) -> (Vec<ChildGuard>, SocketAddr) {
+) -> (Vec<ChildGuard>, SocketAddr, SocketAddr) {
     let (agent, sock) = dev_agent(dir, &format!("agent-{i}"), APP, state);
     let config = dir.join(format!("replica-{i}.toml"));
     let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
@@ -35,12 +36,14 @@ fn replica(
     )
     .unwrap();
     let (mesh, bound) = run_mesh(dir, &format!("replica-{i}"), &config);
-    let inbound = bound
-        .iter()
-        .find(|(what, _)| what == "inbound")
-        .map(|(_, a)| *a)
-        .unwrap();
-    (vec![agent, mesh], inbound)
+    let listener = |name: &str| {
+        bound
+            .iter()
+            .find(|(what, _)| what == name)
+            .map(|(_, a)| *a)
+            .unwrap()
+    };
+    (vec![agent, mesh], listener("inbound"), listener("admin"))
 }
 
 /// The SHA-256 of the leaf `addr` serves for `DOMAIN`, checked against `roots`.
@@ -62,7 +65,11 @@ async fn three_replicas_share_one_certificate_ordered_once() {
     let backend = Backend::start().await;
     let state = d.join("state");
     let replicas: Vec<(Vec<ChildGuard>, SocketAddr)> = (0..3)
-        .map(|i| replica(d, i, &state, backend.addr, &cluster.endpoints(), APP))
+        .map(|i| {
+            let (processes, inbound, _) =
+                replica(d, i, &state, backend.addr, &cluster.endpoints(), APP);
+            (processes, inbound)
+        })
         .collect();
 
     // Every instance serves the domain, and the same certificate: one issuance for the fleet
@@ -120,7 +127,7 @@ async fn a_wrong_etcd_endpoint_is_named_and_the_mesh_still_serves() {
     let state = d.join("state");
     let backend = Backend::start().await;
     let nobody = format!("http://127.0.0.1:{}", e2e::free_port());
-    let (processes, inbound) = replica(
+    let (processes, inbound, admin) = replica(
         d,
         0,
         &state,
@@ -152,4 +159,9 @@ async fn a_wrong_etcd_endpoint_is_named_and_the_mesh_still_serves() {
         !mesh.stderr().contains("certificate issued"),
         "ordered without the fleet's lock"
     );
+    // /ready says why.
+    let (status, body) = e2e::client::http1_get(admin, "/ready", &[]).await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, http::StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("store: ") && body.contains(&nobody), "{body}");
 }

@@ -464,11 +464,20 @@ impl Acme {
         }
     }
 
-    /// What needs an operator: expired certificates and domains with none.
+    /// What needs an operator: the fleet's store failing, expired certificates and domains
+    /// with none.
     pub fn problems(&self) -> Vec<String> {
-        self.status()
+        #[cfg(feature = "etcd")]
+        let store = self
+            .replicas
+            .as_ref()
+            .and_then(|r| r.problem())
+            .map(|why| format!("store: {why}"));
+        #[cfg(not(feature = "etcd"))]
+        let store = None;
+        store
             .into_iter()
-            .filter_map(|s| {
+            .chain(self.status().into_iter().filter_map(|s| {
                 let why = s.last_error.as_deref().unwrap_or("no attempt finished yet");
                 if s.expired {
                     Some(format!(
@@ -480,7 +489,7 @@ impl Acme {
                 } else {
                     None
                 }
-            })
+            }))
             .collect()
     }
 

@@ -47,6 +47,8 @@ pub struct Replicas {
     lock_ttl: Duration,
     agent: AgentClient,
     store: OnceCell<EtcdStore>,
+    /// Why the last request to the store failed; `None` once one succeeds (for `/ready`).
+    failing: std::sync::Mutex<Option<String>>,
 }
 
 impl Replicas {
@@ -57,7 +59,24 @@ impl Replicas {
             lock_ttl,
             agent,
             store: OnceCell::new(),
+            failing: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Why the store is unusable right now, if it is (the last request failed).
+    pub fn problem(&self) -> Option<String> {
+        self.failing.lock().ok()?.clone()
+    }
+
+    /// Remember how `result` went, for [`Replicas::problem`].
+    fn note<T>(&self, result: Result<T, SharedError>) -> Result<T, SharedError> {
+        if let Ok(mut failing) = self.failing.lock() {
+            *failing = result
+                .as_ref()
+                .err()
+                .map(|e| format!("{} ({})", e, self.location()));
+        }
+        result
     }
 
     /// Where the fleet's store is, for messages.
@@ -84,7 +103,8 @@ impl Replicas {
     /// Connect now, so a wrong endpoint or credential shows at start (it is retried at the
     /// first order too).
     pub async fn check(&self) -> Result<(), SharedError> {
-        self.store().await.map(|_| ())
+        let result = self.store().await.map(|_| ());
+        self.note(result)
     }
 
     /// The fleet's lock on `domain`; waits while another instance orders.
