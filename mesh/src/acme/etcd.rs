@@ -82,6 +82,15 @@ pub struct EtcdStore {
     sealer: Arc<Sealer>,
 }
 
+/// The error for a value of `kind` under `name` that does not seal or open.
+fn refused(kind: Kind, name: &str) -> impl FnOnce(SealError) -> EtcdError + '_ {
+    move |source| EtcdError::Sealed {
+        kind: kind.label(),
+        name: name.to_owned(),
+        source,
+    }
+}
+
 /// gRPC status codes of a request that a member did not answer: CANCELLED (the client's
 /// per-attempt timeout), DEADLINE_EXCEEDED, UNAVAILABLE (refused, reset, no leader yet).
 const GRPC_RETRY: [i32; 3] = [1, 4, 14];
@@ -228,11 +237,7 @@ impl EtcdStore {
                 .sealer
                 .open(kind, name, kv.value())
                 .map(Some)
-                .map_err(|source| EtcdError::Sealed {
-                    kind: kind.label(),
-                    name: name.to_owned(),
-                    source,
-                }),
+                .map_err(refused(kind, name)),
         }
     }
 
@@ -247,11 +252,7 @@ impl EtcdStore {
         let sealed = self
             .sealer
             .seal(kind, name, value)
-            .map_err(|source| EtcdError::Sealed {
-                kind: kind.label(),
-                name: name.to_owned(),
-                source,
-            })?;
+            .map_err(refused(kind, name))?;
         let txn = Txn::new()
             .when([Compare::lease(
                 lock.key.clone(),
@@ -284,11 +285,7 @@ impl EtcdStore {
             let holder = self
                 .sealer
                 .seal(Kind::Lock, name, format!("lease {lease:x}").as_bytes())
-                .map_err(|source| EtcdError::Sealed {
-                    kind: Kind::Lock.label(),
-                    name: name.to_owned(),
-                    source,
-                })?;
+                .map_err(refused(Kind::Lock, name))?;
             // Take it if nobody holds it (the key does not exist: create revision 0).
             let txn = Txn::new()
                 .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])

@@ -149,22 +149,14 @@ impl Replicas {
         shared: &Shared,
     ) -> Result<(), SharedError> {
         let store = self.store().await?;
-        store
-            .put_fenced(
-                lock,
-                Kind::PrivateKey,
-                &domain_key(domain, "key.pem"),
-                shared.key_pem.as_bytes(),
-            )
-            .await?;
-        store
-            .put_fenced(
-                lock,
-                Kind::Certificate,
-                &domain_key(domain, "chain.pem"),
-                shared.chain_pem.as_bytes(),
-            )
-            .await?;
+        for (kind, file, pem) in [
+            (Kind::PrivateKey, "key.pem", &shared.key_pem),
+            (Kind::Certificate, "chain.pem", &shared.chain_pem),
+        ] {
+            store
+                .put_fenced(lock, kind, &domain_key(domain, file), pem.as_bytes())
+                .await?;
+        }
         Ok(())
     }
 
