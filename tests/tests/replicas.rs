@@ -165,3 +165,174 @@ async fn a_wrong_etcd_endpoint_is_named_and_the_mesh_still_serves() {
     assert_eq!(status, http::StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(body.contains("store: ") && body.contains(&nobody), "{body}");
 }
+
+/// A TCP balancer in front of the fleet for the CA's validation connections: each goes to an
+/// instance that has placed no order (the CA reaching a replica that never saw the order).
+/// On `port`; returns how many connections each replica got.
+async fn validation_balancer(
+    port: u16,
+    targets: Vec<SocketAddr>,
+    logs: Vec<std::path::PathBuf>,
+) -> std::sync::Arc<std::sync::Mutex<Vec<usize>>> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(vec![0; targets.len()]));
+    let counts = sent.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let ordered: Vec<bool> = logs
+                .iter()
+                .map(|l| {
+                    std::fs::read_to_string(l)
+                        .unwrap_or_default()
+                        .contains("ordering for the fleet")
+                })
+                .collect();
+            let Some(pick) = ordered.iter().position(|o| !o) else {
+                continue;
+            };
+            counts.lock().unwrap()[pick] += 1;
+            let target = targets[pick];
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    sent
+}
+
+/// pebble validates through a balancer that never picks the instance that placed the order:
+/// TLS-ALPN-01 and HTTP-01 both succeed because every instance answers the fleet's published
+/// challenges. One order per domain for the fleet; every instance serves the same certificate.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ca_may_validate_through_any_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_owned();
+    let cluster = EtcdCluster::start(&d.join("etcd"), 3);
+    let backend = Backend::start().await;
+    let state = d.join("state");
+    // The balancer's ports come first: pebble is configured with them.
+    let tls_probe = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_probe = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (tls_port, http_port) = (
+        tls_probe.local_addr().unwrap().port(),
+        http_probe.local_addr().unwrap().port(),
+    );
+    drop((tls_probe, http_probe));
+    let pebble_dir = d.join("pebble");
+    let pebble = tokio::task::spawn_blocking(move || {
+        e2e::pebble::Pebble::start(
+            &pebble_dir,
+            e2e::pebble::PebbleOptions {
+                tls_port,
+                http_port,
+                ..Default::default()
+            },
+        )
+    })
+    .await
+    .unwrap();
+    let endpoints: Vec<String> = cluster
+        .endpoints()
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect();
+    let mut fleet = Vec::new();
+    for i in 0..3 {
+        let (agent, sock) = dev_agent(&d, &format!("agent-{i}"), APP, &state);
+        let config = d.join(format!("pebble-replica-{i}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\n\n[auth]\nenabled = false\n\n[client]\nenabled = false\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[acme]\nissuer = \"{dir}\"\nca_roots = [\"{ca}\"]\nstore = \"{store}\"\nhttp_listen = \"127.0.0.1:0\"\n\n[[domains]]\nnames = [\"alpn.test\"]\nbackend = \"{backend}\"\nchallenge = \"tls-alpn-01\"\n\n[[domains]]\nnames = [\"http.test\"]\nbackend = \"{backend}\"\nchallenge = \"http-01\"\n\n[store]\nbackend = \"etcd\"\nendpoints = [{endpoints}]\n",
+                sock = sock.display(),
+                backend = backend.addr,
+                dir = pebble.directory,
+                ca = pebble.ca_file.display(),
+                store = d.join(format!("pebble-store-{i}")).display(),
+                endpoints = endpoints.join(", "),
+            ),
+        )
+        .unwrap();
+        let (mesh, bound) = run_mesh(&d, &format!("pebble-replica-{i}"), &config);
+        let listener = |name: &str| {
+            bound
+                .iter()
+                .find(|(what, _)| what == name)
+                .map(|(_, a)| *a)
+                .unwrap()
+        };
+        fleet.push((agent, mesh, listener("inbound"), listener("http")));
+    }
+    let logs: Vec<std::path::PathBuf> = (0..3)
+        .map(|i| d.join(format!("pebble-replica-{i}.stderr")))
+        .collect();
+    let tls_sent =
+        validation_balancer(tls_port, fleet.iter().map(|f| f.2).collect(), logs.clone()).await;
+    let http_sent =
+        validation_balancer(http_port, fleet.iter().map(|f| f.3).collect(), logs.clone()).await;
+
+    let root = pebble.issuance_root_pem();
+    for domain in ["alpn.test", "http.test"] {
+        let mut leaves: Vec<Option<String>> = Vec::new();
+        wait_until(
+            &format!("every replica to serve {domain}"),
+            Duration::from_secs(90),
+            || {
+                leaves = fleet
+                    .iter()
+                    .map(|f| {
+                        tokio::task::block_in_place(|| {
+                            tokio::runtime::Handle::current().block_on(async {
+                                let tls = e2e::client::public_connect(
+                                    f.2,
+                                    domain,
+                                    root.as_bytes(),
+                                    &[b"http/1.1"],
+                                )
+                                .await
+                                .ok()?;
+                                let leaf = tls.get_ref().1.peer_certificates()?[0].clone();
+                                Some(e2e::backend::hex(
+                                    ring::digest::digest(&ring::digest::SHA256, &leaf).as_ref(),
+                                ))
+                            })
+                        })
+                    })
+                    .collect();
+                leaves.iter().all(Option::is_some)
+            },
+        );
+        assert!(
+            leaves.iter().all(|l| l == &leaves[0]),
+            "{domain}: {leaves:?}"
+        );
+    }
+    assert_eq!(
+        pebble.orders_seen(),
+        2,
+        "one order per domain for the fleet"
+    );
+    // The validations really went to instances that did not order.
+    let orderers: Vec<bool> = logs
+        .iter()
+        .map(|l| {
+            std::fs::read_to_string(l)
+                .unwrap()
+                .contains("ordering for the fleet")
+        })
+        .collect();
+    for (what, sent) in [("TLS-ALPN-01", &tls_sent), ("HTTP-01", &http_sent)] {
+        let sent = sent.lock().unwrap().clone();
+        assert!(sent.iter().sum::<usize>() > 0, "{what}: no validation came");
+        for (i, n) in sent.iter().enumerate() {
+            assert!(
+                *n == 0 || !orderers[i],
+                "{what} reached the orderer {i}: {sent:?}"
+            );
+        }
+    }
+}

@@ -20,6 +20,39 @@ pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 pub struct Challenges {
     tls_alpn: RwLock<HashMap<String, Arc<CertifiedKey>>>,
     http: RwLock<HashMap<String, String>>,
+    /// The app's other instances, when they answer the CA too (replicas).
+    fleet: std::sync::OnceLock<Arc<dyn ShareChallenges>>,
+}
+
+/// One challenge response as the fleet shares it: enough for any instance to answer.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Response {
+    /// TLS-ALPN-01 for `name`: the key authorization's SHA-256 (hex).
+    TlsAlpn01 {
+        /// The name validated.
+        name: String,
+        /// The digest the certificate carries.
+        digest: String,
+    },
+    /// HTTP-01: the key authorization served for `token`.
+    Http01 {
+        /// The token in the URL.
+        token: String,
+        /// The body to answer with.
+        key_authorization: String,
+    },
+}
+
+/// A future the fleet's side returns.
+pub type FleetFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Where an order's responses go so that every instance of the app can answer the CA.
+pub trait ShareChallenges: Send + Sync + std::fmt::Debug {
+    /// Give `response` to every instance; done when they have it (or a deadline passed).
+    fn publish<'a>(&'a self, response: &'a Response) -> FleetFuture<'a, Result<(), String>>;
+    /// Take `response` back (the order is over).
+    fn withdraw<'a>(&'a self, response: &'a Response) -> FleetFuture<'a, ()>;
 }
 
 /// Why a challenge response could not be prepared.
@@ -72,6 +105,55 @@ impl Challenges {
     pub fn add_http(&self, token: &str, key_authorization: &str) {
         if let Ok(mut m) = self.http.write() {
             m.insert(token.to_owned(), key_authorization.to_owned());
+        }
+    }
+
+    /// Share responses with the app's other instances from now on.
+    pub fn share_with(&self, fleet: Arc<dyn ShareChallenges>) {
+        let _ = self.fleet.set(fleet);
+    }
+
+    /// Answer `response` here (what another instance published).
+    pub fn apply(&self, response: &Response) -> Result<(), ChallengeError> {
+        match response {
+            Response::TlsAlpn01 { name, digest } => {
+                let digest = hex::decode(digest).map_err(|e| ChallengeError {
+                    name: name.clone(),
+                    reason: format!("digest is not hex: {e}"),
+                })?;
+                self.add_tls_alpn(name, &digest)
+            }
+            Response::Http01 {
+                token,
+                key_authorization,
+            } => {
+                self.add_http(token, key_authorization);
+                Ok(())
+            }
+        }
+    }
+
+    /// Stop answering `response`.
+    pub fn forget(&self, response: &Response) {
+        match response {
+            Response::TlsAlpn01 { name, .. } => self.remove(std::slice::from_ref(name), &[]),
+            Response::Http01 { token, .. } => self.remove(&[], std::slice::from_ref(token)),
+        }
+    }
+
+    /// Give `response` to the app's other instances, when there are any, before the CA is
+    /// told to look.
+    pub async fn publish(&self, response: &Response) -> Result<(), String> {
+        match self.fleet.get() {
+            Some(fleet) => fleet.publish(response).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Take `response` back from the other instances.
+    pub async fn withdraw(&self, response: &Response) {
+        if let Some(fleet) = self.fleet.get() {
+            fleet.withdraw(response).await;
         }
     }
 

@@ -16,7 +16,7 @@ use ratls::agent::AgentClient;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use super::{
-    challenge::Challenges,
+    challenge::{Challenges, Response},
     dns01::{caa, Dns, DnsError},
     store::CertStore,
 };
@@ -603,6 +603,7 @@ impl AcmeClient {
         let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
         let mut tokens = Vec::new();
         let mut placed = Vec::new();
+        let mut shared: Vec<Response> = Vec::new();
         let result = async {
             let mut authorizations = order.authorizations();
             while let Some(authz) = authorizations.next().await {
@@ -628,13 +629,17 @@ impl AcmeClient {
                     ));
                 };
                 let key_auth = handle.key_authorization();
-                match challenge {
-                    Challenge::TlsAlpn01 => challenges
-                        .add_tls_alpn(&name, key_auth.digest().as_ref())
-                        .map_err(|e| instant_acme::Error::Other(Box::new(e)))?,
+                let response = match challenge {
+                    Challenge::TlsAlpn01 => Response::TlsAlpn01 {
+                        name: name.clone(),
+                        digest: hex::encode(key_auth.digest()),
+                    },
                     Challenge::Http01 => {
-                        challenges.add_http(&handle.token, key_auth.as_str());
                         tokens.push(handle.token.clone());
+                        Response::Http01 {
+                            token: handle.token.clone(),
+                            key_authorization: key_auth.as_str().to_owned(),
+                        }
                     }
                     // Every record goes up before the CA is told to look: a wildcard and its
                     // base share one name, and propagation is awaited once for all.
@@ -648,7 +653,17 @@ impl AcmeClient {
                         );
                         continue;
                     }
-                }
+                };
+                // Answered here, and by every other instance of the app before the CA looks:
+                // its validation may reach any of them.
+                challenges
+                    .apply(&response)
+                    .map_err(|e| instant_acme::Error::Other(Box::new(e)))?;
+                shared.push(response.clone());
+                challenges
+                    .publish(&response)
+                    .await
+                    .map_err(|e| instant_acme::Error::Other(e.into()))?;
                 handle.set_ready().await?;
             }
             if let (Some(dns), false) = (dns, placed.is_empty()) {
@@ -689,6 +704,9 @@ impl AcmeClient {
         }
         .await;
         challenges.remove(names, &tokens);
+        for response in &shared {
+            challenges.withdraw(response).await;
+        }
         if let Some(dns) = dns {
             dns.remove(&placed).await;
         }

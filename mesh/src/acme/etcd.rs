@@ -115,6 +115,67 @@ impl std::fmt::Debug for EtcdStore {
     }
 }
 
+/// What the challenge watch reports.
+#[derive(Debug)]
+pub enum ChallengeEvent {
+    /// A response was published (or was there when the watch started).
+    Published {
+        /// Its etcd key.
+        key: String,
+        /// What was published.
+        payload: Vec<u8>,
+    },
+    /// A value under the challenge keys that does not open: ignored.
+    Refused {
+        /// Its etcd key.
+        key: String,
+        /// Why.
+        source: SealError,
+    },
+    /// A response was withdrawn or its lease ended.
+    Gone {
+        /// Its etcd key.
+        key: String,
+    },
+}
+
+/// The fleet's challenge responses as they come and go.
+pub struct ChallengeWatch {
+    store: EtcdStore,
+    pending: std::collections::VecDeque<ChallengeEvent>,
+    stream: etcd_client::WatchStream,
+}
+
+impl std::fmt::Debug for ChallengeWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChallengeWatch").finish_non_exhaustive()
+    }
+}
+
+impl ChallengeWatch {
+    /// The next change; `None` when the watch ended (watch again).
+    pub async fn next(&mut self) -> Result<Option<ChallengeEvent>, EtcdError> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Ok(Some(event));
+            }
+            let endpoints = self.store.settings.endpoints.join(",");
+            let resp = match self.stream.message().await {
+                Ok(Some(resp)) => resp,
+                Ok(None) => return Ok(None),
+                Err(source) => return Err(EtcdError::Unavailable { endpoints, source }),
+            };
+            for event in resp.events() {
+                if let Some(kv) = event.kv() {
+                    let value = (event.event_type() == EventType::Put).then(|| kv.value());
+                    let event = self.store.challenge_event(kv.key(), value);
+                    self.pending.push_back(event);
+                }
+            }
+        }
+    }
+}
+
 /// A held lock: its lease is kept alive until dropped or released.
 #[derive(Debug)]
 pub struct Lock {
@@ -368,6 +429,156 @@ impl EtcdStore {
         self.call(|mut c| async move { c.lease_revoke(lease).await })
             .await?;
         Ok(())
+    }
+
+    /// Publish a challenge response under `name` for `ttl` (it goes with its lease if the
+    /// publisher dies). Sealed against its own etcd key, so a watcher that knows only the key
+    /// can open it, and nothing can move it. Returns the key.
+    pub async fn publish_challenge(
+        &self,
+        name: &str,
+        payload: &[u8],
+        ttl: Duration,
+    ) -> Result<String, EtcdError> {
+        let key = self.key(Kind::Challenge, name);
+        let sealed = self
+            .sealer
+            .seal(Kind::Challenge, &key, payload)
+            .map_err(refused(Kind::Challenge, name))?;
+        let lease = self.grant(ttl).await?;
+        let put = PutOptions::new().with_lease(lease);
+        self.call(|mut c| {
+            let (key, sealed, put) = (key.clone(), sealed.clone(), put.clone());
+            async move { c.put(key, sealed, Some(put)).await }
+        })
+        .await?;
+        Ok(key)
+    }
+
+    /// Take a published challenge back, with its acks.
+    pub async fn withdraw_challenge(&self, key: &str) -> Result<(), EtcdError> {
+        let acks = self.acks_prefix(key);
+        for (target, prefix) in [(key.to_owned(), false), (acks, true)] {
+            self.call(|mut c| {
+                let target = target.clone();
+                let options = prefix.then(|| etcd_client::DeleteOptions::new().with_prefix());
+                async move { c.delete(target, options).await }
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The challenges published now, then every change: a watch on the challenge keys.
+    pub async fn watch_challenges(&self) -> Result<ChallengeWatch, EtcdError> {
+        let prefix = format!("{}/{}/", self.settings.prefix, Kind::Challenge.label());
+        let existing = self
+            .call(|mut c| {
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
+        let since = existing.header().map_or(0, |h| h.revision());
+        let pending = existing
+            .kvs()
+            .iter()
+            .map(|kv| self.challenge_event(kv.key(), Some(kv.value())))
+            .collect();
+        let stream = self
+            .call(|mut c| {
+                let prefix = prefix.clone();
+                let from = WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(since + 1);
+                async move { c.watch(prefix, Some(from)).await }
+            })
+            .await?;
+        Ok(ChallengeWatch {
+            store: self.clone(),
+            pending,
+            stream,
+        })
+    }
+
+    fn challenge_event(&self, key: &[u8], value: Option<&[u8]>) -> ChallengeEvent {
+        let key = String::from_utf8_lossy(key).into_owned();
+        match value {
+            None => ChallengeEvent::Gone { key },
+            Some(sealed) => match self.sealer.open(Kind::Challenge, &key, sealed) {
+                Ok(payload) => ChallengeEvent::Published { key, payload },
+                Err(source) => ChallengeEvent::Refused { key, source },
+            },
+        }
+    }
+
+    /// Join the fleet as `instance` until the returned task is aborted (the membership goes
+    /// with its lease when the process dies).
+    pub async fn join(
+        &self,
+        instance: &str,
+        ttl: Duration,
+    ) -> Result<tokio::task::JoinHandle<()>, EtcdError> {
+        let key = self.key(Kind::Member, instance);
+        let lease = self.grant(ttl).await?;
+        let put = PutOptions::new().with_lease(lease);
+        self.call(|mut c| {
+            let (key, put) = (key.clone(), put.clone());
+            async move { c.put(key, Vec::<u8>::new(), Some(put)).await }
+        })
+        .await?;
+        self.keep_alive(lease, ttl).await
+    }
+
+    /// `instance` answers the challenge published at `key`.
+    pub async fn ack(&self, key: &str, instance: &str, ttl: Duration) -> Result<(), EtcdError> {
+        let ack = format!(
+            "{}{}",
+            self.acks_prefix(key),
+            self.sealer.name(Kind::Ack, instance)
+        );
+        let lease = self.grant(ttl).await?;
+        let put = PutOptions::new().with_lease(lease);
+        self.call(|mut c| {
+            let (ack, put) = (ack.clone(), put.clone());
+            async move { c.put(ack, Vec::<u8>::new(), Some(put)).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// How many instances are in the fleet, and how many answer the challenge at `key`.
+    pub async fn coverage(&self, key: &str) -> Result<(i64, i64), EtcdError> {
+        let members = format!("{}/{}/", self.settings.prefix, Kind::Member.label());
+        let mut counts = [0i64; 2];
+        for (count, prefix) in counts.iter_mut().zip([members, self.acks_prefix(key)]) {
+            *count = self
+                .call(|mut c| {
+                    let prefix = prefix.clone();
+                    let options = GetOptions::new().with_prefix().with_count_only();
+                    async move { c.get(prefix, Some(options)).await }
+                })
+                .await?
+                .count();
+        }
+        Ok((counts[0], counts[1]))
+    }
+
+    fn acks_prefix(&self, key: &str) -> String {
+        let hash = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+        format!(
+            "{}/{}/{}/",
+            self.settings.prefix,
+            Kind::Ack.label(),
+            hex::encode(&hash.as_ref()[..16])
+        )
+    }
+
+    async fn grant(&self, ttl: Duration) -> Result<i64, EtcdError> {
+        let secs = i64::try_from(ttl.as_secs().max(2)).unwrap_or(i64::MAX);
+        Ok(self
+            .call(|mut c| async move { c.lease_grant(secs, None).await })
+            .await?
+            .id())
     }
 
     /// Every raw key and value under the prefix (for inspection and tests).

@@ -331,23 +331,29 @@ impl Acme {
             true => Some(Arc::new(dns01::Dns::new(&public.dns)?)),
             false => None,
         };
+        #[cfg(feature = "etcd")]
+        let replicas = match &shared.store {
+            StoreConfig::File => None,
+            StoreConfig::Etcd(etcd) => Some(Arc::new(replicas::Replicas::new(
+                etcd::EtcdSettings {
+                    endpoints: etcd.endpoints.clone(),
+                    prefix: format!("{}/{}", etcd.prefix, shared.app_id),
+                    ca_file: etcd.ca_file.clone(),
+                    cert_file: etcd.cert_file.clone(),
+                    key_file: etcd.key_file.clone(),
+                    timeout: etcd.timeout,
+                },
+                etcd.lock_ttl,
+                agent.clone(),
+            ))),
+        };
+        #[cfg(feature = "etcd")]
+        if let Some(fleet) = &replicas {
+            challenges.share_with(fleet.clone());
+        }
         Ok(Arc::new(Self {
             #[cfg(feature = "etcd")]
-            replicas: match &shared.store {
-                StoreConfig::File => None,
-                StoreConfig::Etcd(etcd) => Some(Arc::new(replicas::Replicas::new(
-                    etcd::EtcdSettings {
-                        endpoints: etcd.endpoints.clone(),
-                        prefix: format!("{}/{}", etcd.prefix, shared.app_id),
-                        ca_file: etcd.ca_file.clone(),
-                        cert_file: etcd.cert_file.clone(),
-                        key_file: etcd.key_file.clone(),
-                        timeout: etcd.timeout,
-                    },
-                    etcd.lock_ttl,
-                    agent.clone(),
-                ))),
-            },
+            replicas,
             dns,
             agent: agent.clone(),
             domains,
@@ -363,9 +369,11 @@ impl Acme {
 
     /// Start one lifecycle task per domain.
     pub fn start(self: &Arc<Self>, tasks: &mut JoinSet<()>) {
-        // A wrong etcd endpoint or credential shows at start, not at the first renewal.
+        // A wrong etcd endpoint or credential shows at start, not at the first renewal; the
+        // fleet's challenges are answered here too.
         #[cfg(feature = "etcd")]
         if let Some(replicas) = self.replicas.clone() {
+            tasks.spawn(replicas.clone().serve_challenges(self.challenges.clone()));
             tasks.spawn(async move {
                 match replicas.check().await {
                     Ok(()) => tracing::info!(store = %replicas.location(), "sharing certificates with the app's other instances"),

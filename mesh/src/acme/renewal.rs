@@ -235,6 +235,7 @@ impl Acme {
                     }
                 }
             }
+            tracing::info!(domain = %name, store = %replicas.location(), "ordering for the fleet (holding its lock)");
             let (loaded, issued) = self.obtain(d).await?;
             let shared = super::replicas::Shared {
                 chain_pem: issued.chain_pem,

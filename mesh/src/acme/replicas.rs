@@ -11,10 +11,18 @@ use ratls::agent::{AgentClient, AgentError};
 use tokio::sync::OnceCell;
 
 use super::{
-    etcd::{EtcdError, EtcdSettings, EtcdStore, Lock},
+    challenge::{Challenges, FleetFuture, Response, ShareChallenges},
+    etcd::{ChallengeEvent, EtcdError, EtcdSettings, EtcdStore, Lock},
     seal::{Kind, Sealer, SEAL_KEY_PATH},
     store::domain_key,
 };
+
+/// How long a published challenge lives if its publisher dies mid-order.
+const CHALLENGE_TTL: Duration = Duration::from_secs(300);
+/// How long a publisher waits for every instance to answer a challenge before the CA looks.
+const ACK_DEADLINE: Duration = Duration::from_secs(10);
+/// Membership lease: an instance that dies stops being waited for after this.
+const MEMBER_TTL: Duration = Duration::from_secs(10);
 
 /// Why the shared store could not be used for an order.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +57,8 @@ pub struct Replicas {
     store: OnceCell<EtcdStore>,
     /// Why the last request to the store failed; `None` once one succeeds (for `/ready`).
     failing: std::sync::Mutex<Option<String>>,
+    /// This process among the fleet's members (random: instances of one CVM image look alike).
+    instance: String,
 }
 
 impl Replicas {
@@ -60,6 +70,73 @@ impl Replicas {
             agent,
             store: OnceCell::new(),
             failing: std::sync::Mutex::new(None),
+            instance: {
+                let mut id = [0u8; 16];
+                let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id);
+                hex::encode(id)
+            },
+        }
+    }
+
+    /// Answer the challenges the fleet publishes, for as long as this instance runs: join the
+    /// fleet (so publishers wait for this one), apply each response to `challenges` and say
+    /// so, forget withdrawn ones. Reconnects after a failure.
+    pub async fn serve_challenges(self: Arc<Self>, challenges: Arc<Challenges>) {
+        let mut applied: std::collections::HashMap<String, Response> = Default::default();
+        let mut retry = Duration::from_secs(1);
+        loop {
+            let session = async {
+                let store = self.store().await?;
+                let membership = store.join(&self.instance, MEMBER_TTL).await?;
+                let _membership = AbortOnDrop(membership);
+                let mut watch = store.watch_challenges().await?;
+                while let Some(event) = watch.next().await? {
+                    self.on_challenge(store, &challenges, &mut applied, event)
+                        .await;
+                }
+                Ok::<_, SharedError>(())
+            };
+            if let Err(e) = self.note(session.await) {
+                tracing::warn!(store = %self.location(), error = %e, retry_in_s = retry.as_secs(), "not following the fleet's challenges");
+            }
+            tokio::time::sleep(retry).await;
+            retry = (retry * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    async fn on_challenge(
+        &self,
+        store: &EtcdStore,
+        challenges: &Challenges,
+        applied: &mut std::collections::HashMap<String, Response>,
+        event: ChallengeEvent,
+    ) {
+        match event {
+            ChallengeEvent::Published { key, payload } => {
+                let response: Response = match serde_json::from_slice(&payload) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(error = %e, "a published challenge is not one this version reads");
+                        return;
+                    }
+                };
+                if let Err(e) = challenges.apply(&response) {
+                    tracing::error!(error = %e, "cannot answer a published challenge");
+                    return;
+                }
+                applied.insert(key.clone(), response);
+                if let Err(e) = store.ack(&key, &self.instance, CHALLENGE_TTL).await {
+                    tracing::warn!(error = %e, "could not say this instance answers a challenge");
+                }
+            }
+            ChallengeEvent::Gone { key } => {
+                if let Some(response) = applied.remove(&key) {
+                    challenges.forget(&response);
+                }
+            }
+            ChallengeEvent::Refused { key, source } => {
+                tracing::error!(key, error = %source, "refusing a published challenge that does not open");
+            }
         }
     }
 
@@ -160,6 +237,14 @@ impl Replicas {
         Ok(())
     }
 
+    /// The etcd name of a challenge response.
+    fn challenge_name(response: &Response) -> String {
+        match response {
+            Response::TlsAlpn01 { name, .. } => format!("tls-alpn-01/{name}"),
+            Response::Http01 { token, .. } => format!("http-01/{token}"),
+        }
+    }
+
     /// Give the lock back (waiters take it at once rather than after its lease).
     pub async fn release(&self, lock: Lock) {
         if let Ok(store) = self.store().await {
@@ -167,5 +252,52 @@ impl Replicas {
                 tracing::warn!(store = %self.location(), error = %e, "order lock not released: it frees itself when its lease ends");
             }
         }
+    }
+}
+
+/// Aborts a task when dropped (a membership's keep-alive).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl ShareChallenges for Replicas {
+    fn publish<'a>(&'a self, response: &'a Response) -> FleetFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let store = self.store().await.map_err(|e| e.to_string())?;
+            let payload = serde_json::to_vec(response).map_err(|e| e.to_string())?;
+            let key = store
+                .publish_challenge(&Self::challenge_name(response), &payload, CHALLENGE_TTL)
+                .await
+                .map_err(|e| e.to_string())?;
+            // Every member answers before the CA looks, or a lagging one would fail the order.
+            let deadline = tokio::time::Instant::now() + ACK_DEADLINE;
+            loop {
+                let (members, acks) = store.coverage(&key).await.map_err(|e| e.to_string())?;
+                if acks >= members {
+                    tracing::debug!(members, "every instance answers the challenge");
+                    return Ok(());
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!(members, acks, "not every instance answers the challenge: the CA may reach one that cannot");
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    }
+
+    fn withdraw<'a>(&'a self, response: &'a Response) -> FleetFuture<'a, ()> {
+        Box::pin(async move {
+            if let Ok(store) = self.store().await {
+                let key = store.key(Kind::Challenge, &Self::challenge_name(response));
+                if let Err(e) = store.withdraw_challenge(&key).await {
+                    tracing::warn!(error = %e, "a challenge stays published until its lease ends");
+                }
+            }
+        })
     }
 }

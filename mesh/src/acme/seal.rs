@@ -32,6 +32,10 @@ pub enum Kind {
     Challenge,
     /// A lock record.
     Lock,
+    /// An instance's membership of the fleet.
+    Member,
+    /// An instance's word that it answers a published challenge.
+    Ack,
 }
 
 impl Kind {
@@ -44,6 +48,8 @@ impl Kind {
             Self::Order => "order",
             Self::Challenge => "challenge",
             Self::Lock => "lock",
+            Self::Member => "member",
+            Self::Ack => "ack",
         }
     }
 
