@@ -167,41 +167,218 @@ async fn a_wrong_etcd_endpoint_is_named_and_the_mesh_still_serves() {
 }
 
 /// A TCP balancer in front of the fleet for the CA's validation connections: each goes to an
-/// instance that has placed no order (the CA reaching a replica that never saw the order).
-/// On `port`; returns how many connections each replica got.
-async fn validation_balancer(
-    port: u16,
-    targets: Vec<SocketAddr>,
-    logs: Vec<std::path::PathBuf>,
-) -> std::sync::Arc<std::sync::Mutex<Vec<usize>>> {
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+/// instance that has placed no order when there is one (the CA reaching a replica that never
+/// saw the order), else to any that answers.
+/// While `hold` is set, a connection waits for it to clear after saying so on `arrived`.
+struct Balancer {
+    /// Connections sent to each replica.
+    sent: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+    hold: tokio::sync::watch::Sender<bool>,
+    arrived: tokio::sync::mpsc::Receiver<()>,
+}
+
+impl Balancer {
+    async fn start(
+        port: u16,
+        targets: Vec<SocketAddr>,
+        logs: Vec<std::path::PathBuf>,
+        holding: bool,
+    ) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let sent = std::sync::Arc::new(std::sync::Mutex::new(vec![0; targets.len()]));
+        let (hold, held) = tokio::sync::watch::channel(holding);
+        let (arrive, arrived) = tokio::sync::mpsc::channel(16);
+        let counts = sent.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let (logs, targets, counts) = (logs.clone(), targets.clone(), counts.clone());
+                let (mut held, arrive) = (held.clone(), arrive.clone());
+                tokio::spawn(async move {
+                    if *held.borrow() {
+                        let _ = arrive.try_send(());
+                        let _ = held.wait_for(|h| !h).await;
+                    }
+                    // Instances that placed no order first; one that does not answer (killed)
+                    // is skipped.
+                    let mut order: Vec<usize> = (0..targets.len()).collect();
+                    order.sort_by_key(|&i| {
+                        std::fs::read_to_string(&logs[i])
+                            .unwrap_or_default()
+                            .contains("ordering for the fleet")
+                    });
+                    for i in order {
+                        if let Ok(mut server) = tokio::net::TcpStream::connect(targets[i]).await {
+                            counts.lock().unwrap()[i] += 1;
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            sent,
+            hold,
+            arrived,
+        }
+    }
+}
+
+/// One replica of a fleet on pebble.
+struct PebbleReplica {
+    processes: Vec<ChildGuard>,
+    inbound: SocketAddr,
+    log: std::path::PathBuf,
+}
+
+/// Three replicas on pebble (a TLS-ALPN-01 and an HTTP-01 domain) and the balancers pebble
+/// validates through.
+struct PebbleFleet {
+    pebble: e2e::pebble::Pebble,
+    replicas: Vec<PebbleReplica>,
+    tls: Balancer,
+    http: Balancer,
+}
+
+impl PebbleFleet {
+    /// The fleet, its validations held at the balancers until [`PebbleFleet::release`].
+    async fn start(d: &Path, cluster: &EtcdCluster, backend: SocketAddr, lock_ttl: &str) -> Self {
+        let state = d.join("state");
+        // The balancers' ports come first: pebble is configured with them.
+        let (tls_port, http_port) = (e2e::free_port(), e2e::free_port());
+        let pebble_dir = d.join("pebble");
+        let pebble = tokio::task::spawn_blocking(move || {
+            e2e::pebble::Pebble::start(
+                &pebble_dir,
+                e2e::pebble::PebbleOptions {
+                    tls_port,
+                    http_port,
+                    ..Default::default()
+                },
+            )
+        })
         .await
         .unwrap();
-    let sent = std::sync::Arc::new(std::sync::Mutex::new(vec![0; targets.len()]));
-    let counts = sent.clone();
-    tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
-            let ordered: Vec<bool> = logs
-                .iter()
-                .map(|l| {
-                    std::fs::read_to_string(l)
-                        .unwrap_or_default()
-                        .contains("ordering for the fleet")
-                })
-                .collect();
-            let Some(pick) = ordered.iter().position(|o| !o) else {
-                continue;
+        let endpoints: Vec<String> = cluster
+            .endpoints()
+            .iter()
+            .map(|e| format!("\"{e}\""))
+            .collect();
+        let mut replicas = Vec::new();
+        let mut http_targets = Vec::new();
+        for i in 0..3 {
+            let (agent, sock) = dev_agent(d, &format!("agent-{i}"), APP, &state);
+            let config = d.join(format!("pebble-replica-{i}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\n\n[auth]\nenabled = false\n\n[client]\nenabled = false\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[acme]\nissuer = \"{dir}\"\nca_roots = [\"{ca}\"]\nstore = \"{store}\"\nhttp_listen = \"127.0.0.1:0\"\n\n[[domains]]\nnames = [\"alpn.test\"]\nbackend = \"{backend}\"\nchallenge = \"tls-alpn-01\"\n\n[[domains]]\nnames = [\"http.test\"]\nbackend = \"{backend}\"\nchallenge = \"http-01\"\n\n[store]\nbackend = \"etcd\"\nendpoints = [{endpoints}]\nlock_ttl = \"{lock_ttl}\"\n",
+                    sock = sock.display(),
+                    dir = pebble.directory,
+                    ca = pebble.ca_file.display(),
+                    store = d.join(format!("pebble-store-{i}")).display(),
+                    endpoints = endpoints.join(", "),
+                ),
+            )
+            .unwrap();
+            let (mesh, bound) = run_mesh(d, &format!("pebble-replica-{i}"), &config);
+            let listener = |name: &str| {
+                bound
+                    .iter()
+                    .find(|(what, _)| what == name)
+                    .map(|(_, a)| *a)
+                    .unwrap()
             };
-            counts.lock().unwrap()[pick] += 1;
-            let target = targets[pick];
-            tokio::spawn(async move {
-                if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                }
+            http_targets.push(listener("http"));
+            replicas.push(PebbleReplica {
+                processes: vec![agent, mesh],
+                inbound: listener("inbound"),
+                log: d.join(format!("pebble-replica-{i}.stderr")),
             });
         }
-    });
-    sent
+        let logs: Vec<_> = replicas.iter().map(|r| r.log.clone()).collect();
+        let inbound = replicas.iter().map(|r| r.inbound).collect();
+        Self {
+            tls: Balancer::start(tls_port, inbound, logs.clone(), true).await,
+            http: Balancer::start(http_port, http_targets, logs, true).await,
+            pebble,
+            replicas,
+        }
+    }
+
+    /// Let validations through once every replica follows the fleet's challenges (all three
+    /// start at once, so one may order before another has joined; a later joiner reads what
+    /// was published when it starts following).
+    fn release(&self) {
+        wait_until(
+            "every replica to join the fleet",
+            Duration::from_secs(30),
+            || {
+                self.replicas.iter().all(|r| {
+                    std::fs::read_to_string(&r.log)
+                        .unwrap_or_default()
+                        .contains("answering the fleet's challenges")
+                })
+            },
+        );
+        self.tls.hold.send_replace(false);
+        self.http.hold.send_replace(false);
+    }
+
+    /// Which replicas have ordered `domain` for the fleet (any domain: `None`).
+    fn orderers(&self, domain: Option<&str>) -> Vec<bool> {
+        self.replicas
+            .iter()
+            .map(|r| {
+                std::fs::read_to_string(&r.log)
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| {
+                        l.contains("ordering for the fleet")
+                            && domain.is_none_or(|d| l.contains(&format!("\"{d}\"")))
+                    })
+            })
+            .collect()
+    }
+
+    /// Wait until every live replica serves `domain`; the served leaves' digests.
+    fn serving(&self, domain: &str, live: &[usize]) -> Vec<String> {
+        let root = self.pebble.issuance_root_pem();
+        let mut leaves: Vec<Option<String>> = Vec::new();
+        wait_until(
+            &format!("every replica to serve {domain}"),
+            Duration::from_secs(90),
+            || {
+                leaves = live
+                    .iter()
+                    .map(|&i| {
+                        tokio::task::block_in_place(|| {
+                            tokio::runtime::Handle::current().block_on(served(
+                                self.replicas[i].inbound,
+                                domain,
+                                &root,
+                            ))
+                        })
+                    })
+                    .collect();
+                leaves.iter().all(Option::is_some)
+            },
+        );
+        leaves.into_iter().flatten().collect()
+    }
+}
+
+/// The SHA-256 of the leaf `addr` serves for `domain`, checked against `roots`.
+async fn served(addr: SocketAddr, domain: &str, roots: &str) -> Option<String> {
+    let tls = e2e::client::public_connect(addr, domain, roots.as_bytes(), &[b"http/1.1"])
+        .await
+        .ok()?;
+    let leaf = tls.get_ref().1.peer_certificates()?[0].clone();
+    Some(e2e::backend::hex(
+        ring::digest::digest(&ring::digest::SHA256, &leaf).as_ref(),
+    ))
 }
 
 /// pebble validates through a balancer that never picks the instance that placed the order:
@@ -210,123 +387,27 @@ async fn validation_balancer(
 #[tokio::test(flavor = "multi_thread")]
 async fn the_ca_may_validate_through_any_replica() {
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_owned();
+    let d = dir.path();
     let cluster = EtcdCluster::start(&d.join("etcd"), 3);
     let backend = Backend::start().await;
-    let state = d.join("state");
-    // The balancer's ports come first: pebble is configured with them.
-    let tls_probe = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http_probe = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (tls_port, http_port) = (
-        tls_probe.local_addr().unwrap().port(),
-        http_probe.local_addr().unwrap().port(),
-    );
-    drop((tls_probe, http_probe));
-    let pebble_dir = d.join("pebble");
-    let pebble = tokio::task::spawn_blocking(move || {
-        e2e::pebble::Pebble::start(
-            &pebble_dir,
-            e2e::pebble::PebbleOptions {
-                tls_port,
-                http_port,
-                ..Default::default()
-            },
-        )
-    })
-    .await
-    .unwrap();
-    let endpoints: Vec<String> = cluster
-        .endpoints()
-        .iter()
-        .map(|e| format!("\"{e}\""))
-        .collect();
-    let mut fleet = Vec::new();
-    for i in 0..3 {
-        let (agent, sock) = dev_agent(&d, &format!("agent-{i}"), APP, &state);
-        let config = d.join(format!("pebble-replica-{i}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\n\n[auth]\nenabled = false\n\n[client]\nenabled = false\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[acme]\nissuer = \"{dir}\"\nca_roots = [\"{ca}\"]\nstore = \"{store}\"\nhttp_listen = \"127.0.0.1:0\"\n\n[[domains]]\nnames = [\"alpn.test\"]\nbackend = \"{backend}\"\nchallenge = \"tls-alpn-01\"\n\n[[domains]]\nnames = [\"http.test\"]\nbackend = \"{backend}\"\nchallenge = \"http-01\"\n\n[store]\nbackend = \"etcd\"\nendpoints = [{endpoints}]\n",
-                sock = sock.display(),
-                backend = backend.addr,
-                dir = pebble.directory,
-                ca = pebble.ca_file.display(),
-                store = d.join(format!("pebble-store-{i}")).display(),
-                endpoints = endpoints.join(", "),
-            ),
-        )
-        .unwrap();
-        let (mesh, bound) = run_mesh(&d, &format!("pebble-replica-{i}"), &config);
-        let listener = |name: &str| {
-            bound
-                .iter()
-                .find(|(what, _)| what == name)
-                .map(|(_, a)| *a)
-                .unwrap()
-        };
-        fleet.push((agent, mesh, listener("inbound"), listener("http")));
-    }
-    let logs: Vec<std::path::PathBuf> = (0..3)
-        .map(|i| d.join(format!("pebble-replica-{i}.stderr")))
-        .collect();
-    let tls_sent =
-        validation_balancer(tls_port, fleet.iter().map(|f| f.2).collect(), logs.clone()).await;
-    let http_sent =
-        validation_balancer(http_port, fleet.iter().map(|f| f.3).collect(), logs.clone()).await;
-
-    let root = pebble.issuance_root_pem();
+    let fleet = PebbleFleet::start(d, &cluster, backend.addr, "15s").await;
+    fleet.release();
     for domain in ["alpn.test", "http.test"] {
-        let mut leaves: Vec<Option<String>> = Vec::new();
-        wait_until(
-            &format!("every replica to serve {domain}"),
-            Duration::from_secs(90),
-            || {
-                leaves = fleet
-                    .iter()
-                    .map(|f| {
-                        tokio::task::block_in_place(|| {
-                            tokio::runtime::Handle::current().block_on(async {
-                                let tls = e2e::client::public_connect(
-                                    f.2,
-                                    domain,
-                                    root.as_bytes(),
-                                    &[b"http/1.1"],
-                                )
-                                .await
-                                .ok()?;
-                                let leaf = tls.get_ref().1.peer_certificates()?[0].clone();
-                                Some(e2e::backend::hex(
-                                    ring::digest::digest(&ring::digest::SHA256, &leaf).as_ref(),
-                                ))
-                            })
-                        })
-                    })
-                    .collect();
-                leaves.iter().all(Option::is_some)
-            },
-        );
+        let leaves = fleet.serving(domain, &[0, 1, 2]);
         assert!(
             leaves.iter().all(|l| l == &leaves[0]),
             "{domain}: {leaves:?}"
         );
     }
     assert_eq!(
-        pebble.orders_seen(),
+        fleet.pebble.orders_seen(),
         2,
         "one order per domain for the fleet"
     );
     // The validations really went to instances that did not order.
-    let orderers: Vec<bool> = logs
-        .iter()
-        .map(|l| {
-            std::fs::read_to_string(l)
-                .unwrap()
-                .contains("ordering for the fleet")
-        })
-        .collect();
-    for (what, sent) in [("TLS-ALPN-01", &tls_sent), ("HTTP-01", &http_sent)] {
-        let sent = sent.lock().unwrap().clone();
+    let orderers = fleet.orderers(None);
+    for (what, balancer) in [("TLS-ALPN-01", &fleet.tls), ("HTTP-01", &fleet.http)] {
+        let sent = balancer.sent.lock().unwrap().clone();
         assert!(sent.iter().sum::<usize>() > 0, "{what}: no validation came");
         for (i, n) in sent.iter().enumerate() {
             assert!(
@@ -335,4 +416,40 @@ async fn the_ca_may_validate_through_any_replica() {
             );
         }
     }
+}
+
+/// The instance holding the fleet's lock is killed (SIGKILL) while the CA validates: its lease
+/// ends, another instance takes the lock, orders, and the fleet ends up serving one
+/// certificate.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lock_holder_killed_mid_order_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cluster = EtcdCluster::start(&d.join("etcd"), 3);
+    let backend = Backend::start().await;
+    let mut fleet = PebbleFleet::start(d, &cluster, backend.addr, "3s").await;
+    // The first validation of the TLS-ALPN-01 domain is held until its orderer is dead.
+    tokio::time::timeout(Duration::from_secs(60), fleet.tls.arrived.recv())
+        .await
+        .expect("pebble validates")
+        .unwrap();
+    let orderers = fleet.orderers(Some("alpn.test"));
+    let victim = orderers
+        .iter()
+        .position(|o| *o)
+        .expect("someone is ordering");
+    fleet.replicas[victim].processes.clear(); // SIGKILL, agent and sidecar
+    fleet.http.hold.send_replace(false);
+    fleet.tls.hold.send_replace(false);
+
+    let live: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
+    let leaves = fleet.serving("alpn.test", &live);
+    assert!(leaves.iter().all(|l| l == &leaves[0]), "{leaves:?}");
+    let survivors_ordered = fleet
+        .orderers(Some("alpn.test"))
+        .iter()
+        .enumerate()
+        .filter(|(i, o)| *i != victim && **o)
+        .count();
+    assert!(survivors_ordered >= 1, "a survivor finished the order");
 }

@@ -369,16 +369,17 @@ impl Acme {
 
     /// Start one lifecycle task per domain.
     pub fn start(self: &Arc<Self>, tasks: &mut JoinSet<()>) {
-        // A wrong etcd endpoint or credential shows at start, not at the first renewal; the
-        // fleet's challenges are answered here too.
+        // A wrong etcd endpoint or credential shows at start, not at the first renewal; then
+        // this instance answers the fleet's challenges.
         #[cfg(feature = "etcd")]
         if let Some(replicas) = self.replicas.clone() {
-            tasks.spawn(replicas.clone().serve_challenges(self.challenges.clone()));
+            let challenges = self.challenges.clone();
             tasks.spawn(async move {
                 match replicas.check().await {
                     Ok(()) => tracing::info!(store = %replicas.location(), "sharing certificates with the app's other instances"),
                     Err(e) => tracing::error!(store = %replicas.location(), error = %e, "the fleet's store is unavailable: certificates held here are served, orders wait for it"),
                 }
+                replicas.serve_challenges(challenges).await;
             });
         }
         for domain in &self.domains {

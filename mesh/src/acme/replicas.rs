@@ -90,6 +90,8 @@ impl Replicas {
                 let membership = store.join(&self.instance, MEMBER_TTL).await?;
                 let _membership = AbortOnDrop(membership);
                 let mut watch = store.watch_challenges().await?;
+                tracing::info!(store = %self.location(), "answering the fleet's challenges");
+                retry = Duration::from_secs(1);
                 while let Some(event) = watch.next().await? {
                     self.on_challenge(store, &challenges, &mut applied, event)
                         .await;
