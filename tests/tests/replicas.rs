@@ -399,10 +399,23 @@ async fn the_ca_may_validate_through_any_replica() {
             "{domain}: {leaves:?}"
         );
     }
+    let why: Vec<String> = fleet
+        .replicas
+        .iter()
+        .flat_map(|r| {
+            std::fs::read_to_string(&r.log)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("ordering") || l.contains("failed") || l.contains("not"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
     assert_eq!(
         fleet.pebble.orders_seen(),
         2,
-        "one order per domain for the fleet"
+        "one order per domain for the fleet:\n{}",
+        why.join("\n")
     );
     // The validations really went to instances that did not order.
     let orderers = fleet.orderers(None);

@@ -153,6 +153,12 @@ impl std::fmt::Debug for ChallengeWatch {
 }
 
 impl ChallengeWatch {
+    /// What was published when the watch started (taken once; [`ChallengeWatch::next`] then
+    /// reports changes only).
+    pub fn existing(&mut self) -> Vec<ChallengeEvent> {
+        self.pending.drain(..).collect()
+    }
+
     /// The next change; `None` when the watch ended (watch again).
     pub async fn next(&mut self) -> Result<Option<ChallengeEvent>, EtcdError> {
         loop {

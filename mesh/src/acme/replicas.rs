@@ -90,6 +90,11 @@ impl Replicas {
                 let membership = store.join(&self.instance, MEMBER_TTL).await?;
                 let _membership = AbortOnDrop(membership);
                 let mut watch = store.watch_challenges().await?;
+                // What is already published first: "answering" must mean it.
+                for event in watch.existing() {
+                    self.on_challenge(store, &challenges, &mut applied, event)
+                        .await;
+                }
                 tracing::info!(store = %self.location(), "answering the fleet's challenges");
                 retry = Duration::from_secs(1);
                 while let Some(event) = watch.next().await? {
