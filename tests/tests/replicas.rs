@@ -168,48 +168,53 @@ async fn a_wrong_etcd_endpoint_is_named_and_the_mesh_still_serves() {
 
 /// A TCP balancer in front of the fleet for the CA's validation connections: each goes to an
 /// instance that has placed no order when there is one (the CA reaching a replica that never
-/// saw the order), else to any that answers.
-/// While `hold` is set, a connection waits for it to clear after saying so on `arrived`.
+/// saw the order), else to any that answers. While `hold` is set, a connection waits for it to
+/// clear after saying so on `arrived`.
 struct Balancer {
     /// Connections sent to each replica.
     sent: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+    /// Where it listens.
+    port: u16,
+    /// Where validations go, with each replica's log.
+    routes: std::sync::Arc<std::sync::Mutex<Vec<(SocketAddr, std::path::PathBuf)>>>,
     hold: tokio::sync::watch::Sender<bool>,
     arrived: tokio::sync::mpsc::Receiver<()>,
 }
 
 impl Balancer {
-    async fn start(
-        port: u16,
-        targets: Vec<SocketAddr>,
-        logs: Vec<std::path::PathBuf>,
-        holding: bool,
-    ) -> Self {
+    /// Listening on `port` at once, holding every connection until [`Balancer::route`] gives
+    /// it the replicas and the hold is lifted.
+    async fn start(port: u16) -> Self {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .unwrap();
-        let sent = std::sync::Arc::new(std::sync::Mutex::new(vec![0; targets.len()]));
-        let (hold, held) = tokio::sync::watch::channel(holding);
+        let port = listener.local_addr().unwrap().port();
+        let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let routes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (hold, held) = tokio::sync::watch::channel(true);
         let (arrive, arrived) = tokio::sync::mpsc::channel(16);
-        let counts = sent.clone();
+        let (counts, table) = (sent.clone(), routes.clone());
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
-                let (logs, targets, counts) = (logs.clone(), targets.clone(), counts.clone());
+                let (counts, table) = (counts.clone(), table.clone());
                 let (mut held, arrive) = (held.clone(), arrive.clone());
                 tokio::spawn(async move {
                     if *held.borrow() {
                         let _ = arrive.try_send(());
                         let _ = held.wait_for(|h| !h).await;
                     }
+                    let routes: Vec<(SocketAddr, std::path::PathBuf)> =
+                        table.lock().unwrap().clone();
                     // Instances that placed no order first; one that does not answer (killed)
                     // is skipped.
-                    let mut order: Vec<usize> = (0..targets.len()).collect();
+                    let mut order: Vec<usize> = (0..routes.len()).collect();
                     order.sort_by_key(|&i| {
-                        std::fs::read_to_string(&logs[i])
+                        std::fs::read_to_string(&routes[i].1)
                             .unwrap_or_default()
                             .contains("ordering for the fleet")
                     });
                     for i in order {
-                        if let Ok(mut server) = tokio::net::TcpStream::connect(targets[i]).await {
+                        if let Ok(mut server) = tokio::net::TcpStream::connect(routes[i].0).await {
                             counts.lock().unwrap()[i] += 1;
                             let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                             return;
@@ -219,10 +224,18 @@ impl Balancer {
             }
         });
         Self {
+            port,
             sent,
+            routes,
             hold,
             arrived,
         }
+    }
+
+    /// The replicas (address, log) to send validations to.
+    fn route(&self, routes: Vec<(SocketAddr, std::path::PathBuf)>) {
+        *self.sent.lock().unwrap() = vec![0; routes.len()];
+        *self.routes.lock().unwrap() = routes;
     }
 }
 
@@ -246,8 +259,10 @@ impl PebbleFleet {
     /// The fleet, its validations held at the balancers until [`PebbleFleet::release`].
     async fn start(d: &Path, cluster: &EtcdCluster, backend: SocketAddr, lock_ttl: &str) -> Self {
         let state = d.join("state");
-        // The balancers' ports come first: pebble is configured with them.
-        let (tls_port, http_port) = (e2e::free_port(), e2e::free_port());
+        // The balancers listen first: pebble is configured with their ports, and a replica may
+        // order as soon as it starts.
+        let (tls, http) = (Balancer::start(0).await, Balancer::start(0).await);
+        let (tls_port, http_port) = (tls.port, http.port);
         let pebble_dir = d.join("pebble");
         let pebble = tokio::task::spawn_blocking(move || {
             e2e::pebble::Pebble::start(
@@ -298,11 +313,21 @@ impl PebbleFleet {
                 log: d.join(format!("pebble-replica-{i}.stderr")),
             });
         }
-        let logs: Vec<_> = replicas.iter().map(|r| r.log.clone()).collect();
-        let inbound = replicas.iter().map(|r| r.inbound).collect();
+        tls.route(
+            replicas
+                .iter()
+                .map(|r| (r.inbound, r.log.clone()))
+                .collect(),
+        );
+        http.route(
+            http_targets
+                .into_iter()
+                .zip(replicas.iter().map(|r| r.log.clone()))
+                .collect(),
+        );
         Self {
-            tls: Balancer::start(tls_port, inbound, logs.clone(), true).await,
-            http: Balancer::start(http_port, http_targets, logs, true).await,
+            tls,
+            http,
             pebble,
             replicas,
         }
