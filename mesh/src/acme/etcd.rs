@@ -92,8 +92,9 @@ fn refused(kind: Kind, name: &str) -> impl FnOnce(SealError) -> EtcdError + '_ {
 }
 
 /// gRPC status codes of a request that a member did not answer: CANCELLED (the client's
-/// per-attempt timeout), DEADLINE_EXCEEDED, UNAVAILABLE (refused, reset, no leader yet).
-const GRPC_RETRY: [i32; 3] = [1, 4, 14];
+/// per-attempt timeout), UNKNOWN (how tonic reports a connection that broke mid-request, as
+/// when a member is killed), DEADLINE_EXCEEDED, UNAVAILABLE (refused, reset, no leader yet).
+const GRPC_RETRY: [i32; 4] = [1, 2, 4, 14];
 
 /// A member did not answer (down, partitioned, electing a leader): worth sending again, to
 /// whichever member the client picks next. Every request here is safe to repeat: puts write
