@@ -251,6 +251,16 @@ pub fn run_mesh_logging(
     start_mesh(dir, name, cmd)
 }
 
+/// The address of the listener `what` (`inbound`, `admin`, `outbound`, ...) among those a
+/// sidecar said it bound.
+pub fn listener(bound: &[(String, std::net::SocketAddr)], what: &str) -> std::net::SocketAddr {
+    bound
+        .iter()
+        .find(|(w, _)| w == what)
+        .map(|(_, a)| *a)
+        .unwrap_or_else(|| panic!("no {what} listener in {bound:?}"))
+}
+
 /// Start `cmd`, a sidecar invocation that logs JSON, and wait until it runs; the guard and
 /// the listeners it bound (`listening` log lines).
 pub fn start_mesh(

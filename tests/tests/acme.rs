@@ -126,16 +126,9 @@ impl Setup {
         .replace("{backend}", &self.backend.addr.to_string());
         std::fs::write(&config, text).unwrap();
         let (guard, bound) = run_mesh(self.path(), name, &config);
-        let find = |what: &str| {
-            bound
-                .iter()
-                .find(|(w, _)| w == what)
-                .map(|(_, a)| *a)
-                .unwrap()
-        };
         Sidecar {
-            inbound: find("inbound"),
-            admin: find("admin"),
+            inbound: e2e::listener(&bound, "inbound"),
+            admin: e2e::listener(&bound, "admin"),
             guard,
         }
     }

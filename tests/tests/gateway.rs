@@ -18,7 +18,7 @@ use bytes::Bytes;
 use e2e::{
     backend::{hex, Backend},
     client::{empty, ClientBody},
-    dev_agent, free_port, program, run_mesh, wait_until, ChildGuard,
+    dev_agent, free_port, listener, program, run_mesh, wait_until, ChildGuard,
 };
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -130,14 +130,6 @@ fn sidecar(
     .unwrap();
     let (guard, bound) = run_mesh(dir, name, &config);
     (guard, listener(&bound, "outbound"))
-}
-
-fn listener(bound: &[(String, SocketAddr)], what: &str) -> SocketAddr {
-    bound
-        .iter()
-        .find(|(w, _)| w == what)
-        .map(|(_, a)| *a)
-        .unwrap_or_else(|| panic!("no {what} listener in {bound:?}"))
 }
 
 /// Debian's HAProxy as the dstack gateway.

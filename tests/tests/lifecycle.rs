@@ -39,7 +39,7 @@ async fn sigterm_refuses_new_connections_and_finishes_requests_in_flight() {
     let file = dir.path().join("mesh.toml");
     std::fs::write(&file, config(&socket, backend.addr, CALLER)).unwrap();
     let (mut mesh, bound) = run_mesh(dir.path(), "mesh", &file);
-    let inbound = bound.iter().find(|(w, _)| w == "inbound").unwrap().1;
+    let inbound = e2e::listener(&bound, "inbound");
     let server = SERVER.parse().unwrap();
 
     // A slow response in flight (the backend holds its second chunk), and an idle h2
@@ -97,7 +97,7 @@ async fn sighup_reloads_the_allowlist_keeps_connections_and_refuses_a_broken_con
     let file = dir.path().join("mesh.toml");
     std::fs::write(&file, config(&socket, backend.addr, CALLER)).unwrap();
     let (mut mesh, bound) = run_mesh_logging(dir.path(), "mesh", &file, "dstack_mesh=debug,info");
-    let inbound = bound.iter().find(|(w, _)| w == "inbound").unwrap().1;
+    let inbound = e2e::listener(&bound, "inbound");
     let server = SERVER.parse().unwrap();
     // Before: the caller is in, the other app is refused.
     let mut kept = MeshClient::connect(&caller, &server, inbound, Some(&[b"http/1.1"]))

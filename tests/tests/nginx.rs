@@ -8,8 +8,8 @@ use std::{path::Path, process::Command, time::Duration};
 
 use bytes::Bytes;
 use e2e::{
-    backend::Backend, client::MeshClient, dev_agent, free_port, identity, program, run_mesh,
-    wait_until, ChildGuard,
+    backend::Backend, client::MeshClient, dev_agent, free_port, identity, listener, program,
+    run_mesh, wait_until, ChildGuard,
 };
 use http::StatusCode;
 use http_body_util::BodyExt;
@@ -192,14 +192,6 @@ fn caller_sidecar(
     .unwrap();
     let (caller, bound) = run_mesh(d, "caller-sidecar", &config);
     (vec![agent, caller], listener(&bound, "outbound"))
-}
-
-fn listener(bound: &[(String, std::net::SocketAddr)], what: &str) -> std::net::SocketAddr {
-    bound
-        .iter()
-        .find(|(w, _)| w == what)
-        .map(|(_, a)| *a)
-        .unwrap_or_else(|| panic!("no {what} listener in {bound:?}"))
 }
 
 #[tokio::test]

@@ -36,14 +36,11 @@ fn replica(
     )
     .unwrap();
     let (mesh, bound) = run_mesh(dir, &format!("replica-{i}"), &config);
-    let listener = |name: &str| {
-        bound
-            .iter()
-            .find(|(what, _)| what == name)
-            .map(|(_, a)| *a)
-            .unwrap()
-    };
-    (vec![agent, mesh], listener("inbound"), listener("admin"))
+    (
+        vec![agent, mesh],
+        e2e::listener(&bound, "inbound"),
+        e2e::listener(&bound, "admin"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -292,17 +289,10 @@ impl PebbleFleet {
             )
             .unwrap();
             let (mesh, bound) = run_mesh(d, &format!("pebble-replica-{i}"), &config);
-            let listener = |name: &str| {
-                bound
-                    .iter()
-                    .find(|(what, _)| what == name)
-                    .map(|(_, a)| *a)
-                    .unwrap()
-            };
-            http_targets.push(listener("http"));
+            http_targets.push(e2e::listener(&bound, "http"));
             replicas.push(PebbleReplica {
                 processes: vec![agent, mesh],
-                inbound: listener("inbound"),
+                inbound: e2e::listener(&bound, "inbound"),
                 log: d.join(format!("pebble-replica-{i}.stderr")),
             });
         }
