@@ -587,25 +587,4 @@ impl EtcdStore {
             .await?
             .id())
     }
-
-    /// Every raw key and value under the prefix (for inspection and tests).
-    pub async fn raw(&self) -> Result<Vec<(String, Vec<u8>)>, EtcdError> {
-        let prefix = self.settings.prefix.clone();
-        let resp = self
-            .call(|mut c| {
-                let prefix = prefix.clone();
-                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
-            })
-            .await?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .map(|kv| {
-                (
-                    String::from_utf8_lossy(kv.key()).into_owned(),
-                    kv.value().to_vec(),
-                )
-            })
-            .collect())
-    }
 }

@@ -52,17 +52,6 @@ impl Kind {
             Self::Ack => "ack",
         }
     }
-
-    /// The kind of a directory-store key (`certs/<domain>/key.pem`, `accounts/...`): what the
-    /// file store holds maps one to one.
-    pub fn of_store_key(key: &str) -> Self {
-        match key.rsplit('/').next().unwrap_or(key) {
-            name if name.contains("key") => Self::PrivateKey,
-            name if name.ends_with(".pem") => Self::Certificate,
-            _ if key.starts_with("accounts/") => Self::Account,
-            _ => Self::Order,
-        }
-    }
 }
 
 /// Why a sealed value did not open.
@@ -284,20 +273,5 @@ mod tests {
             a.seal(Kind::Order, "o", b"same").unwrap(),
             a.seal(Kind::Order, "o", b"same").unwrap()
         );
-    }
-
-    #[test]
-    fn store_keys_map_to_kinds() {
-        assert_eq!(Kind::of_store_key("certs/a.test/key.pem"), Kind::PrivateKey);
-        assert_eq!(
-            Kind::of_store_key("certs/a.test/chain.pem"),
-            Kind::Certificate
-        );
-        assert_eq!(
-            Kind::of_store_key("internal-ca/ca-key.pem"),
-            Kind::PrivateKey
-        );
-        assert_eq!(Kind::of_store_key("accounts/ab12.json"), Kind::Account);
-        assert_eq!(Kind::of_store_key("certs/a.test/meta.json"), Kind::Order);
     }
 }
