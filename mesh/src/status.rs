@@ -251,6 +251,12 @@ pub fn table(list: &[CertStatus], now: std::time::SystemTime) -> String {
                 _ => format!("{error}; DNS records: {dns}"),
             };
         }
+        if let Some(fleet) = s.fleet.as_deref().filter(|f| *f != "shared") {
+            error = match error.as_str() {
+                "-" => format!("fleet store: {fleet}"),
+                _ => format!("{error}; fleet store: {fleet}"),
+            };
+        }
         rows.push([
             s.domain.clone(),
             crate::admin::page::status_word(s.status).to_owned(),

@@ -140,43 +140,58 @@ pub enum ChallengeEvent {
     },
 }
 
-/// The fleet's challenge responses as they come and go.
-pub struct ChallengeWatch {
-    store: EtcdStore,
-    pending: std::collections::VecDeque<ChallengeEvent>,
+/// A value under a watched kind: put (its sealed bytes) or gone.
+#[derive(Debug)]
+pub struct Change {
+    /// Its etcd key.
+    pub key: String,
+    /// The sealed value; `None` when it was deleted or its lease ended.
+    pub sealed: Option<Vec<u8>>,
+}
+
+/// The values of one kind as they come and go.
+pub struct Watch {
+    endpoints: String,
+    pending: std::collections::VecDeque<Change>,
     stream: etcd_client::WatchStream,
 }
 
-impl std::fmt::Debug for ChallengeWatch {
+impl std::fmt::Debug for Watch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChallengeWatch").finish_non_exhaustive()
+        f.debug_struct("Watch").finish_non_exhaustive()
     }
 }
 
-impl ChallengeWatch {
-    /// What was published when the watch started (taken once; [`ChallengeWatch::next`] then
-    /// reports changes only).
-    pub fn existing(&mut self) -> Vec<ChallengeEvent> {
+impl Watch {
+    /// What was there when the watch started (taken once; [`Watch::next`] then reports
+    /// changes only).
+    pub fn existing(&mut self) -> Vec<Change> {
         self.pending.drain(..).collect()
     }
 
     /// The next change; `None` when the watch ended (watch again).
-    pub async fn next(&mut self) -> Result<Option<ChallengeEvent>, EtcdError> {
+    pub async fn next(&mut self) -> Result<Option<Change>, EtcdError> {
         loop {
-            if let Some(event) = self.pending.pop_front() {
-                return Ok(Some(event));
+            if let Some(change) = self.pending.pop_front() {
+                return Ok(Some(change));
             }
-            let endpoints = self.store.settings.endpoints.join(",");
             let resp = match self.stream.message().await {
                 Ok(Some(resp)) => resp,
                 Ok(None) => return Ok(None),
-                Err(source) => return Err(EtcdError::Unavailable { endpoints, source }),
+                Err(source) => {
+                    return Err(EtcdError::Unavailable {
+                        endpoints: self.endpoints.clone(),
+                        source,
+                    })
+                }
             };
             for event in resp.events() {
                 if let Some(kv) = event.kv() {
-                    let value = (event.event_type() == EventType::Put).then(|| kv.value());
-                    let event = self.store.challenge_event(kv.key(), value);
-                    self.pending.push_back(event);
+                    self.pending.push_back(Change {
+                        key: String::from_utf8_lossy(kv.key()).into_owned(),
+                        sealed: (event.event_type() == EventType::Put)
+                            .then(|| kv.value().to_vec()),
+                    });
                 }
             }
         }
@@ -476,9 +491,9 @@ impl EtcdStore {
         Ok(())
     }
 
-    /// The challenges published now, then every change: a watch on the challenge keys.
-    pub async fn watch_challenges(&self) -> Result<ChallengeWatch, EtcdError> {
-        let prefix = format!("{}/{}/", self.settings.prefix, Kind::Challenge.label());
+    /// The values of `kind` there now, then every change: a watch on the kind's keys.
+    pub async fn watch(&self, kind: Kind) -> Result<Watch, EtcdError> {
+        let prefix = format!("{}/{}/", self.settings.prefix, kind.label());
         let existing = self
             .call(|mut c| {
                 let prefix = prefix.clone();
@@ -489,7 +504,10 @@ impl EtcdStore {
         let pending = existing
             .kvs()
             .iter()
-            .map(|kv| self.challenge_event(kv.key(), Some(kv.value())))
+            .map(|kv| Change {
+                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                sealed: Some(kv.value().to_vec()),
+            })
             .collect();
         let stream = self
             .call(|mut c| {
@@ -500,18 +518,19 @@ impl EtcdStore {
                 async move { c.watch(prefix, Some(from)).await }
             })
             .await?;
-        Ok(ChallengeWatch {
-            store: self.clone(),
+        Ok(Watch {
+            endpoints: self.settings.endpoints.join(","),
             pending,
             stream,
         })
     }
 
-    fn challenge_event(&self, key: &[u8], value: Option<&[u8]>) -> ChallengeEvent {
-        let key = String::from_utf8_lossy(key).into_owned();
-        match value {
+    /// What a change under the challenge keys means.
+    pub fn challenge_event(&self, change: Change) -> ChallengeEvent {
+        let key = change.key;
+        match change.sealed {
             None => ChallengeEvent::Gone { key },
-            Some(sealed) => match self.sealer.open(Kind::Challenge, &key, sealed) {
+            Some(sealed) => match self.sealer.open(Kind::Challenge, &key, &sealed) {
                 Ok(payload) => ChallengeEvent::Published { key, payload },
                 Err(source) => ChallengeEvent::Refused { key, source },
             },

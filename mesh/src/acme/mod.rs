@@ -139,6 +139,13 @@ pub struct CertStatus {
     /// absent when no DNS provider writes them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_records: Option<String>,
+    /// The fleet's copy in the shared store: `shared`, or why it was refused or could not
+    /// be read; absent with the file store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<String>,
+    /// Certificates taken from the fleet (another instance ordered them) since start.
+    #[serde(default)]
+    pub from_fleet_total: u64,
 }
 
 #[derive(Debug, Default)]
@@ -153,6 +160,9 @@ struct DomainState {
     stale: bool,
     /// The dstack DNS records: `in place` or the last error.
     dns_records: Option<String>,
+    /// The fleet's copy: `shared`, refused, or unreadable.
+    fleet: Option<String>,
+    from_fleet_total: u64,
 }
 
 /// One public domain at run time.
@@ -374,6 +384,7 @@ impl Acme {
         #[cfg(feature = "etcd")]
         if let Some(replicas) = self.replicas.clone() {
             let challenges = self.challenges.clone();
+            let fleet = replicas.clone();
             tasks.spawn(async move {
                 match replicas.check().await {
                     Ok(()) => tracing::info!(store = %replicas.location(), "sharing certificates with the app's other instances"),
@@ -381,6 +392,7 @@ impl Acme {
                 }
                 replicas.serve_challenges(challenges).await;
             });
+            tasks.spawn(self.clone().follow_fleet(fleet));
         }
         for domain in &self.domains {
             tasks.spawn(self.clone().lifecycle(domain.clone()));
@@ -502,6 +514,16 @@ impl Acme {
             .collect()
     }
 
+    /// The shared store, when there is one: whether its last request worked, and the values
+    /// refused since start by kind.
+    pub fn store_state(&self) -> Option<(bool, Vec<(&'static str, u64)>)> {
+        #[cfg(feature = "etcd")]
+        if let Some(replicas) = &self.replicas {
+            return Some((replicas.problem().is_none(), replicas.refused()));
+        }
+        None
+    }
+
     /// Every domain's state.
     pub fn status(&self) -> Vec<CertStatus> {
         let now = SystemTime::now();
@@ -514,14 +536,13 @@ impl Acme {
                         s.status.unwrap_or(Status::Pending),
                         s.last_error.clone(),
                         s.next_attempt,
-                        s.consecutive_failures,
-                        s.failures_total,
-                        s.issued_total,
-                        s.dns_records.clone(),
+                        (s.consecutive_failures, s.failures_total, s.issued_total),
+                        (s.dns_records.clone(), s.fleet.clone(), s.from_fleet_total),
                     )
                 });
-                let (status, last_error, next_attempt, consecutive, failures, issued, records) =
-                    state.unwrap_or((Status::Pending, None, None, 0, 0, 0, None));
+                let (status, last_error, next_attempt, counts, (records, fleet, from_fleet)) =
+                    state.unwrap_or((Status::Pending, None, None, (0, 0, 0), (None, None, 0)));
+                let (consecutive, failures, issued) = counts;
                 CertStatus {
                     domain: d.name().to_owned(),
                     names: d.config.names.clone(),
@@ -545,6 +566,8 @@ impl Acme {
                     failures_total: failures,
                     issued_total: issued,
                     dns_records: records,
+                    fleet,
+                    from_fleet_total: from_fleet,
                 }
             })
             .collect()

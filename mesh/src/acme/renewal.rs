@@ -6,6 +6,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+#[cfg(feature = "etcd")]
+use super::replicas::{Fetched, Replicas, Shared};
 use super::{
     cert::{self, Loaded},
     client::{CaFault, IssueError, Issued, LocalError, Unreachable},
@@ -14,6 +16,23 @@ use super::{
     Acme, Domain, IssuerRuntime, Status, CAP_NEAR_EXPIRY, CAP_WITHOUT_CERT, ORDER_DEADLINE,
     RECHECK,
 };
+
+/// Where a certificate came from.
+#[derive(Clone, Copy, Debug)]
+enum Origin {
+    /// This instance ordered it.
+    Ordered,
+    /// Another instance did; this one took it from the fleet's store.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    Fleet,
+}
+
+/// What tells a retry that the dependency that failed is back.
+enum Probe {
+    Ca(Arc<super::client::AcmeClient>),
+    #[cfg(feature = "etcd")]
+    Store(Arc<Replicas>),
+}
 
 /// When a certificate valid from `not_before` to `not_after` is due: `renew_before` ahead of
 /// expiry, else when a third of its lifetime remains; never in the first tenth of its life (a
@@ -102,7 +121,7 @@ impl Acme {
             tracing::info!(domain = %name, issuer = %d.config.issuer.label(), renewal = current.is_some(), "ordering a certificate");
             let started = std::time::Instant::now();
             match self.acquire(&d, current.as_deref()).await {
-                Ok(loaded) => {
+                Ok((loaded, origin)) => {
                     tracing::info!(
                         domain = %name,
                         serial = %loaded.serial,
@@ -116,7 +135,10 @@ impl Acme {
                         s.last_error = None;
                         s.next_attempt = None;
                         s.consecutive_failures = 0;
-                        s.issued_total += 1;
+                        match origin {
+                            Origin::Ordered => s.issued_total += 1,
+                            Origin::Fleet => s.from_fleet_total += 1,
+                        }
                         s.stale = false;
                     });
                     self.refresh_evidence().await;
@@ -158,12 +180,15 @@ impl Acme {
         }
     }
 
-    /// Sleep until the next attempt; wake early on `certs renew`, or when the CA that was down
-    /// answers its directory again (probed cheaply, so recovery takes seconds, not a backoff).
+    /// Sleep until the next attempt; wake early on `certs renew`, or when the CA or the fleet's
+    /// store that was down answers again (probed cheaply, so recovery takes seconds, not a
+    /// backoff).
     async fn wait_to_retry(&self, d: &Domain, wait: Duration, error: &IssueError) {
         let deadline = tokio::time::Instant::now() + wait;
-        let probe = match (&self.issuers.get(&d.config.issuer), error.probe_helps()) {
-            (Some(IssuerRuntime::Acme(c)), true) => Some(c.clone()),
+        let probe = match (&self.issuers.get(&d.config.issuer), error) {
+            #[cfg(feature = "etcd")]
+            (_, IssueError::Shared(_)) => self.replicas.clone().map(Probe::Store),
+            (Some(IssuerRuntime::Acme(c)), e) if e.probe_helps() => Some(Probe::Ca(c.clone())),
             _ => None,
         };
         let interval = self.config.retry_min.min(Duration::from_secs(5));
@@ -179,77 +204,196 @@ impl Acme {
             if tokio::time::Instant::now() >= deadline {
                 return;
             }
-            if let Some(client) = &probe {
-                if client.probe().await.is_ok() {
+            match &probe {
+                Some(Probe::Ca(client)) if client.probe().await.is_ok() => {
                     tracing::info!(domain = %d.name(), directory = %client.directory(), "the CA answers again: retrying now");
                     return;
                 }
+                #[cfg(feature = "etcd")]
+                Some(Probe::Store(replicas)) if replicas.check().await.is_ok() => {
+                    tracing::info!(domain = %d.name(), store = %replicas.location(), "the fleet's store answers again: retrying now");
+                    return;
+                }
+                _ => {}
             }
         }
     }
 
     /// A certificate for `d`: alone, an order; with replicas, under the fleet's lock: the
     /// fleet's if another instance just got a fresh one, else an order the fleet then shares.
-    async fn acquire(&self, d: &Domain, current: Option<&Loaded>) -> Result<Loaded, IssueError> {
+    async fn acquire(
+        &self,
+        d: &Domain,
+        current: Option<&Loaded>,
+    ) -> Result<(Loaded, Origin), IssueError> {
         #[cfg(feature = "etcd")]
         if let Some(replicas) = &self.replicas {
             return self.acquire_shared(replicas, d, current).await;
         }
         let _ = current;
-        Ok(self.obtain(d).await?.0)
+        Ok((self.obtain(d).await?.0, Origin::Ordered))
     }
 
     /// [`Acme::acquire`] through the fleet's lock.
     #[cfg(feature = "etcd")]
     async fn acquire_shared(
         &self,
-        replicas: &super::replicas::Replicas,
+        replicas: &Replicas,
         d: &Domain,
         current: Option<&Loaded>,
-    ) -> Result<Loaded, IssueError> {
+    ) -> Result<(Loaded, Origin), IssueError> {
         let name = d.name();
-        let lock = replicas.lock(name).await?;
+        let lock = replicas.lock(name).await.inspect_err(|e| {
+            d.set(|s| s.fleet = Some(format!("unreachable: {e}")));
+        })?;
         let result = async {
             // Another instance may have finished while this one waited for the lock.
-            if let Some(shared) = replicas.fetch(name).await? {
-                let issued = Issued {
-                    chain_pem: shared.chain_pem,
-                    key_pem: shared.key_pem,
-                };
-                match cert::load(
-                    issued.chain_pem.as_bytes(),
-                    issued.key_pem.as_bytes(),
-                    &d.config.names,
-                ) {
-                    Ok(loaded)
-                        if self.renew_at(&loaded) > SystemTime::now()
-                            && current.is_none_or(|c| loaded.not_after >= c.not_after) =>
-                    {
-                        tracing::info!(domain = %name, serial = %loaded.serial, store = %replicas.location(), "the fleet's certificate taken: no order");
-                        self.keep(d, &issued);
-                        return Ok(loaded);
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::error!(domain = %name, error = %e, "the fleet's certificate is unusable: ordering a new one")
-                    }
+            if let Some(loaded) = self.fleet_copy(replicas, d).await? {
+                let fresh = self.renew_at(&loaded) > SystemTime::now()
+                    && current.is_none_or(|c| loaded.not_after >= c.not_after);
+                if fresh {
+                    tracing::info!(domain = %name, serial = %loaded.serial, store = %replicas.location(), "the fleet's certificate taken: no order");
+                    return Ok((loaded, Origin::Fleet));
                 }
             }
             tracing::info!(domain = %name, store = %replicas.location(), "ordering for the fleet (holding its lock)");
             let (loaded, issued) = self.obtain(d).await?;
-            let shared = super::replicas::Shared {
+            let shared = Shared {
                 chain_pem: issued.chain_pem,
                 key_pem: issued.key_pem,
             };
-            if let Err(e) = replicas.publish(&lock, name, &shared).await {
+            match replicas.publish(&lock, name, &shared).await {
+                Ok(()) => d.set(|s| s.fleet = Some("shared".into())),
                 // Served here anyway; another instance that finds nothing orders again.
-                tracing::error!(domain = %name, store = %replicas.location(), error = %e, "certificate not shared with the fleet");
+                Err(e) => {
+                    tracing::error!(domain = %name, store = %replicas.location(), error = %e, "certificate not shared with the fleet");
+                    d.set(|s| s.fleet = Some(format!("not shared: {e}")));
+                }
             }
-            Ok(loaded)
+            Ok((loaded, Origin::Ordered))
         }
         .await;
         replicas.release(lock).await;
         result
+    }
+
+    /// The fleet's certificate for `d`, checked, and kept in the local store: `None` when
+    /// there is none, or it is unusable or refused (reported on `d`).
+    #[cfg(feature = "etcd")]
+    async fn fleet_copy(
+        &self,
+        replicas: &Replicas,
+        d: &Domain,
+    ) -> Result<Option<Loaded>, IssueError> {
+        let name = d.name();
+        let shared = match replicas.fetch(name).await {
+            Ok(Fetched::Found(shared)) => shared,
+            Ok(Fetched::Absent) => return Ok(None),
+            Ok(Fetched::Refused(why)) => {
+                d.set(|s| s.fleet = Some(format!("refused: {why}")));
+                return Ok(None);
+            }
+            Err(e) => {
+                d.set(|s| s.fleet = Some(format!("unreachable: {e}")));
+                return Err(e.into());
+            }
+        };
+        let issued = Issued {
+            chain_pem: shared.chain_pem,
+            key_pem: shared.key_pem,
+        };
+        match cert::load(
+            issued.chain_pem.as_bytes(),
+            issued.key_pem.as_bytes(),
+            &d.config.names,
+        ) {
+            Ok(loaded) => {
+                d.set(|s| s.fleet = Some("shared".into()));
+                self.keep(d, &issued);
+                Ok(Some(loaded))
+            }
+            Err(e) => {
+                // Authentic but not for this configuration (another version's names).
+                tracing::error!(domain = %name, error = %e, "the fleet's certificate is unusable here");
+                d.set(|s| s.fleet = Some(format!("unusable here: {e}")));
+                Ok(None)
+            }
+        }
+    }
+
+    /// Serve what the fleet publishes as it lands: a certificate another instance ordered
+    /// (first issuance, a renewal, `certs renew`) is served here within a watch event, not at
+    /// this instance's own due time; one that does not open is reported and re-ordered once
+    /// for the fleet (every instance asks; the lock lets one order and the rest take it).
+    #[cfg(feature = "etcd")]
+    pub(super) async fn follow_fleet(self: Arc<Self>, replicas: Arc<Replicas>) {
+        let names: Vec<&str> = self.domains.iter().map(|d| d.name()).collect();
+        let mut retry = Duration::from_secs(1);
+        loop {
+            let session = async {
+                let (mut watch, keys) = replicas.watch_certificates(&names).await?;
+                retry = Duration::from_secs(1);
+                let mut changes = watch.existing();
+                loop {
+                    for change in changes.drain(..) {
+                        let Some(d) = keys.get(&change.key).and_then(|i| self.domains.get(*i))
+                        else {
+                            continue;
+                        };
+                        // A deletion takes nothing from anyone: each instance keeps its copy.
+                        if change.sealed.is_some() {
+                            self.adopt(&replicas, d).await;
+                        }
+                    }
+                    match watch.next().await? {
+                        Some(change) => changes.push(change),
+                        None => return Ok::<_, super::replicas::SharedError>(()),
+                    }
+                }
+            };
+            if let Err(e) = replicas.note(session.await) {
+                tracing::warn!(store = %replicas.location(), error = %e, retry_in_s = retry.as_secs(), "not following the fleet's certificates");
+            }
+            tokio::time::sleep(retry).await;
+            retry = (retry * 2).min(super::replicas::RECONNECT_MAX);
+        }
+    }
+
+    /// Take the fleet's certificate for `d` when it is newer than the one served here.
+    #[cfg(feature = "etcd")]
+    async fn adopt(&self, replicas: &Replicas, d: &Domain) {
+        let before = d.state.lock().map(|s| s.fleet.clone()).ok().flatten();
+        match self.fleet_copy(replicas, d).await {
+            Ok(Some(loaded)) => {
+                let served = d.served.load_full();
+                let stale = d.state.lock().map(|s| s.stale).unwrap_or(false);
+                if served.is_some_and(|c| !stale && c.not_after >= loaded.not_after) {
+                    return;
+                }
+                tracing::info!(domain = %d.name(), serial = %loaded.serial, store = %replicas.location(), "the fleet's newer certificate taken: no order");
+                d.serve(Some(loaded));
+                d.set(|s| {
+                    s.status = Some(Status::Valid);
+                    s.last_error = None;
+                    s.next_attempt = None;
+                    s.consecutive_failures = 0;
+                    s.from_fleet_total += 1;
+                    s.stale = false;
+                });
+            }
+            Ok(None) => {
+                let refused = d.state.lock().ok().and_then(|s| s.fleet.clone());
+                if refused.as_deref().is_some_and(|f| f.starts_with("refused"))
+                    && refused != before
+                {
+                    // Replace it for the fleet; serving here goes on meanwhile.
+                    d.renew_now.notify_one();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(domain = %d.name(), error = %e, "the fleet's certificate could not be read");
+            }
+        }
     }
 
     /// An order (or the internal CA), kept in the local store.

@@ -12,7 +12,7 @@ use tokio::sync::OnceCell;
 
 use super::{
     challenge::{Challenges, FleetFuture, Response, ShareChallenges},
-    etcd::{ChallengeEvent, EtcdError, EtcdSettings, EtcdStore, Lock},
+    etcd::{ChallengeEvent, EtcdError, EtcdSettings, EtcdStore, Lock, Watch},
     seal::{Kind, Sealer, SEAL_KEY_PATH},
     store::domain_key,
 };
@@ -21,6 +21,9 @@ use super::{
 const CHALLENGE_TTL: Duration = Duration::from_secs(300);
 /// How long a publisher waits for every instance to answer a challenge before the CA looks.
 const ACK_DEADLINE: Duration = Duration::from_secs(10);
+/// Longest wait between attempts to follow the store again (so `/ready` clears soon after
+/// etcd returns).
+pub const RECONNECT_MAX: Duration = Duration::from_secs(8);
 /// Membership lease: an instance that dies stops being waited for after this.
 const MEMBER_TTL: Duration = Duration::from_secs(10);
 
@@ -47,6 +50,18 @@ pub struct Shared {
     pub key_pem: String,
 }
 
+/// What the store holds for a domain.
+#[derive(Debug)]
+pub enum Fetched {
+    /// Nothing yet.
+    Absent,
+    /// The fleet's certificate.
+    Found(Shared),
+    /// A value that does not open (changed, moved, or sealed by another app): reported,
+    /// never served, and replaced by the next order.
+    Refused(String),
+}
+
 /// The fleet's view of the store: connected on first use (the sealing secret comes from the
 /// agent, which may answer later than the start).
 #[derive(Debug)]
@@ -59,6 +74,8 @@ pub struct Replicas {
     failing: std::sync::Mutex<Option<String>>,
     /// This process among the fleet's members (random: instances of one CVM image look alike).
     instance: String,
+    /// Values refused since start, by kind (for metrics).
+    refused: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 impl Replicas {
@@ -70,6 +87,7 @@ impl Replicas {
             agent,
             store: OnceCell::new(),
             failing: std::sync::Mutex::new(None),
+            refused: Default::default(),
             instance: {
                 let mut id = [0u8; 16];
                 let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id);
@@ -89,15 +107,18 @@ impl Replicas {
                 let store = self.store().await?;
                 let membership = store.join(&self.instance, MEMBER_TTL).await?;
                 let _membership = AbortOnDrop(membership);
-                let mut watch = store.watch_challenges().await?;
+                let mut watch = store.watch(Kind::Challenge).await?;
                 // What is already published first: "answering" must mean it.
-                for event in watch.existing() {
+                for change in watch.existing() {
+                    let event = store.challenge_event(change);
                     self.on_challenge(store, &challenges, &mut applied, event)
                         .await;
                 }
                 tracing::info!(store = %self.location(), "answering the fleet's challenges");
+                self.note(Ok(()))?;
                 retry = Duration::from_secs(1);
-                while let Some(event) = watch.next().await? {
+                while let Some(change) = watch.next().await? {
+                    let event = store.challenge_event(change);
                     self.on_challenge(store, &challenges, &mut applied, event)
                         .await;
                 }
@@ -107,7 +128,7 @@ impl Replicas {
                 tracing::warn!(store = %self.location(), error = %e, retry_in_s = retry.as_secs(), "not following the fleet's challenges");
             }
             tokio::time::sleep(retry).await;
-            retry = (retry * 2).min(Duration::from_secs(30));
+            retry = (retry * 2).min(RECONNECT_MAX);
         }
     }
 
@@ -142,6 +163,7 @@ impl Replicas {
                 }
             }
             ChallengeEvent::Refused { key, source } => {
+                self.count_refused(Kind::Challenge);
                 tracing::error!(key, error = %source, "refusing a published challenge that does not open");
             }
         }
@@ -152,8 +174,22 @@ impl Replicas {
         self.failing.lock().ok()?.clone()
     }
 
+    /// Values that did not open since start, by kind.
+    pub fn refused(&self) -> Vec<(&'static str, u64)> {
+        self.refused
+            .lock()
+            .map(|r| r.iter().map(|(k, n)| (*k, *n)).collect())
+            .unwrap_or_default()
+    }
+
+    fn count_refused(&self, kind: Kind) {
+        if let Ok(mut refused) = self.refused.lock() {
+            *refused.entry(kind.label()).or_default() += 1;
+        }
+    }
+
     /// Remember how `result` went, for [`Replicas::problem`].
-    fn note<T>(&self, result: Result<T, SharedError>) -> Result<T, SharedError> {
+    pub fn note<T>(&self, result: Result<T, SharedError>) -> Result<T, SharedError> {
         if let Ok(mut failing) = self.failing.lock() {
             *failing = result
                 .as_ref()
@@ -184,24 +220,31 @@ impl Replicas {
             .await
     }
 
-    /// Connect now, so a wrong endpoint or credential shows at start (it is retried at the
-    /// first order too).
+    /// Ask the store something, so a wrong endpoint or credential shows at start, and a
+    /// store that came back is noticed without waiting out a backoff.
     pub async fn check(&self) -> Result<(), SharedError> {
-        let result = self.store().await.map(|_| ());
-        self.note(result)
+        let result = async {
+            let store = self.store().await?;
+            store.get(Kind::Order, "hello").await?;
+            Ok(())
+        };
+        self.note(result.await)
     }
 
     /// The fleet's lock on `domain`; waits while another instance orders.
     pub async fn lock(&self, domain: &str) -> Result<Lock, SharedError> {
-        let store = self.store().await?;
-        Ok(store
-            .lock(&format!("order/{domain}"), self.lock_ttl)
-            .await?)
+        let result = async {
+            let store = self.store().await?;
+            Ok(store
+                .lock(&format!("order/{domain}"), self.lock_ttl)
+                .await?)
+        };
+        self.note(result.await)
     }
 
-    /// The certificate the fleet has for `domain`, if any. A value that does not open is
-    /// logged and treated as absent (the caller orders a new one).
-    pub async fn fetch(&self, domain: &str) -> Result<Option<Shared>, SharedError> {
+    /// The certificate the fleet has for `domain`. A value that does not open is counted,
+    /// logged and reported as [`Fetched::Refused`], never returned.
+    pub async fn fetch(&self, domain: &str) -> Result<Fetched, SharedError> {
         let store = self.store().await?;
         let chain_key = domain_key(domain, "chain.pem");
         let key_key = domain_key(domain, "key.pem");
@@ -210,18 +253,45 @@ impl Replicas {
             let key = store.get(Kind::PrivateKey, &key_key).await?;
             Ok::<_, EtcdError>(chain.zip(key))
         };
-        match opened.await {
+        let fetched = match opened.await {
             // Authentic (it opened), so PEM text as written.
-            Ok(found) => Ok(found.map(|(chain, key)| Shared {
-                chain_pem: String::from_utf8_lossy(&chain).into_owned(),
-                key_pem: String::from_utf8_lossy(&key).into_owned(),
-            })),
-            Err(e @ EtcdError::Sealed { .. }) => {
-                tracing::error!(domain, store = %self.location(), error = %e, "refusing the fleet's stored certificate: ordering a new one");
-                Ok(None)
+            Ok(found) => Ok(match found {
+                None => Fetched::Absent,
+                Some((chain, key)) => Fetched::Found(Shared {
+                    chain_pem: String::from_utf8_lossy(&chain).into_owned(),
+                    key_pem: String::from_utf8_lossy(&key).into_owned(),
+                }),
+            }),
+            Err(e @ EtcdError::Sealed { kind, .. }) => {
+                if let Some(kind) = [Kind::Certificate, Kind::PrivateKey]
+                    .into_iter()
+                    .find(|k| k.label() == kind)
+                {
+                    self.count_refused(kind);
+                }
+                tracing::error!(domain, store = %self.location(), error = %e, "refusing the fleet's stored certificate: it is never served, and the next order replaces it");
+                Ok(Fetched::Refused(e.to_string()))
             }
             Err(e) => Err(e.into()),
-        }
+        };
+        self.note(fetched)
+    }
+
+    /// A watch on the fleet's certificates, and which of `domains` each etcd key is.
+    pub async fn watch_certificates(
+        &self,
+        domains: &[&str],
+    ) -> Result<(Watch, std::collections::HashMap<String, usize>), SharedError> {
+        let result = async {
+            let store = self.store().await?;
+            let keys = domains
+                .iter()
+                .enumerate()
+                .map(|(i, d)| (store.key(Kind::Certificate, &domain_key(d, "chain.pem")), i))
+                .collect();
+            Ok((store.watch(Kind::Certificate).await?, keys))
+        };
+        self.note(result.await)
     }
 
     /// Publish `shared` for the fleet, while `lock` is held (key first: a reader never gets
@@ -232,16 +302,19 @@ impl Replicas {
         domain: &str,
         shared: &Shared,
     ) -> Result<(), SharedError> {
-        let store = self.store().await?;
-        for (kind, file, pem) in [
-            (Kind::PrivateKey, "key.pem", &shared.key_pem),
-            (Kind::Certificate, "chain.pem", &shared.chain_pem),
-        ] {
-            store
-                .put_fenced(lock, kind, &domain_key(domain, file), pem.as_bytes())
-                .await?;
-        }
-        Ok(())
+        let result = async {
+            let store = self.store().await?;
+            for (kind, file, pem) in [
+                (Kind::PrivateKey, "key.pem", &shared.key_pem),
+                (Kind::Certificate, "chain.pem", &shared.chain_pem),
+            ] {
+                store
+                    .put_fenced(lock, kind, &domain_key(domain, file), pem.as_bytes())
+                    .await?;
+            }
+            Ok(())
+        };
+        self.note(result.await)
     }
 
     /// The etcd name of a challenge response.

@@ -264,6 +264,7 @@ impl Admin {
             pool: outbound.map(|o| o.pooled()),
             identity_not_after: self.identity.current().not_after,
             certificates: self.acme.load_full().map(|a| a.status()),
+            store: self.acme.load_full().and_then(|a| a.store_state()),
         };
         crate::metrics::exposition(vec![Box::new(self.metrics.clone()), Box::new(state)])
     }
@@ -279,6 +280,8 @@ struct State {
     identity_not_after: i64,
     /// Every public domain's state, when there are public domains.
     certificates: Option<Vec<crate::acme::CertStatus>>,
+    /// The fleet's store: up, and values refused by kind.
+    store: Option<(bool, Vec<(&'static str, u64)>)>,
 }
 
 impl Collector for State {
@@ -315,6 +318,27 @@ impl Collector for State {
                 MetricType::Gauge,
             )?
             .encode_gauge(&self.identity_not_after)?;
+        if let Some((up, refused)) = &self.store {
+            encoder
+                .encode_descriptor(
+                    "dstack_mesh_store_up",
+                    "1 when the last request to the fleet's shared store (etcd) worked.",
+                    None,
+                    MetricType::Gauge,
+                )?
+                .encode_gauge(&i64::from(*up))?;
+            let mut family = encoder.encode_descriptor(
+                "dstack_mesh_store_refused",
+                "Values in the shared store that did not open (changed, moved, or sealed by another app), by kind; never served.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (kind, n) in refused {
+                family
+                    .encode_family(&[("kind", *kind)])?
+                    .encode_counter::<NoLabelSet, _, u64>(n, None)?;
+            }
+        }
         match &self.certificates {
             Some(status) => encode_certificates(status, &mut encoder),
             None => Ok(()),
@@ -328,7 +352,7 @@ fn encode_certificates(
     encoder: &mut DescriptorEncoder<'_>,
 ) -> std::fmt::Result {
     type Value = fn(&crate::acme::CertStatus) -> Option<u64>;
-    let series: [(&str, MetricType, &str, Value); 5] = [
+    let series: [(&str, MetricType, &str, Value); 6] = [
         (
             "dstack_mesh_certificate_expiration_timestamp_seconds",
             MetricType::Gauge,
@@ -358,6 +382,12 @@ fn encode_certificates(
             MetricType::Counter,
             "Failed orders since start.",
             |s| Some(s.failures_total),
+        ),
+        (
+            "dstack_mesh_certificates_from_fleet",
+            MetricType::Counter,
+            "Certificates taken from the shared store (another instance ordered them) since start.",
+            |s| Some(s.from_fleet_total),
         ),
     ];
     for (name, kind, help, value) in series {

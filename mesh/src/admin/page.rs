@@ -169,6 +169,10 @@ fn domain_row(out: &mut String, i: usize, d: &CertStatus, now: i64) {
         let class = if r.starts_with("error") { "error" } else { "" };
         item("DNS records", r, class);
     }
+    if let Some(f) = &d.fleet {
+        let class = if f == "shared" { "" } else { "error" };
+        item("fleet store", f, class);
+    }
     let _ = write!(
         out,
         "</dl></details></td>\
