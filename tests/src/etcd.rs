@@ -120,6 +120,25 @@ impl EtcdCluster {
         self.etcdctl_at(&self.endpoints(), args)
     }
 
+    /// `etcdctl put key` with `value` on its standard input (any bytes).
+    pub fn etcdctl_put(&self, key: &str, value: &[u8]) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(program("etcdctl"))
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoints().join(",")))
+            .arg("--command-timeout=5s")
+            .args(["put", key])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run etcdctl");
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(value).expect("write to etcdctl");
+        }
+        child.wait_with_output().expect("etcdctl put")
+    }
+
     fn etcdctl_at(&self, endpoints: &[String], args: &[&str]) -> Output {
         Command::new(program("etcdctl"))
             .env("ETCDCTL_API", "3")

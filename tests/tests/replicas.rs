@@ -22,25 +22,136 @@ fn replica(
     endpoints: &[String],
     caller: &str,
 ) -> (Vec<ChildGuard>, SocketAddr, SocketAddr) {
+    let r = replica_with(dir, i, state, backend, endpoints, caller, "", "");
+    (r.processes, r.inbound, r.admin)
+}
+
+/// A running replica on the internal CA.
+struct Replica {
+    processes: Vec<ChildGuard>,
+    inbound: SocketAddr,
+    admin: SocketAddr,
+}
+
+/// [`replica`] with more `[acme]` and `[store]` settings (TOML lines).
+#[allow(clippy::too_many_arguments)] // a test fixture: every argument is one setting
+fn replica_with(
+    dir: &Path,
+    i: usize,
+    state: &Path,
+    backend: SocketAddr,
+    endpoints: &[String],
+    caller: &str,
+    acme: &str,
+    store: &str,
+) -> Replica {
     let (agent, sock) = dev_agent(dir, &format!("agent-{i}"), APP, state);
     let config = dir.join(format!("replica-{i}.toml"));
     let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
     std::fs::write(
         &config,
         format!(
-            "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\nallowed_apps = \"{caller}\"\n\n[auth]\nenabled = false\n\n[client]\nenabled = false\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[acme]\nissuer = \"internal-ca\"\nstore = \"{store}\"\n\n[[domains]]\nnames = [\"{DOMAIN}\"]\nbackend = \"{backend}\"\n\n[store]\nbackend = \"etcd\"\nendpoints = [{endpoints}]\n",
+            "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\nallowed_apps = \"{caller}\"\n\n[auth]\nenabled = false\n\n[client]\nenabled = false\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[acme]\nissuer = \"internal-ca\"\nstore = \"{dir}\"\n{acme}\n[[domains]]\nnames = [\"{DOMAIN}\"]\nbackend = \"{backend}\"\n\n[store]\nbackend = \"etcd\"\nendpoints = [{endpoints}]\n{store}",
             sock = sock.display(),
-            store = dir.join(format!("store-{i}")).display(),
+            dir = dir.join(format!("store-{i}")).display(),
             endpoints = endpoints.join(", "),
         ),
     )
     .unwrap();
     let (mesh, bound) = run_mesh(dir, &format!("replica-{i}"), &config);
-    (
-        vec![agent, mesh],
-        e2e::listener(&bound, "inbound"),
-        e2e::listener(&bound, "admin"),
-    )
+    Replica {
+        processes: vec![agent, mesh],
+        inbound: e2e::listener(&bound, "inbound"),
+        admin: e2e::listener(&bound, "admin"),
+    }
+}
+
+/// Three replicas on the internal CA (see [`replica_with`]).
+fn internal_fleet(
+    d: &Path,
+    cluster: &EtcdCluster,
+    backend: SocketAddr,
+    acme: &str,
+    store: &str,
+) -> Vec<Replica> {
+    let state = d.join("state");
+    (0..3)
+        .map(|i| {
+            replica_with(
+                d,
+                i,
+                &state,
+                backend,
+                &cluster.endpoints(),
+                APP,
+                acme,
+                store,
+            )
+        })
+        .collect()
+}
+
+/// Every replica's internal CA root (each has its own; whichever ordered signed the leaf).
+fn internal_roots(d: &Path) -> String {
+    (0..3)
+        .filter_map(|i| {
+            std::fs::read_to_string(d.join(format!("store-{i}/internal-ca/ca.pem"))).ok()
+        })
+        .collect()
+}
+
+/// The leaf digest each of `fleet` serves for the domain, once all serve one that `accept`s.
+fn fleet_serves(d: &Path, fleet: &[Replica], what: &str, accept: impl Fn(&str) -> bool) -> String {
+    let mut leaves: Vec<Option<String>> = Vec::new();
+    wait_until(what, Duration::from_secs(60), || {
+        let roots = internal_roots(d);
+        leaves = fleet
+            .iter()
+            .map(|r| {
+                tokio::task::block_in_place(|| {
+                    tokio::runtime::Handle::current().block_on(served(r.inbound, DOMAIN, &roots))
+                })
+            })
+            .collect();
+        leaves
+            .iter()
+            .all(|l| l.as_deref().is_some_and(&accept) && *l == leaves[0])
+    });
+    leaves[0].clone().unwrap()
+}
+
+/// The domain's state on a replica's admin port.
+async fn cert_status(admin: SocketAddr) -> serde_json::Value {
+    let (status, body) = e2e::client::http1_get(admin, "/certs", &[]).await;
+    assert_eq!(status, http::StatusCode::OK);
+    let all: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    all.as_array()
+        .and_then(|a| a.iter().find(|c| c["domain"] == DOMAIN))
+        .cloned()
+        .unwrap_or_else(|| panic!("{DOMAIN} not in /certs: {all}"))
+}
+
+/// Orders the fleet placed: the sum of every replica's `issued_total`.
+async fn fleet_orders(fleet: &[Replica]) -> u64 {
+    let mut total = 0;
+    for r in fleet {
+        total += cert_status(r.admin).await["issued_total"].as_u64().unwrap();
+    }
+    total
+}
+
+/// A sample from a replica's metrics (`0` when absent).
+async fn metric(admin: SocketAddr, series: &str) -> f64 {
+    let (_, body) = e2e::client::http1_get(admin, "/metrics", &[]).await;
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Block on `f` from a synchronous `wait_until` check.
+fn block<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -473,4 +584,234 @@ async fn a_lock_holder_killed_mid_order_is_replaced() {
         .filter(|(i, o)| *i != victim && **o)
         .count();
     assert!(survivors_ordered >= 1, "a survivor finished the order");
+}
+
+/// `certs renew` on a replica's admin port.
+async fn renew(admin: SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let req = format!(
+        "POST /certs/{DOMAIN}/renew HTTP/1.1\r\nhost: admin\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut reply = String::new();
+    tcp.read_to_string(&mut reply).await.unwrap();
+    assert!(reply.starts_with("HTTP/1.1 202"), "{reply}");
+}
+
+/// Someone with write access to etcd flips one byte of the fleet's stored certificate: no
+/// instance serves it (it does not open), they count and log the refusal, and the fleet
+/// orders one replacement that every instance then serves.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tampered_certificate_is_refused_reported_and_replaced_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cluster = EtcdCluster::start(&d.join("etcd"), 3);
+    let backend = Backend::start().await;
+    let fleet = internal_fleet(d, &cluster, backend.addr, "", "");
+    let first = fleet_serves(d, &fleet, "the fleet to serve one certificate", |_| true);
+    assert_eq!(fleet_orders(&fleet).await, 1);
+
+    let prefix = format!("/dstack-mesh/{APP}/cert/");
+    let keys = cluster.etcdctl(&["get", "--prefix", &prefix, "--keys-only"]);
+    let keys: Vec<String> = String::from_utf8_lossy(&keys.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let get = cluster.etcdctl(&["get", &keys[0], "--print-value-only"]);
+    let mut value = get.stdout.clone();
+    assert_eq!(value.pop(), Some(b'\n'));
+    let middle = value.len() / 2;
+    value[middle] ^= 0x01;
+    let put = cluster.etcdctl_put(&keys[0], &value);
+    assert!(put.status.success(), "{put:?}");
+
+    // One replacement for the fleet, served by every instance.
+    let second = fleet_serves(d, &fleet, "the fleet to serve a replacement", |l| {
+        l != first
+    });
+    wait_until("every instance to settle", Duration::from_secs(30), || {
+        fleet.iter().all(|r| {
+            let c = block(cert_status(r.admin));
+            c["fleet"] == "shared" && c["status"] == "valid"
+        })
+    });
+    assert_eq!(
+        fleet_orders(&fleet).await,
+        2,
+        "one order for the replacement"
+    );
+    // The instance that re-ordered did so because it refused the value, and says so.
+    let mut refused = 0.0;
+    for r in &fleet {
+        let n = metric(r.admin, "dstack_mesh_store_refused_total{kind=\"cert\"}").await;
+        if n > 0.0 {
+            assert!(r.processes[1]
+                .stderr()
+                .contains("refusing the fleet's stored certificate"));
+        }
+        refused += n;
+    }
+    assert!(refused >= 1.0, "nobody counted the refusal");
+    // What etcd holds now opens: it is what they serve.
+    let now = cluster.etcdctl(&["get", &keys[0], "--print-value-only"]);
+    assert_ne!(now.stdout, get.stdout);
+    assert_ne!(second, first);
+}
+
+/// Every etcd member stops: every instance keeps serving its certificate, `/ready` says why,
+/// a renewal asked for meanwhile fails and waits; when etcd returns it completes once for the
+/// fleet and `/ready` clears.
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_down_everywhere_keeps_the_fleet_serving_and_orders_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut cluster = EtcdCluster::start(&d.join("etcd"), 3);
+    let backend = Backend::start().await;
+    let fleet = internal_fleet(
+        d,
+        &cluster,
+        backend.addr,
+        "retry_min = \"1s\"\n",
+        "timeout = \"2s\"\n",
+    );
+    let first = fleet_serves(d, &fleet, "the fleet to serve one certificate", |_| true);
+    for i in 0..3 {
+        cluster.stop_member(i);
+    }
+    wait_until(
+        "every /ready to name the store",
+        Duration::from_secs(60),
+        || {
+            fleet.iter().all(|r| {
+                let (status, body) = block(e2e::client::http1_get(r.admin, "/ready", &[]));
+                status == http::StatusCode::SERVICE_UNAVAILABLE
+                    && String::from_utf8_lossy(&body).contains("store: ")
+            })
+        },
+    );
+    renew(fleet[0].admin).await;
+    wait_until(
+        "the renewal to fail on the store",
+        Duration::from_secs(30),
+        || {
+            let c = block(cert_status(fleet[0].admin));
+            c["consecutive_failures"].as_u64() >= Some(1)
+                && c["fleet"]
+                    .as_str()
+                    .is_some_and(|f| f.starts_with("unreachable"))
+        },
+    );
+    // Still serving what each holds.
+    let roots = internal_roots(d);
+    for r in &fleet {
+        assert_eq!(
+            served(r.inbound, DOMAIN, &roots).await.as_ref(),
+            Some(&first)
+        );
+    }
+    for r in &fleet {
+        assert!(metric(r.admin, "dstack_mesh_store_up").await == 0.0);
+    }
+
+    for i in 0..3 {
+        cluster.start_member(i);
+    }
+    cluster.wait_healthy(&[0, 1, 2]);
+    fleet_serves(d, &fleet, "the renewal to land everywhere", |l| l != first);
+    wait_until("every /ready to clear", Duration::from_secs(60), || {
+        fleet.iter().all(|r| {
+            block(e2e::client::http1_get(r.admin, "/ready", &[])).0 == http::StatusCode::OK
+        })
+    });
+    assert_eq!(fleet_orders(&fleet).await, 2, "one order for the renewal");
+}
+
+/// Nine-second certificates renewed by three replicas while a client keeps opening
+/// connections to all of them: every request succeeds, and each renewal is one order for the
+/// fleet (every certificate ordered is served by all three; none is ordered twice).
+#[tokio::test(flavor = "multi_thread")]
+async fn renewal_under_load_is_one_order_per_round_and_fails_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cluster = EtcdCluster::start(&d.join("etcd"), 3);
+    let backend = Backend::start().await;
+    let fleet = internal_fleet(
+        d,
+        &cluster,
+        backend.addr,
+        "internal_ca_lifetime = \"9s\"\n",
+        "",
+    );
+    fleet_serves(d, &fleet, "the fleet to serve one certificate", |_| true);
+
+    let (mut ok, mut serials) = (0usize, std::collections::BTreeSet::new());
+    let end = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut i = 0;
+    while tokio::time::Instant::now() < end {
+        let r = &fleet[i % 3];
+        i += 1;
+        let roots = internal_roots(d);
+        let tls = e2e::client::public_connect(r.inbound, DOMAIN, roots.as_bytes(), &[b"http/1.1"])
+            .await
+            .expect("a new connection during renewal");
+        let cert = &tls.get_ref().1.peer_certificates().unwrap()[0];
+        serials.insert(x509_serial(cert));
+        let mut client = e2e::client::MeshClient::over(tls).await.unwrap();
+        let (status, _, _) = client.get_from(DOMAIN, "/load", &[]).await.unwrap();
+        assert_eq!(status, http::StatusCode::OK);
+        ok += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(backend.count(), ok);
+
+    // Each renewal round is one order: orders (whoever placed them) are a round apart, not
+    // two in the same round.
+    let logs: Vec<String> = fleet.iter().map(|r| r.processes[1].stderr()).collect();
+    let mut orders: Vec<f64> = logs
+        .iter()
+        .flat_map(|l| l.lines())
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "ordering for the fleet (holding its lock)")
+        .filter_map(|v| seconds_of(v["timestamp"].as_str()?))
+        .collect();
+    orders.sort_by(f64::total_cmp);
+    assert!(
+        orders.len() >= 3,
+        "at least two renewals in 20 s of 9 s certificates: {orders:?}"
+    );
+    for pair in orders.windows(2) {
+        assert!(
+            pair[1] - pair[0] > 3.0,
+            "two orders in one round: {orders:?}"
+        );
+    }
+    // And every instance served the renewals (clients saw them change).
+    assert!(serials.len() >= 3, "clients saw {serials:?}");
+    for (i, log) in logs.iter().enumerate() {
+        let renewed = log.matches("the fleet's newer certificate taken").count()
+            + log.matches("certificate issued and served").count();
+        assert!(renewed >= 3, "replica {i} served {renewed} certificates");
+    }
+}
+
+/// Seconds since the start of the month of an RFC 3339 UTC timestamp (the tests last minutes).
+fn seconds_of(rfc3339: &str) -> Option<f64> {
+    let (date, time) = rfc3339.trim_end_matches('Z').split_once('T')?;
+    let day: f64 = date.rsplit('-').next()?.parse().ok()?;
+    let mut parts = time.split(':');
+    let (h, m, s): (f64, f64, f64) = (
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+    );
+    Some(day * 86400.0 + h * 3600.0 + m * 60.0 + s)
+}
+
+/// The serial of a DER certificate, hex.
+fn x509_serial(der: &[u8]) -> String {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+    cert.raw_serial_as_string()
 }

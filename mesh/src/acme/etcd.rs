@@ -189,8 +189,7 @@ impl Watch {
                 if let Some(kv) = event.kv() {
                     self.pending.push_back(Change {
                         key: String::from_utf8_lossy(kv.key()).into_owned(),
-                        sealed: (event.event_type() == EventType::Put)
-                            .then(|| kv.value().to_vec()),
+                        sealed: (event.event_type() == EventType::Put).then(|| kv.value().to_vec()),
                     });
                 }
             }

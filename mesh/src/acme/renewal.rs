@@ -249,8 +249,14 @@ impl Acme {
         let result = async {
             // Another instance may have finished while this one waited for the lock.
             if let Some(loaded) = self.fleet_copy(replicas, d).await? {
+                // Newer than what is served here; or the same one, unless it is what this
+                // renewal replaces (`certs renew`, another issuer's).
+                let stale = d.state.lock().map(|s| s.stale).unwrap_or(false);
                 let fresh = self.renew_at(&loaded) > SystemTime::now()
-                    && current.is_none_or(|c| loaded.not_after >= c.not_after);
+                    && current.is_none_or(|c| {
+                        loaded.not_after > c.not_after
+                            || (loaded.not_after == c.not_after && !stale)
+                    });
                 if fresh {
                     tracing::info!(domain = %name, serial = %loaded.serial, store = %replicas.location(), "the fleet's certificate taken: no order");
                     return Ok((loaded, Origin::Fleet));
@@ -365,9 +371,9 @@ impl Acme {
         let before = d.state.lock().map(|s| s.fleet.clone()).ok().flatten();
         match self.fleet_copy(replicas, d).await {
             Ok(Some(loaded)) => {
+                // Only a newer one: the same one is what this instance may be replacing.
                 let served = d.served.load_full();
-                let stale = d.state.lock().map(|s| s.stale).unwrap_or(false);
-                if served.is_some_and(|c| !stale && c.not_after >= loaded.not_after) {
+                if served.is_some_and(|c| c.not_after >= loaded.not_after) {
                     return;
                 }
                 tracing::info!(domain = %d.name(), serial = %loaded.serial, store = %replicas.location(), "the fleet's newer certificate taken: no order");
@@ -383,8 +389,7 @@ impl Acme {
             }
             Ok(None) => {
                 let refused = d.state.lock().ok().and_then(|s| s.fleet.clone());
-                if refused.as_deref().is_some_and(|f| f.starts_with("refused"))
-                    && refused != before
+                if refused.as_deref().is_some_and(|f| f.starts_with("refused")) && refused != before
                 {
                     // Replace it for the fleet; serving here goes on meanwhile.
                     d.renew_now.notify_one();
