@@ -340,6 +340,26 @@ impl Balancer {
     }
 }
 
+/// How a fleet on pebble runs.
+struct FleetOptions {
+    /// `[store] lock_ttl`.
+    lock_ttl: &'static str,
+    /// Each replica's wall clock against the real one, in seconds.
+    skew: [i32; 3],
+    /// pebble's certificate lifetime (its default: years).
+    validity: Option<Duration>,
+}
+
+impl FleetOptions {
+    fn lock_ttl(lock_ttl: &'static str) -> Self {
+        Self {
+            lock_ttl,
+            skew: [0; 3],
+            validity: None,
+        }
+    }
+}
+
 /// One replica of a fleet on pebble.
 struct PebbleReplica {
     processes: Vec<ChildGuard>,
@@ -358,7 +378,17 @@ struct PebbleFleet {
 
 impl PebbleFleet {
     /// The fleet, its validations held at the balancers until [`PebbleFleet::release`].
-    async fn start(d: &Path, cluster: &EtcdCluster, backend: SocketAddr, lock_ttl: &str) -> Self {
+    async fn start(
+        d: &Path,
+        cluster: &EtcdCluster,
+        backend: SocketAddr,
+        opts: FleetOptions,
+    ) -> Self {
+        let FleetOptions {
+            lock_ttl,
+            skew,
+            validity,
+        } = opts;
         let state = d.join("state");
         // The balancers listen first: pebble is configured with their ports, and a replica may
         // order as soon as it starts.
@@ -371,6 +401,7 @@ impl PebbleFleet {
                 e2e::pebble::PebbleOptions {
                     tls_port,
                     http_port,
+                    validity,
                     ..Default::default()
                 },
             )
@@ -399,7 +430,22 @@ impl PebbleFleet {
                 ),
             )
             .unwrap();
-            let (mesh, bound) = run_mesh(d, &format!("pebble-replica-{i}"), &config);
+            let name = format!("pebble-replica-{i}");
+            let (mesh, bound) = match skew[i] {
+                0 => run_mesh(d, &name, &config),
+                // libfaketime moves the wall clock only: timers and leases keep real time.
+                s => {
+                    let mut cmd = std::process::Command::new(e2e::program("faketime"));
+                    cmd.args(["-f", &format!("{s:+}s")])
+                        .arg(e2e::mesh_binary())
+                        .args(["--log-format", "json", "run", "--config"])
+                        .arg(&config)
+                        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+                        .env("RUST_LOG", "info")
+                        .env_remove("DSTACK_AGENT_ADDRESS");
+                    e2e::start_mesh(d, &name, cmd)
+                }
+            };
             http_targets.push(e2e::listener(&bound, "http"));
             replicas.push(PebbleReplica {
                 processes: vec![agent, mesh],
@@ -509,7 +555,7 @@ async fn the_ca_may_validate_through_any_replica() {
     let d = dir.path();
     let cluster = EtcdCluster::start(&d.join("etcd"), 3);
     let backend = Backend::start().await;
-    let fleet = PebbleFleet::start(d, &cluster, backend.addr, "15s").await;
+    let fleet = PebbleFleet::start(d, &cluster, backend.addr, FleetOptions::lock_ttl("15s")).await;
     fleet.release();
     for domain in ["alpn.test", "http.test"] {
         let leaves = fleet.serving(domain, &[0, 1, 2]);
@@ -559,7 +605,8 @@ async fn a_lock_holder_killed_mid_order_is_replaced() {
     let d = dir.path();
     let cluster = EtcdCluster::start(&d.join("etcd"), 3);
     let backend = Backend::start().await;
-    let mut fleet = PebbleFleet::start(d, &cluster, backend.addr, "3s").await;
+    let mut fleet =
+        PebbleFleet::start(d, &cluster, backend.addr, FleetOptions::lock_ttl("3s")).await;
     // The first validation of the TLS-ALPN-01 domain is held until its orderer is dead.
     tokio::time::timeout(Duration::from_secs(60), fleet.tls.arrived.recv())
         .await
@@ -814,4 +861,86 @@ fn seconds_of(rfc3339: &str) -> Option<f64> {
 fn x509_serial(der: &[u8]) -> String {
     let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
     cert.raw_serial_as_string()
+}
+
+/// Replicas whose clocks are 30 s behind, right and 30 s ahead, on 90-second pebble
+/// certificates: one order per domain at first, and when the one ahead finds the certificates
+/// due (a third of a lifetime early by its clock), one order each that all three then serve.
+#[tokio::test(flavor = "multi_thread")]
+async fn clocks_thirty_seconds_apart_still_order_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cluster = EtcdCluster::start(&d.join("etcd"), 3);
+    let backend = Backend::start().await;
+    let opts = FleetOptions {
+        lock_ttl: "15s",
+        skew: [-30, 0, 30],
+        validity: Some(Duration::from_secs(90)),
+    };
+    let fleet = PebbleFleet::start(d, &cluster, backend.addr, opts).await;
+    fleet.release();
+    let mut first = Vec::new();
+    for domain in ["alpn.test", "http.test"] {
+        let leaves = fleet.serving(domain, &[0, 1, 2]);
+        assert!(
+            leaves.iter().all(|l| l == &leaves[0]),
+            "{domain}: {leaves:?}"
+        );
+        first.push(leaves[0].clone());
+    }
+    assert_eq!(fleet.pebble.orders_seen(), 2, "one order per domain");
+
+    // The renewal: once per domain for the fleet, served by all three.
+    for (domain, first) in ["alpn.test", "http.test"].iter().zip(&first) {
+        let mut leaves = Vec::new();
+        wait_until(
+            &format!("{domain} renewed everywhere"),
+            Duration::from_secs(90),
+            || {
+                leaves = fleet.serving(domain, &[0, 1, 2]);
+                leaves.iter().all(|l| l != first && l == &leaves[0])
+            },
+        );
+    }
+    assert_eq!(
+        fleet.pebble.orders_seen(),
+        4,
+        "one renewal order per domain"
+    );
+    let renewals: Vec<usize> = fleet
+        .replicas
+        .iter()
+        .map(|r| renewal_orders(&std::fs::read_to_string(&r.log).unwrap_or_default()))
+        .collect();
+    assert_eq!(
+        renewals,
+        [0, 0, 2],
+        "the replica ahead renews, for the fleet"
+    );
+}
+
+/// Renewal orders in a replica's log: "ordering for the fleet" after "ordering a certificate"
+/// with `renewal: true` for the same domain.
+fn renewal_orders(log: &str) -> usize {
+    let mut renewing = std::collections::HashMap::new();
+    let mut orders = 0;
+    for v in log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    {
+        let f = &v["fields"];
+        let domain = f["domain"].as_str().unwrap_or_default().to_owned();
+        match f["message"].as_str() {
+            Some("ordering a certificate") => {
+                renewing.insert(domain, f["renewal"] == true);
+            }
+            Some("ordering for the fleet (holding its lock)")
+                if renewing.get(&domain) == Some(&true) =>
+            {
+                orders += 1
+            }
+            _ => {}
+        }
+    }
+    orders
 }
