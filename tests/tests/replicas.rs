@@ -415,7 +415,7 @@ impl PebbleFleet {
             .collect();
         let mut replicas = Vec::new();
         let mut http_targets = Vec::new();
-        for i in 0..3 {
+        for (i, skew) in skew.into_iter().enumerate() {
             let (agent, sock) = dev_agent(d, &format!("agent-{i}"), APP, &state);
             let config = d.join(format!("pebble-replica-{i}.toml"));
             std::fs::write(
@@ -431,7 +431,7 @@ impl PebbleFleet {
             )
             .unwrap();
             let name = format!("pebble-replica-{i}");
-            let (mesh, bound) = match skew[i] {
+            let (mesh, bound) = match skew {
                 0 => run_mesh(d, &name, &config),
                 // libfaketime moves the wall clock only: timers and leases keep real time.
                 s => {
