@@ -944,3 +944,97 @@ fn renewal_orders(log: &str) -> usize {
     }
     orders
 }
+
+/// The SHA-256 of the public key `addr` serves for `domain`, and the certificate's serial.
+async fn served_key(addr: SocketAddr, domain: &str, roots: &str) -> Option<(String, String)> {
+    let tls = e2e::client::public_connect(addr, domain, roots.as_bytes(), &[b"http/1.1"])
+        .await
+        .ok()?;
+    let leaf = tls.get_ref().1.peer_certificates()?[0].clone();
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).ok()?;
+    let spki = cert.public_key().raw;
+    Some((
+        e2e::backend::hex(ring::digest::digest(&ring::digest::SHA256, spki).as_ref()),
+        cert.raw_serial_as_string(),
+    ))
+}
+
+/// `[acme] key_source = "derived"`: two instances of one app with no shared store, one on
+/// pebble and one on the internal CA, present the same public key for the domain; a renewal
+/// keeps it. (With random keys, two issuers could not agree on one.)
+#[tokio::test(flavor = "multi_thread")]
+async fn derived_keys_are_the_same_on_every_instance_without_a_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let state = d.join("state");
+    let backend = Backend::start().await;
+    let http_port = e2e::free_port();
+    let pebble_dir = d.join("pebble");
+    let pebble = tokio::task::spawn_blocking(move || {
+        e2e::pebble::Pebble::start(
+            &pebble_dir,
+            e2e::pebble::PebbleOptions {
+                http_port,
+                ..Default::default()
+            },
+        )
+    })
+    .await
+    .unwrap();
+    let mut instances = Vec::new();
+    for (i, issuer) in [
+        format!("issuer = \"{}\"\nca_roots = [\"{}\"]\nhttp_listen = \"127.0.0.1:{http_port}\"\nchallenge = \"http-01\"", pebble.directory, pebble.ca_file.display()),
+        "issuer = \"internal-ca\"".to_owned(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (agent, sock) = dev_agent(d, &format!("derived-agent-{i}"), APP, &state);
+        let config = d.join(format!("derived-{i}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\n\n[auth]\nenabled = false\n\n[client]\nenabled = false\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[acme]\n{issuer}\nstore = \"{store}\"\nkey_source = \"derived\"\n\n[[domains]]\nnames = [\"{DOMAIN}\"]\nbackend = \"{backend}\"\n",
+                sock = sock.display(),
+                backend = backend.addr,
+                store = d.join(format!("derived-store-{i}")).display(),
+            ),
+        )
+        .unwrap();
+        let (mesh, bound) = run_mesh(d, &format!("derived-{i}"), &config);
+        instances.push((
+            agent,
+            mesh,
+            e2e::listener(&bound, "inbound"),
+            e2e::listener(&bound, "admin"),
+        ));
+    }
+    let roots = || {
+        let internal = std::fs::read_to_string(d.join("derived-store-1/internal-ca/ca.pem"));
+        pebble.issuance_root_pem() + &internal.unwrap_or_default()
+    };
+    let mut keys = Vec::new();
+    wait_until("both instances to serve", Duration::from_secs(60), || {
+        keys = instances
+            .iter()
+            .map(|(_, _, inbound, _)| block(served_key(*inbound, DOMAIN, &roots())))
+            .collect();
+        keys.iter().all(Option::is_some)
+    });
+    let keys: Vec<(String, String)> = keys.into_iter().flatten().collect();
+    assert_eq!(keys[0].0, keys[1].0, "one public key on both instances");
+    assert_ne!(
+        keys[0].1, keys[1].1,
+        "two certificates, each instance's own"
+    );
+    assert_eq!(pebble.orders_seen(), 1);
+
+    // A renewal gets a new certificate for the same key.
+    renew(instances[1].3).await;
+    let mut renewed = None;
+    wait_until("the renewal", Duration::from_secs(30), || {
+        renewed = block(served_key(instances[1].2, DOMAIN, &roots())).filter(|k| k.1 != keys[1].1);
+        renewed.is_some()
+    });
+    assert_eq!(renewed.unwrap().0, keys[0].0);
+}

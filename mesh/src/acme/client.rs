@@ -170,7 +170,7 @@ pub enum KeyError {
 #[non_exhaustive]
 pub enum LocalError {
     /// The guest agent did not give the account key.
-    #[error("account key from the guest agent: {0}")]
+    #[error("key from the guest agent: {0}")]
     Agent(#[from] ratls::agent::AgentError),
     /// The agent's `GetKey` answer is not hex.
     #[error("the guest agent's GetKey answer is not hex")]
@@ -199,6 +199,9 @@ pub enum LocalError {
     /// The domain's issuer is not set up.
     #[error("no issuer configured")]
     NoIssuer,
+    /// The derived certificate key (`key_source = "derived"`) could not be made.
+    #[error("derived certificate key: {0}")]
+    DomainKey(String),
     /// The ACME client refused our input.
     #[error(transparent)]
     Acme(instant_acme::Error),
@@ -339,9 +342,24 @@ impl std::fmt::Debug for Issued {
 /// The account key: a P-256 scalar hashed from the agent's `GetKey` seed for this directory.
 /// Every instance of the app derives the same key, so they share one ACME account.
 pub fn derive_account_key(seed: &[u8]) -> Result<PrivatePkcs8KeyDer<'static>, KeyError> {
+    derive_p256(b"dstack-mesh acme account key v1\0", seed)
+}
+
+/// A domain's certificate key (`[acme] key_source = "derived"`): a P-256 scalar hashed from
+/// the agent's `GetKey` seed at [`domain_key_path`].
+pub fn derive_domain_key(seed: &[u8]) -> Result<PrivatePkcs8KeyDer<'static>, KeyError> {
+    derive_p256(b"dstack-mesh domain key v1\0", seed)
+}
+
+/// The `GetKey` path of a domain's derived certificate key (its primary name).
+pub fn domain_key_path(domain: &str) -> String {
+    format!("dstack-mesh/domain-key/v1/{domain}")
+}
+
+fn derive_p256(context: &[u8], seed: &[u8]) -> Result<PrivatePkcs8KeyDer<'static>, KeyError> {
     use p256::pkcs8::EncodePrivateKey;
     for counter in 0u32..64 {
-        let mut input = b"dstack-mesh acme account key v1\0".to_vec();
+        let mut input = context.to_vec();
         input.extend_from_slice(seed);
         input.extend_from_slice(&counter.to_be_bytes());
         let digest = ring::digest::digest(&ring::digest::SHA256, &input);
@@ -554,13 +572,14 @@ impl AcmeClient {
         Ok(self.account(false).await?.id().to_owned())
     }
 
-    /// Order a certificate for `names`, answering `challenge`.
+    /// Order a certificate for `names`, answering `challenge`, for `key` (`None`: a new one).
     pub async fn issue(
         &self,
         names: &[String],
         challenge: Challenge,
         challenges: &Challenges,
         dns: Option<&Dns>,
+        key: Option<&rcgen::KeyPair>,
     ) -> Result<Issued, IssueError> {
         let account = self.account(false).await?;
         if let Some(dns) = dns.filter(|d| d.checks_caa()) {
@@ -573,14 +592,14 @@ impl AcmeClient {
             dns.check_caa(names, &req).await?;
         }
         match self
-            .order(&account, names, challenge, challenges, dns)
+            .order(&account, names, challenge, challenges, dns, key)
             .await
         {
             // A CA that lost the account (a reset, a restarted pebble): same key, new account.
             Err(e) if is_account_gone(&e) => {
                 tracing::warn!(directory = %self.directory, "the CA does not know our account any more: registering again with the same key");
                 let account = self.account(true).await?;
-                self.order(&account, names, challenge, challenges, dns)
+                self.order(&account, names, challenge, challenges, dns, key)
                     .await
                     .map_err(classify)
             }
@@ -597,6 +616,7 @@ impl AcmeClient {
         challenge: Challenge,
         challenges: &Challenges,
         dns: Option<&Dns>,
+        key: Option<&rcgen::KeyPair>,
     ) -> Result<Issued, instant_acme::Error> {
         let dns_failed = |e: DnsError| instant_acme::Error::Other(Box::new(e));
         let identifiers: Vec<Identifier> = names.iter().cloned().map(Identifier::Dns).collect();
@@ -690,10 +710,17 @@ impl AcmeClient {
                     self.validation_problem(&mut order).await,
                 ));
             }
-            let key =
-                rcgen::KeyPair::generate().map_err(|e| instant_acme::Error::Other(Box::new(e)))?;
+            let fresh;
+            let key = match key {
+                Some(key) => key,
+                None => {
+                    fresh = rcgen::KeyPair::generate()
+                        .map_err(|e| instant_acme::Error::Other(Box::new(e)))?;
+                    &fresh
+                }
+            };
             let csr = rcgen::CertificateParams::new(names.to_vec())
-                .and_then(|p| p.serialize_request(&key))
+                .and_then(|p| p.serialize_request(key))
                 .map_err(|e| instant_acme::Error::Other(Box::new(e)))?;
             order.finalize_csr(csr.der()).await?;
             let chain_pem = order.poll_certificate(&polls).await?;
@@ -750,7 +777,15 @@ mod tests {
         assert_eq!(a.secret_pkcs8_der(), b.secret_pkcs8_der());
         assert_ne!(a.secret_pkcs8_der(), c.secret_pkcs8_der());
         // ring (through instant-acme) accepts it as a signing key.
-        Key::from_pkcs8_der(a).unwrap();
+        Key::from_pkcs8_der(a.clone_key()).unwrap();
+        // A domain key from the same seed is another key; rcgen signs CSRs with it.
+        let d = derive_domain_key(b"seed one").unwrap();
+        assert_eq!(
+            d.secret_pkcs8_der(),
+            derive_domain_key(b"seed one").unwrap().secret_pkcs8_der()
+        );
+        assert_ne!(d.secret_pkcs8_der(), a.secret_pkcs8_der());
+        rcgen::KeyPair::try_from(d.secret_pkcs8_der()).unwrap();
     }
 
     #[test]

@@ -58,9 +58,13 @@ impl InternalIssuer {
         Ok(ca)
     }
 
-    /// A certificate for `names`.
-    pub fn issue(&self, names: &[String]) -> Result<Issued, InternalCaError> {
-        self.ca()?.issue(names)
+    /// A certificate for `names`, for `key` (`None`: a new one).
+    pub fn issue(
+        &self,
+        names: &[String],
+        key: Option<&KeyPair>,
+    ) -> Result<Issued, InternalCaError> {
+        self.ca()?.issue(names, key)
     }
 }
 
@@ -150,9 +154,20 @@ impl InternalCa {
         })
     }
 
-    /// Sign a certificate for `names`.
-    pub fn issue(&self, names: &[String]) -> Result<Issued, InternalCaError> {
-        let key = KeyPair::generate()?;
+    /// Sign a certificate for `names`, for `key` (`None`: a new one).
+    pub fn issue(
+        &self,
+        names: &[String],
+        key: Option<&KeyPair>,
+    ) -> Result<Issued, InternalCaError> {
+        let fresh;
+        let key = match key {
+            Some(key) => key,
+            None => {
+                fresh = KeyPair::generate()?;
+                &fresh
+            }
+        };
         let mut params = CertificateParams::new(names.to_vec())?;
         let mut dn = DistinguishedName::new();
         dn.push(
@@ -170,7 +185,7 @@ impl InternalCa {
             .map_err(|_| InternalCaError::Random)?;
         serial[0] &= 0x7f;
         params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
-        let cert = params.signed_by(&key, &self.issuer)?;
+        let cert = params.signed_by(key, &self.issuer)?;
         Ok(Issued {
             chain_pem: format!("{}{}", cert.pem(), self.ca_pem),
             key_pem: key.serialize_pem(),

@@ -8,6 +8,8 @@ use std::{
 
 #[cfg(feature = "etcd")]
 use super::replicas::{Fetched, Replicas, Shared};
+use crate::config::KeySource;
+
 use super::{
     cert::{self, Loaded},
     client::{CaFault, IssueError, Issued, LocalError, Unreachable},
@@ -404,6 +406,10 @@ impl Acme {
     /// An order (or the internal CA), kept in the local store.
     async fn obtain(&self, d: &Domain) -> Result<(Loaded, Issued), IssueError> {
         let names = &d.config.names;
+        let key = match self.config.key_source {
+            KeySource::Random => None,
+            KeySource::Derived => Some(self.derived_key(d).await?),
+        };
         let issued: Issued = match self.issuers.get(&d.config.issuer) {
             Some(IssuerRuntime::Acme(client)) => tokio::time::timeout(
                 ORDER_DEADLINE,
@@ -412,11 +418,14 @@ impl Acme {
                     d.config.challenge,
                     &self.challenges,
                     self.dns.as_deref(),
+                    key.as_ref(),
                 ),
             )
             .await
             .map_err(|_| IssueError::Unreachable(Unreachable::OrderDeadline(ORDER_DEADLINE)))??,
-            Some(IssuerRuntime::Internal(ca)) => ca.issue(names).map_err(LocalError::from)?,
+            Some(IssuerRuntime::Internal(ca)) => {
+                ca.issue(names, key.as_ref()).map_err(LocalError::from)?
+            }
             None => return Err(LocalError::NoIssuer.into()),
         };
         let loaded = cert::load(
@@ -427,6 +436,21 @@ impl Acme {
         .map_err(|e| IssueError::Server(CaFault::Unusable(e)))?;
         self.keep(d, &issued);
         Ok((loaded, issued))
+    }
+
+    /// `d`'s certificate key derived from the app's key: the same on every instance.
+    async fn derived_key(&self, d: &Domain) -> Result<rcgen::KeyPair, IssueError> {
+        let reply = self
+            .agent
+            .get_key(&super::client::domain_key_path(d.name()), "domain-key")
+            .await
+            .map_err(LocalError::from)?;
+        let seed =
+            hex::decode(reply.key.trim_start_matches("0x")).map_err(|_| LocalError::KeyNotHex)?;
+        let der = super::client::derive_domain_key(&seed).map_err(LocalError::from)?;
+        let key = rcgen::KeyPair::try_from(der.secret_pkcs8_der())
+            .map_err(|e| LocalError::DomainKey(e.to_string()))?;
+        Ok(key)
     }
 
     /// Write `issued` to the local store (served whether or not that works).

@@ -217,6 +217,33 @@ pub struct AcmeConfig {
     pub evidence_dir: PathBuf,
     /// Serve them at `https://<domain>/evidences/` (`EVIDENCE_SERVER`).
     pub evidence_server: bool,
+    /// Where each certificate's private key comes from.
+    pub key_source: KeySource,
+}
+
+/// Where a domain's certificate key comes from (`[acme] key_source`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeySource {
+    /// A new key for every certificate.
+    #[default]
+    Random,
+    /// Derived from the app's key (the guest agent's `GetKey`), one per domain: every
+    /// instance presents the same public key, with or without a shared store, and renewals
+    /// keep it.
+    Derived,
+}
+
+impl std::str::FromStr for KeySource {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "random" => Ok(Self::Random),
+            "derived" => Ok(Self::Derived),
+            other => Err(format!("{other:?} is not \"random\" or \"derived\"")),
+        }
+    }
 }
 
 impl Default for AcmeConfig {
@@ -234,6 +261,7 @@ impl Default for AcmeConfig {
             internal_ca_lifetime: DEFAULT_INTERNAL_LIFETIME,
             evidence_dir: PathBuf::from(DEFAULT_STORE).join("evidences"),
             evidence_server: true,
+            key_source: KeySource::Random,
         }
     }
 }
@@ -257,6 +285,7 @@ pub struct RawAcme {
     pub internal_ca_lifetime: Option<DurationValue>,
     pub evidence_dir: Option<String>,
     pub evidence_server: Option<bool>,
+    pub key_source: Option<String>,
 }
 
 /// One `[[domains]]` entry as written.
@@ -413,6 +442,14 @@ fn acme_settings(
             .evidence_dir
             .map_or_else(|| store.join("evidences"), PathBuf::from),
         evidence_server: evidence_server.or(raw.evidence_server).unwrap_or(true),
+        key_source: raw
+            .key_source
+            .as_deref()
+            .map(|t| t.parse().map_err(|e| c.fail("acme.key_source", e)))
+            .transpose()
+            .ok()
+            .flatten()
+            .unwrap_or_default(),
         store,
         email: first(env::EMAIL).map(|(_, v)| v).or(raw.email),
         renew_before,

@@ -1191,4 +1191,6 @@ pub mod store;
 #[cfg(test)]
 mod tests;
 pub use dns::{DnsConfig, ProviderConfig};
-pub use domains::{AcmeConfig, Challenge, DomainConfig, Eab, Issuer, Mode, PublicConfig};
+pub use domains::{
+    AcmeConfig, Challenge, DomainConfig, Eab, Issuer, KeySource, Mode, PublicConfig,
+};
