@@ -120,6 +120,19 @@ impl EtcdCluster {
         self.etcdctl_at(&self.endpoints(), args)
     }
 
+    /// The running members' process ids.
+    pub fn pids(&self) -> Vec<u32> {
+        self.members
+            .iter()
+            .filter_map(|m| m.process.as_ref().map(ChildGuard::id))
+            .collect()
+    }
+
+    /// Each member's client address (`/metrics` is served there).
+    pub fn clients(&self) -> Vec<SocketAddr> {
+        self.members.iter().map(|m| m.client).collect()
+    }
+
     /// `etcdctl put key` with `value` on its standard input (any bytes).
     pub fn etcdctl_put(&self, key: &str, value: &[u8]) -> Output {
         use std::io::Write;

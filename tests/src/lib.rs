@@ -73,6 +73,11 @@ impl ChildGuard {
         })
     }
 
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// What the process wrote to stderr so far (stdout and stderr interleaved for a guard from
     /// [`ChildGuard::spawn_with_stdout`]).
     pub fn stderr(&self) -> String {

@@ -109,6 +109,14 @@ pub fn load(chain_pem: &[u8], key_pem: &[u8], names: &[String]) -> Result<Loaded
     })
 }
 
+/// The end of validity of the first certificate in `chain_pem`, if it parses (a cheap look
+/// before loading the pair).
+pub fn leaf_not_after(chain_pem: &[u8]) -> Option<SystemTime> {
+    let leaf = CertificateDer::pem_slice_iter(chain_pem).next()?.ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).ok()?;
+    Some(to_system(cert.validity().not_after))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +135,8 @@ mod tests {
         let names = vec!["a.example.com".to_owned(), "www.a.example.com".to_owned()];
         let loaded = load(cert.as_bytes(), key.as_bytes(), &names).unwrap();
         assert!(loaded.not_after > loaded.not_before);
+        assert_eq!(leaf_not_after(cert.as_bytes()), Some(loaded.not_after));
+        assert_eq!(leaf_not_after(b"garbage"), None);
         assert!(!loaded.serial.is_empty());
 
         let (_, other_key) = pair(&["a.example.com"]);

@@ -313,14 +313,17 @@ impl EtcdStore {
                 async move { c.get(key, None).await }
             })
             .await?;
-        match resp.kvs().first() {
-            None => Ok(None),
-            Some(kv) => self
-                .sealer
-                .open(kind, name, kv.value())
-                .map(Some)
-                .map_err(refused(kind, name)),
-        }
+        resp.kvs()
+            .first()
+            .map(|kv| self.open(kind, name, kv.value()))
+            .transpose()
+    }
+
+    /// Open a sealed value of `kind` stored under `name` (as a watch delivered it).
+    pub fn open(&self, kind: Kind, name: &str, sealed: &[u8]) -> Result<Vec<u8>, EtcdError> {
+        self.sealer
+            .open(kind, name, sealed)
+            .map_err(refused(kind, name))
     }
 
     /// Seal and store `value` under `name`, while `lock` is still held.
@@ -357,65 +360,74 @@ impl EtcdStore {
     /// The lock on `name`, waiting (on a watch) while another instance holds it. The lease lives
     /// `ttl` unless kept alive; this instance keeps it alive until the [`Lock`] is dropped.
     pub async fn lock(&self, name: &str, ttl: Duration) -> Result<Lock, EtcdError> {
-        let key = self.key(Kind::Lock, name);
-        let ttl_secs = i64::try_from(ttl.as_secs().max(2)).unwrap_or(i64::MAX);
         loop {
-            let lease = self
-                .call(|mut c| async move { c.lease_grant(ttl_secs, None).await })
-                .await?
-                .id();
-            let holder = self
-                .sealer
-                .seal(Kind::Lock, name, format!("lease {lease:x}").as_bytes())
-                .map_err(refused(Kind::Lock, name))?;
-            // Take it if nobody holds it (the key does not exist: create revision 0).
-            let txn = Txn::new()
-                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(
-                    key.clone(),
-                    holder,
-                    Some(PutOptions::new().with_lease(lease)),
-                )]);
-            let resp = self
-                .call(|mut c| {
-                    let txn = txn.clone();
-                    async move { c.txn(txn).await }
-                })
-                .await?;
-            if resp.succeeded() {
-                let keepalive = self.keep_alive(lease, ttl).await?;
-                return Ok(Lock {
-                    name: name.to_owned(),
-                    key,
-                    lease,
-                    keepalive,
-                });
-            }
-            let _ = self
-                .call(|mut c| async move { c.lease_revoke(lease).await })
-                .await;
-            // Held: wait for its key to go (released, or its holder's lease expired), from the
-            // revision just read, so a delete in between is not missed; look again after a TTL.
-            let since = resp.header().map_or(0, |h| h.revision());
-            let mut watch = self
-                .call(|mut c| {
-                    let key = key.clone();
-                    let from = WatchOptions::new().with_start_revision(since + 1);
-                    async move { c.watch(key, Some(from)).await }
-                })
-                .await?;
-            let deadline = tokio::time::Instant::now() + ttl;
-            while let Ok(Ok(Some(resp))) = tokio::time::timeout_at(deadline, watch.message()).await
-            {
-                if resp
-                    .events()
-                    .iter()
-                    .any(|e| e.event_type() == EventType::Delete)
-                {
-                    break;
-                }
+            if let Some(lock) = self.lock_or_wait(name, ttl).await? {
+                return Ok(lock);
             }
         }
+    }
+
+    /// The lock on `name` if it is free; else wait until its holder lets go (released, or its
+    /// lease expired) or `ttl` passes, and return `None`: the caller looks at what the holder
+    /// left before trying again, so waiters do not queue through the lock one by one.
+    pub async fn lock_or_wait(&self, name: &str, ttl: Duration) -> Result<Option<Lock>, EtcdError> {
+        let key = self.key(Kind::Lock, name);
+        let ttl_secs = i64::try_from(ttl.as_secs().max(2)).unwrap_or(i64::MAX);
+        let lease = self
+            .call(|mut c| async move { c.lease_grant(ttl_secs, None).await })
+            .await?
+            .id();
+        let holder = self
+            .sealer
+            .seal(Kind::Lock, name, format!("lease {lease:x}").as_bytes())
+            .map_err(refused(Kind::Lock, name))?;
+        // Take it if nobody holds it (the key does not exist: create revision 0).
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                holder,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let resp = self
+            .call(|mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        if resp.succeeded() {
+            let keepalive = self.keep_alive(lease, ttl).await?;
+            return Ok(Some(Lock {
+                name: name.to_owned(),
+                key,
+                lease,
+                keepalive,
+            }));
+        }
+        let _ = self
+            .call(|mut c| async move { c.lease_revoke(lease).await })
+            .await;
+        // Held: wait for its key to go, from the revision just read, so a delete in between is
+        // not missed.
+        let since = resp.header().map_or(0, |h| h.revision());
+        let mut watch = self
+            .call(|mut c| {
+                let key = key.clone();
+                let from = WatchOptions::new().with_start_revision(since + 1);
+                async move { c.watch(key, Some(from)).await }
+            })
+            .await?;
+        let deadline = tokio::time::Instant::now() + ttl;
+        while let Ok(Ok(Some(resp))) = tokio::time::timeout_at(deadline, watch.message()).await {
+            if resp
+                .events()
+                .iter()
+                .any(|e| e.event_type() == EventType::Delete)
+            {
+                break;
+            }
+        }
+        Ok(None)
     }
 
     /// A task that renews `lease` at a third of `ttl` until aborted.

@@ -236,7 +236,9 @@ impl Acme {
         Ok((self.obtain(d).await?.0, Origin::Ordered))
     }
 
-    /// [`Acme::acquire`] through the fleet's lock.
+    /// [`Acme::acquire`] through the fleet: its certificate when it has a fresh one, else an
+    /// order under its lock. An instance that finds the lock held waits for the holder and
+    /// then looks again, so the fleet's instances do not queue through the lock.
     #[cfg(feature = "etcd")]
     async fn acquire_shared(
         &self,
@@ -245,24 +247,21 @@ impl Acme {
         current: Option<&Loaded>,
     ) -> Result<(Loaded, Origin), IssueError> {
         let name = d.name();
-        let lock = replicas.lock(name).await.inspect_err(|e| {
-            d.set(|s| s.fleet = Some(format!("unreachable: {e}")));
-        })?;
+        let lock = loop {
+            if let Some(loaded) = self.fresh_from_fleet(replicas, d, current).await? {
+                return Ok((loaded, Origin::Fleet));
+            }
+            let attempt = replicas.lock_or_wait(name).await.inspect_err(|e| {
+                d.set(|s| s.fleet = Some(format!("unreachable: {e}")));
+            })?;
+            if let Some(lock) = attempt {
+                break lock;
+            }
+        };
         let result = async {
-            // Another instance may have finished while this one waited for the lock.
-            if let Some(loaded) = self.fleet_copy(replicas, d).await? {
-                // Newer than what is served here; or the same one, unless it is what this
-                // renewal replaces (`certs renew`, another issuer's).
-                let stale = d.state.lock().map(|s| s.stale).unwrap_or(false);
-                let fresh = self.renew_at(&loaded) > SystemTime::now()
-                    && current.is_none_or(|c| {
-                        loaded.not_after > c.not_after
-                            || (loaded.not_after == c.not_after && !stale)
-                    });
-                if fresh {
-                    tracing::info!(domain = %name, serial = %loaded.serial, store = %replicas.location(), "the fleet's certificate taken: no order");
-                    return Ok((loaded, Origin::Fleet));
-                }
+            // It may have landed between the look and the lock.
+            if let Some(loaded) = self.fresh_from_fleet(replicas, d, current).await? {
+                return Ok((loaded, Origin::Fleet));
             }
             tracing::info!(domain = %name, store = %replicas.location(), "ordering for the fleet (holding its lock)");
             let (loaded, issued) = self.obtain(d).await?;
@@ -283,6 +282,30 @@ impl Acme {
         .await;
         replicas.release(lock).await;
         result
+    }
+
+    /// The fleet's certificate for `d` if it is fresh and newer than `current` (or the same
+    /// one, unless that is what this renewal replaces: `certs renew`, another issuer's).
+    #[cfg(feature = "etcd")]
+    async fn fresh_from_fleet(
+        &self,
+        replicas: &Replicas,
+        d: &Domain,
+        current: Option<&Loaded>,
+    ) -> Result<Option<Loaded>, IssueError> {
+        let Some(loaded) = self.fleet_copy(replicas, d).await? else {
+            return Ok(None);
+        };
+        let stale = d.state.lock().map(|s| s.stale).unwrap_or(false);
+        let fresh = self.renew_at(&loaded) > SystemTime::now()
+            && current.is_none_or(|c| {
+                loaded.not_after > c.not_after || (loaded.not_after == c.not_after && !stale)
+            });
+        if !fresh {
+            return Ok(None);
+        }
+        tracing::info!(domain = %d.name(), serial = %loaded.serial, store = %replicas.location(), "the fleet's certificate taken: no order");
+        Ok(Some(loaded))
     }
 
     /// The fleet's certificate for `d`, checked, and kept in the local store: `None` when
@@ -349,8 +372,8 @@ impl Acme {
                             continue;
                         };
                         // A deletion takes nothing from anyone: each instance keeps its copy.
-                        if change.sealed.is_some() {
-                            self.adopt(&replicas, d).await;
+                        if let Some(sealed) = &change.sealed {
+                            self.adopt(&replicas, d, sealed).await;
                         }
                     }
                     match watch.next().await? {
@@ -367,17 +390,40 @@ impl Acme {
         }
     }
 
-    /// Take the fleet's certificate for `d` when it is newer than the one served here.
+    /// Take the fleet's certificate for `d`, `sealed` as the watch delivered it, when it is
+    /// newer than the one served here. Opened first: only a newer one costs a read of its
+    /// key, and one that does not open is reported and replaced through the lock.
     #[cfg(feature = "etcd")]
-    async fn adopt(&self, replicas: &Replicas, d: &Domain) {
-        let before = d.state.lock().map(|s| s.fleet.clone()).ok().flatten();
+    async fn adopt(&self, replicas: &Replicas, d: &Domain, sealed: &[u8]) {
+        let chain = match replicas.open_chain(d.name(), sealed).await {
+            Ok(chain) => chain,
+            Err(why) => {
+                d.set(|s| s.fleet = Some(format!("refused: {why}")));
+                // Replace it for the fleet; serving here goes on meanwhile.
+                d.renew_now.notify_one();
+                return;
+            }
+        };
+        let served = d.served.load_full();
+        match (cert::leaf_not_after(&chain), served.as_deref()) {
+            (Some(t), Some(c)) if t <= c.not_after => {
+                d.set(|s| s.fleet = Some("shared".into()));
+                return;
+            }
+            (None, _) => {
+                tracing::error!(domain = %d.name(), "the fleet's certificate does not parse");
+                return;
+            }
+            _ => {}
+        }
         match self.fleet_copy(replicas, d).await {
-            Ok(Some(loaded)) => {
-                // Only a newer one: the same one is what this instance may be replacing.
-                let served = d.served.load_full();
-                if served.is_some_and(|c| c.not_after >= loaded.not_after) {
-                    return;
-                }
+            // Only a newer one: the same one is what this instance may be replacing.
+            Ok(Some(loaded))
+                if d.served
+                    .load()
+                    .as_ref()
+                    .is_none_or(|c| c.not_after < loaded.not_after) =>
+            {
                 tracing::info!(domain = %d.name(), serial = %loaded.serial, store = %replicas.location(), "the fleet's newer certificate taken: no order");
                 d.serve(Some(loaded));
                 d.set(|s| {
@@ -389,14 +435,7 @@ impl Acme {
                     s.stale = false;
                 });
             }
-            Ok(None) => {
-                let refused = d.state.lock().ok().and_then(|s| s.fleet.clone());
-                if refused.as_deref().is_some_and(|f| f.starts_with("refused")) && refused != before
-                {
-                    // Replace it for the fleet; serving here goes on meanwhile.
-                    d.renew_now.notify_one();
-                }
-            }
+            Ok(_) => {}
             Err(e) => {
                 tracing::warn!(domain = %d.name(), error = %e, "the fleet's certificate could not be read");
             }

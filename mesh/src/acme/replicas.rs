@@ -231,15 +231,29 @@ impl Replicas {
         self.note(result.await)
     }
 
-    /// The fleet's lock on `domain`; waits while another instance orders.
-    pub async fn lock(&self, domain: &str) -> Result<Lock, SharedError> {
+    /// The fleet's lock on `domain`, or `None` after waiting for the instance that held it
+    /// (look at what it left before trying again).
+    pub async fn lock_or_wait(&self, domain: &str) -> Result<Option<Lock>, SharedError> {
         let result = async {
             let store = self.store().await?;
             Ok(store
-                .lock(&format!("order/{domain}"), self.lock_ttl)
+                .lock_or_wait(&format!("order/{domain}"), self.lock_ttl)
                 .await?)
         };
         self.note(result.await)
+    }
+
+    /// Open the fleet's chain for `domain` as a watch delivered it; a value that does not open
+    /// is counted and logged, and the reason returned.
+    pub async fn open_chain(&self, domain: &str, sealed: &[u8]) -> Result<Vec<u8>, String> {
+        let store = self.store().await.map_err(|e| e.to_string())?;
+        store
+            .open(Kind::Certificate, &domain_key(domain, "chain.pem"), sealed)
+            .map_err(|e| {
+                self.count_refused(Kind::Certificate);
+                tracing::error!(domain, store = %self.location(), error = %e, "refusing the fleet's stored certificate: it is never served, and the next order replaces it");
+                e.to_string()
+            })
     }
 
     /// The certificate the fleet has for `domain`. A value that does not open is counted,
