@@ -98,6 +98,11 @@ struct Project {
 
 impl Project {
     fn up(name: &str, files: Vec<PathBuf>, env: Vec<(&str, String)>) -> Self {
+        Self::up_with(name, files, env, &[])
+    }
+
+    /// [`Project::up`] with more `docker-compose up` arguments (`--scale etcd=0`).
+    fn up_with(name: &str, files: Vec<PathBuf>, env: Vec<(&str, String)>, args: &[&str]) -> Self {
         let unique = format!(
             "{name}-{}-{}",
             std::process::id(),
@@ -111,7 +116,9 @@ impl Project {
             files,
             env: env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
         };
-        run(&mut project.compose(&["up", "-d", "--no-build"]));
+        let mut up = vec!["up", "-d", "--no-build"];
+        up.extend_from_slice(args);
+        run(&mut project.compose(&up));
         project
     }
 
@@ -552,4 +559,120 @@ async fn ingress_compose_issues_from_pebble_and_serves_the_domain() {
 #[tokio::test(flavor = "multi_thread")]
 async fn both_compose_serves_the_domain_and_the_mesh_on_one_port() {
     custom_domain_compose("both/docker-compose.yaml", "dstack-mesh", "MESH_PORT", true).await;
+}
+
+/// `deploy/replicas` as two CVMs of one app: the first runs the compose file's etcd service
+/// (Debian's etcd, `scripts/docker-bases`), the second reaches it over the first's network.
+/// pebble validates TLS-ALPN-01 through the first's published port only, whichever instance
+/// ordered; both serve the one certificate, and etcd holds no readable domain or PEM.
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_compose_shares_one_certificate_between_two_cvms() {
+    const DOMAIN: &str = "shop.test";
+    let image = image();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_owned();
+    let state = d.join("state");
+    let (_agent_1, sock_1) = dev_agent(&d, "agent-1", B, &state);
+    let (_agent_2, sock_2) = dev_agent(&d, "agent-2", B, &state);
+    let bridge = bridge_ip();
+    let (port_1, port_2) = (free_port(), free_port());
+    let pebble_dir = d.join("pebble");
+    let pebble = tokio::task::spawn_blocking(move || {
+        e2e::pebble::Pebble::start(
+            &pebble_dir,
+            e2e::pebble::PebbleOptions {
+                tls_port: port_1,
+                http_port: free_port(),
+                listen_ip: Some(bridge),
+                ..Default::default()
+            },
+        )
+    })
+    .await
+    .unwrap();
+    let env = |sock: &Path, port: u16| {
+        vec![
+            ("DSTACK_MESH_IMAGE", image.clone()),
+            ("ETCD_IMAGE", "dstack-mesh-etcd:local".to_owned()),
+            ("DSTACK_SOCKET", sock.display().to_string()),
+            ("MESH_PORT", format!("127.0.0.1:{port}")),
+            ("DOMAIN", DOMAIN.to_owned()),
+            ("CERTBOT_EMAIL", format!("ops@{DOMAIN}")),
+            ("TARGET_ENDPOINT", "http://app:8080".to_owned()),
+        ]
+    };
+    let pebble_file = pebble_override(&d, "dstack-mesh", &pebble);
+    let first = Project::up(
+        "replicas-1",
+        vec![deploy("replicas/docker-compose.yaml"), pebble_file.clone()],
+        env(&sock_1, port_1),
+    );
+    let etcd = first.container("etcd");
+    let network = docker(&[
+        "inspect",
+        "--format",
+        "{{range $name, $_ := .NetworkSettings.Networks}}{{$name}}{{end}}",
+        &etcd,
+    ]);
+    let joined = d.join("join.yaml");
+    std::fs::write(
+        &joined,
+        format!("networks:\n  default:\n    external: true\n    name: {network}\n"),
+    )
+    .unwrap();
+    let second = Project::up_with(
+        "replicas-2",
+        vec![deploy("replicas/docker-compose.yaml"), pebble_file, joined],
+        env(&sock_2, port_2),
+        &["--scale", "etcd=0"],
+    );
+    first.healthy("dstack-mesh");
+    second.healthy("dstack-mesh");
+
+    let root = pebble.issuance_root_pem();
+    let mut leaves = Vec::new();
+    let end = Instant::now() + Duration::from_secs(120);
+    for port in [port_1, port_2] {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let leaf = loop {
+            if let Ok(tls) =
+                e2e::client::public_connect(addr, DOMAIN, root.as_bytes(), &[b"http/1.1"]).await
+            {
+                let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+                let mut client = MeshClient::over(tls).await.unwrap();
+                let (status, _, _) = client.get_from(DOMAIN, "/shop", &[]).await.unwrap();
+                assert_eq!(status, StatusCode::OK);
+                break leaf;
+            }
+            assert!(
+                Instant::now() < end,
+                "no certificate on 127.0.0.1:{port}\n{}\n{}",
+                first.logs(),
+                second.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        leaves.push(leaf);
+    }
+    assert_eq!(leaves[0], leaves[1], "one certificate for both CVMs");
+    assert_eq!(pebble.orders_seen(), 1, "{}", pebble.log());
+    let logs = first.logs() + &second.logs();
+    assert!(logs.contains("the fleet's certificate taken"), "{logs}");
+
+    // What the etcd service holds: sealed values under hashed names.
+    let ip = docker(&[
+        "inspect",
+        "--format",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        &etcd,
+    ]);
+    let dump = run(Command::new(program("etcdctl"))
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints=http://{ip}:2379"))
+        .args(["get", "--prefix", "/dstack-mesh/"]));
+    let text = String::from_utf8_lossy(&dump.stdout);
+    assert!(text.contains(&format!("/dstack-mesh/{B}/cert/")), "{text}");
+    for plain in ["BEGIN", DOMAIN] {
+        assert!(!text.contains(plain), "{plain} readable in etcd:\n{text}");
+    }
 }
