@@ -202,7 +202,7 @@ async fn three_replicas_share_one_certificate_ordered_once() {
     let logs: Vec<String> = replicas.iter().map(|(p, _)| p[1].stderr()).collect();
     let taken = logs
         .iter()
-        .filter(|l| l.contains("the fleet's certificate taken"))
+        .filter(|l| l.contains("certificate taken: no order"))
         .count();
     assert_eq!(
         taken, 2,
@@ -1037,4 +1037,41 @@ async fn derived_keys_are_the_same_on_every_instance_without_a_store() {
         renewed.is_some()
     });
     assert_eq!(renewed.unwrap().0, keys[0].0);
+}
+
+/// On the internal CA, the fleet shares one CA key (derived from the app's key): each replica
+/// asked to renew orders with its own CA, yet every CA has the same public key and name, so a
+/// client trusting one replica's `ca.pem` verifies every leaf the fleet serves.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_fleet_shares_one_internal_ca() {
+    use rustls_pki_types::pem::PemObject;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cluster = EtcdCluster::start(&d.join("etcd"), 3);
+    let backend = Backend::start().await;
+    let fleet = internal_fleet(d, &cluster, backend.addr, "", "");
+    let mut leaf = fleet_serves(d, &fleet, "the fleet to serve one certificate", |_| true);
+    // Each replica orders once (a renewal asked of it), so each has a CA of its own making.
+    for r in &fleet {
+        renew(r.admin).await;
+        leaf = fleet_serves(d, &fleet, "the renewal to land everywhere", |l| l != leaf);
+    }
+    assert_eq!(fleet_orders(&fleet).await, 4);
+    let keys: Vec<Vec<u8>> = (0..3)
+        .map(|i| {
+            let pem = std::fs::read(d.join(format!("store-{i}/internal-ca/ca.pem"))).unwrap();
+            let der = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+                .next()
+                .unwrap()
+                .unwrap();
+            let (_, ca) = x509_parser::parse_x509_certificate(&der).unwrap();
+            ca.public_key().raw.to_vec()
+        })
+        .collect();
+    assert!(keys.iter().all(|k| k == &keys[0]), "three CA keys");
+    // One replica's root verifies what each serves.
+    let root = std::fs::read_to_string(d.join("store-0/internal-ca/ca.pem")).unwrap();
+    for r in &fleet {
+        assert!(served(r.inbound, DOMAIN, &root).await.is_some());
+    }
 }

@@ -109,12 +109,23 @@ pub fn load(chain_pem: &[u8], key_pem: &[u8], names: &[String]) -> Result<Loaded
     })
 }
 
-/// The end of validity of the first certificate in `chain_pem`, if it parses (a cheap look
-/// before loading the pair).
-pub fn leaf_not_after(chain_pem: &[u8]) -> Option<SystemTime> {
+/// The end of validity and the serial (as [`Loaded::serial`]) of the first certificate in
+/// `chain_pem`, if it parses: a cheap look before loading the pair.
+pub fn leaf_summary(chain_pem: &[u8]) -> Option<(SystemTime, String)> {
     let leaf = CertificateDer::pem_slice_iter(chain_pem).next()?.ok()?;
     let (_, cert) = x509_parser::parse_x509_certificate(&leaf).ok()?;
-    Some(to_system(cert.validity().not_after))
+    Some((
+        to_system(cert.validity().not_after),
+        cert.raw_serial_as_string().replace(':', ""),
+    ))
+}
+
+impl Loaded {
+    /// Whether a certificate ending at `not_after` with `serial` replaces this one: it ends
+    /// later, or at the same second and is another certificate (a renewal within a second).
+    pub fn superseded_by(&self, not_after: SystemTime, serial: &str) -> bool {
+        not_after > self.not_after || (not_after == self.not_after && serial != self.serial)
+    }
 }
 
 #[cfg(test)]
@@ -135,8 +146,14 @@ mod tests {
         let names = vec!["a.example.com".to_owned(), "www.a.example.com".to_owned()];
         let loaded = load(cert.as_bytes(), key.as_bytes(), &names).unwrap();
         assert!(loaded.not_after > loaded.not_before);
-        assert_eq!(leaf_not_after(cert.as_bytes()), Some(loaded.not_after));
-        assert_eq!(leaf_not_after(b"garbage"), None);
+        assert_eq!(
+            leaf_summary(cert.as_bytes()),
+            Some((loaded.not_after, loaded.serial.clone()))
+        );
+        assert_eq!(leaf_summary(b"garbage"), None);
+        assert!(!loaded.superseded_by(loaded.not_after, &loaded.serial));
+        assert!(loaded.superseded_by(loaded.not_after, "another"));
+        assert!(!loaded.superseded_by(loaded.not_before, "another"));
         assert!(!loaded.serial.is_empty());
 
         let (_, other_key) = pair(&["a.example.com"]);

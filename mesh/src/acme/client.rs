@@ -351,6 +351,15 @@ pub fn derive_domain_key(seed: &[u8]) -> Result<PrivatePkcs8KeyDer<'static>, Key
     derive_p256(b"dstack-mesh domain key v1\0", seed)
 }
 
+/// The internal CA's key when instances must share it (etcd store, derived keys): a P-256
+/// scalar hashed from the agent's `GetKey` seed at [`INTERNAL_CA_KEY_PATH`].
+pub fn derive_internal_ca_key(seed: &[u8]) -> Result<PrivatePkcs8KeyDer<'static>, KeyError> {
+    derive_p256(b"dstack-mesh internal CA key v1\0", seed)
+}
+
+/// The `GetKey` path of the shared internal CA's key.
+pub const INTERNAL_CA_KEY_PATH: &str = "dstack-mesh/internal-ca/v1";
+
 /// The `GetKey` path of a domain's derived certificate key (its primary name).
 pub fn domain_key_path(domain: &str) -> String {
     format!("dstack-mesh/domain-key/v1/{domain}")

@@ -1,5 +1,10 @@
 //! `internal-ca`: a local CA kept in the store. No network, not publicly trusted: the demo's
 //! issuer, and a way to serve a domain before its public CA is reachable.
+//!
+//! When instances of the app must agree (the etcd store, `key_source = "derived"`), the CA's
+//! key is derived from the app's key instead of drawn at random, so every instance's CA has
+//! the same key and name: a client that trusts one instance's `ca.pem` verifies a leaf any
+//! instance issued.
 
 use std::{sync::Arc, time::Duration};
 
@@ -8,8 +13,10 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
+use ratls::agent::AgentClient;
+
 use super::{
-    client::Issued,
+    client::{derive_internal_ca_key, Issued, INTERNAL_CA_KEY_PATH},
     store::{CertStore, StoreError},
 };
 
@@ -23,6 +30,8 @@ pub struct InternalIssuer {
     store: Arc<dyn CertStore>,
     lifetime: Duration,
     ca: std::sync::Mutex<Option<Arc<InternalCa>>>,
+    /// The agent the shared key comes from, when the CA's key is derived.
+    derive_from: Option<AgentClient>,
 }
 
 impl std::fmt::Debug for InternalIssuer {
@@ -34,37 +43,62 @@ impl std::fmt::Debug for InternalIssuer {
 }
 
 impl InternalIssuer {
-    /// The issuer, trying the store once now (a failure is logged, and tried again later).
-    pub fn new(store: Arc<dyn CertStore>, lifetime: Duration) -> Self {
+    /// The issuer. With a random key the store is tried once now (a failure is logged, and
+    /// tried again later); with `derive_from`, at the first issuance (the agent may answer
+    /// later than the start).
+    pub fn new(
+        store: Arc<dyn CertStore>,
+        lifetime: Duration,
+        derive_from: Option<AgentClient>,
+    ) -> Self {
         let issuer = Self {
             store,
             lifetime,
             ca: std::sync::Mutex::new(None),
+            derive_from,
         };
-        if let Err(e) = issuer.ca() {
-            tracing::error!(store = %issuer.store.location(), error = %e, "internal CA unavailable: its domains are not served until the store can hold it; other traffic is unaffected");
+        if issuer.derive_from.is_none() {
+            if let Err(e) = issuer.ca(None) {
+                tracing::error!(store = %issuer.store.location(), error = %e, "internal CA unavailable: its domains are not served until the store can hold it; other traffic is unaffected");
+            }
         }
         issuer
     }
 
-    /// The CA, opened (or created) on first success.
-    fn ca(&self) -> Result<Arc<InternalCa>, InternalCaError> {
+    /// The CA, opened (or created, with `derived` for its key) on first success.
+    fn ca(&self, derived: Option<KeyPair>) -> Result<Arc<InternalCa>, InternalCaError> {
         let mut slot = self.ca.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(ca) = slot.as_ref() {
             return Ok(ca.clone());
         }
-        let ca = Arc::new(InternalCa::open(&self.store, self.lifetime)?);
+        let ca = Arc::new(InternalCa::open(&self.store, self.lifetime, derived)?);
         *slot = Some(ca.clone());
         Ok(ca)
     }
 
     /// A certificate for `names`, for `key` (`None`: a new one).
-    pub fn issue(
+    pub async fn issue(
         &self,
         names: &[String],
         key: Option<&KeyPair>,
     ) -> Result<Issued, InternalCaError> {
-        self.ca()?.issue(names, key)
+        let opened = self.ca.lock().map(|c| c.clone()).unwrap_or(None);
+        let ca = match (opened, &self.derive_from) {
+            (Some(ca), _) => ca,
+            (None, None) => self.ca(None)?,
+            (None, Some(agent)) => {
+                let reply = agent
+                    .get_key(INTERNAL_CA_KEY_PATH, "internal-ca")
+                    .await
+                    .map_err(|e| InternalCaError::SharedKey(e.to_string()))?;
+                let seed = hex::decode(reply.key.trim_start_matches("0x"))
+                    .map_err(|_| InternalCaError::SharedKey("GetKey's answer is not hex".into()))?;
+                let der = derive_internal_ca_key(&seed)
+                    .map_err(|e| InternalCaError::SharedKey(e.to_string()))?;
+                self.ca(Some(KeyPair::try_from(der.secret_pkcs8_der())?))?
+            }
+        };
+        ca.issue(names, key)
     }
 }
 
@@ -105,11 +139,19 @@ pub enum InternalCaError {
     /// The system's random number generator failed.
     #[error("random number generator failed")]
     Random,
+    /// The shared CA key (derived from the app's key) could not be made.
+    #[error("the internal CA's shared key: {0}")]
+    SharedKey(String),
 }
 
 impl InternalCa {
-    /// Load the CA from the store, or create and store one.
-    pub fn open(store: &Arc<dyn CertStore>, lifetime: Duration) -> Result<Self, InternalCaError> {
+    /// Load the CA from the store, or create and store one (with `derived` as its key when
+    /// given; a stored CA with another key is replaced then, so the fleet's CAs agree).
+    pub fn open(
+        store: &Arc<dyn CertStore>,
+        lifetime: Duration,
+        derived: Option<KeyPair>,
+    ) -> Result<Self, InternalCaError> {
         let read = |key: &str| -> Result<Option<String>, InternalCaError> {
             Ok(store.read(key)?.and_then(|b| String::from_utf8(b).ok()))
         };
@@ -118,6 +160,13 @@ impl InternalCa {
                 file: CA_KEY,
                 source,
             })?;
+            let other = derived
+                .as_ref()
+                .is_some_and(|d| d.public_key_pem() != pair.public_key_pem());
+            if other {
+                tracing::info!(store = %store.location(), "the stored internal CA has a key of its own: replacing it with the app's shared one");
+                return Self::create(store, lifetime, derived);
+            }
             let issuer = Issuer::from_ca_cert_pem(&cert, pair).map_err(|source| {
                 InternalCaError::Stored {
                     file: CA_CERT,
@@ -130,7 +179,19 @@ impl InternalCa {
                 lifetime,
             });
         }
-        let key = KeyPair::generate()?;
+        Self::create(store, lifetime, derived)
+    }
+
+    /// A new CA on `key` (`None`: a random one), stored.
+    fn create(
+        store: &Arc<dyn CertStore>,
+        lifetime: Duration,
+        key: Option<KeyPair>,
+    ) -> Result<Self, InternalCaError> {
+        let key = match key {
+            Some(key) => key,
+            None => KeyPair::generate()?,
+        };
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "dstack-mesh");

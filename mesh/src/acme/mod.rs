@@ -259,11 +259,13 @@ fn jitter(max: Duration) -> Duration {
 }
 
 /// One issuer per distinct `issuer` of the domains: an ACME client (the account derived from
-/// the app's key, the CA's roots) or the internal CA.
+/// the app's key, the CA's roots) or the internal CA (its key derived too when `shares_keys`:
+/// the instances must agree on it).
 fn issuers(
     public: &PublicConfig,
     agent: &AgentClient,
     store: &Arc<dyn CertStore>,
+    shares_keys: bool,
 ) -> Result<HashMap<Issuer, IssuerRuntime>, AcmeError> {
     let mut extra_roots = Vec::new();
     for path in &public.acme.ca_roots {
@@ -294,6 +296,7 @@ fn issuers(
             Issuer::InternalCa => IssuerRuntime::Internal(Arc::new(InternalIssuer::new(
                 store.clone(),
                 public.acme.internal_ca_lifetime,
+                shares_keys.then(|| agent.clone()),
             ))),
         };
         issuers.insert(d.issuer.clone(), runtime);
@@ -311,12 +314,12 @@ impl Acme {
         agent: AgentClient,
         challenges: Option<Arc<Challenges>>,
     ) -> Result<Arc<Self>, AcmeError> {
-        // Without etcd support the configuration has refused every store but the file one.
-        #[cfg(not(feature = "etcd"))]
-        let _ = shared;
         let store: Arc<dyn CertStore> = Arc::new(DirStore::new(&public.acme.store));
         let challenges = challenges.unwrap_or_default();
-        let issuers = issuers(public, &agent, &store)?;
+        // Instances that share certificates (etcd) or keys (derived) share the internal CA.
+        let shares_keys = !matches!(shared.store, StoreConfig::File)
+            || public.acme.key_source == crate::config::KeySource::Derived;
+        let issuers = issuers(public, &agent, &store, shares_keys)?;
         let mut domains = Vec::new();
         let (mut exact, mut wildcard) = (HashMap::new(), HashMap::new());
         for (i, config) in public.domains.iter().enumerate() {

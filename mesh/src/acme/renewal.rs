@@ -113,6 +113,8 @@ impl Acme {
                     }
                 }
             }
+            // What is served now: the fleet may have replaced it during the wait.
+            let current = d.served.load_full();
             d.set(|s| {
                 s.status = Some(if current.is_some() {
                     Status::Renewing
@@ -299,7 +301,8 @@ impl Acme {
         let stale = d.state.lock().map(|s| s.stale).unwrap_or(false);
         let fresh = self.renew_at(&loaded) > SystemTime::now()
             && current.is_none_or(|c| {
-                loaded.not_after > c.not_after || (loaded.not_after == c.not_after && !stale)
+                c.superseded_by(loaded.not_after, &loaded.serial)
+                    || (loaded.serial == c.serial && !stale)
             });
         if !fresh {
             return Ok(None);
@@ -405,8 +408,8 @@ impl Acme {
             }
         };
         let served = d.served.load_full();
-        match (cert::leaf_not_after(&chain), served.as_deref()) {
-            (Some(t), Some(c)) if t <= c.not_after => {
+        match (cert::leaf_summary(&chain), served.as_deref()) {
+            (Some((t, serial)), Some(c)) if !c.superseded_by(t, &serial) => {
                 d.set(|s| s.fleet = Some("shared".into()));
                 return;
             }
@@ -422,7 +425,7 @@ impl Acme {
                 if d.served
                     .load()
                     .as_ref()
-                    .is_none_or(|c| c.not_after < loaded.not_after) =>
+                    .is_none_or(|c| c.superseded_by(loaded.not_after, &loaded.serial)) =>
             {
                 tracing::info!(domain = %d.name(), serial = %loaded.serial, store = %replicas.location(), "the fleet's newer certificate taken: no order");
                 d.serve(Some(loaded));
@@ -462,9 +465,10 @@ impl Acme {
             )
             .await
             .map_err(|_| IssueError::Unreachable(Unreachable::OrderDeadline(ORDER_DEADLINE)))??,
-            Some(IssuerRuntime::Internal(ca)) => {
-                ca.issue(names, key.as_ref()).map_err(LocalError::from)?
-            }
+            Some(IssuerRuntime::Internal(ca)) => ca
+                .issue(names, key.as_ref())
+                .await
+                .map_err(LocalError::from)?,
             None => return Err(LocalError::NoIssuer.into()),
         };
         let loaded = cert::load(

@@ -110,7 +110,10 @@ impl CertStore for DirStore {
         let name = path
             .file_name()
             .map_or_else(Default::default, |n| n.to_string_lossy().into_owned());
-        let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+        // Unique per write: two tasks may write one file at once (an order and a watch).
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(".{name}.tmp.{}.{n}", std::process::id()));
         let result = (|| {
             let mut file = fs::OpenOptions::new()
                 .write(true)
@@ -151,6 +154,28 @@ impl CertStore for DirStore {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn concurrent_writes_of_one_file_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(DirStore::new(dir.path().join("store")));
+        let writers: Vec<_> = (0..4u8)
+            .map(|i| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..200 {
+                        store.write("certs/a.example/key.pem", &[i; 64], true)?;
+                    }
+                    Ok::<_, StoreError>(())
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap().unwrap();
+        }
+        let bytes = store.read("certs/a.example/key.pem").unwrap().unwrap();
+        assert!(bytes.len() == 64 && bytes.iter().all(|b| *b == bytes[0]));
+    }
 
     #[test]
     fn atomic_files_with_modes() {
