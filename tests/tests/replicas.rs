@@ -651,6 +651,19 @@ async fn renew(admin: SocketAddr) {
 /// orders one replacement that every instance then serves.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tampered_certificate_is_refused_reported_and_replaced_once() {
+    tampered_and_replaced_once("cert").await;
+}
+
+/// The same with the stored private key: refused when its change arrives, not at the next
+/// renewal.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tampered_key_is_refused_reported_and_replaced_once() {
+    tampered_and_replaced_once("key").await;
+}
+
+/// Flip a byte of the fleet's stored value of `kind` (`cert` or `key`, the label in etcd and
+/// in `dstack_mesh_store_refused_total`); one replacement for the fleet.
+async fn tampered_and_replaced_once(kind: &str) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let cluster = EtcdCluster::start(&d.join("etcd"), 3);
@@ -659,7 +672,7 @@ async fn a_tampered_certificate_is_refused_reported_and_replaced_once() {
     let first = fleet_serves(d, &fleet, "the fleet to serve one certificate", |_| true);
     assert_eq!(fleet_orders(&fleet).await, 1);
 
-    let prefix = format!("/dstack-mesh/{APP}/cert/");
+    let prefix = format!("/dstack-mesh/{APP}/{kind}/");
     let keys = cluster.etcdctl(&["get", "--prefix", &prefix, "--keys-only"]);
     let keys: Vec<String> = String::from_utf8_lossy(&keys.stdout)
         .lines()
@@ -693,7 +706,8 @@ async fn a_tampered_certificate_is_refused_reported_and_replaced_once() {
     // The instance that re-ordered did so because it refused the value, and says so.
     let mut refused = 0.0;
     for r in &fleet {
-        let n = metric(r.admin, "dstack_mesh_store_refused_total{kind=\"cert\"}").await;
+        let series = format!("dstack_mesh_store_refused_total{{kind=\"{kind}\"}}");
+        let n = metric(r.admin, &series).await;
         if n > 0.0 {
             assert!(r.processes[1]
                 .stderr()

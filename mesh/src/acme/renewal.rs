@@ -7,7 +7,11 @@ use std::{
 };
 
 #[cfg(feature = "etcd")]
-use super::replicas::{Fetched, Replicas, Shared};
+use super::{
+    etcd::Change,
+    replicas::{Fetched, Replicas, Shared},
+    seal::Kind,
+};
 use crate::config::KeySource;
 
 use super::{
@@ -365,21 +369,44 @@ impl Acme {
         let mut retry = Duration::from_secs(1);
         loop {
             let session = async {
-                let (mut watch, keys) = replicas.watch_certificates(&names).await?;
+                let (mut certs, cert_keys) =
+                    replicas.watch_domains(Kind::Certificate, &names).await?;
+                let (mut keys, key_keys) = replicas.watch_domains(Kind::PrivateKey, &names).await?;
                 retry = Duration::from_secs(1);
-                let mut changes = watch.existing();
+                let mut changes: Vec<(Kind, Change)> = (certs.existing().into_iter())
+                    .map(|c| (Kind::Certificate, c))
+                    .chain(keys.existing().into_iter().map(|c| (Kind::PrivateKey, c)))
+                    .collect();
                 loop {
-                    for change in changes.drain(..) {
-                        let Some(d) = keys.get(&change.key).and_then(|i| self.domains.get(*i))
+                    for (kind, change) in changes.drain(..) {
+                        let index = match kind {
+                            Kind::Certificate => cert_keys.get(&change.key),
+                            _ => key_keys.get(&change.key),
+                        };
+                        // A deletion takes nothing from anyone: each instance keeps its copy.
+                        let (Some(d), Some(sealed)) =
+                            (index.and_then(|i| self.domains.get(*i)), &change.sealed)
                         else {
                             continue;
                         };
-                        // A deletion takes nothing from anyone: each instance keeps its copy.
-                        if let Some(sealed) = &change.sealed {
-                            self.adopt(&replicas, d, sealed).await;
+                        match kind {
+                            Kind::Certificate => self.adopt(&replicas, d, sealed).await,
+                            // A key is read with its certificate; here it is only checked.
+                            _ => {
+                                if let Err(why) = replicas
+                                    .open_fleet(Kind::PrivateKey, d.name(), sealed)
+                                    .await
+                                {
+                                    self.refused(d, &why);
+                                }
+                            }
                         }
                     }
-                    match watch.next().await? {
+                    let next = tokio::select! {
+                        c = certs.next() => c?.map(|c| (Kind::Certificate, c)),
+                        k = keys.next() => k?.map(|k| (Kind::PrivateKey, k)),
+                    };
+                    match next {
                         Some(change) => changes.push(change),
                         None => return Ok::<_, super::replicas::SharedError>(()),
                     }
@@ -393,19 +420,25 @@ impl Acme {
         }
     }
 
+    /// The fleet's copy of `d` does not open: say so, and replace it for the fleet (serving
+    /// here goes on meanwhile; the lock lets one instance order).
+    #[cfg(feature = "etcd")]
+    fn refused(&self, d: &Domain, why: &str) {
+        d.set(|s| s.fleet = Some(format!("refused: {why}")));
+        d.renew_now.notify_one();
+    }
+
     /// Take the fleet's certificate for `d`, `sealed` as the watch delivered it, when it is
     /// newer than the one served here. Opened first: only a newer one costs a read of its
     /// key, and one that does not open is reported and replaced through the lock.
     #[cfg(feature = "etcd")]
     async fn adopt(&self, replicas: &Replicas, d: &Domain, sealed: &[u8]) {
-        let chain = match replicas.open_chain(d.name(), sealed).await {
+        let chain = match replicas
+            .open_fleet(Kind::Certificate, d.name(), sealed)
+            .await
+        {
             Ok(chain) => chain,
-            Err(why) => {
-                d.set(|s| s.fleet = Some(format!("refused: {why}")));
-                // Replace it for the fleet; serving here goes on meanwhile.
-                d.renew_now.notify_one();
-                return;
-            }
+            Err(why) => return self.refused(d, &why),
         };
         let served = d.served.load_full();
         match (cert::leaf_summary(&chain), served.as_deref()) {

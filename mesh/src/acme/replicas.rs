@@ -243,14 +243,19 @@ impl Replicas {
         self.note(result.await)
     }
 
-    /// Open the fleet's chain for `domain` as a watch delivered it; a value that does not open
-    /// is counted and logged, and the reason returned.
-    pub async fn open_chain(&self, domain: &str, sealed: &[u8]) -> Result<Vec<u8>, String> {
+    /// Open the fleet's `kind` (certificate or key) for `domain` as a watch delivered it; a
+    /// value that does not open is counted and logged, and the reason returned.
+    pub async fn open_fleet(
+        &self,
+        kind: Kind,
+        domain: &str,
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, String> {
         let store = self.store().await.map_err(|e| e.to_string())?;
         store
-            .open(Kind::Certificate, &domain_key(domain, "chain.pem"), sealed)
+            .open(kind, &domain_key(domain, file_of(kind)), sealed)
             .map_err(|e| {
-                self.count_refused(Kind::Certificate);
+                self.count_refused(kind);
                 tracing::error!(domain, store = %self.location(), error = %e, "refusing the fleet's stored certificate: it is never served, and the next order replaces it");
                 e.to_string()
             })
@@ -291,9 +296,11 @@ impl Replicas {
         self.note(fetched)
     }
 
-    /// A watch on the fleet's certificates, and which of `domains` each etcd key is.
-    pub async fn watch_certificates(
+    /// A watch on the fleet's certificates or keys (`kind`), and which of `domains` each etcd
+    /// key is.
+    pub async fn watch_domains(
         &self,
+        kind: Kind,
         domains: &[&str],
     ) -> Result<(Watch, std::collections::HashMap<String, usize>), SharedError> {
         let result = async {
@@ -301,9 +308,9 @@ impl Replicas {
             let keys = domains
                 .iter()
                 .enumerate()
-                .map(|(i, d)| (store.key(Kind::Certificate, &domain_key(d, "chain.pem")), i))
+                .map(|(i, d)| (store.key(kind, &domain_key(d, file_of(kind))), i))
                 .collect();
-            Ok((store.watch(Kind::Certificate).await?, keys))
+            Ok((store.watch(kind).await?, keys))
         };
         self.note(result.await)
     }
@@ -346,6 +353,14 @@ impl Replicas {
                 tracing::warn!(store = %self.location(), error = %e, "order lock not released: it frees itself when its lease ends");
             }
         }
+    }
+}
+
+/// The store file of a domain's certificate or key.
+fn file_of(kind: Kind) -> &'static str {
+    match kind {
+        Kind::PrivateKey => "key.pem",
+        _ => "chain.pem",
     }
 }
 
