@@ -204,6 +204,7 @@ async fn three_replicas_share_one_certificate_ordered_once() {
         .iter()
         .filter(|l| l.contains("certificate taken: no order"))
         .count();
+    // Not three: the orderer never takes its own certificate back from its watch.
     assert_eq!(
         taken, 2,
         "two replicas take the one the first ordered:\n{logs:?}"

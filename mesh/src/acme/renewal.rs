@@ -271,6 +271,8 @@ impl Acme {
             }
             tracing::info!(domain = %name, store = %replicas.location(), "ordering for the fleet (holding its lock)");
             let (loaded, issued) = self.obtain(d).await?;
+            // Served before it is shared: this instance's own watch then sees nothing newer.
+            d.serve(Some(loaded.clone()));
             let shared = Shared {
                 chain_pem: issued.chain_pem,
                 key_pem: issued.key_pem,
