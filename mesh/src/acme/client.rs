@@ -169,12 +169,9 @@ pub enum KeyError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LocalError {
-    /// The guest agent did not give the account key.
-    #[error("key from the guest agent: {0}")]
-    Agent(#[from] ratls::agent::AgentError),
-    /// The agent's `GetKey` answer is not hex.
-    #[error("the guest agent's GetKey answer is not hex")]
-    KeyNotHex,
+    /// The guest agent did not give a key (the account's, a domain's).
+    #[error(transparent)]
+    Seed(#[from] SeedError),
     /// The account key cannot be derived, encoded or loaded.
     #[error("account key: {0}")]
     Key(#[from] KeyError),
@@ -339,6 +336,28 @@ impl std::fmt::Debug for Issued {
     }
 }
 
+/// Why the app's secret at a `GetKey` path could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    /// The guest agent did not answer with it.
+    #[error("key from the guest agent: {0}")]
+    Agent(#[from] ratls::agent::AgentError),
+    /// The agent's `GetKey` answer is not hex.
+    #[error("the guest agent's GetKey answer is not hex")]
+    NotHex,
+}
+
+/// The app's secret at `path` (the guest agent's `GetKey`): the same on every instance of the
+/// app, out of reach of any other app. The seed of every key derived below.
+pub async fn app_secret(
+    agent: &AgentClient,
+    path: &str,
+    purpose: &str,
+) -> Result<Vec<u8>, SeedError> {
+    let reply = agent.get_key(path, purpose).await?;
+    hex::decode(reply.key.trim_start_matches("0x")).map_err(|_| SeedError::NotHex)
+}
+
 /// The account key: a P-256 scalar hashed from the agent's `GetKey` seed for this directory.
 /// Every instance of the app derives the same key, so they share one ACME account.
 pub fn derive_account_key(seed: &[u8]) -> Result<PrivatePkcs8KeyDer<'static>, KeyError> {
@@ -474,13 +493,13 @@ impl AcmeClient {
     }
 
     async fn derived_key(&self) -> Result<PrivatePkcs8KeyDer<'static>, IssueError> {
-        let reply = self
-            .agent
-            .get_key(&account_key_path(&self.directory), "acme-account")
-            .await
-            .map_err(LocalError::from)?;
-        let seed =
-            hex::decode(reply.key.trim_start_matches("0x")).map_err(|_| LocalError::KeyNotHex)?;
+        let seed = app_secret(
+            &self.agent,
+            &account_key_path(&self.directory),
+            "acme-account",
+        )
+        .await
+        .map_err(LocalError::from)?;
         Ok(derive_account_key(&seed).map_err(LocalError::from)?)
     }
 

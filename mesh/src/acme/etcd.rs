@@ -303,6 +303,15 @@ impl EtcdStore {
         }
     }
 
+    /// `txn` within the request deadline.
+    async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, EtcdError> {
+        self.call(|mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await
+    }
+
     /// The plaintext of `name`, or `None`. A value that does not open is an error (the caller
     /// reports it and treats the object as absent).
     pub async fn get(&self, kind: Kind, name: &str) -> Result<Option<Vec<u8>>, EtcdError> {
@@ -345,12 +354,7 @@ impl EtcdStore {
                 lock.lease,
             )])
             .and_then([TxnOp::put(self.key(kind, name), sealed, None)]);
-        let resp = self
-            .call(|mut c| {
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
-            .await?;
+        let resp = self.txn(txn).await?;
         match resp.succeeded() {
             true => Ok(()),
             false => Err(EtcdError::LostLock(lock.name.clone())),
@@ -389,12 +393,7 @@ impl EtcdStore {
                 holder,
                 Some(PutOptions::new().with_lease(lease)),
             )]);
-        let resp = self
-            .call(|mut c| {
-                let txn = txn.clone();
-                async move { c.txn(txn).await }
-            })
-            .await?;
+        let resp = self.txn(txn).await?;
         if resp.succeeded() {
             let keepalive = self.keep_alive(lease, ttl).await?;
             return Ok(Some(Lock {

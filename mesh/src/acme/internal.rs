@@ -16,7 +16,7 @@ use rcgen::{
 use ratls::agent::AgentClient;
 
 use super::{
-    client::{derive_internal_ca_key, Issued, INTERNAL_CA_KEY_PATH},
+    client::{app_secret, derive_internal_ca_key, Issued, INTERNAL_CA_KEY_PATH},
     store::{CertStore, StoreError},
 };
 
@@ -87,12 +87,9 @@ impl InternalIssuer {
             (Some(ca), _) => ca,
             (None, None) => self.ca(None)?,
             (None, Some(agent)) => {
-                let reply = agent
-                    .get_key(INTERNAL_CA_KEY_PATH, "internal-ca")
+                let seed = app_secret(agent, INTERNAL_CA_KEY_PATH, "internal-ca")
                     .await
                     .map_err(|e| InternalCaError::SharedKey(e.to_string()))?;
-                let seed = hex::decode(reply.key.trim_start_matches("0x"))
-                    .map_err(|_| InternalCaError::SharedKey("GetKey's answer is not hex".into()))?;
                 let der = derive_internal_ca_key(&seed)
                     .map_err(|e| InternalCaError::SharedKey(e.to_string()))?;
                 self.ca(Some(KeyPair::try_from(der.secret_pkcs8_der())?))?

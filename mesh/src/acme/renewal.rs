@@ -33,6 +33,22 @@ enum Origin {
     Fleet,
 }
 
+/// Serve `loaded` for `d`: valid again, failures cleared, counted by where it came from.
+fn serve_valid(d: &Domain, loaded: Loaded, origin: Origin) {
+    d.serve(Some(loaded));
+    d.set(|s| {
+        s.status = Some(Status::Valid);
+        s.last_error = None;
+        s.next_attempt = None;
+        s.consecutive_failures = 0;
+        match origin {
+            Origin::Ordered => s.issued_total += 1,
+            Origin::Fleet => s.from_fleet_total += 1,
+        }
+        s.stale = false;
+    });
+}
+
 /// What tells a retry that the dependency that failed is back.
 enum Probe {
     Ca(Arc<super::client::AcmeClient>),
@@ -137,18 +153,7 @@ impl Acme {
                         elapsed_ms = started.elapsed().as_millis() as u64,
                         "certificate issued and served"
                     );
-                    d.serve(Some(loaded));
-                    d.set(|s| {
-                        s.status = Some(Status::Valid);
-                        s.last_error = None;
-                        s.next_attempt = None;
-                        s.consecutive_failures = 0;
-                        match origin {
-                            Origin::Ordered => s.issued_total += 1,
-                            Origin::Fleet => s.from_fleet_total += 1,
-                        }
-                        s.stale = false;
-                    });
+                    serve_valid(&d, loaded, origin);
                     self.refresh_evidence().await;
                 }
                 Err(e) => {
@@ -463,15 +468,7 @@ impl Acme {
                     .is_none_or(|c| c.superseded_by(loaded.not_after, &loaded.serial)) =>
             {
                 tracing::info!(domain = %d.name(), serial = %loaded.serial, store = %replicas.location(), "the fleet's newer certificate taken: no order");
-                d.serve(Some(loaded));
-                d.set(|s| {
-                    s.status = Some(Status::Valid);
-                    s.last_error = None;
-                    s.next_attempt = None;
-                    s.consecutive_failures = 0;
-                    s.from_fleet_total += 1;
-                    s.stale = false;
-                });
+                serve_valid(d, loaded, Origin::Fleet);
             }
             Ok(_) => {}
             Err(e) => {
@@ -518,13 +515,10 @@ impl Acme {
 
     /// `d`'s certificate key derived from the app's key: the same on every instance.
     async fn derived_key(&self, d: &Domain) -> Result<rcgen::KeyPair, IssueError> {
-        let reply = self
-            .agent
-            .get_key(&super::client::domain_key_path(d.name()), "domain-key")
+        let path = super::client::domain_key_path(d.name());
+        let seed = super::client::app_secret(&self.agent, &path, "domain-key")
             .await
             .map_err(LocalError::from)?;
-        let seed =
-            hex::decode(reply.key.trim_start_matches("0x")).map_err(|_| LocalError::KeyNotHex)?;
         let der = super::client::derive_domain_key(&seed).map_err(LocalError::from)?;
         let key = rcgen::KeyPair::try_from(der.secret_pkcs8_der())
             .map_err(|e| LocalError::DomainKey(e.to_string()))?;

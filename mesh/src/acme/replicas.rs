@@ -7,11 +7,12 @@
 
 use std::{sync::Arc, time::Duration};
 
-use ratls::agent::{AgentClient, AgentError};
+use ratls::agent::AgentClient;
 use tokio::sync::OnceCell;
 
 use super::{
     challenge::{Challenges, FleetFuture, Response, ShareChallenges},
+    client::{app_secret, SeedError},
     etcd::{ChallengeEvent, EtcdError, EtcdSettings, EtcdStore, Lock, Watch},
     seal::{Kind, Sealer, SEAL_KEY_PATH},
     store::domain_key,
@@ -31,11 +32,8 @@ const MEMBER_TTL: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum SharedError {
     /// The sealing secret did not come from the guest agent.
-    #[error("sealing key from the guest agent: {0}")]
-    Agent(#[from] AgentError),
-    /// The agent's `GetKey` answer is not hex.
-    #[error("the guest agent's GetKey answer is not hex")]
-    KeyNotHex,
+    #[error("sealing key: {0}")]
+    Seal(#[from] SeedError),
     /// etcd failed, or a value in it did not open.
     #[error(transparent)]
     Etcd(#[from] EtcdError),
@@ -211,9 +209,7 @@ impl Replicas {
     async fn store(&self) -> Result<&EtcdStore, SharedError> {
         self.store
             .get_or_try_init(|| async {
-                let reply = self.agent.get_key(SEAL_KEY_PATH, "store-seal").await?;
-                let secret = hex::decode(reply.key.trim_start_matches("0x"))
-                    .map_err(|_| SharedError::KeyNotHex)?;
+                let secret = app_secret(&self.agent, SEAL_KEY_PATH, "store-seal").await?;
                 let sealer = Arc::new(Sealer::from_secret(&secret));
                 Ok(EtcdStore::connect(self.settings.clone(), sealer).await?)
             })
