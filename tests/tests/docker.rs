@@ -456,6 +456,57 @@ fn pebble_override(dir: &Path, service: &str, pebble: &e2e::pebble::Pebble) -> P
     )
 }
 
+/// pebble on the docker bridge's address (containers reach it there), validating TLS-ALPN-01
+/// on `tls_port`.
+async fn bridge_pebble(dir: &Path, bridge: IpAddr, tls_port: u16) -> e2e::pebble::Pebble {
+    let pebble_dir = dir.join("pebble");
+    tokio::task::spawn_blocking(move || {
+        e2e::pebble::Pebble::start(
+            &pebble_dir,
+            e2e::pebble::PebbleOptions {
+                tls_port,
+                http_port: free_port(),
+                listen_ip: Some(bridge),
+                ..Default::default()
+            },
+        )
+    })
+    .await
+    .unwrap()
+}
+
+/// `GET /shop` for `domain` at `addr` as a browser would (WebPKI against `root`), retried
+/// until a certificate is served (two minutes, then a failure with `logs`): the served leaf,
+/// the status and the body.
+async fn get_when_served(
+    addr: SocketAddr,
+    domain: &str,
+    root: &str,
+    logs: impl Fn() -> String,
+) -> (
+    rustls_pki_types::CertificateDer<'static>,
+    StatusCode,
+    bytes::Bytes,
+) {
+    let end = Instant::now() + Duration::from_secs(120);
+    loop {
+        match e2e::client::public_connect(addr, domain, root.as_bytes(), &[b"http/1.1"]).await {
+            Ok(tls) => {
+                let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+                let mut client = MeshClient::over(tls).await.unwrap();
+                let (status, _, body) = client.get_from(domain, "/shop", &[]).await.unwrap();
+                return (leaf, status, body);
+            }
+            Err(e) => assert!(
+                Instant::now() < end,
+                "no certificate for {domain} at {addr}: {e}\n{}",
+                logs()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// `deploy/<file>` with only dstack-ingress's variables: the certificate comes from pebble
 /// (TLS-ALPN-01 on the published port) and a browser gets the app through it. With `mesh`, the
 /// same port also admits app A's mesh calls.
@@ -468,20 +519,7 @@ async fn custom_domain_compose(file: &str, service: &str, port_var: &str, mesh: 
     let (_agent, sock) = dev_agent(&d, "agent-b", B, &state);
     let bridge = bridge_ip();
     let port = free_port();
-    let pebble_dir = d.join("pebble");
-    let pebble = tokio::task::spawn_blocking(move || {
-        e2e::pebble::Pebble::start(
-            &pebble_dir,
-            e2e::pebble::PebbleOptions {
-                tls_port: port,
-                http_port: free_port(),
-                listen_ip: Some(bridge),
-                ..Default::default()
-            },
-        )
-    })
-    .await
-    .unwrap();
+    let pebble = bridge_pebble(&d, bridge, port).await;
     let mut env = vec![
         ("DSTACK_MESH_IMAGE", image),
         ("DSTACK_SOCKET", sock.display().to_string()),
@@ -502,24 +540,7 @@ async fn custom_domain_compose(file: &str, service: &str, port_var: &str, mesh: 
 
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let root = pebble.issuance_root_pem();
-    let mut last;
-    let end = Instant::now() + Duration::from_secs(120);
-    let (status, body) = loop {
-        match e2e::client::public_connect(addr, DOMAIN, root.as_bytes(), &[b"http/1.1"]).await {
-            Ok(tls) => {
-                let mut client = MeshClient::over(tls).await.unwrap();
-                let (status, _, body) = client.get_from(DOMAIN, "/shop", &[]).await.unwrap();
-                break (status, body);
-            }
-            Err(e) => last = e.to_string(),
-        }
-        assert!(
-            Instant::now() < end,
-            "no certificate for {DOMAIN}: {last}\n{}",
-            project.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let (_, status, body) = get_when_served(addr, DOMAIN, &root, || project.logs()).await;
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
     let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(seen["path"], "/shop");
@@ -576,20 +597,7 @@ async fn replicas_compose_shares_one_certificate_between_two_cvms() {
     let (_agent_2, sock_2) = dev_agent(&d, "agent-2", B, &state);
     let bridge = bridge_ip();
     let (port_1, port_2) = (free_port(), free_port());
-    let pebble_dir = d.join("pebble");
-    let pebble = tokio::task::spawn_blocking(move || {
-        e2e::pebble::Pebble::start(
-            &pebble_dir,
-            e2e::pebble::PebbleOptions {
-                tls_port: port_1,
-                http_port: free_port(),
-                listen_ip: Some(bridge),
-                ..Default::default()
-            },
-        )
-    })
-    .await
-    .unwrap();
+    let pebble = bridge_pebble(&d, bridge, port_1).await;
     let env = |sock: &Path, port: u16| {
         vec![
             ("DSTACK_MESH_IMAGE", image.clone()),
@@ -631,27 +639,11 @@ async fn replicas_compose_shares_one_certificate_between_two_cvms() {
 
     let root = pebble.issuance_root_pem();
     let mut leaves = Vec::new();
-    let end = Instant::now() + Duration::from_secs(120);
     for port in [port_1, port_2] {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let leaf = loop {
-            if let Ok(tls) =
-                e2e::client::public_connect(addr, DOMAIN, root.as_bytes(), &[b"http/1.1"]).await
-            {
-                let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
-                let mut client = MeshClient::over(tls).await.unwrap();
-                let (status, _, _) = client.get_from(DOMAIN, "/shop", &[]).await.unwrap();
-                assert_eq!(status, StatusCode::OK);
-                break leaf;
-            }
-            assert!(
-                Instant::now() < end,
-                "no certificate on 127.0.0.1:{port}\n{}\n{}",
-                first.logs(),
-                second.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        };
+        let (leaf, status, _) =
+            get_when_served(addr, DOMAIN, &root, || first.logs() + &second.logs()).await;
+        assert_eq!(status, StatusCode::OK);
         leaves.push(leaf);
     }
     assert_eq!(leaves[0], leaves[1], "one certificate for both CVMs");

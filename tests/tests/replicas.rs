@@ -26,6 +26,30 @@ fn replica(
     (r.processes, r.inbound, r.admin)
 }
 
+/// Write `<dir>/<name>.toml` for a sidecar of the app whose agent listens on `sock`: the mesh
+/// inbound on an ephemeral port to `backend` (plus `inbound` lines), no auth service and no
+/// outbound proxy, an admin port, then `[acme]` with `acme` and whatever `rest` adds.
+fn sidecar_config(
+    dir: &Path,
+    name: &str,
+    sock: &Path,
+    backend: SocketAddr,
+    inbound: &str,
+    acme: &str,
+    rest: &str,
+) -> std::path::PathBuf {
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\n{inbound}\n[auth]\nenabled = false\n\n[client]\nenabled = false\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[acme]\n{acme}\n{rest}",
+            sock = sock.display(),
+        ),
+    )
+    .unwrap();
+    config
+}
+
 /// A running replica on the internal CA.
 struct Replica {
     processes: Vec<ChildGuard>,
@@ -46,18 +70,22 @@ fn replica_with(
     store: &str,
 ) -> Replica {
     let (agent, sock) = dev_agent(dir, &format!("agent-{i}"), APP, state);
-    let config = dir.join(format!("replica-{i}.toml"));
     let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
-    std::fs::write(
-        &config,
-        format!(
-            "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\nallowed_apps = \"{caller}\"\n\n[auth]\nenabled = false\n\n[client]\nenabled = false\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[acme]\nissuer = \"internal-ca\"\nstore = \"{dir}\"\n{acme}\n[[domains]]\nnames = [\"{DOMAIN}\"]\nbackend = \"{backend}\"\n\n[store]\nbackend = \"etcd\"\nendpoints = [{endpoints}]\n{store}",
-            sock = sock.display(),
-            dir = dir.join(format!("store-{i}")).display(),
-            endpoints = endpoints.join(", "),
+    let config = sidecar_config(
+        dir,
+        &format!("replica-{i}"),
+        &sock,
+        backend,
+        &format!("allowed_apps = \"{caller}\"\n"),
+        &format!(
+            "issuer = \"internal-ca\"\nstore = \"{}\"\n{acme}",
+            dir.join(format!("store-{i}")).display()
         ),
-    )
-    .unwrap();
+        &format!(
+            "[[domains]]\nnames = [\"{DOMAIN}\"]\nbackend = \"{backend}\"\n\n[store]\nbackend = \"etcd\"\nendpoints = [{}]\n{store}",
+            endpoints.join(", ")
+        ),
+    );
     let (mesh, bound) = run_mesh(dir, &format!("replica-{i}"), &config);
     Replica {
         processes: vec![agent, mesh],
@@ -418,20 +446,24 @@ impl PebbleFleet {
         let mut http_targets = Vec::new();
         for (i, skew) in skew.into_iter().enumerate() {
             let (agent, sock) = dev_agent(d, &format!("agent-{i}"), APP, &state);
-            let config = d.join(format!("pebble-replica-{i}.toml"));
-            std::fs::write(
-                &config,
-                format!(
-                    "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\n\n[auth]\nenabled = false\n\n[client]\nenabled = false\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[acme]\nissuer = \"{dir}\"\nca_roots = [\"{ca}\"]\nstore = \"{store}\"\nhttp_listen = \"127.0.0.1:0\"\n\n[[domains]]\nnames = [\"alpn.test\"]\nbackend = \"{backend}\"\nchallenge = \"tls-alpn-01\"\n\n[[domains]]\nnames = [\"http.test\"]\nbackend = \"{backend}\"\nchallenge = \"http-01\"\n\n[store]\nbackend = \"etcd\"\nendpoints = [{endpoints}]\nlock_ttl = \"{lock_ttl}\"\n",
-                    sock = sock.display(),
+            let name = format!("pebble-replica-{i}");
+            let config = sidecar_config(
+                d,
+                &name,
+                &sock,
+                backend,
+                "",
+                &format!(
+                    "issuer = \"{dir}\"\nca_roots = [\"{ca}\"]\nstore = \"{store}\"\nhttp_listen = \"127.0.0.1:0\"\n",
                     dir = pebble.directory,
                     ca = pebble.ca_file.display(),
                     store = d.join(format!("pebble-store-{i}")).display(),
-                    endpoints = endpoints.join(", "),
                 ),
-            )
-            .unwrap();
-            let name = format!("pebble-replica-{i}");
+                &format!(
+                    "[[domains]]\nnames = [\"alpn.test\"]\nbackend = \"{backend}\"\nchallenge = \"tls-alpn-01\"\n\n[[domains]]\nnames = [\"http.test\"]\nbackend = \"{backend}\"\nchallenge = \"http-01\"\n\n[store]\nbackend = \"etcd\"\nendpoints = [{}]\nlock_ttl = \"{lock_ttl}\"\n",
+                    endpoints.join(", "),
+                ),
+            );
             let (mesh, bound) = match skew {
                 0 => run_mesh(d, &name, &config),
                 // libfaketime moves the wall clock only: timers and leases keep real time.
@@ -1005,17 +1037,21 @@ async fn derived_keys_are_the_same_on_every_instance_without_a_store() {
     .enumerate()
     {
         let (agent, sock) = dev_agent(d, &format!("derived-agent-{i}"), APP, &state);
-        let config = d.join(format!("derived-{i}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "[agent]\naddress = \"unix:{sock}\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\n\n[auth]\nenabled = false\n\n[client]\nenabled = false\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[acme]\n{issuer}\nstore = \"{store}\"\nkey_source = \"derived\"\n\n[[domains]]\nnames = [\"{DOMAIN}\"]\nbackend = \"{backend}\"\n",
-                sock = sock.display(),
-                backend = backend.addr,
-                store = d.join(format!("derived-store-{i}")).display(),
+        let config = sidecar_config(
+            d,
+            &format!("derived-{i}"),
+            &sock,
+            backend.addr,
+            "",
+            &format!(
+                "{issuer}\nstore = \"{}\"\nkey_source = \"derived\"\n",
+                d.join(format!("derived-store-{i}")).display()
             ),
-        )
-        .unwrap();
+            &format!(
+                "[[domains]]\nnames = [\"{DOMAIN}\"]\nbackend = \"{}\"\n",
+                backend.addr
+            ),
+        );
         let (mesh, bound) = run_mesh(d, &format!("derived-{i}"), &config);
         instances.push((
             agent,
