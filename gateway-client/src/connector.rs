@@ -7,15 +7,17 @@
 //! connection is marked unauthenticated.
 
 use std::{
+    collections::HashMap,
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
 
-use ratls::{tls::CertResolver, Policy, Rejection, TrustAnchors, VerifiedPeer};
-use rustls_pki_types::ServerName;
+use ratls::{tls::CertResolver, AppId, PeerRole, Policy, Rejection, TrustAnchors, VerifiedPeer};
+use rustls::client::ClientSessionMemoryCache;
+use rustls_pki_types::{ServerName, UnixTime};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -38,6 +40,8 @@ pub struct Connected {
     pub peer: Option<VerifiedPeer>,
     /// Whether the peer chose h2.
     pub h2: bool,
+    /// Whether the session was resumed (the peer's chain was checked again after it).
+    pub resumed: bool,
     /// Where it went.
     pub route: Route,
 }
@@ -109,6 +113,8 @@ pub struct ConnectorConfig {
     pub handshake_timeout: Duration,
     /// ALPN offered to mesh peers (h2 first, so sidecars multiplex).
     pub alpn: Vec<Vec<u8>>,
+    /// Resume TLS sessions with mesh peers (tunnels: one connection per stream, no pool).
+    pub resume: bool,
 }
 
 impl Default for ConnectorConfig {
@@ -117,7 +123,43 @@ impl Default for ConnectorConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             alpn: ratls::tls::MESH_ALPN.iter().map(|p| p.to_vec()).collect(),
+            resume: false,
         }
+    }
+}
+
+/// Most targets whose sessions are remembered; past it the memory starts afresh.
+const MAX_RESUMED_TARGETS: usize = 1024;
+/// Sessions remembered per target (rustls keeps a few tickets per server name in each).
+const SESSIONS_PER_TARGET: usize = 32;
+
+/// One TLS config per target app and instance, for resumption: rustls resumes only with the
+/// config (verifier and certificate resolver) that made the session, and a per-target config
+/// expects that target, so a session one app issued is never offered when another is the target
+/// (a fixed or static address is one server name for many apps).
+#[derive(Default)]
+struct Resumable(Mutex<HashMap<(AppId, Option<AppId>), TargetTls>>);
+
+/// A target's policy and the config built on it.
+type TargetTls = (Arc<Policy>, Arc<rustls::ClientConfig>);
+
+impl Resumable {
+    fn of(
+        &self,
+        target: &Target,
+        build: impl FnOnce() -> Result<TargetTls, ConnectError>,
+    ) -> Result<TargetTls, ConnectError> {
+        let mut configs = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (target.app_id.clone(), target.instance.clone());
+        if let Some(found) = configs.get(&key) {
+            return Ok(found.clone());
+        }
+        if configs.len() >= MAX_RESUMED_TARGETS {
+            configs.clear();
+        }
+        let built = build()?;
+        configs.insert(key, built.clone());
+        Ok(built)
     }
 }
 
@@ -134,6 +176,8 @@ struct Inner {
     /// For the gateway's own TLS: public roots.
     webpki: Option<Arc<rustls::ClientConfig>>,
     config: ConnectorConfig,
+    /// With [`ConnectorConfig::resume`]: configs by target.
+    resumable: Option<Resumable>,
 }
 
 impl std::fmt::Debug for Connector {
@@ -160,6 +204,7 @@ impl Connector {
                 resolver,
                 anchors,
                 webpki,
+                resumable: config.resume.then(Resumable::default),
                 config,
             }),
         }
@@ -177,19 +222,20 @@ impl Connector {
         let inner = &self.inner;
         let route = inner.addressing.route(target)?;
         let addr = route.connect.to_string();
-        let tls = match target.transport {
-            Transport::Mesh => {
-                // A policy per target: the expected app id is what makes the peer the target.
-                let policy = Policy::new(inner.anchors.clone()).expect(target.app_id.clone());
-                let mut config =
-                    ratls::tls::mesh_client_config(inner.resolver.clone(), Arc::new(policy))
-                        .map_err(|e| ConnectError::Config(e.to_string()))?;
-                config.alpn_protocols = inner.config.alpn.clone();
-                Arc::new(config)
+        // A policy per target: the expected app id is what makes the peer the target.
+        let (policy, tls) = match target.transport {
+            Transport::Mesh => match &inner.resumable {
+                Some(resumable) => resumable.of(target, || inner.mesh_config(target))?,
+                None => inner.mesh_config(target)?,
+            },
+            Transport::GatewayTls => {
+                let webpki = inner.webpki.clone().ok_or_else(|| {
+                    ConnectError::Config(
+                        "no public roots configured for the gateway's own TLS".into(),
+                    )
+                })?;
+                (Arc::new(Policy::new(inner.anchors.clone())), webpki)
             }
-            Transport::GatewayTls => inner.webpki.clone().ok_or_else(|| {
-                ConnectError::Config("no public roots configured for the gateway's own TLS".into())
-            })?,
         };
         let name = ServerName::try_from(route.server_name.clone())
             .map_err(|e| ConnectError::Config(format!("server name {}: {e}", route.server_name)))?;
@@ -240,21 +286,44 @@ impl Connector {
         };
         let conn = stream.get_ref().1;
         let h2 = conn.alpn_protocol() == Some(b"h2");
+        let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         let peer = match target.transport {
-            Transport::Mesh => Some(ratls::verifier::peer_identity(conn).map_err(|rejection| {
-                ConnectError::Refused {
-                    addr: addr.clone(),
-                    rejection,
-                }
-            })?),
+            // A resumed session's restored chain is held to the policy again, before any byte.
+            Transport::Mesh => Some(
+                ratls::verifier::session_identity(conn, &policy, PeerRole::Server, UnixTime::now())
+                    .map_err(|rejection| ConnectError::Refused {
+                        addr: addr.clone(),
+                        rejection,
+                    })?,
+            ),
             Transport::GatewayTls => None,
         };
         Ok(Connected {
             stream,
             peer,
             h2,
+            resumed,
             route,
         })
+    }
+}
+
+impl Inner {
+    /// The mesh TLS config for `target`: a policy expecting it, this sidecar's certificate,
+    /// the configured ALPN; with resumption, a session store of its own.
+    fn mesh_config(&self, target: &Target) -> Result<TargetTls, ConnectError> {
+        let policy = Arc::new(Policy::new(self.anchors.clone()).expect(target.app_id.clone()));
+        let resolver = self.resolver.clone();
+        let mut config = match self.resumable {
+            Some(_) => {
+                let sessions = Arc::new(ClientSessionMemoryCache::new(SESSIONS_PER_TARGET));
+                ratls::tls::tunnel_client_config(resolver, policy.clone(), sessions)
+            }
+            None => ratls::tls::mesh_client_config(resolver, policy.clone()),
+        }
+        .map_err(|e| ConnectError::Config(e.to_string()))?;
+        config.alpn_protocols = self.config.alpn.clone();
+        Ok((policy, Arc::new(config)))
     }
 }
 

@@ -188,6 +188,33 @@ impl Target {
         }))
     }
 
+    /// The target of `CONNECT <app-id>.dstack:<port>` (or `<instance-id>.<app-id>.dstack:<port>`
+    /// for one instance), over mutual RA-TLS.
+    pub fn from_connect_authority(authority: &str) -> Result<Self, TargetError> {
+        const WHAT: &str = "CONNECT authority";
+        const EXPECTED: &str = "<app-id>.dstack:<port>";
+        let bad = || invalid(WHAT, authority, EXPECTED);
+        let (host, port) = authority.rsplit_once(':').ok_or_else(bad)?;
+        let port = match port.parse::<u16>() {
+            Ok(port) if port > 0 => port,
+            _ => return Err(bad()),
+        };
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let names = host.strip_suffix(".dstack").ok_or_else(bad)?;
+        let (instance, app) = match names.split_once('.') {
+            Some((instance, app)) => (Some(instance), app),
+            None => (None, names),
+        };
+        Ok(Self {
+            app_id: id(WHAT, app, "a 40-hex-digit app id before .dstack")?,
+            port,
+            instance: instance
+                .map(|i| id(WHAT, i, "a 40-hex-digit instance id"))
+                .transpose()?,
+            transport: Transport::Mesh,
+        })
+    }
+
     /// The id the gateway routes by: the instance when named, else the app.
     pub fn gateway_id(&self) -> &AppId {
         self.instance.as_ref().unwrap_or(&self.app_id)

@@ -17,6 +17,7 @@ use crate::{
     outbound::{self, AgentPassthrough, Outbound},
     proxy,
     trust::{self, TrustError},
+    tunnel::{self, TcpService, TunnelPort},
 };
 
 /// Why the sidecar could not start.
@@ -40,6 +41,9 @@ pub enum StartError {
     /// The public-domain subsystem could not be built.
     #[error(transparent)]
     Acme(#[from] acme::AcmeError),
+    /// A TCP service could not be built or bound.
+    #[error(transparent)]
+    TcpService(#[from] tunnel::TcpServiceError),
     /// A listener could not be bound.
     #[error("{what} {addr}: {source}")]
     Bind {
@@ -65,7 +69,11 @@ pub struct App {
     pub outbound: Option<Arc<Outbound>>,
     /// Public domains, when configured.
     pub acme: Option<Arc<Acme>>,
-    bound: Vec<(&'static str, SocketAddr)>,
+    /// Attested TCP services (`[[inbound.tcp]]`).
+    pub tcp_services: Vec<Arc<TcpService>>,
+    /// Tunnel ports (`[[tunnels]]`).
+    pub tunnels: Vec<Arc<TunnelPort>>,
+    bound: Bound,
     drain: proxy::Drain,
     drain_timeout: std::time::Duration,
     /// What is running: the last configuration, as far as it was applied.
@@ -115,6 +123,11 @@ impl App {
         let inbound = bind_inbound(&config, &identity, acme.as_ref(), &shared, &mut bound).await?;
         let auth = bind_auth(&config, &identity, &shared, &mut bound).await?;
         let outbound = bind_outbound(&config, &identity, &shared, &mut bound).await?;
+        let tcp_services = bind_tcp_services(&config, &identity, &shared, &mut bound).await?;
+        let tunnel_ports = match &outbound {
+            Some((outbound, _)) => bind_tunnels(&config, outbound, &shared, &mut bound).await?,
+            None => Vec::new(),
+        };
         let http01 = match (&acme, config.public.acme.http_listen) {
             (Some(_), Some(addr)) => {
                 Some(bind("acme.http_listen", addr, &mut bound, "http").await?)
@@ -152,6 +165,18 @@ impl App {
             tasks.spawn(outbound.clone().serve(listener));
             outbound
         });
+        let tcp_services = (tcp_services.into_iter())
+            .map(|(service, listener)| {
+                tasks.spawn(service.clone().serve(listener));
+                service
+            })
+            .collect();
+        let tunnels = (tunnel_ports.into_iter())
+            .map(|(port, listener)| {
+                tasks.spawn(port.clone().serve(listener));
+                port
+            })
+            .collect();
         if let (Some(acme), Some(listener)) = (&acme, http01) {
             let challenges = acme.challenges();
             tasks.spawn(acme::http01::serve(
@@ -175,7 +200,7 @@ impl App {
             acme.start(&mut acme_tasks);
         }
         for (what, addr) in &bound {
-            tracing::info!(listener = what, %addr, "listening");
+            tracing::info!(listener = %what, %addr, "listening");
         }
         Ok(Self {
             identity,
@@ -183,6 +208,8 @@ impl App {
             auth,
             outbound,
             acme,
+            tcp_services,
+            tunnels,
             bound,
             drain: shared.drain,
             drain_timeout: config.drain_timeout,
@@ -194,7 +221,8 @@ impl App {
         })
     }
 
-    /// The address a listener actually bound (`inbound`, `auth`, `outbound`, `http`, `admin`).
+    /// The address a listener actually bound (`inbound`, `auth`, `outbound`, `http`, `admin`,
+    /// `tcp:<name>`, `tunnel:<name>`).
     pub fn addr(&self, what: &str) -> Option<SocketAddr> {
         self.bound.iter().find(|(w, _)| *w == what).map(|(_, a)| *a)
     }
@@ -250,7 +278,7 @@ struct Shared {
 }
 
 /// Where listeners bound, by name.
-type Bound = Vec<(&'static str, SocketAddr)>;
+type Bound = Vec<(String, SocketAddr)>;
 
 /// The inbound listener (with the public domains on it), bound.
 async fn bind_inbound(
@@ -271,7 +299,7 @@ async fn bind_inbound(
     }
     let inbound = Arc::new(inbound);
     let listener = inbound.bind().await?;
-    bound.push(("inbound", local(&listener)));
+    bound.push(("inbound".into(), local(&listener)));
     Ok(Some((inbound, listener)))
 }
 
@@ -353,8 +381,49 @@ async fn bind_outbound(
     }
     let outbound = Arc::new(outbound);
     let listener = outbound.bind().await?;
-    bound.push(("outbound", local(&listener)));
+    bound.push(("outbound".into(), local(&listener)));
     Ok(Some((outbound, listener)))
+}
+
+/// The attested TCP services, bound; they trust what the inbound listener trusts.
+async fn bind_tcp_services(
+    config: &Config,
+    identity: &RotatingIdentity,
+    shared: &Shared,
+    bound: &mut Bound,
+) -> Result<Vec<(Arc<TcpService>, TcpListener)>, StartError> {
+    let mut services = Vec::new();
+    for service in &config.tcp_services {
+        let service = TcpService::new(service.clone(), &config.inbound, identity)?
+            .with_drain(shared.drain.clone())
+            .with_metrics(shared.metrics.clone());
+        let listener = service.bind().await?;
+        bound.push((format!("tcp:{}", service.config().name), local(&listener)));
+        services.push((Arc::new(service), listener));
+    }
+    Ok(services)
+}
+
+/// The tunnel ports, bound; they dial through `outbound`'s gateway and routes.
+async fn bind_tunnels(
+    config: &Config,
+    outbound: &Arc<Outbound>,
+    shared: &Shared,
+    bound: &mut Bound,
+) -> Result<Vec<(Arc<TunnelPort>, TcpListener)>, StartError> {
+    let mut ports = Vec::new();
+    for tunnel in &config.tunnels {
+        let port =
+            TunnelPort::new(tunnel.clone(), outbound.clone()).with_drain(shared.drain.clone());
+        let listener = port.bind().await.map_err(|source| StartError::Bind {
+            what: "tunnels.listen",
+            addr: tunnel.listen,
+            source,
+        })?;
+        bound.push((format!("tunnel:{}", tunnel.name), local(&listener)));
+        ports.push((Arc::new(port), listener));
+    }
+    Ok(ports)
 }
 
 /// Why a reload was refused; the running configuration stays.
@@ -522,7 +591,7 @@ async fn bind(
             addr,
             source,
         })?;
-    bound.push((name, local(&listener)));
+    bound.push((name.into(), local(&listener)));
     Ok(listener)
 }
 

@@ -21,5 +21,6 @@ pub mod run;
 pub mod status;
 pub mod tools;
 pub mod trust;
+pub mod tunnel;
 
 pub use ratls::error_chain;

@@ -87,6 +87,9 @@ pub struct Metrics {
     peers: [RwLock<HashMap<String, Arc<Counts>>>; 2],
     durations: [Histogram; 2],
     handshake_failures: Mutex<BTreeMap<(Direction, &'static str), u64>>,
+    /// TCP tunnels by side, configured name and outcome (names come from the configuration,
+    /// so the label set is bounded).
+    tunnels: Mutex<BTreeMap<(Direction, String, &'static str), u64>>,
 }
 
 /// One peer's counters, resolved once (per connection inbound) and recorded into per request.
@@ -158,6 +161,28 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         *failures.entry((direction, reason)).or_default() += 1;
+    }
+
+    /// A tunnel connection of the service or tunnel `name` ended its setup with `outcome`
+    /// (`ok`, `resumed`, or why it failed). Inbound: a `[[inbound.tcp]]` service; outbound: a
+    /// `[[tunnels]]` port or `CONNECT`.
+    pub fn tunnel(&self, direction: Direction, name: &str, outcome: &'static str) {
+        let mut tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+        match tunnels.get_mut(&(direction, name.to_owned(), outcome)) {
+            Some(n) => *n += 1,
+            None => {
+                tunnels.insert((direction, name.to_owned(), outcome), 1);
+            }
+        }
+    }
+
+    /// How many tunnel setups of `name` ended with `outcome`.
+    pub fn tunnel_count(&self, direction: Direction, name: &str, outcome: &'static str) -> u64 {
+        let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+        tunnels
+            .get(&(direction, name.to_owned(), outcome))
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -235,6 +260,24 @@ impl Collector for Metrics {
         for ((direction, reason), n) in failures.iter() {
             family
                 .encode_family(&[("direction", direction.as_str()), ("reason", reason)])?
+                .encode_counter::<NoLabelSet, _, u64>(n, None)?;
+        }
+        drop(failures);
+        let mut family = encoder.encode_descriptor(
+            "dstack_mesh_tunnel_connections",
+            "TCP tunnel setups, by direction (inbound: a TCP service; outbound: a tunnel port or CONNECT), name and outcome (resumed: a resumed TLS session, counted besides ok).",
+            None,
+            MetricType::Counter,
+        )?;
+        let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+        for ((direction, name, outcome), n) in tunnels.iter() {
+            let labels = [
+                ("direction", direction.as_str()),
+                ("name", name.as_str()),
+                ("outcome", outcome),
+            ];
+            family
+                .encode_family(&labels)?
                 .encode_counter::<NoLabelSet, _, u64>(n, None)?;
         }
         Ok(())

@@ -1,15 +1,17 @@
 //! rustls configurations for the mesh, built on a rotating identity and a [`Policy`].
 //!
-//! Session resumption is off on both sides: a resumed session skips the verifier, and the
-//! allowlist, the expected app id or the peer's validity may have changed since. Connections are
-//! pooled, so full handshakes are rare anyway.
+//! Session resumption is off on both sides of the mesh: a resumed session skips the verifier,
+//! and the allowlist, the expected app id or the peer's validity may have changed since.
+//! Connections are pooled, so full handshakes are rare anyway. Tunnels are not pooled (one TLS
+//! connection per TCP connection), so theirs resume, and the peer's restored chain is checked
+//! again after every resumed handshake ([`crate::verifier::session_identity`]).
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use rustls::{
-    client::{ResolvesClientCert, Resumption},
-    server::{ClientHello, NoServerSessionStorage, ResolvesServerCert},
+    client::{ClientSessionStore, ResolvesClientCert, Resumption},
+    server::{ClientHello, NoServerSessionStorage, ResolvesServerCert, ServerSessionMemoryCache},
     sign::CertifiedKey,
     ClientConfig, ServerConfig, SignatureScheme,
 };
@@ -22,6 +24,13 @@ use crate::{
 
 /// ALPN protocols the mesh offers: h2 first (multiplexing between sidecars), then HTTP/1.1.
 pub const MESH_ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
+
+/// ALPN of a sidecar-to-sidecar TCP tunnel: the server says whether its backend answered before
+/// the stream is spliced (a client without it gets the bare splice).
+pub const TUNNEL_ALPN: &[u8] = b"dstack-tunnel/1";
+
+/// Sessions a tunnel listener remembers for resumption.
+pub const TUNNEL_SESSIONS: usize = 4096;
 
 /// Serves whatever certificate is current; swapping it affects only later handshakes.
 #[derive(Debug, Clone)]
@@ -127,5 +136,36 @@ pub fn mesh_client_config(
         .with_client_cert_resolver(Arc::new(resolver));
     config.resumption = Resumption::disabled();
     config.alpn_protocols = MESH_ALPN.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// A tunnel listener's server config: a client certificate accepted by `policy` is required,
+/// as on the mesh listener, and sessions resume (reconnect storms skip the signatures). The
+/// session cache belongs to this config, so a new policy (a reload) starts with none.
+pub fn tunnel_server_config(
+    resolver: CertResolver,
+    policy: Arc<Policy>,
+) -> Result<ServerConfig, rustls::Error> {
+    let mut config = ServerConfig::builder_with_provider(crate::crypto::provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(Arc::new(ClientVerifier::new(policy)))
+        .with_cert_resolver(Arc::new(resolver));
+    config.session_storage = ServerSessionMemoryCache::new(TUNNEL_SESSIONS);
+    config.send_tls13_tickets = 1;
+    config.alpn_protocols = vec![TUNNEL_ALPN.to_vec()];
+    Ok(config)
+}
+
+/// A tunnel's client config: [`mesh_client_config`] offering [`TUNNEL_ALPN`] and resuming
+/// sessions kept in `sessions`. The store must hold only sessions with this policy's target:
+/// rustls keys them by server name, which a fixed address shares between apps.
+pub fn tunnel_client_config(
+    resolver: CertResolver,
+    policy: Arc<Policy>,
+    sessions: Arc<dyn ClientSessionStore>,
+) -> Result<ClientConfig, TlsConfigError> {
+    let mut config = mesh_client_config(resolver, policy)?;
+    config.resumption = Resumption::store(sessions);
+    config.alpn_protocols = vec![TUNNEL_ALPN.to_vec()];
     Ok(config)
 }

@@ -134,7 +134,8 @@ impl ClientCertVerifier for ClientVerifier {
 ///
 /// rustls keeps the peer's certificates, not the verifier's verdict, so the claims are read again
 /// from the leaf with the code the verifier used. A resumed session skipped the verifier, so it
-/// is refused here; the configs in [`crate::tls`] never resume.
+/// is refused here; the mesh configs in [`crate::tls`] never resume (tunnels do, and use
+/// [`session_identity`]).
 pub fn peer_identity(conn: &CommonState) -> Result<VerifiedPeer, Rejection> {
     if conn.handshake_kind() == Some(HandshakeKind::Resumed) {
         return Err(Rejection::ResumedSession);
@@ -146,4 +147,25 @@ pub fn peer_identity(conn: &CommonState) -> Result<VerifiedPeer, Rejection> {
     let leaf = parse_x509(0, leaf_der).map_err(|e| Rejection::Malformed(e.into()))?;
     let claims = Claims::read(0, &leaf).map_err(|e| Rejection::Malformed(e.into()))?;
     identity_of(&leaf, &claims)
+}
+
+/// The identity of the peer of a connection that may have been resumed (tunnels): a full
+/// handshake was verified inside it; a resumed one skipped the verifier, so the chain rustls
+/// restored from the session is held to `policy` now, at `now`, before any byte is relayed. An
+/// allowlist, an expected app id or a validity that changed since the first handshake is
+/// therefore enforced exactly as on a full handshake.
+pub fn session_identity(
+    conn: &CommonState,
+    policy: &Policy,
+    role: PeerRole,
+    now: UnixTime,
+) -> Result<VerifiedPeer, Rejection> {
+    if conn.handshake_kind() != Some(HandshakeKind::Resumed) {
+        return peer_identity(conn);
+    }
+    let (leaf, intermediates) = conn
+        .peer_certificates()
+        .and_then(<[_]>::split_first)
+        .ok_or(Rejection::NoCertificate)?;
+    policy.verify(leaf, intermediates, role, now)
 }

@@ -11,6 +11,7 @@ pub mod client;
 pub mod cloudflare;
 pub mod etcd;
 pub mod pebble;
+pub mod redis;
 
 use std::{
     os::unix::process::CommandExt,

@@ -107,3 +107,25 @@ fn routing_headers_are_stripped() {
     strip_routing_headers(&mut h);
     assert_eq!(h.len(), 1);
 }
+
+#[test]
+fn connect_authorities_name_an_app_and_port() {
+    let app = "a1".repeat(20);
+    let instance = "c3".repeat(20);
+    let t = Target::from_connect_authority(&format!("{app}.dstack:6379")).unwrap();
+    assert_eq!(
+        (t.app_id.to_string(), t.port, t.instance),
+        (app.clone(), 6379, None)
+    );
+    let t = Target::from_connect_authority(&format!("{instance}.{app}.dstack:2380")).unwrap();
+    assert_eq!(t.instance.unwrap().to_string(), instance);
+    for bad in [
+        format!("{app}.dstack"),
+        format!("{app}.dstack:0"),
+        format!("{app}.example:443"),
+        "abc.dstack:443".to_owned(),
+        format!("x.{app}.dstack:443"),
+    ] {
+        assert!(Target::from_connect_authority(&bad).is_err(), "{bad}");
+    }
+}

@@ -349,6 +349,12 @@ pub struct Config {
     pub public: PublicConfig,
     /// Where certificates and ACME state are kept and shared (`[store]`).
     pub store: store::StoreConfig,
+    /// Attested TCP services (`[[inbound.tcp]]`).
+    pub tcp_services: Vec<TcpServiceConfig>,
+    /// Local ports carried to other apps' TCP services (`[[tunnels]]`).
+    pub tunnels: Vec<TunnelConfig>,
+    /// The registry role and this sidecar's registration (`[registry]`).
+    pub registry: RegistryConfig,
     /// How long SIGTERM waits for in-flight requests (`[lifecycle] drain_timeout`).
     #[serde(with = "secs")]
     pub drain_timeout: Duration,
@@ -636,24 +642,45 @@ impl Config {
         let tls = tls_files(raw);
         let public = public(raw, env, &inbound, &mut c);
         let store = store::store(raw.store.as_ref(), env, &mut c);
+        let tcp_services = tunnels::tcp_services(
+            raw.inbound
+                .as_ref()
+                .and_then(|i| i.tcp.as_deref())
+                .unwrap_or_default(),
+            &inbound,
+            &mut c,
+        );
+        let tunnels = tunnels::tunnels(raw.tunnels.as_deref().unwrap_or_default(), &mut c);
+        let registry = tunnels::registry(raw.registry.as_ref(), env, &mut c);
+        needs_listeners(&tunnels, &registry, &inbound, &client, &mut c);
         let notes = match defaults {
             Defaults::Ours => Vec::new(),
             Defaults::DstackVpc => dstack_vpc_defaults(raw, env, &public, &mut inbound, &mut auth),
         };
-        no_collisions(
-            &[
-                ("inbound.listen", inbound.enabled, inbound.listen),
-                ("auth.listen", auth.listener.enabled, auth.listener.listen),
-                ("client.listen", client.enabled, client.listen),
-                ("admin.listen", admin.enabled, admin.listen),
-                (
-                    "acme.http_listen",
-                    public.acme.http_listen.is_some(),
-                    public.acme.http_listen.unwrap_or(inbound.listen),
-                ),
-            ],
-            &mut c,
+        let mut listeners = vec![
+            ("inbound.listen".to_owned(), inbound.enabled, inbound.listen),
+            (
+                "auth.listen".into(),
+                auth.listener.enabled,
+                auth.listener.listen,
+            ),
+            ("client.listen".into(), client.enabled, client.listen),
+            ("admin.listen".into(), admin.enabled, admin.listen),
+            (
+                "acme.http_listen".into(),
+                public.acme.http_listen.is_some(),
+                public.acme.http_listen.unwrap_or(inbound.listen),
+            ),
+        ];
+        listeners.extend(
+            (tcp_services.iter().enumerate())
+                .map(|(i, s)| (format!("inbound.tcp[{i}].listen"), true, s.listen)),
         );
+        listeners.extend(
+            (tunnels.iter().enumerate())
+                .map(|(i, t)| (format!("tunnels[{i}].listen"), true, t.listen)),
+        );
+        no_collisions(&listeners, &mut c);
         let drain_timeout = c.duration(
             "lifecycle.drain_timeout",
             raw.lifecycle
@@ -676,6 +703,9 @@ impl Config {
             tls,
             public,
             store,
+            tcp_services,
+            tunnels,
+            registry,
             drain_timeout,
         };
         Ok((config, notes))
@@ -1169,10 +1199,40 @@ fn public(
     public
 }
 
+/// Tunnels dial through the outbound proxy's gateway and routes, and the registration goes out
+/// the same way; the registry is served on the inbound listener.
+fn needs_listeners(
+    tunnels: &[TunnelConfig],
+    registry: &RegistryConfig,
+    inbound: &InboundConfig,
+    client: &ListenerConfig,
+    c: &mut Check,
+) {
+    if !tunnels.is_empty() && !client.enabled {
+        c.fail(
+            "client.enabled",
+            "[[tunnels]] dial through the outbound proxy's gateway and routes: enable it",
+        );
+    }
+    if registry.register.is_some() && !client.enabled {
+        c.fail(
+            "client.enabled",
+            "registry.node_type registers through the outbound proxy: enable it",
+        );
+    }
+    if registry.enabled && !inbound.enabled {
+        c.fail(
+            "inbound.enabled",
+            "the registry is served on the inbound listener: enable it",
+        );
+    }
+}
+
 /// No two enabled listeners on one address (port 0 asks the OS, so never collides).
-fn no_collisions(listeners: &[(&'static str, bool, SocketAddr)], c: &mut Check) {
+fn no_collisions(listeners: &[(String, bool, SocketAddr)], c: &mut Check) {
     let mut bound: Vec<(&str, SocketAddr)> = Vec::new();
-    for &(key, enabled, addr) in listeners {
+    for (key, enabled, addr) in listeners {
+        let (key, enabled, addr) = (key.as_str(), *enabled, *addr);
         if !enabled || addr.port() == 0 {
             continue;
         }
@@ -1190,7 +1250,9 @@ pub mod domains;
 pub mod store;
 #[cfg(test)]
 mod tests;
+pub mod tunnels;
 pub use dns::{DnsConfig, ProviderConfig};
 pub use domains::{
     AcmeConfig, Challenge, DomainConfig, Eab, Issuer, KeySource, Mode, PublicConfig,
 };
+pub use tunnels::{Registration, RegistryApp, RegistryConfig, TcpServiceConfig, TunnelConfig};

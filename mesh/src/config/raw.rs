@@ -95,6 +95,7 @@ pub struct RawInbound {
     pub max_connections: Option<usize>,
     pub max_header_bytes: Option<usize>,
     pub proxy_protocol: Option<String>,
+    pub tcp: Option<Vec<super::tunnels::RawTcpService>>,
 }
 
 /// The whole file.
@@ -141,4 +142,6 @@ pub struct RawConfig {
     pub admin: Option<RawListener>,
     pub domains: Option<Vec<super::domains::RawDomain>>,
     pub store: Option<super::store::RawStore>,
+    pub tunnels: Option<Vec<super::tunnels::RawTunnel>>,
+    pub registry: Option<super::tunnels::RawRegistry>,
 }

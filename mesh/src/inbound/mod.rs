@@ -378,7 +378,7 @@ impl Inbound {
 /// already sent (TLS 1.3 clients send their first request right after their certificate)
 /// before closing. Closing with unread data makes the kernel send a reset, which can destroy the
 /// alert before the client reads it, and the client would learn only "connection reset".
-async fn linger(mut io: IdleIo<TcpStream>) {
+pub(crate) async fn linger(mut io: IdleIo<TcpStream>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
     let drain = async {
@@ -396,7 +396,7 @@ async fn linger(mut io: IdleIo<TcpStream>) {
 }
 
 /// Log a failed handshake; the reason label for the metrics.
-fn log_handshake_failure(remote: SocketAddr, e: &std::io::Error) -> &'static str {
+pub(crate) fn log_handshake_failure(remote: SocketAddr, e: &std::io::Error) -> &'static str {
     let rejection = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())

@@ -32,6 +32,7 @@ use ratls::{tls::CertResolver, TrustAnchors};
 use tokio::{net::TcpListener, sync::Semaphore};
 
 pub use agent::{AgentAccess, AgentPassthrough};
+pub(crate) use pool::received_alert;
 pub use pool::{PeerInfo, PeerPool, PoolConfig};
 
 use crate::{
@@ -65,7 +66,7 @@ pub enum OutboundError {
 enum Unroutable {
     /// A routing header cannot be used.
     Header(gateway_client::target::TargetError),
-    /// `CONNECT` with a target (tunnels are not proxied).
+    /// `CONNECT` without a target.
     Connect,
 }
 
@@ -81,9 +82,9 @@ impl Unroutable {
                 )
             }
             Self::Connect => proxy::detailed_error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "CONNECT is not proxied",
-                "send the request itself with the target headers, or a WebSocket upgrade",
+                StatusCode::BAD_REQUEST,
+                "CONNECT needs a target",
+                "name it in x-dstack-target-app / x-dstack-target-port, or CONNECT <app-id>.dstack:<port>",
             ),
         }
     }
@@ -140,6 +141,8 @@ pub struct Outbound {
     webpki: Arc<rustls::ClientConfig>,
     multiplexed: Arc<ArcSwapOption<Connector>>,
     upgrades: Arc<ArcSwapOption<Connector>>,
+    /// TCP tunnels (`[[tunnels]]`, `CONNECT`): the tunnel ALPN, sessions resumed per target.
+    tunnels: ArcSwapOption<Connector>,
     /// The gateway, once known, and what `/gateway` answers.
     gateway: ArcSwapOption<(Addressing, String)>,
     /// Direct addresses; the rest go through the gateway.
@@ -222,6 +225,7 @@ impl Outbound {
             webpki,
             multiplexed,
             upgrades,
+            tunnels: ArcSwapOption::empty(),
             gateway: ArcSwapOption::empty(),
             routes: ArcSwap::from_pointee(routes),
             pool,
@@ -262,7 +266,7 @@ impl Outbound {
                 otherwise: gateway.map(|(g, _)| Box::new(g.clone())),
             },
         };
-        let connector = |alpn: &[&[u8]]| {
+        let connector = |alpn: &[&[u8]], resume: bool| {
             let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
             let mut webpki = (*self.webpki).clone();
             webpki.alpn_protocols = alpn.clone();
@@ -275,12 +279,30 @@ impl Outbound {
                     connect_timeout: self.config.connect_timeout,
                     handshake_timeout: self.config.handshake_timeout,
                     alpn,
+                    resume,
                 },
             ))
         };
         self.multiplexed
-            .store(Some(connector(ratls::tls::MESH_ALPN)));
-        self.upgrades.store(Some(connector(&[b"http/1.1"])));
+            .store(Some(connector(ratls::tls::MESH_ALPN, false)));
+        self.upgrades.store(Some(connector(&[b"http/1.1"], false)));
+        self.tunnels
+            .store(Some(connector(&[ratls::tls::TUNNEL_ALPN], true)));
+    }
+
+    /// The connector tunnels dial with; `None` until a route or the gateway is known.
+    pub fn tunnel_connector(&self) -> Option<Arc<Connector>> {
+        self.tunnels.load_full()
+    }
+
+    /// How long a tunnel's target may take to say its backend answered, after the handshake.
+    pub fn tunnel_deadline(&self) -> Duration {
+        self.config.handshake_timeout
+    }
+
+    /// The request metrics (tunnel ports count into them too).
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
     }
 
     /// Whether targets can be routed yet.
@@ -363,6 +385,10 @@ impl Outbound {
         tunnel: Tunnel,
     ) -> Result<Response<Body>, Infallible> {
         let in_flight = tunnel.activity.request();
+        // CONNECT: a TCP tunnel to the target, answered only once it is verified and ready.
+        if req.method() == Method::CONNECT {
+            return Ok(self.connect(req, tunnel).await);
+        }
         // Parse: the routing headers. None: the guest agent; a bad one: 400 naming it.
         let target = match self.parse(&req) {
             Ok(Some(target)) => target,
@@ -403,11 +429,109 @@ impl Outbound {
 
     /// The target the routing headers name; `None` for the guest agent.
     fn parse(&self, req: &Request<Incoming>) -> Result<Option<Target>, Unroutable> {
-        let target = Target::from_headers(req.headers()).map_err(Unroutable::Header)?;
-        if target.is_some() && req.method() == Method::CONNECT {
-            return Err(Unroutable::Connect);
+        Target::from_headers(req.headers()).map_err(Unroutable::Header)
+    }
+
+    /// `CONNECT`: parse the target (routing headers, else `<app-id>.dstack:<port>`) → route →
+    /// open a tunnel (verified handshake, the service's backend answered) → `200` and splice
+    /// the app's connection to it; any failure is the JSON error a request would get, and
+    /// nothing of the app's was sent.
+    async fn connect(&self, mut req: Request<Incoming>, tunnel: Tunnel) -> Response<Body> {
+        let target = match Target::from_headers(req.headers()) {
+            Ok(Some(target)) => Ok(target),
+            Ok(None) => req
+                .uri()
+                .authority()
+                .ok_or(Unroutable::Connect)
+                .and_then(|a| {
+                    Target::from_connect_authority(a.as_str()).map_err(Unroutable::Header)
+                }),
+            Err(e) => Err(Unroutable::Header(e)),
+        };
+        let target = match target {
+            Ok(target) if target.transport == Transport::Mesh => target,
+            Ok(_) => {
+                return self.refuse_connect(
+                    "CONNECT needs mutual RA-TLS",
+                    "x-dstack-target-use-tls: false cannot carry a tunnel",
+                )
+            }
+            Err(refusal) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                return refusal.answer();
+            }
+        };
+        let name = "connect";
+        if let Err(detail) = self.route(&target) {
+            self.metrics.tunnel(Direction::Outbound, name, "no_route");
+            return self.refuse(
+                &target,
+                StatusCode::BAD_GATEWAY,
+                "no route to target",
+                &detail,
+            );
         }
-        Ok(target)
+        let Some(connector) = self.tunnel_connector() else {
+            return self.refuse_connect("no route to target", "the gateway is not known yet");
+        };
+        let opened = match crate::tunnel::open(&connector, &target, self.tunnel_deadline()).await {
+            Ok(opened) => opened,
+            Err(e) => {
+                self.metrics.tunnel(Direction::Outbound, name, e.outcome());
+                if let crate::tunnel::OpenError::Connect(gateway_client::ConnectError::Refused {
+                    rejection,
+                    ..
+                }) = &e
+                {
+                    self.metrics
+                        .handshake_failure(Direction::Outbound, rejection.reason());
+                }
+                let e = e.upstream(&target);
+                let failure = e.failure();
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                failure.log(
+                    Hop::Peer,
+                    "outbound tunnel failed",
+                    &format_args!("CONNECT {target}: {e}"),
+                );
+                return proxy::detailed_error(
+                    failure.status(),
+                    failure.short(Hop::Peer),
+                    &e.to_string(),
+                );
+            }
+        };
+        self.metrics.tunnel(Direction::Outbound, name, "ok");
+        if opened.resumed {
+            self.metrics.tunnel(Direction::Outbound, name, "resumed");
+        }
+        self.stats.authenticated.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%target, resumed = opened.resumed, "CONNECT tunnel open");
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let mut stream = opened.stream;
+            match upgrade.await {
+                Ok(upgraded) => {
+                    let mut app = TokioIo::new(upgraded);
+                    let (up, down) =
+                        crate::tunnel::splice(&mut app, &mut stream, &tunnel.activity, tunnel.idle)
+                            .await;
+                    tracing::debug!(%target, up, down, "CONNECT tunnel closed");
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "CONNECT: the app's connection was not upgraded")
+                }
+            }
+            drop(tunnel);
+        });
+        Response::new(proxy::full(bytes::Bytes::new()))
+    }
+
+    /// A `CONNECT` that cannot be carried: `502` with why.
+    fn refuse_connect(&self, error: &str, detail: &str) -> Response<Body> {
+        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error, detail, "outbound CONNECT refused");
+        proxy::detailed_error(StatusCode::BAD_GATEWAY, error, detail)
     }
 
     /// A request without a target: `/health` (dstack-vpc's image health-checks its client

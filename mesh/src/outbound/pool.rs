@@ -494,7 +494,7 @@ fn classify(e: &PoolError, target: &Target, name: &str) -> Option<UpstreamError>
 
 /// The alert a peer ended the connection with. tokio-rustls hands it over as text only
 /// (`InvalidData`, rustls's `Display` of `AlertReceived`), so the text is what there is.
-fn received_alert(io: &std::io::Error) -> Option<String> {
+pub(crate) fn received_alert(io: &std::io::Error) -> Option<String> {
     if let Some(rustls::Error::AlertReceived(alert)) =
         io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>())
     {
