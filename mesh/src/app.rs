@@ -13,9 +13,11 @@ use crate::{
     admin::Admin,
     auth::{AuthService, NginxProof},
     config::Config,
+    config::RegistryApp,
     inbound::{self, Inbound},
     outbound::{self, AgentPassthrough, Outbound},
     proxy,
+    registry::{self, NodePort, Registry},
     trust::{self, TrustError},
     tunnel::{self, TcpService, TunnelPort},
 };
@@ -195,6 +197,13 @@ impl App {
             tasks.spawn(admin.clone().serve(listener));
             admin
         });
+        start_registry(
+            &config,
+            &identity,
+            inbound.as_ref(),
+            &bound,
+            &mut background,
+        );
         let mut acme_tasks = JoinSet::new();
         if let Some(acme) = &acme {
             acme.start(&mut acme_tasks);
@@ -383,6 +392,48 @@ async fn bind_outbound(
     let listener = outbound.bind().await?;
     bound.push(("outbound".into(), local(&listener)));
     Ok(Some((outbound, listener)))
+}
+
+/// The registry role on the inbound listener, and this sidecar's own registration through its
+/// outbound proxy, as `[registry]` asks.
+fn start_registry(
+    config: &Config,
+    identity: &RotatingIdentity,
+    inbound: Option<&Arc<Inbound>>,
+    bound: &Bound,
+    background: &mut JoinSet<()>,
+) {
+    let own = identity.current().app_id.clone();
+    if let (true, Some(inbound)) = (config.registry.enabled, inbound) {
+        let registry = Arc::new(Registry::load(&config.registry, &own));
+        inbound.set_registry(registry.clone());
+        background.spawn(registry.keep());
+    }
+    let outbound = bound.iter().find(|(w, _)| w == "outbound").map(|(_, a)| *a);
+    if let (Some(registration), Some(outbound)) = (&config.registry.register, outbound) {
+        let server = match &registration.server_app {
+            RegistryApp::OwnApp => own,
+            RegistryApp::App(app) => app.clone(),
+        };
+        // The services this node offers, at the ports tunnels target.
+        let ports = (config.tcp_services.iter())
+            .map(|s| {
+                let name = format!("tcp:{}", s.name);
+                let port = (bound.iter().find(|(w, _)| *w == name))
+                    .map_or(s.listen.port(), |(_, a)| a.port());
+                NodePort {
+                    name: s.name.clone(),
+                    port,
+                }
+            })
+            .collect();
+        background.spawn(registry::client::keep_registered(
+            outbound,
+            server,
+            registration.clone(),
+            ports,
+        ));
+    }
 }
 
 /// The attested TCP services, bound; they trust what the inbound listener trusts.

@@ -17,6 +17,7 @@ pub mod logging;
 pub mod metrics;
 pub mod outbound;
 pub mod proxy;
+pub mod registry;
 pub mod run;
 pub mod status;
 pub mod tools;

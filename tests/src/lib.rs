@@ -161,6 +161,19 @@ pub async fn identity(
     ratls::identity::RotatingIdentity,
     tokio::task::JoinHandle<()>,
 ) {
+    instance_identity(dir, state, app, None).await
+}
+
+/// [`identity`] for one instance of `app` (hex instance id; `None`: derived from the app).
+pub async fn instance_identity(
+    dir: &Path,
+    state: &Path,
+    app: &str,
+    instance: Option<&str>,
+) -> (
+    ratls::identity::RotatingIdentity,
+    tokio::task::JoinHandle<()>,
+) {
     use ratls::{
         agent::{AgentAddress, AgentClient},
         dev_agent::{DevAgent, DevAgentConfig},
@@ -169,13 +182,21 @@ pub async fn identity(
     let agent = std::sync::Arc::new(
         DevAgent::new(DevAgentConfig {
             app_id: app.parse().unwrap(),
-            instance_id: None,
+            instance_id: instance.map(str::to_owned),
             app_name: format!("app-{}", &app[..4]),
             state_dir: state.to_owned(),
         })
         .unwrap(),
     );
-    let socket = dir.join(format!("{}-{}.sock", &app[..8], std::process::id()));
+    // Unique per agent: a restarted sidecar's agent must not find the old socket in its way.
+    static AGENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let socket = dir.join(format!(
+        "{}-{}-{}-{}.sock",
+        &app[..8],
+        instance.map_or("app", |i| &i[..8]),
+        std::process::id(),
+        AGENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     let task = agent.spawn(&socket).unwrap();
     let (client, info) =
         AgentClient::discover(vec![AgentAddress::Unix(socket)], Duration::from_secs(5))

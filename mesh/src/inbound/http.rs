@@ -20,6 +20,7 @@ use crate::{
         self, conn::Lifetime, Activity, Body, CallerHeaders, GuardedBody, Hold, Hop, IdleIo,
         Tunnel, Upstream,
     },
+    registry::Registry,
 };
 
 const X_FORWARDED_HOST: http::HeaderName = http::HeaderName::from_static("x-forwarded-host");
@@ -43,6 +44,8 @@ pub(super) struct Conn {
     pub upstream: Upstream,
     /// Evidence files served at `/evidences/` (public domains, when enabled).
     pub evidence: Option<Arc<Evidence>>,
+    /// The registry role's `/api/` (mesh callers, when enabled).
+    pub registry: Option<Arc<Registry>>,
     /// Identity and forwarding headers every request gets.
     pub headers: CallerHeaders,
     /// This caller's request counters (the peer is fixed for the connection).
@@ -59,6 +62,7 @@ struct Caller {
     who: Who,
     upstream: Upstream,
     evidence: Option<Arc<Evidence>>,
+    registry: Option<Arc<Registry>>,
     headers: CallerHeaders,
     tunnel: Tunnel,
     metrics: PeerMetrics,
@@ -81,6 +85,7 @@ pub(super) fn serve(
         who: conn.who,
         upstream: conn.upstream,
         evidence: conn.evidence,
+        registry: conn.registry,
         headers: conn.headers,
         tunnel: Tunnel {
             activity: conn.activity,
@@ -110,7 +115,8 @@ pub(super) fn serve(
     }
 }
 
-/// One request: answered here (head too large, mesh `/health`, evidence), or forwarded with
+/// One request: answered here (head too large, mesh `/health`, the registry, evidence), or
+/// forwarded with
 /// the caller's identity set and everything it could forge removed.
 async fn handle(caller: Arc<Caller>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     // h2 bounds its header list itself (`max_header_list_size`).
@@ -127,6 +133,12 @@ async fn handle(caller: Arc<Caller>, req: Request<Incoming>) -> Result<Response<
     // Answered here, as dstack-vpc's nginx did: mesh health checks never touch the app.
     if matches!(caller.who, Who::Peer(_)) && req.uri().path() == "/health" {
         return Ok(proxy::text_response(StatusCode::OK, "healthy\n"));
+    }
+    // The registry's API, for the caller its certificate proved.
+    if let (Who::Peer(peer), Some(registry)) = (&caller.who, &caller.registry) {
+        if Registry::serves(req.uri().path()) {
+            return Ok(registry.handle(peer, req).await);
+        }
     }
     if let Some(answer) = caller
         .evidence

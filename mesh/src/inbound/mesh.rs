@@ -46,6 +46,7 @@ pub(super) fn serve(
             .peer(Direction::Inbound, &peer.app_id.to_string()),
         upstream: inbound.upstream.clone(),
         evidence: None,
+        registry: inbound.registry.load_full(),
         lifetime: Lifetime {
             idle: Some((activity.clone(), config.idle_timeout)),
             // The caller's certificate vouches for this connection only while it is valid.

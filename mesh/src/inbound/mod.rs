@@ -71,6 +71,8 @@ pub struct Inbound {
     drain: proxy::Drain,
     /// The allowlist now in force (SIGHUP replaces it).
     allow: ArcSwap<Allow>,
+    /// The registry role, when this sidecar runs it.
+    registry: arc_swap::ArcSwapOption<crate::registry::Registry>,
     metrics: Arc<Metrics>,
 }
 
@@ -151,6 +153,7 @@ impl Inbound {
             connections: Arc::new(Semaphore::new(config.max_connections)),
             drain: proxy::Drain::default(),
             allow: ArcSwap::from_pointee(config.allow.clone()),
+            registry: arc_swap::ArcSwapOption::empty(),
             metrics: Arc::default(),
             mesh_tls: ArcSwap::from_pointee(mesh_tls),
             policy: ArcSwap::new(policy),
@@ -234,6 +237,11 @@ impl Inbound {
     pub fn with_drain(mut self, drain: proxy::Drain) -> Self {
         self.drain = drain;
         self
+    }
+
+    /// Serve `registry`'s API to mesh callers (`/api/nodes/update`, `/api/discover/<type>`).
+    pub fn set_registry(&self, registry: Arc<crate::registry::Registry>) {
+        self.registry.store(Some(registry));
     }
 
     /// Record requests and refused handshakes into `metrics`.

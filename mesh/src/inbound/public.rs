@@ -158,6 +158,7 @@ pub(super) fn serve_http(
         headers: CallerHeaders::new(None, None, remote.ip(), "https"),
         metrics: inbound.metrics.peer(Direction::Inbound, domain.name()),
         evidence: public.acme.as_ref().and_then(|a| a.evidence_served()),
+        registry: None,
         upstream,
         lifetime: Lifetime {
             idle: Some((activity.clone(), inbound.config.idle_timeout)),
