@@ -10,6 +10,7 @@ pub mod chromium;
 pub mod client;
 pub mod cloudflare;
 pub mod etcd;
+pub mod netns;
 pub mod pebble;
 pub mod redis;
 
