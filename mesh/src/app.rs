@@ -405,7 +405,14 @@ fn start_registry(
 ) {
     let own = identity.current().app_id.clone();
     if let (true, Some(inbound)) = (config.registry.enabled, inbound) {
-        let registry = Arc::new(Registry::load(&config.registry, &own));
+        let registry = Registry::load(&config.registry, &own);
+        // With an etcd store, the entries live there (sealed with the app's key).
+        #[cfg(feature = "etcd")]
+        let registry = match acme::fleet(&config.store, &own, identity.agent()) {
+            Some(fleet) => registry.with_fleet(fleet),
+            None => registry,
+        };
+        let registry = Arc::new(registry);
         inbound.set_registry(registry.clone());
         background.spawn(registry.keep());
     }

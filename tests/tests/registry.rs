@@ -42,13 +42,24 @@ async fn registry(
     backend: SocketAddr,
     ttl: &str,
 ) -> (App, tokio::task::JoinHandle<()>) {
+    registry_with(dir, backend, ttl, "nodes.json", "").await
+}
+
+/// [`registry`] with its state file named `file`, and `extra` appended to its configuration.
+async fn registry_with(
+    dir: &Path,
+    backend: SocketAddr,
+    ttl: &str,
+    file: &str,
+    extra: &str,
+) -> (App, tokio::task::JoinHandle<()>) {
     let (id, agent) = instance_identity(dir, &dir.join("state"), R, None).await;
-    let state = dir.join("registry").join("nodes.json");
+    let state = dir.join("registry").join(file);
     let app = App::start_with(
         config(&format!(
             "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{backend}\"\nallowed_apps = [\"{M}\", \"{E}\", \"{X}\"]\n\
              [auth]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[client]\nenabled = false\n\
-             [registry]\nenabled = true\nallowed_apps = [\"{M}\", \"{E}\"]\nttl = \"{ttl}\"\nstate_file = \"{}\"\n",
+             [registry]\nenabled = true\nallowed_apps = [\"{M}\", \"{E}\"]\nttl = \"{ttl}\"\nstate_file = \"{}\"\n{extra}",
             state.display()
         )),
         id,
@@ -258,4 +269,45 @@ async fn registrations_survive_a_registry_restart() {
         discovered(&e1, "mongodb").await,
         BTreeSet::from([M1.to_owned()])
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_an_etcd_store_the_entries_live_in_etcd_sealed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cluster = e2e::etcd::EtcdCluster::start(&d.join("etcd"), 1);
+    let store = format!(
+        "[store]\nbackend = \"etcd\"\nendpoints = [\"{}\"]\n",
+        cluster.endpoints()[0]
+    );
+    let backend = Backend::start().await;
+    let (r, r_agent) = registry_with(d, backend.addr, "60s", "first.json", &store).await;
+    let (m1, a1) = node(d, M, Some(M1), r.addr("inbound").unwrap(), Some("mongodb")).await;
+    until_discovered(&m1, "mongodb", &[M1]).await;
+    drop((m1, a1));
+    // In etcd, sealed: neither the node's ids nor its type are readable there.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = cluster.etcdctl(&["get", "--prefix", "/dstack-mesh", "--print-value-only"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !text.trim().is_empty() {
+            assert!(
+                !text.contains(M1) && !text.contains("mongodb"),
+                "plaintext in etcd: {text}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "nothing was stored in etcd");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !d.join("registry").join("first.json").exists(),
+        "etcd, not the file"
+    );
+    drop((r, r_agent));
+
+    // Another registry instance of the app, with a state file of its own, starts from etcd.
+    let (r, _r_agent) = registry_with(d, backend.addr, "60s", "second.json", &store).await;
+    let (e1, _a) = node(d, E, Some(E1), r.addr("inbound").unwrap(), None).await;
+    until_discovered(&e1, "mongodb", &[M1]).await;
 }

@@ -335,6 +335,21 @@ impl EtcdStore {
             .map_err(refused(kind, name))
     }
 
+    /// Seal and store `value` under `name` (last writer wins: for state one instance owns).
+    pub async fn put(&self, kind: Kind, name: &str, value: &[u8]) -> Result<(), EtcdError> {
+        let sealed = self
+            .sealer
+            .seal(kind, name, value)
+            .map_err(refused(kind, name))?;
+        let key = self.key(kind, name);
+        self.call(|mut c| {
+            let (key, sealed) = (key.clone(), sealed.clone());
+            async move { c.put(key, sealed, None).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// Seal and store `value` under `name`, while `lock` is still held.
     pub async fn put_fenced(
         &self,

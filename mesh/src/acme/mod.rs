@@ -345,21 +345,7 @@ impl Acme {
             false => None,
         };
         #[cfg(feature = "etcd")]
-        let replicas = match &shared.store {
-            StoreConfig::File => None,
-            StoreConfig::Etcd(etcd) => Some(Arc::new(replicas::Replicas::new(
-                etcd::EtcdSettings {
-                    endpoints: etcd.endpoints.clone(),
-                    prefix: format!("{}/{}", etcd.prefix, shared.app_id),
-                    ca_file: etcd.ca_file.clone(),
-                    cert_file: etcd.cert_file.clone(),
-                    key_file: etcd.key_file.clone(),
-                    timeout: etcd.timeout,
-                },
-                etcd.lock_ttl,
-                agent.clone(),
-            ))),
-        };
+        let replicas = fleet(&shared.store, &shared.app_id, &agent);
         #[cfg(feature = "etcd")]
         if let Some(fleet) = &replicas {
             challenges.share_with(fleet.clone());
@@ -574,5 +560,30 @@ impl Acme {
                 }
             })
             .collect()
+    }
+}
+
+/// The app's etcd store when `store` is etcd (connected on first use): its instances share
+/// certificates there, and the registry its entries.
+#[cfg(feature = "etcd")]
+pub fn fleet(
+    store: &StoreConfig,
+    app_id: &ratls::AppId,
+    agent: &AgentClient,
+) -> Option<Arc<replicas::Replicas>> {
+    match store {
+        StoreConfig::File => None,
+        StoreConfig::Etcd(etcd) => Some(Arc::new(replicas::Replicas::new(
+            etcd::EtcdSettings {
+                endpoints: etcd.endpoints.clone(),
+                prefix: format!("{}/{}", etcd.prefix, app_id),
+                ca_file: etcd.ca_file.clone(),
+                cert_file: etcd.cert_file.clone(),
+                key_file: etcd.key_file.clone(),
+                timeout: etcd.timeout,
+            },
+            etcd.lock_ttl,
+            agent.clone(),
+        ))),
     }
 }

@@ -216,6 +216,18 @@ impl Replicas {
             .await
     }
 
+    /// The plaintext of `name` as `kind`, for state outside certificates (the registry's).
+    pub async fn get_value(&self, kind: Kind, name: &str) -> Result<Option<Vec<u8>>, SharedError> {
+        let result = async { Ok(self.store().await?.get(kind, name).await?) };
+        self.note(result.await)
+    }
+
+    /// Seal and store `value` under `name` as `kind` (last writer wins).
+    pub async fn put_value(&self, kind: Kind, name: &str, value: &[u8]) -> Result<(), SharedError> {
+        let result = async { Ok(self.store().await?.put(kind, name, value).await?) };
+        self.note(result.await)
+    }
+
     /// Ask the store something, so a wrong endpoint or credential shows at start, and a
     /// store that came back is noticed without waiting out a backoff.
     pub async fn check(&self) -> Result<(), SharedError> {

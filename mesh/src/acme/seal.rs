@@ -36,6 +36,8 @@ pub enum Kind {
     Member,
     /// An instance's word that it answers a published challenge.
     Ack,
+    /// The registry role's entries (discovery).
+    Registry,
 }
 
 impl Kind {
@@ -50,6 +52,7 @@ impl Kind {
             Self::Lock => "lock",
             Self::Member => "member",
             Self::Ack => "ack",
+            Self::Registry => "registry",
         }
     }
 }

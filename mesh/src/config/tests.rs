@@ -308,3 +308,142 @@ fn outbound_and_auth_limits_and_routes_by_port() {
         assert!(err.to_string().contains(key), "{text}: {err}");
     }
 }
+
+const APP: &str = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
+const OTHER: &str = "b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2";
+
+#[test]
+fn tcp_services_tunnels_and_the_registry_load() {
+    let text = format!(
+        r#"
+[inbound]
+proxy_protocol = "v2"
+[[inbound.tcp]]
+name = "redis"
+listen = "0.0.0.0:6379"
+backend = "127.0.0.1:6380"
+allowed_apps = ["{APP}"]
+[[inbound.tcp]]
+listen = "0.0.0.0:2380"
+backend = "etcd:2380"
+allowed_apps = "any"
+idle_timeout = "5m"
+max_connections = 10
+proxy_protocol = "off"
+[[tunnels]]
+name = "redis"
+listen = "127.0.0.1:16379"
+target_app = "{OTHER}"
+target_port = 6379
+target_instance = "{APP}"
+[registry]
+enabled = true
+ttl = "30s"
+node_type = "mongodb"
+labels = {{ zone = "eu-1" }}
+"#
+    );
+    let c = Config::from_toml(&text, &no_env()).unwrap();
+    let [redis, etcd] = &c.tcp_services[..] else {
+        panic!("{:?}", c.tcp_services)
+    };
+    assert_eq!((redis.name.as_str(), redis.listen.port()), ("redis", 6379));
+    assert_eq!(redis.allow, parse_allow(APP).unwrap());
+    assert_eq!(
+        redis.proxy_protocol,
+        ProxyProtocol::V2,
+        "the inbound listener's"
+    );
+    assert_eq!(redis.idle_timeout, tunnels::DEFAULT_TUNNEL_IDLE_TIMEOUT);
+    assert_eq!(etcd.name, "1", "unnamed entries are numbered");
+    assert_eq!((etcd.allow.clone(), etcd.max_connections), (Allow::Any, 10));
+    assert_eq!(etcd.idle_timeout, Duration::from_secs(300));
+    assert_eq!(etcd.proxy_protocol, ProxyProtocol::Off);
+    let t = &c.tunnels[0];
+    assert_eq!(
+        (t.target_app.to_string(), t.target_port),
+        (OTHER.to_owned(), 6379)
+    );
+    assert_eq!(
+        t.target_instance.as_ref().map(ToString::to_string),
+        Some(APP.to_owned())
+    );
+    assert!(c.registry.enabled);
+    assert_eq!(c.registry.allow, Allow::OwnApp);
+    let r = c.registry.register.as_ref().unwrap();
+    assert_eq!(
+        (r.server_app.clone(), r.server_port),
+        (RegistryApp::OwnApp, 443)
+    );
+    assert_eq!(r.interval, Duration::from_secs(10), "a third of the ttl");
+    assert_eq!(r.labels["zone"], "eu-1");
+}
+
+#[test]
+fn dstack_vpc_registry_variables_work() {
+    let env = HashMap::from([
+        ("VPC_SERVER_ENABLED", "true"),
+        ("VPC_NODE_TYPE", "etcd"),
+        ("VPC_NODE_NAME", "etcd-0"),
+        ("VPC_SERVER_APP_ID", OTHER),
+    ]);
+    let c = Config::from_toml("", &env).unwrap();
+    assert!(c.registry.enabled);
+    let r = c.registry.register.unwrap();
+    assert_eq!(r.node_type, "etcd");
+    assert_eq!(r.node_name.as_deref(), Some("etcd-0"));
+    assert_eq!(r.server_app, RegistryApp::App(OTHER.parse().unwrap()));
+    let c = Config::from_toml(
+        "",
+        &HashMap::from([("VPC_SERVER_APP_ID", "self"), ("VPC_NODE_TYPE", "app")]),
+    )
+    .unwrap();
+    assert_eq!(c.registry.register.unwrap().server_app, RegistryApp::OwnApp);
+    assert!(Config::from_toml("", &no_env())
+        .unwrap()
+        .registry
+        .register
+        .is_none());
+}
+
+#[test]
+fn tunnel_mistakes_name_their_key() {
+    let keys = |text: &str| -> Vec<String> {
+        Config::from_toml(text, &no_env())
+            .unwrap_err()
+            .0
+            .into_iter()
+            .map(|e| e.key)
+            .collect()
+    };
+    // Required fields.
+    let k = keys("[[inbound.tcp]]\nname = \"x\"\n");
+    for key in [
+        "inbound.tcp[0].listen",
+        "inbound.tcp[0].backend",
+        "inbound.tcp[0].allowed_apps",
+    ] {
+        assert!(k.contains(&key.to_owned()), "{key}: {k:?}");
+    }
+    let k = keys("[[tunnels]]\nlisten = \"127.0.0.1:1\"\ntarget_app = \"abc\"\n");
+    assert!(k.contains(&"tunnels[0].target_app".to_owned()), "{k:?}");
+    assert!(k.contains(&"tunnels[0].target_port".to_owned()), "{k:?}");
+    // One name twice, one address twice.
+    let k = keys(&format!(
+        "[[inbound.tcp]]\nname = \"a\"\nlisten = \"0.0.0.0:7000\"\nbackend = \"127.0.0.1:1\"\nallowed_apps = \"any\"\n\
+         [[inbound.tcp]]\nname = \"a\"\nlisten = \"0.0.0.0:7001\"\nbackend = \"127.0.0.1:1\"\nallowed_apps = \"any\"\n\
+         [[tunnels]]\nlisten = \"127.0.0.1:7000\"\ntarget_app = \"{APP}\"\ntarget_port = 1\n"
+    ));
+    assert!(k.contains(&"inbound.tcp[1].name".to_owned()), "{k:?}");
+    assert!(k.contains(&"tunnels[0].listen".to_owned()), "{k:?}");
+    // Tunnels and registration go out through the outbound proxy.
+    let k = keys(&format!(
+        "[client]\nenabled = false\n[[tunnels]]\nlisten = \"127.0.0.1:7000\"\ntarget_app = \"{APP}\"\ntarget_port = 1\n"
+    ));
+    assert_eq!(k, ["client.enabled"]);
+    // A heartbeat slower than the expiry would drop live nodes.
+    let k = keys("[registry]\nttl = \"10s\"\ninterval = \"10s\"\nnode_type = \"x\"\n");
+    assert_eq!(k, ["registry.interval"]);
+    let k = keys("[registry]\nnode_type = \"no spaces\"\n");
+    assert_eq!(k, ["registry.node_type"]);
+}

@@ -2,7 +2,8 @@
 //! `GET /api/nodes`) served on the mesh listener, without its VPN. The caller is the identity
 //! its certificate proved in the handshake, never a header: a node registers as its own app and
 //! instance, so no node can register (or move) another. Entries end `ttl` after their last
-//! heartbeat and survive a restart in a local file.
+//! heartbeat and survive a restart: in etcd, sealed with the app's key, when `[store]` is etcd
+//! (every registry instance of the app then starts from the same state), else in a local file.
 //!
 //! A request's path: mesh caller verified → [`Registry::handle`] (its app on the registry's
 //! allowlist, else `403`) → update or read → answer. [`client`] keeps this sidecar registered.
@@ -126,7 +127,14 @@ pub struct Registry {
     nodes: Mutex<BTreeMap<Key, Node>>,
     /// A change not yet written.
     dirty: Notify,
+    /// The app's etcd store, when `[store]` is etcd: the state lives there, not in the file.
+    #[cfg(feature = "etcd")]
+    fleet: Option<Arc<crate::acme::replicas::Replicas>>,
 }
+
+/// The state's name in the fleet's store.
+#[cfg(feature = "etcd")]
+const FLEET_STATE: &str = "registry/nodes";
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -158,7 +166,18 @@ impl Registry {
             state_file: config.state_file.clone(),
             nodes: Mutex::new(nodes),
             dirty: Notify::new(),
+            #[cfg(feature = "etcd")]
+            fleet: None,
         }
+    }
+
+    /// Keep the state in the app's etcd store (sealed) instead of the file; it is read back
+    /// when [`Registry::keep`] starts.
+    #[cfg(feature = "etcd")]
+    pub fn with_fleet(mut self, fleet: Arc<crate::acme::replicas::Replicas>) -> Self {
+        self.nodes = Mutex::new(BTreeMap::new());
+        self.fleet = Some(fleet);
+        self
     }
 
     /// Whether `path` is the registry's (anything else goes to the backend).
@@ -350,9 +369,11 @@ impl Registry {
             .collect()
     }
 
-    /// Sweep expired entries and write the state file after changes, at most once per
+    /// Sweep expired entries and write the state after changes, at most once per
     /// [`FLUSH_EVERY`]. Runs until dropped.
     pub async fn keep(self: Arc<Self>) {
+        #[cfg(feature = "etcd")]
+        self.restore_from_fleet().await;
         let mut tick = tokio::time::interval(FLUSH_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut dirty = false;
@@ -361,8 +382,8 @@ impl Registry {
                 _ = self.dirty.notified() => dirty = true,
                 _ = tick.tick() => {
                     dirty |= self.sweep();
-                    if std::mem::take(&mut dirty) {
-                        self.write();
+                    if std::mem::take(&mut dirty) && !self.save().await {
+                        dirty = true;
                     }
                 }
             }
@@ -384,22 +405,76 @@ impl Registry {
         nodes.len() != before
     }
 
-    /// Write the state file (0600, atomically); a failure is logged and retried next change.
-    fn write(&self) {
+    /// Write the state (the file: 0600, atomically); whether it was written (a failure is
+    /// logged, and tried again at the next tick).
+    async fn save(&self) -> bool {
         let state = State {
             version: 1,
             nodes: self.nodes(None),
         };
-        let Some((dir, name)) = split(&self.state_file) else {
-            return;
-        };
         let bytes = match serde_json::to_vec(&state) {
             Ok(bytes) => bytes,
-            Err(e) => return tracing::error!(error = %e, "registry: state not serialised"),
+            Err(e) => {
+                tracing::error!(error = %e, "registry: state not serialised");
+                return true;
+            }
         };
-        if let Err(e) = DirStore::new(dir).write(&name, &bytes, true) {
-            tracing::warn!(error = %e, "registry: state file not written (entries live on in memory)");
+        #[cfg(feature = "etcd")]
+        if let Some(fleet) = &self.fleet {
+            use crate::acme::seal::Kind;
+            return match fleet.put_value(Kind::Registry, FLEET_STATE, &bytes).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(store = %fleet.location(), error = %e, "registry: state not stored (entries live on in memory)");
+                    false
+                }
+            };
         }
+        let Some((dir, name)) = split(&self.state_file) else {
+            return true;
+        };
+        match DirStore::new(dir).write(&name, &bytes, true) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "registry: state file not written (entries live on in memory)");
+                false
+            }
+        }
+    }
+
+    /// Read the state back from the fleet's store, retrying until it answers; registrations
+    /// that arrived meanwhile are newer and stay.
+    #[cfg(feature = "etcd")]
+    async fn restore_from_fleet(&self) {
+        use crate::acme::seal::Kind;
+        let Some(fleet) = &self.fleet else {
+            return;
+        };
+        let mut delay = Duration::from_millis(250);
+        let stored = loop {
+            match fleet.get_value(Kind::Registry, FLEET_STATE).await {
+                Ok(stored) => break stored,
+                Err(e) => {
+                    tracing::warn!(store = %fleet.location(), error = %e, retry_in = ?delay, "registry: stored entries not read yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        };
+        let restored = match stored.map(|b| serde_json::from_slice::<State>(&b)) {
+            None => return,
+            Some(Ok(state)) => state.nodes,
+            Some(Err(e)) => {
+                return tracing::error!(error = %e, "registry: stored entries unreadable; starting empty")
+            }
+        };
+        let now = unix_now();
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        let before = nodes.len();
+        for node in restored.into_iter().filter(|n| n.expires_at > now) {
+            nodes.entry(key_of(&node)).or_insert(node);
+        }
+        tracing::info!(nodes = nodes.len() - before, store = %fleet.location(), "registry: entries restored");
     }
 }
 
