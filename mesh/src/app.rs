@@ -167,13 +167,13 @@ impl App {
             tasks.spawn(outbound.clone().serve(listener));
             outbound
         });
-        let tcp_services = (tcp_services.into_iter())
+        let tcp_services: Vec<_> = (tcp_services.into_iter())
             .map(|(service, listener)| {
                 tasks.spawn(service.clone().serve(listener));
                 service
             })
             .collect();
-        let tunnels = (tunnel_ports.into_iter())
+        let tunnels: Vec<_> = (tunnel_ports.into_iter())
             .map(|(port, listener)| {
                 tasks.spawn(port.clone().serve(listener));
                 port
@@ -191,6 +191,7 @@ impl App {
             let admin = Admin::new(identity.clone(), acme.clone())
                 .with_inbound(inbound.clone())
                 .with_outbound(outbound.clone())
+                .with_tunnels(tcp_services.clone(), tunnels.clone())
                 .with_metrics(shared.metrics.clone())
                 .with_drain(shared.drain.clone());
             let admin = Arc::new(admin);

@@ -387,6 +387,25 @@ async fn redis_commands_and_a_10_mib_value_cross_two_sidecars() {
         metrics.tunnel_count(Direction::Outbound, "connect", "ok"),
         2
     );
+    // The admin port shows both ends.
+    let routes = |app: &App| {
+        let admin = app.addr("admin").unwrap().to_string();
+        async move {
+            let (_, body) = dstack_mesh::status::request(&admin, http::Method::GET, "/routes")
+                .await
+                .unwrap();
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+        }
+    };
+    let a_routes = routes(&w.a).await;
+    assert_eq!(a_routes["tunnels"][0]["name"], "redis");
+    assert_eq!(
+        a_routes["tunnels"][0]["target"],
+        format!("{B}:{REDIS_PORT}")
+    );
+    let b_routes = routes(&w.b).await;
+    assert_eq!(b_routes["tcp"][0]["backend"], w.redis.addr.to_string());
+    assert_eq!(b_routes["tcp"][0]["allowed"], A);
     let service = &w.b.tcp_services[0];
     assert_eq!(service.config().name, "redis");
     assert_eq!(

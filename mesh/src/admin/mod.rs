@@ -37,6 +37,40 @@ pub struct Routes {
     pub domains: Vec<crate::acme::CertStatus>,
     /// Distinct peers seen since start.
     pub peers: PeerCounts,
+    /// Attested TCP services (`[[inbound.tcp]]`).
+    #[serde(default)]
+    pub tcp: Vec<TcpRoute>,
+    /// Tunnel ports (`[[tunnels]]`).
+    #[serde(default)]
+    pub tunnels: Vec<TunnelRoute>,
+}
+
+/// A TCP service, as shown.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct TcpRoute {
+    /// Its name.
+    pub name: String,
+    /// Where it listens (as configured).
+    pub listen: String,
+    /// Its backend.
+    pub backend: String,
+    /// Who may connect, in words.
+    pub allowed: String,
+    /// Tunnels open now.
+    pub open: usize,
+}
+
+/// A tunnel port, as shown.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct TunnelRoute {
+    /// Its name.
+    pub name: String,
+    /// Where the app connects (as configured).
+    pub listen: String,
+    /// The target: `app:port`, with `@instance` when one is named.
+    pub target: String,
+    /// Tunnels open now.
+    pub open: usize,
 }
 
 /// The identity, as shown.
@@ -70,6 +104,8 @@ pub struct Admin {
     acme: arc_swap::ArcSwapOption<Acme>,
     inbound: Option<Arc<Inbound>>,
     outbound: Option<Arc<Outbound>>,
+    tcp: Vec<Arc<crate::tunnel::TcpService>>,
+    tunnels: Vec<Arc<crate::tunnel::TunnelPort>>,
     metrics: Arc<Metrics>,
     drain: proxy::Drain,
 }
@@ -82,6 +118,8 @@ impl Admin {
             acme: arc_swap::ArcSwapOption::new(acme),
             inbound: None,
             outbound: None,
+            tcp: Vec::new(),
+            tunnels: Vec::new(),
             metrics: Arc::default(),
             drain: proxy::Drain::default(),
         }
@@ -107,6 +145,17 @@ impl Admin {
     /// Stop with `drain` (SIGTERM) instead of a private one.
     pub fn with_drain(mut self, drain: proxy::Drain) -> Self {
         self.drain = drain;
+        self
+    }
+
+    /// Also report these TCP services and tunnel ports.
+    pub fn with_tunnels(
+        mut self,
+        tcp: Vec<Arc<crate::tunnel::TcpService>>,
+        tunnels: Vec<Arc<crate::tunnel::TunnelPort>>,
+    ) -> Self {
+        self.tcp = tcp;
+        self.tunnels = tunnels;
         self
     }
 
@@ -140,6 +189,26 @@ impl Admin {
                 inbound: self.metrics.peer_count(crate::metrics::Direction::Inbound),
                 outbound: self.metrics.peer_count(crate::metrics::Direction::Outbound),
             },
+            tcp: (self.tcp.iter())
+                .map(|s| {
+                    let c = s.config();
+                    TcpRoute {
+                        name: c.name.clone(),
+                        listen: c.listen.to_string(),
+                        backend: c.backend.to_string(),
+                        allowed: c.allow.words(),
+                        open: s.open_connections(),
+                    }
+                })
+                .collect(),
+            tunnels: (self.tunnels.iter())
+                .map(|t| TunnelRoute {
+                    name: t.config().name.clone(),
+                    listen: t.config().listen.to_string(),
+                    target: t.target().to_string(),
+                    open: t.open_connections(),
+                })
+                .collect(),
         }
     }
 

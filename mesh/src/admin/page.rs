@@ -243,6 +243,36 @@ pub fn render(routes: &Routes, now: SystemTime) -> String {
         }
         None => out.push_str("<p class=\"empty\">The inbound listener is off.</p>"),
     }
+    if !routes.tcp.is_empty() || !routes.tunnels.is_empty() {
+        out.push_str(
+            "</section><section><h2>TCP services and tunnels</h2><table><thead><tr><th>Name</th>\
+             <th>Listen</th><th>To</th><th>Open</th></tr></thead><tbody>",
+        );
+        for t in &routes.tcp {
+            let _ = write!(
+                out,
+                "<tr><td data-label=\"Name\">service <code>{}</code></td><td data-label=\"Listen\"><code>{}</code></td>\
+                 <td data-label=\"To\"><code>{}</code> · allowed: <code>{}</code></td><td data-label=\"Open\">{}</td></tr>",
+                esc(&t.name),
+                esc(&t.listen),
+                esc(&t.backend),
+                esc(&t.allowed),
+                t.open,
+            );
+        }
+        for t in &routes.tunnels {
+            let _ = write!(
+                out,
+                "<tr><td data-label=\"Name\">tunnel <code>{}</code></td><td data-label=\"Listen\"><code>{}</code></td>\
+                 <td data-label=\"To\"><code>{}</code></td><td data-label=\"Open\">{}</td></tr>",
+                esc(&t.name),
+                esc(&t.listen),
+                esc(&t.target),
+                t.open,
+            );
+        }
+        out.push_str("</tbody></table>");
+    }
     out.push_str("</section><section><h2>Public domains</h2>");
     if routes.domains.is_empty() {
         out.push_str("<p class=\"empty\">No public domains are configured.</p>");
@@ -322,8 +352,24 @@ mod tests {
                 status("down.example", Status::Failed, None, Some("CA said <no>")),
             ],
             peers: PeerCounts::default(),
+            tcp: vec![crate::admin::TcpRoute {
+                name: "redis".into(),
+                listen: "0.0.0.0:6379".into(),
+                backend: "<redis>:6379".into(),
+                allowed: "any app under the trust anchors".into(),
+                open: 2,
+            }],
+            tunnels: vec![crate::admin::TunnelRoute {
+                name: "db".into(),
+                listen: "127.0.0.1:5432".into(),
+                target: format!("{}:5432", "cd".repeat(20)),
+                open: 0,
+            }],
         };
         let html = render(&routes, now);
+        assert!(html.contains("TCP services and tunnels"));
+        assert!(html.contains("service <code>redis</code>") && html.contains("&lt;redis&gt;:6379"));
+        assert!(html.contains("tunnel <code>db</code>"));
         assert!(html.contains("<span class=\"pill pill-valid\">valid</span>"));
         assert!(html.contains("pill pill-renewing"));
         assert!(html.contains("<span class=\"pill pill-failed\">failed</span>"));

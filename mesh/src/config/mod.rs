@@ -123,6 +123,19 @@ pub enum Allow {
 }
 
 impl Allow {
+    /// Who is allowed, in words (status page, `/routes`).
+    pub fn words(&self) -> String {
+        match self {
+            Self::Any => "any app under the trust anchors".into(),
+            Self::OwnApp => "this app's own instances".into(),
+            Self::Apps(ids) => ids
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    }
+
     /// The policy's allowlist, given our own app id.
     pub fn resolve(&self, own: &AppId) -> ratls::AllowList {
         match self {

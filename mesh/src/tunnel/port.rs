@@ -63,6 +63,18 @@ impl TunnelPort {
         &self.config
     }
 
+    /// Where its connections go.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Tunnels open now.
+    pub fn open_connections(&self) -> usize {
+        self.config
+            .max_connections
+            .saturating_sub(self.connections.available_permits())
+    }
+
     /// Bind the configured address.
     pub async fn bind(&self) -> std::io::Result<TcpListener> {
         TcpListener::bind(self.config.listen).await
