@@ -191,7 +191,13 @@ impl Drop for Project {
 /// HAProxy as the dstack gateway on the docker bridge: `<B>-443s.gateway.test` passes through
 /// to `cvm_b`, B's published port, untouched.
 fn gateway(dir: &Path, bind: SocketAddr, cvm_b: SocketAddr) -> ChildGuard {
-    let config = format!(
+    gateway_routes(dir, bind, &[(&format!("{B}-443s"), cvm_b)])
+}
+
+/// HAProxy as the dstack gateway on the docker bridge: each `(name, to)` passes
+/// `<name>.gateway.test` through to `to` (a CVM's published port), untouched.
+fn gateway_routes(dir: &Path, bind: SocketAddr, routes: &[(&str, SocketAddr)]) -> ChildGuard {
+    let mut config = format!(
         "defaults
     mode tcp
     timeout connect 10s
@@ -202,12 +208,14 @@ frontend gateway
     bind {bind}
     tcp-request inspect-delay 5s
     tcp-request content accept if {{ req_ssl_hello_type 1 }}
-    use_backend cvm_b if {{ req_ssl_sni -i {B}-443s.{GATEWAY} }}
-
-backend cvm_b
-    server b {cvm_b}
 "
     );
+    for (i, (name, _)) in routes.iter().enumerate() {
+        config += &format!("    use_backend cvm{i} if {{ req_ssl_sni -i {name}.{GATEWAY} }}\n");
+    }
+    for (i, (_, to)) in routes.iter().enumerate() {
+        config += &format!("\nbackend cvm{i}\n    server s {to}\n");
+    }
     let file = dir.join("haproxy.cfg");
     std::fs::write(&file, config).unwrap();
     let mut cmd = Command::new(program("haproxy"));
@@ -667,4 +675,97 @@ async fn replicas_compose_shares_one_certificate_between_two_cvms() {
     for plain in ["BEGIN", DOMAIN] {
         assert!(!text.contains(plain), "{plain} readable in etcd:\n{text}");
     }
+}
+
+/// `deploy/database` as two CVMs: the app reaches Redis in the other CVM at its own
+/// 127.0.0.1:6379 (a tunnel of its sidecar), through the gateway and the Redis CVM's TCP
+/// service, which admits the app by its verified id; Redis publishes nothing and sees only the
+/// sidecar's connections.
+#[tokio::test(flavor = "multi_thread")]
+async fn database_compose_carries_redis_between_two_cvms() {
+    let image = image();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let state = d.join("state");
+    let (_agent_a, sock_a) = dev_agent(d, "agent-a", A, &state);
+    let (_agent_b, sock_b) = dev_agent(d, "agent-b", B, &state);
+    let bridge = bridge_ip();
+    let gateway_addr = SocketAddr::new(bridge, free_port_on(bridge));
+    let redis_cvm: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _gateway = gateway_routes(d, gateway_addr, &[(&format!("{B}-6379s"), redis_cvm)]);
+    // The deploy/ configurations with the ids filled in, as a user does.
+    let fill = |file: &str, from: &str, to: &str| {
+        let text = std::fs::read_to_string(deploy(&format!("database/{file}"))).unwrap();
+        assert!(text.contains(from), "{file} has no {from}");
+        let path = d.join(file);
+        std::fs::write(&path, text.replace(from, to)).unwrap();
+        path.display().to_string()
+    };
+    let redis_image = "dstack-mesh-redis:local".to_owned();
+
+    let b = Project::up(
+        "cvm-redis",
+        vec![deploy("database/redis.yaml")],
+        vec![
+            ("DSTACK_MESH_IMAGE", image.clone()),
+            ("DSTACK_SOCKET", sock_b.display().to_string()),
+            ("MESH_CONFIG", fill("redis-mesh.toml", "<app id>", A)),
+            ("REDIS_IMAGE", redis_image.clone()),
+            ("REDIS_PORT", redis_cvm.to_string()),
+        ],
+    );
+    // The app: Debian's redis-cli in a container sharing the sidecar's network, as the compose
+    // file puts the app (a Redis on another port keeps the container running).
+    let app = d.join("override-app.yaml");
+    std::fs::write(
+        &app,
+        format!(
+            "services:\n  app:\n    command: [\"redis-server\", \"--port\", \"7777\", \"--save\", \"\"]\n  dstack-mesh:\n    extra_hosts: [\"{B}-6379s.{GATEWAY}:{bridge}\"]\n"
+        ),
+    )
+    .unwrap();
+    let a = Project::up(
+        "cvm-app",
+        vec![deploy("database/app.yaml"), app],
+        vec![
+            ("DSTACK_MESH_IMAGE", image.clone()),
+            ("DSTACK_SOCKET", sock_a.display().to_string()),
+            ("MESH_CONFIG", fill("app-mesh.toml", "<redis app id>", B)),
+            ("APP_IMAGE", redis_image),
+            (
+                "DSTACK_GATEWAY_DOMAIN",
+                format!("{GATEWAY}:{}", gateway_addr.port()),
+            ),
+        ],
+    );
+    b.healthy("dstack-mesh");
+    a.healthy("dstack-mesh");
+
+    let app = a.container("app");
+    let cli = |args: &[&str]| {
+        let mut full = vec!["exec", app.as_str(), "redis-cli", "-p", "6379"];
+        full.extend_from_slice(args);
+        let out = Command::new("docker").args(&full).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(
+        cli(&["SET", "greeting", "from another CVM"]),
+        "OK",
+        "{}\n{}",
+        a.logs(),
+        b.logs()
+    );
+    assert_eq!(cli(&["GET", "greeting"]), "from another CVM");
+
+    // Redis publishes nothing, and saw only the two connections the sidecar made for the app
+    // (plus the one asking).
+    let redis = b.container("redis");
+    assert_eq!(docker(&["port", &redis]), "", "Redis publishes no port");
+    let info = docker(&["exec", &redis, "redis-cli", "INFO", "stats"]);
+    let received: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert_eq!(received, 3, "{info}");
 }
