@@ -3,7 +3,7 @@
 use std::{process::ExitCode, time::Duration};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
 use crate::{
@@ -30,20 +30,36 @@ async fn request_within(
     path: &str,
     timeout: Duration,
 ) -> Result<(http::StatusCode, Bytes), String> {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, addr)
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    exchange_local(addr, "the admin listener", req, timeout)
+        .await
+        .map_err(|e| match e.strip_prefix("cannot reach") {
+            Some(_) => format!("{e} (is the sidecar running? --admin sets the address)"),
+            None => e,
+        })
+}
+
+/// One HTTP/1.1 request to `what`, a local listener at `addr`, on a fresh connection, within
+/// `timeout`: the status and the whole body.
+pub async fn exchange_local(
+    addr: &str,
+    what: &str,
+    req: http::Request<Full<Bytes>>,
+    timeout: Duration,
+) -> Result<(http::StatusCode, Bytes), String> {
     let exchange = async {
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
-            .map_err(|e| format!("cannot reach the admin listener at {addr}: {e} (is the sidecar running? --admin sets the address)"))?;
+            .map_err(|e| format!("cannot reach {what} at {addr}: {e}"))?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
             .map_err(|e| e.to_string())?;
         tokio::spawn(conn);
-        let req = http::Request::builder()
-            .method(method)
-            .uri(path)
-            .header(http::header::HOST, addr)
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| e.to_string())?;
         let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status();
         let body = resp
@@ -58,7 +74,7 @@ async fn request_within(
         .await
         .unwrap_or_else(|_| {
             Err(format!(
-                "the admin listener at {addr} did not answer within {timeout:?}"
+                "{what} at {addr} did not answer within {timeout:?}"
             ))
         })
 }

@@ -93,15 +93,26 @@ impl ResolvesClientCert for CertResolver {
 }
 
 /// A server config that presents `resolver`'s certificate and requires a client certificate
+/// accepted by `policy`; rustls's defaults otherwise.
+fn verifying_server_config(
+    resolver: CertResolver,
+    policy: Arc<Policy>,
+) -> Result<ServerConfig, rustls::Error> {
+    Ok(
+        ServerConfig::builder_with_provider(crate::crypto::provider())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(Arc::new(ClientVerifier::new(policy)))
+            .with_cert_resolver(Arc::new(resolver)),
+    )
+}
+
+/// A server config that presents `resolver`'s certificate and requires a client certificate
 /// accepted by `policy`.
 pub fn mesh_server_config(
     resolver: CertResolver,
     policy: Arc<Policy>,
 ) -> Result<ServerConfig, rustls::Error> {
-    let mut config = ServerConfig::builder_with_provider(crate::crypto::provider())
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(Arc::new(ClientVerifier::new(policy)))
-        .with_cert_resolver(Arc::new(resolver));
+    let mut config = verifying_server_config(resolver, policy)?;
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     config.alpn_protocols = MESH_ALPN.iter().map(|p| p.to_vec()).collect();
@@ -146,10 +157,7 @@ pub fn tunnel_server_config(
     resolver: CertResolver,
     policy: Arc<Policy>,
 ) -> Result<ServerConfig, rustls::Error> {
-    let mut config = ServerConfig::builder_with_provider(crate::crypto::provider())
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(Arc::new(ClientVerifier::new(policy)))
-        .with_cert_resolver(Arc::new(resolver));
+    let mut config = verifying_server_config(resolver, policy)?;
     config.session_storage = ServerSessionMemoryCache::new(TUNNEL_SESSIONS);
     config.send_tls13_tickets = 1;
     config.alpn_protocols = vec![TUNNEL_ALPN.to_vec()];

@@ -228,6 +228,17 @@ pub fn dev_agent(dir: &Path, name: &str, app_id: &str, state_dir: &Path) -> (Chi
     (guard, socket)
 }
 
+/// A memory field of `pid`'s `/proc/<pid>/status` in KiB (`VmRSS`: resident now, `VmHWM`: its
+/// peak); 0 when the process or the field is gone.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// A free loopback port (bound and released; the OS does not hand it out again at once).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -6,10 +6,8 @@ use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use http_body_util::Full;
 use ratls::AppId;
-use tokio::net::TcpStream;
 
 use super::{NodePort, Update};
 use crate::config::Registration;
@@ -41,12 +39,7 @@ pub async fn keep_registered(
     };
     let mut registered = false;
     loop {
-        let sent = tokio::time::timeout(
-            TIMEOUT,
-            send(outbound, &server, registration.server_port, body.clone()),
-        )
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within {TIMEOUT:?}")));
+        let sent = send(outbound, &server, registration.server_port, body.clone()).await;
         let wait = match sent {
             Ok(status) => {
                 if !registered {
@@ -72,13 +65,6 @@ async fn send(
     port: u16,
     body: Bytes,
 ) -> Result<String, String> {
-    let tcp = TcpStream::connect(outbound)
-        .await
-        .map_err(|e| format!("outbound proxy {outbound}: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
     let req = Request::post("/api/nodes/update")
         .header(http::header::HOST, "registry")
         .header(http::header::CONTENT_TYPE, "application/json")
@@ -86,14 +72,9 @@ async fn send(
         .header(gateway_client::target::TARGET_PORT, port.to_string())
         .body(Full::new(body))
         .map_err(|e| e.to_string())?;
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
+    let (status, body) =
+        crate::status::exchange_local(&outbound.to_string(), "the outbound proxy", req, TIMEOUT)
+            .await?;
     let answer: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     match status {
         StatusCode::OK => Ok(answer["status"].as_str().unwrap_or("ok").to_owned()),

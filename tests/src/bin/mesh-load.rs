@@ -436,15 +436,6 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 async fn run(args: RunArgs) {
     let (dialer, _identity) = dialer(&args).await;
     let dialer = Arc::new(dialer);
@@ -545,7 +536,11 @@ async fn run(args: RunArgs) {
 }
 
 async fn idle(args: &RunArgs, dialer: &Arc<Dialer>, n: usize) {
-    let rss = |pids: &[u32]| pids.iter().map(|p| rss_kib(*p)).sum::<u64>();
+    let rss = |pids: &[u32]| {
+        pids.iter()
+            .map(|p| e2e::proc_status_kib(*p, "VmRSS"))
+            .sum::<u64>()
+    };
     let before = rss(&args.pids);
     let mut conns = Vec::with_capacity(n);
     let mut failed = 0;
@@ -600,7 +595,7 @@ async fn upload(args: &RunArgs, bytes: u64) {
             let mut peak = vec![0u64; pids.len()];
             while sampling.load(Ordering::Relaxed) {
                 for (i, pid) in pids.iter().enumerate() {
-                    peak[i] = peak[i].max(rss_kib(*pid));
+                    peak[i] = peak[i].max(e2e::proc_status_kib(*pid, "VmRSS"));
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }

@@ -113,16 +113,6 @@ fn delta(
     (moved.into(), total)
 }
 
-/// Peak resident memory of `pid`, KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// One instance: its agent, its sidecar and its admin and inbound addresses, serving
 /// `domains` (to `backend`) on the internal CA. `endpoints` empty: the file store.
 fn instance(
@@ -247,8 +237,15 @@ fn scale(args: &Args) -> serde_json::Value {
     std::thread::sleep(Duration::from_secs(args.idle));
     let (idle_by_method, idle) = delta(&after, &etcd_messages(&cluster));
     let (by_method, messages) = delta(&before, &after);
-    let sidecar_rss: Vec<u64> = fleet.iter().map(|i| peak_rss_kib(i.mesh.id())).collect();
-    let etcd_rss: Vec<u64> = cluster.pids().into_iter().map(peak_rss_kib).collect();
+    let sidecar_rss: Vec<u64> = fleet
+        .iter()
+        .map(|i| e2e::proc_status_kib(i.mesh.id(), "VmHWM"))
+        .collect();
+    let etcd_rss: Vec<u64> = cluster
+        .pids()
+        .into_iter()
+        .map(|p| e2e::proc_status_kib(p, "VmHWM"))
+        .collect();
     serde_json::json!({
         "instances": args.instances,
         "domains": args.domains,

@@ -126,7 +126,10 @@ async fn main() {
             count,
             pids,
         } => {
-            let before: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+            let before: Vec<u64> = pids
+                .iter()
+                .map(|p| e2e::proc_status_kib(*p, "VmRSS"))
+                .collect();
             let mut held = Vec::with_capacity(count);
             for _ in 0..count {
                 let mut tcp = TcpStream::connect(target).await.unwrap();
@@ -140,7 +143,10 @@ async fn main() {
             }
             // Let allocators settle before reading.
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let after: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+            let after: Vec<u64> = pids
+                .iter()
+                .map(|p| e2e::proc_status_kib(*p, "VmRSS"))
+                .collect();
             let per: Vec<f64> = before
                 .iter()
                 .zip(&after)
@@ -195,14 +201,4 @@ async fn sink(listen: SocketAddr) {
             let _ = tcp.shutdown().await;
         });
     }
-}
-
-/// A process's resident set (KiB), from /proc.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
