@@ -12,7 +12,7 @@ use std::{
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use ratls::{tls::CertResolver, AppId, PeerRole, Policy, Rejection, TrustAnchors, VerifiedPeer};
@@ -42,6 +42,9 @@ pub struct Connected {
     pub h2: bool,
     /// Whether the session was resumed (the peer's chain was checked again after it).
     pub resumed: bool,
+    /// Whether a resumed session failed first (its chain no longer passed) and this full
+    /// handshake replaced it.
+    pub replaced_stale: bool,
     /// Where it went.
     pub route: Route,
 }
@@ -132,13 +135,20 @@ impl Default for ConnectorConfig {
 const MAX_RESUMED_TARGETS: usize = 1024;
 /// Sessions remembered per target (rustls keeps a few tickets per server name in each).
 const SESSIONS_PER_TARGET: usize = 32;
+/// A target's sessions start afresh this long after its first full handshake: each resumed
+/// session carries the certificates of that handshake forward, and certificates live a day
+/// (refreshed at two thirds), so the chains a resumption restores are never near expiry.
+const MAX_SESSION_AGE: Duration = Duration::from_secs(3600);
 
 /// One TLS config per target app and instance, for resumption: rustls resumes only with the
 /// config (verifier and certificate resolver) that made the session, and a per-target config
 /// expects that target, so a session one app issued is never offered when another is the target
 /// (a fixed or static address is one server name for many apps).
 #[derive(Default)]
-struct Resumable(Mutex<HashMap<(AppId, Option<AppId>), TargetTls>>);
+struct Resumable(Mutex<HashMap<TargetKey, (TargetTls, Instant)>>);
+
+/// A target app and, when named, its instance.
+type TargetKey = (AppId, Option<AppId>);
 
 /// A target's policy and the config built on it.
 type TargetTls = (Arc<Policy>, Arc<rustls::ClientConfig>);
@@ -151,15 +161,21 @@ impl Resumable {
     ) -> Result<TargetTls, ConnectError> {
         let mut configs = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let key = (target.app_id.clone(), target.instance.clone());
-        if let Some(found) = configs.get(&key) {
-            return Ok(found.clone());
+        match configs.get(&key) {
+            Some((found, made)) if made.elapsed() < MAX_SESSION_AGE => return Ok(found.clone()),
+            _ => {}
         }
         if configs.len() >= MAX_RESUMED_TARGETS {
             configs.clear();
         }
         let built = build()?;
-        configs.insert(key, built.clone());
+        configs.insert(key, (built.clone(), Instant::now()));
         Ok(built)
+    }
+
+    fn forget(&self, target: &Target) {
+        let mut configs = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        configs.remove(&(target.app_id.clone(), target.instance.clone()));
     }
 }
 
@@ -215,46 +231,75 @@ impl Connector {
         self.inner.addressing.route(target)
     }
 
-    /// Dial `target` and complete the verified handshake.
+    /// Dial `target` and complete the verified handshake. A resumed session whose restored
+    /// chain no longer passes (a certificate expired since the session began) is forgotten and
+    /// replaced by one full handshake.
+    pub async fn connect(&self, target: &Target) -> Result<Connected, ConnectError> {
+        match self.attempt(target).await {
+            Err((_, true)) => {
+                self.forget(target);
+                let mut connected = self.attempt(target).await.map_err(|(e, _)| e)?;
+                connected.replaced_stale = true;
+                Ok(connected)
+            }
+            result => result.map_err(|(e, _)| e),
+        }
+    }
+
+    /// Drop the sessions kept for `target`: its next connection makes a full handshake (a
+    /// resumed one failed after the handshake, at the peer).
+    pub fn forget(&self, target: &Target) {
+        if let Some(resumable) = &self.inner.resumable {
+            resumable.forget(target);
+        }
+    }
+
+    /// One dial and handshake; on failure, whether the session was resumed.
     // Long on purpose: dial, then the verified handshake, each under its deadline, with the
     // typed error each step can give.
-    pub async fn connect(&self, target: &Target) -> Result<Connected, ConnectError> {
+    async fn attempt(&self, target: &Target) -> Result<Connected, (ConnectError, bool)> {
         let inner = &self.inner;
-        let route = inner.addressing.route(target)?;
+        let fail = |e: ConnectError| (e, false);
+        let route = inner.addressing.route(target).map_err(|e| fail(e.into()))?;
         let addr = route.connect.to_string();
         // A policy per target: the expected app id is what makes the peer the target.
         let (policy, tls) = match target.transport {
             Transport::Mesh => match &inner.resumable {
-                Some(resumable) => resumable.of(target, || inner.mesh_config(target))?,
-                None => inner.mesh_config(target)?,
-            },
+                Some(resumable) => resumable.of(target, || inner.mesh_config(target)),
+                None => inner.mesh_config(target),
+            }
+            .map_err(fail)?,
             Transport::GatewayTls => {
                 let webpki = inner.webpki.clone().ok_or_else(|| {
-                    ConnectError::Config(
+                    fail(ConnectError::Config(
                         "no public roots configured for the gateway's own TLS".into(),
-                    )
+                    ))
                 })?;
                 (Arc::new(Policy::new(inner.anchors.clone())), webpki)
             }
         };
-        let name = ServerName::try_from(route.server_name.clone())
-            .map_err(|e| ConnectError::Config(format!("server name {}: {e}", route.server_name)))?;
+        let name = ServerName::try_from(route.server_name.clone()).map_err(|e| {
+            fail(ConnectError::Config(format!(
+                "server name {}: {e}",
+                route.server_name
+            )))
+        })?;
 
         let connect = TcpStream::connect((route.connect.host.as_str(), route.connect.port));
         let tcp = match tokio::time::timeout(inner.config.connect_timeout, connect).await {
             Err(_) => {
-                return Err(ConnectError::Timeout {
+                return Err(fail(ConnectError::Timeout {
                     stage: Stage::Connect,
                     addr,
                     timeout: inner.config.connect_timeout,
-                })
+                }))
             }
             Ok(Err(e)) => {
-                return Err(ConnectError::Failed {
+                return Err(fail(ConnectError::Failed {
                     stage: Stage::Connect,
                     addr,
                     reason: e.to_string(),
-                })
+                }))
             }
             Ok(Ok(tcp)) => tcp,
         };
@@ -262,25 +307,25 @@ impl Connector {
         let handshake = tokio_rustls::TlsConnector::from(tls).connect(name, tcp);
         let stream = match tokio::time::timeout(inner.config.handshake_timeout, handshake).await {
             Err(_) => {
-                return Err(ConnectError::Timeout {
+                return Err(fail(ConnectError::Timeout {
                     stage: Stage::Handshake,
                     addr,
                     timeout: inner.config.handshake_timeout,
-                })
+                }))
             }
             Ok(Err(e)) => {
                 let rejection = e
                     .get_ref()
                     .and_then(|inner| inner.downcast_ref::<rustls::Error>())
                     .and_then(Rejection::from_tls_error);
-                return Err(match rejection {
+                return Err(fail(match rejection {
                     Some(rejection) => ConnectError::Refused { addr, rejection },
                     None => ConnectError::Failed {
                         stage: Stage::Handshake,
                         addr,
                         reason: e.to_string(),
                     },
-                });
+                }));
             }
             Ok(Ok(stream)) => stream,
         };
@@ -291,9 +336,12 @@ impl Connector {
             // A resumed session's restored chain is held to the policy again, before any byte.
             Transport::Mesh => Some(
                 ratls::verifier::session_identity(conn, &policy, PeerRole::Server, UnixTime::now())
-                    .map_err(|rejection| ConnectError::Refused {
-                        addr: addr.clone(),
-                        rejection,
+                    .map_err(|rejection| {
+                        let refused = ConnectError::Refused {
+                            addr: addr.clone(),
+                            rejection,
+                        };
+                        (refused, resumed)
                     })?,
             ),
             Transport::GatewayTls => None,
@@ -303,6 +351,7 @@ impl Connector {
             peer,
             h2,
             resumed,
+            replaced_stale: false,
             route,
         })
     }
@@ -312,7 +361,11 @@ impl Inner {
     /// The mesh TLS config for `target`: a policy expecting it, this sidecar's certificate,
     /// the configured ALPN; with resumption, a session store of its own.
     fn mesh_config(&self, target: &Target) -> Result<TargetTls, ConnectError> {
-        let policy = Arc::new(Policy::new(self.anchors.clone()).expect(target.app_id.clone()));
+        let policy = Arc::new(
+            Policy::new(self.anchors.clone())
+                .expect(target.app_id.clone())
+                .expect_instance(target.instance.clone()),
+        );
         let resolver = self.resolver.clone();
         let mut config = match self.resumable {
             Some(_) => {

@@ -114,6 +114,8 @@ pub struct Policy {
     pub allow: AllowList,
     /// The one app id accepted (outbound: the target).
     pub expected: Option<AppId>,
+    /// The one instance accepted (outbound: a target that names its instance).
+    pub expected_instance: Option<AppId>,
     /// Refuse leaves without an attestation extension whose report data binds the leaf key.
     pub require_attestation: bool,
 }
@@ -125,6 +127,7 @@ impl Policy {
             anchors,
             allow: AllowList::Any,
             expected: None,
+            expected_instance: None,
             require_attestation: false,
         }
     }
@@ -132,6 +135,12 @@ impl Policy {
     /// Only accept `id` (outbound: the target app).
     pub fn expect(mut self, id: AppId) -> Self {
         self.expected = Some(id);
+        self
+    }
+
+    /// Only accept the instance `id` of the expected app (outbound: a target naming one).
+    pub fn expect_instance(mut self, id: Option<AppId>) -> Self {
+        self.expected_instance = id;
         self
     }
 
@@ -270,6 +279,15 @@ impl Policy {
                 });
             }
         }
+        if let Some(expected) = &self.expected_instance {
+            let found = peer.instance_id.as_deref().unwrap_or_default();
+            if !found.eq_ignore_ascii_case(&expected.to_string()) {
+                return Err(Rejection::InstanceMismatch {
+                    expected: expected.clone(),
+                    found: found.to_owned(),
+                });
+            }
+        }
         if !self.allow.allows(app_id) {
             return Err(Rejection::AppIdNotAllowed(app_id.clone()));
         }
@@ -395,6 +413,14 @@ pub enum Rejection {
         /// What the peer presented.
         found: AppId,
     },
+    /// Outbound: the peer is another instance than the one the target names.
+    #[error("peer instance {found:?} is not the expected {expected}")]
+    InstanceMismatch {
+        /// The instance named.
+        expected: AppId,
+        /// What the peer presented (empty: none).
+        found: String,
+    },
     /// Inbound: the caller's app is not on the allowlist.
     #[error("app {0} is not allowed")]
     AppIdNotAllowed(AppId),
@@ -449,6 +475,7 @@ impl Rejection {
             Self::MissingAppId => "missing_app_id",
             Self::AppCaMismatch { .. } => "app_ca_mismatch",
             Self::AppIdMismatch { .. } => "app_id_mismatch",
+            Self::InstanceMismatch { .. } => "instance_mismatch",
             Self::AppIdNotAllowed(_) => "app_id_not_allowed",
             Self::AttestationMissing => "attestation_missing",
             Self::AttestationNotBound => "attestation_not_bound",

@@ -160,7 +160,11 @@ pub fn session_identity(
     role: PeerRole,
     now: UnixTime,
 ) -> Result<VerifiedPeer, Rejection> {
-    if conn.handshake_kind() != Some(HandshakeKind::Resumed) {
+    // Anything but a full handshake (resumed, or a kind rustls may add) is checked again.
+    if matches!(
+        conn.handshake_kind(),
+        Some(HandshakeKind::Full | HandshakeKind::FullWithHelloRetryRequest)
+    ) {
         return peer_identity(conn);
     }
     let (leaf, intermediates) = conn

@@ -31,11 +31,19 @@ impl EtcdCluster {
     /// Start `size` members in `dir` and wait until the cluster answers.
     pub fn start(dir: &Path, size: usize) -> Self {
         std::fs::create_dir_all(dir).expect("create the etcd directory");
+        // `free_port` releases its port, so two calls may return the same one: keep them apart.
+        let mut taken = std::collections::BTreeSet::new();
+        let mut port = || loop {
+            let port = free_port();
+            if taken.insert(port) {
+                return SocketAddr::from(([127, 0, 0, 1], port));
+            }
+        };
         let members = (0..size)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client: SocketAddr::from(([127, 0, 0, 1], free_port())),
-                peer: SocketAddr::from(([127, 0, 0, 1], free_port())),
+                client: port(),
+                peer: port(),
                 process: None,
             })
             .collect();

@@ -175,10 +175,24 @@ pub async fn instance_identity(
     ratls::identity::RotatingIdentity,
     tokio::task::JoinHandle<()>,
 ) {
+    identity_with(dir, state, app, instance, Default::default()).await
+}
+
+/// [`instance_identity`] with `config` (a short validity, say).
+pub async fn identity_with(
+    dir: &Path,
+    state: &Path,
+    app: &str,
+    instance: Option<&str>,
+    config: ratls::identity::IdentityConfig,
+) -> (
+    ratls::identity::RotatingIdentity,
+    tokio::task::JoinHandle<()>,
+) {
     use ratls::{
         agent::{AgentAddress, AgentClient},
         dev_agent::{DevAgent, DevAgentConfig},
-        identity::{IdentityConfig, RotatingIdentity},
+        identity::RotatingIdentity,
     };
     let agent = std::sync::Arc::new(
         DevAgent::new(DevAgentConfig {
@@ -203,9 +217,7 @@ pub async fn instance_identity(
         AgentClient::discover(vec![AgentAddress::Unix(socket)], Duration::from_secs(5))
             .await
             .unwrap();
-    let id = RotatingIdentity::start(client, info, IdentityConfig::default())
-        .await
-        .unwrap();
+    let id = RotatingIdentity::start(client, info, config).await.unwrap();
     (id, task)
 }
 

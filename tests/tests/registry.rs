@@ -198,6 +198,16 @@ async fn nodes_register_discover_each_other_and_expire_without_heartbeats() {
         (StatusCode::OK, Some("updated"))
     );
     until_discovered(&m1, "mongodb", &[M1, M2]).await;
+    // Nor take another node's name.
+    let (status, json) = ask(
+        &e1,
+        "POST",
+        &format!("/api/nodes/update?uuid={M1}&node_type=mongodb"),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{json}");
+    until_discovered(&m1, "mongodb", &[M1, M2]).await;
     // dstack-vpc's form: query parameters, no body.
     let (status, json) = ask(
         &e1,
@@ -217,6 +227,20 @@ async fn nodes_register_discover_each_other_and_expire_without_heartbeats() {
     let (status, json) = ask(&m2, "GET", "/api/discover/cassandra", "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(json["error"], "No cassandra nodes found");
+    // Nor fill the registry: a caller holds a bounded number of entries.
+    let mut refused = None;
+    for i in 0..40 {
+        let path = format!("/api/nodes/update?node_type=type-{i}");
+        let (status, _) = ask(&e1, "POST", &path, "").await;
+        if status != StatusCode::OK {
+            refused = Some((i, status));
+            break;
+        }
+    }
+    let (index, status) = refused.expect("a cap on one caller's entries");
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    // E1's etcd and postgres entries and 14 new types make its 16.
+    assert_eq!(index, 14);
 
     // An app the mesh admits but the registry does not: 403, however it dresses up.
     let (x, _a4) = node(d, X, None, at, None).await;

@@ -33,6 +33,8 @@ const B: &str = "bbbb6666bbbb6666bbbb6666bbbb6666bbbb6666";
 const C: &str = "cccc7777cccc7777cccc7777cccc7777cccc7777";
 /// An app id the gateway (wrongly) routes to B's service.
 const STRANGER: &str = "57a5e957a5e957a5e957a5e957a5e957a5e957a5";
+/// An instance of B that is not the one serving: the gateway (wrongly) routes it to B's service.
+const WRONG_INSTANCE: &str = "1235e9571235e9571235e9571235e9571235e957";
 /// The gateway's base domain.
 const BASE: &str = "gw.test";
 /// The port B's Redis service is known by (the gateway's `<app>-<port>s` name).
@@ -91,11 +93,14 @@ impl World {
         .await
         .unwrap();
         let (silent, silent_task) = silent_target().await;
+        let b_instance = b.identity.current().instance_id.clone().unwrap();
         let (gateway, haproxy) = gateway(
             dir.path(),
             &[
                 (B, REDIS_PORT, b.addr("tcp:redis").unwrap()),
                 (STRANGER, REDIS_PORT, b.addr("tcp:redis").unwrap()),
+                (&b_instance, REDIS_PORT, b.addr("tcp:redis").unwrap()),
+                (WRONG_INSTANCE, REDIS_PORT, b.addr("tcp:redis").unwrap()),
                 (B, SILENT_PORT, silent),
                 (B, DOWN_PORT, b.addr("tcp:down").unwrap()),
                 (B, COUNTER_PORT, b.addr("tcp:counter").unwrap()),
@@ -376,16 +381,29 @@ async fn redis_commands_and_a_10_mib_value_cross_two_sidecars() {
         value == big,
         "the 10 MiB value changed on the CONNECT tunnel"
     );
-    drop((tcp, tcp2));
+    // One instance by name: the gateway routes by it, the handshake checks it.
+    let instance = w.b.identity.current().instance_id.clone().unwrap();
+    let (status, head, mut tcp3) = connect(
+        w.outbound(),
+        &format!("{instance}.{B}.dstack:{REDIS_PORT}"),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{head}");
+    assert_eq!(
+        resp(&mut tcp3, &[b"GET", b"greeting"]).await,
+        b"hello over the mesh"
+    );
+    drop((tcp, tcp2, tcp3));
 
-    // redis-cli made 6 connections, CONNECT 2: every one came through a verified handshake,
+    // redis-cli made 6 connections, CONNECT 3: every one came through a verified handshake,
     // and nothing else reached Redis.
-    assert_eq!(w.redis_connections() - before, 8);
+    assert_eq!(w.redis_connections() - before, 9);
     let metrics = w.a.outbound.as_ref().unwrap().metrics();
     assert_eq!(metrics.tunnel_count(Direction::Outbound, "redis", "ok"), 6);
     assert_eq!(
         metrics.tunnel_count(Direction::Outbound, "connect", "ok"),
-        2
+        3
     );
     // The admin port shows both ends.
     let routes = |app: &App| {
@@ -412,7 +430,7 @@ async fn redis_commands_and_a_10_mib_value_cross_two_sidecars() {
         service
             .metrics()
             .tunnel_count(Direction::Inbound, "redis", "ok"),
-        8
+        9
     );
 }
 
@@ -423,7 +441,8 @@ async fn refused_tunnels_close_the_apps_connection_and_reach_no_backend() {
         &format!(
             "[[tunnels]]\nname = \"stranger\"\nlisten = \"127.0.0.1:0\"\ntarget_app = \"{STRANGER}\"\ntarget_port = {REDIS_PORT}\n\
              [[tunnels]]\nname = \"silent\"\nlisten = \"127.0.0.1:0\"\ntarget_app = \"{B}\"\ntarget_port = {SILENT_PORT}\n\
-             [[tunnels]]\nname = \"down\"\nlisten = \"127.0.0.1:0\"\ntarget_app = \"{B}\"\ntarget_port = {DOWN_PORT}\n"
+             [[tunnels]]\nname = \"down\"\nlisten = \"127.0.0.1:0\"\ntarget_app = \"{B}\"\ntarget_port = {DOWN_PORT}\n\
+             [[tunnels]]\nname = \"other-instance\"\nlisten = \"127.0.0.1:0\"\ntarget_app = \"{B}\"\ntarget_instance = \"{WRONG_INSTANCE}\"\ntarget_port = {REDIS_PORT}\n"
         ),
     )
     .await;
@@ -449,6 +468,24 @@ async fn refused_tunnels_close_the_apps_connection_and_reach_no_backend() {
     .await;
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("peer identity mismatch"), "{body}");
+
+    // The right app, another instance than the one named: refused inside the handshake too.
+    let mut app = TcpStream::connect(w.tunnel("other-instance"))
+        .await
+        .unwrap();
+    app.write_all(b"*1\r\n$4\r\nPING\r\n").await.unwrap();
+    assert!(
+        closed(&mut app).await,
+        "a tunnel to another instance is closed"
+    );
+    let (status, body, _) = connect(
+        w.outbound(),
+        &format!("{WRONG_INSTANCE}.{B}.dstack:{REDIS_PORT}"),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("instance"), "{body}");
 
     // A caller the service does not allow: its tunnel closes, its CONNECT gets 502.
     let mut app = TcpStream::connect(c.addr("tunnel:redis").unwrap())
@@ -497,6 +534,10 @@ async fn refused_tunnels_close_the_apps_connection_and_reach_no_backend() {
     let metrics = w.a.outbound.as_ref().unwrap().metrics();
     assert_eq!(
         metrics.tunnel_count(Direction::Outbound, "stranger", "peer_refused"),
+        1
+    );
+    assert_eq!(
+        metrics.tunnel_count(Direction::Outbound, "other-instance", "peer_refused"),
         1
     );
     assert_eq!(
@@ -577,4 +618,69 @@ async fn reconnects_resume_the_tls_session_and_are_checked_again() {
     )
     .await;
     assert_eq!(status, 502, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resumed_session_past_its_certificates_is_replaced_by_a_full_handshake() {
+    // Both sides on one-minute certificates, refreshed every ten seconds: a resumed session
+    // carries the chains of its first full handshake, which expire after a minute while the
+    // sidecars go on resuming. Each side checks the restored chain again; the one that finds it
+    // expired refuses, and the dialling side forgets the session and makes a full handshake.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let state = d.join("state");
+    let db = Redis::start(&d.join("redis"));
+    let short = || ratls::identity::IdentityConfig {
+        validity: Duration::from_secs(60),
+        refresh_margin: Some(Duration::from_secs(50)),
+        ..Default::default()
+    };
+    let (b_id, _b_agent) = e2e::identity_with(d, &state, B, None, short()).await;
+    let (a_id, _a_agent) = e2e::identity_with(d, &state, A, None, short()).await;
+    let b = App::start_with(
+        config(&format!(
+            "[inbound]\nenabled = false\n[auth]\nenabled = false\n[admin]\nenabled = false\n[client]\nenabled = false\n\
+             [[inbound.tcp]]\nname = \"redis\"\nlisten = \"127.0.0.1:0\"\nbackend = \"{}\"\nallowed_apps = [\"{A}\"]\n",
+            db.addr
+        )),
+        b_id,
+    )
+    .await
+    .unwrap();
+    let a = App::start_with(
+        config(&format!(
+            "[inbound]\nenabled = false\n[auth]\nenabled = false\n[admin]\nenabled = false\n\
+             [client]\naddress = \"127.0.0.1\"\nport = 0\n[dstack]\ngateway_domain = \"fixed/{}\"\n\
+             [[tunnels]]\nname = \"redis\"\nlisten = \"127.0.0.1:0\"\ntarget_app = \"{B}\"\ntarget_port = {REDIS_PORT}\n",
+            b.addr("tcp:redis").unwrap()
+        )),
+        a_id,
+    )
+    .await
+    .unwrap();
+    let tunnel = a.addr("tunnel:redis").unwrap();
+    // The first certificates of both sides, which the first full handshake carries.
+    let first_expiry = a
+        .identity
+        .current()
+        .not_after
+        .max(b.identity.current().not_after);
+    let mut pings = 0;
+    while dstack_mesh::clock::unix_now() <= first_expiry + 2 {
+        assert_eq!(redis(tunnel, &["PING"]), "PONG", "ping {pings} failed");
+        pings += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let a_metrics = a.outbound.as_ref().unwrap().metrics();
+    let b_metrics = b.tcp_services[0].metrics();
+    assert_eq!(
+        a_metrics.tunnel_count(Direction::Outbound, "redis", "ok"),
+        pings
+    );
+    assert!(a_metrics.tunnel_count(Direction::Outbound, "redis", "resumed") > pings / 2);
+    // A restored chain was refused once expired, and a full handshake replaced the session.
+    let stale = a_metrics.tunnel_count(Direction::Outbound, "redis", "stale_session");
+    assert!(stale >= 1, "no resumed session met an expired chain");
+    let b_resumed = b_metrics.tunnel_count(Direction::Inbound, "redis", "resumed");
+    assert!(b_resumed > 0);
 }

@@ -446,4 +446,11 @@ fn tunnel_mistakes_name_their_key() {
     assert_eq!(k, ["registry.interval"]);
     let k = keys("[registry]\nnode_type = \"no spaces\"\n");
     assert_eq!(k, ["registry.node_type"]);
+    let k = keys("[registry]\nttl = \"500ms\"\nserver_port = 0\n");
+    assert_eq!(k, ["registry.ttl", "registry.server_port"]);
+    // CONNECT's tunnels go by this name.
+    let k = keys(&format!(
+        "[[tunnels]]\nname = \"connect\"\nlisten = \"127.0.0.1:7000\"\ntarget_app = \"{APP}\"\ntarget_port = 1\n"
+    ));
+    assert_eq!(k, ["tunnels[0].name"]);
 }

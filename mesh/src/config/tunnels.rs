@@ -34,6 +34,10 @@ pub const DEFAULT_TUNNEL_MAX_CONNECTIONS: usize = 4096;
 pub const DEFAULT_REGISTRY_TTL: Duration = Duration::from_secs(60);
 /// Default: where the registry keeps its entries across restarts (without an etcd store).
 pub const DEFAULT_REGISTRY_STATE: &str = "/var/lib/dstack-mesh/registry.json";
+/// The name CONNECT tunnels go by in metrics and logs (no `[[tunnels]]` entry may take it).
+pub const CONNECT_NAME: &str = "connect";
+/// Shortest registration lifetime: entries are stamped in whole seconds.
+pub const MIN_REGISTRY_TTL: Duration = Duration::from_secs(1);
 /// Longest node type or label text accepted.
 pub const MAX_REGISTRY_TEXT: usize = 253;
 
@@ -354,6 +358,12 @@ pub(super) fn tunnels(raw: &[RawTunnel], c: &mut Check) -> Vec<TunnelConfig> {
         if tunnels.iter().any(|t: &TunnelConfig| t.name == tunnel.name) {
             c.fail(&key("name"), format!("{:?} is used twice", tunnel.name));
         }
+        if tunnel.name == CONNECT_NAME {
+            c.fail(
+                &key("name"),
+                format!("{CONNECT_NAME:?} names the outbound proxy's CONNECT tunnels in metrics"),
+            );
+        }
         tunnels.push(tunnel);
     }
     tunnels
@@ -433,6 +443,12 @@ pub(super) fn registry(
         }
     }
     let ttl = c.duration("registry.ttl", r.ttl.as_ref(), DEFAULT_REGISTRY_TTL);
+    if ttl < MIN_REGISTRY_TTL {
+        c.fail("registry.ttl", format!("{ttl:?} is shorter than a second"));
+    }
+    if r.server_port == Some(0) {
+        c.fail("registry.server_port", "0 is not a port (1-65535)");
+    }
     let interval = c.duration("registry.interval", r.interval.as_ref(), ttl / 3);
     if interval >= ttl {
         c.fail(

@@ -461,7 +461,7 @@ impl Outbound {
                 return refusal.answer();
             }
         };
-        let name = "connect";
+        let name = crate::config::tunnels::CONNECT_NAME;
         if let Err(detail) = self.route(&target) {
             self.metrics.tunnel(Direction::Outbound, name, "no_route");
             return self.refuse(
@@ -477,15 +477,7 @@ impl Outbound {
         let opened = match crate::tunnel::open(&connector, &target, self.tunnel_deadline()).await {
             Ok(opened) => opened,
             Err(e) => {
-                self.metrics.tunnel(Direction::Outbound, name, e.outcome());
-                if let crate::tunnel::OpenError::Connect(gateway_client::ConnectError::Refused {
-                    rejection,
-                    ..
-                }) = &e
-                {
-                    self.metrics
-                        .handshake_failure(Direction::Outbound, rejection.reason());
-                }
+                e.count(&self.metrics, name);
                 let e = e.upstream(&target);
                 let failure = e.failure();
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -501,10 +493,7 @@ impl Outbound {
                 );
             }
         };
-        self.metrics.tunnel(Direction::Outbound, name, "ok");
-        if opened.resumed {
-            self.metrics.tunnel(Direction::Outbound, name, "resumed");
-        }
+        opened.count(&self.metrics, name);
         self.stats.authenticated.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%target, resumed = opened.resumed, "CONNECT tunnel open");
         let upgrade = hyper::upgrade::on(&mut req);
@@ -512,11 +501,13 @@ impl Outbound {
             let mut stream = opened.stream;
             match upgrade.await {
                 Ok(upgraded) => {
+                    // A tunnel's idle limit, not a request connection's: databases hold quiet
+                    // connections.
+                    let idle = crate::config::tunnels::DEFAULT_TUNNEL_IDLE_TIMEOUT.max(tunnel.idle);
                     let mut app = TokioIo::new(upgraded);
-                    let (up, down) =
-                        crate::tunnel::splice(&mut app, &mut stream, &tunnel.activity, tunnel.idle)
-                            .await;
-                    tracing::debug!(%target, up, down, "CONNECT tunnel closed");
+                    let ended =
+                        crate::tunnel::splice(&mut app, &mut stream, &tunnel.activity, idle).await;
+                    tracing::debug!(%target, ?ended, "CONNECT tunnel closed");
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "CONNECT: the app's connection was not upgraded")

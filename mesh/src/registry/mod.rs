@@ -36,6 +36,9 @@ use crate::{
 
 /// Most nodes the registry holds; registrations past it are refused (`507`).
 pub const MAX_NODES: usize = 10_000;
+/// Most entries one caller (app and instance) holds, across node types: one node cannot fill
+/// the registry for the others (`429` past it).
+pub const MAX_PER_CALLER: usize = 16;
 /// Largest registration body.
 const MAX_BODY: usize = 16 << 10;
 /// Most labels or ports one node registers.
@@ -260,6 +263,23 @@ impl Registry {
         let status = {
             let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
             let full = nodes.len() >= MAX_NODES;
+            let caller = |n: &Node| n.app_id == node.app_id && n.instance_id == node.instance_id;
+            // A name is one node's: another caller cannot take over a uuid or hostname.
+            let taken = nodes.values().find(|n| {
+                n.node_type == node.node_type
+                    && !caller(n)
+                    && (n.uuid == node.uuid || n.hostname == node.hostname)
+            });
+            if let Some(other) = taken {
+                return proxy::error_response(
+                    StatusCode::CONFLICT,
+                    &format!(
+                        "{} is registered by another node (app {})",
+                        node.uuid, other.app_id
+                    ),
+                );
+            }
+            let mine = nodes.values().filter(|n| caller(n)).count();
             match nodes.get_mut(&key) {
                 Some(existing) => {
                     let registered_at = existing.registered_at;
@@ -273,6 +293,12 @@ impl Registry {
                     return proxy::error_response(
                         StatusCode::INSUFFICIENT_STORAGE,
                         "the registry is full",
+                    )
+                }
+                None if mine >= MAX_PER_CALLER => {
+                    return proxy::error_response(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        &format!("at most {MAX_PER_CALLER} entries per node"),
                     )
                 }
                 None => {
@@ -405,8 +431,8 @@ impl Registry {
         nodes.len() != before
     }
 
-    /// Write the state (the file: 0600, atomically); whether it was written (a failure is
-    /// logged, and tried again at the next tick).
+    /// Write the state (the file: 0600, atomically). `false`: not written, try again at the
+    /// next tick (logged); a state that cannot be serialised is logged and not retried.
     async fn save(&self) -> bool {
         let state = State {
             version: 1,

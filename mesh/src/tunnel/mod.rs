@@ -28,7 +28,11 @@ use tokio_rustls::client::TlsStream;
 pub use port::TunnelPort;
 pub use service::{TcpService, TcpServiceError};
 
-use crate::proxy::{Activity, UpstreamError};
+use crate::{
+    metrics::{Direction, Metrics},
+    outbound::received_alert,
+    proxy::{Activity, UpstreamError},
+};
 
 /// What a TCP service says once the caller is verified and its backend was tried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +102,15 @@ impl OpenError {
         }
     }
 
+    /// Count this failure of the tunnel `name` (and a peer refused in the handshake as a
+    /// handshake failure).
+    pub fn count(&self, metrics: &Metrics, name: &str) {
+        metrics.tunnel(Direction::Outbound, name, self.outcome());
+        if let Self::Connect(ConnectError::Refused { rejection, .. }) = self {
+            metrics.handshake_failure(Direction::Outbound, rejection.reason());
+        }
+    }
+
     /// A bounded word for metrics.
     pub fn outcome(&self) -> &'static str {
         match self {
@@ -118,61 +131,105 @@ pub struct Opened {
     pub stream: TlsStream<TcpStream>,
     /// Whether the TLS session was resumed.
     pub resumed: bool,
+    /// Whether a resumed session failed first (a chain that no longer passed, on either side)
+    /// and a full handshake replaced it.
+    pub replaced_stale: bool,
     /// The peer's verified app id and instance.
     pub peer: Option<ratls::VerifiedPeer>,
 }
 
+impl Opened {
+    /// Count this opening of the tunnel `name`: `ok`, and `resumed` or `stale_session` besides.
+    pub fn count(&self, metrics: &Metrics, name: &str) {
+        metrics.tunnel(Direction::Outbound, name, "ok");
+        if self.resumed {
+            metrics.tunnel(Direction::Outbound, name, "resumed");
+        }
+        if self.replaced_stale {
+            metrics.tunnel(Direction::Outbound, name, "stale_session");
+        }
+    }
+}
+
 /// Dial `target` with `connector` (a tunnel connector: tunnel ALPN, resumption) and wait up to
-/// `deadline` for its service's word.
+/// `deadline` for its service's word. A resumed session the service refused after the handshake
+/// (a certificate that expired since the session began) is forgotten and replaced by one full
+/// handshake.
 pub async fn open(
     connector: &Connector,
     target: &Target,
     deadline: Duration,
 ) -> Result<Opened, OpenError> {
-    let connected = connector.connect(target).await?;
+    match attempt(connector, target, deadline).await {
+        Err((OpenError::Rejected(_) | OpenError::Failed(_), true)) => {
+            connector.forget(target);
+            let mut opened = attempt(connector, target, deadline)
+                .await
+                .map_err(|(e, _)| e)?;
+            opened.replaced_stale = true;
+            Ok(opened)
+        }
+        result => result.map_err(|(e, _)| e),
+    }
+}
+
+/// One connection and the service's word; on failure, whether the session was resumed.
+async fn attempt(
+    connector: &Connector,
+    target: &Target,
+    deadline: Duration,
+) -> Result<Opened, (OpenError, bool)> {
+    let connected = connector
+        .connect(target)
+        .await
+        .map_err(|e| (e.into(), false))?;
+    let resumed = connected.resumed;
     let mut stream = connected.stream;
     if stream.get_ref().1.alpn_protocol() == Some(ratls::tls::TUNNEL_ALPN) {
         let mut word = [0u8; 1];
-        match tokio::time::timeout(deadline, stream.read(&mut word)).await {
-            Err(_) => return Err(OpenError::Timeout(deadline)),
-            Ok(Ok(0)) => {
-                return Err(OpenError::Failed(
-                    "closed before saying whether its backend answered".into(),
-                ))
-            }
+        let failed = match tokio::time::timeout(deadline, stream.read(&mut word)).await {
+            Err(_) => Some(OpenError::Timeout(deadline)),
+            Ok(Ok(0)) => Some(OpenError::Failed(
+                "closed before saying whether its backend answered".into(),
+            )),
             Ok(Ok(_)) => match Ready::from_byte(word[0]) {
-                Some(Ready::Ready) => {}
-                Some(refused) => return Err(OpenError::Backend(refused)),
-                None => return Err(OpenError::Failed(format!("unknown status {}", word[0]))),
+                Some(Ready::Ready) => None,
+                Some(refused) => Some(OpenError::Backend(refused)),
+                None => Some(OpenError::Failed(format!("unknown status {}", word[0]))),
             },
             // TLS 1.3: a client learns that its certificate was refused only now.
-            Ok(Err(e)) => {
-                return Err(match alert(&e) {
-                    Some(alert) => OpenError::Rejected(alert),
-                    None => OpenError::Failed(e.to_string()),
-                })
-            }
+            Ok(Err(e)) => Some(match received_alert(&e) {
+                Some(alert) => OpenError::Rejected(alert),
+                None => OpenError::Failed(e.to_string()),
+            }),
+        };
+        if let Some(e) = failed {
+            return Err((e, resumed));
         }
     }
     Ok(Opened {
         stream,
-        resumed: connected.resumed,
+        resumed,
+        replaced_stale: connected.replaced_stale,
         peer: connected.peer,
     })
 }
 
-/// The alert a TLS peer ended the connection with, if that is what `e` is.
-pub fn alert(e: &std::io::Error) -> Option<String> {
-    crate::outbound::received_alert(e)
+/// How a splice ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// Both directions ended; the bytes moved (a → b, b → a).
+    Done(u64, u64),
+    /// A side failed (reset, TLS error).
+    Failed(std::io::Error),
+    /// Nothing moved for the idle limit.
+    Idle(Duration),
 }
-
-/// Bytes moved by a splice: (a → b, b → a).
-pub type Moved = (u64, u64);
 
 /// Copy both ways between `a` and `b` until both directions have ended (an end of stream on
 /// one side is passed on as a half-close, and the other direction goes on), either fails, or
 /// nothing moves for `idle`. Bytes are relayed as they arrive, never gathered.
-pub async fn splice<A, B>(a: &mut A, b: &mut B, activity: &Arc<Activity>, idle: Duration) -> Moved
+pub async fn splice<A, B>(a: &mut A, b: &mut B, activity: &Arc<Activity>, idle: Duration) -> Ended
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -180,16 +237,10 @@ where
     tokio::select! {
         result = tokio::io::copy_bidirectional_with_sizes(a, b, SPLICE_BUFFER, SPLICE_BUFFER) => {
             match result {
-                Ok(moved) => moved,
-                Err(e) => {
-                    tracing::debug!(error = %e, "tunnel ended with an error");
-                    (0, 0)
-                }
+                Ok((up, down)) => Ended::Done(up, down),
+                Err(e) => Ended::Failed(e),
             }
         }
-        _ = activity.idle_for(idle) => {
-            tracing::debug!(?idle, "tunnel idle: closing");
-            (0, 0)
-        }
+        _ = activity.idle_for(idle) => Ended::Idle(idle),
     }
 }

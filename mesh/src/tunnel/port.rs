@@ -104,29 +104,18 @@ impl TunnelPort {
         let opened = match Box::pin(super::open(&connector, target, deadline)).await {
             Ok(opened) => opened,
             Err(e) => {
-                metrics.tunnel(Direction::Outbound, name, e.outcome());
-                if let super::OpenError::Connect(gateway_client::ConnectError::Refused {
-                    rejection,
-                    ..
-                }) = &e
-                {
-                    metrics.handshake_failure(Direction::Outbound, rejection.reason());
-                }
+                e.count(metrics, name);
                 tracing::warn!(tunnel = name, %target, %remote, error = %e, "tunnel failed: the app's connection is closed");
                 return;
             }
         };
-        metrics.tunnel(Direction::Outbound, name, "ok");
-        if opened.resumed {
-            metrics.tunnel(Direction::Outbound, name, "resumed");
-        }
+        opened.count(metrics, name);
         tracing::debug!(tunnel = name, %target, %remote, resumed = opened.resumed, "tunnel open");
         let activity = Activity::new();
         let mut app = IdleIo::new(tcp, activity.clone());
         let mut stream = opened.stream;
-        let (up, down) =
-            super::splice(&mut app, &mut stream, &activity, self.config.idle_timeout).await;
-        tracing::debug!(tunnel = name, %target, up, down, "tunnel closed");
+        let ended = super::splice(&mut app, &mut stream, &activity, self.config.idle_timeout).await;
+        tracing::debug!(tunnel = name, %target, ?ended, "tunnel closed");
         drop(hold);
     }
 }

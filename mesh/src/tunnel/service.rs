@@ -164,6 +164,7 @@ impl TcpService {
             Err(word) => {
                 if tunnel_alpn {
                     let _ = tls.write_all(&[word as u8]).await;
+                    let _ = tls.flush().await;
                 }
                 let _ = tokio::time::timeout(self.config.connect_timeout, tls.shutdown()).await;
                 self.metrics
@@ -172,15 +173,19 @@ impl TcpService {
             }
         };
         if tunnel_alpn {
-            if let Err(e) = tls.write_all(&[Ready::Ready as u8]).await {
+            let sent = async {
+                tls.write_all(&[Ready::Ready as u8]).await?;
+                tls.flush().await
+            };
+            if let Err(e) = sent.await {
                 tracing::debug!(service = name, %remote, error = %e, "tcp caller left before the splice");
                 return;
             }
         }
         self.metrics.tunnel(Direction::Inbound, name, "ok");
-        let (up, down) =
+        let ended =
             super::splice(&mut tls, &mut backend, &activity, self.config.idle_timeout).await;
-        tracing::debug!(service = name, %remote, caller = %peer.app_id, up, down, "tcp tunnel closed");
+        tracing::debug!(service = name, %remote, caller = %peer.app_id, ?ended, "tcp tunnel closed");
         drop(hold);
     }
 
