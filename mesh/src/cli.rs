@@ -158,6 +158,16 @@ pub enum Command {
         /// Require an attestation bound to the leaf key.
         #[arg(long)]
         require_attestation: bool,
+        /// Verify the TDX quote too, with the PCCS answers in this directory (`tcb.json`,
+        /// `qe_identity.json`, `pckcrl.der`, `rootcacrl.hex`, each with `<file>.headers`).
+        #[arg(long)]
+        collateral: Option<PathBuf>,
+        /// The TDX root CA (PEM) quotes chain to; default: Intel's.
+        #[arg(long, requires = "collateral")]
+        tdx_root: Option<PathBuf>,
+        /// Verify as of this time (RFC 3339) instead of now.
+        #[arg(long)]
+        at: Option<String>,
     },
 }
 
@@ -272,7 +282,19 @@ pub async fn run(cli: Cli) -> ExitCode {
             expect_app_id,
             role,
             require_attestation,
-        } => crate::tools::verify_cert(&file, &ca, expect_app_id, role.into(), require_attestation),
+            collateral,
+            tdx_root,
+            at,
+        } => crate::tools::verify_cert(crate::tools::VerifyCert {
+            file,
+            ca,
+            expect: expect_app_id,
+            role: role.into(),
+            require_attestation,
+            collateral,
+            tdx_root,
+            at,
+        }),
     }
 }
 

@@ -13,7 +13,7 @@ use ratls::{
     cert,
     dev_agent::{self, DevAgent, DevAgentConfig},
     identity::{Identity, IdentityConfig, RotatingIdentity},
-    AppId, ChainView, PeerRole, Policy, TrustAnchors,
+    quote, AppId, ChainView, PeerRole, Policy, TrustAnchors,
 };
 use rustls_pki_types::UnixTime;
 
@@ -57,49 +57,106 @@ pub fn inspect_cert(file: &Path) -> ExitCode {
     }
 }
 
-/// `verify-cert FILE --ca FILE`: exit 0 with the verified identity, or 1 with the reason.
-pub fn verify_cert(
-    file: &Path,
-    ca: &Path,
-    expect: Option<AppId>,
-    role: PeerRole,
-    require_attestation: bool,
-) -> ExitCode {
+/// What `verify-cert` checks.
+#[derive(Debug)]
+pub struct VerifyCert {
+    /// The chain, leaf first.
+    pub file: PathBuf,
+    /// Its trust anchors.
+    pub ca: PathBuf,
+    /// The app id it must carry.
+    pub expect: Option<AppId>,
+    /// The role it is checked for.
+    pub role: PeerRole,
+    /// Require an attestation bound to the leaf key.
+    pub require_attestation: bool,
+    /// Verify the TDX quote with the PCCS answers in this directory.
+    pub collateral: Option<PathBuf>,
+    /// The TDX root (default: Intel's).
+    pub tdx_root: Option<PathBuf>,
+    /// The time of the check (RFC 3339; default: now).
+    pub at: Option<String>,
+}
+
+/// `verify-cert FILE --ca FILE [--collateral DIR]`: exit 0 with the verified identity (and,
+/// with collateral, what the quote and its event log prove), or non-zero with the reason.
+pub fn verify_cert(args: VerifyCert) -> ExitCode {
     let bad = |path: &Path, e: &dyn std::fmt::Display| {
         InputError(EXIT_BAD_INPUT, format!("{}: {e}", path.display()))
     };
     let load = |path: &Path| {
         read_input(path).and_then(|b| cert::parse_chain(&b).map_err(|e| bad(path, &e)))
     };
-    let chain = match load(file) {
+    let chain = match load(&args.file) {
         Ok(c) => c,
         Err(InputError(code, e)) => return fail(code, e),
     };
-    let roots = match load(ca).and_then(|r| TrustAnchors::new(&r).map_err(|e| bad(ca, &e))) {
-        Ok(r) => r,
-        Err(InputError(code, e)) => return fail(code, e),
+    let roots =
+        match load(&args.ca).and_then(|r| TrustAnchors::new(&r).map_err(|e| bad(&args.ca, &e))) {
+            Ok(r) => r,
+            Err(InputError(code, e)) => return fail(code, e),
+        };
+    let at = match args.at.as_deref().map(parse_time).transpose() {
+        Ok(at) => at.unwrap_or_else(crate::clock::unix_now),
+        Err(e) => return fail(EXIT_BAD_INPUT, format!("--at: {e}")),
     };
-    let mut policy = Policy::new(roots).require_attestation(require_attestation);
-    if let Some(id) = expect {
+    let now = UnixTime::since_unix_epoch(Duration::from_secs(at.max(0) as u64));
+    let mut policy = Policy::new(roots).require_attestation(args.require_attestation);
+    if let Some(id) = args.expect {
         policy = policy.expect(id);
     }
-    match policy.verify(&chain[0], &chain[1..], role, UnixTime::now()) {
-        Ok(peer) => {
-            if require_attestation {
-                // What --require-attestation can promise today, and no more.
-                eprintln!("attestation: {}: its signature and TCB status are not checked, so this shows what the certificate claims, not that a TEE produced it", peer.attestation);
-            }
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&peer).unwrap_or_default()
-            );
-            ExitCode::SUCCESS
-        }
+    let peer = match policy.verify(&chain[0], &chain[1..], args.role, now) {
+        Ok(peer) => peer,
         Err(r) => {
             eprintln!("rejected ({}): {r}", r.reason());
+            return ExitCode::from(EXIT_REJECTED);
+        }
+    };
+    let Some(dir) = &args.collateral else {
+        if args.require_attestation {
+            // What --require-attestation can promise without collateral, and no more.
+            eprintln!("attestation: {}: its signature and TCB status are not checked (give --collateral), so this shows what the certificate claims, not that a TEE produced it", peer.attestation);
+        }
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&peer).unwrap_or_default()
+        );
+        return ExitCode::SUCCESS;
+    };
+    let checked = (|| {
+        let collateral = quote::Collateral::from_dir(dir)?;
+        let root =
+            match &args.tdx_root {
+                Some(path) => quote::TdxRoot::from_pem(&std::fs::read(path).map_err(|e| {
+                    quote::QuoteError::Collateral(format!("{}: {e}", path.display()))
+                })?)?,
+                None => quote::TdxRoot::intel(),
+            };
+        let attestation = cert::attestation_of(&chain[0])
+            .map_err(|e| quote::QuoteError::Malformed(e.to_string()))?
+            .ok_or_else(|| {
+                quote::QuoteError::Malformed("the certificate carries no attestation".into())
+            })?;
+        quote::verify(&attestation, &collateral, &root, at.max(0) as u64)
+    })();
+    match checked {
+        Ok(facts) => {
+            let out = serde_json::json!({ "peer": peer, "quote": facts });
+            println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("rejected ({}): {e}", e.reason());
             ExitCode::from(EXIT_REJECTED)
         }
     }
+}
+
+/// An RFC 3339 time as unix seconds.
+fn parse_time(text: &str) -> Result<i64, String> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map(|t| t.unix_timestamp())
+        .map_err(|e| format!("{text:?} is not an RFC 3339 time: {e}"))
 }
 
 /// `identity`: discover the agent, fetch an identity, print it.

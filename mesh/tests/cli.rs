@@ -526,3 +526,46 @@ fn dstack_vpc_form_takes_no_subcommand_and_nothing_at_all_is_help() {
         stderr(&out)
     );
 }
+
+#[test]
+fn verify_cert_checks_the_quote_with_collateral() {
+    let pccs = Path::new(CERTS).join("../mock-pccs");
+    let root = pccs.join("tdx-root-ca.pem");
+    let with = |at: &str| {
+        verify(
+            "sim-app1-signed-ratls/chain.pem",
+            "sim-app1-signed-ratls/ca.pem",
+            &[
+                "--collateral",
+                pccs.to_str().unwrap(),
+                "--tdx-root",
+                root.to_str().unwrap(),
+                "--at",
+                at,
+            ],
+        )
+    };
+    let out = with("2026-12-10T00:00:00Z");
+    assert_exit(&out, 0);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["quote"]["tcb_status"], "UpToDate", "{v}");
+    assert_eq!(v["quote"]["app_id"], APP1_ID);
+    assert_eq!(
+        v["quote"]["compose_hash"],
+        "c143116fef3940e7f776bfc0919c256232ae5338a6e948c96b711e0b2383483a"
+    );
+    // Past the collateral's nextUpdate (2026-12-22T13:42:34Z): refused, saying why.
+    assert_rejected(&with("2026-12-23T00:00:00Z"), "collateral_expired");
+    // The production root does not vouch for the mock PCK chain.
+    let out = verify(
+        "sim-app1-signed-ratls/chain.pem",
+        "sim-app1-signed-ratls/ca.pem",
+        &[
+            "--collateral",
+            pccs.to_str().unwrap(),
+            "--at",
+            "2026-12-10T00:00:00Z",
+        ],
+    );
+    assert_rejected(&out, "quote_signature");
+}

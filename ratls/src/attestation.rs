@@ -1,8 +1,8 @@
 //! The attestation extension (`…62397.1.8`): which format, the quote, and whether its report
 //! data binds the certificate's key.
 //!
-//! This reads the evidence; it does not verify the quote's signature (that needs Intel's
-//! collateral and belongs to a quote verifier).
+//! This reads the evidence; [`crate::quote`] verifies the quote's signature against collateral
+//! and replays the event log.
 
 use ring::digest;
 
@@ -28,7 +28,33 @@ pub struct Attestation {
     pub format: Format,
     /// The TDX quote.
     pub quote: Vec<u8>,
+    /// The TDX event log (V0: SCALE after the quote; empty when the encoding carries none).
+    pub event_log: Vec<TdxEvent>,
 }
+
+/// One event of the TDX event log, as dstack's `cc-eventlog` encodes it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct TdxEvent {
+    /// The measurement register (3: RTMR3, where dstack's runtime events go).
+    pub imr: u32,
+    /// The event type (`0x08000001`: a dstack runtime event).
+    pub event_type: u32,
+    /// The digest as logged (runtime events' digests are recomputed, not taken).
+    #[serde(serialize_with = "as_hex")]
+    pub digest: Vec<u8>,
+    /// The event's name (`app-id`, `compose-hash`, ...).
+    pub event: String,
+    /// Its payload.
+    #[serde(serialize_with = "as_hex")]
+    pub payload: Vec<u8>,
+}
+
+fn as_hex<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&hex::encode(bytes))
+}
+
+/// Most events an event log may hold (a real one has a few dozen).
+const MAX_EVENTS: usize = 4096;
 
 /// Why an attestation could not be read.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -67,13 +93,23 @@ impl Attestation {
             }
             None => return Err(AttestationError::Malformed("V0 truncated")),
         };
-        let (len, rest) = scale_compact(rest)?;
-        let quote = rest
-            .get(..len)
-            .ok_or(AttestationError::Malformed("V0 quote truncated"))?;
+        let (quote, rest) = scale_bytes(rest, "V0 quote truncated")?;
+        // `TdxQuote { quote, event_log: Vec<TdxEvent> }`; what follows (runtime events, report
+        // data, config) repeats what the quote and the log already say.
+        let (count, mut rest) = scale_compact(rest)?;
+        if count > MAX_EVENTS {
+            return Err(AttestationError::Malformed("V0 event log too long"));
+        }
+        let mut event_log = Vec::with_capacity(count);
+        for _ in 0..count {
+            let (event, after) = TdxEvent::decode(rest)?;
+            event_log.push(event);
+            rest = after;
+        }
         Ok(Self {
             format: Format::V0Scale,
             quote: quote.to_vec(),
+            event_log,
         })
     }
 
@@ -89,6 +125,7 @@ impl Attestation {
         Ok(Self {
             format: Format::V1Msgpack,
             quote,
+            event_log: Vec::new(),
         })
     }
 
@@ -141,6 +178,49 @@ pub fn quote_report_data(quote: &[u8]) -> Option<&[u8]> {
 }
 
 /// A SCALE compact-encoded length, and what follows it.
+impl TdxEvent {
+    /// One SCALE-encoded event (`imr: u32, event_type: u32, digest: Vec<u8>, event: String,
+    /// event_payload: Vec<u8>`) and what follows it.
+    fn decode(input: &[u8]) -> Result<(Self, &[u8]), AttestationError> {
+        let (imr, rest) = scale_u32(input)?;
+        let (event_type, rest) = scale_u32(rest)?;
+        let (digest, rest) = scale_bytes(rest, "event digest truncated")?;
+        let (event, rest) = scale_bytes(rest, "event name truncated")?;
+        let (payload, rest) = scale_bytes(rest, "event payload truncated")?;
+        let event = std::str::from_utf8(event)
+            .map_err(|_| AttestationError::Malformed("event name is not UTF-8"))?;
+        Ok((
+            Self {
+                imr,
+                event_type,
+                digest: digest.to_vec(),
+                event: event.to_owned(),
+                payload: payload.to_vec(),
+            },
+            rest,
+        ))
+    }
+}
+
+fn scale_u32(input: &[u8]) -> Result<(u32, &[u8]), AttestationError> {
+    let (head, rest) = input
+        .split_first_chunk::<4>()
+        .ok_or(AttestationError::Malformed("u32 truncated"))?;
+    Ok((u32::from_le_bytes(*head), rest))
+}
+
+/// A SCALE `Vec<u8>` (or `String`): compact length, then the bytes.
+fn scale_bytes<'a>(
+    input: &'a [u8],
+    truncated: &'static str,
+) -> Result<(&'a [u8], &'a [u8]), AttestationError> {
+    let (len, rest) = scale_compact(input)?;
+    let bytes = rest
+        .get(..len)
+        .ok_or(AttestationError::Malformed(truncated))?;
+    Ok((bytes, &rest[len..]))
+}
+
 fn scale_compact(input: &[u8]) -> Result<(usize, &[u8]), AttestationError> {
     let err = AttestationError::Malformed("bad SCALE compact length");
     let first = *input.first().ok_or(err.clone())?;

@@ -55,6 +55,23 @@ pub enum CertError {
         /// From app-info.
         info: AppId,
     },
+    /// The attestation extension is present but cannot be read.
+    #[error("certificate {index}: {source}")]
+    Attestation {
+        /// Position in the chain, 0 = leaf.
+        index: usize,
+        /// What was wrong with it.
+        source: AttestationError,
+    },
+}
+
+/// The attestation extension of `leaf`, read: `None` when it carries none.
+pub fn attestation_of(leaf: &CertificateDer<'_>) -> Result<Option<Attestation>, CertError> {
+    let cert = parse_x509(0, leaf)?;
+    Claims::read(0, &cert)?
+        .attestation
+        .transpose()
+        .map_err(|source| CertError::Attestation { index: 0, source })
 }
 
 /// Parse PEM (any number of CERTIFICATE blocks) or DER (one or more concatenated certificates).

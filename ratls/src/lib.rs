@@ -14,6 +14,8 @@
 //! - [`agent`]: the guest-agent client (`dstack.sock`);
 //! - [`identity`]: the sidecar's own identity, refreshed before it expires and swapped atomically;
 //! - [`tls`]: rustls configs for the mesh on top of the two;
+//! - [`quote`]: the TDX quote verified against collateral (`dcap-qvl`), the event log replayed
+//!   to RTMR3, the measured facts read;
 //! - [`dev_agent`]: a development agent with a local CA, which says loudly that it is not attested.
 //!
 //! One crypto backend is used throughout: ring, via [`crypto::provider`].
@@ -28,6 +30,7 @@ pub mod ext;
 pub mod identity;
 mod msgpack;
 pub mod policy;
+pub mod quote;
 pub mod tls;
 pub mod verifier;
 

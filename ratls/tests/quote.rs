@@ -1,0 +1,121 @@
+//! TDX quote verification on real material: `sim-app1-signed-ratls`, a certificate from the
+//! dstack simulator whose quote the mock PCK chain signed, with the collateral the mock PCCS
+//! served (`testdata/dstack-sim/mock-pccs`, nextUpdate 2026-12-22T13:42:34Z).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+use std::path::PathBuf;
+
+use ratls::{
+    attestation::Attestation,
+    quote::{self, Collateral, QuoteError, TdxRoot},
+};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../testdata/dstack-sim"
+    ))
+}
+
+/// 2026-12-01T00:00:00Z: inside the collateral's validity.
+const BEFORE: u64 = 1_796_083_200;
+/// 2026-12-23T00:00:00Z: past its nextUpdate.
+const AFTER: u64 = 1_797_984_000;
+
+fn attestation() -> Attestation {
+    let pem = std::fs::read(fixtures().join("certs/sim-app1-signed-ratls/leaf.pem")).unwrap();
+    let leaf = ratls::cert::parse_chain(&pem).unwrap().remove(0);
+    ratls::cert::attestation_of(&leaf)
+        .unwrap()
+        .expect("the fixture carries an attestation")
+}
+
+fn collateral() -> Collateral {
+    Collateral::from_dir(&fixtures().join("mock-pccs")).unwrap()
+}
+
+fn root() -> TdxRoot {
+    TdxRoot::from_pem(&std::fs::read(fixtures().join("mock-pccs/tdx-root-ca.pem")).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn the_signed_fixture_verifies_and_its_event_log_names_app1() {
+    let facts = quote::verify(&attestation(), &collateral(), &root(), BEFORE).unwrap();
+    assert_eq!(facts.tcb_status, "UpToDate", "{facts:?}");
+    assert_eq!(
+        facts.app_id.as_deref(),
+        Some("5bb4ff9a3837357f19dc176407a5709c62eb6c56")
+    );
+    assert_eq!(
+        facts.instance_id.as_deref(),
+        Some("1691ed1b47506cad7d08834668691d88246f5b1f")
+    );
+    assert_eq!(
+        facts.compose_hash.as_deref(),
+        Some("c143116fef3940e7f776bfc0919c256232ae5338a6e948c96b711e0b2383483a")
+    );
+    assert!(
+        facts
+            .key_provider
+            .as_deref()
+            .is_some_and(|k| k.contains("kms")),
+        "{facts:?}"
+    );
+    assert_eq!(facts.valid_until, 1_797_946_954, "2026-12-22T13:42:34Z");
+}
+
+#[test]
+fn expired_collateral_is_refused_as_such() {
+    let e = quote::verify(&attestation(), &collateral(), &root(), AFTER).unwrap_err();
+    assert!(matches!(e, QuoteError::CollateralExpired(_)), "{e}");
+    assert_eq!(e.reason(), "collateral_expired");
+}
+
+#[test]
+fn tampering_is_refused_with_its_reason() {
+    // A flipped byte in the signed TD report.
+    let mut a = attestation();
+    a.quote[200] ^= 1;
+    let e = quote::verify(&a, &collateral(), &root(), BEFORE).unwrap_err();
+    assert_eq!(e.reason(), "quote_signature", "{e}");
+    // An event the quote did not measure.
+    let mut a = attestation();
+    let compose = a
+        .event_log
+        .iter_mut()
+        .find(|e| e.event == "compose-hash")
+        .unwrap();
+    compose.payload[0] ^= 1;
+    let e = quote::verify(&a, &collateral(), &root(), BEFORE).unwrap_err();
+    assert_eq!(e, QuoteError::EventLogMismatch);
+    // Another root.
+    let intel =
+        quote::verify(&attestation(), &collateral(), &TdxRoot::intel(), BEFORE).unwrap_err();
+    assert_eq!(intel.reason(), "quote_signature", "{intel}");
+    // Collateral for another platform.
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(fixtures().join("mock-pccs")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), dir.path().join(f.file_name())).unwrap();
+    }
+    let tcb = std::fs::read_to_string(dir.path().join("tcb.json")).unwrap();
+    std::fs::write(
+        dir.path().join("tcb.json"),
+        tcb.replace("\"fmspc\":\"000000000000\"", "\"fmspc\":\"00906ed50000\""),
+    )
+    .unwrap();
+    let other = Collateral::from_dir(dir.path()).unwrap();
+    let e = quote::verify(&attestation(), &other, &root(), BEFORE).unwrap_err();
+    assert!(
+        matches!(e, QuoteError::Collateral(_) | QuoteError::Signature(_)),
+        "{e}"
+    );
+    // Garbage collateral is an error, not a panic.
+    std::fs::write(dir.path().join("tcb.json"), b"{not json").unwrap();
+    assert_eq!(
+        Collateral::from_dir(dir.path()).unwrap_err().reason(),
+        "collateral_unavailable"
+    );
+}
