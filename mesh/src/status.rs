@@ -152,6 +152,7 @@ pub fn status_text(routes: &crate::admin::Routes, now: std::time::SystemTime) ->
         match id.attestation {
             ratls::AttestationStatus::KeyBound =>
                 "; attestation: report data binds the key, quote not verified",
+            ratls::AttestationStatus::QuoteVerified => "; attestation: quote verified",
             ratls::AttestationStatus::Absent => "",
         }
     ));

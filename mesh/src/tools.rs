@@ -226,7 +226,9 @@ pub fn describe(id: &Identity) -> String {
         .unwrap_or_default();
     let lifetime = Duration::from_secs((id.not_after - id.not_before).max(0) as u64);
     let attestation = match id.attestation {
-        ratls::AttestationStatus::KeyBound => id.attestation.describe(),
+        ratls::AttestationStatus::KeyBound | ratls::AttestationStatus::QuoteVerified => {
+            id.attestation.describe()
+        }
         ratls::AttestationStatus::Absent => "NO (no attestation bound to the key)",
     };
     format!(

@@ -308,6 +308,10 @@ pub enum AttestationStatus {
     /// The quote's report data binds the certificate's key; the quote itself is not verified.
     #[serde(rename = "report data binds the key; quote not verified")]
     KeyBound,
+    /// The quote verified against collateral, its report data binds the key, and its event
+    /// log replays to RTMR3 (what the attestation policy checked).
+    #[serde(rename = "quote verified")]
+    QuoteVerified,
 }
 
 impl AttestationStatus {
@@ -322,7 +326,7 @@ impl AttestationStatus {
 
     /// Whether the report data binds the key.
     pub fn binds_key(self) -> bool {
-        self == Self::KeyBound
+        matches!(self, Self::KeyBound | Self::QuoteVerified)
     }
 
     /// What was checked, in words for people.
@@ -330,6 +334,7 @@ impl AttestationStatus {
         match self {
             Self::Absent => "none bound to the key",
             Self::KeyBound => "report data binds the key; quote not verified",
+            Self::QuoteVerified => "quote verified, report data binds the key, event log replayed",
         }
     }
 }

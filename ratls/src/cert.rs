@@ -147,6 +147,8 @@ pub enum AppIdSource {
     Extension,
     /// The first field of the app-info extension `…62397.1.9` (simulator certificates).
     AppInfo,
+    /// The `app-id` event of the attested event log (a verified quote, no app id extension).
+    EventLog,
 }
 
 /// The dstack claims of one certificate, read from its extensions.

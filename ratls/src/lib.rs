@@ -23,6 +23,7 @@
 pub mod agent;
 mod app_id;
 pub mod attestation;
+pub mod attested;
 pub mod cert;
 pub mod crypto;
 pub mod dev_agent;

@@ -118,6 +118,8 @@ pub struct Policy {
     pub expected_instance: Option<AppId>,
     /// Refuse leaves without an attestation extension whose report data binds the leaf key.
     pub require_attestation: bool,
+    /// Verify the quote and hold it to an attestation policy (implies `require_attestation`).
+    pub attestor: Option<Arc<crate::attested::Attestor>>,
 }
 
 impl Policy {
@@ -129,6 +131,7 @@ impl Policy {
             expected: None,
             expected_instance: None,
             require_attestation: false,
+            attestor: None,
         }
     }
 
@@ -147,6 +150,12 @@ impl Policy {
     /// Only accept apps in `allow` (inbound).
     pub fn allow(mut self, allow: AllowList) -> Self {
         self.allow = allow;
+        self
+    }
+
+    /// Verify peers' quotes with `attestor` and hold them to its rules, inside the handshake.
+    pub fn attested(mut self, attestor: Option<Arc<crate::attested::Attestor>>) -> Self {
+        self.attestor = attestor;
         self
     }
 
@@ -188,7 +197,7 @@ impl Policy {
         // From here on the chain is trusted, so its claims are the issuer's.
         let cas: Vec<CertificateDer<'_>> =
             path.intermediate_certificates().map(|c| c.der()).collect();
-        self.check_claims(end_entity, role, Proof::Chain(&cas))
+        self.check_claims(end_entity, role, Proof::Chain(&cas), now)
     }
 
     /// Check a leaf whose chain a TLS terminator verified but could not pass on (nginx hands
@@ -218,7 +227,7 @@ impl Policy {
                 at,
             });
         }
-        self.check_claims(end_entity, role, Proof::Vouched)
+        self.check_claims(end_entity, role, Proof::Vouched, now)
     }
 
     /// Steps 2-6 on a leaf whose chain is settled by `proof`.
@@ -227,6 +236,7 @@ impl Policy {
         end_entity: &CertificateDer<'_>,
         role: PeerRole,
         proof: Proof<'_>,
+        now: UnixTime,
     ) -> Result<VerifiedPeer, Rejection> {
         let leaf = cert::parse_x509(0, end_entity).map_err(|e| Rejection::Malformed(e.into()))?;
         match cert::eku_names(&leaf) {
@@ -242,8 +252,44 @@ impl Policy {
             }
         }
 
-        // 3. App id: from `.1.3`, else app-info; any App CA on the verified path must agree.
-        let peer = identity_of(&leaf, &claims)?;
+        // With an attestation policy, the quote first (verified once per certificate, then
+        // from the cache): it may be what names the app.
+        let mut claims = claims;
+        let measured = match &self.attestor {
+            None => None,
+            Some(attestor) => {
+                if claims.usage.is_none() {
+                    return Err(Rejection::NotAppLeaf("none".into()));
+                }
+                let attestation = match &claims.attestation {
+                    None => return Err(Rejection::AttestationMissing),
+                    Some(Err(e)) => return Err(Rejection::Malformed(e.clone().into())),
+                    Some(Ok(a)) => a,
+                };
+                if !attestation.binds_key(leaf.public_key().raw) {
+                    return Err(Rejection::AttestationNotBound);
+                }
+                let named = claims.app_id.as_ref().map(|(id, _)| id);
+                let not_after = leaf.validity().not_after.timestamp();
+                let facts = attestor
+                    .check(end_entity, not_after, attestation, named, secs(now))
+                    .map_err(Rejection::Attestation)?;
+                if claims.app_id.is_none() {
+                    claims.app_id = attestor
+                        .measured_app_id(&facts)
+                        .map(|id| (id, AppIdSource::EventLog));
+                }
+                Some(facts)
+            }
+        };
+
+        // 3. App id: from `.1.3`, else app-info (else, under a policy that allows it, the
+        // attested event log); any App CA on the verified path must agree.
+        let mut peer = identity_of(&leaf, &claims)?;
+        if measured.is_some() {
+            peer.attestation = AttestationStatus::QuoteVerified;
+            peer.quote = measured;
+        }
         let app_id = &peer.app_id;
         // App-info is written by the requesting CVM's agent; it names the app only where no App
         // CA could have (the simulator's root signs leaves directly). Under a KMS App CA the
@@ -331,6 +377,7 @@ pub(crate) fn identity_of(
         app_id_source,
         attestation,
         not_after: leaf.validity().not_after.timestamp(),
+        quote: None,
     })
 }
 
@@ -355,10 +402,13 @@ pub struct VerifiedPeer {
     pub app_id_source: AppIdSource,
     /// The peer's instance id, when its certificate carries app-info.
     pub instance_id: Option<String>,
-    /// What its attestation showed (the quote itself is not verified).
+    /// What its attestation showed (the quote verified only under an attestation policy).
     pub attestation: AttestationStatus,
     /// End of the leaf's validity (unix seconds).
     pub not_after: i64,
+    /// What its verified quote proves, under an attestation policy.
+    #[serde(skip)]
+    pub quote: Option<Arc<crate::quote::QuoteFacts>>,
 }
 
 /// Why a peer certificate was refused. Each variant is one rule of the policy.
@@ -421,6 +471,9 @@ pub enum Rejection {
         /// What the peer presented (empty: none).
         found: String,
     },
+    /// The attestation policy refused the peer's quote (or could not verify it).
+    #[error("attestation: {0}")]
+    Attestation(crate::attested::AttestationRejection),
     /// Inbound: the caller's app is not on the allowlist.
     #[error("app {0} is not allowed")]
     AppIdNotAllowed(AppId),
@@ -476,6 +529,7 @@ impl Rejection {
             Self::AppCaMismatch { .. } => "app_ca_mismatch",
             Self::AppIdMismatch { .. } => "app_id_mismatch",
             Self::InstanceMismatch { .. } => "instance_mismatch",
+            Self::Attestation(a) => a.reason(),
             Self::AppIdNotAllowed(_) => "app_id_not_allowed",
             Self::AttestationMissing => "attestation_missing",
             Self::AttestationNotBound => "attestation_not_bound",

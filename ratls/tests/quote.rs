@@ -119,3 +119,116 @@ fn tampering_is_refused_with_its_reason() {
         "collateral_unavailable"
     );
 }
+
+mod policy {
+    use std::sync::Arc;
+
+    use ratls::{
+        attested::{AppRules, Attestor, Rules},
+        AttestationStatus, PeerRole, Policy, Rejection, TrustAnchors,
+    };
+    use rustls_pki_types::UnixTime;
+
+    use super::*;
+
+    const COMPOSE: &str = "c143116fef3940e7f776bfc0919c256232ae5338a6e948c96b711e0b2383483a";
+
+    fn chain() -> Vec<rustls_pki_types::CertificateDer<'static>> {
+        let pem = std::fs::read(fixtures().join("certs/sim-app1-signed-ratls/chain.pem")).unwrap();
+        ratls::cert::parse_chain(&pem).unwrap()
+    }
+
+    fn policy(rules: Rules) -> (Policy, Arc<Attestor>) {
+        let ca = std::fs::read(fixtures().join("certs/sim-app1-signed-ratls/ca.pem")).unwrap();
+        let anchors = TrustAnchors::new(&ratls::cert::parse_chain(&ca).unwrap()).unwrap();
+        let attestor = Arc::new(Attestor::new(rules, root()));
+        attestor.set_collateral(collateral());
+        (
+            Policy::new(anchors).attested(Some(attestor.clone())),
+            attestor,
+        )
+    }
+
+    fn at(secs: u64) -> UnixTime {
+        UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs))
+    }
+
+    fn verify(policy: &Policy) -> Result<ratls::VerifiedPeer, Rejection> {
+        let c = chain();
+        policy.verify(&c[0], &c[1..], PeerRole::Client, at(BEFORE))
+    }
+
+    #[test]
+    fn a_pinned_compose_hash_admits_the_peer_and_another_refuses_it() {
+        let pinned = Rules {
+            compose_hashes: [COMPOSE.to_owned()].into(),
+            ..Rules::default()
+        };
+        let peer = verify(&policy(pinned).0).unwrap();
+        assert_eq!(peer.attestation, AttestationStatus::QuoteVerified);
+        assert_eq!(
+            peer.quote.as_ref().unwrap().compose_hash.as_deref(),
+            Some(COMPOSE)
+        );
+
+        let other = Rules {
+            compose_hashes: ["00".repeat(32)].into(),
+            ..Rules::default()
+        };
+        let e = verify(&policy(other).0).unwrap_err();
+        assert_eq!(e.reason(), "compose_hash_not_allowed", "{e}");
+        // Per-app pins win over the global list.
+        let app: ratls::AppId = "5bb4ff9a3837357f19dc176407a5709c62eb6c56".parse().unwrap();
+        let per_app = Rules {
+            compose_hashes: ["00".repeat(32)].into(),
+            apps: [(
+                app,
+                AppRules {
+                    compose_hashes: [COMPOSE.to_owned()].into(),
+                    ..AppRules::default()
+                },
+            )]
+            .into(),
+            ..Rules::default()
+        };
+        verify(&policy(per_app).0).unwrap();
+    }
+
+    #[test]
+    fn tcb_status_measurements_and_missing_collateral_are_reasons() {
+        let strict = Rules {
+            tcb_statuses: ["OutOfDate".to_owned()].into(),
+            ..Rules::default()
+        };
+        assert_eq!(
+            verify(&policy(strict).0).unwrap_err().reason(),
+            "tcb_status"
+        );
+        let mrtd = Rules {
+            mrtd: ["ab".repeat(48)].into(),
+            ..Rules::default()
+        };
+        assert_eq!(
+            verify(&policy(mrtd).0).unwrap_err().reason(),
+            "mrtd_not_allowed"
+        );
+        let (p, _) = policy(Rules::default());
+        let fresh = Policy::new(p.anchors.clone())
+            .attested(Some(Arc::new(Attestor::new(Rules::default(), root()))));
+        assert_eq!(
+            verify(&fresh).unwrap_err().reason(),
+            "collateral_unavailable"
+        );
+    }
+
+    #[test]
+    fn the_verdict_is_cached_by_the_certificate() {
+        let (policy, attestor) = policy(Rules::default());
+        verify(&policy).unwrap();
+        // Collateral that could verify nothing: the cached verdict stands until it expires.
+        let mut broken = collateral();
+        broken.next_update = 0;
+        attestor.set_collateral(broken);
+        verify(&policy).unwrap();
+    }
+}

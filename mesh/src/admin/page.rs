@@ -222,6 +222,7 @@ pub fn render(routes: &Routes, now: SystemTime) -> String {
         date(id.not_after),
         match id.attestation {
             ratls::AttestationStatus::KeyBound => "; attestation: report data binds the key, quote not verified",
+            ratls::AttestationStatus::QuoteVerified => "; attestation: quote verified",
             ratls::AttestationStatus::Absent => "",
         },
         routes.peers.inbound,
