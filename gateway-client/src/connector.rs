@@ -118,6 +118,8 @@ pub struct ConnectorConfig {
     pub alpn: Vec<Vec<u8>>,
     /// Resume TLS sessions with mesh peers (tunnels: one connection per stream, no pool).
     pub resume: bool,
+    /// Verify peers' quotes and hold them to an attestation policy, in the handshake.
+    pub attestor: Option<Arc<ratls::attested::Attestor>>,
 }
 
 impl Default for ConnectorConfig {
@@ -127,6 +129,7 @@ impl Default for ConnectorConfig {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             alpn: ratls::tls::MESH_ALPN.iter().map(|p| p.to_vec()).collect(),
             resume: false,
+            attestor: None,
         }
     }
 }
@@ -364,7 +367,8 @@ impl Inner {
         let policy = Arc::new(
             Policy::new(self.anchors.clone())
                 .expect(target.app_id.clone())
-                .expect_instance(target.instance.clone()),
+                .expect_instance(target.instance.clone())
+                .attested(self.config.attestor.clone()),
         );
         let resolver = self.resolver.clone();
         let mut config = match self.resumable {

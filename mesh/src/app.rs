@@ -84,6 +84,8 @@ pub struct App {
     /// The public domains' lifecycle tasks; a reload that replaces the domains drops them.
     acme_tasks: JoinSet<()>,
     tasks: JoinSet<()>,
+    /// The attestation policy peers are held to (`[attestation]`).
+    attestor: Option<Arc<ratls::attested::Attestor>>,
     /// Held so that dropping the app aborts them.
     _background: JoinSet<()>,
 }
@@ -104,10 +106,16 @@ impl App {
         config: Config,
         identity: RotatingIdentity,
     ) -> Result<Self, StartError> {
-        // SIGTERM: every listener stops accepting and every connection winds down.
+        // SIGTERM: every listener stops accepting and every connection winds down. Peers'
+        // quotes are held to `[attestation]` on every listener and the outbound proxy.
         let shared = Shared {
             drain: proxy::Drain::default(),
             metrics: Arc::default(),
+            attestor: config
+                .attestation
+                .as_ref()
+                .map(trust::attestor)
+                .transpose()?,
         };
         // Stored certificates are loaded before the listener opens: served from the first
         // connection, with no request to the CA.
@@ -205,6 +213,12 @@ impl App {
             &bound,
             &mut background,
         );
+        if let (Some(attestor), Some(attestation)) = (&shared.attestor, &config.attestation) {
+            background.spawn(trust::keep_collateral(
+                attestor.clone(),
+                attestation.collateral_dir.clone(),
+            ));
+        }
         let mut acme_tasks = JoinSet::new();
         if let Some(acme) = &acme {
             acme.start(&mut acme_tasks);
@@ -227,6 +241,7 @@ impl App {
             admin,
             acme_tasks,
             tasks,
+            attestor: shared.attestor.clone(),
             _background: background,
         })
     }
@@ -281,10 +296,12 @@ impl App {
     }
 }
 
-/// What every listener shares: the drain (SIGTERM) and the request metrics.
+/// What every listener shares: the drain (SIGTERM), the request metrics, and the attestation
+/// policy when `[attestation]` requires one.
 struct Shared {
     drain: proxy::Drain,
     metrics: Arc<crate::metrics::Metrics>,
+    attestor: Option<Arc<ratls::attested::Attestor>>,
 }
 
 /// Where listeners bound, by name.
@@ -301,7 +318,7 @@ async fn bind_inbound(
     if !config.inbound.enabled {
         return Ok(None);
     }
-    let mut inbound = Inbound::new(config.inbound.clone(), identity)?
+    let mut inbound = Inbound::new(config.inbound.clone(), identity, shared.attestor.clone())?
         .with_drain(shared.drain.clone())
         .with_metrics(shared.metrics.clone());
     if let Some(acme) = acme {
@@ -334,7 +351,7 @@ async fn bind_auth(
         return Ok(None);
     }
     let allow = settings.allow.as_ref().unwrap_or(&config.inbound.allow);
-    let policy = trust::mesh_policy(&config.inbound, allow, identity)?;
+    let policy = trust::mesh_policy(&config.inbound, allow, identity, shared.attestor.as_ref())?;
     let addr = settings.listener.listen;
     let listener = bind("auth.listen", addr, bound, "auth").await?;
     if !addr.ip().is_loopback() {
@@ -385,6 +402,7 @@ async fn bind_outbound(
         Some(agent),
     )?
     .with_drain(shared.drain.clone())
+    .with_attestor(shared.attestor.clone())
     .with_metrics(shared.metrics.clone());
     if !config.client.listen.ip().is_loopback() {
         tracing::warn!(addr = %config.client.listen, "the outbound proxy listens beyond loopback: anything that reaches it can call other apps as this app");
@@ -453,9 +471,14 @@ async fn bind_tcp_services(
 ) -> Result<Vec<(Arc<TcpService>, TcpListener)>, StartError> {
     let mut services = Vec::new();
     for service in &config.tcp_services {
-        let service = TcpService::new(service.clone(), &config.inbound, identity)?
-            .with_drain(shared.drain.clone())
-            .with_metrics(shared.metrics.clone());
+        let service = TcpService::new(
+            service.clone(),
+            &config.inbound,
+            identity,
+            shared.attestor.clone(),
+        )?
+        .with_drain(shared.drain.clone())
+        .with_metrics(shared.metrics.clone());
         let listener = service.bind().await?;
         bound.push((format!("tcp:{}", service.config().name), local(&listener)));
         services.push((Arc::new(service), listener));
@@ -535,6 +558,7 @@ impl App {
                 &new.inbound,
                 &auth_allow(&new),
                 &self.identity,
+                self.attestor.as_ref(),
             )?)),
             _ => None,
         };

@@ -2,13 +2,18 @@
 //! the auth service: the roots peers must chain to, the policy callers are held to, and whether
 //! nginx (for the auth service) checks chains against those same roots.
 
-use std::path::Path;
+use std::{path::Path, sync::Arc};
 
-use ratls::{identity::RotatingIdentity, CertError, Policy, TrustAnchors};
+use ratls::{
+    attested::Attestor,
+    identity::RotatingIdentity,
+    quote::{Collateral, TdxRoot},
+    CertError, Policy, TrustAnchors,
+};
 use rustls_pki_types::CertificateDer;
 
 use crate::{
-    config::{Allow, InboundConfig},
+    config::{attestation::AttestationConfig, Allow, InboundConfig},
     https::{roots_file, RootsError},
 };
 
@@ -21,6 +26,9 @@ pub enum TrustError {
     /// The roots cannot be trust anchors.
     #[error("trust anchors: {0}")]
     Anchors(CertError),
+    /// `[attestation]` cannot be set up (its TDX root).
+    #[error("attestation: {0}")]
+    Attestation(String),
 }
 
 /// The roots mesh peers must chain to: our KMS root, plus configured anchors (federation).
@@ -43,15 +51,62 @@ pub fn mesh_anchors(
     TrustAnchors::new(&mesh_roots(config, identity)?).map_err(TrustError::Anchors)
 }
 
-/// The policy callers are held to: the mesh roots, `allow`, and the attestation requirement.
+/// The policy callers are held to: the mesh roots, `allow`, the attestation requirement, and
+/// the attestation policy (`[attestation]`) when there is one.
 pub fn mesh_policy(
     config: &InboundConfig,
     allow: &Allow,
     identity: &RotatingIdentity,
+    attestor: Option<&Arc<Attestor>>,
 ) -> Result<Policy, TrustError> {
     Ok(Policy::new(mesh_anchors(config, identity)?)
         .allow(allow.resolve(&identity.current().app_id))
-        .require_attestation(config.require_attestation))
+        .require_attestation(config.require_attestation)
+        .attested(attestor.cloned()))
+}
+
+/// The attestor of `[attestation]`: its rules, its TDX root, the collateral its directory
+/// holds now (a directory that does not load yet is logged; peers are then refused as
+/// `collateral_unavailable` until [`keep_collateral`] loads it).
+pub fn attestor(config: &AttestationConfig) -> Result<Arc<Attestor>, TrustError> {
+    let root = match &config.tdx_root {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| TrustError::Attestation(format!("{}: {e}", path.display())))?;
+            TdxRoot::from_pem(&pem)
+                .map_err(|e| TrustError::Attestation(format!("{}: {e}", path.display())))?
+        }
+        None => TdxRoot::intel(),
+    };
+    let attestor = Arc::new(Attestor::new(config.rules.clone(), root));
+    match Collateral::from_dir(&config.collateral_dir) {
+        Ok(collateral) => attestor.set_collateral(collateral),
+        Err(e) => {
+            tracing::error!(dir = %config.collateral_dir.display(), error = %e, "attestation: no collateral yet: every peer is refused (collateral_unavailable) until it loads")
+        }
+    }
+    Ok(attestor)
+}
+
+/// Reload the collateral directory every minute: an operator's refresh (new files before the
+/// old `nextUpdate`) takes effect without a restart; a directory that stops loading keeps the
+/// collateral already in use.
+pub async fn keep_collateral(attestor: Arc<Attestor>, dir: std::path::PathBuf) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        let current = attestor.collateral().map(|c| c.next_update);
+        match Collateral::from_dir(&dir) {
+            Ok(fresh) if current != Some(fresh.next_update) => {
+                tracing::info!(dir = %dir.display(), next_update = fresh.next_update, "attestation: collateral loaded");
+                attestor.set_collateral(fresh);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "attestation: collateral not reloaded; the loaded one stays")
+            }
+        }
+    }
 }
 
 /// Whether nginx's `ssl_client_certificate` holds only roots the mesh trusts: the auth service

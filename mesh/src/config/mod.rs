@@ -368,6 +368,8 @@ pub struct Config {
     pub tunnels: Vec<TunnelConfig>,
     /// The registry role and this sidecar's registration (`[registry]`).
     pub registry: RegistryConfig,
+    /// Verify peers' quotes and hold them to rules (`[attestation]`), when required.
+    pub attestation: Option<attestation::AttestationConfig>,
     /// How long SIGTERM waits for in-flight requests (`[lifecycle] drain_timeout`).
     #[serde(with = "secs")]
     pub drain_timeout: Duration,
@@ -665,6 +667,7 @@ impl Config {
         );
         let tunnels = tunnels::tunnels(raw.tunnels.as_deref().unwrap_or_default(), &mut c);
         let registry = tunnels::registry(raw.registry.as_ref(), env, &mut c);
+        let attestation = attestation::attestation(raw.attestation.as_ref(), &mut c);
         needs_listeners(&tunnels, &registry, &inbound, &client, &mut c);
         let notes = match defaults {
             Defaults::Ours => Vec::new(),
@@ -719,6 +722,7 @@ impl Config {
             tcp_services,
             tunnels,
             registry,
+            attestation,
             drain_timeout,
         };
         Ok((config, notes))
@@ -1258,6 +1262,7 @@ fn no_collisions(listeners: &[(String, bool, SocketAddr)], c: &mut Check) {
         bound.push((key, addr));
     }
 }
+pub mod attestation;
 pub mod dns;
 pub mod domains;
 pub mod store;

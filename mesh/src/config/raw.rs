@@ -144,4 +144,5 @@ pub struct RawConfig {
     pub store: Option<super::store::RawStore>,
     pub tunnels: Option<Vec<super::tunnels::RawTunnel>>,
     pub registry: Option<super::tunnels::RawRegistry>,
+    pub attestation: Option<super::attestation::RawAttestation>,
 }

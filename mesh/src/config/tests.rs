@@ -454,3 +454,49 @@ fn tunnel_mistakes_name_their_key() {
     ));
     assert_eq!(k, ["tunnels[0].name"]);
 }
+
+#[test]
+fn the_attestation_policy_loads_and_its_mistakes_name_their_key() {
+    let compose = "c1".repeat(32);
+    let text = format!(
+        "[attestation]\nrequired = true\ncollateral_dir = \"/var/lib/pccs\"\ntcb_statuses = [\"UpToDate\", \"SWHardeningNeeded\"]\n\
+         compose_hashes = [\"{compose}\"]\nmrtd = [\"{}\"]\n[attestation.apps.{APP}]\ncompose_hashes = [\"{}\"]\n",
+        "ab".repeat(48),
+        "d2".repeat(32)
+    );
+    let a = Config::from_toml(&text, &no_env())
+        .unwrap()
+        .attestation
+        .unwrap();
+    assert_eq!(a.collateral_dir, PathBuf::from("/var/lib/pccs"));
+    assert_eq!(a.tdx_root, None, "Intel's root by default");
+    assert!(a.rules.tcb_statuses.contains("SWHardeningNeeded"));
+    assert!(a.rules.compose_hashes.contains(&compose));
+    assert_eq!(a.rules.apps.len(), 1);
+    assert!(Config::from_toml("", &no_env())
+        .unwrap()
+        .attestation
+        .is_none());
+
+    let keys = |text: &str| -> Vec<String> {
+        Config::from_toml(text, &no_env())
+            .unwrap_err()
+            .0
+            .into_iter()
+            .map(|e| e.key)
+            .collect()
+    };
+    let k = keys("[attestation]\nrequired = true\ntcb_statuses = [\"Revoked\", \"Fine\"]\ncompose_hashes = [\"abc\"]\n");
+    for key in [
+        "attestation.collateral_dir",
+        "attestation.tcb_statuses",
+        "attestation.compose_hashes",
+    ] {
+        assert!(k.contains(&key.to_owned()), "{key}: {k:?}");
+    }
+    // Rules that would not be enforced are a mistake, not a silent no-op.
+    assert_eq!(
+        keys("[attestation]\ncompose_hashes = []\n"),
+        ["attestation.required"]
+    );
+}

@@ -73,6 +73,8 @@ pub struct Inbound {
     allow: ArcSwap<Allow>,
     /// The registry role, when this sidecar runs it.
     registry: arc_swap::ArcSwapOption<crate::registry::Registry>,
+    /// The attestation policy callers are held to, when `[attestation]` requires one.
+    attestor: Option<Arc<ratls::attested::Attestor>>,
     metrics: Arc<Metrics>,
 }
 
@@ -140,9 +142,18 @@ enum Branch {
 }
 
 impl Inbound {
-    /// Build the inbound side on `identity`.
-    pub fn new(config: InboundConfig, identity: &RotatingIdentity) -> Result<Self, InboundError> {
-        let policy = Arc::new(trust::mesh_policy(&config, &config.allow, identity)?);
+    /// Build the inbound side on `identity`, holding callers to `attestor` when there is one.
+    pub fn new(
+        config: InboundConfig,
+        identity: &RotatingIdentity,
+        attestor: Option<Arc<ratls::attested::Attestor>>,
+    ) -> Result<Self, InboundError> {
+        let policy = Arc::new(trust::mesh_policy(
+            &config,
+            &config.allow,
+            identity,
+            attestor.as_ref(),
+        )?);
         let mesh_tls = ratls::tls::mesh_server_config(identity.resolver(), policy.clone())?;
         let upstream = Upstream::new(
             &config.backend.to_string(),
@@ -154,6 +165,7 @@ impl Inbound {
             drain: proxy::Drain::default(),
             allow: ArcSwap::from_pointee(config.allow.clone()),
             registry: arc_swap::ArcSwapOption::empty(),
+            attestor,
             metrics: Arc::default(),
             mesh_tls: ArcSwap::from_pointee(mesh_tls),
             policy: ArcSwap::new(policy),
@@ -206,7 +218,12 @@ impl Inbound {
         allow: &Allow,
         identity: &RotatingIdentity,
     ) -> Result<PreparedAllow, InboundError> {
-        let policy = Arc::new(trust::mesh_policy(&self.config, allow, identity)?);
+        let policy = Arc::new(trust::mesh_policy(
+            &self.config,
+            allow,
+            identity,
+            self.attestor.as_ref(),
+        )?);
         let tls = ratls::tls::mesh_server_config(identity.resolver(), policy.clone())?;
         Ok(PreparedAllow {
             allow: allow.clone(),

@@ -143,6 +143,8 @@ pub struct Outbound {
     upgrades: Arc<ArcSwapOption<Connector>>,
     /// TCP tunnels (`[[tunnels]]`, `CONNECT`): the tunnel ALPN, sessions resumed per target.
     tunnels: ArcSwapOption<Connector>,
+    /// The attestation policy peers are held to, when `[attestation]` requires one.
+    attestor: Option<Arc<ratls::attested::Attestor>>,
     /// The gateway, once known, and what `/gateway` answers.
     gateway: ArcSwapOption<(Addressing, String)>,
     /// Direct addresses; the rest go through the gateway.
@@ -226,6 +228,7 @@ impl Outbound {
             multiplexed,
             upgrades,
             tunnels: ArcSwapOption::empty(),
+            attestor: None,
             gateway: ArcSwapOption::empty(),
             routes: ArcSwap::from_pointee(routes),
             pool,
@@ -280,6 +283,7 @@ impl Outbound {
                     handshake_timeout: self.config.handshake_timeout,
                     alpn,
                     resume,
+                    attestor: self.attestor.clone(),
                 },
             ))
         };
@@ -323,6 +327,12 @@ impl Outbound {
     /// Stop with `drain` (SIGTERM) instead of a private one.
     pub fn with_drain(mut self, drain: proxy::Drain) -> Self {
         self.drain = drain;
+        self
+    }
+
+    /// Hold peers to `attestor`'s attestation policy (before the gateway is set).
+    pub fn with_attestor(mut self, attestor: Option<Arc<ratls::attested::Attestor>>) -> Self {
+        self.attestor = attestor;
         self
     }
 

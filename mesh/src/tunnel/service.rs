@@ -76,12 +76,14 @@ impl TcpService {
         config: TcpServiceConfig,
         inbound: &InboundConfig,
         identity: &RotatingIdentity,
+        attestor: Option<Arc<ratls::attested::Attestor>>,
     ) -> Result<Self, TcpServiceError> {
         let own = identity.current().app_id.clone();
         let policy = Arc::new(
             Policy::new(trust::mesh_anchors(inbound, identity)?)
                 .allow(config.allow.resolve(&own))
-                .require_attestation(config.require_attestation),
+                .require_attestation(config.require_attestation)
+                .attested(attestor),
         );
         let tls = ratls::tls::tunnel_server_config(identity.resolver(), policy.clone()).map_err(
             |source| TcpServiceError::Tls {

@@ -1,0 +1,162 @@
+//! `[attestation]`: verify every peer's TDX quote inside the handshake and hold it to rules
+//! (what the peer must be running), with collateral from a directory of PCCS answers.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use ratls::{
+    attested::{AppRules, Rules},
+    AppId,
+};
+use serde::Deserialize;
+
+use super::Check;
+
+/// `[attestation]` as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAttestation {
+    pub required: Option<bool>,
+    pub tdx_root: Option<String>,
+    pub collateral_dir: Option<String>,
+    pub tcb_statuses: Option<Vec<String>>,
+    pub advisories: Option<Vec<String>>,
+    pub compose_hashes: Option<Vec<String>>,
+    pub os_image_hashes: Option<Vec<String>>,
+    pub mrtd: Option<Vec<String>>,
+    pub rtmr0: Option<Vec<String>>,
+    pub rtmr1: Option<Vec<String>>,
+    pub rtmr2: Option<Vec<String>>,
+    pub app_id_from_event_log: Option<bool>,
+    pub apps: Option<BTreeMap<String, RawAppRules>>,
+}
+
+/// `[attestation.apps.<app id>]` as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAppRules {
+    pub compose_hashes: Option<Vec<String>>,
+    pub os_image_hashes: Option<Vec<String>>,
+}
+
+/// The attestation policy, when required.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AttestationConfig {
+    /// The TDX root (PEM); `None`: Intel's.
+    pub tdx_root: Option<PathBuf>,
+    /// PCCS answers (`tcb.json`, `qe_identity.json`, `pckcrl.der`, `rootcacrl.hex` with their
+    /// `.headers`), for air-gapped setups.
+    pub collateral_dir: PathBuf,
+    /// What a peer must be running.
+    pub rules: Rules,
+}
+
+/// TCB statuses Intel's collateral reports.
+const TCB_STATUSES: [&str; 7] = [
+    "UpToDate",
+    "SWHardeningNeeded",
+    "ConfigurationNeeded",
+    "ConfigurationAndSWHardeningNeeded",
+    "OutOfDate",
+    "OutOfDateConfigurationNeeded",
+    "Revoked",
+];
+
+/// `[attestation]`, checked: `None` unless `required = true`.
+pub(super) fn attestation(
+    raw: Option<&RawAttestation>,
+    c: &mut Check,
+) -> Option<AttestationConfig> {
+    let r = raw.cloned().unwrap_or_default();
+    if !r.required.unwrap_or(false) {
+        if raw.is_some_and(|r| r.collateral_dir.is_some() || r.compose_hashes.is_some()) {
+            c.fail(
+                "attestation.required",
+                "rules are configured but not required: set required = true to enforce them",
+            );
+        }
+        return None;
+    }
+    let hex_list = |c: &mut Check, key: &str, list: Option<Vec<String>>, bytes: usize| {
+        let mut out = std::collections::BTreeSet::new();
+        for v in list.unwrap_or_default() {
+            let v = v.trim().to_ascii_lowercase();
+            match hex::decode(&v) {
+                Ok(b) if b.len() == bytes => {
+                    out.insert(v);
+                }
+                _ => c.fail(key, format!("{v:?} is not {bytes} bytes of hex")),
+            }
+        }
+        out
+    };
+    let tcb_statuses: std::collections::BTreeSet<String> = match r.tcb_statuses {
+        None => Rules::default().tcb_statuses,
+        Some(list) => list.into_iter().collect(),
+    };
+    for s in &tcb_statuses {
+        if !TCB_STATUSES.contains(&s.as_str()) {
+            c.fail(
+                "attestation.tcb_statuses",
+                format!("{s:?} is not one of {}", TCB_STATUSES.join(", ")),
+            );
+        }
+        if s == "Revoked" {
+            c.fail(
+                "attestation.tcb_statuses",
+                "a revoked platform is never accepted",
+            );
+        }
+    }
+    let mut apps = BTreeMap::new();
+    for (id, rules) in r.apps.unwrap_or_default() {
+        let key = format!("attestation.apps.{id}");
+        match id.parse::<AppId>() {
+            Ok(app) => {
+                let pins = AppRules {
+                    compose_hashes: hex_list(
+                        c,
+                        &format!("{key}.compose_hashes"),
+                        rules.compose_hashes,
+                        32,
+                    ),
+                    os_image_hashes: hex_list(
+                        c,
+                        &format!("{key}.os_image_hashes"),
+                        rules.os_image_hashes,
+                        32,
+                    ),
+                };
+                apps.insert(app, pins);
+            }
+            Err(e) => c.fail(&key, e.to_string()),
+        }
+    }
+    let collateral_dir = match r.collateral_dir {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            c.fail(
+                "attestation.collateral_dir",
+                "required: a directory of PCCS answers (tcb.json, qe_identity.json, pckcrl.der, rootcacrl.hex)",
+            );
+            PathBuf::new()
+        }
+    };
+    Some(AttestationConfig {
+        tdx_root: r.tdx_root.map(PathBuf::from),
+        collateral_dir,
+        rules: Rules {
+            tcb_statuses,
+            advisories: r.advisories.unwrap_or_default().into_iter().collect(),
+            compose_hashes: hex_list(c, "attestation.compose_hashes", r.compose_hashes, 32),
+            os_image_hashes: hex_list(c, "attestation.os_image_hashes", r.os_image_hashes, 32),
+            mrtd: hex_list(c, "attestation.mrtd", r.mrtd, 48),
+            rtmr: [
+                hex_list(c, "attestation.rtmr0", r.rtmr0, 48),
+                hex_list(c, "attestation.rtmr1", r.rtmr1, 48),
+                hex_list(c, "attestation.rtmr2", r.rtmr2, 48),
+            ],
+            apps,
+            app_id_from_event_log: r.app_id_from_event_log.unwrap_or(false),
+        },
+    })
+}

@@ -1,0 +1,156 @@
+//! The attestation policy in the handshake, on real evidence: two `dstack-mesh run` sidecars
+//! whose identity is `sim-app1-signed-ratls` (the dstack simulator's certificate whose TDX quote
+//! the mock PCK chain signed), served by a stand-in guest agent that answers `Info` and
+//! `GetTlsKey` with the simulator's recorded responses. Each sidecar verifies the other's quote
+//! against the mock PCCS collateral and pins its compose hash. The collateral's nextUpdate is
+//! 2026-12-22, so the sidecars run under libfaketime at 2026-12-10 (the clock then advances).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+use std::{
+    convert::Infallible,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use bytes::Bytes;
+use e2e::{backend::Backend, mesh_binary, program, start_mesh, ChildGuard};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+
+const APP1: &str = "5bb4ff9a3837357f19dc176407a5709c62eb6c56";
+const COMPOSE: &str = "c143116fef3940e7f776bfc0919c256232ae5338a6e948c96b711e0b2383483a";
+/// Inside the collateral's validity.
+const FAKE_NOW: &str = "@2026-12-10 00:00:00";
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/dstack-sim")
+}
+
+/// A guest agent on `socket` that hands out the signed simulator certificate.
+fn fixture_agent(socket: &Path) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::UnixListener::bind(socket).unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = service_fn(|req: Request<Incoming>| async move {
+                    let file = match req.uri().path() {
+                        "/Info" => "api/app1/info_get.json",
+                        "/GetTlsKey" => "certs/sim-app1-signed-ratls/response.json",
+                        _ => "api/app1/err_unknown_method.json",
+                    };
+                    let body = std::fs::read(fixtures().join(file)).unwrap();
+                    let mut resp = Response::new(Full::new(Bytes::from(body)));
+                    if file.contains("err_") {
+                        *resp.status_mut() = StatusCode::BAD_REQUEST;
+                    }
+                    Ok::<_, Infallible>(resp)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
+
+/// The `[attestation]` section pinning `compose`.
+fn attestation(compose: &str) -> String {
+    let pccs = fixtures().join("mock-pccs");
+    format!(
+        "[attestation]\nrequired = true\ncollateral_dir = \"{}\"\ntdx_root = \"{}\"\ncompose_hashes = [\"{compose}\"]\n",
+        pccs.display(),
+        pccs.join("tdx-root-ca.pem").display()
+    )
+}
+
+/// `dstack-mesh run` with `config` under the fake clock; its listeners.
+fn sidecar(
+    dir: &Path,
+    name: &str,
+    config: &str,
+) -> (ChildGuard, Vec<(String, std::net::SocketAddr)>) {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config).unwrap();
+    let mut cmd = Command::new(program("faketime"));
+    cmd.args(["-f", FAKE_NOW])
+        .arg(mesh_binary())
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .env_remove("DSTACK_AGENT_ADDRESS");
+    start_mesh(dir, name, cmd)
+}
+
+/// B serves `backend` and pins `b_pin`; A calls B with `a_pin`. A's answer and B's backend
+/// count.
+async fn call(a_pin: &str, b_pin: &str) -> (StatusCode, String, usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let socket = d.join("agent.sock");
+    let _agent = fixture_agent(&socket);
+    let backend = Backend::start().await;
+    let agent = format!("[agent]\naddress = \"unix:{}\"\n", socket.display());
+    let (_b, b_bound) = sidecar(
+        d,
+        "sidecar-b",
+        &format!(
+            "{agent}[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{}\"\n[auth]\nenabled = false\n[client]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+            backend.addr,
+            attestation(b_pin)
+        ),
+    );
+    let inbound = e2e::listener(&b_bound, "inbound");
+    let (_a, a_bound) = sidecar(
+        d,
+        "sidecar-a",
+        &format!(
+            "{agent}[inbound]\nenabled = false\n[auth]\nenabled = false\n[client]\naddress = \"127.0.0.1\"\nport = 0\n[admin]\nlisten = \"127.0.0.1:0\"\n[dstack]\ngateway_domain = \"fixed/{inbound}\"\n{}",
+            attestation(a_pin)
+        ),
+    );
+    let outbound = e2e::listener(&a_bound, "outbound");
+    let (status, body) = e2e::client::http1_get(
+        outbound,
+        "/attested",
+        &[("host", "b.internal"), ("x-dstack-target-app", APP1)],
+    )
+    .await;
+    (
+        status,
+        String::from_utf8_lossy(&body).into_owned(),
+        backend.count(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn peers_that_run_the_pinned_compose_file_talk() {
+    let (status, body, reached) = call(COMPOSE, COMPOSE).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(reached, 1);
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        seen["headers"]["x-dstack-app-id"],
+        serde_json::json!([APP1])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_running_another_compose_file_is_refused_in_the_handshake() {
+    // B pins another compose hash: A (which runs COMPOSE) is refused by B.
+    let (status, body, reached) = call(COMPOSE, &"00".repeat(32)).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(body.contains("peer refused this app"), "{body}");
+    assert_eq!(reached, 0, "no byte reached B's app");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_running_another_compose_file_is_refused_before_any_byte() {
+    // A pins another compose hash: A refuses B before sending the request.
+    let (status, body, reached) = call(&"00".repeat(32), COMPOSE).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(body.contains("compose_hash_not_allowed"), "{body}");
+    assert_eq!(reached, 0);
+}
