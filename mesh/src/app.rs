@@ -213,11 +213,28 @@ impl App {
             &bound,
             &mut background,
         );
+        // Collateral: from the PCCS when one is configured (cached in the directory), else the
+        // directory as an operator keeps it.
         if let (Some(attestor), Some(attestation)) = (&shared.attestor, &config.attestation) {
-            background.spawn(trust::keep_collateral(
-                attestor.clone(),
-                attestation.collateral_dir.clone(),
-            ));
+            let (attestor, dir) = (attestor.clone(), attestation.collateral_dir.clone());
+            match &attestation.pccs {
+                Some(pccs) => match crate::pccs::Pccs::new(&pccs.url) {
+                    Ok(client) => {
+                        background.spawn(crate::pccs::keep(
+                            attestor,
+                            client,
+                            pccs.fmspc.clone(),
+                            dir,
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "attestation: no PCCS client; the directory alone serves")
+                    }
+                },
+                None => {
+                    background.spawn(trust::keep_collateral(attestor, dir));
+                }
+            }
         }
         let mut acme_tasks = JoinSet::new();
         if let Some(acme) = &acme {

@@ -16,6 +16,7 @@ pub mod inbound;
 pub mod logging;
 pub mod metrics;
 pub mod outbound;
+pub mod pccs;
 pub mod proxy;
 pub mod registry;
 pub mod run;

@@ -321,7 +321,7 @@ fn signed_object(body: &[u8], key: &str) -> Result<(String, Vec<u8>), String> {
 }
 
 /// `%XX` escapes decoded (the PCCS issuer-chain headers).
-fn percent_decode(s: &str) -> Option<String> {
+pub fn percent_decode(s: &str) -> Option<String> {
     let mut out = Vec::with_capacity(s.len());
     let mut bytes = s.bytes();
     while let Some(b) = bytes.next() {

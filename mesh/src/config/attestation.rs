@@ -18,6 +18,8 @@ pub struct RawAttestation {
     pub required: Option<bool>,
     pub tdx_root: Option<String>,
     pub collateral_dir: Option<String>,
+    pub pccs_url: Option<String>,
+    pub fmspc: Option<String>,
     pub tcb_statuses: Option<Vec<String>>,
     pub advisories: Option<Vec<String>>,
     pub compose_hashes: Option<Vec<String>>,
@@ -46,8 +48,19 @@ pub struct AttestationConfig {
     /// PCCS answers (`tcb.json`, `qe_identity.json`, `pckcrl.der`, `rootcacrl.hex` with their
     /// `.headers`), for air-gapped setups.
     pub collateral_dir: PathBuf,
+    /// Fetch collateral from this PCCS (v4 API) for this FMSPC, cached in `collateral_dir`.
+    pub pccs: Option<Pccs>,
     /// What a peer must be running.
     pub rules: Rules,
+}
+
+/// A PCCS and the platform (FMSPC) whose collateral is kept.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Pccs {
+    /// Its base URL (`https://api.trustedservices.intel.com`, or a caching PCCS).
+    pub url: String,
+    /// The FMSPC (12 hex digits) of the peers' platforms.
+    pub fmspc: String,
 }
 
 /// TCB statuses Intel's collateral reports.
@@ -141,9 +154,42 @@ pub(super) fn attestation(
             PathBuf::new()
         }
     };
+    let pccs = match (r.pccs_url, r.fmspc) {
+        (None, None) => None,
+        (Some(url), Some(fmspc)) => {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                c.fail(
+                    "attestation.pccs_url",
+                    format!("{url:?} is not an http(s) URL"),
+                );
+            }
+            if fmspc.len() != 12 || hex::decode(&fmspc).is_err() {
+                c.fail(
+                    "attestation.fmspc",
+                    format!("{fmspc:?} is not 6 bytes of hex"),
+                );
+            }
+            Some(Pccs {
+                url,
+                fmspc: fmspc.to_ascii_lowercase(),
+            })
+        }
+        (Some(_), None) => {
+            c.fail(
+                "attestation.fmspc",
+                "required with pccs_url: the platform whose collateral to keep",
+            );
+            None
+        }
+        (None, Some(_)) => {
+            c.fail("attestation.pccs_url", "required with fmspc");
+            None
+        }
+    };
     Some(AttestationConfig {
         tdx_root: r.tdx_root.map(PathBuf::from),
         collateral_dir,
+        pccs,
         rules: Rules {
             tcb_statuses,
             advisories: r.advisories.unwrap_or_default().into_iter().collect(),

@@ -499,4 +499,18 @@ fn the_attestation_policy_loads_and_its_mistakes_name_their_key() {
         keys("[attestation]\ncompose_hashes = []\n"),
         ["attestation.required"]
     );
+    // A PCCS needs the platform whose collateral to keep.
+    let k =
+        keys("[attestation]\nrequired = true\ncollateral_dir = \"/c\"\npccs_url = \"ftp://x\"\n");
+    assert_eq!(k, ["attestation.fmspc"]);
+    let k = keys("[attestation]\nrequired = true\ncollateral_dir = \"/c\"\npccs_url = \"ftp://x\"\nfmspc = \"00906ED5\"\n");
+    assert_eq!(k, ["attestation.pccs_url", "attestation.fmspc"]);
+    let ok = "[attestation]\nrequired = true\ncollateral_dir = \"/c\"\npccs_url = \"https://api.trustedservices.intel.com\"\nfmspc = \"00906ED50000\"\n";
+    let pccs = Config::from_toml(ok, &no_env())
+        .unwrap()
+        .attestation
+        .unwrap()
+        .pccs
+        .unwrap();
+    assert_eq!(pccs.fmspc, "00906ed50000");
 }

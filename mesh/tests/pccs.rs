@@ -1,0 +1,172 @@
+//! Collateral from a PCCS: a stand-in serving the mock PCCS's recorded answers (bodies and the
+//! issuer-chain headers, as `dstack-mock-attestation serve` answered) on the v4 paths.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+use std::{convert::Infallible, path::PathBuf, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use dstack_mesh::pccs::{self, Pccs, PccsError};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use ratls::{
+    attested::{Attestor, Rules},
+    quote::{self, Collateral, TdxRoot},
+};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../testdata/dstack-sim"
+    ))
+}
+
+/// 2026-12-01T00:00:00Z, inside the collateral's validity.
+const BEFORE: u64 = 1_796_083_200;
+
+#[derive(Clone, Copy)]
+enum Mode {
+    Recorded,
+    Failing,
+    Garbage,
+}
+
+/// A PCCS stand-in on loopback.
+async fn pccs(mode: Mode) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| async move {
+                    let file = match req.uri().path() {
+                        "/tdx/certification/v4/tcb" => "tcb.json",
+                        "/tdx/certification/v4/qe/identity" => "qe_identity.json",
+                        "/sgx/certification/v4/pckcrl" => "pckcrl.der",
+                        "/sgx/certification/v4/rootcacrl" => "rootcacrl.hex",
+                        _ => "",
+                    };
+                    let dir = fixtures().join("mock-pccs");
+                    let mut resp = Response::new(Full::new(Bytes::new()));
+                    match (mode, file) {
+                        (_, "") | (Mode::Failing, _) => {
+                            *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                        }
+                        (Mode::Garbage, _) => {
+                            *resp.body_mut() =
+                                Full::new(Bytes::from_static(b"<html>maintenance</html>"));
+                            resp.headers_mut()
+                                .insert("TCB-Info-Issuer-Chain", "x".parse().unwrap());
+                            resp.headers_mut()
+                                .insert("SGX-Enclave-Identity-Issuer-Chain", "x".parse().unwrap());
+                            resp.headers_mut()
+                                .insert("SGX-PCK-CRL-Issuer-Chain", "x".parse().unwrap());
+                        }
+                        (Mode::Recorded, file) => {
+                            *resp.body_mut() =
+                                Full::new(Bytes::from(std::fs::read(dir.join(file)).unwrap()));
+                            let head = std::fs::read_to_string(dir.join(format!("{file}.headers")))
+                                .unwrap();
+                            for line in head.lines().skip(1) {
+                                if let Some((k, v)) = line.split_once(':') {
+                                    let k = k.trim();
+                                    if k.to_ascii_lowercase().contains("issuer-chain") {
+                                        resp.headers_mut().insert(
+                                            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                                            v.trim().parse().unwrap(),
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Ok::<_, Infallible>(resp)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+fn attestation() -> ratls::attestation::Attestation {
+    let pem = std::fs::read(fixtures().join("certs/sim-app1-signed-ratls/leaf.pem")).unwrap();
+    let leaf = ratls::cert::parse_chain(&pem).unwrap().remove(0);
+    ratls::cert::attestation_of(&leaf).unwrap().unwrap()
+}
+
+fn root() -> TdxRoot {
+    TdxRoot::from_pem(&std::fs::read(fixtures().join("mock-pccs/tdx-root-ca.pem")).unwrap())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn fetched_collateral_verifies_the_quote_and_is_cached_on_disk() {
+    let url = pccs(Mode::Recorded).await;
+    let responses = Pccs::new(&url)
+        .unwrap()
+        .fetch("000000000000")
+        .await
+        .unwrap();
+    let collateral = Collateral::from_pccs(&responses).unwrap();
+    let facts = quote::verify(&attestation(), &collateral, &root(), BEFORE).unwrap();
+    assert_eq!(facts.tcb_status, "UpToDate");
+    // Cached as the directory an air-gapped setup provides, and read back alike.
+    let dir = tempfile::tempdir().unwrap();
+    pccs::write_dir(dir.path(), &responses).unwrap();
+    let again = Collateral::from_dir(dir.path()).unwrap();
+    assert_eq!(again.next_update, collateral.next_update);
+    quote::verify(&attestation(), &again, &root(), BEFORE).unwrap();
+}
+
+#[tokio::test]
+async fn a_failing_or_garbage_pccs_gives_a_reason_and_no_collateral() {
+    let failing = Pccs::new(&pccs(Mode::Failing).await).unwrap();
+    let e = failing.fetch("000000000000").await.unwrap_err();
+    assert!(
+        matches!(e, PccsError::Status { status, .. } if status == 500),
+        "{e}"
+    );
+    let garbage = Pccs::new(&pccs(Mode::Garbage).await).unwrap();
+    let responses = garbage.fetch("000000000000").await.unwrap();
+    let e = Collateral::from_pccs(&responses).unwrap_err();
+    assert_eq!(e.reason(), "collateral_unavailable", "{e}");
+    // Nobody listens: a connection error, not a hang.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let e = Pccs::new(&format!("http://{closed}"))
+        .unwrap()
+        .fetch("000000000000")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, PccsError::Request { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn the_keeper_swaps_fetched_collateral_in_and_writes_it_down() {
+    let url = pccs(Mode::Recorded).await;
+    let dir = tempfile::tempdir().unwrap();
+    let attestor = Arc::new(Attestor::new(Rules::default(), root()));
+    let keeper = tokio::spawn(pccs::keep(
+        attestor.clone(),
+        Pccs::new(&url).unwrap(),
+        "000000000000".into(),
+        dir.path().to_owned(),
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while attestor.collateral().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no collateral fetched"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    keeper.abort();
+    assert!(Collateral::from_dir(dir.path()).is_ok(), "cached on disk");
+}
