@@ -136,6 +136,10 @@ pub enum Command {
         /// Directory of the shared root CA; agents sharing it form one mesh.
         #[arg(long, default_value = ".dstack-mesh-dev")]
         state_dir: PathBuf,
+        /// Answer GetTlsKey with this recorded response (JSON) instead of minting: real
+        /// evidence, such as a simulator certificate whose quote a mock PCK chain signed.
+        #[arg(long)]
+        tls_key_response: Option<PathBuf>,
     },
     /// Print the RA-TLS view of a certificate or chain (PEM or DER, leaf first) as JSON.
     InspectCert {
@@ -274,7 +278,18 @@ pub async fn run(cli: Cli) -> ExitCode {
             instance_id,
             app_name,
             state_dir,
-        } => crate::tools::dev_agent(socket, app_id, instance_id, app_name, state_dir).await,
+            tls_key_response,
+        } => {
+            crate::tools::dev_agent(
+                socket,
+                app_id,
+                instance_id,
+                app_name,
+                state_dir,
+                tls_key_response,
+            )
+            .await
+        }
         Command::InspectCert { file } => crate::tools::inspect_cert(&file),
         Command::VerifyCert {
             file,

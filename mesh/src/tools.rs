@@ -187,7 +187,18 @@ pub async fn dev_agent(
     instance_id: Option<String>,
     app_name: String,
     state_dir: PathBuf,
+    tls_key_response: Option<PathBuf>,
 ) -> ExitCode {
+    let recorded = match tls_key_response.as_deref().map(|path| {
+        read_input(path).and_then(|b| {
+            serde_json::from_slice::<ratls::agent::TlsKeyResponse>(&b)
+                .map_err(|e| InputError(EXIT_BAD_INPUT, format!("{}: {e}", path.display())))
+        })
+    }) {
+        None => None,
+        Some(Ok(r)) => Some(r),
+        Some(Err(InputError(code, e))) => return fail(code, e),
+    };
     let config = DevAgentConfig {
         app_id: app_id.unwrap_or_else(dev_agent::default_app_id),
         instance_id,
@@ -195,7 +206,10 @@ pub async fn dev_agent(
         state_dir,
     };
     let agent = match DevAgent::new(config) {
-        Ok(a) => Arc::new(a),
+        Ok(a) => Arc::new(match recorded {
+            Some(r) => a.with_recorded_tls_key(r),
+            None => a,
+        }),
         Err(e) => return fail(EXIT_UNAVAILABLE, e),
     };
     eprintln!("WARNING: {}", dev_agent::NOT_ATTESTED);

@@ -115,6 +115,8 @@ pub struct DevAgent {
     app_ca: Ca,
     key_secret: hmac::Key,
     rng: SystemRandom,
+    /// A recorded `GetTlsKey` answer served instead of minting (real evidence in tests).
+    recorded_tls_key: Option<TlsKeyResponse>,
 }
 
 impl DevAgent {
@@ -157,6 +159,7 @@ impl DevAgent {
             app_ca,
             key_secret: hmac::Key::new(hmac::HMAC_SHA256, &secret),
             rng: SystemRandom::new(),
+            recorded_tls_key: None,
         };
         agent.probe().map_err(|reason| DevAgentError::Ca {
             what: app_ca_path.display().to_string(),
@@ -350,7 +353,17 @@ impl DevAgent {
     }
 
     fn get_tls_key(&self, req: &TlsKeyRequest) -> Result<Response<Full<Bytes>>, String> {
-        json(&self.issue(req)?)
+        match &self.recorded_tls_key {
+            Some(recorded) => json(recorded),
+            None => json(&self.issue(req)?),
+        }
+    }
+
+    /// Answer every `GetTlsKey` with `recorded` (a real agent's answer, such as the
+    /// simulator's certificate whose quote a mock PCK chain signed) instead of minting one.
+    pub fn with_recorded_tls_key(mut self, recorded: TlsKeyResponse) -> Self {
+        self.recorded_tls_key = Some(recorded);
+        self
     }
 
     /// Mint a leaf under this app's CA: the `[leaf, App CA, root]` chain and its key.

@@ -120,3 +120,50 @@ fn random_and_mutated_attestations_never_panic() {
         }
     }
 }
+
+#[test]
+fn mutated_signed_attestations_never_panic_the_quote_verifier() {
+    // The simulator's mock-signed V0 attestation (quote and event log) and its collateral:
+    // mutations reach the event-log decoder, the RTMR3 replay and dcap-qvl's quote parser.
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/dstack-sim");
+    let pem = std::fs::read(dir.join("certs/sim-app1-signed-ratls/leaf.pem")).unwrap();
+    let leaf = ratls::cert::parse_chain(&pem).unwrap().remove(0);
+    let att = ratls::cert::attestation_of(&leaf).unwrap().unwrap();
+    let collateral = ratls::quote::Collateral::from_dir(&dir.join("mock-pccs")).unwrap();
+    let root = ratls::quote::TdxRoot::from_pem(
+        &std::fs::read(dir.join("mock-pccs/tdx-root-ca.pem")).unwrap(),
+    )
+    .unwrap();
+    // 2026-12-01: inside the collateral's validity, so the quote itself is what is checked.
+    let now = 1_796_083_200;
+    let mut rng = Rng(0x5eed_9e07_e5c0_0003);
+    // Only RTMR3's events are replayed (and read); the boot events of RTMR0-2 are not claims.
+    let measured: Vec<usize> = (0..att.event_log.len())
+        .filter(|i| att.event_log[*i].imr == 3)
+        .collect();
+    let (mut quote_ok, mut event_ok) = (0, 0);
+    for i in 0..400 {
+        let mut mutated = att.clone();
+        let quote_mutation = i % 2 == 0;
+        if quote_mutation {
+            mutated.quote = mutate(&mut rng, &att.quote);
+        } else {
+            let event = &mut mutated.event_log[measured[rng.below(measured.len())]];
+            event.payload = mutate(&mut rng, &event.payload);
+        }
+        if mutated == att {
+            continue; // a mutation that changed nothing
+        }
+        let _ = ratls::quote::replay_rtmr3(&mutated.event_log);
+        let ok = ratls::quote::verify(&mutated, &collateral, &root, now).is_ok();
+        match (ok, quote_mutation) {
+            (true, true) => quote_ok += 1,
+            (true, false) => event_ok += 1,
+            _ => {}
+        }
+    }
+    // A changed measured event never verifies; a changed quote only where no signature covers
+    // it (trailing bytes the parser does not read).
+    assert_eq!(event_ok, 0, "a mutated RTMR3 event verified");
+    assert!(quote_ok < 20, "{quote_ok} of 200 mutated quotes verified");
+}

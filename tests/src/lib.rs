@@ -223,6 +223,17 @@ pub async fn identity_with(
 
 /// Start `dstack-mesh dev-agent` for `app_id` on `<dir>/<name>.sock` and wait for the socket.
 pub fn dev_agent(dir: &Path, name: &str, app_id: &str, state_dir: &Path) -> (ChildGuard, PathBuf) {
+    dev_agent_with(dir, name, app_id, state_dir, &[])
+}
+
+/// [`dev_agent`] with more arguments (`--tls-key-response FILE`).
+pub fn dev_agent_with(
+    dir: &Path,
+    name: &str,
+    app_id: &str,
+    state_dir: &Path,
+    extra: &[&std::ffi::OsStr],
+) -> (ChildGuard, PathBuf) {
     let socket = dir.join(format!("{name}.sock"));
     let mut cmd = Command::new(mesh_binary());
     cmd.arg("dev-agent")
@@ -231,7 +242,8 @@ pub fn dev_agent(dir: &Path, name: &str, app_id: &str, state_dir: &Path) -> (Chi
         .arg("--app-id")
         .arg(app_id)
         .arg("--state-dir")
-        .arg(state_dir);
+        .arg(state_dir)
+        .args(extra);
     let mut guard = ChildGuard::spawn(name, cmd, dir).expect("start dev-agent");
     wait_until(&format!("{name} socket"), Duration::from_secs(20), || {
         guard.assert_running();

@@ -1,24 +1,19 @@
 //! The attestation policy in the handshake, on real evidence: two `dstack-mesh run` sidecars
 //! whose identity is `sim-app1-signed-ratls` (the dstack simulator's certificate whose TDX quote
-//! the mock PCK chain signed), served by a stand-in guest agent that answers `Info` and
-//! `GetTlsKey` with the simulator's recorded responses. Each sidecar verifies the other's quote
+//! the mock PCK chain signed), served by `dstack-mesh dev-agent --tls-key-response` with the
+//! simulator's recorded `GetTlsKey` answer. Each sidecar verifies the other's quote
 //! against the mock PCCS collateral and pins its compose hash. The collateral's nextUpdate is
 //! 2026-12-22, so the sidecars run under libfaketime at 2026-12-10 (the clock then advances).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 use std::{
-    convert::Infallible,
     path::{Path, PathBuf},
     process::Command,
 };
 
-use bytes::Bytes;
 use e2e::{backend::Backend, mesh_binary, program, start_mesh, ChildGuard};
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use http::StatusCode;
 
 const APP1: &str = "5bb4ff9a3837357f19dc176407a5709c62eb6c56";
 const COMPOSE: &str = "c143116fef3940e7f776bfc0919c256232ae5338a6e948c96b711e0b2383483a";
@@ -27,33 +22,6 @@ const FAKE_NOW: &str = "@2026-12-10 00:00:00";
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/dstack-sim")
-}
-
-/// A guest agent on `socket` that hands out the signed simulator certificate.
-fn fixture_agent(socket: &Path) -> tokio::task::JoinHandle<()> {
-    let listener = tokio::net::UnixListener::bind(socket).unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let service = service_fn(|req: Request<Incoming>| async move {
-                    let file = match req.uri().path() {
-                        "/Info" => "api/app1/info_get.json",
-                        "/GetTlsKey" => "certs/sim-app1-signed-ratls/response.json",
-                        _ => "api/app1/err_unknown_method.json",
-                    };
-                    let body = std::fs::read(fixtures().join(file)).unwrap();
-                    let mut resp = Response::new(Full::new(Bytes::from(body)));
-                    if file.contains("err_") {
-                        *resp.status_mut() = StatusCode::BAD_REQUEST;
-                    }
-                    Ok::<_, Infallible>(resp)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    })
 }
 
 /// The `[attestation]` section pinning `compose`.
@@ -89,8 +57,14 @@ fn sidecar(
 async fn call(a_pin: &str, b_pin: &str) -> (StatusCode, String, usize) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let socket = d.join("agent.sock");
-    let _agent = fixture_agent(&socket);
+    let response = fixtures().join("certs/sim-app1-signed-ratls/response.json");
+    let (_agent, socket) = e2e::dev_agent_with(
+        d,
+        "agent",
+        APP1,
+        &d.join("state"),
+        &["--tls-key-response".as_ref(), response.as_os_str()],
+    );
     let backend = Backend::start().await;
     let agent = format!("[agent]\naddress = \"unix:{}\"\n", socket.display());
     let (_b, b_bound) = sidecar(
