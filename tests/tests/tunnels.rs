@@ -306,6 +306,14 @@ async fn resp(tcp: &mut TcpStream, args: &[&[u8]]) -> Vec<u8> {
     }
 }
 
+/// The app sends a Redis PING into the tunnel at `addr` (`what`): its connection must be
+/// closed, the bytes going nowhere.
+async fn refused_tunnel(addr: SocketAddr, what: &str) {
+    let mut app = TcpStream::connect(addr).await.unwrap();
+    app.write_all(b"*1\r\n$4\r\nPING\r\n").await.unwrap();
+    assert!(closed(&mut app).await, "{what} is closed");
+}
+
 /// Whether the peer closed `tcp` (end of stream or reset) within 15 s.
 async fn closed(tcp: &mut TcpStream) -> bool {
     let mut buf = [0u8; 64];
@@ -454,12 +462,7 @@ async fn refused_tunnels_close_the_apps_connection_and_reach_no_backend() {
     let before = w.redis_connections();
 
     // A wrong peer (the gateway routes STRANGER's name to B): refused inside the handshake.
-    let mut app = TcpStream::connect(w.tunnel("stranger")).await.unwrap();
-    app.write_all(b"*1\r\n$4\r\nPING\r\n").await.unwrap();
-    assert!(
-        closed(&mut app).await,
-        "a tunnel to the wrong peer is closed"
-    );
+    refused_tunnel(w.tunnel("stranger"), "a tunnel to the wrong peer").await;
     let (status, body, _) = connect(
         w.outbound(),
         &format!("{STRANGER}.dstack:{REDIS_PORT}"),
@@ -470,14 +473,7 @@ async fn refused_tunnels_close_the_apps_connection_and_reach_no_backend() {
     assert!(body.contains("peer identity mismatch"), "{body}");
 
     // The right app, another instance than the one named: refused inside the handshake too.
-    let mut app = TcpStream::connect(w.tunnel("other-instance"))
-        .await
-        .unwrap();
-    app.write_all(b"*1\r\n$4\r\nPING\r\n").await.unwrap();
-    assert!(
-        closed(&mut app).await,
-        "a tunnel to another instance is closed"
-    );
+    refused_tunnel(w.tunnel("other-instance"), "a tunnel to another instance").await;
     let (status, body, _) = connect(
         w.outbound(),
         &format!("{WRONG_INSTANCE}.{B}.dstack:{REDIS_PORT}"),
@@ -488,14 +484,7 @@ async fn refused_tunnels_close_the_apps_connection_and_reach_no_backend() {
     assert!(body.contains("instance"), "{body}");
 
     // A caller the service does not allow: its tunnel closes, its CONNECT gets 502.
-    let mut app = TcpStream::connect(c.addr("tunnel:redis").unwrap())
-        .await
-        .unwrap();
-    app.write_all(b"*1\r\n$4\r\nPING\r\n").await.unwrap();
-    assert!(
-        closed(&mut app).await,
-        "a refused caller's tunnel is closed"
-    );
+    refused_tunnel(c.addr("tunnel:redis").unwrap(), "a refused caller's tunnel").await;
     let (status, body, _) = connect(
         c.addr("outbound").unwrap(),
         &format!("{B}.dstack:{REDIS_PORT}"),

@@ -406,16 +406,18 @@ fn dstack_vpc_registry_variables_work() {
         .is_none());
 }
 
+/// The keys the errors of `text` name (it must not load).
+fn keys(text: &str) -> Vec<String> {
+    Config::from_toml(text, &no_env())
+        .unwrap_err()
+        .0
+        .into_iter()
+        .map(|e| e.key)
+        .collect()
+}
+
 #[test]
 fn tunnel_mistakes_name_their_key() {
-    let keys = |text: &str| -> Vec<String> {
-        Config::from_toml(text, &no_env())
-            .unwrap_err()
-            .0
-            .into_iter()
-            .map(|e| e.key)
-            .collect()
-    };
     // Required fields.
     let k = keys("[[inbound.tcp]]\nname = \"x\"\n");
     for key in [
@@ -478,14 +480,6 @@ fn the_attestation_policy_loads_and_its_mistakes_name_their_key() {
         .attestation
         .is_none());
 
-    let keys = |text: &str| -> Vec<String> {
-        Config::from_toml(text, &no_env())
-            .unwrap_err()
-            .0
-            .into_iter()
-            .map(|e| e.key)
-            .collect()
-    };
     let k = keys("[attestation]\nrequired = true\ntcb_statuses = [\"Revoked\", \"Fine\"]\ncompose_hashes = [\"abc\"]\n");
     for key in [
         "attestation.collateral_dir",

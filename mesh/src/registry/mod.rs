@@ -506,25 +506,12 @@ impl Registry {
 
 /// `a=1&b=x%20y` as decoded pairs (`+` is a space); undecodable pairs are skipped.
 fn query_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
-    fn decode(s: &str) -> Option<String> {
-        let mut out = Vec::with_capacity(s.len());
-        let mut bytes = s.bytes();
-        while let Some(b) = bytes.next() {
-            out.push(match b {
-                b'+' => b' ',
-                b'%' => {
-                    let hex = [bytes.next()?, bytes.next()?];
-                    u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?
-                }
-                b => b,
-            });
-        }
-        String::from_utf8(out).ok()
-    }
+    // `+` first: an encoded plus (`%2B`) stays a plus.
+    let decode = |s: &str| ratls::quote::percent_decode(&s.replace('+', " "));
     query
         .split('&')
         .filter(|p| !p.is_empty())
-        .filter_map(|pair| {
+        .filter_map(move |pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             Some((decode(k)?, decode(v)?))
         })
