@@ -168,12 +168,9 @@ impl Metrics {
     /// `[[tunnels]]` port or `CONNECT`.
     pub fn tunnel(&self, direction: Direction, name: &str, outcome: &'static str) {
         let mut tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
-        match tunnels.get_mut(&(direction, name.to_owned(), outcome)) {
-            Some(n) => *n += 1,
-            None => {
-                tunnels.insert((direction, name.to_owned(), outcome), 1);
-            }
-        }
+        *tunnels
+            .entry((direction, name.to_owned(), outcome))
+            .or_default() += 1;
     }
 
     /// How many tunnel setups of `name` ended with `outcome`.
