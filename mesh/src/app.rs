@@ -220,12 +220,14 @@ impl App {
             match &attestation.pccs {
                 Some(pccs) => match crate::pccs::Pccs::new(&pccs.url) {
                     Ok(client) => {
-                        background.spawn(crate::pccs::keep(
-                            attestor,
-                            client,
-                            pccs.fmspc.clone(),
-                            dir,
-                        ));
+                        for fmspc in &pccs.fmspcs {
+                            background.spawn(crate::pccs::keep(
+                                attestor.clone(),
+                                client.clone(),
+                                fmspc.clone(),
+                                dir.clone(),
+                            ));
+                        }
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "attestation: no PCCS client; the directory alone serves")
@@ -638,6 +640,16 @@ impl App {
             running.public = new.public.clone();
             running.public.acme.http_listen = http_listen;
             report.applied.push("domains");
+        }
+        // The attestation rules; its collateral sources and TDX root are read at start.
+        if let (Some(attestor), Some(now), Some(want)) =
+            (&self.attestor, &mut running.attestation, &new.attestation)
+        {
+            if now.rules != want.rules {
+                attestor.set_rules(want.rules.clone());
+                now.rules = want.rules.clone();
+                report.applied.push("attestation");
+            }
         }
         if let (Some(outbound), Some(routes)) = (&self.outbound, routes) {
             outbound.set_routes(routes);

@@ -212,14 +212,19 @@ pub fn write_dir(dir: &Path, r: &PccsResponses) -> Result<(), crate::acme::store
     Ok(())
 }
 
-/// Keep `attestor`'s collateral for `fmspc` fresh from `pccs`, cached in `dir`. Runs until
-/// dropped.
+/// Keep `attestor`'s collateral for the platform `fmspc` fresh from `pccs`, cached in
+/// `<dir>/<fmspc>/`. Runs until dropped; one per platform.
 pub async fn keep(attestor: Arc<Attestor>, pccs: Pccs, fmspc: String, dir: std::path::PathBuf) {
+    let dir = dir.join(&fmspc);
     loop {
         let now = crate::clock::unix_now();
         let due = |next: i64| now >= next - REFRESH_BEFORE;
-        if attestor.collateral().is_none_or(|c| due(c.next_update)) {
+        let held = attestor.collateral_for(&fmspc);
+        if held.is_none_or(|c| due(c.next_update)) {
             match fetched(&pccs, &fmspc).await {
+                Ok((collateral, _)) if collateral.fmspc != fmspc => {
+                    tracing::warn!(pccs = %pccs.base, %fmspc, served = %collateral.fmspc, "attestation: the PCCS served collateral for another platform; not used");
+                }
                 Ok((collateral, responses)) => {
                     tracing::info!(pccs = %pccs.base, %fmspc, next_update = %crate::clock::rfc3339(collateral.next_update), "attestation: collateral fetched");
                     if let Err(e) = write_dir(&dir, &responses) {
@@ -228,14 +233,18 @@ pub async fn keep(attestor: Arc<Attestor>, pccs: Pccs, fmspc: String, dir: std::
                     attestor.set_collateral(collateral);
                 }
                 Err(e) => {
-                    let held = attestor.collateral().is_some_and(|c| c.next_update > now);
+                    let held = attestor
+                        .collateral_for(&fmspc)
+                        .is_some_and(|c| c.next_update > now);
                     tracing::warn!(pccs = %pccs.base, %fmspc, error = %e, valid_held = held, "attestation: collateral not fetched; the collateral held (if still valid) stays in use");
                 }
             }
         }
         // Until a day before the next update; hourly when that is past (a PCCS serving
         // collateral that is already due, or failing).
-        let next = attestor.collateral().map_or(now, |c| c.next_update);
+        let next = attestor
+            .collateral_for(&fmspc)
+            .map_or(now, |c| c.next_update);
         let until = next - REFRESH_BEFORE - crate::clock::unix_now();
         let wait = match u64::try_from(until) {
             Ok(secs) if secs > 0 => Duration::from_secs(secs).min(RETRY),

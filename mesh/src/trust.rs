@@ -7,7 +7,7 @@ use std::{path::Path, sync::Arc};
 use ratls::{
     attested::Attestor,
     identity::RotatingIdentity,
-    quote::{Collateral, TdxRoot},
+    quote::{CollateralSet, TdxRoot},
     CertError, Policy, TrustAnchors,
 };
 use rustls_pki_types::CertificateDer;
@@ -79,8 +79,8 @@ pub fn attestor(config: &AttestationConfig) -> Result<Arc<Attestor>, TrustError>
         None => TdxRoot::intel(),
     };
     let attestor = Arc::new(Attestor::new(config.rules.clone(), root));
-    match Collateral::from_dir(&config.collateral_dir) {
-        Ok(collateral) => attestor.set_collateral(collateral),
+    match CollateralSet::from_dir(&config.collateral_dir) {
+        Ok(collateral) => attestor.replace_collateral(collateral),
         Err(e) => {
             tracing::error!(dir = %config.collateral_dir.display(), error = %e, "attestation: no collateral yet: every peer is refused (collateral_unavailable) until it loads")
         }
@@ -95,11 +95,11 @@ pub async fn keep_collateral(attestor: Arc<Attestor>, dir: std::path::PathBuf) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
     loop {
         tick.tick().await;
-        let current = attestor.collateral().map(|c| c.next_update);
-        match Collateral::from_dir(&dir) {
-            Ok(fresh) if current != Some(fresh.next_update) => {
-                tracing::info!(dir = %dir.display(), next_update = fresh.next_update, "attestation: collateral loaded");
-                attestor.set_collateral(fresh);
+        let current = updates(&attestor.collateral());
+        match CollateralSet::from_dir(&dir) {
+            Ok(fresh) if updates(&fresh) != current => {
+                tracing::info!(dir = %dir.display(), platforms = ?updates(&fresh), "attestation: collateral loaded");
+                attestor.replace_collateral(fresh);
             }
             Ok(_) => {}
             Err(e) => {
@@ -107,6 +107,14 @@ pub async fn keep_collateral(attestor: Arc<Attestor>, dir: std::path::PathBuf) {
             }
         }
     }
+}
+
+/// Each platform's collateral by when it is next updated: what tells a reloaded directory from
+/// the one in use.
+fn updates(set: &CollateralSet) -> Vec<(String, i64)> {
+    set.iter()
+        .map(|c| (c.fmspc.clone(), c.next_update))
+        .collect()
 }
 
 /// Whether nginx's `ssl_client_certificate` holds only roots the mesh trusts: the auth service

@@ -160,7 +160,7 @@ async fn the_keeper_swaps_fetched_collateral_in_and_writes_it_down() {
         dir.path().to_owned(),
     ));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while attestor.collateral().is_none() {
+    while attestor.collateral_for("000000000000").is_none() {
         assert!(
             tokio::time::Instant::now() < deadline,
             "no collateral fetched"
@@ -168,5 +168,11 @@ async fn the_keeper_swaps_fetched_collateral_in_and_writes_it_down() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     keeper.abort();
-    assert!(Collateral::from_dir(dir.path()).is_ok(), "cached on disk");
+    // Cached on disk, one directory per platform, which the directory loader reads back.
+    assert!(
+        Collateral::from_dir(&dir.path().join("000000000000")).is_ok(),
+        "cached on disk"
+    );
+    let set = quote::CollateralSet::from_dir(dir.path()).unwrap();
+    assert!(set.get("000000000000").is_some());
 }

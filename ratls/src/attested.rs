@@ -8,12 +8,12 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use arc_swap::ArcSwapOption;
+use arc_swap::ArcSwap;
 use ring::digest::{digest, SHA256};
 
 use crate::{
     attestation::Attestation,
-    quote::{self, Collateral, QuoteFacts, TdxRoot},
+    quote::{self, Collateral, CollateralSet, QuoteFacts, TdxRoot},
     AppId,
 };
 
@@ -104,9 +104,9 @@ impl AttestationRejection {
 /// Verifies peers' quotes against collateral and holds them to [`Rules`]. Shared by every
 /// policy of a sidecar; the collateral is swapped in as it is refreshed, never fetched here.
 pub struct Attestor {
-    rules: Rules,
+    rules: ArcSwap<Rules>,
     root: TdxRoot,
-    collateral: ArcSwapOption<Collateral>,
+    collateral: ArcSwap<CollateralSet>,
     verdicts: Mutex<HashMap<[u8; 32], Verdict>>,
 }
 
@@ -126,26 +126,48 @@ impl Attestor {
     /// as `collateral_unavailable` until [`Attestor::set_collateral`]).
     pub fn new(rules: Rules, root: TdxRoot) -> Self {
         Self {
-            rules,
+            rules: ArcSwap::from_pointee(rules),
             root,
-            collateral: ArcSwapOption::empty(),
+            collateral: ArcSwap::from_pointee(CollateralSet::default()),
             verdicts: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Use `collateral` from now on (a refresh); cached verdicts stand until they expire.
+    /// Use `collateral` for its platform from now on (a refresh); the other platforms' stays;
+    /// cached verdicts stand until they expire.
     pub fn set_collateral(&self, collateral: Collateral) {
-        self.collateral.store(Some(Arc::new(collateral)));
+        let collateral = Arc::new(collateral);
+        self.collateral.rcu(|set| {
+            let mut set = CollateralSet::clone(set);
+            set.insert(collateral.clone());
+            set
+        });
     }
 
-    /// The collateral in use.
-    pub fn collateral(&self) -> Option<Arc<Collateral>> {
+    /// Use `set` from now on, for every platform (a directory reloaded).
+    pub fn replace_collateral(&self, set: CollateralSet) {
+        self.collateral.store(Arc::new(set));
+    }
+
+    /// The collateral in use, per platform.
+    pub fn collateral(&self) -> Arc<CollateralSet> {
         self.collateral.load_full()
     }
 
-    /// The rules.
-    pub fn rules(&self) -> &Rules {
-        &self.rules
+    /// The collateral in use for the platform `fmspc`.
+    pub fn collateral_for(&self, fmspc: &str) -> Option<Arc<Collateral>> {
+        self.collateral.load().get(fmspc).cloned()
+    }
+
+    /// The rules in force.
+    pub fn rules(&self) -> Arc<Rules> {
+        self.rules.load_full()
+    }
+
+    /// Hold peers to `rules` from the next handshake on (a reload). Cached verdicts are the
+    /// quotes' facts, not the rules' outcome, so every peer meets the new rules at once.
+    pub fn set_rules(&self, rules: Rules) {
+        self.rules.store(Arc::new(rules));
     }
 
     /// The facts `attestation` proves for the leaf `leaf_der` (valid until `leaf_not_after`),
@@ -182,12 +204,16 @@ impl Attestor {
                 }
             }
         }
-        let collateral = self.collateral.load_full().ok_or_else(|| {
-            quote::QuoteError::Collateral("none loaded yet (PCCS not reached, no directory)".into())
-        })?;
+        let set = self.collateral.load();
+        if set.is_empty() {
+            return Err(quote::QuoteError::Collateral(
+                "none loaded yet (PCCS not reached, no directory)".into(),
+            )
+            .into());
+        }
         let facts = Arc::new(quote::verify(
             attestation,
-            &collateral,
+            set.for_quote(&attestation.quote)?,
             &self.root,
             u64::try_from(now).unwrap_or(0),
         )?);
@@ -209,7 +235,7 @@ impl Attestor {
         facts: &QuoteFacts,
         app_id: Option<&AppId>,
     ) -> Result<(), AttestationRejection> {
-        let r = &self.rules;
+        let r = self.rules.load();
         if !r.tcb_statuses.contains(&facts.tcb_status) {
             return Err(AttestationRejection::rule(
                 "tcb_status",
@@ -268,7 +294,7 @@ impl Attestor {
 
     /// The app id the measured event log names, when the rules take it from there.
     pub fn measured_app_id(&self, facts: &QuoteFacts) -> Option<AppId> {
-        if !self.rules.app_id_from_event_log {
+        if !self.rules.load().app_id_from_event_log {
             return None;
         }
         facts.app_id.as_deref().and_then(|a| a.parse().ok())

@@ -6,7 +6,7 @@
 //! Verification is pure: collateral comes in, never fetched here (a handshake must not wait on
 //! a PCCS), and the time is the caller's.
 
-use std::path::Path;
+use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use dcap_qvl::{verify::QuoteVerifier, QuoteCollateralV3};
 use ring::digest::{digest, SHA384};
@@ -179,7 +179,7 @@ impl Collateral {
                 pck_certificate_chain: None,
             },
             next_update: tcb_next.min(qe_next),
-            fmspc,
+            fmspc: fmspc.to_ascii_lowercase(),
         })
     }
 
@@ -223,6 +223,86 @@ impl Collateral {
             root_ca_crl_hex: read("rootcacrl.hex")?,
         })
     }
+}
+
+/// Collateral for each platform (FMSPC) peers run on: a fleet spread over several CPU models
+/// needs one TCB info per model.
+#[derive(Clone, Debug, Default)]
+pub struct CollateralSet(BTreeMap<String, Arc<Collateral>>);
+
+impl CollateralSet {
+    /// Add `collateral`, replacing what its FMSPC had.
+    pub fn insert(&mut self, collateral: impl Into<Arc<Collateral>>) {
+        let collateral = collateral.into();
+        self.0.insert(collateral.fmspc.clone(), collateral);
+    }
+
+    /// The collateral for `fmspc` (lowercase hex).
+    pub fn get(&self, fmspc: &str) -> Option<&Arc<Collateral>> {
+        self.0.get(fmspc)
+    }
+
+    /// Each platform's collateral.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Collateral>> {
+        self.0.values()
+    }
+
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The collateral `quote` needs: its PCK certificate's FMSPC picks it.
+    pub fn for_quote(&self, quote: &[u8]) -> Result<&Arc<Collateral>, QuoteError> {
+        let fmspc = fmspc_of(quote)?;
+        self.get(&fmspc).ok_or_else(|| {
+            let held: Vec<&str> = self.0.keys().map(String::as_str).collect();
+            QuoteError::Collateral(format!(
+                "none for the quote's platform (FMSPC {fmspc}); held: [{}]",
+                held.join(", ")
+            ))
+        })
+    }
+
+    /// A directory of collateral: the PCCS answers at its top (one platform, the layout
+    /// [`Collateral::from_dir`] reads) and in each subdirectory (one per platform, as the PCCS
+    /// keeper writes them). Fails only when no platform's collateral loads.
+    pub fn from_dir(dir: &Path) -> Result<Self, QuoteError> {
+        let mut set = Self::default();
+        let mut first_error = None;
+        let mut dirs = vec![dir.to_owned()];
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            let mut subdirs: Vec<_> = entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect();
+            subdirs.sort();
+            dirs.extend(subdirs);
+        }
+        for d in dirs {
+            match Collateral::from_dir(&d) {
+                Ok(c) => set.insert(c),
+                Err(e) if d.join("tcb.json").exists() || first_error.is_none() => {
+                    first_error = Some(e)
+                }
+                Err(_) => {}
+            }
+        }
+        match (set.is_empty(), first_error) {
+            (true, Some(e)) => Err(e),
+            _ => Ok(set),
+        }
+    }
+}
+
+/// The FMSPC (lowercase hex) of the platform that signed `quote`, from its PCK certificate.
+pub fn fmspc_of(quote: &[u8]) -> Result<String, QuoteError> {
+    let parsed = dcap_qvl::quote::Quote::parse(quote)
+        .map_err(|e| QuoteError::Malformed(format!("{e:#}")))?;
+    dcap_qvl::intel::quote_fmspc(&parsed)
+        .map(hex::encode)
+        .map_err(|e| QuoteError::Malformed(format!("PCK certificate: {e:#}")))
 }
 
 /// Verify `attestation`'s quote against `collateral` under `root` at `now` (unix seconds), and

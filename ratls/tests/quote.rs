@@ -112,6 +112,32 @@ fn tampering_is_refused_with_its_reason() {
         matches!(e, QuoteError::Collateral(_) | QuoteError::Signature(_)),
         "{e}"
     );
+    // Several platforms: the quote's PCK certificate picks its own collateral, and a set
+    // without it says which platform it lacks.
+    assert_eq!(
+        quote::fmspc_of(&attestation().quote).unwrap(),
+        "000000000000"
+    );
+    let mut set = quote::CollateralSet::default();
+    set.insert(other.clone());
+    let e = set.for_quote(&attestation().quote).unwrap_err();
+    assert_eq!(e.reason(), "collateral_unavailable", "{e}");
+    assert!(e.to_string().contains("FMSPC 000000000000"), "{e}");
+    // A directory with one platform at its top and another in a subdirectory holds both.
+    let real = dir.path().join("000000000000");
+    std::fs::create_dir(&real).unwrap();
+    for f in std::fs::read_dir(fixtures().join("mock-pccs")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), real.join(f.file_name())).unwrap();
+    }
+    let set = quote::CollateralSet::from_dir(dir.path()).unwrap();
+    assert!(set.get("00906ed50000").is_some());
+    let picked = set.for_quote(&attestation().quote).unwrap();
+    quote::verify(&attestation(), picked, &root(), BEFORE).unwrap();
+    assert_eq!(
+        quote::fmspc_of(b"not a quote").unwrap_err().reason(),
+        "quote_malformed"
+    );
     // Garbage collateral is an error, not a panic.
     std::fs::write(dir.path().join("tcb.json"), b"{not json").unwrap();
     assert_eq!(

@@ -12,13 +12,15 @@ use std::{
     process::Command,
 };
 
-use e2e::{backend::Backend, mesh_binary, program, start_mesh, ChildGuard};
+use e2e::{backend::Backend, mesh_binary, start_mesh, ChildGuard};
 use http::StatusCode;
 
 const APP1: &str = "5bb4ff9a3837357f19dc176407a5709c62eb6c56";
 const COMPOSE: &str = "c143116fef3940e7f776bfc0919c256232ae5338a6e948c96b711e0b2383483a";
 /// Inside the collateral's validity.
 const FAKE_NOW: &str = "@2026-12-10 00:00:00";
+/// Debian's libfaketime (package `faketime`, installed by scripts/setup-test-deps).
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/dstack-sim")
@@ -42,9 +44,10 @@ fn sidecar(
 ) -> (ChildGuard, Vec<(String, std::net::SocketAddr)>) {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, config).unwrap();
-    let mut cmd = Command::new(program("faketime"));
-    cmd.args(["-f", FAKE_NOW])
-        .arg(mesh_binary())
+    // libfaketime preloaded, not the `faketime` wrapper: signals (SIGHUP) reach the sidecar.
+    let mut cmd = Command::new(mesh_binary());
+    cmd.env("LD_PRELOAD", LIBFAKETIME)
+        .env("FAKETIME", FAKE_NOW)
         .args(["--log-format", "json", "run", "--config"])
         .arg(&path)
         .env("RUST_LOG", "info")
@@ -52,51 +55,77 @@ fn sidecar(
     start_mesh(dir, name, cmd)
 }
 
-/// B serves `backend` and pins `b_pin`; A calls B with `a_pin`. A's answer and B's backend
-/// count.
+/// The dev agent serving the signed identity and B, which serves a backend and pins
+/// `b_pin`; callers (A) are started against it.
+struct Pair {
+    dir: tempfile::TempDir,
+    agent_section: String,
+    _agent: ChildGuard,
+    backend: Backend,
+    b: ChildGuard,
+    b_config: String,
+    inbound: std::net::SocketAddr,
+}
+
+impl Pair {
+    async fn start(b_pin: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let response = fixtures().join("certs/sim-app1-signed-ratls/response.json");
+        let (agent, socket) = e2e::dev_agent_with(
+            d,
+            "agent",
+            APP1,
+            &d.join("state"),
+            &["--tls-key-response".as_ref(), response.as_os_str()],
+        );
+        let backend = Backend::start().await;
+        let agent_section = format!("[agent]\naddress = \"unix:{}\"\n", socket.display());
+        let b_config = format!(
+            "{agent_section}[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{}\"\n[auth]\nenabled = false\n[client]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+            backend.addr
+        );
+        let (b, b_bound) = sidecar(d, "sidecar-b", &format!("{b_config}{}", attestation(b_pin)));
+        let inbound = e2e::listener(&b_bound, "inbound");
+        Self {
+            dir,
+            agent_section,
+            _agent: agent,
+            backend,
+            b,
+            b_config,
+            inbound,
+        }
+    }
+
+    /// A new caller A pinning `a_pin` calls B once: A's answer.
+    async fn call(&self, name: &str, a_pin: &str) -> (StatusCode, String) {
+        let (_a, a_bound) = sidecar(
+            self.dir.path(),
+            name,
+            &format!(
+                "{}[inbound]\nenabled = false\n[auth]\nenabled = false\n[client]\naddress = \"127.0.0.1\"\nport = 0\n[admin]\nlisten = \"127.0.0.1:0\"\n[dstack]\ngateway_domain = \"fixed/{}\"\n{}",
+                self.agent_section,
+                self.inbound,
+                attestation(a_pin)
+            ),
+        );
+        let outbound = e2e::listener(&a_bound, "outbound");
+        let (status, body) = e2e::client::http1_get(
+            outbound,
+            "/attested",
+            &[("host", "b.internal"), ("x-dstack-target-app", APP1)],
+        )
+        .await;
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+/// B pins `b_pin`; A calls B with `a_pin`. A's answer and B's backend count.
 async fn call(a_pin: &str, b_pin: &str) -> (StatusCode, String, usize) {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let response = fixtures().join("certs/sim-app1-signed-ratls/response.json");
-    let (_agent, socket) = e2e::dev_agent_with(
-        d,
-        "agent",
-        APP1,
-        &d.join("state"),
-        &["--tls-key-response".as_ref(), response.as_os_str()],
-    );
-    let backend = Backend::start().await;
-    let agent = format!("[agent]\naddress = \"unix:{}\"\n", socket.display());
-    let (_b, b_bound) = sidecar(
-        d,
-        "sidecar-b",
-        &format!(
-            "{agent}[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{}\"\n[auth]\nenabled = false\n[client]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
-            backend.addr,
-            attestation(b_pin)
-        ),
-    );
-    let inbound = e2e::listener(&b_bound, "inbound");
-    let (_a, a_bound) = sidecar(
-        d,
-        "sidecar-a",
-        &format!(
-            "{agent}[inbound]\nenabled = false\n[auth]\nenabled = false\n[client]\naddress = \"127.0.0.1\"\nport = 0\n[admin]\nlisten = \"127.0.0.1:0\"\n[dstack]\ngateway_domain = \"fixed/{inbound}\"\n{}",
-            attestation(a_pin)
-        ),
-    );
-    let outbound = e2e::listener(&a_bound, "outbound");
-    let (status, body) = e2e::client::http1_get(
-        outbound,
-        "/attested",
-        &[("host", "b.internal"), ("x-dstack-target-app", APP1)],
-    )
-    .await;
-    (
-        status,
-        String::from_utf8_lossy(&body).into_owned(),
-        backend.count(),
-    )
+    let pair = Pair::start(b_pin).await;
+    let (status, body) = pair.call("sidecar-a", a_pin).await;
+    (status, body, pair.backend.count())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -127,4 +156,45 @@ async fn a_target_running_another_compose_file_is_refused_before_any_byte() {
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     assert!(body.contains("compose_hash_not_allowed"), "{body}");
     assert_eq!(reached, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_applies_a_new_pin_to_new_handshakes() {
+    let pair = Pair::start(COMPOSE).await;
+    let (status, body) = pair.call("sidecar-a1", COMPOSE).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // B now pins another compose file: from the reload on, A's next handshake is refused.
+    std::fs::write(
+        pair.dir.path().join("sidecar-b.toml"),
+        format!("{}{}", pair.b_config, attestation(&"00".repeat(32))),
+    )
+    .unwrap();
+    pair.b.signal("HUP");
+    let end = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !pair.b.stderr().contains("configuration reloaded") {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "no reload: {}",
+            pair.b.stderr()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let log = pair.b.stderr();
+    let reloaded = log
+        .lines()
+        .find(|l| l.contains("configuration reloaded"))
+        .unwrap();
+    assert!(reloaded.contains("attestation"), "{reloaded}");
+    let (status, body) = pair.call("sidecar-a2", COMPOSE).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert_eq!(
+        pair.backend.count(),
+        1,
+        "nothing reached B's app after the reload"
+    );
+    assert!(
+        pair.b.stderr().contains("compose_hash_not_allowed"),
+        "{}",
+        pair.b.stderr()
+    );
 }

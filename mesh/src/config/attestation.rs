@@ -19,7 +19,8 @@ pub struct RawAttestation {
     pub tdx_root: Option<String>,
     pub collateral_dir: Option<String>,
     pub pccs_url: Option<String>,
-    pub fmspc: Option<String>,
+    /// One FMSPC, several comma-separated, or a list (a fleet on several CPU models).
+    pub fmspc: Option<super::raw::AllowValue>,
     pub tcb_statuses: Option<Vec<String>>,
     pub advisories: Option<Vec<String>>,
     pub compose_hashes: Option<Vec<String>>,
@@ -54,13 +55,13 @@ pub struct AttestationConfig {
     pub rules: Rules,
 }
 
-/// A PCCS and the platform (FMSPC) whose collateral is kept.
+/// A PCCS and the platforms (FMSPCs) whose collateral is kept.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Pccs {
     /// Its base URL (`https://api.trustedservices.intel.com`, or a caching PCCS).
     pub url: String,
-    /// The FMSPC (12 hex digits) of the peers' platforms.
-    pub fmspc: String,
+    /// The FMSPCs (12 hex digits, lowercase) of the peers' platforms.
+    pub fmspcs: Vec<String>,
 }
 
 /// TCB statuses Intel's collateral reports.
@@ -163,15 +164,27 @@ pub(super) fn attestation(
                     format!("{url:?} is not an http(s) URL"),
                 );
             }
-            if fmspc.len() != 12 || hex::decode(&fmspc).is_err() {
-                c.fail(
-                    "attestation.fmspc",
-                    format!("{fmspc:?} is not 6 bytes of hex"),
-                );
+            let fmspcs: Vec<String> = match fmspc {
+                super::raw::AllowValue::Text(t) => t.split(',').map(str::to_owned).collect(),
+                super::raw::AllowValue::List(l) => l,
+            };
+            let mut seen = std::collections::BTreeSet::new();
+            for fmspc in &fmspcs {
+                let fmspc = fmspc.trim().to_ascii_lowercase();
+                if fmspc.len() != 12 || hex::decode(&fmspc).is_err() {
+                    c.fail(
+                        "attestation.fmspc",
+                        format!("{fmspc:?} is not 6 bytes of hex"),
+                    );
+                }
+                seen.insert(fmspc);
+            }
+            if seen.is_empty() {
+                c.fail("attestation.fmspc", "names no platform");
             }
             Some(Pccs {
                 url,
-                fmspc: fmspc.to_ascii_lowercase(),
+                fmspcs: seen.into_iter().collect(),
             })
         }
         (Some(_), None) => {

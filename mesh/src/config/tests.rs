@@ -506,5 +506,19 @@ fn the_attestation_policy_loads_and_its_mistakes_name_their_key() {
         .unwrap()
         .pccs
         .unwrap();
-    assert_eq!(pccs.fmspc, "00906ed50000");
+    assert_eq!(pccs.fmspcs, ["00906ed50000"]);
+    // A fleet on several CPU models: each platform's collateral, as a list or comma-separated.
+    for fmspc in [
+        "[\"00906ED50000\", \"00806F050000\"]",
+        "\"00906ED50000, 00806f050000\"",
+    ] {
+        let text = ok.replace("\"00906ED50000\"", fmspc);
+        let pccs = Config::from_toml(&text, &no_env())
+            .unwrap()
+            .attestation
+            .unwrap()
+            .pccs
+            .unwrap();
+        assert_eq!(pccs.fmspcs, ["00806f050000", "00906ed50000"], "{fmspc}");
+    }
 }

@@ -113,7 +113,18 @@ pub(crate) enum PoolError {
     /// The exchange on a connection failed; `true` when the connection was new.
     #[error("{0}")]
     Send(#[source] hyper::Error, bool),
+    /// A new connection ended with the peer's alert (its refusal of our certificate).
+    #[error("{0}")]
+    Refused(String),
 }
+
+/// How a new h2 connection ended: the peer's TLS alert, when it sent one. TLS 1.3 delivers a
+/// refusal of our certificate after the handshake, to the connection's driver; the request
+/// itself may see only that the connection closed.
+type Ended = tokio::sync::oneshot::Receiver<Option<String>>;
+
+/// How long a request that lost its new connection waits for the driver's reason.
+const ENDED_WAIT: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for PeerPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -201,16 +212,16 @@ impl PoolInner {
         if let Ok(mut used) = slot.last_used.lock() {
             *used = Some(Instant::now());
         }
-        let (conn, info, reused) = match upgrade {
+        let (conn, info, reused, ended) = match upgrade {
             true => {
-                let (conn, info) = self.dial(&target, &slot, true).await?;
-                (conn, info, false)
+                let (conn, info, ended) = self.dial(&target, &slot, true).await?;
+                (conn, info, false, ended)
             }
             false => match slot.checkout() {
-                Some((conn, info)) => (conn, info, true),
+                Some((conn, info)) => (conn, info, true, None),
                 None => {
-                    let (conn, info) = self.connect(&target, &slot).await?;
-                    (conn, info, false)
+                    let (conn, info, ended) = self.connect(&target, &slot).await?;
+                    (conn, info, false, ended)
                 }
             },
         };
@@ -220,24 +231,29 @@ impl PoolInner {
             // the request is whole, so it goes once more on a fresh connection.
             Err((e, Some(req))) if reused => {
                 tracing::debug!(target = %target, error = %e, "pooled connection was closed; retrying on a fresh one");
-                let (conn, info) = self.connect(&target, &slot).await?;
-                send_on(conn, req, &host, &slot, &info, upgrade)
-                    .await
-                    .map_err(|(e, _)| PoolError::Send(e, false))
+                let (conn, info, ended) = self.connect(&target, &slot).await?;
+                match send_on(conn, req, &host, &slot, &info, upgrade).await {
+                    Ok(resp) => Ok(resp),
+                    Err((e, _)) => Err(send_failed(e, false, ended).await),
+                }
             }
-            Err((e, _)) => Err(PoolError::Send(e, !reused)),
+            Err((e, _)) => Err(send_failed(e, !reused, ended).await),
         }
     }
 
     /// A connection for a new request: dial, one at a time until the protocol is known.
-    async fn connect(&self, target: &Target, slot: &Slot) -> Result<(Conn, PeerInfo), PoolError> {
+    async fn connect(
+        &self,
+        target: &Target,
+        slot: &Slot,
+    ) -> Result<(Conn, PeerInfo, Option<Ended>), PoolError> {
         if slot.h1_only.load(Ordering::Relaxed) {
             return self.dial(target, slot, false).await;
         }
         let _dialing = slot.dialing.lock().await;
         // Someone else's dial may have brought the h2 connection meanwhile.
-        if let Some(found) = slot.checkout() {
-            return Ok(found);
+        if let Some((conn, info)) = slot.checkout() {
+            return Ok((conn, info, None));
         }
         self.dial(target, slot, false).await
     }
@@ -247,7 +263,7 @@ impl PoolInner {
         target: &Target,
         slot: &Slot,
         upgrade: bool,
-    ) -> Result<(Conn, PeerInfo), PoolError> {
+    ) -> Result<(Conn, PeerInfo, Option<Ended>), PoolError> {
         let connector = match upgrade {
             true => &self.upgrades,
             false => &self.multiplexed,
@@ -281,15 +297,21 @@ impl PoolInner {
                 .keep_alive_while_idle(true);
             let (sender, conn) = builder.handshake(io).await.map_err(handshake_failed)?;
             let name = target.to_string();
+            let (ended, ended_rx) = tokio::sync::oneshot::channel();
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(target = %name, error = %e, "h2 peer connection ended");
-                }
+                let alert = match conn.await {
+                    Ok(()) => None,
+                    Err(e) => {
+                        tracing::debug!(target = %name, error = %e, "h2 peer connection ended");
+                        alert_in(&e)
+                    }
+                };
+                let _ = ended.send(alert);
             });
             if let Ok(mut h2) = slot.h2.lock() {
                 *h2 = Some((sender.clone(), info.clone()));
             }
-            Ok((Conn::H2(sender), info))
+            Ok((Conn::H2(sender), info, Some(ended_rx)))
         } else {
             slot.h1_only.store(!upgrade, Ordering::Relaxed);
             let (sender, conn) = http1::Builder::new()
@@ -299,9 +321,37 @@ impl PoolInner {
             tokio::spawn(async move {
                 let _ = conn.with_upgrades().await;
             });
-            Ok((Conn::H1(sender), info))
+            Ok((Conn::H1(sender), info, None))
         }
     }
+}
+
+/// `e`, from a connection that was `fresh`; when it says only that a new connection closed,
+/// the alert the connection's driver saw (if it saw one soon).
+async fn send_failed(e: hyper::Error, fresh: bool, ended: Option<Ended>) -> PoolError {
+    if let Some(ended) = ended {
+        if (e.is_canceled() || e.is_closed()) && alert_in(&e).is_none() {
+            if let Ok(Ok(Some(alert))) = tokio::time::timeout(ENDED_WAIT, ended).await {
+                return PoolError::Refused(alert);
+            }
+        }
+    }
+    PoolError::Send(e, fresh)
+}
+
+/// The peer's TLS alert, anywhere in `err`'s chain.
+fn alert_in(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut source = Some(err);
+    while let Some(err) = source {
+        let io = err
+            .downcast_ref::<std::io::Error>()
+            .or_else(|| err.downcast_ref::<h2::Error>().and_then(h2::Error::get_io));
+        if let Some(alert) = io.and_then(received_alert) {
+            return Some(alert);
+        }
+        source = err.source();
+    }
+    None
 }
 
 impl Slot {
@@ -440,6 +490,16 @@ async fn sweep(pool: Weak<PoolInner>) {
     }
 }
 
+/// The peer's refusal of our certificate, as the caller sees it.
+fn refused(upstream: String, alert: &str) -> UpstreamError {
+    UpstreamError::Rejected {
+        upstream,
+        reason: format!(
+            "the peer refused this sidecar's certificate ({alert}): is this app on the target's allowlist, under a root it trusts?"
+        ),
+    }
+}
+
 /// A failure as the caller should see it: connect failures by their typed cause, and a peer
 /// that refused our certificate (with TLS 1.3 the client learns that only after its
 /// handshake, from the peer's alert) as a refusal, not a broken peer.
@@ -464,21 +524,10 @@ fn classify(e: &PoolError, target: &Target, name: &str) -> Option<UpstreamError>
                 _ => UpstreamError::Connect { upstream, reason },
             })
         }
+        PoolError::Refused(alert) => Some(refused(upstream, alert)),
         PoolError::Send(err, fresh) => {
-            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
-            while let Some(err) = source {
-                let io = err
-                    .downcast_ref::<std::io::Error>()
-                    .or_else(|| err.downcast_ref::<h2::Error>().and_then(h2::Error::get_io));
-                if let Some(alert) = io.and_then(received_alert) {
-                    return Some(UpstreamError::Rejected {
-                        upstream,
-                        reason: format!(
-                            "the peer refused this sidecar's certificate ({alert}): is this app on the target's allowlist, under a root it trusts?"
-                        ),
-                    });
-                }
-                source = err.source();
+            if let Some(alert) = alert_in(err) {
+                return Some(refused(upstream, &alert));
             }
             // Through a TCP gateway the peer's alert can be lost when the gateway closes first.
             (*fresh && target.transport == Transport::Mesh).then(|| UpstreamError::Failed {
