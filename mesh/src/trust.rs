@@ -8,7 +8,7 @@ use ratls::{
     attested::Attestor,
     identity::RotatingIdentity,
     quote::{CollateralSet, TdxRoot},
-    CertError, Policy, TrustAnchors,
+    AllowList, CertError, Policy, TrustAnchors,
 };
 use rustls_pki_types::CertificateDer;
 
@@ -31,24 +31,48 @@ pub enum TrustError {
     Attestation(String),
 }
 
-/// The roots mesh peers must chain to: our KMS root, plus configured anchors (federation).
+/// The roots mesh peers may chain to, each with the apps it vouches for: our KMS root and the
+/// configured anchors for any app, each federated cluster's roots for its own apps.
+fn scoped_roots(
+    config: &InboundConfig,
+    identity: &RotatingIdentity,
+) -> Result<Vec<(Vec<CertificateDer<'static>>, AllowList)>, TrustError> {
+    let mut any = vec![identity.current().root.clone()];
+    for path in &config.trust_anchors {
+        any.extend(roots_file(path)?);
+    }
+    let mut groups = vec![(any, AllowList::Any)];
+    for cluster in &config.federation {
+        groups.push((
+            roots_file(&cluster.roots)?,
+            AllowList::Only(cluster.apps.clone()),
+        ));
+    }
+    Ok(groups)
+}
+
+/// Every root mesh peers may chain to.
 pub fn mesh_roots(
     config: &InboundConfig,
     identity: &RotatingIdentity,
 ) -> Result<Vec<CertificateDer<'static>>, TrustError> {
-    let mut roots = vec![identity.current().root.clone()];
-    for path in &config.trust_anchors {
-        roots.extend(roots_file(path)?);
-    }
-    Ok(roots)
+    Ok(scoped_roots(config, identity)?
+        .into_iter()
+        .flat_map(|(roots, _)| roots)
+        .collect())
 }
 
-/// [`mesh_roots`] as trust anchors.
+/// [`mesh_roots`] as trust anchors, each scoped to the apps it vouches for.
 pub fn mesh_anchors(
     config: &InboundConfig,
     identity: &RotatingIdentity,
 ) -> Result<TrustAnchors, TrustError> {
-    TrustAnchors::new(&mesh_roots(config, identity)?).map_err(TrustError::Anchors)
+    let groups = scoped_roots(config, identity)?;
+    let groups: Vec<(&[CertificateDer<'_>], AllowList)> = groups
+        .iter()
+        .map(|(roots, scope)| (roots.as_slice(), scope.clone()))
+        .collect();
+    TrustAnchors::scoped(&groups).map_err(TrustError::Anchors)
 }
 
 /// The policy callers are held to: the mesh roots, `allow`, the attestation requirement, and

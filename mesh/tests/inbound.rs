@@ -297,6 +297,64 @@ async fn a_caller_from_another_root_is_refused_even_with_our_root_name() {
     assert_eq!(mesh.backend.count(), 0);
 }
 
+/// A caller from another cluster (another root) under `[[inbound.federation]]` trusting that
+/// root for `vouches_for`.
+async fn federated(vouches_for: &str) -> (Mesh, RotatingIdentity, tempfile::TempDir) {
+    let other = tempfile::tempdir().unwrap();
+    let (foreign, _agent) = identity(other.path(), &other.path().join("state"), CALLER).await;
+    let root = other.path().join("their-kms-root.pem");
+    std::fs::write(
+        &root,
+        e2e::to_pem(std::slice::from_ref(&foreign.current().root)),
+    )
+    .unwrap();
+    let mesh = Mesh::start_with(&format!(
+        "[[inbound.federation]]\nname = \"cluster-b\"\nroots = \"{}\"\nallowed_apps = [\"{vouches_for}\"]\n",
+        root.display()
+    ))
+    .await;
+    (mesh, foreign, other)
+}
+
+#[tokio::test]
+async fn a_federated_root_vouches_for_its_own_apps_only() {
+    // Their caller trusts our root, so only the server's verdict is tested.
+    async fn call(mesh: &Mesh, foreign: &RotatingIdentity) -> Option<(StatusCode, Bytes)> {
+        let ours = mesh.caller.current().trust_anchors().unwrap();
+        let tls = e2e::client::tls_connect_trusting(
+            foreign,
+            ours,
+            &id(SERVER),
+            mesh.addr(),
+            Some(&[b"http/1.1"]),
+            &[],
+            None,
+        )
+        .await
+        .ok()?;
+        let mut client = MeshClient::over(tls).await.ok()?;
+        client.get("/fed", &[]).await.ok().map(|(s, _, b)| (s, b))
+    }
+    // Their KMS vouches for CALLER: their CALLER gets in.
+    let (mesh, foreign, _dir) = federated(CALLER).await;
+    let (status, body) = call(&mesh, &foreign).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        json(&body)["headers"]["x-dstack-app-id"],
+        serde_json::json!([CALLER])
+    );
+    // Their KMS vouches only for STRANGER: their CALLER is refused though the listener allows
+    // CALLER, and ours still gets in.
+    let (mesh, foreign, _dir) = federated(STRANGER).await;
+    assert_eq!(call(&mesh, &foreign).await, None);
+    assert_eq!(mesh.backend.count(), 0);
+    let mut ours = mesh.client(Some(&[b"http/1.1"])).await;
+    assert_eq!(ours.get("/ours", &[]).await.unwrap().0, StatusCode::OK);
+    let metrics = e2e::client::http1_get(mesh.app.addr("admin").unwrap(), "/metrics", &[]).await;
+    let text = String::from_utf8_lossy(&metrics.1);
+    assert!(text.contains("root_not_trusted_for_app"), "{text}");
+}
+
 /// A caller with `cert` (chain and PKCS#8 key), or none at all, must get no answer, and the
 /// backend must see nothing.
 async fn refused_with_cert(

@@ -57,10 +57,13 @@ impl AllowList {
 }
 
 /// Certificates a chain must end in. A root with the same name but another key is another root.
+/// Each root vouches for the apps in its scope: our own KMS for any, another cluster's KMS
+/// (federation) only for the apps trusted from it, so it cannot mint our app ids.
 #[derive(Clone)]
 pub struct TrustAnchors {
     anchors: Arc<[TrustAnchor<'static>]>,
     subjects: Arc<[DistinguishedName]>,
+    scopes: Arc<[AllowList]>,
 }
 
 impl fmt::Debug for TrustAnchors {
@@ -72,14 +75,25 @@ impl fmt::Debug for TrustAnchors {
 }
 
 impl TrustAnchors {
-    /// Trust anchors from root certificates (DER).
+    /// Trust anchors from root certificates (DER), each vouching for any app.
     pub fn new(roots: &[CertificateDer<'_>]) -> Result<Self, CertError> {
-        if roots.is_empty() {
+        Self::scoped(&[(roots, AllowList::Any)])
+    }
+
+    /// Trust anchors from groups of roots, each group vouching only for the apps in its scope.
+    pub fn scoped(groups: &[(&[CertificateDer<'_>], AllowList)]) -> Result<Self, CertError> {
+        let count = groups.iter().map(|(roots, _)| roots.len()).sum();
+        if count == 0 {
             return Err(CertError::Empty);
         }
-        let mut anchors = Vec::with_capacity(roots.len());
-        let mut subjects = Vec::with_capacity(roots.len());
-        for (index, der) in roots.iter().enumerate() {
+        let mut anchors = Vec::with_capacity(count);
+        let mut subjects = Vec::with_capacity(count);
+        let mut scopes = Vec::with_capacity(count);
+        let roots = groups
+            .iter()
+            .flat_map(|(roots, scope)| roots.iter().map(move |r| (r, scope)));
+        for (index, (der, scope)) in roots.enumerate() {
+            scopes.push(scope.clone());
             let anchor = webpki::anchor_from_trusted_cert(der).map_err(|e| CertError::Der {
                 index,
                 reason: format!("{e:?}"),
@@ -92,7 +106,24 @@ impl TrustAnchors {
         Ok(Self {
             anchors: anchors.into(),
             subjects: subjects.into(),
+            scopes: scopes.into(),
         })
+    }
+
+    /// The apps `anchor` vouches for.
+    fn scope_of(&self, anchor: &TrustAnchor<'_>) -> &AllowList {
+        self.anchors
+            .iter()
+            .position(|a| {
+                a.subject == anchor.subject
+                    && a.subject_public_key_info == anchor.subject_public_key_info
+            })
+            .map_or(&AllowList::Any, |i| &self.scopes[i])
+    }
+
+    /// Whether every root may vouch for `app` (a leaf whose root is not known to us).
+    fn all_vouch_for(&self, app: &AppId) -> bool {
+        self.scopes.iter().all(|s| s.allows(app))
     }
 
     /// The anchors' subjects, for the CertificateRequest's certificate authorities hint.
@@ -194,10 +225,12 @@ impl Policy {
             )
             .map_err(|e| Rejection::from_webpki(e, role))?;
 
-        // From here on the chain is trusted, so its claims are the issuer's.
+        // From here on the chain is trusted, so its claims are the issuer's (within the root's
+        // scope).
         let cas: Vec<CertificateDer<'_>> =
             path.intermediate_certificates().map(|c| c.der()).collect();
-        self.check_claims(end_entity, role, Proof::Chain(&cas), now)
+        let scope = self.anchors.scope_of(path.anchor());
+        self.check_claims(end_entity, role, Proof::Chain(&cas, scope), now)
     }
 
     /// Check a leaf whose chain a TLS terminator verified but could not pass on (nginx hands
@@ -294,15 +327,20 @@ impl Policy {
         // App-info is written by the requesting CVM's agent; it names the app only where no App
         // CA could have (the simulator's root signs leaves directly). Under a KMS App CA the
         // `.1.3` extension the KMS wrote is the only claim that counts.
-        let signed_by_root = matches!(proof, Proof::Chain(cas) if cas.is_empty());
+        let signed_by_root = matches!(proof, Proof::Chain(cas, _) if cas.is_empty());
         if peer.app_id_source == AppIdSource::AppInfo && (!signed_by_root || claims.usage.is_none())
         {
             return Err(Rejection::MissingAppId);
         }
-        let cas = match proof {
-            Proof::Chain(cas) => cas,
-            Proof::Vouched => &[],
+        // The root vouches for this app; a terminator does not say which root it found, so
+        // there every root must.
+        let (cas, vouched) = match proof {
+            Proof::Chain(cas, scope) => (cas, scope.allows(app_id)),
+            Proof::Vouched => (&[][..], self.anchors.all_vouch_for(app_id)),
         };
+        if !vouched {
+            return Err(Rejection::RootNotTrustedForApp(app_id.clone()));
+        }
         for (i, ca_der) in cas.iter().enumerate() {
             let ca = cert::parse_x509(i + 1, ca_der).map_err(|e| Rejection::Malformed(e.into()))?;
             let ca_claims = Claims::read(i + 1, &ca).map_err(|e| Rejection::Malformed(e.into()))?;
@@ -356,8 +394,9 @@ impl Policy {
 /// How a leaf's issuer was established.
 #[derive(Clone, Copy)]
 enum Proof<'a> {
-    /// webpki verified the path; these are its CAs between leaf and anchor.
-    Chain(&'a [CertificateDer<'a>]),
+    /// webpki verified the path; these are its CAs between leaf and anchor, and the apps the
+    /// anchor vouches for.
+    Chain(&'a [CertificateDer<'a>], &'a AllowList),
     /// A TLS terminator verified it and passed on only the leaf.
     Vouched,
 }
@@ -477,6 +516,9 @@ pub enum Rejection {
     /// Inbound: the caller's app is not on the allowlist.
     #[error("app {0} is not allowed")]
     AppIdNotAllowed(AppId),
+    /// The chain ends in a root trusted only for other apps (another cluster's KMS).
+    #[error("app {0} is not one the root this chain ends in is trusted for")]
+    RootNotTrustedForApp(AppId),
     /// The policy requires attestation and the leaf has none.
     #[error("certificate carries no attestation")]
     AttestationMissing,
@@ -531,6 +573,7 @@ impl Rejection {
             Self::InstanceMismatch { .. } => "instance_mismatch",
             Self::Attestation(a) => a.reason(),
             Self::AppIdNotAllowed(_) => "app_id_not_allowed",
+            Self::RootNotTrustedForApp(_) => "root_not_trusted_for_app",
             Self::AttestationMissing => "attestation_missing",
             Self::AttestationNotBound => "attestation_not_bound",
             Self::Malformed(_) => "malformed",

@@ -373,6 +373,7 @@ fn every_reason_label_is_distinct() {
             found: app(APP_B),
         },
         Rejection::AppIdNotAllowed(app(APP_A)),
+        Rejection::RootNotTrustedForApp(app(APP_A)),
         Rejection::AttestationMissing,
         Rejection::AttestationNotBound,
         Rejection::Malformed(ratls::Malformed::Encoding),
@@ -426,4 +427,44 @@ fn a_leaf_vouched_for_by_a_terminator_gets_every_other_check() {
     info_only.app_id = None;
     info_only.app_info_id = Some(hex::decode(APP_A).unwrap());
     assert_eq!(vouched(&info_only).unwrap_err(), Rejection::MissingAppId);
+}
+
+#[test]
+fn a_federated_root_vouches_only_for_its_own_apps() {
+    // Ours vouches for any app; the other cluster's KMS (same name, other key) only for B.
+    let ours = Pki::new();
+    let theirs = Pki::new();
+    let anchors = ratls::TrustAnchors::scoped(&[
+        (std::slice::from_ref(&ours.root.der), AllowList::Any),
+        (
+            std::slice::from_ref(&theirs.root.der),
+            AllowList::Only(BTreeSet::from([app(APP_B)])),
+        ),
+    ])
+    .unwrap();
+    let policy = Policy::new(anchors);
+    let their_b = theirs.chain(&Leaf::new(APP_B), Some(APP_B));
+    assert_eq!(
+        verify(&policy, &their_b, PeerRole::Client).unwrap().app_id,
+        app(APP_B)
+    );
+    // Their KMS minting one of our app ids is refused; ours may issue both.
+    let their_a = theirs.chain(&Leaf::new(APP_A), Some(APP_A));
+    let e = verify(&policy, &their_a, PeerRole::Client).unwrap_err();
+    assert_eq!(e, Rejection::RootNotTrustedForApp(app(APP_A)));
+    assert_eq!(e.reason(), "root_not_trusted_for_app");
+    for id in [APP_A, APP_B] {
+        let chain = ours.chain(&Leaf::new(id), Some(id));
+        verify(&policy, &chain, PeerRole::Server).unwrap();
+    }
+    // A terminator does not say which root it found: every root must vouch for the app.
+    assert_eq!(
+        policy
+            .verify_leaf_vouched(&their_a[0], PeerRole::Client, UnixTime::now())
+            .unwrap_err(),
+        Rejection::RootNotTrustedForApp(app(APP_A))
+    );
+    policy
+        .verify_leaf_vouched(&their_b[0], PeerRole::Client, UnixTime::now())
+        .unwrap();
 }

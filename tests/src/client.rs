@@ -74,6 +74,20 @@ pub async fn tls_connect_after(
         .current()
         .trust_anchors()
         .map_err(std::io::Error::other)?;
+    tls_connect_trusting(identity, anchors, target, addr, alpn, preface, source).await
+}
+
+/// [`tls_connect_after`], trusting `anchors` for the server (a caller from another cluster,
+/// whose own roots are not the server's).
+pub async fn tls_connect_trusting(
+    identity: &RotatingIdentity,
+    anchors: ratls::TrustAnchors,
+    target: &AppId,
+    addr: SocketAddr,
+    alpn: Option<&[&[u8]]>,
+    preface: &[u8],
+    source: Option<std::net::IpAddr>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let policy = Arc::new(Policy::new(anchors).expect(target.clone()));
     let mut config =
         mesh_client_config(identity.resolver(), policy).map_err(std::io::Error::other)?;

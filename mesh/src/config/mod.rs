@@ -15,7 +15,7 @@ use std::{
 
 use gateway_client::{RouteKey, StaticRoutes};
 use ratls::{identity::IdentityConfig, AppId};
-use raw::{AllowValue, DurationValue, RawConfig, RawListener};
+use raw::{AllowValue, DurationValue, RawConfig, RawFederation, RawListener};
 pub use source::{Env, Source};
 
 /// Default inbound listener: every interface, the gateway forwards here.
@@ -110,6 +110,18 @@ pub enum Defaults {
     DstackVpc,
 }
 
+/// `[[inbound.federation]]`: another cluster's KMS roots, trusted only for the apps listed:
+/// that KMS cannot mint an identity for one of ours.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Federated {
+    /// A name for logs and the status page.
+    pub name: String,
+    /// Its roots (PEM).
+    pub roots: PathBuf,
+    /// The apps it vouches for (never `any`: that is `trust_anchors`).
+    pub apps: BTreeSet<AppId>,
+}
+
 /// Which apps may call in.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -161,8 +173,10 @@ pub struct InboundConfig {
     pub allow: Allow,
     /// Refuse callers without an attestation bound to their key.
     pub require_attestation: bool,
-    /// Extra trust anchors (PEM files) next to our own KMS root (federation).
+    /// Extra trust anchors (PEM files) next to our own KMS root, each vouching for any app.
     pub trust_anchors: Vec<PathBuf>,
+    /// Other clusters' KMS roots, each vouching only for its own apps (federation).
+    pub federation: Vec<Federated>,
     /// ClientHello + handshake deadline.
     #[serde(with = "secs")]
     pub handshake_timeout: Duration,
@@ -826,6 +840,7 @@ fn inbound(raw: &RawConfig, env: &dyn Source, c: &mut Check) -> InboundConfig {
             .into_iter()
             .map(PathBuf::from)
             .collect(),
+        federation: federation(ib.federation.as_deref().unwrap_or_default(), c),
         handshake_timeout: c.duration(
             "inbound.handshake_timeout",
             ib.handshake_timeout.as_ref(),
@@ -931,16 +946,67 @@ fn check_inbound(inbound: &InboundConfig, c: &mut Check) {
             "must be between 1024 and 1048576",
         );
     }
-    for path in &inbound.trust_anchors {
+    let files = inbound
+        .trust_anchors
+        .iter()
+        .map(|p| ("inbound.trust_anchors", p))
+        .chain(
+            inbound
+                .federation
+                .iter()
+                .map(|f| ("inbound.federation.roots", &f.roots)),
+        );
+    for (key, path) in files {
         // Parsed now, so a bad file is a configuration error (exit 64), not a start failure.
         let parsed = std::fs::read(path)
             .map_err(|e| e.to_string())
             .and_then(|b| ratls::cert::parse_chain(&b).map_err(|e| e.to_string()))
             .and_then(|roots| ratls::TrustAnchors::new(&roots).map_err(|e| e.to_string()));
         if let Err(e) = parsed {
-            c.fail("inbound.trust_anchors", format!("{}: {e}", path.display()));
+            c.fail(key, format!("{}: {e}", path.display()));
         }
     }
+}
+
+/// `[[inbound.federation]]`, checked: each has roots and names its apps.
+fn federation(raw: &[RawFederation], c: &mut Check) -> Vec<Federated> {
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, f) in raw.iter().enumerate() {
+        let name = f.name.clone().unwrap_or_else(|| format!("federation-{i}"));
+        let Some(roots) = &f.roots else {
+            c.fail(
+                "inbound.federation.roots",
+                format!("{name}: required: the other cluster's KMS root (PEM)"),
+            );
+            continue;
+        };
+        let apps = match f
+            .allowed_apps
+            .as_ref()
+            .and_then(|a| c.allow("inbound.federation.allowed_apps", a))
+        {
+            Some(Allow::Apps(apps)) => apps,
+            Some(_) => {
+                c.fail("inbound.federation.allowed_apps", format!("{name}: name the apps this root vouches for (\"any\" would let it mint any identity, ours too; that is inbound.trust_anchors)"));
+                continue;
+            }
+            None => {
+                if f.allowed_apps.is_none() {
+                    c.fail(
+                        "inbound.federation.allowed_apps",
+                        format!("{name}: required: the apps this root vouches for"),
+                    );
+                }
+                continue;
+            }
+        };
+        out.push(Federated {
+            name,
+            roots: PathBuf::from(roots),
+            apps,
+        });
+    }
+    out
 }
 
 /// dstack-vpc's listener sections `[auth]` and `[client]`, and `[admin]`: where they listen.

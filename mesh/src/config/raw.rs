@@ -78,6 +78,15 @@ pub struct RawIdentity {
     pub ra_tls: Option<bool>,
 }
 
+/// `[[inbound.federation]]`: another cluster's KMS roots and the apps they vouch for.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFederation {
+    pub name: Option<String>,
+    pub roots: Option<String>,
+    pub allowed_apps: Option<AllowValue>,
+}
+
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawInbound {
@@ -87,6 +96,7 @@ pub struct RawInbound {
     pub allowed_apps: Option<AllowValue>,
     pub require_attestation: Option<bool>,
     pub trust_anchors: Option<Vec<String>>,
+    pub federation: Option<Vec<RawFederation>>,
     pub handshake_timeout: Option<DurationValue>,
     pub header_timeout: Option<DurationValue>,
     pub idle_timeout: Option<DurationValue>,

@@ -522,3 +522,18 @@ fn the_attestation_policy_loads_and_its_mistakes_name_their_key() {
         assert_eq!(pccs.fmspcs, ["00806f050000", "00906ed50000"], "{fmspc}");
     }
 }
+
+#[test]
+fn federation_names_its_roots_and_only_their_apps() {
+    let k = keys("[[inbound.federation]]\nname = \"b\"\nallowed_apps = [\"5e77e75e77e75e77e75e77e75e77e75e77e75e77\"]\n");
+    assert_eq!(k, ["inbound.federation.roots"]);
+    // "any" would let another cluster's KMS mint our app ids: refused, like a missing list.
+    for apps in ["allowed_apps = \"any\"\n", ""] {
+        let k = keys(&format!(
+            "[[inbound.federation]]\nname = \"b\"\nroots = \"/nonexistent.pem\"\n{apps}"
+        ));
+        assert_eq!(k, ["inbound.federation.allowed_apps"], "{apps}");
+    }
+    let k = keys("[[inbound.federation]]\nroots = \"/nonexistent.pem\"\nallowed_apps = [\"5e77e75e77e75e77e75e77e75e77e75e77e75e77\"]\n");
+    assert_eq!(k, ["inbound.federation.roots"]);
+}
