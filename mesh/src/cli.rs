@@ -162,12 +162,21 @@ pub enum Command {
         /// Require an attestation bound to the leaf key.
         #[arg(long)]
         require_attestation: bool,
-        /// Verify the TDX quote too, with the PCCS answers in this directory (`tcb.json`,
-        /// `qe_identity.json`, `pckcrl.der`, `rootcacrl.hex`, each with `<file>.headers`).
+        /// Hold the verified quote to this attestation policy: a configuration's
+        /// `[attestation]` table, or its keys alone (default: an up-to-date TCB).
         #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Verify the TDX quote too, with the PCCS answers in this directory (`tcb.json`,
+        /// `qe_identity.json`, `pckcrl.der`, `rootcacrl.hex`, each with `<file>.headers`; or
+        /// one such directory per platform).
+        #[arg(long, conflicts_with = "pccs")]
         collateral: Option<PathBuf>,
-        /// The TDX root CA (PEM) quotes chain to; default: Intel's.
-        #[arg(long, requires = "collateral")]
+        /// Verify the TDX quote too, with collateral fetched now from this PCCS (v4 API) for
+        /// the quote's platform.
+        #[arg(long)]
+        pccs: Option<String>,
+        /// The TDX root CA (PEM) quotes chain to; default: the policy's, else Intel's.
+        #[arg(long)]
         tdx_root: Option<PathBuf>,
         /// Verify as of this time (RFC 3339) instead of now.
         #[arg(long)]
@@ -297,19 +306,26 @@ pub async fn run(cli: Cli) -> ExitCode {
             expect_app_id,
             role,
             require_attestation,
+            policy,
             collateral,
+            pccs,
             tdx_root,
             at,
-        } => crate::tools::verify_cert(crate::tools::VerifyCert {
-            file,
-            ca,
-            expect: expect_app_id,
-            role: role.into(),
-            require_attestation,
-            collateral,
-            tdx_root,
-            at,
-        }),
+        } => {
+            crate::tools::verify_cert(crate::tools::VerifyCert {
+                file,
+                ca,
+                expect: expect_app_id,
+                role: role.into(),
+                require_attestation,
+                policy,
+                collateral,
+                pccs,
+                tdx_root,
+                at,
+            })
+            .await
+        }
     }
 }
 

@@ -70,17 +70,22 @@ pub struct VerifyCert {
     pub role: PeerRole,
     /// Require an attestation bound to the leaf key.
     pub require_attestation: bool,
+    /// The attestation policy (an `[attestation]` table); default: an up-to-date TCB.
+    pub policy: Option<PathBuf>,
     /// Verify the TDX quote with the PCCS answers in this directory.
     pub collateral: Option<PathBuf>,
-    /// The TDX root (default: Intel's).
+    /// Verify the TDX quote with collateral fetched now from this PCCS.
+    pub pccs: Option<String>,
+    /// The TDX root (default: the policy's, else Intel's).
     pub tdx_root: Option<PathBuf>,
     /// The time of the check (RFC 3339; default: now).
     pub at: Option<String>,
 }
 
-/// `verify-cert FILE --ca FILE [--collateral DIR]`: exit 0 with the verified identity (and,
-/// with collateral, what the quote and its event log prove), or non-zero with the reason.
-pub fn verify_cert(args: VerifyCert) -> ExitCode {
+/// `verify-cert FILE --ca FILE [--policy FILE] [--collateral DIR | --pccs URL]`: exit 0 with
+/// the verified identity (and, with collateral, what the quote and its event log prove, held
+/// to the policy: the sidecar's own check), or non-zero with the failed rule.
+pub async fn verify_cert(args: VerifyCert) -> ExitCode {
     let bad = |path: &Path, e: &dyn std::fmt::Display| {
         InputError(EXIT_BAD_INPUT, format!("{}: {e}", path.display()))
     };
@@ -100,8 +105,18 @@ pub fn verify_cert(args: VerifyCert) -> ExitCode {
         Ok(at) => at.unwrap_or_else(crate::clock::unix_now),
         Err(e) => return fail(EXIT_BAD_INPUT, format!("--at: {e}")),
     };
+    let attestor = match quote_checker(&args, &chain[0]).await {
+        Ok(a) => a,
+        Err(Unchecked::Input(InputError(code, e))) => return fail(code, e),
+        Err(Unchecked::Collateral(e)) => {
+            eprintln!("rejected ({}): {e}", e.reason());
+            return ExitCode::from(EXIT_REJECTED);
+        }
+    };
     let now = UnixTime::since_unix_epoch(Duration::from_secs(at.max(0) as u64));
-    let mut policy = Policy::new(roots).require_attestation(args.require_attestation);
+    let mut policy = Policy::new(roots)
+        .require_attestation(args.require_attestation)
+        .attested(attestor.clone());
     if let Some(id) = args.expect {
         policy = policy.expect(id);
     }
@@ -112,44 +127,110 @@ pub fn verify_cert(args: VerifyCert) -> ExitCode {
             return ExitCode::from(EXIT_REJECTED);
         }
     };
-    let Some(dir) = &args.collateral else {
-        if args.require_attestation {
-            // What --require-attestation can promise without collateral, and no more.
-            eprintln!("attestation: {}: its signature and TCB status are not checked (give --collateral), so this shows what the certificate claims, not that a TEE produced it", peer.attestation);
+    let out = match attestor {
+        Some(_) => serde_json::json!({ "peer": peer, "quote": peer.quote.as_deref() }),
+        None => {
+            if args.require_attestation {
+                // What --require-attestation can promise without collateral, and no more.
+                eprintln!("attestation: {}: its signature and TCB status are not checked (give --collateral or --pccs), so this shows what the certificate claims, not that a TEE produced it", peer.attestation);
+            }
+            serde_json::json!(peer)
         }
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&peer).unwrap_or_default()
-        );
-        return ExitCode::SUCCESS;
     };
-    let checked = (|| {
-        let collateral = quote::Collateral::from_dir(dir)?;
-        let root =
-            match &args.tdx_root {
-                Some(path) => quote::TdxRoot::from_pem(&std::fs::read(path).map_err(|e| {
-                    quote::QuoteError::Collateral(format!("{}: {e}", path.display()))
-                })?)?,
-                None => quote::TdxRoot::intel(),
-            };
-        let attestation = cert::attestation_of(&chain[0])
-            .map_err(|e| quote::QuoteError::Malformed(e.to_string()))?
-            .ok_or_else(|| {
-                quote::QuoteError::Malformed("the certificate carries no attestation".into())
-            })?;
-        quote::verify(&attestation, &collateral, &root, at.max(0) as u64)
-    })();
-    match checked {
-        Ok(facts) => {
-            let out = serde_json::json!({ "peer": peer, "quote": facts });
-            println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
-            ExitCode::SUCCESS
+    println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    ExitCode::SUCCESS
+}
+
+/// Why `verify-cert` could not set up the quote check.
+enum Unchecked {
+    /// A flag or file is unusable.
+    Input(InputError),
+    /// No collateral to verify the quote with: the certificate is refused for it.
+    Collateral(quote::QuoteError),
+}
+
+/// The attestor `verify-cert` holds the leaf's quote to: the policy's rules (or the default:
+/// an up-to-date TCB), its TDX root, and collateral from the directory or the PCCS; `None`
+/// when no collateral is named (the quote is then not checked).
+async fn quote_checker(
+    args: &VerifyCert,
+    leaf: &rustls_pki_types::CertificateDer<'_>,
+) -> Result<Option<Arc<ratls::attested::Attestor>>, Unchecked> {
+    let input = |code: u8, e: String| Unchecked::Input(InputError(code, e));
+    let policy = match &args.policy {
+        None => None,
+        Some(path) => {
+            let text = read_input(path).map_err(Unchecked::Input)?;
+            let text = String::from_utf8_lossy(&text);
+            let policy = crate::config::attestation::policy_file(&text)
+                .map_err(|e| input(EXIT_BAD_INPUT, format!("{}: {e}", path.display())))?;
+            Some(policy)
         }
-        Err(e) => {
-            eprintln!("rejected ({}): {e}", e.reason());
-            ExitCode::from(EXIT_REJECTED)
-        }
+    };
+    // The flags first, then what the policy names.
+    let dir = args.collateral.clone().or_else(|| {
+        policy
+            .as_ref()
+            .map(|p| p.collateral_dir.clone())
+            .filter(|d| !d.as_os_str().is_empty())
+    });
+    let pccs = args.pccs.clone().or_else(|| {
+        policy
+            .as_ref()
+            .and_then(|p| p.pccs.as_ref())
+            .map(|p| p.url.clone())
+    });
+    let tdx_root = args
+        .tdx_root
+        .clone()
+        .or_else(|| policy.as_ref().and_then(|p| p.tdx_root.clone()));
+    if dir.is_none() && pccs.is_none() {
+        return match policy {
+            Some(_) => Err(input(
+                EXIT_BAD_INPUT,
+                "--policy needs collateral to verify quotes with: --collateral DIR or --pccs URL (or collateral_dir / pccs_url in the policy)".into(),
+            )),
+            None => Ok(None),
+        };
     }
+    let root = match &tdx_root {
+        None => quote::TdxRoot::intel(),
+        Some(path) => {
+            let pem = read_input(path).map_err(Unchecked::Input)?;
+            quote::TdxRoot::from_pem(&pem)
+                .map_err(|e| input(EXIT_BAD_INPUT, format!("{}: {e}", path.display())))?
+        }
+    };
+    let rules = policy.map(|p| p.rules).unwrap_or_default();
+    let attestor = Arc::new(ratls::attested::Attestor::new(rules, root));
+    match (dir, pccs) {
+        (Some(dir), _) => {
+            let set = quote::CollateralSet::from_dir(&dir).map_err(Unchecked::Collateral)?;
+            attestor.replace_collateral(set);
+        }
+        (None, Some(url)) => {
+            // The platform whose collateral to fetch is the quote's own.
+            let attestation = cert::attestation_of(leaf)
+                .map_err(|e| Unchecked::Collateral(quote::QuoteError::Malformed(e.to_string())))?
+                .ok_or_else(|| {
+                    Unchecked::Collateral(quote::QuoteError::Malformed(
+                        "the certificate carries no attestation".into(),
+                    ))
+                })?;
+            let fmspc = quote::fmspc_of(&attestation.quote).map_err(Unchecked::Collateral)?;
+            let pccs = crate::pccs::Pccs::new(&url)
+                .map_err(|e| input(EXIT_UNAVAILABLE, format!("--pccs {url}: {e}")))?;
+            let responses = pccs
+                .fetch(&fmspc)
+                .await
+                .map_err(|e| Unchecked::Collateral(quote::QuoteError::Collateral(e.to_string())))?;
+            let collateral =
+                quote::Collateral::from_pccs(&responses).map_err(Unchecked::Collateral)?;
+            attestor.set_collateral(collateral);
+        }
+        (None, None) => {}
+    }
+    Ok(Some(attestor))
 }
 
 /// An RFC 3339 time as unix seconds.

@@ -569,3 +569,68 @@ fn verify_cert_checks_the_quote_with_collateral() {
     );
     assert_rejected(&out, "quote_signature");
 }
+
+#[test]
+fn verify_cert_holds_the_quote_to_a_policy_file() {
+    let pccs = Path::new(CERTS).join("../mock-pccs");
+    let dir = tempfile::tempdir().unwrap();
+    let compose = "c143116fef3940e7f776bfc0919c256232ae5338a6e948c96b711e0b2383483a";
+    let policy = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    // The policy names its collateral and TDX root itself, as a sidecar's [attestation] does.
+    let sidecar_table = |pin: &str| {
+        format!(
+            "[attestation]\nrequired = true\ncollateral_dir = \"{}\"\ntdx_root = \"{}\"\ncompose_hashes = [\"{pin}\"]\n",
+            pccs.display(),
+            pccs.join("tdx-root-ca.pem").display()
+        )
+    };
+    let with = |path: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "--policy",
+            path.to_str().unwrap(),
+            "--at",
+            "2026-12-10T00:00:00Z",
+        ];
+        args.extend_from_slice(extra);
+        verify(
+            "sim-app1-signed-ratls/chain.pem",
+            "sim-app1-signed-ratls/ca.pem",
+            &args,
+        )
+    };
+    let out = with(&policy("good.toml", sidecar_table(compose)), &[]);
+    assert_exit(&out, 0);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["quote"]["compose_hash"], compose, "{v}");
+    assert_eq!(v["peer"]["attestation"], "quote verified", "{v}");
+    let pinned_elsewhere = policy("bad.toml", sidecar_table(&"00".repeat(32)));
+    assert_rejected(&with(&pinned_elsewhere, &[]), "compose_hash_not_allowed");
+    // The keys alone, with the collateral on the command line; a per-app pin and a TCB rule.
+    let keys_only = policy(
+        "keys.toml",
+        format!(
+            "tcb_statuses = [\"OutOfDate\"]\n[apps.{APP1_ID}]\ncompose_hashes = [\"{compose}\"]\n"
+        ),
+    );
+    let root = pccs.join("tdx-root-ca.pem");
+    let flags = [
+        "--collateral",
+        pccs.to_str().unwrap(),
+        "--tdx-root",
+        root.to_str().unwrap(),
+    ];
+    assert_rejected(&with(&keys_only, &flags), "tcb_status");
+    // A policy without collateral anywhere, or with a mistake, is bad input naming it.
+    let no_collateral = policy("none.toml", "compose_hashes = []\n".into());
+    let out = with(&no_collateral, &[]);
+    assert_exit(&out, EXIT_BAD_INPUT);
+    assert!(stderr(&out).contains("--collateral"), "{}", stderr(&out));
+    let typo = policy("typo.toml", "compose_hash = []\n".into());
+    let out = with(&typo, &flags);
+    assert_exit(&out, EXIT_BAD_INPUT);
+    assert!(stderr(&out).contains("compose_hash"), "{}", stderr(&out));
+}

@@ -176,3 +176,38 @@ async fn the_keeper_swaps_fetched_collateral_in_and_writes_it_down() {
     let set = quote::CollateralSet::from_dir(dir.path()).unwrap();
     assert!(set.get("000000000000").is_some());
 }
+
+#[tokio::test]
+async fn verify_cert_fetches_collateral_for_the_quotes_platform() {
+    let certs = fixtures().join("certs/sim-app1-signed-ratls");
+    let root = fixtures().join("mock-pccs/tdx-root-ca.pem");
+    let run = |url: String| {
+        let (certs, root) = (certs.clone(), root.clone());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_dstack-mesh"))
+                .arg("verify-cert")
+                .arg(certs.join("chain.pem"))
+                .arg("--ca")
+                .arg(certs.join("ca.pem"))
+                .args(["--pccs", &url, "--at", "2026-12-10T00:00:00Z", "--tdx-root"])
+                .arg(&root)
+                .output()
+                .unwrap()
+        })
+    };
+    let out = run(pccs(Mode::Recorded).await).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["quote"]["tcb_status"], "UpToDate", "{v}");
+    // A PCCS answering 500: refused for want of collateral, saying so.
+    let out = run(pccs(Mode::Failing).await).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("collateral_unavailable"), "{stderr}");
+    assert!(out.stdout.is_empty());
+}

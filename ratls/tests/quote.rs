@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
+mod support;
+
 use std::path::PathBuf;
 
 use ratls::{
@@ -245,6 +247,85 @@ mod policy {
             verify(&fresh).unwrap_err().reason(),
             "collateral_unavailable"
         );
+    }
+
+    /// The fixture's key and evidence on a leaf that names no app (what the simulator issues
+    /// without app-info), signed by a root of the test's own.
+    fn leaf_naming_no_app() -> (TrustAnchors, rustls_pki_types::CertificateDer<'static>) {
+        use ratls::ext::oid;
+        let pem = std::fs::read(fixtures().join("certs/sim-app1-signed-ratls/leaf.pem")).unwrap();
+        let der = ratls::cert::parse_chain(&pem).unwrap().remove(0);
+        let (_, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let mut leaf = support::Leaf::new(support::APP_A);
+        leaf.app_id = None;
+        let start = time::OffsetDateTime::from_unix_timestamp(BEFORE as i64).unwrap();
+        leaf.not_before = start - std::time::Duration::from_secs(86_400);
+        leaf.not_after = start + std::time::Duration::from_secs(86_400);
+        for e in x509.extensions() {
+            let id: Vec<u64> = e.oid.iter().unwrap().collect();
+            if [oid::ATTESTATION, oid::LEGACY_QUOTE, oid::LEGACY_EVENT_LOG].contains(&&id[..]) {
+                leaf.extra.push(rcgen::CustomExtension::from_oid_content(
+                    &id,
+                    e.value.to_vec(),
+                ));
+            }
+        }
+        assert!(!leaf.extra.is_empty(), "the fixture carries its evidence");
+        let key = std::fs::read_to_string(fixtures().join("certs/sim-app1-signed-ratls/key.pem"))
+            .unwrap();
+        let key = rcgen::KeyPair::from_pem(&key).unwrap();
+        let root = support::Ca::root("Test KMS CA");
+        let cert = leaf.params().signed_by(&key, &root.issuer).unwrap();
+        let anchors = TrustAnchors::new(std::slice::from_ref(&root.der)).unwrap();
+        (anchors, cert.der().clone())
+    }
+
+    #[test]
+    fn the_app_id_comes_from_the_event_log_only_when_the_policy_says_so() {
+        let (anchors, leaf) = leaf_naming_no_app();
+        let check = |rules: Rules| {
+            let attestor = Arc::new(Attestor::new(rules, root()));
+            attestor.set_collateral(collateral());
+            Policy::new(anchors.clone())
+                .attested(Some(attestor))
+                .verify(&leaf, &[], PeerRole::Client, at(BEFORE))
+        };
+        assert_eq!(
+            check(Rules::default()).unwrap_err(),
+            Rejection::MissingAppId
+        );
+        let peer = check(Rules {
+            app_id_from_event_log: true,
+            ..Rules::default()
+        })
+        .unwrap();
+        assert_eq!(
+            peer.app_id.to_string(),
+            "5bb4ff9a3837357f19dc176407a5709c62eb6c56"
+        );
+        assert_eq!(peer.app_id_source, ratls::AppIdSource::EventLog);
+        assert_eq!(peer.attestation, AttestationStatus::QuoteVerified);
+        // Per-app pins apply to the measured app too.
+        let pinned_elsewhere = Rules {
+            app_id_from_event_log: true,
+            apps: [(
+                peer.app_id.clone(),
+                AppRules {
+                    compose_hashes: ["00".repeat(32)].into(),
+                    ..AppRules::default()
+                },
+            )]
+            .into(),
+            ..Rules::default()
+        };
+        assert_eq!(
+            check(pinned_elsewhere).unwrap_err().reason(),
+            "compose_hash_not_allowed"
+        );
+        // Without a verified quote nothing vouches for a measured app id.
+        let no_attestor =
+            Policy::new(anchors.clone()).verify(&leaf, &[], PeerRole::Client, at(BEFORE));
+        assert_eq!(no_attestor.unwrap_err(), Rejection::MissingAppId);
     }
 
     #[test]

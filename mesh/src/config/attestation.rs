@@ -75,6 +75,31 @@ const TCB_STATUSES: [&str; 7] = [
     "Revoked",
 ];
 
+/// A standalone policy (`verify-cert --policy FILE`): a configuration's `[attestation]` table,
+/// or its keys at the top level. Required is implied; the collateral directory is optional
+/// (empty when not given: the command line names the collateral).
+pub fn policy_file(text: &str) -> Result<AttestationConfig, super::ConfigErrors> {
+    let error = |message: String| {
+        super::ConfigErrors(vec![super::ConfigError {
+            key: "policy".into(),
+            message,
+        }])
+    };
+    let mut table: toml::Table = toml::from_str(text).map_err(|e| error(e.message().into()))?;
+    if let Some(toml::Value::Table(inner)) = table.remove("attestation") {
+        table = inner;
+    }
+    let raw: RawAttestation = table
+        .try_into()
+        .map_err(|e: toml::de::Error| error(e.message().into()))?;
+    let mut c = Check { errors: Vec::new() };
+    let config = checked(raw, false, &mut c);
+    match c.errors.is_empty() {
+        true => Ok(config),
+        false => Err(super::ConfigErrors(c.errors)),
+    }
+}
+
 /// `[attestation]`, checked: `None` unless `required = true`.
 pub(super) fn attestation(
     raw: Option<&RawAttestation>,
@@ -90,6 +115,11 @@ pub(super) fn attestation(
         }
         return None;
     }
+    Some(checked(r, true, c))
+}
+
+/// The policy `r` describes; a sidecar (`need_dir`) must name its collateral directory.
+fn checked(r: RawAttestation, need_dir: bool, c: &mut Check) -> AttestationConfig {
     let hex_list = |c: &mut Check, key: &str, list: Option<Vec<String>>, bytes: usize| {
         let mut out = std::collections::BTreeSet::new();
         for v in list.unwrap_or_default() {
@@ -147,6 +177,7 @@ pub(super) fn attestation(
     }
     let collateral_dir = match r.collateral_dir {
         Some(dir) => PathBuf::from(dir),
+        None if !need_dir => PathBuf::new(),
         None => {
             c.fail(
                 "attestation.collateral_dir",
@@ -199,7 +230,7 @@ pub(super) fn attestation(
             None
         }
     };
-    Some(AttestationConfig {
+    AttestationConfig {
         tdx_root: r.tdx_root.map(PathBuf::from),
         collateral_dir,
         pccs,
@@ -217,5 +248,5 @@ pub(super) fn attestation(
             apps,
             app_id_from_event_log: r.app_id_from_event_log.unwrap_or(false),
         },
-    })
+    }
 }
