@@ -204,7 +204,8 @@ pub enum CertsAction {
 #[derive(Debug, Subcommand)]
 pub enum EvidenceAction {
     /// Check an evidence directory or `https://<domain>/evidences/`: every file against
-    /// `sha256sum.txt`, and the quote's report data against `sha256sum.txt`.
+    /// `sha256sum.txt`, the quote's report data against `sha256sum.txt`, and with collateral
+    /// the quote itself (signature, TCB status, event log, the policy's measurements).
     Verify {
         /// A directory, or the URL of an `/evidences/` listing.
         source: String,
@@ -214,6 +215,21 @@ pub enum EvidenceAction {
         /// Dial this address for the URL's host instead of resolving it (as curl's --resolve).
         #[arg(long)]
         connect_to: Option<std::net::SocketAddr>,
+        /// Hold the quote to this attestation policy (see `verify-cert --policy`).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Verify the quote's signature and TCB status with the PCCS answers in this directory.
+        #[arg(long, conflicts_with = "pccs")]
+        collateral: Option<PathBuf>,
+        /// Verify the quote with collateral fetched now from this PCCS (v4 API).
+        #[arg(long)]
+        pccs: Option<String>,
+        /// The TDX root CA (PEM) quotes chain to; default: the policy's, else Intel's.
+        #[arg(long)]
+        tdx_root: Option<PathBuf>,
+        /// Verify as of this time (RFC 3339) instead of now.
+        #[arg(long)]
+        at: Option<String>,
     },
 }
 
@@ -278,8 +294,21 @@ pub async fn run(cli: Cli) -> ExitCode {
                     source,
                     ca,
                     connect_to,
+                    policy,
+                    collateral,
+                    pccs,
+                    tdx_root,
+                    at,
                 },
-        } => crate::tools::evidence_verify(&source, ca.as_deref(), connect_to).await,
+        } => {
+            let quote = crate::tools::QuoteSources {
+                policy,
+                collateral,
+                pccs,
+                tdx_root,
+            };
+            crate::tools::evidence_verify(&source, ca.as_deref(), connect_to, quote, at).await
+        }
         Command::Identity { agent } => crate::tools::identity(agent).await,
         Command::DevAgent {
             socket,
@@ -318,10 +347,12 @@ pub async fn run(cli: Cli) -> ExitCode {
                 expect: expect_app_id,
                 role: role.into(),
                 require_attestation,
-                policy,
-                collateral,
-                pccs,
-                tdx_root,
+                quote: crate::tools::QuoteSources {
+                    policy,
+                    collateral,
+                    pccs,
+                    tdx_root,
+                },
                 at,
             })
             .await

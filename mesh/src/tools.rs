@@ -70,16 +70,23 @@ pub struct VerifyCert {
     pub role: PeerRole,
     /// Require an attestation bound to the leaf key.
     pub require_attestation: bool,
+    /// How the leaf's quote is checked.
+    pub quote: QuoteSources,
+    /// The time of the check (RFC 3339; default: now).
+    pub at: Option<String>,
+}
+
+/// What a one-shot command verifies a TDX quote with.
+#[derive(Debug, Default)]
+pub struct QuoteSources {
     /// The attestation policy (an `[attestation]` table); default: an up-to-date TCB.
     pub policy: Option<PathBuf>,
-    /// Verify the TDX quote with the PCCS answers in this directory.
+    /// The PCCS answers in this directory.
     pub collateral: Option<PathBuf>,
-    /// Verify the TDX quote with collateral fetched now from this PCCS.
+    /// Collateral fetched now from this PCCS.
     pub pccs: Option<String>,
     /// The TDX root (default: the policy's, else Intel's).
     pub tdx_root: Option<PathBuf>,
-    /// The time of the check (RFC 3339; default: now).
-    pub at: Option<String>,
 }
 
 /// `verify-cert FILE --ca FILE [--policy FILE] [--collateral DIR | --pccs URL]`: exit 0 with
@@ -105,7 +112,14 @@ pub async fn verify_cert(args: VerifyCert) -> ExitCode {
         Ok(at) => at.unwrap_or_else(crate::clock::unix_now),
         Err(e) => return fail(EXIT_BAD_INPUT, format!("--at: {e}")),
     };
-    let attestor = match quote_checker(&args, &chain[0]).await {
+    let leaf_attestation = || {
+        cert::attestation_of(&chain[0])
+            .map_err(|e| quote::QuoteError::Malformed(e.to_string()))?
+            .ok_or_else(|| {
+                quote::QuoteError::Malformed("the certificate carries no attestation".into())
+            })
+    };
+    let attestor = match quote_checker(&args.quote, leaf_attestation).await {
         Ok(a) => a,
         Err(Unchecked::Input(InputError(code, e))) => return fail(code, e),
         Err(Unchecked::Collateral(e)) => {
@@ -149,12 +163,13 @@ enum Unchecked {
     Collateral(quote::QuoteError),
 }
 
-/// The attestor `verify-cert` holds the leaf's quote to: the policy's rules (or the default:
-/// an up-to-date TCB), its TDX root, and collateral from the directory or the PCCS; `None`
-/// when no collateral is named (the quote is then not checked).
+/// The attestor a one-shot command holds a quote to: the policy's rules (or the default: an
+/// up-to-date TCB), its TDX root, and collateral from the directory or the PCCS (for the
+/// platform of the quote `attestation` gives); `None` when no collateral is named (the quote
+/// is then not checked).
 async fn quote_checker(
-    args: &VerifyCert,
-    leaf: &rustls_pki_types::CertificateDer<'_>,
+    args: &QuoteSources,
+    attestation: impl FnOnce() -> Result<ratls::attestation::Attestation, quote::QuoteError>,
 ) -> Result<Option<Arc<ratls::attested::Attestor>>, Unchecked> {
     let input = |code: u8, e: String| Unchecked::Input(InputError(code, e));
     let policy = match &args.policy {
@@ -210,13 +225,7 @@ async fn quote_checker(
         }
         (None, Some(url)) => {
             // The platform whose collateral to fetch is the quote's own.
-            let attestation = cert::attestation_of(leaf)
-                .map_err(|e| Unchecked::Collateral(quote::QuoteError::Malformed(e.to_string())))?
-                .ok_or_else(|| {
-                    Unchecked::Collateral(quote::QuoteError::Malformed(
-                        "the certificate carries no attestation".into(),
-                    ))
-                })?;
+            let attestation = attestation().map_err(Unchecked::Collateral)?;
             let fmspc = quote::fmspc_of(&attestation.quote).map_err(Unchecked::Collateral)?;
             let pccs = crate::pccs::Pccs::new(&url)
                 .map_err(|e| input(EXIT_UNAVAILABLE, format!("--pccs {url}: {e}")))?;
@@ -346,6 +355,8 @@ pub async fn evidence_verify(
     source: &str,
     ca: Option<&Path>,
     connect_to: Option<std::net::SocketAddr>,
+    quote: QuoteSources,
+    at: Option<String>,
 ) -> ExitCode {
     use crate::acme::evidence::{self, Finding};
     let files = match source.starts_with("https://") || source.starts_with("http://") {
@@ -372,12 +383,42 @@ pub async fn evidence_verify(
             files
         }
     };
-    let findings = evidence::verify(&mut |name| {
-        files
-            .get(name)
-            .cloned()
-            .unwrap_or_else(|| Err("missing".into()))
-    });
+    let now = match at.as_deref().map(parse_time).transpose() {
+        Ok(at) => at.unwrap_or_else(crate::clock::unix_now),
+        Err(e) => return fail(EXIT_BAD_INPUT, format!("--at: {e}")),
+    };
+    // The quote's platform (for --pccs) is read from quote.json as fetched.
+    let fetched_quote = || {
+        let bytes = files
+            .get(evidence::QUOTE)
+            .and_then(|r| r.as_ref().ok())
+            .ok_or_else(|| quote::QuoteError::Malformed(format!("no {}", evidence::QUOTE)))?;
+        let q: ratls::agent::QuoteResponse = serde_json::from_slice(bytes)
+            .map_err(|e| quote::QuoteError::Malformed(e.to_string()))?;
+        ratls::attestation::Attestation::from_get_quote(&q.quote, &q.event_log)
+            .map_err(|e| quote::QuoteError::Malformed(e.to_string()))
+    };
+    let attestor = match quote_checker(&quote, fetched_quote).await {
+        Ok(a) => a,
+        Err(Unchecked::Input(InputError(code, e))) => return fail(code, e),
+        Err(Unchecked::Collateral(e)) => {
+            println!(
+                "FAILED       {}: refused ({}): {e}",
+                evidence::QUOTE,
+                e.reason()
+            );
+            return ExitCode::from(EXIT_REJECTED);
+        }
+    };
+    let findings = evidence::verify(
+        &mut |name| {
+            files
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| Err("missing".into()))
+        },
+        attestor.as_deref().map(|a| (a, now)),
+    );
     let mut failed = false;
     for finding in &findings {
         match finding {

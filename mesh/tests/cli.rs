@@ -634,3 +634,89 @@ fn verify_cert_holds_the_quote_to_a_policy_file() {
     assert_exit(&out, EXIT_BAD_INPUT);
     assert!(stderr(&out).contains("compose_hash"), "{}", stderr(&out));
 }
+
+// ---- evidence verify ----
+
+#[test]
+fn evidence_verify_checks_the_quote_with_collateral_and_a_policy() {
+    // A bundle whose quote.json is the signed simulator's GetQuote answer: its report data is
+    // 1234deadbeef, not the sums' hash (only a TEE can quote the sums), so the bundle as a
+    // whole fails; what is tested here is the quote's own verification.
+    let fixtures = Path::new(CERTS).join("..");
+    let pccs = fixtures.join("mock-pccs");
+    let dir = tempfile::tempdir().unwrap();
+    let account = b"{}";
+    std::fs::write(dir.path().join("acme-account.json"), account).unwrap();
+    let sum = hex::encode(ring::digest::digest(&ring::digest::SHA256, account).as_ref());
+    std::fs::write(
+        dir.path().join("sha256sum.txt"),
+        format!("{sum}  acme-account.json\n"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixtures.join("api/app1-signed/get_quote_post.json"),
+        dir.path().join("quote.json"),
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        mesh()
+            .args(["evidence", "verify"])
+            .arg(dir.path())
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let root = pccs.join("tdx-root-ca.pem");
+    let collateral = [
+        "--collateral",
+        pccs.to_str().unwrap(),
+        "--tdx-root",
+        root.to_str().unwrap(),
+    ];
+    let line = |out: &Output, start: &str| {
+        stdout(out)
+            .lines()
+            .find(|l| {
+                l.starts_with(start) && l.contains("quote.json: ") && !l.contains("report data")
+            })
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no {start:?} quote line: {}", stdout(out)))
+    };
+    let mut args = collateral.to_vec();
+    args.extend(["--at", "2026-12-10T00:00:00Z"]);
+    let out = run(&args);
+    let verified = line(&out, "ok");
+    assert!(verified.contains("TCB UpToDate"), "{verified}");
+    assert!(
+        verified.contains("app 5bb4ff9a3837357f19dc176407a5709c62eb6c56"),
+        "{verified}"
+    );
+    assert!(stdout(&out).contains("FAILED       quote.json: the quote's report data"));
+    // A policy pinning another compose file refuses the quote, naming the rule.
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!("compose_hashes = [\"{}\"]\n", "00".repeat(32)),
+    )
+    .unwrap();
+    let mut pinned = args.clone();
+    pinned.extend(["--policy", policy.to_str().unwrap()]);
+    let out = run(&pinned);
+    assert_exit(&out, EXIT_REJECTED);
+    assert!(
+        line(&out, "FAILED").contains("refused (compose_hash_not_allowed)"),
+        "{}",
+        stdout(&out)
+    );
+    // Past the collateral's nextUpdate.
+    let mut late = collateral.to_vec();
+    late.extend(["--at", "2026-12-23T00:00:00Z"]);
+    assert!(line(&run(&late), "FAILED").contains("collateral_expired"));
+    // Without collateral the quote is not checked, and the output says how to check it.
+    let out = run(&[]);
+    assert!(
+        stdout(&out).contains("give --collateral DIR or --pccs URL"),
+        "{}",
+        stdout(&out)
+    );
+}

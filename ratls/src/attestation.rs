@@ -19,6 +19,8 @@ pub enum Format {
     V0Scale,
     /// `VersionedAttestation::V1`: a msgpack map.
     V1Msgpack,
+    /// A guest agent's `GetQuote` answer: the quote in hex, the event log as JSON.
+    GetQuote,
 }
 
 /// What was read from an attestation extension.
@@ -122,10 +124,92 @@ impl Attestation {
             .and_then(|d| d.get("quote"))
             .and_then(msgpack::Value::bytes)
             .ok_or(AttestationError::Malformed("V1 has no platform.data.quote"))?;
+        // `platform.data.event_log`: maps of imr, event_type, digest, event, event_payload.
+        let events = match value
+            .get("platform")
+            .and_then(|p| p.get("data"))
+            .and_then(|d| d.get("event_log"))
+        {
+            None => &[][..],
+            Some(msgpack::Value::Array(events)) => events.as_slice(),
+            Some(_) => return Err(AttestationError::Malformed("V1 event_log is not an array")),
+        };
+        if events.len() > MAX_EVENTS {
+            return Err(AttestationError::Malformed("V1 event log too long"));
+        }
+        let event_log = events
+            .iter()
+            .map(|e| {
+                let int = |k: &str| match e.get(k) {
+                    Some(msgpack::Value::Int(i)) => u32::try_from(*i).ok(),
+                    _ => None,
+                };
+                Some(TdxEvent {
+                    imr: int("imr")?,
+                    event_type: int("event_type")?,
+                    digest: e.get("digest")?.bytes()?,
+                    event: match e.get("event")? {
+                        msgpack::Value::Str(s) => (*s).to_owned(),
+                        _ => return None,
+                    },
+                    payload: e.get("event_payload")?.bytes()?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or(AttestationError::Malformed("V1 event log entry malformed"))?;
         Ok(Self {
             format: Format::V1Msgpack,
             quote,
-            event_log: Vec::new(),
+            event_log,
+        })
+    }
+
+    /// A guest agent's `GetQuote` answer: `quote` (hex) and `event_log` (a JSON array of
+    /// `{imr, event_type, digest, event, event_payload}`, hex where bytes).
+    pub fn from_get_quote(quote_hex: &str, event_log_json: &str) -> Result<Self, AttestationError> {
+        #[derive(serde::Deserialize)]
+        struct JsonEvent {
+            imr: u32,
+            event_type: u32,
+            digest: String,
+            #[serde(default)]
+            event: String,
+            #[serde(default)]
+            event_payload: String,
+        }
+        let quote = hex::decode(quote_hex.trim().trim_start_matches("0x"))
+            .map_err(|_| AttestationError::Malformed("the quote is not hex"))?;
+        if quote.is_empty() {
+            return Err(AttestationError::Empty);
+        }
+        let events: Vec<JsonEvent> = match event_log_json.trim() {
+            "" => Vec::new(),
+            text => serde_json::from_str(text).map_err(|_| {
+                AttestationError::Malformed("the event log is not a JSON event list")
+            })?,
+        };
+        if events.len() > MAX_EVENTS {
+            return Err(AttestationError::Malformed("event log too long"));
+        }
+        let event_log = events
+            .into_iter()
+            .map(|e| {
+                Some(TdxEvent {
+                    imr: e.imr,
+                    event_type: e.event_type,
+                    digest: hex::decode(&e.digest).ok()?,
+                    event: e.event,
+                    payload: hex::decode(&e.event_payload).ok()?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or(AttestationError::Malformed(
+                "an event's digest or payload is not hex",
+            ))?;
+        Ok(Self {
+            format: Format::GetQuote,
+            quote,
+            event_log,
         })
     }
 

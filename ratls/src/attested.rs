@@ -186,7 +186,23 @@ impl Attestor {
         Ok(facts)
     }
 
-    /// The quote's facts, from the cache or verified now.
+    /// The facts a quote outside any certificate proves (evidence bundles: the report data
+    /// binds a file, not a key), held to the rules for the app its event log measured.
+    pub fn check_evidence(
+        &self,
+        attestation: &Attestation,
+        now: i64,
+    ) -> Result<Arc<QuoteFacts>, AttestationRejection> {
+        let facts = self.verified(&attestation.quote, i64::MAX, attestation, now)?;
+        let measured = facts
+            .app_id
+            .as_deref()
+            .and_then(|a| a.parse::<AppId>().ok());
+        self.apply(&facts, measured.as_ref())?;
+        Ok(facts)
+    }
+
+    /// The quote's facts, from the cache (keyed by the SHA-256 of `leaf_der`) or verified now.
     fn verified(
         &self,
         leaf_der: &[u8],

@@ -167,3 +167,28 @@ fn mutated_signed_attestations_never_panic_the_quote_verifier() {
     assert_eq!(event_ok, 0, "a mutated RTMR3 event verified");
     assert!(quote_ok < 20, "{quote_ok} of 200 mutated quotes verified");
 }
+
+#[test]
+fn mutated_get_quote_answers_never_panic_the_json_event_log_or_fmspc_readers() {
+    // The signed simulator's GetQuote answer: its JSON event log and its quote's PCK chain
+    // (where the FMSPC is read to pick collateral) under mutation.
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/dstack-sim");
+    let body = std::fs::read(dir.join("api/app1-signed/get_quote_post.json")).unwrap();
+    let answer: ratls::agent::QuoteResponse = serde_json::from_slice(&body).unwrap();
+    let quote = hex::decode(&answer.quote).unwrap();
+    assert_eq!(ratls::quote::fmspc_of(&quote).unwrap(), "000000000000");
+    let mut rng = Rng(0x5eed_e7e0_1090_0004);
+    let mut parsed = 0;
+    for i in 0..2000 {
+        if i % 2 == 0 {
+            let log = mutate(&mut rng, answer.event_log.as_bytes());
+            let log = String::from_utf8_lossy(&log);
+            if ratls::attestation::Attestation::from_get_quote(&answer.quote, &log).is_ok() {
+                parsed += 1;
+            }
+        } else {
+            let _ = ratls::quote::fmspc_of(&mutate(&mut rng, &quote));
+        }
+    }
+    eprintln!("{parsed} of 1000 mutated event logs parsed");
+}

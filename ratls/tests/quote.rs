@@ -68,6 +68,45 @@ fn the_signed_fixture_verifies_and_its_event_log_names_app1() {
     assert_eq!(facts.valid_until, 1_797_946_954, "2026-12-22T13:42:34Z");
 }
 
+/// The signed simulator's `GetQuote` answer (report data `1234deadbeef`).
+fn get_quote() -> ratls::agent::QuoteResponse {
+    let body = std::fs::read(fixtures().join("api/app1-signed/get_quote_post.json")).unwrap();
+    serde_json::from_slice(&body).unwrap()
+}
+
+#[test]
+fn a_get_quote_answer_verifies_with_its_json_event_log_and_its_v1_attestation() {
+    let answer = get_quote();
+    let json = Attestation::from_get_quote(&answer.quote, &answer.event_log).unwrap();
+    assert_eq!(json.event_log.len(), 33);
+    let v1 = Attestation::parse(&hex::decode(answer.attestation.unwrap()).unwrap()).unwrap();
+    assert_eq!(v1.format, ratls::attestation::Format::V1Msgpack);
+    assert_eq!(v1.event_log, json.event_log, "one event log, two encodings");
+    for attestation in [json, v1] {
+        let facts = quote::verify(&attestation, &collateral(), &root(), BEFORE).unwrap();
+        assert_eq!(
+            facts.app_id.as_deref(),
+            Some("5bb4ff9a3837357f19dc176407a5709c62eb6c56")
+        );
+        assert!(facts.report_data.starts_with("1234deadbeef"), "{facts:?}");
+    }
+    // A log that does not replay, bad hex and garbage: reasons, not panics.
+    let mut changed = Attestation::from_get_quote(&answer.quote, &answer.event_log).unwrap();
+    let last = changed.event_log.iter_mut().rfind(|e| e.imr == 3).unwrap();
+    last.payload.push(0);
+    assert_eq!(
+        quote::verify(&changed, &collateral(), &root(), BEFORE).unwrap_err(),
+        QuoteError::EventLogMismatch
+    );
+    assert!(Attestation::from_get_quote("zz", "[]").is_err());
+    assert!(Attestation::from_get_quote(&answer.quote, "{not json").is_err());
+    assert!(Attestation::from_get_quote(
+        &answer.quote,
+        r#"[{"imr":3,"event_type":1,"digest":"nothex","event":"x","event_payload":""}]"#
+    )
+    .is_err());
+}
+
 #[test]
 fn expired_collateral_is_refused_as_such() {
     let e = quote::verify(&attestation(), &collateral(), &root(), AFTER).unwrap_err();

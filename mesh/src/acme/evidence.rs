@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, path::Path, sync::Arc};
 
-use ratls::agent::AgentClient;
+use ratls::{agent::AgentClient, attestation::Attestation, attested::Attestor};
 
 use super::store::{CertStore, DirStore};
 
@@ -198,8 +198,13 @@ pub enum Finding {
 }
 
 /// Check evidence files fetched by `get` (a directory or a URL): every listed file against its
-/// sum, and the quote's report data against the sums.
-pub fn verify(get: &mut dyn FnMut(&str) -> Result<Vec<u8>, String>) -> Vec<Finding> {
+/// sum, the quote's report data against the sums, and, with `attested` (an attestor holding
+/// collateral, and the time), the quote itself: its signature, TCB status, event log and the
+/// attestor's rules.
+pub fn verify(
+    get: &mut dyn FnMut(&str) -> Result<Vec<u8>, String>,
+    attested: Option<(&Attestor, i64)>,
+) -> Vec<Finding> {
     let mut out = Vec::new();
     let sums = match get(SUMS) {
         Ok(s) => s,
@@ -251,19 +256,42 @@ pub fn verify(get: &mut dyn FnMut(&str) -> Result<Vec<u8>, String>) -> Vec<Findi
                 }
                 // The signature section follows the 632 bytes of header and report body.
                 let signed = raw.len() > 636;
-                out.push(Finding::NotChecked(match signed {
-                    true => "the quote's signature, TCB status and measurements: they need Intel's \
-                             collateral (PCCS) and the app's expected measurements; verify quote.json \
-                             with dcap-qvl or the dstack verifier"
-                        .into(),
-                    false => "the quote carries no signature: it comes from a development agent and \
-                              proves nothing about a TEE"
-                        .into(),
-                }));
+                out.push(match (signed, attested) {
+                    (false, _) => Finding::NotChecked(
+                        "the quote carries no signature: it comes from a development agent and \
+                         proves nothing about a TEE"
+                            .into(),
+                    ),
+                    (true, None) => Finding::NotChecked(
+                        "the quote's signature, TCB status and measurements: give --collateral DIR \
+                         or --pccs URL (and --policy FILE for the measurements to expect)"
+                            .into(),
+                    ),
+                    (true, Some((attestor, now))) => quote_finding(&q, attestor, now),
+                });
             }
         },
     }
     out
+}
+
+/// The quote of `q` verified by `attestor` at `now`, as a finding.
+fn quote_finding(q: &ratls::agent::QuoteResponse, attestor: &Attestor, now: i64) -> Finding {
+    let attestation = match Attestation::from_get_quote(&q.quote, &q.event_log) {
+        Ok(a) => a,
+        Err(e) => return Finding::Failed(format!("{QUOTE}: {e}")),
+    };
+    match attestor.check_evidence(&attestation, now) {
+        Ok(facts) => Finding::Ok(format!(
+            "{QUOTE}: the quote verifies (TCB {}), its event log replays to RTMR3 and meets the \
+             policy: app {}, compose hash {}, OS image {}",
+            facts.tcb_status,
+            facts.app_id.as_deref().unwrap_or("(none measured)"),
+            facts.compose_hash.as_deref().unwrap_or("(none measured)"),
+            facts.os_image_hash.as_deref().unwrap_or("(none measured)"),
+        )),
+        Err(r) => Finding::Failed(format!("{QUOTE}: refused ({}): {r}", r.reason())),
+    }
 }
 
 #[cfg(test)]
@@ -322,7 +350,7 @@ mod tests {
                 }
             }
         };
-        let good = verify(&mut files(cert.clone()));
+        let good = verify(&mut files(cert.clone()), None);
         assert!(
             !good.iter().any(|f| matches!(f, Finding::Failed(_))),
             "{good:?}"
@@ -332,7 +360,7 @@ mod tests {
             .any(|f| matches!(f, Finding::NotChecked(m) if m.contains("development agent"))));
         let mut altered = cert.clone();
         altered.push(b'x');
-        let bad = verify(&mut files(altered));
+        let bad = verify(&mut files(altered), None);
         assert!(
             bad.contains(&Finding::Failed(
                 "cert-a.example.pem: SHA-256 differs from sha256sum.txt: the file was changed"
