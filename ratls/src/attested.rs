@@ -110,8 +110,11 @@ pub struct Attestor {
     verdicts: Mutex<HashMap<[u8; 32], Verdict>>,
 }
 
-/// A verified quote's facts and until when they stand (unix seconds).
-type Verdict = (Arc<QuoteFacts>, i64);
+/// A quote's facts, or why it proves nothing, and until when that stands (unix seconds). A
+/// failure is kept only where new collateral cannot change it (a bad signature, a log that
+/// does not replay), and only until new collateral arrives: a peer presenting a bad quote
+/// costs one verification, not one per handshake.
+type Verdict = (Result<Arc<QuoteFacts>, quote::QuoteError>, i64);
 
 impl std::fmt::Debug for Attestor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -142,11 +145,19 @@ impl Attestor {
             set.insert(collateral.clone());
             set
         });
+        self.forget_failures();
     }
 
     /// Use `set` from now on, for every platform (a directory reloaded).
     pub fn replace_collateral(&self, set: CollateralSet) {
         self.collateral.store(Arc::new(set));
+        self.forget_failures();
+    }
+
+    /// New collateral: failed quotes get another verification.
+    fn forget_failures(&self) {
+        let mut verdicts = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+        verdicts.retain(|_, (verdict, _)| verdict.is_ok());
     }
 
     /// The collateral in use, per platform.
@@ -214,9 +225,9 @@ impl Attestor {
         key.copy_from_slice(digest(&SHA256, leaf_der).as_ref());
         {
             let verdicts = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((facts, until)) = verdicts.get(&key) {
+            if let Some((verdict, until)) = verdicts.get(&key) {
                 if now <= *until {
-                    return Ok(facts.clone());
+                    return verdict.clone().map_err(Into::into);
                 }
             }
         }
@@ -227,13 +238,24 @@ impl Attestor {
             )
             .into());
         }
-        let facts = Arc::new(quote::verify(
+        let collateral = set.for_quote(&attestation.quote)?;
+        let verdict = quote::verify(
             attestation,
-            set.for_quote(&attestation.quote)?,
+            collateral,
             &self.root,
             u64::try_from(now).unwrap_or(0),
-        )?);
-        let until = leaf_not_after.min(facts.valid_until);
+        )
+        .map(Arc::new);
+        let until = match &verdict {
+            Ok(facts) => leaf_not_after.min(facts.valid_until),
+            Err(
+                quote::QuoteError::Signature(_)
+                | quote::QuoteError::EventLogMismatch
+                | quote::QuoteError::Malformed(_),
+            ) => leaf_not_after.min(collateral.next_update),
+            // Collateral missing or expired: the next collateral decides.
+            Err(e) => return Err(e.clone().into()),
+        };
         let mut verdicts = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
         if verdicts.len() >= MAX_CACHED {
             verdicts.retain(|_, (_, until)| *until >= now);
@@ -241,8 +263,16 @@ impl Attestor {
                 verdicts.clear();
             }
         }
-        verdicts.insert(key, (facts.clone(), until));
-        Ok(facts)
+        verdicts.insert(key, (verdict.clone(), until));
+        verdict.map_err(Into::into)
+    }
+
+    /// How many verdicts are cached (tests, the status page).
+    pub fn cached(&self) -> usize {
+        self.verdicts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     /// The rules, on verified facts.

@@ -368,6 +368,34 @@ mod policy {
     }
 
     #[test]
+    fn a_bad_quote_is_verified_once_until_new_collateral_arrives() {
+        let attestor = Attestor::new(Rules::default(), root());
+        attestor.set_collateral(collateral());
+        let mut bad = attestation();
+        bad.quote[200] ^= 1;
+        for _ in 0..3 {
+            let e = attestor.check_evidence(&bad, BEFORE as i64).unwrap_err();
+            assert_eq!(e.reason(), "quote_signature");
+        }
+        assert_eq!(attestor.cached(), 1, "one verdict for the bad quote");
+        attestor
+            .check_evidence(&attestation(), BEFORE as i64)
+            .unwrap();
+        assert_eq!(attestor.cached(), 2);
+        // New collateral: the failure gets another chance, the success stands.
+        attestor.set_collateral(collateral());
+        assert_eq!(attestor.cached(), 1);
+        // An expired collateral is not the quote's fault: nothing is kept.
+        let fresh = Attestor::new(Rules::default(), root());
+        fresh.set_collateral(collateral());
+        let e = fresh
+            .check_evidence(&attestation(), AFTER as i64)
+            .unwrap_err();
+        assert_eq!(e.reason(), "collateral_expired");
+        assert_eq!(fresh.cached(), 0);
+    }
+
+    #[test]
     fn the_verdict_is_cached_by_the_certificate() {
         let (policy, attestor) = policy(Rules::default());
         verify(&policy).unwrap();
