@@ -201,7 +201,8 @@ impl App {
                 .with_outbound(outbound.clone())
                 .with_tunnels(tcp_services.clone(), tunnels.clone())
                 .with_metrics(shared.metrics.clone())
-                .with_drain(shared.drain.clone());
+                .with_drain(shared.drain.clone())
+                .with_attestor(shared.attestor.clone());
             let admin = Arc::new(admin);
             tasks.spawn(admin.clone().serve(listener));
             admin

@@ -65,6 +65,7 @@ struct Pair {
     b: ChildGuard,
     b_config: String,
     inbound: std::net::SocketAddr,
+    b_admin: std::net::SocketAddr,
 }
 
 impl Pair {
@@ -87,6 +88,7 @@ impl Pair {
         );
         let (b, b_bound) = sidecar(d, "sidecar-b", &format!("{b_config}{}", attestation(b_pin)));
         let inbound = e2e::listener(&b_bound, "inbound");
+        let b_admin = e2e::listener(&b_bound, "admin");
         Self {
             dir,
             agent_section,
@@ -95,6 +97,7 @@ impl Pair {
             b,
             b_config,
             inbound,
+            b_admin,
         }
     }
 
@@ -126,6 +129,47 @@ async fn call(a_pin: &str, b_pin: &str) -> (StatusCode, String, usize) {
     let pair = Pair::start(b_pin).await;
     let (status, body) = pair.call("sidecar-a", a_pin).await;
     (status, body, pair.backend.count())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_port_shows_the_collateral_and_readiness_depends_on_it() {
+    let pair = Pair::start(COMPOSE).await;
+    let (status, body) = pair.call("sidecar-a", COMPOSE).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, metrics) = e2e::client::http1_get(pair.b_admin, "/metrics", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains("dstack_mesh_attestation_collateral_next_update_timestamp_seconds{fmspc=\"000000000000\"} 1797946954"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("dstack_mesh_attestation_verdicts_cached 1"),
+        "{metrics}"
+    );
+    assert_eq!(
+        e2e::client::http1_get(pair.b_admin, "/ready", &[]).await.0,
+        StatusCode::OK
+    );
+    // A sidecar whose collateral directory is empty refuses every peer: not ready, saying why.
+    let empty = pair.dir.path().join("no-collateral");
+    std::fs::create_dir(&empty).unwrap();
+    let pccs = fixtures().join("mock-pccs");
+    let (_c, c_bound) = sidecar(
+        pair.dir.path(),
+        "sidecar-c",
+        &format!(
+            "{}[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"127.0.0.1:9\"\n[auth]\nenabled = false\n[client]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n[attestation]\nrequired = true\ncollateral_dir = \"{}\"\ntdx_root = \"{}\"\n",
+            pair.agent_section,
+            empty.display(),
+            pccs.join("tdx-root-ca.pem").display()
+        ),
+    );
+    let (status, body) =
+        e2e::client::http1_get(e2e::listener(&c_bound, "admin"), "/ready", &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("attestation: no valid collateral"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

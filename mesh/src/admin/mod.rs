@@ -108,6 +108,7 @@ pub struct Admin {
     tunnels: Vec<Arc<crate::tunnel::TunnelPort>>,
     metrics: Arc<Metrics>,
     drain: proxy::Drain,
+    attestor: Option<Arc<ratls::attested::Attestor>>,
 }
 
 impl Admin {
@@ -122,6 +123,7 @@ impl Admin {
             tunnels: Vec::new(),
             metrics: Arc::default(),
             drain: proxy::Drain::default(),
+            attestor: None,
         }
     }
 
@@ -156,6 +158,12 @@ impl Admin {
     ) -> Self {
         self.tcp = tcp;
         self.tunnels = tunnels;
+        self
+    }
+
+    /// Also report on the attestation policy's collateral.
+    pub fn with_attestor(mut self, attestor: Option<Arc<ratls::attested::Attestor>>) -> Self {
+        self.attestor = attestor;
         self
     }
 
@@ -232,6 +240,12 @@ impl Admin {
         }
         if let Some(acme) = self.acme.load_full() {
             problems.extend(acme.problems());
+        }
+        if let Some(attestor) = &self.attestor {
+            let now = crate::clock::unix_now();
+            if !attestor.collateral().iter().any(|c| c.next_update > now) {
+                problems.push("attestation: no valid collateral (PCCS not reached, directory missing or expired): every peer is refused as collateral_unavailable or collateral_expired".into());
+            }
         }
         problems
     }
@@ -334,6 +348,14 @@ impl Admin {
             identity_not_after: self.identity.current().not_after,
             certificates: self.acme.load_full().map(|a| a.status()),
             store: self.acme.load_full().and_then(|a| a.store_state()),
+            attestation: self.attestor.as_ref().map(|a| {
+                let platforms = a
+                    .collateral()
+                    .iter()
+                    .map(|c| (c.fmspc.clone(), c.next_update))
+                    .collect();
+                (platforms, a.cached())
+            }),
         };
         crate::metrics::exposition(vec![Box::new(self.metrics.clone()), Box::new(state)])
     }
@@ -351,6 +373,8 @@ struct State {
     certificates: Option<Vec<crate::acme::CertStatus>>,
     /// The fleet's store: up, and values refused by kind.
     store: Option<(bool, Vec<(&'static str, u64)>)>,
+    /// The attestation policy's collateral (FMSPC, nextUpdate) and its cached verdicts.
+    attestation: Option<(Vec<(String, i64)>, usize)>,
 }
 
 impl Collector for State {
@@ -407,6 +431,27 @@ impl Collector for State {
                     .encode_family(&[("kind", *kind)])?
                     .encode_counter::<NoLabelSet, _, u64>(n, None)?;
             }
+        }
+        if let Some((platforms, cached)) = &self.attestation {
+            let mut family = encoder.encode_descriptor(
+                "dstack_mesh_attestation_collateral_next_update_timestamp_seconds",
+                "When each platform's (FMSPC's) collateral stops verifying quotes.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (fmspc, next) in platforms {
+                family
+                    .encode_family(&[("fmspc", fmspc.as_str())])?
+                    .encode_gauge(next)?;
+            }
+            encoder
+                .encode_descriptor(
+                    "dstack_mesh_attestation_verdicts_cached",
+                    "Peer certificates whose quote verdict is cached.",
+                    None,
+                    MetricType::Gauge,
+                )?
+                .encode_gauge(&(*cached as i64))?;
         }
         match &self.certificates {
             Some(status) => encode_certificates(status, &mut encoder),
