@@ -257,14 +257,18 @@ async fn a_wrong_etcd_endpoint_is_named_and_the_mesh_still_serves() {
     let state = d.join("state");
     let backend = Backend::start().await;
     let nobody = format!("http://127.0.0.1:{}", e2e::free_port());
-    let (processes, inbound, admin) = replica(
+    // A short store deadline: etcd's client retries a refused endpoint until it passes.
+    let r = replica_with(
         d,
         0,
         &state,
         backend.addr,
         std::slice::from_ref(&nobody),
         CALLER,
+        "",
+        "timeout = \"2s\"\n",
     );
+    let (processes, inbound, admin) = (r.processes, r.inbound, r.admin);
     let mesh = &processes[1];
     wait_until("the store error", Duration::from_secs(30), || {
         let log = mesh.stderr();
