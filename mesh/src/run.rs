@@ -67,7 +67,7 @@ async fn serve(flag: Option<PathBuf>, defaults: Defaults) -> ExitCode {
     let config = match Config::load_as(path.as_deref(), &Env, defaults) {
         Ok((config, notes)) => {
             for note in notes {
-                tracing::info!(target: "dstack_mesh::migration", "dstack-vpc default: {note}");
+                tracing::info!(target: "dstack_mesh::migration", "{note}");
             }
             config
         }

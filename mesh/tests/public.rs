@@ -915,3 +915,63 @@ fn send_proxy_protocol_is_for_tcp_mode_only() {
         .collect();
     assert_eq!(sends, [false, true]);
 }
+
+#[tokio::test]
+async fn a_wildcard_routes_names_to_their_own_backends_with_the_alpn_set() {
+    // dstack-ingress's variables: one wildcard certificate, a name under it routed apart,
+    // HTTP/1.1 only on the wire.
+    let dir = tempfile::tempdir().unwrap();
+    let sockets = tempfile::tempdir_in(dir.path()).unwrap();
+    let (server, agent) = identity(sockets.path(), &dir.path().join("state"), SERVER).await;
+    let (web, api) = (Backend::start().await, Backend::start().await);
+    let text = format!(
+        "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{web}\"\n[auth]\nenabled = false\n\
+         [admin]\nenabled = false\n[client]\nenabled = false\n\
+         [acme]\nstore = \"{store}\"\nissuer = \"internal-ca\"\n",
+        web = web.addr,
+        store = dir.path().join("store").display(),
+    );
+    let (web_addr, api_addr) = (
+        web.addr.to_string(),
+        format!("api.example.test={}", api.addr),
+    );
+    let env = HashMap::from([
+        ("DOMAINS", "*.example.test"),
+        ("TARGET_ENDPOINT", web_addr.as_str()),
+        ("ROUTING_MAP", api_addr.as_str()),
+        ("ALPN", "http/1.1"),
+    ]);
+    let app = App::start_with(Config::from_toml(&text, &env).unwrap(), server)
+        .await
+        .unwrap();
+    wait_valid(&app, "*.example.test").await;
+    let root = internal_root(dir.path());
+    let addr = app.addr("inbound").unwrap();
+    let mut client = https(addr, "api.example.test", &root, H2_H1).await;
+    assert!(
+        !client.is_h2(),
+        "h2 offered though ALPN names HTTP/1.1 only"
+    );
+    let (status, _, _) = client
+        .get("/", &[("host", "api.example.test")])
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (api.count(), web.count()),
+        (1, 0),
+        "api.example.test went to its own backend"
+    );
+    let mut client = https(addr, "www.example.test", &root, H2_H1).await;
+    let (status, _, _) = client
+        .get("/", &[("host", "www.example.test")])
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (api.count(), web.count()),
+        (1, 1),
+        "the rest of the wildcard went to TARGET_ENDPOINT"
+    );
+    agent.abort();
+}

@@ -290,9 +290,33 @@ fn pick(
     super::source::first(env, keys).or(file.map(|v| (key, v)))
 }
 
-/// `DNS_PROVIDER` / `[dns] provider` and its credentials.
+/// dstack-ingress picks the provider by the first credential set, in this order, when
+/// `DNS_PROVIDER` is not set.
+const DETECTED: [(&str, &str); 4] = [
+    ("CLOUDFLARE_API_TOKEN", "cloudflare"),
+    ("LINODE_API_TOKEN", "linode"),
+    ("NAMECHEAP_API_KEY", "namecheap"),
+    ("AWS_ACCESS_KEY_ID", "route53"),
+];
+
+/// Whether the DNS provider is named by the environment (`DNS_PROVIDER`, or a credential
+/// dstack-ingress detects it by), as a dstack-ingress deployment names it.
+pub(super) fn provider_from_env(env: &dyn Source) -> bool {
+    super::source::first(env, env::PROVIDER).is_some()
+        || DETECTED.iter().any(|(var, _)| env.get(var).is_some())
+}
+
+/// `DNS_PROVIDER` / `[dns] provider` (else, as dstack-ingress does, the provider whose
+/// credential is set) and its credentials.
 fn provider(raw: &RawDns, env: &dyn Source, c: &mut Check) -> Option<ProviderConfig> {
-    let (key, name) = pick(env, env::PROVIDER, raw.provider.clone(), "dns.provider")?;
+    let detected = || {
+        DETECTED
+            .iter()
+            .find(|(var, _)| env.get(var).is_some())
+            .map(|(var, name)| (*var, (*name).to_owned()))
+    };
+    let (key, name) =
+        pick(env, env::PROVIDER, raw.provider.clone(), "dns.provider").or_else(detected)?;
     match name.trim().to_ascii_lowercase().as_str() {
         "cloudflare" => cloudflare(raw, env, key, c),
         "rfc2136" => rfc2136(raw, env, key, c),

@@ -30,6 +30,45 @@ pub mod env {
     pub const EVIDENCE_SERVER: &[&str] = &["EVIDENCE_SERVER"];
     /// Send tcp-mode backends a PROXY v2 header with the client's address.
     pub const SEND_PROXY_PROTOCOL: &[&str] = &["SEND_PROXY_PROTOCOL"];
+    /// The ALPN protocols offered on the environment's domains (`h2,http/1.1`).
+    pub const ALPN: &[&str] = &["ALPN"];
+    /// Where the evidence files are kept: `acme.evidence_dir`.
+    pub const EVIDENCE_DIR: &[&str] = &["EVIDENCE_DIR"];
+    /// dstack-ingress's name for `DELEGATION_ZONE` before 2.3, which it now ignores silently.
+    pub const OLD_CHALLENGE_ALIAS: &str = "ACME_CHALLENGE_ALIAS";
+    /// dstack-ingress settings of its own internals (certbot, lego, its HAProxy's loopback
+    /// hops, its evidence HTTP server): accepted, and logged as not needed.
+    pub const INTERNALS: [(&str, &str); 9] = [
+        ("LEGO_PATH", "lego's state directory"),
+        ("LEGO_BIN", "the lego binary"),
+        ("TLSALPN_PORT", "lego's loopback TLS-ALPN-01 port"),
+        ("TLSALPN_ADDRESS", "lego's loopback TLS-ALPN-01 address"),
+        ("TLS_TERMINATE_PORT", "HAProxy's loopback TLS hop"),
+        ("CERTBOT_TIMEOUT", "certbot's deadline"),
+        (
+            "RENEW_INTERVAL",
+            "renewal runs on a timer with jitter and backoff",
+        ),
+        (
+            "EVIDENCE_PORT",
+            "evidence is served on the domains themselves, at /evidences/",
+        ),
+        (
+            "CLIENT_MAX_BODY_SIZE",
+            "bodies stream; there is no limit to raise",
+        ),
+    ];
+}
+
+/// Notes on the dstack-ingress variables set that dstack-mesh does not need.
+pub(super) fn ingress_notes(env: &dyn Source) -> Vec<String> {
+    env::INTERNALS
+        .iter()
+        .filter_map(|(var, why)| {
+            env.get(var)
+                .map(|_| format!("dstack-ingress setting not needed: {var} ({why})"))
+        })
+        .collect()
 }
 
 /// Default directory of the certificate store.
@@ -146,6 +185,12 @@ pub struct DomainConfig {
     /// `tcp` mode: each connection to the backend starts with a PROXY v2 header naming the
     /// client (`http` mode tells it in `x-forwarded-for` instead).
     pub send_proxy_protocol: bool,
+    /// The ALPN protocols offered, in preference order; empty: `h2`, `http/1.1` in http mode,
+    /// none in tcp mode.
+    pub alpn: Vec<String>,
+    /// Names under a wildcard that go to their own backend (dstack-ingress's `ROUTING_MAP`
+    /// beside `DOMAINS=*.example.com`), by the name the client asked for.
+    pub routes: BTreeMap<String, HostPort>,
 }
 
 impl DomainConfig {
@@ -153,6 +198,43 @@ impl DomainConfig {
     pub fn primary(&self) -> &str {
         self.names.first().map_or("", String::as_str)
     }
+
+    /// Where a connection for the name `sni` goes.
+    pub fn backend_for(&self, sni: Option<&str>) -> &HostPort {
+        sni.and_then(|n| self.routes.get(&n.to_ascii_lowercase()))
+            .unwrap_or(&self.backend)
+    }
+
+    /// The ALPN protocols its TLS configuration offers.
+    pub fn alpn_offer(&self) -> Vec<Vec<u8>> {
+        match (self.alpn.is_empty(), self.mode) {
+            (true, Mode::Http) => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            (true, Mode::Tcp) => Vec::new(),
+            (false, _) => self.alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
+        }
+    }
+}
+
+/// An ALPN list (`ALPN`, `[[domains]] alpn`): protocol ids as dstack-ingress accepts them; in
+/// http mode only the ones the proxy speaks.
+fn alpn_list(key: &str, items: &[String], mode: Mode, c: &mut Check) -> Vec<String> {
+    let mut out = Vec::new();
+    for p in items.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
+        let valid = p.len() <= 255
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'/' | b'-'));
+        if !valid {
+            c.fail(
+                key,
+                format!("{p:?} is not an ALPN protocol id (letters, digits, . / -)"),
+            );
+        } else if mode == Mode::Http && !matches!(p, "h2" | "http/1.1") {
+            c.fail(key, format!("{p:?}: an http-mode domain speaks h2 and http/1.1 only (use mode = \"tcp\" to pass another protocol through)"));
+        } else if !out.iter().any(|o: &String| o == p) {
+            out.push(p.to_owned());
+        }
+    }
+    out
 }
 
 /// External Account Binding for CAs that require it (ZeroSSL, most commercial CAs).
@@ -298,6 +380,7 @@ pub struct RawDomain {
     pub issuer: Option<String>,
     pub challenge: Option<String>,
     pub send_proxy_protocol: Option<bool>,
+    pub alpn: Option<Vec<String>>,
 }
 
 /// Check one DNS name (lowercased, no trailing dot); `*.` is allowed as the first label.
@@ -382,6 +465,13 @@ pub(super) fn public(
 ) -> PublicConfig {
     let (acme, issuer, challenge) = acme_settings(acme, env, c);
     let dns = super::dns::dns(dns, env, c);
+    // dstack-ingress answers DNS-01 unless told otherwise; so do its deployments here, when
+    // their DNS credentials come from the environment.
+    let challenge = match challenge {
+        Some(chosen) => chosen,
+        None if dns.provider.is_some() && super::dns::provider_from_env(env) => Challenge::Dns01,
+        None => Challenge::default(),
+    };
     let mut list = Vec::new();
     let send_proxy = env_flag(env, env::SEND_PROXY_PROTOCOL, c).unwrap_or(false);
     for (i, d) in domains.iter().enumerate() {
@@ -401,7 +491,7 @@ fn acme_settings(
     acme: Option<&RawAcme>,
     env: &dyn Source,
     c: &mut Check,
-) -> (AcmeConfig, Issuer, Challenge) {
+) -> (AcmeConfig, Issuer, Option<Challenge>) {
     let first = |keys: &[&'static str]| super::source::first(env, keys);
     let raw = acme.cloned().unwrap_or_default();
     let staging = env_flag(env, env::STAGING, c);
@@ -415,12 +505,13 @@ fn acme_settings(
         (_, None) => Issuer::Acme(LETSENCRYPT.into()),
     };
     let challenge = match (first(env::CHALLENGE), raw.challenge.as_deref()) {
-        (Some((var, v)), _) => v.parse().map_err(|e| c.fail(var, e)).unwrap_or_default(),
-        (None, Some(v)) => v
-            .parse()
-            .map_err(|e| c.fail("acme.challenge", e))
-            .unwrap_or_default(),
-        (None, None) => Challenge::default(),
+        (Some((var, v)), _) => Some(v.parse().map_err(|e| c.fail(var, e)).unwrap_or_default()),
+        (None, Some(v)) => Some(
+            v.parse()
+                .map_err(|e| c.fail("acme.challenge", e))
+                .unwrap_or_default(),
+        ),
+        (None, None) => None,
     };
     let renew_before = renew_before(&raw, env, c);
     let eab = match (raw.eab_kid, raw.eab_hmac_key) {
@@ -438,8 +529,9 @@ fn acme_settings(
         .store
         .map_or_else(|| DEFAULT_STORE.into(), PathBuf::from);
     let acme = AcmeConfig {
-        evidence_dir: raw
-            .evidence_dir
+        evidence_dir: first(env::EVIDENCE_DIR)
+            .map(|(_, v)| v)
+            .or(raw.evidence_dir)
             .map_or_else(|| store.join("evidences"), PathBuf::from),
         evidence_server: evidence_server.or(raw.evidence_server).unwrap_or(true),
         key_source: raw
@@ -575,6 +667,12 @@ fn configured_domain(
         (None, Mode::Tcp) => send_proxy_protocol,
         (None, Mode::Http) => false,
     };
+    let alpn = alpn_list(
+        &format!("{key}.alpn"),
+        d.alpn.as_deref().unwrap_or_default(),
+        mode,
+        c,
+    );
     Some((
         key,
         DomainConfig {
@@ -584,6 +682,8 @@ fn configured_domain(
             issuer,
             challenge,
             send_proxy_protocol,
+            alpn,
+            routes: BTreeMap::new(),
         },
     ))
 }
@@ -602,13 +702,27 @@ fn ingress_domains(
     let many = first(env::DOMAINS);
     let target = first(env::TARGET_ENDPOINT);
     let alias = first(env::ALIAS_DOMAIN);
+    if env.get(env::OLD_CHALLENGE_ALIAS).is_some() {
+        c.fail(
+            env::OLD_CHALLENGE_ALIAS,
+            "renamed DELEGATION_ZONE in dstack-ingress 2.3 (which now ignores the old name silently and leaves delegation off): set DELEGATION_ZONE instead",
+        );
+    }
+    let alpn = match first(env::ALPN) {
+        Some((var, text)) => {
+            let items: Vec<String> = text.split(',').map(str::to_owned).collect();
+            alpn_list(var, &items, Mode::Http, c)
+        }
+        None => Vec::new(),
+    };
     let mut routes = routing_map(env, c);
     let default_backend = target
         .as_ref()
         .and_then(|(var, t)| parse_target(t).map_err(|e| c.fail(var, e)).ok());
-    let mut env_domains: Vec<(&str, String)> = Vec::new();
+    // (variable, entry number in DOMAINS, name)
+    let mut env_domains: Vec<(&str, Option<usize>, String)> = Vec::new();
     if let Some((var, d)) = &single {
-        env_domains.push((var, d.clone()));
+        env_domains.push((var, None, d.trim().to_owned()));
     }
     if let Some((var, text)) = &many {
         if alias.is_some() {
@@ -617,19 +731,19 @@ fn ingress_domains(
                 "ALIAS_DOMAIN adds a name to the single DOMAIN's certificate and cannot be combined with DOMAINS: list the alias in DOMAINS (and ROUTING_MAP) instead",
             );
         }
-        for line in text
-            .split(['\n', ','])
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-        {
-            env_domains.push((var, line.to_owned()));
+        for (n, line) in entries(text) {
+            env_domains.push((var, Some(n), line.to_owned()));
         }
     }
     if alias.is_some() && single.is_none() && many.is_none() {
         c.fail("ALIAS_DOMAIN", "ALIAS_DOMAIN needs DOMAIN");
     }
-    for (var, text) in env_domains {
-        let Ok(name) = check_name(&text).map_err(|e| c.fail(var, e)) else {
+    for (var, n, text) in env_domains {
+        let named = |e: String| match n {
+            Some(n) => format!("entry {n} ({text:?}): {e}"),
+            None => e,
+        };
+        let Ok(name) = check_name(&text).map_err(|e| c.fail(var, named(e))) else {
             continue;
         };
         let Some(backend) = routes.remove(&name).or_else(|| default_backend.clone()) else {
@@ -658,14 +772,26 @@ fn ingress_domains(
                 issuer: issuer.clone(),
                 challenge,
                 send_proxy_protocol: false,
+                alpn: alpn.clone(),
+                routes: BTreeMap::new(),
             },
         ));
     }
-    for domain in routes.keys() {
-        c.fail(
-            "ROUTING_MAP",
-            format!("{domain} is routed but is not in DOMAIN or DOMAINS"),
-        );
+    // A routed name under a wildcard domain: that certificate, its own backend.
+    for (name, backend) in routes {
+        let parent = name.split_once('.').map(|(_, p)| format!("*.{p}"));
+        match list
+            .iter_mut()
+            .find(|(_, d)| parent.as_ref().is_some_and(|p| d.names.contains(p)))
+        {
+            Some((_, d)) => {
+                d.routes.insert(name, backend);
+            }
+            None => c.fail(
+                "ROUTING_MAP",
+                format!("{name} is routed but neither DOMAIN nor DOMAINS holds it or a wildcard over it"),
+            ),
+        }
     }
 
     list
@@ -676,24 +802,39 @@ fn routing_map(env: &dyn Source, c: &mut Check) -> BTreeMap<String, HostPort> {
     let first = |keys: &[&'static str]| super::source::first(env, keys);
     let mut routes = BTreeMap::new();
     if let Some((var, map)) = first(env::ROUTING_MAP) {
-        for line in map
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        {
+        for (n, line) in entries(&map) {
             let Some((domain, backend)) = line.split_once('=') else {
-                c.fail(var, format!("{line:?}: expected domain=host:port"));
+                c.fail(
+                    var,
+                    format!("entry {n} ({line:?}): expected domain=host:port"),
+                );
                 continue;
             };
-            match (check_name(domain), parse_target(backend)) {
+            match (check_name(domain.trim()), parse_target(backend.trim())) {
                 (Ok(d), Ok(b)) => {
                     routes.insert(d, b);
                 }
-                (Err(e), _) | (_, Err(e)) => c.fail(var, e),
+                (Err(e), _) | (_, Err(e)) => c.fail(var, format!("entry {n} ({line:?}): {e}")),
             }
         }
     }
     routes
+}
+
+/// The entries of a dstack-ingress list variable, numbered from 1: one per line, or
+/// comma-separated when it is one line; blank and `#` lines skipped.
+fn entries(text: &str) -> Vec<(usize, &str)> {
+    let items: Vec<&str> = match text.trim().contains('\n') {
+        true => text.lines().collect(),
+        false => text.split(',').collect(),
+    };
+    items
+        .into_iter()
+        .map(str::trim)
+        .enumerate()
+        .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
+        .map(|(i, l)| (i + 1, l))
+        .collect()
 }
 
 /// Names are unique across domains; wildcards need DNS-01; each challenge has what it needs.

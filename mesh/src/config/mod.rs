@@ -97,6 +97,14 @@ pub mod env {
     pub const NGINX_SECRET: &[&str] = &["DSTACK_MESH_NGINX_SECRET"];
     /// The server name `nginx-config server` renders.
     pub const SERVER_NAME: &[&str] = &["DSTACK_MESH_SERVER_NAME"];
+    /// dstack-ingress's connection cap (HAProxy `maxconn`): `inbound.max_connections`.
+    pub const MAXCONN: &[&str] = &["MAXCONN"];
+    /// dstack-ingress's backend connect timeout (`10s`): `inbound.backend_connect_timeout`.
+    pub const TIMEOUT_CONNECT: &[&str] = &["TIMEOUT_CONNECT"];
+    /// dstack-ingress's client inactivity timeout (`86400s`): `inbound.idle_timeout`.
+    pub const TIMEOUT_CLIENT: &[&str] = &["TIMEOUT_CLIENT"];
+    /// dstack-ingress's server inactivity timeout (`86400s`): `inbound.backend_timeout`.
+    pub const TIMEOUT_SERVER: &[&str] = &["TIMEOUT_SERVER"];
 }
 
 /// Whose defaults fill in what the file and environment leave out.
@@ -683,10 +691,14 @@ impl Config {
         let registry = tunnels::registry(raw.registry.as_ref(), env, &mut c);
         let attestation = attestation::attestation(raw.attestation.as_ref(), &mut c);
         needs_listeners(&tunnels, &registry, &inbound, &client, &mut c);
-        let notes = match defaults {
+        let mut notes = match defaults {
             Defaults::Ours => Vec::new(),
-            Defaults::DstackVpc => dstack_vpc_defaults(raw, env, &public, &mut inbound, &mut auth),
+            Defaults::DstackVpc => dstack_vpc_defaults(raw, env, &public, &mut inbound, &mut auth)
+                .into_iter()
+                .map(|n| format!("dstack-vpc default: {n}"))
+                .collect(),
         };
+        notes.extend(domains::ingress_notes(env));
         let mut listeners = vec![
             ("inbound.listen".to_owned(), inbound.enabled, inbound.listen),
             (
@@ -851,22 +863,36 @@ fn inbound(raw: &RawConfig, env: &dyn Source, c: &mut Check) -> InboundConfig {
             ib.header_timeout.as_ref(),
             DEFAULT_HEADER_TIMEOUT,
         ),
-        idle_timeout: c.duration(
-            "inbound.idle_timeout",
-            ib.idle_timeout.as_ref(),
-            DEFAULT_IDLE_TIMEOUT,
+        idle_timeout: haproxy_timeout(env, env::TIMEOUT_CLIENT, c).unwrap_or_else(|| {
+            c.duration(
+                "inbound.idle_timeout",
+                ib.idle_timeout.as_ref(),
+                DEFAULT_IDLE_TIMEOUT,
+            )
+        }),
+        backend_connect_timeout: haproxy_timeout(env, env::TIMEOUT_CONNECT, c).unwrap_or_else(
+            || {
+                c.duration(
+                    "inbound.backend_connect_timeout",
+                    ib.backend_connect_timeout.as_ref(),
+                    DEFAULT_BACKEND_CONNECT_TIMEOUT,
+                )
+            },
         ),
-        backend_connect_timeout: c.duration(
-            "inbound.backend_connect_timeout",
-            ib.backend_connect_timeout.as_ref(),
-            DEFAULT_BACKEND_CONNECT_TIMEOUT,
-        ),
-        backend_timeout: c.duration(
-            "inbound.backend_timeout",
-            ib.backend_timeout.as_ref(),
-            DEFAULT_BACKEND_TIMEOUT,
-        ),
-        max_connections: ib.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        backend_timeout: haproxy_timeout(env, env::TIMEOUT_SERVER, c).unwrap_or_else(|| {
+            c.duration(
+                "inbound.backend_timeout",
+                ib.backend_timeout.as_ref(),
+                DEFAULT_BACKEND_TIMEOUT,
+            )
+        }),
+        max_connections: match source::first(env, env::MAXCONN) {
+            Some((var, v)) => v.trim().parse().unwrap_or_else(|_| {
+                c.fail(var, format!("{v:?} is not a number of connections"));
+                DEFAULT_MAX_CONNECTIONS
+            }),
+            None => ib.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        },
         max_header_bytes: ib.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES),
         proxy_protocol: match (source::first(env, env::PROXY_PROTOCOL), &ib.proxy_protocol) {
             (Some((var, v)), _) => v.parse().map_err(|e| c.fail(var, e)).unwrap_or_default(),
@@ -879,6 +905,47 @@ fn inbound(raw: &RawConfig, env: &dyn Source, c: &mut Check) -> InboundConfig {
     };
     check_inbound(&inbound, c);
     inbound
+}
+
+/// A dstack-ingress timeout variable (HAProxy's syntax: a number and a unit, `us` to `d`; a
+/// bare number is refused, as dstack-ingress does, because HAProxy would read milliseconds).
+fn haproxy_timeout(env: &dyn Source, keys: &[&'static str], c: &mut Check) -> Option<Duration> {
+    let (var, text) = source::first(env, keys)?;
+    let t = text.trim();
+    let split = t.find(|ch: char| !ch.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = match digits.parse() {
+        Ok(n) if !unit.is_empty() => n,
+        _ => {
+            c.fail(
+                var,
+                format!(
+                    "{t:?} is not a timeout: a number and a unit (us, ms, s, m, h, d), e.g. 10s"
+                ),
+            );
+            return None;
+        }
+    };
+    let d = match unit {
+        "us" => Duration::from_micros(n),
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        "d" => Duration::from_secs(n.saturating_mul(86_400)),
+        other => {
+            c.fail(
+                var,
+                format!("{t:?}: unit {other:?} is not one of us, ms, s, m, h, d"),
+            );
+            return None;
+        }
+    };
+    if d.is_zero() || d > MAX_DURATION {
+        c.fail(var, format!("{t:?} must be above zero and at most 30 days"));
+        return None;
+    }
+    Some(d)
 }
 
 /// Where `[inbound]` listens, where it forwards, and whom it admits (each: the environment,

@@ -38,6 +38,8 @@ struct Served {
     tls: Arc<ServerConfig>,
     /// `http` mode's backend pool.
     upstream: Option<Upstream>,
+    /// `http` mode's pools of names under a wildcard routed to their own backend.
+    routes: HashMap<String, Upstream>,
 }
 
 impl std::fmt::Debug for PublicSide {
@@ -68,22 +70,26 @@ impl PublicSide {
             let mut tls = server_config(domain.resolver())?;
             tls.ticketer = ticketer.clone();
             tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-            let upstream = match domain.config.mode {
+            tls.alpn_protocols = domain.config.alpn_offer();
+            let pool = |backend: &crate::config::HostPort| {
+                Upstream::new(&backend.to_string(), upstream_config(config))
+                    .map_err(|e| InboundError::Backend(format!("{}: {e}", domain.name())))
+            };
+            let (upstream, routes) = match domain.config.mode {
                 Mode::Http => {
-                    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-                    let backend = domain.config.backend.to_string();
-                    Some(
-                        Upstream::new(&backend, upstream_config(config)).map_err(|e| {
-                            InboundError::Backend(format!("{}: {e}", domain.name()))
-                        })?,
-                    )
+                    let mut routes = HashMap::new();
+                    for (name, backend) in &domain.config.routes {
+                        routes.insert(name.clone(), pool(backend)?);
+                    }
+                    (Some(pool(&domain.config.backend)?), routes)
                 }
-                Mode::Tcp => None,
+                Mode::Tcp => (None, HashMap::new()),
             };
             let served = Served {
                 domain: domain.clone(),
                 tls: Arc::new(tls),
                 upstream,
+                routes,
             };
             domains.insert(domain.name().to_owned(), served);
         }
@@ -153,7 +159,12 @@ pub(super) fn serve_http(
     activity: Arc<Activity>,
     hold: Hold,
 ) -> Option<Serving> {
-    let upstream = public.domains.get(domain.name())?.upstream.clone()?;
+    let served = public.domains.get(domain.name())?;
+    let sni = tls.get_ref().1.server_name().map(str::to_ascii_lowercase);
+    let upstream = match sni.and_then(|n| served.routes.get(&n)) {
+        Some(routed) => routed.clone(),
+        None => served.upstream.clone()?,
+    };
     let conn = Conn {
         headers: CallerHeaders::new(None, None, remote.ip(), "https"),
         metrics: inbound.metrics.peer(Direction::Inbound, domain.name()),
@@ -180,7 +191,7 @@ pub(super) async fn splice(
     remote: SocketAddr,
     activity: Arc<Activity>,
 ) {
-    let backend = &domain.config.backend;
+    let backend = domain.config.backend_for(tls.get_ref().1.server_name());
     let dial = TcpStream::connect((backend.host.as_str(), backend.port));
     let mut upstream = match tokio::time::timeout(config.backend_connect_timeout, dial).await {
         Ok(Ok(tcp)) => tcp,

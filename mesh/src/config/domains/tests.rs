@@ -79,7 +79,17 @@ fn errors_name_the_entry() {
         ("", &[("DOMAIN", "*.example.com"), ("TARGET_ENDPOINT", "x:1")], "a wildcard needs the dns-01 challenge"),
         ("", &[("DOMAIN", "bad_name.example.com"), ("TARGET_ENDPOINT", "x:1")], "DOMAIN: \"bad_name.example.com\" is not a valid domain name"),
         ("", &[("DOMAINS", "a.example.com")], "a.example.com: no backend"),
-        ("", &[("DOMAINS", "a.example.com"), ("ROUTING_MAP", "z.example.com=z:1"), ("TARGET_ENDPOINT", "x:1")], "z.example.com is routed but is not in DOMAIN or DOMAINS"),
+        ("", &[("DOMAINS", "a.example.com"), ("ROUTING_MAP", "z.example.com=z:1"), ("TARGET_ENDPOINT", "x:1")], "z.example.com is routed but neither DOMAIN nor DOMAINS holds it or a wildcard over it"),
+        ("", &[("DOMAINS", "a.example.com\n# ours\nbad_name.example.com"), ("TARGET_ENDPOINT", "x:1")], "DOMAINS: entry 3 (\"bad_name.example.com\")"),
+        ("", &[("DOMAINS", "a.example.com"), ("ROUTING_MAP", "a.example.com=a:1,b.example.com"), ("TARGET_ENDPOINT", "x:1")], "ROUTING_MAP: entry 2 (\"b.example.com\"): expected domain=host:port"),
+        ("", &[("DOMAINS", "a.example.com"), ("ROUTING_MAP", "a.example.com=a:1\nb_x.example.com=b:1"), ("TARGET_ENDPOINT", "x:1")], "ROUTING_MAP: entry 2"),
+        ("", &[("DOMAIN", "a.example.com"), ("TARGET_ENDPOINT", "x:1"), ("ACME_CHALLENGE_ALIAS", "z.example.net")], "ACME_CHALLENGE_ALIAS: renamed DELEGATION_ZONE"),
+        ("", &[("DOMAIN", "a.example.com"), ("TARGET_ENDPOINT", "x:1"), ("ALPN", "h2,grpc-exp")], "ALPN: \"grpc-exp\": an http-mode domain speaks h2 and http/1.1 only"),
+        ("", &[("DOMAIN", "a.example.com"), ("TARGET_ENDPOINT", "x:1"), ("ALPN", "h2;http/1.1")], "is not an ALPN protocol id"),
+        ("", &[("MAXCONN", "lots")], "MAXCONN: \"lots\" is not a number"),
+        ("", &[("TIMEOUT_CLIENT", "30")], "TIMEOUT_CLIENT: \"30\" is not a timeout: a number and a unit"),
+        ("", &[("TIMEOUT_SERVER", "5y")], "TIMEOUT_SERVER: \"5y\": unit \"y\""),
+        ("", &[("TIMEOUT_CONNECT", "0s")], "TIMEOUT_CONNECT: \"0s\" must be above zero"),
         ("[acme]\nissuer = \"internal-ca\"\n[[domains]]\nnames = [\"a.example.com\"]\nbackend = \"x:1\"\n[[domains]]\nnames = [\"A.example.com\"]\nbackend = \"x:2\"\n", &[], "domains[1]: a.example.com is also served by domains[0]"),
         ("[[domains]]\nnames = [\"a.example.com\"]\n", &[], "domains[0]: a.example.com: no backend"),
         ("[[domains]]\nnames = [\"a.example.com\"]\nbackend = \"x:1\"\nchallenge = \"http-01\"\n", &[], "http-01 needs the :80 listener"),
@@ -112,4 +122,111 @@ fn names() {
         "svc:50051"
     );
     assert!(parse_target("http://nohost").is_err());
+}
+
+#[test]
+fn dstack_ingress_listener_settings_and_internals() {
+    let env = [
+        ("DOMAIN", "app.example.com"),
+        ("TARGET_ENDPOINT", "app:80"),
+        ("MAXCONN", "20000"),
+        ("TIMEOUT_CONNECT", "1500ms"),
+        ("TIMEOUT_CLIENT", "2h"),
+        ("TIMEOUT_SERVER", "86400s"),
+        ("EVIDENCE_DIR", "/data/evidences"),
+        ("ALPN", "http/1.1"),
+        ("LEGO_PATH", "/etc/letsencrypt/lego"),
+        ("EVIDENCE_PORT", "8080"),
+    ];
+    let c = load("", &env).unwrap();
+    assert_eq!(c.inbound.max_connections, 20_000);
+    assert_eq!(
+        c.inbound.backend_connect_timeout,
+        Duration::from_millis(1500)
+    );
+    assert_eq!(c.inbound.idle_timeout, Duration::from_secs(7200));
+    assert_eq!(c.inbound.backend_timeout, Duration::from_secs(86_400));
+    assert_eq!(c.public.acme.evidence_dir, PathBuf::from("/data/evidences"));
+    let d = &c.public.domains[0];
+    assert_eq!(d.alpn, ["http/1.1"]);
+    assert_eq!(d.alpn_offer(), [b"http/1.1".to_vec()]);
+    // Internals are accepted and said to be unneeded, each once.
+    let env: HashMap<&str, &str> = env.iter().copied().collect();
+    let (_, notes) = Config::from_toml_as(
+        "[admin]\nenabled = false\n",
+        &env,
+        crate::config::Defaults::Ours,
+    )
+    .unwrap();
+    assert_eq!(notes.len(), 2, "{notes:?}");
+    assert!(notes.iter().any(|n| n.contains("LEGO_PATH")), "{notes:?}");
+    assert!(
+        notes.iter().any(|n| n.contains("EVIDENCE_PORT")),
+        "{notes:?}"
+    );
+    // Defaults: http mode offers h2 then HTTP/1.1; tcp mode offers nothing unless told.
+    let c = load(
+        "[[domains]]\nnames = [\"db.example.com\"]\nbackend = \"db:5432\"\nmode = \"tcp\"\nalpn = [\"postgresql\"]\n[[domains]]\nnames = [\"w.example.com\"]\nbackend = \"w:80\"\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.public.domains[0].alpn_offer(), [b"postgresql".to_vec()]);
+    assert_eq!(
+        c.public.domains[1].alpn_offer(),
+        [b"h2".to_vec(), b"http/1.1".to_vec()]
+    );
+}
+
+#[test]
+fn routes_under_a_wildcard_and_the_dns01_default() {
+    // dstack-ingress: one wildcard certificate, names under it routed to their own backends;
+    // DNS-01 by default when the DNS credential is in the environment.
+    let c = load(
+        "",
+        &[
+            ("DOMAINS", "*.example.com"),
+            ("TARGET_ENDPOINT", "web:80"),
+            (
+                "ROUTING_MAP",
+                "api.example.com=api:8080,admin.example.com=admin:9000",
+            ),
+            ("CLOUDFLARE_API_TOKEN", "t"),
+        ],
+    )
+    .unwrap();
+    let d = &c.public.domains[0];
+    assert_eq!(d.names, ["*.example.com"]);
+    assert_eq!(d.challenge, Challenge::Dns01);
+    assert_eq!(
+        d.backend_for(Some("API.example.com")).to_string(),
+        "api:8080"
+    );
+    assert_eq!(
+        d.backend_for(Some("admin.example.com")).to_string(),
+        "admin:9000"
+    );
+    assert_eq!(d.backend_for(Some("www.example.com")).to_string(), "web:80");
+    assert_eq!(d.backend_for(None).to_string(), "web:80");
+    assert!(matches!(
+        c.public.dns.provider,
+        Some(crate::config::ProviderConfig::Cloudflare { .. })
+    ));
+    // An explicit challenge still wins; a DNS provider from the file keeps TLS-ALPN-01.
+    let c = load(
+        "",
+        &[
+            ("DOMAIN", "a.example.com"),
+            ("TARGET_ENDPOINT", "x:1"),
+            ("CLOUDFLARE_API_TOKEN", "t"),
+            ("CHALLENGE_TYPE", "tls-alpn-01"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.public.domains[0].challenge, Challenge::TlsAlpn01);
+    let c = load(
+        "[dns]\nprovider = \"cloudflare\"\napi_token = \"t\"\n[[domains]]\nnames = [\"a.example.com\"]\nbackend = \"x:1\"\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.public.domains[0].challenge, Challenge::TlsAlpn01);
 }
