@@ -489,11 +489,7 @@ pub fn https(
 }
 
 /// POST `body` as JSON to `base` (`http://host:port`, plain HTTP) at `path`, over HTTP/1.0.
-pub(crate) fn post_json(
-    base: &str,
-    path: &str,
-    body: &serde_json::Value,
-) -> std::io::Result<Reply> {
+pub fn post_json(base: &str, path: &str, body: &serde_json::Value) -> std::io::Result<Reply> {
     let authority = base.trim_start_matches("http://");
     let mut tcp = connect(authority)?;
     tcp.write_all(&request_bytes(

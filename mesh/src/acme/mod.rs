@@ -139,6 +139,10 @@ pub struct CertStatus {
     /// absent when no DNS provider writes them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_records: Option<String>,
+    /// The records the operator must create when no DNS provider writes them
+    /// (`DNS_SETUP_MODE`), each with whether the DoH resolvers see it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_setup: Option<Vec<dns01::setup::RecordCheck>>,
     /// The fleet's copy in the shared store: `shared`, or why it was refused or could not
     /// be read; absent with the file store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -160,6 +164,12 @@ struct DomainState {
     stale: bool,
     /// The dstack DNS records: `in place` or the last error.
     dns_records: Option<String>,
+    /// The records the operator must create (`DNS_SETUP_MODE`), as last seen.
+    dns_setup: Option<Vec<dns01::setup::RecordCheck>>,
+    /// What was last posted to the DNS webhook (posted again only when it changes).
+    posted: Option<Vec<dns01::webhook::Required>>,
+    /// The records were seen once and the settle pause is behind us.
+    settled: bool,
     /// The fleet's copy: `shared`, refused, or unreadable.
     fleet: Option<String>,
     from_fleet_total: u64,
@@ -340,7 +350,10 @@ impl Acme {
             renewal::load_stored(store.as_ref(), &domain);
             domains.push(domain);
         }
-        let dns = match public.dns.provider.is_some() || !public.dns.resolvers.is_empty() {
+        let dns = match public.dns.provider.is_some()
+            || !public.dns.resolvers.is_empty()
+            || public.dns.setup.is_some()
+        {
             true => Some(Arc::new(dns01::Dns::new(&public.dns)?)),
             false => None,
         };
@@ -527,10 +540,18 @@ impl Acme {
                         s.next_attempt,
                         (s.consecutive_failures, s.failures_total, s.issued_total),
                         (s.dns_records.clone(), s.fleet.clone(), s.from_fleet_total),
+                        s.dns_setup.clone(),
                     )
                 });
-                let (status, last_error, next_attempt, counts, (records, fleet, from_fleet)) =
-                    state.unwrap_or((Status::Pending, None, None, (0, 0, 0), (None, None, 0)));
+                let (status, last_error, next_attempt, counts, (records, fleet, from_fleet), setup) =
+                    state.unwrap_or((
+                        Status::Pending,
+                        None,
+                        None,
+                        (0, 0, 0),
+                        (None, None, 0),
+                        None,
+                    ));
                 let (consecutive, failures, issued) = counts;
                 CertStatus {
                     domain: d.name().to_owned(),
@@ -555,6 +576,7 @@ impl Acme {
                     failures_total: failures,
                     issued_total: issued,
                     dns_records: records,
+                    dns_setup: setup,
                     fleet,
                     from_fleet_total: from_fleet,
                 }

@@ -239,6 +239,14 @@ impl Acme {
         d: &Domain,
         current: Option<&Loaded>,
     ) -> Result<(Loaded, Origin), IssueError> {
+        // Records the operator creates come first (not under the fleet's lock: that wait may
+        // be long).
+        if matches!(
+            self.issuers.get(&d.config.issuer),
+            Some(IssuerRuntime::Acme(_))
+        ) {
+            self.dns_setup(d).await?;
+        }
         #[cfg(feature = "etcd")]
         if let Some(replicas) = &self.replicas {
             return self.acquire_shared(replicas, d, current).await;

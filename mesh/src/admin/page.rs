@@ -169,6 +169,22 @@ fn domain_row(out: &mut String, i: usize, d: &CertStatus, now: i64) {
         let class = if r.starts_with("error") { "error" } else { "" };
         item("DNS records", r, class);
     }
+    for r in d.dns_setup.iter().flatten() {
+        // Each record the operator must create (DNS_SETUP_MODE), and whether it is seen.
+        let (state, class) = match (r.visible, &r.seen) {
+            (true, _) => ("visible".to_owned(), ""),
+            (false, Some(seen)) => (format!("not yet (seen: {seen})"), "error"),
+            (false, None) => ("not checked yet".to_owned(), ""),
+        };
+        item(
+            "create DNS record",
+            &format!(
+                "{} {} → {} — {state}",
+                r.record.rtype, r.record.name, r.record.value
+            ),
+            class,
+        );
+    }
     if let Some(f) = &d.fleet {
         let class = if f == "shared" { "" } else { "error" };
         item("fleet store", f, class);

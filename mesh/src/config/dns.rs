@@ -52,6 +52,8 @@ pub const CLOUDFLARE_API: &str = "https://api.cloudflare.com/client/v4";
 
 pub use super::Secret;
 
+pub mod setup;
+
 /// Where DNS records are written.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "provider", rename_all = "snake_case")]
@@ -102,6 +104,8 @@ pub struct DnsConfig {
     pub app_port: Option<u16>,
     /// The CA's CAA identities when its directory does not list them (`caaIdentities`).
     pub caa_identities: Vec<String>,
+    /// No provider writes the dstack records: how the operator gets them made.
+    pub setup: Option<setup::DnsSetup>,
 }
 
 impl Default for DnsConfig {
@@ -116,6 +120,7 @@ impl Default for DnsConfig {
             set_caa: false,
             app_port: None,
             caa_identities: Vec::new(),
+            setup: None,
         }
     }
 }
@@ -138,6 +143,14 @@ pub struct RawDns {
     pub gateway_domain: Option<String>,
     pub txt_prefix: Option<String>,
     pub set_caa: Option<bool>,
+    pub setup_mode: Option<String>,
+    pub doh_resolvers: Option<Vec<String>>,
+    pub setup_timeout: Option<DurationValue>,
+    pub setup_interval: Option<DurationValue>,
+    pub settle: Option<DurationValue>,
+    pub webhook_url: Option<String>,
+    pub webhook_token: Option<String>,
+    pub webhook_timeout: Option<DurationValue>,
     pub app_port: Option<u16>,
     pub caa_identities: Option<Vec<String>>,
 }
@@ -163,6 +176,13 @@ pub(super) fn dns(raw: Option<&RawDns>, env: &dyn Source, c: &mut Check) -> DnsC
     let set_caa = flag(env::SET_CAA, raw.set_caa).unwrap_or(false);
 
     let provider = provider(&raw, env, c);
+    // Records no provider writes are the operator's: DNS_SETUP_MODE says how.
+    let gateway_set =
+        super::source::first(env, env::GATEWAY_DOMAIN).is_some() || raw.gateway_domain.is_some();
+    let setup = match gateway_set || set_caa {
+        true => setup::setup(&raw, env, provider.is_some(), c),
+        false => None,
+    };
 
     let resolvers = resolvers(&raw, env, c);
     let propagation_timeout = propagation_timeout(&raw, env, c);
@@ -202,12 +222,7 @@ pub(super) fn dns(raw: Option<&RawDns>, env: &dyn Source, c: &mut Check) -> DnsC
             .ok(),
         None => raw.app_port,
     };
-    if provider.is_none() && (gateway_domain.is_some() || set_caa) {
-        c.fail(
-            if set_caa { "SET_CAA" } else { "GATEWAY_DOMAIN" },
-            "the dstack DNS records (GATEWAY_DOMAIN, SET_CAA) are written through a DNS provider: set DNS_PROVIDER",
-        );
-    }
+
     DnsConfig {
         provider,
         resolvers,
@@ -223,6 +238,7 @@ pub(super) fn dns(raw: Option<&RawDns>, env: &dyn Source, c: &mut Check) -> DnsC
             .iter()
             .map(|i| i.trim().to_ascii_lowercase())
             .collect(),
+        setup,
     }
 }
 

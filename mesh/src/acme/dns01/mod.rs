@@ -6,7 +6,10 @@
 
 pub mod caa;
 pub mod cloudflare;
+pub mod doh;
 pub mod rfc2136;
+pub mod setup;
+pub mod webhook;
 pub mod wire;
 
 use std::{fmt, future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
@@ -90,6 +93,9 @@ pub enum DnsError {
     /// No DNS provider is configured.
     #[error("no DNS provider is configured (DNS_PROVIDER)")]
     NoProvider,
+    /// Records the operator must create are not visible to every DoH resolver in time.
+    #[error("{0}")]
+    NotVisible(String),
 }
 
 /// The record types we write or look at.
@@ -354,11 +360,29 @@ pub enum Outcome {
     },
 }
 
+/// One dstack record a domain needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Wanted {
+    /// This record.
+    Record {
+        /// Name and value.
+        record: Record,
+        /// Other values of its type at its name are ours from an earlier configuration.
+        exclusive: bool,
+        /// What it is for, in words.
+        note: &'static str,
+    },
+    /// Not possible, and why.
+    Skipped(String),
+}
+
 /// The DNS side of public domains: one provider, the resolvers, the dstack record settings.
 #[derive(Debug)]
 pub struct Dns {
     provider: Option<Arc<dyn Provider>>,
     config: DnsConfig,
+    /// How the public sees the records the operator creates (`DNS_SETUP_MODE`).
+    doh: Option<doh::Doh>,
 }
 
 /// Build the configured provider.
@@ -392,9 +416,25 @@ impl Dns {
 
     /// With a given provider (tests bring their own).
     pub fn with_provider(provider: Option<Arc<dyn Provider>>, config: &DnsConfig) -> Self {
+        // Only a build without WebPKI roots could fail here; then nothing is seen, and says so.
+        let doh = config.setup.as_ref().and_then(|_| doh::Doh::new().ok());
         Self {
             provider,
             config: config.clone(),
+            doh,
+        }
+    }
+
+    /// `DNS_SETUP_MODE`, when the operator makes the records.
+    pub fn setup(&self) -> Option<&crate::config::dns::setup::DnsSetup> {
+        self.config.setup.as_ref()
+    }
+
+    /// One look through the DoH resolvers at `wanted`.
+    pub async fn look(&self, wanted: &[Wanted]) -> Vec<setup::RecordCheck> {
+        match (&self.doh, self.setup()) {
+            (Some(doh), Some(s)) => setup::look(doh, &s.doh_resolvers, wanted).await,
+            _ => Vec::new(),
         }
     }
 
@@ -564,35 +604,34 @@ impl Dns {
         Ok(())
     }
 
-    /// Write the dstack records of `domain`: the CNAME to the gateway and the app-address TXT
-    /// for every name, and with `SET_CAA` a CAA record pinning `account` and the method.
-    /// Idempotent; removes only what sits at names that exist for this route.
-    pub async fn ensure_records(
+    /// The dstack records of `domain`: the CNAME to the gateway and the app-address TXT for
+    /// every name, and with `SET_CAA` a CAA record pinning `account` and the method; what
+    /// cannot be written, and why.
+    pub fn dstack_record_set(
         &self,
         domain: &DomainConfig,
         app_id: &str,
         port: u16,
         caa: Option<(&str, &str)>,
-    ) -> Result<Vec<Outcome>, DnsError> {
+    ) -> Vec<Wanted> {
         let mut out = Vec::new();
         for name in &domain.names {
             let base = name.strip_prefix("*.");
             if let Some(gateway) = &self.config.gateway_domain {
-                out.push(
-                    self.ensure(Record::new(name, Data::Cname(gateway.clone())), true)
-                        .await?,
-                );
-            }
-            let txt_owner = match base {
-                Some(base) => format!("{}-wildcard.{base}", self.config.txt_prefix),
-                None => format!("{}.{name}", self.config.txt_prefix),
-            };
-            if self.config.gateway_domain.is_some() {
-                let value = format!("{app_id}:{port}");
-                out.push(
-                    self.ensure(Record::new(&txt_owner, Data::Txt(value)), true)
-                        .await?,
-                );
+                out.push(Wanted::Record {
+                    record: Record::new(name, Data::Cname(gateway.clone())),
+                    exclusive: true,
+                    note: "sends the name to the dstack gateway",
+                });
+                let txt_owner = match base {
+                    Some(base) => format!("{}-wildcard.{base}", self.config.txt_prefix),
+                    None => format!("{}.{name}", self.config.txt_prefix),
+                };
+                out.push(Wanted::Record {
+                    record: Record::new(&txt_owner, Data::Txt(format!("{app_id}:{port}"))),
+                    exclusive: true,
+                    note: "tells the gateway which app (and port) serves the name",
+                });
             }
             let caa_owner = base.unwrap_or(name);
             let cnamed =
@@ -600,7 +639,7 @@ impl Dns {
             if self.config.set_caa && cnamed {
                 // A CNAME owns its name alone (RFC 1034 §3.6.2): CAA there would be refused or
                 // silently dropped, and the CA follows the CNAME to the gateway's CAA anyway.
-                out.push(Outcome::Skipped(format!(
+                out.push(Wanted::Skipped(format!(
                     "CAA at {caa_owner}: the name is a CNAME to the gateway, which cannot carry other records"
                 )));
             } else if let (true, Some((identity, account))) = (self.config.set_caa, caa) {
@@ -614,25 +653,49 @@ impl Dns {
                         ("accounturi".into(), account.to_owned()),
                     ],
                 };
-                let record = Record::new(
-                    caa_owner,
-                    Data::Caa {
-                        critical: false,
-                        tag: if base.is_some() { "issuewild" } else { "issue" }.into(),
-                        value: value.render(),
-                    },
-                );
                 // Other CAA records stay: several issue records are alternatives, so adding
                 // ours never revokes another CA or account the owner allowed.
-                out.push(self.ensure(record, false).await?);
+                out.push(Wanted::Record {
+                    record: Record::new(
+                        caa_owner,
+                        Data::Caa {
+                            critical: false,
+                            tag: if base.is_some() { "issuewild" } else { "issue" }.into(),
+                            value: value.render(),
+                        },
+                    ),
+                    exclusive: false,
+                    note: "lets only this app's ACME account issue for the name",
+                });
             }
+        }
+        out
+    }
+
+    /// Write the dstack records of `domain` ([`Dns::dstack_record_set`]) through the provider.
+    /// Idempotent; removes only what sits at names that exist for this route.
+    pub async fn ensure_records(
+        &self,
+        domain: &DomainConfig,
+        app_id: &str,
+        port: u16,
+        caa: Option<(&str, &str)>,
+    ) -> Result<Vec<Outcome>, DnsError> {
+        let mut out = Vec::new();
+        for wanted in self.dstack_record_set(domain, app_id, port, caa) {
+            out.push(match wanted {
+                Wanted::Record {
+                    record, exclusive, ..
+                } => self.ensure(record, exclusive).await?,
+                Wanted::Skipped(why) => Outcome::Skipped(why),
+            });
         }
         Ok(out)
     }
 
     /// Make `want` exist at its name. `exclusive`: other values of the type at that name are
     /// ours from an earlier configuration and go (after the new one is in place).
-    async fn ensure(&self, want: Record, exclusive: bool) -> Result<Outcome, DnsError> {
+    pub async fn ensure(&self, want: Record, exclusive: bool) -> Result<Outcome, DnsError> {
         let provider = self.provider()?;
         let zone = provider.zone_for(&want.name).await?;
         let rtype = want.data.rtype();

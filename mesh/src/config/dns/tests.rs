@@ -108,8 +108,40 @@ fn errors_name_what_is_missing() {
         ),
         (&[("DNS_PROVIDER", "linode")], "use cloudflare or rfc2136"),
         (
-            &[("GATEWAY_DOMAIN", "gw.example.net")],
-            "through a DNS provider",
+            &[
+                ("GATEWAY_DOMAIN", "gw.example.net"),
+                ("DNS_SETUP_MODE", "dig"),
+            ],
+            "DNS_SETUP_MODE: \"dig\" is not print, wait or webhook",
+        ),
+        (
+            &[
+                ("GATEWAY_DOMAIN", "gw.example.net"),
+                ("DNS_SETUP_MODE", "webhook"),
+            ],
+            "DNS_SETUP_MODE=webhook needs the URL",
+        ),
+        (
+            &[
+                ("GATEWAY_DOMAIN", "gw.example.net"),
+                ("DOH_RESOLVERS", "http://dns.example/resolve"),
+            ],
+            "http:// only on loopback",
+        ),
+        (
+            &[
+                ("GATEWAY_DOMAIN", "gw.example.net"),
+                ("DNS_SETUP_TIMEOUT", "soon"),
+            ],
+            "DNS_SETUP_TIMEOUT",
+        ),
+        (
+            &[
+                ("CLOUDFLARE_API_TOKEN", "t"),
+                ("GATEWAY_DOMAIN", "gw.example.net"),
+                ("DNS_SETUP_MODE", "print"),
+            ],
+            "the DNS provider writes the records itself",
         ),
         (
             &[("DNS_RESOLVERS", "resolver.example")],
@@ -128,4 +160,70 @@ fn errors_name_what_is_missing() {
         let e = load("", &env).unwrap_err();
         assert!(e.contains(want), "{extra:?}: {e}");
     }
+}
+
+#[test]
+fn without_credentials_the_operator_makes_the_records() {
+    // dstack-ingress's defaults: wait, its two public DoH resolvers, 1800 s / 15 s, settle 30 s.
+    let c = load(
+        "",
+        &[
+            ("DOMAIN", "a.example.com"),
+            ("TARGET_ENDPOINT", "x:1"),
+            ("GATEWAY_DOMAIN", "gw.example.net"),
+        ],
+    )
+    .unwrap();
+    let setup = c.public.dns.setup.unwrap();
+    assert_eq!(setup.mode, setup::SetupMode::Wait);
+    assert_eq!(setup.doh_resolvers, setup::DEFAULT_DOH);
+    assert_eq!(setup.timeout, Duration::from_secs(1800));
+    assert_eq!(setup.interval, Duration::from_secs(15));
+    assert_eq!(setup.settle, Duration::from_secs(30));
+    assert!(setup.webhook.is_none());
+    let c = load(
+        "",
+        &[
+            ("DOMAIN", "a.example.com"),
+            ("TARGET_ENDPOINT", "x:1"),
+            ("GATEWAY_DOMAIN", "gw.example.net"),
+            ("DNS_SETUP_MODE", "webhook"),
+            ("DNS_WEBHOOK_URL", "https://dns-ops.example/hook"),
+            ("DNS_WEBHOOK_TOKEN", "s3cret"),
+            ("DNS_WEBHOOK_TIMEOUT", "5"),
+            (
+                "DOH_RESOLVER",
+                "https://dns.example/resolve, http://127.0.0.1:8053/resolve",
+            ),
+            ("DNS_SETUP_TIMEOUT", "10m"),
+            ("DNS_SETTLE_SECONDS", "0"),
+        ],
+    )
+    .unwrap();
+    let setup = c.public.dns.setup.unwrap();
+    assert_eq!(setup.mode, setup::SetupMode::Webhook);
+    assert_eq!(
+        setup.doh_resolvers,
+        [
+            "https://dns.example/resolve",
+            "http://127.0.0.1:8053/resolve"
+        ]
+    );
+    assert_eq!(setup.timeout, Duration::from_secs(600));
+    assert_eq!(setup.settle, Duration::ZERO);
+    let hook = setup.webhook.unwrap();
+    assert_eq!(hook.timeout, Duration::from_secs(5));
+    assert_eq!(hook.token.unwrap().0, "s3cret");
+    // With a provider writing the records there is nothing for the operator to do.
+    let c = load(
+        "",
+        &[
+            ("DOMAIN", "a.example.com"),
+            ("TARGET_ENDPOINT", "x:1"),
+            ("GATEWAY_DOMAIN", "gw.example.net"),
+            ("CLOUDFLARE_API_TOKEN", "t"),
+        ],
+    )
+    .unwrap();
+    assert!(c.public.dns.setup.is_none());
 }

@@ -1,0 +1,487 @@
+//! `DNS_SETUP_MODE`: DNS without credentials in the CVM, as a dstack-ingress deployment sets it
+//! (its environment variables), against pebble (TLS-ALPN-01) and pebble-challtestsrv's DNS.
+//! The operator's side is played by a webhook receiver that checks the HMAC and the quote,
+//! then creates the records through challtestsrv's API; the public's view is a DNS-over-HTTPS
+//! JSON endpoint (Google's `/resolve` shape) answering from challtestsrv.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    process::Command,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use dstack_mesh::acme::{
+    dns01::{wire, Data, Rtype},
+    CertStatus, Status,
+};
+use e2e::{
+    backend::Backend,
+    dev_agent, free_port, mesh_binary,
+    pebble::{Pebble, PebbleOptions},
+    start_mesh, ChildGuard,
+};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use ring::{digest, hmac};
+
+const SERVER: &str = "5e77e75e77e75e77e75e77e75e77e75e77e75e77";
+const DOMAIN: &str = "app.example.test";
+const GATEWAY: &str = "gw.example.net";
+const TOKEN: &str = "webhook-secret";
+
+/// Serve `handler` on loopback; its address.
+async fn serve<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(value.to_string())));
+    *resp.status_mut() = status;
+    resp
+}
+
+/// A DoH JSON endpoint answering from the DNS server `dns` (challtestsrv), in the shape
+/// dns.google/resolve answers: `Status`, and `Answer` entries with presentation-form `data`.
+async fn doh(dns: SocketAddr) -> String {
+    let addr = serve(move |req: Request<Incoming>| async move {
+        let query: Vec<(String, String)> = req
+            .uri()
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.clone());
+        let (Some(name), Some(code)) = (get("name"), get("type")) else {
+            return json(StatusCode::BAD_REQUEST, serde_json::json!({"error": "name and type"}));
+        };
+        let rtype = match code.as_str() {
+            "1" => Rtype::A,
+            "5" => Rtype::Cname,
+            "16" => Rtype::Txt,
+            "28" => Rtype::Aaaa,
+            "257" => Rtype::Caa,
+            _ => return json(StatusCode::BAD_REQUEST, serde_json::json!({"error": "type"})),
+        };
+        match wire::query(dns, &name, rtype, Duration::from_secs(3)).await {
+            Ok(answer) => {
+                let records: Vec<serde_json::Value> = answer
+                    .records
+                    .iter()
+                    .map(|r| {
+                        let (t, data) = match &r.data {
+                            Data::Txt(v) => (16, format!("\"{v}\"")),
+                            Data::Cname(t) => (5, format!("{t}.")),
+                            Data::Caa {
+                                critical,
+                                tag,
+                                value,
+                            } => (257, format!("{} {tag} \"{value}\"", u8::from(*critical) * 128)),
+                            Data::Other(Rtype::Aaaa, v) => (28, v.clone()),
+                            Data::Other(_, v) => (1, v.clone()),
+                        };
+                        serde_json::json!({"name": format!("{}.", r.name), "type": t, "TTL": r.ttl, "data": data})
+                    })
+                    .collect();
+                json(StatusCode::OK, serde_json::json!({"Status": 0, "Answer": records}))
+            }
+            Err(_) => json(StatusCode::OK, serde_json::json!({"Status": 2})),
+        }
+    })
+    .await;
+    format!("http://{addr}/resolve")
+}
+
+/// What the receiver saw.
+#[derive(Default)]
+struct Received {
+    posts: usize,
+    records: Vec<serde_json::Value>,
+    problems: Vec<String>,
+}
+
+/// The operator's webhook: checks the HMAC and that the quote's report data is the payload's
+/// SHA-256, then (`create`) makes the records through challtestsrv's API; `fail`: answers
+/// 500 instead.
+async fn receiver(
+    challtestsrv: String,
+    create: bool,
+    fail: bool,
+) -> (String, Arc<Mutex<Received>>) {
+    let seen = Arc::new(Mutex::new(Received::default()));
+    let state = seen.clone();
+    let addr = serve(move |req: Request<Incoming>| {
+        let (seen, challtestsrv) = (state.clone(), challtestsrv.clone());
+        async move {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let envelope: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let payload = envelope["payload"].as_str().unwrap_or_default().to_owned();
+            let mut problems = Vec::new();
+            let key = hmac::Key::new(hmac::HMAC_SHA256, TOKEN.as_bytes());
+            let mac = hex::decode(envelope["hmac_sha256"].as_str().unwrap_or_default())
+                .unwrap_or_default();
+            if hmac::verify(&key, payload.as_bytes(), &mac).is_err() {
+                problems.push("HMAC does not verify".to_owned());
+            }
+            let sha = hex::encode(digest::digest(&digest::SHA256, payload.as_bytes()));
+            if envelope["attestation"]["report_data"] != sha {
+                problems.push(format!("report_data {}", envelope["attestation"]["report_data"]));
+            }
+            // The quote itself carries it: bytes 568..600 of a TDX v4 quote.
+            let quote = hex::decode(envelope["attestation"]["quote"].as_str().unwrap_or_default())
+                .unwrap_or_default();
+            if quote.get(568..600).map(hex::encode) != Some(sha.clone()) {
+                problems.push("the quote's report data is not the payload's SHA-256".into());
+            }
+            let payload: serde_json::Value = serde_json::from_str(&payload).unwrap();
+            let records = payload["records"].as_array().cloned().unwrap_or_default();
+            {
+                let mut s = seen.lock().unwrap();
+                s.posts += 1;
+                s.records = records.clone();
+                s.problems.extend(problems);
+            }
+            if fail {
+                return json(StatusCode::INTERNAL_SERVER_ERROR, serde_json::json!({"error": "down"}));
+            }
+            if create {
+                for r in &records {
+                    let (name, value) = (r["name"].as_str().unwrap(), r["value"].as_str().unwrap());
+                    let (path, body) = match r["type"].as_str().unwrap() {
+                        "CNAME" => ("/set-cname", serde_json::json!({"host": format!("{name}."), "target": format!("{value}.")})),
+                        "TXT" => ("/set-txt", serde_json::json!({"host": format!("{name}."), "value": value})),
+                        other => panic!("unexpected record type {other}"),
+                    };
+                    let base = challtestsrv.clone();
+                    let reply = tokio::task::spawn_blocking(move || {
+                        e2e::pebble::post_json(&base, path, &body).map(|r| r.status)
+                    })
+                    .await
+                    .unwrap();
+                    assert_eq!(reply.unwrap(), 200, "{path}");
+                }
+            }
+            json(StatusCode::OK, serde_json::json!({"ok": true}))
+        }
+    })
+    .await;
+    (format!("http://{addr}/dns-hook"), seen)
+}
+
+/// pebble, a dev agent, and `dstack-mesh run` configured the dstack-ingress way.
+struct Deployment {
+    dir: tempfile::TempDir,
+    pebble: Pebble,
+    _agent: ChildGuard,
+    socket: std::path::PathBuf,
+    inbound_port: u16,
+    backend: Backend,
+}
+
+impl Deployment {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let inbound_port = free_port();
+        let pebble_dir = dir.path().join("pebble");
+        let pebble = tokio::task::spawn_blocking(move || {
+            Pebble::start(
+                &pebble_dir,
+                PebbleOptions {
+                    tls_port: inbound_port,
+                    http_port: free_port(),
+                    validity: None,
+                    env: Vec::new(),
+                    eab_keys: Vec::new(),
+                    dns_server: None,
+                    listen_ip: None,
+                },
+            )
+        })
+        .await
+        .unwrap();
+        let (agent, socket) = dev_agent(dir.path(), "agent", SERVER, &dir.path().join("state"));
+        Self {
+            dir,
+            pebble,
+            _agent: agent,
+            socket,
+            inbound_port,
+            backend: Backend::start().await,
+        }
+    }
+
+    /// The sidecar with `env` (dstack-ingress's variables) beside a file naming pebble.
+    fn sidecar(&self, name: &str, env: &[(&str, String)]) -> (ChildGuard, SocketAddr) {
+        let config = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[agent]\naddress = \"unix:{}\"\n[inbound]\nlisten = \"127.0.0.1:{}\"\nbackend = \"{}\"\n\
+                 [auth]\nenabled = false\n[client]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+                 [acme]\nstore = \"{}\"\nissuer = \"{}\"\nca_roots = [\"{}\"]\nretry_min = \"1s\"\n",
+                self.socket.display(),
+                self.inbound_port,
+                self.backend.addr,
+                self.dir.path().join(format!("{name}-store")).display(),
+                self.pebble.directory,
+                self.pebble.ca_file.display(),
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(mesh_binary());
+        cmd.args(["--log-format", "json", "run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .env_remove("DSTACK_AGENT_ADDRESS");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let (guard, bound) = start_mesh(self.dir.path(), name, cmd);
+        (guard, e2e::listener(&bound, "admin"))
+    }
+}
+
+async fn certs(admin: SocketAddr) -> Vec<CertStatus> {
+    let (status, body) =
+        dstack_mesh::status::request(&admin.to_string(), http::Method::GET, "/certs")
+            .await
+            .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    serde_json::from_slice(&body).unwrap()
+}
+
+async fn wait_for(
+    what: &str,
+    admin: SocketAddr,
+    guard: &mut ChildGuard,
+    limit: Duration,
+    mut check: impl FnMut(&CertStatus) -> bool,
+) -> CertStatus {
+    let end = tokio::time::Instant::now() + limit;
+    loop {
+        guard.assert_running();
+        if let Some(c) = certs(admin).await.into_iter().find(|c| c.domain == DOMAIN) {
+            if check(&c) {
+                return c;
+            }
+            if tokio::time::Instant::now() > end {
+                panic!("timed out waiting for {what}: {c:#?}\n{}", guard.stderr());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn ingress_env(
+    d: &Deployment,
+    mode: &str,
+    doh: &str,
+    hook: &str,
+    timeout: &str,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("DOMAIN", DOMAIN.to_owned()),
+        ("TARGET_ENDPOINT", format!("http://{}", d.backend.addr)),
+        ("GATEWAY_DOMAIN", GATEWAY.to_owned()),
+        ("CHALLENGE_TYPE", "tls-alpn-01".to_owned()),
+        ("DNS_SETUP_MODE", mode.to_owned()),
+        ("DOH_RESOLVERS", doh.to_owned()),
+        ("DNS_WEBHOOK_URL", hook.to_owned()),
+        ("DNS_WEBHOOK_TOKEN", TOKEN.to_owned()),
+        ("DNS_SETUP_TIMEOUT", timeout.to_owned()),
+        ("DNS_SETUP_INTERVAL", "1".to_owned()),
+        ("DNS_SETTLE_SECONDS", "0".to_owned()),
+        ("PORT", "443".to_owned()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_creates_the_records_and_issuance_waits_for_them() {
+    let d = Deployment::start().await;
+    let doh = doh(d.pebble.challtestsrv_dns).await;
+    let (hook, received) = receiver(d.pebble.challtestsrv_management.clone(), true, false).await;
+    let env = ingress_env(&d, "webhook", &doh, &hook, "120");
+    let (mut guard, admin) = d.sidecar("ingress", &env);
+    let cert = wait_for(
+        "a valid certificate",
+        admin,
+        &mut guard,
+        Duration::from_secs(90),
+        |c| c.status == Status::Valid,
+    )
+    .await;
+    // The records it asked for, as the operator's service received them, signed and quoted.
+    let r = received.lock().unwrap();
+    assert_eq!(r.posts, 1, "posted once");
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    let asked: Vec<(String, String, String)> = r
+        .records
+        .iter()
+        .map(|x| {
+            (
+                x["type"].as_str().unwrap().to_owned(),
+                x["name"].as_str().unwrap().to_owned(),
+                x["value"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        asked,
+        [
+            ("CNAME".to_owned(), DOMAIN.to_owned(), GATEWAY.to_owned()),
+            (
+                "TXT".to_owned(),
+                format!("_dstack-app-address.{DOMAIN}"),
+                format!("{SERVER}:443")
+            ),
+        ]
+    );
+    // /certs shows each record as seen.
+    let setup = cert.dns_setup.unwrap();
+    assert!(setup.iter().all(|c| c.visible), "{setup:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_that_never_appear_fail_the_domain_naming_them() {
+    // The receiver answers 500 and creates nothing: the sidecar waits DNS_SETUP_TIMEOUT, then
+    // fails the attempt naming each missing record; the sidecar keeps running and retries.
+    let d = Deployment::start().await;
+    // No address for every name (challtestsrv's default): the name is not the gateway's.
+    d.pebble
+        .challtestsrv("/set-default-ipv4", &serde_json::json!({"ip": ""}));
+    let doh = doh(d.pebble.challtestsrv_dns).await;
+    let (hook, received) = receiver(d.pebble.challtestsrv_management.clone(), false, true).await;
+    let env = ingress_env(&d, "webhook", &doh, &hook, "3");
+    let (mut guard, admin) = d.sidecar("ingress", &env);
+    let cert = wait_for(
+        "the setup to time out",
+        admin,
+        &mut guard,
+        Duration::from_secs(60),
+        |c| c.last_error.is_some(),
+    )
+    .await;
+    let error = cert.last_error.unwrap();
+    assert!(error.contains("not visible"), "{error}");
+    assert!(
+        error.contains(&format!("TXT _dstack-app-address.{DOMAIN} -> {SERVER}:443")),
+        "{error}"
+    );
+    assert!(
+        error.contains(&format!("CNAME {DOMAIN} -> {GATEWAY}")),
+        "{error}"
+    );
+    assert_ne!(cert.status, Status::Valid);
+    assert_eq!(
+        d.pebble.orders_seen(),
+        0,
+        "no order placed without the records"
+    );
+    // The webhook was tried three times (2 s and 4 s apart) before the wait began; a later
+    // attempt posts again.
+    assert!(received.lock().unwrap().posts >= 3);
+    let shown = cert.dns_setup.unwrap();
+    assert_eq!(shown.len(), 2);
+    assert!(
+        shown.iter().all(|c| !c.visible && c.seen.is_some()),
+        "{shown:#?}"
+    );
+    assert!(guard
+        .stderr()
+        .contains("DNS records required for app.example.test"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn print_mode_shows_the_records_and_wait_mode_proceeds_when_they_appear() {
+    let d = Deployment::start().await;
+    let doh = doh(d.pebble.challtestsrv_dns).await;
+    let env = ingress_env(&d, "wait", &doh, "", "120");
+    let env: Vec<(&str, String)> = env
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("DNS_WEBHOOK"))
+        .collect();
+    let (mut guard, admin) = d.sidecar("ingress", &env);
+    // Waiting, with the records on /certs.
+    let waiting = wait_for(
+        "the records to be listed",
+        admin,
+        &mut guard,
+        Duration::from_secs(30),
+        |c| {
+            c.dns_setup
+                .as_ref()
+                .is_some_and(|s| s.iter().any(|r| r.seen.is_some()))
+        },
+    )
+    .await;
+    assert_ne!(waiting.status, Status::Valid);
+    // The operator creates them by hand: the order follows.
+    d.pebble.challtestsrv(
+        "/set-cname",
+        &serde_json::json!({"host": format!("{DOMAIN}."), "target": format!("{GATEWAY}.")}),
+    );
+    d.pebble.challtestsrv(
+        "/set-txt",
+        &serde_json::json!({"host": format!("_dstack-app-address.{DOMAIN}."), "value": format!("{SERVER}:443")}),
+    );
+    wait_for(
+        "a valid certificate",
+        admin,
+        &mut guard,
+        Duration::from_secs(90),
+        |c| c.status == Status::Valid,
+    )
+    .await;
+    drop(guard);
+    // print: shown, and the order is placed at once (the records exist here, so it succeeds).
+    let env: Vec<(&str, String)> = env
+        .into_iter()
+        .map(|(k, v)| {
+            if k == "DNS_SETUP_MODE" {
+                (k, "print".to_owned())
+            } else {
+                (k, v)
+            }
+        })
+        .collect();
+    let (mut guard, admin) = d.sidecar("printer", &env);
+    wait_for(
+        "a valid certificate",
+        admin,
+        &mut guard,
+        Duration::from_secs(90),
+        |c| c.status == Status::Valid,
+    )
+    .await;
+    assert!(guard
+        .stderr()
+        .contains("DNS records required for app.example.test"));
+}
