@@ -80,12 +80,14 @@ pub struct Zone {
     /// Zone-file lines after the SOA, NS and `ns1 A 127.0.0.1` every zone gets, relative to
     /// the apex: `www IN A 127.0.0.1`, `@ IN CAA 0 issue "other.example"`.
     pub records: Vec<String>,
+    /// No key may update it (a customer's zone a delegated deployment must never touch).
+    pub read_only: bool,
 }
 
 /// What [`Bind::start`] serves.
 #[derive(Debug, Clone)]
 pub struct BindOptions {
-    /// The zones, each updatable with [`BindOptions::tsig`].
+    /// The zones, each updatable with [`BindOptions::tsig`] unless read-only.
     pub zones: Vec<Zone>,
     /// The only key allowed to update them.
     pub tsig: Tsig,
@@ -319,11 +321,15 @@ key "{name}" {{
 "#
     );
     for zone in &opts.zones {
+        let update = match zone.read_only {
+            true => "none".to_owned(),
+            false => format!("key \"{name}\""),
+        };
         conf.push_str(&format!(
             r#"zone "{zone}" {{
     type primary;
     file "{zone}.db";
-    allow-update {{ key "{name}"; }};
+    allow-update {{ {update}; }};
     notify no;
 }};
 "#,

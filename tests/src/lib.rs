@@ -13,6 +13,7 @@ pub mod etcd;
 pub mod netns;
 pub mod pebble;
 pub mod redis;
+pub mod unbound;
 
 use std::{
     os::unix::process::CommandExt,

@@ -570,6 +570,7 @@ async fn bind_setup(records: &[&str]) -> (Setup, Bind) {
     let zone = Zone {
         name: "example.test".into(),
         records: records.iter().map(|r| (*r).to_owned()).collect(),
+        read_only: false,
     };
     let bind = tokio::task::spawn_blocking(move || {
         Bind::start(

@@ -33,10 +33,12 @@ fn bind(dir: &std::path::Path) -> Bind {
                         "www IN A 127.0.0.1".to_owned(),
                         r#"@ IN CAA 0 issue "other.example""#.to_owned(),
                     ],
+                    read_only: false,
                 },
                 Zone {
                     name: "other.test".to_owned(),
                     records: Vec::new(),
+                    read_only: false,
                 },
             ],
             tsig: Tsig::generate("acme-update"),

@@ -21,6 +21,7 @@ use dstack_mesh::acme::{
 };
 use e2e::{
     backend::Backend,
+    bind::{Bind, BindOptions, Tsig, Zone},
     dev_agent, free_port, mesh_binary,
     pebble::{Pebble, PebbleOptions},
     start_mesh, ChildGuard,
@@ -208,7 +209,11 @@ struct Deployment {
 
 impl Deployment {
     async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::resolving_with(tempfile::tempdir().unwrap(), None).await
+    }
+
+    /// pebble resolving with `dns` (default: challtestsrv), in `dir`.
+    async fn resolving_with(dir: tempfile::TempDir, dns: Option<SocketAddr>) -> Self {
         let inbound_port = free_port();
         let pebble_dir = dir.path().join("pebble");
         let pebble = tokio::task::spawn_blocking(move || {
@@ -220,7 +225,7 @@ impl Deployment {
                     validity: None,
                     env: Vec::new(),
                     eab_keys: Vec::new(),
-                    dns_server: None,
+                    dns_server: dns,
                     listen_ip: None,
                 },
             )
@@ -484,4 +489,115 @@ async fn print_mode_shows_the_records_and_wait_mode_proceeds_when_they_appear() 
     assert!(guard
         .stderr()
         .contains("DNS records required for app.example.test"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delegation_zone_is_the_only_zone_written() {
+    // The customer's zone (read-only to every key) holds the operator's three CNAMEs into
+    // delegate.test, which the RFC 2136 key may update; pebble resolves with BIND.
+    let dir = tempfile::tempdir().unwrap();
+    let named = dir.path().join("named");
+    let customer = Zone {
+        name: "example.test".into(),
+        records: vec![
+            "app IN CNAME app.example.test.delegate.test.".into(),
+            "_dstack-app-address.app IN CNAME _dstack-app-address.app.example.test.delegate.test."
+                .into(),
+            "_acme-challenge.app IN CNAME _acme-challenge.app.example.test.delegate.test.".into(),
+        ],
+        read_only: true,
+    };
+    let delegated = Zone {
+        name: "delegate.test".into(),
+        records: Vec::new(),
+        read_only: false,
+    };
+    let bind = tokio::task::spawn_blocking(move || {
+        Bind::start(
+            &named,
+            BindOptions {
+                zones: vec![customer, delegated],
+                tsig: Tsig::generate("delegate-key"),
+            },
+        )
+    })
+    .await
+    .unwrap();
+    // The CA and the public resolve recursively: unbound follows the CNAMEs into the
+    // delegated zone, as Let's Encrypt's resolvers do.
+    let stubs = [("example.test", bind.addr), ("delegate.test", bind.addr)];
+    let unbound = e2e::unbound::Unbound::start(&dir.path().join("unbound"), &stubs);
+    let d = Deployment::resolving_with(dir, Some(unbound.addr)).await;
+    let doh = doh(unbound.addr).await;
+    let serial = bind.serial("example.test");
+    let env = vec![
+        ("DOMAIN", DOMAIN.to_owned()),
+        ("TARGET_ENDPOINT", d.backend.addr.to_string()),
+        ("GATEWAY_DOMAIN", GATEWAY.to_owned()),
+        ("DNS_PROVIDER", "rfc2136".to_owned()),
+        ("RFC2136_SERVER", bind.addr.to_string()),
+        ("RFC2136_TSIG_KEY", bind.tsig.name.clone()),
+        ("RFC2136_TSIG_SECRET", bind.tsig.secret.clone()),
+        ("RFC2136_ZONE", "delegate.test".to_owned()),
+        ("DELEGATION_ZONE", "delegate.test".to_owned()),
+        ("DNS_SETUP_MODE", "wait".to_owned()),
+        ("DOH_RESOLVERS", doh),
+        ("DNS_SETUP_INTERVAL", "1".to_owned()),
+        ("DNS_SETTLE_SECONDS", "0".to_owned()),
+        ("PORT", "443".to_owned()),
+    ];
+    let (mut guard, admin) = d.sidecar("delegated", &env);
+    let cert = wait_for(
+        "a valid certificate",
+        admin,
+        &mut guard,
+        Duration::from_secs(90),
+        |c| c.status == Status::Valid,
+    )
+    .await;
+    // The operator's CNAMEs were checked, each exact.
+    let checked: Vec<String> = cert
+        .dns_setup
+        .unwrap()
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {} {} {}",
+                c.record.rtype, c.record.name, c.record.value, c.visible
+            )
+        })
+        .collect();
+    assert_eq!(
+        checked,
+        [
+            "CNAME app.example.test app.example.test.delegate.test true",
+            "CNAME _dstack-app-address.app.example.test _dstack-app-address.app.example.test.delegate.test true",
+            "CNAME _acme-challenge.app.example.test _acme-challenge.app.example.test.delegate.test true",
+        ]
+    );
+    // The dstack records live in the delegated zone; the customer's zone is untouched.
+    wait_for(
+        "the records in place",
+        admin,
+        &mut guard,
+        Duration::from_secs(30),
+        |c| c.dns_records.as_deref() == Some("in place"),
+    )
+    .await;
+    assert_eq!(
+        bind.dig("app.example.test.delegate.test", "CNAME"),
+        [format!("{GATEWAY}.")]
+    );
+    assert_eq!(
+        bind.dig("_dstack-app-address.app.example.test.delegate.test", "TXT"),
+        [format!("\"{SERVER}:443\"")]
+    );
+    assert_eq!(
+        bind.serial("example.test"),
+        serial,
+        "the customer's zone changed"
+    );
+    // The challenge record is gone from the delegated zone once the order is over.
+    let lines = bind.dig("_acme-challenge.app.example.test.delegate.test", "TXT");
+    assert!(lines.iter().all(|l| !l.starts_with('"')), "{lines:?}");
 }

@@ -112,6 +112,20 @@ impl Acme {
         Ok((wanted, (info.app_id, info.instance_id)))
     }
 
+    /// The records the operator makes for `d`: with a delegation zone the CNAMEs into it
+    /// (the provider writes the rest there), else every dstack record.
+    async fn operator_records(
+        &self,
+        dns: &super::dns01::Dns,
+        d: &Domain,
+    ) -> Result<(Vec<Wanted>, (String, String)), String> {
+        let (wanted, identity) = self.wanted_records(dns, d).await?;
+        match dns.delegates() {
+            true => Ok((dns.delegation_cnames(&d.config), identity)),
+            false => Ok((wanted, identity)),
+        }
+    }
+
     /// Before ordering for `d` when no DNS provider writes its records (`DNS_SETUP_MODE`):
     /// show them, post them to the operator's webhook, and (`wait`, `webhook`) wait until
     /// every DoH resolver sees every one, then, the first time, let the gateway's cache
@@ -124,7 +138,7 @@ impl Acme {
             return Ok(());
         };
         let (wanted, (app_id, instance_id)) = self
-            .wanted_records(dns, d)
+            .operator_records(dns, d)
             .await
             .map_err(DnsError::NotVisible)?;
         let required = super::dns01::setup::required(&wanted);

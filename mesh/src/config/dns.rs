@@ -39,6 +39,10 @@ pub mod env {
     pub const SET_CAA: &[&str] = &["SET_CAA"];
     /// The port in the app-address TXT (`<app_id>:<port>`).
     pub const PORT: &[&str] = &["PORT"];
+    /// A zone the domains' records and challenges are delegated to by CNAMEs.
+    pub const DELEGATION_ZONE: &[&str] = &["DELEGATION_ZONE"];
+    /// How long challenge records in the delegated zone may take to show (seconds).
+    pub const DELEGATION_PROPAGATION: &[&str] = &["DELEGATION_PROPAGATION_SECONDS"];
 }
 
 /// Default wait for challenge records to propagate.
@@ -104,8 +108,12 @@ pub struct DnsConfig {
     pub app_port: Option<u16>,
     /// The CA's CAA identities when its directory does not list them (`caaIdentities`).
     pub caa_identities: Vec<String>,
-    /// No provider writes the dstack records: how the operator gets them made.
+    /// No provider writes the dstack records (or, with a delegation zone, the operator's
+    /// CNAMEs into it): how the operator gets them made.
     pub setup: Option<setup::DnsSetup>,
+    /// The zone the operator delegated every name's records and challenges to with CNAMEs;
+    /// the provider writes there only.
+    pub delegation_zone: Option<String>,
 }
 
 impl Default for DnsConfig {
@@ -121,6 +129,7 @@ impl Default for DnsConfig {
             app_port: None,
             caa_identities: Vec::new(),
             setup: None,
+            delegation_zone: None,
         }
     }
 }
@@ -151,6 +160,7 @@ pub struct RawDns {
     pub webhook_url: Option<String>,
     pub webhook_token: Option<String>,
     pub webhook_timeout: Option<DurationValue>,
+    pub delegation_zone: Option<String>,
     pub app_port: Option<u16>,
     pub caa_identities: Option<Vec<String>>,
 }
@@ -176,12 +186,27 @@ pub(super) fn dns(raw: Option<&RawDns>, env: &dyn Source, c: &mut Check) -> DnsC
     let set_caa = flag(env::SET_CAA, raw.set_caa).unwrap_or(false);
 
     let provider = provider(&raw, env, c);
-    // Records no provider writes are the operator's: DNS_SETUP_MODE says how.
+    let delegation_zone = pick(
+        env,
+        env::DELEGATION_ZONE,
+        raw.delegation_zone.clone(),
+        "dns.delegation_zone",
+    )
+    .and_then(|(key, z)| {
+        let z = z.trim().trim_end_matches('.').to_ascii_lowercase();
+        if provider.is_none() {
+            c.fail(key, "the delegated zone is written through a DNS provider whose credential can edit that zone only: set DNS_PROVIDER and its credential");
+        }
+        super::domains::check_name(&z).map_err(|e| c.fail(key, e)).ok()
+    });
+    // Records no provider writes are the operator's, and so are the CNAMEs into a delegated
+    // zone: DNS_SETUP_MODE says how they get made.
     let gateway_set =
         super::source::first(env, env::GATEWAY_DOMAIN).is_some() || raw.gateway_domain.is_some();
-    let setup = match gateway_set || set_caa {
-        true => setup::setup(&raw, env, provider.is_some(), c),
-        false => None,
+    let setup = match (delegation_zone.is_some(), gateway_set || set_caa) {
+        (true, _) => setup::setup(&raw, env, false, c),
+        (false, true) => setup::setup(&raw, env, provider.is_some(), c),
+        (false, false) => None,
     };
 
     let resolvers = resolvers(&raw, env, c);
@@ -239,6 +264,7 @@ pub(super) fn dns(raw: Option<&RawDns>, env: &dyn Source, c: &mut Check) -> DnsC
             .map(|i| i.trim().to_ascii_lowercase())
             .collect(),
         setup,
+        delegation_zone,
     }
 }
 
@@ -264,23 +290,26 @@ fn resolvers(raw: &RawDns, env: &dyn Source, c: &mut Check) -> Vec<SocketAddr> {
 /// How long to wait for the resolvers, capped below the order deadline.
 fn propagation_timeout(raw: &RawDns, env: &dyn Source, c: &mut Check) -> Duration {
     let first = |keys: &[&'static str]| super::source::first(env, keys);
-    let propagation_timeout = match first(env::PROPAGATION_TIMEOUT) {
-        Some((var, v)) => {
-            let t = v.trim();
-            let parsed = t
-                .parse::<u64>()
-                .map(Duration::from_secs)
-                .or_else(|_| super::parse_duration(t));
-            parsed
-                .map_err(|e| c.fail(var, e))
-                .unwrap_or(DEFAULT_PROPAGATION_TIMEOUT)
-        }
-        None => c.duration(
-            "dns.propagation_timeout",
-            raw.propagation_timeout.as_ref(),
-            DEFAULT_PROPAGATION_TIMEOUT,
-        ),
-    };
+    // dstack-ingress sleeps DELEGATION_PROPAGATION_SECONDS blindly; here it bounds the wait
+    // for the resolvers to see the challenge in the delegated zone.
+    let propagation_timeout =
+        match first(env::PROPAGATION_TIMEOUT).or_else(|| first(env::DELEGATION_PROPAGATION)) {
+            Some((var, v)) => {
+                let t = v.trim();
+                let parsed = t
+                    .parse::<u64>()
+                    .map(Duration::from_secs)
+                    .or_else(|_| super::parse_duration(t));
+                parsed
+                    .map_err(|e| c.fail(var, e))
+                    .unwrap_or(DEFAULT_PROPAGATION_TIMEOUT)
+            }
+            None => c.duration(
+                "dns.propagation_timeout",
+                raw.propagation_timeout.as_ref(),
+                DEFAULT_PROPAGATION_TIMEOUT,
+            ),
+        };
     // The whole order has five minutes; a longer wait would be cut off before the challenge
     // records are cleaned up.
     if propagation_timeout > MAX_PROPAGATION_TIMEOUT {

@@ -369,6 +369,9 @@ pub enum Wanted {
         record: Record,
         /// Other values of its type at its name are ours from an earlier configuration.
         exclusive: bool,
+        /// The gateway alias: a provider that flattens it into the gateway's addresses has it
+        /// too.
+        alias: bool,
         /// What it is for, in words.
         note: &'static str,
     },
@@ -425,6 +428,11 @@ impl Dns {
         }
     }
 
+    /// Whether names are delegated to a zone the provider writes (`DELEGATION_ZONE`).
+    pub fn delegates(&self) -> bool {
+        self.config.delegation_zone.is_some()
+    }
+
     /// `DNS_SETUP_MODE`, when the operator makes the records.
     pub fn setup(&self) -> Option<&crate::config::dns::setup::DnsSetup> {
         self.config.setup.as_ref()
@@ -472,7 +480,10 @@ impl Dns {
     /// Publish `_acme-challenge.<name>` = `value` for a DNS-01 challenge.
     pub async fn place_challenge(&self, identifier: &str, value: &str) -> Result<Placed, DnsError> {
         let provider = self.provider()?;
-        let owner = format!("_acme-challenge.{}", identifier.trim_start_matches("*."));
+        let owner = self.owner(&format!(
+            "_acme-challenge.{}",
+            identifier.trim_start_matches("*.")
+        ));
         let zone = provider.zone_for(&owner).await?;
         let record = Record::new(&owner, Data::Txt(value.to_owned()));
         let record = provider.create(&zone, &record).await?;
@@ -604,9 +615,26 @@ impl Dns {
         Ok(())
     }
 
+    /// Where the record for `name` lives: `name` itself, or with a delegation zone
+    /// `name.<zone>`, which the operator's CNAME at `name` points to.
+    fn owner(&self, name: &str) -> String {
+        match &self.config.delegation_zone {
+            Some(zone) => format!("{name}.{zone}"),
+            None => name.to_owned(),
+        }
+    }
+
+    /// The app-address TXT's name for `name` (`<prefix>-wildcard.<base>` for a wildcard).
+    fn txt_name(&self, name: &str) -> String {
+        match name.strip_prefix("*.") {
+            Some(base) => format!("{}-wildcard.{base}", self.config.txt_prefix),
+            None => format!("{}.{name}", self.config.txt_prefix),
+        }
+    }
+
     /// The dstack records of `domain`: the CNAME to the gateway and the app-address TXT for
     /// every name, and with `SET_CAA` a CAA record pinning `account` and the method; what
-    /// cannot be written, and why.
+    /// cannot be written, and why. With a delegation zone they all live in that zone.
     pub fn dstack_record_set(
         &self,
         domain: &DomainConfig,
@@ -614,32 +642,45 @@ impl Dns {
         port: u16,
         caa: Option<(&str, &str)>,
     ) -> Vec<Wanted> {
-        let mut out = Vec::new();
+        let mut out: Vec<Wanted> = Vec::new();
+        let mut push = |w: Wanted| {
+            if !out.contains(&w) {
+                out.push(w);
+            }
+        };
+        let delegated = self.config.delegation_zone.is_some();
         for name in &domain.names {
             let base = name.strip_prefix("*.");
             if let Some(gateway) = &self.config.gateway_domain {
-                out.push(Wanted::Record {
-                    record: Record::new(name, Data::Cname(gateway.clone())),
+                // Delegated: one alias for the base name, which the operator's CNAMEs of the
+                // name and its wildcard both point to.
+                let alias = match delegated {
+                    true => self.owner(base.unwrap_or(name)),
+                    false => name.clone(),
+                };
+                push(Wanted::Record {
+                    record: Record::new(&alias, Data::Cname(gateway.clone())),
                     exclusive: true,
+                    alias: true,
                     note: "sends the name to the dstack gateway",
                 });
-                let txt_owner = match base {
-                    Some(base) => format!("{}-wildcard.{base}", self.config.txt_prefix),
-                    None => format!("{}.{name}", self.config.txt_prefix),
-                };
-                out.push(Wanted::Record {
-                    record: Record::new(&txt_owner, Data::Txt(format!("{app_id}:{port}"))),
+                push(Wanted::Record {
+                    record: Record::new(
+                        &self.owner(&self.txt_name(name)),
+                        Data::Txt(format!("{app_id}:{port}")),
+                    ),
                     exclusive: true,
+                    alias: false,
                     note: "tells the gateway which app (and port) serves the name",
                 });
             }
-            let caa_owner = base.unwrap_or(name);
-            let cnamed =
-                self.config.gateway_domain.is_some() && domain.names.iter().any(|n| n == caa_owner);
+            let caa_owner = self.owner(base.unwrap_or(name));
+            let cnamed = self.config.gateway_domain.is_some()
+                && (delegated || domain.names.contains(&caa_owner));
             if self.config.set_caa && cnamed {
                 // A CNAME owns its name alone (RFC 1034 §3.6.2): CAA there would be refused or
                 // silently dropped, and the CA follows the CNAME to the gateway's CAA anyway.
-                out.push(Wanted::Skipped(format!(
+                push(Wanted::Skipped(format!(
                     "CAA at {caa_owner}: the name is a CNAME to the gateway, which cannot carry other records"
                 )));
             } else if let (true, Some((identity, account))) = (self.config.set_caa, caa) {
@@ -655,9 +696,9 @@ impl Dns {
                 };
                 // Other CAA records stay: several issue records are alternatives, so adding
                 // ours never revokes another CA or account the owner allowed.
-                out.push(Wanted::Record {
+                push(Wanted::Record {
                     record: Record::new(
-                        caa_owner,
+                        &caa_owner,
                         Data::Caa {
                             critical: false,
                             tag: if base.is_some() { "issuewild" } else { "issue" }.into(),
@@ -665,9 +706,48 @@ impl Dns {
                         },
                     ),
                     exclusive: false,
+                    alias: false,
                     note: "lets only this app's ACME account issue for the name",
                 });
             }
+        }
+        out
+    }
+
+    /// The CNAMEs the operator creates once to delegate `domain` to the delegation zone: the
+    /// name (and a wildcard's base), its app-address TXT name, and its `_acme-challenge`.
+    pub fn delegation_cnames(&self, domain: &DomainConfig) -> Vec<Wanted> {
+        let Some(zone) = &self.config.delegation_zone else {
+            return Vec::new();
+        };
+        let mut out: Vec<Wanted> = Vec::new();
+        let mut cname = |from: &str, note: &'static str| {
+            let w = Wanted::Record {
+                record: Record::new(
+                    from,
+                    Data::Cname(format!("{}.{zone}", from.trim_start_matches("*."))),
+                ),
+                exclusive: true,
+                alias: false,
+                note,
+            };
+            if !out.contains(&w) {
+                out.push(w);
+            }
+        };
+        for name in &domain.names {
+            let base = name.trim_start_matches("*.");
+            if self.config.gateway_domain.is_some() {
+                cname(name, "delegates the name to the zone dstack-mesh writes");
+                if name.starts_with("*.") {
+                    cname(base, "delegates the wildcard's base name");
+                }
+                cname(&self.txt_name(name), "delegates the app-address TXT");
+            }
+            cname(
+                &format!("_acme-challenge.{base}"),
+                "delegates the DNS-01 challenge",
+            );
         }
         out
     }
@@ -783,6 +863,50 @@ mod tests {
         // A suffix match is not enough: labels count.
         assert_eq!(closest_zone("xample.com", &zones), None);
         assert_eq!(closest_zone("other.org", &zones), None);
+    }
+
+    #[test]
+    fn a_delegation_zone_holds_every_record_the_operators_cnames_point_to() {
+        let config = DnsConfig {
+            gateway_domain: Some("gw.example.net".into()),
+            delegation_zone: Some("z.example.org".into()),
+            ..DnsConfig::default()
+        };
+        let dns = Dns::with_provider(None, &config);
+        let domain = DomainConfig {
+            names: vec!["*.example.com".into()],
+            backend: "app:80".parse().unwrap(),
+            mode: crate::config::Mode::Http,
+            issuer: crate::config::Issuer::InternalCa,
+            challenge: crate::config::Challenge::Dns01,
+            send_proxy_protocol: false,
+            alpn: Vec::new(),
+            routes: Default::default(),
+        };
+        let show = |w: Vec<Wanted>| -> Vec<String> {
+            w.iter()
+                .map(|w| match w {
+                    Wanted::Record { record, .. } => record.to_string(),
+                    Wanted::Skipped(why) => why.clone(),
+                })
+                .collect()
+        };
+        assert_eq!(
+            show(dns.delegation_cnames(&domain)),
+            [
+                "*.example.com. CNAME example.com.z.example.org.",
+                "example.com. CNAME example.com.z.example.org.",
+                "_dstack-app-address-wildcard.example.com. CNAME _dstack-app-address-wildcard.example.com.z.example.org.",
+                "_acme-challenge.example.com. CNAME _acme-challenge.example.com.z.example.org.",
+            ]
+        );
+        assert_eq!(
+            show(dns.dstack_record_set(&domain, "abcd", 443, None)),
+            [
+                "example.com.z.example.org. CNAME gw.example.net.",
+                "_dstack-app-address-wildcard.example.com.z.example.org. TXT \"abcd:443\"",
+            ]
+        );
     }
 
     #[test]

@@ -24,12 +24,17 @@ pub fn required(wanted: &[Wanted]) -> Vec<Required> {
     wanted
         .iter()
         .filter_map(|w| match w {
-            Wanted::Record { record, note, .. } => Some(Required {
+            Wanted::Record {
+                record,
+                note,
+                alias,
+                ..
+            } => Some(Required {
                 rtype: record.data.rtype().as_str().to_owned(),
                 name: record.name.clone(),
                 value: presentation(&record.data),
                 note: (*note).to_owned(),
-                exact: !matches!(record.data, Data::Cname(_)),
+                exact: !alias,
             }),
             Wanted::Skipped(_) => None,
         })
@@ -69,12 +74,12 @@ pub async fn look(doh: &Doh, resolvers: &[String], wanted: &[Wanted]) -> Vec<Rec
     let mut out = Vec::new();
     let records = required(wanted);
     let wanted = wanted.iter().filter_map(|w| match w {
-        Wanted::Record { record, .. } => Some(record),
+        Wanted::Record { record, alias, .. } => Some((record, *alias)),
         Wanted::Skipped(_) => None,
     });
-    for (record, required) in wanted.zip(records) {
-        let seen = match &record.data {
-            Data::Cname(target) => alias_seen(doh, resolvers, record, target).await,
+    for ((record, alias), required) in wanted.zip(records) {
+        let seen = match (&record.data, alias) {
+            (Data::Cname(target), true) => alias_seen(doh, resolvers, record, target).await,
             _ => exact_seen(doh, resolvers, record).await,
         };
         out.push(RecordCheck {

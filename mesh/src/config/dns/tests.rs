@@ -136,6 +136,10 @@ fn errors_name_what_is_missing() {
             "DNS_SETUP_TIMEOUT",
         ),
         (
+            &[("DELEGATION_ZONE", "acme.example.net")],
+            "DELEGATION_ZONE: the delegated zone is written through a DNS provider",
+        ),
+        (
             &[
                 ("CLOUDFLARE_API_TOKEN", "t"),
                 ("GATEWAY_DOMAIN", "gw.example.net"),
@@ -226,4 +230,21 @@ fn without_credentials_the_operator_makes_the_records() {
     )
     .unwrap();
     assert!(c.public.dns.setup.is_none());
+}
+
+#[test]
+fn a_delegation_zone_takes_the_provider_and_the_operators_cnames() {
+    let mut env = WILDCARD.to_vec();
+    env.extend([
+        ("CLOUDFLARE_API_TOKEN", "t"),
+        ("DELEGATION_ZONE", "ACME.example.net."),
+        ("DELEGATION_PROPAGATION_SECONDS", "90"),
+        ("DNS_SETUP_MODE", "print"),
+    ]);
+    let c = load("", &env).unwrap();
+    let dns = &c.public.dns;
+    assert_eq!(dns.delegation_zone.as_deref(), Some("acme.example.net"));
+    assert_eq!(dns.propagation_timeout, Duration::from_secs(90));
+    // The provider writes in the zone; the operator makes the CNAMEs, as DNS_SETUP_MODE says.
+    assert_eq!(dns.setup.as_ref().unwrap().mode, setup::SetupMode::Print);
 }
