@@ -7,7 +7,26 @@ pub struct NotBase64url;
 
 /// base64url without padding (RFC 7515 §2).
 pub fn encode(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    with_alphabet(
+        bytes,
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
+    )
+}
+
+/// Standard base64 with padding (RFC 4648 §4), as HTTP Basic credentials are written.
+pub fn encode_standard(bytes: &[u8]) -> String {
+    let mut out = with_alphabet(
+        bytes,
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",
+    );
+    while !out.len().is_multiple_of(4) {
+        out.push('=');
+    }
+    out
+}
+
+/// Unpadded base64 over `alphabet`.
+fn with_alphabet(bytes: &[u8], alphabet: &[u8; 64]) -> String {
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
         let n = chunk
@@ -15,7 +34,7 @@ pub fn encode(bytes: &[u8]) -> String {
             .enumerate()
             .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
         for i in 0..=chunk.len() {
-            out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+            out.push(char::from(alphabet[(n >> (18 - 6 * i) & 63) as usize]));
         }
     }
     out
@@ -48,6 +67,22 @@ pub fn decode(text: &str) -> Result<Vec<u8>, NotBase64url> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn standard_base64_is_padded() {
+        // RFC 4648 §10's vectors, and Basic credentials as RFC 7617 §2 writes them.
+        for (input, want) in [
+            (&b""[..], ""),
+            (b"f", "Zg=="),
+            (b"fo", "Zm8="),
+            (b"foo", "Zm9v"),
+            (b"foob", "Zm9vYg=="),
+            (b"Aladdin:open sesame", "QWxhZGRpbjpvcGVuIHNlc2FtZQ=="),
+        ] {
+            assert_eq!(encode_standard(input), want);
+        }
+        assert_eq!(encode_standard(&[0xfb, 0xff]), "+/8=");
+    }
 
     #[test]
     fn base64url_round_trips() {

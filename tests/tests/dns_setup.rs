@@ -601,3 +601,150 @@ async fn a_delegation_zone_is_the_only_zone_written() {
     let lines = bind.dig("_acme-challenge.app.example.test.delegate.test", "TXT");
     assert!(lines.iter().all(|l| !l.starts_with('"')), "{lines:?}");
 }
+
+/// What an httpreq endpoint was asked, in order: (action, fqdn, value).
+type Calls = Arc<Mutex<Vec<(String, String, String)>>>;
+
+/// An operator's httpreq endpoint (lego's protocol) that wants Basic `user:pass`, and either
+/// mirrors present/cleanup into challtestsrv or (`broken`) answers 500 with its own words.
+async fn httpreq_endpoint(challtestsrv: String, broken: bool) -> (String, Calls) {
+    let calls: Calls = Arc::default();
+    let seen = calls.clone();
+    let addr = serve(move |req: Request<Incoming>| {
+        let (seen, challtestsrv) = (seen.clone(), challtestsrv.clone());
+        async move {
+            let authorized = req
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .is_some_and(|v| v == "Basic b3BzOmh1bnRlcjI="); // ops:hunter2
+            if !authorized {
+                return json(
+                    StatusCode::UNAUTHORIZED,
+                    serde_json::json!({"error": "who are you"}),
+                );
+            }
+            let action = req.uri().path().trim_start_matches("/dns/").to_owned();
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let (fqdn, value) = (
+                v["fqdn"].as_str().unwrap_or_default().to_owned(),
+                v["value"].as_str().unwrap_or_default().to_owned(),
+            );
+            seen.lock()
+                .unwrap()
+                .push((action.clone(), fqdn.clone(), value.clone()));
+            if broken {
+                return json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    serde_json::json!({"error": "zone example.test is locked by a change freeze"}),
+                );
+            }
+            let (path, body) = match action.as_str() {
+                "present" => (
+                    "/set-txt",
+                    serde_json::json!({"host": fqdn, "value": value}),
+                ),
+                "cleanup" => ("/clear-txt", serde_json::json!({"host": fqdn})),
+                _ => return json(StatusCode::NOT_FOUND, serde_json::json!({})),
+            };
+            let base = challtestsrv.clone();
+            let status = tokio::task::spawn_blocking(move || {
+                e2e::pebble::post_json(&base, path, &body).map(|r| r.status)
+            })
+            .await
+            .unwrap()
+            .unwrap();
+            assert_eq!(status, 200);
+            json(StatusCode::OK, serde_json::json!({}))
+        }
+    })
+    .await;
+    (format!("http://{addr}/dns"), calls)
+}
+
+fn httpreq_env(d: &Deployment, endpoint: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("DOMAIN", "*.example.test".to_owned()),
+        ("TARGET_ENDPOINT", d.backend.addr.to_string()),
+        ("DNS_PROVIDER", "httpreq".to_owned()),
+        ("HTTPREQ_ENDPOINT", endpoint.to_owned()),
+        ("HTTPREQ_USERNAME", "ops".to_owned()),
+        ("HTTPREQ_PASSWORD", "hunter2".to_owned()),
+        ("DNS_RESOLVERS", d.pebble.challtestsrv_dns.to_string()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn httpreq_presents_and_cleans_up_the_challenge_through_the_operators_endpoint() {
+    let d = Deployment::start().await;
+    let (endpoint, calls) = httpreq_endpoint(d.pebble.challtestsrv_management.clone(), false).await;
+    let (mut guard, admin) = d.sidecar("httpreq", &httpreq_env(&d, &endpoint));
+    let end = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        guard.assert_running();
+        let c = certs(admin).await;
+        if c.iter()
+            .any(|c| c.domain == "*.example.test" && c.status == Status::Valid)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "no certificate: {c:#?}\n{}",
+            guard.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Presented with credentials, then cleaned up with the same value, as lego does.
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while calls.lock().unwrap().len() < 2 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "no cleanup: {:?}",
+            calls.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls[0].0, "present");
+    assert_eq!(calls[1].0, "cleanup");
+    assert_eq!(calls[0].1, "_acme-challenge.example.test.");
+    assert_eq!(calls[0].1, calls[1].1);
+    assert_eq!(calls[0].2, calls[1].2);
+    assert_eq!(
+        calls[0].2.len(),
+        43,
+        "a base64url SHA-256 key authorization digest"
+    );
+    assert!(
+        !guard.stderr().contains("hunter2"),
+        "the password was logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_httpreq_endpoint_that_fails_fails_the_order_in_its_own_words() {
+    let d = Deployment::start().await;
+    let (endpoint, calls) = httpreq_endpoint(d.pebble.challtestsrv_management.clone(), true).await;
+    let (mut guard, admin) = d.sidecar("httpreq", &httpreq_env(&d, &endpoint));
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    let error = loop {
+        guard.assert_running();
+        let c = certs(admin).await;
+        if let Some(e) = c.iter().find_map(|c| c.last_error.clone()) {
+            break e;
+        }
+        assert!(tokio::time::Instant::now() < end, "no failure: {c:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(error.contains("DNS provider httpreq"), "{error}");
+    assert!(error.contains("HTTP 500"), "{error}");
+    assert!(error.contains("locked by a change freeze"), "{error}");
+    assert!(!calls.lock().unwrap().is_empty());
+    assert_eq!(
+        d.pebble.orders_seen(),
+        1,
+        "one order, abandoned when the challenge could not be presented"
+    );
+}

@@ -25,6 +25,14 @@ pub mod env {
     pub const RFC2136_ALGORITHM: &[&str] = &["RFC2136_TSIG_ALGORITHM"];
     /// Zones the server holds (comma-separated); unset: found with SOA queries.
     pub const RFC2136_ZONE: &[&str] = &["RFC2136_ZONE"];
+    /// lego's `httpreq` endpoint.
+    pub const HTTPREQ_ENDPOINT: &[&str] = &["HTTPREQ_ENDPOINT"];
+    /// Its Basic user.
+    pub const HTTPREQ_USERNAME: &[&str] = &["HTTPREQ_USERNAME"];
+    /// Its Basic password.
+    pub const HTTPREQ_PASSWORD: &[&str] = &["HTTPREQ_PASSWORD"];
+    /// lego's mode: empty (fqdn and value); `RAW` is not offered.
+    pub const HTTPREQ_MODE: &[&str] = &["HTTPREQ_MODE"];
     /// Resolvers that must see a challenge record before the CA is told to look.
     pub const RESOLVERS: &[&str] = &["DNS_RESOLVERS"];
     /// How long to wait for them.
@@ -82,6 +90,22 @@ pub enum ProviderConfig {
         /// Zones it holds; empty: found with SOA queries.
         zones: Vec<String>,
     },
+    /// lego's HTTP request protocol: `POST <endpoint>/present` and `/cleanup`.
+    HttpReq {
+        /// The operator's endpoint.
+        endpoint: String,
+        /// HTTP Basic user, when the endpoint asks for one.
+        username: Option<String>,
+        /// Its password.
+        password: Option<Secret>,
+    },
+}
+
+impl ProviderConfig {
+    /// Whether it edits zones (the dstack records too), or presents challenges only.
+    pub fn writes_zones(&self) -> bool {
+        !matches!(self, Self::HttpReq { .. })
+    }
 }
 
 /// `[dns]`, resolved.
@@ -161,6 +185,9 @@ pub struct RawDns {
     pub webhook_token: Option<String>,
     pub webhook_timeout: Option<DurationValue>,
     pub delegation_zone: Option<String>,
+    pub endpoint: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
     pub app_port: Option<u16>,
     pub caa_identities: Option<Vec<String>>,
 }
@@ -203,9 +230,10 @@ pub(super) fn dns(raw: Option<&RawDns>, env: &dyn Source, c: &mut Check) -> DnsC
     // zone: DNS_SETUP_MODE says how they get made.
     let gateway_set =
         super::source::first(env, env::GATEWAY_DOMAIN).is_some() || raw.gateway_domain.is_some();
+    let writes = provider.as_ref().is_some_and(ProviderConfig::writes_zones);
     let setup = match (delegation_zone.is_some(), gateway_set || set_caa) {
         (true, _) => setup::setup(&raw, env, false, c),
-        (false, true) => setup::setup(&raw, env, provider.is_some(), c),
+        (false, true) => setup::setup(&raw, env, writes, c),
         (false, false) => None,
     };
 
@@ -365,11 +393,62 @@ fn provider(raw: &RawDns, env: &dyn Source, c: &mut Check) -> Option<ProviderCon
     match name.trim().to_ascii_lowercase().as_str() {
         "cloudflare" => cloudflare(raw, env, key, c),
         "rfc2136" => rfc2136(raw, env, key, c),
+        "httpreq" => httpreq(raw, env, key, c),
         other => {
-            c.fail(key, format!("{other:?} is not a DNS provider this build has: use cloudflare or rfc2136 (RFC 2136 works with BIND, Knot, PowerDNS and most managed DNS)"));
+            c.fail(key, format!("{other:?} is not a DNS provider this build has: use cloudflare, rfc2136 (RFC 2136 works with BIND, Knot, PowerDNS and most managed DNS) or httpreq (any DNS behind an HTTP endpoint of yours)"));
             None
         }
     }
+}
+
+/// `httpreq`: lego's HTTP request protocol to the operator's endpoint.
+fn httpreq(raw: &RawDns, env: &dyn Source, key: &str, c: &mut Check) -> Option<ProviderConfig> {
+    if let Some((var, mode)) = super::source::first(env, env::HTTPREQ_MODE) {
+        if !mode.trim().is_empty() {
+            c.fail(var, format!("{mode:?}: only the default mode (fqdn and value) is offered; RAW hands the endpoint the key authorization, which stays in the CVM"));
+        }
+    }
+    let Some((ekey, endpoint)) = pick(
+        env,
+        env::HTTPREQ_ENDPOINT,
+        raw.endpoint.clone(),
+        "dns.endpoint",
+    ) else {
+        c.fail(
+            key,
+            "httpreq needs its endpoint (HTTPREQ_ENDPOINT or dns.endpoint)",
+        );
+        return None;
+    };
+    let endpoint = endpoint.trim().trim_end_matches('/').to_owned();
+    if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
+        c.fail(ekey, format!("{endpoint:?} is not an http(s) URL"));
+    }
+    let username = pick(
+        env,
+        env::HTTPREQ_USERNAME,
+        raw.username.clone(),
+        "dns.username",
+    )
+    .map(|(_, u)| u);
+    let password = pick(
+        env,
+        env::HTTPREQ_PASSWORD,
+        raw.password.clone(),
+        "dns.password",
+    )
+    .map(|(_, p)| Secret(p));
+    if username.is_none() && password.is_some() {
+        c.fail(
+            "HTTPREQ_USERNAME",
+            "a password without a user: set HTTPREQ_USERNAME too",
+        );
+    }
+    Some(ProviderConfig::HttpReq {
+        endpoint,
+        username,
+        password,
+    })
 }
 
 /// `cloudflare`: an API token with Zone:Read and DNS:Edit.

@@ -7,6 +7,7 @@
 pub mod caa;
 pub mod cloudflare;
 pub mod doh;
+pub mod httpreq;
 pub mod rfc2136;
 pub mod setup;
 pub mod webhook;
@@ -305,6 +306,10 @@ pub trait Provider: Send + Sync + fmt::Debug {
     fn apex_cname(&self) -> bool {
         false
     }
+    /// Whether it edits zones (the dstack records), or presents challenges only (`httpreq`).
+    fn writes_zones(&self) -> bool {
+        true
+    }
     /// Where records show first when no resolvers are configured.
     fn default_resolvers(&self) -> BoxFuture<'_, Vec<SocketAddr>>;
 }
@@ -403,6 +408,17 @@ pub fn provider(cfg: &ProviderConfig, timeout: Duration) -> Result<Arc<dyn Provi
         } => Arc::new(rfc2136::Rfc2136::new(
             server, key_name, algorithm, &secret.0, zones, timeout,
         )?),
+        ProviderConfig::HttpReq {
+            endpoint,
+            username,
+            password,
+        } => Arc::new(httpreq::HttpReq::new(
+            endpoint,
+            username
+                .as_deref()
+                .map(|u| (u, password.as_ref().map_or("", |p| p.0.as_str()))),
+            timeout,
+        )?),
     })
 }
 
@@ -448,7 +464,8 @@ impl Dns {
 
     /// Whether the dstack records are to be written.
     pub fn manages_records(&self) -> bool {
-        self.provider.is_some() && (self.config.gateway_domain.is_some() || self.config.set_caa)
+        self.provider.as_ref().is_some_and(|p| p.writes_zones())
+            && (self.config.gateway_domain.is_some() || self.config.set_caa)
     }
 
     /// Whether a CAA pin is to be written (`SET_CAA`).

@@ -106,7 +106,7 @@ fn errors_name_what_is_missing() {
             ],
             "use hmac-sha256",
         ),
-        (&[("DNS_PROVIDER", "linode")], "use cloudflare or rfc2136"),
+        (&[("DNS_PROVIDER", "linode")], "use cloudflare, rfc2136"),
         (
             &[
                 ("GATEWAY_DOMAIN", "gw.example.net"),
@@ -134,6 +134,33 @@ fn errors_name_what_is_missing() {
                 ("DNS_SETUP_TIMEOUT", "soon"),
             ],
             "DNS_SETUP_TIMEOUT",
+        ),
+        (
+            &[("DNS_PROVIDER", "httpreq")],
+            "httpreq needs its endpoint (HTTPREQ_ENDPOINT",
+        ),
+        (
+            &[
+                ("DNS_PROVIDER", "httpreq"),
+                ("HTTPREQ_ENDPOINT", "https://ops.example/dns"),
+                ("HTTPREQ_MODE", "RAW"),
+            ],
+            "HTTPREQ_MODE: \"RAW\": only the default mode",
+        ),
+        (
+            &[
+                ("DNS_PROVIDER", "httpreq"),
+                ("HTTPREQ_ENDPOINT", "https://ops.example/dns"),
+                ("HTTPREQ_PASSWORD", "p"),
+            ],
+            "HTTPREQ_USERNAME: a password without a user",
+        ),
+        (
+            &[
+                ("DNS_PROVIDER", "httpreq"),
+                ("HTTPREQ_ENDPOINT", "ops.example/dns"),
+            ],
+            "HTTPREQ_ENDPOINT: \"ops.example/dns\" is not an http(s) URL",
         ),
         (
             &[("DELEGATION_ZONE", "acme.example.net")],
@@ -247,4 +274,27 @@ fn a_delegation_zone_takes_the_provider_and_the_operators_cnames() {
     assert_eq!(dns.propagation_timeout, Duration::from_secs(90));
     // The provider writes in the zone; the operator makes the CNAMEs, as DNS_SETUP_MODE says.
     assert_eq!(dns.setup.as_ref().unwrap().mode, setup::SetupMode::Print);
+}
+
+#[test]
+fn httpreq_presents_challenges_and_leaves_the_dstack_records_to_the_operator() {
+    let mut env = WILDCARD.to_vec();
+    env.extend([
+        ("DNS_PROVIDER", "httpreq"),
+        ("HTTPREQ_ENDPOINT", "https://ops.example/dns/"),
+        ("HTTPREQ_USERNAME", "ops"),
+        ("HTTPREQ_PASSWORD", "hunter2"),
+        ("GATEWAY_DOMAIN", "gw.example.net"),
+    ]);
+    let c = load("", &env).unwrap();
+    let provider = c.public.dns.provider.as_ref().unwrap();
+    assert!(
+        matches!(provider, ProviderConfig::HttpReq { endpoint, username: Some(u), .. } if endpoint == "https://ops.example/dns" && u == "ops")
+    );
+    assert!(!provider.writes_zones());
+    // It cannot write the CNAME and TXT: the operator makes them, as DNS_SETUP_MODE says.
+    assert_eq!(
+        c.public.dns.setup.as_ref().unwrap().mode,
+        setup::SetupMode::Wait
+    );
 }
