@@ -9,6 +9,7 @@ pub mod bind;
 pub mod chromium;
 pub mod client;
 pub mod cloudflare;
+pub mod digitalocean;
 pub mod etcd;
 pub mod netns;
 pub mod pebble;

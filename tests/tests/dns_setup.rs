@@ -748,3 +748,113 @@ async fn an_httpreq_endpoint_that_fails_fails_the_order_in_its_own_words() {
         "one order, abandoned when the challenge could not be presented"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn digitalocean_issues_a_wildcard_and_writes_the_dstack_records() {
+    let d = Deployment::start().await;
+    let api = e2e::digitalocean::DigitalOceanStandIn::start(
+        "do-token",
+        &["other.test", "example.test"],
+        Some(d.pebble.challtestsrv_management.clone()),
+    )
+    .await;
+    let env = vec![
+        ("DOMAIN", "*.example.test".to_owned()),
+        ("TARGET_ENDPOINT", d.backend.addr.to_string()),
+        ("DO_AUTH_TOKEN", "do-token".to_owned()),
+        ("DO_API_URL", api.base.clone()),
+        ("GATEWAY_DOMAIN", GATEWAY.to_owned()),
+        ("DNS_RESOLVERS", d.pebble.challtestsrv_dns.to_string()),
+        ("PORT", "443".to_owned()),
+    ];
+    // DNS_PROVIDER unset: detected from DO_AUTH_TOKEN; DNS-01 by default.
+    let (mut guard, admin) = d.sidecar("digitalocean", &env);
+    let end = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        guard.assert_running();
+        let c = certs(admin).await;
+        if c.iter()
+            .any(|c| c.status == Status::Valid && c.dns_records.as_deref() == Some("in place"))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "not issued: {c:#?}\n{}",
+            guard.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The records as DigitalOcean holds them: relative names, the CNAME target as sent.
+    let held: Vec<(String, String, String)> = api
+        .records()
+        .iter()
+        .map(|r| (r.rtype.clone(), r.name.clone(), r.data.clone()))
+        .collect();
+    assert!(
+        held.contains(&("CNAME".into(), "*".into(), GATEWAY.into())),
+        "{held:?}"
+    );
+    assert!(
+        held.contains(&(
+            "TXT".into(),
+            "_dstack-app-address-wildcard".into(),
+            format!("{SERVER}:443")
+        )),
+        "{held:?}"
+    );
+    assert!(
+        !held
+            .iter()
+            .any(|(_, n, _)| n.starts_with("_acme-challenge")),
+        "the challenge record was left behind: {held:?}"
+    );
+    assert!(!guard.stderr().contains("do-token"), "the token was logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn digitalocean_errors_are_the_apis_own_words() {
+    let d = Deployment::start().await;
+    let api = e2e::digitalocean::DigitalOceanStandIn::start("right", &["example.test"], None).await;
+    let env = vec![
+        ("DOMAIN", "*.example.test".to_owned()),
+        ("TARGET_ENDPOINT", d.backend.addr.to_string()),
+        ("DNS_PROVIDER", "digitalocean".to_owned()),
+        ("DO_AUTH_TOKEN", "wrong".to_owned()),
+        ("DO_API_URL", api.base.clone()),
+    ];
+    let (mut guard, admin) = d.sidecar("digitalocean", &env);
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    let error = loop {
+        guard.assert_running();
+        if let Some(e) = certs(admin).await.iter().find_map(|c| c.last_error.clone()) {
+            break e;
+        }
+        assert!(tokio::time::Instant::now() < end, "no failure");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(error.contains("DNS provider digitalocean"), "{error}");
+    assert!(error.contains("401"), "{error}");
+    assert!(
+        error.contains("unauthorized: Unable to authenticate you."),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn the_digitalocean_client_follows_every_page() {
+    use dstack_mesh::acme::dns01::{digitalocean::DigitalOcean, Provider};
+    let names: Vec<String> = (0..450).map(|i| format!("zone{i:03}.test")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let api = e2e::digitalocean::DigitalOceanStandIn::start("t", &refs, None).await;
+    let client = DigitalOcean::new(&api.base, "t", Duration::from_secs(5)).unwrap();
+    let zones = client.zones().await.unwrap();
+    assert_eq!(zones.len(), 450);
+    assert_eq!(zones[449].name, "zone449.test");
+    let pages = api
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("GET /v2/domains"))
+        .count();
+    assert_eq!(pages, 3, "200 per page, following links.pages.next");
+}

@@ -25,6 +25,10 @@ pub mod env {
     pub const RFC2136_ALGORITHM: &[&str] = &["RFC2136_TSIG_ALGORITHM"];
     /// Zones the server holds (comma-separated); unset: found with SOA queries.
     pub const RFC2136_ZONE: &[&str] = &["RFC2136_ZONE"];
+    /// DigitalOcean's token (lego's name).
+    pub const DO_TOKEN: &[&str] = &["DO_AUTH_TOKEN"];
+    /// DigitalOcean's API base, for proxies and tests (lego's name).
+    pub const DO_URL: &[&str] = &["DO_API_URL"];
     /// lego's `httpreq` endpoint.
     pub const HTTPREQ_ENDPOINT: &[&str] = &["HTTPREQ_ENDPOINT"];
     /// Its Basic user.
@@ -61,6 +65,8 @@ pub const MAX_PROPAGATION_TIMEOUT: Duration = Duration::from_secs(240);
 pub const DEFAULT_TXT_PREFIX: &str = "_dstack-app-address";
 /// Cloudflare's v4 API.
 pub const CLOUDFLARE_API: &str = "https://api.cloudflare.com/client/v4";
+/// DigitalOcean's API (its paths start with `/v2`).
+pub const DIGITALOCEAN_API: &str = "https://api.digitalocean.com";
 
 pub use super::Secret;
 
@@ -89,6 +95,13 @@ pub enum ProviderConfig {
         secret: Secret,
         /// Zones it holds; empty: found with SOA queries.
         zones: Vec<String>,
+    },
+    /// DigitalOcean's API v2 with a personal access token.
+    DigitalOcean {
+        /// The token (read and write on domains).
+        api_token: Secret,
+        /// API base URL, without `/v2`.
+        api_url: String,
     },
     /// lego's HTTP request protocol: `POST <endpoint>/present` and `/cleanup`.
     HttpReq {
@@ -365,11 +378,13 @@ fn pick(
 
 /// dstack-ingress picks the provider by the first credential set, in this order, when
 /// `DNS_PROVIDER` is not set.
-const DETECTED: [(&str, &str); 4] = [
+const DETECTED: [(&str, &str); 5] = [
     ("CLOUDFLARE_API_TOKEN", "cloudflare"),
     ("LINODE_API_TOKEN", "linode"),
     ("NAMECHEAP_API_KEY", "namecheap"),
     ("AWS_ACCESS_KEY_ID", "route53"),
+    // Not dstack-ingress's: ours, after its four.
+    ("DO_AUTH_TOKEN", "digitalocean"),
 ];
 
 /// Whether the DNS provider is named by the environment (`DNS_PROVIDER`, or a credential
@@ -394,11 +409,32 @@ fn provider(raw: &RawDns, env: &dyn Source, c: &mut Check) -> Option<ProviderCon
         "cloudflare" => cloudflare(raw, env, key, c),
         "rfc2136" => rfc2136(raw, env, key, c),
         "httpreq" => httpreq(raw, env, key, c),
+        "digitalocean" => digitalocean(raw, env, key, c),
         other => {
-            c.fail(key, format!("{other:?} is not a DNS provider this build has: use cloudflare, rfc2136 (RFC 2136 works with BIND, Knot, PowerDNS and most managed DNS) or httpreq (any DNS behind an HTTP endpoint of yours)"));
+            c.fail(key, format!("{other:?} is not a DNS provider this build has: use cloudflare, rfc2136 (RFC 2136 works with BIND, Knot, PowerDNS and most managed DNS), digitalocean, or httpreq (any DNS behind an HTTP endpoint of yours)"));
             None
         }
     }
+}
+
+/// `digitalocean`: a personal access token with write access to the domains.
+fn digitalocean(
+    raw: &RawDns,
+    env: &dyn Source,
+    key: &str,
+    c: &mut Check,
+) -> Option<ProviderConfig> {
+    let Some((_, token)) = pick(env, env::DO_TOKEN, raw.api_token.clone(), "dns.api_token") else {
+        c.fail(key, "digitalocean needs a personal access token with write scope (DO_AUTH_TOKEN or dns.api_token)");
+        return None;
+    };
+    Some(ProviderConfig::DigitalOcean {
+        api_token: Secret(token.trim().to_owned()),
+        api_url: pick(env, env::DO_URL, raw.api_url.clone(), "dns.api_url").map_or_else(
+            || DIGITALOCEAN_API.to_owned(),
+            |(_, u)| u.trim().trim_end_matches('/').to_owned(),
+        ),
+    })
 }
 
 /// `httpreq`: lego's HTTP request protocol to the operator's endpoint.

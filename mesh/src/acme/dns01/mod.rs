@@ -6,6 +6,7 @@
 
 pub mod caa;
 pub mod cloudflare;
+pub mod digitalocean;
 pub mod doh;
 pub mod httpreq;
 pub mod rfc2136;
@@ -408,6 +409,9 @@ pub fn provider(cfg: &ProviderConfig, timeout: Duration) -> Result<Arc<dyn Provi
         } => Arc::new(rfc2136::Rfc2136::new(
             server, key_name, algorithm, &secret.0, zones, timeout,
         )?),
+        ProviderConfig::DigitalOcean { api_token, api_url } => Arc::new(
+            digitalocean::DigitalOcean::new(api_url, &api_token.0, timeout)?,
+        ),
         ProviderConfig::HttpReq {
             endpoint,
             username,
