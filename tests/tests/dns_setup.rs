@@ -858,3 +858,109 @@ async fn the_digitalocean_client_follows_every_page() {
         .count();
     assert_eq!(pages, 3, "200 per page, following links.pages.next");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linode_as_dstack_ingress_configures_it_issues_and_writes_the_records() {
+    // dstack-ingress's Linode deployment: LINODE_API_TOKEN alone picks the provider and DNS-01.
+    let d = Deployment::start().await;
+    let api = e2e::linode::LinodeStandIn::start(
+        "linode-token",
+        &["example.test"],
+        Some(d.pebble.challtestsrv_management.clone()),
+    )
+    .await;
+    let env = vec![
+        ("DOMAIN", "shop.example.test".to_owned()),
+        ("TARGET_ENDPOINT", format!("http://{}", d.backend.addr)),
+        ("LINODE_API_TOKEN", "linode-token".to_owned()),
+        ("LINODE_API_URL", api.base.clone()),
+        ("GATEWAY_DOMAIN", GATEWAY.to_owned()),
+        ("DNS_RESOLVERS", d.pebble.challtestsrv_dns.to_string()),
+        ("PORT", "443".to_owned()),
+    ];
+    let (mut guard, admin) = d.sidecar("linode", &env);
+    let end = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        guard.assert_running();
+        let c = certs(admin).await;
+        if c.iter()
+            .any(|c| c.status == Status::Valid && c.dns_records.as_deref() == Some("in place"))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "not issued: {c:#?}\n{}",
+            guard.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let held: Vec<(String, String, String, u64)> = api
+        .records()
+        .iter()
+        .map(|r| (r.rtype.clone(), r.name.clone(), r.target.clone(), r.ttl_sec))
+        .collect();
+    assert!(
+        held.contains(&("CNAME".into(), "shop".into(), GATEWAY.into(), 120)),
+        "{held:?}"
+    );
+    assert!(
+        held.contains(&(
+            "TXT".into(),
+            "_dstack-app-address.shop".into(),
+            format!("{SERVER}:443"),
+            120
+        )),
+        "TTL 60 rounds up to Linode's 120: {held:?}"
+    );
+    assert!(
+        !held
+            .iter()
+            .any(|(_, n, _, _)| n.starts_with("_acme-challenge")),
+        "{held:?}"
+    );
+    // Records are read a page at a time at Linode's largest size.
+    assert!(
+        api.requests().iter().any(|r| r.contains("page_size=500")),
+        "{:?}",
+        api.requests()
+    );
+    assert!(
+        !guard.stderr().contains("linode-token"),
+        "the token was logged"
+    );
+}
+
+#[tokio::test]
+async fn linode_errors_name_the_field_and_reason() {
+    use dstack_mesh::acme::dns01::{linode::Linode, Provider};
+    let api = e2e::linode::LinodeStandIn::start("t", &["example.test"], None).await;
+    let wrong = Linode::new(&api.base, "nope", Duration::from_secs(5)).unwrap();
+    let e = wrong.zones().await.unwrap_err().to_string();
+    assert!(e.contains("HTTP 401") && e.contains("Invalid Token"), "{e}");
+    // A field Linode refuses is named with its reason.
+    let client = Linode::new(&api.base, "t", Duration::from_secs(5)).unwrap();
+    let zone = client.zone_for("example.test").await.unwrap();
+    let caa = dstack_mesh::acme::dns01::Record {
+        name: "example.test".into(),
+        data: Data::Caa {
+            critical: false,
+            tag: "issuer".into(),
+            value: "letsencrypt.org".into(),
+        },
+        ttl: 60,
+        id: None,
+    };
+    let e = client.create(&zone, &caa).await.unwrap_err().to_string();
+    assert!(
+        e.contains("HTTP 400") && e.contains("tag: tag must be issue"),
+        "{e}"
+    );
+    // 1,200 domains: three pages of Linode's largest size.
+    let names: Vec<String> = (0..1200).map(|i| format!("z{i:04}.test")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let many = e2e::linode::LinodeStandIn::start("t", &refs, None).await;
+    let client = Linode::new(&many.base, "t", Duration::from_secs(5)).unwrap();
+    assert_eq!(client.zones().await.unwrap().len(), 1200);
+    assert_eq!(many.requests().len(), 3, "{:?}", many.requests());
+}

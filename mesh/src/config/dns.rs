@@ -29,6 +29,10 @@ pub mod env {
     pub const DO_TOKEN: &[&str] = &["DO_AUTH_TOKEN"];
     /// DigitalOcean's API base, for proxies and tests (lego's name).
     pub const DO_URL: &[&str] = &["DO_API_URL"];
+    /// Linode's token (dstack-ingress's name, then lego's).
+    pub const LINODE_TOKEN: &[&str] = &["LINODE_API_TOKEN", "LINODE_TOKEN"];
+    /// Linode's API base, for proxies and tests.
+    pub const LINODE_URL: &[&str] = &["LINODE_API_URL"];
     /// lego's `httpreq` endpoint.
     pub const HTTPREQ_ENDPOINT: &[&str] = &["HTTPREQ_ENDPOINT"];
     /// Its Basic user.
@@ -65,6 +69,8 @@ pub const MAX_PROPAGATION_TIMEOUT: Duration = Duration::from_secs(240);
 pub const DEFAULT_TXT_PREFIX: &str = "_dstack-app-address";
 /// Cloudflare's v4 API.
 pub const CLOUDFLARE_API: &str = "https://api.cloudflare.com/client/v4";
+/// Linode's API v4.
+pub const LINODE_API: &str = "https://api.linode.com/v4";
 /// DigitalOcean's API (its paths start with `/v2`).
 pub const DIGITALOCEAN_API: &str = "https://api.digitalocean.com";
 
@@ -101,6 +107,13 @@ pub enum ProviderConfig {
         /// The token (read and write on domains).
         api_token: Secret,
         /// API base URL, without `/v2`.
+        api_url: String,
+    },
+    /// Linode's (Akamai's) API v4 with a personal access token.
+    Linode {
+        /// The token (Domains read/write).
+        api_token: Secret,
+        /// API base URL, with its version.
         api_url: String,
     },
     /// lego's HTTP request protocol: `POST <endpoint>/present` and `/cleanup`.
@@ -410,8 +423,9 @@ fn provider(raw: &RawDns, env: &dyn Source, c: &mut Check) -> Option<ProviderCon
         "rfc2136" => rfc2136(raw, env, key, c),
         "httpreq" => httpreq(raw, env, key, c),
         "digitalocean" => digitalocean(raw, env, key, c),
+        "linode" => linode(raw, env, key, c),
         other => {
-            c.fail(key, format!("{other:?} is not a DNS provider this build has: use cloudflare, rfc2136 (RFC 2136 works with BIND, Knot, PowerDNS and most managed DNS), digitalocean, or httpreq (any DNS behind an HTTP endpoint of yours)"));
+            c.fail(key, format!("{other:?} is not a DNS provider this build has: use cloudflare, rfc2136 (RFC 2136 works with BIND, Knot, PowerDNS and most managed DNS), digitalocean, linode, or httpreq (any DNS behind an HTTP endpoint of yours)"));
             None
         }
     }
@@ -432,6 +446,26 @@ fn digitalocean(
         api_token: Secret(token.trim().to_owned()),
         api_url: pick(env, env::DO_URL, raw.api_url.clone(), "dns.api_url").map_or_else(
             || DIGITALOCEAN_API.to_owned(),
+            |(_, u)| u.trim().trim_end_matches('/').to_owned(),
+        ),
+    })
+}
+
+/// `linode`: a personal access token with Domains read/write.
+fn linode(raw: &RawDns, env: &dyn Source, key: &str, c: &mut Check) -> Option<ProviderConfig> {
+    let Some((_, token)) = pick(
+        env,
+        env::LINODE_TOKEN,
+        raw.api_token.clone(),
+        "dns.api_token",
+    ) else {
+        c.fail(key, "linode needs a personal access token with Domains read/write (LINODE_API_TOKEN or dns.api_token)");
+        return None;
+    };
+    Some(ProviderConfig::Linode {
+        api_token: Secret(token.trim().to_owned()),
+        api_url: pick(env, env::LINODE_URL, raw.api_url.clone(), "dns.api_url").map_or_else(
+            || LINODE_API.to_owned(),
             |(_, u)| u.trim().trim_end_matches('/').to_owned(),
         ),
     })

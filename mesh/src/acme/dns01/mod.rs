@@ -9,6 +9,7 @@ pub mod cloudflare;
 pub mod digitalocean;
 pub mod doh;
 pub mod httpreq;
+pub mod linode;
 pub mod rfc2136;
 pub mod setup;
 pub mod webhook;
@@ -412,6 +413,9 @@ pub fn provider(cfg: &ProviderConfig, timeout: Duration) -> Result<Arc<dyn Provi
         ProviderConfig::DigitalOcean { api_token, api_url } => Arc::new(
             digitalocean::DigitalOcean::new(api_url, &api_token.0, timeout)?,
         ),
+        ProviderConfig::Linode { api_token, api_url } => {
+            Arc::new(linode::Linode::new(api_url, &api_token.0, timeout)?)
+        }
         ProviderConfig::HttpReq {
             endpoint,
             username,

@@ -106,7 +106,11 @@ fn errors_name_what_is_missing() {
             ],
             "use hmac-sha256",
         ),
-        (&[("DNS_PROVIDER", "linode")], "use cloudflare, rfc2136"),
+        (&[("DNS_PROVIDER", "route53")], "use cloudflare, rfc2136"),
+        (
+            &[("DNS_PROVIDER", "linode")],
+            "linode needs a personal access token",
+        ),
         (
             &[
                 ("GATEWAY_DOMAIN", "gw.example.net"),
