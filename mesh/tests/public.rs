@@ -975,3 +975,42 @@ async fn a_wildcard_routes_names_to_their_own_backends_with_the_alpn_set() {
     );
     agent.abort();
 }
+
+#[tokio::test]
+async fn an_alias_shares_its_domains_certificate_and_route() {
+    // DOMAINS with `domain=alias` (dstack-ingress's ALIAS_DOMAIN, per domain).
+    let dir = tempfile::tempdir().unwrap();
+    let sockets = tempfile::tempdir_in(dir.path()).unwrap();
+    let (server, agent) = identity(sockets.path(), &dir.path().join("state"), SERVER).await;
+    let (shop, api) = (Backend::start().await, Backend::start().await);
+    let text = format!(
+        "[inbound]\nlisten = \"127.0.0.1:0\"\nbackend = \"{}\"\n[auth]\nenabled = false\n\
+         [admin]\nenabled = false\n[client]\nenabled = false\n\
+         [acme]\nstore = \"{}\"\nissuer = \"internal-ca\"\n",
+        shop.addr,
+        dir.path().join("store").display(),
+    );
+    let domains = "shop.example.test=www.shop.example.test\napi.example.test";
+    let routes = format!(
+        "shop.example.test={}\napi.example.test={}",
+        shop.addr, api.addr
+    );
+    let env = HashMap::from([("DOMAINS", domains), ("ROUTING_MAP", routes.as_str())]);
+    let app = App::start_with(Config::from_toml(&text, &env).unwrap(), server)
+        .await
+        .unwrap();
+    wait_valid(&app, "shop.example.test").await;
+    let root = internal_root(dir.path());
+    let addr = app.addr("inbound").unwrap();
+    // The alias is a name on the shop's certificate (verified by the client) and its route.
+    let mut client = https(addr, "www.shop.example.test", &root, H2_H1).await;
+    let (status, _, _) = client
+        .get("/", &[("host", "www.shop.example.test")])
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!((shop.count(), api.count()), (1, 0));
+    let names = status_of(&app, "shop.example.test").names;
+    assert_eq!(names, ["shop.example.test", "www.shop.example.test"]);
+    agent.abort();
+}

@@ -728,10 +728,15 @@ fn ingress_domains(
         if alias.is_some() {
             c.fail(
                 "ALIAS_DOMAIN",
-                "ALIAS_DOMAIN adds a name to the single DOMAIN's certificate and cannot be combined with DOMAINS: list the alias in DOMAINS (and ROUTING_MAP) instead",
+                "ALIAS_DOMAIN adds names to the single DOMAIN's certificate; with DOMAINS give each domain its aliases as `domain=alias1,alias2` (one domain per line)",
             );
         }
-        for (n, line) in entries(text) {
+        // One line with `=` is one domain with its aliases (their commas are the aliases').
+        let lines = match !text.trim().contains('\n') && text.contains('=') {
+            true => vec![(1, text.trim())],
+            false => entries(text),
+        };
+        for (n, line) in lines {
             env_domains.push((var, Some(n), line.to_owned()));
         }
     }
@@ -743,7 +748,12 @@ fn ingress_domains(
             Some(n) => format!("entry {n} ({text:?}): {e}"),
             None => e,
         };
-        let Ok(name) = check_name(&text).map_err(|e| c.fail(var, named(e))) else {
+        // `domain=alias1,alias2`: the aliases share the domain's certificate and route.
+        let (primary, aliases) = match text.split_once('=') {
+            Some((p, a)) => (p.trim(), a.split(',').map(str::trim).collect::<Vec<_>>()),
+            None => (text.as_str(), Vec::new()),
+        };
+        let Ok(name) = check_name(primary).map_err(|e| c.fail(var, named(e))) else {
             continue;
         };
         let Some(backend) = routes.remove(&name).or_else(|| default_backend.clone()) else {
@@ -756,13 +766,21 @@ fn ingress_domains(
             continue;
         };
         let mut names = vec![name];
+        for a in aliases.into_iter().filter(|a| !a.is_empty()) {
+            if let Ok(a) = check_name(a).map_err(|e| c.fail(var, named(e))) {
+                names.push(a);
+            }
+        }
         if var == "DOMAIN" {
-            if let Some((avar, a)) = &alias {
-                if let Ok(a) = check_name(a).map_err(|e| c.fail(avar, e)) {
-                    names.push(a);
+            if let Some((avar, list)) = &alias {
+                for a in list.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+                    if let Ok(a) = check_name(a).map_err(|e| c.fail(avar, e)) {
+                        names.push(a);
+                    }
                 }
             }
         }
+        names.dedup();
         list.push((
             var.to_owned(),
             DomainConfig {

@@ -935,6 +935,42 @@ mod tests {
     }
 
     #[test]
+    fn an_alias_gets_its_own_dstack_records() {
+        let config = DnsConfig {
+            gateway_domain: Some("gw.example.net".into()),
+            ..DnsConfig::default()
+        };
+        let dns = Dns::with_provider(None, &config);
+        let domain = DomainConfig {
+            names: vec!["shop.example.com".into(), "www.shop.example.com".into()],
+            backend: "app:80".parse().unwrap(),
+            mode: crate::config::Mode::Http,
+            issuer: crate::config::Issuer::InternalCa,
+            challenge: crate::config::Challenge::TlsAlpn01,
+            send_proxy_protocol: false,
+            alpn: Vec::new(),
+            routes: Default::default(),
+        };
+        let owners: Vec<String> = dns
+            .dstack_record_set(&domain, "abcd", 443, None)
+            .iter()
+            .filter_map(|w| match w {
+                Wanted::Record { record, .. } => Some(record.name.clone()),
+                Wanted::Skipped(_) => None,
+            })
+            .collect();
+        assert_eq!(
+            owners,
+            [
+                "shop.example.com",
+                "_dstack-app-address.shop.example.com",
+                "www.shop.example.com",
+                "_dstack-app-address.www.shop.example.com",
+            ]
+        );
+    }
+
+    #[test]
     fn caa_values_compare_parsed() {
         let a = Data::Caa {
             critical: false,

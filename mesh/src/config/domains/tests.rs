@@ -75,7 +75,9 @@ fn dstack_ingress_variables() {
 fn errors_name_the_entry() {
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
     let cases: &[Case<'_>] = &[
-        ("", &[("DOMAINS", "a.example.com"), ("ALIAS_DOMAIN", "b.example.com"), ("TARGET_ENDPOINT", "x:1")], "ALIAS_DOMAIN: ALIAS_DOMAIN adds a name"),
+        ("", &[("DOMAINS", "a.example.com"), ("ALIAS_DOMAIN", "b.example.com"), ("TARGET_ENDPOINT", "x:1")], "ALIAS_DOMAIN: ALIAS_DOMAIN adds names to the single DOMAIN's certificate; with DOMAINS give each domain its aliases as `domain=alias1,alias2`"),
+        ("", &[("DOMAINS", "a.example.com=www_bad.example.com"), ("TARGET_ENDPOINT", "x:1")], "DOMAINS: entry 1"),
+        ("", &[("DOMAINS", "a.example.com=b.example.com\nb.example.com"), ("TARGET_ENDPOINT", "x:1")], "b.example.com is also served by DOMAINS"),
         ("", &[("DOMAIN", "*.example.com"), ("TARGET_ENDPOINT", "x:1")], "a wildcard needs the dns-01 challenge"),
         ("", &[("DOMAIN", "bad_name.example.com"), ("TARGET_ENDPOINT", "x:1")], "DOMAIN: \"bad_name.example.com\" is not a valid domain name"),
         ("", &[("DOMAINS", "a.example.com")], "a.example.com: no backend"),
@@ -229,4 +231,61 @@ fn routes_under_a_wildcard_and_the_dns01_default() {
     )
     .unwrap();
     assert_eq!(c.public.domains[0].challenge, Challenge::TlsAlpn01);
+}
+
+#[test]
+fn each_domain_carries_its_aliases() {
+    let c = load(
+        "",
+        &[
+            (
+                "DOMAINS",
+                "shop.example.com=www.shop.example.com,store.example.com\n# b\napi.example.com",
+            ),
+            (
+                "ROUTING_MAP",
+                "shop.example.com=shop:80\napi.example.com=api:8080",
+            ),
+        ],
+    )
+    .unwrap();
+    let d = &c.public.domains;
+    assert_eq!(
+        d[0].names,
+        [
+            "shop.example.com",
+            "www.shop.example.com",
+            "store.example.com"
+        ]
+    );
+    assert_eq!(d[0].backend.to_string(), "shop:80");
+    assert_eq!(d[1].names, ["api.example.com"]);
+    // One line with `=`: one domain, its commas separate aliases.
+    let c = load(
+        "",
+        &[
+            (
+                "DOMAINS",
+                "shop.example.com=www.shop.example.com,store.example.com",
+            ),
+            ("TARGET_ENDPOINT", "x:1"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.public.domains.len(), 1);
+    assert_eq!(c.public.domains[0].names.len(), 3);
+    // ALIAS_DOMAIN may name several, comma-separated.
+    let c = load(
+        "",
+        &[
+            ("DOMAIN", "a.example.com"),
+            ("ALIAS_DOMAIN", "www.a.example.com, b.example.com"),
+            ("TARGET_ENDPOINT", "x:1"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        c.public.domains[0].names,
+        ["a.example.com", "www.a.example.com", "b.example.com"]
+    );
 }
