@@ -141,6 +141,11 @@ pub enum Command {
         #[arg(long)]
         tls_key_response: Option<PathBuf>,
     },
+    /// The DNS side of public domains.
+    Dns {
+        #[command(subcommand)]
+        action: DnsAction,
+    },
     /// Print the RA-TLS view of a certificate or chain (PEM or DER, leaf first) as JSON.
     InspectCert {
         /// File to read, or `-` for stdin.
@@ -197,6 +202,21 @@ pub enum CertsAction {
     Renew {
         /// The domain (primary name or alias).
         domain: String,
+    },
+}
+
+/// `dns` actions.
+#[derive(Debug, Subcommand)]
+pub enum DnsAction {
+    /// Prove the DNS provider's credential can present a DNS-01 challenge for each public
+    /// domain (or DOMAIN), that the resolvers see it, and that it can remove it: exit 0, or 1
+    /// naming the step and the provider's words.
+    Check {
+        /// One configured domain (default: every one).
+        domain: Option<String>,
+        /// Configuration file (default: $DSTACK_MESH_CONFIG, else built-in defaults).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -328,6 +348,9 @@ pub async fn run(cli: Cli) -> ExitCode {
             )
             .await
         }
+        Command::Dns {
+            action: DnsAction::Check { domain, config },
+        } => crate::tools::dns_check(config, domain).await,
         Command::InspectCert { file } => crate::tools::inspect_cert(&file),
         Command::VerifyCert {
             file,

@@ -15,7 +15,7 @@ fn config_path(flag: Option<PathBuf>) -> Option<PathBuf> {
     flag.or_else(|| Env.get(config::env::CONFIG).map(PathBuf::from))
 }
 
-fn load(flag: Option<PathBuf>) -> Result<Config, ExitCode> {
+pub(crate) fn load(flag: Option<PathBuf>) -> Result<Config, ExitCode> {
     Config::load(config_path(flag).as_deref(), &Env).map_err(|e| {
         eprint!("error: {e}");
         ExitCode::from(EXIT_CONFIG)

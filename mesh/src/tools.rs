@@ -508,3 +508,86 @@ async fn fetch_evidence(
     files.insert(SUMS.to_owned(), Ok(sums));
     Ok(files)
 }
+
+/// `dns check [DOMAIN]`: prove, for each public domain (or the one named), that the DNS
+/// provider's credential can present a DNS-01 challenge in the right zone, that the resolvers
+/// then see it, and that the credential can remove it again: an operator's "test
+/// connectivity" of a DNS token, before an order depends on it.
+pub async fn dns_check(flag: Option<PathBuf>, only: Option<String>) -> ExitCode {
+    use crate::acme::dns01::Dns;
+    let config = match crate::run::load(flag) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if config.public.dns.provider.is_none() {
+        return fail(EXIT_BAD_INPUT, "no DNS provider is configured (DNS_PROVIDER and its credential): nothing to check (with DNS_SETUP_MODE the records the operator makes are listed, with what the resolvers see, on /certs)");
+    }
+    let dns = match Dns::new(&config.public.dns) {
+        Ok(d) => d,
+        Err(e) => return fail(EXIT_BAD_INPUT, format!("DNS provider: {e}")),
+    };
+    let domains: Vec<_> = config
+        .public
+        .domains
+        .iter()
+        .filter(|d| only.as_ref().is_none_or(|o| d.names.iter().any(|n| n == o)))
+        .collect();
+    if domains.is_empty() {
+        return fail(
+            EXIT_BAD_INPUT,
+            match &only {
+                Some(o) => format!("{o} is not a configured public domain"),
+                None => "no public domains are configured".to_owned(),
+            },
+        );
+    }
+    let mut failed = false;
+    for d in domains {
+        let name = d.primary();
+        // A value no CA will ever ask for: the check cannot validate an order by accident.
+        let value = crate::base64url::encode(&random_bytes());
+        let started = std::time::Instant::now();
+        let ms = |t: std::time::Instant| t.elapsed().as_millis();
+        let placed = match dns.place_challenge(name, &value).await {
+            Ok(p) => {
+                println!(
+                    "ok      {name}: presented {} ({} ms)",
+                    p.record(),
+                    ms(started)
+                );
+                p
+            }
+            Err(e) => {
+                println!("FAILED  {name}: present the challenge: {e}");
+                failed = true;
+                continue;
+            }
+        };
+        let seen = std::time::Instant::now();
+        match dns.wait_visible(std::slice::from_ref(&placed)).await {
+            Ok(()) => println!("ok      {name}: every resolver sees it ({} ms)", ms(seen)),
+            Err(e) => {
+                println!("FAILED  {name}: {e}");
+                failed = true;
+            }
+        }
+        match dns.take_back(&placed).await {
+            Ok(()) => println!("ok      {name}: removed"),
+            Err(e) => {
+                println!("FAILED  {name}: remove {}: {e}", placed.record());
+                failed = true;
+            }
+        }
+    }
+    match failed {
+        true => ExitCode::from(EXIT_REJECTED),
+        false => ExitCode::SUCCESS,
+    }
+}
+
+/// 32 random bytes.
+fn random_bytes() -> [u8; 32] {
+    let mut b = [0u8; 32];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    b
+}

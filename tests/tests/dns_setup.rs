@@ -964,3 +964,68 @@ async fn linode_errors_name_the_field_and_reason() {
     assert_eq!(client.zones().await.unwrap().len(), 1200);
     assert_eq!(many.requests().len(), 3, "{:?}", many.requests());
 }
+
+/// `dstack-mesh dns check` with `env`, as an operator runs it.
+async fn dns_check(d: &Deployment, env: &[(&str, String)]) -> std::process::Output {
+    let config = d.dir.path().join("check.toml");
+    std::fs::write(&config, "[admin]\nenabled = false\n").unwrap();
+    let mut cmd = Command::new(mesh_binary());
+    cmd.args(["dns", "check", "--config"])
+        .arg(&config)
+        .env_remove("DSTACK_AGENT_ADDRESS");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_check_presents_sees_and_removes_a_challenge_with_the_credential() {
+    let d = Deployment::start().await;
+    let api = e2e::digitalocean::DigitalOceanStandIn::start(
+        "do-token",
+        &["example.test"],
+        Some(d.pebble.challtestsrv_management.clone()),
+    )
+    .await;
+    let env = |token: &str| {
+        vec![
+            ("DOMAINS", "*.example.test\nshop.example.test".to_owned()),
+            ("TARGET_ENDPOINT", d.backend.addr.to_string()),
+            ("DO_AUTH_TOKEN", token.to_owned()),
+            ("DO_API_URL", api.base.clone()),
+            ("DNS_RESOLVERS", d.pebble.challtestsrv_dns.to_string()),
+        ]
+    };
+    let out = dns_check(&d, &env("do-token")).await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "ok      *.example.test: presented _acme-challenge.example.test.",
+        "ok      *.example.test: every resolver sees it",
+        "ok      *.example.test: removed",
+        "ok      shop.example.test: presented _acme-challenge.shop.example.test.",
+        "ok      shop.example.test: removed",
+    ] {
+        assert!(text.contains(line), "{line:?} in:\n{text}");
+    }
+    assert!(api.records().is_empty(), "left behind: {:?}", api.records());
+    // The wrong token: the step and DigitalOcean's words, exit 1.
+    let out = dns_check(&d, &env("wrong")).await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("FAILED  *.example.test: present the challenge"),
+        "{text}"
+    );
+    assert!(
+        text.contains("unauthorized: Unable to authenticate you."),
+        "{text}"
+    );
+}

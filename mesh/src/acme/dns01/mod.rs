@@ -349,6 +349,13 @@ pub struct Placed {
     record: Record,
 }
 
+impl Placed {
+    /// The record, as the provider holds it.
+    pub fn record(&self) -> &Record {
+        &self.record
+    }
+}
+
 /// What happened to one dstack record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -518,17 +525,19 @@ impl Dns {
 
     /// Remove challenge records; failures are logged, never fatal (the order is over).
     pub async fn remove(&self, placed: &[Placed]) {
-        let Ok(provider) = self.provider() else {
-            return;
-        };
         for p in placed {
-            match provider.delete(&p.zone, &p.record).await {
+            match self.take_back(p).await {
                 Ok(()) => tracing::debug!(record = %p.record, "challenge record removed"),
                 Err(e) => {
                     tracing::warn!(record = %p.record, error = %e, "challenge record not removed")
                 }
             }
         }
+    }
+
+    /// Remove one challenge record, saying whether that worked.
+    pub async fn take_back(&self, placed: &Placed) -> Result<(), DnsError> {
+        self.provider()?.delete(&placed.zone, &placed.record).await
     }
 
     /// Wait until every resolver sees every placed value, or fail after the timeout saying
