@@ -217,6 +217,16 @@ pub enum DnsAction {
         /// Configuration file (default: $DSTACK_MESH_CONFIG, else built-in defaults).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Then run a whole DNS-01 order per domain against a staging CA, with an account of
+        /// its own (the production account and certificates are not touched).
+        #[arg(long)]
+        dry_run: bool,
+        /// The staging CA's directory.
+        #[arg(long, requires = "dry_run", default_value = crate::config::domains::LETSENCRYPT_STAGING)]
+        directory: String,
+        /// Roots (PEM) for the staging CA's HTTPS, beside the public ones.
+        #[arg(long, requires = "dry_run")]
+        ca_roots: Option<PathBuf>,
     },
 }
 
@@ -349,8 +359,21 @@ pub async fn run(cli: Cli) -> ExitCode {
             .await
         }
         Command::Dns {
-            action: DnsAction::Check { domain, config },
-        } => crate::tools::dns_check(config, domain).await,
+            action:
+                DnsAction::Check {
+                    domain,
+                    config,
+                    dry_run,
+                    directory,
+                    ca_roots,
+                },
+        } => {
+            let dry = dry_run.then_some(crate::tools::DryRun {
+                directory,
+                ca_roots,
+            });
+            crate::tools::dns_check(config, domain, dry).await
+        }
         Command::InspectCert { file } => crate::tools::inspect_cert(&file),
         Command::VerifyCert {
             file,

@@ -513,7 +513,11 @@ async fn fetch_evidence(
 /// provider's credential can present a DNS-01 challenge in the right zone, that the resolvers
 /// then see it, and that the credential can remove it again: an operator's "test
 /// connectivity" of a DNS token, before an order depends on it.
-pub async fn dns_check(flag: Option<PathBuf>, only: Option<String>) -> ExitCode {
+pub async fn dns_check(
+    flag: Option<PathBuf>,
+    only: Option<String>,
+    dry_run: Option<DryRun>,
+) -> ExitCode {
     use crate::acme::dns01::Dns;
     let config = match crate::run::load(flag) {
         Ok(c) => c,
@@ -542,7 +546,7 @@ pub async fn dns_check(flag: Option<PathBuf>, only: Option<String>) -> ExitCode 
         );
     }
     let mut failed = false;
-    for d in domains {
+    for d in &domains {
         let name = d.primary();
         // A value no CA will ever ask for: the check cannot validate an order by accident.
         let value = crate::base64url::encode(&random_bytes());
@@ -579,10 +583,119 @@ pub async fn dns_check(flag: Option<PathBuf>, only: Option<String>) -> ExitCode 
             }
         }
     }
+    if let (false, Some(dry)) = (failed, dry_run) {
+        failed = !staging_orders(&config, &dns, &domains, dry).await;
+    }
     match failed {
         true => ExitCode::from(EXIT_REJECTED),
         false => ExitCode::SUCCESS,
     }
+}
+
+/// `dns check --dry-run`: where the staging order goes.
+#[derive(Debug)]
+pub struct DryRun {
+    /// The staging CA's directory (default: Let's Encrypt's staging).
+    pub directory: String,
+    /// Roots for the CA's HTTPS beside the public ones (a private or test CA).
+    pub ca_roots: Option<PathBuf>,
+}
+
+/// A whole DNS-01 order per domain against a staging CA, with an account of its own kept in a
+/// scratch directory (the production account and store are never touched); whether every
+/// order ended with a certificate.
+async fn staging_orders(
+    config: &crate::config::Config,
+    dns: &crate::acme::dns01::Dns,
+    domains: &[&crate::config::DomainConfig],
+    dry: DryRun,
+) -> bool {
+    use crate::acme::{challenge::Challenges, client::AcmeClient, store::DirStore};
+    let roots = match dry
+        .ca_roots
+        .as_deref()
+        .map(crate::https::roots_file)
+        .transpose()
+    {
+        Ok(r) => r.unwrap_or_default(),
+        Err(e) => {
+            println!("FAILED  --ca-roots: {e}");
+            return false;
+        }
+    };
+    let candidates = match AgentAddress::candidates(config.agent.address.as_deref(), None) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("FAILED  guest agent: {e}");
+            return false;
+        }
+    };
+    let agent = match AgentClient::discover(candidates, config.agent.timeout).await {
+        Ok((agent, _)) => agent,
+        Err(e) => {
+            println!("FAILED  guest agent (the account key comes from it): {e}");
+            return false;
+        }
+    };
+    let scratch = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            println!("FAILED  a scratch directory: {e}");
+            return false;
+        }
+    };
+    let client = match AcmeClient::new(
+        &dry.directory,
+        &roots,
+        config.public.acme.ca_timeout,
+        agent,
+        Arc::new(DirStore::new(scratch.path())),
+        None,
+        None,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("FAILED  {}: {e}", dry.directory);
+            return false;
+        }
+    };
+    let challenges = Challenges::default();
+    let mut ok = true;
+    for d in domains {
+        let started = std::time::Instant::now();
+        let issued = client
+            .issue(
+                &d.names,
+                crate::config::Challenge::Dns01,
+                &challenges,
+                Some(dns),
+                None,
+            )
+            .await;
+        match issued.map(|i| {
+            crate::acme::cert::load(i.chain_pem.as_bytes(), i.key_pem.as_bytes(), &d.names)
+        }) {
+            Ok(Ok(cert)) => println!(
+                "ok      {}: a DNS-01 order at {} ended with a certificate from {} ({} ms)",
+                d.primary(),
+                dry.directory,
+                cert.issuer,
+                started.elapsed().as_millis()
+            ),
+            Ok(Err(e)) => {
+                println!(
+                    "FAILED  {}: the staging certificate is unusable: {e}",
+                    d.primary()
+                );
+                ok = false;
+            }
+            Err(e) => {
+                println!("FAILED  {}: the staging order: {e}", d.primary());
+                ok = false;
+            }
+        }
+    }
+    ok
 }
 
 /// 32 random bytes.

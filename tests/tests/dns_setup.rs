@@ -966,12 +966,20 @@ async fn linode_errors_name_the_field_and_reason() {
 }
 
 /// `dstack-mesh dns check` with `env`, as an operator runs it.
-async fn dns_check(d: &Deployment, env: &[(&str, String)]) -> std::process::Output {
+async fn dns_check(d: &Deployment, env: &[(&str, String)], args: &[&str]) -> std::process::Output {
     let config = d.dir.path().join("check.toml");
-    std::fs::write(&config, "[admin]\nenabled = false\n").unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\naddress = \"unix:{}\"\n[admin]\nenabled = false\n",
+            d.socket.display()
+        ),
+    )
+    .unwrap();
     let mut cmd = Command::new(mesh_binary());
     cmd.args(["dns", "check", "--config"])
         .arg(&config)
+        .args(args)
         .env_remove("DSTACK_AGENT_ADDRESS");
     for (k, v) in env {
         cmd.env(k, v);
@@ -999,7 +1007,7 @@ async fn dns_check_presents_sees_and_removes_a_challenge_with_the_credential() {
             ("DNS_RESOLVERS", d.pebble.challtestsrv_dns.to_string()),
         ]
     };
-    let out = dns_check(&d, &env("do-token")).await;
+    let out = dns_check(&d, &env("do-token"), &[]).await;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -1016,8 +1024,38 @@ async fn dns_check_presents_sees_and_removes_a_challenge_with_the_credential() {
         assert!(text.contains(line), "{line:?} in:\n{text}");
     }
     assert!(api.records().is_empty(), "left behind: {:?}", api.records());
+    assert_eq!(d.pebble.orders_seen(), 0, "no order without --dry-run");
+    // --dry-run: then a whole DNS-01 order per domain at the staging CA (pebble here).
+    let ca = d.pebble.ca_file.display().to_string();
+    let out = dns_check(
+        &d,
+        &env("do-token"),
+        &[
+            "--dry-run",
+            "--directory",
+            &d.pebble.directory,
+            "--ca-roots",
+            &ca,
+        ],
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for domain in ["*.example.test", "shop.example.test"] {
+        let line = format!(
+            "ok      {domain}: a DNS-01 order at {} ended with a certificate from Pebble",
+            d.pebble.directory
+        );
+        assert!(text.contains(&line), "{line:?} in:\n{text}");
+    }
+    assert_eq!(d.pebble.orders_seen(), 2);
+    assert!(api.records().is_empty(), "left behind: {:?}", api.records());
     // The wrong token: the step and DigitalOcean's words, exit 1.
-    let out = dns_check(&d, &env("wrong")).await;
+    let out = dns_check(&d, &env("wrong"), &[]).await;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(
