@@ -11,20 +11,15 @@
 //! TXT records under `_acme-challenge.` are mirrored into pebble-challtestsrv when asked, so
 //! pebble (resolving there) sees what the client published.
 
-use std::{
-    convert::Infallible,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
 use serde_json::{json, Value};
 
-use crate::pebble::post_json;
+use crate::http_stand_in::{self, json_response, query_pairs, serve};
 
 /// Paging: default and largest `per_page`.
 const PER_PAGE: (usize, usize) = (20, 200);
@@ -89,28 +84,17 @@ impl DigitalOceanStandIn {
     /// Serve `domains` to `Bearer <token>`; with `challtestsrv` (`http://127.0.0.1:<port>`),
     /// `_acme-challenge.` TXT records are mirrored there.
     pub async fn start(token: &str, domains: &[&str], challtestsrv: Option<String>) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr: SocketAddr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State {
             domains: domains.iter().map(|d| (*d).to_owned()).collect(),
             next_id: 28_448_432,
             ..State::default()
         }));
         let (shared, token) = (state.clone(), token.to_owned());
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let (state, token, mirror) = (shared.clone(), token.clone(), challtestsrv.clone());
-                tokio::spawn(async move {
-                    let service = service_fn(move |req| {
-                        let (state, token, mirror) = (state.clone(), token.clone(), mirror.clone());
-                        async move { Ok::<_, Infallible>(handle(req, &state, &token, mirror).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .await;
-                });
-            }
-        });
+        let addr = serve(move |req| {
+            let (state, token, mirror) = (shared.clone(), token.clone(), challtestsrv.clone());
+            async move { handle(req, &state, &token, mirror).await }
+        })
+        .await;
         Self {
             base: format!("http://{addr}"),
             state,
@@ -133,21 +117,8 @@ impl DigitalOceanStandIn {
     }
 }
 
-fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(match body {
-        Value::Null => Bytes::new(),
-        b => Bytes::from(b.to_string()),
-    }));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        "application/json".parse().unwrap(),
-    );
-    resp
-}
-
 fn error(status: StatusCode, id: &str, message: &str) -> Response<Full<Bytes>> {
-    reply(
+    json_response(
         status,
         json!({"id": id, "message": message, "request_id": "standin-1"}),
     )
@@ -206,14 +177,7 @@ async fn handle(
     mirror: Option<String>,
 ) -> Response<Full<Bytes>> {
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-    let query: Vec<(String, String)> = req
-        .uri()
-        .query()
-        .unwrap_or_default()
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
+    let query = query_pairs(req.uri());
     let authorized = req
         .headers()
         .get(http::header::AUTHORIZATION)
@@ -274,7 +238,7 @@ fn route(
                 .map(|d| json!({"name": d, "ttl": 1800, "zone_file": ""}))
                 .collect();
             (
-                reply(StatusCode::OK, page(items, "domains", path, query)),
+                json_response(StatusCode::OK, page(items, "domains", path, query)),
                 None,
             )
         }
@@ -296,7 +260,7 @@ fn route(
                 .map(DoRecord::json)
                 .collect();
             (
-                reply(StatusCode::OK, page(items, "domain_records", path, query)),
+                json_response(StatusCode::OK, page(items, "domain_records", path, query)),
                 None,
             )
         }
@@ -371,7 +335,7 @@ fn route(
             s.next_id += 1;
             s.records.push(record.clone());
             (
-                reply(StatusCode::CREATED, json!({"domain_record": record.json()})),
+                json_response(StatusCode::CREATED, json!({"domain_record": record.json()})),
                 Some(record),
             )
         }
@@ -384,7 +348,10 @@ fn route(
                 return (not_found(), None);
             };
             let record = s.records.remove(at);
-            (reply(StatusCode::NO_CONTENT, Value::Null), Some(record))
+            (
+                json_response(StatusCode::NO_CONTENT, Value::Null),
+                Some(record),
+            )
         }
         _ => (not_found(), None),
     }
@@ -405,12 +372,5 @@ async fn mirror_txt(state: &Mutex<State>, mirror: Option<String>, record: &DoRec
         .filter(|r| r.rtype == "TXT" && r.fqdn() == record.fqdn())
         .map(|r| r.data.clone())
         .collect();
-    tokio::task::spawn_blocking(move || {
-        let _ = post_json(&base, "/clear-txt", &json!({"host": host}));
-        for value in values {
-            let _ = post_json(&base, "/set-txt", &json!({"host": host, "value": value}));
-        }
-    })
-    .await
-    .unwrap();
+    http_stand_in::mirror_txt(base, host, values).await;
 }

@@ -10,19 +10,15 @@
 //!
 //! TXT records under `_acme-challenge.` are mirrored into pebble-challtestsrv when asked.
 
-use std::{
-    convert::Infallible,
-    sync::{Arc, Mutex},
-};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
 use serde_json::{json, Value};
 
-use crate::pebble::post_json;
+use crate::http_stand_in::{self, json_response, query_pairs, serve};
 
 /// Paging: default, smallest and largest `page_size`.
 const PAGE_SIZE: (usize, usize, usize) = (25, 25, 500);
@@ -92,8 +88,6 @@ impl LinodeStandIn {
     /// Serve `domains` to `Bearer <token>`; with `challtestsrv` (`http://127.0.0.1:<port>`),
     /// `_acme-challenge.` TXT records are mirrored there.
     pub async fn start(token: &str, domains: &[&str], challtestsrv: Option<String>) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State {
             domains: domains
                 .iter()
@@ -104,20 +98,11 @@ impl LinodeStandIn {
             ..State::default()
         }));
         let (shared, token) = (state.clone(), token.to_owned());
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let (state, token, mirror) = (shared.clone(), token.clone(), challtestsrv.clone());
-                tokio::spawn(async move {
-                    let service = service_fn(move |req| {
-                        let (state, token, mirror) = (state.clone(), token.clone(), mirror.clone());
-                        async move { Ok::<_, Infallible>(handle(req, &state, &token, mirror).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .await;
-                });
-            }
-        });
+        let addr = serve(move |req| {
+            let (state, token, mirror) = (shared.clone(), token.clone(), challtestsrv.clone());
+            async move { handle(req, &state, &token, mirror).await }
+        })
+        .await;
         Self {
             base: format!("http://{addr}/v4"),
             state,
@@ -135,22 +120,12 @@ impl LinodeStandIn {
     }
 }
 
-fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        "application/json".parse().unwrap(),
-    );
-    resp
-}
-
 fn error(status: StatusCode, field: Option<&str>, reason: &str) -> Response<Full<Bytes>> {
     let mut e = json!({"reason": reason});
     if let Some(f) = field {
         e["field"] = f.into();
     }
-    reply(status, json!({"errors": [e]}))
+    json_response(status, json!({"errors": [e]}))
 }
 
 /// One page of `items`, as `query` asks.
@@ -182,14 +157,7 @@ async fn handle(
     mirror: Option<String>,
 ) -> Response<Full<Bytes>> {
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-    let query: Vec<(String, String)> = req
-        .uri()
-        .query()
-        .unwrap_or_default()
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
+    let query = query_pairs(req.uri());
     let authorized = req
         .headers()
         .get(http::header::AUTHORIZATION)
@@ -242,7 +210,7 @@ fn route(
                 .iter()
                 .map(|(id, d)| json!({"id": id, "domain": d, "type": "master", "status": "active", "ttl_sec": 0}))
                 .collect();
-            (reply(StatusCode::OK, page(items, query)), None)
+            (json_response(StatusCode::OK, page(items, query)), None)
         }
         (Method::GET, ["v4", "domains", id, "records"]) => {
             let Some((id, _)) = domain(&s, id) else {
@@ -254,7 +222,7 @@ fn route(
                 .filter(|r| r.domain_id == id)
                 .map(LinodeRecord::json)
                 .collect();
-            (reply(StatusCode::OK, page(items, query)), None)
+            (json_response(StatusCode::OK, page(items, query)), None)
         }
         (Method::POST, ["v4", "domains", id, "records"]) => {
             let Some((domain_id, domain)) = domain(&s, id) else {
@@ -300,7 +268,7 @@ fn route(
             };
             s.next_id += 1;
             s.records.push(record.clone());
-            (reply(StatusCode::OK, record.json()), Some(record))
+            (json_response(StatusCode::OK, record.json()), Some(record))
         }
         (Method::DELETE, ["v4", "domains", id, "records", rid]) => {
             let Some(at) = s
@@ -311,7 +279,7 @@ fn route(
                 return (not_found(), None);
             };
             let record = s.records.remove(at);
-            (reply(StatusCode::OK, json!({})), Some(record))
+            (json_response(StatusCode::OK, json!({})), Some(record))
         }
         _ => (not_found(), None),
     }
@@ -332,12 +300,5 @@ async fn mirror_txt(state: &Mutex<State>, mirror: Option<String>, record: &Linod
         .filter(|r| r.rtype == "TXT" && r.fqdn() == record.fqdn())
         .map(|r| r.target.clone())
         .collect();
-    tokio::task::spawn_blocking(move || {
-        let _ = post_json(&base, "/clear-txt", &json!({"host": host}));
-        for value in values {
-            let _ = post_json(&base, "/set-txt", &json!({"host": host, "value": value}));
-        }
-    })
-    .await
-    .unwrap();
+    http_stand_in::mirror_txt(base, host, values).await;
 }

@@ -7,14 +7,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 use std::{
-    convert::Infallible,
     net::SocketAddr,
     process::Command,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use bytes::Bytes;
 use dstack_mesh::acme::{
     dns01::{wire, Data, Rtype},
     CertStatus, Status,
@@ -22,51 +20,21 @@ use dstack_mesh::acme::{
 use e2e::{
     backend::Backend,
     bind::{Bind, BindOptions, Tsig, Zone},
-    dev_agent, free_port, mesh_binary,
+    dev_agent, free_port,
+    http_stand_in::{json_response, serve},
+    mesh_binary,
     pebble::{Pebble, PebbleOptions},
     start_mesh, ChildGuard,
 };
-use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use ring::{digest, hmac};
 
 const SERVER: &str = "5e77e75e77e75e77e75e77e75e77e75e77e75e77";
 const DOMAIN: &str = "app.example.test";
 const GATEWAY: &str = "gw.example.net";
 const TOKEN: &str = "webhook-secret";
-
-/// Serve `handler` on loopback; its address.
-async fn serve<F, Fut>(handler: F) -> SocketAddr
-where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send,
-{
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req| {
-                    let handler = handler.clone();
-                    async move { Ok::<_, Infallible>(handler(req).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
-fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(value.to_string())));
-    *resp.status_mut() = status;
-    resp
-}
 
 /// A DoH JSON endpoint answering from the DNS server `dns` (challtestsrv), in the shape
 /// dns.google/resolve answers: `Status`, and `Answer` entries with presentation-form `data`.
@@ -82,7 +50,7 @@ async fn doh(dns: SocketAddr) -> String {
             .collect();
         let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.clone());
         let (Some(name), Some(code)) = (get("name"), get("type")) else {
-            return json(StatusCode::BAD_REQUEST, serde_json::json!({"error": "name and type"}));
+            return json_response(StatusCode::BAD_REQUEST, serde_json::json!({"error": "name and type"}));
         };
         let rtype = match code.as_str() {
             "1" => Rtype::A,
@@ -90,7 +58,7 @@ async fn doh(dns: SocketAddr) -> String {
             "16" => Rtype::Txt,
             "28" => Rtype::Aaaa,
             "257" => Rtype::Caa,
-            _ => return json(StatusCode::BAD_REQUEST, serde_json::json!({"error": "type"})),
+            _ => return json_response(StatusCode::BAD_REQUEST, serde_json::json!({"error": "type"})),
         };
         match wire::query(dns, &name, rtype, Duration::from_secs(3)).await {
             Ok(answer) => {
@@ -112,9 +80,9 @@ async fn doh(dns: SocketAddr) -> String {
                         serde_json::json!({"name": format!("{}.", r.name), "type": t, "TTL": r.ttl, "data": data})
                     })
                     .collect();
-                json(StatusCode::OK, serde_json::json!({"Status": 0, "Answer": records}))
+                json_response(StatusCode::OK, serde_json::json!({"Status": 0, "Answer": records}))
             }
-            Err(_) => json(StatusCode::OK, serde_json::json!({"Status": 2})),
+            Err(_) => json_response(StatusCode::OK, serde_json::json!({"Status": 2})),
         }
     })
     .await;
@@ -171,7 +139,7 @@ async fn receiver(
                 s.problems.extend(problems);
             }
             if fail {
-                return json(StatusCode::INTERNAL_SERVER_ERROR, serde_json::json!({"error": "down"}));
+                return json_response(StatusCode::INTERNAL_SERVER_ERROR, serde_json::json!({"error": "down"}));
             }
             if create {
                 for r in &records {
@@ -190,7 +158,7 @@ async fn receiver(
                     assert_eq!(reply.unwrap(), 200, "{path}");
                 }
             }
-            json(StatusCode::OK, serde_json::json!({"ok": true}))
+            json_response(StatusCode::OK, serde_json::json!({"ok": true}))
         }
     })
     .await;
@@ -618,7 +586,7 @@ async fn httpreq_endpoint(challtestsrv: String, broken: bool) -> (String, Calls)
                 .get(http::header::AUTHORIZATION)
                 .is_some_and(|v| v == "Basic b3BzOmh1bnRlcjI="); // ops:hunter2
             if !authorized {
-                return json(
+                return json_response(
                     StatusCode::UNAUTHORIZED,
                     serde_json::json!({"error": "who are you"}),
                 );
@@ -634,7 +602,7 @@ async fn httpreq_endpoint(challtestsrv: String, broken: bool) -> (String, Calls)
                 .unwrap()
                 .push((action.clone(), fqdn.clone(), value.clone()));
             if broken {
-                return json(
+                return json_response(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     serde_json::json!({"error": "zone example.test is locked by a change freeze"}),
                 );
@@ -645,7 +613,7 @@ async fn httpreq_endpoint(challtestsrv: String, broken: bool) -> (String, Calls)
                     serde_json::json!({"host": fqdn, "value": value}),
                 ),
                 "cleanup" => ("/clear-txt", serde_json::json!({"host": fqdn})),
-                _ => return json(StatusCode::NOT_FOUND, serde_json::json!({})),
+                _ => return json_response(StatusCode::NOT_FOUND, serde_json::json!({})),
             };
             let base = challtestsrv.clone();
             let status = tokio::task::spawn_blocking(move || {
@@ -655,7 +623,7 @@ async fn httpreq_endpoint(challtestsrv: String, broken: bool) -> (String, Calls)
             .unwrap()
             .unwrap();
             assert_eq!(status, 200);
-            json(StatusCode::OK, serde_json::json!({}))
+            json_response(StatusCode::OK, serde_json::json!({}))
         }
     })
     .await;

@@ -291,15 +291,7 @@ impl Provider for Cloudflare {
         record: &'a Record,
     ) -> BoxFuture<'a, Result<(), DnsError>> {
         Box::pin(async move {
-            let ids = match &record.id {
-                Some(id) => vec![id.clone()],
-                None => super::records_at(self, zone, &record.name, record.data.rtype())
-                    .await?
-                    .into_iter()
-                    .filter(|r| r.data.same(&record.data))
-                    .filter_map(|r| r.id)
-                    .collect(),
-            };
+            let ids = super::rest::ids_of(self, zone, record).await?;
             for id in ids {
                 self.call(
                     http::Method::DELETE,
@@ -317,12 +309,7 @@ impl Provider for Cloudflare {
     }
 
     fn default_resolvers(&self) -> BoxFuture<'_, Vec<SocketAddr>> {
-        // Two operators: a record seen by both has left Cloudflare's edge.
-        Box::pin(async {
-            vec![
-                SocketAddr::from(([1, 1, 1, 1], 53)),
-                SocketAddr::from(([8, 8, 8, 8], 53)),
-            ]
-        })
+        // Two public operators: a record seen by both has left Cloudflare's edge.
+        Box::pin(async { super::rest::public_resolvers() })
     }
 }

@@ -4,118 +4,35 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use serde_json::{json, Value};
 
-use super::{BoxFuture, Data, DnsError, Provider, Record, Rtype, Zone};
+use super::{
+    rest::{ids_of, public_resolvers, JsonApi},
+    BoxFuture, Data, DnsError, Provider, Record, Rtype, Zone,
+};
 
 /// DigitalOcean's largest page.
 const PER_PAGE: u32 = 200;
 /// Pages followed at most (40,000 zones or records of a name).
 const MAX_PAGES: usize = 200;
-/// Largest answer read.
-const MAX_BODY: usize = 8 << 20;
 
 /// The API and the token.
+#[derive(Debug)]
 pub struct DigitalOcean {
-    base: String,
-    token: String,
-    client: Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        Full<Bytes>,
-    >,
-    timeout: Duration,
-}
-
-impl std::fmt::Debug for DigitalOcean {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DigitalOcean")
-            .field("base", &self.base)
-            .finish_non_exhaustive()
-    }
+    api: JsonApi,
 }
 
 impl DigitalOcean {
     /// `base` is the API root without `/v2` (`https://api.digitalocean.com`).
     pub fn new(base: &str, token: &str, timeout: Duration) -> Result<Self, super::SetupError> {
-        let tls = crate::https::client_config(&[])?;
-        let connector = crate::https::connector(tls, crate::https::dialer(timeout));
+        let bearer = (http::header::AUTHORIZATION, format!("Bearer {token}"));
         Ok(Self {
-            base: base.trim_end_matches('/').to_owned(),
-            token: token.to_owned(),
-            client: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build(connector),
-            timeout,
+            api: JsonApi::new("digitalocean", base, bearer, timeout, explain)?,
         })
     }
 
-    fn fail(message: String) -> DnsError {
-        DnsError::Provider {
-            provider: "digitalocean",
-            message,
-        }
-    }
-
-    /// One call to `path` under the base; its JSON body on success.
-    async fn call(
-        &self,
-        method: http::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, DnsError> {
-        let url = format!("{}{path}", self.base);
-        let what = format!("{method} {url}");
-        let req = http::Request::builder()
-            .method(method)
-            .uri(&url)
-            .header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", self.token),
-            )
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(
-                body.map(|b| b.to_string()).unwrap_or_default(),
-            )))
-            .map_err(|e| Self::fail(format!("{what}: {e}")))?;
-        let exchange = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| Self::fail(format!("{what}: {}", ratls::error_chain(&e))))?;
-            let status = resp.status();
-            let bytes = Limited::new(resp.into_body(), MAX_BODY)
-                .collect()
-                .await
-                .map_err(|e| Self::fail(format!("{what}: {e}")))?
-                .to_bytes();
-            let value: Value = match bytes.is_empty() {
-                true => Value::Null,
-                false => serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                    Value::String(String::from_utf8_lossy(&bytes).chars().take(300).collect())
-                }),
-            };
-            if status.is_success() {
-                return Ok(value);
-            }
-            // `{"id": "unauthorized", "message": "Unable to authenticate you."}`
-            let said = match (value["id"].as_str(), value["message"].as_str()) {
-                (Some(id), Some(m)) => format!("{id}: {m}"),
-                _ => value.to_string(),
-            };
-            Err(Self::fail(format!("{what}: HTTP {status}: {said}")))
-        };
-        tokio::time::timeout(self.timeout, exchange)
-            .await
-            .unwrap_or_else(|_| {
-                Err(Self::fail(format!(
-                    "{what}: no answer within {:?}",
-                    self.timeout
-                )))
-            })
+    fn fail(&self, message: String) -> DnsError {
+        self.api.fail(message)
     }
 
     /// Every item of `key` across the pages starting at `path`.
@@ -124,7 +41,7 @@ impl DigitalOcean {
         let mut next = Some(path);
         for _ in 0..MAX_PAGES {
             let Some(url) = next.take() else { break };
-            let page = self.call(http::Method::GET, &url, None).await?;
+            let page = self.api.call(http::Method::GET, &url, None).await?;
             items.extend(page[key].as_array().cloned().unwrap_or_default());
             // The link names DigitalOcean's host; its path and query go to our base (a
             // proxy, a test), never elsewhere.
@@ -135,6 +52,15 @@ impl DigitalOcean {
         }
         Ok(items)
     }
+}
+
+/// `{"id": "unauthorized", "message": "Unable to authenticate you."}`
+fn explain(body: &Value) -> Option<String> {
+    Some(format!(
+        "{}: {}",
+        body["id"].as_str()?,
+        body["message"].as_str()?
+    ))
 }
 
 /// A record as DigitalOcean returns it (`name` relative, `@` the apex), as ours.
@@ -217,10 +143,9 @@ impl Provider for DigitalOcean {
                 Some(r) => r.to_owned(),
                 None if record.name == zone.name => "@".to_owned(),
                 None => {
-                    return Err(Self::fail(format!(
-                        "{} is not in the zone {}",
-                        record.name, zone.name
-                    )))
+                    return Err(
+                        self.fail(format!("{} is not in the zone {}", record.name, zone.name))
+                    )
                 }
             };
             // DigitalOcean's smallest TTL is 30 s.
@@ -239,13 +164,11 @@ impl Provider for DigitalOcean {
                     "flags": if *critical { 128 } else { 0 }, "tag": tag,
                 }),
                 Data::Other(t, _) => {
-                    return Err(Self::fail(format!(
-                        "{} records are not written",
-                        t.as_str()
-                    )))
+                    return Err(self.fail(format!("{} records are not written", t.as_str())))
                 }
             };
             let made = self
+                .api
                 .call(
                     http::Method::POST,
                     &format!("/v2/domains/{}/records", zone.id),
@@ -266,35 +189,22 @@ impl Provider for DigitalOcean {
         record: &'a Record,
     ) -> BoxFuture<'a, Result<(), DnsError>> {
         Box::pin(async move {
-            let ids = match &record.id {
-                Some(id) => vec![id.clone()],
-                None => super::records_at(self, zone, &record.name, record.data.rtype())
-                    .await?
-                    .into_iter()
-                    .filter(|r| r.data.same(&record.data))
-                    .filter_map(|r| r.id)
-                    .collect(),
-            };
+            let ids = ids_of(self, zone, record).await?;
             for id in ids {
-                self.call(
-                    http::Method::DELETE,
-                    &format!("/v2/domains/{}/records/{id}", zone.id),
-                    None,
-                )
-                .await?;
+                self.api
+                    .call(
+                        http::Method::DELETE,
+                        &format!("/v2/domains/{}/records/{id}", zone.id),
+                        None,
+                    )
+                    .await?;
             }
             Ok(())
         })
     }
 
     fn default_resolvers(&self) -> BoxFuture<'_, Vec<SocketAddr>> {
-        // Two public operators: a record both see has left DigitalOcean's nameservers.
-        Box::pin(async {
-            vec![
-                SocketAddr::from(([1, 1, 1, 1], 53)),
-                SocketAddr::from(([8, 8, 8, 8], 53)),
-            ]
-        })
+        Box::pin(async { public_resolvers() })
     }
 }
 

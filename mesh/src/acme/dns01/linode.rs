@@ -4,126 +4,35 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use serde_json::{json, Value};
 
-use super::{BoxFuture, Data, DnsError, Provider, Record, Rtype, Zone};
+use super::{
+    rest::{ids_of, public_resolvers, JsonApi},
+    BoxFuture, Data, DnsError, Provider, Record, Rtype, Zone,
+};
 
 /// Linode's largest page.
 const PAGE_SIZE: u32 = 500;
 /// Pages followed at most.
 const MAX_PAGES: u64 = 100;
-/// Largest answer read.
-const MAX_BODY: usize = 8 << 20;
 
 /// The API and the token.
+#[derive(Debug)]
 pub struct Linode {
-    base: String,
-    token: String,
-    client: Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        Full<Bytes>,
-    >,
-    timeout: Duration,
-}
-
-impl std::fmt::Debug for Linode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Linode")
-            .field("base", &self.base)
-            .finish_non_exhaustive()
-    }
+    api: JsonApi,
 }
 
 impl Linode {
     /// `base` is the API root with its version (`https://api.linode.com/v4`).
     pub fn new(base: &str, token: &str, timeout: Duration) -> Result<Self, super::SetupError> {
-        let tls = crate::https::client_config(&[])?;
-        let connector = crate::https::connector(tls, crate::https::dialer(timeout));
+        let bearer = (http::header::AUTHORIZATION, format!("Bearer {token}"));
         Ok(Self {
-            base: base.trim_end_matches('/').to_owned(),
-            token: token.to_owned(),
-            client: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build(connector),
-            timeout,
+            api: JsonApi::new("linode", base, bearer, timeout, explain)?,
         })
     }
 
-    fn fail(message: String) -> DnsError {
-        DnsError::Provider {
-            provider: "linode",
-            message,
-        }
-    }
-
-    /// One call to `path` under the base; its JSON body on success.
-    async fn call(
-        &self,
-        method: http::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, DnsError> {
-        let url = format!("{}{path}", self.base);
-        let what = format!("{method} {url}");
-        let req = http::Request::builder()
-            .method(method)
-            .uri(&url)
-            .header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", self.token),
-            )
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(
-                body.map(|b| b.to_string()).unwrap_or_default(),
-            )))
-            .map_err(|e| Self::fail(format!("{what}: {e}")))?;
-        let exchange = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| Self::fail(format!("{what}: {}", ratls::error_chain(&e))))?;
-            let status = resp.status();
-            let bytes = Limited::new(resp.into_body(), MAX_BODY)
-                .collect()
-                .await
-                .map_err(|e| Self::fail(format!("{what}: {e}")))?
-                .to_bytes();
-            let value: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                Value::String(String::from_utf8_lossy(&bytes).chars().take(300).collect())
-            });
-            if status.is_success() {
-                return Ok(value);
-            }
-            // `{"errors": [{"reason": "Invalid Token"}, {"field": "ttl_sec", "reason": ...}]}`
-            let said: Vec<String> = value["errors"]
-                .as_array()
-                .map(|errors| {
-                    errors
-                        .iter()
-                        .map(|e| match e["field"].as_str() {
-                            Some(f) => format!("{f}: {}", e["reason"].as_str().unwrap_or_default()),
-                            None => e["reason"].as_str().unwrap_or_default().to_owned(),
-                        })
-                        .collect()
-                })
-                .unwrap_or_else(|| vec![value.to_string()]);
-            Err(Self::fail(format!(
-                "{what}: HTTP {status}: {}",
-                said.join("; ")
-            )))
-        };
-        tokio::time::timeout(self.timeout, exchange)
-            .await
-            .unwrap_or_else(|_| {
-                Err(Self::fail(format!(
-                    "{what}: no answer within {:?}",
-                    self.timeout
-                )))
-            })
+    fn fail(&self, message: String) -> DnsError {
+        self.api.fail(message)
     }
 
     /// Every item of `data` across the pages of `path`.
@@ -132,6 +41,7 @@ impl Linode {
         let sep = if path.contains('?') { '&' } else { '?' };
         for page in 1..=MAX_PAGES {
             let body = self
+                .api
                 .call(
                     http::Method::GET,
                     &format!("{path}{sep}page={page}&page_size={PAGE_SIZE}"),
@@ -145,6 +55,19 @@ impl Linode {
         }
         Ok(items)
     }
+}
+
+/// `{"errors": [{"reason": "Invalid Token"}, {"field": "ttl_sec", "reason": "..."}]}`
+fn explain(body: &Value) -> Option<String> {
+    let said: Vec<String> = body["errors"]
+        .as_array()?
+        .iter()
+        .map(|e| match e["field"].as_str() {
+            Some(f) => format!("{f}: {}", e["reason"].as_str().unwrap_or_default()),
+            None => e["reason"].as_str().unwrap_or_default().to_owned(),
+        })
+        .collect();
+    Some(said.join("; "))
 }
 
 /// A record as Linode returns it (`name` relative, empty for the apex), as ours.
@@ -225,7 +148,7 @@ impl Provider for Linode {
                 Some(r) => r.to_owned(),
                 None if record.name == zone.name => String::new(),
                 None => {
-                    return Err(Self::fail(format!(
+                    return Err(self.fail(format!(
                         "{} is not in the domain {}",
                         record.name, zone.name
                     )))
@@ -244,13 +167,11 @@ impl Provider for Linode {
                     "type": "CAA", "name": relative, "target": value, "tag": tag, "ttl_sec": ttl,
                 }),
                 Data::Other(t, _) => {
-                    return Err(Self::fail(format!(
-                        "{} records are not written",
-                        t.as_str()
-                    )))
+                    return Err(self.fail(format!("{} records are not written", t.as_str())))
                 }
             };
             let made = self
+                .api
                 .call(
                     http::Method::POST,
                     &format!("/domains/{}/records", zone.id),
@@ -269,36 +190,23 @@ impl Provider for Linode {
         record: &'a Record,
     ) -> BoxFuture<'a, Result<(), DnsError>> {
         Box::pin(async move {
-            let ids = match &record.id {
-                Some(id) => vec![id.clone()],
-                None => super::records_at(self, zone, &record.name, record.data.rtype())
-                    .await?
-                    .into_iter()
-                    .filter(|r| r.data.same(&record.data))
-                    .filter_map(|r| r.id)
-                    .collect(),
-            };
+            let ids = ids_of(self, zone, record).await?;
             for id in ids {
-                self.call(
-                    http::Method::DELETE,
-                    &format!("/domains/{}/records/{id}", zone.id),
-                    None,
-                )
-                .await?;
+                self.api
+                    .call(
+                        http::Method::DELETE,
+                        &format!("/domains/{}/records/{id}", zone.id),
+                        None,
+                    )
+                    .await?;
             }
             Ok(())
         })
     }
 
     fn default_resolvers(&self) -> BoxFuture<'_, Vec<SocketAddr>> {
-        // Linode's nameservers are slow to take changes (dstack-ingress waits 300 s for them):
-        // two public operators must both see a record.
-        Box::pin(async {
-            vec![
-                SocketAddr::from(([1, 1, 1, 1], 53)),
-                SocketAddr::from(([8, 8, 8, 8], 53)),
-            ]
-        })
+        // Linode's nameservers are slow to take changes (dstack-ingress waits 300 s for them).
+        Box::pin(async { public_resolvers() })
     }
 }
 

@@ -10,6 +10,7 @@ pub mod digitalocean;
 pub mod doh;
 pub mod httpreq;
 pub mod linode;
+mod rest;
 pub mod rfc2136;
 pub mod setup;
 pub mod webhook;

@@ -1,0 +1,145 @@
+//! What the JSON-over-HTTPS DNS APIs share: one client with a deadline per call, the
+//! credential in a header, bodies read up to a bound, and a failure in the provider's own
+//! words (each provider says how its error bodies read).
+
+use std::{net::SocketAddr, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use serde_json::Value;
+
+use super::{DnsError, Provider, Record, Zone};
+
+/// Largest answer read.
+const MAX_BODY: usize = 8 << 20;
+
+/// A provider's API root, its credential header and how its errors read.
+pub(super) struct JsonApi {
+    provider: &'static str,
+    base: String,
+    credential: (http::HeaderName, String),
+    client: Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        Full<Bytes>,
+    >,
+    timeout: Duration,
+    /// The provider's words in an error body, when it has a shape this reads.
+    explain: fn(&Value) -> Option<String>,
+}
+
+impl std::fmt::Debug for JsonApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JsonApi")
+            .field("provider", &self.provider)
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JsonApi {
+    /// `provider`'s API at `base`, sending `credential` (a header and its value) with each call.
+    pub(super) fn new(
+        provider: &'static str,
+        base: &str,
+        credential: (http::HeaderName, String),
+        timeout: Duration,
+        explain: fn(&Value) -> Option<String>,
+    ) -> Result<Self, super::SetupError> {
+        let tls = crate::https::client_config(&[])?;
+        let connector = crate::https::connector(tls, crate::https::dialer(timeout));
+        Ok(Self {
+            provider,
+            base: base.trim_end_matches('/').to_owned(),
+            credential,
+            client: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build(connector),
+            timeout,
+            explain,
+        })
+    }
+
+    /// A failure, in the provider's name.
+    pub(super) fn fail(&self, message: String) -> DnsError {
+        DnsError::Provider {
+            provider: self.provider,
+            message,
+        }
+    }
+
+    /// One call to `path` under the base; the JSON body on success (`Null` when empty).
+    pub(super) async fn call(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, DnsError> {
+        let url = format!("{}{path}", self.base);
+        let what = format!("{method} {url}");
+        let req = http::Request::builder()
+            .method(method)
+            .uri(&url)
+            .header(&self.credential.0, &self.credential.1)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(
+                body.map(|b| b.to_string()).unwrap_or_default(),
+            )))
+            .map_err(|e| self.fail(format!("{what}: {e}")))?;
+        let exchange = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| self.fail(format!("{what}: {}", ratls::error_chain(&e))))?;
+            let status = resp.status();
+            let bytes = Limited::new(resp.into_body(), MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| self.fail(format!("{what}: {e}")))?
+                .to_bytes();
+            let value = match bytes.is_empty() {
+                true => Value::Null,
+                false => serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                    Value::String(String::from_utf8_lossy(&bytes).chars().take(300).collect())
+                }),
+            };
+            if status.is_success() {
+                return Ok(value);
+            }
+            let said = (self.explain)(&value).unwrap_or_else(|| value.to_string());
+            Err(self.fail(format!("{what}: HTTP {status}: {said}")))
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .unwrap_or_else(|_| {
+                Err(self.fail(format!("{what}: no answer within {:?}", self.timeout)))
+            })
+    }
+}
+
+/// The provider's ids of `record`: its own, or those of the same records at its name (a record
+/// from another run names no id).
+pub(super) async fn ids_of(
+    provider: &dyn Provider,
+    zone: &Zone,
+    record: &Record,
+) -> Result<Vec<String>, DnsError> {
+    Ok(match &record.id {
+        Some(id) => vec![id.clone()],
+        None => super::records_at(provider, zone, &record.name, record.data.rtype())
+            .await?
+            .into_iter()
+            .filter(|r| r.data.same(&record.data))
+            .filter_map(|r| r.id)
+            .collect(),
+    })
+}
+
+/// Two public operators' resolvers: a record both see has left the provider's nameservers.
+pub(super) fn public_resolvers() -> Vec<SocketAddr> {
+    vec![
+        SocketAddr::from(([1, 1, 1, 1], 53)),
+        SocketAddr::from(([8, 8, 8, 8], 53)),
+    ]
+}

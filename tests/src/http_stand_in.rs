@@ -1,0 +1,75 @@
+//! What the HTTP stand-ins share: a loopback server that hands each request to a handler,
+//! JSON answers, the query as pairs, and challenge TXT values mirrored into challtestsrv (so
+//! pebble, resolving there, sees what a client published through a provider's API).
+
+use std::{convert::Infallible, future::Future, net::SocketAddr};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+
+/// Serve `handler` on a free loopback port until the test's runtime ends; the address.
+pub async fn serve<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// `body` as a JSON answer with `status` (no body for `Null`).
+pub fn json_response(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(match body {
+        Value::Null => Bytes::new(),
+        b => Bytes::from(b.to_string()),
+    }));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        "application/json".parse().unwrap(),
+    );
+    resp
+}
+
+/// The query of `uri` as (key, value) pairs, in order.
+pub fn query_pairs(uri: &http::Uri) -> Vec<(String, String)> {
+    uri.query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// Make challtestsrv (`base`, its management API) answer `values` for TXT at `host`: its
+/// `/set-txt` adds a value, so the name is cleared and each value set again.
+pub async fn mirror_txt(base: String, host: String, values: Vec<String>) {
+    tokio::task::spawn_blocking(move || {
+        let _ = crate::pebble::post_json(&base, "/clear-txt", &json!({"host": host}));
+        for value in values {
+            let _ =
+                crate::pebble::post_json(&base, "/set-txt", &json!({"host": host, "value": value}));
+        }
+    })
+    .await
+    .unwrap();
+}
