@@ -256,12 +256,24 @@ async fn wait_for(
     admin: SocketAddr,
     guard: &mut ChildGuard,
     limit: Duration,
+    check: impl FnMut(&CertStatus) -> bool,
+) -> CertStatus {
+    wait_on(DOMAIN, what, admin, guard, limit, check).await
+}
+
+/// Wait until `domain`'s status passes `check`; it, or a panic with what it was.
+async fn wait_on(
+    domain: &str,
+    what: &str,
+    admin: SocketAddr,
+    guard: &mut ChildGuard,
+    limit: Duration,
     mut check: impl FnMut(&CertStatus) -> bool,
 ) -> CertStatus {
     let end = tokio::time::Instant::now() + limit;
     loop {
         guard.assert_running();
-        if let Some(c) = certs(admin).await.into_iter().find(|c| c.domain == DOMAIN) {
+        if let Some(c) = certs(admin).await.into_iter().find(|c| c.domain == domain) {
             if check(&c) {
                 return c;
             }
@@ -271,6 +283,34 @@ async fn wait_for(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Wait until `domain` has a valid certificate and its dstack records are in place.
+async fn issued_with_records(domain: &str, admin: SocketAddr, guard: &mut ChildGuard) {
+    wait_on(
+        domain,
+        "issuance and records",
+        admin,
+        guard,
+        Duration::from_secs(90),
+        |c| c.status == Status::Valid && c.dns_records.as_deref() == Some("in place"),
+    )
+    .await;
+}
+
+/// `domain`'s first error (within a minute).
+async fn first_error(domain: &str, admin: SocketAddr, guard: &mut ChildGuard) -> String {
+    wait_on(
+        domain,
+        "a failure",
+        admin,
+        guard,
+        Duration::from_secs(60),
+        |c| c.last_error.is_some(),
+    )
+    .await
+    .last_error
+    .unwrap_or_default()
 }
 
 fn ingress_env(
@@ -647,22 +687,15 @@ async fn httpreq_presents_and_cleans_up_the_challenge_through_the_operators_endp
     let d = Deployment::start().await;
     let (endpoint, calls) = httpreq_endpoint(d.pebble.challtestsrv_management.clone(), false).await;
     let (mut guard, admin) = d.sidecar("httpreq", &httpreq_env(&d, &endpoint));
-    let end = tokio::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        guard.assert_running();
-        let c = certs(admin).await;
-        if c.iter()
-            .any(|c| c.domain == "*.example.test" && c.status == Status::Valid)
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < end,
-            "no certificate: {c:#?}\n{}",
-            guard.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_on(
+        "*.example.test",
+        "a valid certificate",
+        admin,
+        &mut guard,
+        Duration::from_secs(90),
+        |c| c.status == Status::Valid,
+    )
+    .await;
     // Presented with credentials, then cleaned up with the same value, as lego does.
     let end = tokio::time::Instant::now() + Duration::from_secs(10);
     while calls.lock().unwrap().len() < 2 {
@@ -696,16 +729,7 @@ async fn an_httpreq_endpoint_that_fails_fails_the_order_in_its_own_words() {
     let d = Deployment::start().await;
     let (endpoint, calls) = httpreq_endpoint(d.pebble.challtestsrv_management.clone(), true).await;
     let (mut guard, admin) = d.sidecar("httpreq", &httpreq_env(&d, &endpoint));
-    let end = tokio::time::Instant::now() + Duration::from_secs(60);
-    let error = loop {
-        guard.assert_running();
-        let c = certs(admin).await;
-        if let Some(e) = c.iter().find_map(|c| c.last_error.clone()) {
-            break e;
-        }
-        assert!(tokio::time::Instant::now() < end, "no failure: {c:#?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let error = first_error("*.example.test", admin, &mut guard).await;
     assert!(error.contains("DNS provider httpreq"), "{error}");
     assert!(error.contains("HTTP 500"), "{error}");
     assert!(error.contains("locked by a change freeze"), "{error}");
@@ -737,22 +761,7 @@ async fn digitalocean_issues_a_wildcard_and_writes_the_dstack_records() {
     ];
     // DNS_PROVIDER unset: detected from DO_AUTH_TOKEN; DNS-01 by default.
     let (mut guard, admin) = d.sidecar("digitalocean", &env);
-    let end = tokio::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        guard.assert_running();
-        let c = certs(admin).await;
-        if c.iter()
-            .any(|c| c.status == Status::Valid && c.dns_records.as_deref() == Some("in place"))
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < end,
-            "not issued: {c:#?}\n{}",
-            guard.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    issued_with_records("*.example.test", admin, &mut guard).await;
     // The records as DigitalOcean holds them: relative names, the CNAME target as sent.
     let held: Vec<(String, String, String)> = api
         .records()
@@ -792,15 +801,7 @@ async fn digitalocean_errors_are_the_apis_own_words() {
         ("DO_API_URL", api.base.clone()),
     ];
     let (mut guard, admin) = d.sidecar("digitalocean", &env);
-    let end = tokio::time::Instant::now() + Duration::from_secs(60);
-    let error = loop {
-        guard.assert_running();
-        if let Some(e) = certs(admin).await.iter().find_map(|c| c.last_error.clone()) {
-            break e;
-        }
-        assert!(tokio::time::Instant::now() < end, "no failure");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let error = first_error("*.example.test", admin, &mut guard).await;
     assert!(error.contains("DNS provider digitalocean"), "{error}");
     assert!(error.contains("401"), "{error}");
     assert!(
@@ -847,22 +848,7 @@ async fn linode_as_dstack_ingress_configures_it_issues_and_writes_the_records() 
         ("PORT", "443".to_owned()),
     ];
     let (mut guard, admin) = d.sidecar("linode", &env);
-    let end = tokio::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        guard.assert_running();
-        let c = certs(admin).await;
-        if c.iter()
-            .any(|c| c.status == Status::Valid && c.dns_records.as_deref() == Some("in place"))
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < end,
-            "not issued: {c:#?}\n{}",
-            guard.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    issued_with_records("shop.example.test", admin, &mut guard).await;
     let held: Vec<(String, String, String, u64)> = api
         .records()
         .iter()

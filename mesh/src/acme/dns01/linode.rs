@@ -7,7 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 use serde_json::{json, Value};
 
 use super::{
-    rest::{ids_of, public_resolvers, JsonApi},
+    rest::{delete_by_id, public_resolvers, JsonApi},
     BoxFuture, Data, DnsError, Provider, Record, Rtype, Zone,
 };
 
@@ -189,19 +189,9 @@ impl Provider for Linode {
         zone: &'a Zone,
         record: &'a Record,
     ) -> BoxFuture<'a, Result<(), DnsError>> {
-        Box::pin(async move {
-            let ids = ids_of(self, zone, record).await?;
-            for id in ids {
-                self.api
-                    .call(
-                        http::Method::DELETE,
-                        &format!("/domains/{}/records/{id}", zone.id),
-                        None,
-                    )
-                    .await?;
-            }
-            Ok(())
-        })
+        Box::pin(delete_by_id(self, &self.api, zone, record, move |id| {
+            format!("/domains/{}/records/{id}", zone.id)
+        }))
     }
 
     fn default_resolvers(&self) -> BoxFuture<'_, Vec<SocketAddr>> {

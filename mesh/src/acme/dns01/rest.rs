@@ -136,6 +136,21 @@ pub(super) async fn ids_of(
     })
 }
 
+/// Delete `record` (by its id, or the ids of the same records at its name) with a `DELETE` to
+/// the path `path_of(id)` gives.
+pub(super) async fn delete_by_id(
+    provider: &dyn Provider,
+    api: &JsonApi,
+    zone: &Zone,
+    record: &Record,
+    path_of: impl Fn(&str) -> String,
+) -> Result<(), DnsError> {
+    for id in ids_of(provider, zone, record).await? {
+        api.call(http::Method::DELETE, &path_of(&id), None).await?;
+    }
+    Ok(())
+}
+
 /// Two public operators' resolvers: a record both see has left the provider's nameservers.
 pub(super) fn public_resolvers() -> Vec<SocketAddr> {
     vec![
