@@ -15,11 +15,11 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
-use crate::http_stand_in::{self, json_response, query_pairs, serve};
+use crate::http_stand_in::{self, json_response, serve_api};
 
 /// Paging: default and largest `per_page`.
 const PER_PAGE: (usize, usize) = (20, 200);
@@ -89,12 +89,7 @@ impl DigitalOceanStandIn {
             next_id: 28_448_432,
             ..State::default()
         }));
-        let (shared, token) = (state.clone(), token.to_owned());
-        let addr = serve(move |req| {
-            let (state, token, mirror) = (shared.clone(), token.clone(), challtestsrv.clone());
-            async move { handle(req, &state, &token, mirror).await }
-        })
-        .await;
+        let addr = serve_api(state.clone(), token, challtestsrv, handle).await;
         Self {
             base: format!("http://{addr}"),
             state,
@@ -172,22 +167,17 @@ fn page(items: Vec<Value>, key: &str, path: &str, query: &[(String, String)]) ->
 
 async fn handle(
     req: Request<Incoming>,
-    state: &Mutex<State>,
-    token: &str,
+    state: Arc<Mutex<State>>,
+    token: String,
     mirror: Option<String>,
 ) -> Response<Full<Bytes>> {
-    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-    let query = query_pairs(req.uri());
-    let authorized = req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .is_some_and(|v| v.as_bytes() == format!("Bearer {token}").as_bytes());
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let http_stand_in::Taken {
+        method,
+        path,
+        query,
+        bearer: authorized,
+        body,
+    } = http_stand_in::take(req, &token).await;
     {
         let mut s = state.lock().unwrap();
         s.requests.push(format!("{method} {path}"));
@@ -206,9 +196,9 @@ async fn handle(
             "Unable to authenticate you.",
         );
     }
-    let (resp, changed) = route(state, method, &path, &query, &body);
+    let (resp, changed) = route(&state, method, &path, &query, &body);
     if let Some(record) = changed {
-        mirror_txt(state, mirror, &record).await;
+        mirror_txt(&state, mirror, &record).await;
     }
     resp
 }

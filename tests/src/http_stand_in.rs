@@ -36,6 +36,66 @@ where
     addr
 }
 
+/// Serve a provider's API: each request goes to `handle` with the stand-in's `state`, the
+/// token it accepts, and challtestsrv's management URL when records are mirrored there.
+pub async fn serve_api<S, H, Fut>(
+    state: std::sync::Arc<std::sync::Mutex<S>>,
+    token: &str,
+    mirror: Option<String>,
+    handle: H,
+) -> SocketAddr
+where
+    S: Send + 'static,
+    H: Fn(Request<Incoming>, std::sync::Arc<std::sync::Mutex<S>>, String, Option<String>) -> Fut
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send,
+{
+    let token = token.to_owned();
+    serve(move |req| handle(req, state.clone(), token.clone(), mirror.clone())).await
+}
+
+/// A request taken apart.
+#[derive(Debug)]
+pub struct Taken {
+    /// Its method.
+    pub method: http::Method,
+    /// Its path.
+    pub path: String,
+    /// Its query, as pairs.
+    pub query: Vec<(String, String)>,
+    /// It carried `Authorization: Bearer <the token>`.
+    pub bearer: bool,
+    /// Its body (empty when it could not be read).
+    pub body: Bytes,
+}
+
+/// `req` taken apart, its bearer token compared with `token`.
+pub async fn take(req: Request<Incoming>, token: &str) -> Taken {
+    use http_body_util::BodyExt;
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let query = query_pairs(req.uri());
+    let bearer = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .is_some_and(|v| v.as_bytes() == format!("Bearer {token}").as_bytes());
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    Taken {
+        method,
+        path,
+        query,
+        bearer,
+        body,
+    }
+}
+
 /// `body` as a JSON answer with `status` (no body for `Null`).
 pub fn json_response(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(match body {

@@ -14,11 +14,11 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
-use crate::http_stand_in::{self, json_response, query_pairs, serve};
+use crate::http_stand_in::{self, json_response, serve_api};
 
 /// Paging: default, smallest and largest `page_size`.
 const PAGE_SIZE: (usize, usize, usize) = (25, 25, 500);
@@ -97,12 +97,7 @@ impl LinodeStandIn {
             next_id: 5_000_000,
             ..State::default()
         }));
-        let (shared, token) = (state.clone(), token.to_owned());
-        let addr = serve(move |req| {
-            let (state, token, mirror) = (shared.clone(), token.clone(), challtestsrv.clone());
-            async move { handle(req, &state, &token, mirror).await }
-        })
-        .await;
+        let addr = serve_api(state.clone(), token, challtestsrv, handle).await;
         Self {
             base: format!("http://{addr}/v4"),
             state,
@@ -152,22 +147,17 @@ fn page(items: Vec<Value>, query: &[(String, String)]) -> Value {
 
 async fn handle(
     req: Request<Incoming>,
-    state: &Mutex<State>,
-    token: &str,
+    state: Arc<Mutex<State>>,
+    token: String,
     mirror: Option<String>,
 ) -> Response<Full<Bytes>> {
-    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-    let query = query_pairs(req.uri());
-    let authorized = req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .is_some_and(|v| v.as_bytes() == format!("Bearer {token}").as_bytes());
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let http_stand_in::Taken {
+        method,
+        path,
+        query,
+        bearer: authorized,
+        body,
+    } = http_stand_in::take(req, &token).await;
     state
         .lock()
         .unwrap()
@@ -176,9 +166,9 @@ async fn handle(
     if !authorized {
         return error(StatusCode::UNAUTHORIZED, None, "Invalid Token");
     }
-    let (resp, changed) = route(state, method, &path, &query, &body);
+    let (resp, changed) = route(&state, method, &path, &query, &body);
     if let Some(record) = changed {
-        mirror_txt(state, mirror, &record).await;
+        mirror_txt(&state, mirror, &record).await;
     }
     resp
 }

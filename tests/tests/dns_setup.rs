@@ -1021,3 +1021,78 @@ async fn dns_check_presents_sees_and_removes_a_challenge_with_the_credential() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hetzner_issues_a_wildcard_and_writes_the_records_through_actions() {
+    let d = Deployment::start().await;
+    let api = e2e::hetzner::HetznerStandIn::start(
+        "hz-token",
+        &["example.test"],
+        Some(d.pebble.challtestsrv_management.clone()),
+    )
+    .await;
+    let env = vec![
+        ("DOMAIN", "*.example.test".to_owned()),
+        ("TARGET_ENDPOINT", d.backend.addr.to_string()),
+        ("HETZNER_API_TOKEN", "hz-token".to_owned()),
+        ("HETZNER_API_URL", api.base.clone()),
+        ("GATEWAY_DOMAIN", GATEWAY.to_owned()),
+        ("DNS_RESOLVERS", d.pebble.challtestsrv_dns.to_string()),
+        ("PORT", "443".to_owned()),
+    ];
+    let (mut guard, admin) = d.sidecar("hetzner", &env);
+    issued_with_records("*.example.test", admin, &mut guard).await;
+    let held: Vec<(String, String, Vec<String>)> = api
+        .sets()
+        .iter()
+        .map(|r| (r.rtype.clone(), r.name.clone(), r.values.clone()))
+        .collect();
+    assert!(
+        held.contains(&("CNAME".into(), "*".into(), vec![format!("{GATEWAY}.")])),
+        "{held:?}"
+    );
+    assert!(
+        held.contains(&(
+            "TXT".into(),
+            "_dstack-app-address-wildcard".into(),
+            vec![format!("\"{SERVER}:443\"")]
+        )),
+        "TXT values quoted: {held:?}"
+    );
+    assert!(
+        !held
+            .iter()
+            .any(|(_, n, _)| n.starts_with("_acme-challenge")),
+        "{held:?}"
+    );
+    // Each change was an action the client waited for.
+    let polled = api
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("GET /v1/actions/"))
+        .count();
+    assert!(polled >= 3, "{:?}", api.requests());
+    assert!(!guard.stderr().contains("hz-token"), "the token was logged");
+}
+
+#[tokio::test]
+async fn hetzner_refuses_the_deprecated_key_and_says_why() {
+    let d = Deployment::start().await;
+    let env = vec![
+        ("DOMAIN", "*.example.test".to_owned()),
+        ("TARGET_ENDPOINT", d.backend.addr.to_string()),
+        ("DNS_PROVIDER", "hetzner".to_owned()),
+        ("HETZNER_API_KEY", "old".to_owned()),
+    ];
+    let out = dns_check(&d, &env, &[]).await;
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success());
+    assert!(
+        text.contains("HETZNER_API_KEY: the key of Hetzner's deprecated DNS API"),
+        "{text}"
+    );
+    assert!(
+        text.contains("hetzner needs a Hetzner Cloud API token"),
+        "{text}"
+    );
+}

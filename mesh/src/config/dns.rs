@@ -29,6 +29,10 @@ pub mod env {
     pub const DO_TOKEN: &[&str] = &["DO_AUTH_TOKEN"];
     /// DigitalOcean's API base, for proxies and tests (lego's name).
     pub const DO_URL: &[&str] = &["DO_API_URL"];
+    /// Hetzner Cloud's project token (lego's name).
+    pub const HETZNER_TOKEN: &[&str] = &["HETZNER_API_TOKEN"];
+    /// Hetzner Cloud's API base, for proxies and tests.
+    pub const HETZNER_URL: &[&str] = &["HETZNER_API_URL"];
     /// Linode's token (dstack-ingress's name, then lego's).
     pub const LINODE_TOKEN: &[&str] = &["LINODE_API_TOKEN", "LINODE_TOKEN"];
     /// Linode's API base, for proxies and tests.
@@ -69,6 +73,8 @@ pub const MAX_PROPAGATION_TIMEOUT: Duration = Duration::from_secs(240);
 pub const DEFAULT_TXT_PREFIX: &str = "_dstack-app-address";
 /// Cloudflare's v4 API.
 pub const CLOUDFLARE_API: &str = "https://api.cloudflare.com/client/v4";
+/// Hetzner Cloud's API (DNS zones and record sets).
+pub const HETZNER_API: &str = "https://api.hetzner.cloud/v1";
 /// Linode's API v4.
 pub const LINODE_API: &str = "https://api.linode.com/v4";
 /// DigitalOcean's API (its paths start with `/v2`).
@@ -107,6 +113,13 @@ pub enum ProviderConfig {
         /// The token (read and write on domains).
         api_token: Secret,
         /// API base URL, without `/v2`.
+        api_url: String,
+    },
+    /// Hetzner's DNS in the Hetzner Cloud API, with a project API token.
+    Hetzner {
+        /// The token (read and write).
+        api_token: Secret,
+        /// API base URL, with its version.
         api_url: String,
     },
     /// Linode's (Akamai's) API v4 with a personal access token.
@@ -391,13 +404,14 @@ fn pick(
 
 /// dstack-ingress picks the provider by the first credential set, in this order, when
 /// `DNS_PROVIDER` is not set.
-const DETECTED: [(&str, &str); 5] = [
+const DETECTED: [(&str, &str); 6] = [
     ("CLOUDFLARE_API_TOKEN", "cloudflare"),
     ("LINODE_API_TOKEN", "linode"),
     ("NAMECHEAP_API_KEY", "namecheap"),
     ("AWS_ACCESS_KEY_ID", "route53"),
     // Not dstack-ingress's: ours, after its four.
     ("DO_AUTH_TOKEN", "digitalocean"),
+    ("HETZNER_API_TOKEN", "hetzner"),
 ];
 
 /// Whether the DNS provider is named by the environment (`DNS_PROVIDER`, or a credential
@@ -424,8 +438,9 @@ fn provider(raw: &RawDns, env: &dyn Source, c: &mut Check) -> Option<ProviderCon
         "httpreq" => httpreq(raw, env, key, c),
         "digitalocean" => digitalocean(raw, env, key, c),
         "linode" => linode(raw, env, key, c),
+        "hetzner" => hetzner(raw, env, key, c),
         other => {
-            c.fail(key, format!("{other:?} is not a DNS provider this build has: use cloudflare, rfc2136 (RFC 2136 works with BIND, Knot, PowerDNS and most managed DNS), digitalocean, linode, or httpreq (any DNS behind an HTTP endpoint of yours)"));
+            c.fail(key, format!("{other:?} is not a DNS provider this build has: use cloudflare, rfc2136 (RFC 2136 works with BIND, Knot, PowerDNS and most managed DNS), digitalocean, hetzner, linode, or httpreq (any DNS behind an HTTP endpoint of yours)"));
             None
         }
     }
@@ -446,6 +461,29 @@ fn digitalocean(
         api_token: Secret(token.trim().to_owned()),
         api_url: pick(env, env::DO_URL, raw.api_url.clone(), "dns.api_url").map_or_else(
             || DIGITALOCEAN_API.to_owned(),
+            |(_, u)| u.trim().trim_end_matches('/').to_owned(),
+        ),
+    })
+}
+
+/// `hetzner`: a Hetzner Cloud project token (the deprecated DNS console's key is refused).
+fn hetzner(raw: &RawDns, env: &dyn Source, key: &str, c: &mut Check) -> Option<ProviderConfig> {
+    if env.get("HETZNER_API_KEY").is_some() {
+        c.fail("HETZNER_API_KEY", "the key of Hetzner's deprecated DNS API (dns.hetzner.com), which zones moved to the Hetzner Console no longer answer: create a Hetzner Cloud API token with read and write access and set HETZNER_API_TOKEN");
+    }
+    let Some((_, token)) = pick(
+        env,
+        env::HETZNER_TOKEN,
+        raw.api_token.clone(),
+        "dns.api_token",
+    ) else {
+        c.fail(key, "hetzner needs a Hetzner Cloud API token with read and write access (HETZNER_API_TOKEN or dns.api_token)");
+        return None;
+    };
+    Some(ProviderConfig::Hetzner {
+        api_token: Secret(token.trim().to_owned()),
+        api_url: pick(env, env::HETZNER_URL, raw.api_url.clone(), "dns.api_url").map_or_else(
+            || HETZNER_API.to_owned(),
             |(_, u)| u.trim().trim_end_matches('/').to_owned(),
         ),
     })

@@ -152,7 +152,7 @@ fn data(rtype: u16, text: &str) -> Option<Data> {
 }
 
 /// TXT presentation: `"chunk" "chunk"` (quotes and escapes undone, chunks joined), or bare.
-fn txt(text: &str) -> String {
+pub(super) fn txt(text: &str) -> String {
     if !text.starts_with('"') {
         return text.to_owned();
     }
@@ -175,7 +175,7 @@ fn txt(text: &str) -> String {
 }
 
 /// CAA presentation: `0 issue "value"`, or RFC 3597's `\# <len> <hex>`.
-fn caa(text: &str) -> Option<Data> {
+pub(super) fn caa(text: &str) -> Option<Data> {
     if let Some(hex) = text.strip_prefix("\\#") {
         let mut parts = hex.split_whitespace();
         let _len = parts.next()?;

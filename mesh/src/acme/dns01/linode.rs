@@ -13,8 +13,6 @@ use super::{
 
 /// Linode's largest page.
 const PAGE_SIZE: u32 = 500;
-/// Pages followed at most.
-const MAX_PAGES: u64 = 100;
 
 /// The API and the token.
 #[derive(Debug)]
@@ -37,23 +35,12 @@ impl Linode {
 
     /// Every item of `data` across the pages of `path`.
     async fn all(&self, path: &str) -> Result<Vec<Value>, DnsError> {
-        let mut items = Vec::new();
-        let sep = if path.contains('?') { '&' } else { '?' };
-        for page in 1..=MAX_PAGES {
-            let body = self
-                .api
-                .call(
-                    http::Method::GET,
-                    &format!("{path}{sep}page={page}&page_size={PAGE_SIZE}"),
-                    None,
-                )
-                .await?;
-            items.extend(body["data"].as_array().cloned().unwrap_or_default());
-            if page >= body["pages"].as_u64().unwrap_or(1) {
-                break;
-            }
-        }
-        Ok(items)
+        let size = format!("page_size={PAGE_SIZE}");
+        self.api
+            .paged(path, &size, "data", |body, page| {
+                page >= body["pages"].as_u64().unwrap_or(1)
+            })
+            .await
     }
 }
 

@@ -8,6 +8,7 @@ pub mod caa;
 pub mod cloudflare;
 pub mod digitalocean;
 pub mod doh;
+pub mod hetzner;
 pub mod httpreq;
 pub mod linode;
 mod rest;
@@ -421,6 +422,9 @@ pub fn provider(cfg: &ProviderConfig, timeout: Duration) -> Result<Arc<dyn Provi
         ProviderConfig::DigitalOcean { api_token, api_url } => Arc::new(
             digitalocean::DigitalOcean::new(api_url, &api_token.0, timeout)?,
         ),
+        ProviderConfig::Hetzner { api_token, api_url } => {
+            Arc::new(hetzner::Hetzner::new(api_url, &api_token.0, timeout)?)
+        }
         ProviderConfig::Linode { api_token, api_url } => {
             Arc::new(linode::Linode::new(api_url, &api_token.0, timeout)?)
         }

@@ -118,6 +118,38 @@ impl JsonApi {
     }
 }
 
+/// Pages followed at most.
+const MAX_PAGES: u64 = 100;
+
+impl JsonApi {
+    /// Every item of `key` across the numbered pages of `path` (`page=N&<size>`), until `last`
+    /// says the body (of page N) was the last.
+    pub(super) async fn paged(
+        &self,
+        path: &str,
+        size: &str,
+        key: &str,
+        last: fn(&Value, u64) -> bool,
+    ) -> Result<Vec<Value>, DnsError> {
+        let mut items = Vec::new();
+        let sep = if path.contains('?') { '&' } else { '?' };
+        for page in 1..=MAX_PAGES {
+            let body = self
+                .call(
+                    http::Method::GET,
+                    &format!("{path}{sep}page={page}&{size}"),
+                    None,
+                )
+                .await?;
+            items.extend(body[key].as_array().cloned().unwrap_or_default());
+            if last(&body, page) {
+                break;
+            }
+        }
+        Ok(items)
+    }
+}
+
 /// The provider's ids of `record`: its own, or those of the same records at its name (a record
 /// from another run names no id).
 pub(super) async fn ids_of(
