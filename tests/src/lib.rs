@@ -16,6 +16,7 @@ pub mod http_stand_in;
 pub mod linode;
 pub mod netns;
 pub mod pebble;
+pub mod porkbun;
 pub mod redis;
 pub mod unbound;
 

@@ -298,6 +298,23 @@ async fn issued_with_records(domain: &str, admin: SocketAddr, guard: &mut ChildG
     .await;
 }
 
+/// A wildcard with the gateway's records, resolved through challtestsrv, with a provider's
+/// credential variables.
+fn wildcard_env(
+    d: &Deployment,
+    credentials: Vec<(&'static str, String)>,
+) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("DOMAIN", "*.example.test".to_owned()),
+        ("TARGET_ENDPOINT", d.backend.addr.to_string()),
+        ("GATEWAY_DOMAIN", GATEWAY.to_owned()),
+        ("DNS_RESOLVERS", d.pebble.challtestsrv_dns.to_string()),
+        ("PORT", "443".to_owned()),
+    ];
+    env.extend(credentials);
+    env
+}
+
 /// `domain`'s first error (within a minute).
 async fn first_error(domain: &str, admin: SocketAddr, guard: &mut ChildGuard) -> String {
     wait_on(
@@ -750,15 +767,13 @@ async fn digitalocean_issues_a_wildcard_and_writes_the_dstack_records() {
         Some(d.pebble.challtestsrv_management.clone()),
     )
     .await;
-    let env = vec![
-        ("DOMAIN", "*.example.test".to_owned()),
-        ("TARGET_ENDPOINT", d.backend.addr.to_string()),
-        ("DO_AUTH_TOKEN", "do-token".to_owned()),
-        ("DO_API_URL", api.base.clone()),
-        ("GATEWAY_DOMAIN", GATEWAY.to_owned()),
-        ("DNS_RESOLVERS", d.pebble.challtestsrv_dns.to_string()),
-        ("PORT", "443".to_owned()),
-    ];
+    let env = wildcard_env(
+        &d,
+        vec![
+            ("DO_AUTH_TOKEN", "do-token".to_owned()),
+            ("DO_API_URL", api.base.clone()),
+        ],
+    );
     // DNS_PROVIDER unset: detected from DO_AUTH_TOKEN; DNS-01 by default.
     let (mut guard, admin) = d.sidecar("digitalocean", &env);
     issued_with_records("*.example.test", admin, &mut guard).await;
@@ -1031,15 +1046,13 @@ async fn hetzner_issues_a_wildcard_and_writes_the_records_through_actions() {
         Some(d.pebble.challtestsrv_management.clone()),
     )
     .await;
-    let env = vec![
-        ("DOMAIN", "*.example.test".to_owned()),
-        ("TARGET_ENDPOINT", d.backend.addr.to_string()),
-        ("HETZNER_API_TOKEN", "hz-token".to_owned()),
-        ("HETZNER_API_URL", api.base.clone()),
-        ("GATEWAY_DOMAIN", GATEWAY.to_owned()),
-        ("DNS_RESOLVERS", d.pebble.challtestsrv_dns.to_string()),
-        ("PORT", "443".to_owned()),
-    ];
+    let env = wildcard_env(
+        &d,
+        vec![
+            ("HETZNER_API_TOKEN", "hz-token".to_owned()),
+            ("HETZNER_API_URL", api.base.clone()),
+        ],
+    );
     let (mut guard, admin) = d.sidecar("hetzner", &env);
     issued_with_records("*.example.test", admin, &mut guard).await;
     let held: Vec<(String, String, Vec<String>)> = api
@@ -1093,6 +1106,66 @@ async fn hetzner_refuses_the_deprecated_key_and_says_why() {
     );
     assert!(
         text.contains("hetzner needs a Hetzner Cloud API token"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn porkbun_issues_a_wildcard_and_writes_the_dstack_records() {
+    let d = Deployment::start().await;
+    let api = e2e::porkbun::PorkbunStandIn::start(
+        "pk1_test:sk1_secret",
+        &["example.test"],
+        Some(d.pebble.challtestsrv_management.clone()),
+    )
+    .await;
+    let env = wildcard_env(
+        &d,
+        vec![
+            ("PORKBUN_API_KEY", "pk1_test".to_owned()),
+            ("PORKBUN_SECRET_API_KEY", "sk1_secret".to_owned()),
+            ("PORKBUN_API_URL", api.base.clone()),
+        ],
+    );
+    let (mut guard, admin) = d.sidecar("porkbun", &env);
+    issued_with_records("*.example.test", admin, &mut guard).await;
+    let held: Vec<(String, String, String, u64)> = api
+        .records()
+        .iter()
+        .map(|r| (r.rtype.clone(), r.name.clone(), r.content.clone(), r.ttl))
+        .collect();
+    assert!(
+        held.contains(&("CNAME".into(), "*.example.test".into(), GATEWAY.into(), 600)),
+        "{held:?}"
+    );
+    assert!(
+        held.contains(&(
+            "TXT".into(),
+            "_dstack-app-address-wildcard.example.test".into(),
+            format!("{SERVER}:443"),
+            600
+        )),
+        "TTL raised to Porkbun's 600: {held:?}"
+    );
+    assert!(
+        !held
+            .iter()
+            .any(|(_, n, _, _)| n.starts_with("_acme-challenge")),
+        "{held:?}"
+    );
+    assert!(
+        !guard.stderr().contains("sk1_secret"),
+        "the secret key was logged"
+    );
+    // A wrong key pair: Porkbun's words, through dns check.
+    let mut wrong = env.clone();
+    wrong.retain(|(k, _)| *k != "PORKBUN_SECRET_API_KEY");
+    wrong.push(("PORKBUN_SECRET_API_KEY", "sk1_wrong".to_owned()));
+    let out = dns_check(&d, &wrong, &[]).await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("DNS provider porkbun") && text.contains("Invalid API key. (001)"),
         "{text}"
     );
 }

@@ -33,6 +33,12 @@ pub mod env {
     pub const HETZNER_TOKEN: &[&str] = &["HETZNER_API_TOKEN"];
     /// Hetzner Cloud's API base, for proxies and tests.
     pub const HETZNER_URL: &[&str] = &["HETZNER_API_URL"];
+    /// Porkbun's API key (lego's name).
+    pub const PORKBUN_KEY: &[&str] = &["PORKBUN_API_KEY"];
+    /// Porkbun's secret API key (lego's name).
+    pub const PORKBUN_SECRET: &[&str] = &["PORKBUN_SECRET_API_KEY"];
+    /// Porkbun's API base, for proxies and tests.
+    pub const PORKBUN_URL: &[&str] = &["PORKBUN_API_URL"];
     /// Linode's token (dstack-ingress's name, then lego's).
     pub const LINODE_TOKEN: &[&str] = &["LINODE_API_TOKEN", "LINODE_TOKEN"];
     /// Linode's API base, for proxies and tests.
@@ -75,6 +81,8 @@ pub const DEFAULT_TXT_PREFIX: &str = "_dstack-app-address";
 pub const CLOUDFLARE_API: &str = "https://api.cloudflare.com/client/v4";
 /// Hetzner Cloud's API (DNS zones and record sets).
 pub const HETZNER_API: &str = "https://api.hetzner.cloud/v1";
+/// Porkbun's API v3.
+pub const PORKBUN_API: &str = "https://api.porkbun.com/api/json/v3";
 /// Linode's API v4.
 pub const LINODE_API: &str = "https://api.linode.com/v4";
 /// DigitalOcean's API (its paths start with `/v2`).
@@ -119,6 +127,15 @@ pub enum ProviderConfig {
     Hetzner {
         /// The token (read and write).
         api_token: Secret,
+        /// API base URL, with its version.
+        api_url: String,
+    },
+    /// Porkbun's API v3 with an API key pair.
+    Porkbun {
+        /// The API key (`pk1_…`).
+        api_key: Secret,
+        /// The secret API key (`sk1_…`).
+        secret_key: Secret,
         /// API base URL, with its version.
         api_url: String,
     },
@@ -404,7 +421,7 @@ fn pick(
 
 /// dstack-ingress picks the provider by the first credential set, in this order, when
 /// `DNS_PROVIDER` is not set.
-const DETECTED: [(&str, &str); 6] = [
+const DETECTED: [(&str, &str); 7] = [
     ("CLOUDFLARE_API_TOKEN", "cloudflare"),
     ("LINODE_API_TOKEN", "linode"),
     ("NAMECHEAP_API_KEY", "namecheap"),
@@ -412,6 +429,7 @@ const DETECTED: [(&str, &str); 6] = [
     // Not dstack-ingress's: ours, after its four.
     ("DO_AUTH_TOKEN", "digitalocean"),
     ("HETZNER_API_TOKEN", "hetzner"),
+    ("PORKBUN_API_KEY", "porkbun"),
 ];
 
 /// Whether the DNS provider is named by the environment (`DNS_PROVIDER`, or a credential
@@ -439,8 +457,9 @@ fn provider(raw: &RawDns, env: &dyn Source, c: &mut Check) -> Option<ProviderCon
         "digitalocean" => digitalocean(raw, env, key, c),
         "linode" => linode(raw, env, key, c),
         "hetzner" => hetzner(raw, env, key, c),
+        "porkbun" => porkbun(raw, env, key, c),
         other => {
-            c.fail(key, format!("{other:?} is not a DNS provider this build has: use cloudflare, rfc2136 (RFC 2136 works with BIND, Knot, PowerDNS and most managed DNS), digitalocean, hetzner, linode, or httpreq (any DNS behind an HTTP endpoint of yours)"));
+            c.fail(key, format!("{other:?} is not a DNS provider this build has: use cloudflare, rfc2136 (RFC 2136 works with BIND, Knot, PowerDNS and most managed DNS), digitalocean, hetzner, linode, porkbun, or httpreq (any DNS behind an HTTP endpoint of yours)"));
             None
         }
     }
@@ -484,6 +503,34 @@ fn hetzner(raw: &RawDns, env: &dyn Source, key: &str, c: &mut Check) -> Option<P
         api_token: Secret(token.trim().to_owned()),
         api_url: pick(env, env::HETZNER_URL, raw.api_url.clone(), "dns.api_url").map_or_else(
             || HETZNER_API.to_owned(),
+            |(_, u)| u.trim().trim_end_matches('/').to_owned(),
+        ),
+    })
+}
+
+/// `porkbun`: an API key pair, with API access turned on for the domains.
+fn porkbun(raw: &RawDns, env: &dyn Source, key: &str, c: &mut Check) -> Option<ProviderConfig> {
+    let api_key = pick(
+        env,
+        env::PORKBUN_KEY,
+        raw.api_token.clone(),
+        "dns.api_token",
+    );
+    let secret = pick(
+        env,
+        env::PORKBUN_SECRET,
+        raw.password.clone(),
+        "dns.password",
+    );
+    let (Some((_, api_key)), Some((_, secret))) = (api_key, secret) else {
+        c.fail(key, "porkbun needs its API key pair (PORKBUN_API_KEY and PORKBUN_SECRET_API_KEY, or dns.api_token and dns.password), with API access turned on for each domain");
+        return None;
+    };
+    Some(ProviderConfig::Porkbun {
+        api_key: Secret(api_key.trim().to_owned()),
+        secret_key: Secret(secret.trim().to_owned()),
+        api_url: pick(env, env::PORKBUN_URL, raw.api_url.clone(), "dns.api_url").map_or_else(
+            || PORKBUN_API.to_owned(),
             |(_, u)| u.trim().trim_end_matches('/').to_owned(),
         ),
     })

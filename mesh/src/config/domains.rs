@@ -887,7 +887,7 @@ fn check_domains(
         {
             c.fail(
                 key,
-                format!("{}: dns-01 needs a DNS provider (DNS_PROVIDER=cloudflare, rfc2136, digitalocean, hetzner, linode or httpreq, or [dns] provider)", d.primary()),
+                format!("{}: dns-01 needs a DNS provider (DNS_PROVIDER=cloudflare, rfc2136, digitalocean, hetzner, linode, porkbun or httpreq, or [dns] provider)", d.primary()),
             );
         }
         if d.challenge == Challenge::Http01

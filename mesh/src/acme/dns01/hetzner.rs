@@ -10,7 +10,7 @@ use std::{net::SocketAddr, time::Duration};
 use serde_json::{json, Value};
 
 use super::{
-    rest::{public_resolvers, JsonApi},
+    rest::{public_resolvers, Credential, JsonApi},
     BoxFuture, Data, DnsError, Provider, Record, Rtype, Zone,
 };
 
@@ -30,7 +30,7 @@ pub struct Hetzner {
 impl Hetzner {
     /// `base` is the API root with its version (`https://api.hetzner.cloud/v1`).
     pub fn new(base: &str, token: &str, timeout: Duration) -> Result<Self, super::SetupError> {
-        let bearer = (http::header::AUTHORIZATION, format!("Bearer {token}"));
+        let bearer = Credential::Header(http::header::AUTHORIZATION, format!("Bearer {token}"));
         Ok(Self {
             api: JsonApi::new("hetzner", base, bearer, timeout, explain)?,
             timeout,

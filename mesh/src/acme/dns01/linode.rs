@@ -7,7 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 use serde_json::{json, Value};
 
 use super::{
-    rest::{delete_by_id, public_resolvers, JsonApi},
+    rest::{delete_by_id, public_resolvers, Credential, JsonApi},
     BoxFuture, Data, DnsError, Provider, Record, Rtype, Zone,
 };
 
@@ -23,7 +23,7 @@ pub struct Linode {
 impl Linode {
     /// `base` is the API root with its version (`https://api.linode.com/v4`).
     pub fn new(base: &str, token: &str, timeout: Duration) -> Result<Self, super::SetupError> {
-        let bearer = (http::header::AUTHORIZATION, format!("Bearer {token}"));
+        let bearer = Credential::Header(http::header::AUTHORIZATION, format!("Bearer {token}"));
         Ok(Self {
             api: JsonApi::new("linode", base, bearer, timeout, explain)?,
         })

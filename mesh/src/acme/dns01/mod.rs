@@ -11,6 +11,7 @@ pub mod doh;
 pub mod hetzner;
 pub mod httpreq;
 pub mod linode;
+pub mod porkbun;
 mod rest;
 pub mod rfc2136;
 pub mod setup;
@@ -425,6 +426,16 @@ pub fn provider(cfg: &ProviderConfig, timeout: Duration) -> Result<Arc<dyn Provi
         ProviderConfig::Hetzner { api_token, api_url } => {
             Arc::new(hetzner::Hetzner::new(api_url, &api_token.0, timeout)?)
         }
+        ProviderConfig::Porkbun {
+            api_key,
+            secret_key,
+            api_url,
+        } => Arc::new(porkbun::Porkbun::new(
+            api_url,
+            &api_key.0,
+            &secret_key.0,
+            timeout,
+        )?),
         ProviderConfig::Linode { api_token, api_url } => {
             Arc::new(linode::Linode::new(api_url, &api_token.0, timeout)?)
         }

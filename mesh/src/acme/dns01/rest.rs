@@ -14,11 +14,20 @@ use super::{DnsError, Provider, Record, Zone};
 /// Largest answer read.
 const MAX_BODY: usize = 8 << 20;
 
-/// A provider's API root, its credential header and how its errors read.
+/// How a provider's API takes its credential.
+#[derive(Clone)]
+pub(super) enum Credential {
+    /// In a header (`Authorization: Bearer …`).
+    Header(http::HeaderName, String),
+    /// As fields of every JSON body (Porkbun's `apikey` and `secretapikey`).
+    Body(serde_json::Map<String, Value>),
+}
+
+/// A provider's API root, its credential and how its errors read.
 pub(super) struct JsonApi {
     provider: &'static str,
     base: String,
-    credential: (http::HeaderName, String),
+    credential: Credential,
     client: Client<
         hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
         Full<Bytes>,
@@ -38,11 +47,11 @@ impl std::fmt::Debug for JsonApi {
 }
 
 impl JsonApi {
-    /// `provider`'s API at `base`, sending `credential` (a header and its value) with each call.
+    /// `provider`'s API at `base`, sending `credential` with each call.
     pub(super) fn new(
         provider: &'static str,
         base: &str,
-        credential: (http::HeaderName, String),
+        credential: Credential,
         timeout: Duration,
         explain: fn(&Value) -> Option<String>,
     ) -> Result<Self, super::SetupError> {
@@ -77,11 +86,24 @@ impl JsonApi {
     ) -> Result<Value, DnsError> {
         let url = format!("{}{path}", self.base);
         let what = format!("{method} {url}");
-        let req = http::Request::builder()
+        let mut req = http::Request::builder()
             .method(method)
             .uri(&url)
-            .header(&self.credential.0, &self.credential.1)
-            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::CONTENT_TYPE, "application/json");
+        let body = match &self.credential {
+            Credential::Header(name, value) => {
+                req = req.header(name, value);
+                body
+            }
+            Credential::Body(fields) => {
+                let mut with = body.unwrap_or_else(|| Value::Object(Default::default()));
+                if let Some(obj) = with.as_object_mut() {
+                    obj.extend(fields.clone());
+                }
+                Some(with)
+            }
+        };
+        let req = req
             .body(Full::new(Bytes::from(
                 body.map(|b| b.to_string()).unwrap_or_default(),
             )))
