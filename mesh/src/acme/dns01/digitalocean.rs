@@ -139,15 +139,7 @@ impl Provider for DigitalOcean {
         record: &'a Record,
     ) -> BoxFuture<'a, Result<Record, DnsError>> {
         Box::pin(async move {
-            let relative = match record.name.strip_suffix(&format!(".{}", zone.name)) {
-                Some(r) => r.to_owned(),
-                None if record.name == zone.name => "@".to_owned(),
-                None => {
-                    return Err(
-                        self.fail(format!("{} is not in the zone {}", record.name, zone.name))
-                    )
-                }
-            };
+            let relative = self.api.relative_in(zone, &record.name, "@")?;
             // DigitalOcean's smallest TTL is 30 s.
             let ttl = record.ttl.max(30);
             let body = match &record.data {

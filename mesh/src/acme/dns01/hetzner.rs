@@ -10,7 +10,7 @@ use std::{net::SocketAddr, time::Duration};
 use serde_json::{json, Value};
 
 use super::{
-    rest::{public_resolvers, Credential, JsonApi},
+    rest::{public_resolvers, relative, Credential, JsonApi},
     BoxFuture, Data, DnsError, Provider, Record, Rtype, Zone,
 };
 
@@ -55,10 +55,7 @@ impl Hetzner {
         action: &str,
         body: Value,
     ) -> Result<(), DnsError> {
-        let relative = relative(zone, &record.name).ok_or_else(|| {
-            self.api
-                .fail(format!("{} is not in the zone {}", record.name, zone.name))
-        })?;
+        let relative = self.api.relative_in(zone, &record.name, "@")?;
         let path = format!(
             "/zones/{}/rrsets/{relative}/{}/actions/{action}",
             zone.id,
@@ -105,15 +102,6 @@ fn explain(body: &Value) -> Option<String> {
         e["code"].as_str()?,
         e["message"].as_str()?
     ))
-}
-
-/// `name` relative to `zone`, `@` for the apex.
-fn relative(zone: &Zone, name: &str) -> Option<String> {
-    match name.strip_suffix(&format!(".{}", zone.name)) {
-        Some(r) => Some(r.to_owned()),
-        None if name == zone.name => Some("@".to_owned()),
-        None => None,
-    }
 }
 
 /// A value as Hetzner writes it: TXT as quoted strings of at most 255 bytes each, CNAME fully
@@ -206,7 +194,7 @@ impl Provider for Hetzner {
         rtype: Rtype,
     ) -> BoxFuture<'a, Result<Vec<Record>, DnsError>> {
         Box::pin(async move {
-            let Some(relative) = relative(zone, name) else {
+            let Some(relative) = relative(zone, name, "@") else {
                 return Ok(Vec::new());
             };
             let sets = self
@@ -294,7 +282,7 @@ mod tests {
         assert_eq!(r[0].data, Data::Txt("ab".into()));
         let caa = json!({"name": "@", "type": "CAA", "ttl": null, "records": [{"value": "0 issue \"letsencrypt.org\""}]});
         assert_eq!(records(&zone, &caa)[0].name, "example.com");
-        assert_eq!(relative(&zone, "example.com").as_deref(), Some("@"));
-        assert_eq!(relative(&zone, "other.org"), None);
+        assert_eq!(relative(&zone, "example.com", "@").as_deref(), Some("@"));
+        assert_eq!(relative(&zone, "other.org", "@"), None);
     }
 }

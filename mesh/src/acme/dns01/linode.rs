@@ -131,16 +131,7 @@ impl Provider for Linode {
         record: &'a Record,
     ) -> BoxFuture<'a, Result<Record, DnsError>> {
         Box::pin(async move {
-            let relative = match record.name.strip_suffix(&format!(".{}", zone.name)) {
-                Some(r) => r.to_owned(),
-                None if record.name == zone.name => String::new(),
-                None => {
-                    return Err(self.fail(format!(
-                        "{} is not in the domain {}",
-                        record.name, zone.name
-                    )))
-                }
-            };
+            let relative = self.api.relative_in(zone, &record.name, "")?;
             // Linode rounds a TTL up to its next allowed value (30 s the smallest).
             let ttl = record.ttl.max(30);
             let body = match &record.data {

@@ -8,7 +8,7 @@ use std::{net::SocketAddr, time::Duration};
 use serde_json::{json, Value};
 
 use super::{
-    rest::{ids_of, public_resolvers, Credential, JsonApi},
+    rest::{ids_of, public_resolvers, relative, Credential, JsonApi},
     BoxFuture, Data, DnsError, Provider, Record, Rtype, Zone,
 };
 
@@ -57,15 +57,6 @@ impl Porkbun {
 /// `{"status": "ERROR", "message": "Invalid API key. (002)"}`
 fn explain(body: &Value) -> Option<String> {
     body["message"].as_str().map(str::to_owned)
-}
-
-/// `name` relative to `zone`, empty for the apex.
-fn relative(zone: &Zone, name: &str) -> Option<String> {
-    match name.strip_suffix(&format!(".{}", zone.name)) {
-        Some(r) => Some(r.to_owned()),
-        None if name == zone.name => Some(String::new()),
-        None => None,
-    }
 }
 
 /// A record as Porkbun returns it (`name` the full name, numbers as strings), as ours.
@@ -132,7 +123,7 @@ impl Provider for Porkbun {
         rtype: Rtype,
     ) -> BoxFuture<'a, Result<Vec<Record>, DnsError>> {
         Box::pin(async move {
-            let Some(sub) = relative(zone, name) else {
+            let Some(sub) = relative(zone, name, "") else {
                 return Ok(Vec::new());
             };
             // The apex has no subdomain segment.
@@ -160,12 +151,7 @@ impl Provider for Porkbun {
         record: &'a Record,
     ) -> BoxFuture<'a, Result<Record, DnsError>> {
         Box::pin(async move {
-            let sub = relative(zone, &record.name).ok_or_else(|| {
-                self.api.fail(format!(
-                    "{} is not in the domain {}",
-                    record.name, zone.name
-                ))
-            })?;
+            let sub = self.api.relative_in(zone, &record.name, "")?;
             let content = match &record.data {
                 Data::Txt(v) => v.clone(),
                 Data::Cname(t) => t.clone(),
@@ -231,7 +217,10 @@ mod tests {
             name: "example.com".into(),
             id: "example.com".into(),
         };
-        assert_eq!(relative(&zone, "example.com").as_deref(), Some(""));
-        assert_eq!(relative(&zone, "www.example.com").as_deref(), Some("www"));
+        assert_eq!(relative(&zone, "example.com", "").as_deref(), Some(""));
+        assert_eq!(
+            relative(&zone, "www.example.com", "").as_deref(),
+            Some("www")
+        );
     }
 }

@@ -205,6 +205,29 @@ pub(super) async fn delete_by_id(
     Ok(())
 }
 
+/// `name` relative to `zone`, as the provider writes names: `apex` (`@`, or empty) for the zone
+/// itself; `None` outside it.
+pub(super) fn relative(zone: &Zone, name: &str, apex: &str) -> Option<String> {
+    match name.strip_suffix(&format!(".{}", zone.name)) {
+        Some(r) => Some(r.to_owned()),
+        None if name == zone.name => Some(apex.to_owned()),
+        None => None,
+    }
+}
+
+impl JsonApi {
+    /// [`relative`] for a record to write, or a failure saying it is outside the zone.
+    pub(super) fn relative_in(
+        &self,
+        zone: &Zone,
+        name: &str,
+        apex: &str,
+    ) -> Result<String, DnsError> {
+        relative(zone, name, apex)
+            .ok_or_else(|| self.fail(format!("{name} is not in the zone {}", zone.name)))
+    }
+}
+
 /// Two public operators' resolvers: a record both see has left the provider's nameservers.
 pub(super) fn public_resolvers() -> Vec<SocketAddr> {
     vec![
