@@ -203,6 +203,16 @@ pub enum CertsAction {
         /// The domain (primary name or alias).
         domain: String,
     },
+    /// Have the CA revoke DOMAIN's certificate: it stops being served at once, its files are
+    /// moved aside, a new one is ordered (unless the domain is no longer configured) and the
+    /// evidence is rewritten.
+    Revoke {
+        /// The domain (primary name or alias, or a removed domain with a stored certificate).
+        domain: String,
+        /// unspecified, keyCompromise, affiliationChanged, superseded or cessationOfOperation.
+        #[arg(long, default_value = "unspecified")]
+        reason: crate::acme::revoke::Reason,
+    },
 }
 
 /// `dns` actions.

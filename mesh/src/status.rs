@@ -188,6 +188,10 @@ pub async fn certs(addr: &str, action: CertsAction) -> ExitCode {
     let (method, path) = match &action {
         CertsAction::List { .. } => (http::Method::GET, "/certs".to_owned()),
         CertsAction::Renew { domain } => (http::Method::POST, format!("/certs/{domain}/renew")),
+        CertsAction::Revoke { domain, reason } => (
+            http::Method::POST,
+            format!("/certs/{domain}/revoke?reason={reason}"),
+        ),
     };
     let (status, body) = match request(addr, method, &path).await {
         Ok(answer) => answer,
@@ -220,6 +224,51 @@ pub async fn certs(addr: &str, action: CertsAction) -> ExitCode {
         CertsAction::Renew { domain } if status == http::StatusCode::NOT_FOUND => {
             eprintln!("error: {domain} is not a configured domain");
             ExitCode::from(crate::cli::EXIT_BAD_INPUT)
+        }
+        CertsAction::Revoke { .. } if status.is_success() => {
+            match serde_json::from_slice::<crate::acme::revoke::Revoked>(&body) {
+                Ok(r) => {
+                    println!(
+                        "{}: certificate {} {} ({}); no longer served{}",
+                        r.domain,
+                        r.serial,
+                        if r.already {
+                            "was already revoked"
+                        } else {
+                            "revoked"
+                        },
+                        r.reason,
+                        if r.reordering {
+                            "; a new one is being ordered (see `dstack-mesh certs list`)"
+                        } else {
+                            "; the domain is not configured, so none is ordered"
+                        }
+                    );
+                    for moved in r.set_aside {
+                        println!("  moved aside: {moved}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: unexpected answer from {addr}: {e}");
+                    ExitCode::from(EXIT_UNAVAILABLE)
+                }
+            }
+        }
+        // The sidecar's words: no such domain, the internal CA's, the CA's refusal.
+        CertsAction::Revoke { .. } => {
+            let said: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            eprintln!(
+                "error: {}",
+                said["error"].as_str().map_or_else(
+                    || String::from_utf8_lossy(&body).into_owned(),
+                    str::to_owned
+                )
+            );
+            ExitCode::from(match status.is_client_error() {
+                true => crate::cli::EXIT_BAD_INPUT,
+                false => EXIT_UNAVAILABLE,
+            })
         }
         _ => {
             eprintln!(

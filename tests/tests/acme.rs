@@ -473,6 +473,139 @@ async fn short_lived_certificates_renew_under_load_and_expiry_is_never_silent() 
     }
 }
 
+/// pebble's word on `serial` (hex): `Valid` or `Revoked`.
+fn cert_status(pebble: &Pebble, serial: &str) -> String {
+    let url = format!("{}/cert-status-by-serial/{serial}", pebble.management);
+    let reply = e2e::pebble::https(&pebble.ca_file, "GET", &url, None).unwrap();
+    assert_eq!(reply.status, 200, "GET {url}");
+    let status: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    status["Status"].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certs_revoke_stops_serving_at_once_reorders_and_cleans_up_a_removed_domain() {
+    let setup = Setup::new(None).await;
+    let both = "[[domains]]\nnames = [\"app.acme.test\"]\nbackend = \"{backend}\"\n\n\
+                [[domains]]\nnames = [\"other.acme.test\"]\nbackend = \"{backend}\"\n";
+    let mut sidecar = setup.sidecar("sidecar", both);
+    sidecar
+        .wait("issuance", Duration::from_secs(30), |c| {
+            valid("app.acme.test")(c) && valid("other.acme.test")(c)
+        })
+        .await;
+    let root = setup.root();
+    let first = sidecar.cert("app.acme.test").await.serial.unwrap();
+    let (_, served_before) = fetch(sidecar.inbound, "app.acme.test", &root)
+        .await
+        .unwrap();
+    assert_eq!(cert_status(&setup.pebble, &first), "Valid");
+
+    // The new order fails until the name resolves again: what is served in between shows.
+    setup.pebble.challtestsrv(
+        "/set-servfail",
+        &serde_json::json!({"host": "app.acme.test"}),
+    );
+    let (ok, text) = sidecar.cli(&["revoke", "app.acme.test", "--reason", "key-compromise"]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!(
+            "app.acme.test: certificate {first} revoked (keyCompromise)"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("a new one is being ordered"), "{text}");
+    assert_eq!(cert_status(&setup.pebble, &first), "Revoked");
+    // From the moment the command returns, the revoked certificate is never presented.
+    sidecar
+        .wait("the new order failing", Duration::from_secs(30), |c| {
+            c.iter()
+                .any(|c| c.domain == "app.acme.test" && c.status == Status::Failed)
+        })
+        .await;
+    let refused = fetch(sidecar.inbound, "app.acme.test", &root).await;
+    assert!(refused.is_err(), "served while revoked: {refused:?}");
+    assert_ne!(
+        sidecar.cert("app.acme.test").await.serial.as_deref(),
+        Some(first.as_str())
+    );
+    setup.pebble.challtestsrv(
+        "/clear-servfail",
+        &serde_json::json!({"host": "app.acme.test"}),
+    );
+    let store = setup.path().join("store/certs/app.acme.test");
+    for file in ["chain.pem", "key.pem", "meta.json"] {
+        assert!(
+            store.join(format!("{file}.revoked-{first}")).exists(),
+            "{file} not moved aside: {text}"
+        );
+    }
+    let certs = sidecar
+        .wait("a new certificate", Duration::from_secs(30), |c| {
+            c.iter().any(|c| {
+                c.domain == "app.acme.test"
+                    && c.status == Status::Valid
+                    && c.serial.as_deref().is_some_and(|s| s != first)
+            })
+        })
+        .await;
+    let second = certs
+        .iter()
+        .find(|c| c.domain == "app.acme.test")
+        .and_then(|c| c.serial.clone())
+        .unwrap();
+    let (status, served) = fetch(sidecar.inbound, "app.acme.test", &root)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_ne!(served, served_before);
+    // The evidence names the new certificate, and the other domain was never touched.
+    let evidence =
+        std::fs::read(setup.path().join("store/evidences/cert-app.acme.test.pem")).unwrap();
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut evidence_serial = dstack_mesh::acme::cert::leaf_summary(&evidence).unwrap().1;
+    while evidence_serial != second && tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let pem =
+            std::fs::read(setup.path().join("store/evidences/cert-app.acme.test.pem")).unwrap();
+        evidence_serial = dstack_mesh::acme::cert::leaf_summary(&pem).unwrap().1;
+    }
+    assert_eq!(evidence_serial, second, "evidence not rewritten");
+    assert_eq!(sidecar.cert("other.acme.test").await.issued_total, 1);
+
+    // Refusals name the problem.
+    let (ok, text) = sidecar.cli(&["revoke", "nope.acme.test"]);
+    assert!(
+        !ok && text.contains("neither a configured domain nor one with a stored certificate"),
+        "{text}"
+    );
+    let (ok, text) = sidecar.cli(&["revoke", "app.acme.test", "--reason", "caCompromise"]);
+    assert!(
+        !ok && text.contains("not a revocation reason a subscriber may give"),
+        "{text}"
+    );
+    assert_eq!(cert_status(&setup.pebble, &second), "Valid");
+
+    // The domain is removed from the configuration: its stored certificate can still be
+    // revoked, and nothing is ordered for it.
+    drop(sidecar);
+    let only_other = "[[domains]]\nnames = [\"other.acme.test\"]\nbackend = \"{backend}\"\n";
+    let sidecar = setup.sidecar("sidecar-after", only_other);
+    let (ok, text) = sidecar.cli(&[
+        "revoke",
+        "app.acme.test",
+        "--reason",
+        "cessationOfOperation",
+    ]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("the domain is not configured, so none is ordered"),
+        "{text}"
+    );
+    assert_eq!(cert_status(&setup.pebble, &second), "Revoked");
+    assert!(store.join(format!("chain.pem.revoked-{second}")).exists());
+    assert!(!store.join("chain.pem").exists());
+}
+
 /// The account URL a sidecar stored for pebble's directory.
 fn stored_account(store: &Path) -> String {
     let dir = store.join("accounts");

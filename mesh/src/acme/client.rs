@@ -600,6 +600,32 @@ impl AcmeClient {
         Ok(self.account(false).await?.id().to_owned())
     }
 
+    /// Revoke `leaf` (DER) as the account that ordered it; `true` when the CA had already
+    /// revoked it.
+    pub async fn revoke(
+        &self,
+        leaf: &[u8],
+        reason: super::revoke::Reason,
+    ) -> Result<bool, IssueError> {
+        let account = self.account(false).await?;
+        let certificate = rustls_pki_types::CertificateDer::from(leaf);
+        let request = instant_acme::RevocationRequest {
+            certificate: &certificate,
+            reason: Some(reason.acme()),
+        };
+        match account.revoke(&request).await {
+            Ok(()) => Ok(false),
+            Err(instant_acme::Error::Api(p))
+                if p.r#type
+                    .as_deref()
+                    .is_some_and(|t| t.ends_with(":alreadyRevoked")) =>
+            {
+                Ok(true)
+            }
+            Err(e) => Err(classify(e)),
+        }
+    }
+
     /// Order a certificate for `names`, answering `challenge`, for `key` (`None`: a new one).
     pub async fn issue(
         &self,

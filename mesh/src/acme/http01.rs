@@ -20,7 +20,7 @@ pub async fn serve(listener: TcpListener, challenges: Arc<Challenges>, drain: pr
         "acme.http_listen",
         MAX_CONNECTIONS,
         drain,
-        move |req| answer(&challenges, req),
+        move |req| std::future::ready(answer(&challenges, &req)),
     )
     .await;
 }

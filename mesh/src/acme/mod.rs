@@ -21,6 +21,7 @@ mod records;
 mod renewal;
 #[cfg(feature = "etcd")]
 pub mod replicas;
+pub mod revoke;
 pub mod seal;
 pub mod store;
 
@@ -173,6 +174,8 @@ struct DomainState {
     /// The fleet's copy: `shared`, refused, or unreadable.
     fleet: Option<String>,
     from_fleet_total: u64,
+    /// Serials revoked here (`certs revoke`): never served again, whoever offers them.
+    revoked: Vec<String>,
 }
 
 /// One public domain at run time.
@@ -431,7 +434,9 @@ impl Acme {
                 );
             }
         }
-        if certs.is_empty() {
+        // Nothing served and nothing listed: nothing to say (a revocation of the last
+        // certificate still rewrites the listing without it).
+        if certs.is_empty() && self.evidence.listed().is_empty() {
             return;
         }
         let mut issuers: Vec<(&Issuer, &IssuerRuntime)> = self.issuers.iter().collect();

@@ -318,7 +318,8 @@ impl Acme {
             return Ok(None);
         };
         let stale = d.state.lock().map(|s| s.stale).unwrap_or(false);
-        let fresh = self.renew_at(&loaded) > SystemTime::now()
+        let fresh = !d.revoked(&loaded.serial)
+            && self.renew_at(&loaded) > SystemTime::now()
             && current.is_none_or(|c| {
                 c.superseded_by(loaded.not_after, &loaded.serial)
                     || (loaded.serial == c.serial && !stale)
@@ -457,6 +458,7 @@ impl Acme {
         };
         let served = d.served.load_full();
         match (cert::leaf_summary(&chain), served.as_deref()) {
+            (Some((_, serial)), _) if d.revoked(&serial) => return,
             (Some((t, serial)), Some(c)) if !c.superseded_by(t, &serial) => {
                 d.set(|s| s.fleet = Some("shared".into()));
                 return;

@@ -32,8 +32,12 @@ pub trait CertStore: Send + Sync + std::fmt::Debug {
     fn read(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Replace `key` atomically; `secret` keeps it readable by the owner only.
     fn write(&self, key: &str, bytes: &[u8], secret: bool) -> Result<(), StoreError>;
-    /// Move `key` aside (kept for inspection, never read again).
-    fn quarantine(&self, key: &str) -> Result<(), StoreError>;
+    /// Move `key` aside as `<key>.<why>` (kept for inspection, never read again).
+    fn set_aside(&self, key: &str, why: &str) -> Result<(), StoreError>;
+    /// Move an unreadable `key` aside (`<key>.corrupt`).
+    fn quarantine(&self, key: &str) -> Result<(), StoreError> {
+        self.set_aside(key, "corrupt")
+    }
     /// Where the store lives, for messages.
     fn location(&self) -> String;
 }
@@ -134,10 +138,13 @@ impl CertStore for DirStore {
         result.map_err(io_err(&path))
     }
 
-    fn quarantine(&self, key: &str) -> Result<(), StoreError> {
+    fn set_aside(&self, key: &str, why: &str) -> Result<(), StoreError> {
+        if why.is_empty() || why.contains(['/', '\\']) || why.starts_with('.') {
+            return Err(StoreError::Key(format!("{key}.{why}")));
+        }
         let path = self.path(key)?;
         let mut aside = path.clone().into_os_string();
-        aside.push(".corrupt");
+        aside.push(format!(".{why}"));
         match fs::rename(&path, &aside) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

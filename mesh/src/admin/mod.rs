@@ -17,7 +17,7 @@ use ratls::identity::RotatingIdentity;
 use tokio::net::TcpListener;
 
 use crate::{
-    acme::Acme,
+    acme::{revoke::Reason, Acme},
     inbound::{Inbound, MeshRoute},
     metrics::Metrics,
     outbound::Outbound,
@@ -25,6 +25,25 @@ use crate::{
 };
 
 const MAX_CONNECTIONS: usize = 64;
+
+/// The domain and reason of `/certs/{domain}/revoke[?reason=…]` (`unspecified` when none is
+/// given); `None` for any other path.
+fn revoke_target(uri: &http::Uri) -> Option<Result<(String, Reason), String>> {
+    let domain = uri
+        .path()
+        .strip_prefix("/certs/")?
+        .strip_suffix("/revoke")?;
+    let reason = uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("reason="));
+    Some(
+        reason
+            .map_or(Ok(Reason::Unspecified), str::parse)
+            .map(|r| (domain.to_owned(), r)),
+    )
+}
 
 /// What the sidecar serves now (`/routes`).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -224,9 +243,34 @@ impl Admin {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let drain = self.drain.clone();
         proxy::serve_plain(listener, "admin", MAX_CONNECTIONS, drain, move |req| {
-            self.answer(req)
+            let admin = self.clone();
+            async move {
+                match (req.method(), revoke_target(req.uri())) {
+                    (&Method::POST, Some(target)) => admin.revoke(target).await,
+                    _ => admin.answer(&req),
+                }
+            }
         })
         .await;
+    }
+
+    /// `POST /certs/{domain}/revoke?reason=…`: the CA's answer is awaited, so the caller
+    /// learns whether the certificate is revoked.
+    async fn revoke(&self, target: Result<(String, Reason), String>) -> Response<Body> {
+        let (domain, reason) = match target {
+            Ok(t) => t,
+            Err(why) => return proxy::error_response(StatusCode::BAD_REQUEST, &why),
+        };
+        let Some(acme) = self.acme.load_full() else {
+            return proxy::error_response(StatusCode::NOT_FOUND, "no public domains");
+        };
+        match acme.revoke(&domain, reason).await {
+            Ok(revoked) => match serde_json::to_string(&revoked) {
+                Ok(json) => proxy::json_response(StatusCode::OK, json),
+                Err(e) => proxy::error_response(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            },
+            Err(e) => proxy::error_response(e.status(), &e.to_string()),
+        }
     }
 
     /// Why the sidecar is not ready; empty when it is.
@@ -536,4 +580,27 @@ fn encode_certificates(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revoke_paths_name_the_domain_and_the_reason() {
+        let target = |uri: &str| revoke_target(&uri.parse().unwrap());
+        assert_eq!(
+            target("/certs/app.example.com/revoke?reason=keyCompromise"),
+            Some(Ok(("app.example.com".into(), Reason::KeyCompromise)))
+        );
+        assert_eq!(
+            target("/certs/*.example.com/revoke"),
+            Some(Ok(("*.example.com".into(), Reason::Unspecified)))
+        );
+        assert!(
+            matches!(target("/certs/a.example/revoke?reason=hold"), Some(Err(e)) if e.contains("not a revocation reason"))
+        );
+        assert_eq!(target("/certs/a.example/renew"), None);
+        assert_eq!(target("/certs"), None);
+    }
 }

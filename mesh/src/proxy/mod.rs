@@ -66,14 +66,15 @@ pub async fn accept(
 
 /// Serve small local HTTP/1.1 listeners (admin, `:80`) whose answers need no I/O: a connection
 /// limit, a header deadline and a deadline on each connection's life.
-pub async fn serve_plain<F>(
+pub async fn serve_plain<F, Fut>(
     listener: tokio::net::TcpListener,
     what: &'static str,
     max_connections: usize,
     drain: Drain,
     answer: F,
 ) where
-    F: Fn(&http::Request<hyper::body::Incoming>) -> Response<Body> + Send + Sync + 'static,
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
 {
     const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
     const CONNECTION_LIFE: std::time::Duration = std::time::Duration::from_secs(300);
@@ -88,8 +89,8 @@ pub async fn serve_plain<F>(
         };
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let resp = answer(&req);
-                async move { Ok::<_, std::convert::Infallible>(resp) }
+                let resp = answer(req);
+                async move { Ok::<_, std::convert::Infallible>(resp.await) }
             });
             let conn = conn::http1(HEADER_TIMEOUT)
                 .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
