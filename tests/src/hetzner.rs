@@ -144,37 +144,6 @@ fn page(items: Vec<Value>, key: &str, query: &[(String, String)]) -> Value {
     })
 }
 
-/// Whether `v` is one or more quoted strings, as Hetzner wants TXT values.
-fn quoted(v: &str) -> bool {
-    let mut rest = v.trim();
-    if rest.is_empty() {
-        return false;
-    }
-    while !rest.is_empty() {
-        let Some(after) = rest.strip_prefix('"') else {
-            return false;
-        };
-        let mut end = None;
-        let mut escaped = false;
-        for (i, ch) in after.char_indices() {
-            match (ch, escaped) {
-                ('\\', false) => escaped = true,
-                ('"', false) => {
-                    end = Some(i);
-                    break;
-                }
-                _ => escaped = false,
-            }
-        }
-        let Some(end) = end else { return false };
-        if end > 255 {
-            return false;
-        }
-        rest = after[end + 1..].trim_start();
-    }
-    true
-}
-
 async fn handle(
     req: Request<Incoming>,
     state: Arc<Mutex<State>>,
@@ -298,7 +267,7 @@ fn route(
                 return invalid("records must not be empty");
             }
             for value in &values {
-                if *rtype == "TXT" && !quoted(value) {
+                if *rtype == "TXT" && !http_stand_in::quoted_strings(value) {
                     return invalid("TXT values are quoted strings of at most 255 characters");
                 }
                 if *rtype == "CNAME" && !value.ends_with('.') {

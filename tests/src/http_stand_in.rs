@@ -133,3 +133,35 @@ pub async fn mirror_txt(base: String, host: String, values: Vec<String>) {
     .await
     .unwrap();
 }
+
+/// Whether `v` is one or more quoted strings of at most 255 bytes, as the record-set APIs
+/// (Hetzner, Route53) want TXT values.
+pub fn quoted_strings(v: &str) -> bool {
+    let mut rest = v.trim();
+    if rest.is_empty() {
+        return false;
+    }
+    while !rest.is_empty() {
+        let Some(after) = rest.strip_prefix('"') else {
+            return false;
+        };
+        let mut end = None;
+        let mut escaped = false;
+        for (i, ch) in after.char_indices() {
+            match (ch, escaped) {
+                ('\\', false) => escaped = true,
+                ('"', false) => {
+                    end = Some(i);
+                    break;
+                }
+                _ => escaped = false,
+            }
+        }
+        let Some(end) = end else { return false };
+        if end > 255 {
+            return false;
+        }
+        rest = after[end + 1..].trim_start();
+    }
+    true
+}

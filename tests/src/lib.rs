@@ -18,6 +18,7 @@ pub mod netns;
 pub mod pebble;
 pub mod porkbun;
 pub mod redis;
+pub mod route53;
 pub mod unbound;
 
 use std::{

@@ -1169,3 +1169,177 @@ async fn porkbun_issues_a_wildcard_and_writes_the_dstack_records() {
         "{text}"
     );
 }
+
+const AWS_KEY: (&str, &str) = ("AKIAIOSFODNN7EXAMPLE", "route53-long-term-secret");
+
+fn route53_env(api: &e2e::route53::Route53StandIn) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ACCESS_KEY_ID", AWS_KEY.0.to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", AWS_KEY.1.to_owned()),
+        ("AWS_ENDPOINT_URL_ROUTE_53", api.base.clone()),
+        ("AWS_ENDPOINT_URL_STS", api.sts.clone()),
+        ("AWS_POLLING_INTERVAL", "1".to_owned()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route53_issues_a_wildcard_through_an_assumed_role_and_keeps_values_it_does_not_own() {
+    use e2e::route53::{RecordSet, Role, Route53StandIn};
+    let d = Deployment::start().await;
+    // More zones than one page holds: the client must follow NextMarker.
+    let mut zones: Vec<String> = (0..150).map(|i| format!("fill{i:03}.test")).collect();
+    zones.push("example.test".into());
+    let refs: Vec<&str> = zones.iter().map(String::as_str).collect();
+    let role = Role {
+        arn: "arn:aws:iam::111122223333:role/dstack-dns".into(),
+        external_id: Some("ext-5e77".into()),
+    };
+    let api = Route53StandIn::start(
+        AWS_KEY,
+        &refs,
+        Some(role.clone()),
+        Some(d.pebble.challtestsrv_management.clone()),
+    )
+    .await;
+    // Someone else's value where the challenge goes: a record set holds both.
+    api.add(RecordSet {
+        zone: api.zone_id("example.test"),
+        name: "_acme-challenge.example.test".into(),
+        rtype: "TXT".into(),
+        ttl: 300,
+        values: vec!["\"someone-elses\"".into()],
+    });
+    // As dstack-ingress configures it: the key detects the provider, AWS_ROLE_ARN the role.
+    let mut credentials = route53_env(&api);
+    credentials.push(("AWS_ROLE_ARN", role.arn.clone()));
+    credentials.push(("AWS_EXTERNAL_ID", "ext-5e77".into()));
+    let env = wildcard_env(&d, credentials);
+    let (mut guard, admin) = d.sidecar("route53", &env);
+    issued_with_records("*.example.test", admin, &mut guard).await;
+    let held: Vec<(String, String, Vec<String>)> = api
+        .sets()
+        .iter()
+        .map(|r| (r.rtype.clone(), r.name.clone(), r.values.clone()))
+        .collect();
+    assert!(
+        held.contains(&(
+            "CNAME".into(),
+            "*.example.test".into(),
+            vec![format!("{GATEWAY}.")]
+        )),
+        "{held:?}"
+    );
+    assert!(
+        held.contains(&(
+            "TXT".into(),
+            "_dstack-app-address-wildcard.example.test".into(),
+            vec![format!("\"{SERVER}:443\"")]
+        )),
+        "{held:?}"
+    );
+    assert!(
+        held.contains(&(
+            "TXT".into(),
+            "_acme-challenge.example.test".into(),
+            vec!["\"someone-elses\"".into()]
+        )),
+        "the challenge must be gone and the other value kept: {held:?}"
+    );
+    let requests = api.requests();
+    let count = |prefix: &str| requests.iter().filter(|r| r.starts_with(prefix)).count();
+    let exactly = |line: &str| requests.iter().filter(|r| *r == line).count();
+    assert_eq!(
+        exactly("POST /"),
+        1,
+        "the role is assumed once: {requests:?}"
+    );
+    assert!(count("GET /2013-04-01/change/") >= 3, "{requests:?}");
+    assert!(
+        exactly("GET /2013-04-01/hostedzone") >= 2,
+        "zones on two pages: {requests:?}"
+    );
+    let log = guard.stderr();
+    for secret in [AWS_KEY.1, "temporary-secret", "session-token"] {
+        assert!(!log.contains(secret), "{secret} was logged");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route53_faults_fail_the_domain_in_awss_own_words() {
+    use dstack_mesh::acme::dns01::{
+        route53::{Route53, Settings},
+        sigv4::Credentials,
+        Provider, Record,
+    };
+    use e2e::route53::Route53StandIn;
+    let api = Route53StandIn::start(AWS_KEY, &["example.test"], None, None).await;
+    let settings = |secret: &str| Settings {
+        api_url: api.base.clone(),
+        credentials: Credentials {
+            access_key: AWS_KEY.0.into(),
+            secret_key: secret.into(),
+            session_token: None,
+        },
+        role: None,
+        hosted_zone_id: None,
+        sync: Some((Duration::from_millis(100), Duration::from_secs(1))),
+    };
+    // A wrong secret: AWS's words, not ours.
+    let wrong = Route53::new(settings("not-the-secret"), Duration::from_secs(5)).unwrap();
+    let e = wrong.zones().await.unwrap_err().to_string();
+    assert!(
+        e.contains("403") && e.contains("SignatureDoesNotMatch"),
+        "{e}"
+    );
+    // The hosted zone named by id, and a private twin never chosen.
+    let right = Route53::new(settings(AWS_KEY.1), Duration::from_secs(5)).unwrap();
+    let zone = right.zone_for("app.example.test").await.unwrap();
+    assert_eq!(zone.id, api.zone_id("example.test"));
+    // A change that never leaves PENDING fails naming the change.
+    api.stick();
+    let record = Record {
+        name: "_acme-challenge.app.example.test".into(),
+        data: Data::Txt("token".into()),
+        ttl: 60,
+        id: None,
+    };
+    let e = right.create(&zone, &record).await.unwrap_err().to_string();
+    assert!(e.contains("still PENDING after 1s"), "{e}");
+    assert!(
+        e.contains("UPSERT TXT _acme-challenge.app.example.test")
+            || e.contains("CREATE TXT _acme-challenge.app.example.test"),
+        "{e}"
+    );
+
+    // Through the sidecar: the domain fails with that message, the process serves on.
+    let d = Deployment::start().await;
+    let mut env = wildcard_env(&d, route53_env(&api));
+    env.push(("AWS_PROPAGATION_TIMEOUT", "2".into()));
+    let (mut guard, admin) = d.sidecar("route53-stuck", &env);
+    let error = first_error("*.example.test", admin, &mut guard).await;
+    assert!(error.contains("DNS provider route53"), "{error}");
+    assert!(error.contains("still PENDING after 2s"), "{error}");
+
+    // No key at all is a start-up error naming the variables.
+    let out = dns_check(
+        &d,
+        &[
+            ("DOMAIN", "*.example.test".to_owned()),
+            ("TARGET_ENDPOINT", d.backend.addr.to_string()),
+            ("DNS_PROVIDER", "route53".to_owned()),
+            ("AWS_PROFILE", "certbot".to_owned()),
+        ],
+        &[],
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success());
+    assert!(
+        text.contains("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+        "{text}"
+    );
+    assert!(
+        text.contains("AWS_PROFILE's shared credential files are not read"),
+        "{text}"
+    );
+}

@@ -43,6 +43,30 @@ pub mod env {
     pub const LINODE_TOKEN: &[&str] = &["LINODE_API_TOKEN", "LINODE_TOKEN"];
     /// Linode's API base, for proxies and tests.
     pub const LINODE_URL: &[&str] = &["LINODE_API_URL"];
+    /// Route53: the access key (the AWS SDKs' name).
+    pub const AWS_KEY: &[&str] = &["AWS_ACCESS_KEY_ID"];
+    /// Its secret.
+    pub const AWS_SECRET: &[&str] = &["AWS_SECRET_ACCESS_KEY"];
+    /// The session token of temporary credentials.
+    pub const AWS_TOKEN: &[&str] = &["AWS_SESSION_TOKEN"];
+    /// A role to assume (dstack-ingress's name, then lego's).
+    pub const AWS_ROLE: &[&str] = &["AWS_ROLE_ARN", "AWS_ASSUME_ROLE_ARN"];
+    /// The role's external id (lego's name).
+    pub const AWS_EXTERNAL_ID: &[&str] = &["AWS_EXTERNAL_ID"];
+    /// The region STS is asked in (unset: the global endpoint).
+    pub const AWS_REGION: &[&str] = &["AWS_REGION", "AWS_DEFAULT_REGION"];
+    /// The one hosted zone to write (lego's name).
+    pub const AWS_ZONE: &[&str] = &["AWS_HOSTED_ZONE_ID"];
+    /// Route53's endpoint, as the AWS SDKs override it.
+    pub const AWS_ROUTE53_URL: &[&str] = &["AWS_ENDPOINT_URL_ROUTE_53", "AWS_ENDPOINT_URL"];
+    /// STS's endpoint, as the AWS SDKs override it.
+    pub const AWS_STS_URL: &[&str] = &["AWS_ENDPOINT_URL_STS", "AWS_ENDPOINT_URL"];
+    /// Wait for each change to be INSYNC (lego's name; default true).
+    pub const AWS_WAIT: &[&str] = &["AWS_WAIT_FOR_RECORD_SETS_CHANGED"];
+    /// How long (seconds, lego's name).
+    pub const AWS_SYNC_TIMEOUT: &[&str] = &["AWS_PROPAGATION_TIMEOUT"];
+    /// Between two looks (seconds, lego's name).
+    pub const AWS_POLLING: &[&str] = &["AWS_POLLING_INTERVAL"];
     /// lego's `httpreq` endpoint.
     pub const HTTPREQ_ENDPOINT: &[&str] = &["HTTPREQ_ENDPOINT"];
     /// Its Basic user.
@@ -85,6 +109,10 @@ pub const HETZNER_API: &str = "https://api.hetzner.cloud/v1";
 pub const PORKBUN_API: &str = "https://api.porkbun.com/api/json/v3";
 /// Linode's API v4.
 pub const LINODE_API: &str = "https://api.linode.com/v4";
+/// Route53's global endpoint.
+pub const ROUTE53_API: &str = "https://route53.amazonaws.com";
+/// STS's global endpoint (signed in us-east-1).
+pub const STS_API: &str = "https://sts.amazonaws.com";
 /// DigitalOcean's API (its paths start with `/v2`).
 pub const DIGITALOCEAN_API: &str = "https://api.digitalocean.com";
 
@@ -146,6 +174,8 @@ pub enum ProviderConfig {
         /// API base URL, with its version.
         api_url: String,
     },
+    /// Amazon Route53, calls signed with SigV4.
+    Route53(Route53Config),
     /// lego's HTTP request protocol: `POST <endpoint>/present` and `/cleanup`.
     HttpReq {
         /// The operator's endpoint.
@@ -155,6 +185,37 @@ pub enum ProviderConfig {
         /// Its password.
         password: Option<Secret>,
     },
+}
+
+/// Route53's credentials and settings.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Route53Config {
+    /// The access key id (not secret: it names the key in CloudTrail).
+    pub access_key_id: String,
+    /// Its secret.
+    pub secret_access_key: Secret,
+    /// The session token of temporary credentials.
+    pub session_token: Option<Secret>,
+    /// A role to assume with the key.
+    pub role_arn: Option<String>,
+    /// The external id the role's trust policy asks for.
+    pub external_id: Option<String>,
+    /// The region STS signs in.
+    pub region: String,
+    /// STS's endpoint.
+    pub sts_url: String,
+    /// The one hosted zone to write; unset: every public zone the key lists.
+    pub hosted_zone_id: Option<String>,
+    /// Route53's endpoint.
+    pub api_url: String,
+    /// Wait for each change to be INSYNC.
+    pub wait_for_sync: bool,
+    /// Between two looks.
+    #[serde(with = "secs")]
+    pub polling_interval: Duration,
+    /// At most.
+    #[serde(with = "secs")]
+    pub sync_timeout: Duration,
 }
 
 impl ProviderConfig {
@@ -458,8 +519,9 @@ fn provider(raw: &RawDns, env: &dyn Source, c: &mut Check) -> Option<ProviderCon
         "linode" => linode(raw, env, key, c),
         "hetzner" => hetzner(raw, env, key, c),
         "porkbun" => porkbun(raw, env, key, c),
+        "route53" => route53(raw, env, key, c),
         other => {
-            c.fail(key, format!("{other:?} is not a DNS provider this build has: use cloudflare, rfc2136 (RFC 2136 works with BIND, Knot, PowerDNS and most managed DNS), digitalocean, hetzner, linode, porkbun, or httpreq (any DNS behind an HTTP endpoint of yours)"));
+            c.fail(key, format!("{other:?} is not a DNS provider this build has: use cloudflare, rfc2136 (RFC 2136 works with BIND, Knot, PowerDNS and most managed DNS), digitalocean, hetzner, linode, porkbun, route53, or httpreq (any DNS behind an HTTP endpoint of yours)"));
             None
         }
     }
@@ -534,6 +596,74 @@ fn porkbun(raw: &RawDns, env: &dyn Source, key: &str, c: &mut Check) -> Option<P
             |(_, u)| u.trim().trim_end_matches('/').to_owned(),
         ),
     })
+}
+
+/// `route53`: an access key pair (with a session token when temporary), optionally a role it
+/// assumes, as the AWS SDKs read them from the environment.
+fn route53(raw: &RawDns, env: &dyn Source, key: &str, c: &mut Check) -> Option<ProviderConfig> {
+    let first = |keys: &[&'static str]| super::source::first(env, keys).map(|(_, v)| v);
+    let id = pick(env, env::AWS_KEY, raw.username.clone(), "dns.username");
+    let secret = pick(env, env::AWS_SECRET, raw.password.clone(), "dns.password");
+    let (Some((_, id)), Some((_, secret))) = (id, secret) else {
+        let missing = match env.get("AWS_PROFILE") {
+            Some(_) => "route53 needs an access key in the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or dns.username and dns.password): AWS_PROFILE's shared credential files are not read inside the CVM",
+            None => "route53 needs an access key (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or dns.username and dns.password) allowed route53:ListHostedZones, ListResourceRecordSets, ChangeResourceRecordSets and GetChange",
+        };
+        c.fail(key, missing);
+        return None;
+    };
+    let mut seconds = |keys: &'static [&'static str], default: u64| -> Duration {
+        match super::source::first(env, keys) {
+            None => Duration::from_secs(default),
+            Some((var, v)) => match v.trim().parse::<u64>() {
+                Ok(n) if n > 0 => Duration::from_secs(n),
+                _ => {
+                    c.fail(var, format!("{v:?} is not a whole number of seconds"));
+                    Duration::from_secs(default)
+                }
+            },
+        }
+    };
+    let polling_interval = seconds(env::AWS_POLLING, 4);
+    let sync_timeout = seconds(env::AWS_SYNC_TIMEOUT, 120);
+    let wait_for_sync = super::domains::env_flag(env, env::AWS_WAIT, c).unwrap_or(true);
+    let region = first(env::AWS_REGION).map(|r| r.trim().to_owned());
+    let url = |keys, default: String| {
+        first(keys).map_or(default, |u| u.trim().trim_end_matches('/').to_owned())
+    };
+    let sts_default = match &region {
+        Some(r) => format!("https://sts.{r}.amazonaws.com"),
+        None => STS_API.to_owned(),
+    };
+    Some(ProviderConfig::Route53(Route53Config {
+        access_key_id: id.trim().to_owned(),
+        secret_access_key: Secret(secret.trim().to_owned()),
+        session_token: first(env::AWS_TOKEN)
+            .filter(|t| !t.trim().is_empty())
+            .map(|t| Secret(t.trim().to_owned())),
+        role_arn: first(env::AWS_ROLE)
+            .map(|r| r.trim().to_owned())
+            .filter(|r| !r.is_empty()),
+        external_id: first(env::AWS_EXTERNAL_ID).map(|r| r.trim().to_owned()),
+        region: region.unwrap_or_else(|| "us-east-1".to_owned()),
+        sts_url: url(env::AWS_STS_URL, sts_default),
+        hosted_zone_id: first(env::AWS_ZONE)
+            .map(|z| z.trim().trim_start_matches("/hostedzone/").to_owned())
+            .filter(|z| !z.is_empty()),
+        api_url: pick(
+            env,
+            env::AWS_ROUTE53_URL,
+            raw.api_url.clone(),
+            "dns.api_url",
+        )
+        .map_or_else(
+            || ROUTE53_API.to_owned(),
+            |(_, u)| u.trim().trim_end_matches('/').to_owned(),
+        ),
+        wait_for_sync,
+        polling_interval,
+        sync_timeout,
+    }))
 }
 
 /// `linode`: a personal access token with Domains read/write.

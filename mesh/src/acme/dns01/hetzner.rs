@@ -10,8 +10,8 @@ use std::{net::SocketAddr, time::Duration};
 use serde_json::{json, Value};
 
 use super::{
-    rest::{public_resolvers, relative, Credential, JsonApi},
-    BoxFuture, Data, DnsError, Provider, Record, Rtype, Zone,
+    rest::{parse_presentation, presentation, public_resolvers, relative, Credential, JsonApi},
+    BoxFuture, DnsError, Provider, Record, Rtype, Zone,
 };
 
 /// Hetzner's largest page.
@@ -104,31 +104,6 @@ fn explain(body: &Value) -> Option<String> {
     ))
 }
 
-/// A value as Hetzner writes it: TXT as quoted strings of at most 255 bytes each, CNAME fully
-/// qualified, CAA in presentation form.
-fn value(data: &Data) -> Option<String> {
-    Some(match data {
-        Data::Txt(v) => {
-            let chunks: Vec<String> = v
-                .as_bytes()
-                .chunks(255)
-                .map(|c| format!("\"{}\"", String::from_utf8_lossy(c).replace('"', "\\\"")))
-                .collect();
-            match chunks.is_empty() {
-                true => "\"\"".to_owned(),
-                false => chunks.join(" "),
-            }
-        }
-        Data::Cname(t) => format!("{t}."),
-        Data::Caa {
-            critical,
-            tag,
-            value,
-        } => format!("{} {tag} \"{value}\"", if *critical { 128 } else { 0 }),
-        Data::Other(..) => return None,
-    })
-}
-
 /// A record set's values as ours.
 fn records(zone: &Zone, set: &Value) -> Vec<Record> {
     let (Some(name), Some(rtype)) = (set["name"].as_str(), set["type"].as_str()) else {
@@ -144,15 +119,7 @@ fn records(zone: &Zone, set: &Value) -> Vec<Record> {
         .into_iter()
         .flatten()
         .filter_map(|r| {
-            let v = r["value"].as_str()?;
-            let data = match rtype {
-                "TXT" => Data::Txt(super::doh::txt(v)),
-                "CNAME" => Data::Cname(v.trim_end_matches('.').to_ascii_lowercase()),
-                "CAA" => super::doh::caa(v)?,
-                "A" => Data::Other(Rtype::A, v.to_owned()),
-                "AAAA" => Data::Other(Rtype::Aaaa, v.to_owned()),
-                _ => return None,
-            };
+            let data = parse_presentation(rtype, r["value"].as_str()?)?;
             Some(Record {
                 name: owner.to_ascii_lowercase(),
                 data,
@@ -217,7 +184,7 @@ impl Provider for Hetzner {
         record: &'a Record,
     ) -> BoxFuture<'a, Result<Record, DnsError>> {
         Box::pin(async move {
-            let v = value(&record.data).ok_or_else(|| {
+            let v = presentation(&record.data).ok_or_else(|| {
                 self.api.fail(format!(
                     "{} records are not written",
                     record.data.rtype().as_str()
@@ -235,7 +202,7 @@ impl Provider for Hetzner {
         record: &'a Record,
     ) -> BoxFuture<'a, Result<(), DnsError>> {
         Box::pin(async move {
-            let v = value(&record.data).ok_or_else(|| {
+            let v = presentation(&record.data).ok_or_else(|| {
                 self.api.fail(format!(
                     "{} records are not written",
                     record.data.rtype().as_str()
@@ -258,18 +225,21 @@ impl Provider for Hetzner {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{super::Data, *};
 
     #[test]
     fn values_and_record_sets_read_as_hetzner_writes_them() {
-        assert_eq!(value(&Data::Txt("abc:443".into())).unwrap(), "\"abc:443\"");
+        assert_eq!(
+            presentation(&Data::Txt("abc:443".into())).unwrap(),
+            "\"abc:443\""
+        );
         let long = "x".repeat(300);
         assert_eq!(
-            value(&Data::Txt(long.clone())).unwrap(),
+            presentation(&Data::Txt(long.clone())).unwrap(),
             format!("\"{}\" \"{}\"", &long[..255], &long[255..])
         );
         assert_eq!(
-            value(&Data::Cname("gw.example.net".into())).unwrap(),
+            presentation(&Data::Cname("gw.example.net".into())).unwrap(),
             "gw.example.net."
         );
         let zone = Zone {

@@ -14,7 +14,9 @@ pub mod linode;
 pub mod porkbun;
 mod rest;
 pub mod rfc2136;
+pub mod route53;
 pub mod setup;
+pub mod sigv4;
 pub mod webhook;
 pub mod wire;
 
@@ -439,6 +441,27 @@ pub fn provider(cfg: &ProviderConfig, timeout: Duration) -> Result<Arc<dyn Provi
         ProviderConfig::Linode { api_token, api_url } => {
             Arc::new(linode::Linode::new(api_url, &api_token.0, timeout)?)
         }
+        ProviderConfig::Route53(r) => Arc::new(route53::Route53::new(
+            route53::Settings {
+                api_url: r.api_url.clone(),
+                credentials: sigv4::Credentials {
+                    access_key: r.access_key_id.clone(),
+                    secret_key: r.secret_access_key.0.clone(),
+                    session_token: r.session_token.as_ref().map(|t| t.0.clone()),
+                },
+                role: r.role_arn.as_ref().map(|arn| route53::Role {
+                    arn: arn.clone(),
+                    external_id: r.external_id.clone(),
+                    sts_url: r.sts_url.clone(),
+                    region: r.region.clone(),
+                }),
+                hosted_zone_id: r.hosted_zone_id.clone(),
+                sync: r
+                    .wait_for_sync
+                    .then_some((r.polling_interval, r.sync_timeout)),
+            },
+            timeout,
+        )?),
         ProviderConfig::HttpReq {
             endpoint,
             username,

@@ -9,7 +9,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use serde_json::Value;
 
-use super::{DnsError, Provider, Record, Zone};
+use super::{Data, DnsError, Provider, Record, Zone};
 
 /// Largest answer read.
 const MAX_BODY: usize = 8 << 20;
@@ -23,16 +23,60 @@ pub(super) enum Credential {
     Body(serde_json::Map<String, Value>),
 }
 
-/// A provider's API root, its credential and how its errors read.
-pub(super) struct JsonApi {
-    provider: &'static str,
-    base: String,
-    credential: Credential,
+/// HTTPS to a provider's API: WebPKI roots, pooled connections, a deadline per call and
+/// answers read up to a bound.
+pub(super) struct Https {
     client: Client<
         hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
         Full<Bytes>,
     >,
     timeout: Duration,
+}
+
+impl Https {
+    /// A client whose calls end after `timeout`.
+    pub(super) fn new(timeout: Duration) -> Result<Self, super::SetupError> {
+        let tls = crate::https::client_config(&[])?;
+        let connector = crate::https::connector(tls, crate::https::dialer(timeout));
+        Ok(Self {
+            client: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build(connector),
+            timeout,
+        })
+    }
+
+    /// Send `req`: the status and the whole body, or what went wrong in words.
+    pub(super) async fn exchange(
+        &self,
+        req: http::Request<Full<Bytes>>,
+    ) -> Result<(http::StatusCode, Bytes), String> {
+        let exchange = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| ratls::error_chain(&e))?;
+            let status = resp.status();
+            let bytes = Limited::new(resp.into_body(), MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok((status, bytes))
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.timeout)))
+    }
+}
+
+/// A provider's API root, its credential and how its errors read.
+pub(super) struct JsonApi {
+    provider: &'static str,
+    base: String,
+    credential: Credential,
+    https: Https,
     /// The provider's words in an error body, when it has a shape this reads.
     explain: fn(&Value) -> Option<String>,
 }
@@ -55,16 +99,11 @@ impl JsonApi {
         timeout: Duration,
         explain: fn(&Value) -> Option<String>,
     ) -> Result<Self, super::SetupError> {
-        let tls = crate::https::client_config(&[])?;
-        let connector = crate::https::connector(tls, crate::https::dialer(timeout));
         Ok(Self {
             provider,
             base: base.trim_end_matches('/').to_owned(),
             credential,
-            client: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build(connector),
-            timeout,
+            https: Https::new(timeout)?,
             explain,
         })
     }
@@ -108,35 +147,22 @@ impl JsonApi {
                 body.map(|b| b.to_string()).unwrap_or_default(),
             )))
             .map_err(|e| self.fail(format!("{what}: {e}")))?;
-        let exchange = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| self.fail(format!("{what}: {}", ratls::error_chain(&e))))?;
-            let status = resp.status();
-            let bytes = Limited::new(resp.into_body(), MAX_BODY)
-                .collect()
-                .await
-                .map_err(|e| self.fail(format!("{what}: {e}")))?
-                .to_bytes();
-            let value = match bytes.is_empty() {
-                true => Value::Null,
-                false => serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                    Value::String(String::from_utf8_lossy(&bytes).chars().take(300).collect())
-                }),
-            };
-            if status.is_success() {
-                return Ok(value);
-            }
-            let said = (self.explain)(&value).unwrap_or_else(|| value.to_string());
-            Err(self.fail(format!("{what}: HTTP {status}: {said}")))
-        };
-        tokio::time::timeout(self.timeout, exchange)
+        let (status, bytes) = self
+            .https
+            .exchange(req)
             .await
-            .unwrap_or_else(|_| {
-                Err(self.fail(format!("{what}: no answer within {:?}", self.timeout)))
-            })
+            .map_err(|e| self.fail(format!("{what}: {e}")))?;
+        let value = match bytes.is_empty() {
+            true => Value::Null,
+            false => serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                Value::String(String::from_utf8_lossy(&bytes).chars().take(300).collect())
+            }),
+        };
+        if status.is_success() {
+            return Ok(value);
+        }
+        let said = (self.explain)(&value).unwrap_or_else(|| value.to_string());
+        Err(self.fail(format!("{what}: HTTP {status}: {said}")))
     }
 }
 
@@ -234,4 +260,42 @@ pub(super) fn public_resolvers() -> Vec<SocketAddr> {
         SocketAddr::from(([1, 1, 1, 1], 53)),
         SocketAddr::from(([8, 8, 8, 8], 53)),
     ]
+}
+
+/// A value in zone-file presentation form, as the record-set APIs (Hetzner, Route53) take it:
+/// TXT as quoted strings of at most 255 bytes each, CNAME fully qualified, CAA as
+/// `flags tag "value"`.
+pub(super) fn presentation(data: &Data) -> Option<String> {
+    Some(match data {
+        Data::Txt(v) => {
+            let chunks: Vec<String> = v
+                .as_bytes()
+                .chunks(255)
+                .map(|c| format!("\"{}\"", String::from_utf8_lossy(c).replace('"', "\\\"")))
+                .collect();
+            match chunks.is_empty() {
+                true => "\"\"".to_owned(),
+                false => chunks.join(" "),
+            }
+        }
+        Data::Cname(t) => format!("{t}."),
+        Data::Caa {
+            critical,
+            tag,
+            value,
+        } => format!("{} {tag} \"{value}\"", if *critical { 128 } else { 0 }),
+        Data::Other(..) => return None,
+    })
+}
+
+/// A value of type `rtype` in presentation form, as ours ([`presentation`] read back).
+pub(super) fn parse_presentation(rtype: &str, v: &str) -> Option<Data> {
+    Some(match rtype {
+        "TXT" => Data::Txt(super::doh::txt(v)),
+        "CNAME" => Data::Cname(v.trim_end_matches('.').to_ascii_lowercase()),
+        "CAA" => super::doh::caa(v)?,
+        "A" => Data::Other(super::Rtype::A, v.to_owned()),
+        "AAAA" => Data::Other(super::Rtype::Aaaa, v.to_owned()),
+        _ => return None,
+    })
 }
