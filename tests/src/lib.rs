@@ -14,6 +14,7 @@ pub mod etcd;
 pub mod hetzner;
 pub mod http_stand_in;
 pub mod linode;
+pub mod namecheap;
 pub mod netns;
 pub mod pebble;
 pub mod porkbun;

@@ -1343,3 +1343,135 @@ async fn route53_faults_fail_the_domain_in_awss_own_words() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namecheap_issues_a_wildcard_and_keeps_every_record_it_does_not_own() {
+    use e2e::namecheap::{Host, NamecheapStandIn};
+    let d = Deployment::start().await;
+    let api = NamecheapStandIn::start(
+        "dstack",
+        "nc-key",
+        "127.0.0.1",
+        &["example.test", "other.test"],
+        Some(d.pebble.challtestsrv_management.clone()),
+    )
+    .await;
+    // The owner's records: setHosts replaces the whole set, so each must survive every write.
+    let theirs = vec![
+        Host::new("www", "A", "192.0.2.10", 1800),
+        Host {
+            mx_pref: "20".into(),
+            ..Host::new("@", "MX", "mail.example.net.", 3600)
+        },
+        Host::new("@", "TXT", "v=spf1 include:_spf.example.net ~all", 1799),
+        Host::new("old", "URL", "https://example.net/?a=1&b=2", 1799),
+        Host::new("shop", "CNAME", "shops.example.net.", 300),
+    ];
+    api.set("example.test", "MX", theirs.clone());
+    // As dstack-ingress configures it: the key picks the provider.
+    let env = wildcard_env(
+        &d,
+        vec![
+            ("NAMECHEAP_USERNAME", "dstack".to_owned()),
+            ("NAMECHEAP_API_KEY", "nc-key".to_owned()),
+            ("NAMECHEAP_CLIENT_IP", "127.0.0.1".to_owned()),
+            ("NAMECHEAP_API_URL", api.url.clone()),
+        ],
+    );
+    let (mut guard, admin) = d.sidecar("namecheap", &env);
+    issued_with_records("*.example.test", admin, &mut guard).await;
+    let hosts = api.hosts("example.test");
+    for host in &theirs {
+        assert!(hosts.contains(host), "{host:?} lost: {hosts:?}");
+    }
+    assert!(
+        api.rerouted().is_empty(),
+        "mail rerouted: {:?}",
+        api.rerouted()
+    );
+    let ours: Vec<(&str, &str, &str)> = hosts
+        .iter()
+        .filter(|h| !theirs.contains(h))
+        .map(|h| (h.name.as_str(), h.rtype.as_str(), h.address.as_str()))
+        .collect();
+    assert_eq!(
+        ours,
+        [
+            ("*", "CNAME", "gw.example.net."),
+            (
+                "_dstack-app-address-wildcard",
+                "TXT",
+                &*format!("{SERVER}:443")
+            )
+        ],
+        "{hosts:?}"
+    );
+    let sets = api
+        .commands()
+        .iter()
+        .filter(|c| *c == "namecheap.domains.dns.setHosts")
+        .count();
+    assert!(
+        sets >= 4,
+        "two records, a challenge placed and removed: {sets}"
+    );
+    assert!(!guard.stderr().contains("nc-key"), "the key was logged");
+}
+
+#[tokio::test]
+async fn namecheap_errors_are_namecheaps_words_and_the_address_is_looked_up() {
+    use dstack_mesh::acme::dns01::{
+        namecheap::{Namecheap, Settings},
+        Provider,
+    };
+    use e2e::namecheap::NamecheapStandIn;
+    let api =
+        NamecheapStandIn::start("dstack", "nc-key", "127.0.0.1", &["example.co.uk"], None).await;
+    let settings = |key: &str, ip: Option<std::net::Ipv4Addr>| Settings {
+        api_url: api.url.clone(),
+        api_user: "dstack".into(),
+        api_key: key.into(),
+        client_ip: ip,
+        client_ip_url: api.getip.clone(),
+    };
+    let wrong = Namecheap::new(settings("nope", None), Duration::from_secs(5)).unwrap();
+    let e = wrong.zones().await.unwrap_err().to_string();
+    assert!(
+        e.contains("API Key is invalid or API access has not been enabled [1011102]"),
+        "{e}"
+    );
+    let elsewhere = Namecheap::new(
+        settings("nc-key", Some("203.0.113.7".parse().unwrap())),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let e = elsewhere.zones().await.unwrap_err().to_string();
+    assert!(
+        e.contains("Parameter RequestIP is invalid [1011150]"),
+        "{e}"
+    );
+    // No address configured: the one the lookup sees, and a two-label public suffix splits
+    // at the registered name.
+    let right = Namecheap::new(settings("nc-key", None), Duration::from_secs(5)).unwrap();
+    let zone = right
+        .zone_for("_acme-challenge.www.example.co.uk")
+        .await
+        .unwrap();
+    assert_eq!(zone.name, "example.co.uk");
+    let record = dstack_mesh::acme::dns01::Record {
+        name: "_acme-challenge.www.example.co.uk".into(),
+        data: Data::Txt("token-1".into()),
+        ttl: 30,
+        id: None,
+    };
+    right.create(&zone, &record).await.unwrap();
+    let hosts = api.hosts("example.co.uk");
+    assert_eq!(hosts.len(), 1);
+    assert_eq!(
+        (hosts[0].name.as_str(), hosts[0].ttl.as_str()),
+        ("_acme-challenge.www", "60"),
+        "relative to example.co.uk, TTL raised to Namecheap's least"
+    );
+    right.delete(&zone, &record).await.unwrap();
+    assert!(api.hosts("example.co.uk").is_empty());
+}

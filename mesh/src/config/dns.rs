@@ -43,6 +43,16 @@ pub mod env {
     pub const LINODE_TOKEN: &[&str] = &["LINODE_API_TOKEN", "LINODE_TOKEN"];
     /// Linode's API base, for proxies and tests.
     pub const LINODE_URL: &[&str] = &["LINODE_API_URL"];
+    /// Namecheap's API user (lego's name, then dstack-ingress's).
+    pub const NAMECHEAP_USER: &[&str] = &["NAMECHEAP_API_USER", "NAMECHEAP_USERNAME"];
+    /// Namecheap's API key.
+    pub const NAMECHEAP_KEY: &[&str] = &["NAMECHEAP_API_KEY"];
+    /// The whitelisted IPv4 address calls come from (dstack-ingress's name).
+    pub const NAMECHEAP_IP: &[&str] = &["NAMECHEAP_CLIENT_IP"];
+    /// Namecheap's sandbox.
+    pub const NAMECHEAP_SANDBOX: &[&str] = &["NAMECHEAP_SANDBOX"];
+    /// Namecheap's API URL, for proxies and tests.
+    pub const NAMECHEAP_URL: &[&str] = &["NAMECHEAP_API_URL"];
     /// Route53: the access key (the AWS SDKs' name).
     pub const AWS_KEY: &[&str] = &["AWS_ACCESS_KEY_ID"];
     /// Its secret.
@@ -109,6 +119,10 @@ pub const HETZNER_API: &str = "https://api.hetzner.cloud/v1";
 pub const PORKBUN_API: &str = "https://api.porkbun.com/api/json/v3";
 /// Linode's API v4.
 pub const LINODE_API: &str = "https://api.linode.com/v4";
+/// Namecheap's API.
+pub const NAMECHEAP_API: &str = "https://api.namecheap.com/xml.response";
+/// Namecheap's sandbox API.
+pub const NAMECHEAP_SANDBOX_API: &str = "https://api.sandbox.namecheap.com/xml.response";
 /// Route53's global endpoint.
 pub const ROUTE53_API: &str = "https://route53.amazonaws.com";
 /// STS's global endpoint (signed in us-east-1).
@@ -172,6 +186,17 @@ pub enum ProviderConfig {
         /// The token (Domains read/write).
         api_token: Secret,
         /// API base URL, with its version.
+        api_url: String,
+    },
+    /// Namecheap's XML API (its setHosts replaces a domain's whole record set).
+    Namecheap {
+        /// The API user, also sent as `UserName`.
+        api_user: String,
+        /// The API key.
+        api_key: Secret,
+        /// The whitelisted IPv4 calls come from; unset: looked up at the first call.
+        client_ip: Option<std::net::Ipv4Addr>,
+        /// The API URL.
         api_url: String,
     },
     /// Amazon Route53, calls signed with SigV4.
@@ -520,8 +545,9 @@ fn provider(raw: &RawDns, env: &dyn Source, c: &mut Check) -> Option<ProviderCon
         "hetzner" => hetzner(raw, env, key, c),
         "porkbun" => porkbun(raw, env, key, c),
         "route53" => route53(raw, env, key, c),
+        "namecheap" => namecheap(raw, env, key, c),
         other => {
-            c.fail(key, format!("{other:?} is not a DNS provider this build has: use cloudflare, rfc2136 (RFC 2136 works with BIND, Knot, PowerDNS and most managed DNS), digitalocean, hetzner, linode, porkbun, route53, or httpreq (any DNS behind an HTTP endpoint of yours)"));
+            c.fail(key, format!("{other:?} is not a DNS provider this build has: use cloudflare, rfc2136 (RFC 2136 works with BIND, Knot, PowerDNS and most managed DNS), digitalocean, hetzner, linode, namecheap, porkbun, route53, or httpreq (any DNS behind an HTTP endpoint of yours)"));
             None
         }
     }
@@ -595,6 +621,51 @@ fn porkbun(raw: &RawDns, env: &dyn Source, key: &str, c: &mut Check) -> Option<P
             || PORKBUN_API.to_owned(),
             |(_, u)| u.trim().trim_end_matches('/').to_owned(),
         ),
+    })
+}
+
+/// `namecheap`: the API user and key, from a whitelisted IPv4 address.
+fn namecheap(raw: &RawDns, env: &dyn Source, key: &str, c: &mut Check) -> Option<ProviderConfig> {
+    let user = pick(
+        env,
+        env::NAMECHEAP_USER,
+        raw.username.clone(),
+        "dns.username",
+    );
+    let api_key = pick(
+        env,
+        env::NAMECHEAP_KEY,
+        raw.api_token.clone(),
+        "dns.api_token",
+    );
+    let (Some((_, user)), Some((_, api_key))) = (user, api_key) else {
+        c.fail(key, "namecheap needs its API user and key (NAMECHEAP_API_USER or NAMECHEAP_USERNAME, and NAMECHEAP_API_KEY; or dns.username and dns.api_token), with API access enabled and this CVM's address whitelisted");
+        return None;
+    };
+    let client_ip = super::source::first(env, env::NAMECHEAP_IP).and_then(|(var, ip)| {
+        ip.trim()
+            .parse::<std::net::Ipv4Addr>()
+            .map_err(|_| {
+                c.fail(
+                    var,
+                    format!("{ip:?} is not an IPv4 address (Namecheap whitelists IPv4 only)"),
+                )
+            })
+            .ok()
+    });
+    let sandbox = super::domains::env_flag(env, env::NAMECHEAP_SANDBOX, c).unwrap_or(false);
+    let api_url = pick(env, env::NAMECHEAP_URL, raw.api_url.clone(), "dns.api_url").map_or_else(
+        || match sandbox {
+            true => NAMECHEAP_SANDBOX_API.to_owned(),
+            false => NAMECHEAP_API.to_owned(),
+        },
+        |(_, u)| u.trim().to_owned(),
+    );
+    Some(ProviderConfig::Namecheap {
+        api_user: user.trim().to_owned(),
+        api_key: Secret(api_key.trim().to_owned()),
+        client_ip,
+        api_url,
     })
 }
 

@@ -11,6 +11,7 @@ pub mod doh;
 pub mod hetzner;
 pub mod httpreq;
 pub mod linode;
+pub mod namecheap;
 pub mod porkbun;
 mod rest;
 pub mod rfc2136;
@@ -441,6 +442,21 @@ pub fn provider(cfg: &ProviderConfig, timeout: Duration) -> Result<Arc<dyn Provi
         ProviderConfig::Linode { api_token, api_url } => {
             Arc::new(linode::Linode::new(api_url, &api_token.0, timeout)?)
         }
+        ProviderConfig::Namecheap {
+            api_user,
+            api_key,
+            client_ip,
+            api_url,
+        } => Arc::new(namecheap::Namecheap::new(
+            namecheap::Settings {
+                api_url: api_url.clone(),
+                api_user: api_user.clone(),
+                api_key: api_key.0.clone(),
+                client_ip: *client_ip,
+                client_ip_url: namecheap::CLIENT_IP_URL.to_owned(),
+            },
+            timeout,
+        )?),
         ProviderConfig::Route53(r) => Arc::new(route53::Route53::new(
             route53::Settings {
                 api_url: r.api_url.clone(),
