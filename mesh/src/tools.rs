@@ -663,15 +663,13 @@ async fn staging_orders(
     let mut ok = true;
     for d in domains {
         let started = std::time::Instant::now();
-        let issued = client
-            .issue(
-                &d.names,
-                crate::config::Challenge::Dns01,
-                &challenges,
-                Some(dns),
-                None,
-            )
-            .await;
+        let spec = crate::acme::client::OrderSpec {
+            names: &d.names,
+            challenge: crate::config::Challenge::Dns01,
+            key: None,
+            replacing: None,
+        };
+        let issued = client.issue(&spec, &challenges, Some(dns)).await;
         match issued.map(|i| {
             crate::acme::cert::load(i.chain_pem.as_bytes(), i.key_pem.as_bytes(), &d.names)
         }) {

@@ -4,6 +4,7 @@
 // Only tests use this crate; a failed expectation is a failed test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+pub mod ari;
 pub mod backend;
 pub mod bind;
 pub mod chromium;

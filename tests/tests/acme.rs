@@ -108,6 +108,19 @@ impl Setup {
 
     /// The same with its own store directory and extra `[acme]` lines.
     fn sidecar_with(&self, name: &str, domains: &str, store: &str, acme: &str) -> Sidecar {
+        let (directory, ca) = (self.pebble.directory.clone(), self.pebble.ca_file.clone());
+        self.sidecar_at(name, domains, store, acme, (&directory, &ca))
+    }
+
+    /// The same with the CA at `directory`, its HTTPS rooted in `ca`.
+    fn sidecar_at(
+        &self,
+        name: &str,
+        domains: &str,
+        store: &str,
+        acme: &str,
+        (directory, ca): (&str, &Path),
+    ) -> Sidecar {
         let config = self.path().join(format!("{name}.toml"));
         let text = format!(
             "[agent]\naddress = \"unix:{sock}\"\n\n\
@@ -119,8 +132,7 @@ impl Setup {
             inbound = self.inbound_port,
             backend = self.backend.addr,
             store = self.path().join(store).display(),
-            directory = self.pebble.directory,
-            ca = self.pebble.ca_file.display(),
+            ca = ca.display(),
             http = self.http_port,
         )
         .replace("{backend}", &self.backend.addr.to_string());
@@ -1136,4 +1148,183 @@ async fn cloudflare_api_issues_and_writes_records_and_survives_403_and_500() {
         !b.guard.stderr().contains(TOKEN),
         "the API token was logged"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ari_windows_schedule_renewal_and_a_window_moved_earlier_renews_now_replacing_the_old() {
+    use e2e::ari::AriFront;
+    // An hour's certificates: without ARI, renewal would be 40 minutes away.
+    let setup = Setup::new(Some(Duration::from_secs(3600))).await;
+    let front = AriFront::start(
+        setup.path(),
+        &setup.pebble.directory,
+        &setup.pebble.ca_file,
+        Some(&["classic", "tlsserver", "shortlived"]),
+    )
+    .await;
+    let domains = "[[domains]]\nnames = [\"app.acme.test\"]\nbackend = \"{backend}\"\n";
+    let mut sidecar = setup.sidecar_at(
+        "sidecar",
+        domains,
+        "store",
+        "profile = \"shortlived\"",
+        (&front.directory, &front.ca_file),
+    );
+    let certs = sidecar
+        .wait(
+            "a certificate and its window",
+            Duration::from_secs(30),
+            |c| {
+                c[0].status == Status::Valid
+                    && c[0]
+                        .renewal_info
+                        .as_deref()
+                        .is_some_and(|r| r.starts_with("window"))
+            },
+        )
+        .await;
+    let (nb, na) = (certs[0].not_before.unwrap(), certs[0].not_after.unwrap());
+    let renew_at = certs[0].renew_at.unwrap();
+    let life = na - nb;
+    assert!(
+        renew_at >= nb + life / 2 && renew_at <= nb + life * 55 / 100 + 1,
+        "renewal at {renew_at} is not inside the CA's window ({nb}..{na})"
+    );
+    let orders = front.orders();
+    assert_eq!(orders.len(), 1);
+    assert_eq!(orders[0]["profile"], "shortlived", "{orders:?}");
+    assert!(orders[0].get("replaces").is_none(), "{orders:?}");
+    let first = front.seen()[0].id.clone();
+    let first_serial = certs[0].serial.clone().unwrap();
+
+    // The CA moves the window into the past (a revocation ahead): renewal at once.
+    front.move_windows_into_the_past();
+    let certs = sidecar
+        .wait("the early renewal", Duration::from_secs(30), |c| {
+            c[0].status == Status::Valid && c[0].serial.as_deref() != Some(first_serial.as_str())
+        })
+        .await;
+    let orders = front.orders();
+    assert_eq!(orders.len(), 2, "{orders:?}");
+    assert_eq!(orders[1]["replaces"], first.as_str(), "{orders:?}");
+    assert_eq!(orders[1]["profile"], "shortlived");
+    // The new certificate has a window of its own: asked about, and no further order.
+    let asked = front.renewal_info_requests();
+    let end = tokio::time::Instant::now() + Duration::from_secs(20);
+    while front.renewal_info_requests() < asked + 2 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the new certificate's window was not asked for"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        front.orders().len(),
+        2,
+        "renewed again: {:?}",
+        front.orders()
+    );
+    assert!(
+        sidecar.cert("app.acme.test").await.renew_at.unwrap() > certs[0].not_before.unwrap(),
+        "{certs:?}"
+    );
+
+    // A CA that takes `replaces` without reflecting it: the order is made again without.
+    front.stop_reflecting();
+    front.move_windows_into_the_past();
+    let second_serial = certs[0].serial.clone().unwrap();
+    sidecar
+        .wait("a renewal without replaces", Duration::from_secs(30), |c| {
+            c[0].status == Status::Valid && c[0].serial.as_deref() != Some(second_serial.as_str())
+        })
+        .await;
+    let orders = front.orders();
+    assert_eq!(orders.len(), 4, "{orders:?}");
+    assert!(orders[2].get("replaces").is_some(), "{orders:?}");
+    assert!(orders[3].get("replaces").is_none(), "{orders:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_whose_renewal_info_fails_falls_back_to_the_lifetime_and_an_unoffered_profile_is_refused(
+) {
+    use e2e::ari::AriFront;
+    let setup = Setup::new(Some(Duration::from_secs(3600))).await;
+    let front = AriFront::start(
+        setup.path(),
+        &setup.pebble.directory,
+        &setup.pebble.ca_file,
+        Some(&["classic", "tlsserver"]),
+    )
+    .await;
+    front.answer_status(Some(500));
+    let domains = "[[domains]]\nnames = [\"app.acme.test\"]\nbackend = \"{backend}\"\n";
+    let mut sidecar = setup.sidecar_at(
+        "sidecar",
+        domains,
+        "store",
+        "",
+        (&front.directory, &front.ca_file),
+    );
+    let certs = sidecar
+        .wait(
+            "a certificate without a window",
+            Duration::from_secs(30),
+            |c| {
+                c[0].status == Status::Valid
+                    && c[0]
+                        .renewal_info
+                        .as_deref()
+                        .is_some_and(|r| r.contains("500"))
+            },
+        )
+        .await;
+    let (nb, na) = (certs[0].not_before.unwrap(), certs[0].not_after.unwrap());
+    let renew_at = certs[0].renew_at.unwrap();
+    let by_lifetime = na - (na - nb) / 3;
+    assert!(
+        renew_at.abs_diff(by_lifetime) <= 1,
+        "{renew_at} is not two thirds into {nb}..{na}"
+    );
+    assert!(certs[0].last_error.is_none(), "{certs:?}");
+    // A server error is asked again soon (backing off); a 404 is a long-term answer.
+    let end = tokio::time::Instant::now() + Duration::from_secs(20);
+    while front.renewal_info_requests() < 3 {
+        assert!(tokio::time::Instant::now() < end, "no retry after a 500");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    front.answer_status(Some(404));
+    let certs = sidecar
+        .wait("the 404", Duration::from_secs(30), |c| {
+            c[0].renewal_info
+                .as_deref()
+                .is_some_and(|r| r.contains("404"))
+        })
+        .await;
+    assert_eq!(certs[0].status, Status::Valid);
+    assert_eq!(certs[0].renew_at, Some(renew_at));
+    assert_eq!(front.orders().len(), 1);
+
+    // A profile the CA does not offer fails the domain, naming what it offers; no order.
+    drop(sidecar);
+    let other = "[[domains]]\nnames = [\"other.acme.test\"]\nbackend = \"{backend}\"\n";
+    let mut refused = setup.sidecar_at(
+        "refused",
+        other,
+        "store-refused",
+        "profile = \"shortlived\"",
+        (&front.directory, &front.ca_file),
+    );
+    let certs = refused
+        .wait("the refusal", Duration::from_secs(30), |c| {
+            c[0].last_error.is_some()
+        })
+        .await;
+    let error = certs[0].last_error.clone().unwrap();
+    assert!(
+        error.contains(
+            "does not offer the ACME profile \"shortlived\": it offers classic, tlsserver"
+        ),
+        "{error}"
+    );
+    assert_eq!(front.orders().len(), 1, "an order went out");
 }

@@ -47,6 +47,16 @@ pub enum IssueError {
     /// The DNS side: the provider, propagation, CAA.
     #[error(transparent)]
     Dns(#[from] DnsError),
+    /// The configured ACME profile is not one the CA offers.
+    #[error("the CA at {directory} does not offer the ACME profile {profile:?}: {offered}")]
+    Profile {
+        /// The profile asked for.
+        profile: String,
+        /// The CA.
+        directory: String,
+        /// What it offers, in words.
+        offered: String,
+    },
     /// The fleet's store (etcd) for replicas.
     #[cfg(feature = "etcd")]
     #[error("shared store: {0}")]
@@ -251,6 +261,24 @@ pub(super) fn classify(e: instant_acme::Error) -> IssueError {
     }
 }
 
+/// Whether a new order that named the certificate it replaces failed because of that: a
+/// refusal (not a rate limit or a server error), or an order that does not reflect it.
+fn refused_replaces(e: &instant_acme::Error) -> bool {
+    match e {
+        instant_acme::Error::Api(p) => {
+            p.status.is_some_and(|s| s < 500)
+                && !p
+                    .r#type
+                    .as_deref()
+                    .is_some_and(|t| t.ends_with(":rateLimited"))
+        }
+        instant_acme::Error::Other(inner) => {
+            inner.to_string().starts_with("replaces field mismatch")
+        }
+        _ => false,
+    }
+}
+
 fn is_account_gone(e: &instant_acme::Error) -> bool {
     matches!(e, instant_acme::Error::Api(p) if p.r#type.as_deref() == Some(ACCOUNT_GONE))
 }
@@ -307,8 +335,10 @@ pub struct AcmeClient {
     email: Option<String>,
     eab: Option<Eab>,
     account: tokio::sync::Mutex<Option<Account>>,
-    /// The CA's `caaIdentities` (from its directory), once read.
-    caa_identities: tokio::sync::OnceCell<Vec<String>>,
+    /// What the CA's directory says beyond the protocol's URLs, once read.
+    meta: tokio::sync::OnceCell<super::ari::DirectoryMeta>,
+    /// The ACME profile orders ask for (`ACME_PROFILE`).
+    profile: Option<String>,
     /// Identities from the configuration, for CAs whose directory lists none.
     configured_identities: Vec<String>,
 }
@@ -319,6 +349,28 @@ impl std::fmt::Debug for AcmeClient {
             .field("directory", &self.directory)
             .finish_non_exhaustive()
     }
+}
+
+/// What to order.
+#[derive(Clone, Copy, Debug)]
+pub struct OrderSpec<'a> {
+    /// The names, the primary first.
+    pub names: &'a [String],
+    /// How control of them is shown.
+    pub challenge: Challenge,
+    /// The certificate's key (`None`: a new one).
+    pub key: Option<&'a rcgen::KeyPair>,
+    /// The certificate this one replaces (DER), named in the order where the CA speaks ARI.
+    pub replacing: Option<&'a [u8]>,
+}
+
+/// One order's inputs, as sent.
+#[derive(Clone, Copy)]
+struct How<'a> {
+    names: &'a [String],
+    challenge: Challenge,
+    key: Option<&'a rcgen::KeyPair>,
+    replaces: Option<&'a instant_acme::CertificateIdentifier<'static>>,
 }
 
 /// What the issuer hands back: the chain and its new key, PEM.
@@ -429,9 +481,65 @@ impl AcmeClient {
             email,
             eab,
             account: tokio::sync::Mutex::new(None),
-            caa_identities: tokio::sync::OnceCell::new(),
+            meta: tokio::sync::OnceCell::new(),
+            profile: None,
             configured_identities: Vec::new(),
         })
+    }
+
+    /// Orders ask for this profile (it must be among the directory's `meta.profiles`).
+    pub fn with_profile(mut self, profile: Option<String>) -> Self {
+        self.profile = profile;
+        self
+    }
+
+    /// The directory's `renewalInfo`, `meta.profiles` and `meta.caaIdentities` (read once;
+    /// a failed read is tried again next time).
+    pub(super) async fn meta(&self) -> Result<&super::ari::DirectoryMeta, IssueError> {
+        self.meta
+            .get_or_try_init(|| async {
+                let req = http::Request::get(&self.directory)
+                    .body(BodyWrapper::default())
+                    .map_err(LocalError::from)?;
+                let mut rsp = self.http.request(req).await.map_err(classify)?;
+                let status = rsp.parts.status;
+                if !status.is_success() {
+                    return Err(IssueError::Server(CaFault::DirectoryStatus(status)));
+                }
+                let body = rsp
+                    .body
+                    .into_bytes()
+                    .await
+                    .map_err(|e| IssueError::Unreachable(Unreachable::Body(e)))?;
+                let dir: serde_json::Value = serde_json::from_slice(&body)
+                    .map_err(|e| IssueError::Server(CaFault::NotAcme(e.to_string())))?;
+                Ok(super::ari::DirectoryMeta::read(&dir))
+            })
+            .await
+    }
+
+    /// GET `url` with the CA's client (deadline, roots): status, `Retry-After` and body.
+    pub(super) async fn get(
+        &self,
+        url: &str,
+    ) -> Result<(http::StatusCode, Option<String>, Bytes), IssueError> {
+        let req = http::Request::get(url)
+            .body(BodyWrapper::default())
+            .map_err(LocalError::from)?;
+        let mut rsp = self.http.request(req).await.map_err(classify)?;
+        let retry_after = rsp
+            .parts
+            .headers
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let status = rsp.parts.status;
+        let body = rsp
+            .body
+            .into_bytes()
+            .await
+            .map_err(|e| IssueError::Unreachable(Unreachable::Body(e)))?;
+        Ok((status, retry_after, body))
     }
 
     /// Identities to use when the directory lists none (`[dns] caa_identities`).
@@ -443,28 +551,8 @@ impl AcmeClient {
     /// The domains this CA recognises in CAA records: the directory's `meta.caaIdentities`,
     /// else the configured ones; empty when neither says (then CAA checks skip the CA name).
     pub async fn caa_identities(&self) -> Vec<String> {
-        let fetched = self
-            .caa_identities
-            .get_or_try_init(|| async {
-                let req = http::Request::get(&self.directory)
-                    .body(BodyWrapper::default())
-                    .map_err(|e| e.to_string())?;
-                let mut rsp = self.http.request(req).await.map_err(|e| e.to_string())?;
-                let body = rsp.body.into_bytes().await.map_err(|e| e.to_string())?;
-                let dir: serde_json::Value =
-                    serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-                Ok::<_, String>(
-                    dir.pointer("/meta/caaIdentities")
-                        .and_then(serde_json::Value::as_array)
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|v| v.as_str().map(str::to_ascii_lowercase))
-                        .collect(),
-                )
-            })
-            .await;
-        match fetched {
-            Ok(ids) if !ids.is_empty() => ids.clone(),
+        match self.meta().await {
+            Ok(meta) if !meta.caa_identities.is_empty() => meta.caa_identities.clone(),
             _ => self.configured_identities.clone(),
         }
     }
@@ -626,16 +714,38 @@ impl AcmeClient {
         }
     }
 
-    /// Order a certificate for `names`, answering `challenge`, for `key` (`None`: a new one).
+    /// Order a certificate as `spec` says.
     pub async fn issue(
         &self,
-        names: &[String],
-        challenge: Challenge,
+        spec: &OrderSpec<'_>,
         challenges: &Challenges,
         dns: Option<&Dns>,
-        key: Option<&rcgen::KeyPair>,
     ) -> Result<Issued, IssueError> {
+        let OrderSpec {
+            names,
+            challenge,
+            key,
+            replacing,
+        } = *spec;
         let account = self.account(false).await?;
+        let meta = self.meta().await?;
+        if let Some(profile) = &self.profile {
+            if !meta.profiles.iter().any(|p| p == profile) {
+                return Err(IssueError::Profile {
+                    profile: profile.clone(),
+                    directory: self.directory.clone(),
+                    offered: match meta.profiles.is_empty() {
+                        true => "it advertises no profiles".into(),
+                        false => format!("it offers {}", meta.profiles.join(", ")),
+                    },
+                });
+            }
+        }
+        // `replaces` only where the CA speaks ARI (others refuse the field).
+        let replaces = match (replacing, meta.renewal_info.is_some()) {
+            (Some(leaf), true) => super::ari::cert_id(leaf).ok(),
+            _ => None,
+        };
         if let Some(dns) = dns.filter(|d| d.checks_caa()) {
             let identities = self.caa_identities().await;
             let req = caa::Request {
@@ -645,15 +755,30 @@ impl AcmeClient {
             };
             dns.check_caa(names, &req).await?;
         }
-        match self
-            .order(&account, names, challenge, challenges, dns, key)
-            .await
-        {
+        let how = How {
+            names,
+            challenge,
+            key,
+            replaces: replaces.as_ref(),
+        };
+        match self.order(&account, &how, challenges, dns).await {
             // A CA that lost the account (a reset, a restarted pebble): same key, new account.
             Err(e) if is_account_gone(&e) => {
                 tracing::warn!(directory = %self.directory, "the CA does not know our account any more: registering again with the same key");
                 let account = self.account(true).await?;
-                self.order(&account, names, challenge, challenges, dns, key)
+                self.order(&account, &how, challenges, dns)
+                    .await
+                    .map_err(classify)
+            }
+            // The certificate was replaced already, the CA does not know it, or it took
+            // `replaces` without reflecting it: an order without `replaces` is still an order.
+            Err(e) if how.replaces.is_some() && refused_replaces(&e) => {
+                tracing::warn!(directory = %self.directory, error = %e, "the CA refused the order that replaces the current certificate: ordering without replaces");
+                let plain = How {
+                    replaces: None,
+                    ..how
+                };
+                self.order(&account, &plain, challenges, dns)
                     .await
                     .map_err(classify)
             }
@@ -666,15 +791,26 @@ impl AcmeClient {
     async fn order(
         &self,
         account: &Account,
-        names: &[String],
-        challenge: Challenge,
+        how: &How<'_>,
         challenges: &Challenges,
         dns: Option<&Dns>,
-        key: Option<&rcgen::KeyPair>,
     ) -> Result<Issued, instant_acme::Error> {
+        let How {
+            names,
+            challenge,
+            key,
+            replaces,
+        } = *how;
         let dns_failed = |e: DnsError| instant_acme::Error::Other(Box::new(e));
         let identifiers: Vec<Identifier> = names.iter().cloned().map(Identifier::Dns).collect();
-        let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
+        let mut new_order = NewOrder::new(&identifiers);
+        if let Some(profile) = &self.profile {
+            new_order = new_order.profile(profile);
+        }
+        if let Some(id) = replaces {
+            new_order = new_order.replaces(id.clone());
+        }
+        let mut order = account.new_order(&new_order).await?;
         let mut tokens = Vec::new();
         let mut placed = Vec::new();
         let mut shared: Vec<Response> = Vec::new();

@@ -7,6 +7,7 @@
 //! checked (chain, key match, names) and stored, through an `ArcSwap` the TLS resolver reads,
 //! so a renewal never drops a connection and a failed one keeps the old certificate serving.
 
+pub mod ari;
 pub mod cert;
 pub mod challenge;
 pub mod client;
@@ -151,6 +152,9 @@ pub struct CertStatus {
     /// Certificates taken from the fleet (another instance ordered them) since start.
     #[serde(default)]
     pub from_fleet_total: u64,
+    /// The CA's renewal window (ARI) for the served certificate, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewal_info: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -176,6 +180,8 @@ struct DomainState {
     from_fleet_total: u64,
     /// Serials revoked here (`certs revoke`): never served again, whoever offers them.
     revoked: Vec<String>,
+    /// The CA's renewal window for the served certificate (ARI), when it gave one.
+    ari: Option<renewal::AriState>,
 }
 
 /// One public domain at run time.
@@ -304,7 +310,8 @@ fn issuers(
                     directory: directory.clone(),
                     reason,
                 })?
-                .with_caa_identities(public.dns.caa_identities.clone()),
+                .with_caa_identities(public.dns.caa_identities.clone())
+                .with_profile(public.acme.profile.clone()),
             )),
             Issuer::InternalCa => IssuerRuntime::Internal(Arc::new(InternalIssuer::new(
                 store.clone(),
@@ -545,18 +552,27 @@ impl Acme {
                         s.next_attempt,
                         (s.consecutive_failures, s.failures_total, s.issued_total),
                         (s.dns_records.clone(), s.fleet.clone(), s.from_fleet_total),
-                        s.dns_setup.clone(),
+                        (
+                            s.dns_setup.clone(),
+                            s.ari.as_ref().map(|a| a.said().to_owned()),
+                        ),
                     )
                 });
-                let (status, last_error, next_attempt, counts, (records, fleet, from_fleet), setup) =
-                    state.unwrap_or((
-                        Status::Pending,
-                        None,
-                        None,
-                        (0, 0, 0),
-                        (None, None, 0),
-                        None,
-                    ));
+                let (
+                    status,
+                    last_error,
+                    next_attempt,
+                    counts,
+                    (records, fleet, from_fleet),
+                    (setup, renewal_info),
+                ) = state.unwrap_or((
+                    Status::Pending,
+                    None,
+                    None,
+                    (0, 0, 0),
+                    (None, None, 0),
+                    (None, None),
+                ));
                 let (consecutive, failures, issued) = counts;
                 CertStatus {
                     domain: d.name().to_owned(),
@@ -572,7 +588,7 @@ impl Acme {
                     not_after: served.as_ref().map(|l| crate::clock::unix_u64(l.not_after)),
                     renew_at: served
                         .as_ref()
-                        .map(|l| crate::clock::unix_u64(self.renew_at(l))),
+                        .map(|l| crate::clock::unix_u64(self.renew_at(d, l))),
                     serial: served.as_ref().map(|l| l.serial.clone()),
                     expired: served.as_ref().is_some_and(|l| l.expired(now)),
                     last_error,
@@ -584,6 +600,7 @@ impl Acme {
                     dns_setup: setup,
                     fleet,
                     from_fleet_total: from_fleet,
+                    renewal_info,
                 }
             })
             .collect()

@@ -89,10 +89,157 @@ pub fn backoff(
     base.min(cap).min(max).max(min)
 }
 
+/// The CA's renewal window for one certificate (ARI, RFC 9773) and when to ask again.
+#[derive(Clone, Debug)]
+pub(super) struct AriState {
+    /// The certificate it is about.
+    serial: String,
+    /// The window, when the CA gave one.
+    window: Option<super::ari::Window>,
+    /// The moment picked in it (uniformly at random, kept while the window stays).
+    chosen: Option<SystemTime>,
+    /// Ask again then.
+    next_check: SystemTime,
+    /// Failures in a row.
+    failures: u32,
+    /// The last answer, in words (`/certs`).
+    said: String,
+}
+
+impl AriState {
+    /// The last answer, in words.
+    pub(super) fn said(&self) -> &str {
+        &self.said
+    }
+}
+
+/// A uniformly random moment in `w`; its end when that has passed (renew at once).
+fn pick(w: &super::ari::Window, now: SystemTime) -> SystemTime {
+    let start = SystemTime::UNIX_EPOCH + Duration::from_secs(w.start);
+    let end = SystemTime::UNIX_EPOCH + Duration::from_secs(w.end);
+    if end <= now {
+        return end;
+    }
+    start + jitter(end.duration_since(start).unwrap_or_default())
+}
+
 impl Acme {
-    /// When `cert` is due (see [`due`]).
-    pub(super) fn renew_at(&self, cert: &Loaded) -> SystemTime {
-        due(cert.not_before, cert.not_after, self.config.renew_before)
+    /// When `cert` is due: inside the CA's suggested window when it gave one (or earlier, when
+    /// `renew_before` says so), else by its lifetime (see [`due`]).
+    pub(super) fn renew_at(&self, d: &Domain, cert: &Loaded) -> SystemTime {
+        let by_lifetime = due(cert.not_before, cert.not_after, self.config.renew_before);
+        let chosen = d
+            .state
+            .lock()
+            .ok()
+            .and_then(|s| s.ari.clone())
+            .filter(|a| a.serial == cert.serial)
+            .and_then(|a| a.chosen);
+        match (chosen, self.config.renew_before) {
+            (Some(t), Some(_)) => t.min(by_lifetime),
+            (Some(t), None) => t,
+            (None, _) => by_lifetime,
+        }
+    }
+
+    /// When the CA's window for `cert` is to be asked for again (now, for a certificate not
+    /// asked about yet).
+    fn ari_next_check(&self, d: &Domain, cert: &Loaded) -> SystemTime {
+        d.state
+            .lock()
+            .ok()
+            .and_then(|s| s.ari.clone())
+            .filter(|a| a.serial == cert.serial)
+            .map_or(SystemTime::UNIX_EPOCH, |a| a.next_check)
+    }
+
+    /// Ask the CA for `cert`'s renewal window when it is time to; a CA without ARI, or one
+    /// that fails to answer, leaves renewal to the certificate's lifetime.
+    async fn refresh_ari(&self, d: &Domain, cert: &Loaded) {
+        let now = SystemTime::now();
+        if self.ari_next_check(d, cert) > now {
+            return;
+        }
+        let Some(IssuerRuntime::Acme(client)) = self.issuers.get(&d.config.issuer) else {
+            return;
+        };
+        let Some(leaf) = cert.key.cert.first() else {
+            return;
+        };
+        let previous = d
+            .state
+            .lock()
+            .ok()
+            .and_then(|s| s.ari.clone())
+            .filter(|a| a.serial == cert.serial);
+        let floor = self.config.retry_min.min(super::ari::RETRY_MIN);
+        let state = match client.renewal_info(leaf.as_ref(), floor).await {
+            Ok(super::ari::Suggestion::Window(window, retry)) => {
+                let kept = previous
+                    .as_ref()
+                    .filter(|p| p.window.as_ref() == Some(&window))
+                    .and_then(|p| p.chosen);
+                let chosen = kept.unwrap_or_else(|| pick(&window, now));
+                if kept.is_none() {
+                    tracing::info!(
+                        domain = %d.name(),
+                        serial = %cert.serial,
+                        window_start = %crate::clock::rfc3339_of(SystemTime::UNIX_EPOCH + Duration::from_secs(window.start)),
+                        window_end = %crate::clock::rfc3339_of(SystemTime::UNIX_EPOCH + Duration::from_secs(window.end)),
+                        renew_at = %crate::clock::rfc3339_of(chosen),
+                        explanation = window.explanation.as_deref().unwrap_or(""),
+                        "the CA's renewal window (ARI)"
+                    );
+                }
+                AriState {
+                    serial: cert.serial.clone(),
+                    said: format!(
+                        "window {} to {}{}",
+                        crate::clock::rfc3339_of(
+                            SystemTime::UNIX_EPOCH + Duration::from_secs(window.start)
+                        ),
+                        crate::clock::rfc3339_of(
+                            SystemTime::UNIX_EPOCH + Duration::from_secs(window.end)
+                        ),
+                        window
+                            .explanation
+                            .as_deref()
+                            .map(|e| format!(" ({e})"))
+                            .unwrap_or_default()
+                    ),
+                    window: Some(window),
+                    chosen: Some(chosen),
+                    next_check: now + retry,
+                    failures: 0,
+                }
+            }
+            Ok(super::ari::Suggestion::Unsupported) => AriState {
+                serial: cert.serial.clone(),
+                window: None,
+                chosen: None,
+                next_check: now + RECHECK,
+                failures: 0,
+                said: "not offered by the CA: renewing by the certificate's lifetime".into(),
+            },
+            Err(e) => {
+                let failures = previous.as_ref().map_or(0, |p| p.failures) + 1;
+                let retry = e.retry_after(failures, floor);
+                tracing::warn!(domain = %d.name(), error = %e, retry_in_s = retry.as_secs(), "no renewal window from the CA: keeping the last one, else renewing by the certificate's lifetime");
+                let mut state = previous.unwrap_or(AriState {
+                    serial: cert.serial.clone(),
+                    window: None,
+                    chosen: None,
+                    next_check: now,
+                    failures: 0,
+                    said: String::new(),
+                });
+                state.failures = failures;
+                state.next_check = now + retry;
+                state.said = format!("unavailable ({e}): renewing by the certificate's lifetime unless a window was given before");
+                state
+            }
+        };
+        d.set(|s| s.ari = Some(state));
     }
 
     /// The wait after a failure (see [`backoff`]), plus up to a tenth more so replicas that
@@ -115,9 +262,10 @@ impl Acme {
         loop {
             let current = d.served.load_full();
             let stale = d.state.lock().map(|s| s.stale).unwrap_or(false);
-            let now = SystemTime::now();
             if let (Some(cert), false) = (current.as_deref(), stale) {
-                let due = self.renew_at(cert);
+                self.refresh_ari(&d, cert).await;
+                let now = SystemTime::now();
+                let due = self.renew_at(&d, cert);
                 if due > now {
                     d.set(|s| s.status = Some(Status::Valid));
                     let lifetime = cert
@@ -127,8 +275,13 @@ impl Acme {
                     // Replicas with the same certificate spread their renewals.
                     let wait = due.duration_since(now).unwrap_or_default()
                         + jitter((lifetime / 100).min(Duration::from_secs(3600)));
+                    // The CA may move the window (a revocation ahead): look again when it says.
+                    let ask = self
+                        .ari_next_check(&d, cert)
+                        .duration_since(now)
+                        .unwrap_or_default();
                     tokio::select! {
-                        _ = tokio::time::sleep(wait.min(RECHECK)) => continue,
+                        _ = tokio::time::sleep(wait.min(RECHECK).min(ask.max(Duration::from_secs(1)))) => continue,
                         _ = d.renew_now.notified() => {}
                     }
                 }
@@ -251,8 +404,7 @@ impl Acme {
         if let Some(replicas) = &self.replicas {
             return self.acquire_shared(replicas, d, current).await;
         }
-        let _ = current;
-        Ok((self.obtain(d).await?.0, Origin::Ordered))
+        Ok((self.obtain(d, current).await?.0, Origin::Ordered))
     }
 
     /// [`Acme::acquire`] through the fleet: its certificate when it has a fresh one, else an
@@ -283,7 +435,7 @@ impl Acme {
                 return Ok((loaded, Origin::Fleet));
             }
             tracing::info!(domain = %name, store = %replicas.location(), "ordering for the fleet (holding its lock)");
-            let (loaded, issued) = self.obtain(d).await?;
+            let (loaded, issued) = self.obtain(d, current).await?;
             // Served before it is shared: this instance's own watch then sees nothing newer.
             d.serve(Some(loaded.clone()));
             let shared = Shared {
@@ -319,7 +471,7 @@ impl Acme {
         };
         let stale = d.state.lock().map(|s| s.stale).unwrap_or(false);
         let fresh = !d.revoked(&loaded.serial)
-            && self.renew_at(&loaded) > SystemTime::now()
+            && self.renew_at(d, &loaded) > SystemTime::now()
             && current.is_none_or(|c| {
                 c.superseded_by(loaded.not_after, &loaded.serial)
                     || (loaded.serial == c.serial && !stale)
@@ -487,23 +639,32 @@ impl Acme {
         }
     }
 
-    /// An order (or the internal CA), kept in the local store.
-    async fn obtain(&self, d: &Domain) -> Result<(Loaded, Issued), IssueError> {
+    /// An order (or the internal CA), kept in the local store; an order that replaces
+    /// `current` says so (ARI's `replaces`).
+    async fn obtain(
+        &self,
+        d: &Domain,
+        current: Option<&Loaded>,
+    ) -> Result<(Loaded, Issued), IssueError> {
         let names = &d.config.names;
         let key = match self.config.key_source {
             KeySource::Random => None,
             KeySource::Derived => Some(self.derived_key(d).await?),
         };
+        let replacing = current
+            .filter(|c| !d.revoked(&c.serial))
+            .and_then(|c| c.key.cert.first())
+            .map(|c| c.as_ref());
+        let spec = super::client::OrderSpec {
+            names,
+            challenge: d.config.challenge,
+            key: key.as_ref(),
+            replacing,
+        };
         let issued: Issued = match self.issuers.get(&d.config.issuer) {
             Some(IssuerRuntime::Acme(client)) => tokio::time::timeout(
                 ORDER_DEADLINE,
-                client.issue(
-                    names,
-                    d.config.challenge,
-                    &self.challenges,
-                    self.dns.as_deref(),
-                    key.as_ref(),
-                ),
+                client.issue(&spec, &self.challenges, self.dns.as_deref()),
             )
             .await
             .map_err(|_| IssueError::Unreachable(Unreachable::OrderDeadline(ORDER_DEADLINE)))??,

@@ -155,6 +155,9 @@ fn domain_row(out: &mut String, i: usize, d: &CertStatus, now: i64) {
     if let Some(t) = d.renew_at {
         item("renews", &date(i64::try_from(t).unwrap_or(i64::MAX)), "");
     }
+    if let Some(w) = &d.renewal_info {
+        item("CA's renewal window", w, "");
+    }
     if let Some(e) = &d.last_error {
         item("last error", e, "error");
     }

@@ -32,6 +32,8 @@ pub mod env {
     pub const SEND_PROXY_PROTOCOL: &[&str] = &["SEND_PROXY_PROTOCOL"];
     /// The ALPN protocols offered on the environment's domains (`h2,http/1.1`).
     pub const ALPN: &[&str] = &["ALPN"];
+    /// The ACME profile to order with (`acme.profile`).
+    pub const PROFILE: &[&str] = &["ACME_PROFILE"];
     /// Where the evidence files are kept: `acme.evidence_dir`.
     pub const EVIDENCE_DIR: &[&str] = &["EVIDENCE_DIR"];
     /// dstack-ingress's name for `DELEGATION_ZONE` before 2.3, which it now ignores silently.
@@ -301,6 +303,8 @@ pub struct AcmeConfig {
     pub evidence_server: bool,
     /// Where each certificate's private key comes from.
     pub key_source: KeySource,
+    /// The ACME profile orders ask for (`classic`, `tlsserver`, `shortlived`), when set.
+    pub profile: Option<String>,
 }
 
 /// Where a domain's certificate key comes from (`[acme] key_source`).
@@ -344,6 +348,7 @@ impl Default for AcmeConfig {
             evidence_dir: PathBuf::from(DEFAULT_STORE).join("evidences"),
             evidence_server: true,
             key_source: KeySource::Random,
+            profile: None,
         }
     }
 }
@@ -368,6 +373,7 @@ pub struct RawAcme {
     pub evidence_dir: Option<String>,
     pub evidence_server: Option<bool>,
     pub key_source: Option<String>,
+    pub profile: Option<String>,
 }
 
 /// One `[[domains]]` entry as written.
@@ -544,6 +550,24 @@ fn acme_settings(
             .unwrap_or_default(),
         store,
         email: first(env::EMAIL).map(|(_, v)| v).or(raw.email),
+        profile: first(env::PROFILE)
+            .map(|(_, v)| v)
+            .or(raw.profile.clone())
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty())
+            .and_then(|p| {
+                // Profile names are short tokens (Let's Encrypt: classic, tlsserver, shortlived).
+                match p
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                {
+                    true => Some(p),
+                    false => {
+                        c.fail("acme.profile", format!("{p:?} is not an ACME profile name"));
+                        None
+                    }
+                }
+            }),
         renew_before,
         http_listen: raw
             .http_listen
@@ -887,7 +911,7 @@ fn check_domains(
         {
             c.fail(
                 key,
-                format!("{}: dns-01 needs a DNS provider (DNS_PROVIDER=cloudflare, rfc2136, digitalocean, hetzner, linode, porkbun or httpreq, or [dns] provider)", d.primary()),
+                format!("{}: dns-01 needs a DNS provider (DNS_PROVIDER=cloudflare, rfc2136, route53, digitalocean, hetzner, linode, namecheap, porkbun or httpreq, or [dns] provider)", d.primary()),
             );
         }
         if d.challenge == Challenge::Http01

@@ -106,7 +106,35 @@ fn errors_name_what_is_missing() {
             ],
             "use hmac-sha256",
         ),
-        (&[("DNS_PROVIDER", "route53")], "use cloudflare, rfc2136"),
+        (&[("DNS_PROVIDER", "gandi")], "use cloudflare, rfc2136"),
+        (
+            &[("DNS_PROVIDER", "route53"), ("AWS_ACCESS_KEY_ID", "AKIA")],
+            "route53 needs an access key (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+        ),
+        (
+            &[
+                ("AWS_ACCESS_KEY_ID", "AKIA"),
+                ("AWS_SECRET_ACCESS_KEY", "s"),
+                ("AWS_POLLING_INTERVAL", "4s"),
+            ],
+            "AWS_POLLING_INTERVAL: \"4s\" is not a whole number of seconds",
+        ),
+        (
+            &[("NAMECHEAP_API_KEY", "k")],
+            "namecheap needs its API user and key",
+        ),
+        (
+            &[
+                ("NAMECHEAP_USERNAME", "u"),
+                ("NAMECHEAP_API_KEY", "k"),
+                ("NAMECHEAP_CLIENT_IP", "2001:db8::1"),
+            ],
+            "NAMECHEAP_CLIENT_IP: \"2001:db8::1\" is not an IPv4 address",
+        ),
+        (
+            &[("ACME_PROFILE", "short lived"), ("CLOUDFLARE_API_TOKEN", "t")],
+            "acme.profile: \"short lived\" is not an ACME profile name",
+        ),
         (
             &[("DNS_PROVIDER", "linode")],
             "linode needs a personal access token",
