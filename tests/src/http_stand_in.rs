@@ -18,6 +18,16 @@ where
     Fut: Future<Output = Response<Full<Bytes>>> + Send,
 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve_listener(listener, handler)
+}
+
+/// Serve `handler` on `listener` (bound by the caller, who needed its address first) until
+/// the test's runtime ends; the address.
+pub fn serve_listener<F, Fut>(listener: tokio::net::TcpListener, handler: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send,
+{
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {

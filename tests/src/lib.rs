@@ -12,6 +12,7 @@ pub mod client;
 pub mod cloudflare;
 pub mod digitalocean;
 pub mod etcd;
+pub mod gcloud;
 pub mod hetzner;
 pub mod http_stand_in;
 pub mod linode;

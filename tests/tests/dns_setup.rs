@@ -1475,3 +1475,151 @@ async fn namecheap_errors_are_namecheaps_words_and_the_address_is_looked_up() {
     right.delete(&zone, &record).await.unwrap();
     assert!(api.hosts("example.co.uk").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gcloud_issues_a_wildcard_with_a_service_account_and_keeps_values_it_does_not_own() {
+    use e2e::gcloud::{GcloudStandIn, RrSet};
+    let d = Deployment::start().await;
+    // More zones than a page holds, and a private zone of the same name that is never chosen.
+    let mut zones = vec!["example.test".to_owned()];
+    zones.extend((0..60).map(|i| format!("fill{i:03}.test")));
+    let refs: Vec<&str> = zones.iter().map(String::as_str).collect();
+    let (api, key) = GcloudStandIn::start(
+        d.dir.path(),
+        "dstack-project",
+        &refs,
+        Some(d.pebble.challtestsrv_management.clone()),
+    )
+    .await;
+    api.add(RrSet {
+        zone: "example-test".into(),
+        name: "_acme-challenge.example.test.".into(),
+        rtype: "TXT".into(),
+        ttl: 300,
+        rrdatas: vec!["\"someone-elses\"".into()],
+    });
+    let key_file = d.dir.path().join("service-account.json");
+    std::fs::write(&key_file, &key).unwrap();
+    // lego's variables: the key file alone picks the provider; the project is the key's.
+    let env = wildcard_env(
+        &d,
+        vec![
+            ("GCE_SERVICE_ACCOUNT_FILE", key_file.display().to_string()),
+            ("GCE_API_URL", api.api.clone()),
+            ("GCE_POLLING_INTERVAL", "1".to_owned()),
+        ],
+    );
+    let (mut guard, admin) = d.sidecar("gcloud", &env);
+    issued_with_records("*.example.test", admin, &mut guard).await;
+    let held: Vec<(String, String, Vec<String>)> = api
+        .sets()
+        .iter()
+        .map(|r| (r.rtype.clone(), r.name.clone(), r.rrdatas.clone()))
+        .collect();
+    assert!(
+        held.contains(&(
+            "CNAME".into(),
+            "*.example.test.".into(),
+            vec![format!("{GATEWAY}.")]
+        )),
+        "{held:?}"
+    );
+    assert!(
+        held.contains(&(
+            "TXT".into(),
+            "_dstack-app-address-wildcard.example.test.".into(),
+            vec![format!("\"{SERVER}:443\"")]
+        )),
+        "{held:?}"
+    );
+    assert!(
+        held.contains(&(
+            "TXT".into(),
+            "_acme-challenge.example.test.".into(),
+            vec!["\"someone-elses\"".into()]
+        )),
+        "the challenge must be gone and the other value kept: {held:?}"
+    );
+    assert_eq!(api.grants(), 1, "one token for every call");
+    let requests = api.requests();
+    assert!(
+        requests
+            .iter()
+            .filter(|r| r.ends_with("/managedZones"))
+            .count()
+            >= 2,
+        "zones on two pages: {requests:?}"
+    );
+    assert!(
+        requests.iter().any(|r| r.contains("/changes/")),
+        "pending changes polled: {requests:?}"
+    );
+    assert!(
+        !guard.stderr().contains("PRIVATE KEY"),
+        "the key was logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gcloud_renews_an_expired_token_and_refuses_keys_that_cannot_sign() {
+    use dstack_mesh::acme::dns01::{
+        gcloud::{GoogleCloud, ServiceAccount, Settings},
+        Provider, Record,
+    };
+    use e2e::gcloud::GcloudStandIn;
+    let dir = tempfile::tempdir().unwrap();
+    let (api, key) = GcloudStandIn::start(dir.path(), "p", &["example.test"], None).await;
+    let settings = |json: &str| Settings {
+        api_url: api.api.clone(),
+        project: "p".into(),
+        account: ServiceAccount::from_json(json).unwrap(),
+        zone: Some("example-test".into()),
+        sync: (Duration::from_millis(100), Duration::from_secs(2)),
+    };
+    let client = GoogleCloud::new(settings(&key), Duration::from_secs(5)).unwrap();
+    let zone = client.zone_for("app.example.test").await.unwrap();
+    assert_eq!(zone.id, "example-test");
+    // The token expires (the API answers 401): a new one, once, and the call goes through.
+    api.revoke_tokens();
+    let record = Record {
+        name: "_acme-challenge.app.example.test".into(),
+        data: Data::Txt("token-1".into()),
+        ttl: 60,
+        id: None,
+    };
+    client.create(&zone, &record).await.unwrap();
+    assert_eq!(api.grants(), 2);
+    client.delete(&zone, &record).await.unwrap();
+    assert!(api.sets().is_empty(), "{:?}", api.sets());
+    // Another key for the same account: Google's words.
+    let other = tempfile::tempdir().unwrap();
+    let (forged, _) = e2e::gcloud::service_account(other.path(), "p", &api.token_uri);
+    let client = GoogleCloud::new(settings(&forged), Duration::from_secs(5)).unwrap();
+    let e = client.zones().await.unwrap_err().to_string();
+    assert!(e.contains("invalid_grant: Invalid JWT Signature."), "{e}");
+    // A user's credentials are not a service account: a start-up error naming the variable.
+    let d = Deployment::start().await;
+    let out = dns_check(
+        &d,
+        &[
+            ("DOMAIN", "*.example.test".to_owned()),
+            ("TARGET_ENDPOINT", d.backend.addr.to_string()),
+            (
+                "GCE_SERVICE_ACCOUNT",
+                r#"{"type": "authorized_user", "client_id": "x", "refresh_token": "y"}"#.to_owned(),
+            ),
+        ],
+        &[],
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success());
+    assert!(
+        text.contains("GCE_SERVICE_ACCOUNT: the service account key does not sign: 'type' is Some(\"authorized_user\")"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("refresh_token\": \"y"),
+        "the credential was echoed: {text}"
+    );
+}

@@ -53,6 +53,21 @@ pub mod env {
     pub const NAMECHEAP_SANDBOX: &[&str] = &["NAMECHEAP_SANDBOX"];
     /// Namecheap's API URL, for proxies and tests.
     pub const NAMECHEAP_URL: &[&str] = &["NAMECHEAP_API_URL"];
+    /// Google Cloud: the service account key's JSON (lego's name).
+    pub const GCE_ACCOUNT: &[&str] = &["GCE_SERVICE_ACCOUNT"];
+    /// Or the file holding it (lego's name, then Google's own).
+    pub const GCE_ACCOUNT_FILE: &[&str] =
+        &["GCE_SERVICE_ACCOUNT_FILE", "GOOGLE_APPLICATION_CREDENTIALS"];
+    /// The project (else the key's `project_id`).
+    pub const GCE_PROJECT: &[&str] = &["GCE_PROJECT"];
+    /// The one managed zone to write (name or id).
+    pub const GCE_ZONE: &[&str] = &["GCE_ZONE_ID"];
+    /// Cloud DNS's API root, for proxies and tests.
+    pub const GCE_URL: &[&str] = &["GCE_API_URL"];
+    /// Between two looks at a pending change (seconds, lego's name).
+    pub const GCE_POLLING: &[&str] = &["GCE_POLLING_INTERVAL"];
+    /// How long a change may stay pending (seconds, lego's name).
+    pub const GCE_SYNC_TIMEOUT: &[&str] = &["GCE_PROPAGATION_TIMEOUT"];
     /// Route53: the access key (the AWS SDKs' name).
     pub const AWS_KEY: &[&str] = &["AWS_ACCESS_KEY_ID"];
     /// Its secret.
@@ -123,6 +138,8 @@ pub const LINODE_API: &str = "https://api.linode.com/v4";
 pub const NAMECHEAP_API: &str = "https://api.namecheap.com/xml.response";
 /// Namecheap's sandbox API.
 pub const NAMECHEAP_SANDBOX_API: &str = "https://api.sandbox.namecheap.com/xml.response";
+/// Cloud DNS's API v1.
+pub const GCLOUD_API: &str = "https://dns.googleapis.com/dns/v1";
 /// Route53's global endpoint.
 pub const ROUTE53_API: &str = "https://route53.amazonaws.com";
 /// STS's global endpoint (signed in us-east-1).
@@ -201,6 +218,8 @@ pub enum ProviderConfig {
     },
     /// Amazon Route53, calls signed with SigV4.
     Route53(Route53Config),
+    /// Google Cloud DNS with a service account.
+    GoogleCloud(GoogleCloudConfig),
     /// lego's HTTP request protocol: `POST <endpoint>/present` and `/cleanup`.
     HttpReq {
         /// The operator's endpoint.
@@ -210,6 +229,95 @@ pub enum ProviderConfig {
         /// Its password.
         password: Option<Secret>,
     },
+}
+
+/// Google Cloud DNS's service account and settings.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct GoogleCloudConfig {
+    /// The key file's JSON (checked to sign at load).
+    pub service_account: Secret,
+    /// The project.
+    pub project: String,
+    /// The one managed zone to write; unset: every public zone of the project.
+    pub zone: Option<String>,
+    /// Cloud DNS's API root.
+    pub api_url: String,
+    /// Between two looks at a pending change.
+    #[serde(with = "secs")]
+    pub polling_interval: Duration,
+    /// At most.
+    #[serde(with = "secs")]
+    pub sync_timeout: Duration,
+}
+
+/// A Google service account's key, as its JSON file gives it (checked to sign at load).
+#[derive(Clone)]
+pub struct ServiceAccount {
+    /// `client_email`: the JWT's issuer.
+    pub client_email: String,
+    /// `private_key_id`: the JWT's `kid`.
+    pub private_key_id: String,
+    /// The RSA key, PKCS#8 or PKCS#1 DER.
+    pub key: std::sync::Arc<ring::signature::RsaKeyPair>,
+    /// `token_uri`.
+    pub token_uri: String,
+    /// `project_id`, when it names one.
+    pub project_id: Option<String>,
+}
+
+impl std::fmt::Debug for ServiceAccount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceAccount")
+            .field("client_email", &self.client_email)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServiceAccount {
+    /// From a key file's JSON: `type` must be `service_account` and the key RSA.
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+        match v["type"].as_str() {
+            Some("service_account") => {}
+            other => {
+                return Err(format!(
+                    "'type' is {other:?}, not \"service_account\" (a user's or an external account's credentials do not sign)"
+                ))
+            }
+        }
+        let field = |k: &str| {
+            v[k].as_str()
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .ok_or_else(|| format!("no {k:?}"))
+        };
+        let pem = field("private_key")?;
+        use rustls_pki_types::pem::PemObject as _;
+        let der = rustls_pki_types::PrivateKeyDer::from_pem_slice(pem.as_bytes())
+            .map_err(|e| format!("private_key: {e}"))?;
+        let key = match &der {
+            rustls_pki_types::PrivateKeyDer::Pkcs8(k) => {
+                ring::signature::RsaKeyPair::from_pkcs8(k.secret_pkcs8_der())
+            }
+            rustls_pki_types::PrivateKeyDer::Pkcs1(k) => {
+                ring::signature::RsaKeyPair::from_der(k.secret_pkcs1_der())
+            }
+            _ => return Err("private_key: not an RSA key".into()),
+        }
+        .map_err(|e| format!("private_key: not a usable RSA key ({e})"))?;
+        Ok(Self {
+            client_email: field("client_email")?,
+            private_key_id: field("private_key_id")?,
+            key: std::sync::Arc::new(key),
+            token_uri: v["token_uri"]
+                .as_str()
+                .filter(|s| !s.is_empty())
+                .unwrap_or("https://oauth2.googleapis.com/token")
+                .to_owned(),
+            project_id: v["project_id"].as_str().map(str::to_owned),
+        })
+    }
 }
 
 /// Route53's credentials and settings.
@@ -507,7 +615,7 @@ fn pick(
 
 /// dstack-ingress picks the provider by the first credential set, in this order, when
 /// `DNS_PROVIDER` is not set.
-const DETECTED: [(&str, &str); 7] = [
+const DETECTED: [(&str, &str); 9] = [
     ("CLOUDFLARE_API_TOKEN", "cloudflare"),
     ("LINODE_API_TOKEN", "linode"),
     ("NAMECHEAP_API_KEY", "namecheap"),
@@ -516,6 +624,8 @@ const DETECTED: [(&str, &str); 7] = [
     ("DO_AUTH_TOKEN", "digitalocean"),
     ("HETZNER_API_TOKEN", "hetzner"),
     ("PORKBUN_API_KEY", "porkbun"),
+    ("GCE_SERVICE_ACCOUNT", "gcloud"),
+    ("GCE_SERVICE_ACCOUNT_FILE", "gcloud"),
 ];
 
 /// Whether the DNS provider is named by the environment (`DNS_PROVIDER`, or a credential
@@ -546,8 +656,9 @@ fn provider(raw: &RawDns, env: &dyn Source, c: &mut Check) -> Option<ProviderCon
         "porkbun" => porkbun(raw, env, key, c),
         "route53" => route53(raw, env, key, c),
         "namecheap" => namecheap(raw, env, key, c),
+        "gcloud" | "googlecloud" | "google" => gcloud(raw, env, key, c),
         other => {
-            c.fail(key, format!("{other:?} is not a DNS provider this build has: use cloudflare, rfc2136 (RFC 2136 works with BIND, Knot, PowerDNS and most managed DNS), digitalocean, hetzner, linode, namecheap, porkbun, route53, or httpreq (any DNS behind an HTTP endpoint of yours)"));
+            c.fail(key, format!("{other:?} is not a DNS provider this build has: use cloudflare, rfc2136 (RFC 2136 works with BIND, Knot, PowerDNS and most managed DNS), digitalocean, gcloud, hetzner, linode, namecheap, porkbun, route53, or httpreq (any DNS behind an HTTP endpoint of yours)"));
             None
         }
     }
@@ -624,6 +735,78 @@ fn porkbun(raw: &RawDns, env: &dyn Source, key: &str, c: &mut Check) -> Option<P
     })
 }
 
+/// Whole seconds from `keys`, else `default`; anything else is an error naming the variable.
+fn whole_seconds(
+    env: &dyn Source,
+    keys: &'static [&'static str],
+    default: u64,
+    c: &mut Check,
+) -> Duration {
+    match super::source::first(env, keys) {
+        None => Duration::from_secs(default),
+        Some((var, v)) => match v.trim().parse::<u64>() {
+            Ok(n) if n > 0 => Duration::from_secs(n),
+            _ => {
+                c.fail(var, format!("{v:?} is not a whole number of seconds"));
+                Duration::from_secs(default)
+            }
+        },
+    }
+}
+
+/// `gcloud`: a service account's key (its JSON, or the file holding it) with the DNS
+/// Administrator role, and the project (else the key's own).
+fn gcloud(raw: &RawDns, env: &dyn Source, key: &str, c: &mut Check) -> Option<ProviderConfig> {
+    let json = match (
+        super::source::first(env, env::GCE_ACCOUNT),
+        super::source::first(env, env::GCE_ACCOUNT_FILE),
+        raw.api_token.clone(),
+    ) {
+        (Some((var, json)), _, _) => Some((var.to_owned(), json)),
+        (None, Some((var, path)), _) => match std::fs::read_to_string(path.trim()) {
+            Ok(json) => Some((var.to_owned(), json)),
+            Err(e) => {
+                c.fail(var, format!("{}: {e}", path.trim()));
+                return None;
+            }
+        },
+        (None, None, Some(json)) => Some(("dns.api_token".to_owned(), json)),
+        (None, None, None) => None,
+    };
+    let Some((var, json)) = json else {
+        c.fail(key, "gcloud needs a service account key with the DNS Administrator role (GCE_SERVICE_ACCOUNT: its JSON, or GCE_SERVICE_ACCOUNT_FILE / GOOGLE_APPLICATION_CREDENTIALS: its file)");
+        return None;
+    };
+    let project_in_key = match ServiceAccount::from_json(&json) {
+        Ok(account) => account.project_id,
+        Err(e) => {
+            c.fail(&var, format!("the service account key does not sign: {e}"));
+            return None;
+        }
+    };
+    let Some(project) = super::source::first(env, env::GCE_PROJECT)
+        .map(|(_, p)| p.trim().to_owned())
+        .or(project_in_key)
+    else {
+        c.fail(
+            "GCE_PROJECT",
+            "the key names no project_id: set GCE_PROJECT",
+        );
+        return None;
+    };
+    Some(ProviderConfig::GoogleCloud(GoogleCloudConfig {
+        service_account: Secret(json),
+        project,
+        zone: super::source::first(env, env::GCE_ZONE).map(|(_, z)| z.trim().to_owned()),
+        api_url: pick(env, env::GCE_URL, raw.api_url.clone(), "dns.api_url").map_or_else(
+            || GCLOUD_API.to_owned(),
+            |(_, u)| u.trim().trim_end_matches('/').to_owned(),
+        ),
+        polling_interval: whole_seconds(env, env::GCE_POLLING, 2, c),
+        sync_timeout: whole_seconds(env, env::GCE_SYNC_TIMEOUT, 120, c),
+    }))
+}
+
 /// `namecheap`: the API user and key, from a whitelisted IPv4 address.
 fn namecheap(raw: &RawDns, env: &dyn Source, key: &str, c: &mut Check) -> Option<ProviderConfig> {
     let user = pick(
@@ -683,20 +866,8 @@ fn route53(raw: &RawDns, env: &dyn Source, key: &str, c: &mut Check) -> Option<P
         c.fail(key, missing);
         return None;
     };
-    let mut seconds = |keys: &'static [&'static str], default: u64| -> Duration {
-        match super::source::first(env, keys) {
-            None => Duration::from_secs(default),
-            Some((var, v)) => match v.trim().parse::<u64>() {
-                Ok(n) if n > 0 => Duration::from_secs(n),
-                _ => {
-                    c.fail(var, format!("{v:?} is not a whole number of seconds"));
-                    Duration::from_secs(default)
-                }
-            },
-        }
-    };
-    let polling_interval = seconds(env::AWS_POLLING, 4);
-    let sync_timeout = seconds(env::AWS_SYNC_TIMEOUT, 120);
+    let polling_interval = whole_seconds(env, env::AWS_POLLING, 4, c);
+    let sync_timeout = whole_seconds(env, env::AWS_SYNC_TIMEOUT, 120, c);
     let wait_for_sync = super::domains::env_flag(env, env::AWS_WAIT, c).unwrap_or(true);
     let region = first(env::AWS_REGION).map(|r| r.trim().to_owned());
     let url = |keys, default: String| {

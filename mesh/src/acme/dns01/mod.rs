@@ -8,6 +8,7 @@ pub mod caa;
 pub mod cloudflare;
 pub mod digitalocean;
 pub mod doh;
+pub mod gcloud;
 pub mod hetzner;
 pub mod httpreq;
 pub mod linode;
@@ -45,6 +46,9 @@ pub enum SetupError {
     /// The HTTPS client for the provider's API.
     #[error("HTTPS client: {0}")]
     Https(#[from] crate::https::RootsError),
+    /// The service account's key file does not sign.
+    #[error("service account: {0}")]
+    ServiceAccount(String),
     /// A TSIG algorithm hickory does not sign with.
     #[error("TSIG algorithm {0:?} is not supported")]
     Algorithm(String),
@@ -457,6 +461,20 @@ pub fn provider(cfg: &ProviderConfig, timeout: Duration) -> Result<Arc<dyn Provi
             },
             timeout,
         )?),
+        ProviderConfig::GoogleCloud(g) => {
+            let account = gcloud::ServiceAccount::from_json(&g.service_account.0)
+                .map_err(SetupError::ServiceAccount)?;
+            Arc::new(gcloud::GoogleCloud::new(
+                gcloud::Settings {
+                    api_url: g.api_url.clone(),
+                    project: g.project.clone(),
+                    account,
+                    zone: g.zone.clone(),
+                    sync: (g.polling_interval, g.sync_timeout),
+                },
+                timeout,
+            )?)
+        }
         ProviderConfig::Route53(r) => Arc::new(route53::Route53::new(
             route53::Settings {
                 api_url: r.api_url.clone(),

@@ -132,7 +132,10 @@ fn errors_name_what_is_missing() {
             "NAMECHEAP_CLIENT_IP: \"2001:db8::1\" is not an IPv4 address",
         ),
         (
-            &[("ACME_PROFILE", "short lived"), ("CLOUDFLARE_API_TOKEN", "t")],
+            &[
+                ("ACME_PROFILE", "short lived"),
+                ("CLOUDFLARE_API_TOKEN", "t"),
+            ],
             "acme.profile: \"short lived\" is not an ACME profile name",
         ),
         (
