@@ -18,6 +18,7 @@ pub mod http_stand_in;
 pub mod linode;
 pub mod namecheap;
 pub mod netns;
+pub mod ovh;
 pub mod pebble;
 pub mod porkbun;
 pub mod redis;

@@ -1623,3 +1623,167 @@ async fn gcloud_renews_an_expired_token_and_refuses_keys_that_cannot_sign() {
         "the credential was echoed: {text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ovh_issues_a_wildcard_with_signed_calls_at_the_servers_time() {
+    use e2e::ovh::OvhStandIn;
+    let d = Deployment::start().await;
+    let api = OvhStandIn::start(
+        ("ovh-app-key", "ovh-app-secret"),
+        "ovh-consumer-key",
+        ("oauth-id", "oauth-secret"),
+        &["example.test"],
+        Some(d.pebble.challtestsrv_management.clone()),
+    )
+    .await;
+    api.add(
+        "example.test",
+        "_acme-challenge",
+        "TXT",
+        "\"someone-elses\"",
+    );
+    // lego's variables: the application key picks the provider.
+    let env = wildcard_env(
+        &d,
+        vec![
+            ("OVH_ENDPOINT", api.endpoint.clone()),
+            ("OVH_APPLICATION_KEY", "ovh-app-key".to_owned()),
+            ("OVH_APPLICATION_SECRET", "ovh-app-secret".to_owned()),
+            ("OVH_CONSUMER_KEY", "ovh-consumer-key".to_owned()),
+        ],
+    );
+    let (mut guard, admin) = d.sidecar("ovh", &env);
+    issued_with_records("*.example.test", admin, &mut guard).await;
+    let held: Vec<(String, String, String)> = api
+        .records()
+        .iter()
+        .map(|r| (r.field_type.clone(), r.sub_domain.clone(), r.target.clone()))
+        .collect();
+    assert!(
+        held.contains(&("CNAME".into(), "*".into(), format!("{GATEWAY}."))),
+        "fully qualified, not relative to the zone: {held:?}"
+    );
+    assert!(
+        held.contains(&(
+            "TXT".into(),
+            "_dstack-app-address-wildcard".into(),
+            format!("\"{SERVER}:443\"")
+        )),
+        "{held:?}"
+    );
+    let challenges: Vec<&(String, String, String)> = held
+        .iter()
+        .filter(|(_, sub, _)| sub == "_acme-challenge")
+        .collect();
+    assert_eq!(
+        challenges,
+        [&(
+            "TXT".into(),
+            "_acme-challenge".into(),
+            "\"someone-elses\"".into()
+        )],
+        "ours removed, theirs kept"
+    );
+    assert!(
+        api.refreshes() >= 4,
+        "every change published: {}",
+        api.refreshes()
+    );
+    let log = guard.stderr();
+    for secret in ["ovh-app-secret", "ovh-consumer-key"] {
+        assert!(!log.contains(secret), "{secret} was logged");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ovh_oauth2_clients_and_bad_keys_are_answered_in_ovhs_words() {
+    use dstack_mesh::acme::dns01::{
+        ovh::{Auth, Ovh},
+        Provider, Record,
+    };
+    use e2e::ovh::OvhStandIn;
+    let api = OvhStandIn::start(
+        ("ak", "as"),
+        "ck",
+        ("oauth-id", "oauth-secret"),
+        &["example.test"],
+        None,
+    )
+    .await;
+    let oauth = Ovh::new(
+        &api.endpoint,
+        Auth::OAuth2 {
+            client_id: "oauth-id".into(),
+            client_secret: "oauth-secret".into(),
+            token_url: api.token_url.clone(),
+        },
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let zone = oauth.zone_for("app.example.test").await.unwrap();
+    let record = Record {
+        name: "_acme-challenge.app.example.test".into(),
+        data: Data::Txt("token-1".into()),
+        ttl: 30,
+        id: None,
+    };
+    let created = oauth.create(&zone, &record).await.unwrap();
+    assert!(
+        created
+            .id
+            .as_deref()
+            .is_some_and(|id| id.parse::<u64>().unwrap() > u64::from(u32::MAX)),
+        "{created:?}"
+    );
+    assert_eq!(api.records()[0].ttl, 60, "OVH's least TTL");
+    // Deleted by its id, or (from another run) found by its value.
+    oauth
+        .delete(
+            &zone,
+            &Record {
+                id: None,
+                ..record.clone()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(api.records().is_empty());
+    assert_eq!(api.grants(), 1, "one token for every call");
+    let signed = |secret: &str, consumer: &str| {
+        Ovh::new(
+            &api.endpoint,
+            Auth::Signed {
+                application_key: "ak".into(),
+                application_secret: secret.into(),
+                consumer_key: consumer.into(),
+            },
+            Duration::from_secs(5),
+        )
+        .unwrap()
+    };
+    let e = signed("wrong", "ck").zones().await.unwrap_err().to_string();
+    assert!(
+        e.contains("400") && e.contains("Client::BadRequest: Invalid signature"),
+        "{e}"
+    );
+    let e = signed("as", "other").zones().await.unwrap_err().to_string();
+    assert!(e.contains("This credential does not exist"), "{e}");
+    // Two ways to authorise at once is a start-up error.
+    let d = Deployment::start().await;
+    let out = dns_check(
+        &d,
+        &[
+            ("DOMAIN", "*.example.test".to_owned()),
+            ("TARGET_ENDPOINT", d.backend.addr.to_string()),
+            ("OVH_APPLICATION_KEY", "ak".to_owned()),
+            ("OVH_APPLICATION_SECRET", "as".to_owned()),
+            ("OVH_CONSUMER_KEY", "ck".to_owned()),
+            ("OVH_ACCESS_TOKEN", "t".to_owned()),
+        ],
+        &[],
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success());
+    assert!(text.contains("ovh takes one way to authorise"), "{text}");
+}

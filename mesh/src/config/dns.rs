@@ -68,6 +68,23 @@ pub mod env {
     pub const GCE_POLLING: &[&str] = &["GCE_POLLING_INTERVAL"];
     /// How long a change may stay pending (seconds, lego's name).
     pub const GCE_SYNC_TIMEOUT: &[&str] = &["GCE_PROPAGATION_TIMEOUT"];
+    /// OVH's endpoint: `ovh-eu` (default), `ovh-ca`, `ovh-us`, `kimsufi-*`, `soyoustart-*`, or
+    /// a URL.
+    pub const OVH_ENDPOINT: &[&str] = &["OVH_ENDPOINT"];
+    /// OVH application key, secret and consumer key (lego's names).
+    pub const OVH_APP_KEY: &[&str] = &["OVH_APPLICATION_KEY"];
+    /// The application secret.
+    pub const OVH_APP_SECRET: &[&str] = &["OVH_APPLICATION_SECRET"];
+    /// The consumer key.
+    pub const OVH_CONSUMER_KEY: &[&str] = &["OVH_CONSUMER_KEY"];
+    /// An OAuth2 client's id.
+    pub const OVH_CLIENT_ID: &[&str] = &["OVH_CLIENT_ID"];
+    /// Its secret.
+    pub const OVH_CLIENT_SECRET: &[&str] = &["OVH_CLIENT_SECRET"];
+    /// An access token, used as it is.
+    pub const OVH_ACCESS_TOKEN: &[&str] = &["OVH_ACCESS_TOKEN"];
+    /// The OAuth2 token URL, for tests (else the endpoint's).
+    pub const OVH_TOKEN_URL: &[&str] = &["OVH_OAUTH2_TOKEN_URL"];
     /// Route53: the access key (the AWS SDKs' name).
     pub const AWS_KEY: &[&str] = &["AWS_ACCESS_KEY_ID"];
     /// Its secret.
@@ -216,6 +233,13 @@ pub enum ProviderConfig {
         /// The API URL.
         api_url: String,
     },
+    /// OVHcloud's API.
+    Ovh {
+        /// The endpoint's root with its version.
+        api_url: String,
+        /// How calls are authorised.
+        auth: OvhAuth,
+    },
     /// Amazon Route53, calls signed with SigV4.
     Route53(Route53Config),
     /// Google Cloud DNS with a service account.
@@ -230,6 +254,55 @@ pub enum ProviderConfig {
         password: Option<Secret>,
     },
 }
+
+/// How OVH calls are authorised: one of three, never two.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum OvhAuth {
+    /// Application key, secret and consumer key: each call signed.
+    Signed {
+        /// The application key (names the application, not secret).
+        application_key: String,
+        /// The application secret.
+        application_secret: Secret,
+        /// The consumer key.
+        consumer_key: Secret,
+    },
+    /// An OAuth2 client (service account).
+    OAuth2 {
+        /// Its id.
+        client_id: String,
+        /// Its secret.
+        client_secret: Secret,
+        /// The endpoint's token URL.
+        token_url: String,
+    },
+    /// An access token.
+    Token(Secret),
+}
+
+/// OVH's endpoints by name: API root and OAuth2 token URL (go-ovh's table).
+const OVH_ENDPOINTS: [(&str, &str, Option<&str>); 7] = [
+    (
+        "ovh-eu",
+        "https://eu.api.ovh.com/1.0",
+        Some("https://www.ovh.com/auth/oauth2/token"),
+    ),
+    (
+        "ovh-ca",
+        "https://ca.api.ovh.com/1.0",
+        Some("https://ca.ovh.com/auth/oauth2/token"),
+    ),
+    (
+        "ovh-us",
+        "https://api.us.ovhcloud.com/1.0",
+        Some("https://us.ovhcloud.com/auth/oauth2/token"),
+    ),
+    ("kimsufi-eu", "https://eu.api.kimsufi.com/1.0", None),
+    ("kimsufi-ca", "https://ca.api.kimsufi.com/1.0", None),
+    ("soyoustart-eu", "https://eu.api.soyoustart.com/1.0", None),
+    ("soyoustart-ca", "https://ca.api.soyoustart.com/1.0", None),
+];
 
 /// Google Cloud DNS's service account and settings.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -615,7 +688,7 @@ fn pick(
 
 /// dstack-ingress picks the provider by the first credential set, in this order, when
 /// `DNS_PROVIDER` is not set.
-const DETECTED: [(&str, &str); 9] = [
+const DETECTED: [(&str, &str); 11] = [
     ("CLOUDFLARE_API_TOKEN", "cloudflare"),
     ("LINODE_API_TOKEN", "linode"),
     ("NAMECHEAP_API_KEY", "namecheap"),
@@ -624,6 +697,8 @@ const DETECTED: [(&str, &str); 9] = [
     ("DO_AUTH_TOKEN", "digitalocean"),
     ("HETZNER_API_TOKEN", "hetzner"),
     ("PORKBUN_API_KEY", "porkbun"),
+    ("OVH_APPLICATION_KEY", "ovh"),
+    ("OVH_CLIENT_ID", "ovh"),
     ("GCE_SERVICE_ACCOUNT", "gcloud"),
     ("GCE_SERVICE_ACCOUNT_FILE", "gcloud"),
 ];
@@ -656,9 +731,10 @@ fn provider(raw: &RawDns, env: &dyn Source, c: &mut Check) -> Option<ProviderCon
         "porkbun" => porkbun(raw, env, key, c),
         "route53" => route53(raw, env, key, c),
         "namecheap" => namecheap(raw, env, key, c),
+        "ovh" => ovh(env, key, c),
         "gcloud" | "googlecloud" | "google" => gcloud(raw, env, key, c),
         other => {
-            c.fail(key, format!("{other:?} is not a DNS provider this build has: use cloudflare, rfc2136 (RFC 2136 works with BIND, Knot, PowerDNS and most managed DNS), digitalocean, gcloud, hetzner, linode, namecheap, porkbun, route53, or httpreq (any DNS behind an HTTP endpoint of yours)"));
+            c.fail(key, format!("{other:?} is not a DNS provider this build has: use cloudflare, rfc2136 (RFC 2136 works with BIND, Knot, PowerDNS and most managed DNS), digitalocean, gcloud, hetzner, linode, namecheap, ovh, porkbun, route53, or httpreq (any DNS behind an HTTP endpoint of yours)"));
             None
         }
     }
@@ -805,6 +881,82 @@ fn gcloud(raw: &RawDns, env: &dyn Source, key: &str, c: &mut Check) -> Option<Pr
         polling_interval: whole_seconds(env, env::GCE_POLLING, 2, c),
         sync_timeout: whole_seconds(env, env::GCE_SYNC_TIMEOUT, 120, c),
     }))
+}
+
+/// `ovh`: an endpoint and exactly one way to authorise calls (application keys, an OAuth2
+/// client, or an access token).
+fn ovh(env: &dyn Source, key: &str, c: &mut Check) -> Option<ProviderConfig> {
+    let get = |keys: &[&'static str]| {
+        super::source::first(env, keys)
+            .map(|(_, v)| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    };
+    let endpoint = get(env::OVH_ENDPOINT).unwrap_or_else(|| "ovh-eu".to_owned());
+    let (api_url, token_url) = match OVH_ENDPOINTS.iter().find(|(n, _, _)| *n == endpoint) {
+        Some((_, url, token)) => ((*url).to_owned(), token.map(str::to_owned)),
+        None if endpoint.contains('/') => (endpoint.trim_end_matches('/').to_owned(), None),
+        None => {
+            c.fail(
+                "OVH_ENDPOINT",
+                format!(
+                    "{endpoint:?} is not an OVH endpoint: use {}, or a URL",
+                    OVH_ENDPOINTS.map(|(n, _, _)| n).join(", ")
+                ),
+            );
+            return None;
+        }
+    };
+    let app = (
+        get(env::OVH_APP_KEY),
+        get(env::OVH_APP_SECRET),
+        get(env::OVH_CONSUMER_KEY),
+    );
+    let client = (get(env::OVH_CLIENT_ID), get(env::OVH_CLIENT_SECRET));
+    let token = get(env::OVH_ACCESS_TOKEN);
+    let methods = [
+        app.0.is_some() || app.1.is_some() || app.2.is_some(),
+        client.0.is_some() || client.1.is_some(),
+        token.is_some(),
+    ];
+    if methods.iter().filter(|m| **m).count() > 1 {
+        c.fail(key, "ovh takes one way to authorise: application keys (OVH_APPLICATION_KEY, OVH_APPLICATION_SECRET, OVH_CONSUMER_KEY), an OAuth2 client (OVH_CLIENT_ID, OVH_CLIENT_SECRET) or OVH_ACCESS_TOKEN, not several");
+        return None;
+    }
+    let auth = match (app, client, token) {
+        ((Some(k), Some(s), Some(ck)), _, _) => OvhAuth::Signed {
+            application_key: k,
+            application_secret: Secret(s),
+            consumer_key: Secret(ck),
+        },
+        ((Some(_), _, _) | (_, Some(_), _) | (_, _, Some(_)), _, _) => {
+            c.fail(key, "ovh's application keys go together: OVH_APPLICATION_KEY, OVH_APPLICATION_SECRET and OVH_CONSUMER_KEY");
+            return None;
+        }
+        (_, (Some(id), Some(secret)), _) => {
+            let Some(token_url) = get(env::OVH_TOKEN_URL).or(token_url) else {
+                c.fail("OVH_ENDPOINT", format!("{endpoint:?} has no OAuth2 token endpoint: use ovh-eu, ovh-ca or ovh-us, or application keys"));
+                return None;
+            };
+            OvhAuth::OAuth2 {
+                client_id: id,
+                client_secret: Secret(secret),
+                token_url,
+            }
+        }
+        (_, (Some(_), None) | (None, Some(_)), _) => {
+            c.fail(
+                key,
+                "an OVH OAuth2 client needs OVH_CLIENT_ID and OVH_CLIENT_SECRET",
+            );
+            return None;
+        }
+        (_, _, Some(t)) => OvhAuth::Token(Secret(t)),
+        _ => {
+            c.fail(key, "ovh needs application keys (OVH_APPLICATION_KEY, OVH_APPLICATION_SECRET, OVH_CONSUMER_KEY, allowed GET/POST/DELETE on /domain/zone/*), an OAuth2 client (OVH_CLIENT_ID, OVH_CLIENT_SECRET) or OVH_ACCESS_TOKEN");
+            return None;
+        }
+    };
+    Some(ProviderConfig::Ovh { api_url, auth })
 }
 
 /// `namecheap`: the API user and key, from a whitelisted IPv4 address.

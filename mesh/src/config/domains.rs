@@ -911,7 +911,7 @@ fn check_domains(
         {
             c.fail(
                 key,
-                format!("{}: dns-01 needs a DNS provider (DNS_PROVIDER=cloudflare, rfc2136, route53, gcloud, digitalocean, hetzner, linode, namecheap, porkbun or httpreq, or [dns] provider)", d.primary()),
+                format!("{}: dns-01 needs a DNS provider (DNS_PROVIDER=cloudflare, rfc2136, route53, gcloud, digitalocean, hetzner, linode, namecheap, ovh, porkbun or httpreq, or [dns] provider)", d.primary()),
             );
         }
         if d.challenge == Challenge::Http01

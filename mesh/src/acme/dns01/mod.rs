@@ -13,6 +13,7 @@ pub mod hetzner;
 pub mod httpreq;
 pub mod linode;
 pub mod namecheap;
+pub mod ovh;
 pub mod porkbun;
 mod rest;
 pub mod rfc2136;
@@ -474,6 +475,30 @@ pub fn provider(cfg: &ProviderConfig, timeout: Duration) -> Result<Arc<dyn Provi
                 },
                 timeout,
             )?)
+        }
+        ProviderConfig::Ovh { api_url, auth } => {
+            let auth = match auth {
+                crate::config::dns::OvhAuth::Signed {
+                    application_key,
+                    application_secret,
+                    consumer_key,
+                } => ovh::Auth::Signed {
+                    application_key: application_key.clone(),
+                    application_secret: application_secret.0.clone(),
+                    consumer_key: consumer_key.0.clone(),
+                },
+                crate::config::dns::OvhAuth::OAuth2 {
+                    client_id,
+                    client_secret,
+                    token_url,
+                } => ovh::Auth::OAuth2 {
+                    client_id: client_id.clone(),
+                    client_secret: client_secret.0.clone(),
+                    token_url: token_url.clone(),
+                },
+                crate::config::dns::OvhAuth::Token(t) => ovh::Auth::Token(t.0.clone()),
+            };
+            Arc::new(ovh::Ovh::new(api_url, auth, timeout)?)
         }
         ProviderConfig::Route53(r) => Arc::new(route53::Route53::new(
             route53::Settings {
