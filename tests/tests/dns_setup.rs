@@ -39,7 +39,48 @@ const TOKEN: &str = "webhook-secret";
 /// A DoH JSON endpoint answering from the DNS server `dns` (challtestsrv), in the shape
 /// dns.google/resolve answers: `Status`, and `Answer` entries with presentation-form `data`.
 async fn doh(dns: SocketAddr) -> String {
-    let addr = serve(move |req: Request<Incoming>| async move {
+    let addr = serve(move |req: Request<Incoming>| resolve_json(dns, req)).await;
+    format!("http://{addr}/resolve")
+}
+
+/// A DoH endpoint whose cache is behind while `behind` holds: it still answers the old
+/// gateway and app address for [`DOMAIN`], then answers as [`doh`] does.
+async fn doh_lagging(dns: SocketAddr, behind: Arc<std::sync::atomic::AtomicBool>) -> String {
+    let addr = serve(move |req: Request<Incoming>| {
+        let behind = behind.load(std::sync::atomic::Ordering::SeqCst);
+        async move {
+            let query = req.uri().query().unwrap_or_default().to_owned();
+            let stale = |t: u16, data: &str, name: &str| {
+                json_response(
+                    StatusCode::OK,
+                    serde_json::json!({"Status": 0, "Answer": [{"name": name, "type": t, "TTL": 300, "data": data}]}),
+                )
+            };
+            match behind {
+                true if query.contains(&format!("name={DOMAIN}&type=5")) => {
+                    stale(5, "old-gw.example.net.", &format!("{DOMAIN}."))
+                }
+                // The old gateway's address, cached with it.
+                true if query.contains(&format!("name={DOMAIN}&type=1")) => {
+                    stale(1, "192.0.2.1", &format!("{DOMAIN}."))
+                }
+                true if query.contains(&format!("name=_dstack-app-address.{DOMAIN}&type=16")) => {
+                    stale(16, "\"0ld0ld:443\"", &format!("_dstack-app-address.{DOMAIN}."))
+                }
+                _ => resolve_json(dns, req).await,
+            }
+        }
+    })
+    .await;
+    format!("http://{addr}/resolve")
+}
+
+/// One DoH JSON answer from the DNS server `dns`.
+async fn resolve_json(
+    dns: SocketAddr,
+    req: Request<Incoming>,
+) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+    {
         let query: Vec<(String, String)> = req
             .uri()
             .query()
@@ -50,7 +91,10 @@ async fn doh(dns: SocketAddr) -> String {
             .collect();
         let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.clone());
         let (Some(name), Some(code)) = (get("name"), get("type")) else {
-            return json_response(StatusCode::BAD_REQUEST, serde_json::json!({"error": "name and type"}));
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": "name and type"}),
+            );
         };
         let rtype = match code.as_str() {
             "1" => Rtype::A,
@@ -58,7 +102,12 @@ async fn doh(dns: SocketAddr) -> String {
             "16" => Rtype::Txt,
             "28" => Rtype::Aaaa,
             "257" => Rtype::Caa,
-            _ => return json_response(StatusCode::BAD_REQUEST, serde_json::json!({"error": "type"})),
+            _ => {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": "type"}),
+                )
+            }
         };
         match wire::query(dns, &name, rtype, Duration::from_secs(3)).await {
             Ok(answer) => {
@@ -80,13 +129,14 @@ async fn doh(dns: SocketAddr) -> String {
                         serde_json::json!({"name": format!("{}.", r.name), "type": t, "TTL": r.ttl, "data": data})
                     })
                     .collect();
-                json_response(StatusCode::OK, serde_json::json!({"Status": 0, "Answer": records}))
+                json_response(
+                    StatusCode::OK,
+                    serde_json::json!({"Status": 0, "Answer": records}),
+                )
             }
             Err(_) => json_response(StatusCode::OK, serde_json::json!({"Status": 2})),
         }
-    })
-    .await;
-    format!("http://{addr}/resolve")
+    }
 }
 
 /// What the receiver saw.
@@ -397,6 +447,52 @@ async fn the_webhook_creates_the_records_and_issuance_waits_for_them() {
     // /certs shows each record as seen.
     let setup = cert.dns_setup.unwrap();
     assert!(setup.iter().all(|c| c.visible), "{setup:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolvers_that_disagree_hold_issuance_until_every_one_sees_the_records() {
+    // One resolver sees the new records at once; the other still answers the old gateway and
+    // app address from its cache. Every resolver must see every record: the attempt fails
+    // naming the lagging resolver and what it saw, and succeeds once it catches up.
+    let d = Deployment::start().await;
+    let fresh = doh(d.pebble.challtestsrv_dns).await;
+    let behind = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let lagging = doh_lagging(d.pebble.challtestsrv_dns, behind.clone()).await;
+    let (hook, _received) = receiver(d.pebble.challtestsrv_management.clone(), true, false).await;
+    let env = ingress_env(&d, "webhook", &format!("{fresh},{lagging}"), &hook, "3");
+    let (mut guard, admin) = d.sidecar("ingress", &env);
+    let cert = wait_for(
+        "the disagreement to time out",
+        admin,
+        &mut guard,
+        Duration::from_secs(60),
+        |c| c.last_error.is_some(),
+    )
+    .await;
+    let error = cert.last_error.unwrap();
+    assert!(
+        error.contains(&format!("{lagging}: CNAME old-gw.example.net")),
+        "{error}"
+    );
+    assert!(error.contains(&format!("{lagging}: 0ld0ld:443")), "{error}");
+    assert!(
+        !error.contains(&format!("{fresh}:")),
+        "the fresh resolver is not blamed: {error}"
+    );
+    assert_eq!(
+        d.pebble.orders_seen(),
+        0,
+        "no order while a resolver disagrees"
+    );
+    behind.store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_for(
+        "issuance once the resolvers agree",
+        admin,
+        &mut guard,
+        Duration::from_secs(60),
+        |c| c.status == Status::Valid,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -130,63 +130,78 @@ async fn exact_seen(doh: &Doh, resolvers: &[String], want: &Record) -> Result<()
     }
 }
 
-/// The name is a CNAME to the gateway at some resolver, or (a provider that flattens) its
-/// addresses are the gateway's.
+/// At every resolver that answers, the name is a CNAME to the gateway, or (a provider that
+/// flattens) its addresses are the gateway's: a resolver that still sees something else
+/// (an old gateway, a cache not yet expired) is a miss, named with what it saw.
 async fn alias_seen(
     doh: &Doh,
     resolvers: &[String],
     want: &Record,
     target: &str,
 ) -> Result<(), String> {
-    let mut seen = Vec::new();
+    let mut answered = 0;
     let mut errors = Vec::new();
     for resolver in resolvers {
-        match doh.query(resolver, &want.name, Rtype::Cname).await {
-            Ok(answer) => {
-                for r in answer.records {
-                    if let Data::Cname(t) = &r.data {
-                        if r.name == want.name && t.eq_ignore_ascii_case(target) {
-                            return Ok(());
-                        }
-                        seen.push(format!("CNAME {t}"));
-                    }
-                }
-            }
+        match alias_at(doh, resolver, want, target).await {
+            Ok(Ok(())) => answered += 1,
+            Ok(Err(seen)) => return Err(format!("{resolver}: {seen}")),
             Err(e) => errors.push(format!("{resolver}: {e}")),
         }
     }
-    // Flattened: the name's addresses overlap the gateway's.
-    for resolver in resolvers {
-        for rtype in [Rtype::A, Rtype::Aaaa] {
-            let (Ok(ours), Ok(gateway)) = (
-                doh.query(resolver, &want.name, rtype).await,
-                doh.query(resolver, target, rtype).await,
-            ) else {
-                continue;
-            };
-            let addresses = |a: &super::doh::Answer| -> Vec<String> {
-                a.records
-                    .iter()
-                    .filter_map(|r| match &r.data {
-                        Data::Other(t, v) if *t == rtype => Some(v.clone()),
-                        _ => None,
-                    })
-                    .collect()
-            };
-            let (ours, gateway) = (addresses(&ours), addresses(&gateway));
-            if ours.iter().any(|a| gateway.contains(a)) {
-                return Ok(());
+    match answered {
+        0 => Err(format!("no resolver answered ({})", errors.join("; "))),
+        _ => Ok(()),
+    }
+}
+
+/// [`alias_seen`] at one resolver: whether it sees the alias (else what it sees instead), or
+/// why it did not answer.
+async fn alias_at(
+    doh: &Doh,
+    resolver: &str,
+    want: &Record,
+    target: &str,
+) -> Result<Result<(), String>, String> {
+    let answer = doh
+        .query(resolver, &want.name, Rtype::Cname)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut seen = Vec::new();
+    for r in &answer.records {
+        if let Data::Cname(t) = &r.data {
+            if r.name == want.name && t.eq_ignore_ascii_case(target) {
+                return Ok(Ok(()));
             }
-            if !ours.is_empty() {
-                seen.push(format!("{} {}", rtype.as_str(), ours.join(" ")));
-            }
+            seen.push(format!("CNAME {t}"));
         }
     }
-    Err(match (seen.is_empty(), errors.is_empty()) {
-        (true, false) if errors.len() == resolvers.len() => {
-            format!("no resolver answered ({})", errors.join("; "))
+    // Flattened: the name's addresses overlap the gateway's.
+    for rtype in [Rtype::A, Rtype::Aaaa] {
+        let (Ok(ours), Ok(gateway)) = (
+            doh.query(resolver, &want.name, rtype).await,
+            doh.query(resolver, target, rtype).await,
+        ) else {
+            continue;
+        };
+        let addresses = |a: &super::doh::Answer| -> Vec<String> {
+            a.records
+                .iter()
+                .filter_map(|r| match &r.data {
+                    Data::Other(t, v) if *t == rtype => Some(v.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let (ours, gateway) = (addresses(&ours), addresses(&gateway));
+        if ours.iter().any(|a| gateway.contains(a)) {
+            return Ok(Ok(()));
         }
-        (true, _) => "none".to_owned(),
-        (false, _) => seen.join(", "),
-    })
+        if !ours.is_empty() {
+            seen.push(format!("{} {}", rtype.as_str(), ours.join(" ")));
+        }
+    }
+    Ok(Err(match seen.is_empty() {
+        true => "none".to_owned(),
+        false => seen.join(", "),
+    }))
 }
