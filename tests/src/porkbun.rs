@@ -55,6 +55,8 @@ struct State {
     records: Vec<PorkbunRecord>,
     next_id: u64,
     requests: Vec<String>,
+    /// The next this many requests are refused as Porkbun's front end refuses a burst.
+    throttled: usize,
 }
 
 /// The stand-in; it stops with the test's runtime.
@@ -66,6 +68,11 @@ pub struct PorkbunStandIn {
 }
 
 impl PorkbunStandIn {
+    /// Answer the next `n` requests with Porkbun's 503 page (more than about one a second).
+    pub fn throttle(&self, n: usize) {
+        self.state.lock().unwrap().throttled = n;
+    }
+
     /// Serve `domains` to the key pair `api_key`:`secret` (given as `api_key:secret`); with
     /// `challtestsrv`, `_acme-challenge.` TXT records are mirrored there.
     pub async fn start(keys: &str, domains: &[&str], challtestsrv: Option<String>) -> Self {
@@ -108,7 +115,18 @@ async fn handle(
     mirror: Option<String>,
 ) -> Response<Full<Bytes>> {
     let taken = http_stand_in::take(req, "").await;
-    state.lock().unwrap().requests.push(taken.path.clone());
+    {
+        let mut s = state.lock().unwrap();
+        s.requests.push(taken.path.clone());
+        if s.throttled > 0 {
+            s.throttled -= 1;
+            let mut resp = Response::new(Full::new(Bytes::from_static(
+                b"<html><body><h1>503 Service Temporarily Unavailable</h1></body></html>",
+            )));
+            *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            return resp;
+        }
+    }
     if taken.method != Method::POST {
         return error(StatusCode::METHOD_NOT_ALLOWED, "Only POST is accepted.");
     }

@@ -1253,6 +1253,14 @@ async fn porkbun_issues_a_wildcard_and_writes_the_dstack_records() {
         !guard.stderr().contains("sk1_secret"),
         "the secret key was logged"
     );
+    // Porkbun's burst limit (503 pages past about a call a second) is waited out.
+    api.throttle(2);
+    let out = dns_check(&d, &env, &[]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // A wrong key pair: Porkbun's words, through dns check.
     let mut wrong = env.clone();
     wrong.retain(|(k, _)| *k != "PORKBUN_SECRET_API_KEY");

@@ -18,6 +18,8 @@ const LIST_PAGE: usize = 1000;
 const MAX_PAGES: usize = 100;
 /// Porkbun's smallest TTL.
 const MIN_TTL: u32 = 600;
+/// The first wait after a 503 (Porkbun allows about a call a second).
+const THROTTLED: Duration = Duration::from_secs(1);
 
 /// The API and the key pair.
 #[derive(Debug)]
@@ -41,9 +43,30 @@ impl Porkbun {
         })
     }
 
-    /// `POST path` with `body`; an answer whose `status` is not `SUCCESS` fails.
+    /// `POST path` with `body`; an answer whose `status` is not `SUCCESS` fails. Porkbun's
+    /// front end refuses more than about a call a second with a 503: waited out, three times.
     async fn post(&self, path: &str, body: Value) -> Result<Value, DnsError> {
-        let answer = self.api.call(http::Method::POST, path, Some(body)).await?;
+        let mut wait = THROTTLED;
+        let mut attempt = 1;
+        let answer = loop {
+            match self
+                .api
+                .call(http::Method::POST, path, Some(body.clone()))
+                .await
+            {
+                Err(e) if attempt < 4 && e.to_string().contains("HTTP 503") => {
+                    tracing::debug!(
+                        path,
+                        wait_ms = wait.as_millis() as u64,
+                        "porkbun: throttled"
+                    );
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                    attempt += 1;
+                }
+                other => break other?,
+            }
+        };
         match answer["status"].as_str() {
             Some("SUCCESS") => Ok(answer),
             _ => Err(self.api.fail(format!(
