@@ -16,7 +16,7 @@ use http_body_util::Full;
 use serde_json::{json, Value};
 
 use super::{
-    rest::{parse_presentation, presentation, public_resolvers, Https},
+    rest::{parse_presentation, presentation, public_resolvers, set_records, Https},
     BoxFuture, DnsError, Provider, Record, Rtype, Zone,
 };
 
@@ -393,17 +393,8 @@ impl Provider for GoogleCloud {
             let Some(set) = self.set(zone, name, rtype).await? else {
                 return Ok(Vec::new());
             };
-            Ok(set
-                .rrdatas
-                .iter()
-                .filter_map(|v| parse_presentation(&set.rtype, v))
-                .map(|data| Record {
-                    name: set.name.clone(),
-                    data,
-                    ttl: u32::try_from(set.ttl).unwrap_or(u32::MAX),
-                    id: None,
-                })
-                .collect())
+            let ttl = u32::try_from(set.ttl).unwrap_or(u32::MAX);
+            Ok(set_records(&set.name, &set.rtype, ttl, &set.rrdatas))
         })
     }
 

@@ -10,7 +10,7 @@ use std::{net::SocketAddr, time::Duration};
 use serde_json::{json, Value};
 
 use super::{
-    rest::{parse_presentation, presentation, public_resolvers, relative, Credential, JsonApi},
+    rest::{presentation, public_resolvers, relative, set_records, Credential, JsonApi},
     BoxFuture, DnsError, Provider, Record, Rtype, Zone,
 };
 
@@ -114,20 +114,13 @@ fn records(zone: &Zone, set: &Value) -> Vec<Record> {
         n => format!("{n}.{}", zone.name),
     };
     let ttl = u32::try_from(set["ttl"].as_u64().unwrap_or(0)).unwrap_or(u32::MAX);
-    set["records"]
+    let values: Vec<String> = set["records"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|r| {
-            let data = parse_presentation(rtype, r["value"].as_str()?)?;
-            Some(Record {
-                name: owner.to_ascii_lowercase(),
-                data,
-                ttl,
-                id: None,
-            })
-        })
-        .collect()
+        .filter_map(|r| r["value"].as_str().map(str::to_owned))
+        .collect();
+    set_records(&owner.to_ascii_lowercase(), rtype, ttl, &values)
 }
 
 impl Provider for Hetzner {

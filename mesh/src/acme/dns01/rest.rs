@@ -299,3 +299,18 @@ pub(super) fn parse_presentation(rtype: &str, v: &str) -> Option<Data> {
         _ => return None,
     })
 }
+
+/// A record set's values (presentation form, of type `rtype`) as records of `name`; values of
+/// types we do not read are left out.
+pub(super) fn set_records(name: &str, rtype: &str, ttl: u32, values: &[String]) -> Vec<Record> {
+    values
+        .iter()
+        .filter_map(|v| parse_presentation(rtype, v))
+        .map(|data| Record {
+            name: name.to_owned(),
+            data,
+            ttl,
+            id: None,
+        })
+        .collect()
+}

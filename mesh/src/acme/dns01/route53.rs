@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 
 use super::{
-    rest::{parse_presentation, presentation, public_resolvers, Https},
+    rest::{parse_presentation, presentation, public_resolvers, set_records, Https},
     sigv4::{self, Credentials, Scope},
     BoxFuture, Data, DnsError, Provider, Record, Rtype, Zone,
 };
@@ -614,17 +614,7 @@ impl Provider for Route53 {
             let Some(set) = self.set(zone, name, rtype).await? else {
                 return Ok(Vec::new());
             };
-            Ok(set
-                .values
-                .iter()
-                .filter_map(|v| parse_presentation(&set.rtype, v))
-                .map(|data| Record {
-                    name: set.name.clone(),
-                    data,
-                    ttl: set.ttl,
-                    id: None,
-                })
-                .collect())
+            Ok(set_records(&set.name, &set.rtype, set.ttl, &set.values))
         })
     }
 
