@@ -288,12 +288,7 @@ async fn handle(
     pebble: SocketAddr,
     dir_path: &str,
 ) -> Response<Full<Bytes>> {
-    let (parts, body) = req.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let (parts, body) = crate::http_stand_in::parts(req).await;
     let host = parts
         .headers
         .get(http::header::HOST)

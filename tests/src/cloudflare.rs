@@ -30,7 +30,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{header, Response};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Map, Value};
@@ -629,12 +629,7 @@ async fn handle(
     shared: Arc<Shared>,
     req: http::Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let (parts, body) = req.into_parts();
-    let bytes = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let (parts, bytes) = crate::http_stand_in::parts(req).await;
     let body = if bytes.is_empty() {
         Value::Null
     } else {

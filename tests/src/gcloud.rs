@@ -25,7 +25,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
@@ -326,12 +326,7 @@ async fn handle(
     state: Arc<Mutex<State>>,
     account: Account,
 ) -> Response<Full<Bytes>> {
-    let (parts, body) = req.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let (parts, body) = http_stand_in::parts(req).await;
     let path = parts.uri.path().to_owned();
     state
         .lock()

@@ -175,3 +175,15 @@ pub fn quoted_strings(v: &str) -> bool {
     }
     true
 }
+
+/// `req`'s head and its whole body (empty when it could not be read).
+pub async fn parts(req: Request<Incoming>) -> (http::request::Parts, Bytes) {
+    use http_body_util::BodyExt;
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    (parts, body)
+}
