@@ -365,6 +365,14 @@ fn wildcard_env(
     env
 }
 
+/// Each of `wanted` is among `held` (a provider's records as the stand-in keeps them); the
+/// failure shows everything held.
+fn assert_holds<T: PartialEq + std::fmt::Debug>(held: &[T], wanted: &[T]) {
+    for w in wanted {
+        assert!(held.contains(w), "{w:?} is not held: {held:#?}");
+    }
+}
+
 /// `domain`'s first error (within a minute).
 async fn first_error(domain: &str, admin: SocketAddr, guard: &mut ChildGuard) -> String {
     wait_on(
@@ -879,17 +887,16 @@ async fn digitalocean_issues_a_wildcard_and_writes_the_dstack_records() {
         .iter()
         .map(|r| (r.rtype.clone(), r.name.clone(), r.data.clone()))
         .collect();
-    assert!(
-        held.contains(&("CNAME".into(), "*".into(), GATEWAY.into())),
-        "{held:?}"
-    );
-    assert!(
-        held.contains(&(
-            "TXT".into(),
-            "_dstack-app-address-wildcard".into(),
-            format!("{SERVER}:443")
-        )),
-        "{held:?}"
+    assert_holds(
+        &held,
+        &[
+            ("CNAME".into(), "*".into(), GATEWAY.into()),
+            (
+                "TXT".into(),
+                "_dstack-app-address-wildcard".into(),
+                format!("{SERVER}:443"),
+            ),
+        ],
     );
     assert!(
         !held
@@ -965,18 +972,18 @@ async fn linode_as_dstack_ingress_configures_it_issues_and_writes_the_records() 
         .iter()
         .map(|r| (r.rtype.clone(), r.name.clone(), r.target.clone(), r.ttl_sec))
         .collect();
-    assert!(
-        held.contains(&("CNAME".into(), "shop".into(), GATEWAY.into(), 120)),
-        "{held:?}"
-    );
-    assert!(
-        held.contains(&(
-            "TXT".into(),
-            "_dstack-app-address.shop".into(),
-            format!("{SERVER}:443"),
-            120
-        )),
-        "TTL 60 rounds up to Linode's 120: {held:?}"
+    // TTL 60 rounds up to Linode's 120.
+    assert_holds(
+        &held,
+        &[
+            ("CNAME".into(), "shop".into(), GATEWAY.into(), 120),
+            (
+                "TXT".into(),
+                "_dstack-app-address.shop".into(),
+                format!("{SERVER}:443"),
+                120,
+            ),
+        ],
     );
     assert!(
         !held
@@ -1156,17 +1163,17 @@ async fn hetzner_issues_a_wildcard_and_writes_the_records_through_actions() {
         .iter()
         .map(|r| (r.rtype.clone(), r.name.clone(), r.values.clone()))
         .collect();
-    assert!(
-        held.contains(&("CNAME".into(), "*".into(), vec![format!("{GATEWAY}.")])),
-        "{held:?}"
-    );
-    assert!(
-        held.contains(&(
-            "TXT".into(),
-            "_dstack-app-address-wildcard".into(),
-            vec![format!("\"{SERVER}:443\"")]
-        )),
-        "TXT values quoted: {held:?}"
+    // TXT values quoted.
+    assert_holds(
+        &held,
+        &[
+            ("CNAME".into(), "*".into(), vec![format!("{GATEWAY}.")]),
+            (
+                "TXT".into(),
+                "_dstack-app-address-wildcard".into(),
+                vec![format!("\"{SERVER}:443\"")],
+            ),
+        ],
     );
     assert!(
         !held
@@ -1230,18 +1237,18 @@ async fn porkbun_issues_a_wildcard_and_writes_the_dstack_records() {
         .iter()
         .map(|r| (r.rtype.clone(), r.name.clone(), r.content.clone(), r.ttl))
         .collect();
-    assert!(
-        held.contains(&("CNAME".into(), "*.example.test".into(), GATEWAY.into(), 600)),
-        "{held:?}"
-    );
-    assert!(
-        held.contains(&(
-            "TXT".into(),
-            "_dstack-app-address-wildcard.example.test".into(),
-            format!("{SERVER}:443"),
-            600
-        )),
-        "TTL raised to Porkbun's 600: {held:?}"
+    // TTL raised to Porkbun's 600.
+    assert_holds(
+        &held,
+        &[
+            ("CNAME".into(), "*.example.test".into(), GATEWAY.into(), 600),
+            (
+                "TXT".into(),
+                "_dstack-app-address-wildcard.example.test".into(),
+                format!("{SERVER}:443"),
+                600,
+            ),
+        ],
     );
     assert!(
         !held
@@ -1325,29 +1332,26 @@ async fn route53_issues_a_wildcard_through_an_assumed_role_and_keeps_values_it_d
         .iter()
         .map(|r| (r.rtype.clone(), r.name.clone(), r.values.clone()))
         .collect();
-    assert!(
-        held.contains(&(
-            "CNAME".into(),
-            "*.example.test".into(),
-            vec![format!("{GATEWAY}.")]
-        )),
-        "{held:?}"
-    );
-    assert!(
-        held.contains(&(
-            "TXT".into(),
-            "_dstack-app-address-wildcard.example.test".into(),
-            vec![format!("\"{SERVER}:443\"")]
-        )),
-        "{held:?}"
-    );
-    assert!(
-        held.contains(&(
-            "TXT".into(),
-            "_acme-challenge.example.test".into(),
-            vec!["\"someone-elses\"".into()]
-        )),
-        "the challenge must be gone and the other value kept: {held:?}"
+    // The challenge must be gone and the other value kept.
+    assert_holds(
+        &held,
+        &[
+            (
+                "CNAME".into(),
+                "*.example.test".into(),
+                vec![format!("{GATEWAY}.")],
+            ),
+            (
+                "TXT".into(),
+                "_dstack-app-address-wildcard.example.test".into(),
+                vec![format!("\"{SERVER}:443\"")],
+            ),
+            (
+                "TXT".into(),
+                "_acme-challenge.example.test".into(),
+                vec!["\"someone-elses\"".into()],
+            ),
+        ],
     );
     let requests = api.requests();
     let count = |prefix: &str| requests.iter().filter(|r| r.starts_with(prefix)).count();
@@ -1620,29 +1624,26 @@ async fn gcloud_issues_a_wildcard_with_a_service_account_and_keeps_values_it_doe
         .iter()
         .map(|r| (r.rtype.clone(), r.name.clone(), r.rrdatas.clone()))
         .collect();
-    assert!(
-        held.contains(&(
-            "CNAME".into(),
-            "*.example.test.".into(),
-            vec![format!("{GATEWAY}.")]
-        )),
-        "{held:?}"
-    );
-    assert!(
-        held.contains(&(
-            "TXT".into(),
-            "_dstack-app-address-wildcard.example.test.".into(),
-            vec![format!("\"{SERVER}:443\"")]
-        )),
-        "{held:?}"
-    );
-    assert!(
-        held.contains(&(
-            "TXT".into(),
-            "_acme-challenge.example.test.".into(),
-            vec!["\"someone-elses\"".into()]
-        )),
-        "the challenge must be gone and the other value kept: {held:?}"
+    // The challenge must be gone and the other value kept.
+    assert_holds(
+        &held,
+        &[
+            (
+                "CNAME".into(),
+                "*.example.test.".into(),
+                vec![format!("{GATEWAY}.")],
+            ),
+            (
+                "TXT".into(),
+                "_dstack-app-address-wildcard.example.test.".into(),
+                vec![format!("\"{SERVER}:443\"")],
+            ),
+            (
+                "TXT".into(),
+                "_acme-challenge.example.test.".into(),
+                vec!["\"someone-elses\"".into()],
+            ),
+        ],
     );
     assert_eq!(api.grants(), 1, "one token for every call");
     let requests = api.requests();
@@ -1763,17 +1764,17 @@ async fn ovh_issues_a_wildcard_with_signed_calls_at_the_servers_time() {
         .iter()
         .map(|r| (r.field_type.clone(), r.sub_domain.clone(), r.target.clone()))
         .collect();
-    assert!(
-        held.contains(&("CNAME".into(), "*".into(), format!("{GATEWAY}."))),
-        "fully qualified, not relative to the zone: {held:?}"
-    );
-    assert!(
-        held.contains(&(
-            "TXT".into(),
-            "_dstack-app-address-wildcard".into(),
-            format!("\"{SERVER}:443\"")
-        )),
-        "{held:?}"
+    // Fully qualified, not relative to the zone.
+    assert_holds(
+        &held,
+        &[
+            ("CNAME".into(), "*".into(), format!("{GATEWAY}.")),
+            (
+                "TXT".into(),
+                "_dstack-app-address-wildcard".into(),
+                format!("\"{SERVER}:443\""),
+            ),
+        ],
     );
     let challenges: Vec<&(String, String, String)> = held
         .iter()
