@@ -60,6 +60,18 @@ pub struct Window {
     pub explanation: Option<String>,
 }
 
+impl Window {
+    /// Its start.
+    pub fn start_time(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(self.start)
+    }
+
+    /// Its end.
+    pub fn end_time(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(self.end)
+    }
+}
+
 /// A renewal-information answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Suggestion {

@@ -113,10 +113,18 @@ impl AriState {
     }
 }
 
+/// `d`'s renewal window state, when it is about `cert` (a new certificate has none yet).
+fn ari_for(d: &Domain, cert: &Loaded) -> Option<AriState> {
+    d.state
+        .lock()
+        .ok()
+        .and_then(|s| s.ari.clone())
+        .filter(|a| a.serial == cert.serial)
+}
+
 /// A uniformly random moment in `w`; its end when that has passed (renew at once).
 fn pick(w: &super::ari::Window, now: SystemTime) -> SystemTime {
-    let start = SystemTime::UNIX_EPOCH + Duration::from_secs(w.start);
-    let end = SystemTime::UNIX_EPOCH + Duration::from_secs(w.end);
+    let (start, end) = (w.start_time(), w.end_time());
     if end <= now {
         return end;
     }
@@ -128,13 +136,7 @@ impl Acme {
     /// `renew_before` says so), else by its lifetime (see [`due`]).
     pub(super) fn renew_at(&self, d: &Domain, cert: &Loaded) -> SystemTime {
         let by_lifetime = due(cert.not_before, cert.not_after, self.config.renew_before);
-        let chosen = d
-            .state
-            .lock()
-            .ok()
-            .and_then(|s| s.ari.clone())
-            .filter(|a| a.serial == cert.serial)
-            .and_then(|a| a.chosen);
+        let chosen = ari_for(d, cert).and_then(|a| a.chosen);
         match (chosen, self.config.renew_before) {
             (Some(t), Some(_)) => t.min(by_lifetime),
             (Some(t), None) => t,
@@ -145,12 +147,7 @@ impl Acme {
     /// When the CA's window for `cert` is to be asked for again (now, for a certificate not
     /// asked about yet).
     fn ari_next_check(&self, d: &Domain, cert: &Loaded) -> SystemTime {
-        d.state
-            .lock()
-            .ok()
-            .and_then(|s| s.ari.clone())
-            .filter(|a| a.serial == cert.serial)
-            .map_or(SystemTime::UNIX_EPOCH, |a| a.next_check)
+        ari_for(d, cert).map_or(SystemTime::UNIX_EPOCH, |a| a.next_check)
     }
 
     /// Ask the CA for `cert`'s renewal window when it is time to; a CA without ARI, or one
@@ -166,12 +163,7 @@ impl Acme {
         let Some(leaf) = cert.key.cert.first() else {
             return;
         };
-        let previous = d
-            .state
-            .lock()
-            .ok()
-            .and_then(|s| s.ari.clone())
-            .filter(|a| a.serial == cert.serial);
+        let previous = ari_for(d, cert);
         let floor = self.config.retry_min.min(super::ari::RETRY_MIN);
         let state = match client.renewal_info(leaf.as_ref(), floor).await {
             Ok(super::ari::Suggestion::Window(window, retry)) => {
@@ -184,8 +176,8 @@ impl Acme {
                     tracing::info!(
                         domain = %d.name(),
                         serial = %cert.serial,
-                        window_start = %crate::clock::rfc3339_of(SystemTime::UNIX_EPOCH + Duration::from_secs(window.start)),
-                        window_end = %crate::clock::rfc3339_of(SystemTime::UNIX_EPOCH + Duration::from_secs(window.end)),
+                        window_start = %crate::clock::rfc3339_of(window.start_time()),
+                        window_end = %crate::clock::rfc3339_of(window.end_time()),
                         renew_at = %crate::clock::rfc3339_of(chosen),
                         explanation = window.explanation.as_deref().unwrap_or(""),
                         "the CA's renewal window (ARI)"
@@ -195,12 +187,8 @@ impl Acme {
                     serial: cert.serial.clone(),
                     said: format!(
                         "window {} to {}{}",
-                        crate::clock::rfc3339_of(
-                            SystemTime::UNIX_EPOCH + Duration::from_secs(window.start)
-                        ),
-                        crate::clock::rfc3339_of(
-                            SystemTime::UNIX_EPOCH + Duration::from_secs(window.end)
-                        ),
+                        crate::clock::rfc3339_of(window.start_time()),
+                        crate::clock::rfc3339_of(window.end_time()),
                         window
                             .explanation
                             .as_deref()
