@@ -82,3 +82,83 @@ pub fn connector<R>(
         .enable_http1()
         .wrap_connector(dial)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rustls::{HandshakeKind, NamedGroup};
+    use rustls_pki_types::{PrivateKeyDer, ServerName};
+
+    use super::*;
+
+    /// A handshake of [`client_config`] against a server offering `groups`: the group it
+    /// negotiated and whether it took one flight.
+    async fn handshake(groups: &[NamedGroup]) -> (Option<NamedGroup>, Option<HandshakeKind>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["ca.example".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let ours = ratls::crypto::provider();
+        let provider = rustls::crypto::CryptoProvider {
+            kx_groups: ours
+                .kx_groups
+                .iter()
+                .copied()
+                .filter(|g| groups.contains(&g.name()))
+                .collect(),
+            ..(*ours).clone()
+        };
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        let client = client_config(&[cert.der().clone()]).unwrap();
+        let (c, s) = tokio::io::duplex(1 << 16);
+        let name = ServerName::try_from("ca.example").unwrap();
+        let (accepted, connected) = tokio::join!(
+            tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(s),
+            tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, c),
+        );
+        let (_server, client) = (accepted.unwrap(), connected.unwrap());
+        let conn = client.get_ref().1;
+        (
+            conn.negotiated_key_exchange_group().map(|g| g.name()),
+            conn.handshake_kind(),
+        )
+    }
+
+    #[tokio::test]
+    async fn outside_https_offers_the_post_quantum_hybrid_and_falls_back_in_one_flight() {
+        // A CA or DNS API with ML-KEM gets the hybrid.
+        let all = [
+            NamedGroup::X25519MLKEM768,
+            NamedGroup::X25519,
+            NamedGroup::secp256r1,
+        ];
+        assert_eq!(
+            handshake(&all).await,
+            (Some(NamedGroup::X25519MLKEM768), Some(HandshakeKind::Full))
+        );
+        // One without (an older OpenSSL or Go): X25519, from the share sent beside the
+        // hybrid's, so no HelloRetryRequest round trip.
+        assert_eq!(
+            handshake(&[NamedGroup::X25519]).await,
+            (Some(NamedGroup::X25519), Some(HandshakeKind::Full))
+        );
+        // P-256 only: a retry, then P-256.
+        assert_eq!(
+            handshake(&[NamedGroup::secp256r1]).await,
+            (
+                Some(NamedGroup::secp256r1),
+                Some(HandshakeKind::FullWithHelloRetryRequest)
+            )
+        );
+    }
+}

@@ -699,6 +699,6 @@ async fn staging_orders(
 /// 32 random bytes.
 fn random_bytes() -> [u8; 32] {
     let mut b = [0u8; 32];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    let _ = aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut b);
     b
 }

@@ -647,7 +647,7 @@ fn evidence_verify_checks_the_quote_with_collateral_and_a_policy() {
     let dir = tempfile::tempdir().unwrap();
     let account = b"{}";
     std::fs::write(dir.path().join("acme-account.json"), account).unwrap();
-    let sum = hex::encode(ring::digest::digest(&ring::digest::SHA256, account).as_ref());
+    let sum = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, account).as_ref());
     std::fs::write(
         dir.path().join("sha256sum.txt"),
         format!("{sum}  acme-account.json\n"),

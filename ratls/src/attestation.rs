@@ -4,7 +4,7 @@
 //! This reads the evidence; [`crate::quote`] verifies the quote's signature against collateral
 //! and replays the event log.
 
-use ring::digest;
+use aws_lc_rs::digest;
 
 use crate::msgpack;
 

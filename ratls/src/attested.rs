@@ -9,7 +9,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use ring::digest::{digest, SHA256};
+use aws_lc_rs::digest::{digest, SHA256};
 
 use crate::{
     attestation::Attestation,

@@ -376,7 +376,7 @@ fn summary(cert: &X509Certificate<'_>, der: &CertificateDer<'_>) -> CertSummary 
         eku: eku_names(cert).unwrap_or_default(),
         key_algorithm: key_algorithm(cert),
         is_ca: cert.is_ca(),
-        sha256_fingerprint: hex::encode(ring::digest::digest(&ring::digest::SHA256, der)),
+        sha256_fingerprint: hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der)),
     }
 }
 

@@ -1,15 +1,30 @@
-//! The one crypto backend: ring. Every rustls config in the workspace is built from
-//! [`provider`], so a second backend compiled in by accident changes nothing at run time.
+//! The one crypto backend: aws-lc-rs. Every rustls config in the workspace is built from
+//! [`provider`], so the backend and its key exchange groups are chosen here and nowhere else.
 
 use std::sync::{Arc, OnceLock};
 
-use rustls::crypto::CryptoProvider;
+use rustls::crypto::{aws_lc_rs, CryptoProvider, SupportedKxGroup};
 
-/// The process's crypto provider (ring).
+/// Key exchange groups in order of preference: the post-quantum hybrid first (a harvested
+/// session stays secret once large quantum computers exist), then the classical groups every
+/// TLS 1.3 peer has. A client without ML-KEM offers X25519 and gets it, without a retry.
+pub static KX_GROUPS: &[&dyn SupportedKxGroup] = &[
+    aws_lc_rs::kx_group::X25519MLKEM768,
+    aws_lc_rs::kx_group::X25519,
+    aws_lc_rs::kx_group::SECP256R1,
+    aws_lc_rs::kx_group::SECP384R1,
+];
+
+/// The process's crypto provider: aws-lc-rs's suites with [`KX_GROUPS`].
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER
-        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .get_or_init(|| {
+            Arc::new(CryptoProvider {
+                kx_groups: KX_GROUPS.to_vec(),
+                ..aws_lc_rs::default_provider()
+            })
+        })
         .clone()
 }
 
@@ -17,4 +32,9 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// Calling it twice is harmless.
 pub fn install_default() {
     let _ = CryptoProvider::install_default((*provider()).clone());
+}
+
+/// A session-ticket issuer with rotating keys, from the same backend.
+pub fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, rustls::Error> {
+    aws_lc_rs::Ticketer::new()
 }

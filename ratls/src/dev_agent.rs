@@ -17,6 +17,10 @@ use std::{
     time::Duration,
 };
 
+use aws_lc_rs::{
+    digest, hmac,
+    rand::{SecureRandom, SystemRandom},
+};
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -25,10 +29,6 @@ use hyper_util::rt::TokioIo;
 use rcgen::{
     BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
-};
-use ring::{
-    digest, hmac,
-    rand::{SecureRandom, SystemRandom},
 };
 use serde::Deserialize;
 use tokio::net::UnixListener;

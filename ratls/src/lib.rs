@@ -18,7 +18,7 @@
 //!   to RTMR3, the measured facts read;
 //! - [`dev_agent`]: a development agent with a local CA, which says loudly that it is not attested.
 //!
-//! One crypto backend is used throughout: ring, via [`crypto::provider`].
+//! One crypto backend is used throughout: aws-lc-rs, via [`crypto::provider`].
 
 pub mod agent;
 mod app_id;

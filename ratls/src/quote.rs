@@ -8,8 +8,8 @@
 
 use std::{collections::BTreeMap, path::Path, sync::Arc};
 
+use aws_lc_rs::digest::{digest, SHA384};
 use dcap_qvl::{verify::QuoteVerifier, QuoteCollateralV3};
-use ring::digest::{digest, SHA384};
 
 use crate::attestation::{Attestation, TdxEvent};
 

@@ -69,6 +69,8 @@ struct Seen {
     accepted: AtomicUsize,
     refused: AtomicUsize,
     bytes: AtomicUsize,
+    /// The key exchange group of each accepted handshake.
+    groups: std::sync::Mutex<Vec<rustls::NamedGroup>>,
 }
 
 /// An echo server that answers each read with `pong:<caller app id>`.
@@ -98,6 +100,9 @@ async fn server(
                     }
                 };
                 seen.accepted.fetch_add(1, Ordering::SeqCst);
+                if let Some(g) = tls.get_ref().1.negotiated_key_exchange_group() {
+                    seen.groups.lock().unwrap().push(g.name());
+                }
                 let caller = peer_identity(tls.get_ref().1).unwrap();
                 let mut buf = [0u8; 1024];
                 loop {
@@ -173,6 +178,69 @@ async fn mutual_tls_completes_when_the_policy_allows() {
     // The server knows the caller by its verified app id.
     assert_eq!(ping(&mut tls).await.unwrap(), format!("pong:{APP_A}"));
     assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn the_mesh_prefers_the_post_quantum_hybrid_and_a_classical_peer_gets_x25519() {
+    use rustls::{HandshakeKind, NamedGroup};
+    let dir = tempfile::tempdir().unwrap();
+    let (a, _ta) = sidecar(dir.path(), APP_A, IdentityConfig::default()).await;
+    let (b, _tb) = sidecar(dir.path(), APP_B, IdentityConfig::default()).await;
+    let (addr, seen) = server(&b, AllowList::Only(BTreeSet::from([id(APP_A)]))).await;
+
+    let mut tls = connect(&a, APP_B, addr).await.unwrap();
+    let conn = tls.get_ref().1;
+    let group = conn.negotiated_key_exchange_group().map(|g| g.name());
+    assert_eq!(group, Some(NamedGroup::X25519MLKEM768));
+    assert_eq!(conn.handshake_kind(), Some(HandshakeKind::Full));
+    assert_eq!(ping(&mut tls).await.unwrap(), format!("pong:{APP_A}"));
+
+    // A peer without ML-KEM (an older sidecar, another TLS stack): the same verification, its
+    // one classical share taken without a HelloRetryRequest.
+    for only in [NamedGroup::X25519, NamedGroup::secp256r1] {
+        let ours = ratls::crypto::provider();
+        let provider = rustls::crypto::CryptoProvider {
+            kx_groups: ours
+                .kx_groups
+                .iter()
+                .copied()
+                .filter(|g| g.name() == only)
+                .collect(),
+            ..(*ours).clone()
+        };
+        let anchors = a.current().trust_anchors().unwrap();
+        let policy = Arc::new(Policy::new(anchors).expect(id(APP_B)));
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ratls::verifier::ServerVerifier::new(
+                policy,
+            )))
+            .with_client_cert_resolver(Arc::new(a.resolver()));
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("classical.example").unwrap();
+        let mut tls = TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let conn = tls.get_ref().1;
+        assert_eq!(
+            conn.negotiated_key_exchange_group().map(|g| g.name()),
+            Some(only)
+        );
+        assert_eq!(conn.handshake_kind(), Some(HandshakeKind::Full), "{only:?}");
+        assert_eq!(ping(&mut tls).await.unwrap(), format!("pong:{APP_A}"));
+    }
+    // The server side agrees, handshake by handshake.
+    assert_eq!(
+        *seen.groups.lock().unwrap(),
+        [
+            NamedGroup::X25519MLKEM768,
+            NamedGroup::X25519,
+            NamedGroup::secp256r1
+        ]
+    );
 }
 
 #[tokio::test]

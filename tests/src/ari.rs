@@ -47,6 +47,8 @@ struct State {
     renewal_info_requests: usize,
     /// Reflect `replaces` and `profile` in new orders (a conforming server does).
     reflect: bool,
+    /// Each accepted connection's key exchange group.
+    groups: Vec<rustls::NamedGroup>,
 }
 
 /// The front; it stops with the test's runtime.
@@ -203,6 +205,7 @@ impl AriFront {
             orders: Vec::new(),
             renewal_info_requests: 0,
             reflect: true,
+            groups: Vec::new(),
         }));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -221,6 +224,9 @@ impl AriFront {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
+                    if let Some(g) = tls.get_ref().1.negotiated_key_exchange_group() {
+                        state.lock().unwrap().groups.push(g.name());
+                    }
                     let service = service_fn(move |req| {
                         let (state, upstream, dir_path) =
                             (state.clone(), upstream.clone(), dir_path.clone());
@@ -273,6 +279,11 @@ impl AriFront {
     /// Each newOrder's payload, in order.
     pub fn orders(&self) -> Vec<serde_json::Value> {
         self.state.lock().unwrap().orders.clone()
+    }
+
+    /// The key exchange group of each connection the client made.
+    pub fn groups(&self) -> Vec<rustls::NamedGroup> {
+        self.state.lock().unwrap().groups.clone()
     }
 
     /// renewalInfo requests so far.

@@ -116,7 +116,7 @@ async fn handle(state: State, mut req: Request<Incoming>) -> Result<Response<Bod
             let mut body = req.into_body();
             let mut total = 0usize;
             let mut first = true;
-            let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+            let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
             while let Some(frame) = body.frame().await {
                 let Ok(frame) = frame else { break };
                 if let Some(data) = frame.data_ref() {

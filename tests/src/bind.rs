@@ -54,9 +54,9 @@ pub struct Tsig {
 impl Tsig {
     /// An `hmac-sha256` key named `name` with a random 32-byte secret.
     pub fn generate(name: &str) -> Self {
-        use ring::rand::SecureRandom;
+        use aws_lc_rs::rand::SecureRandom;
         let mut secret = [0u8; 32];
-        ring::rand::SystemRandom::new()
+        aws_lc_rs::rand::SystemRandom::new()
             .fill(&mut secret)
             .expect("random TSIG secret");
         Self {

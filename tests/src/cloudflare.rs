@@ -953,9 +953,9 @@ fn percent_decode(s: &str) -> String {
 
 // 32 lowercase hex digits, like Cloudflare's zone and record ids.
 fn random_id() -> String {
-    use ring::rand::SecureRandom;
+    use aws_lc_rs::rand::SecureRandom;
     let mut bytes = [0u8; 16];
-    ring::rand::SystemRandom::new()
+    aws_lc_rs::rand::SystemRandom::new()
         .fill(&mut bytes)
         .expect("random id");
     bytes.iter().map(|b| format!("{b:02x}")).collect()

@@ -276,8 +276,8 @@ fn grant(state: &Mutex<State>, account: &Account, body: &[u8]) -> Response<Full<
     let (Some(header), Some(claims), Some(sig)) = (b64(h), b64(c), b64(sig)) else {
         return invalid("Invalid JWT: not base64url");
     };
-    let key = ring::signature::UnparsedPublicKey::new(
-        &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+    let key = aws_lc_rs::signature::UnparsedPublicKey::new(
+        &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256,
         &account.public_key,
     );
     if key.verify(format!("{h}.{c}").as_bytes(), &sig).is_err() {

@@ -166,7 +166,10 @@ fn server_now() -> i64 {
 }
 
 fn sha1_signature(input: &str) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, input.as_bytes());
+    let d = aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY,
+        input.as_bytes(),
+    );
     format!(
         "$1${}",
         d.as_ref()

@@ -185,7 +185,7 @@ fn escape(text: &str) -> String {
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, bytes)
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes)
         .as_ref()
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -193,9 +193,12 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
-    ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key), data)
-        .as_ref()
-        .to_vec()
+    aws_lc_rs::hmac::sign(
+        &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key),
+        data,
+    )
+    .as_ref()
+    .to_vec()
 }
 
 /// The parts of a SigV4 `Authorization` header.

@@ -228,7 +228,8 @@ async fn fetch(
         .map_err(|e| e.to_string())?;
     let cert = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
     // The certificate's digest tells certificates apart as well as its serial.
-    let serial = e2e::backend::hex(ring::digest::digest(&ring::digest::SHA256, &cert).as_ref());
+    let serial =
+        e2e::backend::hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &cert).as_ref());
     let mut client = MeshClient::over(tls).await.map_err(|e| e.to_string())?;
     let (status, _, _) = client
         .get_from(domain, "/", &[])
@@ -1196,6 +1197,16 @@ async fn ari_windows_schedule_renewal_and_a_window_moved_earlier_renews_now_repl
     assert!(orders[0].get("replaces").is_none(), "{orders:?}");
     let first = front.seen()[0].id.clone();
     let first_serial = certs[0].serial.clone().unwrap();
+    // The ACME client (the real process) offered the post-quantum hybrid first: every
+    // connection to the CA agreed on it.
+    let groups = front.groups();
+    assert!(
+        !groups.is_empty()
+            && groups
+                .iter()
+                .all(|g| *g == rustls::NamedGroup::X25519MLKEM768),
+        "{groups:?}"
+    );
 
     // The CA moves the window into the past (a revocation ahead): renewal at once.
     front.move_windows_into_the_past();

@@ -13,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use aws_lc_rs::{digest, hmac};
 use dstack_mesh::acme::{
     dns01::{wire, Data, Rtype},
     CertStatus, Status,
@@ -29,7 +30,6 @@ use e2e::{
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use ring::{digest, hmac};
 
 const SERVER: &str = "5e77e75e77e75e77e75e77e75e77e75e77e75e77";
 const DOMAIN: &str = "app.example.test";

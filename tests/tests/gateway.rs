@@ -359,7 +359,7 @@ async fn a_100_mib_streamed_upload_arrives_intact() {
     let mesh = Mesh::start().await;
     let (tx, body) = e2e::client::channel();
     let producer = tokio::spawn(async move {
-        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         for i in 0..CHUNKS {
             let chunk = chunk(i);
             digest.update(&chunk);

@@ -6,14 +6,14 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
+use aws_lc_rs::{
+    rand::SystemRandom,
+    signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING},
+};
 use dstack_mesh::base64url::encode as b64url;
 use e2e::{
     free_port,
     pebble::{https, resolve, Pebble, PebbleOptions, Record, Reply},
-};
-use ring::{
-    rand::SystemRandom,
-    signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING},
 };
 use serde_json::{json, Value};
 
@@ -145,8 +145,8 @@ impl Account {
     fn register(pebble: &Pebble) -> Self {
         let rng = SystemRandom::new();
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
-            .unwrap();
+        let key =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).unwrap();
         let mut account = Self {
             key,
             kid: None,

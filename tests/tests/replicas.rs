@@ -579,7 +579,7 @@ async fn served(addr: SocketAddr, domain: &str, roots: &str) -> Option<String> {
         .ok()?;
     let leaf = tls.get_ref().1.peer_certificates()?[0].clone();
     Some(e2e::backend::hex(
-        ring::digest::digest(&ring::digest::SHA256, &leaf).as_ref(),
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &leaf).as_ref(),
     ))
 }
 
@@ -1005,7 +1005,7 @@ async fn served_key(addr: SocketAddr, domain: &str, roots: &str) -> Option<(Stri
     let (_, cert) = x509_parser::parse_x509_certificate(&leaf).ok()?;
     let spki = cert.public_key().raw;
     Some((
-        e2e::backend::hex(ring::digest::digest(&ring::digest::SHA256, spki).as_ref()),
+        e2e::backend::hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, spki).as_ref()),
         cert.raw_serial_as_string(),
     ))
 }

@@ -324,9 +324,11 @@ async fn closed(tcp: &mut TcpStream) -> bool {
 }
 
 fn random_text(len: usize) -> Vec<u8> {
-    use ring::rand::SecureRandom;
+    use aws_lc_rs::rand::SecureRandom;
     let mut bytes = vec![0u8; len];
-    ring::rand::SystemRandom::new().fill(&mut bytes).unwrap();
+    aws_lc_rs::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .unwrap();
     // Letters only, so redis-cli's raw output is the value itself.
     bytes.iter().map(|b| b'a' + b % 26).collect()
 }

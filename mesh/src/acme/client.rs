@@ -167,9 +167,9 @@ pub enum KeyError {
     /// PKCS#8 encoding or decoding failed.
     #[error("PKCS#8: {0}")]
     Pkcs8(#[from] p256::pkcs8::Error),
-    /// ring refused the key.
+    /// The crypto backend refused the key.
     #[error("{0}")]
-    Rejected(#[from] ring::error::KeyRejected),
+    Rejected(#[from] aws_lc_rs::error::KeyRejected),
     /// The public key has no affine point.
     #[error("no public point")]
     NoPublicPoint,
@@ -442,7 +442,7 @@ fn derive_p256(context: &[u8], seed: &[u8]) -> Result<PrivatePkcs8KeyDer<'static
         let mut input = context.to_vec();
         input.extend_from_slice(seed);
         input.extend_from_slice(&counter.to_be_bytes());
-        let digest = ring::digest::digest(&ring::digest::SHA256, &input);
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &input);
         // Out of range for the curve order once in 2^32 tries: hash again.
         if let Ok(secret) = p256::SecretKey::from_slice(digest.as_ref()) {
             let doc = secret.to_pkcs8_der()?;
@@ -576,7 +576,8 @@ impl AcmeClient {
     }
 
     fn store_key(&self) -> String {
-        let digest = ring::digest::digest(&ring::digest::SHA256, self.directory.as_bytes());
+        let digest =
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, self.directory.as_bytes());
         format!("accounts/{}.json", hex::encode(&digest.as_ref()[..12]))
     }
 
@@ -966,7 +967,7 @@ mod tests {
         let c = derive_account_key(b"seed two").unwrap();
         assert_eq!(a.secret_pkcs8_der(), b.secret_pkcs8_der());
         assert_ne!(a.secret_pkcs8_der(), c.secret_pkcs8_der());
-        // ring (through instant-acme) accepts it as a signing key.
+        // aws-lc-rs (through instant-acme) accepts it as a signing key.
         Key::from_pkcs8_der(a.clone_key()).unwrap();
         // A domain key from the same seed is another key; rcgen signs CSRs with it.
         let d = derive_domain_key(b"seed one").unwrap();

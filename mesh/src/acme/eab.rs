@@ -3,12 +3,12 @@
 //! a generated key would give every replica its own account (and break a CAA `accounturi`
 //! pin), so this one request is signed here; everything after it goes through instant-acme.
 
-use bytes::Bytes;
-use instant_acme::{BodyWrapper, HttpClient};
-use ring::{
+use aws_lc_rs::{
     rand::SystemRandom,
     signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING},
 };
+use bytes::Bytes;
+use instant_acme::{BodyWrapper, HttpClient};
 use rustls_pki_types::PrivatePkcs8KeyDer;
 
 use super::client::{classify, CaFault, IssueError, KeyError, LocalError, Unreachable, Validation};
@@ -109,20 +109,16 @@ pub async fn register(
     };
     let (new_nonce, new_account) = (url("newNonce")?, url("newAccount")?);
     let rng = SystemRandom::new();
-    let key = EcdsaKeyPair::from_pkcs8(
-        &ECDSA_P256_SHA256_FIXED_SIGNING,
-        pkcs8.secret_pkcs8_der(),
-        &rng,
-    )
-    .map_err(|e| LocalError::Key(e.into()))?;
+    let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.secret_pkcs8_der())
+        .map_err(|e| LocalError::Key(e.into()))?;
     let jwk = jwk(pkcs8)?;
     let hmac_key = b64url_decode(&eab.hmac_key).map_err(LocalError::from)?;
-    let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &hmac_key);
+    let hmac = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &hmac_key);
     // The external account signs our public key (§7.3.4).
     let binding = jws(
         &serde_json::json!({ "alg": "HS256", "kid": eab.kid, "url": new_account }),
         jwk.to_string().as_bytes(),
-        |msg| Ok(ring::hmac::sign(&hmac, msg).as_ref().to_vec()),
+        |msg| Ok(aws_lc_rs::hmac::sign(&hmac, msg).as_ref().to_vec()),
     )?;
     let payload = serde_json::json!({
         "termsOfServiceAgreed": true,

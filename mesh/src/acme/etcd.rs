@@ -615,7 +615,7 @@ impl EtcdStore {
     }
 
     fn acks_prefix(&self, key: &str) -> String {
-        let hash = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+        let hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, key.as_bytes());
         format!(
             "{}/{}/{}/",
             self.settings.prefix,

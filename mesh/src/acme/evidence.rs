@@ -26,7 +26,7 @@ pub fn cert_file(domain: &str) -> String {
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref())
 }
 
 /// The evidence directory and the agent that quotes it.
@@ -88,7 +88,7 @@ impl Evidence {
                 .map_err(|e| e.to_string())?;
             sums.push_str(&format!("{}  {name}\n", sha256_hex(bytes)));
         }
-        let digest = ring::digest::digest(&ring::digest::SHA256, sums.as_bytes());
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, sums.as_bytes());
         let quote = self
             .agent
             .get_quote(digest.as_ref())
@@ -226,7 +226,7 @@ pub fn verify(
         }
     }
     let expected = {
-        let mut data = ring::digest::digest(&ring::digest::SHA256, &sums)
+        let mut data = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &sums)
             .as_ref()
             .to_vec();
         data.resize(64, 0);
@@ -323,7 +323,7 @@ mod tests {
             sha256_hex(&account),
             sha256_hex(&cert)
         );
-        let mut rd = ring::digest::digest(&ring::digest::SHA256, sums.as_bytes())
+        let mut rd = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, sums.as_bytes())
             .as_ref()
             .to_vec();
         rd.resize(64, 0);

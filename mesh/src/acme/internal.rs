@@ -239,7 +239,7 @@ impl InternalCa {
         params.not_before = now - (self.lifetime / 10).min(Duration::from_secs(300));
         params.not_after = now + self.lifetime;
         let mut serial = [0u8; 16];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut serial)
+        aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut serial)
             .map_err(|_| InternalCaError::Random)?;
         serial[0] &= 0x7f;
         params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));

@@ -272,7 +272,7 @@ impl std::fmt::Debug for Acme {
 /// A uniformly random duration below `max` (jitter).
 fn jitter(max: Duration) -> Duration {
     let mut bytes = [0u8; 8];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+    let _ = aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut bytes);
     let max_ms = max.as_millis().max(1) as u64;
     Duration::from_millis(u64::from_le_bytes(bytes) % max_ms)
 }

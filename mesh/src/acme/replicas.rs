@@ -88,7 +88,10 @@ impl Replicas {
             refused: Default::default(),
             instance: {
                 let mut id = [0u8; 16];
-                let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id);
+                let _ = aws_lc_rs::rand::SecureRandom::fill(
+                    &aws_lc_rs::rand::SystemRandom::new(),
+                    &mut id,
+                );
                 hex::encode(id)
             },
         }

@@ -8,7 +8,7 @@
 //! `version || nonce || ciphertext || tag`, its associated data the object's kind and logical
 //! name; a stored name is `<kind>/<hex HMAC(kind, name)>`, so domain names stay private too.
 
-use ring::{aead, hkdf, hmac, rand::SecureRandom};
+use aws_lc_rs::{aead, hkdf, hmac, rand::SecureRandom};
 
 /// The `GetKey` path of the sealing secret (changing it orphans every sealed value).
 pub const SEAL_KEY_PATH: &str = "dstack-mesh/store-seal/v1";
@@ -128,7 +128,7 @@ impl Sealer {
     /// `plaintext` sealed as `kind` under `name`.
     pub fn seal(&self, kind: Kind, name: &str, plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
         let mut nonce = [0u8; aead::NONCE_LEN];
-        ring::rand::SystemRandom::new()
+        aws_lc_rs::rand::SystemRandom::new()
             .fill(&mut nonce)
             .map_err(|_| SealError::Random)?;
         let mut out = Vec::with_capacity(1 + nonce.len() + plaintext.len() + 16);

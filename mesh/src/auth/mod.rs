@@ -179,10 +179,11 @@ impl AuthService {
         let Some(cert) = cert.filter(|c| !c.trim().is_empty()) else {
             return Decision::Unauthorized(Unauthorized::NoCertificate);
         };
-        let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, cert.trim().as_bytes())
-            .as_ref()
-            .try_into()
-            .unwrap_or([0; 32]);
+        let digest: [u8; 32] =
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert.trim().as_bytes())
+                .as_ref()
+                .try_into()
+                .unwrap_or([0; 32]);
         let key = (digest, vouch == Vouch::Nginx);
         let now = Instant::now();
         if let Some(entry) = self.lock_cache().get(&key) {

@@ -331,7 +331,7 @@ pub struct ServiceAccount {
     /// `private_key_id`: the JWT's `kid`.
     pub private_key_id: String,
     /// The RSA key, PKCS#8 or PKCS#1 DER.
-    pub key: std::sync::Arc<ring::signature::RsaKeyPair>,
+    pub key: std::sync::Arc<aws_lc_rs::signature::RsaKeyPair>,
     /// `token_uri`.
     pub token_uri: String,
     /// `project_id`, when it names one.
@@ -371,10 +371,10 @@ impl ServiceAccount {
             .map_err(|e| format!("private_key: {e}"))?;
         let key = match &der {
             rustls_pki_types::PrivateKeyDer::Pkcs8(k) => {
-                ring::signature::RsaKeyPair::from_pkcs8(k.secret_pkcs8_der())
+                aws_lc_rs::signature::RsaKeyPair::from_pkcs8(k.secret_pkcs8_der())
             }
             rustls_pki_types::PrivateKeyDer::Pkcs1(k) => {
-                ring::signature::RsaKeyPair::from_der(k.secret_pkcs1_der())
+                aws_lc_rs::signature::RsaKeyPair::from_der(k.secret_pkcs1_der())
             }
             _ => return Err("private_key: not an RSA key".into()),
         }

@@ -64,7 +64,7 @@ impl PublicSide {
     pub(super) fn new(acme: Arc<Acme>, config: &InboundConfig) -> Result<Self, InboundError> {
         // Browsers resume sessions: stateless tickets (rotating keys, shared by every domain)
         // cost no memory per client, unlike a session cache.
-        let ticketer = rustls::crypto::ring::Ticketer::new()?;
+        let ticketer = ratls::crypto::ticketer()?;
         let mut domains = HashMap::new();
         for domain in acme.domains() {
             let mut tls = server_config(domain.resolver())?;

@@ -28,6 +28,7 @@ use ratls::{
     agent::AgentClient,
     identity::{IdentityConfig, RotatingIdentity},
     tls::mesh_client_config,
+    verifier::ServerVerifier,
     AppId, Policy,
 };
 use rustls_pki_types::{pem::PemObject, CertificateDer, ServerName};
@@ -95,6 +96,10 @@ struct RunArgs {
     /// Offer h2 (otherwise HTTP/1.1).
     #[arg(long)]
     h2: bool,
+    /// Key exchange groups offered: dstack-mesh's own (X25519MLKEM768 first) or only
+    /// X25519, as a client without ML-KEM.
+    #[arg(long, value_enum, default_value = "hybrid")]
+    kx: Kx,
     /// Start every connection with a PROXY v2 header, as the dstack gateway does for a port
     /// with `pp: true`.
     #[arg(long)]
@@ -128,6 +133,29 @@ struct RunArgs {
     /// throughput and each process's peak RSS while it ran.
     #[arg(long)]
     upload_bytes: Option<u64>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Kx {
+    Hybrid,
+    X25519,
+}
+
+/// The crypto provider of `--kx`.
+fn provider(args: &RunArgs) -> Arc<rustls::crypto::CryptoProvider> {
+    let ours = ratls::crypto::provider();
+    match args.kx {
+        Kx::Hybrid => ours,
+        Kx::X25519 => Arc::new(rustls::crypto::CryptoProvider {
+            kx_groups: ours
+                .kx_groups
+                .iter()
+                .copied()
+                .filter(|g| g.name() == rustls::NamedGroup::X25519)
+                .collect(),
+            ..(*ours).clone()
+        }),
+    }
 }
 
 fn main() {
@@ -344,7 +372,19 @@ async fn dialer(args: &RunArgs) -> (Dialer, Option<RotatingIdentity>) {
         .unwrap();
     let anchors = identity.current().trust_anchors().unwrap();
     let policy = Arc::new(Policy::new(anchors).expect(args.expect.clone().expect("--expect")));
-    let mut config = mesh_client_config(identity.resolver(), policy).unwrap();
+    let mut config = mesh_client_config(identity.resolver(), policy.clone()).unwrap();
+    if args.kx != Kx::Hybrid {
+        // The mesh's own config with another provider: same verifier, resolver and ALPN.
+        let alpn = config.alpn_protocols.clone();
+        config = rustls::ClientConfig::builder_with_provider(provider(args))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ServerVerifier::new(policy)))
+            .with_client_cert_resolver(Arc::new(identity.resolver()));
+        config.resumption = rustls::client::Resumption::disabled();
+        config.alpn_protocols = alpn;
+    }
     if args.mode == Mode::Tls {
         // Same server verification, no client certificate.
         let mut anonymous = config.clone();
@@ -384,7 +424,7 @@ fn public_dialer(args: &RunArgs) -> Dialer {
     for cert in CertificateDer::pem_file_iter(ca).expect("--ca is a PEM file") {
         roots.add(cert.expect("a PEM certificate")).unwrap();
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(ratls::crypto::provider())
+    let mut config = rustls::ClientConfig::builder_with_provider(provider(args))
         .with_protocol_versions(rustls::DEFAULT_VERSIONS)
         .unwrap()
         .with_root_certificates(roots)

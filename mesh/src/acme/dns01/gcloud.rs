@@ -49,11 +49,11 @@ impl ServiceAccount {
             crate::base64url::encode(header.to_string().as_bytes()),
             crate::base64url::encode(claims.to_string().as_bytes())
         );
-        let mut sig = vec![0; self.key.public().modulus_len()];
+        let mut sig = vec![0; self.key.public_modulus_len()];
         self.key
             .sign(
-                &ring::signature::RSA_PKCS1_SHA256,
-                &ring::rand::SystemRandom::new(),
+                &aws_lc_rs::signature::RSA_PKCS1_SHA256,
+                &aws_lc_rs::rand::SystemRandom::new(),
                 signing_input.as_bytes(),
                 &mut sig,
             )

@@ -93,7 +93,10 @@ pub fn signature(
     timestamp: i64,
 ) -> String {
     let input = format!("{secret}+{consumer}+{method}+{url}+{body}+{timestamp}");
-    let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, input.as_bytes());
+    let digest = aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY,
+        input.as_bytes(),
+    );
     format!("$1${}", hex::encode(digest))
 }
 

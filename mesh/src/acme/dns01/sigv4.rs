@@ -5,7 +5,7 @@
 
 use std::time::SystemTime;
 
-use ring::{digest, hmac};
+use aws_lc_rs::{digest, hmac};
 
 /// An access key pair, with the session token temporary credentials carry.
 #[derive(Clone)]

@@ -5,11 +5,11 @@
 
 use std::time::Duration;
 
+use aws_lc_rs::{digest, hmac};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use ratls::agent::AgentClient;
-use ring::{digest, hmac};
 
 use crate::config::dns::setup::Webhook;
 

@@ -189,7 +189,7 @@ pub fn to_hickory(r: &Record) -> Result<hickory_proto::rr::Record, WireError> {
 
 fn random_id() -> u16 {
     let mut b = [0u8; 2];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    let _ = aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut b);
     u16::from_le_bytes(b)
 }
 
