@@ -1,6 +1,7 @@
 //! Request and handshake metrics, recorded on the hot path with atomics and rendered as
 //! Prometheus text by the admin port. Label sets are bounded: a direction, a peer (app id, or
-//! the domain for public requests; at most [`MAX_PEERS`], then `other`), a rejection reason.
+//! the domain for public requests; at most [`MAX_PEERS`], then `other`), a rejection reason, a
+//! key exchange group.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -42,6 +43,45 @@ impl Direction {
         }
     }
 }
+
+/// Where a TLS handshake completed: which listener branch, or our own outbound dial.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The inbound listener, a mesh caller.
+    Mesh,
+    /// The inbound listener, a public domain.
+    Public,
+    /// The inbound listener, an ACME TLS-ALPN-01 validation.
+    AcmeChallenge,
+    /// Our outbound connection to a peer sidecar.
+    Outbound,
+}
+
+impl Side {
+    const ALL: [Side; 4] = [
+        Side::Mesh,
+        Side::Public,
+        Side::AcmeChallenge,
+        Side::Outbound,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Mesh => "mesh",
+            Self::Public => "public",
+            Self::AcmeChallenge => "acme_challenge",
+            Self::Outbound => "outbound",
+        }
+    }
+}
+
+/// Key exchange groups counted by name (IANA's); anything else is `other`.
+const GROUPS: [(rustls::NamedGroup, &str); 4] = [
+    (rustls::NamedGroup::X25519MLKEM768, "X25519MLKEM768"),
+    (rustls::NamedGroup::X25519, "x25519"),
+    (rustls::NamedGroup::secp256r1, "secp256r1"),
+    (rustls::NamedGroup::secp384r1, "secp384r1"),
+];
 
 #[derive(Debug, Default)]
 struct Counts {
@@ -87,6 +127,9 @@ pub struct Metrics {
     peers: [RwLock<HashMap<String, Arc<Counts>>>; 2],
     durations: [Histogram; 2],
     handshake_failures: Mutex<BTreeMap<(Direction, &'static str), u64>>,
+    /// Completed handshakes by side and key exchange group (the last column is `other`):
+    /// how many peers negotiated the post-quantum hybrid.
+    handshakes: [[AtomicU64; GROUPS.len() + 1]; Side::ALL.len()],
     /// TCP tunnels by side, configured name and outcome (names come from the configuration,
     /// so the label set is bounded).
     tunnels: Mutex<BTreeMap<(Direction, String, &'static str), u64>>,
@@ -161,6 +204,15 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         *failures.entry((direction, reason)).or_default() += 1;
+    }
+
+    /// A handshake completed on `side` with key exchange `group` (`None`: none was used).
+    pub fn handshake(&self, side: Side, group: Option<rustls::NamedGroup>) {
+        let column = GROUPS
+            .iter()
+            .position(|(g, _)| Some(*g) == group)
+            .unwrap_or(GROUPS.len());
+        self.handshakes[side as usize][column].fetch_add(1, Ordering::Relaxed);
     }
 
     /// A tunnel connection of the service or tunnel `name` ended its setup with `outcome`
@@ -261,6 +313,23 @@ impl Collector for Metrics {
         }
         drop(failures);
         let mut family = encoder.encode_descriptor(
+            "dstack_mesh_tls_handshakes",
+            "Completed TLS handshakes, by side (mesh, public, acme_challenge, outbound) and key exchange group.",
+            None,
+            MetricType::Counter,
+        )?;
+        for side in Side::ALL {
+            let names = GROUPS.iter().map(|(_, name)| *name).chain(["other"]);
+            for (name, n) in names.zip(&self.handshakes[side as usize]) {
+                let n = n.load(Ordering::Relaxed);
+                if n > 0 {
+                    family
+                        .encode_family(&[("side", side.as_str()), ("group", name)])?
+                        .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+                }
+            }
+        }
+        let mut family = encoder.encode_descriptor(
             "dstack_mesh_tunnel_connections",
             "TCP tunnel setups, by direction (inbound: a TCP service; outbound: a tunnel port or CONNECT), name and outcome (resumed: a resumed TLS session, counted besides ok).",
             None,
@@ -316,6 +385,10 @@ mod tests {
         m.request(Direction::Inbound, "ca11", true, Duration::from_millis(300));
         m.request(Direction::Outbound, "b0b", false, Duration::from_secs(20));
         m.handshake_failure(Direction::Inbound, "app_id_not_allowed");
+        m.handshake(Side::Public, Some(rustls::NamedGroup::X25519MLKEM768));
+        m.handshake(Side::Public, Some(rustls::NamedGroup::X25519));
+        m.handshake(Side::Public, Some(rustls::NamedGroup::X25519));
+        m.handshake(Side::Outbound, Some(rustls::NamedGroup::FFDHE2048));
         let out = exposition(vec![Box::new(m.clone())]);
         for line in [
             "dstack_mesh_requests_total{direction=\"inbound\",peer=\"ca11\"} 2",
@@ -326,9 +399,14 @@ mod tests {
             "dstack_mesh_request_duration_seconds_bucket{direction=\"outbound\",le=\"+Inf\"} 1",
             "dstack_mesh_request_duration_seconds_count{direction=\"inbound\"} 2",
             "dstack_mesh_handshake_failures_total{direction=\"inbound\",reason=\"app_id_not_allowed\"} 1",
+            "dstack_mesh_tls_handshakes_total{side=\"public\",group=\"X25519MLKEM768\"} 1",
+            "dstack_mesh_tls_handshakes_total{side=\"public\",group=\"x25519\"} 2",
+            "dstack_mesh_tls_handshakes_total{side=\"outbound\",group=\"other\"} 1",
         ] {
             assert!(out.contains(line), "{line}\n{out}");
         }
+        // Groups never seen are not rendered.
+        assert!(!out.contains("side=\"mesh\""), "{out}");
     }
 
     #[test]

@@ -80,12 +80,17 @@ impl Pair {
 
     /// A's `/metrics`.
     async fn metrics(&self) -> String {
-        let admin = self.a.addr("admin").unwrap().to_string();
-        let (_, body) = dstack_mesh::status::request(&admin, http::Method::GET, "/metrics")
-            .await
-            .unwrap();
-        String::from_utf8_lossy(&body).into_owned()
+        metrics_of(&self.a).await
     }
+}
+
+/// `app`'s `/metrics`.
+async fn metrics_of(app: &App) -> String {
+    let admin = app.addr("admin").unwrap().to_string();
+    let (_, body) = dstack_mesh::status::request(&admin, http::Method::GET, "/metrics")
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&body).into_owned()
 }
 
 /// One HTTP/1.1 request on a fresh connection to `addr`.
@@ -282,9 +287,19 @@ async fn keep_alive_requests_share_one_h2_connection() {
         format!("dstack_mesh_requests_total{{direction=\"outbound\",peer=\"{B}\"}} 3"),
         "dstack_mesh_pool_connections{protocol=\"h2\"} 1".to_owned(),
         "dstack_mesh_open_connections{listener=\"outbound\"} ".to_owned(),
+        // One connection, and both sidecars agreed on the post-quantum hybrid.
+        "dstack_mesh_tls_handshakes_total{side=\"outbound\",group=\"X25519MLKEM768\"} 1".to_owned(),
     ] {
         assert!(text.contains(&line), "{line}\n{text}");
     }
+    let b = metrics_of(&pair.b).await;
+    let line = "dstack_mesh_tls_handshakes_total{side=\"mesh\",group=\"X25519MLKEM768\"} 1";
+    assert!(b.contains(line), "{line}\n{b}");
+    assert_eq!(
+        b.matches("dstack_mesh_tls_handshakes_total{").count(),
+        1,
+        "{b}"
+    );
 }
 
 #[tokio::test]

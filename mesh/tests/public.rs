@@ -683,6 +683,67 @@ async fn evidence_is_served_on_the_domain_and_verifies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_gets_the_post_quantum_hybrid_and_openssl_without_ml_kem_gets_x25519() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = start(
+        dir.path(),
+        "[[domains]]\nnames = [\"web.example.test\"]\nbackend = \"{backend}\"\n",
+        "",
+    )
+    .await;
+    let app = &site.app;
+    wait_valid(app, "web.example.test").await;
+    let port = app.addr("inbound").unwrap().port();
+
+    // Chromium as a visitor: the name mapped to the listener (the internal CA is not in its
+    // store, so certificate errors are waved through; the key exchange is what is looked at).
+    let profile = dir.path().join("chromium");
+    let url = format!("https://web.example.test:{port}/from-chromium");
+    let dom = tokio::task::spawn_blocking(move || {
+        e2e::chromium::dump_dom_with(
+            &profile,
+            &url,
+            &[
+                "--host-resolver-rules=MAP web.example.test 127.0.0.1",
+                "--ignore-certificate-errors",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(dom.contains("/from-chromium"), "{dom}");
+
+    // Debian 12's OpenSSL 3.0 has no ML-KEM: it offers X25519 and gets it.
+    let out = tokio::process::Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .args(["-servername", "web.example.test", "-tls1_3"])
+        .stdin(std::process::Stdio::null())
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(20), out)
+        .await
+        .unwrap()
+        .expect("openssl is installed by scripts/setup-test-deps");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("Server Temp Key: X25519"), "{stdout}");
+
+    let admin = app.addr("admin").unwrap().to_string();
+    let (_, body) = dstack_mesh::status::request(&admin, http::Method::GET, "/metrics")
+        .await
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&body);
+    assert!(
+        metrics.contains(
+            "dstack_mesh_tls_handshakes_total{side=\"public\",group=\"X25519MLKEM768\"} "
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("dstack_mesh_tls_handshakes_total{side=\"public\",group=\"x25519\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_renders_routes_and_pills_in_chromium() {
     let dir = tempfile::tempdir().unwrap();
     let site = start(

@@ -50,7 +50,14 @@ fn run(profile: &Path, args: &[String]) -> std::process::Output {
 
 /// The page's DOM once it has loaded and its scripts have run.
 pub fn dump_dom(profile: &Path, url: &str) -> String {
-    let out = run(profile, &["--dump-dom".into(), url.into()]);
+    dump_dom_with(profile, url, &[])
+}
+
+/// [`dump_dom`] with more flags (`--host-resolver-rules=...`, say).
+pub fn dump_dom_with(profile: &Path, url: &str, flags: &[&str]) -> String {
+    let mut args: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+    args.extend(["--dump-dom".into(), url.into()]);
+    let out = run(profile, &args);
     assert!(
         out.status.success(),
         "chromium --dump-dom {url}: {}",

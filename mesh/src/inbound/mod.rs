@@ -31,7 +31,7 @@ pub use public::PublicSide;
 use crate::{
     acme::{Acme, Domain},
     config::{Allow, InboundConfig, Mode},
-    metrics::{Direction, Metrics},
+    metrics::{Direction, Metrics, Side},
     proxy::{self, Activity, Hold, IdleIo, Upstream},
     trust::{self, TrustError},
 };
@@ -358,7 +358,16 @@ impl Inbound {
         };
         let result = tokio::time::timeout(self.config.handshake_timeout, handshake).await;
         match result {
-            Ok(Ok((branch, tls))) => Some((branch, tls, remote)),
+            Ok(Ok((branch, tls))) => {
+                let side = match branch {
+                    Branch::Mesh => Side::Mesh,
+                    Branch::Public(_) => Side::Public,
+                    Branch::Challenge => Side::AcmeChallenge,
+                };
+                let group = tls.get_ref().1.negotiated_key_exchange_group();
+                self.metrics.handshake(side, group.map(|g| g.name()));
+                Some((branch, tls, remote))
+            }
             Ok(Err(Refused::Proxy(e))) => {
                 self.metrics
                     .handshake_failure(Direction::Inbound, "proxy_protocol");

@@ -194,6 +194,14 @@ pub fn webpki_config(
     )?)
 }
 
+fn pool_config(config: &OutboundConfig) -> PoolConfig {
+    PoolConfig {
+        response_timeout: config.response_timeout,
+        idle_timeout: config.pool_idle_timeout,
+        keepalive_interval: config.keepalive_interval,
+    }
+}
+
 impl Outbound {
     /// The proxy on `listen`, presenting `resolver`'s certificate and trusting `anchors` for
     /// peers. `addressing` may come later ([`Outbound::set_addressing`]) when the gateway is
@@ -208,14 +216,12 @@ impl Outbound {
         let webpki = Arc::new(webpki_config(config.gateway_roots.as_deref())?);
         let multiplexed = Arc::new(ArcSwapOption::empty());
         let upgrades = Arc::new(ArcSwapOption::empty());
+        let metrics = Arc::<crate::metrics::Metrics>::default();
         let pool = PeerPool::new(
             multiplexed.clone(),
             upgrades.clone(),
-            PoolConfig {
-                response_timeout: config.response_timeout,
-                idle_timeout: config.pool_idle_timeout,
-                keepalive_interval: config.keepalive_interval,
-            },
+            pool_config(&config),
+            metrics.clone(),
         );
         let (routes, max_connections) = (config.routes.clone(), config.max_connections);
         Ok(Self {
@@ -234,7 +240,7 @@ impl Outbound {
             pool,
             connections: Arc::new(Semaphore::new(max_connections)),
             drain: proxy::Drain::default(),
-            metrics: Arc::default(),
+            metrics,
             stats: OutboundStats::default(),
         })
     }
@@ -338,6 +344,13 @@ impl Outbound {
 
     /// Record requests and refused peers into `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        // The pool counts its handshakes there too; it holds no connection yet.
+        self.pool = PeerPool::new(
+            self.multiplexed.clone(),
+            self.upgrades.clone(),
+            pool_config(&self.config),
+            metrics.clone(),
+        );
         self.metrics = metrics;
         self
     }

@@ -30,7 +30,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use ratls::AppId;
 use tokio::sync::Semaphore;
 
-use crate::proxy::{self, Body, UpstreamError};
+use crate::{
+    metrics::{Metrics, Side},
+    proxy::{self, Body, UpstreamError},
+};
 
 /// How long an h2 PING may go unanswered before the connection is dropped.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -78,6 +81,8 @@ struct PoolInner {
     slots: Mutex<HashMap<Target, Arc<Slot>>>,
     in_flight: Arc<Semaphore>,
     config: PoolConfig,
+    /// Counts each new connection's key exchange group.
+    metrics: Arc<Metrics>,
 }
 
 /// One target's connections.
@@ -140,6 +145,7 @@ impl PeerPool {
         multiplexed: SharedConnector,
         upgrades: SharedConnector,
         config: PoolConfig,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let inner = Arc::new(PoolInner {
             multiplexed,
@@ -147,6 +153,7 @@ impl PeerPool {
             slots: Mutex::new(HashMap::new()),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             config,
+            metrics,
         });
         tokio::spawn(sweep(Arc::downgrade(&inner)));
         Self { inner }
@@ -276,6 +283,9 @@ impl PoolInner {
             )
         })?;
         let connected = connector.connect(target).await?;
+        let group = connected.stream.get_ref().1.negotiated_key_exchange_group();
+        self.metrics
+            .handshake(Side::Outbound, group.map(|g| g.name()));
         let info = PeerInfo {
             app_id: connected.peer.as_ref().map(|p| p.app_id.clone()),
             instance: connected.peer.and_then(|p| p.instance_id),
