@@ -11,8 +11,9 @@ ARG RUNTIME=gcr.io/distroless/cc-debian12:nonroot
 
 FROM ${BUILDER} AS build
 WORKDIR /src
-# Only what the build reads: the workspace, its members and the lock file.
+# Only what the build reads: the workspace, its members, the lock file and the build settings.
 COPY Cargo.toml Cargo.lock ./
+COPY .cargo .cargo
 COPY ratls ratls
 COPY gateway-client gateway-client
 COPY nginx-compat nginx-compat

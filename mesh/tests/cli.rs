@@ -720,3 +720,17 @@ fn evidence_verify_checks_the_quote_with_collateral_and_a_policy() {
         stdout(&out)
     );
 }
+
+/// The binary's aws-lc seeds from the OS, not from a CPU-jitter collector (`.cargo/config.toml`):
+/// the collector's code is not in it at all.
+#[test]
+fn aws_lc_is_built_without_the_cpu_jitter_entropy_collector() {
+    let binary = std::fs::read(BIN).unwrap();
+    let aws_lc = binary.windows(7).any(|w| w == b"aws_lc_");
+    assert!(aws_lc, "no aws-lc symbols: the check would prove nothing");
+    let jitter = binary.windows(13).any(|w| w == b"jent_entropy_");
+    assert!(
+        !jitter,
+        "jitterentropy is compiled in: AWS_LC_SYS_NO_JITTER_ENTROPY did not reach aws-lc-sys's build"
+    );
+}
