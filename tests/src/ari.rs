@@ -262,6 +262,11 @@ impl AriFront {
     }
 
     /// Answer renewalInfo with `status` (404, 500), or windows again (`None`).
+    /// Answer renewalInfo with `Retry-After: secs` (1 until told).
+    pub fn set_retry_after(&self, secs: u64) {
+        self.state.lock().unwrap().retry_after = secs;
+    }
+
     pub fn answer_status(&self, status: Option<u16>) {
         self.state.lock().unwrap().status = status;
     }

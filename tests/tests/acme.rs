@@ -1256,6 +1256,71 @@ async fn ari_windows_schedule_renewal_and_a_window_moved_earlier_renews_now_repl
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_the_renewal_moment_and_waits_for_the_cas_retry_after() {
+    use e2e::ari::AriFront;
+    let setup = Setup::new(Some(Duration::from_secs(3600))).await;
+    let front = AriFront::start(
+        setup.path(),
+        &setup.pebble.directory,
+        &setup.pebble.ca_file,
+        None,
+    )
+    .await;
+    front.set_retry_after(3600);
+    let domains = "[[domains]]\nnames = [\"app.acme.test\"]\nbackend = \"{backend}\"\n";
+    let with_window = |c: &[dstack_mesh::acme::CertStatus]| {
+        c[0].status == Status::Valid
+            && c[0]
+                .renewal_info
+                .as_deref()
+                .is_some_and(|r| r.starts_with("window"))
+    };
+    let mut first = setup.sidecar_at(
+        "first",
+        domains,
+        "store",
+        "",
+        (&front.directory, &front.ca_file),
+    );
+    let certs = first
+        .wait(
+            "a certificate and its window",
+            Duration::from_secs(30),
+            with_window,
+        )
+        .await;
+    let (serial, renew_at) = (certs[0].serial.clone(), certs[0].renew_at);
+    let asked = front.renewal_info_requests();
+    assert_eq!(asked, 1);
+    drop(first);
+
+    // The same store, a new process: the window and the moment picked in it come from the
+    // store; the CA said to ask again in an hour, so it is not asked now.
+    let mut second = setup.sidecar_at(
+        "second",
+        domains,
+        "store",
+        "",
+        (&front.directory, &front.ca_file),
+    );
+    let certs = second
+        .wait(
+            "the stored certificate and window",
+            Duration::from_secs(30),
+            with_window,
+        )
+        .await;
+    assert_eq!(certs[0].serial, serial);
+    assert_eq!(certs[0].renew_at, renew_at);
+    assert_eq!(
+        front.renewal_info_requests(),
+        asked,
+        "asked again after a restart"
+    );
+    assert_eq!(front.orders().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ca_whose_renewal_info_fails_falls_back_to_the_lifetime_and_an_unoffered_profile_is_refused(
 ) {
     use e2e::ari::AriFront;

@@ -111,6 +111,57 @@ impl AriState {
     pub(super) fn said(&self) -> &str {
         &self.said
     }
+
+    /// A CA's answer: `window` (with the moment `chosen` in it), or none when it offers no ARI.
+    fn answered(
+        serial: &str,
+        window: Option<super::ari::Window>,
+        chosen: Option<SystemTime>,
+        next_check: SystemTime,
+    ) -> Self {
+        let said = match &window {
+            Some(w) => format!(
+                "window {} to {}{}",
+                crate::clock::rfc3339_of(w.start_time()),
+                crate::clock::rfc3339_of(w.end_time()),
+                w.explanation
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            ),
+            None => "not offered by the CA: renewing by the certificate's lifetime".into(),
+        };
+        Self {
+            serial: serial.to_owned(),
+            window,
+            chosen,
+            next_check,
+            failures: 0,
+            said,
+        }
+    }
+}
+
+/// The part of a certificate's ARI state kept in the store (`certs/<domain>/ari.json`), so a
+/// restart keeps the moment chosen in the window and honours the CA's Retry-After instead of
+/// asking again at once.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredAri {
+    serial: String,
+    window: Option<super::ari::Window>,
+    /// Unix seconds.
+    chosen: Option<u64>,
+    /// Unix seconds.
+    next_check: u64,
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn from_unix(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
 }
 
 /// `d`'s renewal window state, when it is about `cert` (a new certificate has none yet).
@@ -154,6 +205,11 @@ impl Acme {
     /// that fails to answer, leaves renewal to the certificate's lifetime.
     async fn refresh_ari(&self, d: &Domain, cert: &Loaded) {
         let now = SystemTime::now();
+        if ari_for(d, cert).is_none() {
+            if let Some(kept) = self.stored_ari(d, cert) {
+                d.set(|s| s.ari = Some(kept));
+            }
+        }
         if self.ari_next_check(d, cert) > now {
             return;
         }
@@ -183,32 +239,16 @@ impl Acme {
                         "the CA's renewal window (ARI)"
                     );
                 }
-                AriState {
-                    serial: cert.serial.clone(),
-                    said: format!(
-                        "window {} to {}{}",
-                        crate::clock::rfc3339_of(window.start_time()),
-                        crate::clock::rfc3339_of(window.end_time()),
-                        window
-                            .explanation
-                            .as_deref()
-                            .map(|e| format!(" ({e})"))
-                            .unwrap_or_default()
-                    ),
-                    window: Some(window),
-                    chosen: Some(chosen),
-                    next_check: now + retry,
-                    failures: 0,
-                }
+                let state =
+                    AriState::answered(&cert.serial, Some(window), Some(chosen), now + retry);
+                self.keep_ari(d, &state);
+                state
             }
-            Ok(super::ari::Suggestion::Unsupported) => AriState {
-                serial: cert.serial.clone(),
-                window: None,
-                chosen: None,
-                next_check: now + RECHECK,
-                failures: 0,
-                said: "not offered by the CA: renewing by the certificate's lifetime".into(),
-            },
+            Ok(super::ari::Suggestion::Unsupported) => {
+                let state = AriState::answered(&cert.serial, None, None, now + RECHECK);
+                self.keep_ari(d, &state);
+                state
+            }
             Err(e) => {
                 let failures = previous.as_ref().map_or(0, |p| p.failures) + 1;
                 let retry = e.retry_after(failures, floor);
@@ -228,6 +268,41 @@ impl Acme {
             }
         };
         d.set(|s| s.ari = Some(state));
+    }
+
+    /// The ARI state kept for `cert` by an earlier run, if any.
+    fn stored_ari(&self, d: &Domain, cert: &Loaded) -> Option<AriState> {
+        let bytes = self.store.read(&domain_key(d.name(), "ari.json")).ok()??;
+        let kept: StoredAri = serde_json::from_slice(&bytes).ok()?;
+        (kept.serial == cert.serial).then(|| {
+            AriState::answered(
+                &kept.serial,
+                kept.window,
+                kept.chosen.map(from_unix),
+                from_unix(kept.next_check),
+            )
+        })
+    }
+
+    /// Keep a CA's answer for the next run; a store that cannot take it costs one more request
+    /// after a restart, nothing else.
+    fn keep_ari(&self, d: &Domain, state: &AriState) {
+        let kept = StoredAri {
+            serial: state.serial.clone(),
+            window: state.window.clone(),
+            chosen: state.chosen.map(unix),
+            next_check: unix(state.next_check),
+        };
+        let written = serde_json::to_vec(&kept)
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                self.store
+                    .write(&domain_key(d.name(), "ari.json"), &b, false)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = written {
+            tracing::debug!(domain = %d.name(), error = %e, "renewal window not stored");
+        }
     }
 
     /// The wait after a failure (see [`backoff`]), plus up to a tenth more so replicas that
