@@ -100,17 +100,8 @@ mod tests {
             .unwrap()
             .self_signed(&key)
             .unwrap();
-        let ours = ratls::crypto::provider();
-        let provider = rustls::crypto::CryptoProvider {
-            kx_groups: ours
-                .kx_groups
-                .iter()
-                .copied()
-                .filter(|g| groups.contains(&g.name()))
-                .collect(),
-            ..(*ours).clone()
-        };
-        let server = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+        let provider = ratls::crypto::provider_with_groups(groups);
+        let server = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(rustls::DEFAULT_VERSIONS)
             .unwrap()
             .with_no_client_auth()

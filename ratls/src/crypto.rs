@@ -28,6 +28,21 @@ pub fn provider() -> Arc<CryptoProvider> {
         .clone()
 }
 
+/// [`provider`] offering only `groups` (in its order): a peer standing for another TLS stack,
+/// one without ML-KEM, say, in tests and benchmarks.
+pub fn provider_with_groups(groups: &[rustls::NamedGroup]) -> Arc<CryptoProvider> {
+    let ours = provider();
+    Arc::new(CryptoProvider {
+        kx_groups: ours
+            .kx_groups
+            .iter()
+            .copied()
+            .filter(|g| groups.contains(&g.name()))
+            .collect(),
+        ..(*ours).clone()
+    })
+}
+
 /// Install [`provider`] as the process default (for libraries that ask rustls for it).
 /// Calling it twice is harmless.
 pub fn install_default() {

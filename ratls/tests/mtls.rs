@@ -198,19 +198,10 @@ async fn the_mesh_prefers_the_post_quantum_hybrid_and_a_classical_peer_gets_x255
     // A peer without ML-KEM (an older sidecar, another TLS stack): the same verification, its
     // one classical share taken without a HelloRetryRequest.
     for only in [NamedGroup::X25519, NamedGroup::secp256r1] {
-        let ours = ratls::crypto::provider();
-        let provider = rustls::crypto::CryptoProvider {
-            kx_groups: ours
-                .kx_groups
-                .iter()
-                .copied()
-                .filter(|g| g.name() == only)
-                .collect(),
-            ..(*ours).clone()
-        };
+        let provider = ratls::crypto::provider_with_groups(&[only]);
         let anchors = a.current().trust_anchors().unwrap();
         let policy = Arc::new(Policy::new(anchors).expect(id(APP_B)));
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()
             .dangerous()

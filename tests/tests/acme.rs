@@ -1268,26 +1268,20 @@ async fn a_restart_keeps_the_renewal_moment_and_waits_for_the_cas_retry_after() 
     .await;
     front.set_retry_after(3600);
     let domains = "[[domains]]\nnames = [\"app.acme.test\"]\nbackend = \"{backend}\"\n";
-    let with_window = |c: &[dstack_mesh::acme::CertStatus]| {
+    let with_window = |c: &[CertStatus]| {
         c[0].status == Status::Valid
             && c[0]
                 .renewal_info
                 .as_deref()
                 .is_some_and(|r| r.starts_with("window"))
     };
-    let mut first = setup.sidecar_at(
-        "first",
-        domains,
-        "store",
-        "",
-        (&front.directory, &front.ca_file),
-    );
+    let on_one_store = |name| {
+        let ca = (front.directory.as_str(), front.ca_file.as_path());
+        setup.sidecar_at(name, domains, "store", "", ca)
+    };
+    let mut first = on_one_store("first");
     let certs = first
-        .wait(
-            "a certificate and its window",
-            Duration::from_secs(30),
-            with_window,
-        )
+        .wait("a window", Duration::from_secs(30), with_window)
         .await;
     let (serial, renew_at) = (certs[0].serial.clone(), certs[0].renew_at);
     let asked = front.renewal_info_requests();
@@ -1296,19 +1290,9 @@ async fn a_restart_keeps_the_renewal_moment_and_waits_for_the_cas_retry_after() 
 
     // The same store, a new process: the window and the moment picked in it come from the
     // store; the CA said to ask again in an hour, so it is not asked now.
-    let mut second = setup.sidecar_at(
-        "second",
-        domains,
-        "store",
-        "",
-        (&front.directory, &front.ca_file),
-    );
+    let mut second = on_one_store("second");
     let certs = second
-        .wait(
-            "the stored certificate and window",
-            Duration::from_secs(30),
-            with_window,
-        )
+        .wait("the stored window", Duration::from_secs(30), with_window)
         .await;
     assert_eq!(certs[0].serial, serial);
     assert_eq!(certs[0].renew_at, renew_at);

@@ -143,18 +143,9 @@ enum Kx {
 
 /// The crypto provider of `--kx`.
 fn provider(args: &RunArgs) -> Arc<rustls::crypto::CryptoProvider> {
-    let ours = ratls::crypto::provider();
     match args.kx {
-        Kx::Hybrid => ours,
-        Kx::X25519 => Arc::new(rustls::crypto::CryptoProvider {
-            kx_groups: ours
-                .kx_groups
-                .iter()
-                .copied()
-                .filter(|g| g.name() == rustls::NamedGroup::X25519)
-                .collect(),
-            ..(*ours).clone()
-        }),
+        Kx::Hybrid => ratls::crypto::provider(),
+        Kx::X25519 => ratls::crypto::provider_with_groups(&[rustls::NamedGroup::X25519]),
     }
 }
 
