@@ -24,7 +24,7 @@ use std::{
 
 use clap::Parser;
 use e2e::{
-    dev_agent, free_port, mesh_binary,
+    dev_agent, mesh_binary,
     pebble::{Pebble, PebbleOptions},
     ChildGuard,
 };
@@ -86,7 +86,11 @@ fn main() {
         let (mut orders, mut new_orders, mut ca_requests) = (Vec::new(), Vec::new(), Vec::new());
         for run in 0..cli.runs {
             let run_dir = dir.join(format!("{challenge}-{run}"));
-            let (inbound, http) = (free_port(), free_port());
+            // Held until pebble and challtestsrv have taken their own ports, so neither can
+            // be handed one of the sidecar's (seen: challtestsrv's DNS on the HTTP-01 port).
+            let held = [bind_any(), bind_any()];
+            let port = |l: &TcpListener| l.local_addr().unwrap().port();
+            let (inbound, http) = (port(&held[0]), port(&held[1]));
             let pebble = Pebble::start(
                 &run_dir.join("pebble"),
                 PebbleOptions {
@@ -95,6 +99,7 @@ fn main() {
                     ..PebbleOptions::default()
                 },
             );
+            drop(held);
             let client = client_config(&pebble.issuance_root_pem());
             let config = run_dir.join("dstack-mesh.toml");
             std::fs::write(
@@ -179,6 +184,10 @@ fn client_config(root_pem: &str) -> Arc<ClientConfig> {
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Arc::new(config)
+}
+
+fn bind_any() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").expect("a free port")
 }
 
 /// Spawn the sidecar and poll until the domain's certificate is served; the sidecar is killed
