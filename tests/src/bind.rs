@@ -282,16 +282,12 @@ fn port_taken(log: &str) -> bool {
     PORT_TAKEN.iter().any(|needle| log.contains(needle))
 }
 
-// A port free for both UDP and TCP on 127.0.0.1 right now (both bound, then released).
+// A port free for both UDP and TCP on 127.0.0.1 right now.
 fn free_dns_port() -> u16 {
-    for _ in 0..100 {
-        let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a UDP port");
-        let port = udp.local_addr().expect("UDP address").port();
-        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no loopback port free for both UDP and TCP");
+    crate::free_port_where(|port| {
+        UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+            && TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+    })
 }
 
 fn named_conf(dir: &Path, port: u16, opts: &BindOptions) -> String {

@@ -274,12 +274,57 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// A free loopback port (bound and released; the OS does not hand it out again at once).
+/// A free loopback port for a process the test starts later.
+///
+/// Taken from outside the kernel's ephemeral range: a port from `bind(0)` is released before the
+/// child binds it, and in that gap any outgoing connection on the machine may be given it as its
+/// source port (CI lost a run to exactly that). Ports outside the range are only ever taken by
+/// an explicit bind, so the race left is with another test picking the same random port, which
+/// the bind check and the per-process set make rare.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    free_port_where(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+}
+
+/// A port outside the ephemeral range (see [`free_port`]) for which `free` holds right now.
+pub fn free_port_where(free: impl Fn(u16) -> bool) -> u16 {
+    use std::collections::HashSet;
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+    let (lo, hi) = ephemeral_range();
+    // Below the range when there is room (Linux default 32768..=60999), above it otherwise.
+    let (first, last) = if lo >= 12_000 {
+        (10_000, lo - 1)
+    } else {
+        (hi.saturating_add(1).max(10_000), u16::MAX)
+    };
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let given = given.get_or_insert_with(HashSet::new);
+    for attempt in 0u32..1000 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.write_u32(attempt);
+        let port = first + (h.finish() % u64::from(last - first + 1)) as u16;
+        if !given.contains(&port) && free(port) {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port in {first}..={last}");
+}
+
+/// The kernel's ephemeral port range (`/proc/sys/net/ipv4/ip_local_port_range`).
+fn ephemeral_range() -> (u16, u16) {
+    let text =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut it = text
+        .split_whitespace()
+        .filter_map(|v| v.parse::<u16>().ok());
+    match (it.next(), it.next()) {
+        (Some(lo), Some(hi)) if lo <= hi => (lo, hi),
+        _ => (32_768, 60_999),
+    }
 }
 
 /// A program from Debian's packages; setup-test-deps installs it, so absence is a failure.

@@ -82,10 +82,7 @@ fn bridge_ip() -> IpAddr {
 
 /// A free port on `ip`.
 fn free_port_on(ip: IpAddr) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
+    e2e::free_port_where(|port| std::net::TcpListener::bind((ip, port)).is_ok())
 }
 
 /// One CVM: a compose project from a `deploy/` file and a test override, taken down (with its
