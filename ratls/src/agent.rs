@@ -449,18 +449,11 @@ impl AgentClient {
             reason,
         };
         if status != StatusCode::OK {
-            #[derive(Deserialize)]
-            struct ErrorBody {
-                error: String,
-            }
-            let message = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| snippet(&bytes));
             return Err(AgentError::Agent {
                 address: self.address.to_string(),
                 method: method.to_owned(),
                 status: status.as_u16(),
-                message,
+                message: error_message(&bytes),
             });
         }
         serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))
@@ -551,6 +544,17 @@ impl AgentClient {
             .await?;
         Ok((status, bytes))
     }
+}
+
+/// The agent's words in an error answer: its `{"error": …}`, or the start of the body.
+pub(crate) fn error_message(bytes: &[u8]) -> String {
+    #[derive(Deserialize)]
+    struct ErrorBody {
+        error: String,
+    }
+    serde_json::from_slice::<ErrorBody>(bytes)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| snippet(bytes))
 }
 
 fn snippet(bytes: &[u8]) -> String {

@@ -236,21 +236,7 @@ impl Registry {
             .await
             .map_err(|e| (StatusCode::BAD_REQUEST, format!("body: {e}")))?
             .to_bytes();
-        let mut update = match body.iter().all(u8::is_ascii_whitespace) {
-            true => Update::default(),
-            false => serde_json::from_slice::<Update>(&body)
-                .map_err(|e| (StatusCode::BAD_REQUEST, format!("body: {e}")))?,
-        };
-        for (k, v) in query_pairs(&query) {
-            let v = Some(v).filter(|v| !v.is_empty());
-            match k.as_str() {
-                "node_type" => update.node_type = v.or(update.node_type),
-                "uuid" => update.uuid = v.or(update.uuid),
-                "hostname" => update.hostname = v.or(update.hostname),
-                _ => {}
-            }
-        }
-        Ok(update)
+        parse_update(&query, &body)
     }
 
     /// Record `update` as `peer`'s registration: its app and instance are the certificate's.
@@ -529,6 +515,25 @@ fn split(path: &Path) -> Option<(PathBuf, String)> {
     let dir = path.parent()?.to_owned();
     let name = path.file_name()?.to_string_lossy().into_owned();
     Some((dir, name))
+}
+
+/// An update from its JSON body, with dstack-vpc's query parameters over it.
+pub(crate) fn parse_update(query: &str, body: &[u8]) -> Result<Update, Refusal> {
+    let mut update = match body.iter().all(u8::is_ascii_whitespace) {
+        true => Update::default(),
+        false => serde_json::from_slice::<Update>(body)
+            .map_err(|e| (StatusCode::BAD_REQUEST, format!("body: {e}")))?,
+    };
+    for (k, v) in query_pairs(query) {
+        let v = Some(v).filter(|v| !v.is_empty());
+        match k.as_str() {
+            "node_type" => update.node_type = v.or(update.node_type),
+            "uuid" => update.uuid = v.or(update.uuid),
+            "hostname" => update.hostname = v.or(update.hostname),
+            _ => {}
+        }
+    }
+    Ok(update)
 }
 
 /// The nodes of the state file at `path`; none when it is missing or unreadable (set aside).

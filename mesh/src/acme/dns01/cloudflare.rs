@@ -86,8 +86,7 @@ impl Cloudflare {
                 .await
                 .map_err(|e| ratls::error_chain(&e))?;
             let status = rsp.status();
-            let bytes = rsp
-                .into_body()
+            let bytes = http_body_util::Limited::new(rsp.into_body(), super::rest::MAX_BODY)
                 .collect()
                 .await
                 .map_err(|e| e.to_string())?
@@ -98,45 +97,7 @@ impl Cloudflare {
             .await
             .map_err(|_| self.fail(format!("{what}: no answer within {:?}", self.timeout)))?
             .map_err(|e| self.fail(format!("{what}: {e}")))?;
-        let envelope: Value = serde_json::from_slice(&bytes).map_err(|_| {
-            self.fail(format!(
-                "{what}: HTTP {status} with a body that is not the API's JSON"
-            ))
-        })?;
-        let success = envelope
-            .get("success")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        if !status.is_success() || !success {
-            let errors: Vec<String> = envelope
-                .get("errors")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .map(|e| {
-                    format!(
-                        "{} (code {})",
-                        e.get("message")
-                            .and_then(Value::as_str)
-                            .unwrap_or("no message"),
-                        e.get("code").map(ToString::to_string).unwrap_or_default()
-                    )
-                })
-                .collect();
-            let hint = match status.as_u16() {
-                401 | 403 => {
-                    ": check the token and its scope (Zone:Read and DNS:Edit on this zone)"
-                }
-                _ => "",
-            };
-            return Err(self.fail(format!(
-                "{what}: HTTP {status}: {}{hint}",
-                errors.join("; ")
-            )));
-        }
-        let result = envelope.get("result").cloned().unwrap_or(Value::Null);
-        let info = envelope.get("result_info").cloned().unwrap_or(Value::Null);
-        Ok((result, info))
+        read_envelope(status, &bytes).map_err(|e| self.fail(format!("{what}: {e}")))
     }
 
     /// Every page of a listing.
@@ -163,7 +124,7 @@ impl Cloudflare {
         Ok(out)
     }
 
-    fn parse(&self, v: &Value) -> Option<Record> {
+    fn parse(v: &Value) -> Option<Record> {
         let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
         let name = text("name")?.to_ascii_lowercase();
         let content = text("content").unwrap_or_default();
@@ -194,6 +155,41 @@ impl Cloudflare {
             id: text("id"),
         })
     }
+}
+
+/// Cloudflare's envelope: `result` and `result_info` on success, else its `errors` in its words.
+fn read_envelope(status: http::StatusCode, bytes: &[u8]) -> Result<(Value, Value), String> {
+    let envelope: Value = serde_json::from_slice(bytes)
+        .map_err(|_| format!("HTTP {status} with a body that is not the API's JSON"))?;
+    let success = envelope
+        .get("success")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if !status.is_success() || !success {
+        let errors: Vec<String> = envelope
+            .get("errors")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                format!(
+                    "{} (code {})",
+                    e.get("message")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no message"),
+                    e.get("code").map(ToString::to_string).unwrap_or_default()
+                )
+            })
+            .collect();
+        let hint = match status.as_u16() {
+            401 | 403 => ": check the token and its scope (Zone:Read and DNS:Edit on this zone)",
+            _ => "",
+        };
+        return Err(format!("HTTP {status}: {}{hint}", errors.join("; ")));
+    }
+    let result = envelope.get("result").cloned().unwrap_or(Value::Null);
+    let info = envelope.get("result_info").cloned().unwrap_or(Value::Null);
+    Ok((result, info))
 }
 
 fn unquote(s: &str) -> &str {
@@ -235,7 +231,7 @@ impl Provider for Cloudflare {
                 rtype.as_str()
             );
             let items = self.list(&path, RECORDS_PER_PAGE).await?;
-            Ok(items.iter().filter_map(|v| self.parse(v)).collect())
+            Ok(items.iter().filter_map(Self::parse).collect())
         })
     }
 
@@ -311,5 +307,15 @@ impl Provider for Cloudflare {
     fn default_resolvers(&self) -> BoxFuture<'_, Vec<SocketAddr>> {
         // Two public operators: a record seen by both has left Cloudflare's edge.
         Box::pin(async { super::rest::public_resolvers() })
+    }
+}
+
+/// Everything read from an answer body: the envelope and the records in `result`.
+#[doc(hidden)]
+pub fn read_answer(body: &[u8]) {
+    if let Ok((result, _)) = read_envelope(http::StatusCode::OK, body) {
+        for v in result.as_array().into_iter().flatten() {
+            let _ = Cloudflare::parse(v);
+        }
     }
 }

@@ -190,6 +190,18 @@ impl Provider for DigitalOcean {
     }
 }
 
+/// Everything read from an answer body: the error words and the records.
+#[doc(hidden)]
+pub fn read_answer(body: &[u8]) {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return;
+    };
+    let _ = explain(&v);
+    for r in v["domain_records"].as_array().into_iter().flatten() {
+        let _ = record("example.com", r);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -175,7 +175,7 @@ pub(super) fn txt(text: &str) -> String {
 }
 
 /// CAA presentation: `0 issue "value"`, or RFC 3597's `\# <len> <hex>`.
-pub(super) fn caa(text: &str) -> Option<Data> {
+pub(crate) fn caa(text: &str) -> Option<Data> {
     if let Some(hex) = text.strip_prefix("\\#") {
         let mut parts = hex.split_whitespace();
         let _len = parts.next()?;

@@ -465,6 +465,20 @@ impl Provider for GoogleCloud {
     }
 }
 
+/// Everything read from an answer body: the error words and the record sets.
+#[doc(hidden)]
+pub fn read_answer(body: &[u8]) {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return;
+    };
+    let _ = explain(&v);
+    for set in v["rrsets"].as_array().into_iter().flatten() {
+        if let Some(set) = RrSet::read(set) {
+            let _ = set.json();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -216,6 +216,22 @@ impl Provider for Hetzner {
     }
 }
 
+/// Everything read from an answer body: the error words and the record sets.
+#[doc(hidden)]
+pub fn read_answer(body: &[u8]) {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return;
+    };
+    let zone = Zone {
+        name: "example.com".into(),
+        id: "example.com".into(),
+    };
+    let _ = explain(&v);
+    for set in v["rrsets"].as_array().into_iter().flatten() {
+        let _ = records(&zone, set);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{super::Data, *};

@@ -15,7 +15,7 @@ pub mod linode;
 pub mod namecheap;
 pub mod ovh;
 pub mod porkbun;
-mod rest;
+pub(crate) mod rest;
 pub mod rfc2136;
 pub mod route53;
 pub mod setup;

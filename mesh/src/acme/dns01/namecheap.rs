@@ -256,40 +256,7 @@ impl Namecheap {
                 &[("SLD".into(), sld.into()), ("TLD".into(), tld.into())],
             )
             .await?;
-        let doc = answer(&text)?;
-        let Some(result) = doc.descendants().find(|n| is(n, "DomainDNSGetHostsResult")) else {
-            return Err(fail(format!(
-                "getHosts: no DomainDNSGetHostsResult for {}",
-                zone.name
-            )));
-        };
-        if result.attribute("IsUsingOurDNS") == Some("false") {
-            return Err(fail(format!(
-                "{} does not use Namecheap's nameservers: its host records have no effect",
-                zone.name
-            )));
-        }
-        let hosts = result
-            .children()
-            .filter(|n| is(n, "host"))
-            .map(|h| {
-                let a = |k: &str| h.attribute(k).unwrap_or_default().to_owned();
-                Host {
-                    name: a("Name"),
-                    rtype: a("Type"),
-                    address: a("Address"),
-                    mx_pref: a("MXPref"),
-                    ttl: a("TTL"),
-                }
-            })
-            .collect();
-        Ok(Hosts {
-            hosts,
-            email_type: result
-                .attribute("EmailType")
-                .filter(|t| !t.is_empty())
-                .map(str::to_owned),
-        })
+        read_hosts(&text, zone)
     }
 
     /// Replace the domain's hosts with `hosts` (every one of them: setHosts drops the rest).
@@ -331,6 +298,44 @@ impl Namecheap {
 }
 
 /// The message of a provider failure, without the provider's name (it is added once).
+/// A `getHosts` answer: the domain's hosts and email type.
+fn read_hosts(text: &str, zone: &Zone) -> Result<Hosts, DnsError> {
+    let doc = answer(text)?;
+    let Some(result) = doc.descendants().find(|n| is(n, "DomainDNSGetHostsResult")) else {
+        return Err(fail(format!(
+            "getHosts: no DomainDNSGetHostsResult for {}",
+            zone.name
+        )));
+    };
+    if result.attribute("IsUsingOurDNS") == Some("false") {
+        return Err(fail(format!(
+            "{} does not use Namecheap's nameservers: its host records have no effect",
+            zone.name
+        )));
+    }
+    let hosts = result
+        .children()
+        .filter(|n| is(n, "host"))
+        .map(|h| {
+            let a = |k: &str| h.attribute(k).unwrap_or_default().to_owned();
+            Host {
+                name: a("Name"),
+                rtype: a("Type"),
+                address: a("Address"),
+                mx_pref: a("MXPref"),
+                ttl: a("TTL"),
+            }
+        })
+        .collect();
+    Ok(Hosts {
+        hosts,
+        email_type: result
+            .attribute("EmailType")
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned),
+    })
+}
+
 fn provider_words(e: &DnsError) -> String {
     match e {
         DnsError::Provider { message, .. } => message.clone(),
@@ -512,6 +517,23 @@ impl Provider for Namecheap {
 
     fn default_resolvers(&self) -> BoxFuture<'_, Vec<SocketAddr>> {
         Box::pin(async { public_resolvers() })
+    }
+}
+
+/// Everything read from an answer body: the errors and the hosts.
+#[doc(hidden)]
+pub fn read_answer(body: &[u8]) {
+    let Ok(text) = std::str::from_utf8(body) else {
+        return;
+    };
+    let zone = Zone {
+        name: "example.com".into(),
+        id: "example.com".into(),
+    };
+    if let Ok(hosts) = read_hosts(text, &zone) {
+        for host in &hosts.hosts {
+            let _ = data_of(host);
+        }
     }
 }
 

@@ -451,6 +451,18 @@ impl Provider for Ovh {
     }
 }
 
+/// Everything read from an answer body: the error words and a record's target.
+#[doc(hidden)]
+pub fn read_answer(body: &[u8]) {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return;
+    };
+    let _ = explain(&v);
+    if let (Some(rtype), Some(target)) = (v["fieldType"].as_str(), v["target"].as_str()) {
+        let _ = data_of(rtype, target);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

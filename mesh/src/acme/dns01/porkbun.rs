@@ -225,6 +225,18 @@ impl Provider for Porkbun {
     }
 }
 
+/// Everything read from an answer body: the error words and the records.
+#[doc(hidden)]
+pub fn read_answer(body: &[u8]) {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return;
+    };
+    let _ = explain(&v);
+    for r in v["records"].as_array().into_iter().flatten() {
+        let _ = record(r);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::{Data, DnsError, Provider, Record, Zone};
 
 /// Largest answer read.
-const MAX_BODY: usize = 8 << 20;
+pub(super) const MAX_BODY: usize = 8 << 20;
 
 /// How a provider's API takes its credential.
 #[derive(Clone)]
@@ -265,7 +265,7 @@ pub(super) fn public_resolvers() -> Vec<SocketAddr> {
 /// A value in zone-file presentation form, as the record-set APIs (Hetzner, Route53) take it:
 /// TXT as quoted strings of at most 255 bytes each, CNAME fully qualified, CAA as
 /// `flags tag "value"`.
-pub(super) fn presentation(data: &Data) -> Option<String> {
+pub(crate) fn presentation(data: &Data) -> Option<String> {
     Some(match data {
         Data::Txt(v) => {
             let chunks: Vec<String> = v
@@ -289,7 +289,7 @@ pub(super) fn presentation(data: &Data) -> Option<String> {
 }
 
 /// A value of type `rtype` in presentation form, as ours ([`presentation`] read back).
-pub(super) fn parse_presentation(rtype: &str, v: &str) -> Option<Data> {
+pub(crate) fn parse_presentation(rtype: &str, v: &str) -> Option<Data> {
     Some(match rtype {
         "TXT" => Data::Txt(super::doh::txt(v)),
         "CNAME" => Data::Cname(v.trim_end_matches('.').to_ascii_lowercase()),

@@ -694,6 +694,18 @@ impl Provider for Route53 {
     }
 }
 
+/// Everything read from an answer body: the error words, record sets, change info and zones.
+#[doc(hidden)]
+pub fn read_answer(body: &[u8]) {
+    let Ok(text) = std::str::from_utf8(body) else {
+        return;
+    };
+    let _ = explain(text);
+    let _ = record_sets(text);
+    let _ = change_info(text);
+    let _ = hosted_zones(text);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

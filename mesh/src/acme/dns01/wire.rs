@@ -8,7 +8,7 @@ use std::{
 
 use hickory_proto::{
     op::{Edns, Message, MessageType, OpCode, Query, ResponseCode},
-    rr::{rdata, DNSClass, Name, RData, RecordType, TSigner},
+    rr::{rdata, DNSClass, Name, RData, RecordType, TSigVerifier, TSigner},
     serialize::binary::DecodeError,
     ProtoError,
 };
@@ -220,10 +220,7 @@ pub async fn query(
     let reply = tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| WireError::Timeout { server, timeout })??;
-    Ok(Answer {
-        rcode: reply.metadata.response_code,
-        records: reply.answers.iter().filter_map(record).collect(),
-    })
+    Ok(read_answer(&reply))
 }
 
 async fn udp(server: SocketAddr, bytes: &[u8], id: u16) -> Result<Message, WireError> {
@@ -306,8 +303,16 @@ pub async fn update(
     let reply = tokio::time::timeout(timeout, tcp_exchange(server, &bytes))
         .await
         .map_err(|_| WireError::Timeout { server, timeout })??;
-    let parsed =
-        Message::from_vec(&reply).map_err(|source| WireError::NotDns { server, source })?;
+    read_update_reply(server, &reply, verifier.as_mut())
+}
+
+/// What an update's answer says: success only when it carries our TSIG (when we signed).
+pub fn read_update_reply(
+    server: SocketAddr,
+    reply: &[u8],
+    verifier: Option<&mut TSigVerifier>,
+) -> Result<(), WireError> {
+    let parsed = Message::from_vec(reply).map_err(|source| WireError::NotDns { server, source })?;
     let rcode = parsed.metadata.response_code;
     if rcode != ResponseCode::NoError {
         // The mnemonics nsupdate and BIND's log use, so the error reads the same everywhere.
@@ -339,9 +344,9 @@ pub async fn update(
         });
     }
     // A success we cannot authenticate may be forged: the record might not be there.
-    match verifier.as_mut() {
+    match verifier {
         Some(v) => v
-            .verify(&reply)
+            .verify(reply)
             .map(|_| ())
             .map_err(|source| WireError::Unsigned { server, source }),
         None => Ok(()),
@@ -365,25 +370,8 @@ pub async fn zone_of(
         let reply = tokio::time::timeout(timeout, tcp(server, &bytes))
             .await
             .map_err(|_| WireError::Timeout { server, timeout })??;
-        let rcode = reply.metadata.response_code;
-        if !matches!(rcode, ResponseCode::NoError | ResponseCode::NXDomain) {
-            return Err(WireError::NotAuthoritative {
-                server,
-                rcode,
-                owner: owner.to_owned(),
-            });
-        }
-        let soa = reply
-            .answers
-            .iter()
-            .chain(reply.authorities.iter())
-            .find(|r| r.record_type() == RecordType::SOA);
-        if let Some(soa) = soa {
-            return Ok(soa
-                .name
-                .to_ascii()
-                .trim_end_matches('.')
-                .to_ascii_lowercase());
+        if let Some(zone) = read_soa_reply(server, owner, &reply)? {
+            return Ok(zone);
         }
         ask = match ask.split_once('.') {
             Some((_, parent)) if parent.contains('.') => parent.to_owned(),
@@ -394,5 +382,41 @@ pub async fn zone_of(
                 })
             }
         };
+    }
+}
+
+/// The zone an answer to an SOA query names, if it holds an SOA (answer or authority section).
+pub fn read_soa_reply(
+    server: SocketAddr,
+    owner: &str,
+    reply: &Message,
+) -> Result<Option<String>, WireError> {
+    let rcode = reply.metadata.response_code;
+    if !matches!(rcode, ResponseCode::NoError | ResponseCode::NXDomain) {
+        return Err(WireError::NotAuthoritative {
+            server,
+            rcode,
+            owner: owner.to_owned(),
+        });
+    }
+    let soa = reply
+        .answers
+        .iter()
+        .chain(reply.authorities.iter())
+        .find(|r| r.record_type() == RecordType::SOA);
+    Ok(soa.map(|soa| {
+        soa.name
+            .to_ascii()
+            .trim_end_matches('.')
+            .to_ascii_lowercase()
+    }))
+}
+
+/// What an answer to a query says: its code and the records we read (the asked type and
+/// CNAMEs on the way).
+pub fn read_answer(reply: &Message) -> Answer {
+    Answer {
+        rcode: reply.metadata.response_code,
+        records: reply.answers.iter().filter_map(record).collect(),
     }
 }
