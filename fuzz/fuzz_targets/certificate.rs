@@ -1,8 +1,3 @@
-//! Certificate parsing and verification on arbitrary bytes (PEM or DER, one or many).
 #![no_main]
-
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|data: &[u8]| {
-    ratls::cert::fuzz_entry(data);
-});
+// The entry point and what it covers: dstack_mesh::fuzz::TARGETS.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| dstack_mesh::fuzz::run("certificate", data));

@@ -11,6 +11,8 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod https;
 pub mod inbound;
 pub mod logging;

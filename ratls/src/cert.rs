@@ -460,28 +460,3 @@ pub(crate) fn rfc3339(unix: i64) -> String {
         })
         .unwrap_or_else(|| unix.to_string())
 }
-
-/// Everything untrusted certificate bytes can reach: parsing, the view, and verification
-/// against a throwaway anchor. Must never panic; shared by the fuzz targets and the fuzz smoke
-/// test of the normal suite.
-#[doc(hidden)]
-pub fn fuzz_entry(data: &[u8]) {
-    let Ok(chain) = parse_chain(data) else { return };
-    let _ = ChainView::new(&chain);
-    if let Ok(anchors) = crate::TrustAnchors::new(&chain[chain.len() - 1..]) {
-        let policy = crate::Policy::new(anchors).require_attestation(true);
-        for role in [crate::PeerRole::Server, crate::PeerRole::Client] {
-            let _ = policy.verify(
-                &chain[0],
-                &chain[1..],
-                role,
-                rustls_pki_types::UnixTime::now(),
-            );
-        }
-    }
-    if let Ok(leaf) = parse_x509(0, &chain[0]) {
-        if let Ok(claims) = Claims::read(0, &leaf) {
-            let _ = crate::policy::identity_of(&leaf, &claims);
-        }
-    }
-}

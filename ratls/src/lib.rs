@@ -28,6 +28,8 @@ pub mod cert;
 pub mod crypto;
 pub mod dev_agent;
 pub mod ext;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod identity;
 mod msgpack;
 pub mod policy;

@@ -84,7 +84,7 @@ fn random_and_mutated_certificates_never_panic() {
         if ratls::ChainView::from_bytes(&input).is_ok() {
             viewed += 1;
         }
-        ratls::cert::fuzz_entry(&input);
+        ratls::fuzz::certificate(&input);
     }
     // The mutations must reach past the DER parser, or this test checks little.
     eprintln!("{parsed} of 4000 inputs parsed, {viewed} made a view");

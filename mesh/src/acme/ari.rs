@@ -123,7 +123,7 @@ pub fn cert_id(leaf: &[u8]) -> Result<instant_acme::CertificateIdentifier<'stati
 
 /// `Retry-After` as a wait: seconds or an HTTP date; bounded (RFC 9773 §4.3.2) between
 /// `floor` and a day.
-fn retry_after(value: Option<&str>, now: SystemTime, floor: Duration) -> Duration {
+pub(crate) fn retry_after(value: Option<&str>, now: SystemTime, floor: Duration) -> Duration {
     let Some(v) = value.map(str::trim) else {
         return RETRY_LONG;
     };

@@ -76,6 +76,15 @@ impl Challenges {
 
     /// Answer TLS-ALPN-01 for `name`: a self-signed certificate carrying the digest (RFC 8737).
     pub fn add_tls_alpn(&self, name: &str, digest: &[u8]) -> Result<(), ChallengeError> {
+        // rcgen asserts the length: a published challenge with another one (a replica's bug,
+        // a garbled store) panicked the task that applies the fleet's challenges (found by the
+        // stored_state fuzz target).
+        if digest.len() != 32 {
+            return Err(ChallengeError {
+                name: name.to_owned(),
+                reason: format!("the digest is {} bytes, not SHA-256's 32", digest.len()),
+            });
+        }
         let fail = |e: rcgen::Error| ChallengeError {
             name: name.to_owned(),
             reason: e.to_string(),
@@ -188,5 +197,24 @@ impl ResolvesServerCert for TlsAlpnResolver {
             .trim_end_matches('.')
             .to_ascii_lowercase();
         self.0.tls_alpn.read().ok()?.get(&name).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_published_tls_alpn_digest_of_the_wrong_length_is_refused_not_a_panic() {
+        let challenges = Challenges::default();
+        let published = |digest: &str| Response::TlsAlpn01 {
+            name: "app.example.com".into(),
+            digest: digest.into(),
+        };
+        let err = challenges.apply(&published(&"ab".repeat(20))).unwrap_err();
+        assert!(err.to_string().contains("20 bytes"), "{err}");
+        assert!(!challenges.has_tls_alpn("app.example.com"));
+        challenges.apply(&published(&"ab".repeat(32))).unwrap();
+        assert!(challenges.has_tls_alpn("app.example.com"));
     }
 }

@@ -58,7 +58,7 @@ async fn fetch(
     Ok((rsp.parts, body))
 }
 
-fn problem(body: &[u8]) -> IssueError {
+pub(crate) fn problem(body: &[u8]) -> IssueError {
     match serde_json::from_slice::<instant_acme::Problem>(body) {
         // No challenge is validated here: `unauthorized` means the binding was refused.
         Ok(p) => match classify(instant_acme::Error::Api(p)) {

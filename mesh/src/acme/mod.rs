@@ -19,7 +19,7 @@ pub mod evidence;
 pub mod http01;
 pub mod internal;
 mod records;
-mod renewal;
+pub(crate) mod renewal;
 #[cfg(feature = "etcd")]
 pub mod replicas;
 pub mod revoke;

@@ -91,7 +91,7 @@ pub fn backoff(
 
 /// The CA's renewal window for one certificate (ARI, RFC 9773) and when to ask again.
 #[derive(Clone, Debug)]
-pub(super) struct AriState {
+pub(crate) struct AriState {
     /// The certificate it is about.
     serial: String,
     /// The window, when the CA gave one.
@@ -153,6 +153,18 @@ struct StoredAri {
     chosen: Option<u64>,
     /// Unix seconds.
     next_check: u64,
+}
+
+/// The ARI state kept in the store, if it reads as one (a garbled file is ignored).
+pub(crate) fn read_stored_ari(bytes: &[u8]) -> Option<(String, AriState)> {
+    let kept: StoredAri = serde_json::from_slice(bytes).ok()?;
+    let state = AriState::answered(
+        &kept.serial,
+        kept.window,
+        kept.chosen.map(from_unix),
+        from_unix(kept.next_check),
+    );
+    Some((kept.serial, state))
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -273,15 +285,8 @@ impl Acme {
     /// The ARI state kept for `cert` by an earlier run, if any.
     fn stored_ari(&self, d: &Domain, cert: &Loaded) -> Option<AriState> {
         let bytes = self.store.read(&domain_key(d.name(), "ari.json")).ok()??;
-        let kept: StoredAri = serde_json::from_slice(&bytes).ok()?;
-        (kept.serial == cert.serial).then(|| {
-            AriState::answered(
-                &kept.serial,
-                kept.window,
-                kept.chosen.map(from_unix),
-                from_unix(kept.next_check),
-            )
-        })
+        let (serial, state) = read_stored_ari(&bytes)?;
+        (serial == cert.serial).then_some(state)
     }
 
     /// Keep a CA's answer for the next run; a store that cannot take it costs one more request

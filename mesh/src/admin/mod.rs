@@ -26,9 +26,16 @@ use crate::{
 
 const MAX_CONNECTIONS: usize = 64;
 
+/// The domain of `/certs/{domain}/renew`; `None` for any other path.
+pub(crate) fn renew_target(path: &str) -> Option<&str> {
+    // Stripped, not sliced: in `/certs/renew` the prefix and suffix share a slash, and slicing
+    // between them panicked the connection's task (found by the admin_input fuzz target).
+    path.strip_prefix("/certs/")?.strip_suffix("/renew")
+}
+
 /// The domain and reason of `/certs/{domain}/revoke[?reason=…]` (`unspecified` when none is
 /// given); `None` for any other path.
-fn revoke_target(uri: &http::Uri) -> Option<Result<(String, Reason), String>> {
+pub(crate) fn revoke_target(uri: &http::Uri) -> Option<Result<(String, Reason), String>> {
     let domain = uri
         .path()
         .strip_prefix("/certs/")?
@@ -323,8 +330,8 @@ impl Admin {
                     }
                 }
             }
-            (&Method::POST, p) if p.starts_with("/certs/") && p.ends_with("/renew") => {
-                let domain = &p["/certs/".len()..p.len() - "/renew".len()];
+            (&Method::POST, p) if renew_target(p).is_some() => {
+                let domain = renew_target(p).unwrap_or_default();
                 match self
                     .acme
                     .load_full()
@@ -601,6 +608,8 @@ mod tests {
             matches!(target("/certs/a.example/revoke?reason=hold"), Some(Err(e)) if e.contains("not a revocation reason"))
         );
         assert_eq!(target("/certs/a.example/renew"), None);
+        assert_eq!(renew_target("/certs/a.example/renew"), Some("a.example"));
+        assert_eq!(renew_target("/certs/renew"), None);
         assert_eq!(target("/certs"), None);
     }
 }

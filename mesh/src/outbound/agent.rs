@@ -59,7 +59,7 @@ pub struct AgentPassthrough {
 
 /// What a path asks of the agent.
 #[derive(Debug, PartialEq, Eq)]
-enum Call {
+pub(crate) enum Call {
     /// `/gateway`.
     Gateway,
     /// An agent method, by its PascalCase name.
@@ -156,7 +156,7 @@ impl AgentPassthrough {
 }
 
 /// The call a path names: its last segment, snake_case mapped to PascalCase.
-fn parse(path: &str) -> Option<Call> {
+pub(crate) fn parse(path: &str) -> Option<Call> {
     let last = path.trim_end_matches('/').rsplit('/').next()?;
     if last == "gateway" {
         return Some(Call::Gateway);

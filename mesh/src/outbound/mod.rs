@@ -6,7 +6,7 @@
 //! address) → a pooled connection to the target, h2-multiplexed when the peer offers it → strip
 //! routing and hop-by-hop headers → stream both bodies; WebSocket upgrades are spliced.
 
-mod agent;
+pub(crate) mod agent;
 mod pool;
 
 use std::{
