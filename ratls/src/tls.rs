@@ -93,18 +93,24 @@ impl ResolvesClientCert for CertResolver {
 }
 
 /// A server config that presents `resolver`'s certificate and requires a client certificate
-/// accepted by `policy`; rustls's defaults otherwise.
+/// accepted by `policy`; the server's cipher-suite order, rustls's defaults otherwise.
 fn verifying_server_config(
     resolver: CertResolver,
     policy: Arc<Policy>,
 ) -> Result<ServerConfig, rustls::Error> {
-    Ok(
-        ServerConfig::builder_with_provider(crate::crypto::provider())
-            .with_safe_default_protocol_versions()?
-            .with_client_cert_verifier(Arc::new(ClientVerifier::new(policy)))
-            .with_cert_resolver(Arc::new(resolver)),
-    )
+    let mut config = ServerConfig::builder_with_provider(crate::crypto::provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(Arc::new(ClientVerifier::new(policy)))
+        .with_cert_resolver(Arc::new(resolver));
+    config.ignore_client_order = SERVER_ORDER;
+    Ok(config)
 }
+
+/// Every listener picks the suite by its own order (AES-128-GCM, AES-256-GCM, ChaCha20, each
+/// with ECDHE): every suite offered is strong, but a client that lists a weaker-for-it suite
+/// first does not choose for the server, and scanners (testssl's `cipher_order`) rate a
+/// server without an order as a finding.
+pub const SERVER_ORDER: bool = true;
 
 /// A server config that presents `resolver`'s certificate and requires a client certificate
 /// accepted by `policy`.

@@ -235,6 +235,53 @@ async fn the_mesh_prefers_the_post_quantum_hybrid_and_a_classical_peer_gets_x255
 }
 
 #[tokio::test]
+async fn the_server_chooses_the_cipher_suite_by_its_own_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, _ta) = sidecar(dir.path(), APP_A, IdentityConfig::default()).await;
+    let (b, _tb) = sidecar(dir.path(), APP_B, IdentityConfig::default()).await;
+    let (addr, _seen) = server(&b, AllowList::Only(BTreeSet::from([id(APP_A)]))).await;
+    // A client listing ChaCha20 first, then AES-256: the server still takes its first choice.
+    let ours = ratls::crypto::provider();
+    let mut suites = ours.cipher_suites.clone();
+    suites.reverse();
+    assert_ne!(suites[0].suite(), ours.cipher_suites[0].suite());
+    let provider = Arc::new(rustls::crypto::CryptoProvider {
+        cipher_suites: suites,
+        ..(*ours).clone()
+    });
+    let anchors = a.current().trust_anchors().unwrap();
+    let policy = Arc::new(Policy::new(anchors).expect(id(APP_B)));
+    for versions in [
+        &[&rustls::version::TLS13][..],
+        &[&rustls::version::TLS12][..],
+    ] {
+        let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ratls::verifier::ServerVerifier::new(
+                policy.clone(),
+            )))
+            .with_client_cert_resolver(Arc::new(a.resolver()));
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("order.example").unwrap();
+        let mut tls = TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let chosen = tls.get_ref().1.negotiated_cipher_suite().unwrap().suite();
+        let first_for_version = ours
+            .cipher_suites
+            .iter()
+            .find(|s| s.version() == versions[0])
+            .unwrap()
+            .suite();
+        assert_eq!(chosen, first_for_version, "{:?}", versions[0]);
+        assert_eq!(ping(&mut tls).await.unwrap(), format!("pong:{APP_A}"));
+    }
+}
+
+#[tokio::test]
 async fn a_server_with_the_wrong_app_id_never_reads_a_byte() {
     let dir = tempfile::tempdir().unwrap();
     let (a, _ta) = sidecar(dir.path(), APP_A, IdentityConfig::default()).await;

@@ -131,12 +131,12 @@ impl PublicNames for PublicSide {
 fn server_config(
     resolver: Arc<dyn rustls::server::ResolvesServerCert>,
 ) -> Result<ServerConfig, rustls::Error> {
-    Ok(
-        ServerConfig::builder_with_provider(ratls::crypto::provider())
-            .with_protocol_versions(rustls::DEFAULT_VERSIONS)?
-            .with_no_client_auth()
-            .with_cert_resolver(resolver),
-    )
+    let mut config = ServerConfig::builder_with_provider(ratls::crypto::provider())
+        .with_protocol_versions(rustls::DEFAULT_VERSIONS)?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.ignore_client_order = ratls::tls::SERVER_ORDER;
+    Ok(config)
 }
 
 /// A backend's deadlines, from the listener's settings.
