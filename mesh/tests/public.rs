@@ -946,6 +946,71 @@ async fn tcp_mode_can_send_the_backend_a_proxy_header_with_the_client() {
     assert_eq!(&got, b"after the header");
 }
 
+#[tokio::test]
+async fn a_domain_with_hsts_and_added_headers_sets_them_and_others_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = start(
+        dir.path(),
+        "[[domains]]\nnames = [\"strict.example.test\"]\nbackend = \"{backend}\"\nhsts = \"max-age=31536000; includeSubDomains\"\n\
+         [domains.response_headers]\nX-Content-Type-Options = \"nosniff\"\nReferrer-Policy = \"no-referrer\"\n\
+         [[domains]]\nnames = [\"plain.example.test\"]\nbackend = \"{backend}\"\n",
+        "",
+    )
+    .await;
+    let addr = site.app.addr("inbound").unwrap();
+    wait_valid(&site.app, "strict.example.test").await;
+    wait_valid(&site.app, "plain.example.test").await;
+    let root = internal_root(dir.path());
+    for alpn in [H2_H1, &[b"http/1.1".as_slice()][..]] {
+        for (name, expected) in [
+            (
+                "strict.example.test",
+                Some("max-age=31536000; includeSubDomains"),
+            ),
+            ("plain.example.test", None),
+        ] {
+            let mut client = https(addr, name, &root, alpn).await;
+            let (status, headers, _) = client.get_from(name, "/", &[]).await.unwrap();
+            assert_eq!(status, StatusCode::OK);
+            let sts = headers
+                .get(http::header::STRICT_TRANSPORT_SECURITY)
+                .map(|v| v.to_str().unwrap());
+            assert_eq!(sts, expected, "{name} over {alpn:?}");
+            let added = ["x-content-type-options", "referrer-policy"]
+                .map(|h| headers.get(h).map(|v| v.to_str().unwrap().to_owned()));
+            let want = match expected {
+                Some(_) => [Some("nosniff".to_owned()), Some("no-referrer".to_owned())],
+                None => [None, None],
+            };
+            assert_eq!(added, want, "{name} over {alpn:?}");
+        }
+    }
+}
+
+#[test]
+fn hsts_and_added_headers_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    for domain in [
+        "hsts = \"includeSubDomains\"\n",
+        "hsts = \"max-age=ten\"\n",
+        "mode = \"tcp\"\nhsts = \"max-age=60\"\n",
+        "[domains.response_headers]\nContent-Length = \"0\"\n",
+        "[domains.response_headers]\n\"bad name\" = \"x\"\n",
+    ] {
+        let text = format!(
+            "[acme]\nstore = \"{}\"\nissuer = \"internal-ca\"\n\
+             [[domains]]\nnames = [\"web.example.test\"]\nbackend = \"127.0.0.1:1\"\n{domain}",
+            dir.path().display()
+        );
+        let err = Config::from_toml(&text, &HashMap::<&str, &str>::new()).unwrap_err();
+        let field = match domain.contains("response_headers") {
+            true => "domains[0].response_headers",
+            false => "domains[0].hsts",
+        };
+        assert!(err.to_string().contains(field), "{domain}: {err}");
+    }
+}
+
 #[test]
 fn send_proxy_protocol_is_for_tcp_mode_only() {
     let dir = tempfile::tempdir().unwrap();

@@ -193,6 +193,14 @@ pub struct DomainConfig {
     /// Names under a wildcard that go to their own backend (dstack-ingress's `ROUTING_MAP`
     /// beside `DOMAINS=*.example.com`), by the name the client asked for.
     pub routes: BTreeMap<String, HostPort>,
+    /// `http` mode: the `Strict-Transport-Security` value added to responses that carry none
+    /// (`hsts = "max-age=31536000"`); off by default, since browsers remember it.
+    #[serde(serialize_with = "header_text")]
+    pub hsts: Option<http::HeaderValue>,
+    /// `http` mode: headers added to responses that lack them (`[domains.response_headers]`,
+    /// e.g. `X-Content-Type-Options = "nosniff"`); the app's own value wins.
+    #[serde(serialize_with = "header_pairs")]
+    pub response_headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl DomainConfig {
@@ -387,6 +395,8 @@ pub struct RawDomain {
     pub challenge: Option<String>,
     pub send_proxy_protocol: Option<bool>,
     pub alpn: Option<Vec<String>>,
+    pub hsts: Option<String>,
+    pub response_headers: Option<BTreeMap<String, String>>,
 }
 
 /// Check one DNS name (lowercased, no trailing dot); `*.` is allowed as the first label.
@@ -697,6 +707,43 @@ fn configured_domain(
         mode,
         c,
     );
+    let hsts = d.hsts.as_deref().and_then(|v| match (hsts_value(v), mode) {
+        (Ok(v), Mode::Http) => Some(v),
+        (Ok(_), Mode::Tcp) => {
+            c.fail(
+                &format!("{key}.hsts"),
+                "tcp mode passes the backend's bytes through: set the header in the backend",
+            );
+            None
+        }
+        (Err(e), _) => {
+            c.fail(&format!("{key}.hsts"), e);
+            None
+        }
+    });
+    let mut response_headers = Vec::new();
+    for (name, value) in d.response_headers.iter().flatten() {
+        let field = format!("{key}.response_headers.{name}");
+        if mode == Mode::Tcp {
+            c.fail(
+                &field,
+                "tcp mode passes the backend's bytes through: set the header in the backend",
+            );
+            continue;
+        }
+        match (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            http::HeaderValue::from_str(value),
+        ) {
+            (Ok(n), Ok(v)) if !is_framing(&n) => response_headers.push((n, v)),
+            (Ok(_), Ok(_)) => c.fail(
+                &field,
+                "a header that frames the message is the proxy's to set",
+            ),
+            (Err(_), _) => c.fail(&field, "not a header name"),
+            (_, Err(_)) => c.fail(&field, format!("{value:?} is not a header value")),
+        }
+    }
     Some((
         key,
         DomainConfig {
@@ -708,8 +755,58 @@ fn configured_domain(
             send_proxy_protocol,
             alpn,
             routes: BTreeMap::new(),
+            hsts,
+            response_headers,
         },
     ))
+}
+
+/// Headers that say how the message is framed or routed: never added from configuration.
+fn is_framing(name: &http::HeaderName) -> bool {
+    use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING, UPGRADE};
+    [CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING, UPGRADE].contains(name)
+        || name.as_str() == "keep-alive"
+}
+
+fn header_pairs<S: serde::Serializer>(
+    v: &[(http::HeaderName, http::HeaderValue)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_map(
+        v.iter()
+            .map(|(n, v)| (n.as_str(), v.to_str().unwrap_or_default())),
+    )
+}
+
+fn header_text<S: serde::Serializer>(
+    v: &Option<http::HeaderValue>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.serialize_some(v.to_str().unwrap_or_default()),
+        None => s.serialize_none(),
+    }
+}
+
+/// A `Strict-Transport-Security` value (RFC 6797 §6.1): `max-age=<seconds>` and optional
+/// directives (`includeSubDomains`, `preload`).
+fn hsts_value(v: &str) -> Result<http::HeaderValue, String> {
+    let max_age = v.split(';').map(str::trim).find_map(|d| {
+        d.to_ascii_lowercase()
+            .strip_prefix("max-age=")
+            .map(str::to_owned)
+    });
+    match max_age {
+        Some(secs)
+            if !secs.is_empty() && secs.trim_matches('"').bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            http::HeaderValue::from_str(v.trim())
+                .map_err(|_| format!("{v:?} is not a header value"))
+        }
+        _ => Err(format!(
+            "{v:?} has no max-age=<seconds> (e.g. \"max-age=31536000; includeSubDomains\")"
+        )),
+    }
 }
 
 /// dstack-ingress's variables: `DOMAIN` (with `ALIAS_DOMAIN`), `DOMAINS`, `TARGET_ENDPOINT`,
@@ -816,6 +913,8 @@ fn ingress_domains(
                 send_proxy_protocol: false,
                 alpn: alpn.clone(),
                 routes: BTreeMap::new(),
+                hsts: None,
+                response_headers: Vec::new(),
             },
         ));
     }

@@ -180,7 +180,7 @@ async fn handle(caller: Arc<Caller>, req: Request<Incoming>) -> Result<Response<
         Who::Peer(peer) => (&peer.app_id, "mesh"),
         Who::Public(domain) => (&domain.config.names[0], "public"),
     };
-    Ok(match result {
+    let mut resp = match result {
         Ok(resp) => {
             tracing::debug!(caller = %who, kind, %method, %path, status = resp.status().as_u16(), "inbound request");
             resp.map(|body| GuardedBody::new(body, in_flight).boxed())
@@ -191,7 +191,20 @@ async fn handle(caller: Arc<Caller>, req: Request<Incoming>) -> Result<Response<
             failure.log(Hop::Backend, "inbound request failed", &detail);
             proxy::error_response(failure.status(), failure.short(Hop::Backend))
         }
-    })
+    };
+    // The domain's HSTS policy and added headers, unless the app set its own.
+    if let Who::Public(domain) = &caller.who {
+        let headers = resp.headers_mut();
+        if let Some(hsts) = &domain.config.hsts {
+            headers
+                .entry(http::header::STRICT_TRANSPORT_SECURITY)
+                .or_insert_with(|| hsts.clone());
+        }
+        for (name, value) in &domain.config.response_headers {
+            headers.entry(name).or_insert_with(|| value.clone());
+        }
+    }
+    Ok(resp)
 }
 
 /// The host the client asked for (h2's `:authority` or HTTP/1.1's `Host`), for public domains.

@@ -1014,6 +1014,8 @@ mod tests {
             send_proxy_protocol: false,
             alpn: Vec::new(),
             routes: Default::default(),
+            hsts: None,
+            response_headers: Vec::new(),
         };
         let show = |w: Vec<Wanted>| -> Vec<String> {
             w.iter()
@@ -1057,6 +1059,8 @@ mod tests {
             send_proxy_protocol: false,
             alpn: Vec::new(),
             routes: Default::default(),
+            hsts: None,
+            response_headers: Vec::new(),
         };
         let owners: Vec<String> = dns
             .dstack_record_set(&domain, "abcd", 443, None)
