@@ -24,8 +24,6 @@ use crate::{
 };
 
 const X_FORWARDED_HOST: http::HeaderName = http::HeaderName::from_static("x-forwarded-host");
-/// Concurrent streams one h2 caller may open.
-const H2_MAX_STREAMS: u32 = 128;
 
 /// A connection being served; boxed so the task holds only what serving needs.
 pub(super) type Serving = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -103,7 +101,7 @@ pub(super) fn serve(
     // does not carry the size of h2's state, nor the other way round.
     let io = TokioIo::new(tls);
     if h2 {
-        let conn = proxy::conn::http2(config.max_header_bytes, H2_MAX_STREAMS)
+        let conn = proxy::conn::http2(config.max_header_bytes, proxy::conn::H2_MAX_STREAMS)
             .serve_connection(io, service);
         Box::pin(lifetime.drive(conn, |c| c.graceful_shutdown()))
     } else {

@@ -30,6 +30,9 @@ pub fn http1(header_timeout: Duration) -> http1::Builder {
     builder
 }
 
+/// Concurrent h2 streams a client may open on one connection.
+pub const H2_MAX_STREAMS: u32 = 128;
+
 /// h2 with keep-alive PINGs, `max_streams` concurrent streams and a header-list limit.
 pub fn http2(max_header_bytes: usize, max_streams: u32) -> http2::Builder<TokioExecutor> {
     let mut builder = http2::Builder::new(TokioExecutor::new());
@@ -50,7 +53,14 @@ pub fn auto(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    // The same h2 bounds as the inbound side: a local app is no more trusted with memory.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(
+            u32::try_from(crate::config::DEFAULT_MAX_HEADER_BYTES).unwrap_or(u32::MAX),
+        )
+        .max_concurrent_streams(H2_MAX_STREAMS);
     builder
 }
 
