@@ -8,19 +8,14 @@
 /// `cargo tree -i <package>` over the whole workspace (every member, every feature the suite
 /// builds, dev and build dependencies, every target): what depends on `package` when Cargo's
 /// feature resolver has decided, empty when it is not compiled at all. The lockfile is no
-/// guide: it lists optional packages no feature enables.
+/// guide: it lists optional packages no feature enables. Not `--offline`: every target's
+/// packages must be known, and a fresh machine has fetched only its own (`--locked` keeps the
+/// versions).
 fn dependents(package: &str) -> String {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
     let out = std::process::Command::new(cargo)
-        .args([
-            "tree",
-            "--offline",
-            "--locked",
-            "--workspace",
-            "--target",
-            "all",
-        ])
+        .args(["tree", "--locked", "--workspace", "--target", "all"])
         .args([
             "--features",
             "dstack-mesh/etcd",
