@@ -12,6 +12,7 @@ use std::{
 };
 
 use dstack_mesh::fuzz::TARGETS;
+use ratls::fuzz::{mutate, Rng};
 
 fn fuzz_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
@@ -82,51 +83,6 @@ fn every_corpus_and_regression_input_runs_without_panic() {
         }
     }
     eprintln!("{total} corpus inputs over {} targets", TARGETS.len());
-}
-
-/// xorshift64*: deterministic, so a failure reproduces.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
-fn mutate(rng: &mut Rng, input: &[u8]) -> Vec<u8> {
-    let mut out = input.to_vec();
-    for _ in 0..=rng.below(4) {
-        if out.is_empty() {
-            out.push(rng.next() as u8);
-        }
-        let at = rng.below(out.len());
-        match rng.below(7) {
-            0 => out[at] ^= 1 << rng.below(8),
-            1 => out[at] = rng.next() as u8,
-            2 => out.truncate(at),
-            3 => out.insert(at, rng.next() as u8),
-            // Length bytes and separators are what parsers trust most.
-            4 => out[at] = [0x00, 0x7f, 0x80, 0x81, 0xff, b'"', b'\n', b'%'][rng.below(8)],
-            5 => {
-                let len = rng.below(64).min(out.len() - at);
-                let chunk = out[at..at + len].to_vec();
-                let to = rng.below(out.len());
-                out.splice(to..to, chunk);
-            }
-            _ => {
-                let len = rng.below(32).min(out.len() - at);
-                out.drain(at..at + len);
-            }
-        }
-    }
-    out
 }
 
 #[test]

@@ -167,18 +167,6 @@ fn settings_parse_as_dstack_ingress_writes_them() {
     assert!("v3".parse::<Accept>().is_err());
 }
 
-/// xorshift64*: deterministic, so a failure reproduces.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 #[test]
 fn random_and_mutated_headers_never_panic_nor_read_past_a_header() {
     let seeds = [
@@ -188,7 +176,7 @@ fn random_and_mutated_headers_never_panic_nor_read_past_a_header() {
         b"PROXY TCP6 2001:db8::7 2001:db8::1 51234 443\r\n".to_vec(),
         b"PROXY UNKNOWN\r\n".to_vec(),
     ];
-    let mut rng = Rng(0x005e_ed0f_9a7e_u64);
+    let mut rng = ratls::fuzz::Rng(0x005e_ed0f_9a7e_u64);
     for round in 0..20_000 {
         let mut input = seeds[round % seeds.len()].clone();
         match round % 3 {
