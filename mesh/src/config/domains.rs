@@ -193,12 +193,10 @@ pub struct DomainConfig {
     /// Names under a wildcard that go to their own backend (dstack-ingress's `ROUTING_MAP`
     /// beside `DOMAINS=*.example.com`), by the name the client asked for.
     pub routes: BTreeMap<String, HostPort>,
-    /// `http` mode: the `Strict-Transport-Security` value added to responses that carry none
-    /// (`hsts = "max-age=31536000"`); off by default, since browsers remember it.
-    #[serde(serialize_with = "header_text")]
-    pub hsts: Option<http::HeaderValue>,
     /// `http` mode: headers added to responses that lack them (`[domains.response_headers]`,
-    /// e.g. `X-Content-Type-Options = "nosniff"`); the app's own value wins.
+    /// e.g. `X-Content-Type-Options = "nosniff"`, and `hsts = "max-age=31536000"` as
+    /// `Strict-Transport-Security`, off by default since browsers remember it); the app's own
+    /// value wins.
     #[serde(serialize_with = "header_pairs")]
     pub response_headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
@@ -707,41 +705,32 @@ fn configured_domain(
         mode,
         c,
     );
-    let hsts = d.hsts.as_deref().and_then(|v| match (hsts_value(v), mode) {
-        (Ok(v), Mode::Http) => Some(v),
-        (Ok(_), Mode::Tcp) => {
-            c.fail(
-                &format!("{key}.hsts"),
-                "tcp mode passes the backend's bytes through: set the header in the backend",
-            );
-            None
-        }
-        (Err(e), _) => {
-            c.fail(&format!("{key}.hsts"), e);
-            None
-        }
+    // `hsts` is one more added header, checked for its max-age; both are for http mode only.
+    let hsts = d.hsts.as_deref().map(|v| {
+        let name = Ok(http::header::STRICT_TRANSPORT_SECURITY);
+        (format!("{key}.hsts"), name, hsts_value(v))
+    });
+    let table = d.response_headers.iter().flatten().map(|(name, value)| {
+        (
+            format!("{key}.response_headers.{name}"),
+            http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| "not a header name".into()),
+            http::HeaderValue::from_str(value)
+                .map_err(|_| format!("{value:?} is not a header value")),
+        )
     });
     let mut response_headers = Vec::new();
-    for (name, value) in d.response_headers.iter().flatten() {
-        let field = format!("{key}.response_headers.{name}");
-        if mode == Mode::Tcp {
-            c.fail(
+    for (field, name, value) in hsts.into_iter().chain(table) {
+        match (mode, name, value) {
+            (Mode::Tcp, _, _) => c.fail(
                 &field,
                 "tcp mode passes the backend's bytes through: set the header in the backend",
-            );
-            continue;
-        }
-        match (
-            http::HeaderName::from_bytes(name.as_bytes()),
-            http::HeaderValue::from_str(value),
-        ) {
-            (Ok(n), Ok(v)) if !is_framing(&n) => response_headers.push((n, v)),
-            (Ok(_), Ok(_)) => c.fail(
+            ),
+            (_, Ok(n), Ok(_)) if is_framing(&n) => c.fail(
                 &field,
                 "a header that frames the message is the proxy's to set",
             ),
-            (Err(_), _) => c.fail(&field, "not a header name"),
-            (_, Err(_)) => c.fail(&field, format!("{value:?} is not a header value")),
+            (_, Ok(n), Ok(v)) => response_headers.push((n, v)),
+            (_, Err(e), _) | (_, _, Err(e)) => c.fail(&field, e),
         }
     }
     Some((
@@ -755,7 +744,6 @@ fn configured_domain(
             send_proxy_protocol,
             alpn,
             routes: BTreeMap::new(),
-            hsts,
             response_headers,
         },
     ))
@@ -776,16 +764,6 @@ fn header_pairs<S: serde::Serializer>(
         v.iter()
             .map(|(n, v)| (n.as_str(), v.to_str().unwrap_or_default())),
     )
-}
-
-fn header_text<S: serde::Serializer>(
-    v: &Option<http::HeaderValue>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    match v {
-        Some(v) => s.serialize_some(v.to_str().unwrap_or_default()),
-        None => s.serialize_none(),
-    }
 }
 
 /// A `Strict-Transport-Security` value (RFC 6797 §6.1): `max-age=<seconds>` and optional
@@ -913,7 +891,6 @@ fn ingress_domains(
                 send_proxy_protocol: false,
                 alpn: alpn.clone(),
                 routes: BTreeMap::new(),
-                hsts: None,
                 response_headers: Vec::new(),
             },
         ));

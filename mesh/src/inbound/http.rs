@@ -190,14 +190,9 @@ async fn handle(caller: Arc<Caller>, req: Request<Incoming>) -> Result<Response<
             proxy::error_response(failure.status(), failure.short(Hop::Backend))
         }
     };
-    // The domain's HSTS policy and added headers, unless the app set its own.
+    // The domain's added headers (HSTS among them), unless the app set its own.
     if let Who::Public(domain) = &caller.who {
         let headers = resp.headers_mut();
-        if let Some(hsts) = &domain.config.hsts {
-            headers
-                .entry(http::header::STRICT_TRANSPORT_SECURITY)
-                .or_insert_with(|| hsts.clone());
-        }
         for (name, value) in &domain.config.response_headers {
             headers.entry(name).or_insert_with(|| value.clone());
         }

@@ -1014,7 +1014,6 @@ mod tests {
             send_proxy_protocol: false,
             alpn: Vec::new(),
             routes: Default::default(),
-            hsts: None,
             response_headers: Vec::new(),
         };
         let show = |w: Vec<Wanted>| -> Vec<String> {
@@ -1059,7 +1058,6 @@ mod tests {
             send_proxy_protocol: false,
             alpn: Vec::new(),
             routes: Default::default(),
-            hsts: None,
             response_headers: Vec::new(),
         };
         let owners: Vec<String> = dns
