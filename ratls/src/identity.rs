@@ -66,6 +66,9 @@ pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest single sleep of the refresh task; it then re-reads the clock, so a suspended VM
 /// does not wake up hours past the refresh point.
 const MAX_SLEEP: Duration = Duration::from_secs(300);
+/// Shortest lifetime that may be requested: a refresh round trip and a few retries must fit
+/// inside the last third.
+pub const MIN_VALIDITY: Duration = Duration::from_secs(10);
 /// Longest lifetime that may be requested (the agent's own default is ten years).
 pub const MAX_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
@@ -73,10 +76,11 @@ impl IdentityConfig {
     /// Check the settings before anything is requested.
     pub fn validate(&self) -> Result<(), IdentityError> {
         let bad = |m: String| Err(IdentityError::Config(m));
-        if self.validity < Duration::from_secs(60) || self.validity > MAX_VALIDITY {
+        if self.validity < MIN_VALIDITY || self.validity > MAX_VALIDITY {
             return bad(format!(
-                "validity {:?} is outside 60s..={}d",
+                "validity {:?} is outside {}s..={}d",
                 self.validity,
+                MIN_VALIDITY.as_secs(),
                 MAX_VALIDITY.as_secs() / 86400
             ));
         }
@@ -128,6 +132,19 @@ pub enum IdentityError {
     /// The chain does not end in a self-signed root, so there is no trust anchor to share.
     #[error("identity chain does not end in a self-signed CA root (last element: {0})")]
     NoRoot(String),
+    /// A refreshed chain ends in another root than the one this process started with, the
+    /// root its peers and its own verifiers trust: the agent's CA changed under it.
+    #[error(
+        "the agent's new certificate chains to another root CA (SHA-256 {now}) than the one \
+         this sidecar started with and its peers trust ({was}): keeping the current identity; \
+         restart the sidecar to adopt the new root"
+    )]
+    RootChanged {
+        /// Fingerprint of the root in use.
+        was: String,
+        /// Fingerprint of the agent's new root.
+        now: String,
+    },
     /// Neither the certificate nor `Info` names the app.
     #[error("identity has no app id (certificate without app id and Info without app_id)")]
     NoAppId,
@@ -353,6 +370,18 @@ impl Shared {
     async fn refresh(&self) -> Result<Arc<Identity>, IdentityError> {
         let _one_at_a_time = self.fetching.lock().await;
         let next = Arc::new(fetch(&self.agent, &self.info, &self.config).await?);
+        let root = &self.current.load().root;
+        if next.root != *root {
+            let fingerprint = |der: &[u8]| {
+                hex::encode(
+                    &aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der).as_ref()[..8],
+                )
+            };
+            return Err(IdentityError::RootChanged {
+                was: fingerprint(root),
+                now: fingerprint(&next.root),
+            });
+        }
         self.publish(next.clone());
         Ok(next)
     }

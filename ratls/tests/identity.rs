@@ -9,7 +9,7 @@ use std::{
 
 use ratls::{
     agent::{InfoResponse, TlsKeyResponse},
-    identity::{Identity, IdentityConfig, IdentityError, MIN_REFRESH_INTERVAL},
+    identity::{Identity, IdentityConfig, IdentityError, MIN_REFRESH_INTERVAL, MIN_VALIDITY},
     Rejection,
 };
 
@@ -126,13 +126,20 @@ fn the_schedule_counts_from_the_fetch_not_from_1975() {
 fn config_is_validated_before_use() {
     let ok = IdentityConfig::default();
     ok.validate().unwrap();
+    // The shortest lifetime the rotation soak uses is allowed.
+    IdentityConfig {
+        validity: MIN_VALIDITY,
+        ..ok.clone()
+    }
+    .validate()
+    .unwrap();
     for bad in [
         IdentityConfig {
             refresh_margin: Some(ok.validity),
             ..ok.clone()
         },
         IdentityConfig {
-            validity: Duration::from_secs(10),
+            validity: MIN_VALIDITY - Duration::from_secs(1),
             ..ok.clone()
         },
         IdentityConfig {

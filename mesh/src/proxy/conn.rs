@@ -15,8 +15,8 @@ use super::{Activity, Drain};
 
 /// How often an idle h2 connection is pinged, and how long the answer may take.
 pub const H2_KEEPALIVE: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(20));
-/// After an idle or expiry shutdown starts, requests in flight get this long to finish (a
-/// drain's own deadline cuts it off earlier).
+/// After an idle shutdown or a drain starts, requests in flight get this long to finish (a
+/// drain's own deadline cuts it off earlier). After an expiry they run to their end.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// HTTP/1.1 with keep-alive; `header_timeout` also bounds how long an idle keep-alive
@@ -63,6 +63,8 @@ pub fn auto(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
         .max_concurrent_streams(H2_MAX_STREAMS);
     builder
 }
+
+const EXPIRED: &str = "caller certificate expired";
 
 /// When a served connection must end besides its own close.
 #[derive(Clone)]
@@ -118,6 +120,7 @@ impl Lifetime {
                 None => std::future::pending().await,
             }
         };
+        tokio::pin!(idle);
         let why = tokio::select! {
             result = conn.as_mut() => {
                 if let Err(e) = result {
@@ -126,12 +129,27 @@ impl Lifetime {
                 }
                 return;
             }
-            _ = idle => "idle",
-            _ = tokio::time::sleep(self.expires) => "caller certificate expired",
+            _ = &mut idle => "idle",
+            _ = tokio::time::sleep(self.expires) => EXPIRED,
             _ = self.drain.started() => "shutting down",
         };
         tracing::debug!(listener, %remote, why, "closing connection");
         shutdown(conn.as_mut());
-        let _ = tokio::time::timeout(self.grace, conn).await;
+        let cut_off = async {
+            if why == EXPIRED {
+                // Requests in flight were authorized when they began: they run to their end
+                // unless they stall or the sidecar drains; only new requests need a valid
+                // certificate.
+                tokio::select! {
+                    _ = &mut idle => return,
+                    _ = self.drain.started() => {}
+                }
+            }
+            tokio::time::sleep(self.grace).await;
+        };
+        tokio::select! {
+            _ = conn => {}
+            _ = cut_off => tracing::debug!(listener, %remote, why, "requests in flight cut off"),
+        }
     }
 }
