@@ -294,3 +294,29 @@ fn agents_created_at_once_agree_on_one_root() {
     });
     assert!(roots.iter().all(|r| *r == roots[0]));
 }
+
+#[tokio::test]
+async fn a_refresh_under_another_root_is_refused_and_the_identity_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (client, first_agent) = start(dir.path(), APP, "agent.sock").await;
+    let info = client.info().await.unwrap();
+    let identity = ratls::identity::RotatingIdentity::start(client, info, Default::default())
+        .await
+        .unwrap();
+    let before = identity.current();
+    // The agent restarts with a new CA (its state gone) on the same socket.
+    first_agent.abort();
+    std::fs::remove_file(dir.path().join("agent.sock")).unwrap();
+    std::fs::remove_dir_all(dir.path().join("state")).unwrap();
+    let (_, _second_agent) = start(dir.path(), APP, "agent.sock").await;
+    // The first call may meet the pooled connection to the old agent, reset.
+    let mut result = identity.refresh_now().await;
+    if matches!(result, Err(ratls::identity::IdentityError::Agent(_))) {
+        result = identity.refresh_now().await;
+    }
+    match result {
+        Err(ratls::identity::IdentityError::RootChanged { was, now }) => assert_ne!(was, now),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(identity.current().fingerprint, before.fingerprint);
+}
