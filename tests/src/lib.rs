@@ -16,6 +16,7 @@ pub mod gcloud;
 pub mod hetzner;
 pub mod http_stand_in;
 pub mod linode;
+pub mod load;
 pub mod namecheap;
 pub mod netns;
 pub mod ovh;
