@@ -169,8 +169,20 @@ impl Upstream {
         *req.uri_mut() = Uri::from_parts(parts).map_err(|e| self.failed(e.into()))?;
         *req.version_mut() = Version::HTTP_11;
 
+        // An idempotent request without a body can be sent again if the kept-alive connection
+        // it went out on was closed under it, as nginx and HAProxy do.
+        let replay = replayable(&req);
+        let client = &self.client;
         exchange(
-            |req| self.client.request(req),
+            |req| async move {
+                match (client.request(req).await, replay) {
+                    (Err(e), Some(again)) if closed_under_request(&e) => {
+                        tracing::debug!(upstream = %self.authority, error = %crate::error_chain(&e), "the backend closed a kept-alive connection under a request: sending it again");
+                        client.request(again).await
+                    }
+                    (result, _) => result,
+                }
+            },
             &self.in_flight,
             req,
             self.config.response_timeout,
@@ -196,6 +208,42 @@ impl Upstream {
             reason: crate::error_chain(e.as_ref()),
         }
     }
+}
+
+/// A copy of `req` to send again, if it is idempotent (RFC 9110 §9.2.2) and has no body.
+fn replayable(req: &Request<Body>) -> Option<Request<Body>> {
+    if !req.method().is_idempotent() || !req.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(super::full(Bytes::new()));
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+/// Whether the connection ended before any of the response came: closed or reset by the
+/// backend (an idle close racing the request), never a response that broke mid-way.
+fn closed_under_request(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            ) {
+                return true;
+            }
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Send `req` on `client`: wait for a slot under `in_flight`, then for the response head
