@@ -90,11 +90,43 @@ pub struct App {
     _background: JoinSet<()>,
 }
 
+/// Find the agent, retrying (1 s, doubling to 10 s) for `start_timeout` while some address
+/// exists but does not answer: in a compose file the sidecar may start before the agent
+/// answers, or the agent restarts, and a crash loop helps nobody. No socket at any of the
+/// addresses is a deployment without the mount: that fails at once, naming them.
+async fn wait_for_agent(
+    candidates: Vec<AgentAddress>,
+    config: &crate::config::AgentConfig,
+) -> Result<(AgentClient, ratls::agent::InfoResponse), ratls::agent::AgentError> {
+    let deadline = tokio::time::Instant::now() + config.start_timeout;
+    let mut backoff = std::time::Duration::from_secs(1);
+    loop {
+        match AgentClient::discover(candidates.clone(), config.timeout).await {
+            Ok(found) => return Ok(found),
+            Err(e)
+                if reachable(&candidates) && tokio::time::Instant::now() + backoff < deadline =>
+            {
+                tracing::warn!(error = %e, retry_in = ?backoff, "guest agent not answering: waiting for it");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Whether any of `candidates` could answer: a TCP address, or a socket that exists.
+fn reachable(candidates: &[AgentAddress]) -> bool {
+    candidates
+        .iter()
+        .any(|a| !matches!(a, AgentAddress::Unix(path) if !path.exists()))
+}
+
 impl App {
     /// Find the agent, take an identity, build and bind every listener, then serve.
     pub async fn start(config: Config) -> Result<Self, StartError> {
         let candidates = AgentAddress::candidates(config.agent.address.as_deref(), None)?;
-        let (agent, info) = AgentClient::discover(candidates, config.agent.timeout).await?;
+        let (agent, info) = wait_for_agent(candidates, &config.agent).await?;
         let identity = RotatingIdentity::start(agent, info, config.identity.clone()).await?;
         Self::start_with(config, identity).await
     }

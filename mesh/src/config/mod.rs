@@ -64,6 +64,8 @@ pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// Guest-agent call deadline.
 pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `run` waits for the agent at start.
+pub const DEFAULT_AGENT_START_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Environment variables, in order of precedence within each setting.
 pub mod env {
@@ -356,6 +358,10 @@ pub struct AgentConfig {
     /// Per-call deadline.
     #[serde(with = "secs")]
     pub timeout: Duration,
+    /// How long `run` waits for an agent that does not answer at start (it starts later than
+    /// the sidecar, or restarts) before it gives up.
+    #[serde(with = "secs")]
+    pub start_timeout: Duration,
 }
 
 /// Everything the sidecar needs.
@@ -801,6 +807,11 @@ fn agent(raw: &RawConfig, env: &dyn Source, c: &mut Check) -> AgentConfig {
             "agent.timeout",
             agent_raw.timeout.as_ref(),
             DEFAULT_AGENT_TIMEOUT,
+        ),
+        start_timeout: c.duration(
+            "agent.start_timeout",
+            agent_raw.start_timeout.as_ref(),
+            DEFAULT_AGENT_START_TIMEOUT,
         ),
     };
     if let Some(addr) = &agent.address {

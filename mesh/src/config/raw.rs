@@ -66,6 +66,7 @@ pub struct RawTls {
 pub struct RawAgent {
     pub address: Option<String>,
     pub timeout: Option<DurationValue>,
+    pub start_timeout: Option<DurationValue>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
