@@ -5,7 +5,8 @@
 //! `GET /renewal-info/<AKI>.<serial>` for each certificate it has seen pass (a window at
 //! configurable fractions of the lifetime, moved into the past on demand, or an error
 //! status), records each newOrder's `profile` and `replaces`, and refuses a profile the
-//! directory does not advertise with `invalidProfile`, as Let's Encrypt does.
+//! directory does not advertise with `invalidProfile`, as Let's Encrypt does. It can also
+//! fail every request as a CA that is down, slow, broken or rate limiting would ([`CaFault`]).
 
 use std::{
     net::SocketAddr,
@@ -20,6 +21,21 @@ use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
+
+/// How the front fails every request to the CA (renewalInfo aside), to stand for a CA that
+/// is down, slow, broken or rate limiting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaFault {
+    /// Close each connection without a byte.
+    Down,
+    /// Hold each request this long before passing it on.
+    Slow(Duration),
+    /// Answer `200` with a body that is not JSON.
+    Garbage,
+    /// Answer new orders `429` with a `rateLimited` problem and `Retry-After: secs`, as Let's
+    /// Encrypt does.
+    RateLimited(u64),
+}
 
 /// One certificate seen on its way to the client.
 #[derive(Clone, Debug)]
@@ -49,6 +65,9 @@ struct State {
     reflect: bool,
     /// Each accepted connection's key exchange group.
     groups: Vec<rustls::NamedGroup>,
+    fault: Option<CaFault>,
+    /// Requests that met a fault.
+    faulted: usize,
 }
 
 /// The front; it stops with the test's runtime.
@@ -206,6 +225,8 @@ impl AriFront {
             renewal_info_requests: 0,
             reflect: true,
             groups: Vec::new(),
+            fault: None,
+            faulted: 0,
         }));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -221,6 +242,11 @@ impl AriFront {
                     dir_path.clone(),
                 );
                 tokio::spawn(async move {
+                    if state.lock().unwrap().fault == Some(CaFault::Down) {
+                        state.lock().unwrap().faulted += 1;
+                        let _ = tcp.set_zero_linger();
+                        return;
+                    }
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
@@ -236,7 +262,9 @@ impl AriFront {
                             )
                         }
                     });
+                    // A connection per request, so that a CA going down is met at once.
                     let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(false)
                         .serve_connection(TokioIo::new(tls), service)
                         .await;
                 });
@@ -291,6 +319,16 @@ impl AriFront {
         self.state.lock().unwrap().groups.clone()
     }
 
+    /// Fail every request this way from now on (`None`: pass them again).
+    pub fn set_fault(&self, fault: Option<CaFault>) {
+        self.state.lock().unwrap().fault = fault;
+    }
+
+    /// Requests (connections, for `Down`) that met a fault so far.
+    pub fn faulted(&self) -> usize {
+        self.state.lock().unwrap().faulted
+    }
+
     /// renewalInfo requests so far.
     pub fn renewal_info_requests(&self) -> usize {
         self.state.lock().unwrap().renewal_info_requests
@@ -314,6 +352,38 @@ async fn handle(
     let path = parts.uri.path().to_owned();
     if let Some(id) = path.strip_prefix("/renewal-info/") {
         return renewal_info(state, id);
+    }
+    let fault = {
+        let mut s = state.lock().unwrap();
+        // Let's Encrypt's limits answer new orders, not nonces or the directory.
+        let applies = match s.fault {
+            Some(CaFault::RateLimited(_)) => path == "/order-plz",
+            fault => fault.is_some(),
+        };
+        s.faulted += usize::from(applies);
+        s.fault.filter(|_| applies)
+    };
+    match fault {
+        Some(CaFault::Slow(hold)) => tokio::time::sleep(hold).await,
+        Some(CaFault::Garbage) => {
+            return reply(
+                StatusCode::OK,
+                "application/json",
+                b"{\"directory\": [".to_vec(),
+            )
+        }
+        Some(CaFault::RateLimited(secs)) => {
+            let problem = serde_json::json!({"type": "urn:ietf:params:acme:error:rateLimited", "detail": "too many new orders (10) from this account in the last 3h0m0s", "status": 429});
+            let mut resp = reply(
+                StatusCode::TOO_MANY_REQUESTS,
+                "application/problem+json",
+                problem.to_string().into_bytes(),
+            );
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, secs.into());
+            return resp;
+        }
+        Some(CaFault::Down) | None => {}
     }
     let mut echo = None;
     if path == "/order-plz" {

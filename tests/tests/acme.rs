@@ -1388,3 +1388,109 @@ async fn a_ca_whose_renewal_info_fails_falls_back_to_the_lifetime_and_an_unoffer
     );
     assert_eq!(front.orders().len(), 1, "an order went out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_down_slow_garbled_or_rate_limiting_fails_only_the_renewal_not_one_request() {
+    use e2e::{
+        ari::{AriFront, CaFault},
+        load::{Caller, Load, Target},
+    };
+    use std::sync::Arc;
+    let setup = Setup::new(None).await;
+    let front = AriFront::start(
+        setup.path(),
+        &setup.pebble.directory,
+        &setup.pebble.ca_file,
+        None,
+    )
+    .await;
+    let domains = "[[domains]]\nnames = [\"app.acme.test\"]\nbackend = \"{backend}\"\n";
+    let mut sidecar = setup.sidecar_at(
+        "sidecar",
+        domains,
+        "store",
+        "ca_timeout = \"3s\"",
+        (&front.directory, &front.ca_file),
+    );
+    sidecar
+        .wait("issuance", Duration::from_secs(30), valid("app.acme.test"))
+        .await;
+    // Browser-style callers on the domain, and a mesh caller on the same listener.
+    let public = Load::start(
+        Target::public(sidecar.inbound, "app.acme.test", &setup.root()),
+        &[Caller::Fresh, Caller::H2, Caller::H1],
+        Duration::from_millis(10),
+    );
+    let (caller, _agent) = identity(setup.path(), &setup.path().join("state"), CALLER).await;
+    let policy = ratls::Policy::new(caller.current().trust_anchors().unwrap())
+        .expect(SERVER.parse().unwrap());
+    let mesh_tls = ratls::tls::mesh_client_config(caller.resolver(), Arc::new(policy)).unwrap();
+    let mesh = Load::start(
+        Target {
+            addr: sidecar.inbound,
+            tls: Some((Arc::new(mesh_tls), "mesh.test".try_into().unwrap())),
+            host: "mesh.test".to_owned(),
+            headers: Vec::new(),
+        },
+        &[Caller::H1, Caller::H2],
+        Duration::from_millis(10),
+    );
+
+    let faults = [
+        (CaFault::Down, "CA unreachable"),
+        (CaFault::Slow(Duration::from_secs(10)), "within 3s"),
+        (CaFault::Garbage, "no nonce"),
+        (CaFault::RateLimited(7), "rateLimited"),
+    ];
+    for (fault, says) in faults {
+        let before = sidecar.cert("app.acme.test").await;
+        front.set_fault(Some(fault));
+        let (ok, text) = sidecar.cli(&["renew", "app.acme.test"]);
+        assert!(ok, "{text}");
+        let failed = sidecar
+            .wait(
+                &format!("{fault:?} to fail the renewal"),
+                Duration::from_secs(30),
+                |c| c[0].failures_total > before.failures_total,
+            )
+            .await
+            .remove(0);
+        let error = failed.last_error.clone().unwrap_or_default();
+        assert!(error.contains(says), "{fault:?}: {failed:?}");
+        assert_eq!(
+            failed.serial, before.serial,
+            "{fault:?}: the certificate in use changed"
+        );
+        if let CaFault::RateLimited(secs) = fault {
+            // The CA's Retry-After is the earliest next attempt.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            assert!(
+                failed.next_attempt.unwrap() + 1 >= now + secs,
+                "next attempt {:?} is before the CA's Retry-After ({secs} s from {now})",
+                failed.next_attempt
+            );
+        }
+        front.set_fault(None);
+        let (ok, text) = sidecar.cli(&["renew", "app.acme.test"]);
+        assert!(ok, "{text}");
+        sidecar
+            .wait(
+                &format!("a renewal after {fault:?}"),
+                Duration::from_secs(30),
+                |c| c[0].status == Status::Valid && c[0].issued_total > before.issued_total,
+            )
+            .await;
+        eprintln!("{fault:?}: {error}");
+    }
+    assert!(front.faulted() >= 4);
+    let (public_ok, public_failed) = public.finish().await;
+    let (mesh_ok, mesh_failed) = mesh.finish().await;
+    eprintln!(
+        "through four CA faults: public {public_ok} ok / {public_failed} failed, mesh {mesh_ok} ok / {mesh_failed} failed"
+    );
+    assert_eq!((public_failed, mesh_failed), (0, 0));
+    sidecar.guard.assert_running();
+}

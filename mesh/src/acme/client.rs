@@ -79,6 +79,8 @@ pub struct Problem {
     pub status: Option<u16>,
     /// The whole document in words (type, detail, subproblems).
     pub text: String,
+    /// The response's `Retry-After`, for a refusal that sets one (a rate limit).
+    pub retry_after: Option<Duration>,
 }
 
 impl std::fmt::Display for Problem {
@@ -93,6 +95,7 @@ impl From<&instant_acme::Problem> for Problem {
             kind: p.r#type.clone(),
             status: p.status,
             text: p.to_string(),
+            retry_after: None,
         }
     }
 }
@@ -293,6 +296,15 @@ type HttpsClient = Client<
 struct CaHttp {
     client: HttpsClient,
     timeout: Duration,
+    /// The `Retry-After` of the last 429 or 503, which instant-acme's problem leaves out.
+    retry_after: Arc<std::sync::Mutex<Option<Duration>>>,
+}
+
+impl CaHttp {
+    /// The `Retry-After` of the last refusal, once.
+    fn take_retry_after(&self) -> Option<Duration> {
+        self.retry_after.lock().ok()?.take()
+    }
 }
 
 impl HttpClient for CaHttp {
@@ -302,11 +314,24 @@ impl HttpClient for CaHttp {
     ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
         let client = self.client.clone();
         let timeout = self.timeout;
+        let refusal = self.retry_after.clone();
         Box::pin(async move {
             let fetch = async move {
                 let rsp = client.request(req).await.map_err(|e| {
                     instant_acme::Error::Other(Box::new(Transport::Failed(ratls::error_chain(&e))))
                 })?;
+                if matches!(rsp.status().as_u16(), 429 | 503) {
+                    if let Some(v) = rsp.headers().get(http::header::RETRY_AFTER) {
+                        let wait = super::ari::retry_after(
+                            v.to_str().ok(),
+                            std::time::SystemTime::now(),
+                            Duration::from_secs(1),
+                        );
+                        if let Ok(mut slot) = refusal.lock() {
+                            *slot = Some(wait);
+                        }
+                    }
+                }
                 // Read the body under the same deadline: a CA that stalls mid-body is down.
                 let (parts, body) = rsp.into_parts();
                 let body = body.collect().await.map_err(|e| {
@@ -475,7 +500,11 @@ impl AcmeClient {
             .build(https);
         Ok(Self {
             directory: directory.to_owned(),
-            http: CaHttp { client, timeout },
+            http: CaHttp {
+                client,
+                timeout,
+                retry_after: Arc::default(),
+            },
             agent,
             store,
             email,
@@ -762,7 +791,7 @@ impl AcmeClient {
             key,
             replaces: replaces.as_ref(),
         };
-        match self.order(&account, &how, challenges, dns).await {
+        let ordered = match self.order(&account, &how, challenges, dns).await {
             // A CA that lost the account (a reset, a restarted pebble): same key, new account.
             Err(e) if is_account_gone(&e) => {
                 tracing::warn!(directory = %self.directory, "the CA does not know our account any more: registering again with the same key");
@@ -784,7 +813,16 @@ impl AcmeClient {
                     .map_err(classify)
             }
             other => other.map_err(classify),
-        }
+        };
+        // A rate limit says when to come back: keep it with the refusal.
+        let retry_after = self.http.take_retry_after();
+        ordered.map_err(|e| match e {
+            IssueError::RateLimited(mut p) => {
+                p.retry_after = retry_after;
+                IssueError::RateLimited(p)
+            }
+            other => other,
+        })
     }
 
     // Long on purpose: one ACME order in the protocol's order (new order, authorizations,

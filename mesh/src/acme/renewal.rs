@@ -384,10 +384,11 @@ impl Acme {
                         .map(|s| s.consecutive_failures + 1)
                         .unwrap_or(1);
                     let wait = match &e {
-                        // A rate limit lasts hours: the usual pace only spends the allowance.
-                        IssueError::RateLimited(_) => {
-                            self.backoff(failures + 2, current.as_deref())
-                        }
+                        // A rate limit lasts hours: the usual pace only spends the allowance,
+                        // and never before the CA's Retry-After.
+                        IssueError::RateLimited(p) => self
+                            .backoff(failures + 2, current.as_deref())
+                            .max(p.retry_after.unwrap_or_default()),
                         _ => self.backoff(failures, current.as_deref()),
                     };
                     let expired = current
