@@ -64,6 +64,15 @@ impl CertResolver {
         Self::new(Arc::new(ArcSwap::from_pointee(key)))
     }
 
+    /// Expiry (Unix seconds) of the rotating identity presented now; `None` for a fixed key.
+    /// A connection dialled under one value is the old identity's once it changes.
+    pub fn identity_not_after(&self) -> Option<i64> {
+        match &self.source {
+            Source::Key(_) => None,
+            Source::Identity(id) => Some(id.load().not_after),
+        }
+    }
+
     fn current(&self) -> Arc<CertifiedKey> {
         match &self.source {
             Source::Key(k) => k.load_full(),

@@ -222,6 +222,7 @@ impl Outbound {
             upgrades.clone(),
             pool_config(&config),
             metrics.clone(),
+            resolver.clone(),
         );
         let (routes, max_connections) = (config.routes.clone(), config.max_connections);
         Ok(Self {
@@ -350,6 +351,7 @@ impl Outbound {
             self.upgrades.clone(),
             pool_config(&self.config),
             metrics.clone(),
+            self.resolver.clone(),
         );
         self.metrics = metrics;
         self

@@ -83,12 +83,15 @@ struct PoolInner {
     config: PoolConfig,
     /// Counts each new connection's key exchange group.
     metrics: Arc<Metrics>,
+    /// The certificate we present: a connection carries new requests only while the one it
+    /// was dialled with is current (the peer ends it when that one expires).
+    resolver: ratls::tls::CertResolver,
 }
 
 /// One target's connections.
 #[derive(Default)]
 struct Slot {
-    h2: Mutex<Option<(http2::SendRequest<Body>, PeerInfo)>>,
+    h2: Mutex<Option<(http2::SendRequest<Body>, PeerInfo, Dialled)>>,
     idle: Mutex<Vec<Idle>>,
     /// The peer answered HTTP/1.1: dial freely, h2 will not come.
     h1_only: AtomicBool,
@@ -101,11 +104,15 @@ struct Idle {
     sender: http1::SendRequest<Body>,
     info: PeerInfo,
     since: Instant,
+    dialled: Dialled,
 }
+
+/// Which of our identities a connection was dialled with (its expiry; `None`: a fixed key).
+type Dialled = Option<i64>;
 
 /// A connection chosen for one request.
 enum Conn {
-    H1(http1::SendRequest<Body>),
+    H1(http1::SendRequest<Body>, Dialled),
     H2(http2::SendRequest<Body>),
 }
 
@@ -146,6 +153,7 @@ impl PeerPool {
         upgrades: SharedConnector,
         config: PoolConfig,
         metrics: Arc<Metrics>,
+        resolver: ratls::tls::CertResolver,
     ) -> Self {
         let inner = Arc::new(PoolInner {
             multiplexed,
@@ -154,6 +162,7 @@ impl PeerPool {
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             config,
             metrics,
+            resolver,
         });
         tokio::spawn(sweep(Arc::downgrade(&inner)));
         Self { inner }
@@ -166,7 +175,7 @@ impl PeerPool {
             let has_h2 = slot
                 .h2
                 .lock()
-                .is_ok_and(|c| c.as_ref().is_some_and(|(s, _)| !s.is_closed()));
+                .is_ok_and(|c| c.as_ref().is_some_and(|(s, _, _)| !s.is_closed()));
             let idle = slot.idle.lock().map_or(0, |i| i.len());
             (h2 + usize::from(has_h2), h1 + idle)
         })
@@ -224,7 +233,7 @@ impl PoolInner {
                 let (conn, info, ended) = self.dial(&target, &slot, true).await?;
                 (conn, info, false, ended)
             }
-            false => match slot.checkout() {
+            false => match slot.checkout(self.resolver.identity_not_after()) {
                 Some((conn, info)) => (conn, info, true, None),
                 None => {
                     let (conn, info, ended) = self.connect(&target, &slot).await?;
@@ -232,11 +241,24 @@ impl PoolInner {
                 }
             },
         };
+        // A bodiless idempotent request can go again after the peer refused it unprocessed.
+        let replay = reused.then(|| proxy::replayable(&req)).flatten();
         match send_on(conn, req, &host, &slot, &info, upgrade).await {
             Ok(resp) => Ok(resp),
-            // A pooled connection closed under us before any byte of the request was written:
-            // the request is whole, so it goes once more on a fresh connection.
-            Err((e, Some(req))) if reused => {
+            // A pooled connection closed under us before any byte of the request was written
+            // (the request is whole), or the peer refused the h2 stream without processing it
+            // (RST_STREAM REFUSED_STREAM, or above a graceful GOAWAY's last stream id, as at
+            // our certificate's expiry: RFC 9113 §8.7): once more on a fresh connection.
+            Err((e, req)) if reused && (req.is_some() || (replay.is_some() && unprocessed(&e))) => {
+                let Some(req) = req.or(replay) else {
+                    return Err(send_failed(e, false, ended).await);
+                };
+                if unprocessed(&e) {
+                    // The peer is closing that h2 connection: a new one, not it again.
+                    if let Ok(mut h2) = slot.h2.lock() {
+                        *h2 = None;
+                    }
+                }
                 tracing::debug!(target = %target, error = %e, "pooled connection was closed; retrying on a fresh one");
                 let (conn, info, ended) = self.connect(&target, &slot).await?;
                 match send_on(conn, req, &host, &slot, &info, upgrade).await {
@@ -259,7 +281,7 @@ impl PoolInner {
         }
         let _dialing = slot.dialing.lock().await;
         // Someone else's dial may have brought the h2 connection meanwhile.
-        if let Some((conn, info)) = slot.checkout() {
+        if let Some((conn, info)) = slot.checkout(self.resolver.identity_not_after()) {
             return Ok((conn, info, None));
         }
         self.dial(target, slot, false).await
@@ -282,6 +304,8 @@ impl PoolInner {
                     .into(),
             )
         })?;
+        // Read before the handshake: a rotation during it leaves the connection old, not new.
+        let dialled = self.resolver.identity_not_after();
         let connected = connector.connect(target).await?;
         let group = connected.stream.get_ref().1.negotiated_key_exchange_group();
         self.metrics
@@ -319,7 +343,7 @@ impl PoolInner {
                 let _ = ended.send(alert);
             });
             if let Ok(mut h2) = slot.h2.lock() {
-                *h2 = Some((sender.clone(), info.clone()));
+                *h2 = Some((sender.clone(), info.clone(), dialled));
             }
             Ok((Conn::H2(sender), info, Some(ended_rx)))
         } else {
@@ -331,7 +355,7 @@ impl PoolInner {
             tokio::spawn(async move {
                 let _ = conn.with_upgrades().await;
             });
-            Ok((Conn::H1(sender), info, None))
+            Ok((Conn::H1(sender, dialled), info, None))
         }
     }
 }
@@ -347,6 +371,17 @@ async fn send_failed(e: hyper::Error, fresh: bool, ended: Option<Ended>) -> Pool
         }
     }
     PoolError::Send(e, fresh)
+}
+
+/// Whether the peer refused the h2 stream without processing it: `REFUSED_STREAM`, or a
+/// stream above the last one a graceful GOAWAY (`NO_ERROR`) kept.
+fn unprocessed(e: &hyper::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<h2::Error>())
+        .is_some_and(|h| {
+            h.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h.is_go_away() && h.is_remote() && h.reason() == Some(h2::Reason::NO_ERROR))
+        })
 }
 
 /// The peer's TLS alert, anywhere in `err`'s chain.
@@ -365,11 +400,14 @@ fn alert_in(err: &(dyn std::error::Error + 'static)) -> Option<String> {
 }
 
 impl Slot {
-    /// A usable pooled connection: the h2 one, else an idle HTTP/1.1 one.
-    fn checkout(&self) -> Option<(Conn, PeerInfo)> {
+    /// A usable pooled connection dialled as `current`: the h2 one, else an idle HTTP/1.1
+    /// one. One dialled under an older identity takes no new request (its requests in flight
+    /// go on): the peer ends it when that identity expires, and a request sent then would race
+    /// the peer's GOAWAY.
+    fn checkout(&self, current: Dialled) -> Option<(Conn, PeerInfo)> {
         if let Ok(mut h2) = self.h2.lock() {
             match h2.as_ref() {
-                Some((sender, info)) if !sender.is_closed() => {
+                Some((sender, info, dialled)) if !sender.is_closed() && *dialled == current => {
                     return Some((Conn::H2(sender.clone()), info.clone()))
                 }
                 Some(_) => *h2 = None,
@@ -378,21 +416,22 @@ impl Slot {
         }
         let mut idle = self.idle.lock().ok()?;
         while let Some(entry) = idle.pop() {
-            if entry.sender.is_ready() {
-                return Some((Conn::H1(entry.sender), entry.info));
+            if entry.sender.is_ready() && entry.dialled == current {
+                return Some((Conn::H1(entry.sender, entry.dialled), entry.info));
             }
         }
         None
     }
 
     /// Keep an HTTP/1.1 connection for the next request.
-    fn checkin(&self, sender: http1::SendRequest<Body>, info: PeerInfo) {
+    fn checkin(&self, sender: http1::SendRequest<Body>, info: PeerInfo, dialled: Dialled) {
         if let Ok(mut idle) = self.idle.lock() {
             if idle.len() < MAX_IDLE_PER_TARGET {
                 idle.push(Idle {
                     sender,
                     info,
                     since: Instant::now(),
+                    dialled,
                 });
             }
         }
@@ -413,7 +452,7 @@ impl Slot {
             .and_then(|t| *t)
             .is_none_or(|t| now.duration_since(t) >= limit);
         if let Ok(mut h2) = self.h2.lock() {
-            if unused || h2.as_ref().is_some_and(|(s, _)| s.is_closed()) {
+            if unused || h2.as_ref().is_some_and(|(s, _, _)| s.is_closed()) {
                 *h2 = None;
             }
             left |= h2.is_some();
@@ -446,7 +485,7 @@ async fn send_on(
             }
             sender.try_send_request(req).await
         }
-        Conn::H1(mut sender) => {
+        Conn::H1(mut sender, dialled) => {
             req.headers_mut().insert(header::HOST, host.clone());
             *req.version_mut() = Version::HTTP_11;
             let path = proxy::path_and_query(req.uri());
@@ -461,7 +500,7 @@ async fn send_on(
                         .await
                         .is_ok()
                     {
-                        slot.checkin(sender, info);
+                        slot.checkin(sender, info, dialled);
                     }
                 });
             }

@@ -18,7 +18,7 @@ pub use failure::{Blame, Failure, Hop};
 pub use forward::{forward, forward_with, is_websocket, Tunnel};
 pub use headers::{remove_hop_by_hop, strip_forgeable, CallerHeaders, IDENTITY_HEADERS};
 pub use idle::{Activity, GuardedBody, IdleIo, RequestGuard};
-pub(crate) use upstream::exchange;
+pub(crate) use upstream::{exchange, replayable};
 pub use upstream::{Upstream, UpstreamConfig, UpstreamError};
 
 /// Any error a body can raise.

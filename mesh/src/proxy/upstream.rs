@@ -211,7 +211,7 @@ impl Upstream {
 }
 
 /// A copy of `req` to send again, if it is idempotent (RFC 9110 §9.2.2) and has no body.
-fn replayable(req: &Request<Body>) -> Option<Request<Body>> {
+pub(crate) fn replayable(req: &Request<Body>) -> Option<Request<Body>> {
     if !req.method().is_idempotent() || !req.body().is_end_stream() {
         return None;
     }
