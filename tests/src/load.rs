@@ -157,7 +157,10 @@ impl Load {
                                     .push(u32::try_from(micros).unwrap_or(u32::MAX));
                             }
                             Err(e) => {
-                                eprintln!("load ({caller:?}): request failed: {e}");
+                                eprintln!(
+                                    "load ({caller:?} to {} at {}): request failed: {e}",
+                                    target.host, target.addr
+                                );
                                 counts.failed.fetch_add(1, Ordering::SeqCst);
                                 conn = None;
                             }
@@ -289,11 +292,23 @@ async fn attempt(target: &Target, caller: Caller, conn: &mut Option<Conn>) -> Re
     for (k, v) in &target.headers {
         req = req.header(k, v);
     }
-    let closed = |e: hyper::Error| {
-        if e.is_closed() || e.is_canceled() || e.is_incomplete_message() {
-            Failure::Closed(e.to_string())
+    // Not sent at all, closed before an answer, or refused unprocessed by h2 (RST_STREAM
+    // REFUSED_STREAM, or above a GOAWAY's last stream: RFC 9113 §8.7 lets a client retry).
+    let closed = |mut e: hyper::client::conn::TrySendError<Request<ClientBody>>| {
+        let unsent = e.take_message().is_some();
+        let e = e.into_error();
+        // A stream above a graceful GOAWAY's last stream id ends with the GOAWAY's NO_ERROR.
+        let refused = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<h2::Error>())
+            .is_some_and(|h| {
+                h.reason() == Some(h2::Reason::REFUSED_STREAM)
+                    || (h.is_go_away() && h.is_remote() && h.reason() == Some(h2::Reason::NO_ERROR))
+            });
+        let chain = error_chain(&e);
+        if unsent || refused || e.is_closed() || e.is_canceled() || e.is_incomplete_message() {
+            Failure::Closed(chain)
         } else {
-            Failure::Failed(e.to_string())
+            Failure::Failed(chain)
         }
     };
     let send = async {
@@ -303,30 +318,45 @@ async fn attempt(target: &Target, caller: Caller, conn: &mut Option<Conn>) -> Re
                 s.ready()
                     .await
                     .map_err(|e| Failure::Closed(e.to_string()))?;
-                s.send_request(req.body(empty()).unwrap()).await
+                s.try_send_request(req.body(empty()).unwrap()).await
             }
             Conn::H2(s) => {
                 s.ready()
                     .await
                     .map_err(|e| Failure::Closed(e.to_string()))?;
-                s.send_request(req.body(empty()).unwrap()).await
+                s.try_send_request(req.body(empty()).unwrap()).await
             }
         }
         .map_err(closed)?;
         let status = resp.status();
-        resp.into_body()
+        let body = resp
+            .into_body()
             .collect()
             .await
-            .map_err(|e| Failure::Failed(format!("{status}, body: {e}")))?;
+            .map_err(|e| Failure::Failed(format!("{status}, body: {}", error_chain(&e))))?
+            .to_bytes();
         if status == http::StatusCode::OK {
             Ok(())
         } else {
-            Err(Failure::Failed(format!("status {status}")))
+            let body = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+            Err(Failure::Failed(format!("status {status}: {body}")))
         }
     };
     tokio::time::timeout(Duration::from_secs(10), send)
         .await
         .map_err(|_| Failure::Failed("no answer within 10 s".to_owned()))?
+}
+
+/// `e` and its sources, joined.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// Resident memory (KiB) and open file descriptors of process `pid`.
