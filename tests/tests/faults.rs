@@ -842,3 +842,111 @@ async fn a_peer_killed_mid_stream_fails_only_its_own_requests_and_is_dialled_aga
     );
     assert_eq!(c_failed, 0, "requests to C failed while B was down");
 }
+
+/// A mesh caller (app A, in-process identity) of an inbound at `addr`.
+fn mesh_target(identity: &ratls::identity::RotatingIdentity, addr: SocketAddr) -> Target {
+    let policy =
+        ratls::Policy::new(identity.current().trust_anchors().unwrap()).expect(B.parse().unwrap());
+    let tls = ratls::tls::mesh_client_config(identity.resolver(), Arc::new(policy)).unwrap();
+    Target {
+        addr,
+        tls: Some((Arc::new(tls), "b.mesh".try_into().unwrap())),
+        host: "b.mesh".to_owned(),
+        headers: Vec::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_accept_backs_off_serves_what_it_holds_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (_agent_b, sock_b) = dev_agent(dir.path(), "agent-b", B, &state);
+    let backend = Backend::start().await;
+    let port = e2e::free_port();
+    let config = dir.path().join("b.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\naddress = \"unix:{sock}\"\n\
+             [inbound]\nlisten = \"127.0.0.1:{port}\"\nbackend = \"{backend}\"\nallowed_apps = [\"{A}\"]\n\
+             [auth]\nenabled = false\n[client]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+            sock = sock_b.display(),
+            backend = backend.addr,
+        ),
+    )
+    .unwrap();
+    // B may hold 128 descriptors, ~30 of them its own.
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", "ulimit -n 128 && exec \"$0\" \"$@\""])
+        .arg(e2e::mesh_binary())
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info");
+    let (b, _) = e2e::start_mesh(dir.path(), "b", cmd);
+    let limit = std::fs::read_to_string(format!("/proc/{}/limits", b.id())).unwrap();
+    assert!(
+        limit
+            .lines()
+            .any(|l| l.starts_with("Max open files") && l.contains(" 128 ")),
+        "{limit}"
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (caller, _agent_a) = e2e::identity(dir.path(), &state, A).await;
+    // One kept-alive h2 connection, accepted before the descriptors run out.
+    let held = Load::start(
+        mesh_target(&caller, addr),
+        &[Caller::H2],
+        Duration::from_millis(10),
+    );
+    until(
+        "the held connection to serve",
+        Duration::from_secs(20),
+        async || held.ok() > 20,
+    )
+    .await;
+
+    // 300 connections that say nothing: B accepts until it has no descriptor left.
+    let mut flood = Vec::new();
+    for _ in 0..300 {
+        flood.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    until(
+        "accept to fail for want of descriptors",
+        Duration::from_secs(10),
+        async || b.stderr().contains("Too many open files"),
+    )
+    .await;
+    let during = held.ok();
+    until(
+        "the held connection to keep serving",
+        Duration::from_secs(10),
+        async || held.ok() > during + 100,
+    )
+    .await;
+    let backoffs = b.stderr().matches("accept failed").count();
+
+    // The flood leaves: B accepts again, new handshakes included.
+    drop(flood);
+    let fresh = Load::start(
+        mesh_target(&caller, addr),
+        &[Caller::Fresh],
+        Duration::from_millis(10),
+    );
+    until(
+        "new connections to be served again",
+        Duration::from_secs(20),
+        async || fresh.ok() > 20,
+    )
+    .await;
+    let (held_ok, held_failed) = held.finish().await;
+    let (fresh_ok, fresh_failed) = fresh.finish().await;
+    eprintln!(
+        "{backoffs} accept back-offs; held connection {held_ok} ok / {held_failed} failed; \
+         new connections after: {fresh_ok} ok / {fresh_failed} failed"
+    );
+    assert_eq!(
+        held_failed, 0,
+        "the held connection failed while accept was starved"
+    );
+    assert!(backoffs > 0);
+}
