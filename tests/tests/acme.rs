@@ -1494,3 +1494,126 @@ async fn a_ca_down_slow_garbled_or_rate_limiting_fails_only_the_renewal_not_one_
     assert_eq!((public_failed, mesh_failed), (0, 0));
     sidecar.guard.assert_running();
 }
+
+/// A tmpfs of `size` at `path`, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(path).unwrap();
+        let out = Command::new(e2e::program("mount"))
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount a tmpfs (the test runs as root, as CI does): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(path.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Every file under `dir` and its bytes.
+fn files(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut all = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                all.insert(path.clone(), std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_keeps_the_store_whole_says_so_and_serves_on() {
+    use e2e::load::{Caller, Load, Target};
+    let setup = Setup::new(None).await;
+    let store = setup.path().join("store");
+    let _tmpfs = Tmpfs::mount(&store, "512k");
+    let domains = "[[domains]]\nnames = [\"app.acme.test\"]\nbackend = \"{backend}\"\n";
+    let mut sidecar = setup.sidecar("sidecar", domains);
+    let issued = sidecar
+        .wait("issuance", Duration::from_secs(30), valid("app.acme.test"))
+        .await
+        .remove(0);
+    let load = Load::start(
+        Target::public(sidecar.inbound, "app.acme.test", &setup.root()),
+        &[Caller::Fresh, Caller::H2],
+        Duration::from_millis(10),
+    );
+    // The disk fills up.
+    let before = files(&store);
+    let filler = store.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while f.write_all(&[0u8; 4096]).is_ok() {}
+    }
+    // The renewal is served from memory (the old certificate would do too, but the new one is
+    // fresher) and says it is not stored; the store keeps the old pair, whole.
+    let (ok, text) = sidecar.cli(&["renew", "app.acme.test"]);
+    assert!(ok, "{text}");
+    let unstored = sidecar
+        .wait("a renewal on a full disk", Duration::from_secs(30), |c| {
+            c[0].issued_total > issued.issued_total
+        })
+        .await
+        .remove(0);
+    assert_eq!(unstored.status, Status::Valid);
+    let said = unstored.last_error.clone().unwrap_or_default();
+    assert!(
+        said.contains("not stored: ") && said.contains("No space left"),
+        "{unstored:?}"
+    );
+    let mut after = files(&store);
+    after.remove(&filler);
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>(),
+        "files appeared or went (a temporary file left behind?)"
+    );
+    assert!(after == before, "a stored file changed on a full disk");
+    let (_, served) = fetch(sidecar.inbound, "app.acme.test", &setup.root())
+        .await
+        .unwrap();
+
+    // Space again: the next renewal goes through.
+    std::fs::remove_file(&filler).unwrap();
+    let (ok, text) = sidecar.cli(&["renew", "app.acme.test"]);
+    assert!(ok, "{text}");
+    sidecar
+        .wait("a renewal with space", Duration::from_secs(30), |c| {
+            c[0].status == Status::Valid && c[0].issued_total > issued.issued_total
+        })
+        .await;
+    let (status, now_served) = fetch(sidecar.inbound, "app.acme.test", &setup.root())
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_ne!(now_served, served);
+    assert_ne!(files(&store), before, "nothing stored with space again");
+    assert!(sidecar.cert("app.acme.test").await.last_error.is_none());
+    let (ok_n, failed_n) = load.finish().await;
+    eprintln!("full disk: {said}; {ok_n} requests, {failed_n} failed");
+    assert_eq!(failed_n, 0);
+}

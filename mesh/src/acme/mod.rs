@@ -161,6 +161,8 @@ pub struct CertStatus {
 struct DomainState {
     status: Option<Status>,
     last_error: Option<String>,
+    /// Why the certificate served now is not in the local store (a full disk), if it is not.
+    unstored: Option<String>,
     next_attempt: Option<SystemTime>,
     consecutive_failures: u32,
     failures_total: u64,

@@ -38,7 +38,8 @@ fn serve_valid(d: &Domain, loaded: Loaded, origin: Origin) {
     d.serve(Some(loaded));
     d.set(|s| {
         s.status = Some(Status::Valid);
-        s.last_error = None;
+        // Valid, and said so if it is served from memory only.
+        s.last_error = s.unstored.clone();
         s.next_attempt = None;
         s.consecutive_failures = 0;
         match origin {
@@ -793,10 +794,13 @@ impl Acme {
                     false,
                 )
             });
-        if let Err(e) = stored {
-            // Served anyway: a full disk must not take the domain down; the next start orders.
+        // Served anyway: a full disk must not take the domain down; a start without this
+        // certificate serves the stored one (still valid) or orders again.
+        let unstored = stored.err().map(|e| {
             tracing::error!(domain = %name, error = %e, "certificate not stored");
-        }
+            format!("served, but not stored: {e}")
+        });
+        d.set(|s| s.unstored = unstored);
     }
 }
 
