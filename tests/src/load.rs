@@ -304,7 +304,7 @@ async fn attempt(target: &Target, caller: Caller, conn: &mut Option<Conn>) -> Re
                 h.reason() == Some(h2::Reason::REFUSED_STREAM)
                     || (h.is_go_away() && h.is_remote() && h.reason() == Some(h2::Reason::NO_ERROR))
             });
-        let chain = error_chain(&e);
+        let chain = ratls::error_chain(&e);
         if unsent || refused || e.is_closed() || e.is_canceled() || e.is_incomplete_message() {
             Failure::Closed(chain)
         } else {
@@ -333,7 +333,7 @@ async fn attempt(target: &Target, caller: Caller, conn: &mut Option<Conn>) -> Re
             .into_body()
             .collect()
             .await
-            .map_err(|e| Failure::Failed(format!("{status}, body: {}", error_chain(&e))))?
+            .map_err(|e| Failure::Failed(format!("{status}, body: {}", ratls::error_chain(&e))))?
             .to_bytes();
         if status == http::StatusCode::OK {
             Ok(())
@@ -345,18 +345,6 @@ async fn attempt(target: &Target, caller: Caller, conn: &mut Option<Conn>) -> Re
     tokio::time::timeout(Duration::from_secs(10), send)
         .await
         .map_err(|_| Failure::Failed("no answer within 10 s".to_owned()))?
-}
-
-/// `e` and its sources, joined.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Resident memory (KiB) and open file descriptors of process `pid`.
