@@ -24,6 +24,9 @@ const MAX_BODY: usize = 1 << 20;
 const REFRESH_BEFORE: i64 = 86_400;
 /// After a failure, try again this often.
 const RETRY: Duration = Duration::from_secs(3600);
+/// After a failed fetch, try again this soon, doubling up to [`RETRY`]: without collateral
+/// every attested peer is refused, so a PCCS back from an outage must be noticed in seconds.
+const RETRY_MIN: Duration = Duration::from_secs(5);
 
 /// Why the PCCS gave no collateral.
 #[derive(Debug, thiserror::Error)]
@@ -216,6 +219,7 @@ pub fn write_dir(dir: &Path, r: &PccsResponses) -> Result<(), crate::acme::store
 /// `<dir>/<fmspc>/`. Runs until dropped; one per platform.
 pub async fn keep(attestor: Arc<Attestor>, pccs: Pccs, fmspc: String, dir: std::path::PathBuf) {
     let dir = dir.join(&fmspc);
+    let mut failures = 0u32;
     loop {
         let now = crate::clock::unix_now();
         let due = |next: i64| now >= next - REFRESH_BEFORE;
@@ -231,8 +235,10 @@ pub async fn keep(attestor: Arc<Attestor>, pccs: Pccs, fmspc: String, dir: std::
                         tracing::warn!(dir = %dir.display(), error = %e, "attestation: collateral not cached on disk");
                     }
                     attestor.set_collateral(collateral);
+                    failures = 0;
                 }
                 Err(e) => {
+                    failures += 1;
                     let held = attestor
                         .collateral_for(&fmspc)
                         .is_some_and(|c| c.next_update > now);
@@ -241,15 +247,18 @@ pub async fn keep(attestor: Arc<Attestor>, pccs: Pccs, fmspc: String, dir: std::
             }
         }
         // Until a day before the next update; hourly when that is past (a PCCS serving
-        // collateral that is already due, or failing).
+        // collateral that is already due); after a failure, sooner (5 s doubling).
         let next = attestor
             .collateral_for(&fmspc)
             .map_or(now, |c| c.next_update);
         let until = next - REFRESH_BEFORE - crate::clock::unix_now();
-        let wait = match u64::try_from(until) {
+        let mut wait = match u64::try_from(until) {
             Ok(secs) if secs > 0 => Duration::from_secs(secs).min(RETRY),
             _ => RETRY,
         };
+        if failures > 0 {
+            wait = wait.min(RETRY_MIN.saturating_mul(1 << (failures - 1).min(10)));
+        }
         tokio::time::sleep(wait).await;
     }
 }

@@ -35,54 +35,70 @@ enum Mode {
 
 /// A PCCS stand-in on loopback.
 async fn pccs(mode: Mode) -> String {
+    pccs_switchable(Arc::new(std::sync::Mutex::new(mode)), Arc::default()).await
+}
+
+/// A PCCS stand-in answering as `mode` says at each request, counting them in `asked`.
+async fn pccs_switchable(
+    mode: Arc<std::sync::Mutex<Mode>>,
+    asked: Arc<std::sync::atomic::AtomicUsize>,
+) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
+            let (mode, asked) = (mode.clone(), asked.clone());
             tokio::spawn(async move {
-                let service = service_fn(move |req: Request<Incoming>| async move {
-                    let file = match req.uri().path() {
-                        "/tdx/certification/v4/tcb" => "tcb.json",
-                        "/tdx/certification/v4/qe/identity" => "qe_identity.json",
-                        "/sgx/certification/v4/pckcrl" => "pckcrl.der",
-                        "/sgx/certification/v4/rootcacrl" => "rootcacrl.hex",
-                        _ => "",
-                    };
-                    let dir = fixtures().join("mock-pccs");
-                    let mut resp = Response::new(Full::new(Bytes::new()));
-                    match (mode, file) {
-                        (_, "") | (Mode::Failing, _) => {
-                            *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                        }
-                        (Mode::Garbage, _) => {
-                            *resp.body_mut() =
-                                Full::new(Bytes::from_static(b"<html>maintenance</html>"));
-                            resp.headers_mut()
-                                .insert("TCB-Info-Issuer-Chain", "x".parse().unwrap());
-                            resp.headers_mut()
-                                .insert("SGX-Enclave-Identity-Issuer-Chain", "x".parse().unwrap());
-                            resp.headers_mut()
-                                .insert("SGX-PCK-CRL-Issuer-Chain", "x".parse().unwrap());
-                        }
-                        (Mode::Recorded, file) => {
-                            *resp.body_mut() =
-                                Full::new(Bytes::from(std::fs::read(dir.join(file)).unwrap()));
-                            let head = std::fs::read_to_string(dir.join(format!("{file}.headers")))
-                                .unwrap();
-                            for line in head.lines().skip(1) {
-                                if let Some((k, v)) = line.split_once(':') {
-                                    let k = k.trim();
-                                    if k.to_ascii_lowercase().contains("issuer-chain") {
-                                        resp.headers_mut().insert(
-                                            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                                            v.trim().parse().unwrap(),
-                                        );
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let mode = *mode.lock().unwrap();
+                    asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    async move {
+                        let file = match req.uri().path() {
+                            "/tdx/certification/v4/tcb" => "tcb.json",
+                            "/tdx/certification/v4/qe/identity" => "qe_identity.json",
+                            "/sgx/certification/v4/pckcrl" => "pckcrl.der",
+                            "/sgx/certification/v4/rootcacrl" => "rootcacrl.hex",
+                            _ => "",
+                        };
+                        let dir = fixtures().join("mock-pccs");
+                        let mut resp = Response::new(Full::new(Bytes::new()));
+                        match (mode, file) {
+                            (_, "") | (Mode::Failing, _) => {
+                                *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                            }
+                            (Mode::Garbage, _) => {
+                                *resp.body_mut() =
+                                    Full::new(Bytes::from_static(b"<html>maintenance</html>"));
+                                resp.headers_mut()
+                                    .insert("TCB-Info-Issuer-Chain", "x".parse().unwrap());
+                                resp.headers_mut().insert(
+                                    "SGX-Enclave-Identity-Issuer-Chain",
+                                    "x".parse().unwrap(),
+                                );
+                                resp.headers_mut()
+                                    .insert("SGX-PCK-CRL-Issuer-Chain", "x".parse().unwrap());
+                            }
+                            (Mode::Recorded, file) => {
+                                *resp.body_mut() =
+                                    Full::new(Bytes::from(std::fs::read(dir.join(file)).unwrap()));
+                                let head =
+                                    std::fs::read_to_string(dir.join(format!("{file}.headers")))
+                                        .unwrap();
+                                for line in head.lines().skip(1) {
+                                    if let Some((k, v)) = line.split_once(':') {
+                                        let k = k.trim();
+                                        if k.to_ascii_lowercase().contains("issuer-chain") {
+                                            resp.headers_mut().insert(
+                                                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                                                v.trim().parse().unwrap(),
+                                            );
+                                        }
                                     }
                                 }
                             }
                         }
+                        Ok::<_, Infallible>(resp)
                     }
-                    Ok::<_, Infallible>(resp)
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), service)
@@ -210,4 +226,33 @@ async fn verify_cert_fetches_collateral_for_the_quotes_platform() {
     assert!(!out.status.success());
     assert!(stderr.contains("collateral_unavailable"), "{stderr}");
     assert!(out.stdout.is_empty());
+}
+
+#[tokio::test]
+async fn a_keeper_whose_fetch_failed_tries_again_in_seconds_not_an_hour() {
+    let mode = Arc::new(std::sync::Mutex::new(Mode::Failing));
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let url = pccs_switchable(mode.clone(), asked.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let attestor = Arc::new(Attestor::new(Rules::default(), root()));
+    let keeper = tokio::spawn(pccs::keep(
+        attestor.clone(),
+        Pccs::new(&url).unwrap(),
+        "000000000000".into(),
+        dir.path().to_owned(),
+    ));
+    // The PCCS is down for the first attempt, then back.
+    while asked.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    *mode.lock().unwrap() = Mode::Recorded;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while attestor.collateral_for("000000000000").is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no collateral 20 s after the PCCS came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    keeper.abort();
 }
