@@ -776,6 +776,18 @@ async fn etcd_down_everywhere_keeps_the_fleet_serving_and_orders_resume() {
         "timeout = \"2s\"\n",
     );
     let first = fleet_serves(d, &fleet, "the fleet to serve one certificate", |_| true);
+    // Browser-style callers on every replica, counted across the outage.
+    let roots = internal_roots(d);
+    let loads: Vec<_> = fleet
+        .iter()
+        .map(|r| {
+            e2e::load::Load::start(
+                e2e::load::Target::public(r.inbound, DOMAIN, roots.as_bytes()),
+                &[e2e::load::Caller::Fresh, e2e::load::Caller::H2],
+                Duration::from_millis(20),
+            )
+        })
+        .collect();
     for i in 0..3 {
         cluster.stop_member(i);
     }
@@ -803,7 +815,6 @@ async fn etcd_down_everywhere_keeps_the_fleet_serving_and_orders_resume() {
         },
     );
     // Still serving what each holds.
-    let roots = internal_roots(d);
     for r in &fleet {
         assert_eq!(
             served(r.inbound, DOMAIN, &roots).await.as_ref(),
@@ -825,6 +836,13 @@ async fn etcd_down_everywhere_keeps_the_fleet_serving_and_orders_resume() {
         })
     });
     assert_eq!(fleet_orders(&fleet).await, 2, "one order for the renewal");
+    let (mut ok, mut failed) = (0, 0);
+    for load in loads {
+        let (o, f) = load.finish().await;
+        (ok, failed) = (ok + o, failed + f);
+    }
+    eprintln!("etcd down everywhere and back: {ok} requests to the fleet, {failed} failed");
+    assert_eq!(failed, 0, "requests failed while the store was down");
 }
 
 /// Nine-second certificates renewed by three replicas while a client keeps opening
