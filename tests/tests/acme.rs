@@ -895,13 +895,22 @@ async fn dns_faults_fail_the_domain_with_the_reason_and_disturb_nothing_else() {
         "{error}"
     );
     assert!(key.next_attempt.is_some());
-    assert_eq!(
-        fetch(a.inbound, "plain.example.test", &root)
-            .await
-            .unwrap()
-            .0,
-        StatusCode::OK
+    // The next refused update, under browser-style load on the domain beside it.
+    let load = e2e::load::Load::start(
+        e2e::load::Target::public(a.inbound, "plain.example.test", &root),
+        &[e2e::load::Caller::Fresh, e2e::load::Caller::H2],
+        Duration::from_millis(10),
     );
+    let failures = key.consecutive_failures;
+    a.wait("one more refused update", Duration::from_secs(30), |c| {
+        c.iter()
+            .any(|c| c.domain == "key.example.test" && c.consecutive_failures > failures)
+    })
+    .await;
+    let (ok, failed) = load.finish().await;
+    eprintln!("DNS provider refusing: {ok} requests to the domain beside it, {failed} failed");
+    assert!(ok > 0);
+    assert_eq!(failed, 0);
     drop(a);
 
     // A resolver that never sees the record (a split-horizon view): failed, and cleaned up.
