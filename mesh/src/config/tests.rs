@@ -161,7 +161,7 @@ max_connections = 0
 address = "localhost"
 
 [identity]
-validity = "10s"
+validity = "9s"
 "#;
     let env = HashMap::from([("MESH_BACKEND", "x:0")]);
     let errors = Config::from_toml(text, &env).unwrap_err().0;
