@@ -151,6 +151,17 @@ impl CloudflareStandIn {
         self.shared.state().fail = status;
     }
 
+    /// Answer every following request `200` with an HTML maintenance page (`false`: the API
+    /// again), as a proxy in front of the API might.
+    pub fn answer_garbage(&self, garbage: bool) {
+        self.shared.state().garbage = garbage;
+    }
+
+    /// Hold every following request `delay` before answering it.
+    pub fn delay(&self, delay: Duration) {
+        self.shared.state().delay = delay;
+    }
+
     /// Store a record of someone else's, as if made in the dashboard: no token, not in
     /// [`CloudflareStandIn::requests`], no conflict checks, but the content must be valid
     /// (a CAA record as `0 issue "ca.example"`). Mirrored like API changes; returns its id.
@@ -216,6 +227,10 @@ struct State {
     requests: Vec<Request>,
     // Status every request gets (0: none).
     fail: u16,
+    // Answer `200` with an HTML page instead of the API (a proxy or maintenance page).
+    garbage: bool,
+    // Hold every request this long first.
+    delay: Duration,
 }
 
 impl State {
@@ -649,11 +664,22 @@ async fn handle(
             .map(str::to_owned),
         body,
     };
-    let outcome = {
+    let (delay, garbage) = {
         let mut state = shared.state();
         state.requests.push(request.clone());
-        answer(&shared.token, &mut state, &request)
+        (state.delay, state.garbage)
     };
+    tokio::time::sleep(delay).await;
+    if garbage {
+        return Ok(Response::builder()
+            .status(200)
+            .header(header::CONTENT_TYPE, "text/html")
+            .body(Full::new(Bytes::from_static(
+                b"<html>down for maintenance</html>",
+            )))
+            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))));
+    }
+    let outcome = answer(&shared.token, &mut shared.state(), &request);
     let (status, body) = match outcome {
         Ok(answer) => {
             if !answer.touched.is_empty() {
@@ -665,9 +691,14 @@ async fn handle(
         }
         Err(e) => (e.status, e.envelope()),
     };
-    let response = Response::builder()
+    let mut response = Response::builder()
         .status(status)
-        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_TYPE, "application/json");
+    if status == 429 {
+        // As the API's rate limit answers.
+        response = response.header(header::RETRY_AFTER, "2");
+    }
+    let response = response
         .body(Full::new(Bytes::from(body.to_string())))
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())));
     Ok(response)

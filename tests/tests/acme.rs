@@ -980,7 +980,8 @@ async fn dns_faults_fail_the_domain_with_the_reason_and_disturb_nothing_else() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cloudflare_api_issues_and_writes_records_and_survives_403_and_500() {
+async fn cloudflare_api_issues_writes_records_and_survives_refusals_errors_throttling_garbage_and_slowness(
+) {
     let setup = Setup::new(None).await;
     const TOKEN: &str = "cf-token-e2e";
     let cf = CloudflareStandIn::start(
@@ -1091,22 +1092,49 @@ async fn cloudflare_api_issues_and_writes_records_and_survives_403_and_500() {
         "{report}"
     );
 
-    // The provider refuses (403), then breaks (500): the renewing domain fails with its words,
-    // backs off and retries; the others keep serving; then it recovers.
-    let writes =
-        |cf: &CloudflareStandIn| cf.requests().iter().filter(|r| r.method != "GET").count();
-    for (status, words) in [(403, "Authentication error"), (500, "HTTP 500")] {
-        cf.fail_with(status);
+    // The provider refuses (403), breaks (500), throttles (429), answers a maintenance page,
+    // then answers too late: the renewing domain fails with its words each time, keeps its
+    // certificate, backs off and retries, while browser-style callers on another domain of
+    // the same sidecar lose nothing.
+    let load = e2e::load::Load::start(
+        e2e::load::Target::public(a.inbound, "y.apps.example.test", &root),
+        &[e2e::load::Caller::Fresh, e2e::load::Caller::H2],
+        Duration::from_millis(10),
+    );
+    #[derive(Debug)]
+    enum Fault {
+        Status(u16),
+        Garbage,
+        Slow,
+    }
+    let faults = [
+        (Fault::Status(403), "Authentication error"),
+        (Fault::Status(500), "HTTP 500"),
+        (Fault::Status(429), "HTTP 429"),
+        (Fault::Garbage, "cloudflare"),
+        (Fault::Slow, "no answer within 10s"),
+    ];
+    for (fault, words) in faults {
+        let before = a.cert("shop.example.test").await.failures_total;
+        match fault {
+            Fault::Status(status) => cf.fail_with(status),
+            Fault::Garbage => cf.answer_garbage(true),
+            Fault::Slow => cf.delay(Duration::from_secs(12)),
+        }
         let (ok, out) = a.cli(&["renew", "shop.example.test"]);
         assert!(ok, "{out}");
         let certs = a
-            .wait("the provider error twice", Duration::from_secs(30), |c| {
-                c.iter().any(|c| {
-                    c.domain == "shop.example.test"
-                        && c.consecutive_failures >= 2
-                        && c.last_error.as_deref().is_some_and(|e| e.contains(words))
-                })
-            })
+            .wait(
+                &format!("{fault:?} to fail the renewal"),
+                Duration::from_secs(40),
+                |c| {
+                    c.iter().any(|c| {
+                        c.domain == "shop.example.test"
+                            && c.failures_total > before
+                            && c.last_error.as_deref().is_some_and(|e| e.contains(words))
+                    })
+                },
+            )
             .await;
         let shop = certs
             .iter()
@@ -1116,21 +1144,24 @@ async fn cloudflare_api_issues_and_writes_records_and_survives_403_and_500() {
             shop.not_after.is_some(),
             "the old certificate keeps serving"
         );
-        assert_eq!(
-            fetch(a.inbound, "shop.example.test", &root)
-                .await
-                .unwrap()
-                .0,
-            StatusCode::OK
+        eprintln!(
+            "{fault:?}: {}",
+            shop.last_error.as_deref().unwrap_or_default()
         );
-        assert_eq!(
-            fetch(a.inbound, "y.apps.example.test", &root)
-                .await
-                .unwrap()
-                .0,
-            StatusCode::OK
-        );
+        cf.fail_with(0);
+        cf.answer_garbage(false);
+        cf.delay(Duration::ZERO);
     }
+    let (ok, failed) = load.finish().await;
+    eprintln!("DNS provider faults: {ok} requests to another domain, {failed} failed");
+    assert_eq!(failed, 0);
+    assert_eq!(
+        fetch(a.inbound, "shop.example.test", &root)
+            .await
+            .unwrap()
+            .0,
+        StatusCode::OK
+    );
     cf.fail_with(0);
     a.wait("recovery", Duration::from_secs(30), |c| {
         c.iter().any(|c| {
@@ -1144,6 +1175,8 @@ async fn cloudflare_api_issues_and_writes_records_and_survives_403_and_500() {
         .all(|r| !r["name"].as_str().unwrap().starts_with("_acme-challenge")));
 
     // A second run writes nothing.
+    let writes =
+        |cf: &CloudflareStandIn| cf.requests().iter().filter(|r| r.method != "GET").count();
     let before = writes(&cf);
     drop(a);
     let mut b = setup.sidecar_with("cf2", &config, "store", "");
