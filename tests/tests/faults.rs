@@ -950,3 +950,68 @@ async fn out_of_file_descriptors_accept_backs_off_serves_what_it_holds_and_recov
     );
     assert!(backoffs > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_request_on_an_expired_callers_connection_is_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (_agent_b, sock_b) = dev_agent(dir.path(), "agent-b", B, &state);
+    let backend = Backend::start().await;
+    let port = e2e::free_port();
+    let config = dir.path().join("b.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\naddress = \"unix:{sock}\"\n\
+             [inbound]\nlisten = \"127.0.0.1:{port}\"\nbackend = \"{backend}\"\nallowed_apps = [\"{A}\"]\n\
+             idle_timeout = \"2s\"\n\
+             [auth]\nenabled = false\n[client]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+            sock = sock_b.display(),
+            backend = backend.addr,
+        ),
+    )
+    .unwrap();
+    let (_b, _) = run_mesh(dir.path(), "b", &config);
+    // A caller whose certificate lives 10 s.
+    let (caller, _agent_a) = e2e::identity_with(
+        dir.path(),
+        &state,
+        A,
+        None,
+        ratls::identity::IdentityConfig {
+            validity: ratls::identity::MIN_VALIDITY,
+            ..Default::default()
+        },
+    )
+    .await;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut client = e2e::client::MeshClient::connect(&caller, &B.parse().unwrap(), addr, None)
+        .await
+        .unwrap();
+    // `/stream` sends its first chunk, then nothing until the gate opens (never here) or 20 s
+    // pass, when it ends cleanly. Past the certificate's expiry the quiet stream is a stall.
+    let resp = client
+        .send(
+            http::Request::get("https://b.mesh/stream")
+                .body(e2e::client::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let first = http_body_util::BodyExt::frame(&mut body)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.into_data().unwrap(), "first\n");
+    let end = tokio::time::timeout(
+        Duration::from_secs(40),
+        http_body_util::BodyExt::frame(&mut body),
+    )
+    .await
+    .expect("the stream neither ended nor was cut");
+    assert!(
+        matches!(end, Some(Err(_))),
+        "the stalled stream was not cut: {end:?}"
+    );
+}

@@ -296,15 +296,13 @@ type HttpsClient = Client<
 struct CaHttp {
     client: HttpsClient,
     timeout: Duration,
-    /// The `Retry-After` of the last 429 or 503, which instant-acme's problem leaves out.
-    retry_after: Arc<std::sync::Mutex<Option<Duration>>>,
 }
 
-impl CaHttp {
-    /// The `Retry-After` of the last refusal, once.
-    fn take_retry_after(&self) -> Option<Duration> {
-        self.retry_after.lock().ok()?.take()
-    }
+tokio::task_local! {
+    /// The `Retry-After` of the last 429 or 503 met by this task's order, which
+    /// instant-acme's problem leaves out. Task-local: orders for several domains run at once
+    /// on one client, and each must see its own refusal.
+    static REFUSAL: std::cell::Cell<Option<Duration>>;
 }
 
 impl HttpClient for CaHttp {
@@ -314,7 +312,6 @@ impl HttpClient for CaHttp {
     ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
         let client = self.client.clone();
         let timeout = self.timeout;
-        let refusal = self.retry_after.clone();
         Box::pin(async move {
             let fetch = async move {
                 let rsp = client.request(req).await.map_err(|e| {
@@ -327,9 +324,8 @@ impl HttpClient for CaHttp {
                             std::time::SystemTime::now(),
                             Duration::from_secs(1),
                         );
-                        if let Ok(mut slot) = refusal.lock() {
-                            *slot = Some(wait);
-                        }
+                        // Outside an order (a probe, a renewal-window poll): not kept.
+                        let _ = REFUSAL.try_with(|r| r.set(Some(wait)));
                     }
                 }
                 // Read the body under the same deadline: a CA that stalls mid-body is down.
@@ -500,11 +496,7 @@ impl AcmeClient {
             .build(https);
         Ok(Self {
             directory: directory.to_owned(),
-            http: CaHttp {
-                client,
-                timeout,
-                retry_after: Arc::default(),
-            },
+            http: CaHttp { client, timeout },
             agent,
             store,
             email,
@@ -744,8 +736,29 @@ impl AcmeClient {
         }
     }
 
-    /// Order a certificate as `spec` says.
+    /// Order a certificate as `spec` says. A rate limit carries the CA's `Retry-After`.
     pub async fn issue(
+        &self,
+        spec: &OrderSpec<'_>,
+        challenges: &Challenges,
+        dns: Option<&Dns>,
+    ) -> Result<Issued, IssueError> {
+        REFUSAL
+            .scope(std::cell::Cell::new(None), async {
+                let result = self.order_as(spec, challenges, dns).await;
+                let retry_after = REFUSAL.with(std::cell::Cell::take);
+                result.map_err(|e| match e {
+                    IssueError::RateLimited(mut p) => {
+                        p.retry_after = retry_after;
+                        IssueError::RateLimited(p)
+                    }
+                    other => other,
+                })
+            })
+            .await
+    }
+
+    async fn order_as(
         &self,
         spec: &OrderSpec<'_>,
         challenges: &Challenges,
@@ -791,7 +804,7 @@ impl AcmeClient {
             key,
             replaces: replaces.as_ref(),
         };
-        let ordered = match self.order(&account, &how, challenges, dns).await {
+        match self.order(&account, &how, challenges, dns).await {
             // A CA that lost the account (a reset, a restarted pebble): same key, new account.
             Err(e) if is_account_gone(&e) => {
                 tracing::warn!(directory = %self.directory, "the CA does not know our account any more: registering again with the same key");
@@ -813,16 +826,7 @@ impl AcmeClient {
                     .map_err(classify)
             }
             other => other.map_err(classify),
-        };
-        // A rate limit says when to come back: keep it with the refusal.
-        let retry_after = self.http.take_retry_after();
-        ordered.map_err(|e| match e {
-            IssueError::RateLimited(mut p) => {
-                p.retry_after = retry_after;
-                IssueError::RateLimited(p)
-            }
-            other => other,
-        })
+        }
     }
 
     // Long on purpose: one ACME order in the protocol's order (new order, authorizations,

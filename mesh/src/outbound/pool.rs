@@ -91,13 +91,22 @@ struct PoolInner {
 /// One target's connections.
 #[derive(Default)]
 struct Slot {
-    h2: Mutex<Option<(http2::SendRequest<Body>, PeerInfo, Dialled)>>,
+    h2: Mutex<Option<Shared>>,
     idle: Mutex<Vec<Idle>>,
     /// The peer answered HTTP/1.1: dial freely, h2 will not come.
     h1_only: AtomicBool,
     /// One dial at a time while the protocol is unknown.
     dialing: tokio::sync::Mutex<()>,
     last_used: Mutex<Option<Instant>>,
+}
+
+/// The target's h2 connection, shared by its requests.
+struct Shared {
+    sender: http2::SendRequest<Body>,
+    info: PeerInfo,
+    dialled: Dialled,
+    /// Tells it from a newer one dialled after it.
+    number: u64,
 }
 
 struct Idle {
@@ -113,7 +122,8 @@ type Dialled = Option<i64>;
 /// A connection chosen for one request.
 enum Conn {
     H1(http1::SendRequest<Body>, Dialled),
-    H2(http2::SendRequest<Body>),
+    /// With the connection's number, to forget this one and not a newer one.
+    H2(http2::SendRequest<Body>, u64),
 }
 
 /// Why a request did not get a response head.
@@ -175,7 +185,7 @@ impl PeerPool {
             let has_h2 = slot
                 .h2
                 .lock()
-                .is_ok_and(|c| c.as_ref().is_some_and(|(s, _, _)| !s.is_closed()));
+                .is_ok_and(|c| c.as_ref().is_some_and(|c| !c.sender.is_closed()));
             let idle = slot.idle.lock().map_or(0, |i| i.len());
             (h2 + usize::from(has_h2), h1 + idle)
         })
@@ -243,6 +253,10 @@ impl PoolInner {
         };
         // A bodiless idempotent request can go again after the peer refused it unprocessed.
         let replay = reused.then(|| proxy::replayable(&req)).flatten();
+        let h2_number = match &conn {
+            Conn::H2(_, number) => Some(*number),
+            Conn::H1(..) => None,
+        };
         match send_on(conn, req, &host, &slot, &info, upgrade).await {
             Ok(resp) => Ok(resp),
             // A pooled connection closed under us before any byte of the request was written
@@ -254,9 +268,12 @@ impl PoolInner {
                     return Err(send_failed(e, false, ended).await);
                 };
                 if unprocessed(&e) {
-                    // The peer is closing that h2 connection: a new one, not it again.
+                    // The peer is closing that h2 connection: a new one, not it again (and
+                    // not a newer one another request dialled meanwhile).
                     if let Ok(mut h2) = slot.h2.lock() {
-                        *h2 = None;
+                        if h2.as_ref().map(|c| c.number) == h2_number {
+                            *h2 = None;
+                        }
                     }
                 }
                 tracing::debug!(target = %target, error = %e, "pooled connection was closed; retrying on a fresh one");
@@ -342,10 +359,17 @@ impl PoolInner {
                 };
                 let _ = ended.send(alert);
             });
+            static CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let number = CONNECTIONS.fetch_add(1, Ordering::Relaxed);
             if let Ok(mut h2) = slot.h2.lock() {
-                *h2 = Some((sender.clone(), info.clone(), dialled));
+                *h2 = Some(Shared {
+                    sender: sender.clone(),
+                    info: info.clone(),
+                    dialled,
+                    number,
+                });
             }
-            Ok((Conn::H2(sender), info, Some(ended_rx)))
+            Ok((Conn::H2(sender, number), info, Some(ended_rx)))
         } else {
             slot.h1_only.store(!upgrade, Ordering::Relaxed);
             let (sender, conn) = http1::Builder::new()
@@ -407,8 +431,8 @@ impl Slot {
     fn checkout(&self, current: Dialled) -> Option<(Conn, PeerInfo)> {
         if let Ok(mut h2) = self.h2.lock() {
             match h2.as_ref() {
-                Some((sender, info, dialled)) if !sender.is_closed() && *dialled == current => {
-                    return Some((Conn::H2(sender.clone()), info.clone()))
+                Some(c) if !c.sender.is_closed() && c.dialled == current => {
+                    return Some((Conn::H2(c.sender.clone(), c.number), c.info.clone()))
                 }
                 Some(_) => *h2 = None,
                 None => {}
@@ -452,7 +476,7 @@ impl Slot {
             .and_then(|t| *t)
             .is_none_or(|t| now.duration_since(t) >= limit);
         if let Ok(mut h2) = self.h2.lock() {
-            if unused || h2.as_ref().is_some_and(|(s, _, _)| s.is_closed()) {
+            if unused || h2.as_ref().is_some_and(|c| c.sender.is_closed()) {
                 *h2 = None;
             }
             left |= h2.is_some();
@@ -471,7 +495,7 @@ async fn send_on(
     upgrade: bool,
 ) -> Result<Response<Incoming>, (hyper::Error, Option<Request<Body>>)> {
     let result = match conn {
-        Conn::H2(mut sender) => {
+        Conn::H2(mut sender, _) => {
             // h2 carries the host as `:authority`; a `Host` beside it is a duplicate to nginx.
             req.headers_mut().remove(header::HOST);
             *req.version_mut() = Version::HTTP_2;

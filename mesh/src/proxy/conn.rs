@@ -138,10 +138,16 @@ impl Lifetime {
         let cut_off = async {
             if why == EXPIRED {
                 // Requests in flight were authorized when they began: they run to their end
-                // unless they stall or the sidecar drains; only new requests need a valid
-                // certificate.
+                // unless they stall (no body frame either way for the idle limit) or the
+                // sidecar drains; only new requests need a valid certificate.
+                let stalled = async {
+                    match &self.idle {
+                        Some((activity, limit)) => activity.quiet_for(*limit).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
-                    _ = &mut idle => return,
+                    _ = stalled => return,
                     _ = self.drain.started() => {}
                 }
             }

@@ -84,6 +84,8 @@ pub async fn forward_with<F>(
 where
     F: std::future::Future<Output = Result<Response<Incoming>, UpstreamError>>,
 {
+    // Request body frames show the request is moving (a long upload is not a stall).
+    let activity = tunnel.as_ref().map(|t| t.activity.clone());
     let upgrade = tunnel.filter(|_| wants_websocket(&req));
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let from_h2 = req.version() == Version::HTTP_2;
@@ -101,6 +103,12 @@ where
         join_cookies(&mut parts.headers);
     }
     set_headers(&mut parts.headers);
+    let body = body.map_frame(move |frame| {
+        if let Some(activity) = &activity {
+            activity.frame();
+        }
+        frame
+    });
     let req = Request::from_parts(parts, body.map_err(Into::into).boxed());
 
     let mut resp = send(req).await?;

@@ -56,6 +56,24 @@ impl Activity {
         }
     }
 
+    /// A body frame moved, either way: the request is not stalled.
+    pub fn frame(&self) {
+        self.touch();
+    }
+
+    /// Resolves once nothing moved for `limit`, requests in flight or not: a stall.
+    pub async fn quiet_for(&self, limit: Duration) {
+        loop {
+            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let now = Instant::now();
+            let deadline = last.checked_add(limit).unwrap_or(now + limit);
+            if now >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+
     /// A request started; it is in flight until the guard (and whatever holds it, such as the
     /// response body) is dropped.
     pub fn request(self: &Arc<Self>) -> RequestGuard {
@@ -119,7 +137,11 @@ impl<B: HttpBody<Data = Bytes> + Unpin> HttpBody for GuardedBody<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            self._guard.0.frame();
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -169,9 +169,10 @@ impl Upstream {
         *req.uri_mut() = Uri::from_parts(parts).map_err(|e| self.failed(e.into()))?;
         *req.version_mut() = Version::HTTP_11;
 
-        // An idempotent request without a body can be sent again if the kept-alive connection
-        // it went out on was closed under it, as nginx and HAProxy do.
-        let replay = replayable(&req);
+        // A safe request without a body can be sent again if the connection was closed or
+        // reset under it before any answer: a backend's keep-alive close racing it. Only safe
+        // methods: the backend may have acted on the request before it closed.
+        let replay = replayable(&req).filter(|r| r.method().is_safe());
         let client = &self.client;
         exchange(
             |req| async move {
@@ -312,6 +313,11 @@ struct SendState {
 /// Wrap the request body so the sender learns when it has been sent in full, or failed.
 fn watch_body(req: Request<Body>) -> (Request<Body>, Arc<SendState>) {
     let state = Arc::new(SendState::default());
+    if req.body().is_end_stream() {
+        // Nothing to send: the response deadline runs from now, whoever sends it (a request
+        // sent again after a closed connection is not watched).
+        state.ended.notify_one();
+    }
     let req = req.map(|body| {
         WatchedBody {
             inner: body,
