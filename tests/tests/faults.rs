@@ -692,6 +692,30 @@ async fn a_misbehaving_backend_fails_only_the_requests_it_breaks() {
 /// Third app: A's unrelated peer while B fails.
 const C: &str = "c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3";
 
+/// The configuration of an inbound-only sidecar for the agent at `sock`, on `port`, allowing
+/// A; `inbound` adds lines to `[inbound]`. Written to `<dir>/<name>.toml`.
+fn inbound_config(
+    dir: &Path,
+    name: &str,
+    sock: &Path,
+    port: u16,
+    backend: SocketAddr,
+    inbound: &str,
+) -> PathBuf {
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\naddress = \"unix:{sock}\"\n\
+             [inbound]\nlisten = \"127.0.0.1:{port}\"\nbackend = \"{backend}\"\nallowed_apps = [\"{A}\"]\n{inbound}\
+             [auth]\nenabled = false\n[client]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+            sock = sock.display(),
+        ),
+    )
+    .unwrap();
+    config
+}
+
 /// An inbound-only sidecar for `app`'s agent at `sock`, on `port`, allowing A.
 fn inbound_sidecar(
     dir: &Path,
@@ -700,17 +724,7 @@ fn inbound_sidecar(
     port: u16,
     backend: SocketAddr,
 ) -> ChildGuard {
-    let config = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &config,
-        format!(
-            "[agent]\naddress = \"unix:{sock}\"\n\
-             [inbound]\nlisten = \"127.0.0.1:{port}\"\nbackend = \"{backend}\"\nallowed_apps = [\"{A}\"]\n\
-             [auth]\nenabled = false\n[client]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n",
-            sock = sock.display(),
-        ),
-    )
-    .unwrap();
+    let config = inbound_config(dir, name, sock, port, backend, "");
     run_mesh(dir, name, &config).0
 }
 
@@ -863,18 +877,7 @@ async fn out_of_file_descriptors_accept_backs_off_serves_what_it_holds_and_recov
     let (_agent_b, sock_b) = dev_agent(dir.path(), "agent-b", B, &state);
     let backend = Backend::start().await;
     let port = e2e::free_port();
-    let config = dir.path().join("b.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[agent]\naddress = \"unix:{sock}\"\n\
-             [inbound]\nlisten = \"127.0.0.1:{port}\"\nbackend = \"{backend}\"\nallowed_apps = [\"{A}\"]\n\
-             [auth]\nenabled = false\n[client]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n",
-            sock = sock_b.display(),
-            backend = backend.addr,
-        ),
-    )
-    .unwrap();
+    let config = inbound_config(dir.path(), "b", &sock_b, port, backend.addr, "");
     // B may hold 128 descriptors, ~30 of them its own.
     let mut cmd = std::process::Command::new("sh");
     cmd.args(["-c", "ulimit -n 128 && exec \"$0\" \"$@\""])
@@ -958,19 +961,14 @@ async fn a_stalled_request_on_an_expired_callers_connection_is_cut() {
     let (_agent_b, sock_b) = dev_agent(dir.path(), "agent-b", B, &state);
     let backend = Backend::start().await;
     let port = e2e::free_port();
-    let config = dir.path().join("b.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[agent]\naddress = \"unix:{sock}\"\n\
-             [inbound]\nlisten = \"127.0.0.1:{port}\"\nbackend = \"{backend}\"\nallowed_apps = [\"{A}\"]\n\
-             idle_timeout = \"2s\"\n\
-             [auth]\nenabled = false\n[client]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n",
-            sock = sock_b.display(),
-            backend = backend.addr,
-        ),
-    )
-    .unwrap();
+    let config = inbound_config(
+        dir.path(),
+        "b",
+        &sock_b,
+        port,
+        backend.addr,
+        "idle_timeout = \"2s\"\n",
+    );
     let (_b, _) = run_mesh(dir.path(), "b", &config);
     // A caller whose certificate lives 10 s.
     let (caller, _agent_a) = e2e::identity_with(
