@@ -696,7 +696,7 @@ async fn handle(
         .header(header::CONTENT_TYPE, "application/json");
     if status == 429 {
         // As the API's rate limit answers.
-        response = response.header(header::RETRY_AFTER, "2");
+        response = response.header(header::RETRY_AFTER, "30");
     }
     let response = response
         .body(Full::new(Bytes::from(body.to_string())))

@@ -1144,6 +1144,18 @@ async fn cloudflare_api_issues_writes_records_and_survives_refusals_errors_throt
             shop.not_after.is_some(),
             "the old certificate keeps serving"
         );
+        if let Fault::Status(429) = fault {
+            // The API's Retry-After (30 s), not the 1 s backoff, sets the next attempt.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            assert!(
+                shop.next_attempt.unwrap_or(0) >= now + 20,
+                "next attempt {:?} at {now}: the Retry-After was not honoured",
+                shop.next_attempt
+            );
+        }
         eprintln!(
             "{fault:?}: {}",
             shop.last_error.as_deref().unwrap_or_default()

@@ -390,6 +390,10 @@ impl Acme {
                         IssueError::RateLimited(p) => self
                             .backoff(failures + 2, current.as_deref())
                             .max(p.retry_after.unwrap_or_default()),
+                        // A throttled DNS API: never before its Retry-After.
+                        IssueError::Dns(super::dns01::DnsError::Throttled {
+                            retry_after, ..
+                        }) => self.backoff(failures, current.as_deref()).max(*retry_after),
                         _ => self.backoff(failures, current.as_deref()),
                     };
                     let expired = current

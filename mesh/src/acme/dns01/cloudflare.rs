@@ -86,18 +86,36 @@ impl Cloudflare {
                 .await
                 .map_err(|e| ratls::error_chain(&e))?;
             let status = rsp.status();
+            let retry_after = (status == http::StatusCode::TOO_MANY_REQUESTS)
+                .then(|| rsp.headers().get(http::header::RETRY_AFTER))
+                .flatten()
+                .map(|v| {
+                    crate::acme::ari::retry_after(
+                        v.to_str().ok(),
+                        std::time::SystemTime::now(),
+                        Duration::from_secs(1),
+                    )
+                });
             let bytes = http_body_util::Limited::new(rsp.into_body(), super::rest::MAX_BODY)
                 .collect()
                 .await
                 .map_err(|e| e.to_string())?
                 .to_bytes();
-            Ok::<_, String>((status, bytes))
+            Ok::<_, String>((status, bytes, retry_after))
         };
-        let (status, bytes) = tokio::time::timeout(self.timeout, exchange)
+        let (status, bytes, retry_after) = tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| self.fail(format!("{what}: no answer within {:?}", self.timeout)))?
             .map_err(|e| self.fail(format!("{what}: {e}")))?;
-        read_envelope(status, &bytes).map_err(|e| self.fail(format!("{what}: {e}")))
+        read_envelope(status, &bytes).map_err(|e| match retry_after {
+            // Throttled: the domain waits as long as the API asks.
+            Some(retry_after) => DnsError::Throttled {
+                provider: "cloudflare",
+                message: format!("{what}: {e}"),
+                retry_after,
+            },
+            None => self.fail(format!("{what}: {e}")),
+        })
     }
 
     /// Every page of a listing.

@@ -80,6 +80,16 @@ pub enum DnsError {
         /// What it said.
         message: String,
     },
+    /// The provider throttled us (HTTP 429) and said when to come back.
+    #[error("DNS provider {provider}: {message}")]
+    Throttled {
+        /// The provider.
+        provider: &'static str,
+        /// What it said.
+        message: String,
+        /// Its `Retry-After`.
+        retry_after: Duration,
+    },
     /// The provider holds no zone enclosing the name.
     #[error("DNS provider {provider}: no zone holds {name} ({zones})")]
     NoZone {
