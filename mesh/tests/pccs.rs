@@ -164,6 +164,16 @@ async fn a_failing_or_garbage_pccs_gives_a_reason_and_no_collateral() {
     assert!(matches!(e, PccsError::Request { .. }), "{e}");
 }
 
+/// Wait up to 20 s for `attestor` to hold collateral for the test platform; else fail saying
+/// `what`.
+async fn collateral_within(attestor: &Attestor, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while attestor.collateral_for("000000000000").is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn the_keeper_swaps_fetched_collateral_in_and_writes_it_down() {
     let url = pccs(Mode::Recorded).await;
@@ -175,14 +185,7 @@ async fn the_keeper_swaps_fetched_collateral_in_and_writes_it_down() {
         "000000000000".into(),
         dir.path().to_owned(),
     ));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while attestor.collateral_for("000000000000").is_none() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no collateral fetched"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    collateral_within(&attestor, "no collateral fetched").await;
     keeper.abort();
     // Cached on disk, one directory per platform, which the directory loader reads back.
     assert!(
@@ -246,13 +249,6 @@ async fn a_keeper_whose_fetch_failed_tries_again_in_seconds_not_an_hour() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     *mode.lock().unwrap() = Mode::Recorded;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while attestor.collateral_for("000000000000").is_none() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no collateral 20 s after the PCCS came back"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    collateral_within(&attestor, "no collateral 20 s after the PCCS came back").await;
     keeper.abort();
 }

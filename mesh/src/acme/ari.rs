@@ -137,6 +137,17 @@ pub(crate) fn retry_after(value: Option<&str>, now: SystemTime, floor: Duration)
     wait.clamp(floor, RETRY_MAX)
 }
 
+/// The wait a refusal's `Retry-After` header asks for (at least a second, at most a day), if
+/// it has one: a rate-limited CA or DNS API.
+pub(crate) fn retry_after_header(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get(http::header::RETRY_AFTER)?;
+    Some(retry_after(
+        value.to_str().ok(),
+        SystemTime::now(),
+        Duration::from_secs(1),
+    ))
+}
+
 /// An IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
 fn httpdate(v: &str) -> Option<SystemTime> {
     let format = time::macros::format_description!(

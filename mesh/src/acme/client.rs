@@ -318,12 +318,7 @@ impl HttpClient for CaHttp {
                     instant_acme::Error::Other(Box::new(Transport::Failed(ratls::error_chain(&e))))
                 })?;
                 if matches!(rsp.status().as_u16(), 429 | 503) {
-                    if let Some(v) = rsp.headers().get(http::header::RETRY_AFTER) {
-                        let wait = super::ari::retry_after(
-                            v.to_str().ok(),
-                            std::time::SystemTime::now(),
-                            Duration::from_secs(1),
-                        );
+                    if let Some(wait) = super::ari::retry_after_header(rsp.headers()) {
                         // Outside an order (a probe, a renewal-window poll): not kept.
                         let _ = REFUSAL.try_with(|r| r.set(Some(wait)));
                     }

@@ -251,11 +251,14 @@ impl PoolInner {
                 }
             },
         };
-        // A bodiless idempotent request can go again after the peer refused it unprocessed.
-        let replay = reused.then(|| proxy::replayable(&req)).flatten();
-        let h2_number = match &conn {
-            Conn::H2(_, number) => Some(*number),
-            Conn::H1(..) => None,
+        // On a pooled h2 connection, a copy of a bodiless idempotent request, to send again if
+        // the peer refuses its stream unprocessed (HTTP/1.1 hands back an unsent request).
+        let (h2_number, replay) = match &conn {
+            Conn::H2(_, number) => (
+                Some(*number),
+                reused.then(|| proxy::replayable(&req)).flatten(),
+            ),
+            Conn::H1(..) => (None, None),
         };
         match send_on(conn, req, &host, &slot, &info, upgrade).await {
             Ok(resp) => Ok(resp),
@@ -263,11 +266,12 @@ impl PoolInner {
             // (the request is whole), or the peer refused the h2 stream without processing it
             // (RST_STREAM REFUSED_STREAM, or above a graceful GOAWAY's last stream id, as at
             // our certificate's expiry: RFC 9113 §8.7): once more on a fresh connection.
-            Err((e, req)) if reused && (req.is_some() || (replay.is_some() && unprocessed(&e))) => {
-                let Some(req) = req.or(replay) else {
+            Err((e, req)) if reused => {
+                let unprocessed = unprocessed(&e);
+                let Some(req) = req.or(replay.filter(|_| unprocessed)) else {
                     return Err(send_failed(e, false, ended).await);
                 };
-                if unprocessed(&e) {
+                if unprocessed {
                     // The peer is closing that h2 connection: a new one, not it again (and
                     // not a newer one another request dialled meanwhile).
                     if let Ok(mut h2) = slot.h2.lock() {

@@ -64,14 +64,19 @@ impl Activity {
     /// Resolves once nothing moved for `limit`, requests in flight or not: a stall.
     pub async fn quiet_for(&self, limit: Duration) {
         loop {
-            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let now = Instant::now();
-            let deadline = last.checked_add(limit).unwrap_or(now + limit);
-            if now >= deadline {
+            let deadline = self.quiet_until(limit);
+            if Instant::now() >= deadline {
                 return;
             }
             tokio::time::sleep_until(deadline).await;
         }
+    }
+
+    /// When `limit` without anything moving will have passed, as things stand.
+    fn quiet_until(&self, limit: Duration) -> Instant {
+        let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        last.checked_add(limit)
+            .unwrap_or_else(|| Instant::now() + limit)
     }
 
     /// A request started; it is in flight until the guard (and whatever holds it, such as the
@@ -85,9 +90,8 @@ impl Activity {
     /// Resolves once nothing is in flight and nothing happened for `limit`.
     pub async fn idle_for(&self, limit: Duration) {
         loop {
-            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = self.quiet_until(limit);
             let now = Instant::now();
-            let deadline = last.checked_add(limit).unwrap_or(now + limit);
             if self.in_flight.load(Ordering::Relaxed) == 0 && now >= deadline {
                 return;
             }

@@ -172,7 +172,7 @@ impl Upstream {
         // A safe request without a body can be sent again if the connection was closed or
         // reset under it before any answer: a backend's keep-alive close racing it. Only safe
         // methods: the backend may have acted on the request before it closed.
-        let replay = replayable(&req).filter(|r| r.method().is_safe());
+        let replay = req.method().is_safe().then(|| replayable(&req)).flatten();
         let client = &self.client;
         exchange(
             |req| async move {

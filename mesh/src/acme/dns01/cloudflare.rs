@@ -87,15 +87,8 @@ impl Cloudflare {
                 .map_err(|e| ratls::error_chain(&e))?;
             let status = rsp.status();
             let retry_after = (status == http::StatusCode::TOO_MANY_REQUESTS)
-                .then(|| rsp.headers().get(http::header::RETRY_AFTER))
-                .flatten()
-                .map(|v| {
-                    crate::acme::ari::retry_after(
-                        v.to_str().ok(),
-                        std::time::SystemTime::now(),
-                        Duration::from_secs(1),
-                    )
-                });
+                .then(|| crate::acme::ari::retry_after_header(rsp.headers()))
+                .flatten();
             let bytes = http_body_util::Limited::new(rsp.into_body(), super::rest::MAX_BODY)
                 .collect()
                 .await
