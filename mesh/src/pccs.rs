@@ -48,6 +48,8 @@ pub enum PccsError {
         status: http::StatusCode,
         /// The start of its body.
         body: String,
+        /// How long it asked to be left alone (`Retry-After`, as Intel's PCS sends with 429).
+        retry_after: Option<Duration>,
     },
     /// The answer lacks an issuer chain header.
     #[error("{url}: no {header} header")]
@@ -159,6 +161,7 @@ impl Pccs {
                 .await
                 .map_err(|e| fail(ratls::error_chain(&e)))?;
             let status = resp.status();
+            let retry_after = crate::acme::ari::retry_after_header(resp.headers());
             let chain = headers.iter().find_map(|h| {
                 let v = resp.headers().get(*h)?.to_str().ok()?;
                 ratls::quote::percent_decode(v)
@@ -173,6 +176,7 @@ impl Pccs {
                     url: url.clone(),
                     status,
                     body: String::from_utf8_lossy(&body).chars().take(200).collect(),
+                    retry_after,
                 });
             }
             Ok((body, chain))
@@ -221,6 +225,7 @@ pub async fn keep(attestor: Arc<Attestor>, pccs: Pccs, fmspc: String, dir: std::
     let dir = dir.join(&fmspc);
     let mut failures = 0u32;
     loop {
+        let mut asked_to_wait = None;
         let now = crate::clock::unix_now();
         let due = |next: i64| now >= next - REFRESH_BEFORE;
         let held = attestor.collateral_for(&fmspc);
@@ -239,15 +244,20 @@ pub async fn keep(attestor: Arc<Attestor>, pccs: Pccs, fmspc: String, dir: std::
                 }
                 Err(e) => {
                     failures += 1;
+                    if let PccsError::Status { retry_after, .. } = &e {
+                        asked_to_wait = *retry_after;
+                    }
                     let held = attestor
                         .collateral_for(&fmspc)
                         .is_some_and(|c| c.next_update > now);
-                    tracing::warn!(pccs = %pccs.base, %fmspc, error = %e, valid_held = held, "attestation: collateral not fetched; the collateral held (if still valid) stays in use");
+                    let retry_after_secs = asked_to_wait.map(|d| d.as_secs());
+                    tracing::warn!(pccs = %pccs.base, %fmspc, error = %e, valid_held = held, retry_after_secs, "attestation: collateral not fetched; the collateral held (if still valid) stays in use");
                 }
             }
         }
         // Until a day before the next update; hourly when that is past (a PCCS serving
-        // collateral that is already due); after a failure, sooner (5 s doubling).
+        // collateral that is already due); after a failure, sooner (5 s doubling), unless the
+        // PCCS asked for longer.
         let next = attestor
             .collateral_for(&fmspc)
             .map_or(now, |c| c.next_update);
@@ -258,6 +268,9 @@ pub async fn keep(attestor: Arc<Attestor>, pccs: Pccs, fmspc: String, dir: std::
         };
         if failures > 0 {
             wait = wait.min(RETRY_MIN.saturating_mul(1 << (failures - 1).min(10)));
+        }
+        if let Some(asked) = asked_to_wait {
+            wait = wait.max(asked);
         }
         tokio::time::sleep(wait).await;
     }

@@ -20,6 +20,7 @@ pub mod load;
 pub mod namecheap;
 pub mod netns;
 pub mod ovh;
+pub mod pccs;
 pub mod pebble;
 pub mod porkbun;
 pub mod redis;
