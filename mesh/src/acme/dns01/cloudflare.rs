@@ -4,16 +4,10 @@
 use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use http_body_util::Full;
 use serde_json::{json, Value};
 
-use super::{BoxFuture, Data, DnsError, Provider, Record, Rtype, Zone};
-
-type HttpsClient = Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    Full<Bytes>,
->;
+use super::{rest::Https, BoxFuture, Data, DnsError, Provider, Record, Rtype, Zone};
 
 /// Marks records we write, for people reading the dashboard.
 const COMMENT: &str = "managed by dstack-mesh";
@@ -26,8 +20,7 @@ const RECORDS_PER_PAGE: u32 = 100;
 pub struct Cloudflare {
     base: String,
     token: String,
-    client: HttpsClient,
-    timeout: Duration,
+    https: Https,
 }
 
 impl std::fmt::Debug for Cloudflare {
@@ -41,15 +34,10 @@ impl std::fmt::Debug for Cloudflare {
 impl Cloudflare {
     /// `base` is the API root (`https://api.cloudflare.com/client/v4`).
     pub fn new(base: &str, token: &str, timeout: Duration) -> Result<Self, super::SetupError> {
-        let tls = crate::https::client_config(&[])?;
-        let connector = crate::https::connector(tls, crate::https::dialer(timeout));
         Ok(Self {
             base: base.trim_end_matches('/').to_owned(),
             token: token.to_owned(),
-            client: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build(connector),
-            timeout,
+            https: Https::new(timeout)?,
         })
     }
 
@@ -79,36 +67,14 @@ impl Cloudflare {
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| self.fail(format!("{what}: {e}")))?;
-        let exchange = async {
-            let rsp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| ratls::error_chain(&e))?;
-            let status = rsp.status();
-            let retry_after = (status == http::StatusCode::TOO_MANY_REQUESTS)
-                .then(|| crate::acme::ari::retry_after_header(rsp.headers()))
-                .flatten();
-            let bytes = http_body_util::Limited::new(rsp.into_body(), super::rest::MAX_BODY)
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
-            Ok::<_, String>((status, bytes, retry_after))
-        };
-        let (status, bytes, retry_after) = tokio::time::timeout(self.timeout, exchange)
+        let answer = self
+            .https
+            .exchange(req)
             .await
-            .map_err(|_| self.fail(format!("{what}: no answer within {:?}", self.timeout)))?
             .map_err(|e| self.fail(format!("{what}: {e}")))?;
-        read_envelope(status, &bytes).map_err(|e| match retry_after {
-            // Throttled: the domain waits as long as the API asks.
-            Some(retry_after) => DnsError::Throttled {
-                provider: "cloudflare",
-                message: format!("{what}: {e}"),
-                retry_after,
-            },
-            None => self.fail(format!("{what}: {e}")),
-        })
+        // Throttled: the domain waits as long as the API asks.
+        read_envelope(answer.status, &answer.body)
+            .map_err(|e| answer.refusal("cloudflare", format!("{what}: {e}")))
     }
 
     /// Every page of a listing.

@@ -185,7 +185,7 @@ impl GoogleCloud {
             .body(Full::new(Bytes::from(form)))
             .map_err(|e| fail(format!("token: {e}")))?;
         let what = format!("POST {}", account.token_uri);
-        let (status, body) = self
+        let super::rest::Answer { status, body, .. } = self
             .https
             .exchange(req)
             .await
@@ -234,13 +234,14 @@ impl GoogleCloud {
                     body.as_ref().map(Value::to_string).unwrap_or_default(),
                 )))
                 .map_err(|e| fail(format!("{what}: {e}")))?;
-            let (status, bytes) = self
+            let answer = self
                 .https
                 .exchange(req)
                 .await
                 .map_err(|e| fail(format!("{what}: {e}")))?;
-            let v: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                Value::String(String::from_utf8_lossy(&bytes).chars().take(300).collect())
+            let (status, bytes) = (answer.status, &answer.body);
+            let v: Value = serde_json::from_slice(bytes).unwrap_or_else(|_| {
+                Value::String(String::from_utf8_lossy(bytes).chars().take(300).collect())
             });
             if status.is_success() {
                 return Ok(v);
@@ -249,7 +250,7 @@ impl GoogleCloud {
                 continue;
             }
             let said = explain(&v).unwrap_or_else(|| v.to_string());
-            return Err(fail(format!("{what}: HTTP {status}: {said}")));
+            return Err(answer.refusal("gcloud", format!("{what}: HTTP {status}: {said}")));
         }
         Err(fail(format!("{what}: unauthorized with a new token")))
     }

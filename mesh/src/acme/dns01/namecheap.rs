@@ -156,7 +156,7 @@ impl Namecheap {
                 let req = http::Request::get(url)
                     .body(Full::new(Bytes::new()))
                     .map_err(|e| fail(format!("GET {url}: {e}")))?;
-                let (status, body) = self
+                let super::rest::Answer { status, body, .. } = self
                     .https
                     .exchange(req)
                     .await
@@ -224,7 +224,11 @@ impl Namecheap {
                 )
                 .body(Full::new(Bytes::from(body.clone())))
                 .map_err(|e| fail(format!("{command}: {e}")))?;
-            let (status, bytes) = self
+            let super::rest::Answer {
+                status,
+                body: bytes,
+                ..
+            } = self
                 .https
                 .exchange(req)
                 .await

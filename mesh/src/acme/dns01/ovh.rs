@@ -167,7 +167,7 @@ impl Ovh {
                 let req = http::Request::get(&url)
                     .body(Full::new(Bytes::new()))
                     .map_err(|e| fail(format!("GET {url}: {e}")))?;
-                let (status, body) = self
+                let super::rest::Answer { status, body, .. } = self
                     .https
                     .exchange(req)
                     .await
@@ -201,7 +201,7 @@ impl Ovh {
                 b"grant_type=client_credentials&scope=all",
             )))
             .map_err(|e| fail(format!("POST {url}: {e}")))?;
-        let (status, body) = self
+        let super::rest::Answer { status, body, .. } = self
             .https
             .exchange(req)
             .await
@@ -281,22 +281,23 @@ impl Ovh {
         let req = req
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| fail(format!("{what}: {e}")))?;
-        let (status, bytes) = self
+        let answer = self
             .https
             .exchange(req)
             .await
             .map_err(|e| fail(format!("{what}: {e}")))?;
+        let (status, bytes) = (answer.status, &answer.body);
         let v: Value = match bytes.is_empty() {
             true => Value::Null,
-            false => serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                Value::String(String::from_utf8_lossy(&bytes).chars().take(300).collect())
+            false => serde_json::from_slice(bytes).unwrap_or_else(|_| {
+                Value::String(String::from_utf8_lossy(bytes).chars().take(300).collect())
             }),
         };
         if status.is_success() {
             return Ok(v);
         }
         let said = explain(&v).unwrap_or_else(|| v.to_string());
-        Err(fail(format!("{what}: HTTP {status}: {said}")))
+        Err(answer.refusal("ovh", format!("{what}: HTTP {status}: {said}")))
     }
 
     /// Publish the zone's changes.

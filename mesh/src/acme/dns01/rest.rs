@@ -47,10 +47,7 @@ impl Https {
     }
 
     /// Send `req`: the status and the whole body, or what went wrong in words.
-    pub(super) async fn exchange(
-        &self,
-        req: http::Request<Full<Bytes>>,
-    ) -> Result<(http::StatusCode, Bytes), String> {
+    pub(super) async fn exchange(&self, req: http::Request<Full<Bytes>>) -> Result<Answer, String> {
         let exchange = async {
             let resp = self
                 .client
@@ -58,16 +55,46 @@ impl Https {
                 .await
                 .map_err(|e| ratls::error_chain(&e))?;
             let status = resp.status();
-            let bytes = Limited::new(resp.into_body(), MAX_BODY)
+            let retry_after = (status == http::StatusCode::TOO_MANY_REQUESTS)
+                .then(|| crate::acme::ari::retry_after_header(resp.headers()))
+                .flatten();
+            let body = Limited::new(resp.into_body(), MAX_BODY)
                 .collect()
                 .await
                 .map_err(|e| e.to_string())?
                 .to_bytes();
-            Ok((status, bytes))
+            Ok(Answer {
+                status,
+                body,
+                retry_after,
+            })
         };
         tokio::time::timeout(self.timeout, exchange)
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.timeout)))
+    }
+}
+
+/// What a provider's API answered.
+pub(super) struct Answer {
+    pub(super) status: http::StatusCode,
+    pub(super) body: Bytes,
+    /// A `429`'s `Retry-After`.
+    pub(super) retry_after: Option<Duration>,
+}
+
+impl Answer {
+    /// This answer as a failure in `provider`'s name: throttled when it said when to come
+    /// back (the domain then waits that long), else the provider's refusal.
+    pub(super) fn refusal(&self, provider: &'static str, message: String) -> DnsError {
+        match self.retry_after {
+            Some(retry_after) => DnsError::Throttled {
+                provider,
+                message,
+                retry_after,
+            },
+            None => DnsError::Provider { provider, message },
+        }
     }
 }
 
@@ -147,22 +174,23 @@ impl JsonApi {
                 body.map(|b| b.to_string()).unwrap_or_default(),
             )))
             .map_err(|e| self.fail(format!("{what}: {e}")))?;
-        let (status, bytes) = self
+        let answer = self
             .https
             .exchange(req)
             .await
             .map_err(|e| self.fail(format!("{what}: {e}")))?;
+        let (status, bytes) = (answer.status, &answer.body);
         let value = match bytes.is_empty() {
             true => Value::Null,
-            false => serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                Value::String(String::from_utf8_lossy(&bytes).chars().take(300).collect())
+            false => serde_json::from_slice(bytes).unwrap_or_else(|_| {
+                Value::String(String::from_utf8_lossy(bytes).chars().take(300).collect())
             }),
         };
         if status.is_success() {
             return Ok(value);
         }
         let said = (self.explain)(&value).unwrap_or_else(|| value.to_string());
-        Err(self.fail(format!("{what}: HTTP {status}: {said}")))
+        Err(answer.refusal(self.provider, format!("{what}: HTTP {status}: {said}")))
     }
 }
 
@@ -313,4 +341,78 @@ pub(super) fn set_records(name: &str, rtype: &str, ttl: u32, values: &[String]) 
             id: None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A loopback server that answers every connection with `head` and `body`.
+    async fn answering(head: &'static str, body: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let mut request = [0u8; 4096];
+                let _ = tcp.read(&mut request).await;
+                let answer = format!(
+                    "{head}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tcp.write_all(answer.as_bytes()).await;
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    /// DigitalOcean's API shape (its errors say `message`) at `base`.
+    fn api(base: &str) -> JsonApi {
+        JsonApi::new(
+            "digitalocean",
+            base,
+            Credential::Header(http::header::AUTHORIZATION, "Bearer t".into()),
+            Duration::from_secs(5),
+            |v| v["message"].as_str().map(str::to_owned),
+        )
+        .unwrap()
+    }
+
+    const LIMITED: &str = r#"{"id":"too_many_requests","message":"API Rate limit exceeded."}"#;
+
+    #[tokio::test]
+    async fn a_429_with_retry_after_throttles_every_other_refusal_fails() {
+        let base = answering("HTTP/1.1 429 Too Many Requests\r\nretry-after: 30", LIMITED).await;
+        let e = api(&base)
+            .call(http::Method::GET, "/v2/domains", None)
+            .await
+            .unwrap_err();
+        match e {
+            DnsError::Throttled {
+                provider,
+                message,
+                retry_after,
+            } => {
+                assert_eq!(provider, "digitalocean");
+                assert_eq!(retry_after, Duration::from_secs(30));
+                assert!(message.contains("API Rate limit exceeded."), "{message}");
+            }
+            other => panic!("not throttled: {other:?}"),
+        }
+        // No Retry-After, or one on another status: the usual failure and backoff.
+        for head in [
+            "HTTP/1.1 429 Too Many Requests",
+            "HTTP/1.1 503 Service Unavailable\r\nretry-after: 30",
+        ] {
+            let base = answering(head, LIMITED).await;
+            let e = api(&base)
+                .call(http::Method::GET, "/v2/domains", None)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&e, DnsError::Provider { message, .. } if message.contains("API Rate limit exceeded.")),
+                "{head}: {e:?}"
+            );
+        }
+    }
 }

@@ -262,7 +262,11 @@ impl Route53 {
                 .header(http::header::AUTHORIZATION, authorization)
                 .body(Full::new(Bytes::from(body.clone())))
                 .map_err(|e| fail(format!("{what}: {e}")))?;
-            let (status, bytes) = self
+            let super::rest::Answer {
+                status,
+                body: bytes,
+                ..
+            } = self
                 .https
                 .exchange(req)
                 .await
