@@ -151,9 +151,9 @@ impl App {
         };
         // Stored certificates are loaded before the listener opens: served from the first
         // connection, with no request to the CA.
-        let acme = match config.public.domains.is_empty() {
-            true => None,
-            false => Some(Acme::new(
+        let acme = match config.public.serves_domains() {
+            false => None,
+            true => Some(Acme::new(
                 &config.public,
                 &shared_store(&config, &identity),
                 identity.agent().clone(),
@@ -621,9 +621,9 @@ impl App {
             public_reloadable(&new) != public_reloadable(old),
         ) {
             (Some(inbound), true) => {
-                let acme = match new.public.domains.is_empty() {
-                    true => None,
-                    false => Some(Acme::new(
+                let acme = match new.public.serves_domains() {
+                    false => None,
+                    true => Some(Acme::new(
                         &new.public,
                         &shared_store(&new, &self.identity),
                         self.identity.agent().clone(),

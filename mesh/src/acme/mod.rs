@@ -24,6 +24,7 @@ pub(crate) mod renewal;
 pub mod replicas;
 pub mod revoke;
 pub mod seal;
+pub mod sources;
 pub mod store;
 
 use std::{
@@ -32,7 +33,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use ratls::agent::AgentClient;
 use rustls::{
     server::{ClientHello, ResolvesServerCert},
@@ -155,6 +156,12 @@ pub struct CertStatus {
     /// The CA's renewal window (ARI) for the served certificate, in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renewal_info: Option<String>,
+    /// The source that lists it (`[[domain_sources]]`); absent for a configured domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Why its source fails, while it does (the domain stays, from the last good list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_error: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -190,6 +197,11 @@ struct DomainState {
 pub struct Domain {
     /// Its configuration.
     pub config: DomainConfig,
+    /// The source that lists it; none for a configured domain.
+    pub source: Option<String>,
+    /// Its TLS configuration on the listener, built at its first connection (a sourced
+    /// domain; the configured ones are built with the listener).
+    pub(crate) tls: std::sync::OnceLock<Arc<rustls::ServerConfig>>,
     served: ArcSwapOption<Loaded>,
     serving: Arc<ArcSwapOption<CertifiedKey>>,
     state: Mutex<DomainState>,
@@ -205,6 +217,19 @@ impl std::fmt::Debug for Domain {
 }
 
 impl Domain {
+    /// A domain with nothing served yet.
+    fn new(config: DomainConfig, source: Option<String>) -> Self {
+        Self {
+            config,
+            source,
+            tls: std::sync::OnceLock::new(),
+            served: ArcSwapOption::empty(),
+            serving: Arc::new(ArcSwapOption::empty()),
+            state: Mutex::new(DomainState::default()),
+            renew_now: Notify::new(),
+        }
+    }
+
     /// The certificate this domain serves now (none: a TLS alert, never another domain's or
     /// the mesh one); renewals swap it under the listener.
     pub fn resolver(&self) -> Arc<dyn ResolvesServerCert> {
@@ -246,9 +271,13 @@ enum IssuerRuntime {
 
 /// The public-domain subsystem.
 pub struct Acme {
+    /// The configured domains.
     domains: Vec<Arc<Domain>>,
     exact: HashMap<String, usize>,
     wildcard: HashMap<String, usize>,
+    /// Where more domains come from, and the ones they list now.
+    sources: Vec<sources::Source>,
+    sourced: ArcSwap<sources::Sourced>,
     challenges: Arc<Challenges>,
     store: Arc<dyn CertStore>,
     issuers: HashMap<Issuer, IssuerRuntime>,
@@ -293,7 +322,8 @@ fn issuers(
         extra_roots.extend(crate::https::roots_file(path)?);
     }
     let mut issuers = HashMap::new();
-    for d in &public.domains {
+    let routes = public.sources.iter().map(|s| &s.route);
+    for d in public.domains.iter().chain(routes) {
         if issuers.contains_key(&d.issuer) {
             continue;
         }
@@ -351,14 +381,7 @@ impl Acme {
                     None => exact.insert(name.clone(), i),
                 };
             }
-            let serving = Arc::new(ArcSwapOption::empty());
-            let domain = Arc::new(Domain {
-                config: config.clone(),
-                served: ArcSwapOption::empty(),
-                serving,
-                state: Mutex::new(DomainState::default()),
-                renew_now: Notify::new(),
-            });
+            let domain = Arc::new(Domain::new(config.clone(), None));
             renewal::load_stored(store.as_ref(), &domain);
             domains.push(domain);
         }
@@ -383,6 +406,13 @@ impl Acme {
             domains,
             exact,
             wildcard,
+            sources: public
+                .sources
+                .iter()
+                .cloned()
+                .map(sources::Source::new)
+                .collect(),
+            sourced: ArcSwap::default(),
             challenges,
             store,
             issuers,
@@ -409,14 +439,35 @@ impl Acme {
             tasks.spawn(self.clone().follow_fleet(fleet));
         }
         for domain in &self.domains {
-            tasks.spawn(self.clone().lifecycle(domain.clone()));
-            if self.dns.as_ref().is_some_and(|d| d.manages_records()) {
-                tasks.spawn(self.clone().dstack_records(domain.clone()));
-            }
+            self.start_domain(domain, tasks);
         }
+        tasks.spawn(self.clone().follow_sources());
         // Stored certificates get fresh evidence (a new quote) at every start.
         let acme = self.clone();
         tasks.spawn(async move { acme.refresh_evidence().await });
+    }
+
+    /// Run `domain`'s lifecycle (and its dstack records, when a DNS provider writes them) in
+    /// `tasks`: the handle stops it.
+    fn start_domain(
+        self: &Arc<Self>,
+        domain: &Arc<Domain>,
+        tasks: &mut JoinSet<()>,
+    ) -> tokio::task::AbortHandle {
+        let lifecycle = self.clone().lifecycle(domain.clone());
+        let records = self
+            .dns
+            .as_ref()
+            .is_some_and(|d| d.manages_records())
+            .then(|| self.clone().dstack_records(domain.clone()));
+        tasks.spawn(async move {
+            match records {
+                Some(records) => {
+                    tokio::join!(lifecycle, records);
+                }
+                None => lifecycle.await,
+            }
+        })
     }
 
     /// The evidence files (the admin port lists them whatever `evidence_server` says).
@@ -432,7 +483,7 @@ impl Acme {
     /// Rewrite the evidence: the accounts, every served certificate, sums and a new quote.
     pub async fn refresh_evidence(&self) {
         let mut certs = std::collections::BTreeMap::new();
-        for d in &self.domains {
+        for d in &self.domains() {
             if d.served.load().is_none() {
                 continue;
             }
@@ -475,18 +526,37 @@ impl Acme {
         self.challenges.clone()
     }
 
-    /// The domain serving `name` (exact or alias first, then a wildcard one label up).
-    pub fn lookup(&self, name: &str) -> Option<&Arc<Domain>> {
-        let i = self.exact.get(name).or_else(|| {
-            let (_, base) = name.split_once('.')?;
-            self.wildcard.get(base)
-        })?;
-        self.domains.get(*i)
+    /// The domain serving `name`: a configured one (exact or alias) first, then one a source
+    /// lists, then a wildcard one label up, configured first.
+    pub fn lookup(&self, name: &str) -> Option<Arc<Domain>> {
+        if let Some(i) = self.exact.get(name) {
+            return self.domains.get(*i).cloned();
+        }
+        let sourced = self.sourced.load();
+        if let Some(d) = sourced.exact.get(name) {
+            return Some(d.clone());
+        }
+        let (_, base) = name.split_once('.')?;
+        match self.wildcard.get(base) {
+            Some(i) => self.domains.get(*i).cloned(),
+            None => sourced.wildcard.get(base).cloned(),
+        }
     }
 
-    /// Every domain.
-    pub fn domains(&self) -> &[Arc<Domain>] {
+    /// The configured domains.
+    pub fn configured_domains(&self) -> &[Arc<Domain>] {
         &self.domains
+    }
+
+    /// Every domain: the configured ones, then the sourced ones.
+    pub fn domains(&self) -> Vec<Arc<Domain>> {
+        let sourced = self.sourced.load();
+        self.domains.iter().chain(&sourced.list).cloned().collect()
+    }
+
+    /// Each source, and how it is doing.
+    pub fn sources(&self) -> Vec<sources::SourceStatus> {
+        self.sources.iter().map(sources::Source::status).collect()
     }
 
     /// Start a renewal of `domain` now (`certs renew`). False when no such domain.
@@ -514,6 +584,7 @@ impl Acme {
         let store = None;
         store
             .into_iter()
+            .chain(self.sources.iter().filter_map(sources::Source::problem))
             .chain(self.status().into_iter().filter_map(|s| {
                 let why = s.last_error.as_deref().unwrap_or("no attempt finished yet");
                 if s.expired {
@@ -543,7 +614,12 @@ impl Acme {
     /// Every domain's state.
     pub fn status(&self) -> Vec<CertStatus> {
         let now = SystemTime::now();
-        self.domains
+        let failing: HashMap<&str, String> = self
+            .sources
+            .iter()
+            .filter_map(|s| Some((s.config.name.as_str(), s.status().last_error?)))
+            .collect();
+        self.domains()
             .iter()
             .map(|d| {
                 let served = d.served.load_full();
@@ -603,6 +679,8 @@ impl Acme {
                     fleet,
                     from_fleet_total: from_fleet,
                     renewal_info,
+                    source: d.source.clone(),
+                    source_error: d.source.as_deref().and_then(|s| failing.get(s)).cloned(),
                 }
             })
             .collect()

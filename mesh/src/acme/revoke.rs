@@ -176,7 +176,7 @@ impl Acme {
     /// aside, order a new one if the domain is configured, and rewrite the evidence.
     pub async fn revoke(&self, name: &str, reason: Reason) -> Result<Revoked, RevokeError> {
         let name = name.trim().trim_end_matches('.').to_ascii_lowercase();
-        let domain = self.lookup(&name).cloned();
+        let domain = self.lookup(&name);
         let primary = domain
             .as_ref()
             .map_or_else(|| name.clone(), |d| d.name().to_owned());

@@ -316,6 +316,15 @@ impl Admin {
                     serde_json::json!({ "ready": problems.is_empty(), "problems": problems });
                 proxy::json_response(status, body.to_string())
             }
+            (&Method::GET, "/sources") => {
+                let sources = self
+                    .acme
+                    .load_full()
+                    .map(|a| a.sources())
+                    .unwrap_or_default();
+                let body = serde_json::to_string(&sources).unwrap_or_else(|_| "[]".into());
+                proxy::json_response(StatusCode::OK, body)
+            }
             (&Method::GET, "/certs") => {
                 let status = self
                     .acme
@@ -398,6 +407,11 @@ impl Admin {
             pool: outbound.map(|o| o.pooled()),
             identity_not_after: self.identity.current().not_after,
             certificates: self.acme.load_full().map(|a| a.status()),
+            sources: self
+                .acme
+                .load_full()
+                .map(|a| a.sources())
+                .unwrap_or_default(),
             store: self.acme.load_full().and_then(|a| a.store_state()),
             attestation: self.attestor.as_ref().map(|a| {
                 let platforms = a
@@ -422,6 +436,8 @@ struct State {
     identity_not_after: i64,
     /// Every public domain's state, when there are public domains.
     certificates: Option<Vec<crate::acme::CertStatus>>,
+    /// The domain sources.
+    sources: Vec<crate::acme::sources::SourceStatus>,
     /// The fleet's store: up, and values refused by kind.
     store: Option<(bool, Vec<(&'static str, u64)>)>,
     /// The attestation policy's collateral (FMSPC, nextUpdate) and its cached verdicts.
@@ -504,11 +520,69 @@ impl Collector for State {
                 )?
                 .encode_gauge(&(*cached as i64))?;
         }
+        encode_sources(&self.sources, &mut encoder)?;
         match &self.certificates {
             Some(status) => encode_certificates(status, &mut encoder),
             None => Ok(()),
         }
     }
+}
+
+/// Each domain source's series.
+fn encode_sources(
+    sources: &[crate::acme::sources::SourceStatus],
+    encoder: &mut DescriptorEncoder<'_>,
+) -> std::fmt::Result {
+    if sources.is_empty() {
+        return Ok(());
+    }
+    type Value = fn(&crate::acme::sources::SourceStatus) -> Option<u64>;
+    let series: [(&str, MetricType, &str, Value); 5] = [
+        (
+            "dstack_mesh_domain_source_up",
+            MetricType::Gauge,
+            "1 when the source's last read gave a list.",
+            |s| Some(u64::from(s.up)),
+        ),
+        (
+            "dstack_mesh_domain_source_domains",
+            MetricType::Gauge,
+            "Domains on the source's last good list (served while it fails).",
+            |s| Some(s.domains as u64),
+        ),
+        (
+            "dstack_mesh_domain_source_rejected",
+            MetricType::Gauge,
+            "Entries of the source's last list that were refused (invalid names, duplicates).",
+            |s| Some(s.rejected_total as u64),
+        ),
+        (
+            "dstack_mesh_domain_source_last_success_timestamp_seconds",
+            MetricType::Gauge,
+            "When a read of the source last worked.",
+            |s| s.last_success,
+        ),
+        (
+            "dstack_mesh_domain_source_read_failures",
+            MetricType::Counter,
+            "Reads of the source that failed since start.",
+            |s| Some(s.reads_failed_total),
+        ),
+    ];
+    for (name, kind, help, value) in series {
+        let counter = matches!(kind, MetricType::Counter);
+        let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+        for s in sources {
+            let Some(v) = value(s) else { continue };
+            let labels = [("source", s.name.as_str())];
+            let mut metric = family.encode_family(&labels)?;
+            match counter {
+                true => metric.encode_counter::<NoLabelSet, _, u64>(&v, None)?,
+                false => metric.encode_gauge(&(v as i64))?,
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Each public domain's certificate series and its finished orders.

@@ -452,10 +452,19 @@ pub fn parse_target(text: &str) -> Result<HostPort, String> {
 pub struct PublicConfig {
     /// The domains.
     pub domains: Vec<DomainConfig>,
+    /// Where more domains come from (`[[domain_sources]]`).
+    pub sources: Vec<super::sources::SourceConfig>,
     /// Issuance settings.
     pub acme: AcmeConfig,
     /// DNS provider, resolvers and the dstack records.
     pub dns: super::dns::DnsConfig,
+}
+
+impl PublicConfig {
+    /// Whether any public domain is served: configured, or from a source.
+    pub fn serves_domains(&self) -> bool {
+        !self.domains.is_empty() || !self.sources.is_empty()
+    }
 }
 
 /// A true/false environment variable (`1`/`0` and `yes`/`no` too); a typo is an error.
@@ -474,6 +483,7 @@ pub(super) fn public(
     acme: Option<&RawAcme>,
     dns: Option<&super::dns::RawDns>,
     domains: &[RawDomain],
+    sources: &[super::sources::RawSource],
     env: &dyn Source,
     c: &mut Check,
 ) -> PublicConfig {
@@ -493,8 +503,24 @@ pub(super) fn public(
     }
     list.extend(ingress_domains(env, &issuer, challenge, c));
     check_domains(&list, &dns, &acme, c);
+    let sources = super::sources::sources(sources, &issuer, challenge, send_proxy, c);
+    // A source's domains are checked as they arrive; what their route needs, now.
+    let routes: Vec<(String, DomainConfig)> = sources
+        .iter()
+        .map(|s| {
+            (
+                s.name.clone(),
+                DomainConfig {
+                    names: Vec::new(),
+                    ..s.route.clone()
+                },
+            )
+        })
+        .collect();
+    check_domains(&routes, &dns, &acme, c);
     PublicConfig {
         domains: list.into_iter().map(|(_, d)| d).collect(),
+        sources,
         acme,
         dns,
     }
@@ -647,9 +673,24 @@ fn configured_domain(
         return None;
     }
     let label = d.names.iter().flatten().next().cloned().unwrap_or_default();
+    let route = domain_route(&key, &label, d, issuer, challenge, send_proxy_protocol, c)?;
+    Some((key, DomainConfig { names, ..route }))
+}
+
+/// Where a domain's traffic goes and how its certificate is obtained, as `d` says (`key` and
+/// `label` name it in errors); its names are left empty.
+pub(super) fn domain_route(
+    key: &str,
+    label: &str,
+    d: &RawDomain,
+    issuer: &Issuer,
+    challenge: Challenge,
+    send_proxy_protocol: bool,
+    c: &mut Check,
+) -> Option<DomainConfig> {
     let Some(backend) = d.backend.as_deref() else {
         c.fail(
-            &key,
+            key,
             format!("{label}: no backend (set backend = \"host:port\")"),
         );
         return None;
@@ -733,20 +774,17 @@ fn configured_domain(
             (_, Err(e), _) | (_, _, Err(e)) => c.fail(&field, e),
         }
     }
-    Some((
-        key,
-        DomainConfig {
-            names,
-            backend,
-            mode,
-            issuer,
-            challenge,
-            send_proxy_protocol,
-            alpn,
-            routes: BTreeMap::new(),
-            response_headers,
-        },
-    ))
+    Some(DomainConfig {
+        names: Vec::new(),
+        backend,
+        mode,
+        issuer,
+        challenge,
+        send_proxy_protocol,
+        alpn,
+        routes: BTreeMap::new(),
+        response_headers,
+    })
 }
 
 /// Headers that say how the message is framed or routed: never added from configuration.

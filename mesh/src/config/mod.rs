@@ -774,7 +774,7 @@ fn dstack_vpc_defaults(
     let mut notes = Vec::new();
     let inbound_set = raw.inbound.is_some()
         || source::first(env, env::INBOUND_LISTEN).is_some()
-        || !public.domains.is_empty();
+        || public.serves_domains();
     if !inbound_set {
         inbound.enabled = false;
         notes.push(
@@ -1344,6 +1344,7 @@ fn public(
         raw.acme.as_ref(),
         raw.dns.as_ref(),
         raw.domains.as_deref().unwrap_or_default(),
+        raw.domain_sources.as_deref().unwrap_or_default(),
         env,
         c,
     );
@@ -1351,7 +1352,7 @@ fn public(
     if public.dns.app_port.is_none() && inbound.listen.port() != 0 {
         public.dns.app_port = Some(inbound.listen.port());
     }
-    if !public.domains.is_empty() && !inbound.enabled {
+    if public.serves_domains() && !inbound.enabled {
         c.fail(
             "inbound.enabled",
             "public domains are served on the inbound listener: enable it",
@@ -1409,6 +1410,7 @@ fn no_collisions(listeners: &[(String, bool, SocketAddr)], c: &mut Check) {
 pub mod attestation;
 pub mod dns;
 pub mod domains;
+pub mod sources;
 pub mod store;
 #[cfg(test)]
 mod tests;

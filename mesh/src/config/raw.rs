@@ -152,6 +152,7 @@ pub struct RawConfig {
     pub lifecycle: Option<RawLifecycle>,
     pub admin: Option<RawListener>,
     pub domains: Option<Vec<super::domains::RawDomain>>,
+    pub domain_sources: Option<Vec<super::sources::RawSource>>,
     pub store: Option<super::store::RawStore>,
     pub tunnels: Option<Vec<super::tunnels::RawTunnel>>,
     pub registry: Option<super::tunnels::RawRegistry>,

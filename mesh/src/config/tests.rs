@@ -537,3 +537,46 @@ fn federation_names_its_roots_and_only_their_apps() {
     let k = keys("[[inbound.federation]]\nroots = \"/nonexistent.pem\"\nallowed_apps = [\"5e77e75e77e75e77e75e77e75e77e75e77e75e77\"]\n");
     assert_eq!(k, ["inbound.federation.roots"]);
 }
+
+#[test]
+fn domain_sources_name_their_list_and_route() {
+    let head = "[acme]\nissuer = \"internal-ca\"\n";
+    let src = |body: &str| format!("{head}[[domain_sources]]\nbackend = \"app:80\"\n{body}");
+    assert_eq!(keys(&src("")), ["domain_sources[0]"]);
+    assert_eq!(
+        keys(&src("file = \"/l\"\nurl = \"https://x/l\"\n")),
+        ["domain_sources[0]"]
+    );
+    assert_eq!(keys(&src("url = \"ftp://x/l\"\n")), ["domain_sources[0].url"]);
+    assert_eq!(
+        keys(&src("file = \"/l\"\n[domain_sources.headers]\nA = \"b\"\n")),
+        ["domain_sources[0].headers"]
+    );
+    assert_eq!(
+        keys(&src("file = \"/l\"\nmax_domains = 0\ninterval = \"0s\"\n")),
+        ["domain_sources[0].interval", "domain_sources[0].max_domains"]
+    );
+    assert_eq!(
+        keys(&format!("{head}[[domain_sources]]\nfile = \"/l\"\n")),
+        ["domain_sources[0]"],
+        "a backend for the listed domains"
+    );
+    let two = format!(
+        "{}[[domain_sources]]\nfile = \"/l\"\nbackend = \"app:81\"\n",
+        src("file = \"/l\"\n")
+    );
+    assert_eq!(keys(&two), ["domain_sources[1].name"]);
+    let ok = Config::from_toml(
+        &src("url = \"https://api.example.com/domains\"\nmax_domains = 500\n[domain_sources.headers]\nAuthorization = \"Bearer t\"\n"),
+        &no_env(),
+    )
+    .unwrap();
+    let s = &ok.public.sources[0];
+    assert_eq!(s.name, "https://api.example.com/domains");
+    assert_eq!(s.max_domains, 500);
+    assert_eq!(s.interval, Duration::from_secs(60));
+    assert_eq!(s.route.backend.to_string(), "app:80");
+    assert!(ok.public.serves_domains());
+    // The token is never shown (check-config prints the configuration).
+    assert!(!serde_json::to_string(&ok.public).unwrap().contains("Bearer t"));
+}

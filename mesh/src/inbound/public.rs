@@ -26,10 +26,16 @@ use crate::{
 /// connections keep the one they began on.
 pub struct PublicSide {
     acme: Option<Arc<Acme>>,
-    /// By primary name.
+    /// The configured domains, by primary name.
     domains: HashMap<String, Served>,
     /// TLS-ALPN-01 validation connections.
     challenge_tls: Option<Arc<ServerConfig>>,
+    /// Session tickets, shared by every domain.
+    ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
+    /// `http` mode backend pools of the sourced domains, by backend: thousands of domains
+    /// routed to one app share its pool.
+    sourced_pools: std::sync::Mutex<HashMap<String, Upstream>>,
+    upstream_config: UpstreamConfig,
 }
 
 /// One domain as the listener serves it.
@@ -57,6 +63,9 @@ impl PublicSide {
             acme: None,
             domains: HashMap::new(),
             challenge_tls: None,
+            ticketer: None,
+            sourced_pools: Default::default(),
+            upstream_config: UpstreamConfig::default(),
         }
     }
 
@@ -66,11 +75,8 @@ impl PublicSide {
         // cost no memory per client, unlike a session cache.
         let ticketer = ratls::crypto::ticketer()?;
         let mut domains = HashMap::new();
-        for domain in acme.domains() {
-            let mut tls = server_config(domain.resolver())?;
-            tls.ticketer = ticketer.clone();
-            tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-            tls.alpn_protocols = domain.config.alpn_offer();
+        for domain in acme.configured_domains() {
+            let tls = domain_tls(domain, &ticketer)?;
             let pool = |backend: &crate::config::HostPort| {
                 Upstream::new(&backend.to_string(), upstream_config(config))
                     .map_err(|e| InboundError::Backend(format!("{}: {e}", domain.name())))
@@ -87,7 +93,7 @@ impl PublicSide {
             };
             let served = Served {
                 domain: domain.clone(),
-                tls: Arc::new(tls),
+                tls,
                 upstream,
                 routes,
             };
@@ -100,6 +106,9 @@ impl PublicSide {
             acme: Some(acme),
             domains,
             challenge_tls: Some(Arc::new(challenge)),
+            ticketer: Some(ticketer),
+            sourced_pools: Default::default(),
+            upstream_config: upstream_config(config),
         })
     }
 
@@ -108,11 +117,57 @@ impl PublicSide {
         self.challenge_tls.clone()
     }
 
-    /// The domain whose primary name is `name`, and its TLS configuration.
+    /// The domain whose primary name is `name`, and its TLS configuration: a configured
+    /// one's, or a sourced one's (built at its first connection and kept with it).
     pub(super) fn domain(&self, name: &str) -> Option<(Arc<Domain>, Arc<ServerConfig>)> {
-        let served = self.domains.get(name)?;
-        Some((served.domain.clone(), served.tls.clone()))
+        if let Some(served) = self.domains.get(name) {
+            return Some((served.domain.clone(), served.tls.clone()));
+        }
+        let domain = self.acme.as_ref()?.lookup(name)?;
+        let tls = match domain.tls.get() {
+            Some(tls) => tls.clone(),
+            None => {
+                let tls = domain_tls(&domain, self.ticketer.as_ref()?)
+                    .map_err(|e| tracing::error!(domain = %domain.name(), error = %e, "no TLS configuration"))
+                    .ok()?;
+                domain.tls.get_or_init(|| tls).clone()
+            }
+        };
+        Some((domain, tls))
     }
+
+    /// The `http` mode backend pool for a connection to `domain` that asked for `sni`.
+    fn upstream(&self, domain: &Domain, sni: Option<&str>) -> Option<Upstream> {
+        if let Some(served) = self.domains.get(domain.name()) {
+            return match sni.and_then(|n| served.routes.get(n)) {
+                Some(routed) => Some(routed.clone()),
+                None => served.upstream.clone(),
+            };
+        }
+        let backend = domain.config.backend_for(sni).to_string();
+        let mut pools = self.sourced_pools.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pool) = pools.get(&backend) {
+            return Some(pool.clone());
+        }
+        let pool = Upstream::new(&backend, self.upstream_config.clone())
+            .map_err(|e| tracing::error!(domain = %domain.name(), %backend, error = %e, "backend unusable"))
+            .ok()?;
+        pools.insert(backend, pool.clone());
+        Some(pool)
+    }
+}
+
+/// A domain's TLS configuration: its certificate (a TLS alert while it has none), the
+/// shared session tickets, its ALPN offer.
+fn domain_tls(
+    domain: &Domain,
+    ticketer: &Arc<dyn rustls::server::ProducesTickets>,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let mut tls = server_config(domain.resolver())?;
+    tls.ticketer = ticketer.clone();
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    tls.alpn_protocols = domain.config.alpn_offer();
+    Ok(Arc::new(tls))
 }
 
 impl PublicNames for PublicSide {
@@ -159,12 +214,8 @@ pub(super) fn serve_http(
     activity: Arc<Activity>,
     hold: Hold,
 ) -> Option<Serving> {
-    let served = public.domains.get(domain.name())?;
     let sni = tls.get_ref().1.server_name().map(str::to_ascii_lowercase);
-    let upstream = match sni.and_then(|n| served.routes.get(&n)) {
-        Some(routed) => routed.clone(),
-        None => served.upstream.clone()?,
-    };
+    let upstream = public.upstream(&domain, sni.as_deref())?;
     let conn = Conn {
         headers: CallerHeaders::new(None, None, remote.ip(), "https"),
         metrics: inbound.metrics.peer(Direction::Inbound, domain.name()),

@@ -1,0 +1,219 @@
+//! `[[domain_sources]]`: lists of customer domains kept outside the configuration (a file, an
+//! HTTP endpoint), each domain routed as its entry says or by the source's default route.
+
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+use super::{
+    domains::{domain_route, Challenge, DomainConfig, Issuer, RawDomain},
+    raw::DurationValue,
+    secs, Check,
+};
+
+/// Domains one source may list unless `max_domains` says otherwise.
+pub const DEFAULT_MAX_DOMAINS: usize = 20_000;
+
+/// One `[[domain_sources]]` entry as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    pub name: Option<String>,
+    pub file: Option<String>,
+    pub url: Option<String>,
+    pub headers: Option<BTreeMap<String, String>>,
+    pub interval: Option<DurationValue>,
+    pub timeout: Option<DurationValue>,
+    pub max_domains: Option<usize>,
+    pub backend: Option<String>,
+    pub mode: Option<String>,
+    pub issuer: Option<String>,
+    pub challenge: Option<String>,
+    pub send_proxy_protocol: Option<bool>,
+    pub alpn: Option<Vec<String>>,
+    pub hsts: Option<String>,
+    pub response_headers: Option<BTreeMap<String, String>>,
+}
+
+/// Where a source's list comes from.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// A file: one domain per line (`name [backend [mode]]`), or JSON; read again when it
+    /// changes.
+    File(PathBuf),
+    /// An HTTP(S) endpoint answering JSON, polled with `If-None-Match`.
+    Http {
+        /// The endpoint.
+        url: String,
+        /// Sent with every request (a bearer token, say).
+        #[serde(skip)]
+        headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    },
+}
+
+/// One source of domains.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SourceConfig {
+    /// Its name in logs, `/certs` and metrics.
+    pub name: String,
+    /// Where the list comes from.
+    pub kind: SourceKind,
+    /// How often it is read (a file: checked for a change).
+    #[serde(with = "secs")]
+    pub interval: Duration,
+    /// Deadline of one read.
+    #[serde(with = "secs")]
+    pub timeout: Duration,
+    /// A list longer than this is refused whole (the last good one stays).
+    pub max_domains: usize,
+    /// The route of a listed domain whose entry names none (its names left empty).
+    pub route: DomainConfig,
+}
+
+/// The `[[domain_sources]]` entries, each domain's route defaulting to `issuer`, `challenge`
+/// and `send_proxy_protocol` as `[[domains]]` entries do.
+pub(super) fn sources(
+    raw: &[RawSource],
+    issuer: &Issuer,
+    challenge: Challenge,
+    send_proxy_protocol: bool,
+    c: &mut Check,
+) -> Vec<SourceConfig> {
+    let mut out: Vec<SourceConfig> = Vec::new();
+    for (i, s) in raw.iter().enumerate() {
+        let key = format!("domain_sources[{i}]");
+        let kind = match (&s.file, &s.url) {
+            (Some(path), None) if !path.trim().is_empty() => SourceKind::File(path.into()),
+            (None, Some(url)) => match http_source(&key, url, s.headers.as_ref(), c) {
+                Some(kind) => kind,
+                None => continue,
+            },
+            (Some(_), Some(_)) => {
+                c.fail(&key, "one of file or url, not both");
+                continue;
+            }
+            _ => {
+                c.fail(
+                    &key,
+                    "no list: set file = \"/path\" or url = \"https://...\"",
+                );
+                continue;
+            }
+        };
+        if s.headers.is_some() && matches!(kind, SourceKind::File(_)) {
+            c.fail(
+                &format!("{key}.headers"),
+                "only an url source sends headers",
+            );
+        }
+        let name = match &s.name {
+            Some(n) if !n.trim().is_empty() => n.trim().to_owned(),
+            _ => match &kind {
+                SourceKind::File(path) => format!("file:{}", path.display()),
+                SourceKind::Http { url, .. } => url.clone(),
+            },
+        };
+        if out.iter().any(|o| o.name == name) {
+            c.fail(
+                &format!("{key}.name"),
+                format!("{name:?} names another source too"),
+            );
+        }
+        let default_interval = match kind {
+            SourceKind::File(_) => Duration::from_secs(2),
+            SourceKind::Http { .. } => Duration::from_secs(60),
+        };
+        let interval = c.duration(
+            &format!("{key}.interval"),
+            s.interval.as_ref(),
+            default_interval,
+        );
+        let timeout = c.duration(
+            &format!("{key}.timeout"),
+            s.timeout.as_ref(),
+            Duration::from_secs(10),
+        );
+        let max_domains = match s.max_domains {
+            Some(0) => {
+                c.fail(&format!("{key}.max_domains"), "must be greater than zero");
+                DEFAULT_MAX_DOMAINS
+            }
+            Some(n) => n,
+            None => DEFAULT_MAX_DOMAINS,
+        };
+        let route = RawDomain {
+            names: None,
+            backend: s.backend.clone(),
+            mode: s.mode.clone(),
+            issuer: s.issuer.clone(),
+            challenge: s.challenge.clone(),
+            send_proxy_protocol: s.send_proxy_protocol,
+            alpn: s.alpn.clone(),
+            hsts: s.hsts.clone(),
+            response_headers: s.response_headers.clone(),
+        };
+        let Some(route) = domain_route(
+            &key,
+            &name,
+            &route,
+            issuer,
+            challenge,
+            send_proxy_protocol,
+            c,
+        ) else {
+            continue;
+        };
+        out.push(SourceConfig {
+            name,
+            kind,
+            interval,
+            timeout,
+            max_domains,
+            route,
+        });
+    }
+    out
+}
+
+/// An `url` source: http(s), with its headers checked.
+fn http_source(
+    key: &str,
+    url: &str,
+    headers: Option<&BTreeMap<String, String>>,
+    c: &mut Check,
+) -> Option<SourceKind> {
+    let uri: http::Uri = match url.trim().parse() {
+        Ok(u) => u,
+        Err(e) => {
+            c.fail(&format!("{key}.url"), format!("{url:?}: {e}"));
+            return None;
+        }
+    };
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        c.fail(
+            &format!("{key}.url"),
+            format!("{url:?}: an http:// or https:// URL"),
+        );
+        return None;
+    }
+    let mut pairs = Vec::new();
+    for (name, value) in headers.into_iter().flatten() {
+        let field = format!("{key}.headers.{name}");
+        match (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            http::HeaderValue::from_str(value),
+        ) {
+            (Ok(n), Ok(mut v)) => {
+                v.set_sensitive(true);
+                pairs.push((n, v));
+            }
+            (Err(_), _) => c.fail(&field, "not a header name"),
+            (_, Err(_)) => c.fail(&field, "not a header value"),
+        }
+    }
+    Some(SourceKind::Http {
+        url: url.trim().to_owned(),
+        headers: pairs,
+    })
+}

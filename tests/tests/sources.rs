@@ -1,0 +1,400 @@
+//! Domains from sources (`[[domain_sources]]`) on a real sidecar: a watched file's customer
+//! domains are served, added and dropped while traffic to the others flows; a list that does
+//! not read keeps the last good one, says so, and survives a restart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use e2e::{
+    backend::Backend,
+    dev_agent, listener,
+    load::{Caller, Load, Target},
+    run_mesh, ChildGuard,
+};
+use http::StatusCode;
+
+const APP: &str = "5005500550055005500550055005500550055005";
+
+/// A sidecar serving one configured domain and a file source's domains, with the internal CA.
+struct Sidecar {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    list: PathBuf,
+    guard: Option<ChildGuard>,
+    inbound: SocketAddr,
+    admin: SocketAddr,
+    _agent: ChildGuard,
+    _backend: Backend,
+}
+
+impl Sidecar {
+    /// With a file source listing `list`.
+    async fn start(list: &str) -> Self {
+        Self::start_with(Some(list), |list| {
+            format!("file = \"{}\"\ninterval = \"200ms\"\n", list.display())
+        })
+        .await
+    }
+
+    /// With a source whose kind `source` writes (given the list file's path); the list file
+    /// holds `list`, if any.
+    async fn start_with(list: Option<&str>, source: impl FnOnce(&Path) -> String) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (agent, sock) = dev_agent(d, "agent", APP, &d.join("state"));
+        let backend = Backend::start().await;
+        let list_path = d.join("domains.txt");
+        if let Some(list) = list {
+            std::fs::write(&list_path, list).unwrap();
+        }
+        let config = d.join("mesh.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[agent]\naddress = \"unix:{sock}\"\n\
+                 [inbound]\nlisten = \"127.0.0.1:{port}\"\nbackend = \"{backend}\"\n\
+                 [auth]\nenabled = false\n[client]\nenabled = false\n\
+                 [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+                 [acme]\nstore = \"{store}\"\nissuer = \"internal-ca\"\n\
+                 [[domains]]\nnames = [\"configured.test\"]\nbackend = \"{backend}\"\n\
+                 [[domain_sources]]\nname = \"customers\"\nbackend = \"{backend}\"\n{source}",
+                sock = sock.display(),
+                port = e2e::free_port(),
+                admin = e2e::free_port(),
+                backend = backend.addr,
+                store = d.join("store").display(),
+                source = source(&list_path),
+            ),
+        )
+        .unwrap();
+        let (guard, bound) = run_mesh(d, "mesh", &config);
+        Self {
+            inbound: listener(&bound, "inbound"),
+            admin: listener(&bound, "admin"),
+            config,
+            list: list_path,
+            guard: Some(guard),
+            dir,
+            _agent: agent,
+            _backend: backend,
+        }
+    }
+
+    fn root(&self) -> Vec<u8> {
+        std::fs::read(self.dir.path().join("store/internal-ca/ca.pem")).unwrap_or_default()
+    }
+
+    /// Whether `name` is served with a certificate for it.
+    async fn serves(&self, name: &str) -> bool {
+        let root = self.root();
+        !root.is_empty()
+            && e2e::client::public_connect(self.inbound, name, &root, &[b"http/1.1"])
+                .await
+                .is_ok()
+    }
+
+    async fn admin_json(&self, path: &str) -> (StatusCode, serde_json::Value) {
+        let (status, body) = e2e::client::http1_get(self.admin, path, &[]).await;
+        (status, serde_json::from_slice(&body).unwrap_or_default())
+    }
+
+    async fn source(&self) -> serde_json::Value {
+        self.admin_json("/sources").await.1[0].clone()
+    }
+
+    async fn metrics(&self) -> String {
+        let (_, body) = e2e::client::http1_get(self.admin, "/metrics", &[]).await;
+        String::from_utf8_lossy(&body).into_owned()
+    }
+
+    fn log(&self) -> String {
+        self.guard
+            .as_ref()
+            .map(ChildGuard::stderr)
+            .unwrap_or_default()
+    }
+
+    /// Stop and start again on the same ports and store.
+    fn restart(&mut self) {
+        drop(self.guard.take());
+        let (guard, bound) = run_mesh(self.dir.path(), "mesh-again", &self.config);
+        assert_eq!(listener(&bound, "inbound"), self.inbound);
+        self.guard = Some(guard);
+    }
+}
+
+/// Wait up to 20 s for `check`, failing with `what`.
+async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Wait for 20 more answers to `load`.
+async fn flowing(load: &Load) {
+    let before = load.ok();
+    until("more requests answered", async || load.ok() > before + 20).await;
+}
+
+fn write(path: &Path, text: &str) {
+    // Whole, at once, as an operator's tool would (rename over the old file).
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_sources_domains_come_and_go_under_load_and_a_bad_list_keeps_the_last_good_one() {
+    let mut s = Sidecar::start("# customers\nold.customer.test\nsteady.customer.test\n").await;
+    until("the listed domains served", async || {
+        s.serves("old.customer.test").await && s.serves("steady.customer.test").await
+    })
+    .await;
+    assert!(s.serves("configured.test").await);
+    // Browser-style callers on a domain that stays listed throughout.
+    let load = Load::start(
+        Target::public(s.inbound, "steady.customer.test", &s.root()),
+        &[Caller::Fresh, Caller::H1],
+        Duration::from_millis(10),
+    );
+
+    // A new list: one domain dropped, one added (an IDN, listed in Unicode), bad entries
+    // refused with their reasons.
+    write(
+        &s.list,
+        r#"["steady.customer.test", "new.customer.test", "bücher.customer.test",
+            "192.0.2.1", "steady.customer.test", "configured.test"]"#,
+    );
+    until("the new list served", async || {
+        s.serves("new.customer.test").await
+            && s.serves("xn--bcher-kva.customer.test").await
+            && !s.serves("old.customer.test").await
+    })
+    .await;
+    flowing(&load).await;
+    let source = s.source().await;
+    assert_eq!(source["up"], true, "{source}");
+    let rejected = source["rejected"].to_string();
+    assert!(rejected.contains("is an IP address"), "{rejected}");
+    assert!(rejected.contains("listed twice"), "{rejected}");
+    // A configured domain is never taken over by a source.
+    let (_, certs) = s.admin_json("/certs").await;
+    let configured = certs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["domain"] == "configured.test")
+        .unwrap();
+    assert!(configured.get("source").is_none(), "{configured}");
+    let listed: Vec<&str> = certs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["source"] == "customers")
+        .map(|c| c["domain"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            "steady.customer.test",
+            "new.customer.test",
+            "xn--bcher-kva.customer.test"
+        ]
+    );
+
+    // Garbage: the last good list stays, and every place an operator looks says so.
+    write(&s.list, "{\"domains\": \"oops");
+    until("the source reported down", async || {
+        s.source().await["up"] == false
+    })
+    .await;
+    let source = s.source().await;
+    assert!(
+        source["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("not a domain list"),
+        "{source}"
+    );
+    assert_eq!(source["domains"], 3);
+    let (status, ready) = s.admin_json("/ready").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        ready["problems"]
+            .to_string()
+            .contains("domain source customers"),
+        "{ready}"
+    );
+    let (_, certs) = s.admin_json("/certs").await;
+    let steady = certs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["domain"] == "steady.customer.test")
+        .unwrap();
+    assert!(steady["source_error"].is_string(), "{steady}");
+    let metrics = s.metrics().await;
+    assert!(
+        metrics.contains("dstack_mesh_domain_source_up{source=\"customers\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("dstack_mesh_domain_source_domains{source=\"customers\"} 3"),
+        "{metrics}"
+    );
+    assert!(s.serves("new.customer.test").await);
+    flowing(&load).await;
+    let (ok, failed) = load.finish().await;
+    eprintln!("{ok} requests to a listed domain while the list changed and broke, {failed} failed");
+    assert_eq!(failed, 0);
+    assert!(ok > 0);
+
+    // A restart with the file gone serves the last good list, from the store.
+    std::fs::remove_file(&s.list).unwrap();
+    s.restart();
+    until("the stored list served after a restart", async || {
+        s.serves("new.customer.test").await && s.serves("steady.customer.test").await
+    })
+    .await;
+    let source = s.source().await;
+    assert_eq!(source["from_store"], true, "{source}");
+    assert_eq!(source["up"], false, "{source}");
+    // Back: read again.
+    write(&s.list, "steady.customer.test\n");
+    until("the list read again", async || {
+        s.source().await["up"] == true && !s.serves("new.customer.test").await
+    })
+    .await;
+    assert!(s.serves("steady.customer.test").await);
+    assert!(s.log().contains("domain source read"), "{}", s.log());
+}
+
+/// A customer-domain API: a JSON list under an ETag, answering `304` to a request that names
+/// it, `401` without the token; switchable to failing (`500`) or garbage.
+#[derive(Clone, Default)]
+struct Api {
+    state: std::sync::Arc<std::sync::Mutex<ApiState>>,
+}
+
+#[derive(Default)]
+struct ApiState {
+    list: String,
+    version: u32,
+    failing: bool,
+    requests: usize,
+    not_modified: usize,
+    unauthorized: usize,
+}
+
+impl Api {
+    async fn start(list: &str) -> (Self, SocketAddr) {
+        let api = Self::default();
+        api.set(list);
+        let state = api.state.clone();
+        let addr = e2e::http_stand_in::serve(move |req| {
+            let state = state.clone();
+            async move {
+                let mut s = state.lock().unwrap();
+                s.requests += 1;
+                let etag = format!("\"v{}\"", s.version);
+                let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+                if req
+                    .headers()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    != Some("Bearer customer-token")
+                {
+                    s.unauthorized += 1;
+                    *resp.status_mut() = StatusCode::UNAUTHORIZED;
+                } else if s.failing {
+                    *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                    *resp.body_mut() = http_body_util::Full::new("database down".into());
+                } else if req
+                    .headers()
+                    .get("if-none-match")
+                    .and_then(|v| v.to_str().ok())
+                    == Some(etag.as_str())
+                {
+                    s.not_modified += 1;
+                    *resp.status_mut() = StatusCode::NOT_MODIFIED;
+                } else {
+                    resp.headers_mut().insert("etag", etag.parse().unwrap());
+                    *resp.body_mut() = http_body_util::Full::new(s.list.clone().into());
+                }
+                resp
+            }
+        })
+        .await;
+        (api, addr)
+    }
+
+    fn set(&self, list: &str) {
+        let mut s = self.state.lock().unwrap();
+        s.list = list.to_owned();
+        s.version += 1;
+    }
+
+    fn fail(&self, failing: bool) {
+        self.state.lock().unwrap().failing = failing;
+    }
+
+    fn counts(&self) -> (usize, usize, usize) {
+        let s = self.state.lock().unwrap();
+        (s.requests, s.not_modified, s.unauthorized)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_source_is_polled_with_its_etag_and_a_failing_endpoint_keeps_the_list() {
+    let (api, addr) = Api::start(r#"{"domains": [{"domain": "shop.customer.test"}]}"#).await;
+    let s = Sidecar::start_with(None, |_| {
+        format!(
+            "url = \"http://{addr}/domains\"\ninterval = \"100ms\"\n\
+             [domain_sources.headers]\nAuthorization = \"Bearer customer-token\"\n"
+        )
+    })
+    .await;
+    until("the listed domain served", async || {
+        s.serves("shop.customer.test").await
+    })
+    .await;
+    // Unchanged lists are not sent again: the poll names the ETag it has.
+    until("a poll answered 304", async || api.counts().1 >= 3).await;
+    let (requests, not_modified, unauthorized) = api.counts();
+    assert_eq!(unauthorized, 0, "the token is sent with every poll");
+    assert!(
+        requests - not_modified <= 2,
+        "{requests} polls, {not_modified} answered 304"
+    );
+    api.set(r#"{"domains": ["shop.customer.test", "blog.customer.test"]}"#);
+    until("the added domain served", async || {
+        s.serves("blog.customer.test").await
+    })
+    .await;
+    // The endpoint fails: both domains stay, the source says why.
+    api.fail(true);
+    until("the source reported down", async || {
+        s.source().await["up"] == false
+    })
+    .await;
+    let source = s.source().await;
+    let error = source["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("500") && error.contains("database down"),
+        "{source}"
+    );
+    assert!(s.serves("shop.customer.test").await && s.serves("blog.customer.test").await);
+    api.fail(false);
+    until("the source back up", async || {
+        s.source().await["up"] == true
+    })
+    .await;
+    assert!(s.log().contains("domain source failed"), "{}", s.log());
+}
