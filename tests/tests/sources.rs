@@ -398,3 +398,83 @@ async fn an_http_source_is_polled_with_its_etag_and_a_failing_endpoint_keeps_the
     .await;
     assert!(s.log().contains("domain source failed"), "{}", s.log());
 }
+
+/// `redis-cli` against `redis`, which must answer.
+fn redis(redis: &e2e::redis::Redis, args: &[&str]) {
+    let out = e2e::redis::cli(redis.addr, args);
+    assert!(out.status.success(), "{args:?}: {out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_set_drives_the_domains_through_keyspace_notifications_and_a_redis_outage_drops_none(
+) {
+    let scratch = tempfile::tempdir().unwrap();
+    let store = e2e::redis::Redis::start(&scratch.path().join("redis"));
+    redis(&store, &["CONFIG", "SET", "notify-keyspace-events", "KA"]);
+    redis(
+        &store,
+        &["SADD", "customers", "a.customer.test", "b.customer.test"],
+    );
+    // Polled once an hour: only the notifications can bring the changes in time.
+    let addr = store.addr;
+    let s = Sidecar::start_with(None, |_| {
+        format!("redis = \"redis://{addr}/0\"\nkey = \"customers\"\ninterval = \"1h\"\n")
+    })
+    .await;
+    until("the set's domains served", async || {
+        s.serves("a.customer.test").await && s.serves("b.customer.test").await
+    })
+    .await;
+    let load = Load::start(
+        Target::public(s.inbound, "b.customer.test", &s.root()),
+        &[Caller::Fresh, Caller::H1],
+        Duration::from_millis(10),
+    );
+    // Add, remove, rename while the load runs.
+    redis(&store, &["SADD", "customers", "c.customer.test"]);
+    until("an added member served", async || {
+        s.serves("c.customer.test").await
+    })
+    .await;
+    redis(&store, &["SREM", "customers", "a.customer.test"]);
+    redis(&store, &["SREM", "customers", "c.customer.test"]);
+    redis(&store, &["SADD", "customers", "c2.customer.test"]);
+    until("the removed and renamed members", async || {
+        s.serves("c2.customer.test").await
+            && !s.serves("c.customer.test").await
+            && !s.serves("a.customer.test").await
+    })
+    .await;
+    flowing(&load).await;
+    // The key gone (a flushed database): nothing dropped, and said so.
+    redis(&store, &["DEL", "customers"]);
+    until("the source reported down", async || {
+        s.source().await["up"] == false
+    })
+    .await;
+    let source = s.source().await;
+    assert!(
+        source["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("does not exist"),
+        "{source}"
+    );
+    assert!(s.serves("c2.customer.test").await);
+    // Redis itself gone: the same.
+    redis(
+        &store,
+        &["SADD", "customers", "b.customer.test", "c2.customer.test"],
+    );
+    until("the source back", async || s.source().await["up"] == true).await;
+    drop(store);
+    until("the source reported down", async || {
+        s.source().await["up"] == false
+    })
+    .await;
+    flowing(&load).await;
+    assert!(s.serves("b.customer.test").await && s.serves("c2.customer.test").await);
+    let (ok, failed) = load.finish().await;
+    eprintln!("{ok} requests while the set changed and Redis went away, {failed} failed");
+    assert_eq!(failed, 0);
+}

@@ -87,13 +87,23 @@ pub fn normalize(listed: &str) -> Result<String, String> {
 /// object holding one as `domains`), else text, one `name [backend [mode]]` per line (`#`
 /// comments). More than `max` entries refuses the whole list.
 pub fn parse(bytes: &[u8], max: usize) -> Result<Parsed, SourceError> {
+    take(raw_entries(bytes)?, max)
+}
+
+/// The entries of a list as written (JSON or text).
+fn raw_entries(bytes: &[u8]) -> Result<Vec<RawEntry>, SourceError> {
     let text =
         std::str::from_utf8(bytes).map_err(|e| SourceError::Garbage(format!("not UTF-8 ({e})")))?;
     let trimmed = text.trim_start();
-    let raw: Vec<RawEntry> = match trimmed.starts_with('[') || trimmed.starts_with('{') {
-        true => json_entries(trimmed)?,
-        false => text_entries(text)?,
-    };
+    match trimmed.starts_with('[') || trimmed.starts_with('{') {
+        true => json_entries(trimmed),
+        false => Ok(text_entries(text)),
+    }
+}
+
+/// Check listed entries: the good ones taken, each bad one refused with why; more than `max`
+/// refuses the whole list.
+fn take(raw: Vec<RawEntry>, max: usize) -> Result<Parsed, SourceError> {
     if raw.len() > max {
         return Err(SourceError::TooMany {
             listed: raw.len(),
@@ -211,18 +221,27 @@ fn json_entries(text: &str) -> Result<Vec<RawEntry>, SourceError> {
     Ok(out)
 }
 
-fn text_entries(text: &str) -> Result<Vec<RawEntry>, SourceError> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let line = line.split('#').next().unwrap_or_default().trim();
-        if line.is_empty() {
-            continue;
-        }
-        let mut fields = line.split_whitespace().map(str::to_owned);
-        let name = fields.next().unwrap_or_default();
-        out.push(RawEntry::named(name, fields.next(), fields.next()));
-    }
-    Ok(out)
+fn text_entries(text: &str) -> Vec<RawEntry> {
+    text.lines()
+        .map(|line| line.split('#').next().unwrap_or_default().trim())
+        .filter(|line| !line.is_empty())
+        .map(|line| {
+            let mut fields = line.split_whitespace().map(str::to_owned);
+            let name = fields.next().unwrap_or_default();
+            RawEntry::named(name, fields.next(), fields.next())
+        })
+        .collect()
+}
+
+/// A Redis hash's fields: the name, and its value as `[backend [mode]]`.
+fn hash_entries(fields: Vec<(String, String)>) -> Vec<RawEntry> {
+    fields
+        .into_iter()
+        .map(|(name, route)| {
+            let mut route = route.split_whitespace().map(str::to_owned);
+            RawEntry::named(name, route.next(), route.next())
+        })
+        .collect()
 }
 
 /// What one read of a source gave.
@@ -331,122 +350,257 @@ impl Source {
     }
 }
 
-/// Reads one source, keeping what the next read needs (a file's last contents, an endpoint's
-/// ETag).
+type HttpsClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Empty<Bytes>,
+>;
+
+/// Reads one source, keeping what the next read needs: the last list (an unchanged one is
+/// not taken again), a file's last bytes, an endpoint's ETag, a Redis connection.
 struct Reader {
-    kind: SourceKind,
-    timeout: Duration,
-    max: usize,
-    /// The file's bytes as last read, or the endpoint's ETag.
-    last: Option<Bytes>,
+    config: SourceConfig,
+    last: Option<Parsed>,
+    last_bytes: Option<Bytes>,
     etag: Option<String>,
-    client: Option<
-        hyper_util::client::legacy::Client<
-            hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-            Empty<Bytes>,
-        >,
-    >,
+    http: Option<HttpsClient>,
+    redis: Option<redis::aio::MultiplexedConnection>,
 }
 
 impl Reader {
     fn new(config: &SourceConfig) -> Self {
-        let client = match &config.kind {
+        let http = match &config.kind {
             SourceKind::Http { .. } => crate::https::client_config(&[]).ok().map(|tls| {
                 let connector = crate::https::connector(tls, crate::https::dialer(config.timeout));
                 hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                     .build(connector)
             }),
-            SourceKind::File(_) => None,
+            _ => None,
         };
         Self {
-            kind: config.kind.clone(),
-            timeout: config.timeout,
-            max: config.max_domains,
+            config: config.clone(),
             last: None,
+            last_bytes: None,
             etag: None,
-            client,
+            http,
+            redis: None,
         }
     }
 
     async fn read(&mut self) -> Read {
-        match tokio::time::timeout(self.timeout, self.fetch()).await {
-            Ok(read) => read,
-            Err(_) => Read::Failed(SourceError::Read(format!(
-                "no answer within {:?}",
-                self.timeout
-            ))),
-        }
-    }
-
-    async fn fetch(&mut self) -> Read {
-        let bytes = match &self.kind {
-            SourceKind::File(path) => match tokio::fs::read(path).await {
-                Ok(b) => Bytes::from(b),
-                Err(e) => {
-                    return Read::Failed(SourceError::Read(format!("{}: {e}", path.display())))
-                }
-            },
-            SourceKind::Http { url, headers } => {
-                let Some(client) = &self.client else {
-                    return Read::Failed(SourceError::Read("no TLS roots for https".into()));
-                };
-                let mut req = http::Request::get(url.as_str());
-                for (name, value) in headers {
-                    req = req.header(name, value);
-                }
-                if let Some(etag) = &self.etag {
-                    req = req.header(http::header::IF_NONE_MATCH, etag.as_str());
-                }
-                let req = match req.body(Empty::new()) {
-                    Ok(r) => r,
-                    Err(e) => return Read::Failed(SourceError::Read(e.to_string())),
-                };
-                let resp = match client.request(req).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        return Read::Failed(SourceError::Read(format!(
-                            "{url}: {}",
-                            ratls::error_chain(&e)
-                        )))
-                    }
-                };
-                let status = resp.status();
-                if status == http::StatusCode::NOT_MODIFIED {
-                    return Read::Unchanged;
-                }
-                let etag = resp
-                    .headers()
-                    .get(http::header::ETAG)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
-                let body = match Limited::new(resp.into_body(), MAX_BYTES).collect().await {
-                    Ok(b) => b.to_bytes(),
-                    Err(e) => return Read::Failed(SourceError::Read(format!("{url}: {e}"))),
-                };
-                if !status.is_success() {
-                    let said: String = String::from_utf8_lossy(&body).chars().take(200).collect();
-                    return Read::Failed(SourceError::Read(format!(
-                        "{url}: HTTP {status}: {said}"
-                    )));
-                }
-                self.etag = etag;
-                body
+        let timeout = self.config.timeout;
+        let fetched = match tokio::time::timeout(timeout, self.fetch()).await {
+            Ok(fetched) => fetched,
+            Err(_) => Err(SourceError::Read(format!("no answer within {timeout:?}"))),
+        };
+        let raw = match fetched {
+            Ok(Some(raw)) => raw,
+            Ok(None) => return Read::Unchanged,
+            Err(e) => {
+                // Ask in full next time, on a new connection.
+                self.etag = None;
+                self.last_bytes = None;
+                self.redis = None;
+                return Read::Failed(e);
             }
         };
-        if self.last.as_ref() == Some(&bytes) {
-            return Read::Unchanged;
-        }
-        match parse(&bytes, self.max) {
+        match take(raw, self.config.max_domains) {
+            Ok(parsed) if self.last.as_ref() == Some(&parsed) => Read::Unchanged,
             Ok(parsed) => {
-                self.last = Some(bytes);
+                self.last = Some(parsed.clone());
                 Read::List(parsed)
             }
             Err(e) => {
-                // A garbled answer is not remembered as a validator: ask in full next time.
                 self.etag = None;
+                self.last_bytes = None;
                 Read::Failed(e)
             }
         }
+    }
+
+    /// The entries as listed now; none when unchanged since the last read.
+    async fn fetch(&mut self) -> Result<Option<Vec<RawEntry>>, SourceError> {
+        let bytes = match &self.config.kind {
+            SourceKind::File(path) => tokio::fs::read(path)
+                .await
+                .map(Bytes::from)
+                .map_err(|e| SourceError::Read(format!("{}: {e}", path.display())))?,
+            SourceKind::Http { url, headers } => {
+                let (url, headers) = (url.clone(), headers.clone());
+                match self.get(&url, &headers).await? {
+                    Some(bytes) => bytes,
+                    None => return Ok(None),
+                }
+            }
+            SourceKind::Redis { url, key } => {
+                let (url, key) = (url.clone(), key.clone());
+                return self.redis(&url, &key).await.map(Some);
+            }
+        };
+        if self.last_bytes.as_ref() == Some(&bytes) {
+            return Ok(None);
+        }
+        let raw = raw_entries(&bytes)?;
+        self.last_bytes = Some(bytes);
+        Ok(Some(raw))
+    }
+
+    /// `GET url` with `headers` and the last ETag: the body, or none when not modified.
+    async fn get(
+        &mut self,
+        url: &str,
+        headers: &[(http::HeaderName, http::HeaderValue)],
+    ) -> Result<Option<Bytes>, SourceError> {
+        let Some(client) = &self.http else {
+            return Err(SourceError::Read("no TLS roots for https".into()));
+        };
+        let mut req = http::Request::get(url);
+        for (name, value) in headers {
+            req = req.header(name, value);
+        }
+        if let Some(etag) = &self.etag {
+            req = req.header(http::header::IF_NONE_MATCH, etag.as_str());
+        }
+        let req = req
+            .body(Empty::new())
+            .map_err(|e| SourceError::Read(e.to_string()))?;
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| SourceError::Read(format!("{url}: {}", ratls::error_chain(&e))))?;
+        let status = resp.status();
+        if status == http::StatusCode::NOT_MODIFIED {
+            return Ok(None);
+        }
+        let etag = resp
+            .headers()
+            .get(http::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = Limited::new(resp.into_body(), MAX_BYTES)
+            .collect()
+            .await
+            .map_err(|e| SourceError::Read(format!("{url}: {e}")))?
+            .to_bytes();
+        if !status.is_success() {
+            let said: String = String::from_utf8_lossy(&body).chars().take(200).collect();
+            return Err(SourceError::Read(format!("{url}: HTTP {status}: {said}")));
+        }
+        self.etag = etag;
+        Ok(Some(body))
+    }
+
+    /// The entries under `key`: a set's members, a hash's fields (`name → [backend [mode]]`),
+    /// or the list a string holds. A key that is absent is an error, not an empty list: Redis
+    /// deletes an emptied set, and a flushed database must not drop every domain.
+    async fn redis(&mut self, url: &str, key: &str) -> Result<Vec<RawEntry>, SourceError> {
+        let shown = crate::config::sources::redact_userinfo(url);
+        let fail = |e: redis::RedisError| SourceError::Read(format!("{shown}: {}", redis_said(&e)));
+        let conn = match &mut self.redis {
+            Some(conn) => conn,
+            None => {
+                let client = redis::Client::open(url).map_err(fail)?;
+                let conn = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .map_err(fail)?;
+                self.redis.insert(conn)
+            }
+        };
+        let kind: String = redis::cmd("TYPE")
+            .arg(key)
+            .query_async(conn)
+            .await
+            .map_err(fail)?;
+        Ok(match kind.as_str() {
+            "set" => {
+                let members: Vec<String> = redis::cmd("SMEMBERS")
+                    .arg(key)
+                    .query_async(conn)
+                    .await
+                    .map_err(fail)?;
+                let mut entries: Vec<RawEntry> = members
+                    .into_iter()
+                    .map(|m| RawEntry::named(m, None, None))
+                    .collect();
+                // A set has no order: keep the list's stable.
+                entries.sort_by(|a, b| a.listed.cmp(&b.listed));
+                entries
+            }
+            "hash" => {
+                let mut fields: Vec<(String, String)> = redis::cmd("HGETALL")
+                    .arg(key)
+                    .query_async(conn)
+                    .await
+                    .map_err(fail)?;
+                fields.sort();
+                hash_entries(fields)
+            }
+            "string" => {
+                let bytes: Vec<u8> = redis::cmd("GET")
+                    .arg(key)
+                    .query_async(conn)
+                    .await
+                    .map_err(fail)?;
+                raw_entries(&bytes)?
+            }
+            "none" => {
+                return Err(SourceError::Read(format!(
+                    "{shown}: key {key:?} does not exist (an emptied set vanishes; remove the source to serve none of its domains)"
+                )))
+            }
+            other => {
+                return Err(SourceError::Garbage(format!(
+                    "key {key:?} is a {other}: use a set, a hash or a string"
+                )))
+            }
+        })
+    }
+}
+
+/// A Redis error without the URL the client may quote.
+fn redis_said(e: &redis::RedisError) -> String {
+    match e.kind() {
+        redis::ErrorKind::AuthenticationFailed => "authentication failed".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// Wake the reader of a Redis source whenever its key changes: keyspace notifications
+/// (`__keyspace@<db>__:<key>`), when the server sends them (`notify-keyspace-events` with
+/// `K` and the key's type, or `A`). Reconnects after a second; polling covers the gaps.
+async fn watch_redis(url: String, key: String, wake: Arc<tokio::sync::Notify>, source: String) {
+    use futures_util::StreamExt as _;
+    let Ok(client) = redis::Client::open(url.as_str()) else {
+        return;
+    };
+    let channel = format!(
+        "__keyspace@{}__:{key}",
+        client.get_connection_info().redis_settings().db()
+    );
+    loop {
+        let subscribed = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        match tokio::time::timeout(Duration::from_secs(10), subscribed).await {
+            Ok(Ok(mut pubsub)) => {
+                tracing::debug!(%source, %channel, "domain source: following keyspace notifications");
+                // Changes while we were away.
+                wake.notify_one();
+                let mut messages = pubsub.on_message();
+                while messages.next().await.is_some() {
+                    wake.notify_one();
+                }
+                // The connection dropped: a read says whether Redis is gone.
+                wake.notify_one();
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%source, error = %redis_said(&e), "domain source: no keyspace notifications")
+            }
+            Err(_) => tracing::debug!(%source, "domain source: subscribing timed out"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -472,13 +626,22 @@ impl Acme {
         let mut readers = JoinSet::new();
         for (i, source) in self.sources.iter().enumerate() {
             let (tx, config) = (tx.clone(), source.config.clone());
+            let wake = Arc::new(tokio::sync::Notify::new());
+            if let SourceKind::Redis { url, key } = &config.kind {
+                let watch =
+                    watch_redis(url.clone(), key.clone(), wake.clone(), config.name.clone());
+                readers.spawn(watch);
+            }
             readers.spawn(async move {
                 let mut reader = Reader::new(&config);
                 loop {
                     if tx.send((i, reader.read().await)).await.is_err() {
                         return;
                     }
-                    tokio::time::sleep(config.interval).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(config.interval) => {}
+                        _ = wake.notified() => {}
+                    }
                 }
             });
         }
@@ -806,6 +969,19 @@ mod tests {
         let mut dns = source.clone();
         dns.route.challenge = crate::config::Challenge::Dns01;
         assert!(route_for(&dns, &entry("*.example.com", None, None)).is_ok());
+    }
+
+    #[test]
+    fn a_redis_hash_maps_names_to_their_routes() {
+        let fields = vec![
+            ("a.example.com".to_owned(), "app:9000 tcp".to_owned()),
+            ("b.example.com".to_owned(), String::new()),
+        ];
+        let p = take(hash_entries(fields), 10).unwrap();
+        assert_eq!(names(&p), ["a.example.com", "b.example.com"]);
+        assert_eq!(p.entries[0].backend.as_deref(), Some("app:9000"));
+        assert_eq!(p.entries[0].mode, Some(Mode::Tcp));
+        assert_eq!(p.entries[1].backend, None);
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub struct RawSource {
     pub name: Option<String>,
     pub file: Option<String>,
     pub url: Option<String>,
+    pub redis: Option<String>,
+    pub key: Option<String>,
     pub headers: Option<BTreeMap<String, String>>,
     pub interval: Option<DurationValue>,
     pub timeout: Option<DurationValue>,
@@ -49,6 +51,15 @@ pub enum SourceKind {
         /// Sent with every request (a bearer token, say).
         #[serde(skip)]
         headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    },
+    /// A Redis key (a set of names, a hash of name → route, or a string holding a list),
+    /// polled, and read again at once on a keyspace notification when the server sends them.
+    Redis {
+        /// `redis://[user:password@]host:port/db` (the password never shown).
+        #[serde(skip)]
+        url: String,
+        /// The key.
+        key: String,
     },
 }
 
@@ -83,35 +94,43 @@ pub(super) fn sources(
     let mut out: Vec<SourceConfig> = Vec::new();
     for (i, s) in raw.iter().enumerate() {
         let key = format!("domain_sources[{i}]");
-        let kind = match (&s.file, &s.url) {
-            (Some(path), None) if !path.trim().is_empty() => SourceKind::File(path.into()),
-            (None, Some(url)) => match http_source(&key, url, s.headers.as_ref(), c) {
+        let kind = match (&s.file, &s.url, &s.redis) {
+            (Some(path), None, None) if !path.trim().is_empty() => SourceKind::File(path.into()),
+            (None, Some(url), None) => match http_source(&key, url, s.headers.as_ref(), c) {
                 Some(kind) => kind,
                 None => continue,
             },
-            (Some(_), Some(_)) => {
-                c.fail(&key, "one of file or url, not both");
-                continue;
-            }
-            _ => {
+            (None, None, Some(url)) => match redis_source(&key, url, s.key.as_deref(), c) {
+                Some(kind) => kind,
+                None => continue,
+            },
+            (None, None, None) | (Some(_), None, None) => {
                 c.fail(
                     &key,
-                    "no list: set file = \"/path\" or url = \"https://...\"",
+                    "no list: set file = \"/path\", url = \"https://...\" or redis = \"redis://...\"",
                 );
                 continue;
             }
+            _ => {
+                c.fail(&key, "one of file, url or redis");
+                continue;
+            }
         };
-        if s.headers.is_some() && matches!(kind, SourceKind::File(_)) {
+        if s.headers.is_some() && !matches!(kind, SourceKind::Http { .. }) {
             c.fail(
                 &format!("{key}.headers"),
                 "only an url source sends headers",
             );
+        }
+        if s.key.is_some() && !matches!(kind, SourceKind::Redis { .. }) {
+            c.fail(&format!("{key}.key"), "only a redis source reads a key");
         }
         let name = match &s.name {
             Some(n) if !n.trim().is_empty() => n.trim().to_owned(),
             _ => match &kind {
                 SourceKind::File(path) => format!("file:{}", path.display()),
                 SourceKind::Http { url, .. } => url.clone(),
+                SourceKind::Redis { url, key } => format!("{}/{key}", redact_userinfo(url)),
             },
         };
         if out.iter().any(|o| o.name == name) {
@@ -123,6 +142,8 @@ pub(super) fn sources(
         let default_interval = match kind {
             SourceKind::File(_) => Duration::from_secs(2),
             SourceKind::Http { .. } => Duration::from_secs(60),
+            // Notifications carry the changes when the server sends them.
+            SourceKind::Redis { .. } => Duration::from_secs(30),
         };
         let interval = c.duration(
             &format!("{key}.interval"),
@@ -216,4 +237,39 @@ fn http_source(
         url: url.trim().to_owned(),
         headers: pairs,
     })
+}
+
+/// A `redis` source: a `redis://` URL the client accepts, and the key.
+fn redis_source(key: &str, url: &str, name: Option<&str>, c: &mut Check) -> Option<SourceKind> {
+    let url = url.trim();
+    // The client's own message may quote the URL, password included: ours does not.
+    if !url.starts_with("redis://") || redis::Client::open(url).is_err() {
+        c.fail(
+            &format!("{key}.redis"),
+            format!(
+                "{:?} is not a redis:// URL (redis://[user:password@]host:port/db; TLS to Redis is not supported, keep it on the CVM's own network)",
+                redact_userinfo(url)
+            ),
+        );
+        return None;
+    }
+    let Some(name) = name.map(str::trim).filter(|k| !k.is_empty()) else {
+        c.fail(&format!("{key}.key"), "the Redis key holding the domains");
+        return None;
+    };
+    Some(SourceKind::Redis {
+        url: url.to_owned(),
+        key: name.to_owned(),
+    })
+}
+
+/// `url` without its password, for names and messages.
+pub fn redact_userinfo(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
 }

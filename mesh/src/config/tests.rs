@@ -547,14 +547,20 @@ fn domain_sources_name_their_list_and_route() {
         keys(&src("file = \"/l\"\nurl = \"https://x/l\"\n")),
         ["domain_sources[0]"]
     );
-    assert_eq!(keys(&src("url = \"ftp://x/l\"\n")), ["domain_sources[0].url"]);
+    assert_eq!(
+        keys(&src("url = \"ftp://x/l\"\n")),
+        ["domain_sources[0].url"]
+    );
     assert_eq!(
         keys(&src("file = \"/l\"\n[domain_sources.headers]\nA = \"b\"\n")),
         ["domain_sources[0].headers"]
     );
     assert_eq!(
         keys(&src("file = \"/l\"\nmax_domains = 0\ninterval = \"0s\"\n")),
-        ["domain_sources[0].interval", "domain_sources[0].max_domains"]
+        [
+            "domain_sources[0].interval",
+            "domain_sources[0].max_domains"
+        ]
     );
     assert_eq!(
         keys(&format!("{head}[[domain_sources]]\nfile = \"/l\"\n")),
@@ -566,6 +572,30 @@ fn domain_sources_name_their_list_and_route() {
         src("file = \"/l\"\n")
     );
     assert_eq!(keys(&two), ["domain_sources[1].name"]);
+    assert_eq!(
+        keys(&src("redis = \"redis://127.0.0.1/0\"\n")),
+        ["domain_sources[0].key"]
+    );
+    assert_eq!(
+        keys(&src("redis = \"rediss://:pw@r/0\"\nkey = \"k\"\n")),
+        ["domain_sources[0].redis"]
+    );
+    assert_eq!(
+        keys(&src("file = \"/l\"\nkey = \"k\"\n")),
+        ["domain_sources[0].key"]
+    );
+    let redis = Config::from_toml(
+        &src("redis = \"redis://:secret@127.0.0.1:6379/2\"\nkey = \"customers\"\n"),
+        &no_env(),
+    )
+    .unwrap();
+    assert_eq!(
+        redis.public.sources[0].name,
+        "redis://***@127.0.0.1:6379/2/customers"
+    );
+    assert!(!serde_json::to_string(&redis.public)
+        .unwrap()
+        .contains("secret"));
     let ok = Config::from_toml(
         &src("url = \"https://api.example.com/domains\"\nmax_domains = 500\n[domain_sources.headers]\nAuthorization = \"Bearer t\"\n"),
         &no_env(),
@@ -578,5 +608,7 @@ fn domain_sources_name_their_list_and_route() {
     assert_eq!(s.route.backend.to_string(), "app:80");
     assert!(ok.public.serves_domains());
     // The token is never shown (check-config prints the configuration).
-    assert!(!serde_json::to_string(&ok.public).unwrap().contains("Bearer t"));
+    assert!(!serde_json::to_string(&ok.public)
+        .unwrap()
+        .contains("Bearer t"));
 }
