@@ -18,6 +18,7 @@ pub mod etcd;
 pub mod evidence;
 pub mod http01;
 pub mod internal;
+pub mod on_demand;
 mod records;
 pub(crate) mod renewal;
 #[cfg(feature = "etcd")]
@@ -206,6 +207,9 @@ pub struct Domain {
     serving: Arc<ArcSwapOption<CertifiedKey>>,
     state: Mutex<DomainState>,
     renew_now: Notify,
+    /// Ticks at every change of what it serves or of its state (handshakes waiting for an
+    /// on-demand certificate watch it).
+    events: tokio::sync::watch::Sender<()>,
 }
 
 impl std::fmt::Debug for Domain {
@@ -227,6 +231,7 @@ impl Domain {
             serving: Arc::new(ArcSwapOption::empty()),
             state: Mutex::new(DomainState::default()),
             renew_now: Notify::new(),
+            events: tokio::sync::watch::Sender::new(()),
         }
     }
 
@@ -244,12 +249,14 @@ impl Domain {
     fn serve(&self, loaded: Option<Loaded>) {
         self.serving.store(loaded.as_ref().map(|l| l.key.clone()));
         self.served.store(loaded.map(Arc::new));
+        self.events.send_replace(());
     }
 
     fn set(&self, f: impl FnOnce(&mut DomainState)) {
         if let Ok(mut s) = self.state.lock() {
             f(&mut s);
         }
+        self.events.send_replace(());
     }
 }
 
@@ -278,6 +285,8 @@ pub struct Acme {
     /// Where more domains come from, and the ones they list now.
     sources: Vec<sources::Source>,
     sourced: ArcSwap<sources::Sourced>,
+    /// Names admitted at their first handshake, when `[on_demand]` is set.
+    on_demand: Option<on_demand::OnDemand>,
     challenges: Arc<Challenges>,
     store: Arc<dyn CertStore>,
     issuers: HashMap<Issuer, IssuerRuntime>,
@@ -413,6 +422,13 @@ impl Acme {
                 .map(sources::Source::new)
                 .collect(),
             sourced: ArcSwap::default(),
+            on_demand: match public.sources.iter().find_map(|s| match &s.kind {
+                crate::config::sources::SourceKind::OnDemand(od) => Some((od.clone(), s.timeout)),
+                _ => None,
+            }) {
+                Some((config, timeout)) => Some(on_demand::OnDemand::new(config, timeout)?),
+                None => None,
+            },
             challenges,
             store,
             issuers,
@@ -552,6 +568,12 @@ impl Acme {
     pub fn domains(&self) -> Vec<Arc<Domain>> {
         let sourced = self.sourced.load();
         self.domains.iter().chain(&sourced.list).cloned().collect()
+    }
+
+    /// How long a first handshake waits for an on-demand certificate, when `[on_demand]` is
+    /// set.
+    pub fn on_demand_deadline(&self) -> Option<Duration> {
+        self.on_demand.as_ref().map(|o| o.config.deadline)
     }
 
     /// Each source, and how it is doing.

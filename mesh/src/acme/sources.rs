@@ -435,6 +435,8 @@ impl Reader {
                 let (url, key) = (url.clone(), key.clone());
                 return self.redis(&url, &key).await.map(Some);
             }
+            // Fed by handshakes, never read.
+            SourceKind::OnDemand(_) => return Ok(None),
         };
         if self.last_bytes.as_ref() == Some(&bytes) {
             return Ok(None);
@@ -625,6 +627,9 @@ impl Acme {
         let (tx, mut rx) = mpsc::channel::<(usize, Read)>(self.sources.len());
         let mut readers = JoinSet::new();
         for (i, source) in self.sources.iter().enumerate() {
+            if matches!(source.config.kind, SourceKind::OnDemand(_)) {
+                continue;
+            }
             let (tx, config) = (tx.clone(), source.config.clone());
             let wake = Arc::new(tokio::sync::Notify::new());
             if let SourceKind::Redis { url, key } = &config.kind {
@@ -651,7 +656,28 @@ impl Acme {
         let mut running: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
         let mut tasks = JoinSet::new();
         self.reconcile(&lists, &mut running, &mut tasks);
-        while let Some((i, read)) = rx.recv().await {
+        let on_demand = self
+            .sources
+            .iter()
+            .position(|s| matches!(s.config.kind, SourceKind::OnDemand(_)));
+        let mut inbox = self
+            .on_demand
+            .as_ref()
+            .and_then(|o| o.inbox.lock().ok().and_then(|mut i| i.take()));
+        if let (Some(i), Some(od)) = (on_demand, &self.on_demand) {
+            readers.spawn(self.clone().ask_again(i, od.config.allowed_ttl));
+        }
+        loop {
+            let (i, read) = tokio::select! {
+                Some(read) = rx.recv() => read,
+                Some(request) = async { inbox.as_mut()?.recv().await } => {
+                    if let Some(i) = on_demand {
+                        self.on_demand_request(i, request, &mut lists, &mut running, &mut tasks);
+                    }
+                    continue;
+                }
+                else => return,
+            };
             let source = &self.sources[i];
             match read {
                 Read::Unchanged => source.set(|s| clear_failure(s, SystemTime::now())),
@@ -685,6 +711,81 @@ impl Acme {
                     });
                     lists[i] = parsed.entries;
                     self.reconcile(&lists, &mut running, &mut tasks);
+                }
+            }
+        }
+    }
+
+    /// Admit a name on demand (it joins the on-demand source's list, `i`), or forget names
+    /// `ask` no longer allows.
+    fn on_demand_request(
+        self: &Arc<Self>,
+        i: usize,
+        request: super::on_demand::Request,
+        lists: &mut [Vec<Entry>],
+        running: &mut HashMap<String, tokio::task::AbortHandle>,
+        tasks: &mut JoinSet<()>,
+    ) {
+        let source = &self.sources[i];
+        match request {
+            super::on_demand::Request::Admit(name, reply) => {
+                if let Some(domain) = self.lookup(&name) {
+                    let _ = reply.send(Some(domain));
+                    return;
+                }
+                if lists[i].len() >= source.config.max_domains {
+                    tracing::warn!(domain = %name, max = source.config.max_domains, "on demand: no more names fit (on_demand.max_domains): refused");
+                    let _ = reply.send(None);
+                    return;
+                }
+                tracing::info!(domain = %name, "on demand: name admitted");
+                lists[i].push(Entry {
+                    domain: name.clone(),
+                    backend: None,
+                    mode: None,
+                });
+                self.keep_list(source, &lists[i]);
+                self.reconcile(lists, running, tasks);
+                let _ = reply.send(self.sourced.load().exact.get(&name).cloned());
+            }
+            super::on_demand::Request::Forget(names) => {
+                let before = lists[i].len();
+                lists[i].retain(|e| !names.contains(&e.domain));
+                if lists[i].len() != before {
+                    tracing::info!(domains = ?names, "on demand: ask no longer allows these names: not served");
+                    self.keep_list(source, &lists[i]);
+                    self.reconcile(lists, running, tasks);
+                }
+            }
+        }
+    }
+
+    /// Ask again, every `every`, about each name admitted on demand; the ones refused now are
+    /// forgotten (a customer who left stops being served and renewed).
+    async fn ask_again(self: Arc<Self>, i: usize, every: Duration) {
+        let Some(on_demand) = &self.on_demand else {
+            return;
+        };
+        loop {
+            tokio::time::sleep(every).await;
+            let names: Vec<String> = self
+                .sourced
+                .load()
+                .list
+                .iter()
+                .filter(|d| d.source.as_deref() == Some(self.sources[i].config.name.as_str()))
+                .map(|d| d.name().to_owned())
+                .collect();
+            let mut refused = Vec::new();
+            for name in names {
+                if !on_demand.allowed(&name).await {
+                    refused.push(name);
+                }
+            }
+            if !refused.is_empty() {
+                let request = super::on_demand::Request::Forget(refused);
+                if on_demand.requests.send(request).await.is_err() {
+                    return;
                 }
             }
         }

@@ -484,6 +484,7 @@ pub(super) fn public(
     dns: Option<&super::dns::RawDns>,
     domains: &[RawDomain],
     sources: &[super::sources::RawSource],
+    on_demand: Option<&super::sources::RawOnDemand>,
     env: &dyn Source,
     c: &mut Check,
 ) -> PublicConfig {
@@ -503,7 +504,11 @@ pub(super) fn public(
     }
     list.extend(ingress_domains(env, &issuer, challenge, c));
     check_domains(&list, &dns, &acme, c);
-    let sources = super::sources::sources(sources, &issuer, challenge, send_proxy, c);
+    let mut sources = super::sources::sources(sources, &issuer, challenge, send_proxy, c);
+    // Names admitted at their first handshake come last: a listed name keeps its source.
+    sources.extend(
+        on_demand.and_then(|raw| super::sources::on_demand(raw, &issuer, challenge, send_proxy, c)),
+    );
     // A source's domains are checked as they arrive; what their route needs, now.
     let routes: Vec<(String, DomainConfig)> = sources
         .iter()

@@ -1345,6 +1345,7 @@ fn public(
         raw.dns.as_ref(),
         raw.domains.as_deref().unwrap_or_default(),
         raw.domain_sources.as_deref().unwrap_or_default(),
+        raw.on_demand.as_ref(),
         env,
         c,
     );

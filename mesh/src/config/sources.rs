@@ -61,6 +61,143 @@ pub enum SourceKind {
         /// The key.
         key: String,
     },
+    /// Names admitted at their first handshake (`[on_demand]`): a name no other source lists
+    /// is checked with `ask`, and served once its certificate is issued.
+    OnDemand(OnDemand),
+}
+
+/// How names are admitted on demand.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct OnDemand {
+    /// `GET <ask>?domain=<name>`: `200` admits the name, anything else refuses it.
+    pub ask: String,
+    /// How long an admission stands before the name is asked about again.
+    #[serde(with = "secs")]
+    pub allowed_ttl: Duration,
+    /// How long a refusal stands (a refused name costs nothing until then).
+    #[serde(with = "secs")]
+    pub refused_ttl: Duration,
+    /// How long a first handshake waits for the certificate before a TLS alert.
+    #[serde(with = "secs")]
+    pub deadline: Duration,
+}
+
+/// `[on_demand]` as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOnDemand {
+    pub ask: Option<String>,
+    pub ask_timeout: Option<DurationValue>,
+    pub allowed_ttl: Option<DurationValue>,
+    pub refused_ttl: Option<DurationValue>,
+    pub deadline: Option<DurationValue>,
+    pub max_domains: Option<usize>,
+    pub backend: Option<String>,
+    pub mode: Option<String>,
+    pub issuer: Option<String>,
+    pub challenge: Option<String>,
+    pub send_proxy_protocol: Option<bool>,
+    pub alpn: Option<Vec<String>>,
+    pub hsts: Option<String>,
+    pub response_headers: Option<BTreeMap<String, String>>,
+}
+
+/// The name of the on-demand source in logs, `/sources` and metrics.
+pub const ON_DEMAND: &str = "on-demand";
+
+/// `[on_demand]`: a source of its own, fed by handshakes.
+pub(super) fn on_demand(
+    raw: &RawOnDemand,
+    issuer: &Issuer,
+    challenge: Challenge,
+    send_proxy_protocol: bool,
+    c: &mut Check,
+) -> Option<SourceConfig> {
+    let key = "on_demand";
+    let ask = match raw.ask.as_deref().map(str::trim) {
+        Some(url) => match url.parse::<http::Uri>() {
+            Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {
+                url.to_owned()
+            }
+            _ => {
+                c.fail(
+                    "on_demand.ask",
+                    format!("{url:?}: an http:// or https:// URL"),
+                );
+                return None;
+            }
+        },
+        None => {
+            c.fail(
+                "on_demand.ask",
+                "the URL that says which names may have a certificate (GET ?domain=<name>, 200 = yes): without it anyone could make this CVM order certificates for any name",
+            );
+            return None;
+        }
+    };
+    let route = RawDomain {
+        names: None,
+        backend: raw.backend.clone(),
+        mode: raw.mode.clone(),
+        issuer: raw.issuer.clone(),
+        challenge: raw.challenge.clone(),
+        send_proxy_protocol: raw.send_proxy_protocol,
+        alpn: raw.alpn.clone(),
+        hsts: raw.hsts.clone(),
+        response_headers: raw.response_headers.clone(),
+    };
+    let route = domain_route(
+        key,
+        ON_DEMAND,
+        &route,
+        issuer,
+        challenge,
+        send_proxy_protocol,
+        c,
+    )?;
+    if route.challenge == Challenge::Dns01 && route.issuer != Issuer::InternalCa {
+        c.fail(
+            "on_demand.challenge",
+            "a first handshake cannot wait for DNS to propagate: tls-alpn-01 or http-01",
+        );
+    }
+    let max_domains = match raw.max_domains {
+        Some(0) => {
+            c.fail("on_demand.max_domains", "must be greater than zero");
+            DEFAULT_MAX_DOMAINS
+        }
+        Some(n) => n,
+        None => DEFAULT_MAX_DOMAINS,
+    };
+    Some(SourceConfig {
+        name: ON_DEMAND.into(),
+        kind: SourceKind::OnDemand(OnDemand {
+            ask,
+            allowed_ttl: c.long_duration(
+                "on_demand.allowed_ttl",
+                raw.allowed_ttl.as_ref(),
+                Duration::from_secs(3600),
+            ),
+            refused_ttl: c.long_duration(
+                "on_demand.refused_ttl",
+                raw.refused_ttl.as_ref(),
+                Duration::from_secs(300),
+            ),
+            deadline: c.duration(
+                "on_demand.deadline",
+                raw.deadline.as_ref(),
+                Duration::from_secs(60),
+            ),
+        }),
+        interval: Duration::from_secs(3600),
+        timeout: c.duration(
+            "on_demand.ask_timeout",
+            raw.ask_timeout.as_ref(),
+            Duration::from_secs(5),
+        ),
+        max_domains,
+        route,
+    })
 }
 
 /// One source of domains.
@@ -131,9 +268,10 @@ pub(super) fn sources(
                 SourceKind::File(path) => format!("file:{}", path.display()),
                 SourceKind::Http { url, .. } => url.clone(),
                 SourceKind::Redis { url, key } => format!("{}/{key}", redact_userinfo(url)),
+                SourceKind::OnDemand(_) => ON_DEMAND.into(),
             },
         };
-        if out.iter().any(|o| o.name == name) {
+        if out.iter().any(|o| o.name == name) || name == ON_DEMAND {
             c.fail(
                 &format!("{key}.name"),
                 format!("{name:?} names another source too"),
@@ -144,6 +282,7 @@ pub(super) fn sources(
             SourceKind::Http { .. } => Duration::from_secs(60),
             // Notifications carry the changes when the server sends them.
             SourceKind::Redis { .. } => Duration::from_secs(30),
+            SourceKind::OnDemand(_) => Duration::from_secs(3600),
         };
         let interval = c.duration(
             &format!("{key}.interval"),

@@ -612,3 +612,32 @@ fn domain_sources_name_their_list_and_route() {
         .unwrap()
         .contains("Bearer t"));
 }
+
+#[test]
+fn on_demand_needs_an_ask_endpoint_and_a_challenge_a_handshake_can_wait_for() {
+    let head = "[acme]\nissuer = \"https://ca.test/dir\"\n[on_demand]\nbackend = \"app:80\"\n";
+    assert_eq!(keys(head), ["on_demand.ask"]);
+    assert_eq!(
+        keys(&format!("{head}ask = \"ftp://x\"\n")),
+        ["on_demand.ask"]
+    );
+    let dns = format!(
+        "{head}ask = \"http://127.0.0.1:9/ask\"\nchallenge = \"dns-01\"\n[dns]\nprovider = \"rfc2136\"\nserver = \"127.0.0.1:53\"\ntsig_key = \"k\"\ntsig_secret = \"c2VjcmV0\"\n"
+    );
+    assert!(keys(&dns).contains(&"on_demand.challenge".to_owned()));
+    let ok = Config::from_toml(
+        &format!("{head}ask = \"http://127.0.0.1:9/ask\"\ndeadline = \"20s\"\n"),
+        &no_env(),
+    )
+    .unwrap();
+    let source = &ok.public.sources[0];
+    assert_eq!(source.name, "on-demand");
+    match &source.kind {
+        crate::config::sources::SourceKind::OnDemand(od) => {
+            assert_eq!(od.deadline, Duration::from_secs(20));
+            assert_eq!(od.refused_ttl, Duration::from_secs(300));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(ok.public.serves_domains());
+}

@@ -338,27 +338,74 @@ impl Inbound {
         peer: SocketAddr,
     ) -> Option<(Branch, TlsStream<IdleIo<TcpStream>>, SocketAddr)> {
         let accept = self.config.proxy_protocol;
-        let mut remote = peer;
+        // Time spent waiting for an on-demand certificate (its own deadline bounds it) does not
+        // count against the handshake's.
+        let waited_ms = std::sync::atomic::AtomicU64::new(0);
+        // The client (the one a PROXY header names), and how the handshake went.
         let handshake = async {
+            let mut remote = peer;
             if accept != proxy_protocol::Accept::Off {
                 match proxy_protocol::read(&mut io, accept).await {
                     Ok(client) => remote = client.unwrap_or(peer),
-                    Err(e) => return Err(Refused::Proxy(e)),
+                    Err(e) => return (remote, Err(Refused::Proxy(e))),
                 }
             }
-            let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io)
-                .await
-                .map_err(|e| Refused::Tls(e, None))?;
+            let start = match LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await
+            {
+                Ok(start) => start,
+                Err(e) => return (remote, Err(Refused::Tls(e, None))),
+            };
             let hello = Hello::from_rustls(&start.client_hello());
-            let (branch, config) = self.branch(route::route(&hello, public), public);
-            match start.into_stream(config).into_fallible().await {
+            let route = match route::route(&hello, public) {
+                // A name nothing serves (a customer's first visit, when on-demand admits it),
+                // or one admitted whose certificate is on its way: wait for it.
+                Route::Mesh | Route::PublicDomain(_) => {
+                    match (hello.server_name.as_deref(), public.on_demand()) {
+                        (Some(name), Some((acme, deadline))) => {
+                            let ms = |d: std::time::Duration| d.as_millis() as u64;
+                            waited_ms.store(ms(deadline), std::sync::atomic::Ordering::Relaxed);
+                            let started = tokio::time::Instant::now();
+                            let admitted = acme.admit(name).await;
+                            waited_ms
+                                .store(ms(started.elapsed()), std::sync::atomic::Ordering::Relaxed);
+                            match admitted {
+                                Some(domain) => Route::PublicDomain(domain.name().to_owned()),
+                                None => Route::Mesh,
+                            }
+                        }
+                        _ => route::route(&hello, public),
+                    }
+                }
+                other => other,
+            };
+            let (branch, config) = self.branch(route, public);
+            let done = match start.into_stream(config).into_fallible().await {
                 Ok(tls) => Ok((branch, tls)),
                 Err((e, io)) => Err(Refused::Tls(e, Some(io))),
+            };
+            (remote, done)
+        };
+        tokio::pin!(handshake);
+        let started = tokio::time::Instant::now();
+        let result = loop {
+            let waited = std::time::Duration::from_millis(
+                waited_ms.load(std::sync::atomic::Ordering::Relaxed),
+            );
+            let deadline = started + self.config.handshake_timeout + waited;
+            tokio::select! {
+                done = &mut handshake => break Ok(done),
+                _ = tokio::time::sleep_until(deadline) => {
+                    let waited = std::time::Duration::from_millis(
+                        waited_ms.load(std::sync::atomic::Ordering::Relaxed),
+                    );
+                    if tokio::time::Instant::now() >= started + self.config.handshake_timeout + waited {
+                        break Err(());
+                    }
+                }
             }
         };
-        let result = tokio::time::timeout(self.config.handshake_timeout, handshake).await;
         match result {
-            Ok(Ok((branch, tls))) => {
+            Ok((remote, Ok((branch, tls)))) => {
                 let side = match branch {
                     Branch::Mesh => Side::Mesh,
                     Branch::Public(_) => Side::Public,
@@ -368,13 +415,13 @@ impl Inbound {
                 self.metrics.handshake(side, group.map(|g| g.name()));
                 Some((branch, tls, remote))
             }
-            Ok(Err(Refused::Proxy(e))) => {
+            Ok((_, Err(Refused::Proxy(e)))) => {
                 self.metrics
                     .handshake_failure(Direction::Inbound, "proxy_protocol");
                 tracing::warn!(%peer, error = %e, "inbound connection refused: PROXY protocol");
                 None
             }
-            Ok(Err(Refused::Tls(e, io))) => {
+            Ok((remote, Err(Refused::Tls(e, io)))) => {
                 let reason = log_handshake_failure(remote, &e);
                 self.metrics.handshake_failure(Direction::Inbound, reason);
                 if let Some(io) = io {
@@ -386,7 +433,7 @@ impl Inbound {
             Err(_) => {
                 self.metrics
                     .handshake_failure(Direction::Inbound, "timeout");
-                tracing::debug!(%remote, timeout = ?self.config.handshake_timeout, "inbound handshake timed out");
+                tracing::debug!(%peer, timeout = ?self.config.handshake_timeout, "inbound handshake timed out");
                 None
             }
         }

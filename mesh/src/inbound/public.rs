@@ -112,6 +112,13 @@ impl PublicSide {
         })
     }
 
+    /// The public domains' subsystem and how long a first handshake may wait for an
+    /// on-demand certificate, when `[on_demand]` is set.
+    pub(super) fn on_demand(&self) -> Option<(&Acme, Duration)> {
+        let acme = self.acme.as_deref()?;
+        Some((acme, acme.on_demand_deadline()?))
+    }
+
     /// The TLS configuration for validation connections.
     pub(super) fn challenge_tls(&self) -> Option<Arc<ServerConfig>> {
         self.challenge_tls.clone()

@@ -1,0 +1,259 @@
+//! On-demand issuance (`[on_demand]`): a name met in a ClientHello that no domain serves is
+//! checked with `ask` (one request per name at a time, the answer cached both ways), admitted
+//! as a domain of the on-demand source, and the handshake waits for its first certificate.
+//! Every concurrent handshake for the name waits on the same domain, whose one lifecycle task
+//! places the one order.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use tokio::sync::{mpsc, oneshot, OnceCell, Semaphore};
+
+use super::{Acme, Domain, Status};
+use crate::config::sources::OnDemand as OnDemandConfig;
+
+/// Answers kept at most (refusals of random names must not grow without bound).
+const MAX_CACHED: usize = 100_000;
+/// `ask` requests in flight at most; more wait their turn (within the handshake's deadline).
+const MAX_ASKING: usize = 16;
+
+/// What the sources task is asked to do for on-demand names.
+pub(super) enum Request {
+    /// Admit this name (allowed by `ask`): its domain, or none when no more fit.
+    Admit(String, oneshot::Sender<Option<Arc<Domain>>>),
+    /// `ask` refuses these now: stop serving them.
+    Forget(Vec<String>),
+}
+
+/// One name's answer, shared by every handshake that asked while it was being fetched.
+struct Asked {
+    answer: OnceCell<bool>,
+    since: Instant,
+}
+
+/// The `ask` check and the way to the sources task.
+pub(super) struct OnDemand {
+    pub(super) config: OnDemandConfig,
+    timeout: Duration,
+    client: hyper_util::client::legacy::Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        Empty<Bytes>,
+    >,
+    asked: Mutex<HashMap<String, Arc<Asked>>>,
+    asking: Semaphore,
+    pub(super) requests: mpsc::Sender<Request>,
+    /// Taken by the sources task when it starts.
+    pub(super) inbox: Mutex<Option<mpsc::Receiver<Request>>>,
+}
+
+impl std::fmt::Debug for OnDemand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnDemand")
+            .field("ask", &self.config.ask)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OnDemand {
+    /// `config`'s check, with `timeout` per `ask` request.
+    pub(super) fn new(
+        config: OnDemandConfig,
+        timeout: Duration,
+    ) -> Result<Self, crate::https::RootsError> {
+        let tls = crate::https::client_config(&[])?;
+        let connector = crate::https::connector(tls, crate::https::dialer(timeout));
+        let (requests, inbox) = mpsc::channel(64);
+        Ok(Self {
+            config,
+            timeout,
+            client: hyper_util::client::legacy::Client::builder(
+                hyper_util::rt::TokioExecutor::new(),
+            )
+            .build(connector),
+            asked: Mutex::default(),
+            asking: Semaphore::new(MAX_ASKING),
+            requests,
+            inbox: Mutex::new(Some(inbox)),
+        })
+    }
+
+    /// Whether `ask` allows `name`: cached, and asked once however many handshakes wait.
+    pub(super) async fn allowed(&self, name: &str) -> bool {
+        let entry = {
+            let mut asked = self.asked.lock().unwrap_or_else(|p| p.into_inner());
+            let fresh = asked.get(name).filter(|a| !self.stale(a)).cloned();
+            match fresh {
+                Some(entry) => entry,
+                None => {
+                    if asked.len() >= MAX_CACHED {
+                        asked.retain(|_, a| !self.stale(a));
+                        if asked.len() >= MAX_CACHED {
+                            asked.clear();
+                        }
+                    }
+                    let entry = Arc::new(Asked {
+                        answer: OnceCell::new(),
+                        since: Instant::now(),
+                    });
+                    asked.insert(name.to_owned(), entry.clone());
+                    entry
+                }
+            }
+        };
+        *entry.answer.get_or_init(|| self.ask(name)).await
+    }
+
+    /// Whether an answer is too old to use (an unanswered one never is: it is being fetched).
+    fn stale(&self, asked: &Asked) -> bool {
+        let ttl = match asked.answer.get() {
+            None => return false,
+            Some(true) => self.config.allowed_ttl,
+            Some(false) => self.config.refused_ttl,
+        };
+        asked.since.elapsed() >= ttl
+    }
+
+    /// `GET <ask>?domain=<name>`: `200` allows; anything else, or no answer, refuses (a new
+    /// name gets no certificate while the check is down; names already served keep theirs).
+    async fn ask(&self, name: &str) -> bool {
+        let Ok(_permit) = self.asking.acquire().await else {
+            return false;
+        };
+        let sep = if self.config.ask.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        let url = format!("{}{sep}domain={name}", self.config.ask);
+        let request = async {
+            let uri: http::Uri = url.parse().map_err(|e| format!("{e}"))?;
+            let resp = self
+                .client
+                .get(uri)
+                .await
+                .map_err(|e| ratls::error_chain(&e))?;
+            Ok::<_, String>(resp.status())
+        };
+        let answer = tokio::time::timeout(self.timeout, request).await;
+        match answer {
+            Ok(Ok(status)) if status == http::StatusCode::OK => {
+                tracing::info!(domain = %name, "on demand: ask allows the name");
+                true
+            }
+            Ok(Ok(status)) => {
+                tracing::info!(domain = %name, %status, "on demand: ask refuses the name");
+                false
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(domain = %name, ask = %self.config.ask, error = %e, "on demand: ask unreachable: the name is refused");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(domain = %name, ask = %self.config.ask, timeout = ?self.timeout, "on demand: ask did not answer in time: the name is refused");
+                false
+            }
+        }
+    }
+}
+
+/// Whether `name` is how a mesh peer reaches this CVM through the gateway
+/// (`<app or instance id>-<port>[s].<base>`): never a customer's domain, never asked about.
+pub fn is_mesh_name(name: &str) -> bool {
+    let first = name.split('.').next().unwrap_or_default();
+    let Some((id, port)) = first.rsplit_once('-') else {
+        return false;
+    };
+    let port = port.strip_suffix('s').unwrap_or(port);
+    id.len() >= 8
+        && id.bytes().all(|b| b.is_ascii_hexdigit())
+        && !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+}
+
+impl Acme {
+    /// The domain for `name`, met in a ClientHello: one that serves it, or one `[on_demand]`
+    /// admits now. A domain admitted on demand that has no certificate yet is waited on until
+    /// its first is served, its order fails, or the deadline passes (then it is served without
+    /// one: a TLS alert); every handshake for the name waits on the same order. None when
+    /// on-demand issuance is off, the name is not a customer domain, or `ask` refuses it.
+    pub async fn admit(&self, name: &str) -> Option<Arc<Domain>> {
+        let on_demand = self.on_demand.as_ref()?;
+        let deadline = tokio::time::Instant::now() + on_demand.config.deadline;
+        if let Some(known) = self.lookup(name) {
+            if known.source.as_deref() == Some(crate::config::sources::ON_DEMAND) {
+                let _ = tokio::time::timeout_at(deadline, first_certificate(&known)).await;
+            }
+            return Some(known);
+        }
+        if is_mesh_name(name) {
+            return None;
+        }
+        let name = crate::config::domains::check_name(name).ok()?;
+        if name.starts_with("*.") {
+            return None;
+        }
+        let admitted = async {
+            if !on_demand.allowed(&name).await {
+                return None;
+            }
+            let (reply, answer) = oneshot::channel();
+            on_demand
+                .requests
+                .send(Request::Admit(name.clone(), reply))
+                .await
+                .ok()?;
+            answer.await.ok()?
+        };
+        let domain = tokio::time::timeout_at(deadline, admitted).await.ok()??;
+        let _ = tokio::time::timeout_at(deadline, first_certificate(&domain)).await;
+        Some(domain)
+    }
+}
+
+/// Until `domain` serves a certificate, or its order has failed.
+async fn first_certificate(domain: &Domain) {
+    let mut events = domain.events.subscribe();
+    loop {
+        let failed = domain
+            .state
+            .lock()
+            .map(|s| s.status == Some(Status::Failed))
+            .unwrap_or(false);
+        if domain.served.load().is_some() || failed {
+            return;
+        }
+        if events.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_names_of_mesh_peers_are_never_customer_domains() {
+        for mesh in [
+            "5bb4ff9a3837357f19dc176407a5709c62eb6c56-8080s.dstack.example",
+            "5bb4ff9a3837357f19dc176407a5709c62eb6c56-443.gateway.example",
+            "0123abcd-1s.x",
+        ] {
+            assert!(is_mesh_name(mesh), "{mesh}");
+        }
+        for customer in [
+            "shop.customer.com",
+            "careers-2024.customer.com",
+            "abc-80s.customer.com",
+            "deadbeef-s.example",
+            "deadbeefx-80.example",
+        ] {
+            assert!(!is_mesh_name(customer), "{customer}");
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! On-demand issuance (`[on_demand]`) against pebble: a customer's first visits, many at
+//! once, wait on one order; `ask` decides which names get one, its answers cached both ways;
+//! an `ask` that is down refuses new names and disturbs none already served.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use e2e::{
+    backend::Backend,
+    dev_agent, free_port,
+    load::{Caller, Load, Target},
+    pebble::{Pebble, PebbleOptions},
+    run_mesh, ChildGuard,
+};
+use http::StatusCode;
+
+const APP: &str = "0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d";
+
+/// An `ask` endpoint: `200` for names under `allowed.test`, `404` otherwise; counts the
+/// questions per name; `down` makes it hold every answer past the sidecar's deadline.
+#[derive(Clone, Default)]
+struct Ask {
+    asked: Arc<Mutex<HashMap<String, usize>>>,
+    down: Arc<AtomicBool>,
+}
+
+impl Ask {
+    async fn start() -> (Self, SocketAddr) {
+        let ask = Self::default();
+        let state = ask.clone();
+        let addr = e2e::http_stand_in::serve(move |req| {
+            let state = state.clone();
+            async move {
+                let query = e2e::http_stand_in::query_pairs(req.uri());
+                let name = query
+                    .iter()
+                    .find(|(k, _)| k == "domain")
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default();
+                *state.asked.lock().unwrap().entry(name.clone()).or_default() += 1;
+                if state.down.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+                let status = match name.ends_with(".allowed.test") {
+                    true => StatusCode::OK,
+                    false => StatusCode::NOT_FOUND,
+                };
+                let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+                *resp.status_mut() = status;
+                resp
+            }
+        })
+        .await;
+        (ask, addr)
+    }
+
+    fn asked(&self, name: &str) -> usize {
+        self.asked.lock().unwrap().get(name).copied().unwrap_or(0)
+    }
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    pebble: Pebble,
+    ask: Ask,
+    sidecar: ChildGuard,
+    inbound: SocketAddr,
+    _agent: ChildGuard,
+    _backend: Backend,
+}
+
+impl Setup {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let inbound_port = free_port();
+        let pebble_dir = dir.path().join("pebble");
+        let pebble = tokio::task::spawn_blocking(move || {
+            Pebble::start(
+                &pebble_dir,
+                PebbleOptions {
+                    tls_port: inbound_port,
+                    http_port: free_port(),
+                    validity: None,
+                    env: Vec::new(),
+                    eab_keys: Vec::new(),
+                    dns_server: None,
+                    listen_ip: None,
+                },
+            )
+        })
+        .await
+        .unwrap();
+        let (agent, sock) = dev_agent(dir.path(), "agent", APP, &dir.path().join("state"));
+        let backend = Backend::start().await;
+        let (ask, ask_addr) = Ask::start().await;
+        let config = dir.path().join("mesh.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[agent]\naddress = \"unix:{sock}\"\n\
+                 [inbound]\nlisten = \"127.0.0.1:{inbound_port}\"\nbackend = \"{backend}\"\n\
+                 [auth]\nenabled = false\n[client]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+                 [acme]\nstore = \"{store}\"\nissuer = \"{directory}\"\nca_roots = [\"{ca}\"]\nretry_min = \"1s\"\n\
+                 [[domains]]\nnames = [\"configured.allowed.test\"]\nbackend = \"{backend}\"\n\
+                 [on_demand]\nask = \"http://{ask_addr}/check\"\nask_timeout = \"2s\"\n\
+                 backend = \"{backend}\"\ndeadline = \"60s\"\n",
+                sock = sock.display(),
+                backend = backend.addr,
+                store = dir.path().join("store").display(),
+                directory = pebble.directory,
+                ca = pebble.ca_file.display(),
+            ),
+        )
+        .unwrap();
+        let (sidecar, bound) = run_mesh(dir.path(), "mesh", &config);
+        Self {
+            inbound: e2e::listener(&bound, "inbound"),
+            _dir: dir,
+            pebble,
+            ask,
+            sidecar,
+            _agent: agent,
+            _backend: backend,
+        }
+    }
+
+    fn root(&self) -> Vec<u8> {
+        self.pebble.issuance_root_pem().into_bytes()
+    }
+
+    /// `n` browsers' first visits to `name`, all at once: how many completed a handshake with
+    /// a certificate for it.
+    async fn first_visits(&self, name: &str, n: usize) -> usize {
+        let mut visits = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let (inbound, name, root) = (self.inbound, name.to_owned(), self.root());
+            visits.spawn(async move {
+                e2e::client::public_connect(inbound, &name, &root, &[b"http/1.1"]).await
+            });
+        }
+        let mut ok = 0;
+        while let Some(visit) = visits.join_next().await {
+            match visit.unwrap() {
+                Ok(_) => ok += 1,
+                Err(e) => eprintln!("{name}: a first visit failed: {e}"),
+            }
+        }
+        ok
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_handshakes_wait_on_one_order_and_ask_decides_who_gets_one() {
+    let s = Setup::start().await;
+    // The configured domain is served first, so one order is already in pebble's count.
+    let mut orders = 0;
+    for _ in 0..600 {
+        orders = s.pebble.orders_seen();
+        if orders >= 1 && s.first_visits("configured.allowed.test", 1).await == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(orders, 1, "{}", s.sidecar.stderr());
+    let load = Load::start(
+        Target::public(s.inbound, "configured.allowed.test", &s.root()),
+        &[Caller::Fresh, Caller::H1],
+        Duration::from_millis(10),
+    );
+
+    // 8, then 64, first visits to a new name at once: all served, one order each.
+    for (name, n) in [("eight.allowed.test", 8), ("sixty-four.allowed.test", 64)] {
+        assert_eq!(s.first_visits(name, n).await, n, "{}", s.sidecar.stderr());
+        orders += 1;
+        assert_eq!(s.pebble.orders_seen(), orders, "{name}: one order");
+        assert_eq!(s.ask.asked(name), 1, "{name}: asked once");
+        // Later visits are served from what is held: no question, no order.
+        assert_eq!(s.first_visits(name, 4).await, 4);
+        assert_eq!(s.ask.asked(name), 1);
+    }
+    assert_eq!(s.pebble.orders_seen(), orders);
+
+    // A name ask refuses: no order, refused, and the refusal remembered.
+    assert_eq!(s.first_visits("stranger.example.test", 4).await, 0);
+    assert_eq!(s.ask.asked("stranger.example.test"), 1);
+    assert_eq!(s.first_visits("stranger.example.test", 4).await, 0);
+    assert_eq!(
+        s.ask.asked("stranger.example.test"),
+        1,
+        "the refusal is cached"
+    );
+    assert_eq!(
+        s.pebble.orders_seen(),
+        orders,
+        "no order for a refused name"
+    );
+
+    // ask down: a new name is refused (fail closed); the names served keep being served.
+    s.ask.down.store(true, Ordering::SeqCst);
+    assert_eq!(s.first_visits("late.allowed.test", 2).await, 0);
+    assert_eq!(s.pebble.orders_seen(), orders, "no order while ask is down");
+    assert_eq!(s.first_visits("eight.allowed.test", 2).await, 2);
+    assert!(
+        s.sidecar.stderr().contains("ask did not answer in time"),
+        "{}",
+        s.sidecar.stderr()
+    );
+    let (ok, failed) = load.finish().await;
+    eprintln!("{ok} requests to a configured domain beside the first visits, {failed} failed");
+    assert_eq!(failed, 0);
+}
