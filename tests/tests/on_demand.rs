@@ -74,12 +74,26 @@ struct Setup {
     ask: Ask,
     sidecar: ChildGuard,
     inbound: SocketAddr,
+    admin: SocketAddr,
     _agent: ChildGuard,
     _backend: Backend,
 }
 
 impl Setup {
+    /// The configured domain and `[on_demand]` asking [`Ask`].
     async fn start() -> Self {
+        Self::start_with("", |ask, backend| {
+            format!(
+                "[on_demand]\nask = \"http://{ask}/check\"\nask_timeout = \"2s\"\n\
+                 backend = \"{backend}\"\ndeadline = \"60s\"\n"
+            )
+        })
+        .await
+    }
+
+    /// The configured domain, `acme` more `[acme]` lines, and what `tail` writes given the
+    /// `ask` endpoint's address and the backend's.
+    async fn start_with(acme: &str, tail: impl FnOnce(SocketAddr, SocketAddr) -> String) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let inbound_port = free_port();
         let pebble_dir = dir.path().join("pebble");
@@ -109,21 +123,22 @@ impl Setup {
                 "[agent]\naddress = \"unix:{sock}\"\n\
                  [inbound]\nlisten = \"127.0.0.1:{inbound_port}\"\nbackend = \"{backend}\"\n\
                  [auth]\nenabled = false\n[client]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-                 [acme]\nstore = \"{store}\"\nissuer = \"{directory}\"\nca_roots = [\"{ca}\"]\nretry_min = \"1s\"\n\
+                 [acme]\nstore = \"{store}\"\nissuer = \"{directory}\"\nca_roots = [\"{ca}\"]\nretry_min = \"1s\"\n{acme}\n\
                  [[domains]]\nnames = [\"configured.allowed.test\"]\nbackend = \"{backend}\"\n\
-                 [on_demand]\nask = \"http://{ask_addr}/check\"\nask_timeout = \"2s\"\n\
-                 backend = \"{backend}\"\ndeadline = \"60s\"\n",
+                 {tail}",
                 sock = sock.display(),
                 backend = backend.addr,
                 store = dir.path().join("store").display(),
                 directory = pebble.directory,
                 ca = pebble.ca_file.display(),
+                tail = tail(ask_addr, backend.addr),
             ),
         )
         .unwrap();
         let (sidecar, bound) = run_mesh(dir.path(), "mesh", &config);
         Self {
             inbound: e2e::listener(&bound, "inbound"),
+            admin: e2e::listener(&bound, "admin"),
             _dir: dir,
             pebble,
             ask,
@@ -217,4 +232,62 @@ async fn concurrent_first_handshakes_wait_on_one_order_and_ask_decides_who_gets_
     let (ok, failed) = load.finish().await;
     eprintln!("{ok} requests to a configured domain beside the first visits, {failed} failed");
     assert_eq!(failed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_new_domains_queues_behind_the_rate_limit_instead_of_failing() {
+    let list = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(list.path(), "").unwrap();
+    let path = list.path().to_owned();
+    // Two certificates per registered domain every 8 s: the configured domain and the first
+    // listed take the window; the other two wait their turn.
+    let s = Setup::start_with("domain_limit = \"2/8s\"", move |_, backend| {
+        format!(
+            "[[domain_sources]]\nfile = \"{}\"\ninterval = \"200ms\"\nbackend = \"{backend}\"\n",
+            path.display()
+        )
+    })
+    .await;
+    std::fs::write(
+        list.path(),
+        "one.allowed.test\ntwo.allowed.test\nthree.allowed.test\n",
+    )
+    .unwrap();
+    let mut queued_seen = Vec::new();
+    let mut certs = serde_json::Value::Null;
+    for _ in 0..1200 {
+        let (_, body) = e2e::client::http1_get(s.admin, "/certs", &[]).await;
+        certs = serde_json::from_slice(&body).unwrap();
+        for c in certs.as_array().unwrap() {
+            if let Some(why) = c["queued"].as_str() {
+                assert!(
+                    why.contains("2 certificates per 8s for allowed.test"),
+                    "{why}"
+                );
+                queued_seen.push(c["domain"].as_str().unwrap().to_owned());
+            }
+        }
+        let valid = certs
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["status"] == "valid")
+            .count();
+        if valid == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for c in certs.as_array().unwrap() {
+        assert_eq!(c["status"], "valid", "{certs}");
+        assert_eq!(c["failures_total"], 0, "queued, never failed: {certs}");
+    }
+    queued_seen.sort();
+    queued_seen.dedup();
+    assert_eq!(queued_seen.len(), 2, "two waited: {queued_seen:?}");
+    assert_eq!(s.pebble.orders_seen(), 4);
+    assert!(s
+        .sidecar
+        .stderr()
+        .contains("order queued by the rate limit"));
 }

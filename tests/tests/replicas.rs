@@ -1148,3 +1148,85 @@ async fn the_fleet_shares_one_internal_ca() {
         assert!(served(r.inbound, DOMAIN, &root).await.is_some());
     }
 }
+
+/// A customer domain added to a list every replica reads (`[[domain_sources]]`, one file for
+/// the fleet) is issued once, and served by all with the same certificate.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_domain_a_source_adds_is_issued_once_for_the_fleet() {
+    const NEW: &str = "new.customer.test";
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cluster = EtcdCluster::start(&d.join("etcd"), 3);
+    let backend = Backend::start().await;
+    let state = d.join("state");
+    let list = d.join("customers.txt");
+    std::fs::write(&list, "# no customers yet\n").unwrap();
+    let endpoints: Vec<String> = cluster
+        .endpoints()
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect();
+    let fleet: Vec<(Vec<ChildGuard>, SocketAddr, SocketAddr)> = (0..3)
+        .map(|i| {
+            let (agent, sock) = dev_agent(d, &format!("agent-{i}"), APP, &state);
+            let config = sidecar_config(
+                d,
+                &format!("replica-{i}"),
+                &sock,
+                backend.addr,
+                "",
+                &format!(
+                    "issuer = \"internal-ca\"\nstore = \"{}\"\n",
+                    d.join(format!("store-{i}")).display()
+                ),
+                &format!(
+                    "[[domain_sources]]\nfile = \"{}\"\ninterval = \"200ms\"\nbackend = \"{}\"\n\n\
+                     [store]\nbackend = \"etcd\"\nendpoints = [{}]\n",
+                    list.display(),
+                    backend.addr,
+                    endpoints.join(", ")
+                ),
+            );
+            let (mesh, bound) = run_mesh(d, &format!("replica-{i}"), &config);
+            let (inbound, admin) = (
+                e2e::listener(&bound, "inbound"),
+                e2e::listener(&bound, "admin"),
+            );
+            (vec![agent, mesh], inbound, admin)
+        })
+        .collect();
+    std::fs::write(&list, format!("{NEW}\n")).unwrap();
+    let mut leaves: Vec<Option<String>> = Vec::new();
+    wait_until(
+        "every replica to serve the new domain",
+        Duration::from_secs(60),
+        || {
+            let roots = internal_roots(d);
+            leaves = fleet
+                .iter()
+                .map(|(_, addr, _)| block(served(*addr, NEW, &roots)))
+                .collect();
+            leaves.iter().all(Option::is_some)
+        },
+    );
+    assert!(
+        leaves.iter().all(|l| l == &leaves[0]),
+        "the replicas serve different certificates: {leaves:?}"
+    );
+    // Orders placed: each replica's count of certificates it ordered itself.
+    let mut ordered = 0;
+    for (_, _, admin) in &fleet {
+        let (_, body) = e2e::client::http1_get(*admin, "/certs", &[]).await;
+        let certs: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let new = certs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["domain"] == NEW)
+            .unwrap();
+        assert_eq!(new["source"], format!("file:{}", list.display()));
+        ordered += new["issued_total"].as_u64().unwrap();
+    }
+    let logs: Vec<String> = fleet.iter().map(|(p, _, _)| p[1].stderr()).collect();
+    assert_eq!(ordered, 1, "one order for the fleet:\n{logs:?}");
+}

@@ -18,6 +18,7 @@ pub mod etcd;
 pub mod evidence;
 pub mod http01;
 pub mod internal;
+pub mod limits;
 pub mod on_demand;
 mod records;
 pub(crate) mod renewal;
@@ -157,6 +158,9 @@ pub struct CertStatus {
     /// The CA's renewal window (ARI) for the served certificate, in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renewal_info: Option<String>,
+    /// Why its order waits, while the CA's rate limit holds it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued: Option<String>,
     /// The source that lists it (`[[domain_sources]]`); absent for a configured domain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
@@ -192,6 +196,8 @@ struct DomainState {
     revoked: Vec<String>,
     /// The CA's renewal window for the served certificate (ARI), when it gave one.
     ari: Option<renewal::AriState>,
+    /// Why its order waits for the rate limit, while it does.
+    queued: Option<String>,
 }
 
 /// One public domain at run time.
@@ -287,6 +293,8 @@ pub struct Acme {
     sourced: ArcSwap<sources::Sourced>,
     /// Names admitted at their first handshake, when `[on_demand]` is set.
     on_demand: Option<on_demand::OnDemand>,
+    /// The CA's rate limits, kept here so that orders queue.
+    limits: limits::Limits,
     challenges: Arc<Challenges>,
     store: Arc<dyn CertStore>,
     issuers: HashMap<Issuer, IssuerRuntime>,
@@ -430,6 +438,11 @@ impl Acme {
                 None => None,
             },
             challenges,
+            limits: limits::Limits::new(
+                public.acme.order_limit,
+                public.acme.domain_limit,
+                store.clone(),
+            ),
             store,
             issuers,
             evidence: evidence::Evidence::new(&public.acme.evidence_dir, agent),
@@ -655,6 +668,7 @@ impl Acme {
                         (
                             s.dns_setup.clone(),
                             s.ari.as_ref().map(|a| a.said().to_owned()),
+                            s.queued.clone(),
                         ),
                     )
                 });
@@ -664,14 +678,14 @@ impl Acme {
                     next_attempt,
                     counts,
                     (records, fleet, from_fleet),
-                    (setup, renewal_info),
+                    (setup, renewal_info, queued),
                 ) = state.unwrap_or((
                     Status::Pending,
                     None,
                     None,
                     (0, 0, 0),
                     (None, None, 0),
-                    (None, None),
+                    (None, None, None),
                 ));
                 let (consecutive, failures, issued) = counts;
                 CertStatus {
@@ -701,6 +715,7 @@ impl Acme {
                     fleet,
                     from_fleet_total: from_fleet,
                     renewal_info,
+                    queued,
                     source: d.source.clone(),
                     source_error: d.source.as_deref().and_then(|s| failing.get(s)).cloned(),
                 }

@@ -736,12 +736,20 @@ impl Acme {
             replacing,
         };
         let issued: Issued = match self.issuers.get(&d.config.issuer) {
-            Some(IssuerRuntime::Acme(client)) => tokio::time::timeout(
-                ORDER_DEADLINE,
-                client.issue(&spec, &self.challenges, self.dns.as_deref()),
-            )
-            .await
-            .map_err(|_| IssueError::Unreachable(Unreachable::OrderDeadline(ORDER_DEADLINE)))??,
+            Some(IssuerRuntime::Acme(client)) => {
+                // A burst of new domains waits its turn rather than failing at the CA.
+                self.limits
+                    .slot(names, |queued| d.set(|s| s.queued = queued))
+                    .await;
+                tokio::time::timeout(
+                    ORDER_DEADLINE,
+                    client.issue(&spec, &self.challenges, self.dns.as_deref()),
+                )
+                .await
+                .map_err(|_| {
+                    IssueError::Unreachable(Unreachable::OrderDeadline(ORDER_DEADLINE))
+                })??
+            }
             Some(IssuerRuntime::Internal(ca)) => ca
                 .issue(names, key.as_ref())
                 .await

@@ -311,6 +311,62 @@ pub struct AcmeConfig {
     pub key_source: KeySource,
     /// The ACME profile orders ask for (`classic`, `tlsserver`, `shortlived`), when set.
     pub profile: Option<String>,
+    /// New orders per account in a window (`order_limit`, default Let's Encrypt's 300 per 3
+    /// hours); more wait.
+    pub order_limit: Option<RateLimit>,
+    /// Certificates per registered domain in a window (`domain_limit`, default Let's
+    /// Encrypt's 50 per 7 days); more wait.
+    pub domain_limit: Option<RateLimit>,
+}
+
+/// `count` per `per` (`"300/3h"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RateLimit {
+    /// Orders in a window.
+    pub count: u32,
+    /// The window.
+    #[serde(with = "secs")]
+    pub per: Duration,
+}
+
+/// Let's Encrypt's new orders per account: 300 per 3 hours.
+pub const LETSENCRYPT_ORDERS: RateLimit = RateLimit {
+    count: 300,
+    per: Duration::from_secs(3 * 3600),
+};
+/// Let's Encrypt's certificates per registered domain: 50 per 7 days.
+pub const LETSENCRYPT_PER_DOMAIN: RateLimit = RateLimit {
+    count: 50,
+    per: Duration::from_secs(7 * 86400),
+};
+
+impl std::str::FromStr for RateLimit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?}: COUNT/DURATION (\"300/3h\") or \"off\"");
+        let (count, per) = s.trim().split_once('/').ok_or_else(bad)?;
+        let count: u32 = count.trim().parse().map_err(|_| bad())?;
+        let per = super::parse_duration(per.trim()).map_err(|_| bad())?;
+        if count == 0 || per.is_zero() {
+            return Err(bad());
+        }
+        Ok(Self { count, per })
+    }
+}
+
+/// `[acme] order_limit` / `domain_limit`: `default` when unset, none when `off`.
+fn rate_limit(
+    key: &str,
+    raw: Option<&str>,
+    default: RateLimit,
+    c: &mut Check,
+) -> Option<RateLimit> {
+    match raw.map(str::trim) {
+        None => Some(default),
+        Some("off") => None,
+        Some(text) => text.parse().map_err(|e| c.fail(key, e)).ok(),
+    }
 }
 
 /// Where a domain's certificate key comes from (`[acme] key_source`).
@@ -355,6 +411,8 @@ impl Default for AcmeConfig {
             evidence_server: true,
             key_source: KeySource::Random,
             profile: None,
+            order_limit: Some(LETSENCRYPT_ORDERS),
+            domain_limit: Some(LETSENCRYPT_PER_DOMAIN),
         }
     }
 }
@@ -380,6 +438,8 @@ pub struct RawAcme {
     pub evidence_server: Option<bool>,
     pub key_source: Option<String>,
     pub profile: Option<String>,
+    pub order_limit: Option<String>,
+    pub domain_limit: Option<String>,
 }
 
 /// One `[[domains]]` entry as written.
@@ -589,6 +649,18 @@ fn acme_settings(
             .unwrap_or_default(),
         store,
         email: first(env::EMAIL).map(|(_, v)| v).or(raw.email),
+        order_limit: rate_limit(
+            "acme.order_limit",
+            raw.order_limit.as_deref(),
+            LETSENCRYPT_ORDERS,
+            c,
+        ),
+        domain_limit: rate_limit(
+            "acme.domain_limit",
+            raw.domain_limit.as_deref(),
+            LETSENCRYPT_PER_DOMAIN,
+            c,
+        ),
         profile: first(env::PROFILE)
             .map(|(_, v)| v)
             .or(raw.profile.clone())

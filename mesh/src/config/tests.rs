@@ -633,11 +633,35 @@ fn on_demand_needs_an_ask_endpoint_and_a_challenge_a_handshake_can_wait_for() {
     let source = &ok.public.sources[0];
     assert_eq!(source.name, "on-demand");
     match &source.kind {
-        crate::config::sources::SourceKind::OnDemand(od) => {
+        sources::SourceKind::OnDemand(od) => {
             assert_eq!(od.deadline, Duration::from_secs(20));
             assert_eq!(od.refused_ttl, Duration::from_secs(300));
         }
         other => panic!("{other:?}"),
     }
     assert!(ok.public.serves_domains());
+}
+
+#[test]
+fn rate_limits_default_to_lets_encrypts_and_can_be_set_or_turned_off() {
+    let head = "[acme]\nissuer = \"internal-ca\"\n[[domains]]\nnames = [\"a.example.com\"]\nbackend = \"app:80\"\n";
+    let config = |acme: &str| {
+        Config::from_toml(
+            &head.replace("[acme]\n", &format!("[acme]\n{acme}\n")),
+            &no_env(),
+        )
+    };
+    let d = config("").unwrap();
+    assert_eq!(d.public.acme.order_limit, Some(domains::LETSENCRYPT_ORDERS));
+    assert_eq!(
+        d.public.acme.domain_limit.unwrap().per,
+        Duration::from_secs(7 * 86400)
+    );
+    let set = config("order_limit = \"10/1h\"\ndomain_limit = \"off\"").unwrap();
+    assert_eq!(set.public.acme.order_limit.unwrap().count, 10);
+    assert_eq!(set.public.acme.domain_limit, None);
+    for bad in ["0/1h", "10", "10/soon", "-1/1h"] {
+        let e = config(&format!("order_limit = \"{bad}\"")).unwrap_err();
+        assert_eq!(e.0[0].key, "acme.order_limit", "{bad}");
+    }
 }
