@@ -738,9 +738,13 @@ impl Acme {
         let issued: Issued = match self.issuers.get(&d.config.issuer) {
             Some(IssuerRuntime::Acme(client)) => {
                 // A burst of new domains waits its turn rather than failing at the CA.
-                self.limits
-                    .slot(names, |queued| d.set(|s| s.queued = queued))
-                    .await;
+                // Renewals are exempt, as at Let's Encrypt (ARI renewals, and renewals of the
+                // same names for the per-domain limit).
+                if current.is_none() {
+                    self.limits
+                        .slot(names, |queued| d.set(|s| s.queued = queued))
+                        .await;
+                }
                 tokio::time::timeout(
                     ORDER_DEADLINE,
                     client.issue(&spec, &self.challenges, self.dns.as_deref()),
