@@ -82,7 +82,7 @@ struct Setup {
 impl Setup {
     /// The configured domain and `[on_demand]` asking [`Ask`].
     async fn start() -> Self {
-        Self::start_with("", |ask, backend| {
+        Self::start_with("", |_, ask, backend| {
             format!(
                 "[on_demand]\nask = \"http://{ask}/check\"\nask_timeout = \"2s\"\n\
                  backend = \"{backend}\"\ndeadline = \"60s\"\n"
@@ -91,9 +91,12 @@ impl Setup {
         .await
     }
 
-    /// The configured domain, `acme` more `[acme]` lines, and what `tail` writes given the
-    /// `ask` endpoint's address and the backend's.
-    async fn start_with(acme: &str, tail: impl FnOnce(SocketAddr, SocketAddr) -> String) -> Self {
+    /// The configured domain, `acme` more `[acme]` lines, and what `tail` writes given
+    /// pebble, the `ask` endpoint's address and the backend's.
+    async fn start_with(
+        acme: &str,
+        tail: impl FnOnce(&Pebble, SocketAddr, SocketAddr) -> String,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let inbound_port = free_port();
         let pebble_dir = dir.path().join("pebble");
@@ -131,7 +134,7 @@ impl Setup {
                 store = dir.path().join("store").display(),
                 directory = pebble.directory,
                 ca = pebble.ca_file.display(),
-                tail = tail(ask_addr, backend.addr),
+                tail = tail(&pebble, ask_addr, backend.addr),
             ),
         )
         .unwrap();
@@ -241,7 +244,7 @@ async fn a_burst_of_new_domains_queues_behind_the_rate_limit_instead_of_failing(
     let path = list.path().to_owned();
     // Two certificates per registered domain every 8 s: the configured domain and the first
     // listed take the window; the other two wait their turn.
-    let s = Setup::start_with("domain_limit = \"2/8s\"", move |_, backend| {
+    let s = Setup::start_with("domain_limit = \"2/8s\"", move |_, _, backend| {
         format!(
             "[[domain_sources]]\nfile = \"{}\"\ninterval = \"200ms\"\nbackend = \"{backend}\"\n",
             path.display()
@@ -290,4 +293,138 @@ async fn a_burst_of_new_domains_queues_behind_the_rate_limit_instead_of_failing(
         .sidecar
         .stderr()
         .contains("order queued by the rate limit"));
+}
+
+/// `domain`'s entry on `/certs`.
+async fn cert(admin: SocketAddr, domain: &str) -> serde_json::Value {
+    let (_, body) = e2e::client::http1_get(admin, "/certs", &[]).await;
+    let certs: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    certs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["domain"] == domain)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Wait up to 30 s for `domain`'s `/certs` entry to satisfy `check`.
+async fn until_cert(
+    admin: SocketAddr,
+    domain: &str,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    for _ in 0..600 {
+        last = cert(admin, domain).await;
+        if check(&last) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{domain}: {what}: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customer_domain_whose_dns_moves_away_is_never_ordered_for_and_comes_back_by_itself() {
+    let list = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(list.path(), "stays.customer.test\nmoves.customer.test\n").unwrap();
+    let path = list.path().to_owned();
+    // Every name resolves to 127.0.0.1 (challtestsrv's default), as the gateway does.
+    let s = Setup::start_with("", move |pebble, _, backend| {
+        format!(
+            "[[domain_sources]]\nfile = \"{}\"\ninterval = \"200ms\"\nbackend = \"{backend}\"\n\
+             [domain_health]\ngateway = \"_.gateway.test\"\ninterval = \"300ms\"\nresolvers = [\"{}\"]\n",
+            path.display(),
+            pebble.challtestsrv_dns,
+        )
+    })
+    .await;
+    for name in ["stays.customer.test", "moves.customer.test"] {
+        let c = until_cert(s.admin, name, "valid", |c| c["status"] == "valid").await;
+        assert!(
+            c["dns_health"].as_str().unwrap().contains("points here"),
+            "{c}"
+        );
+    }
+    let orders = s.pebble.orders_seen();
+
+    // The customer points the name elsewhere: dns_moved, and a renewal asked for places no
+    // order.
+    s.pebble.challtestsrv(
+        "/add-a",
+        &serde_json::json!({"host": "moves.customer.test", "addresses": ["203.0.113.9"]}),
+    );
+    let moved = until_cert(s.admin, "moves.customer.test", "dns_moved", |c| {
+        c["status"] == "dns_moved"
+    })
+    .await;
+    let why = moved["dns_health"].as_str().unwrap();
+    assert!(
+        why.contains("203.0.113.9") && why.contains("not the gateway"),
+        "{moved}"
+    );
+    let (status, _) = dstack_mesh::status::request(
+        &s.admin.to_string(),
+        http::Method::POST,
+        "/certs/moves.customer.test/renew",
+    )
+    .await
+    .unwrap();
+    assert!(status.is_success(), "{status}");
+    let held = until_cert(s.admin, "moves.customer.test", "the order held", |c| {
+        c["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("DNS moved"))
+    })
+    .await;
+    assert_eq!(held["status"], "dns_moved", "{held}");
+    assert_eq!(
+        s.pebble.orders_seen(),
+        orders,
+        "no order for a moved domain"
+    );
+    assert_eq!(
+        cert(s.admin, "stays.customer.test").await["status"],
+        "valid"
+    );
+
+    // A CNAME to the gateway is pointing here too; back, the held renewal goes through.
+    s.pebble.challtestsrv(
+        "/clear-a",
+        &serde_json::json!({"host": "moves.customer.test"}),
+    );
+    s.pebble.challtestsrv(
+        "/set-cname",
+        &serde_json::json!({"host": "moves.customer.test", "target": "app.gateway.test"}),
+    );
+    let back = until_cert(s.admin, "moves.customer.test", "back and renewed", |c| {
+        c["status"] == "valid" && c["issued_total"] == 2
+    })
+    .await;
+    assert!(
+        back["dns_health"]
+            .as_str()
+            .unwrap()
+            .contains("CNAME to app.gateway.test"),
+        "{back}"
+    );
+    assert_eq!(s.pebble.orders_seen(), orders + 1);
+
+    // A new customer whose DNS never pointed here costs no order at all.
+    s.pebble.challtestsrv(
+        "/set-cname",
+        &serde_json::json!({"host": "elsewhere.customer.test", "target": "other-host.example"}),
+    );
+    std::fs::write(
+        list.path(),
+        "stays.customer.test\nmoves.customer.test\nelsewhere.customer.test\n",
+    )
+    .unwrap();
+    until_cert(s.admin, "elsewhere.customer.test", "dns_moved", |c| {
+        c["status"] == "dns_moved"
+    })
+    .await;
+    assert_eq!(s.pebble.orders_seen(), orders + 1);
 }

@@ -16,6 +16,7 @@ pub mod eab;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod evidence;
+pub mod health;
 pub mod http01;
 pub mod internal;
 pub mod limits;
@@ -101,6 +102,8 @@ pub enum Status {
     Renewing,
     /// The last attempt failed; see the error and the next attempt.
     Failed,
+    /// Its DNS leads elsewhere (`[domain_health]`): no order until it points here again.
+    DnsMoved,
 }
 
 /// A domain's state as the admin endpoint and `certs list` show it.
@@ -158,6 +161,9 @@ pub struct CertStatus {
     /// The CA's renewal window (ARI) for the served certificate, in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renewal_info: Option<String>,
+    /// Where its DNS leads, as last checked (`[domain_health]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_health: Option<String>,
     /// Why its order waits, while the CA's rate limit holds it back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queued: Option<String>,
@@ -198,6 +204,13 @@ struct DomainState {
     ari: Option<renewal::AriState>,
     /// Why its order waits for the rate limit, while it does.
     queued: Option<String>,
+    /// Where its DNS leads elsewhere, while it does.
+    dns_moved: Option<String>,
+    dns_moved_since: Option<SystemTime>,
+    /// The last health check, in words.
+    dns_health: Option<String>,
+    /// The lifecycle holds an order back until the DNS points here.
+    order_held: bool,
 }
 
 /// One public domain at run time.
@@ -295,6 +308,8 @@ pub struct Acme {
     on_demand: Option<on_demand::OnDemand>,
     /// The CA's rate limits, kept here so that orders queue.
     limits: limits::Limits,
+    /// Whether customer domains still point here, when checked.
+    health: Option<health::Health>,
     challenges: Arc<Challenges>,
     store: Arc<dyn CertStore>,
     issuers: HashMap<Issuer, IssuerRuntime>,
@@ -438,6 +453,10 @@ impl Acme {
                 None => None,
             },
             challenges,
+            health: public
+                .health
+                .clone()
+                .map(|h| health::Health::new(h, &shared.app_id.to_string())),
             limits: limits::Limits::new(
                 public.acme.order_limit,
                 public.acme.domain_limit,
@@ -489,13 +508,21 @@ impl Acme {
             .as_ref()
             .is_some_and(|d| d.manages_records())
             .then(|| self.clone().dstack_records(domain.clone()));
+        // A customer's domain (from a source) is watched for its DNS moving away.
+        let health = (domain.source.is_some() && self.health.is_some())
+            .then(|| self.clone().watch_health(domain.clone()));
         tasks.spawn(async move {
-            match records {
-                Some(records) => {
-                    tokio::join!(lifecycle, records);
+            let records = async {
+                if let Some(records) = records {
+                    records.await;
                 }
-                None => lifecycle.await,
-            }
+            };
+            let health = async {
+                if let Some(health) = health {
+                    health.await;
+                }
+            };
+            tokio::join!(lifecycle, records, health);
         })
     }
 
@@ -669,6 +696,7 @@ impl Acme {
                             s.dns_setup.clone(),
                             s.ari.as_ref().map(|a| a.said().to_owned()),
                             s.queued.clone(),
+                            s.dns_health.clone(),
                         ),
                     )
                 });
@@ -678,14 +706,14 @@ impl Acme {
                     next_attempt,
                     counts,
                     (records, fleet, from_fleet),
-                    (setup, renewal_info, queued),
+                    (setup, renewal_info, queued, dns_health),
                 ) = state.unwrap_or((
                     Status::Pending,
                     None,
                     None,
                     (0, 0, 0),
                     (None, None, 0),
-                    (None, None, None),
+                    (None, None, None, None),
                 ));
                 let (consecutive, failures, issued) = counts;
                 CertStatus {
@@ -716,6 +744,7 @@ impl Acme {
                     from_fleet_total: from_fleet,
                     renewal_info,
                     queued,
+                    dns_health,
                     source: d.source.clone(),
                     source_error: d.source.as_deref().and_then(|s| failing.get(s)).cloned(),
                 }

@@ -336,7 +336,11 @@ impl Acme {
                 let now = SystemTime::now();
                 let due = self.renew_at(&d, cert);
                 if due > now {
-                    d.set(|s| s.status = Some(Status::Valid));
+                    d.set(|s| {
+                        if s.dns_moved.is_none() {
+                            s.status = Some(Status::Valid);
+                        }
+                    });
                     let lifetime = cert
                         .not_after
                         .duration_since(cert.not_before)
@@ -354,6 +358,21 @@ impl Acme {
                         _ = d.renew_now.notified() => {}
                     }
                 }
+            }
+            // A customer's domain whose DNS leads elsewhere: an order would fail validation
+            // and spend the CA's limits. Hold it until the DNS points here (the health check
+            // wakes it), or a while.
+            if let Err(why) = self.points_here(&d).await {
+                d.set(|s| {
+                    s.order_held = true;
+                    s.last_error = Some(format!("DNS moved: {why}"));
+                });
+                let wait = self.health.as_ref().map_or(RECHECK, |h| h.interval());
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = d.renew_now.notified() => {}
+                }
+                continue;
             }
             // What is served now: the fleet may have replaced it during the wait.
             let current = d.served.load_full();

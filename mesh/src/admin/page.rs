@@ -35,6 +35,7 @@ tr:last-child td{border-bottom:0}
 .pill-renewing,.pill-issuing{color:var(--info);background:var(--infobg)}
 .pill-pending{color:var(--idle);background:var(--idlebg)}
 .pill-failed{color:var(--bad);background:var(--badbg)}
+.pill-dns_moved{color:var(--bad);background:var(--badbg)}
 .days-warn{color:var(--warn);font-weight:600}
 .days-danger{color:var(--bad);font-weight:700}
 summary{cursor:pointer;font-weight:600}
@@ -99,6 +100,7 @@ pub fn status_word(s: Status) -> &'static str {
         Status::Valid => "valid",
         Status::Renewing => "renewing",
         Status::Failed => "failed",
+        Status::DnsMoved => "dns_moved",
     }
 }
 

@@ -516,7 +516,7 @@ pub struct RawDns {
 }
 
 /// A resolver address: `ip` or `ip:port` (53 when left out).
-fn resolver(text: &str) -> Result<SocketAddr, String> {
+pub(super) fn resolver(text: &str) -> Result<SocketAddr, String> {
     let t = text.trim();
     t.parse::<SocketAddr>()
         .or_else(|_| {

@@ -514,6 +514,8 @@ pub struct PublicConfig {
     pub domains: Vec<DomainConfig>,
     /// Where more domains come from (`[[domain_sources]]`).
     pub sources: Vec<super::sources::SourceConfig>,
+    /// Whether the customer domains still point here (`[domain_health]`), when checked.
+    pub health: Option<super::sources::HealthConfig>,
     /// Issuance settings.
     pub acme: AcmeConfig,
     /// DNS provider, resolvers and the dstack records.
@@ -539,17 +541,12 @@ pub(super) fn env_flag(env: &dyn Source, keys: &[&'static str], c: &mut Check) -
     })
 }
 
-pub(super) fn public(
-    acme: Option<&RawAcme>,
-    dns: Option<&super::dns::RawDns>,
-    domains: &[RawDomain],
-    sources: &[super::sources::RawSource],
-    on_demand: Option<&super::sources::RawOnDemand>,
-    env: &dyn Source,
-    c: &mut Check,
-) -> PublicConfig {
-    let (acme, issuer, challenge) = acme_settings(acme, env, c);
-    let dns = super::dns::dns(dns, env, c);
+/// `[acme]`, `[dns]`, `[[domains]]`, `[[domain_sources]]`, `[on_demand]`, `[domain_health]`
+/// and dstack-ingress's variables.
+pub(super) fn public(raw: &super::raw::RawConfig, env: &dyn Source, c: &mut Check) -> PublicConfig {
+    let (acme, issuer, challenge) = acme_settings(raw.acme.as_ref(), env, c);
+    let dns = super::dns::dns(raw.dns.as_ref(), env, c);
+    let domains = raw.domains.as_deref().unwrap_or_default();
     // dstack-ingress answers DNS-01 unless told otherwise; so do its deployments here, when
     // their DNS credentials come from the environment.
     let challenge = match challenge {
@@ -564,10 +561,13 @@ pub(super) fn public(
     }
     list.extend(ingress_domains(env, &issuer, challenge, c));
     check_domains(&list, &dns, &acme, c);
+    let sources = raw.domain_sources.as_deref().unwrap_or_default();
     let mut sources = super::sources::sources(sources, &issuer, challenge, send_proxy, c);
     // Names admitted at their first handshake come last: a listed name keeps its source.
     sources.extend(
-        on_demand.and_then(|raw| super::sources::on_demand(raw, &issuer, challenge, send_proxy, c)),
+        raw.on_demand
+            .as_ref()
+            .and_then(|raw| super::sources::on_demand(raw, &issuer, challenge, send_proxy, c)),
     );
     // A source's domains are checked as they arrive; what their route needs, now.
     let routes: Vec<(String, DomainConfig)> = sources
@@ -583,9 +583,14 @@ pub(super) fn public(
         })
         .collect();
     check_domains(&routes, &dns, &acme, c);
+    let health = raw
+        .domain_health
+        .as_ref()
+        .map(|raw| super::sources::health(raw, &dns, c));
     PublicConfig {
         domains: list.into_iter().map(|(_, d)| d).collect(),
         sources,
+        health,
         acme,
         dns,
     }

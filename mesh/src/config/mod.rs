@@ -1340,15 +1340,7 @@ fn public(
     inbound: &InboundConfig,
     c: &mut Check,
 ) -> PublicConfig {
-    let mut public = domains::public(
-        raw.acme.as_ref(),
-        raw.dns.as_ref(),
-        raw.domains.as_deref().unwrap_or_default(),
-        raw.domain_sources.as_deref().unwrap_or_default(),
-        raw.on_demand.as_ref(),
-        env,
-        c,
-    );
+    let mut public = domains::public(raw, env, c);
     // The gateway reaches this CVM on the inbound listener's port unless told otherwise.
     if public.dns.app_port.is_none() && inbound.listen.port() != 0 {
         public.dns.app_port = Some(inbound.listen.port());

@@ -154,6 +154,7 @@ pub struct RawConfig {
     pub domains: Option<Vec<super::domains::RawDomain>>,
     pub domain_sources: Option<Vec<super::sources::RawSource>>,
     pub on_demand: Option<super::sources::RawOnDemand>,
+    pub domain_health: Option<super::sources::RawHealth>,
     pub store: Option<super::store::RawStore>,
     pub tunnels: Option<Vec<super::tunnels::RawTunnel>>,
     pub registry: Option<super::tunnels::RawRegistry>,

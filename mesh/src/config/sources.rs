@@ -412,3 +412,59 @@ pub fn redact_userinfo(url: &str) -> String {
         None => url.to_owned(),
     }
 }
+
+/// `[domain_health]` as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub gateway: Option<String>,
+    pub interval: Option<DurationValue>,
+    pub resolvers: Option<Vec<String>>,
+}
+
+/// Whether each customer domain (from a source or on demand) still points at this app.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct HealthConfig {
+    /// The gateway's domain a customer's CNAME (or A records) must lead to
+    /// (`_.dstack-prod5.phala.network`; any name under its base counts); default
+    /// `[dns] gateway_domain`.
+    pub gateway: Option<String>,
+    /// How often each domain is checked (and right before each of its orders).
+    #[serde(with = "secs")]
+    pub interval: Duration,
+    /// Who answers (default `[dns] resolvers`, else the system's).
+    pub resolvers: Vec<std::net::SocketAddr>,
+    /// The app-address TXT prefix (`_dstack-app-address`): a TXT naming this app there
+    /// counts as pointing here too.
+    pub txt_prefix: String,
+}
+
+/// `[domain_health]`, defaults from `[dns]`.
+pub(super) fn health(raw: &RawHealth, dns: &super::dns::DnsConfig, c: &mut Check) -> HealthConfig {
+    let gateway = raw
+        .gateway
+        .as_deref()
+        .map(|g| g.trim().trim_end_matches('.').to_ascii_lowercase())
+        .filter(|g| !g.is_empty())
+        .or_else(|| dns.gateway_domain.clone());
+    let mut resolvers = Vec::new();
+    for r in raw.resolvers.iter().flatten() {
+        match super::dns::resolver(r) {
+            Ok(addr) => resolvers.push(addr),
+            Err(e) => c.fail("domain_health.resolvers", e),
+        }
+    }
+    if resolvers.is_empty() {
+        resolvers = dns.resolvers.clone();
+    }
+    HealthConfig {
+        gateway,
+        interval: c.duration(
+            "domain_health.interval",
+            raw.interval.as_ref(),
+            Duration::from_secs(600),
+        ),
+        resolvers,
+        txt_prefix: dns.txt_prefix.clone(),
+    }
+}

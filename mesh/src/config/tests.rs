@@ -665,3 +665,24 @@ fn rate_limits_default_to_lets_encrypts_and_can_be_set_or_turned_off() {
         assert_eq!(e.0[0].key, "acme.order_limit", "{bad}");
     }
 }
+
+#[test]
+fn domain_health_takes_the_gateway_and_resolvers_from_dns_unless_told() {
+    let head = "[acme]\nissuer = \"internal-ca\"\n[[domain_sources]]\nfile = \"/l\"\nbackend = \"app:80\"\n";
+    let parse = |tail: &str| Config::from_toml(&format!("{head}{tail}"), &no_env());
+    let none = parse("").unwrap();
+    assert!(none.public.health.is_none());
+    let own = parse("[domain_health]\ngateway = \"_.GW.example.\"\ninterval = \"5m\"\nresolvers = [\"127.0.0.1:5353\"]\n").unwrap();
+    let h = own.public.health.unwrap();
+    assert_eq!(h.gateway.as_deref(), Some("_.gw.example"));
+    assert_eq!(h.interval, Duration::from_secs(300));
+    assert_eq!(h.resolvers, ["127.0.0.1:5353".parse().unwrap()]);
+    assert_eq!(h.txt_prefix, "_dstack-app-address");
+    assert_eq!(
+        parse("[domain_health]\nresolvers = [\"not an address\"]\n")
+            .unwrap_err()
+            .0[0]
+            .key,
+        "domain_health.resolvers"
+    );
+}
