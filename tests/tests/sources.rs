@@ -179,6 +179,18 @@ async fn a_file_sources_domains_come_and_go_under_load_and_a_bad_list_keeps_the_
     })
     .await;
     flowing(&load).await;
+    // Thousands of customers must not mean thousands of series: a healthy sourced domain is
+    // counted, a configured one has its own.
+    let metrics = s.metrics().await;
+    assert!(
+        metrics.contains("dstack_mesh_domains{state=\"valid\"} 4"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("dstack_mesh_certificate_ready_status{domain=\"configured.test\""));
+    assert!(
+        !metrics.contains("domain=\"steady.customer.test\""),
+        "{metrics}"
+    );
     let source = s.source().await;
     assert_eq!(source["up"], true, "{source}");
     let rejected = source["rejected"].to_string();

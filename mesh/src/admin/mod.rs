@@ -360,7 +360,8 @@ impl Admin {
             },
             (&Method::GET, "/") => {
                 let now = std::time::SystemTime::now();
-                let mut resp = Response::new(proxy::full(page::render(&self.routes(), now)));
+                let view = page::View::from_query(req.uri().query());
+                let mut resp = Response::new(proxy::full(page::render(&self.routes(), now, &view)));
                 let headers = resp.headers_mut();
                 headers.insert(
                     header::CONTENT_TYPE,
@@ -585,11 +586,39 @@ fn encode_sources(
     Ok(())
 }
 
-/// Each public domain's certificate series and its finished orders.
+/// Whether a domain gets series of its own: a configured one always; one from a source (there
+/// may be thousands) only while it needs someone (no valid certificate, failing, moved away),
+/// so the series stay bounded by the trouble, not by the customers.
+fn own_series(s: &crate::acme::CertStatus) -> bool {
+    use crate::acme::Status;
+    s.source.is_none()
+        || s.expired
+        || s.not_after.is_none()
+        || matches!(s.status, Status::Failed | Status::DnsMoved)
+}
+
+/// Each public domain's certificate series and its finished orders; the count of domains by
+/// state.
 fn encode_certificates(
-    status: &[crate::acme::CertStatus],
+    all: &[crate::acme::CertStatus],
     encoder: &mut DescriptorEncoder<'_>,
 ) -> std::fmt::Result {
+    let mut by_state: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
+    for s in all {
+        *by_state.entry(page::status_word(s.status)).or_default() += 1;
+    }
+    let mut family = encoder.encode_descriptor(
+        "dstack_mesh_domains",
+        "Public domains by state (configured, from sources and on demand).",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (state, n) in &by_state {
+        family
+            .encode_family(&[("state", *state)])?
+            .encode_gauge(n)?;
+    }
+    let status: Vec<&crate::acme::CertStatus> = all.iter().filter(|s| own_series(s)).collect();
     type Value = fn(&crate::acme::CertStatus) -> Option<u64>;
     let series: [(&str, MetricType, &str, Value); 6] = [
         (
@@ -632,7 +661,7 @@ fn encode_certificates(
     for (name, kind, help, value) in series {
         let counter = matches!(kind, MetricType::Counter);
         let mut family = encoder.encode_descriptor(name, help, None, kind)?;
-        for s in status {
+        for s in &status {
             let Some(v) = value(s) else { continue };
             let labels = [("domain", s.domain.as_str()), ("issuer", s.issuer.as_str())];
             let mut metric = family.encode_family(&labels)?;
@@ -648,7 +677,7 @@ fn encode_certificates(
         None,
         MetricType::Counter,
     )?;
-    for s in status {
+    for s in &status {
         for (result, n) in [("valid", s.issued_total), ("failed", s.failures_total)] {
             let labels = [
                 ("domain", s.domain.as_str()),

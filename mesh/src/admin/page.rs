@@ -12,6 +12,68 @@ use crate::acme::{CertStatus, Status};
 const WARN_DAYS: f64 = 30.0;
 /// Days left under which it shows as danger.
 const DANGER_DAYS: f64 = 7.0;
+/// Domains on one page of the status page.
+pub const PER_PAGE: usize = 100;
+
+/// Which domains the page shows: those matching `q` (in a name, the state, the source or the
+/// last error), one page of them, the ones needing someone first.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct View {
+    /// The search, as typed.
+    pub q: String,
+    /// The page, from 1.
+    pub page: usize,
+}
+
+impl View {
+    /// From the page's query string (`?q=...&page=N`).
+    pub fn from_query(query: Option<&str>) -> Self {
+        let mut view = Self {
+            q: String::new(),
+            page: 1,
+        };
+        for pair in query.unwrap_or_default().split('&') {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = ratls::quote::percent_decode(&v.replace('+', " ")).unwrap_or_default();
+            match k {
+                "q" => view.q = v.trim().chars().take(200).collect(),
+                "page" => view.page = v.parse().unwrap_or(1).max(1),
+                _ => {}
+            }
+        }
+        view
+    }
+
+    fn matches(&self, d: &CertStatus) -> bool {
+        let q = self.q.to_ascii_lowercase();
+        q.is_empty()
+            || d.names.iter().any(|n| n.contains(&q))
+            || status_word(d.status) == q
+            || d.source
+                .as_deref()
+                .is_some_and(|s| s.to_ascii_lowercase().contains(&q))
+            || d.last_error
+                .as_deref()
+                .is_some_and(|e| e.to_ascii_lowercase().contains(&q))
+    }
+
+    /// A link to page `page` of this search.
+    fn link(&self, page: usize) -> String {
+        let mut q = String::new();
+        for b in self.q.bytes() {
+            match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' => q.push(b as char),
+                _ => q.push_str(&format!("%{b:02X}")),
+            }
+        }
+        format!("?q={q}&amp;page={page}")
+    }
+}
+
+/// Whether a domain needs someone: shown first.
+fn needs_attention(d: &CertStatus) -> bool {
+    d.expired || d.not_after.is_none() || matches!(d.status, Status::Failed | Status::DnsMoved)
+}
 
 const STYLE: &str = r#"
 :root{--fg:#1d2430;--muted:#5c6675;--line:#e3e7ee;--bg:#f7f8fa;--card:#fff;
@@ -44,6 +106,8 @@ dt{color:var(--muted)}dd{margin:0;word-break:break-word}
 .error{color:var(--bad)}
 .more{color:var(--muted);font-weight:400}
 .empty{padding:14px 16px;color:var(--muted)}
+.search{display:flex;flex-wrap:wrap;gap:8px 14px;align-items:center;padding:10px 16px;border-bottom:1px solid var(--line)}
+.search input{flex:1 1 260px;font:inherit;padding:6px 10px;border:1px solid var(--line);border-radius:8px}
 footer{color:var(--muted);font-size:13px}
 a{color:var(--info)}
 @media (max-width:640px){
@@ -60,7 +124,8 @@ a{color:var(--info)}
 // Swaps in a fresh <main> every 10 s, keeping the rows that were open.
 const SCRIPT: &str = r#"
 setInterval(async()=>{try{
- const r=await fetch(location.pathname,{cache:"no-store"});if(!r.ok)return;
+ if(document.activeElement&&document.activeElement.name==="q")return;
+ const r=await fetch(location.pathname+location.search,{cache:"no-store"});if(!r.ok)return;
  const d=new DOMParser().parseFromString(await r.text(),"text/html");
  const open=[...document.querySelectorAll("details[open]")].map(e=>e.id);
  const m=d.getElementById("main");if(!m)return;
@@ -205,8 +270,8 @@ fn domain_row(out: &mut String, i: usize, d: &CertStatus, now: i64) {
     );
 }
 
-/// The whole page.
-pub fn render(routes: &Routes, now: SystemTime) -> String {
+/// The whole page, its domains as `view` says.
+pub fn render(routes: &Routes, now: SystemTime, view: &View) -> String {
     let now = crate::clock::unix(now);
     let id = &routes.identity;
     let mut out = String::with_capacity(8192);
@@ -299,12 +364,39 @@ pub fn render(routes: &Routes, now: SystemTime) -> String {
     if routes.domains.is_empty() {
         out.push_str("<p class=\"empty\">No public domains are configured.</p>");
     } else {
+        let mut shown: Vec<(usize, &CertStatus)> = routes
+            .domains
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| view.matches(d))
+            .collect();
+        // Stable: the ones needing someone first, each group in its own order.
+        shown.sort_by_key(|(_, d)| !needs_attention(d));
+        let pages = shown.len().div_ceil(PER_PAGE).max(1);
+        let page = view.page.clamp(1, pages);
+        let _ = write!(
+            out,
+            "<form class=\"search\" method=\"get\"><input name=\"q\" value=\"{q}\" \
+             placeholder=\"search names, states (failed, dns_moved), sources, errors\" aria-label=\"search\">\
+             <span class=\"more\">{n} of {total} · page {page} of {pages}{prev}{next}</span></form>",
+            q = esc(&view.q),
+            n = shown.len(),
+            total = routes.domains.len(),
+            prev = match page > 1 {
+                true => format!(" · <a href=\"{}\">previous</a>", view.link(page - 1)),
+                false => String::new(),
+            },
+            next = match page < pages {
+                true => format!(" · <a href=\"{}\">next</a>", view.link(page + 1)),
+                false => String::new(),
+            },
+        );
         out.push_str(
             "<table class=\"routes\"><thead><tr><th>Host</th><th>Status</th><th>Issuer</th>\
              <th>Expires</th><th>Days left</th></tr></thead><tbody>",
         );
-        for (i, d) in routes.domains.iter().enumerate() {
-            domain_row(&mut out, i, d, now);
+        for (i, d) in shown.iter().skip((page - 1) * PER_PAGE).take(PER_PAGE) {
+            domain_row(&mut out, *i, d, now);
         }
         out.push_str("</tbody></table>");
     }
@@ -337,6 +429,58 @@ mod tests {
             "failures_total": 0, "issued_total": 0,
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn thousands_of_domains_page_and_search_with_trouble_first() {
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        let mut domains: Vec<CertStatus> = (0..250)
+            .map(|i| {
+                status(
+                    &format!("c{i:03}.example"),
+                    Status::Valid,
+                    Some(1_900_000_000),
+                    None,
+                )
+            })
+            .collect();
+        domains[200] = status("c200.example", Status::Failed, None, Some("CAA forbids"));
+        domains[201].status = Status::DnsMoved;
+        let routes = Routes {
+            identity: IdentityView {
+                app_id: "ab".repeat(20),
+                instance_id: None,
+                app_name: String::new(),
+                not_after: 1_800_000_000 + 3600,
+                attestation: ratls::AttestationStatus::Absent,
+            },
+            mesh: None,
+            domains,
+            peers: PeerCounts::default(),
+            tcp: Vec::new(),
+            tunnels: Vec::new(),
+        };
+        let rows = |html: &str| html.matches("data-label=\"Status\"").count();
+        let first = render(&routes, now, &View::from_query(None));
+        assert_eq!(rows(&first), PER_PAGE);
+        assert!(first.contains("250 of 250 · page 1 of 3"));
+        // The two in trouble lead the first page.
+        let failed = first.find("c200.example").unwrap();
+        assert!(failed < first.find("c000.example").unwrap());
+        assert!(first.find("c201.example").unwrap() < first.find("c000.example").unwrap());
+        let last = render(&routes, now, &View::from_query(Some("page=3")));
+        assert_eq!(rows(&last), 50);
+        assert!(last.contains("?q=&amp;page=2\">previous</a>") && !last.contains(">next<"));
+        let beyond = render(&routes, now, &View::from_query(Some("page=99")));
+        assert!(beyond.contains("page 3 of 3"));
+        let moved = render(&routes, now, &View::from_query(Some("q=dns_moved")));
+        assert_eq!(rows(&moved), 1);
+        let by_error = render(&routes, now, &View::from_query(Some("q=CAA+forbids")));
+        assert!(by_error.contains("1 of 250") && by_error.contains("c200.example"));
+        let by_name = render(&routes, now, &View::from_query(Some("q=c12")));
+        assert!(by_name.contains("10 of 250"), "c120..c129");
+        let hostile = render(&routes, now, &View::from_query(Some("q=%3Cscript%3E")));
+        assert!(!hostile.contains("<script>x") && hostile.contains("value=\"&lt;script&gt;\""));
     }
 
     #[test]
@@ -388,7 +532,7 @@ mod tests {
                 open: 0,
             }],
         };
-        let html = render(&routes, now);
+        let html = render(&routes, now, &View::default());
         assert!(html.contains("TCP services and tunnels"));
         assert!(html.contains("service <code>redis</code>") && html.contains("&lt;redis&gt;:6379"));
         assert!(html.contains("tunnel <code>db</code>"));
