@@ -310,6 +310,9 @@ pub struct Acme {
     limits: limits::Limits,
     /// Whether customer domains still point here, when checked.
     health: Option<health::Health>,
+    /// A certificate changed: the evidence is rewritten (once for a burst: with thousands of
+    /// domains, once per certificate would be quadratic).
+    evidence_due: Notify,
     challenges: Arc<Challenges>,
     store: Arc<dyn CertStore>,
     issuers: HashMap<Issuer, IssuerRuntime>,
@@ -453,6 +456,7 @@ impl Acme {
                 None => None,
             },
             challenges,
+            evidence_due: Notify::new(),
             health: public
                 .health
                 .clone()
@@ -490,9 +494,16 @@ impl Acme {
             self.start_domain(domain, tasks);
         }
         tasks.spawn(self.clone().follow_sources());
-        // Stored certificates get fresh evidence (a new quote) at every start.
+        // Stored certificates get fresh evidence (a new quote) at every start, and again after
+        // each change (a burst of changes: once).
         let acme = self.clone();
-        tasks.spawn(async move { acme.refresh_evidence().await });
+        acme.evidence_due.notify_one();
+        tasks.spawn(async move {
+            loop {
+                acme.evidence_due.notified().await;
+                acme.refresh_evidence().await;
+            }
+        });
     }
 
     /// Run `domain`'s lifecycle (and its dstack records, when a DNS provider writes them) in
@@ -514,15 +525,15 @@ impl Acme {
         tasks.spawn(async move {
             let records = async {
                 if let Some(records) = records {
-                    records.await;
+                    Box::pin(records).await;
                 }
             };
             let health = async {
                 if let Some(health) = health {
-                    health.await;
+                    Box::pin(health).await;
                 }
             };
-            tokio::join!(lifecycle, records, health);
+            tokio::join!(Box::pin(lifecycle), records, health);
         })
     }
 

@@ -332,7 +332,7 @@ impl Acme {
             let current = d.served.load_full();
             let stale = d.state.lock().map(|s| s.stale).unwrap_or(false);
             if let (Some(cert), false) = (current.as_deref(), stale) {
-                self.refresh_ari(&d, cert).await;
+                Box::pin(self.refresh_ari(&d, cert)).await;
                 let now = SystemTime::now();
                 let due = self.renew_at(&d, cert);
                 if due > now {
@@ -362,7 +362,7 @@ impl Acme {
             // A customer's domain whose DNS leads elsewhere: an order would fail validation
             // and spend the CA's limits. Hold it until the DNS points here (the health check
             // wakes it), or a while.
-            if let Err(why) = self.points_here(&d).await {
+            if let Err(why) = Box::pin(self.points_here(&d)).await {
                 d.set(|s| {
                     s.order_held = true;
                     s.last_error = Some(format!("DNS moved: {why}"));
@@ -385,7 +385,9 @@ impl Acme {
             });
             tracing::info!(domain = %name, issuer = %d.config.issuer.label(), renewal = current.is_some(), "ordering a certificate");
             let started = std::time::Instant::now();
-            match self.acquire(&d, current.as_deref()).await {
+            // Boxed, like every phase: a domain at rest (thousands of them) holds only the
+            // loop's own state, not an order's.
+            match Box::pin(self.acquire(&d, current.as_deref())).await {
                 Ok((loaded, origin)) => {
                     tracing::info!(
                         domain = %name,
@@ -395,7 +397,7 @@ impl Acme {
                         "certificate issued and served"
                     );
                     serve_valid(&d, loaded, origin);
-                    self.refresh_evidence().await;
+                    self.evidence_due.notify_one();
                 }
                 Err(e) => {
                     let failures = d
@@ -433,7 +435,7 @@ impl Acme {
                         s.consecutive_failures = failures;
                         s.failures_total += 1;
                     });
-                    self.wait_to_retry(&d, wait, &e).await;
+                    Box::pin(self.wait_to_retry(&d, wait, &e)).await;
                 }
             }
         }
