@@ -766,3 +766,78 @@ async fn database_compose_carries_redis_between_two_cvms() {
         .unwrap();
     assert_eq!(received, 3, "{info}");
 }
+
+/// `deploy/white-label` as a SaaS app's CVM: a customer's domain added to the Redis set (as the
+/// app would, with `redis-cli` in the Redis container) is ordered from pebble and served to a
+/// browser; removed, it is served no more.
+#[tokio::test(flavor = "multi_thread")]
+async fn white_label_compose_serves_the_domains_its_redis_set_lists() {
+    const CUSTOMER: &str = "careers.customer.test";
+    let image = image();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_owned();
+    let (_agent, sock) = dev_agent(&d, "agent", B, &d.join("state"));
+    let bridge = bridge_ip();
+    let port = free_port();
+    let pebble = bridge_pebble(&d, bridge, port).await;
+    // The configuration as shipped, pointed at pebble instead of Let's Encrypt.
+    let text = std::fs::read_to_string(deploy("white-label/white-label.toml")).unwrap();
+    assert!(text.contains("issuer = \"letsencrypt\""));
+    let config = d.join("white-label.toml");
+    std::fs::write(
+        &config,
+        text.replace(
+            "issuer = \"letsencrypt\"",
+            &format!(
+                "issuer = \"{}\"\nca_roots = [\"/etc/dstack-mesh/pebble-ca.pem\"]",
+                pebble.directory
+            ),
+        ),
+    )
+    .unwrap();
+    let ca = echo_app(
+        &d,
+        &format!(
+            "  dstack-mesh:\n    volumes:\n      - {}:/etc/dstack-mesh/pebble-ca.pem:ro\n",
+            pebble.ca_file.display()
+        ),
+    );
+    let project = Project::up(
+        "white-label",
+        vec![deploy("white-label/docker-compose.yaml"), ca],
+        vec![
+            ("DSTACK_MESH_IMAGE", image),
+            ("DSTACK_SOCKET", sock.display().to_string()),
+            ("MESH_PORT", format!("127.0.0.1:{port}")),
+            ("MESH_CONFIG", config.display().to_string()),
+            ("REDIS_IMAGE", "dstack-mesh-redis:local".to_owned()),
+        ],
+    );
+    project.healthy("dstack-mesh");
+    let redis = project.container("redis");
+    let cli = |args: &[&str]| {
+        let mut all = vec!["exec", redis.as_str(), "redis-cli"];
+        all.extend_from_slice(args);
+        docker(&all)
+    };
+    cli(&["SADD", "customers", CUSTOMER, "shop.customer.test"]);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let root = pebble.issuance_root_pem();
+    for customer in [CUSTOMER, "shop.customer.test"] {
+        let (_, status, body) = get_when_served(addr, customer, &root, || project.logs()).await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    }
+    assert_eq!(pebble.orders_seen(), 2, "{}", pebble.log());
+    // One customer leaves (the set must not empty: Redis deletes an empty set, and a key that
+    // vanished keeps the last list).
+    cli(&["SREM", "customers", CUSTOMER]);
+    let end = Instant::now() + Duration::from_secs(30);
+    while e2e::client::public_connect(addr, CUSTOMER, root.as_bytes(), &[b"http/1.1"])
+        .await
+        .is_ok()
+    {
+        assert!(Instant::now() < end, "still served: {}", project.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    get_when_served(addr, "shop.customer.test", &root, || project.logs()).await;
+}
