@@ -101,18 +101,12 @@ impl Setup {
         let inbound_port = free_port();
         let pebble_dir = dir.path().join("pebble");
         let pebble = tokio::task::spawn_blocking(move || {
-            Pebble::start(
-                &pebble_dir,
-                PebbleOptions {
-                    tls_port: inbound_port,
-                    http_port: free_port(),
-                    validity: None,
-                    env: Vec::new(),
-                    eab_keys: Vec::new(),
-                    dns_server: None,
-                    listen_ip: None,
-                },
-            )
+            let options = PebbleOptions {
+                tls_port: inbound_port,
+                http_port: free_port(),
+                ..PebbleOptions::default()
+            };
+            Pebble::start(&pebble_dir, options)
         })
         .await
         .unwrap();

@@ -37,7 +37,10 @@ async fn all_valid(admin: SocketAddr, n: usize, limit: Duration) -> Duration {
         if now >= n {
             return start.elapsed();
         }
-        assert!(start.elapsed() < limit, "{now} of {n} valid after {limit:?}");
+        assert!(
+            start.elapsed() < limit,
+            "{now} of {n} valid after {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -49,7 +52,9 @@ async fn thousands_of_customer_domains_are_served_and_a_restart_loads_them_all_f
     let d = dir.path();
     let (_agent, sock) = dev_agent(d, "agent", APP, &d.join("state"));
     let backend = Backend::start().await;
-    let names: Vec<String> = (0..n).map(|i| format!("c{i}.customer{}.test", i % 97)).collect();
+    let names: Vec<String> = (0..n)
+        .map(|i| format!("c{i}.customer{}.test", i % 97))
+        .collect();
     let list = d.join("customers.txt");
     std::fs::write(&list, names.join("\n")).unwrap();
     let config = d.join("mesh.toml");

@@ -112,6 +112,18 @@ impl Sidecar {
         String::from_utf8_lossy(&body).into_owned()
     }
 
+    /// Wait for the source to report down; its status, whose last error says `words`.
+    async fn source_down(&self, words: &str) -> serde_json::Value {
+        until("the source reported down", async || {
+            self.source().await["up"] == false
+        })
+        .await;
+        let source = self.source().await;
+        let error = source["last_error"].as_str().unwrap_or_default();
+        assert!(error.contains(words), "{source}");
+        source
+    }
+
     fn log(&self) -> String {
         self.guard
             .as_ref()
@@ -223,18 +235,7 @@ async fn a_file_sources_domains_come_and_go_under_load_and_a_bad_list_keeps_the_
 
     // Garbage: the last good list stays, and every place an operator looks says so.
     write(&s.list, "{\"domains\": \"oops");
-    until("the source reported down", async || {
-        s.source().await["up"] == false
-    })
-    .await;
-    let source = s.source().await;
-    assert!(
-        source["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("not a domain list"),
-        "{source}"
-    );
+    let source = s.source_down("not a domain list").await;
     assert_eq!(source["domains"], 3);
     let (status, ready) = s.admin_json("/ready").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -392,16 +393,8 @@ async fn an_http_source_is_polled_with_its_etag_and_a_failing_endpoint_keeps_the
     .await;
     // The endpoint fails: both domains stay, the source says why.
     api.fail(true);
-    until("the source reported down", async || {
-        s.source().await["up"] == false
-    })
-    .await;
-    let source = s.source().await;
-    let error = source["last_error"].as_str().unwrap();
-    assert!(
-        error.contains("500") && error.contains("database down"),
-        "{source}"
-    );
+    s.source_down("500 Internal Server Error: database down")
+        .await;
     assert!(s.serves("shop.customer.test").await && s.serves("blog.customer.test").await);
     api.fail(false);
     until("the source back up", async || {
@@ -460,18 +453,7 @@ async fn a_redis_set_drives_the_domains_through_keyspace_notifications_and_a_red
     flowing(&load).await;
     // The key gone (a flushed database): nothing dropped, and said so.
     redis(&store, &["DEL", "customers"]);
-    until("the source reported down", async || {
-        s.source().await["up"] == false
-    })
-    .await;
-    let source = s.source().await;
-    assert!(
-        source["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("does not exist"),
-        "{source}"
-    );
+    s.source_down("does not exist").await;
     assert!(s.serves("c2.customer.test").await);
     // Redis itself gone: the same.
     redis(
@@ -480,10 +462,7 @@ async fn a_redis_set_drives_the_domains_through_keyspace_notifications_and_a_red
     );
     until("the source back", async || s.source().await["up"] == true).await;
     drop(store);
-    until("the source reported down", async || {
-        s.source().await["up"] == false
-    })
-    .await;
+    s.source_down("127.0.0.1").await;
     flowing(&load).await;
     assert!(s.serves("b.customer.test").await && s.serves("c2.customer.test").await);
     let (ok, failed) = load.finish().await;

@@ -11,6 +11,24 @@ use super::{
     secs, Check,
 };
 
+/// The route fields of a source's table (they are `[[domains]]`'s), as a `[[domains]]` entry
+/// without names.
+macro_rules! raw_route {
+    ($raw:expr) => {
+        RawDomain {
+            names: None,
+            backend: $raw.backend.clone(),
+            mode: $raw.mode.clone(),
+            issuer: $raw.issuer.clone(),
+            challenge: $raw.challenge.clone(),
+            send_proxy_protocol: $raw.send_proxy_protocol,
+            alpn: $raw.alpn.clone(),
+            hsts: $raw.hsts.clone(),
+            response_headers: $raw.response_headers.clone(),
+        }
+    };
+}
+
 /// Domains one source may list unless `max_domains` says otherwise.
 pub const DEFAULT_MAX_DOMAINS: usize = 20_000;
 
@@ -135,17 +153,7 @@ pub(super) fn on_demand(
             return None;
         }
     };
-    let route = RawDomain {
-        names: None,
-        backend: raw.backend.clone(),
-        mode: raw.mode.clone(),
-        issuer: raw.issuer.clone(),
-        challenge: raw.challenge.clone(),
-        send_proxy_protocol: raw.send_proxy_protocol,
-        alpn: raw.alpn.clone(),
-        hsts: raw.hsts.clone(),
-        response_headers: raw.response_headers.clone(),
-    };
+    let route = raw_route!(raw);
     let route = domain_route(
         key,
         ON_DEMAND,
@@ -302,17 +310,7 @@ pub(super) fn sources(
             Some(n) => n,
             None => DEFAULT_MAX_DOMAINS,
         };
-        let route = RawDomain {
-            names: None,
-            backend: s.backend.clone(),
-            mode: s.mode.clone(),
-            issuer: s.issuer.clone(),
-            challenge: s.challenge.clone(),
-            send_proxy_protocol: s.send_proxy_protocol,
-            alpn: s.alpn.clone(),
-            hsts: s.hsts.clone(),
-            response_headers: s.response_headers.clone(),
-        };
+        let route = raw_route!(s);
         let Some(route) = domain_route(
             &key,
             &name,
