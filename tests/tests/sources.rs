@@ -469,3 +469,55 @@ async fn a_redis_set_drives_the_domains_through_keyspace_notifications_and_a_red
     eprintln!("{ok} requests while the set changed and Redis went away, {failed} failed");
     assert_eq!(failed, 0);
 }
+
+/// `domain`'s entry on `/certs` (null when absent).
+async fn cert_of(s: &Sidecar, domain: &str) -> serde_json::Value {
+    let (_, certs) = s.admin_json("/certs").await;
+    certs
+        .as_array()
+        .and_then(|all| all.iter().find(|c| c["domain"] == domain))
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_domain_is_served_through_its_sources_grace_then_goes() {
+    const DROPPED: &str = "dropped.customer.test";
+    let s = Sidecar::start_with(
+        Some("kept.customer.test\ndropped.customer.test\n"),
+        |list| {
+            format!(
+                "file = \"{}\"\ninterval = \"200ms\"\ngrace = \"3s\"\n",
+                list.display()
+            )
+        },
+    )
+    .await;
+    until("both served", async || {
+        s.serves("kept.customer.test").await && s.serves(DROPPED).await
+    })
+    .await;
+    // Dropped: served on, saying until when.
+    write(&s.list, "kept.customer.test\n");
+    until("the removal time shown", async || {
+        cert_of(&s, DROPPED).await["removing_at"].is_u64()
+    })
+    .await;
+    assert!(s.serves(DROPPED).await, "served through the grace");
+    // Listed again within the grace: it stays, the removal called off.
+    write(&s.list, "kept.customer.test\ndropped.customer.test\n");
+    until("the removal called off", async || {
+        cert_of(&s, DROPPED).await["removing_at"].is_null()
+    })
+    .await;
+    // Dropped for good: gone once the grace is over.
+    write(&s.list, "kept.customer.test\n");
+    until("gone after the grace", async || !s.serves(DROPPED).await).await;
+    assert!(cert_of(&s, DROPPED).await.is_null());
+    assert!(s.serves("kept.customer.test").await);
+    assert!(
+        s.log().contains("served until its grace ends"),
+        "{}",
+        s.log()
+    );
+}

@@ -161,6 +161,9 @@ pub struct CertStatus {
     /// The CA's renewal window (ARI) for the served certificate, in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renewal_info: Option<String>,
+    /// Its source dropped it: served until then (Unix seconds), the source's grace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removing_at: Option<u64>,
     /// Where its DNS leads, as last checked (`[domain_health]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_health: Option<String>,
@@ -204,6 +207,8 @@ struct DomainState {
     ari: Option<renewal::AriState>,
     /// Why its order waits for the rate limit, while it does.
     queued: Option<String>,
+    /// Its source dropped it: served until then.
+    removing_at: Option<SystemTime>,
     /// Where its DNS leads elsewhere, while it does.
     dns_moved: Option<String>,
     dns_moved_since: Option<SystemTime>,
@@ -708,6 +713,7 @@ impl Acme {
                             s.ari.as_ref().map(|a| a.said().to_owned()),
                             s.queued.clone(),
                             s.dns_health.clone(),
+                            s.removing_at,
                         ),
                     )
                 });
@@ -717,14 +723,14 @@ impl Acme {
                     next_attempt,
                     counts,
                     (records, fleet, from_fleet),
-                    (setup, renewal_info, queued, dns_health),
+                    (setup, renewal_info, queued, dns_health, removing_at),
                 ) = state.unwrap_or((
                     Status::Pending,
                     None,
                     None,
                     (0, 0, 0),
                     (None, None, 0),
-                    (None, None, None, None),
+                    (None, None, None, None, None),
                 ));
                 let (consecutive, failures, issued) = counts;
                 CertStatus {
@@ -756,6 +762,7 @@ impl Acme {
                     renewal_info,
                     queued,
                     dns_health,
+                    removing_at: removing_at.map(crate::clock::unix_u64),
                     source: d.source.clone(),
                     source_error: d.source.as_deref().and_then(|s| failing.get(s)).cloned(),
                 }

@@ -606,6 +606,17 @@ async fn watch_redis(url: String, key: String, wake: Arc<tokio::sync::Notify>, s
     }
 }
 
+/// The sourced domains' lifecycle tasks (stopped when this is dropped: a reload), and when
+/// each domain its source dropped was dropped.
+#[derive(Default)]
+struct Running {
+    set: JoinSet<()>,
+    tasks: HashMap<String, tokio::task::AbortHandle>,
+    dropped: HashMap<String, SystemTime>,
+    /// When the first grace ends.
+    grace_ends: Option<SystemTime>,
+}
+
 /// The domains sources add to the configured ones, by name (exact, and wildcards by the
 /// name one label up), swapped whole on every change.
 #[derive(Debug, Default)]
@@ -653,9 +664,8 @@ impl Acme {
         drop(tx);
         // The last good lists, first from the store.
         let mut lists: Vec<Vec<Entry>> = self.sources.iter().map(|s| self.stored_list(s)).collect();
-        let mut running: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
-        let mut tasks = JoinSet::new();
-        self.reconcile(&lists, &mut running, &mut tasks);
+        let mut running = Running::default();
+        self.reconcile(&lists, &mut running);
         let on_demand = self
             .sources
             .iter()
@@ -668,12 +678,23 @@ impl Acme {
             readers.spawn(self.clone().ask_again(i, od.config.allowed_ttl));
         }
         loop {
+            let grace_ends = running.grace_ends;
             let (i, read) = tokio::select! {
                 Some(read) = rx.recv() => read,
                 Some(request) = async { inbox.as_mut()?.recv().await } => {
                     if let Some(i) = on_demand {
-                        self.on_demand_request(i, request, &mut lists, &mut running, &mut tasks);
+                        self.on_demand_request(i, request, &mut lists, &mut running);
                     }
+                    continue;
+                }
+                // A dropped domain's grace is over: it goes now.
+                _ = async {
+                    match grace_ends {
+                        Some(t) => tokio::time::sleep(t.duration_since(SystemTime::now()).unwrap_or_default()).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.reconcile(&lists, &mut running);
                     continue;
                 }
                 else => return,
@@ -710,7 +731,7 @@ impl Acme {
                         s.rejected = parsed.rejected;
                     });
                     lists[i] = parsed.entries;
-                    self.reconcile(&lists, &mut running, &mut tasks);
+                    self.reconcile(&lists, &mut running);
                 }
             }
         }
@@ -723,8 +744,7 @@ impl Acme {
         i: usize,
         request: super::on_demand::Request,
         lists: &mut [Vec<Entry>],
-        running: &mut HashMap<String, tokio::task::AbortHandle>,
-        tasks: &mut JoinSet<()>,
+        running: &mut Running,
     ) {
         let source = &self.sources[i];
         match request {
@@ -745,7 +765,7 @@ impl Acme {
                     mode: None,
                 });
                 self.keep_list(source, &lists[i]);
-                self.reconcile(lists, running, tasks);
+                self.reconcile(lists, running);
                 let _ = reply.send(self.sourced.load().exact.get(&name).cloned());
             }
             super::on_demand::Request::Forget(names) => {
@@ -754,7 +774,7 @@ impl Acme {
                 if lists[i].len() != before {
                     tracing::info!(domains = ?names, "on demand: ask no longer allows these names: not served");
                     self.keep_list(source, &lists[i]);
-                    self.reconcile(lists, running, tasks);
+                    self.reconcile(lists, running);
                 }
             }
         }
@@ -827,12 +847,7 @@ impl Acme {
 
     /// Make the sourced domains what `lists` say: the first listing of a name wins, a
     /// configured domain's name is never taken, a domain whose route changed is started again.
-    fn reconcile(
-        self: &Arc<Self>,
-        lists: &[Vec<Entry>],
-        running: &mut HashMap<String, tokio::task::AbortHandle>,
-        tasks: &mut JoinSet<()>,
-    ) {
+    fn reconcile(self: &Arc<Self>, lists: &[Vec<Entry>], running: &mut Running) {
         let current = self.sourced.load_full();
         let mut wanted: BTreeMap<String, (usize, DomainConfig)> = BTreeMap::new();
         let mut order = Vec::new();
@@ -878,30 +893,68 @@ impl Acme {
                 .exact
                 .get(&name)
                 .or_else(|| current.wildcard.get(name.strip_prefix("*.").unwrap_or("")))
-                .filter(|d| d.config == config && running.contains_key(&name))
+                .filter(|d| d.config == config && running.tasks.contains_key(&name))
                 .cloned();
             let domain = match kept {
                 Some(d) => d,
                 None => {
-                    if let Some(old) = running.remove(&name) {
+                    if let Some(old) = running.tasks.remove(&name) {
                         old.abort();
                     }
                     let d = Domain::new(config, Some(self.sources[i].config.name.clone()));
                     super::renewal::load_stored(self.store.as_ref(), &d);
                     let d = Arc::new(d);
-                    running.insert(name.clone(), self.start_domain(&d, tasks));
+                    let task = self.start_domain(&d, &mut running.set);
+                    running.tasks.insert(name.clone(), task);
                     added += 1;
                     d
                 }
             };
+            // Listed (again): not on its way out.
+            if running.dropped.remove(&name).is_some() {
+                domain.set(|s| s.removing_at = None);
+            }
             match name.strip_prefix("*.") {
                 Some(base) => next.wildcard.insert(base.to_owned(), domain.clone()),
                 None => next.exact.insert(name, domain.clone()),
             };
             next.list.push(domain);
         }
+        // Dropped by its source: served on through the source's grace, then gone.
+        let now = SystemTime::now();
+        let listed: HashSet<String> = next.list.iter().map(|d| d.name().to_owned()).collect();
+        running.grace_ends = None;
+        for d in &current.list {
+            let name = d.name();
+            let grace = self
+                .sources
+                .iter()
+                .find(|s| d.source.as_deref() == Some(s.config.name.as_str()))
+                .map_or(Duration::ZERO, |s| s.config.grace);
+            if listed.contains(name) || grace.is_zero() || !running.tasks.contains_key(name) {
+                continue;
+            }
+            let since = *running.dropped.entry(name.to_owned()).or_insert(now);
+            let until = since + grace;
+            if now >= until {
+                continue;
+            }
+            if !d.state.lock().is_ok_and(|s| s.removing_at.is_some()) {
+                tracing::info!(domain = %name, until = %crate::clock::rfc3339_of(until), "dropped by its source: served until its grace ends");
+            }
+            d.set(|s| s.removing_at = Some(until));
+            running.grace_ends = Some(running.grace_ends.map_or(until, |t| t.min(until)));
+            match name.strip_prefix("*.") {
+                Some(base) => next.wildcard.insert(base.to_owned(), d.clone()),
+                None => next.exact.insert(name.to_owned(), d.clone()),
+            };
+            next.list.push(d.clone());
+        }
         let keep: HashSet<&str> = next.list.iter().map(|d| d.name()).collect();
-        running.retain(|name, task| {
+        running
+            .dropped
+            .retain(|name, _| keep.contains(name.as_str()));
+        running.tasks.retain(|name, task| {
             let stays = keep.contains(name.as_str());
             if !stays {
                 task.abort();
@@ -1037,6 +1090,7 @@ mod tests {
             interval: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
             max_domains: 10,
+            grace: Duration::ZERO,
             route: DomainConfig {
                 names: Vec::new(),
                 backend: crate::config::domains::parse_target("app:80").unwrap(),

@@ -45,6 +45,7 @@ pub struct RawSource {
     pub interval: Option<DurationValue>,
     pub timeout: Option<DurationValue>,
     pub max_domains: Option<usize>,
+    pub grace: Option<DurationValue>,
     pub backend: Option<String>,
     pub mode: Option<String>,
     pub issuer: Option<String>,
@@ -204,6 +205,7 @@ pub(super) fn on_demand(
             Duration::from_secs(5),
         ),
         max_domains,
+        grace: Duration::ZERO,
         route,
     })
 }
@@ -223,6 +225,10 @@ pub struct SourceConfig {
     pub timeout: Duration,
     /// A list longer than this is refused whole (the last good one stays).
     pub max_domains: usize,
+    /// A domain the list drops is served this much longer (none: it goes at once), so a
+    /// customer removed by mistake is not cut off before someone notices.
+    #[serde(with = "secs")]
+    pub grace: Duration,
     /// The route of a listed domain whose entry names none (its names left empty).
     pub route: DomainConfig,
 }
@@ -322,12 +328,17 @@ pub(super) fn sources(
         ) else {
             continue;
         };
+        let grace = match &s.grace {
+            Some(g) => c.long_duration(&format!("{key}.grace"), Some(g), Duration::ZERO),
+            None => Duration::ZERO,
+        };
         out.push(SourceConfig {
             name,
             kind,
             interval,
             timeout,
             max_domains,
+            grace,
             route,
         });
     }

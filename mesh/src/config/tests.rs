@@ -606,7 +606,18 @@ fn domain_sources_name_their_list_and_route() {
     assert_eq!(s.max_domains, 500);
     assert_eq!(s.interval, Duration::from_secs(60));
     assert_eq!(s.route.backend.to_string(), "app:80");
+    assert_eq!(
+        s.grace,
+        Duration::ZERO,
+        "a dropped domain goes at once by default"
+    );
     assert!(ok.public.serves_domains());
+    let graced = Config::from_toml(&src("file = \"/l\"\ngrace = \"24h\"\n"), &no_env()).unwrap();
+    assert_eq!(graced.public.sources[0].grace, Duration::from_secs(86400));
+    assert_eq!(
+        keys(&src("file = \"/l\"\ngrace = \"soon\"\n")),
+        ["domain_sources[0].grace"]
+    );
     // The token is never shown (check-config prints the configuration).
     assert!(!serde_json::to_string(&ok.public)
         .unwrap()
