@@ -224,12 +224,10 @@ impl Acme {
             }
             Pointing::Here(how) => {
                 let served = d.served.load().is_some();
-                let mut held = false;
                 d.set(|s| {
                     s.dns_health = Some(format!("points here: {how}"));
                     s.dns_moved = None;
                     s.dns_moved_since = None;
-                    held = std::mem::take(&mut s.order_held);
                     if s.status == Some(Status::DnsMoved) {
                         s.status = Some(if served {
                             Status::Valid
@@ -240,10 +238,9 @@ impl Acme {
                 });
                 if was_moved {
                     tracing::info!(domain = %d.name(), %how, "domain's DNS points here again");
-                }
-                // The order it held back goes now.
-                if held {
-                    d.renew_now.notify_one();
+                    // An order held back goes now (a lifecycle not holding one looks again and
+                    // finds nothing due: no order).
+                    d.dns_back.notify_one();
                 }
             }
             Pointing::Unknown(why) => {

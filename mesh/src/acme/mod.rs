@@ -214,8 +214,6 @@ struct DomainState {
     dns_moved_since: Option<SystemTime>,
     /// The last health check, in words.
     dns_health: Option<String>,
-    /// The lifecycle holds an order back until the DNS points here.
-    order_held: bool,
 }
 
 /// One public domain at run time.
@@ -231,6 +229,8 @@ pub struct Domain {
     serving: Arc<ArcSwapOption<CertifiedKey>>,
     state: Mutex<DomainState>,
     renew_now: Notify,
+    /// Its DNS points here again (an order held back goes).
+    dns_back: Notify,
     /// Ticks at every change of what it serves or of its state (handshakes waiting for an
     /// on-demand certificate watch it).
     events: tokio::sync::watch::Sender<()>,
@@ -255,6 +255,7 @@ impl Domain {
             serving: Arc::new(ArcSwapOption::empty()),
             state: Mutex::new(DomainState::default()),
             renew_now: Notify::new(),
+            dns_back: Notify::new(),
             events: tokio::sync::watch::Sender::new(()),
         }
     }

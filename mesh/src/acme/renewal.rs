@@ -363,13 +363,11 @@ impl Acme {
             // and spend the CA's limits. Hold it until the DNS points here (the health check
             // wakes it), or a while.
             if let Err(why) = Box::pin(self.points_here(&d)).await {
-                d.set(|s| {
-                    s.order_held = true;
-                    s.last_error = Some(format!("DNS moved: {why}"));
-                });
+                d.set(|s| s.last_error = Some(format!("DNS moved: {why}")));
                 let wait = self.health.as_ref().map_or(RECHECK, |h| h.interval());
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
+                    _ = d.dns_back.notified() => {}
                     _ = d.renew_now.notified() => {}
                 }
                 continue;
