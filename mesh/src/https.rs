@@ -83,6 +83,22 @@ pub fn connector<R>(
         .wrap_connector(dial)
 }
 
+/// A client for `GET`s (no request body) under the WebPKI roots, dialling within `timeout`:
+/// the PCCS, domain sources, the on-demand `ask` endpoint.
+pub type GetClient = hyper_util::client::legacy::Client<
+    HttpsConnector<HttpConnector>,
+    http_body_util::Empty<bytes::Bytes>,
+>;
+
+/// A [`GetClient`] whose connections are dialled within `timeout`.
+pub fn get_client(timeout: Duration) -> Result<GetClient, RootsError> {
+    let connector = connector(client_config(&[])?, dialer(timeout));
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(connector),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

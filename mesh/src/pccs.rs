@@ -7,8 +7,7 @@
 use std::{path::Path, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use http_body_util::{BodyExt, Limited};
 use ratls::{
     attested::Attestor,
     quote::{Collateral, PccsResponses},
@@ -71,10 +70,7 @@ type Answer = (Bytes, Option<String>);
 #[derive(Clone)]
 pub struct Pccs {
     base: String,
-    client: Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        Empty<Bytes>,
-    >,
+    client: crate::https::GetClient,
 }
 
 impl std::fmt::Debug for Pccs {
@@ -88,11 +84,9 @@ impl std::fmt::Debug for Pccs {
 impl Pccs {
     /// A client for the PCCS at `base` (https with the WebPKI roots, or http for a local one).
     pub fn new(base: &str) -> Result<Self, crate::https::RootsError> {
-        let tls = crate::https::client_config(&[])?;
-        let connector = crate::https::connector(tls, crate::https::dialer(TIMEOUT));
         Ok(Self {
             base: base.trim_end_matches('/').to_owned(),
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            client: crate::https::get_client(TIMEOUT)?,
         })
     }
 

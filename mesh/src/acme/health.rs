@@ -124,7 +124,7 @@ impl Health {
                 }));
             }
         }
-        let addresses = addresses(&answer);
+        let addresses = addresses_of(&answer);
         let Some(gateway) = &self.config.gateway else {
             return Pointing::Moved(format!(
                 "no {txt_owner} TXT names this app (and no gateway domain to compare with)"
@@ -157,10 +157,7 @@ impl Health {
     }
 }
 
-fn addresses(answer: &Answer) -> Vec<String> {
-    addresses_of(answer)
-}
-
+/// The A records' addresses in `answer`.
 fn addresses_of(answer: &Answer) -> Vec<String> {
     answer
         .records

@@ -10,8 +10,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use http_body_util::Empty;
 use tokio::sync::{mpsc, oneshot, OnceCell, Semaphore};
 
 use super::{Acme, Domain, Status};
@@ -40,10 +38,7 @@ struct Asked {
 pub(super) struct OnDemand {
     pub(super) config: OnDemandConfig,
     timeout: Duration,
-    client: hyper_util::client::legacy::Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        Empty<Bytes>,
-    >,
+    client: crate::https::GetClient,
     asked: Mutex<HashMap<String, Arc<Asked>>>,
     asking: Semaphore,
     pub(super) requests: mpsc::Sender<Request>,
@@ -65,16 +60,11 @@ impl OnDemand {
         config: OnDemandConfig,
         timeout: Duration,
     ) -> Result<Self, crate::https::RootsError> {
-        let tls = crate::https::client_config(&[])?;
-        let connector = crate::https::connector(tls, crate::https::dialer(timeout));
         let (requests, inbox) = mpsc::channel(64);
         Ok(Self {
             config,
             timeout,
-            client: hyper_util::client::legacy::Client::builder(
-                hyper_util::rt::TokioExecutor::new(),
-            )
-            .build(connector),
+            client: crate::https::get_client(timeout)?,
             asked: Mutex::default(),
             asking: Semaphore::new(MAX_ASKING),
             requests,

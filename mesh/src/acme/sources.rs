@@ -350,11 +350,6 @@ impl Source {
     }
 }
 
-type HttpsClient = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    Empty<Bytes>,
->;
-
 /// Reads one source, keeping what the next read needs: the last list (an unchanged one is
 /// not taken again), a file's last bytes, an endpoint's ETag, a Redis connection.
 struct Reader {
@@ -362,18 +357,14 @@ struct Reader {
     last: Option<Parsed>,
     last_bytes: Option<Bytes>,
     etag: Option<String>,
-    http: Option<HttpsClient>,
+    http: Option<crate::https::GetClient>,
     redis: Option<redis::aio::MultiplexedConnection>,
 }
 
 impl Reader {
     fn new(config: &SourceConfig) -> Self {
         let http = match &config.kind {
-            SourceKind::Http { .. } => crate::https::client_config(&[]).ok().map(|tls| {
-                let connector = crate::https::connector(tls, crate::https::dialer(config.timeout));
-                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                    .build(connector)
-            }),
+            SourceKind::Http { .. } => crate::https::get_client(config.timeout).ok(),
             _ => None,
         };
         Self {
