@@ -29,7 +29,8 @@ ENV CARGO_PROFILE_RELEASE_STRIP=debuginfo \
     CARGO_INCREMENTAL=0
 RUN cargo build --release --locked -p dstack-mesh --bin dstack-mesh --features etcd \
  && mkdir -p /out/store \
- && cp target/release/dstack-mesh /out/dstack-mesh
+ && cp target/release/dstack-mesh /out/dstack-mesh \
+ && rm -rf target
 
 FROM ${RUNTIME}
 ARG VERSION=0.1.0
