@@ -78,6 +78,8 @@ fn headers(data: &[u8]) -> http::HeaderMap {
 struct Names;
 
 impl PublicNames for Names {
+    type Domain = String;
+
     fn has_challenge(&self, name: &str) -> bool {
         name == "challenge.example.com"
     }
@@ -100,7 +102,8 @@ pub fn client_hello(data: &[u8]) {
         }
         match acceptor.accept() {
             Ok(Some(accepted)) => {
-                let hello = Hello::from_rustls(&accepted.client_hello());
+                let client_hello = accepted.client_hello();
+                let hello = Hello::from_rustls(&client_hello);
                 let _ = route(&hello, &Names);
                 return;
             }

@@ -174,8 +174,9 @@ impl Acme {
     pub async fn admit(&self, name: &str) -> Option<Arc<Domain>> {
         let on_demand = self.on_demand.as_ref()?;
         let deadline = tokio::time::Instant::now() + on_demand.config.deadline;
+        // Admitted since the router looked (another handshake's ask came first).
         if let Some(known) = self.lookup(name) {
-            if known.source.as_deref() == Some(crate::config::sources::ON_DEMAND) {
+            if known.awaits_first_certificate() {
                 let _ = tokio::time::timeout_at(deadline, first_certificate(&known)).await;
             }
             return Some(known);
@@ -202,6 +203,24 @@ impl Acme {
         let domain = tokio::time::timeout_at(deadline, admitted).await.ok()??;
         let _ = tokio::time::timeout_at(deadline, first_certificate(&domain)).await;
         Some(domain)
+    }
+
+    /// Until `domain`, admitted on demand, serves its first certificate, its order fails, or
+    /// the on-demand deadline passes.
+    pub async fn first_certificate(&self, domain: &Domain) {
+        if let Some(on_demand) = &self.on_demand {
+            let _ =
+                tokio::time::timeout(on_demand.config.deadline, first_certificate(domain)).await;
+        }
+    }
+}
+
+impl Domain {
+    /// Whether it was admitted on demand and serves no certificate yet: a handshake for it
+    /// waits. A plain load: the hot path of every other handshake.
+    pub fn awaits_first_certificate(&self) -> bool {
+        self.source.as_deref() == Some(crate::config::sources::ON_DEMAND)
+            && self.served.load().is_none()
     }
 }
 

@@ -975,6 +975,28 @@ impl Acme {
 
 /// The route of `entry` from `source`: its own backend and mode, else the source's; refused
 /// when its name is a wildcard the route cannot issue.
+/// Serve `names` as the first source's domains, without lifecycle tasks: the listener's
+/// tests, which need the table and not the orders.
+#[cfg(test)]
+impl Acme {
+    pub(crate) fn install_sourced(&self, names: &[String]) {
+        let source = &self.sources[0].config;
+        let mut next = Sourced::default();
+        for name in names {
+            let entry = Entry {
+                domain: name.clone(),
+                backend: None,
+                mode: None,
+            };
+            let config = route_for(source, &entry).expect("a route");
+            let domain = Arc::new(Domain::new(config, Some(source.name.clone())));
+            next.exact.insert(name.clone(), domain.clone());
+            next.list.push(domain);
+        }
+        self.sourced.store(Arc::new(next));
+    }
+}
+
 fn route_for(source: &SourceConfig, entry: &Entry) -> Result<DomainConfig, String> {
     let mut config = DomainConfig {
         names: vec![entry.domain.clone()],

@@ -355,28 +355,26 @@ impl Inbound {
                 Ok(start) => start,
                 Err(e) => return (remote, Err(Refused::Tls(e, None))),
             };
-            let hello = Hello::from_rustls(&start.client_hello());
-            let route = match route::route(&hello, public) {
-                // A name nothing serves (a customer's first visit, when on-demand admits it),
-                // or one admitted whose certificate is on its way: wait for it.
-                Route::Mesh | Route::PublicDomain(_) => {
-                    match (hello.server_name.as_deref(), public.on_demand()) {
-                        (Some(name), Some((acme, deadline))) => {
-                            let ms = |d: std::time::Duration| d.as_millis() as u64;
-                            waited_ms.store(ms(deadline), std::sync::atomic::Ordering::Relaxed);
-                            let started = tokio::time::Instant::now();
-                            let admitted = acme.admit(name).await;
-                            waited_ms
-                                .store(ms(started.elapsed()), std::sync::atomic::Ordering::Relaxed);
-                            match admitted {
-                                Some(domain) => Route::PublicDomain(domain.name().to_owned()),
-                                None => Route::Mesh,
-                            }
-                        }
-                        _ => route::route(&hello, public),
-                    }
+            let client_hello = start.client_hello();
+            let hello = Hello::from_rustls(&client_hello);
+            // Up to here nothing was allocated for the name: a known domain goes on as it is.
+            let route = match (route::route(&hello, public), public.on_demand()) {
+                // Admitted on demand, its certificate on its way: wait for it.
+                (Route::PublicDomain(domain), Some((acme, deadline)))
+                    if domain.awaits_first_certificate() =>
+                {
+                    waiting(&waited_ms, deadline, acme.first_certificate(&domain)).await;
+                    Route::PublicDomain(domain)
                 }
-                other => other,
+                // A name nothing serves: a customer's first visit, if on-demand admits it.
+                (Route::Mesh, Some((acme, deadline))) => match hello.server_name {
+                    Some(name) => match waiting(&waited_ms, deadline, acme.admit(name)).await {
+                        Some(domain) => Route::PublicDomain(domain),
+                        None => Route::Mesh,
+                    },
+                    None => Route::Mesh,
+                },
+                (route, _) => route,
             };
             let (branch, config) = self.branch(route, public);
             let done = match start.into_stream(config).into_fallible().await {
@@ -441,18 +439,39 @@ impl Inbound {
 
     /// The branch and TLS configuration for `route`; a name the public side no longer serves
     /// goes to the mesh.
-    fn branch(&self, route: Route, public: &PublicSide) -> (Branch, Arc<ServerConfig>) {
+    fn branch(
+        &self,
+        route: Route<Arc<Domain>>,
+        public: &PublicSide,
+    ) -> (Branch, Arc<ServerConfig>) {
         let mesh = || (Branch::Mesh, self.mesh_tls.load_full());
         match route {
-            Route::AcmeChallenge(_) => public
+            Route::AcmeChallenge => public
                 .challenge_tls()
                 .map_or_else(mesh, |tls| (Branch::Challenge, tls)),
-            Route::PublicDomain(name) => public
-                .domain(&name)
-                .map_or_else(mesh, |(domain, tls)| (Branch::Public(domain), tls)),
+            Route::PublicDomain(domain) => match public.tls(&domain) {
+                Some(tls) => (Branch::Public(domain), tls),
+                None => mesh(),
+            },
             Route::Mesh => mesh(),
         }
     }
+}
+
+/// Run `wait`, an on-demand wait bounded by `deadline`, with `waited_ms` telling the
+/// handshake's deadline how long it has taken (at most `deadline` while it runs).
+async fn waiting<T>(
+    waited_ms: &std::sync::atomic::AtomicU64,
+    deadline: std::time::Duration,
+    wait: impl std::future::Future<Output = T>,
+) -> T {
+    use std::sync::atomic::Ordering::Relaxed;
+    let ms = |d: std::time::Duration| d.as_millis() as u64;
+    waited_ms.store(ms(deadline), Relaxed);
+    let started = tokio::time::Instant::now();
+    let done = wait.await;
+    waited_ms.store(ms(started.elapsed()), Relaxed);
+    done
 }
 
 /// After refusing a handshake: the alert is written; close our side and read what the client

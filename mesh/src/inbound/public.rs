@@ -40,7 +40,6 @@ pub struct PublicSide {
 
 /// One domain as the listener serves it.
 struct Served {
-    domain: Arc<Domain>,
     tls: Arc<ServerConfig>,
     /// `http` mode's backend pool.
     upstream: Option<Upstream>,
@@ -92,7 +91,6 @@ impl PublicSide {
                 Mode::Tcp => (None, HashMap::new()),
             };
             let served = Served {
-                domain: domain.clone(),
                 tls,
                 upstream,
                 routes,
@@ -124,23 +122,21 @@ impl PublicSide {
         self.challenge_tls.clone()
     }
 
-    /// The domain whose primary name is `name`, and its TLS configuration: a configured
-    /// one's, or a sourced one's (built at its first connection and kept with it).
-    pub(super) fn domain(&self, name: &str) -> Option<(Arc<Domain>, Arc<ServerConfig>)> {
-        if let Some(served) = self.domains.get(name) {
-            return Some((served.domain.clone(), served.tls.clone()));
+    /// The TLS configuration of `domain`: a configured one's, or a sourced one's (built at its
+    /// first connection and kept with it). None when this listener does not serve it.
+    pub(super) fn tls(&self, domain: &Domain) -> Option<Arc<ServerConfig>> {
+        if domain.source.is_none() {
+            return self.domains.get(domain.name()).map(|s| s.tls.clone());
         }
-        let domain = self.acme.as_ref()?.lookup(name)?;
-        let tls = match domain.tls.get() {
-            Some(tls) => tls.clone(),
-            None => {
-                let tls = domain_tls(&domain, self.ticketer.as_ref()?)
-                    .map_err(|e| tracing::error!(domain = %domain.name(), error = %e, "no TLS configuration"))
-                    .ok()?;
-                domain.tls.get_or_init(|| tls).clone()
-            }
-        };
-        Some((domain, tls))
+        if let Some(tls) = domain.tls.get() {
+            return Some(tls.clone());
+        }
+        let tls = domain_tls(domain, self.ticketer.as_ref()?)
+            .map_err(
+                |e| tracing::error!(domain = %domain.name(), error = %e, "no TLS configuration"),
+            )
+            .ok()?;
+        Some(domain.tls.get_or_init(|| tls).clone())
     }
 
     /// The `http` mode backend pool for a connection to `domain` that asked for `sni`.
@@ -178,14 +174,16 @@ fn domain_tls(
 }
 
 impl PublicNames for PublicSide {
+    type Domain = Arc<Domain>;
+
     fn has_challenge(&self, name: &str) -> bool {
         self.acme
             .as_ref()
             .is_some_and(|a| a.challenges().has_tls_alpn(name))
     }
 
-    fn domain_for(&self, name: &str) -> Option<String> {
-        Some(self.acme.as_ref()?.lookup(name)?.name().to_owned())
+    fn domain_for(&self, name: &str) -> Option<Arc<Domain>> {
+        self.acme.as_ref()?.lookup(name)
     }
 }
 
@@ -320,6 +318,81 @@ fn same_family(client: SocketAddr, local: SocketAddr) -> (SocketAddr, SocketAddr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inbound::route::{route, Hello, Route};
+
+    /// A listener's public side with one configured domain (and an alias) and `n` domains
+    /// from a source, nothing ordered.
+    fn public_side(dir: &std::path::Path, n: usize) -> (PublicSide, Vec<String>) {
+        let names: Vec<String> = (0..n)
+            .map(|i| format!("c{i}.customer{}.test", i % 97))
+            .collect();
+        let text = format!(
+            "[acme]\nstore = \"{store}\"\nissuer = \"internal-ca\"\n\
+             [[domains]]\nnames = [\"app.example.com\", \"www.example.com\"]\nbackend = \"127.0.0.1:9\"\n\
+             [[domain_sources]]\nfile = \"{list}\"\nbackend = \"127.0.0.1:9\"\n",
+            store = dir.join("store").display(),
+            list = dir.join("customers.txt").display(),
+        );
+        let env: HashMap<&str, &str> = HashMap::new();
+        let config = crate::config::Config::from_toml(&text, &env).unwrap();
+        let shared = crate::acme::Shared {
+            store: config.store.clone(),
+            app_id: "5bb4ff9a3837357f19dc176407a5709c62eb6c56".parse().unwrap(),
+        };
+        let agent = ratls::agent::AgentClient::new(ratls::agent::AgentAddress::Unix(
+            dir.join("no-agent.sock"),
+        ));
+        let acme = Acme::new(&config.public, &shared, agent, None).unwrap();
+        acme.install_sourced(&names);
+        (PublicSide::new(acme, &config.inbound).unwrap(), names)
+    }
+
+    /// The router's decision and the TLS configuration it leads to, as a handshake makes them.
+    fn lookup(public: &PublicSide, sni: &str) -> Option<(Arc<Domain>, Arc<ServerConfig>)> {
+        let hello = Hello {
+            server_name: Some(sni),
+            offers_acme_tls: false,
+        };
+        match route(&hello, public) {
+            Route::PublicDomain(domain) => {
+                let tls = public.tls(&domain)?;
+                Some((domain, tls))
+            }
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn the_sni_lookup_among_10000_domains_allocates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (public, names) = public_side(dir.path(), 10_000);
+        // A sourced domain's TLS configuration is built at its first connection, once.
+        for name in &names {
+            let (domain, _) = lookup(&public, name).expect(name);
+            assert_eq!(domain.name(), name);
+        }
+        let (first, _) = lookup(&public, &names[0]).unwrap();
+        let again = allocation_counter::measure(|| {
+            for name in names.iter().chain(&names) {
+                std::hint::black_box(lookup(&public, name));
+            }
+        });
+        assert_eq!(again.count_total, 0, "{} lookups", 2 * names.len());
+        let (after, _) = lookup(&public, &names[0]).unwrap();
+        assert!(Arc::ptr_eq(&first, &after));
+
+        // Configured names (an alias too), and the names nothing here serves (the mesh's).
+        let mesh_name = "5bb4ff9a3837357f19dc176407a5709c62eb6c56-443s.gw.test";
+        let others = allocation_counter::measure(|| {
+            for name in ["app.example.com", "www.example.com", mesh_name] {
+                std::hint::black_box(lookup(&public, name));
+            }
+        });
+        assert_eq!(others.count_total, 0);
+        let app = lookup(&public, "www.example.com").unwrap().0;
+        assert_eq!(app.name(), "app.example.com");
+        assert!(lookup(&public, mesh_name).is_none());
+    }
 
     #[test]
     fn a_proxy_header_carries_one_family() {

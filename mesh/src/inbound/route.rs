@@ -5,47 +5,46 @@
 
 use crate::acme::challenge::ACME_TLS_ALPN;
 
-/// What the listener needs from a ClientHello.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Hello {
-    /// SNI, lowercased, without a trailing dot.
-    pub server_name: Option<String>,
-    /// ALPN protocols offered, in the client's order.
-    pub alpn: Vec<Vec<u8>>,
+/// What the listener needs from a ClientHello, borrowed from it: reading it allocates nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Hello<'a> {
+    /// SNI: rustls has lowercased it and taken off a trailing dot.
+    pub server_name: Option<&'a str>,
+    /// Whether `acme-tls/1` is among the ALPN protocols offered.
+    pub offers_acme_tls: bool,
 }
 
-impl Hello {
+impl<'a> Hello<'a> {
     /// Read the parts of a rustls ClientHello the router uses.
-    pub fn from_rustls(hello: &rustls::server::ClientHello<'_>) -> Self {
+    pub fn from_rustls(hello: &'a rustls::server::ClientHello<'_>) -> Self {
         Self {
-            server_name: hello
-                .server_name()
-                .map(|n| n.trim_end_matches('.').to_ascii_lowercase()),
-            alpn: hello
+            server_name: hello.server_name(),
+            offers_acme_tls: hello
                 .alpn()
-                .map(|protocols| protocols.map(<[u8]>::to_vec).collect())
-                .unwrap_or_default(),
+                .is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN)),
         }
     }
 }
 
-/// Where a connection goes.
+/// Where a connection goes; `D` is the public side's handle on a domain.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Route {
+pub enum Route<D> {
     /// An ACME TLS-ALPN-01 validation for a name with a pending challenge.
-    AcmeChallenge(String),
+    AcmeChallenge,
     /// A public custom domain: its ACME certificate, no client certificate.
-    PublicDomain(String),
+    PublicDomain(D),
     /// Everything else: the mesh, with a client certificate required.
     Mesh,
 }
 
 /// The public names this listener serves; the ACME subsystem implements it.
 pub trait PublicNames: Send + Sync {
+    /// What a lookup finds: cheap to hand on (an `Arc`), so the hot path copies no name.
+    type Domain;
     /// Whether `name` has a TLS-ALPN-01 challenge pending.
     fn has_challenge(&self, name: &str) -> bool;
     /// The configured domain that serves `name` (exact, alias or wildcard), if any.
-    fn domain_for(&self, name: &str) -> Option<String>;
+    fn domain_for(&self, name: &str) -> Option<Self::Domain>;
 }
 
 /// No public domains (the mesh only).
@@ -53,23 +52,25 @@ pub trait PublicNames: Send + Sync {
 pub struct NoPublicNames;
 
 impl PublicNames for NoPublicNames {
+    type Domain = std::convert::Infallible;
+
     fn has_challenge(&self, _name: &str) -> bool {
         false
     }
 
-    fn domain_for(&self, _name: &str) -> Option<String> {
+    fn domain_for(&self, _name: &str) -> Option<Self::Domain> {
         None
     }
 }
 
 /// Decide where a connection goes.
-pub fn route(hello: &Hello, names: &dyn PublicNames) -> Route {
-    let Some(name) = hello.server_name.as_deref() else {
+pub fn route<N: PublicNames + ?Sized>(hello: &Hello<'_>, names: &N) -> Route<N::Domain> {
+    let Some(name) = hello.server_name else {
         return Route::Mesh;
     };
     // A validation server offers only acme-tls/1; never hand it anything but the challenge.
-    if hello.alpn.iter().any(|p| p == ACME_TLS_ALPN) && names.has_challenge(name) {
-        return Route::AcmeChallenge(name.to_owned());
+    if hello.offers_acme_tls && names.has_challenge(name) {
+        return Route::AcmeChallenge;
     }
     match names.domain_for(name) {
         Some(domain) => Route::PublicDomain(domain),
@@ -84,6 +85,8 @@ mod tests {
     struct Names;
 
     impl PublicNames for Names {
+        type Domain = String;
+
         fn has_challenge(&self, name: &str) -> bool {
             name == "new.example.com"
         }
@@ -97,10 +100,10 @@ mod tests {
         }
     }
 
-    fn hello(sni: Option<&str>, alpn: &[&[u8]]) -> Hello {
+    fn hello<'a>(sni: Option<&'a str>, alpn: &[&[u8]]) -> Hello<'a> {
         Hello {
-            server_name: sni.map(str::to_owned),
-            alpn: alpn.iter().map(|p| p.to_vec()).collect(),
+            server_name: sni,
+            offers_acme_tls: alpn.contains(&ACME_TLS_ALPN),
         }
     }
 
@@ -112,10 +115,7 @@ mod tests {
             (hello(None, web), Route::Mesh),
             (hello(None, acme), Route::Mesh),
             (hello(Some("app1-443s.gw.example"), web), Route::Mesh),
-            (
-                hello(Some("new.example.com"), acme),
-                Route::AcmeChallenge("new.example.com".into()),
-            ),
+            (hello(Some("new.example.com"), acme), Route::AcmeChallenge),
             // No pending challenge: acme-tls/1 alone earns nothing.
             (
                 hello(Some("app.example.com"), acme),
@@ -136,7 +136,7 @@ mod tests {
         }
         assert_eq!(
             route(&hello(Some("app.example.com"), web), &NoPublicNames),
-            Route::Mesh
+            Route::<std::convert::Infallible>::Mesh
         );
     }
 }
