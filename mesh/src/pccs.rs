@@ -229,11 +229,13 @@ pub async fn keep(attestor: Arc<Attestor>, pccs: Pccs, fmspc: String, dir: std::
                     tracing::warn!(pccs = %pccs.base, %fmspc, served = %collateral.fmspc, "attestation: the PCCS served collateral for another platform; not used");
                 }
                 Ok((collateral, responses)) => {
-                    tracing::info!(pccs = %pccs.base, %fmspc, next_update = %crate::clock::rfc3339(collateral.next_update), "attestation: collateral fetched");
                     if let Err(e) = write_dir(&dir, &responses) {
                         tracing::warn!(dir = %dir.display(), error = %e, "attestation: collateral not cached on disk");
                     }
+                    let next_update = collateral.next_update;
                     attestor.set_collateral(collateral);
+                    // Said once it is cached and in use.
+                    tracing::info!(pccs = %pccs.base, %fmspc, next_update = %crate::clock::rfc3339(next_update), "attestation: collateral fetched");
                     failures = 0;
                 }
                 Err(e) => {
