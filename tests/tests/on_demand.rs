@@ -82,7 +82,7 @@ struct Setup {
 impl Setup {
     /// The configured domain and `[on_demand]` asking [`Ask`].
     async fn start() -> Self {
-        Self::start_with("", |_, ask, backend| {
+        Self::start_with("", |_, ask, backend, _| {
             format!(
                 "[on_demand]\nask = \"http://{ask}/check\"\nask_timeout = \"2s\"\n\
                  backend = \"{backend}\"\ndeadline = \"60s\"\n"
@@ -92,10 +92,10 @@ impl Setup {
     }
 
     /// The configured domain, `acme` more `[acme]` lines, and what `tail` writes given
-    /// pebble, the `ask` endpoint's address and the backend's.
+    /// pebble, the `ask` endpoint's address, the backend's and the inbound port.
     async fn start_with(
         acme: &str,
-        tail: impl FnOnce(&Pebble, SocketAddr, SocketAddr) -> String,
+        tail: impl FnOnce(&Pebble, SocketAddr, SocketAddr, u16) -> String,
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let inbound_port = free_port();
@@ -128,7 +128,7 @@ impl Setup {
                 store = dir.path().join("store").display(),
                 directory = pebble.directory,
                 ca = pebble.ca_file.display(),
-                tail = tail(&pebble, ask_addr, backend.addr),
+                tail = tail(&pebble, ask_addr, backend.addr, inbound_port),
             ),
         )
         .unwrap();
@@ -152,21 +152,30 @@ impl Setup {
     /// `n` browsers' first visits to `name`, all at once: how many completed a handshake with
     /// a certificate for it.
     async fn first_visits(&self, name: &str, n: usize) -> usize {
+        self.timed_first_visits(name, n).await.len()
+    }
+
+    /// The same, with how long each handshake that completed took, from its connect.
+    async fn timed_first_visits(&self, name: &str, n: usize) -> Vec<Duration> {
         let mut visits = tokio::task::JoinSet::new();
         for _ in 0..n {
             let (inbound, name, root) = (self.inbound, name.to_owned(), self.root());
             visits.spawn(async move {
-                e2e::client::public_connect(inbound, &name, &root, &[b"http/1.1"]).await
+                let started = std::time::Instant::now();
+                e2e::client::public_connect(inbound, &name, &root, &[b"http/1.1"])
+                    .await
+                    .map(|_| started.elapsed())
             });
         }
-        let mut ok = 0;
+        let mut took = Vec::new();
         while let Some(visit) = visits.join_next().await {
             match visit.unwrap() {
-                Ok(_) => ok += 1,
+                Ok(t) => took.push(t),
                 Err(e) => eprintln!("{name}: a first visit failed: {e}"),
             }
         }
-        ok
+        took.sort();
+        took
     }
 }
 
@@ -189,9 +198,26 @@ async fn concurrent_first_handshakes_wait_on_one_order_and_ask_decides_who_gets_
         Duration::from_millis(10),
     );
 
-    // 8, then 64, first visits to a new name at once: all served, one order each.
-    for (name, n) in [("eight.allowed.test", 8), ("sixty-four.allowed.test", 64)] {
-        assert_eq!(s.first_visits(name, n).await, n, "{}", s.sidecar.stderr());
+    // A single first visit, then 8, then 64 at once to a new name: all served, one order
+    // each. How long they waited is a BENCHMARKS.md row (`BENCH_ONLY=domains scripts/bench`).
+    for (name, n) in [
+        ("one.allowed.test", 1),
+        ("eight.allowed.test", 8),
+        ("sixty-four.allowed.test", 64),
+    ] {
+        let took = s.timed_first_visits(name, n).await;
+        assert_eq!(took.len(), n, "{}", s.sidecar.stderr());
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "on_demand_first_handshake",
+                "concurrent": n,
+                "p50_ms": ms(took[n / 2]),
+                "max_ms": ms(took[n - 1]),
+                "min_ms": ms(took[0]),
+            })
+        );
         orders += 1;
         assert_eq!(s.pebble.orders_seen(), orders, "{name}: one order");
         assert_eq!(s.ask.asked(name), 1, "{name}: asked once");
@@ -238,7 +264,7 @@ async fn a_burst_of_new_domains_queues_behind_the_rate_limit_instead_of_failing(
     let path = list.path().to_owned();
     // Two certificates per registered domain every 8 s: the configured domain and the first
     // listed take the window; the other two wait their turn.
-    let s = Setup::start_with("domain_limit = \"2/8s\"", move |_, _, backend| {
+    let s = Setup::start_with("domain_limit = \"2/8s\"", move |_, _, backend, _| {
         format!(
             "[[domain_sources]]\nfile = \"{}\"\ninterval = \"200ms\"\nbackend = \"{backend}\"\n",
             path.display()
@@ -325,20 +351,31 @@ async fn a_customer_domain_whose_dns_moves_away_is_never_ordered_for_and_comes_b
     let list = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(list.path(), "stays.customer.test\nmoves.customer.test\n").unwrap();
     let path = list.path().to_owned();
-    // Every name resolves to 127.0.0.1 (challtestsrv's default), as the gateway does.
-    let s = Setup::start_with("", move |pebble, _, backend| {
+    // Every name resolves to 127.0.0.1 (challtestsrv's default), as the gateway does; the
+    // sites are probed there, on the inbound port (the gateway's 443).
+    let s = Setup::start_with("", move |pebble, _, backend, inbound| {
         format!(
             "[[domain_sources]]\nfile = \"{}\"\ninterval = \"200ms\"\nbackend = \"{backend}\"\n\
-             [domain_health]\ngateway = \"_.gateway.test\"\ninterval = \"300ms\"\nresolvers = [\"{}\"]\n",
+             [domain_health]\ngateway = \"_.gateway.test\"\ninterval = \"300ms\"\nresolvers = [\"{}\"]\n\
+             probe = true\nprobe_port = {inbound}\nprobe_path = \"/healthz\"\n",
             path.display(),
             pebble.challtestsrv_dns,
         )
     })
     .await;
     for name in ["stays.customer.test", "moves.customer.test"] {
-        let c = until_cert(s.admin, name, "valid", |c| c["status"] == "valid").await;
+        let c = until_cert(s.admin, name, "valid and probed", |c| {
+            c["status"] == "valid" && c["site_probe"].is_string()
+        })
+        .await;
         assert!(
             c["dns_health"].as_str().unwrap().contains("points here"),
+            "{c}"
+        );
+        // The visit went through the listener to the backend with our certificate.
+        let probe = c["site_probe"].as_str().unwrap();
+        assert!(
+            probe.starts_with("ok: our certificate, HTTP 200 for /healthz"),
             "{c}"
         );
     }
@@ -383,6 +420,32 @@ async fn a_customer_domain_whose_dns_moves_away_is_never_ordered_for_and_comes_b
         cert(s.admin, "stays.customer.test").await["status"],
         "valid"
     );
+
+    // The app behind the site fails (its route now leads to a closed port): the probe says
+    // what a visitor meets.
+    let closed = free_port();
+    std::fs::write(
+        list.path(),
+        format!("stays.customer.test 127.0.0.1:{closed}\nmoves.customer.test\n"),
+    )
+    .unwrap();
+    let failing = until_cert(s.admin, "stays.customer.test", "the probe failing", |c| {
+        c["site_probe"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("failed"))
+    })
+    .await;
+    assert!(
+        failing["site_probe"].as_str().unwrap().contains("HTTP 502"),
+        "{failing}"
+    );
+    std::fs::write(list.path(), "stays.customer.test\nmoves.customer.test\n").unwrap();
+    until_cert(s.admin, "stays.customer.test", "the probe ok again", |c| {
+        c["site_probe"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("ok"))
+    })
+    .await;
 
     // A CNAME to the gateway is pointing here too; back, the held renewal goes through.
     s.pebble.challtestsrv(

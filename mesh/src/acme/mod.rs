@@ -167,6 +167,10 @@ pub struct CertStatus {
     /// Where its DNS leads, as last checked (`[domain_health]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_health: Option<String>,
+    /// The last visit to the site through its public path (`[domain_health] probe`):
+    /// `ok: ...` or `failed: ...`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site_probe: Option<String>,
     /// Why its order waits, while the CA's rate limit holds it back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queued: Option<String>,
@@ -214,6 +218,8 @@ struct DomainState {
     dns_moved_since: Option<SystemTime>,
     /// The last health check, in words.
     dns_health: Option<String>,
+    /// The last probe of the site, in words.
+    site_probe: Option<String>,
 }
 
 /// One public domain at run time.
@@ -713,7 +719,7 @@ impl Acme {
                             s.dns_setup.clone(),
                             s.ari.as_ref().map(|a| a.said().to_owned()),
                             s.queued.clone(),
-                            s.dns_health.clone(),
+                            (s.dns_health.clone(), s.site_probe.clone()),
                             s.removing_at,
                         ),
                     )
@@ -724,14 +730,14 @@ impl Acme {
                     next_attempt,
                     counts,
                     (records, fleet, from_fleet),
-                    (setup, renewal_info, queued, dns_health, removing_at),
+                    (setup, renewal_info, queued, (dns_health, site_probe), removing_at),
                 ) = state.unwrap_or((
                     Status::Pending,
                     None,
                     None,
                     (0, 0, 0),
                     (None, None, 0),
-                    (None, None, None, None, None),
+                    (None, None, None, (None, None), None),
                 ));
                 let (consecutive, failures, issued) = counts;
                 CertStatus {
@@ -763,6 +769,7 @@ impl Acme {
                     renewal_info,
                     queued,
                     dns_health,
+                    site_probe,
                     removing_at: removing_at.map(crate::clock::unix_u64),
                     source: d.source.clone(),
                     source_error: d.source.as_deref().and_then(|s| failing.get(s)).cloned(),

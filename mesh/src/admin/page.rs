@@ -52,9 +52,10 @@ impl View {
             || d.source
                 .as_deref()
                 .is_some_and(|s| s.to_ascii_lowercase().contains(&q))
-            || d.last_error
-                .as_deref()
-                .is_some_and(|e| e.to_ascii_lowercase().contains(&q))
+            || [&d.last_error, &d.site_probe]
+                .iter()
+                .filter_map(|t| t.as_deref())
+                .any(|t| t.to_ascii_lowercase().contains(&q))
     }
 
     /// A link to page `page` of this search.
@@ -238,6 +239,14 @@ fn domain_row(out: &mut String, i: usize, d: &CertStatus, now: i64) {
     if let Some(r) = &d.dns_records {
         let class = if r.starts_with("error") { "error" } else { "" };
         item("DNS records", r, class);
+    }
+    if let Some(h) = &d.dns_health {
+        let class = if h.starts_with("moved") { "error" } else { "" };
+        item("DNS", h, class);
+    }
+    if let Some(p) = &d.site_probe {
+        let class = if p.starts_with("failed") { "error" } else { "" };
+        item("site probe", p, class);
     }
     for r in d.dns_setup.iter().flatten() {
         // Each record the operator must create (DNS_SETUP_MODE), and whether it is seen.

@@ -429,6 +429,9 @@ pub struct RawHealth {
     pub gateway: Option<String>,
     pub interval: Option<DurationValue>,
     pub resolvers: Option<Vec<String>>,
+    pub probe: Option<bool>,
+    pub probe_port: Option<u16>,
+    pub probe_path: Option<String>,
 }
 
 /// Whether each customer domain (from a source or on demand) still points at this app.
@@ -446,6 +449,17 @@ pub struct HealthConfig {
     /// The app-address TXT prefix (`_dstack-app-address`): a TXT naming this app there
     /// counts as pointing here too.
     pub txt_prefix: String,
+    /// Visit each site as a browser would after each check that finds its DNS pointing here.
+    pub probe: Option<ProbeConfig>,
+}
+
+/// `[domain_health] probe`: a visit to each customer site through the public path.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ProbeConfig {
+    /// The port dialled at the address the domain resolves to (the gateway's; 443).
+    pub port: u16,
+    /// The path requested (`/`).
+    pub path: String,
 }
 
 /// `[domain_health]`, defaults from `[dns]`.
@@ -475,5 +489,18 @@ pub(super) fn health(raw: &RawHealth, dns: &super::dns::DnsConfig, c: &mut Check
         ),
         resolvers,
         txt_prefix: dns.txt_prefix.clone(),
+        probe: raw.probe.unwrap_or(false).then(|| {
+            let path = raw.probe_path.clone().unwrap_or_else(|| "/".to_owned());
+            if !path.starts_with('/') || path.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+                c.fail(
+                    "domain_health.probe_path",
+                    format!("{path:?} is not a request path (it starts with /, no spaces)"),
+                );
+            }
+            ProbeConfig {
+                port: raw.probe_port.unwrap_or(443),
+                path,
+            }
+        }),
     }
 }
