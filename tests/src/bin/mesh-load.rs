@@ -90,6 +90,10 @@ struct RunArgs {
     /// Server name for SNI, certificate verification and the Host header (public).
     #[arg(long)]
     sni: Option<String>,
+    /// Server names, one per line, instead of `--sni`: each new connection takes the next
+    /// (public; a sidecar serving many domains, visited across all of them).
+    #[arg(long)]
+    sni_file: Option<PathBuf>,
     /// Root certificates (PEM) the server's chain must lead to (public).
     #[arg(long)]
     ca: Option<PathBuf>,
@@ -212,9 +216,10 @@ type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
 struct Dialer {
     addr: SocketAddr,
     tls: Option<tokio_rustls::TlsConnector>,
-    name: ServerName<'static>,
-    // The Host header and the authority of the request URI.
-    host: String,
+    /// The server names (SNI) with the Host header and the authority of the request URI of
+    /// each: a new connection takes the next.
+    names: Vec<(ServerName<'static>, String)>,
+    next: std::sync::atomic::AtomicUsize,
     h2: bool,
     headers: Vec<(http::HeaderName, http::HeaderValue)>,
     proxy_v2: bool,
@@ -235,13 +240,16 @@ fn proxy_v2_header(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
     h
 }
 
+/// A connection, and which of the dialer's names it was made for.
 enum Conn {
-    H1(Sender),
-    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+    H1(Sender, usize),
+    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>, usize),
 }
 
 impl Dialer {
     async fn connect(&self) -> std::io::Result<Conn> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.names.len();
+        let (name, _) = &self.names[i];
         let mut tcp = TcpStream::connect(self.addr).await?;
         tcp.set_nodelay(true)?;
         if self.proxy_v2 {
@@ -249,9 +257,9 @@ impl Dialer {
             tokio::io::AsyncWriteExt::write_all(&mut tcp, &header).await?;
         }
         match &self.tls {
-            None => Ok(Conn::H1(h1(TokioIo::new(tcp)).await?)),
+            None => Ok(Conn::H1(h1(TokioIo::new(tcp)).await?, i)),
             Some(tls) => {
-                let stream = tls.connect(self.name.clone(), tcp).await?;
+                let stream = tls.connect(name.clone(), tcp).await?;
                 if self.h2 {
                     let (send, conn) = hyper::client::conn::http2::handshake(
                         TokioExecutor::new(),
@@ -260,9 +268,9 @@ impl Dialer {
                     .await
                     .map_err(std::io::Error::other)?;
                     tokio::spawn(conn);
-                    Ok(Conn::H2(send))
+                    Ok(Conn::H2(send, i))
                 } else {
-                    Ok(Conn::H1(h1(TokioIo::new(stream)).await?))
+                    Ok(Conn::H1(h1(TokioIo::new(stream)).await?, i))
                 }
             }
         }
@@ -282,7 +290,8 @@ where
 
 impl Conn {
     async fn get(&mut self, dialer: &Dialer) -> Result<(), String> {
-        let host = &dialer.host;
+        let (Self::H1(_, i) | Self::H2(_, i)) = self;
+        let host = &dialer.names[*i].1;
         let mut req = Request::get(format!("https://{host}/bench"))
             .header("host", host)
             .body(Empty::new())
@@ -291,11 +300,11 @@ impl Conn {
             req.headers_mut().insert(k, v.clone());
         }
         let resp = match self {
-            Self::H1(s) => {
+            Self::H1(s, _) => {
                 s.ready().await.map_err(|e| e.to_string())?;
                 s.send_request(req).await
             }
-            Self::H2(s) => {
+            Self::H2(s, _) => {
                 s.ready().await.map_err(|e| e.to_string())?;
                 s.send_request(req).await
             }
@@ -341,8 +350,8 @@ async fn dialer(args: &RunArgs) -> (Dialer, Option<RotatingIdentity>) {
                 Dialer {
                     addr: args.addr,
                     tls: None,
-                    name,
-                    host,
+                    names: vec![(name, host)],
+                    next: Default::default(),
                     h2: false,
                     headers: headers(args),
                     proxy_v2: args.proxy_v2,
@@ -389,8 +398,8 @@ async fn dialer(args: &RunArgs) -> (Dialer, Option<RotatingIdentity>) {
         Dialer {
             addr: args.addr,
             tls: Some(tls),
-            name,
-            host,
+            names: vec![(name, host)],
+            next: Default::default(),
             h2: args.h2,
             headers: headers(args),
             proxy_v2: args.proxy_v2,
@@ -409,7 +418,18 @@ fn no_resumption(config: &mut rustls::ClientConfig, args: &RunArgs) {
 
 /// A browser's view of a public domain: the roots in `--ca`, `--sni` as the name.
 fn public_dialer(args: &RunArgs) -> Dialer {
-    let sni = args.sni.clone().expect("--sni for public");
+    let names: Vec<String> = match (&args.sni_file, &args.sni) {
+        (Some(file), _) => std::fs::read_to_string(file)
+            .expect("--sni-file is readable")
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        (None, Some(sni)) => vec![sni.clone()],
+        (None, None) => panic!("--sni or --sni-file for public"),
+    };
+    assert!(!names.is_empty(), "no server name in --sni-file");
     let ca = args.ca.as_deref().expect("--ca for public");
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca).expect("--ca is a PEM file") {
@@ -425,8 +445,11 @@ fn public_dialer(args: &RunArgs) -> Dialer {
     Dialer {
         addr: args.addr,
         tls: Some(tokio_rustls::TlsConnector::from(Arc::new(config))),
-        name: ServerName::try_from(sni.clone()).expect("--sni is a DNS name"),
-        host: sni,
+        names: names
+            .into_iter()
+            .map(|n| (ServerName::try_from(n.clone()).expect("a DNS name"), n))
+            .collect(),
+        next: Default::default(),
         h2: args.h2,
         headers: headers(args),
         proxy_v2: args.proxy_v2,
