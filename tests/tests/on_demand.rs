@@ -252,6 +252,24 @@ async fn concurrent_first_handshakes_wait_on_one_order_and_ask_decides_who_gets_
         "{}",
         s.sidecar.stderr()
     );
+
+    // ask back: the name refused while it was down is admitted within seconds (no answer
+    // stands 5 s, not refused_ttl's 5 minutes).
+    s.ask.down.store(false, Ordering::SeqCst);
+    let mut admitted = false;
+    for _ in 0..200 {
+        if s.first_visits("late.allowed.test", 1).await == 1 {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(admitted, "{}", s.sidecar.stderr());
+    assert_eq!(
+        s.ask.asked("late.allowed.test"),
+        2,
+        "asked again once, not per visit"
+    );
     let (ok, failed) = load.finish().await;
     eprintln!("{ok} requests to a configured domain beside the first visits, {failed} failed");
     assert_eq!(failed, 0);
@@ -484,4 +502,48 @@ async fn a_customer_domain_whose_dns_moves_away_is_never_ordered_for_and_comes_b
     })
     .await;
     assert_eq!(s.pebble.orders_seen(), orders + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_names_past_ask_rate_are_refused_without_asking_and_served_names_are_not_touched() {
+    let s = Setup::start_with("", |_, ask, backend, _| {
+        format!(
+            "[on_demand]\nask = \"http://{ask}/check\"\nask_timeout = \"2s\"\n\
+             backend = \"{backend}\"\nask_rate = \"3/1h\"\n"
+        )
+    })
+    .await;
+    let mut served = false;
+    for _ in 0..600 {
+        if s.first_visits("configured.allowed.test", 1).await == 1 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "{}", s.sidecar.stderr());
+
+    // Invented names, as a scanner sends them: three are asked about (and refused) ...
+    for i in 0..3 {
+        let name = format!("scan{i}.example.test");
+        assert_eq!(s.first_visits(&name, 1).await, 0);
+        assert_eq!(s.ask.asked(&name), 1, "{name}");
+    }
+    // ... past the rate, the rest are refused without a question.
+    for i in 3..8 {
+        let name = format!("scan{i}.example.test");
+        assert_eq!(s.first_visits(&name, 1).await, 0);
+        assert_eq!(s.ask.asked(&name), 0, "{name} asked past ask_rate");
+    }
+    assert!(
+        s.sidecar
+            .stderr()
+            .contains("more new names than ask_rate allows"),
+        "{}",
+        s.sidecar.stderr()
+    );
+    // A cached answer costs nothing, and the domain served keeps being served.
+    assert_eq!(s.first_visits("scan0.example.test", 1).await, 0);
+    assert_eq!(s.ask.asked("scan0.example.test"), 1);
+    assert_eq!(s.first_visits("configured.allowed.test", 4).await, 4);
 }

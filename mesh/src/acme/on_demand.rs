@@ -19,6 +19,10 @@ use crate::config::sources::OnDemand as OnDemandConfig;
 const MAX_CACHED: usize = 100_000;
 /// `ask` requests in flight at most; more wait their turn (within the handshake's deadline).
 const MAX_ASKING: usize = 16;
+/// How long a question `ask` did not answer (down, slow, a 5xx) stands as a refusal: long
+/// enough that a flood of handshakes does not hammer a failing endpoint, short enough that a
+/// customer is not refused for minutes after it is back.
+const UNANSWERED_TTL: Duration = Duration::from_secs(5);
 
 /// What the sources task is asked to do for on-demand names.
 pub(super) enum Request {
@@ -28,10 +32,31 @@ pub(super) enum Request {
     Forget(Vec<String>),
 }
 
+/// What `ask` said about a name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Answer {
+    /// `200`.
+    Allowed,
+    /// Another answer (`404`, `403`, ...): refused for `refused_ttl`.
+    Refused,
+    /// No answer (unreachable, slow, a `5xx`): refused for [`UNANSWERED_TTL`].
+    Unanswered,
+}
+
 /// One name's answer, shared by every handshake that asked while it was being fetched.
 struct Asked {
-    answer: OnceCell<bool>,
+    answer: OnceCell<Answer>,
     since: Instant,
+}
+
+/// New questions allowed now (`ask_rate`): a token bucket.
+#[derive(Debug)]
+struct AskBudget {
+    tokens: f64,
+    refilled: Instant,
+    /// Names refused unasked since the last warning, and when that was.
+    refused: u64,
+    warned: Option<Instant>,
 }
 
 /// The `ask` check and the way to the sources task.
@@ -41,6 +66,7 @@ pub(super) struct OnDemand {
     client: crate::https::GetClient,
     asked: Mutex<HashMap<String, Arc<Asked>>>,
     asking: Semaphore,
+    budget: Mutex<AskBudget>,
     pub(super) requests: mpsc::Sender<Request>,
     /// Taken by the sources task when it starts.
     pub(super) inbox: Mutex<Option<mpsc::Receiver<Request>>>,
@@ -61,25 +87,43 @@ impl OnDemand {
         timeout: Duration,
     ) -> Result<Self, crate::https::RootsError> {
         let (requests, inbox) = mpsc::channel(64);
+        let burst = config.ask_rate.map_or(0.0, |r| f64::from(r.count));
         Ok(Self {
             config,
             timeout,
             client: crate::https::get_client(timeout)?,
             asked: Mutex::default(),
             asking: Semaphore::new(MAX_ASKING),
+            budget: Mutex::new(AskBudget {
+                tokens: burst,
+                refilled: Instant::now(),
+                refused: 0,
+                warned: None,
+            }),
             requests,
             inbox: Mutex::new(Some(inbox)),
         })
     }
 
-    /// Whether `ask` allows `name`: cached, and asked once however many handshakes wait.
+    /// Whether `ask` allows `name` (met in a handshake): cached, asked once however many
+    /// handshakes wait, and a new question only within `ask_rate`.
     pub(super) async fn allowed(&self, name: &str) -> bool {
+        self.answer(name, true).await == Some(Answer::Allowed)
+    }
+
+    /// What `ask` says about `name`, from the cache or asked now; `budgeted` questions count
+    /// against `ask_rate` (None: over it, not asked).
+    pub(super) async fn answer(&self, name: &str, budgeted: bool) -> Option<Answer> {
         let entry = {
             let mut asked = self.asked.lock().unwrap_or_else(|p| p.into_inner());
             let fresh = asked.get(name).filter(|a| !self.stale(a)).cloned();
             match fresh {
                 Some(entry) => entry,
                 None => {
+                    // A new question: within `ask_rate`, or refused now, unasked, uncached.
+                    if budgeted && !self.may_ask() {
+                        return None;
+                    }
                     if asked.len() >= MAX_CACHED {
                         asked.retain(|_, a| !self.stale(a));
                         if asked.len() >= MAX_CACHED {
@@ -95,24 +139,53 @@ impl OnDemand {
                 }
             }
         };
-        *entry.answer.get_or_init(|| self.ask(name)).await
+        Some(*entry.answer.get_or_init(|| self.ask(name)).await)
+    }
+
+    /// Whether one more name may be asked about now (`ask_rate`); past it, a warning every
+    /// 10 s at most says how many were refused unasked.
+    fn may_ask(&self) -> bool {
+        let Some(rate) = self.config.ask_rate else {
+            return true;
+        };
+        let mut b = self.budget.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let capacity = f64::from(rate.count);
+        let refill =
+            now.duration_since(b.refilled).as_secs_f64() * capacity / rate.per.as_secs_f64();
+        b.tokens = (b.tokens + refill).min(capacity);
+        b.refilled = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            return true;
+        }
+        b.refused += 1;
+        if b.warned
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10))
+        {
+            tracing::warn!(refused = b.refused, ask_rate = %format!("{}/{:?}", rate.count, rate.per), "on demand: more new names than ask_rate allows: refused without asking");
+            b.refused = 0;
+            b.warned = Some(now);
+        }
+        false
     }
 
     /// Whether an answer is too old to use (an unanswered one never is: it is being fetched).
     fn stale(&self, asked: &Asked) -> bool {
         let ttl = match asked.answer.get() {
             None => return false,
-            Some(true) => self.config.allowed_ttl,
-            Some(false) => self.config.refused_ttl,
+            Some(Answer::Allowed) => self.config.allowed_ttl,
+            Some(Answer::Refused) => self.config.refused_ttl,
+            Some(Answer::Unanswered) => UNANSWERED_TTL.min(self.config.refused_ttl),
         };
         asked.since.elapsed() >= ttl
     }
 
     /// `GET <ask>?domain=<name>`: `200` allows; anything else, or no answer, refuses (a new
     /// name gets no certificate while the check is down; names already served keep theirs).
-    async fn ask(&self, name: &str) -> bool {
+    async fn ask(&self, name: &str) -> Answer {
         let Ok(_permit) = self.asking.acquire().await else {
-            return false;
+            return Answer::Unanswered;
         };
         let sep = if self.config.ask.contains('?') {
             '&'
@@ -133,19 +206,23 @@ impl OnDemand {
         match answer {
             Ok(Ok(status)) if status == http::StatusCode::OK => {
                 tracing::info!(domain = %name, "on demand: ask allows the name");
-                true
+                Answer::Allowed
+            }
+            Ok(Ok(status)) if status.is_server_error() => {
+                tracing::warn!(domain = %name, ask = %self.config.ask, %status, "on demand: ask failed: the name is refused for now");
+                Answer::Unanswered
             }
             Ok(Ok(status)) => {
                 tracing::info!(domain = %name, %status, "on demand: ask refuses the name");
-                false
+                Answer::Refused
             }
             Ok(Err(e)) => {
-                tracing::warn!(domain = %name, ask = %self.config.ask, error = %e, "on demand: ask unreachable: the name is refused");
-                false
+                tracing::warn!(domain = %name, ask = %self.config.ask, error = %e, "on demand: ask unreachable: the name is refused for now");
+                Answer::Unanswered
             }
             Err(_) => {
-                tracing::warn!(domain = %name, ask = %self.config.ask, timeout = ?self.timeout, "on demand: ask did not answer in time: the name is refused");
-                false
+                tracing::warn!(domain = %name, ask = %self.config.ask, timeout = ?self.timeout, "on demand: ask did not answer in time: the name is refused for now");
+                Answer::Unanswered
             }
         }
     }

@@ -771,8 +771,9 @@ impl Acme {
         }
     }
 
-    /// Ask again, every `every`, about each name admitted on demand; the ones refused now are
-    /// forgotten (a customer who left stops being served and renewed).
+    /// Ask again, every `every`, about each name admitted on demand, one at a time (outside
+    /// `ask_rate`); the ones `ask` refuses now are forgotten (a customer who left stops being
+    /// served and renewed). No answer forgets nothing: `ask` down must not drop customers.
     async fn ask_again(self: Arc<Self>, i: usize, every: Duration) {
         let Some(on_demand) = &self.on_demand else {
             return;
@@ -789,7 +790,7 @@ impl Acme {
                 .collect();
             let mut refused = Vec::new();
             for name in names {
-                if !on_demand.allowed(&name).await {
+                if on_demand.answer(&name, false).await == Some(super::on_demand::Answer::Refused) {
                     refused.push(name);
                 }
             }

@@ -355,8 +355,9 @@ impl std::str::FromStr for RateLimit {
     }
 }
 
-/// `[acme] order_limit` / `domain_limit`: `default` when unset, none when `off`.
-fn rate_limit(
+/// `[acme] order_limit` / `domain_limit` (and `[on_demand] ask_rate`): `default` when unset,
+/// none when `off`.
+pub(super) fn rate_limit(
     key: &str,
     raw: Option<&str>,
     default: RateLimit,

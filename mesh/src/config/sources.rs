@@ -29,6 +29,13 @@ macro_rules! raw_route {
     };
 }
 
+/// `[on_demand] ask_rate`: 20 new names a second, as a burst of 20. A flood of invented names
+/// costs the `ask` endpoint no more than that.
+pub const DEFAULT_ASK_RATE: super::domains::RateLimit = super::domains::RateLimit {
+    count: 20,
+    per: Duration::from_secs(1),
+};
+
 /// Domains one source may list unless `max_domains` says otherwise.
 pub const DEFAULT_MAX_DOMAINS: usize = 20_000;
 
@@ -99,6 +106,9 @@ pub struct OnDemand {
     /// How long a first handshake waits for the certificate before a TLS alert.
     #[serde(with = "secs")]
     pub deadline: Duration,
+    /// New names asked about at most (a burst of that many, refilled over the window): past
+    /// it, a new name is refused at once, unasked and uncached. None when `off`.
+    pub ask_rate: Option<super::domains::RateLimit>,
 }
 
 /// `[on_demand]` as written.
@@ -110,6 +120,7 @@ pub struct RawOnDemand {
     pub allowed_ttl: Option<DurationValue>,
     pub refused_ttl: Option<DurationValue>,
     pub deadline: Option<DurationValue>,
+    pub ask_rate: Option<String>,
     pub max_domains: Option<usize>,
     pub backend: Option<String>,
     pub mode: Option<String>,
@@ -196,6 +207,12 @@ pub(super) fn on_demand(
                 "on_demand.deadline",
                 raw.deadline.as_ref(),
                 Duration::from_secs(60),
+            ),
+            ask_rate: super::domains::rate_limit(
+                "on_demand.ask_rate",
+                raw.ask_rate.as_deref(),
+                DEFAULT_ASK_RATE,
+                c,
             ),
         }),
         interval: Duration::from_secs(3600),

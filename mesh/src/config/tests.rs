@@ -647,10 +647,27 @@ fn on_demand_needs_an_ask_endpoint_and_a_challenge_a_handshake_can_wait_for() {
         sources::SourceKind::OnDemand(od) => {
             assert_eq!(od.deadline, Duration::from_secs(20));
             assert_eq!(od.refused_ttl, Duration::from_secs(300));
+            assert_eq!(od.ask_rate, Some(sources::DEFAULT_ASK_RATE));
         }
         other => panic!("{other:?}"),
     }
     assert!(ok.public.serves_domains());
+    let ask_rate = |v: &str| {
+        let text = format!("{head}ask = \"http://127.0.0.1:9/ask\"\nask_rate = \"{v}\"\n");
+        Config::from_toml(&text, &no_env()).map(|c| match &c.public.sources[0].kind {
+            sources::SourceKind::OnDemand(od) => od.ask_rate,
+            other => panic!("{other:?}"),
+        })
+    };
+    let five = ask_rate("5/1m").unwrap().unwrap();
+    assert_eq!((five.count, five.per), (5, Duration::from_secs(60)));
+    assert_eq!(ask_rate("off").unwrap(), None);
+    assert_eq!(
+        keys(&format!(
+            "{head}ask = \"http://127.0.0.1:9/ask\"\nask_rate = \"lots\"\n"
+        )),
+        ["on_demand.ask_rate"]
+    );
 }
 
 #[test]
