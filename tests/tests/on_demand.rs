@@ -149,6 +149,17 @@ impl Setup {
         self.pebble.issuance_root_pem().into_bytes()
     }
 
+    /// Visit `name` until a handshake completes with a certificate for it (30 s at most).
+    async fn until_served(&self, name: &str) {
+        for _ in 0..600 {
+            if self.first_visits(name, 1).await == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{name} never served: {}", self.sidecar.stderr());
+    }
+
     /// `n` browsers' first visits to `name`, all at once: how many completed a handshake with
     /// a certificate for it.
     async fn first_visits(&self, name: &str, n: usize) -> usize {
@@ -235,15 +246,7 @@ async fn concurrent_first_handshakes_wait_on_one_order_and_ask_decides_who_gets_
     // ask back: the name refused while it was down is admitted within seconds (no answer
     // stands 5 s, not refused_ttl's 5 minutes).
     s.ask.down.store(false, Ordering::SeqCst);
-    let mut admitted = false;
-    for _ in 0..200 {
-        if s.first_visits("late.allowed.test", 1).await == 1 {
-            admitted = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(admitted, "{}", s.sidecar.stderr());
+    s.until_served("late.allowed.test").await;
     assert_eq!(
         s.ask.asked("late.allowed.test"),
         2,
@@ -492,15 +495,7 @@ async fn new_names_past_ask_rate_are_refused_without_asking_and_served_names_are
         )
     })
     .await;
-    let mut served = false;
-    for _ in 0..600 {
-        if s.first_visits("configured.allowed.test", 1).await == 1 {
-            served = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(served, "{}", s.sidecar.stderr());
+    s.until_served("configured.allowed.test").await;
 
     // Invented names, as a scanner sends them: three are asked about (and refused) ...
     for i in 0..3 {

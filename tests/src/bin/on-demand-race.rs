@@ -73,9 +73,17 @@ async fn main() {
         resp
     })
     .await;
+    let around = Around {
+        dir: &dir,
+        pebble: &pebble,
+        https,
+        http,
+        ask,
+        backend: backend.addr,
+    };
     let (_server, _agent) = match args.server {
-        Server::Mesh => start_mesh(&dir, &pebble, https, http, ask, backend.addr),
-        Server::Caddy => start_caddy(&args.caddy, &dir, &pebble, https, http, ask, backend.addr),
+        Server::Mesh => start_mesh(&around),
+        Server::Caddy => start_caddy(&args.caddy, &around),
     };
     let addr: SocketAddr = ([127, 0, 0, 1], https).into();
     for _ in 0..400 {
@@ -128,15 +136,27 @@ async fn main() {
     }
 }
 
-/// dstack-mesh with `[on_demand]`, its inbound listener on `https`, HTTP-01 on `http`.
-fn start_mesh(
-    dir: &std::path::Path,
-    pebble: &Pebble,
+/// What either server is started with: its directory, the CA, its ports (HTTPS, where pebble
+/// validates TLS-ALPN-01, and HTTP for HTTP-01), the `ask` endpoint and the backend.
+struct Around<'a> {
+    dir: &'a std::path::Path,
+    pebble: &'a Pebble,
     https: u16,
     http: u16,
     ask: SocketAddr,
     backend: SocketAddr,
-) -> (ChildGuard, Option<ChildGuard>) {
+}
+
+/// dstack-mesh with `[on_demand]`, its inbound listener on `https`, HTTP-01 on `http`.
+fn start_mesh(a: &Around<'_>) -> (ChildGuard, Option<ChildGuard>) {
+    let Around {
+        dir,
+        pebble,
+        https,
+        http,
+        ask,
+        backend,
+    } = *a;
     let (agent, sock) = dev_agent(dir, "agent", APP, &dir.join("state"));
     let config = dir.join("mesh.toml");
     std::fs::write(
@@ -161,15 +181,15 @@ fn start_mesh(
 
 /// Caddy with `on_demand_tls` asking the same endpoint, pebble as its CA, HTTPS on `https` and
 /// HTTP (for HTTP-01) on `http`; nothing written outside `dir`.
-fn start_caddy(
-    caddy: &std::path::Path,
-    dir: &std::path::Path,
-    pebble: &Pebble,
-    https: u16,
-    http: u16,
-    ask: SocketAddr,
-    backend: SocketAddr,
-) -> (ChildGuard, Option<ChildGuard>) {
+fn start_caddy(caddy: &std::path::Path, a: &Around<'_>) -> (ChildGuard, Option<ChildGuard>) {
+    let Around {
+        dir,
+        pebble,
+        https,
+        http,
+        ask,
+        backend,
+    } = *a;
     let home = dir.join("caddy");
     std::fs::create_dir_all(&home).unwrap();
     let caddyfile = home.join("Caddyfile");
