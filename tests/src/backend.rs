@@ -1,6 +1,7 @@
 //! A backend that shows what reached it: every request is counted and answered with its
 //! method, path, headers and body length as JSON (`/upload` answers the body's length and
-//! SHA-256 instead). Special paths test streaming and upgrades
+//! SHA-256 instead; `/allowed` is an on-demand `ask` endpoint). Special paths test streaming
+//! and upgrades
 //! without timing: the backend waits on gates the test opens.
 
 use std::{
@@ -97,6 +98,28 @@ type State = (Arc<AtomicUsize>, Arc<Notify>, Arc<Notify>);
 async fn handle(state: State, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     state.0.fetch_add(1, Ordering::SeqCst);
     match req.uri().path() {
+        // An `ask` endpoint: `?allow=<name>&domain=<name>` answers 200 when the domain is the
+        // allowed name or under it, 404 otherwise.
+        "/allowed" => {
+            let query = crate::http_stand_in::query_pairs(req.uri());
+            let value = |key: &str| {
+                query
+                    .iter()
+                    .find(|(k, _)| k == key)
+                    .map(|(_, v)| v.as_str())
+            };
+            let allowed = match (value("allow"), value("domain")) {
+                (Some(allow), Some(domain)) => {
+                    domain == allow || domain.ends_with(&format!(".{allow}"))
+                }
+                _ => false,
+            };
+            let mut resp = Response::new(Full::new(Bytes::new()).boxed());
+            if !allowed {
+                *resp.status_mut() = StatusCode::NOT_FOUND;
+            }
+            Ok(resp)
+        }
         "/stream" => {
             // First chunk now, second only when the test says so: a buffering proxy deadlocks.
             let gate = state.1.clone();

@@ -769,7 +769,8 @@ async fn database_compose_carries_redis_between_two_cvms() {
 
 /// `deploy/white-label` as a SaaS app's CVM: a customer's domain added to the Redis set (as the
 /// app would, with `redis-cli` in the Redis container) is ordered from pebble and served to a
-/// browser; removed, it is served no more.
+/// browser; one the app's `ask` endpoint allows is served at its first visit; removed from the
+/// set (and not allowed by `ask`), a domain is served no more.
 #[tokio::test(flavor = "multi_thread")]
 async fn white_label_compose_serves_the_domains_its_redis_set_lists() {
     const CUSTOMER: &str = "careers.customer.test";
@@ -784,6 +785,8 @@ async fn white_label_compose_serves_the_domains_its_redis_set_lists() {
     let text = std::fs::read_to_string(deploy("white-label/white-label.toml")).unwrap();
     assert!(text.contains("issuer = \"letsencrypt\""));
     let config = d.join("white-label.toml");
+    // The app's ask endpoint (the echo app's /allowed) says yes to one walk-in customer only.
+    assert!(text.contains("ask = \"http://app:8080/allowed\""));
     std::fs::write(
         &config,
         text.replace(
@@ -792,6 +795,10 @@ async fn white_label_compose_serves_the_domains_its_redis_set_lists() {
                 "issuer = \"{}\"\nca_roots = [\"/etc/dstack-mesh/pebble-ca.pem\"]",
                 pebble.directory
             ),
+        )
+        .replace(
+            "ask = \"http://app:8080/allowed\"",
+            "ask = \"http://app:8080/allowed?allow=walk-in.customer.test\"",
         ),
     )
     .unwrap();
@@ -828,6 +835,17 @@ async fn white_label_compose_serves_the_domains_its_redis_set_lists() {
         assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
     }
     assert_eq!(pebble.orders_seen(), 2, "{}", pebble.log());
+    // A customer not in the set yet, at its first visit: the app's ask endpoint admits it,
+    // and the visit is served with its new certificate.
+    let (_, status, _) =
+        get_when_served(addr, "walk-in.customer.test", &root, || project.logs()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(pebble.orders_seen(), 3, "{}", pebble.log());
+    assert!(
+        project.logs().contains("on demand: name admitted"),
+        "{}",
+        project.logs()
+    );
     // One customer leaves (the set must not empty: Redis deletes an empty set, and a key that
     // vanished keeps the last list).
     cli(&["SREM", "customers", CUSTOMER]);
