@@ -15,7 +15,7 @@ use std::{
 use super::{
     dns01::{
         wire::{self, Answer},
-        Data, Rtype,
+        Rtype,
     },
     jitter, Acme, Domain, Status,
 };
@@ -93,11 +93,7 @@ impl Health {
         let txt_owner = format!("{}.{bare}", self.config.txt_prefix);
         let ours = format!("{}:", self.app_id);
         if let Ok(answer) = self.query(&txt_owner, Rtype::Txt).await {
-            let txt = answer.records.iter().find_map(|r| match &r.data {
-                Data::Txt(v) => Some(v.clone()),
-                _ => None,
-            });
-            match txt {
+            match answer.txts().next() {
                 Some(v) if v.starts_with(&ours) => {
                     return Pointing::Here(format!("{txt_owner} TXT names this app"))
                 }
@@ -112,23 +108,13 @@ impl Health {
             Ok(a) => a,
             Err(e) => return Pointing::Unknown(e),
         };
-        let mut cnames: Vec<String> = answer
-            .records
-            .iter()
-            .filter_map(|r| match &r.data {
-                Data::Cname(t) => Some(t.clone()),
-                _ => None,
-            })
-            .collect();
+        let mut cnames: Vec<String> = answer.cnames().map(str::to_owned).collect();
         if cnames.is_empty() {
             if let Ok(direct) = self.query(bare, Rtype::Cname).await {
-                cnames.extend(direct.records.iter().filter_map(|r| match &r.data {
-                    Data::Cname(t) => Some(t.clone()),
-                    _ => None,
-                }));
+                cnames.extend(direct.cnames().map(str::to_owned));
             }
         }
-        let addresses = addresses_of(&answer);
+        let addresses: Vec<&str> = answer.addresses().collect();
         let Some(gateway) = &self.config.gateway else {
             return Pointing::Moved(format!(
                 "no {txt_owner} TXT names this app (and no gateway domain to compare with)"
@@ -144,11 +130,11 @@ impl Health {
         }
         // A CNAME that leads elsewhere decides: the addresses are its target's.
         if cnames.is_empty() && !addresses.is_empty() {
-            let gateway_addresses = match self.query(gateway, Rtype::A).await {
-                Ok(a) => addresses_of(&a),
+            let gateway_answer = match self.query(gateway, Rtype::A).await {
+                Ok(a) => a,
                 Err(e) => return Pointing::Unknown(format!("the gateway {gateway}: {e}")),
             };
-            if addresses.iter().any(|a| gateway_addresses.contains(a)) {
+            if gateway_answer.addresses().any(|g| addresses.contains(&g)) {
                 return Pointing::Here(format!("A {} is the gateway's", addresses.join(", ")));
             }
         }
@@ -179,8 +165,8 @@ impl Health {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let step = |what: &'static str| move |_| format!("{what} timed out");
         let answer = self.query(name, Rtype::A).await?;
-        let ip = addresses_of(&answer)
-            .iter()
+        let ip = answer
+            .addresses()
             .find_map(|a| a.parse::<std::net::IpAddr>().ok())
             .ok_or_else(|| format!("{name} has no address ({})", answer.rcode))?;
         let addr = SocketAddr::new(ip, probe.port);
@@ -191,21 +177,26 @@ impl Health {
             .map_err(|e| format!("connect to {addr}: {e}"))?;
         let server_name = rustls::pki_types::ServerName::try_from(name.to_owned())
             .map_err(|e| format!("{name}: {e}"))?;
-        let mut tls =
-            tokio::time::timeout(PROBE_TIMEOUT, probe_connector().connect(server_name, tcp))
-                .await
-                .map_err(step("TLS handshake"))?
-                .map_err(|e| format!("TLS handshake with {addr}: {e}"))?;
-        let served = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
-        if served.map(|c| c.as_ref()) != Some(ours) {
-            let what = served
-                .and_then(|c| x509_parser::parse_x509_certificate(c).ok())
-                .map(|(_, c)| format!("issued by {}", c.issuer()))
-                .unwrap_or_else(|| "unreadable".to_owned());
-            return Err(format!(
-                "{addr} serves another certificate ({what}), not this sidecar's"
-            ));
-        }
+        let pinned = Arc::new(PinnedLeaf {
+            leaf: ours.to_vec(),
+            other: std::sync::Mutex::new(None),
+        });
+        let handshake = probe_connector(pinned.clone()).connect(server_name, tcp);
+        let mut tls = match tokio::time::timeout(PROBE_TIMEOUT, handshake)
+            .await
+            .map_err(step("TLS handshake"))?
+        {
+            Ok(tls) => tls,
+            Err(e) => {
+                let other = pinned.other.lock().ok().and_then(|mut o| o.take());
+                return Err(match other {
+                    Some(what) => {
+                        format!("{addr} serves another certificate ({what}), not this sidecar's")
+                    }
+                    None => format!("TLS handshake with {addr}: {e}"),
+                });
+            }
+        };
         let request = format!(
             "GET {} HTTP/1.1\r\nHost: {name}\r\nUser-Agent: dstack-mesh-probe\r\nConnection: close\r\n\r\n",
             probe.path
@@ -250,39 +241,51 @@ impl Health {
     }
 }
 
-/// A TLS client that takes any chain (the probe compares it with ours itself) but still
-/// checks the handshake's signature, so the server holds the key of what it presented.
-fn probe_connector() -> tokio_rustls::TlsConnector {
-    static CONNECTOR: std::sync::OnceLock<tokio_rustls::TlsConnector> = std::sync::OnceLock::new();
-    CONNECTOR
-        .get_or_init(|| {
-            let provider = ratls::crypto::provider();
-            let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
-                .with_safe_default_protocol_versions()
-                .unwrap_or_else(|_| unreachable!("the provider supports TLS 1.2 and 1.3"))
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AnyChain(provider)))
-                .with_no_client_auth();
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
-            tokio_rustls::TlsConnector::from(Arc::new(config))
-        })
-        .clone()
+/// A TLS client for one probe: it completes a handshake only with a server presenting
+/// `pinned`'s leaf (the handshake signature checked too), so the request goes to nothing but
+/// this sidecar.
+fn probe_connector(pinned: Arc<PinnedLeaf>) -> tokio_rustls::TlsConnector {
+    let mut config = rustls::ClientConfig::builder_with_provider(ratls::crypto::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|_| unreachable!("the provider supports TLS 1.2 and 1.3"))
+        .dangerous()
+        .with_custom_certificate_verifier(pinned)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
-/// Takes the chain as it comes; checks the handshake signature.
+/// Accepts exactly one leaf certificate, the one this sidecar serves for the probed name: a
+/// pin, stricter than a chain to a root. What another server presented instead is kept for the
+/// probe's report.
 #[derive(Debug)]
-struct AnyChain(Arc<rustls::crypto::CryptoProvider>);
+struct PinnedLeaf {
+    leaf: Vec<u8>,
+    other: std::sync::Mutex<Option<String>>,
+}
 
-impl rustls::client::danger::ServerCertVerifier for AnyChain {
+impl rustls::client::danger::ServerCertVerifier for PinnedLeaf {
     fn verify_server_cert(
         &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
         _intermediates: &[rustls::pki_types::CertificateDer<'_>],
         _server_name: &rustls::pki_types::ServerName<'_>,
         _ocsp_response: &[u8],
         _now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
+        if end_entity.as_ref() == self.leaf.as_slice() {
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
+        }
+        let what = x509_parser::parse_x509_certificate(end_entity)
+            .map(|(_, c)| format!("issued by {}", c.issuer()))
+            .unwrap_or_else(|_| "unreadable".to_owned());
+        if let Ok(mut other) = self.other.lock() {
+            *other = Some(what);
+        }
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::ApplicationVerificationFailure,
+        ))
     }
 
     fn verify_tls12_signature(
@@ -295,7 +298,7 @@ impl rustls::client::danger::ServerCertVerifier for AnyChain {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &ratls::crypto::provider().signature_verification_algorithms,
         )
     }
 
@@ -309,25 +312,15 @@ impl rustls::client::danger::ServerCertVerifier for AnyChain {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &ratls::crypto::provider().signature_verification_algorithms,
         )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        ratls::crypto::provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
-}
-
-/// The A records' addresses in `answer`.
-fn addresses_of(answer: &Answer) -> Vec<String> {
-    answer
-        .records
-        .iter()
-        .filter_map(|r| match &r.data {
-            Data::Other(Rtype::A, ip) => Some(ip.clone()),
-            _ => None,
-        })
-        .collect()
 }
 
 impl Acme {
@@ -443,5 +436,39 @@ impl Acme {
                 tracing::debug!(domain = %d.name(), %why, "domain's DNS not checked");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls::client::danger::ServerCertVerifier;
+
+    use super::*;
+
+    fn leaf(name: &str) -> rustls::pki_types::CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn the_probe_accepts_only_the_leaf_this_sidecar_serves() {
+        let (ours, other) = (leaf("a.example.com"), leaf("a.example.com"));
+        let pinned = PinnedLeaf {
+            leaf: ours.to_vec(),
+            other: std::sync::Mutex::new(None),
+        };
+        let name = rustls::pki_types::ServerName::try_from("a.example.com").unwrap();
+        let now = rustls::pki_types::UnixTime::now();
+        assert!(pinned
+            .verify_server_cert(&ours, &[], &name, &[], now)
+            .is_ok());
+        assert!(pinned.other.lock().unwrap().is_none());
+        // The same name, another key and certificate: refused, and what it was is kept.
+        assert!(pinned
+            .verify_server_cert(&other, &[], &name, &[], now)
+            .is_err());
+        let what = pinned.other.lock().unwrap().clone().unwrap();
+        assert!(what.starts_with("issued by"), "{what}");
     }
 }

@@ -669,15 +669,8 @@ impl Dns {
                 let seen =
                     match wire::query(resolver, &p.record.name, Rtype::Txt, QUERY_TIMEOUT).await {
                         Ok(a) => {
-                            let values: Vec<String> = a
-                                .records
-                                .iter()
-                                .filter_map(|r| match &r.data {
-                                    Data::Txt(v) => Some(v.clone()),
-                                    _ => None,
-                                })
-                                .collect();
-                            if values.contains(want) {
+                            let values: Vec<&str> = a.txts().collect();
+                            if values.contains(&want.as_str()) {
                                 continue;
                             }
                             match values.is_empty() {

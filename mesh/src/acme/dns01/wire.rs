@@ -111,6 +111,32 @@ pub struct Answer {
     pub records: Vec<Record>,
 }
 
+impl Answer {
+    /// The TXT values among the records.
+    pub fn txts(&self) -> impl Iterator<Item = &str> {
+        self.records.iter().filter_map(|r| match &r.data {
+            Data::Txt(v) => Some(v.as_str()),
+            _ => None,
+        })
+    }
+
+    /// The CNAME targets among the records.
+    pub fn cnames(&self) -> impl Iterator<Item = &str> {
+        self.records.iter().filter_map(|r| match &r.data {
+            Data::Cname(t) => Some(t.as_str()),
+            _ => None,
+        })
+    }
+
+    /// The IPv4 addresses (A records) among the records.
+    pub fn addresses(&self) -> impl Iterator<Item = &str> {
+        self.records.iter().filter_map(|r| match &r.data {
+            Data::Other(Rtype::A, ip) => Some(ip.as_str()),
+            _ => None,
+        })
+    }
+}
+
 /// A name in hickory's form (fully qualified).
 pub fn name(text: &str) -> Result<Name, WireError> {
     let mut n = Name::from_ascii(text).map_err(|e| WireError::Name(text.to_owned(), e))?;
