@@ -137,6 +137,14 @@ struct RunArgs {
     /// throughput and each process's peak RSS while it ran.
     #[arg(long)]
     upload_bytes: Option<u64>,
+    /// A shell command run when the measured window opens, with no request in flight (the
+    /// load pauses around it): `callgrind_control -i on`, starting `perf stat`.
+    #[arg(long)]
+    on_measure_start: Option<String>,
+    /// The same when the window closes, again with no request in flight: the requests counted
+    /// are exactly those the processes served between the two commands.
+    #[arg(long)]
+    on_measure_end: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -505,10 +513,14 @@ async fn run(args: RunArgs) {
         .map(|r| Duration::from_secs_f64(args.connections as f64 / r.max(1) as f64));
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
+    // With hooks, each request holds the gate shared and a hook holds it alone, so a hook
+    // runs between requests, never across one.
+    let hooked = args.on_measure_start.is_some() || args.on_measure_end.is_some();
+    let gate = hooked.then(|| Arc::new(tokio::sync::RwLock::new(())));
     let mut tasks = Vec::new();
     for _ in 0..args.connections {
         let dialer = dialer.clone();
-        let (stop, measuring) = (stop.clone(), measuring.clone());
+        let (stop, measuring, gate) = (stop.clone(), measuring.clone(), gate.clone());
         let new_connections = args.new_connections;
         tasks.push(tokio::spawn(async move {
             let mut latencies: Vec<u32> = Vec::with_capacity(1 << 16);
@@ -523,6 +535,10 @@ async fn run(args: RunArgs) {
                 if let Some(t) = ticks.as_mut() {
                     t.tick().await;
                 }
+                let _turn = match &gate {
+                    Some(g) => Some(g.read().await),
+                    None => None,
+                };
                 let start = Instant::now();
                 if conn.is_none() || new_connections {
                     match dialer.connect().await {
@@ -554,14 +570,26 @@ async fn run(args: RunArgs) {
         }));
     }
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+    let paused = match &gate {
+        Some(g) => Some(g.write().await),
+        None => None,
+    };
+    hook(args.on_measure_start.as_deref()).await;
     let cpu_before: f64 = args.pids.iter().map(|p| cpu_seconds(*p)).sum();
     let started = Instant::now();
     measuring.store(true, Ordering::Relaxed);
+    drop(paused);
     tokio::time::sleep(Duration::from_secs(args.duration)).await;
+    let paused = match &gate {
+        Some(g) => Some(g.write().await),
+        None => None,
+    };
     measuring.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
     let cpu_after: f64 = args.pids.iter().map(|p| cpu_seconds(*p)).sum();
     stop.store(true, Ordering::Relaxed);
+    hook(args.on_measure_end.as_deref()).await;
+    drop(paused);
     let mut all = Vec::new();
     let mut errors = 0;
     for t in tasks {
@@ -587,6 +615,21 @@ async fn run(args: RunArgs) {
         "cpu_us_per_request": if requests > 0 && !args.pids.is_empty() { cpu * 1e6 / requests as f64 } else { 0.0 },
     });
     println!("{out}");
+}
+
+/// Run a measurement hook to its end; one that fails spoils the figures, so it stops the run.
+async fn hook(command: Option<&str>) {
+    let Some(command) = command else { return };
+    let status = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .status()
+        .await
+        .expect("sh runs");
+    assert!(
+        status.success(),
+        "measurement hook `{command}` failed: {status}"
+    );
 }
 
 async fn idle(args: &RunArgs, dialer: &Arc<Dialer>, n: usize) {
