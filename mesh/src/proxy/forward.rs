@@ -74,7 +74,7 @@ pub fn is_websocket(req: &Request<Incoming>) -> bool {
 
 /// [`forward`] through any sender: `send` takes the prepared request and returns the
 /// upstream's response head; `upstream` names it in errors.
-pub async fn forward_with<F>(
+pub async fn forward_with<F, B>(
     mut req: Request<Incoming>,
     tunnel: Option<Tunnel>,
     set_headers: impl FnOnce(&mut HeaderMap),
@@ -82,7 +82,9 @@ pub async fn forward_with<F>(
     send: impl FnOnce(Request<Body>) -> F,
 ) -> Result<Response<Body>, UpstreamError>
 where
-    F: std::future::Future<Output = Result<Response<Incoming>, UpstreamError>>,
+    F: std::future::Future<Output = Result<Response<B>, UpstreamError>>,
+    B: http_body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
+    B::Error: Into<super::BoxError>,
 {
     // Request body frames show the request is moving (a long upload is not a stall).
     let activity = tunnel.as_ref().map(|t| t.activity.clone());

@@ -1,26 +1,32 @@
 //! A pooled HTTP/1.1 client for one upstream (the local app): connect deadline, response-head
 //! deadline, keep-alive reuse, upgrades.
+//!
+//! The pool is our own, not hyper-util's: one upstream needs no map of hosts, and a connection
+//! goes back to the pool when its response body has been read to the end, with no task spawned
+//! per request to wait for that (hyper-util's costs a task, a channel and a hashed lookup on
+//! every request).
 
 use std::{
     pin::Pin,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex, Weak,
     },
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame};
 use http_body_util::BodyExt;
+use hyper::{
+    body::Incoming,
+    client::conn::http1::{self, SendRequest},
+};
 use tokio::sync::{Notify, Semaphore};
 
-use http::{header, uri::Scheme, HeaderValue, Request, Response, Uri, Version};
-use hyper_util::{
-    client::legacy::{connect::HttpConnector, Client},
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-};
+use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
 
 use super::{Body, BoxError};
 
@@ -119,7 +125,7 @@ pub enum UpstreamError {
 /// One upstream `host:port` with a connection pool.
 #[derive(Clone, Debug)]
 pub struct Upstream {
-    client: Client<HttpConnector, Body>,
+    pool: Arc<Pool>,
     in_flight: Arc<Semaphore>,
     authority: http::uri::Authority,
     config: UpstreamConfig,
@@ -129,29 +135,25 @@ impl Upstream {
     /// A pool for `authority` (`host:port`).
     pub fn new(authority: &str, config: UpstreamConfig) -> Result<Self, http::Error> {
         let authority: http::uri::Authority = authority.parse().map_err(http::Error::from)?;
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(config.max_idle)
-            .build(connector);
         Ok(Self {
-            client,
+            pool: Arc::new(Pool {
+                authority: authority.clone(),
+                config: config.clone(),
+                idle: Mutex::default(),
+                reaping: AtomicBool::new(false),
+            }),
             in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
             authority,
             config,
         })
     }
 
-    /// Send `req` (its URI's path and query are kept; scheme and authority become the
-    /// upstream's) as HTTP/1.1. A `Host` the caller named is kept.
+    /// Send `req` (its URI's path and query are kept) as HTTP/1.1. A `Host` the caller named is
+    /// kept; else the URI's authority becomes it.
     pub async fn send(
         &self,
         mut req: Request<Body>,
-    ) -> Result<Response<hyper::body::Incoming>, UpstreamError> {
+    ) -> Result<Response<PooledBody>, UpstreamError> {
         if !req.headers().contains_key(header::HOST) {
             if let Some(host) = req
                 .uri()
@@ -161,25 +163,21 @@ impl Upstream {
                 req.headers_mut().insert(header::HOST, host);
             }
         }
-        let path = super::path_and_query(req.uri());
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query = Some(path);
-        *req.uri_mut() = Uri::from_parts(parts).map_err(|e| self.failed(e.into()))?;
+        // Origin form (`/path?query`) on the request line, as to any origin server.
+        *req.uri_mut() = Uri::from(super::path_and_query(req.uri()));
         *req.version_mut() = Version::HTTP_11;
 
         // A safe request without a body can be sent again if the connection was closed or
         // reset under it before any answer: a backend's keep-alive close racing it. Only safe
         // methods: the backend may have acted on the request before it closed.
         let replay = req.method().is_safe().then(|| replayable(&req)).flatten();
-        let client = &self.client;
+        let pool = &self.pool;
         exchange(
             |req| async move {
-                match (client.request(req).await, replay) {
-                    (Err(e), Some(again)) if closed_under_request(&e) => {
+                match (pool.request(req).await, replay) {
+                    (Err(PoolError::Exchange(e)), Some(again)) if closed_under_request(&e) => {
                         tracing::debug!(upstream = %self.authority, error = %crate::error_chain(&e), "the backend closed a kept-alive connection under a request: sending it again");
-                        client.request(again).await
+                        pool.request(again).await
                     }
                     (result, _) => result,
                 }
@@ -188,11 +186,12 @@ impl Upstream {
             req,
             self.config.response_timeout,
             self.authority.as_str(),
-            |e: &hyper_util::client::legacy::Error| {
-                e.is_connect().then(|| UpstreamError::Connect {
+            |e: &PoolError| match e {
+                PoolError::Connect(reason) => Some(UpstreamError::Connect {
                     upstream: self.authority.to_string(),
-                    reason: crate::error_chain(e),
-                })
+                    reason: reason.clone(),
+                }),
+                PoolError::Exchange(_) => None,
             },
         )
         .await
@@ -201,13 +200,6 @@ impl Upstream {
     /// `host:port` of the upstream.
     pub fn authority(&self) -> &str {
         self.authority.as_str()
-    }
-
-    fn failed(&self, e: BoxError) -> UpstreamError {
-        UpstreamError::Failed {
-            upstream: self.authority.to_string(),
-            reason: crate::error_chain(e.as_ref()),
-        }
     }
 }
 
@@ -224,9 +216,220 @@ pub(crate) fn replayable(req: &Request<Body>) -> Option<Request<Body>> {
     Some(copy)
 }
 
+/// How long a kept-alive connection may take to be ready for its next request.
+const READY_WAIT: Duration = Duration::from_millis(100);
+
+/// Kept-alive HTTP/1.1 connections to one upstream, the most recently used last.
+#[derive(Debug)]
+struct Pool {
+    authority: http::uri::Authority,
+    config: UpstreamConfig,
+    idle: Mutex<Vec<Idle>>,
+    /// Whether the task closing connections idle past `pool_idle_timeout` runs.
+    reaping: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Idle {
+    sender: SendRequest<Body>,
+    since: Instant,
+}
+
+/// Why the pool gave no response.
+#[derive(Debug, thiserror::Error)]
+enum PoolError {
+    /// No connection: the TCP connect failed or took too long.
+    #[error("{0}")]
+    Connect(String),
+    /// The exchange on a connection failed.
+    #[error(transparent)]
+    Exchange(hyper::Error),
+}
+
+impl Pool {
+    /// `req` on a kept-alive connection, else on a new one; a request a kept-alive connection
+    /// closed before taking (hyper hands it back unsent) goes on a new one.
+    async fn request(
+        self: &Arc<Self>,
+        req: Request<Body>,
+    ) -> Result<Response<PooledBody>, PoolError> {
+        let (mut sender, reused) = match self.checkout().await {
+            Some(sender) => (sender, true),
+            None => (self.dial().await?, false),
+        };
+        let resp = match sender.try_send_request(req).await {
+            Ok(resp) => resp,
+            Err(mut e) => match e.take_message() {
+                Some(req) if reused => {
+                    drop(sender);
+                    sender = self.dial().await?;
+                    sender
+                        .send_request(req)
+                        .await
+                        .map_err(PoolError::Exchange)?
+                }
+                _ => return Err(PoolError::Exchange(e.into_error())),
+            },
+        };
+        // An upgraded connection belongs to its tunnel from now on.
+        let keep = (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then_some(sender);
+        Ok(resp.map(|body| PooledBody::new(body, keep, Arc::downgrade(self))))
+    }
+
+    /// The most recently used idle connection that is still open and ready.
+    async fn checkout(&self) -> Option<SendRequest<Body>> {
+        loop {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
+            if idle.sender.is_closed() || idle.since.elapsed() >= self.config.pool_idle_timeout {
+                continue;
+            }
+            if idle.sender.is_ready() {
+                return Some(idle.sender);
+            }
+            // Its last response was read to the end, but hyper's side of the connection may
+            // need a moment to be ready for the next (or find it closed). A moment only.
+            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, idle.sender.ready()).await {
+                return Some(idle.sender);
+            }
+        }
+    }
+
+    /// A new connection, its driver spawned.
+    async fn dial(&self) -> Result<SendRequest<Body>, PoolError> {
+        let timeout = self.config.connect_timeout;
+        let tcp = match tokio::time::timeout(
+            timeout,
+            tokio::net::TcpStream::connect(self.authority.as_str()),
+        )
+        .await
+        {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err(PoolError::Connect(format!("tcp connect error: {e}"))),
+            Err(_) => {
+                return Err(PoolError::Connect(format!(
+                    "tcp connect timed out after {timeout:?}"
+                )))
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(PoolError::Exchange)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Keep `sender` for the next request, within `max_idle`.
+    fn checkin(self: Arc<Self>, sender: SendRequest<Body>) {
+        if sender.is_closed() {
+            return;
+        }
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() >= self.config.max_idle {
+                // The longest idle goes (dropping its sender closes the connection).
+                idle.remove(0);
+            }
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+        if !self.reaping.swap(true, Ordering::Relaxed) {
+            tokio::spawn(reap(Arc::downgrade(&self)));
+        }
+    }
+}
+
+/// Close the pool's connections idle past `pool_idle_timeout`, until the pool is gone.
+async fn reap(pool: Weak<Pool>) {
+    loop {
+        let Some(period) = pool.upgrade().map(|p| p.config.pool_idle_timeout) else {
+            return;
+        };
+        tokio::time::sleep(period / 2).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|i| !i.sender.is_closed() && i.since.elapsed() < period);
+    }
+}
+
+/// A response body from the pool: once read to the end, its connection goes back to the pool
+/// (an HTTP/1.1 connection carries one exchange at a time). Dropped before the end, the
+/// connection is not reused.
+pub struct PooledBody {
+    body: Incoming,
+    keep: Option<(SendRequest<Body>, Weak<Pool>)>,
+}
+
+impl PooledBody {
+    fn new(body: Incoming, sender: Option<SendRequest<Body>>, pool: Weak<Pool>) -> Self {
+        let mut this = Self {
+            body,
+            keep: sender.map(|s| (s, pool)),
+        };
+        // A response without a body (HEAD, 204, 304, a zero length) is whole already.
+        if this.body.is_end_stream() {
+            this.give_back();
+        }
+        this
+    }
+
+    fn give_back(&mut self) {
+        if let Some((sender, pool)) = self.keep.take() {
+            if let Some(pool) = pool.upgrade() {
+                pool.checkin(sender);
+            }
+        }
+    }
+}
+
+impl HttpBody for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.give_back(),
+            // The last byte of a body of known length: readers stop here without asking
+            // again (hyper's server among them).
+            Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.give_back(),
+            Poll::Ready(Some(Err(_))) => self.keep = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl std::fmt::Debug for PooledBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledBody").finish_non_exhaustive()
+    }
+}
+
 /// Whether the connection ended before any of the response came: closed or reset by the
 /// backend (an idle close racing the request), never a response that broke mid-way.
-fn closed_under_request(e: &hyper_util::client::legacy::Error) -> bool {
+fn closed_under_request(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() || e.is_canceled() {
+        return true;
+    }
     let mut source = std::error::Error::source(e);
     while let Some(err) = source {
         if let Some(h) = err.downcast_ref::<hyper::Error>() {
@@ -250,16 +453,16 @@ fn closed_under_request(e: &hyper_util::client::legacy::Error) -> bool {
 /// Send `req` on `client`: wait for a slot under `in_flight`, then for the response head
 /// within `timeout` counted from the end of the upload. `classify` turns the client's own
 /// errors (connect failures above all) into typed ones; the rest are `Failed`.
-pub(crate) async fn exchange<F, E>(
+pub(crate) async fn exchange<F, E, B>(
     send: impl FnOnce(Request<Body>) -> F,
     in_flight: &Arc<Semaphore>,
     req: Request<Body>,
     timeout: Duration,
     upstream: &str,
     classify: impl FnOnce(&E) -> Option<UpstreamError>,
-) -> Result<Response<hyper::body::Incoming>, UpstreamError>
+) -> Result<Response<B>, UpstreamError>
 where
-    F: std::future::Future<Output = Result<Response<hyper::body::Incoming>, E>>,
+    F: std::future::Future<Output = Result<Response<B>, E>>,
     E: std::error::Error + 'static,
 {
     // A bounded number of requests at the upstream at once: past it, callers wait (within
@@ -403,3 +606,6 @@ pub(crate) async fn splice_upgrades(
     }
     drop(tunnel);
 }
+
+#[cfg(test)]
+mod tests;
