@@ -1,6 +1,6 @@
 //! The target an app asks for, read from its request headers.
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName, HeaderValue};
 use ratls::AppId;
 
 /// The app to reach (hex app id). Without it the request is not for the mesh.
@@ -101,12 +101,33 @@ impl TargetError {
     }
 }
 
+/// The routing headers' values ([`ROUTING_HEADERS`] order), found in one pass over the
+/// request's few headers: a lookup per routing header would parse and hash each name. A header
+/// sent twice is refused.
+fn routing_values(headers: &HeaderMap) -> Result<[Option<&HeaderValue>; 4], TargetError> {
+    let mut found = [None; 4];
+    for (name, value) in headers {
+        let name = name.as_str();
+        if !name.starts_with("x-dstack-target-") {
+            continue;
+        }
+        if let Some(i) = ROUTING_HEADERS.iter().position(|h| *h == name) {
+            if found[i].replace(value).is_some() {
+                return Err(TargetError::Duplicated {
+                    header: ROUTING_HEADERS[i],
+                });
+            }
+        }
+    }
+    Ok(found)
+}
+
 /// An optional header's value: an empty one means absent, as dstack-vpc's proxy read it.
 fn optional<'a>(
-    headers: &'a HeaderMap,
     header: &'static str,
+    value: Option<&'a HeaderValue>,
 ) -> Result<Option<&'a str>, TargetError> {
-    match single(headers, header) {
+    match single(header, value) {
         Err(TargetError::Empty { .. }) => Ok(None),
         other => other,
     }
@@ -120,19 +141,15 @@ fn id(header: &'static str, value: &str, expected: &'static str) -> Result<AppId
     }
 }
 
-/// One header's value: absent, or exactly one non-empty text value.
+/// One header's value: absent, or a non-empty text value.
 fn single<'a>(
-    headers: &'a HeaderMap,
     header: &'static str,
+    value: Option<&'a HeaderValue>,
 ) -> Result<Option<&'a str>, TargetError> {
-    let mut values = headers.get_all(header).iter();
-    let Some(first) = values.next() else {
+    let Some(value) = value else {
         return Ok(None);
     };
-    if values.next().is_some() {
-        return Err(TargetError::Duplicated { header });
-    }
-    let text = first
+    let text = value
         .to_str()
         .map_err(|_| invalid(header, "?", "visible ASCII"))?
         .trim();
@@ -154,26 +171,31 @@ impl Target {
     /// The target named by `headers`, `None` when there is no `x-dstack-target-app` (the
     /// request is for the guest agent), or the first header that cannot be used.
     pub fn from_headers(headers: &HeaderMap) -> Result<Option<Self>, TargetError> {
-        let Some(app) = single(headers, TARGET_APP)? else {
-            for header in [TARGET_PORT, TARGET_INSTANCE, TARGET_USE_TLS] {
-                if optional(headers, header)?.is_some() {
+        let [app, port, instance, use_tls] = routing_values(headers)?;
+        let Some(app) = single(TARGET_APP, app)? else {
+            for (header, value) in [
+                (TARGET_PORT, port),
+                (TARGET_INSTANCE, instance),
+                (TARGET_USE_TLS, use_tls),
+            ] {
+                if optional(header, value)?.is_some() {
                     return Err(TargetError::WithoutApp { header });
                 }
             }
             return Ok(None);
         };
         let app_id = id(TARGET_APP, app, "a 40-hex-digit app id")?;
-        let port = match optional(headers, TARGET_PORT)? {
+        let port = match optional(TARGET_PORT, port)? {
             None => DEFAULT_PORT,
             Some(p) => match p.parse::<u16>() {
                 Ok(port) if port > 0 => port,
                 _ => return Err(invalid(TARGET_PORT, p, "a port 1-65535")),
             },
         };
-        let instance = optional(headers, TARGET_INSTANCE)?
+        let instance = optional(TARGET_INSTANCE, instance)?
             .map(|i| id(TARGET_INSTANCE, i, "a 40-hex-digit instance id"))
             .transpose()?;
-        let transport = match optional(headers, TARGET_USE_TLS)? {
+        let transport = match optional(TARGET_USE_TLS, use_tls)? {
             None => Transport::Mesh,
             // dstack-vpc's client accepted "true" and "1".
             Some(v) if v.eq_ignore_ascii_case("true") || v == "1" => Transport::Mesh,
@@ -223,7 +245,14 @@ impl Target {
 
 /// Remove the routing headers (before forwarding).
 pub fn strip_routing_headers(headers: &mut HeaderMap) {
-    for name in ROUTING_HEADERS {
+    // Parsed names: a `&str` would be parsed again on every request.
+    static NAMES: [HeaderName; 4] = [
+        HeaderName::from_static(TARGET_APP),
+        HeaderName::from_static(TARGET_PORT),
+        HeaderName::from_static(TARGET_INSTANCE),
+        HeaderName::from_static(TARGET_USE_TLS),
+    ];
+    for name in &NAMES {
         headers.remove(name);
     }
 }

@@ -51,17 +51,46 @@ impl FromStr for AppId {
         if hex_part.is_empty() {
             return Err(AppIdError::Empty);
         }
-        let bytes = hex::decode(hex_part).map_err(|_| AppIdError::NotHex(s.to_owned()))?;
-        Self::from_bytes(&bytes)
+        // Decoded on the stack: the outbound proxy parses one per request.
+        let digits = hex_part.as_bytes();
+        let not_hex = || AppIdError::NotHex(s.to_owned());
+        if !digits.len().is_multiple_of(2) {
+            return Err(not_hex());
+        }
+        let mut bytes = [0u8; MAX_APP_ID_LEN];
+        for (i, pair) in digits.chunks_exact(2).enumerate() {
+            let byte = (nibble(pair[0]).ok_or_else(not_hex)? << 4)
+                | nibble(pair[1]).ok_or_else(not_hex)?;
+            match bytes.get_mut(i) {
+                Some(b) => *b = byte,
+                None => return Err(AppIdError::TooLong(digits.len() / 2)),
+            }
+        }
+        Self::from_bytes(&bytes[..digits.len() / 2])
+    }
+}
+
+fn nibble(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
     }
 }
 
 impl fmt::Display for AppId {
+    /// Lowercase hex, written at once: ids are formatted on the request path (pool keys, logs).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0.iter() {
-            write!(f, "{b:02x}")?;
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut text = [0u8; 2 * MAX_APP_ID_LEN];
+        for (pair, b) in text.chunks_exact_mut(2).zip(self.0.iter()) {
+            pair[0] = DIGITS[usize::from(b >> 4)];
+            pair[1] = DIGITS[usize::from(b & 0xf)];
         }
-        Ok(())
+        let text = &text[..2 * self.0.len()];
+        // Only ASCII digits were written.
+        f.write_str(std::str::from_utf8(text).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -108,5 +137,25 @@ mod tests {
             "00".repeat(65).parse::<AppId>(),
             Err(AppIdError::TooLong(65))
         );
+        assert!(matches!("0g".parse::<AppId>(), Err(AppIdError::NotHex(_))));
+        assert!(matches!("é0".parse::<AppId>(), Err(AppIdError::NotHex(_))));
+    }
+
+    #[test]
+    fn every_byte_and_length_round_trips_as_the_formatter_writes_it() {
+        for len in 1..=MAX_APP_ID_LEN {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 37 + len) as u8).collect();
+            let expected: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let id = AppId::from_bytes(&bytes).unwrap();
+            assert_eq!(id.to_string(), expected);
+            assert_eq!(expected.parse::<AppId>().unwrap(), id);
+            assert_eq!(expected.to_uppercase().parse::<AppId>().unwrap(), id);
+        }
+        let all: Vec<u8> = (0..=255u8).collect();
+        for chunk in all.chunks(MAX_APP_ID_LEN) {
+            let id = AppId::from_bytes(chunk).unwrap();
+            let expected: String = chunk.iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(id.to_string(), expected);
+        }
     }
 }

@@ -411,14 +411,16 @@ impl Outbound {
     ) -> Result<Response<Body>, Infallible> {
         let in_flight = tunnel.activity.request();
         // CONNECT: a TCP tunnel to the target, answered only once it is verified and ready.
+        // The rare paths are boxed: the request future is allocated per request and moved
+        // into its box, so every byte of their state would be paid by every request.
         if req.method() == Method::CONNECT {
-            return Ok(self.connect(req, tunnel).await);
+            return Ok(Box::pin(self.connect(req, tunnel)).await);
         }
         // Parse: the routing headers. None: the guest agent; a bad one: 400 naming it.
         let target = match self.parse(&req) {
             Ok(Some(target)) => target,
             Ok(None) => {
-                let resp = self.agent(req).await;
+                let resp = Box::pin(self.agent(req)).await;
                 return Ok(resp.map(|b| GuardedBody::new(b, in_flight).boxed()));
             }
             Err(refusal) => {

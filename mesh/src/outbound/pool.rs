@@ -238,15 +238,17 @@ impl PoolInner {
         if let Ok(mut used) = slot.last_used.lock() {
             *used = Some(Instant::now());
         }
+        // Dialling (a handshake) and the retry are boxed: most requests take a pooled
+        // connection, and should not carry (and copy) their state.
         let (conn, info, reused, ended) = match upgrade {
             true => {
-                let (conn, info, ended) = self.dial(&target, &slot, true).await?;
+                let (conn, info, ended) = Box::pin(self.dial(&target, &slot, true)).await?;
                 (conn, info, false, ended)
             }
             false => match slot.checkout(self.resolver.identity_not_after()) {
                 Some((conn, info)) => (conn, info, true, None),
                 None => {
-                    let (conn, info, ended) = self.connect(&target, &slot).await?;
+                    let (conn, info, ended) = Box::pin(self.connect(&target, &slot)).await?;
                     (conn, info, false, ended)
                 }
             },
@@ -269,7 +271,7 @@ impl PoolInner {
             Err((e, req)) if reused => {
                 let unprocessed = unprocessed(&e);
                 let Some(req) = req.or(replay.filter(|_| unprocessed)) else {
-                    return Err(send_failed(e, false, ended).await);
+                    return Err(Box::pin(send_failed(e, false, ended)).await);
                 };
                 if unprocessed {
                     // The peer is closing that h2 connection: a new one, not it again (and
@@ -281,13 +283,25 @@ impl PoolInner {
                     }
                 }
                 tracing::debug!(target = %target, error = %e, "pooled connection was closed; retrying on a fresh one");
-                let (conn, info, ended) = self.connect(&target, &slot).await?;
-                match send_on(conn, req, &host, &slot, &info, upgrade).await {
-                    Ok(resp) => Ok(resp),
-                    Err((e, _)) => Err(send_failed(e, false, ended).await),
-                }
+                Box::pin(self.retry(&target, &slot, req, &host, upgrade)).await
             }
-            Err((e, _)) => Err(send_failed(e, !reused, ended).await),
+            Err((e, _)) => Err(Box::pin(send_failed(e, !reused, ended)).await),
+        }
+    }
+
+    /// The request once more, on a fresh connection.
+    async fn retry(
+        &self,
+        target: &Target,
+        slot: &Arc<Slot>,
+        req: Request<Body>,
+        host: &HeaderValue,
+        upgrade: bool,
+    ) -> Result<Response<Incoming>, PoolError> {
+        let (conn, info, ended) = self.connect(target, slot).await?;
+        match send_on(conn, req, host, slot, &info, upgrade).await {
+            Ok(resp) => Ok(resp),
+            Err((e, _)) => Err(send_failed(e, false, ended).await),
         }
     }
 

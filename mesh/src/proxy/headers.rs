@@ -21,6 +21,10 @@ const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 /// `Connection: upgrade` are the caller's to restore when it forwards an upgrade. `Trailer` is
 /// end-to-end (RFC 9110 §6.6.2) and stays.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most requests carry none: one pass over their few names instead of a lookup per rule.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -30,16 +34,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in [
-        header::CONNECTION,
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-        HTTP2_SETTINGS,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     // TE is hop-by-hop; only "trailers" may be passed on (RFC 9110 §10.1.4).
@@ -54,23 +49,47 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Always hop-by-hop (RFC 9110 §7.6.1, and the obsolete ones proxies still meet); `TE` is too,
+/// but may keep `trailers`.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    HTTP2_SETTINGS,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == header::TE
+}
+
 /// Whether a caller-sent header could pass for one this proxy vouches for. Names are compared
 /// the way CGI/WSGI servers fold them (`_` reads as `-`), so `x_dstack_app_id` counts too.
 fn is_forgeable(name: &HeaderName) -> bool {
-    let folded: String = name
-        .as_str()
-        .chars()
-        .map(|c| if c == '_' { '-' } else { c })
-        .collect();
-    folded.starts_with("x-dstack-app-id")
-        || folded.starts_with("x-dstack-instance-id")
-        || folded.starts_with("x-forwarded-")
-        || folded == "forwarded"
-        || folded == "x-real-ip"
+    let name = name.as_str().as_bytes();
+    // `name` with `_` read as `-` starts with `prefix` (every prefix here has a `-` or none).
+    let folded_starts = |prefix: &[u8]| {
+        name.len() >= prefix.len()
+            && name
+                .iter()
+                .zip(prefix)
+                .all(|(c, p)| c == p || (*c == b'_' && *p == b'-'))
+    };
+    folded_starts(b"x-dstack-app-id")
+        || folded_starts(b"x-dstack-instance-id")
+        || folded_starts(b"x-forwarded-")
+        || name == b"forwarded"
+        || (name.len() == b"x-real-ip".len() && folded_starts(b"x-real-ip"))
 }
 
 /// Remove every header a caller could use to pass for someone else or somewhere else.
 pub fn strip_forgeable(headers: &mut HeaderMap) {
+    if !headers.keys().any(is_forgeable) {
+        return;
+    }
     let names: Vec<HeaderName> = headers
         .keys()
         .filter(|n| is_forgeable(n))

@@ -40,6 +40,23 @@ fn hop_by_hop_and_connection_listed_headers_go() {
     assert_eq!(h["trailer"], "x-sum");
     assert!(h.get("http2-settings").is_none());
     assert_eq!(h["te"], "trailers");
+    // Each rule alone (the pass that finds none must not miss one).
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "http2-settings",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "transfer-encoding",
+        "upgrade",
+        "te",
+    ] {
+        let mut h = map(&[("host", "a"), (name, "x"), ("accept", "*/*")]);
+        remove_hop_by_hop(&mut h);
+        assert!(h.get(name).is_none(), "{name} stayed");
+        assert_eq!(h.len(), 2, "{name}");
+    }
 }
 
 #[test]
@@ -71,17 +88,23 @@ fn every_forgeable_spelling_goes() {
         ("x-forwarded-port", "1"),
         ("x_forwarded_for", "1.2.3.4"),
         ("x-dstack-target-app", "kept"),
+        ("x_real_ip", "1.2.3.4"),
+        ("x-real-ipv6", "kept"),
+        ("x-dstack-app", "kept"),
     ]);
     CallerHeaders::new(Some("abcd"), None, "10.0.0.7".parse().unwrap(), "https").apply(&mut h);
-    let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+    let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+    left.sort_unstable();
     assert_eq!(
         left,
         [
-            "x-dstack-target-app",
+            "x-dstack-app",
             "x-dstack-app-id",
+            "x-dstack-target-app",
             "x-forwarded-for",
+            "x-forwarded-proto",
             "x-real-ip",
-            "x-forwarded-proto"
+            "x-real-ipv6",
         ]
     );
 }
