@@ -19,9 +19,11 @@ COPY gateway-client gateway-client
 COPY nginx-compat nginx-compat
 COPY mesh mesh
 COPY tests tests
-# The etcd store (replicas) builds etcd's protos: protoc and its well-known types.
+# The etcd store (replicas) builds etcd's protos: protoc and its well-known types. jemalloc
+# (the binary's allocator) builds with make.
 RUN command -v protoc >/dev/null && [ -e /usr/include/google/protobuf/descriptor.proto ] \
- || (apt-get update && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev \
+    && command -v make >/dev/null \
+ || (apt-get update && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev make \
      && rm -rf /var/lib/apt/lists/*)
 # Debug info stays out of the image (symbols stay, so a panic's backtrace names functions).
 ENV CARGO_PROFILE_RELEASE_STRIP=debuginfo \

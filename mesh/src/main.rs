@@ -2,6 +2,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = dstack_mesh::cli::Cli::parse();
     dstack_mesh::logging::init(cli.log_format);
