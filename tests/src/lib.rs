@@ -396,8 +396,10 @@ pub fn start_mesh(
         Duration::from_secs(30),
         || {
             guard.assert_running();
-            bound = guard
-                .stderr()
+            // One read: the listeners and the line that ends start-up from the same text (two
+            // reads could miss the first and see the second).
+            let log = guard.stderr();
+            bound = log
                 .lines()
                 .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
                 .filter(|v| v["fields"]["message"] == "listening")
@@ -407,7 +409,7 @@ pub fn start_mesh(
                     Some((what, addr))
                 })
                 .collect();
-            guard.stderr().contains("dstack-mesh running")
+            log.contains("dstack-mesh running")
         },
     );
     (guard, bound)
