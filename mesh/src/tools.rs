@@ -668,6 +668,7 @@ async fn staging_orders(
             challenge: crate::config::Challenge::Dns01,
             key: None,
             replacing: None,
+            operator: None,
         };
         let issued = client.issue(&spec, &challenges, Some(dns)).await;
         match issued.map(|i| {

@@ -144,17 +144,26 @@ async fn resolve_json(
 struct Received {
     posts: usize,
     records: Vec<serde_json::Value>,
+    /// Each post's `challenge` and records, in order.
+    payloads: Vec<serde_json::Value>,
     problems: Vec<String>,
 }
 
+/// What the operator's webhook does with a post it checked.
+#[derive(Clone, Copy, PartialEq)]
+enum Hook {
+    /// Makes the records and answers 200.
+    Creates,
+    /// Answers 500, makes nothing.
+    Fails,
+    /// Answers nothing for this long, makes nothing.
+    Stalls(Duration),
+}
+
 /// The operator's webhook: checks the HMAC and that the quote's report data is the payload's
-/// SHA-256, then (`create`) makes the records through challtestsrv's API; `fail`: answers
-/// 500 instead.
-async fn receiver(
-    challtestsrv: String,
-    create: bool,
-    fail: bool,
-) -> (String, Arc<Mutex<Received>>) {
+/// SHA-256, then does as `hook` says (makes the records through challtestsrv's API, fails,
+/// or stalls).
+async fn receiver(challtestsrv: String, hook: Hook) -> (String, Arc<Mutex<Received>>) {
     let seen = Arc::new(Mutex::new(Received::default()));
     let state = seen.clone();
     let addr = serve(move |req: Request<Incoming>| {
@@ -186,27 +195,29 @@ async fn receiver(
                 let mut s = seen.lock().unwrap();
                 s.posts += 1;
                 s.records = records.clone();
+                s.payloads.push(payload.clone());
                 s.problems.extend(problems);
             }
-            if fail {
+            if let Hook::Stalls(time) = hook {
+                tokio::time::sleep(time).await;
+            }
+            if hook != Hook::Creates {
                 return json_response(StatusCode::INTERNAL_SERVER_ERROR, serde_json::json!({"error": "down"}));
             }
-            if create {
-                for r in &records {
-                    let (name, value) = (r["name"].as_str().unwrap(), r["value"].as_str().unwrap());
-                    let (path, body) = match r["type"].as_str().unwrap() {
-                        "CNAME" => ("/set-cname", serde_json::json!({"host": format!("{name}."), "target": format!("{value}.")})),
-                        "TXT" => ("/set-txt", serde_json::json!({"host": format!("{name}."), "value": value})),
-                        other => panic!("unexpected record type {other}"),
-                    };
-                    let base = challtestsrv.clone();
-                    let reply = tokio::task::spawn_blocking(move || {
-                        e2e::pebble::post_json(&base, path, &body).map(|r| r.status)
-                    })
-                    .await
-                    .unwrap();
-                    assert_eq!(reply.unwrap(), 200, "{path}");
-                }
+            for r in &records {
+                let (name, value) = (r["name"].as_str().unwrap(), r["value"].as_str().unwrap());
+                let (path, body) = match r["type"].as_str().unwrap() {
+                    "CNAME" => ("/set-cname", serde_json::json!({"host": format!("{name}."), "target": format!("{value}.")})),
+                    "TXT" => ("/set-txt", serde_json::json!({"host": format!("{name}."), "value": value})),
+                    other => panic!("unexpected record type {other}"),
+                };
+                let base = challtestsrv.clone();
+                let reply = tokio::task::spawn_blocking(move || {
+                    e2e::pebble::post_json(&base, path, &body).map(|r| r.status)
+                })
+                .await
+                .unwrap();
+                assert_eq!(reply.unwrap(), 200, "{path}");
             }
             json_response(StatusCode::OK, serde_json::json!({"ok": true}))
         }
@@ -415,7 +426,7 @@ fn ingress_env(
 async fn the_webhook_creates_the_records_and_issuance_waits_for_them() {
     let d = Deployment::start().await;
     let doh = doh(d.pebble.challtestsrv_dns).await;
-    let (hook, received) = receiver(d.pebble.challtestsrv_management.clone(), true, false).await;
+    let (hook, received) = receiver(d.pebble.challtestsrv_management.clone(), Hook::Creates).await;
     let env = ingress_env(&d, "webhook", &doh, &hook, "120");
     let (mut guard, admin) = d.sidecar("ingress", &env);
     let cert = wait_for(
@@ -466,7 +477,7 @@ async fn resolvers_that_disagree_hold_issuance_until_every_one_sees_the_records(
     let fresh = doh(d.pebble.challtestsrv_dns).await;
     let behind = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let lagging = doh_lagging(d.pebble.challtestsrv_dns, behind.clone()).await;
-    let (hook, _received) = receiver(d.pebble.challtestsrv_management.clone(), true, false).await;
+    let (hook, _received) = receiver(d.pebble.challtestsrv_management.clone(), Hook::Creates).await;
     let env = ingress_env(&d, "webhook", &format!("{fresh},{lagging}"), &hook, "3");
     let (mut guard, admin) = d.sidecar("ingress", &env);
     let cert = wait_for(
@@ -512,7 +523,7 @@ async fn records_that_never_appear_fail_the_domain_naming_them() {
     d.pebble
         .challtestsrv("/set-default-ipv4", &serde_json::json!({"ip": ""}));
     let doh = doh(d.pebble.challtestsrv_dns).await;
-    let (hook, received) = receiver(d.pebble.challtestsrv_management.clone(), false, true).await;
+    let (hook, received) = receiver(d.pebble.challtestsrv_management.clone(), Hook::Fails).await;
     let env = ingress_env(&d, "webhook", &doh, &hook, "3");
     let (mut guard, admin) = d.sidecar("ingress", &env);
     let cert = wait_for(
@@ -595,7 +606,7 @@ async fn print_mode_shows_the_records_and_wait_mode_proceeds_when_they_appear() 
     )
     .await;
     drop(guard);
-    // print: shown, and the order is placed at once (the records exist here, so it succeeds).
+    // print: shown, and ordered as soon as the resolvers see them (here they already do).
     let env: Vec<(&str, String)> = env
         .into_iter()
         .map(|(k, v)| {
@@ -618,6 +629,226 @@ async fn print_mode_shows_the_records_and_wait_mode_proceeds_when_they_appear() 
     assert!(guard
         .stderr()
         .contains("DNS records required for app.example.test"));
+}
+
+/// `env` with `key` set to `value` (added if absent).
+fn with(
+    mut env: Vec<(&'static str, String)>,
+    key: &'static str,
+    value: &str,
+) -> Vec<(&'static str, String)> {
+    env.retain(|(k, _)| *k != key);
+    env.push((key, value.to_owned()));
+    env
+}
+
+/// The records listed for `domain` on `/certs`: (type, name, value, visible, looked at).
+fn listed(c: &CertStatus) -> Vec<(String, String, String, bool, bool)> {
+    c.dns_setup
+        .iter()
+        .flatten()
+        .map(|r| {
+            let (rtype, name, value) = (
+                r.record.rtype.clone(),
+                r.record.name.clone(),
+                r.record.value.clone(),
+            );
+            (rtype, name, value, r.visible, r.visible || r.seen.is_some())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns01_without_credentials_the_webhook_makes_each_challenge_record() {
+    // No DNS credential in the CVM and DNS-01: the operator's service gets the dstack records,
+    // then each order's _acme-challenge TXT, and the CA is told to look once DoH sees it.
+    let d = Deployment::start().await;
+    let doh = doh(d.pebble.challtestsrv_dns).await;
+    let (hook, received) = receiver(d.pebble.challtestsrv_management.clone(), Hook::Creates).await;
+    let env = with(
+        ingress_env(&d, "webhook", &doh, &hook, "120"),
+        "CHALLENGE_TYPE",
+        "dns-01",
+    );
+    let (mut guard, admin) = d.sidecar("ingress", &env);
+    let cert = wait_for(
+        "a valid certificate",
+        admin,
+        &mut guard,
+        Duration::from_secs(90),
+        |c| c.status == Status::Valid,
+    )
+    .await;
+    assert_eq!(d.pebble.orders_seen(), 1);
+    let r = received.lock().unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    let posted: Vec<(String, Vec<(String, String)>)> = r
+        .payloads
+        .iter()
+        .map(|p| {
+            let records = p["records"].as_array().unwrap().iter().map(|x| {
+                (
+                    x["type"].as_str().unwrap().to_owned(),
+                    x["name"].as_str().unwrap().to_owned(),
+                )
+            });
+            (
+                p["challenge"].as_str().unwrap().to_owned(),
+                records.collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        posted,
+        [
+            (
+                "dns-01".to_owned(),
+                vec![
+                    ("CNAME".to_owned(), DOMAIN.to_owned()),
+                    ("TXT".to_owned(), format!("_dstack-app-address.{DOMAIN}")),
+                ]
+            ),
+            (
+                "dns-01".to_owned(),
+                vec![("TXT".to_owned(), format!("_acme-challenge.{DOMAIN}"))]
+            ),
+        ]
+    );
+    // The challenge is the one the CA checked: base64url of a SHA-256, 43 characters.
+    let value = r.payloads[1]["records"][0]["value"].as_str().unwrap();
+    assert_eq!(value.len(), 43, "{value}");
+    // /certs lists it under the dstack records, seen; the log says it may go.
+    let rows = listed(&cert);
+    assert_eq!(rows.len(), 3, "{rows:#?}");
+    assert_eq!(rows[2].1, format!("_acme-challenge.{DOMAIN}"));
+    assert!(rows.iter().all(|r| r.3), "{rows:#?}");
+    assert!(guard
+        .stderr()
+        .contains("this DNS-01 challenge record may be removed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn print_mode_lists_each_dns01_challenge_and_orders_only_once_it_is_visible() {
+    // print: the operator reads the records off /certs and makes them by hand; nothing goes
+    // to the CA before the resolvers see them, and the CA looks only once the challenge shows.
+    let d = Deployment::start().await;
+    let doh = doh(d.pebble.challtestsrv_dns).await;
+    let env: Vec<(&str, String)> = with(
+        ingress_env(&d, "print", &doh, "", "120"),
+        "CHALLENGE_TYPE",
+        "dns-01",
+    )
+    .into_iter()
+    .filter(|(k, _)| !k.starts_with("DNS_WEBHOOK"))
+    .collect();
+    let (mut guard, admin) = d.sidecar("printer", &env);
+    let waiting = wait_for(
+        "the dstack records looked at",
+        admin,
+        &mut guard,
+        Duration::from_secs(30),
+        |c| listed(c).iter().any(|r| r.4),
+    )
+    .await;
+    // (The CNAME may already pass: challtestsrv gives every name the gateway's address.)
+    let app_address = format!("_dstack-app-address.{DOMAIN}");
+    assert!(
+        listed(&waiting).iter().any(|r| r.1 == app_address && !r.3),
+        "{waiting:#?}"
+    );
+    assert_eq!(
+        d.pebble.orders_seen(),
+        0,
+        "no order before the records are visible"
+    );
+    d.pebble.challtestsrv(
+        "/set-cname",
+        &serde_json::json!({"host": format!("{DOMAIN}."), "target": format!("{GATEWAY}.")}),
+    );
+    d.pebble.challtestsrv(
+        "/set-txt",
+        &serde_json::json!({"host": format!("_dstack-app-address.{DOMAIN}."), "value": format!("{SERVER}:443")}),
+    );
+    let challenge_name = format!("_acme-challenge.{DOMAIN}");
+    let asked = wait_for(
+        "the challenge listed and looked at",
+        admin,
+        &mut guard,
+        Duration::from_secs(60),
+        |c| listed(c).iter().any(|r| r.1 == challenge_name && r.4),
+    )
+    .await;
+    let row = listed(&asked)
+        .into_iter()
+        .find(|r| r.1 == challenge_name)
+        .unwrap();
+    assert!(!row.3, "not there yet: {row:?}");
+    assert_ne!(asked.status, Status::Valid);
+    assert_eq!(d.pebble.orders_seen(), 1);
+    assert!(guard
+        .stderr()
+        .contains(&format!("TXT   {challenge_name} -> {}", row.2)));
+    d.pebble.challtestsrv(
+        "/set-txt",
+        &serde_json::json!({"host": format!("{challenge_name}."), "value": row.2}),
+    );
+    wait_for(
+        "a valid certificate",
+        admin,
+        &mut guard,
+        Duration::from_secs(90),
+        |c| c.status == Status::Valid,
+    )
+    .await;
+    assert_eq!(d.pebble.orders_seen(), 1, "the one order, not a retry");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_that_never_answers_fails_its_domain_and_not_the_one_beside_it() {
+    // The operator's service hangs past DNS_WEBHOOK_TIMEOUT on every post. The domain whose
+    // records exist is issued; the other fails at DNS_SETUP_TIMEOUT naming its records.
+    let d = Deployment::start().await;
+    let doh = doh(d.pebble.challtestsrv_dns).await;
+    let (hook, received) = receiver(
+        d.pebble.challtestsrv_management.clone(),
+        Hook::Stalls(Duration::from_secs(30)),
+    )
+    .await;
+    let other = "other.example.test";
+    d.pebble.challtestsrv(
+        "/set-cname",
+        &serde_json::json!({"host": format!("{other}."), "target": format!("{GATEWAY}.")}),
+    );
+    d.pebble.challtestsrv(
+        "/set-txt",
+        &serde_json::json!({"host": format!("_dstack-app-address.{other}."), "value": format!("{SERVER}:443")}),
+    );
+    let env = ingress_env(&d, "webhook", &doh, &hook, "3");
+    let mut env: Vec<(&str, String)> = env.into_iter().filter(|(k, _)| *k != "DOMAIN").collect();
+    env.push(("DOMAINS", format!("{DOMAIN}\n{other}")));
+    env = with(env, "DNS_WEBHOOK_TIMEOUT", "1");
+    let (mut guard, admin) = d.sidecar("ingress", &env);
+    wait_on(
+        other,
+        "the domain beside it issued",
+        admin,
+        &mut guard,
+        Duration::from_secs(90),
+        |c| c.status == Status::Valid,
+    )
+    .await;
+    let error = first_error(DOMAIN, admin, &mut guard).await;
+    assert!(error.contains("not visible"), "{error}");
+    assert!(
+        error.contains(&format!("TXT _dstack-app-address.{DOMAIN} -> {SERVER}:443")),
+        "{error}"
+    );
+    let stderr = guard.stderr();
+    assert!(stderr.contains("no answer within 1s"), "{stderr}");
+    assert!(
+        received.lock().unwrap().posts >= 6,
+        "three tries for each domain"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1211,6 +1442,49 @@ async fn hetzner_refuses_the_deprecated_key_and_says_why() {
         text.contains("hetzner needs a Hetzner Cloud API token"),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn hetzner_errors_are_the_apis_own_words_and_every_page_is_read() {
+    use dstack_mesh::acme::dns01::{hetzner::Hetzner, Provider, Zone};
+    let api = e2e::hetzner::HetznerStandIn::start("t", &["example.test"], None).await;
+    let wrong = Hetzner::new(&api.base, "nope", Duration::from_secs(5)).unwrap();
+    let e = wrong.zones().await.unwrap_err().to_string();
+    assert!(
+        e.contains("HTTP 401") && e.contains("unauthorized: unable to authenticate"),
+        "{e}"
+    );
+    // A zone that went away between listing and writing: Hetzner's 404, in its words.
+    let client = Hetzner::new(&api.base, "t", Duration::from_secs(5)).unwrap();
+    let gone = Zone {
+        name: "gone.test".into(),
+        id: "999".into(),
+    };
+    let txt = dstack_mesh::acme::dns01::Record {
+        name: "_acme-challenge.gone.test".into(),
+        data: Data::Txt("v".into()),
+        ttl: 60,
+        id: None,
+    };
+    let e = client.create(&gone, &txt).await.unwrap_err().to_string();
+    assert!(
+        e.contains("HTTP 404") && e.contains("not_found: resource not found"),
+        "{e}"
+    );
+    // 250 zones: three pages of Hetzner's largest size, every zone found.
+    let names: Vec<String> = (0..250).map(|i| format!("z{i:03}.test")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let many = e2e::hetzner::HetznerStandIn::start("t", &refs, None).await;
+    let client = Hetzner::new(&many.base, "t", Duration::from_secs(5)).unwrap();
+    let zones = client.zones().await.unwrap();
+    assert_eq!(zones.len(), 250);
+    assert_eq!(zones[249].name, "z249.test");
+    let pages = many
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("GET /v1/zones"))
+        .count();
+    assert_eq!(pages, 3, "{:?}", many.requests());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,7 +17,7 @@ use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use super::{
     challenge::{Challenges, Response},
-    dns01::{caa, Dns, DnsError},
+    dns01::{caa, Dns, DnsError, OperatorRecords},
     store::CertStore,
 };
 use crate::config::{Challenge, Eab};
@@ -378,6 +378,8 @@ pub struct OrderSpec<'a> {
     pub key: Option<&'a rcgen::KeyPair>,
     /// The certificate this one replaces (DER), named in the order where the CA speaks ARI.
     pub replacing: Option<&'a [u8]>,
+    /// Who publishes DNS-01 challenges when no provider here can (`DNS_SETUP_MODE`).
+    pub operator: Option<&'a dyn OperatorRecords>,
 }
 
 /// One order's inputs, as sent.
@@ -387,6 +389,7 @@ struct How<'a> {
     challenge: Challenge,
     key: Option<&'a rcgen::KeyPair>,
     replaces: Option<&'a instant_acme::CertificateIdentifier<'static>>,
+    operator: Option<&'a dyn OperatorRecords>,
 }
 
 /// What the issuer hands back: the chain and its new key, PEM.
@@ -764,6 +767,7 @@ impl AcmeClient {
             challenge,
             key,
             replacing,
+            operator,
         } = *spec;
         let account = self.account(false).await?;
         let meta = self.meta().await?;
@@ -798,6 +802,7 @@ impl AcmeClient {
             challenge,
             key,
             replaces: replaces.as_ref(),
+            operator,
         };
         match self.order(&account, &how, challenges, dns).await {
             // A CA that lost the account (a reset, a restarted pebble): same key, new account.
@@ -838,6 +843,7 @@ impl AcmeClient {
             challenge,
             key,
             replaces,
+            operator,
         } = *how;
         let dns_failed = |e: DnsError| instant_acme::Error::Other(Box::new(e));
         let identifiers: Vec<Identifier> = names.iter().cloned().map(Identifier::Dns).collect();
@@ -851,6 +857,7 @@ impl AcmeClient {
         let mut order = account.new_order(&new_order).await?;
         let mut tokens = Vec::new();
         let mut placed = Vec::new();
+        let mut by_operator = Vec::new();
         let mut shared: Vec<Response> = Vec::new();
         let result = async {
             let mut authorizations = order.authorizations();
@@ -894,11 +901,17 @@ impl AcmeClient {
                     Challenge::Dns01 => {
                         let dns = dns.ok_or_else(|| dns_failed(DnsError::NoProvider))?;
                         let value = key_auth.dns_value();
-                        placed.push(
-                            dns.place_challenge(&name, &value)
-                                .await
-                                .map_err(dns_failed)?,
-                        );
+                        match (dns.operator_places(), operator) {
+                            (true, Some(_)) => {
+                                by_operator.push(dns.challenge_record(&name, &value))
+                            }
+                            (true, None) => return Err(dns_failed(DnsError::NoProvider)),
+                            (false, _) => placed.push(
+                                dns.place_challenge(&name, &value)
+                                    .await
+                                    .map_err(dns_failed)?,
+                            ),
+                        }
                         continue;
                     }
                 };
@@ -916,6 +929,11 @@ impl AcmeClient {
             }
             if let (Some(dns), false) = (dns, placed.is_empty()) {
                 dns.wait_visible(&placed).await.map_err(dns_failed)?;
+            }
+            if let (Some(operator), false) = (operator, by_operator.is_empty()) {
+                operator.publish(&by_operator).await.map_err(dns_failed)?;
+            }
+            if !(placed.is_empty() && by_operator.is_empty()) {
                 let mut authorizations = order.authorizations();
                 while let Some(authz) = authorizations.next().await {
                     let mut authz = authz?;
@@ -964,6 +982,9 @@ impl AcmeClient {
         }
         if let Some(dns) = dns {
             dns.remove(&placed).await;
+        }
+        for record in &by_operator {
+            tracing::info!(record = %record, "the order is over: this DNS-01 challenge record may be removed");
         }
         result
     }

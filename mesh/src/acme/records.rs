@@ -5,10 +5,13 @@ use std::{sync::Arc, time::Duration};
 
 use super::{
     client::IssueError,
-    dns01::{setup::RecordCheck, webhook::Required, DnsError, Outcome, Wanted},
+    dns01::{
+        setup::RecordCheck, webhook::Required, BoxFuture, DnsError, OperatorRecords, Outcome,
+        Record, Wanted,
+    },
     jitter, Acme, Domain, IssuerRuntime,
 };
-use crate::config::dns::setup::SetupMode;
+use crate::config::dns::setup::{DnsSetup, SetupMode};
 
 impl Acme {
     pub(super) async fn dstack_records(self: Arc<Self>, d: Arc<Domain>) {
@@ -127,9 +130,10 @@ impl Acme {
     }
 
     /// Before ordering for `d` when no DNS provider writes its records (`DNS_SETUP_MODE`):
-    /// show them, post them to the operator's webhook, and (`wait`, `webhook`) wait until
-    /// every DoH resolver sees every one, then, the first time, let the gateway's cache
-    /// settle. A record still missing at the deadline fails this attempt, naming it.
+    /// show them, post them to the operator's webhook, wait until every DoH resolver sees
+    /// every one, then, the first time, let the gateway's cache settle. A record still missing
+    /// at the deadline fails this attempt, naming it. `print` waits too (dstack-ingress orders
+    /// at once): an order placed before the records are visible only fails at the CA.
     pub(super) async fn dns_setup(&self, d: &Domain) -> Result<(), IssueError> {
         let Some(dns) = self.dns.as_deref() else {
             return Ok(());
@@ -137,16 +141,11 @@ impl Acme {
         let Some(setup) = dns.setup() else {
             return Ok(());
         };
-        let (wanted, (app_id, instance_id)) = self
+        let (wanted, identity) = self
             .operator_records(dns, d)
             .await
             .map_err(DnsError::NotVisible)?;
         let required = super::dns01::setup::required(&wanted);
-        let pending = |r: &Required| RecordCheck {
-            record: r.clone(),
-            visible: false,
-            seen: None,
-        };
         let first = d
             .state
             .lock()
@@ -154,39 +153,114 @@ impl Acme {
             .unwrap_or(true);
         if first {
             tracing::warn!(domain = %d.name(), mode = ?setup.mode, "{}", super::dns01::setup::describe(d.name(), &required));
-            d.set(|s| s.dns_setup = Some(required.iter().map(pending).collect()));
+            d.set(|s| s.dns_setup = Some(required.iter().map(RecordCheck::pending).collect()));
         }
-        if setup.mode == SetupMode::Print {
-            return Ok(());
-        }
-        if let (SetupMode::Webhook, Some(webhook)) = (setup.mode, &setup.webhook) {
-            let posted = d.state.lock().ok().and_then(|s| s.posted.clone());
-            if posted.as_ref() != Some(&required) {
-                let ctx = super::dns01::webhook::Context {
-                    domain: d.name(),
-                    challenge: d.config.challenge.as_str(),
-                    app_id: &app_id,
-                    instance_id: &instance_id,
-                    timestamp: crate::clock::unix_now(),
-                };
-                let token = webhook.token.as_ref().map(|t| t.0.as_str());
-                let body =
-                    super::dns01::webhook::envelope(&ctx, &required, token, &self.agent).await;
-                match super::dns01::webhook::post(webhook, &body).await {
-                    Ok(()) => {
-                        tracing::info!(domain = %d.name(), url = %webhook.url, records = required.len(), "DNS records posted to the webhook");
-                        d.set(|s| s.posted = Some(required.clone()));
-                    }
-                    // Its records may still appear (an operator, a later retry): wait anyway.
-                    Err(e) => {
-                        tracing::warn!(domain = %d.name(), error = %e, "DNS webhook not reached; waiting for the records anyway")
-                    }
-                }
+        let posted = d.state.lock().ok().and_then(|s| s.posted.clone());
+        if posted.as_ref() != Some(&required) {
+            let challenge = d.config.challenge.as_str();
+            if self
+                .hand_over(d, setup, &required, &identity, challenge)
+                .await
+            {
+                d.set(|s| s.posted = Some(required.clone()));
             }
         }
+        self.until_seen(dns, d, setup, &wanted, Vec::new()).await?;
+        let settled = d.state.lock().map(|s| s.settled).unwrap_or(false);
+        if !settled {
+            tracing::info!(domain = %d.name(), settle = ?setup.settle, "DNS records visible; letting the gateway's cache settle before the first order");
+            tokio::time::sleep(setup.settle).await;
+            d.set(|s| s.settled = true);
+        }
+        Ok(())
+    }
+
+    /// DNS-01 without a provider in the CVM: each order's `_acme-challenge` TXT records are
+    /// the operator's to create, shown and posted as the dstack records are; the CA is told
+    /// to look once every DoH resolver sees them.
+    async fn operator_challenges(&self, d: &Domain, records: &[Record]) -> Result<(), DnsError> {
+        let dns = self.dns.as_deref().ok_or(DnsError::NoProvider)?;
+        let setup = dns.setup().ok_or(DnsError::NoProvider)?;
+        let wanted: Vec<Wanted> = records
+            .iter()
+            .map(|record| Wanted::Record {
+                record: record.clone(),
+                exclusive: false,
+                alias: false,
+                note: CHALLENGE_NOTE,
+            })
+            .collect();
+        let required = super::dns01::setup::required(&wanted);
+        tracing::warn!(domain = %d.name(), mode = ?setup.mode, "{}", super::dns01::setup::describe(d.name(), &required));
+        // The standing records stay listed above this order's challenges.
+        let standing: Vec<RecordCheck> = d
+            .state
+            .lock()
+            .ok()
+            .and_then(|s| s.dns_setup.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| c.record.note != CHALLENGE_NOTE)
+            .collect();
+        let info = self
+            .agent
+            .info()
+            .await
+            .map_err(|e| DnsError::NotVisible(format!("app id from the guest agent: {e}")))?;
+        let identity = (info.app_id, info.instance_id);
+        self.hand_over(d, setup, &required, &identity, "dns-01")
+            .await;
+        self.until_seen(dns, d, setup, &wanted, standing).await
+    }
+
+    /// `webhook` mode: post `required` to the operator's service; whether it took them. A
+    /// failure is logged, not fatal: the records may still appear (an operator, a retry).
+    async fn hand_over(
+        &self,
+        d: &Domain,
+        setup: &DnsSetup,
+        required: &[Required],
+        (app_id, instance_id): &(String, String),
+        challenge: &str,
+    ) -> bool {
+        let (SetupMode::Webhook, Some(webhook)) = (setup.mode, &setup.webhook) else {
+            return false;
+        };
+        let ctx = super::dns01::webhook::Context {
+            domain: d.name(),
+            challenge,
+            app_id,
+            instance_id,
+            timestamp: crate::clock::unix_now(),
+        };
+        let token = webhook.token.as_ref().map(|t| t.0.as_str());
+        let body = super::dns01::webhook::envelope(&ctx, required, token, &self.agent).await;
+        match super::dns01::webhook::post(webhook, &body).await {
+            Ok(()) => {
+                tracing::info!(domain = %d.name(), url = %webhook.url, records = required.len(), "DNS records posted to the webhook");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(domain = %d.name(), error = %e, "DNS webhook not reached; waiting for the records anyway");
+                false
+            }
+        }
+    }
+
+    /// Look through the DoH resolvers until every one sees every record of `wanted`, showing
+    /// each look on `/certs` after `shown`; past `DNS_SETUP_TIMEOUT`, fail naming what is
+    /// missing and what was seen instead.
+    async fn until_seen(
+        &self,
+        dns: &super::dns01::Dns,
+        d: &Domain,
+        setup: &DnsSetup,
+        wanted: &[Wanted],
+        shown: Vec<RecordCheck>,
+    ) -> Result<(), DnsError> {
         let deadline = tokio::time::Instant::now() + setup.timeout;
         loop {
-            let checks = dns.look(&wanted).await;
+            let checks = dns.look(wanted).await;
             let missing: Vec<String> = checks
                 .iter()
                 .filter(|c| !c.visible)
@@ -200,9 +274,11 @@ impl Acme {
                     )
                 })
                 .collect();
-            d.set(|s| s.dns_setup = Some(checks));
+            let mut listed = shown.clone();
+            listed.extend(checks);
+            d.set(|s| s.dns_setup = Some(listed));
             if missing.is_empty() {
-                break;
+                return Ok(());
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
@@ -210,18 +286,33 @@ impl Acme {
                     "DNS records not visible to every DoH resolver within {}s: {}",
                     setup.timeout.as_secs(),
                     missing.join("; ")
-                ))
-                .into());
+                )));
             }
             tracing::info!(domain = %d.name(), missing = ?missing, "waiting for the DNS records");
             tokio::time::sleep(setup.interval.min(deadline - now)).await;
         }
-        let settled = d.state.lock().map(|s| s.settled).unwrap_or(false);
-        if !settled {
-            tracing::info!(domain = %d.name(), settle = ?setup.settle, "DNS records visible; letting the gateway's cache settle before the first order");
-            tokio::time::sleep(setup.settle).await;
-            d.set(|s| s.settled = true);
-        }
-        Ok(())
+    }
+}
+
+/// What a DNS-01 challenge record is for, as listed.
+const CHALLENGE_NOTE: &str = "DNS-01 challenge of the current order (may be removed after it)";
+
+/// The operator, through `DNS_SETUP_MODE`, publishes `domain`'s DNS-01 challenges.
+pub(super) struct OperatorHand<'a> {
+    pub(super) acme: &'a Acme,
+    pub(super) domain: &'a Domain,
+}
+
+impl std::fmt::Debug for OperatorHand<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OperatorHand")
+            .field("domain", &self.domain.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl OperatorRecords for OperatorHand<'_> {
+    fn publish<'a>(&'a self, challenges: &'a [Record]) -> BoxFuture<'a, Result<(), DnsError>> {
+        Box::pin(self.acme.operator_challenges(self.domain, challenges))
     }
 }

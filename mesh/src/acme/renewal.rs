@@ -12,7 +12,7 @@ use super::{
     replicas::{Fetched, Replicas, Shared},
     seal::Kind,
 };
-use crate::config::KeySource;
+use crate::config::{Challenge, KeySource};
 
 use super::{
     cert::{self, Loaded},
@@ -750,11 +750,24 @@ impl Acme {
             .filter(|c| !d.revoked(&c.serial))
             .and_then(|c| c.key.cert.first())
             .map(|c| c.as_ref());
+        // DNS-01 with no provider here: the operator publishes each challenge, within
+        // DNS_SETUP_TIMEOUT on top of the order's own deadline.
+        let operator = self
+            .dns
+            .as_deref()
+            .filter(|dns| d.config.challenge == Challenge::Dns01 && dns.operator_places())
+            .and_then(|dns| dns.setup());
+        let hand = super::records::OperatorHand {
+            acme: self,
+            domain: d,
+        };
+        let deadline = ORDER_DEADLINE + operator.map_or(Duration::ZERO, |s| s.timeout);
         let spec = super::client::OrderSpec {
             names,
             challenge: d.config.challenge,
             key: key.as_ref(),
             replacing,
+            operator: operator.map(|_| &hand as &dyn super::dns01::OperatorRecords),
         };
         let issued: Issued = match self.issuers.get(&d.config.issuer) {
             Some(IssuerRuntime::Acme(client)) => {
@@ -767,13 +780,11 @@ impl Acme {
                         .await;
                 }
                 tokio::time::timeout(
-                    ORDER_DEADLINE,
+                    deadline,
                     client.issue(&spec, &self.challenges, self.dns.as_deref()),
                 )
                 .await
-                .map_err(|_| {
-                    IssueError::Unreachable(Unreachable::OrderDeadline(ORDER_DEADLINE))
-                })??
+                .map_err(|_| IssueError::Unreachable(Unreachable::OrderDeadline(deadline)))??
             }
             Some(IssuerRuntime::Internal(ca)) => ca
                 .issue(names, key.as_ref())

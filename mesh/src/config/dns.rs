@@ -554,9 +554,18 @@ pub(super) fn dns(raw: Option<&RawDns>, env: &dyn Source, c: &mut Check) -> DnsC
     let gateway_set =
         super::source::first(env, env::GATEWAY_DOMAIN).is_some() || raw.gateway_domain.is_some();
     let writes = provider.as_ref().is_some_and(ProviderConfig::writes_zones);
+    // DNS_SETUP_MODE alone, with no provider: the operator creates DNS-01 challenges too.
+    let mode_set = pick(
+        env,
+        setup::env::MODE,
+        raw.setup_mode.clone(),
+        "dns.setup_mode",
+    )
+    .is_some();
     let setup = match (delegation_zone.is_some(), gateway_set || set_caa) {
         (true, _) => setup::setup(&raw, env, false, c),
         (false, true) => setup::setup(&raw, env, writes, c),
+        (false, false) if mode_set && provider.is_none() => setup::setup(&raw, env, false, c),
         (false, false) => None,
     };
 

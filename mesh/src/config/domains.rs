@@ -1105,10 +1105,11 @@ fn check_domains(
         if d.challenge == Challenge::Dns01
             && d.issuer != Issuer::InternalCa
             && dns.provider.is_none()
+            && dns.setup.is_none()
         {
             c.fail(
                 key,
-                format!("{}: dns-01 needs a DNS provider (DNS_PROVIDER=cloudflare, rfc2136, route53, gcloud, digitalocean, hetzner, linode, namecheap, ovh, porkbun or httpreq, or [dns] provider)", d.primary()),
+                format!("{}: dns-01 needs a DNS provider (DNS_PROVIDER=cloudflare, rfc2136, route53, gcloud, digitalocean, hetzner, linode, namecheap, ovh, porkbun or httpreq, or [dns] provider), or DNS_SETUP_MODE to create each challenge record yourself", d.primary()),
             );
         }
         if d.challenge == Challenge::Http01

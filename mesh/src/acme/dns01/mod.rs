@@ -414,6 +414,14 @@ pub enum Wanted {
     Skipped(String),
 }
 
+/// Whoever publishes the DNS-01 challenge records when no provider in the CVM can
+/// (`DNS_SETUP_MODE` without a credential): the operator by hand, or their webhook. `publish`
+/// returns once the public sees every record, so the CA is told to look only then.
+pub trait OperatorRecords: Send + Sync + fmt::Debug {
+    /// Show or hand over `challenges`, then wait until they are visible.
+    fn publish<'a>(&'a self, challenges: &'a [Record]) -> BoxFuture<'a, Result<(), DnsError>>;
+}
+
 /// The DNS side of public domains: one provider, the resolvers, the dstack record settings.
 #[derive(Debug)]
 pub struct Dns {
@@ -617,15 +625,25 @@ impl Dns {
         }
     }
 
-    /// Publish `_acme-challenge.<name>` = `value` for a DNS-01 challenge.
-    pub async fn place_challenge(&self, identifier: &str, value: &str) -> Result<Placed, DnsError> {
-        let provider = self.provider()?;
+    /// Whether DNS-01 challenges are published by the operator, not by a provider here.
+    pub fn operator_places(&self) -> bool {
+        self.provider.is_none() && self.setup().is_some()
+    }
+
+    /// The TXT record `_acme-challenge.<name>` = `value` of a DNS-01 challenge.
+    pub fn challenge_record(&self, identifier: &str, value: &str) -> Record {
         let owner = self.owner(&format!(
             "_acme-challenge.{}",
             identifier.trim_start_matches("*.")
         ));
-        let zone = provider.zone_for(&owner).await?;
-        let record = Record::new(&owner, Data::Txt(value.to_owned()));
+        Record::new(&owner, Data::Txt(value.to_owned()))
+    }
+
+    /// Publish `_acme-challenge.<name>` = `value` for a DNS-01 challenge.
+    pub async fn place_challenge(&self, identifier: &str, value: &str) -> Result<Placed, DnsError> {
+        let provider = self.provider()?;
+        let record = self.challenge_record(identifier, value);
+        let zone = provider.zone_for(&record.name).await?;
         let record = provider.create(&zone, &record).await?;
         tracing::debug!(record = %record, zone = %zone.name, "challenge record placed");
         Ok(Placed { zone, record })

@@ -18,6 +18,17 @@ pub struct RecordCheck {
     pub seen: Option<String>,
 }
 
+impl RecordCheck {
+    /// `record`, not looked at yet.
+    pub fn pending(record: &Required) -> Self {
+        Self {
+            record: record.clone(),
+            visible: false,
+            seen: None,
+        }
+    }
+}
+
 /// The records the operator must create, from the wanted set (what cannot be had is logged by
 /// the caller, not asked for).
 pub fn required(wanted: &[Wanted]) -> Vec<Required> {

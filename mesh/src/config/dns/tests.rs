@@ -143,6 +143,22 @@ fn errors_name_what_is_missing() {
             "linode needs a personal access token",
         ),
         (
+            &[("DNS_PROVIDER", "digitalocean")],
+            "digitalocean needs a personal access token with write scope (DO_AUTH_TOKEN",
+        ),
+        (
+            &[("DNS_PROVIDER", "porkbun"), ("PORKBUN_API_KEY", "pk1_x")],
+            "porkbun needs its API key pair (PORKBUN_API_KEY and PORKBUN_SECRET_API_KEY",
+        ),
+        (
+            &[("DNS_PROVIDER", "ovh")],
+            "ovh needs application keys (OVH_APPLICATION_KEY, OVH_APPLICATION_SECRET, OVH_CONSUMER_KEY",
+        ),
+        (
+            &[("DNS_PROVIDER", "ovh"), ("OVH_APPLICATION_KEY", "k")],
+            "ovh's application keys go together",
+        ),
+        (
             &[
                 ("GATEWAY_DOMAIN", "gw.example.net"),
                 ("DNS_SETUP_MODE", "dig"),
@@ -225,6 +241,26 @@ fn errors_name_what_is_missing() {
         env.extend_from_slice(extra);
         let e = load("", &env).unwrap_err();
         assert!(e.contains(want), "{extra:?}: {e}");
+    }
+}
+
+#[test]
+fn dns01_without_credentials_is_the_operators_with_a_setup_mode() {
+    // No provider: DNS_SETUP_MODE (or GATEWAY_DOMAIN, whose default mode is wait) makes each
+    // challenge record the operator's, so the wildcard loads.
+    for extra in [
+        &[
+            ("DNS_SETUP_MODE", "webhook"),
+            ("DNS_WEBHOOK_URL", "https://ops.example/dns"),
+        ][..],
+        &[("DNS_SETUP_MODE", "print")][..],
+        &[("GATEWAY_DOMAIN", "gw.example.net")][..],
+    ] {
+        let mut env = WILDCARD.to_vec();
+        env.extend_from_slice(extra);
+        let c = load("", &env).unwrap_or_else(|e| panic!("{extra:?}: {e}"));
+        assert!(c.public.dns.provider.is_none());
+        assert!(c.public.dns.setup.is_some(), "{extra:?}");
     }
 }
 
