@@ -3,7 +3,10 @@
 
 use std::sync::{Arc, OnceLock};
 
-use rustls::crypto::{aws_lc_rs, CryptoProvider, SupportedKxGroup};
+use rustls::{
+    crypto::{aws_lc_rs, CryptoProvider, SupportedKxGroup},
+    pki_types::PrivateKeyDer,
+};
 
 /// Key exchange groups in order of preference: the post-quantum hybrid first (a harvested
 /// session stays secret once large quantum computers exist), then the classical groups every
@@ -41,6 +44,19 @@ pub fn provider_with_groups(groups: &[rustls::NamedGroup]) -> Arc<CryptoProvider
             .collect(),
         ..(*ours).clone()
     })
+}
+
+/// A signing key from its DER. ECDSA is tried first, the kind every certificate we order or
+/// mint has: the provider's general loader tries RSA first, and that parse checks an EC key in
+/// full (a scalar multiplication) before refusing it, which doubled the start-up cost of each
+/// stored certificate.
+pub fn signing_key(
+    der: PrivateKeyDer<'static>,
+) -> Result<Arc<dyn rustls::sign::SigningKey>, rustls::Error> {
+    match aws_lc_rs::sign::any_ecdsa_type(&der) {
+        Ok(key) => Ok(key),
+        Err(_) => provider().key_provider.load_private_key(der),
+    }
 }
 
 /// Install [`provider`] as the process default (for libraries that ask rustls for it).

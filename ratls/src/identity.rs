@@ -205,10 +205,8 @@ impl Identity {
         let view = ChainView::new(&chain)?;
         let key_der = PrivateKeyDer::from_pem_slice(resp.key.as_bytes())
             .map_err(|e| IdentityError::Key(format!("not a PEM private key: {e}")))?;
-        let signing = crate::crypto::provider()
-            .key_provider
-            .load_private_key(key_der)
-            .map_err(|e| IdentityError::Key(e.to_string()))?;
+        let signing =
+            crate::crypto::signing_key(key_der).map_err(|e| IdentityError::Key(e.to_string()))?;
         let key = CertifiedKey::new(chain.clone(), signing);
         key.keys_match()
             .map_err(|e| IdentityError::Key(format!("key does not match the certificate: {e}")))?;

@@ -65,10 +65,7 @@ pub fn load(chain_pem: &[u8], key_pem: &[u8], names: &[String]) -> Result<Loaded
         .map_err(|e| CertError::Pem(e.to_string()))?;
     let leaf = chain.first().ok_or(CertError::NoCertificate)?.clone();
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| CertError::Key(e.to_string()))?;
-    let signing = ratls::crypto::provider()
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| CertError::Key(e.to_string()))?;
+    let signing = ratls::crypto::signing_key(key).map_err(|e| CertError::Key(e.to_string()))?;
     let certified = CertifiedKey::new(chain, signing);
     certified.keys_match().map_err(|_| CertError::KeyMismatch)?;
 

@@ -96,13 +96,10 @@ impl Challenges {
             .push(rcgen::CustomExtension::new_acme_identifier(digest));
         let cert = params.self_signed(&key).map_err(fail)?;
         let der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-        let signing = ratls::crypto::provider()
-            .key_provider
-            .load_private_key(der)
-            .map_err(|e| ChallengeError {
-                name: name.to_owned(),
-                reason: e.to_string(),
-            })?;
+        let signing = ratls::crypto::signing_key(der).map_err(|e| ChallengeError {
+            name: name.to_owned(),
+            reason: e.to_string(),
+        })?;
         let certified = Arc::new(CertifiedKey::new(vec![cert.der().clone()], signing));
         if let Ok(mut m) = self.tls_alpn.write() {
             m.insert(name.to_owned(), certified);

