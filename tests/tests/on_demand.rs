@@ -26,11 +26,13 @@ use http::StatusCode;
 const APP: &str = "0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d";
 
 /// An `ask` endpoint: `200` for names under `allowed.test`, `404` otherwise; counts the
-/// questions per name; `down` makes it hold every answer past the sidecar's deadline.
+/// questions per name; `down` makes it hold every answer past the sidecar's deadline,
+/// `failing` answer 503.
 #[derive(Clone, Default)]
 struct Ask {
     asked: Arc<Mutex<HashMap<String, usize>>>,
     down: Arc<AtomicBool>,
+    failing: Arc<AtomicBool>,
 }
 
 impl Ask {
@@ -51,6 +53,7 @@ impl Ask {
                     tokio::time::sleep(Duration::from_secs(30)).await;
                 }
                 let status = match name.ends_with(".allowed.test") {
+                    _ if state.failing.load(Ordering::SeqCst) => StatusCode::SERVICE_UNAVAILABLE,
                     true => StatusCode::OK,
                     false => StatusCode::NOT_FOUND,
                 };
@@ -163,6 +166,15 @@ impl Setup {
     /// `n` browsers' first visits to `name`, all at once: how many completed a handshake with
     /// a certificate for it.
     async fn first_visits(&self, name: &str, n: usize) -> usize {
+        let failures = self.refusals(name, n).await;
+        failures
+            .iter()
+            .for_each(|e| eprintln!("{name}: a first visit failed: {e}"));
+        n - failures.len()
+    }
+
+    /// `n` first visits to `name` at once: why each that failed did.
+    async fn refusals(&self, name: &str, n: usize) -> Vec<String> {
         let mut visits = tokio::task::JoinSet::new();
         for _ in 0..n {
             let (inbound, name, root) = (self.inbound, name.to_owned(), self.root());
@@ -170,14 +182,13 @@ impl Setup {
                 e2e::client::public_connect(inbound, &name, &root, &[b"http/1.1"]).await
             });
         }
-        let mut ok = 0;
+        let mut failed = Vec::new();
         while let Some(visit) = visits.join_next().await {
-            match visit.unwrap() {
-                Ok(_) => ok += 1,
-                Err(e) => eprintln!("{name}: a first visit failed: {e}"),
+            if let Err(e) = visit.unwrap() {
+                failed.push(e.to_string());
             }
         }
-        ok
+        failed
     }
 }
 
@@ -484,6 +495,46 @@ async fn a_customer_domain_whose_dns_moves_away_is_never_ordered_for_and_comes_b
     })
     .await;
     assert_eq!(s.pebble.orders_seen(), orders + 1);
+
+    // The app-address TXT decides over the CNAME: naming this app, the domain points here
+    // (and is ordered for); naming another app, the domain moved to it.
+    s.pebble.challtestsrv(
+        "/set-txt",
+        &serde_json::json!({"host": "_dstack-app-address.elsewhere.customer.test.", "value": format!("{APP}:443")}),
+    );
+    let here = until_cert(
+        s.admin,
+        "elsewhere.customer.test",
+        "back through its TXT",
+        |c| c["status"] == "valid",
+    )
+    .await;
+    assert!(
+        here["dns_health"]
+            .as_str()
+            .unwrap()
+            .contains("TXT names this app"),
+        "{here}"
+    );
+    assert_eq!(s.pebble.orders_seen(), orders + 2);
+    s.pebble.challtestsrv(
+        "/set-txt",
+        &serde_json::json!({"host": "_dstack-app-address.stays.customer.test.", "value": "0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f:443"}),
+    );
+    let taken = until_cert(
+        s.admin,
+        "stays.customer.test",
+        "moved to another app",
+        |c| c["status"] == "dns_moved",
+    )
+    .await;
+    assert!(
+        taken["dns_health"]
+            .as_str()
+            .unwrap()
+            .contains("another app"),
+        "{taken}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -520,4 +571,98 @@ async fn new_names_past_ask_rate_are_refused_without_asking_and_served_names_are
     assert_eq!(s.first_visits("scan0.example.test", 1).await, 0);
     assert_eq!(s.ask.asked("scan0.example.test"), 1);
     assert_eq!(s.first_visits("configured.allowed.test", 4).await, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_past_the_deadline_or_after_a_failed_order_end_with_an_alert() {
+    let s = Setup::start_with("", |_, ask, backend, _| {
+        format!(
+            "[on_demand]\nask = \"http://{ask}/check\"\nask_timeout = \"2s\"\n\
+             backend = \"{backend}\"\ndeadline = \"2s\"\n"
+        )
+    })
+    .await;
+    s.until_served("configured.allowed.test").await;
+    // The customer's name leads the CA to a host that accepts and never answers: pebble's
+    // TLS-ALPN-01 look hangs there, so the order outlives the 2 s deadline.
+    let tarpit = tokio::net::TcpListener::bind(("127.0.0.5", s.inbound.port()))
+        .await
+        .unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let holding = held.clone();
+    let pit = tokio::spawn(async move {
+        while let Ok((conn, _)) = tarpit.accept().await {
+            holding.lock().unwrap().push(conn);
+        }
+    });
+    s.pebble.challtestsrv(
+        "/add-a",
+        &serde_json::json!({"host": "stalls.allowed.test", "addresses": ["127.0.0.5"]}),
+    );
+    let refused = s.refusals("stalls.allowed.test", 4).await;
+    assert_eq!(
+        refused.len(),
+        4,
+        "every waiting handshake ends: {refused:?}"
+    );
+    assert!(
+        refused.iter().all(|e| e.contains("alert")),
+        "a TLS alert: {refused:?}"
+    );
+    // The deadline ended them, not the order: it is still under way, and the only one.
+    let pending = cert(s.admin, "stalls.allowed.test").await;
+    assert_eq!(pending["status"], "issuing", "{pending}");
+    assert!(pending["last_error"].is_null(), "{pending}");
+    assert!(!held.lock().unwrap().is_empty(), "the CA is still looking");
+    let orders = s.pebble.orders_seen();
+    // The host goes away: the CA's look fails, so does the order; the next visit is refused
+    // with an alert too, and the configured domain was never touched.
+    pit.abort();
+    held.lock().unwrap().clear();
+    let failed = until_cert(s.admin, "stalls.allowed.test", "the order failed", |c| {
+        !c["last_error"].is_null()
+    })
+    .await;
+    assert_ne!(failed["status"], "valid", "{failed}");
+    let again = s.refusals("stalls.allowed.test", 1).await;
+    assert!(again.len() == 1 && again[0].contains("alert"), "{again:?}");
+    assert_eq!(s.ask.asked("stalls.allowed.test"), 1, "admitted once");
+    assert!(s.pebble.orders_seen() >= orders);
+    assert_eq!(s.first_visits("configured.allowed.test", 2).await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ask_endpoint_failing_or_unreachable_refuses_new_names_only() {
+    // 503 from ask: fail closed for the new name, no order, said in the log.
+    let s = Setup::start().await;
+    s.until_served("configured.allowed.test").await;
+    let orders = s.pebble.orders_seen();
+    s.ask.failing.store(true, Ordering::SeqCst);
+    assert_eq!(s.first_visits("new.allowed.test", 2).await, 0);
+    assert_eq!(s.pebble.orders_seen(), orders, "no order while ask fails");
+    assert_eq!(s.first_visits("configured.allowed.test", 2).await, 2);
+    assert!(
+        s.sidecar.stderr().contains("on demand: ask failed"),
+        "{}",
+        s.sidecar.stderr()
+    );
+    // Nothing listening where ask should be: the same.
+    let closed = e2e::free_port();
+    let s = Setup::start_with("", |_, _, backend, _| {
+        format!(
+            "[on_demand]\nask = \"http://127.0.0.1:{closed}/check\"\nask_timeout = \"2s\"\n\
+             backend = \"{backend}\"\n"
+        )
+    })
+    .await;
+    s.until_served("configured.allowed.test").await;
+    let orders = s.pebble.orders_seen();
+    assert_eq!(s.first_visits("new.allowed.test", 2).await, 0);
+    assert_eq!(s.pebble.orders_seen(), orders);
+    assert!(
+        s.sidecar.stderr().contains("on demand: ask unreachable"),
+        "{}",
+        s.sidecar.stderr()
+    );
+    assert_eq!(s.first_visits("configured.allowed.test", 2).await, 2);
 }

@@ -264,6 +264,25 @@ async fn a_file_sources_domains_come_and_go_under_load_and_a_bad_list_keeps_the_
     );
     assert!(s.serves("new.customer.test").await);
     flowing(&load).await;
+
+    // 100,000 entries, past the default cap (max_domains = 20,000): refused whole with a
+    // message, and the last good list stays.
+    let flood: String = (0..100_000)
+        .map(|i| format!("c{i}.customer.test\n"))
+        .collect();
+    write(&s.list, &flood);
+    until("the flood refused", async || {
+        s.source().await["last_error"].as_str().is_some_and(|e| {
+            e.contains("lists 100000 domains, more than max_domains = 20000: refused whole")
+        })
+    })
+    .await;
+    let source = s.source().await;
+    assert_eq!(source["up"], false, "{source}");
+    assert_eq!(source["domains"], 3, "{source}");
+    assert!(s.serves("new.customer.test").await);
+    assert!(!s.serves("c7.customer.test").await);
+    flowing(&load).await;
     let (ok, failed) = load.finish().await;
     eprintln!("{ok} requests to a listed domain while the list changed and broke, {failed} failed");
     assert_eq!(failed, 0);

@@ -75,6 +75,13 @@ impl Health {
         self.config.interval
     }
 
+    /// The pause after the `moved`-th check in a row that found the DNS elsewhere: the
+    /// interval, doubling up to 8 times it (at the default 10 min, a customer gone for good
+    /// costs a look every 80 min, and one who comes back is seen within that).
+    pub fn interval_after(&self, moved: u32) -> Duration {
+        self.config.interval * (1u32 << moved.min(3))
+    }
+
     /// `rtype` at `name` from the first resolver that answers.
     async fn query(&self, name: &str, rtype: Rtype) -> Result<Answer, String> {
         let mut last = "no resolver configured".to_owned();
@@ -330,9 +337,14 @@ impl Acme {
         let Some(health) = &self.health else {
             return;
         };
+        let mut moved = 0;
         loop {
             let pointing = health.check(d.name()).await;
             self.note_health(&d, &pointing);
+            moved = match pointing {
+                Pointing::Moved(_) => moved + 1,
+                Pointing::Here(_) | Pointing::Unknown(_) => 0,
+            };
             // A site whose DNS points here and that serves a certificate: visit it.
             let leaf = d
                 .served
@@ -344,7 +356,7 @@ impl Acme {
                     self.note_probe(&d, visit);
                 }
             }
-            let every = health.interval();
+            let every = health.interval_after(moved);
             tokio::time::sleep(every + jitter(every / 10)).await;
         }
     }
@@ -449,6 +461,24 @@ mod tests {
         let key = rcgen::KeyPair::generate().unwrap();
         let params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
         params.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn a_domain_whose_dns_stays_away_is_looked_at_less_and_less_often() {
+        let health = Health::new(
+            HealthConfig {
+                gateway: Some("_.gw.example".into()),
+                interval: Duration::from_secs(600),
+                resolvers: vec!["127.0.0.1:53".parse().unwrap()],
+                txt_prefix: "_dstack-app-address".into(),
+                probe: None,
+            },
+            "app",
+        );
+        let minutes: Vec<u64> = (0..7)
+            .map(|n| health.interval_after(n).as_secs() / 60)
+            .collect();
+        assert_eq!(minutes, [10, 20, 40, 80, 80, 80, 80]);
     }
 
     #[test]
