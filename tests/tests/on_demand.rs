@@ -647,7 +647,7 @@ async fn an_ask_endpoint_failing_or_unreachable_refuses_new_names_only() {
         s.sidecar.stderr()
     );
     // Nothing listening where ask should be: the same.
-    let closed = e2e::free_port();
+    let closed = free_port();
     let s = Setup::start_with("", |_, _, backend, _| {
         format!(
             "[on_demand]\nask = \"http://127.0.0.1:{closed}/check\"\nask_timeout = \"2s\"\n\
