@@ -162,6 +162,12 @@ impl CloudflareStandIn {
         self.shared.state().delay = delay;
     }
 
+    /// Close every following connection unanswered as soon as it is accepted (`false`: serve
+    /// again), as an API that cannot be reached.
+    pub fn cut(&self, cut: bool) {
+        self.shared.state().cut = cut;
+    }
+
     /// Store a record of someone else's, as if made in the dashboard: no token, not in
     /// [`CloudflareStandIn::requests`], no conflict checks, but the content must be valid
     /// (a CAA record as `0 issue "ca.example"`). Mirrored like API changes; returns its id.
@@ -231,6 +237,8 @@ struct State {
     garbage: bool,
     // Hold every request this long first.
     delay: Duration,
+    // Close every connection as soon as it is accepted (the API unreachable).
+    cut: bool,
 }
 
 impl State {
@@ -629,9 +637,22 @@ fn serve(
                     }
                 },
             };
+            if shared.state().cut {
+                drop(tcp);
+                continue;
+            }
             let shared = shared.clone();
             tokio::spawn(async move {
-                let service = service_fn(move |req| handle(shared.clone(), req));
+                // A kept-alive connection is cut at its next request, unanswered.
+                let service = service_fn(move |req| {
+                    let shared = shared.clone();
+                    async move {
+                        if shared.state().cut {
+                            return Err(std::io::Error::other("the API is unreachable"));
+                        }
+                        handle(shared, req).await.map_err(|never| match never {})
+                    }
+                });
                 let _ = http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), service)
                     .await;

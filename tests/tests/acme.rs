@@ -1106,6 +1106,7 @@ async fn cloudflare_api_issues_writes_records_and_survives_refusals_errors_throt
         Status(u16),
         Garbage,
         Slow,
+        Unreachable,
     }
     let faults = [
         (Fault::Status(403), "Authentication error"),
@@ -1113,6 +1114,7 @@ async fn cloudflare_api_issues_writes_records_and_survives_refusals_errors_throt
         (Fault::Status(429), "HTTP 429"),
         (Fault::Garbage, "cloudflare"),
         (Fault::Slow, "no answer within 10s"),
+        (Fault::Unreachable, "DNS provider cloudflare"),
     ];
     for (fault, words) in faults {
         let before = a.cert("shop.example.test").await.failures_total;
@@ -1120,6 +1122,7 @@ async fn cloudflare_api_issues_writes_records_and_survives_refusals_errors_throt
             Fault::Status(status) => cf.fail_with(status),
             Fault::Garbage => cf.answer_garbage(true),
             Fault::Slow => cf.delay(Duration::from_secs(12)),
+            Fault::Unreachable => cf.cut(true),
         }
         let (ok, out) = a.cli(&["renew", "shop.example.test"]);
         assert!(ok, "{out}");
@@ -1163,6 +1166,7 @@ async fn cloudflare_api_issues_writes_records_and_survives_refusals_errors_throt
         cf.fail_with(0);
         cf.answer_garbage(false);
         cf.delay(Duration::ZERO);
+        cf.cut(false);
     }
     let (ok, failed) = load.finish().await;
     eprintln!("DNS provider faults: {ok} requests to another domain, {failed} failed");
@@ -1175,6 +1179,9 @@ async fn cloudflare_api_issues_writes_records_and_survives_refusals_errors_throt
         StatusCode::OK
     );
     cf.fail_with(0);
+    // Six failures in a row have backed the next attempt off past half a minute: ask now.
+    let (ok, out) = a.cli(&["renew", "shop.example.test"]);
+    assert!(ok, "{out}");
     a.wait("recovery", Duration::from_secs(30), |c| {
         c.iter().any(|c| {
             c.domain == "shop.example.test" && c.status == Status::Valid && c.last_error.is_none()
