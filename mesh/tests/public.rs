@@ -1138,5 +1138,41 @@ async fn an_alias_shares_its_domains_certificate_and_route() {
     assert_eq!((shop.count(), api.count()), (1, 0));
     let names = status_of(&app, "shop.example.test").names;
     assert_eq!(names, ["shop.example.test", "www.shop.example.test"]);
+    // The evidence covers the alias: served under it, its checksummed and quoted certificate
+    // names it.
+    let file = dstack_mesh::acme::evidence::cert_file("shop.example.test");
+    let mut sums = String::new();
+    for _ in 0..250 {
+        let (status, _, body) = client
+            .get_from("www.shop.example.test", "/evidences/sha256sum.txt", &[])
+            .await
+            .unwrap();
+        sums = String::from_utf8_lossy(&body).into_owned();
+        if status == StatusCode::OK && sums.contains(&file) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(sums.contains(&file), "{sums}");
+    let (status, _, pem) = client
+        .get_from("www.shop.example.test", &format!("/evidences/{file}"), &[])
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let der = ratls::cert::parse_chain(&pem).unwrap().remove(0);
+    let (_, leaf) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let sans: Vec<String> = leaf
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        sans.iter().any(|n| n.contains("www.shop.example.test")),
+        "{sans:?}"
+    );
     agent.abort();
 }

@@ -53,6 +53,23 @@ fn dstack_ingress_variables() {
         Some(Duration::from_secs(20 * 86400))
     );
 
+    // dstack-ingress 2.3's own names, beside the certbot-era ones.
+    let c = load(
+        "",
+        &[
+            ("DOMAIN", "app.example.com"),
+            ("TARGET_ENDPOINT", "http://app:80"),
+            ("ACME_EMAIL", "acme@example.com"),
+            ("ACME_STAGING", "true"),
+            ("EVIDENCE_SERVER", "false"),
+        ],
+    )
+    .unwrap();
+    let d = &c.public.domains[0];
+    assert_eq!(d.issuer, Issuer::Acme(LETSENCRYPT_STAGING.into()));
+    assert_eq!(c.public.acme.email.as_deref(), Some("acme@example.com"));
+    assert!(!c.public.acme.evidence_server);
+
     let c = load(
         "",
         &[
