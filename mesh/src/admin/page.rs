@@ -525,6 +525,30 @@ mod tests {
                     None,
                 ),
                 status("down.example", Status::Failed, None, Some("CA said <no>")),
+                {
+                    // A domain whose records the operator makes (DNS_SETUP_MODE): each to
+                    // create, and whether the resolvers see it.
+                    let mut d = status("byhand.example", Status::Issuing, None, None);
+                    let row =
+                        |rtype: &str, name: &str, value: &str, visible, seen: Option<&str>| {
+                            serde_json::from_value(serde_json::json!({
+                                "type": rtype, "name": name, "value": value, "note": "",
+                                "exact": true, "visible": visible, "seen": seen,
+                            }))
+                            .unwrap()
+                        };
+                    d.dns_setup = Some(vec![
+                        row("CNAME", "byhand.example", "gw.example.net", true, None),
+                        row(
+                            "TXT",
+                            "_acme-challenge.byhand.example",
+                            "tok<en>",
+                            false,
+                            Some("none"),
+                        ),
+                    ]);
+                    d
+                },
             ],
             peers: PeerCounts::default(),
             tcp: vec![crate::admin::TcpRoute {
@@ -552,6 +576,10 @@ mod tests {
         assert!(html.contains("class=\"nw days-danger\">3.0<"));
         assert!(html.contains("CA said &lt;no&gt;") && !html.contains("<no>"));
         assert!(html.contains("&lt;shop&gt;") && !html.contains("<shop>"));
+        assert!(html.contains("create DNS record"), "{html}");
+        assert!(html.contains("CNAME byhand.example → gw.example.net — visible"));
+        assert!(html
+            .contains("TXT _acme-challenge.byhand.example → tok&lt;en&gt; — not yet (seen: none)"));
         // Nothing is loaded from elsewhere.
         assert!(!html.contains("http://") && !html.contains("https://") && !html.contains(" src="));
     }
