@@ -22,6 +22,7 @@ pub mod pccs;
 pub mod proxy;
 pub mod registry;
 pub mod run;
+pub mod runtime;
 pub mod status;
 pub mod tools;
 pub mod trust;

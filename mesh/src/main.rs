@@ -10,13 +10,10 @@ fn main() -> ExitCode {
     let cli = dstack_mesh::cli::Cli::parse();
     dstack_mesh::logging::init(cli.log_format);
     ratls::crypto::install_default();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
+    let runtime = match dstack_mesh::runtime::build() {
+        Ok((rt, _)) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            eprintln!("error: {e}");
             return ExitCode::from(71);
         }
     };

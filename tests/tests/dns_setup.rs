@@ -274,13 +274,23 @@ impl Deployment {
 
     /// The sidecar with `env` (dstack-ingress's variables) beside a file naming pebble.
     fn sidecar(&self, name: &str, env: &[(&str, String)]) -> (ChildGuard, SocketAddr) {
+        self.sidecar_with(name, env, "")
+    }
+
+    /// [`Deployment::sidecar`] with `extra` TOML after the file's own tables.
+    fn sidecar_with(
+        &self,
+        name: &str,
+        env: &[(&str, String)],
+        extra: &str,
+    ) -> (ChildGuard, SocketAddr) {
         let config = self.dir.path().join(format!("{name}.toml"));
         std::fs::write(
             &config,
             format!(
                 "[agent]\naddress = \"unix:{}\"\n[inbound]\nlisten = \"127.0.0.1:{}\"\nbackend = \"{}\"\n\
                  [auth]\nenabled = false\n[client]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-                 [acme]\nstore = \"{}\"\nissuer = \"{}\"\nca_roots = [\"{}\"]\nretry_min = \"1s\"\n",
+                 [acme]\nstore = \"{}\"\nissuer = \"{}\"\nca_roots = [\"{}\"]\nretry_min = \"1s\"\n{extra}",
                 self.socket.display(),
                 self.inbound_port,
                 self.backend.addr,
@@ -801,6 +811,45 @@ async fn print_mode_lists_each_dns01_challenge_and_orders_only_once_it_is_visibl
     )
     .await;
     assert_eq!(d.pebble.orders_seen(), 1, "the one order, not a retry");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_caa_without_credentials_lists_the_caa_pin_for_the_operator() {
+    // SET_CAA with no DNS credential: the CAA pin (this CA, this account, this method) is one
+    // of the records the operator is asked to create, and the order waits for it. A wildcard,
+    // because a name that is a CNAME to the gateway can carry no CAA (its base can).
+    let d = Deployment::start().await;
+    let doh = doh(d.pebble.challtestsrv_dns).await;
+    let env = ingress_env(&d, "print", &doh, "", "120");
+    let env = with(env, "DOMAIN", "*.wild.example.test");
+    let env = with(env, "CHALLENGE_TYPE", "dns-01");
+    let env: Vec<(&str, String)> = with(env, "SET_CAA", "true")
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("DNS_WEBHOOK"))
+        .collect();
+    let (mut guard, admin) =
+        d.sidecar_with("caa", &env, "[dns]\ncaa_identities = [\"pebble.test\"]\n");
+    let shown = wait_on(
+        "*.wild.example.test",
+        "the CAA record listed",
+        admin,
+        &mut guard,
+        Duration::from_secs(30),
+        |c| listed(c).iter().any(|r| r.0 == "CAA" && r.4),
+    )
+    .await;
+    let caa = listed(&shown).into_iter().find(|r| r.0 == "CAA").unwrap();
+    assert_eq!(caa.1, "wild.example.test", "{caa:?}");
+    assert!(caa.2.starts_with("0 issuewild \"pebble.test;"), "{caa:?}");
+    assert!(
+        caa.2.contains("accounturi=") && caa.2.contains("validationmethods=dns-01"),
+        "{caa:?}"
+    );
+    assert!(!caa.3, "nobody made it yet");
+    assert_eq!(d.pebble.orders_seen(), 0, "the order waits for it");
+    assert!(guard
+        .stderr()
+        .contains("CAA   wild.example.test -> 0 issuewild"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use e2e::{
     backend::Backend,
     client::{empty, MeshClient},
-    dev_agent, identity, run_mesh, run_mesh_logging,
+    dev_agent, identity, mesh_binary, run_mesh, run_mesh_logging, start_mesh,
 };
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
@@ -191,4 +191,68 @@ async fn sighup_reloads_the_allowlist_keeps_connections_and_refuses_a_broken_con
 
 async fn get(client: &mut MeshClient) -> StatusCode {
     client.get("/x", &[]).await.unwrap().0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_one_core_the_sidecar_runs_one_thread_serves_both_protocols_and_drains() {
+    // `taskset -c 0`: one core, so one thread and no work stealing (runtime::Flavor).
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (_agent, socket) = dev_agent(dir.path(), "agent", SERVER, &state);
+    let (caller, _caller_agent) = identity(dir.path(), &state, CALLER).await;
+    let backend = Backend::start().await;
+    let file = dir.path().join("mesh.toml");
+    std::fs::write(&file, config(&socket, backend.addr, CALLER)).unwrap();
+    let mut cmd = std::process::Command::new("taskset");
+    cmd.args(["-c", "0"])
+        .arg(mesh_binary())
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&file)
+        .env("RUST_LOG", "info,dstack_mesh::runtime=debug")
+        .env_remove("DSTACK_MESH_RUNTIME")
+        .env_remove("TOKIO_WORKER_THREADS")
+        .env_remove("DSTACK_AGENT_ADDRESS");
+    let (mut mesh, bound) = start_mesh(dir.path(), "one-core", cmd);
+    let log = mesh.stderr();
+    assert!(
+        log.contains("\"runtime\":\"current-thread\",\"cores\":1"),
+        "{log}"
+    );
+    let inbound = e2e::listener(&bound, "inbound");
+    let server = SERVER.parse().unwrap();
+    let mut h1 = MeshClient::connect(&caller, &server, inbound, Some(&[b"http/1.1"]))
+        .await
+        .unwrap();
+    let mut h2 = MeshClient::connect(&caller, &server, inbound, Some(&[b"h2"]))
+        .await
+        .unwrap();
+    // Many at once on the one thread, and a stream in flight across the drain.
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let (caller, server) = (caller.clone(), server.clone());
+        calls.spawn(async move {
+            let mut c = MeshClient::connect(&caller, &server, inbound, None)
+                .await
+                .unwrap();
+            get(&mut c).await
+        });
+    }
+    while let Some(status) = calls.join_next().await {
+        assert_eq!(status.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(get(&mut h1).await, StatusCode::OK);
+    assert_eq!(get(&mut h2).await, StatusCode::OK);
+    let resp = h2
+        .send(Request::get("/stream").body(empty()).unwrap())
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "first\n");
+    mesh.signal("TERM");
+    backend.release_stream.notify_one();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "second\n");
+    let status = tokio::task::block_in_place(|| mesh.wait_exit(Duration::from_secs(10)));
+    assert!(status.success(), "{status}: {}", mesh.stderr());
 }
