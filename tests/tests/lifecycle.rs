@@ -29,15 +29,47 @@ fn config(socket: &std::path::Path, backend: std::net::SocketAddr, allowed: &str
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_refuses_new_connections_and_finishes_requests_in_flight() {
+/// An agent for [`SERVER`], a caller's identity, a backend, and a config file allowing the
+/// caller. Bind `_guards` when taking it apart: the agents stop when they are dropped.
+struct Stage {
+    dir: tempfile::TempDir,
+    state: std::path::PathBuf,
+    caller: ratls::identity::RotatingIdentity,
+    backend: Backend,
+    socket: std::path::PathBuf,
+    file: std::path::PathBuf,
+    _guards: (e2e::ChildGuard, tokio::task::JoinHandle<()>),
+}
+
+async fn stage() -> Stage {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let (_agent, socket) = dev_agent(dir.path(), "agent", SERVER, &state);
-    let (caller, _caller_agent) = identity(dir.path(), &state, CALLER).await;
+    let (agent, socket) = dev_agent(dir.path(), "agent", SERVER, &state);
+    let (caller, caller_agent) = identity(dir.path(), &state, CALLER).await;
     let backend = Backend::start().await;
     let file = dir.path().join("mesh.toml");
     std::fs::write(&file, config(&socket, backend.addr, CALLER)).unwrap();
+    Stage {
+        dir,
+        state,
+        caller,
+        backend,
+        socket,
+        file,
+        _guards: (agent, caller_agent),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_refuses_new_connections_and_finishes_requests_in_flight() {
+    let Stage {
+        dir,
+        caller,
+        backend,
+        file,
+        _guards,
+        ..
+    } = stage().await;
     let (mut mesh, bound) = run_mesh(dir.path(), "mesh", &file);
     let inbound = e2e::listener(&bound, "inbound");
     let server = SERVER.parse().unwrap();
@@ -88,14 +120,17 @@ async fn sigterm_refuses_new_connections_and_finishes_requests_in_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_allowlist_keeps_connections_and_refuses_a_broken_config() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let (_agent, socket) = dev_agent(dir.path(), "agent", SERVER, &state);
-    let (caller, _caller_agent) = identity(dir.path(), &state, CALLER).await;
+    let Stage {
+        dir,
+        state,
+        caller,
+        backend,
+        socket,
+        file,
+        _guards,
+        ..
+    } = stage().await;
     let (other, _other_agent) = identity(dir.path(), &state, OTHER).await;
-    let backend = Backend::start().await;
-    let file = dir.path().join("mesh.toml");
-    std::fs::write(&file, config(&socket, backend.addr, CALLER)).unwrap();
     let (mut mesh, bound) = run_mesh_logging(dir.path(), "mesh", &file, "dstack_mesh=debug,info");
     let inbound = e2e::listener(&bound, "inbound");
     let server = SERVER.parse().unwrap();
@@ -196,13 +231,14 @@ async fn get(client: &mut MeshClient) -> StatusCode {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_one_core_the_sidecar_runs_one_thread_serves_both_protocols_and_drains() {
     // `taskset -c 0`: one core, so one thread and no work stealing (runtime::Flavor).
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let (_agent, socket) = dev_agent(dir.path(), "agent", SERVER, &state);
-    let (caller, _caller_agent) = identity(dir.path(), &state, CALLER).await;
-    let backend = Backend::start().await;
-    let file = dir.path().join("mesh.toml");
-    std::fs::write(&file, config(&socket, backend.addr, CALLER)).unwrap();
+    let Stage {
+        dir,
+        caller,
+        backend,
+        file,
+        _guards,
+        ..
+    } = stage().await;
     let mut cmd = std::process::Command::new("taskset");
     cmd.args(["-c", "0"])
         .arg(mesh_binary())
