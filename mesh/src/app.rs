@@ -18,6 +18,7 @@ use crate::{
     outbound::{self, AgentPassthrough, Outbound},
     proxy,
     registry::{self, NodePort, Registry},
+    runtime::{self, Workers},
     trust::{self, TrustError},
     tunnel::{self, TcpService, TunnelPort},
 };
@@ -46,6 +47,9 @@ pub enum StartError {
     /// A TCP service could not be built or bound.
     #[error(transparent)]
     TcpService(#[from] tunnel::TcpServiceError),
+    /// The per-core worker threads could not start.
+    #[error("per-core runtime: cannot start a worker thread: {0}")]
+    Workers(#[source] std::io::Error),
     /// A listener could not be bound.
     #[error("{what} {addr}: {source}")]
     Bind {
@@ -84,6 +88,9 @@ pub struct App {
     /// The public domains' lifecycle tasks; a reload that replaces the domains drops them.
     acme_tasks: JoinSet<()>,
     tasks: JoinSet<()>,
+    /// The per-core threads serving the busy listeners (`per-core` runtime); dropped after the
+    /// drain, which ends their connections.
+    _workers: Option<Workers>,
     /// The attestation policy peers are held to (`[attestation]`).
     attestor: Option<Arc<ratls::attested::Attestor>>,
     /// Held so that dropping the app aborts them.
@@ -187,15 +194,19 @@ impl App {
         // Serve. Listeners run in `tasks` (one ending is an error); tasks that finish their
         // work (gateway discovery) in `background`.
         let (mut tasks, mut background) = (JoinSet::new(), JoinSet::new());
-        let inbound = inbound.map(|(inbound, listener)| {
-            tasks.spawn(inbound.clone().serve(listener));
+        // The busy listeners: on this runtime, or a socket per per-core worker.
+        let mut jobs = PerWorker::new(runtime::workers());
+        let inbound = inbound.map(|(inbound, sockets)| {
+            let serving = inbound.clone();
+            jobs.serve(sockets, &mut tasks, move |l| serving.clone().serve(l));
             inbound
         });
-        let auth = auth.map(|(auth, listener)| {
-            tasks.spawn(auth.clone().serve(listener));
+        let auth = auth.map(|(auth, sockets)| {
+            let serving = auth.clone();
+            jobs.serve(sockets, &mut tasks, move |l| serving.clone().serve(l));
             auth
         });
-        let outbound = outbound.map(|(outbound, listener)| {
+        let outbound = outbound.map(|(outbound, sockets)| {
             // Static routes serve at once; the gateway, for every other target, is configured
             // or found in the background.
             match outbound::configured_gateway(&config.outbound, config.gateway_domain.as_ref()) {
@@ -204,9 +215,11 @@ impl App {
                     background.spawn(outbound.clone().discover_gateway());
                 }
             }
-            tasks.spawn(outbound.clone().serve(listener));
+            let serving = outbound.clone();
+            jobs.serve(sockets, &mut tasks, move |l| serving.clone().serve(l));
             outbound
         });
+        let workers = jobs.start(&mut tasks)?;
         let tcp_services: Vec<_> = (tcp_services.into_iter())
             .map(|(service, listener)| {
                 tasks.spawn(service.clone().serve(listener));
@@ -293,6 +306,7 @@ impl App {
             admin,
             acme_tasks,
             tasks,
+            _workers: workers,
             attestor: shared.attestor.clone(),
             _background: background,
         })
@@ -366,7 +380,7 @@ async fn bind_inbound(
     acme: Option<&Arc<Acme>>,
     shared: &Shared,
     bound: &mut Bound,
-) -> Result<Option<(Arc<Inbound>, TcpListener)>, StartError> {
+) -> Result<Option<(Arc<Inbound>, Sockets)>, StartError> {
     if !config.inbound.enabled {
         return Ok(None);
     }
@@ -377,9 +391,12 @@ async fn bind_inbound(
         inbound = inbound.with_public(acme.clone())?;
     }
     let inbound = Arc::new(inbound);
-    let listener = inbound.bind().await?;
-    bound.push(("inbound".into(), local(&listener)));
-    Ok(Some((inbound, listener)))
+    let sockets = match runtime::workers() {
+        0 => Sockets::Shared(inbound.bind().await?),
+        n => Sockets::bind_per_worker("inbound.listen", config.inbound.listen, n)?,
+    };
+    bound.push(("inbound".into(), sockets.local()));
+    Ok(Some((inbound, sockets)))
 }
 
 /// What the app's instances share for public domains: the `[store]` and this app's id.
@@ -397,7 +414,7 @@ async fn bind_auth(
     identity: &RotatingIdentity,
     shared: &Shared,
     bound: &mut Bound,
-) -> Result<Option<(Arc<AuthService>, TcpListener)>, StartError> {
+) -> Result<Option<(Arc<AuthService>, Sockets)>, StartError> {
     let settings = &config.auth;
     if !settings.listener.enabled {
         return Ok(None);
@@ -405,7 +422,14 @@ async fn bind_auth(
     let allow = settings.allow.as_ref().unwrap_or(&config.inbound.allow);
     let policy = trust::mesh_policy(&config.inbound, allow, identity, shared.attestor.as_ref())?;
     let addr = settings.listener.listen;
-    let listener = bind("auth.listen", addr, bound, "auth").await?;
+    let sockets = match runtime::workers() {
+        0 => Sockets::Shared(bind("auth.listen", addr, bound, "auth").await?),
+        n => {
+            let sockets = Sockets::bind_per_worker("auth.listen", addr, n)?;
+            bound.push(("auth".into(), sockets.local()));
+            sockets
+        }
+    };
     if !addr.ip().is_loopback() {
         tracing::warn!(%addr, "the auth service listens beyond loopback: anything that reaches it can ask about certificates; nginx should be its only client");
     }
@@ -427,7 +451,7 @@ async fn bind_auth(
     let auth = AuthService::new(Arc::new(policy), nginx)
         .with_limits(settings.header_timeout, settings.max_connections)
         .with_drain(shared.drain.clone());
-    Ok(Some((Arc::new(auth), listener)))
+    Ok(Some((Arc::new(auth), sockets)))
 }
 
 /// The outbound proxy, bound (its gateway is set when it starts serving).
@@ -436,7 +460,7 @@ async fn bind_outbound(
     identity: &RotatingIdentity,
     shared: &Shared,
     bound: &mut Bound,
-) -> Result<Option<(Arc<Outbound>, TcpListener)>, StartError> {
+) -> Result<Option<(Arc<Outbound>, Sockets)>, StartError> {
     if !config.client.enabled {
         return Ok(None);
     }
@@ -460,9 +484,12 @@ async fn bind_outbound(
         tracing::warn!(addr = %config.client.listen, "the outbound proxy listens beyond loopback: anything that reaches it can call other apps as this app");
     }
     let outbound = Arc::new(outbound);
-    let listener = outbound.bind().await?;
-    bound.push(("outbound".into(), local(&listener)));
-    Ok(Some((outbound, listener)))
+    let sockets = match runtime::workers() {
+        0 => Sockets::Shared(outbound.bind().await?),
+        n => Sockets::bind_per_worker("client.listen", config.client.listen, n)?,
+    };
+    bound.push(("outbound".into(), sockets.local()));
+    Ok(Some((outbound, sockets)))
 }
 
 /// The registry role on the inbound listener, and this sidecar's own registration through its
@@ -738,6 +765,86 @@ async fn bind(
         })?;
     bound.push((name.into(), local(&listener)));
     Ok(listener)
+}
+
+/// A busy listener's sockets: one served on the process's runtime, or one per per-core worker
+/// (`SO_REUSEPORT`, the same address).
+enum Sockets {
+    Shared(TcpListener),
+    PerWorker(Vec<std::net::TcpListener>),
+}
+
+impl Sockets {
+    fn bind_per_worker(key: &'static str, addr: SocketAddr, n: usize) -> Result<Self, StartError> {
+        runtime::reuseport_listeners(addr, n)
+            .map(Self::PerWorker)
+            .map_err(|source| StartError::Bind {
+                what: key,
+                addr,
+                source,
+            })
+    }
+
+    fn local(&self) -> SocketAddr {
+        match self {
+            Self::Shared(listener) => local(listener),
+            Self::PerWorker(listeners) => listeners
+                .first()
+                .and_then(|l| l.local_addr().ok())
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+        }
+    }
+}
+
+/// The per-core workers' jobs, gathered while the listeners are set up.
+struct PerWorker(Vec<Vec<runtime::Job>>);
+
+impl PerWorker {
+    fn new(workers: usize) -> Self {
+        Self((0..workers).map(|_| Vec::new()).collect())
+    }
+
+    /// Serve `sockets` with `serve`: in `tasks` on this runtime, or on each worker (a listener
+    /// is registered with the runtime that serves it).
+    fn serve<F, Fut>(&mut self, sockets: Sockets, tasks: &mut JoinSet<()>, serve: F)
+    where
+        F: Fn(TcpListener) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listeners = match sockets {
+            Sockets::Shared(listener) => {
+                tasks.spawn(serve(listener));
+                return;
+            }
+            Sockets::PerWorker(listeners) => listeners,
+        };
+        for (jobs, listener) in self.0.iter_mut().zip(listeners) {
+            let serve = serve.clone();
+            jobs.push(Box::new(move || {
+                Box::pin(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => serve(listener).await,
+                        Err(e) => tracing::error!(error = %e, "a worker cannot serve its socket"),
+                    }
+                })
+            }));
+        }
+    }
+
+    /// Start the workers that have jobs; each one's end (its listeners closed) ends a task in
+    /// `tasks`, as a listener on this runtime would.
+    fn start(self, tasks: &mut JoinSet<()>) -> Result<Option<Workers>, StartError> {
+        if self.0.iter().all(Vec::is_empty) {
+            return Ok(None);
+        }
+        let (workers, done) = Workers::start(self.0).map_err(StartError::Workers)?;
+        for listening in done {
+            tasks.spawn(async move {
+                let _ = listening.await;
+            });
+        }
+        Ok(Some(workers))
+    }
 }
 
 fn local(listener: &TcpListener) -> SocketAddr {

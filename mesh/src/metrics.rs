@@ -133,7 +133,13 @@ pub struct Metrics {
     /// TCP tunnels by side, configured name and outcome (names come from the configuration,
     /// so the label set is bounded).
     tunnels: Mutex<BTreeMap<(Direction, String, &'static str), u64>>,
+    /// Connections accepted by the inbound and outbound listeners, per worker thread (the
+    /// per-core runtime; worker 0 otherwise): how evenly the kernel spreads them.
+    accepted: [[AtomicU64; MAX_WORKERS]; 2],
 }
+
+/// Worker threads counted apart; later ones share the last row.
+const MAX_WORKERS: usize = 32;
 
 /// One peer's counters, resolved once (per connection inbound) and recorded into per request.
 #[derive(Clone, Debug)]
@@ -223,6 +229,12 @@ impl Metrics {
         *tunnels
             .entry((direction, name.to_owned(), outcome))
             .or_default() += 1;
+    }
+
+    /// A connection accepted on `listener`'s socket of this thread.
+    pub fn accepted(&self, listener: Direction) {
+        let worker = crate::runtime::shard().min(MAX_WORKERS - 1);
+        self.accepted[listener as usize][worker].fetch_add(1, Ordering::Relaxed);
     }
 
     /// How many tunnel setups of `name` ended with `outcome`.
@@ -345,6 +357,24 @@ impl Collector for Metrics {
             family
                 .encode_family(&labels)?
                 .encode_counter::<NoLabelSet, _, u64>(n, None)?;
+        }
+        drop(tunnels);
+        let mut family = encoder.encode_descriptor(
+            "dstack_mesh_accepted_connections",
+            "Connections accepted, by listener (inbound, outbound) and worker thread (per-core runtime; 0 otherwise).",
+            None,
+            MetricType::Counter,
+        )?;
+        for direction in [Direction::Inbound, Direction::Outbound] {
+            for (worker, n) in self.accepted[direction as usize].iter().enumerate() {
+                let n = n.load(Ordering::Relaxed);
+                if n > 0 {
+                    let worker = worker.to_string();
+                    family
+                        .encode_family(&[("listener", direction.as_str()), ("worker", &worker)])?
+                        .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+                }
+            }
         }
         Ok(())
     }

@@ -32,7 +32,12 @@ fn offenders(module: &str, forbidden: &[&str]) -> Vec<String> {
         for (n, line) in text.lines().enumerate() {
             for name in forbidden {
                 // `crate::inbound::...`, or `inbound::` inside a `use crate::{...}` block.
-                let direct = line.contains(&format!("crate::{name}"));
+                // `crate::run` is not `crate::runtime`.
+                let direct = line
+                    .match_indices(&format!("crate::{name}"))
+                    .any(|(at, m)| {
+                        !line[at + m.len()..].starts_with(|c: char| c.is_alphanumeric() || c == '_')
+                    });
                 let grouped = line.trim_start().starts_with(&format!("{name}::"))
                     || line.trim_start().starts_with(&format!("{name},"))
                     || line.trim_start().starts_with(&format!("{name}::{{"));

@@ -231,6 +231,40 @@ async fn get(client: &mut MeshClient) -> StatusCode {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_one_core_the_sidecar_runs_one_thread_serves_both_protocols_and_drains() {
     // `taskset -c 0`: one core, so one thread and no work stealing (runtime::Flavor).
+    let mut cmd = std::process::Command::new("taskset");
+    cmd.args(["-c", "0"]).arg(mesh_binary());
+    let accepted = serves_both_protocols_and_drains(
+        cmd,
+        None,
+        "\"runtime\":\"current-thread\",\"cores\":1,\"workers\":0",
+    )
+    .await;
+    assert_eq!(accepted, vec![34], "one thread accepts every connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_workers_each_accept_connections_serve_both_protocols_and_drain() {
+    // Two workers, each with its own SO_REUSEPORT socket: the kernel spreads the connections
+    // (34 of them all on one socket: a chance of 2^-33).
+    let accepted = serves_both_protocols_and_drains(
+        std::process::Command::new(mesh_binary()),
+        Some(("per-core", "2")),
+        "\"runtime\":\"per-core\"",
+    )
+    .await;
+    assert_eq!(accepted.len(), 2, "{accepted:?}");
+    assert!(accepted.iter().all(|n| *n > 0), "{accepted:?}");
+    assert_eq!(accepted.iter().sum::<u64>(), 34, "{accepted:?}");
+}
+
+/// Run the sidecar with `cmd` (its runtime chosen by `runtime`: `DSTACK_MESH_RUNTIME` and
+/// `TOKIO_WORKER_THREADS`), check its log names the runtime, serve h1, h2 and 32 connections
+/// at once, and drain with a stream in flight. The inbound connections each worker accepted.
+async fn serves_both_protocols_and_drains(
+    mut cmd: std::process::Command,
+    runtime: Option<(&str, &str)>,
+    logged: &str,
+) -> Vec<u64> {
     let Stage {
         dir,
         caller,
@@ -239,21 +273,19 @@ async fn on_one_core_the_sidecar_runs_one_thread_serves_both_protocols_and_drain
         _guards,
         ..
     } = stage().await;
-    let mut cmd = std::process::Command::new("taskset");
-    cmd.args(["-c", "0"])
-        .arg(mesh_binary())
-        .args(["--log-format", "json", "run", "--config"])
+    cmd.args(["--log-format", "json", "run", "--config"])
         .arg(&file)
         .env("RUST_LOG", "info,dstack_mesh::runtime=debug")
         .env_remove("DSTACK_MESH_RUNTIME")
         .env_remove("TOKIO_WORKER_THREADS")
         .env_remove("DSTACK_AGENT_ADDRESS");
-    let (mut mesh, bound) = start_mesh(dir.path(), "one-core", cmd);
+    if let Some((flavor, workers)) = runtime {
+        cmd.env("DSTACK_MESH_RUNTIME", flavor)
+            .env("TOKIO_WORKER_THREADS", workers);
+    }
+    let (mut mesh, bound) = start_mesh(dir.path(), "runtime", cmd);
     let log = mesh.stderr();
-    assert!(
-        log.contains("\"runtime\":\"current-thread\",\"cores\":1"),
-        "{log}"
-    );
+    assert!(log.contains(logged), "{log}");
     let inbound = e2e::listener(&bound, "inbound");
     let server = SERVER.parse().unwrap();
     let mut h1 = MeshClient::connect(&caller, &server, inbound, Some(&[b"http/1.1"]))
@@ -262,7 +294,7 @@ async fn on_one_core_the_sidecar_runs_one_thread_serves_both_protocols_and_drain
     let mut h2 = MeshClient::connect(&caller, &server, inbound, Some(&[b"h2"]))
         .await
         .unwrap();
-    // Many at once on the one thread, and a stream in flight across the drain.
+    // Many at once, and a stream in flight across the drain.
     let mut calls = tokio::task::JoinSet::new();
     for _ in 0..32 {
         let (caller, server) = (caller.clone(), server.clone());
@@ -278,6 +310,13 @@ async fn on_one_core_the_sidecar_runs_one_thread_serves_both_protocols_and_drain
     }
     assert_eq!(get(&mut h1).await, StatusCode::OK);
     assert_eq!(get(&mut h2).await, StatusCode::OK);
+    let admin = e2e::listener(&bound, "admin");
+    let (_, metrics) = e2e::client::http1_get(admin, "/metrics", &[]).await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    let accepted: Vec<u64> = (metrics.lines())
+        .filter(|l| l.starts_with("dstack_mesh_accepted_connections_total{listener=\"inbound\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
     let resp = h2
         .send(Request::get("/stream").body(empty()).unwrap())
         .await
@@ -286,9 +325,21 @@ async fn on_one_core_the_sidecar_runs_one_thread_serves_both_protocols_and_drain
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(first, "first\n");
     mesh.signal("TERM");
+    // Every worker's socket closes: a refused connection means none is left listening.
+    let end = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::net::TcpStream::connect(inbound).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            _ if tokio::time::Instant::now() > end => {
+                panic!("still accepting after SIGTERM: {}", mesh.stderr())
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
     backend.release_stream.notify_one();
     let rest = body.collect().await.unwrap().to_bytes();
     assert_eq!(rest, "second\n");
     let status = tokio::task::block_in_place(|| mesh.wait_exit(Duration::from_secs(10)));
     assert!(status.success(), "{status}: {}", mesh.stderr());
+    accepted
 }

@@ -280,6 +280,7 @@ impl Inbound {
         while let Some((tcp, remote, hold)) =
             proxy::accept(&listener, &self.connections, "inbound", &self.drain).await
         {
+            self.metrics.accepted(Direction::Inbound);
             tokio::spawn(self.clone().connection(tcp, remote, hold));
         }
     }

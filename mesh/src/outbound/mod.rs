@@ -374,6 +374,7 @@ impl Outbound {
         while let Some((tcp, remote, hold)) =
             proxy::accept(&listener, &self.connections, "outbound", &self.drain).await
         {
+            self.metrics.accepted(Direction::Outbound);
             tokio::spawn(self.clone().connection(tcp, remote, hold));
         }
     }

@@ -33,6 +33,7 @@ use tokio::sync::Semaphore;
 use crate::{
     metrics::{Metrics, Side},
     proxy::{self, Body, UpstreamError},
+    runtime::Sharded,
 };
 
 /// How long an h2 PING may go unanswered before the connection is dropped.
@@ -78,7 +79,8 @@ pub struct PeerPool {
 struct PoolInner {
     multiplexed: SharedConnector,
     upgrades: SharedConnector,
-    slots: Mutex<HashMap<Target, Arc<Slot>>>,
+    /// Per worker thread: each keeps its own connections, driven by its own reactor.
+    slots: Sharded<Mutex<HashMap<Target, Arc<Slot>>>>,
     in_flight: Arc<Semaphore>,
     config: PoolConfig,
     /// Counts each new connection's key exchange group.
@@ -168,7 +170,7 @@ impl PeerPool {
         let inner = Arc::new(PoolInner {
             multiplexed,
             upgrades,
-            slots: Mutex::new(HashMap::new()),
+            slots: Sharded::default(),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             config,
             metrics,
@@ -180,15 +182,19 @@ impl PeerPool {
 
     /// Connections held now: (h2, idle HTTP/1.1).
     pub fn connections(&self) -> (usize, usize) {
-        let slots = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.values().fold((0, 0), |(h2, h1), slot| {
-            let has_h2 = slot
-                .h2
-                .lock()
-                .is_ok_and(|c| c.as_ref().is_some_and(|c| !c.sender.is_closed()));
-            let idle = slot.idle.lock().map_or(0, |i| i.len());
-            (h2 + usize::from(has_h2), h1 + idle)
-        })
+        let mut held = (0, 0);
+        for slots in self.inner.slots.all() {
+            let slots = slots.lock().unwrap_or_else(|p| p.into_inner());
+            for slot in slots.values() {
+                let has_h2 = slot
+                    .h2
+                    .lock()
+                    .is_ok_and(|c| c.as_ref().is_some_and(|c| !c.sender.is_closed()));
+                held.0 += usize::from(has_h2);
+                held.1 += slot.idle.lock().map_or(0, |i| i.len());
+            }
+        }
+        held
     }
 
     /// Send `req` to `target`, called `name` in errors (its URI's path and query are kept;
@@ -219,7 +225,7 @@ impl PeerPool {
 
 impl PoolInner {
     fn slot(&self, target: &Target) -> Arc<Slot> {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slots = self.slots.local().lock().unwrap_or_else(|p| p.into_inner());
         // A lookup first: the key is cloned only for a target's first request.
         if let Some(slot) = slots.get(target) {
             return slot.clone();
@@ -567,14 +573,16 @@ async fn sweep(pool: Weak<PoolInner>) {
         tokio::time::sleep(SWEEP_EVERY).await;
         let Some(pool) = pool.upgrade() else { return };
         let limit = pool.config.idle_timeout;
-        let slots: Vec<(Target, Arc<Slot>)> = match pool.slots.lock() {
-            Ok(slots) => slots.iter().map(|(t, s)| (t.clone(), s.clone())).collect(),
-            Err(_) => return,
-        };
-        for (target, slot) in slots {
-            if !slot.sweep(limit) && Arc::strong_count(&slot) <= 2 {
-                if let Ok(mut slots) = pool.slots.lock() {
-                    slots.remove(&target);
+        for shard in pool.slots.all() {
+            let slots: Vec<(Target, Arc<Slot>)> = match shard.lock() {
+                Ok(slots) => slots.iter().map(|(t, s)| (t.clone(), s.clone())).collect(),
+                Err(_) => return,
+            };
+            for (target, slot) in slots {
+                if !slot.sweep(limit) && Arc::strong_count(&slot) <= 2 {
+                    if let Ok(mut slots) = shard.lock() {
+                        slots.remove(&target);
+                    }
                 }
             }
         }

@@ -29,6 +29,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 
 use super::{Body, BoxError};
+use crate::runtime::Sharded;
 
 /// Deadlines and pool size of an upstream.
 #[derive(Clone, Debug)]
@@ -139,7 +140,7 @@ impl Upstream {
             pool: Arc::new(Pool {
                 authority: authority.clone(),
                 config: config.clone(),
-                idle: Mutex::default(),
+                idle: Sharded::default(),
                 reaping: AtomicBool::new(false),
             }),
             in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
@@ -219,12 +220,13 @@ pub(crate) fn replayable(req: &Request<Body>) -> Option<Request<Body>> {
 /// How long a kept-alive connection may take to be ready for its next request.
 const READY_WAIT: Duration = Duration::from_millis(100);
 
-/// Kept-alive HTTP/1.1 connections to one upstream, the most recently used last.
+/// Kept-alive HTTP/1.1 connections to one upstream, the most recently used last; one list per
+/// worker thread (a connection is driven by the reactor of the thread that dialled it).
 #[derive(Debug)]
 struct Pool {
     authority: http::uri::Authority,
     config: UpstreamConfig,
-    idle: Mutex<Vec<Idle>>,
+    idle: Sharded<Mutex<Vec<Idle>>>,
     /// Whether the task closing connections idle past `pool_idle_timeout` runs.
     reaping: AtomicBool,
 }
@@ -279,7 +281,9 @@ impl Pool {
     /// The most recently used idle connection that is still open and ready.
     async fn checkout(&self) -> Option<SendRequest<Body>> {
         loop {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
+            let mut idle = (self.idle.local().lock())
+                .unwrap_or_else(|p| p.into_inner())
+                .pop()?;
             if idle.sender.is_closed() || idle.since.elapsed() >= self.config.pool_idle_timeout {
                 continue;
             }
@@ -330,8 +334,9 @@ impl Pool {
             return;
         }
         {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            if idle.len() >= self.config.max_idle {
+            let mut idle = self.idle.local().lock().unwrap_or_else(|p| p.into_inner());
+            // `max_idle` bounds the whole pool.
+            if idle.len() >= self.config.max_idle.div_ceil(self.idle.len()) {
                 // The longest idle goes (dropping its sender closes the connection).
                 idle.remove(0);
             }
@@ -354,8 +359,10 @@ async fn reap(pool: Weak<Pool>) {
         };
         tokio::time::sleep(period / 2).await;
         let Some(pool) = pool.upgrade() else { return };
-        let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|i| !i.sender.is_closed() && i.since.elapsed() < period);
+        for idle in pool.idle.all() {
+            let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.retain(|i| !i.sender.is_closed() && i.since.elapsed() < period);
+        }
     }
 }
 

@@ -130,7 +130,7 @@ async fn connections_past_the_idle_limit_are_closed_and_replaced() {
     read(resp).await;
     // The reaper runs every half idle timeout: wait until the pool holds nothing.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !upstream.pool.idle.lock().unwrap().is_empty() {
+    while !upstream.pool.idle.local().lock().unwrap().is_empty() {
         assert!(
             Instant::now() < deadline,
             "the idle connection was never reaped"
