@@ -95,16 +95,7 @@ async fn sigterm_refuses_new_connections_and_finishes_requests_in_flight() {
     mesh.signal("TERM");
 
     // New connections are refused soon after.
-    let end = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match tokio::net::TcpStream::connect(inbound).await {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
-            _ if tokio::time::Instant::now() > end => {
-                panic!("still accepting after SIGTERM: {}", mesh.stderr())
-            }
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
+    refused_soon(inbound, &mesh).await;
     mesh.assert_running();
 
     // The request in flight completes, then the process exits 0 well before the deadline.
@@ -224,6 +215,20 @@ async fn sighup_reloads_the_allowlist_keeps_connections_and_refuses_a_broken_con
     assert_eq!(get(&mut kept).await, StatusCode::OK);
 }
 
+/// Wait (up to 5 s) until `inbound` refuses connections: after SIGTERM, no socket listens.
+async fn refused_soon(inbound: std::net::SocketAddr, mesh: &e2e::ChildGuard) {
+    let end = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::net::TcpStream::connect(inbound).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
+            _ if tokio::time::Instant::now() > end => {
+                panic!("still accepting after SIGTERM: {}", mesh.stderr())
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
 async fn get(client: &mut MeshClient) -> StatusCode {
     client.get("/x", &[]).await.unwrap().0
 }
@@ -326,16 +331,7 @@ async fn serves_both_protocols_and_drains(
     assert_eq!(first, "first\n");
     mesh.signal("TERM");
     // Every worker's socket closes: a refused connection means none is left listening.
-    let end = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match tokio::net::TcpStream::connect(inbound).await {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
-            _ if tokio::time::Instant::now() > end => {
-                panic!("still accepting after SIGTERM: {}", mesh.stderr())
-            }
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
+    refused_soon(inbound, &mesh).await;
     backend.release_stream.notify_one();
     let rest = body.collect().await.unwrap().to_bytes();
     assert_eq!(rest, "second\n");
