@@ -133,8 +133,8 @@ pub struct Metrics {
     /// TCP tunnels by side, configured name and outcome (names come from the configuration,
     /// so the label set is bounded).
     tunnels: Mutex<BTreeMap<(Direction, String, &'static str), u64>>,
-    /// Connections accepted by the inbound and outbound listeners, per worker thread (the
-    /// per-core runtime; worker 0 otherwise): how evenly the kernel spreads them.
+    /// Connections accepted by the inbound and outbound listeners, per thread (`runtime::shard`:
+    /// 0 the main thread, 1 to N the per-core workers): how evenly the kernel spreads them.
     accepted: [[AtomicU64; MAX_WORKERS]; 2],
 }
 
@@ -361,7 +361,7 @@ impl Collector for Metrics {
         drop(tunnels);
         let mut family = encoder.encode_descriptor(
             "dstack_mesh_accepted_connections",
-            "Connections accepted, by listener (inbound, outbound) and worker thread (per-core runtime; 0 otherwise).",
+            "Connections accepted, by listener (inbound, outbound) and thread (1 to N: the per-core workers; 0: the main thread).",
             None,
             MetricType::Counter,
         )?;

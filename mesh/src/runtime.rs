@@ -74,7 +74,7 @@ impl Flavor {
 static WORKERS: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
-    /// This thread's worker number; 0 off the workers.
+    /// This thread's worker number, from 1; 0 off the workers.
     static WORKER: Cell<usize> = const { Cell::new(0) };
 }
 
@@ -83,13 +83,15 @@ pub fn workers() -> usize {
     WORKERS.load(Ordering::Relaxed)
 }
 
-/// Shards for state a connection's thread keeps to itself (the upstream and peer pools): one
-/// per worker, so a pooled connection is driven by the reactor of the thread that uses it.
+/// Shards for state a connection's thread keeps to itself (the upstream and peer pools): the
+/// main thread's and one per worker, so a pooled connection is driven by the reactor of the
+/// thread that uses it.
 pub fn shards() -> usize {
-    workers().max(1)
+    workers() + 1
 }
 
-/// This thread's shard, below [`shards`].
+/// This thread's shard, below [`shards`]: 0 on the main thread (and every thread that is not a
+/// worker), `1..=workers()` on the workers.
 pub fn shard() -> usize {
     WORKER.with(Cell::get)
 }
@@ -140,8 +142,9 @@ pub struct Workers {
 
 impl Workers {
     /// Start one thread per entry of `jobs`, each with a current-thread runtime running its
-    /// jobs. Each receiver resolves once that thread's jobs have all returned (the listeners
-    /// closed; its connections go on until the workers are dropped), or the thread failed.
+    /// jobs. Each receiver resolves once one of that thread's jobs has returned (its listener
+    /// closed: the drain, or a failure) or the thread failed; its connections go on until the
+    /// workers are dropped. A thread that cannot start stops those started before it.
     pub fn start(
         jobs: Vec<Vec<Job>>,
     ) -> std::io::Result<(Self, Vec<tokio::sync::oneshot::Receiver<()>>)> {
@@ -149,29 +152,45 @@ impl Workers {
         let mut done = Vec::with_capacity(jobs.len());
         for (n, jobs) in jobs.into_iter().enumerate() {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            let mut stopped = stopped.clone();
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let stopped = stopped.clone();
             std::thread::Builder::new()
-                .name(format!("dstack-mesh-{n}"))
+                .name(format!("dstack-mesh-{}", n + 1))
                 .spawn(move || {
-                    WORKER.set(n);
-                    runtime.block_on(async move {
-                        let mut serving = tokio::task::JoinSet::new();
-                        for job in jobs {
-                            serving.spawn(job());
-                        }
-                        serving.join_all().await;
-                        let _ = tx.send(());
-                        // Connections in flight finish (the drain) until the workers go.
-                        let _ = stopped.changed().await;
-                    });
+                    WORKER.set(n + 1);
+                    // Built here: a runtime may not be dropped inside another (the caller's).
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => runtime.block_on(work(jobs, tx, stopped)),
+                        Err(e) => tracing::error!(error = %e, "a worker thread has no runtime"),
+                    }
                 })?;
             done.push(rx);
         }
         Ok((Self { _stop: stop }, done))
     }
+}
+
+/// One worker's life: its listeners until one ends (told through `listening`), then its
+/// connections until `stopped`. Dropping the workers ends it at any point.
+async fn work(
+    jobs: Vec<Job>,
+    listening: tokio::sync::oneshot::Sender<()>,
+    mut stopped: tokio::sync::watch::Receiver<()>,
+) {
+    let mut serving = tokio::task::JoinSet::new();
+    for job in jobs {
+        serving.spawn(job());
+    }
+    tokio::select! {
+        // A panic is caught here too: the main thread hears of it and drains the rest.
+        _ = serving.join_next() => {}
+        _ = stopped.changed() => return,
+    }
+    let _ = listening.send(());
+    // Connections in flight finish (the drain) until the workers go.
+    let _ = stopped.changed().await;
 }
 
 /// `copies` listeners on `addr`, each with `SO_REUSEPORT` when there is more than one (the
@@ -182,12 +201,18 @@ pub fn reuseport_listeners(
     copies: usize,
 ) -> std::io::Result<Vec<std::net::TcpListener>> {
     let mut addr = addr;
+    if copies > 1 {
+        // A socket without SO_REUSEPORT fails to bind where anything listens already, so a
+        // port in use still fails the start instead of joining another process's group (and,
+        // for port 0, picks the port).
+        let probe = new_socket(addr)?;
+        probe.set_reuseaddr(true)?;
+        probe.bind(addr)?;
+        addr = probe.local_addr()?;
+    }
     let mut listeners = Vec::with_capacity(copies);
     for _ in 0..copies.max(1) {
-        let socket = match addr {
-            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-        };
+        let socket = new_socket(addr)?;
         socket.set_reuseaddr(true)?;
         if copies > 1 {
             socket.set_reuseport(true)?;
@@ -198,6 +223,13 @@ pub fn reuseport_listeners(
         listeners.push(listener);
     }
     Ok(listeners)
+}
+
+fn new_socket(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
+    match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
 }
 
 /// The process's runtime, as [`Flavor::choose`] picks it from the environment.

@@ -339,3 +339,46 @@ async fn serves_both_protocols_and_drains(
     assert!(status.success(), "{status}: {}", mesh.stderr());
     accepted
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_another_sidecar_listens_on_fails_the_start_with_a_thread_per_core() {
+    // Both with SO_REUSEPORT sockets: the second must not join the first's group and take half
+    // of its connections.
+    let Stage {
+        dir,
+        socket,
+        backend,
+        _guards,
+        ..
+    } = stage().await;
+    let per_core = |name: &str, file: &std::path::Path| {
+        let mut cmd = std::process::Command::new(mesh_binary());
+        cmd.args(["run", "--config"])
+            .arg(file)
+            .env("DSTACK_MESH_RUNTIME", "per-core")
+            .env("TOKIO_WORKER_THREADS", "2")
+            .env_remove("DSTACK_AGENT_ADDRESS");
+        (name.to_owned(), cmd)
+    };
+    let first = dir.path().join("first.toml");
+    std::fs::write(&first, config(&socket, backend.addr, CALLER)).unwrap();
+    let (name, cmd) = per_core("first", &first);
+    let (mut running, bound) = start_mesh(dir.path(), &name, cmd);
+    let taken = e2e::listener(&bound, "inbound");
+
+    let second = dir.path().join("second.toml");
+    let text = config(&socket, backend.addr, CALLER).replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"{taken}\""),
+        1,
+    );
+    std::fs::write(&second, text).unwrap();
+    let (name, cmd) = per_core("second", &second);
+    let mut refused = e2e::ChildGuard::spawn(&name, cmd, dir.path()).unwrap();
+    let status = tokio::task::block_in_place(|| refused.wait_exit(Duration::from_secs(20)));
+    assert_eq!(status.code(), Some(69), "{}", refused.stderr());
+    let log = refused.stderr();
+    assert!(log.contains(&format!("inbound.listen {taken}")), "{log}");
+    assert!(log.contains("in use"), "{log}");
+    running.assert_running();
+}

@@ -106,8 +106,8 @@ pub struct AuthService {
     drain: proxy::Drain,
     /// nginx's request head must arrive within this.
     header_timeout: Duration,
-    /// Connections at once.
-    max_connections: usize,
+    /// Connections at once, over every socket this service serves (one per worker thread).
+    connections: Arc<tokio::sync::Semaphore>,
 }
 
 impl AuthService {
@@ -122,14 +122,16 @@ impl AuthService {
             drain: proxy::Drain::default(),
             nginx,
             header_timeout: crate::config::DEFAULT_AUTH_HEADER_TIMEOUT,
-            max_connections: crate::config::DEFAULT_AUTH_MAX_CONNECTIONS,
+            connections: Arc::new(tokio::sync::Semaphore::new(
+                crate::config::DEFAULT_AUTH_MAX_CONNECTIONS,
+            )),
         }
     }
 
     /// Serve with `header_timeout` and at most `max_connections` at once.
     pub fn with_limits(mut self, header_timeout: Duration, max_connections: usize) -> Self {
         self.header_timeout = header_timeout;
-        self.max_connections = max_connections;
+        self.connections = Arc::new(tokio::sync::Semaphore::new(max_connections));
         self
     }
 
@@ -258,9 +260,8 @@ impl AuthService {
     /// Serve on `listener` until the future is dropped or the drain starts.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         // nginx keeps a few keep-alive connections; the limit only stops a runaway client.
-        let slots = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
         while let Some((tcp, remote, hold)) =
-            proxy::accept(&listener, &slots, "auth", &self.drain).await
+            proxy::accept(&listener, &self.connections, "auth", &self.drain).await
         {
             let this = self.clone();
             tokio::spawn(async move {

@@ -474,7 +474,8 @@ impl Slot {
     /// Keep an HTTP/1.1 connection for the next request.
     fn checkin(&self, sender: http1::SendRequest<Body>, info: PeerInfo, dialled: Dialled) {
         if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() < MAX_IDLE_PER_TARGET {
+            // The bound is the pool's, over every thread's shard.
+            if idle.len() < MAX_IDLE_PER_TARGET.div_ceil(crate::runtime::shards()) {
                 idle.push(Idle {
                     sender,
                     info,
