@@ -278,3 +278,15 @@ pub async fn echo(tcp: &mut TcpStream, message: &[u8]) -> Vec<u8> {
     .unwrap();
     echoed
 }
+
+/// The connections each thread of the sidecar at `admin` accepted on `listener` (`inbound`,
+/// `outbound`), from `dstack_mesh_accepted_connections_total`: one entry per thread that took any.
+pub async fn accepted_per_thread(admin: SocketAddr, listener: &str) -> Vec<u64> {
+    let (_, metrics) = http1_get(admin, "/metrics", &[]).await;
+    let prefix = format!("dstack_mesh_accepted_connections_total{{listener=\"{listener}\"");
+    String::from_utf8_lossy(&metrics)
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect()
+}

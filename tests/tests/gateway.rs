@@ -424,12 +424,9 @@ async fn concurrent_requests_share_one_h2_connection_through_the_gateway() {
     // over HTTP/1.1 each would need a connection of its own. Each worker thread keeps its own
     // pool (the per-core runtime), so one connection per worker that took app connections.
     let after = mesh.gateway.passthrough_sessions();
-    let (_, metrics) = e2e::client::http1_get(mesh.a_admin, "/metrics", &[]).await;
-    let metrics = String::from_utf8_lossy(&metrics);
-    let workers = (metrics.lines())
-        .filter(|l| l.starts_with("dstack_mesh_accepted_connections_total{listener=\"outbound\""))
-        .count() as u64;
-    assert!(workers >= 1, "{metrics}");
+    let accepted = e2e::client::accepted_per_thread(mesh.a_admin, "outbound").await;
+    let workers = accepted.len() as u64;
+    assert!(workers >= 1, "{accepted:?}");
     assert!(
         after - before <= workers,
         "{REQUESTS} concurrent requests on {workers} workers opened {} connections through the gateway",

@@ -316,12 +316,7 @@ async fn serves_both_protocols_and_drains(
     assert_eq!(get(&mut h1).await, StatusCode::OK);
     assert_eq!(get(&mut h2).await, StatusCode::OK);
     let admin = e2e::listener(&bound, "admin");
-    let (_, metrics) = e2e::client::http1_get(admin, "/metrics", &[]).await;
-    let metrics = String::from_utf8_lossy(&metrics);
-    let accepted: Vec<u64> = (metrics.lines())
-        .filter(|l| l.starts_with("dstack_mesh_accepted_connections_total{listener=\"inbound\""))
-        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
-        .collect();
+    let accepted = e2e::client::accepted_per_thread(admin, "inbound").await;
     let resp = h2
         .send(Request::get("/stream").body(empty()).unwrap())
         .await
@@ -351,19 +346,18 @@ async fn a_port_another_sidecar_listens_on_fails_the_start_with_a_thread_per_cor
         _guards,
         ..
     } = stage().await;
-    let per_core = |name: &str, file: &std::path::Path| {
+    let per_core = |file: &std::path::Path| {
         let mut cmd = std::process::Command::new(mesh_binary());
         cmd.args(["run", "--config"])
             .arg(file)
             .env("DSTACK_MESH_RUNTIME", "per-core")
             .env("TOKIO_WORKER_THREADS", "2")
             .env_remove("DSTACK_AGENT_ADDRESS");
-        (name.to_owned(), cmd)
+        cmd
     };
     let first = dir.path().join("first.toml");
     std::fs::write(&first, config(&socket, backend.addr, CALLER)).unwrap();
-    let (name, cmd) = per_core("first", &first);
-    let (mut running, bound) = start_mesh(dir.path(), &name, cmd);
+    let (mut running, bound) = start_mesh(dir.path(), "first", per_core(&first));
     let taken = e2e::listener(&bound, "inbound");
 
     let second = dir.path().join("second.toml");
@@ -373,8 +367,7 @@ async fn a_port_another_sidecar_listens_on_fails_the_start_with_a_thread_per_cor
         1,
     );
     std::fs::write(&second, text).unwrap();
-    let (name, cmd) = per_core("second", &second);
-    let mut refused = e2e::ChildGuard::spawn(&name, cmd, dir.path()).unwrap();
+    let mut refused = e2e::ChildGuard::spawn("second", per_core(&second), dir.path()).unwrap();
     let status = tokio::task::block_in_place(|| refused.wait_exit(Duration::from_secs(20)));
     assert_eq!(status.code(), Some(69), "{}", refused.stderr());
     let log = refused.stderr();
