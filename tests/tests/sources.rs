@@ -112,13 +112,14 @@ impl Sidecar {
         String::from_utf8_lossy(&body).into_owned()
     }
 
-    /// Wait for the source to report down; its status, whose last error says `words`.
+    /// Wait for a read of the source to fail; its status, down, whose last error says `words`.
     async fn source_down(&self, words: &str) -> serde_json::Value {
         until("the source reported down", async || {
-            self.source().await["up"] == false
+            self.source().await["last_error"].is_string()
         })
         .await;
         let source = self.source().await;
+        assert_eq!(source["up"], false, "{source}");
         let error = source["last_error"].as_str().unwrap_or_default();
         assert!(error.contains(words), "{source}");
         source
@@ -295,9 +296,8 @@ async fn a_file_sources_domains_come_and_go_under_load_and_a_bad_list_keeps_the_
         s.serves("new.customer.test").await && s.serves("steady.customer.test").await
     })
     .await;
-    let source = s.source().await;
+    let source = s.source_down("No such file").await;
     assert_eq!(source["from_store"], true, "{source}");
-    assert_eq!(source["up"], false, "{source}");
     // Back: read again.
     write(&s.list, "steady.customer.test\n");
     until("the list read again", async || {

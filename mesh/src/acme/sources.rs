@@ -282,7 +282,8 @@ pub struct SourceStatus {
     pub name: String,
     /// Domains on its last good list.
     pub domains: usize,
-    /// Whether its last read worked.
+    /// Whether it has been read and its last read worked (not before its first read: a list
+    /// from the store is not a source that answers).
     pub up: bool,
     /// The last good list is the one stored by an earlier run (the source not read yet).
     pub from_store: bool,
@@ -321,7 +322,7 @@ impl Source {
         SourceStatus {
             name: self.config.name.clone(),
             domains: s.domains,
-            up: s.last_error.is_none(),
+            up: s.last_error.is_none() && s.last_success.is_some(),
             from_store: s.from_store,
             last_success: s.last_success.map(crate::clock::unix_u64),
             last_error: s.last_error.clone(),
@@ -1102,9 +1103,8 @@ mod tests {
         assert_eq!(p.rejected.len(), 10, "{:?}", p.rejected);
     }
 
-    #[test]
-    fn an_entry_routes_as_it_says_and_a_wildcard_needs_dns_01() {
-        let source = SourceConfig {
+    fn customers() -> SourceConfig {
+        SourceConfig {
             name: "customers".into(),
             kind: SourceKind::File("/l".into()),
             interval: Duration::from_secs(1),
@@ -1122,7 +1122,30 @@ mod tests {
                 routes: BTreeMap::new(),
                 response_headers: Vec::new(),
             },
-        };
+        }
+    }
+
+    #[test]
+    fn a_source_is_up_only_once_a_read_worked() {
+        let source = Source::new(customers());
+        assert!(!source.status().up, "not read yet");
+        source.set(|s| {
+            s.from_store = true;
+            s.domains = 3;
+        });
+        assert!(
+            !source.status().up,
+            "a stored list is not a source that answers"
+        );
+        source.set(|s| clear_failure(s, SystemTime::now()));
+        assert!(source.status().up);
+        source.set(|s| s.last_error = Some("gone".into()));
+        assert!(!source.status().up);
+    }
+
+    #[test]
+    fn an_entry_routes_as_it_says_and_a_wildcard_needs_dns_01() {
+        let source = customers();
         let entry = |domain: &str, backend: Option<&str>, mode| Entry {
             domain: domain.into(),
             backend: backend.map(str::to_owned),
