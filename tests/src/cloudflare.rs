@@ -151,21 +151,18 @@ impl CloudflareStandIn {
         self.shared.state().fail = status;
     }
 
-    /// Answer every following request `200` with an HTML maintenance page (`false`: the API
-    /// again), as a proxy in front of the API might.
-    pub fn answer_garbage(&self, garbage: bool) {
-        self.shared.state().garbage = garbage;
-    }
-
-    /// Hold every following request `delay` before answering it.
-    pub fn delay(&self, delay: Duration) {
-        self.shared.state().delay = delay;
-    }
-
-    /// Close every following connection unanswered as soon as it is accepted (`false`: serve
-    /// again), as an API that cannot be reached.
-    pub fn cut(&self, cut: bool) {
-        self.shared.state().cut = cut;
+    /// Make every following request meet `fault` (`None`: the API again), replacing the one
+    /// set before in one step, so no request in between finds the API working.
+    pub fn fault(&self, fault: Option<Fault>) {
+        let mut state = self.shared.state();
+        (state.fail, state.garbage, state.delay, state.cut) = (0, false, Duration::ZERO, false);
+        match fault {
+            None => {}
+            Some(Fault::Status(status)) => state.fail = status,
+            Some(Fault::Garbage) => state.garbage = true,
+            Some(Fault::Slow(delay)) => state.delay = delay,
+            Some(Fault::Unreachable) => state.cut = true,
+        }
     }
 
     /// Store a record of someone else's, as if made in the dashboard: no token, not in
@@ -224,6 +221,20 @@ impl Shared {
         // A panic elsewhere while holding the lock leaves consistent data: keep serving.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// How the API fails, for [`CloudflareStandIn::fault`].
+#[derive(Debug, Clone, Copy)]
+pub enum Fault {
+    /// Every request answered with this status and an error envelope, as [`CloudflareStandIn::fail_with`].
+    Status(u16),
+    /// `200` with an HTML maintenance page, as a proxy in front of the API might answer.
+    Garbage,
+    /// Every request held this long before its answer.
+    Slow(Duration),
+    /// Every connection closed unanswered as soon as it is accepted (a kept-alive one at its
+    /// next request), as an API that cannot be reached.
+    Unreachable,
 }
 
 #[derive(Debug, Default)]

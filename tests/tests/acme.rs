@@ -702,7 +702,7 @@ async fn replicas_share_one_account_with_external_account_binding() {
 
 use e2e::{
     bind::{Bind, BindOptions, Tsig, Zone},
-    cloudflare::CloudflareStandIn,
+    cloudflare::{CloudflareStandIn, Fault},
 };
 
 /// A CAA identity for pebble, whose directory lists none.
@@ -1101,29 +1101,19 @@ async fn cloudflare_api_issues_writes_records_and_survives_refusals_errors_throt
         &[e2e::load::Caller::Fresh, e2e::load::Caller::H2],
         Duration::from_millis(10),
     );
-    #[derive(Debug)]
-    enum Fault {
-        Status(u16),
-        Garbage,
-        Slow,
-        Unreachable,
-    }
+    // Each fault replaces the last in one step: a retry the backoff starts in between meets
+    // one or the other, never a working API that would renew and reset the count.
     let faults = [
         (Fault::Status(403), "Authentication error"),
         (Fault::Status(500), "HTTP 500"),
         (Fault::Status(429), "HTTP 429"),
-        (Fault::Garbage, "cloudflare"),
-        (Fault::Slow, "no answer within 10s"),
-        (Fault::Unreachable, "DNS provider cloudflare"),
+        (Fault::Garbage, "not the API's JSON"),
+        (Fault::Slow(Duration::from_secs(12)), "no answer within 10s"),
+        (Fault::Unreachable, "client error ("),
     ];
     for (fault, words) in faults {
         let before = a.cert("shop.example.test").await.failures_total;
-        match fault {
-            Fault::Status(status) => cf.fail_with(status),
-            Fault::Garbage => cf.answer_garbage(true),
-            Fault::Slow => cf.delay(Duration::from_secs(12)),
-            Fault::Unreachable => cf.cut(true),
-        }
+        cf.fault(Some(fault));
         let (ok, out) = a.cli(&["renew", "shop.example.test"]);
         assert!(ok, "{out}");
         let certs = a
@@ -1163,11 +1153,8 @@ async fn cloudflare_api_issues_writes_records_and_survives_refusals_errors_throt
             "{fault:?}: {}",
             shop.last_error.as_deref().unwrap_or_default()
         );
-        cf.fail_with(0);
-        cf.answer_garbage(false);
-        cf.delay(Duration::ZERO);
-        cf.cut(false);
     }
+    cf.fault(None);
     let (ok, failed) = load.finish().await;
     eprintln!("DNS provider faults: {ok} requests to another domain, {failed} failed");
     assert_eq!(failed, 0);
@@ -1178,7 +1165,6 @@ async fn cloudflare_api_issues_writes_records_and_survives_refusals_errors_throt
             .0,
         StatusCode::OK
     );
-    cf.fail_with(0);
     // Six failures in a row have backed the next attempt off past half a minute: ask now.
     let (ok, out) = a.cli(&["renew", "shop.example.test"]);
     assert!(ok, "{out}");
