@@ -35,6 +35,7 @@ struct Sidecar {
     guard: ChildGuard,
     inbound: SocketAddr,
     outbound: SocketAddr,
+    admin: SocketAddr,
     root: Vec<u8>,
     backend: Backend,
     caller: ratls::identity::RotatingIdentity,
@@ -46,12 +47,12 @@ struct Sidecar {
 /// the outbound proxy, whose gateway is that same inbound port (so an outbound call crosses
 /// both sides).
 async fn sidecar() -> Sidecar {
-    sidecar_with(None, None).await
+    sidecar_with(None, "").await
 }
 
 /// [`sidecar`] whose backend (the mesh's and the domain's) is `raw` instead of the counting
-/// one.
-async fn sidecar_with(raw: Option<SocketAddr>, max_connections: Option<usize>) -> Sidecar {
+/// one, with `settings` (lines) added to `[inbound]`.
+async fn sidecar_with(raw: Option<SocketAddr>, settings: &str) -> Sidecar {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let (agent, sock) = dev_agent(dir.path(), "agent", SERVER, &state);
@@ -61,13 +62,12 @@ async fn sidecar_with(raw: Option<SocketAddr>, max_connections: Option<usize>) -
     let store = dir.path().join("store");
     let config = dir.path().join("mesh.toml");
     let (inbound_port, outbound_port) = (e2e::free_port(), e2e::free_port());
-    let limit = max_connections.map_or(String::new(), |n| format!("max_connections = {n}\n"));
     std::fs::write(
         &config,
         format!(
             "[agent]\naddress = \"unix:{sock}\"\n\
              [inbound]\nlisten = \"127.0.0.1:{inbound_port}\"\nbackend = \"{backend}\"\n\
-             allowed_apps = [\"{CALLER}\", \"{SERVER}\"]\n{limit}\
+             allowed_apps = [\"{CALLER}\", \"{SERVER}\"]\n{settings}\
              [auth]\nenabled = false\n[client]\naddress = \"127.0.0.1\"\nport = {outbound_port}\n\
              [dstack]\ngateway_domain = \"fixed/127.0.0.1:{inbound_port}\"\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n\
@@ -82,6 +82,7 @@ async fn sidecar_with(raw: Option<SocketAddr>, max_connections: Option<usize>) -
     let (guard, bound) = run_mesh(dir.path(), "mesh", &config);
     let inbound = listener(&bound, "inbound");
     let outbound = listener(&bound, "outbound");
+    let admin = listener(&bound, "admin");
     let ca = store.join("internal-ca/ca.pem");
     let mut root = Vec::new();
     for _ in 0..500 {
@@ -101,6 +102,7 @@ async fn sidecar_with(raw: Option<SocketAddr>, max_connections: Option<usize>) -
         guard,
         inbound,
         outbound,
+        admin,
         root,
         backend,
         caller,
@@ -686,7 +688,7 @@ const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
 #[tokio::test]
 async fn ambiguous_request_framing_is_refused_or_reframed_and_never_desyncs() {
     let raw = RawBackend::start(OK).await;
-    let s = sidecar_with(Some(raw.addr), None).await;
+    let s = sidecar_with(Some(raw.addr), "").await;
     // Each asks the front and the back to disagree on where the first request ends; the
     // second request (`/smuggled`) must reach the backend only if the sidecar itself read it
     // as a request and answered it.
@@ -749,7 +751,7 @@ async fn a_backend_answering_more_than_asked_never_answers_the_next_request() {
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nFAKE",
     )
     .await;
-    let s = sidecar_with(Some(raw.addr), None).await;
+    let s = sidecar_with(Some(raw.addr), "").await;
     for face in [Face::Public, Face::Outbound] {
         let mut get = Vec::new();
         for _ in 0..5 {
@@ -778,7 +780,7 @@ async fn a_backend_answering_more_than_asked_never_answers_the_next_request() {
 #[tokio::test]
 async fn websocket_frames_after_a_refused_upgrade_never_reach_the_backend() {
     let raw = RawBackend::start(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n").await;
-    let s = sidecar_with(Some(raw.addr), None).await;
+    let s = sidecar_with(Some(raw.addr), "").await;
     // A masked text frame, "hello", sent right behind the upgrade request without waiting.
     let mask = [0x37, 0xfa, 0x21, 0x3d];
     let mut frame_bytes = vec![0x81, 0x85];
@@ -822,9 +824,9 @@ async fn idle_connections_cost_bounded_memory_and_traffic_flows() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
-    // Room for the idle connections and the callers: at the limit, new connections wait in
-    // the kernel backlog (by design), and this test measures memory, not the limit.
-    let s = sidecar_with(None, Some(n + 64)).await;
+    // Room for the idle connections and the callers: at the limit, idle connections would
+    // close for newcomers, and this test measures what they cost held, not the limit.
+    let s = sidecar_with(None, &format!("max_connections = {}\n", n + 64)).await;
     let load = Load::start(
         Target::public(s.inbound, DOMAIN, &s.root),
         &[Caller::Fresh, Caller::H2],
@@ -863,4 +865,75 @@ async fn idle_connections_cost_bounded_memory_and_traffic_flows() {
         per_connection < 64.0,
         "{per_connection:.1} KiB per idle connection"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_listener_closes_idle_connections_to_let_a_new_caller_in() {
+    // Four slots, and idle connections that would otherwise hold theirs for five minutes.
+    let s = sidecar_with(
+        None,
+        "max_connections = 4\nheader_timeout = \"300s\"\nidle_timeout = \"300s\"\n",
+    )
+    .await;
+    let h1 = |tls| e2e::client::MeshClient::over(tls);
+    let open = || e2e::client::public_connect(s.inbound, DOMAIN, &s.root, &[b"http/1.1"]);
+    // One slot holds a response in flight: its first chunk read, the second held back.
+    let mut busy = h1(open().await.unwrap()).await.unwrap();
+    let streaming = busy
+        .send(
+            http::Request::get("/stream")
+                .header(http::header::HOST, DOMAIN)
+                .body(e2e::client::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = streaming.into_body();
+    let first = http_body_util::BodyExt::frame(&mut body)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.data_ref().unwrap().as_ref(), b"first\n");
+    // Three more after one request each: every slot taken, three of them idle.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let mut client = h1(open().await.unwrap()).await.unwrap();
+        let (status, _, _) = client.get_from(DOMAIN, "/", &[]).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        idle.push(client);
+    }
+
+    // A fifth caller gets in well before any timeout would have made room.
+    let fifth = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut client = h1(open().await?).await?;
+        client
+            .get_from(DOMAIN, "/", &[])
+            .await
+            .map_err(std::io::Error::other)
+    })
+    .await
+    .expect("the fifth caller was kept out of a full listener")
+    .unwrap();
+    assert_eq!(fifth.0, StatusCode::OK);
+
+    // Idle connections were closed for it (all three, unless one had not quite finished its
+    // response when the listener asked); the one in flight finishes its response.
+    let mut closed = 0;
+    for client in &mut idle {
+        if client.get_from(DOMAIN, "/", &[]).await.is_err() {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 1, "no idle connection was closed");
+    s.backend.release_stream.notify_one();
+    let rest = http_body_util::BodyExt::collect(body)
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(rest.as_ref(), b"second\n");
+    let (_, metrics) = e2e::client::http1_get(s.admin, "/metrics", &[]).await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    let counted =
+        format!("dstack_mesh_connections_reclaimed_total{{listener=\"inbound\"}} {closed}\n");
+    assert!(metrics.contains(&counted), "{closed} closed: {metrics}");
 }

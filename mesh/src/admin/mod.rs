@@ -405,6 +405,13 @@ impl Admin {
             .into_iter()
             .flatten()
             .collect(),
+            reclaimed: [
+                inbound.map(|i| ("inbound", i.reclaimed_connections())),
+                outbound.map(|o| ("outbound", o.reclaimed_connections())),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
             pool: outbound.map(|o| o.pooled()),
             identity_not_after: self.identity.current().not_after,
             certificates: self.acme.load_full().map(|a| a.status()),
@@ -432,6 +439,8 @@ impl Admin {
 struct State {
     /// Client connections open now, by listener.
     open: Vec<(&'static str, usize)>,
+    /// Idle client connections closed to make room at the connection limit, by listener.
+    reclaimed: Vec<(&'static str, u64)>,
     /// The outbound pool: (h2, idle HTTP/1.1).
     pool: Option<(usize, usize)>,
     identity_not_after: i64,
@@ -457,6 +466,17 @@ impl Collector for State {
             family
                 .encode_family(&[("listener", *listener)])?
                 .encode_gauge(n)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "dstack_mesh_connections_reclaimed",
+            "Idle client connections closed to make room for new ones at max_connections, by listener.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (listener, n) in &self.reclaimed {
+            family
+                .encode_family(&[("listener", *listener)])?
+                .encode_counter::<NoLabelSet, _, u64>(n, None)?;
         }
         if let Some((h2, h1)) = self.pool {
             let mut family = encoder.encode_descriptor(

@@ -261,7 +261,7 @@ impl AuthService {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         // nginx keeps a few keep-alive connections; the limit only stops a runaway client.
         while let Some((tcp, remote, hold)) =
-            proxy::accept(&listener, &self.connections, "auth", &self.drain).await
+            proxy::accept(&listener, &self.connections, None, "auth", &self.drain).await
         {
             let this = self.clone();
             tokio::spawn(async move {

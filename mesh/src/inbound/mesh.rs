@@ -49,6 +49,7 @@ pub(super) fn serve(
         registry: inbound.registry.load_full(),
         lifetime: Lifetime {
             idle: Some((activity.clone(), config.idle_timeout)),
+            reclaim: Some(inbound.reclaim.clone()),
             // The caller's certificate vouches for this connection only while it is valid.
             expires: http::remaining(peer.not_after),
             ..Lifetime::until_drain("inbound", remote, inbound.drain.clone())

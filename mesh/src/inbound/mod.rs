@@ -68,6 +68,8 @@ pub struct Inbound {
     /// Public domains: swapped whole when a reload changes them.
     public: ArcSwap<PublicSide>,
     connections: Arc<Semaphore>,
+    /// Its idle connections, closed to make room when it is full.
+    reclaim: Arc<proxy::Reclaim>,
     drain: proxy::Drain,
     /// The allowlist now in force (SIGHUP replaces it).
     allow: ArcSwap<Allow>,
@@ -162,6 +164,7 @@ impl Inbound {
         .map_err(|e| InboundError::Backend(e.to_string()))?;
         Ok(Self {
             connections: Arc::new(Semaphore::new(config.max_connections)),
+            reclaim: Arc::default(),
             drain: proxy::Drain::default(),
             allow: ArcSwap::from_pointee(config.allow.clone()),
             registry: arc_swap::ArcSwapOption::empty(),
@@ -274,11 +277,22 @@ impl Inbound {
             .saturating_sub(self.connections.available_permits())
     }
 
+    /// Idle connections closed so far to make room at `max_connections`.
+    pub fn reclaimed_connections(&self) -> u64 {
+        self.reclaim.closed()
+    }
+
     /// Accept connections until the future is dropped or the drain starts.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         // The slot is held by the connection and by any WebSocket tunnel spliced from it.
-        while let Some((tcp, remote, hold)) =
-            proxy::accept(&listener, &self.connections, "inbound", &self.drain).await
+        while let Some((tcp, remote, hold)) = proxy::accept(
+            &listener,
+            &self.connections,
+            Some(&self.reclaim),
+            "inbound",
+            &self.drain,
+        )
+        .await
         {
             self.metrics.accepted(Direction::Inbound);
             tokio::spawn(self.clone().connection(tcp, remote, hold));

@@ -229,6 +229,7 @@ pub(super) fn serve_http(
         upstream,
         lifetime: Lifetime {
             idle: Some((activity.clone(), inbound.config.idle_timeout)),
+            reclaim: Some(inbound.reclaim.clone()),
             ..Lifetime::until_drain("inbound", remote, inbound.drain.clone())
         },
         who: Who::Public(domain),

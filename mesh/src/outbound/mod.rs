@@ -152,6 +152,8 @@ pub struct Outbound {
     pool: PeerPool,
     agent: Option<AgentPassthrough>,
     connections: Arc<Semaphore>,
+    /// Its idle connections, closed to make room when it is full.
+    reclaim: Arc<proxy::Reclaim>,
     drain: proxy::Drain,
     metrics: Arc<crate::metrics::Metrics>,
     /// What went out.
@@ -240,6 +242,7 @@ impl Outbound {
             routes: ArcSwap::from_pointee(routes),
             pool,
             connections: Arc::new(Semaphore::new(max_connections)),
+            reclaim: Arc::default(),
             drain: proxy::Drain::default(),
             metrics,
             stats: OutboundStats::default(),
@@ -364,6 +367,11 @@ impl Outbound {
             .saturating_sub(self.connections.available_permits())
     }
 
+    /// Idle connections from apps closed so far to make room at `max_connections`.
+    pub fn reclaimed_connections(&self) -> u64 {
+        self.reclaim.closed()
+    }
+
     /// Pooled connections to peers: (h2, idle HTTP/1.1).
     pub fn pooled(&self) -> (usize, usize) {
         self.pool.connections()
@@ -371,8 +379,14 @@ impl Outbound {
 
     /// Accept connections from apps until the future is dropped or the drain starts.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        while let Some((tcp, remote, hold)) =
-            proxy::accept(&listener, &self.connections, "outbound", &self.drain).await
+        while let Some((tcp, remote, hold)) = proxy::accept(
+            &listener,
+            &self.connections,
+            Some(&self.reclaim),
+            "outbound",
+            &self.drain,
+        )
+        .await
         {
             self.metrics.accepted(Direction::Outbound);
             tokio::spawn(self.clone().connection(tcp, remote, hold));
@@ -399,6 +413,7 @@ impl Outbound {
         let conn = builder.serve_connection_with_upgrades(io, service);
         let lifetime = Lifetime {
             idle: Some((activity, self.config.idle_timeout)),
+            reclaim: Some(self.reclaim.clone()),
             ..Lifetime::until_drain("outbound", remote, self.drain.clone())
         };
         lifetime.drive(conn, |c| c.graceful_shutdown()).await;

@@ -11,7 +11,7 @@ use hyper_util::{
     server::conn::auto,
 };
 
-use super::{Activity, Drain};
+use super::{Activity, Drain, Reclaim};
 
 /// How often an idle h2 connection is pinged, and how long the answer may take.
 pub const H2_KEEPALIVE: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(20));
@@ -75,6 +75,8 @@ pub struct Lifetime {
     pub remote: SocketAddr,
     /// The connection's activity and how long it may idle; `None`: never idle.
     pub idle: Option<(Arc<Activity>, Duration)>,
+    /// The listener's idle connections, closed when it is full (with `idle` only).
+    pub reclaim: Option<Arc<Reclaim>>,
     /// How long the connection may live at most (a caller's certificate's remaining validity).
     pub expires: Duration,
     /// SIGTERM.
@@ -99,6 +101,7 @@ impl Lifetime {
             listener,
             remote,
             idle: None,
+            reclaim: None,
             expires: Duration::MAX,
             drain,
             grace: SHUTDOWN_GRACE,
@@ -121,6 +124,13 @@ impl Lifetime {
             }
         };
         tokio::pin!(idle);
+        let reclaimed = async {
+            match (&self.reclaim, &self.idle) {
+                (Some(reclaim), Some((activity, _))) => reclaim.picked(activity).await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::pin!(reclaimed);
         let why = tokio::select! {
             result = conn.as_mut() => {
                 if let Err(e) = result {
@@ -130,6 +140,7 @@ impl Lifetime {
                 return;
             }
             _ = &mut idle => "idle",
+            _ = &mut reclaimed => "listener full",
             _ = tokio::time::sleep(self.expires) => EXPIRED,
             _ = self.drain.started() => "shutting down",
         };

@@ -87,6 +87,11 @@ impl Activity {
         RequestGuard(self.clone())
     }
 
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
     /// Resolves once nothing is in flight and nothing happened for `limit`.
     pub async fn idle_for(&self, limit: Duration) {
         loop {

@@ -7,6 +7,7 @@ mod failure;
 mod forward;
 mod headers;
 mod idle;
+mod reclaim;
 mod upstream;
 
 use bytes::Bytes;
@@ -18,6 +19,7 @@ pub use failure::{Blame, Failure, Hop};
 pub use forward::{forward, forward_with, is_websocket, Tunnel};
 pub use headers::{remove_hop_by_hop, strip_forgeable, CallerHeaders, IDENTITY_HEADERS};
 pub use idle::{Activity, GuardedBody, IdleIo, RequestGuard};
+pub use reclaim::Reclaim;
 pub(crate) use upstream::{exchange, replayable};
 pub use upstream::{Upstream, UpstreamConfig, UpstreamError};
 
@@ -31,37 +33,69 @@ pub type Body = BoxBody<Bytes, BoxError>;
 /// ended).
 pub type Hold = std::sync::Arc<dyn std::any::Any + Send + Sync>;
 
-/// The next connection on `listener`, once `slots` (the connection limit) has room: past the
-/// limit, callers queue in the kernel backlog. Accept errors (EMFILE and friends) back off and
-/// never end the loop; `None` once `drain` has started (the caller then drops the listener, so
-/// new connections are refused) or the limit is closed.
+/// How often a full listener asks its idle connections again to make room.
+const RECLAIM_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The next connection on `listener`, once `slots` (the connection limit) has room. Past the
+/// limit, callers queue in the kernel backlog; with `reclaim`, the first of them is accepted
+/// and waits while idle connections are asked to close for it (only a caller that is there
+/// costs an idle one its connection). Accept errors (EMFILE and friends) back off and never
+/// end the loop; `None` once `drain` has started (the caller then drops the listener, so new
+/// connections are refused) or the limit is closed.
 pub async fn accept(
     listener: &tokio::net::TcpListener,
     slots: &std::sync::Arc<tokio::sync::Semaphore>,
+    reclaim: Option<&Reclaim>,
     what: &'static str,
     drain: &Drain,
 ) -> Option<(tokio::net::TcpStream, std::net::SocketAddr, Hold)> {
-    let permit = tokio::select! {
-        permit = slots.clone().acquire_owned() => permit.ok()?,
-        _ = drain.started() => return None,
+    let permit = match (slots.clone().try_acquire_owned(), reclaim) {
+        (Ok(permit), _) => Some(permit),
+        (Err(tokio::sync::TryAcquireError::Closed), _) => return None,
+        (Err(tokio::sync::TryAcquireError::NoPermits), Some(_)) => None,
+        (Err(tokio::sync::TryAcquireError::NoPermits), None) => tokio::select! {
+            permit = slots.clone().acquire_owned() => Some(permit.ok()?),
+            _ = drain.started() => return None,
+        },
     };
-    loop {
+    let (tcp, remote) = loop {
         let accepted = tokio::select! {
             biased;
             _ = drain.started() => return None,
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((tcp, remote)) => {
-                let _ = tcp.set_nodelay(true);
-                return Some((tcp, remote, std::sync::Arc::new((permit, drain.track()))));
-            }
+            Ok(accepted) => break accepted,
             Err(e) => {
                 tracing::warn!(listener = what, error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         }
-    }
+    };
+    // No permit yet only with `reclaim`.
+    let permit = match permit {
+        Some(permit) => permit,
+        None => loop {
+            // Room may have come since the first look.
+            if let Ok(permit) = slots.clone().try_acquire_owned() {
+                break permit;
+            }
+            if let Some(reclaim) = reclaim {
+                tracing::debug!(
+                    listener = what,
+                    "connection limit reached: closing idle connections"
+                );
+                reclaim.ask();
+            }
+            tokio::select! {
+                permit = slots.clone().acquire_owned() => break permit.ok()?,
+                _ = drain.started() => return None,
+                _ = tokio::time::sleep(RECLAIM_EVERY) => {}
+            }
+        },
+    };
+    let _ = tcp.set_nodelay(true);
+    Some((tcp, remote, std::sync::Arc::new((permit, drain.track()))))
 }
 
 /// Serve small local HTTP/1.1 listeners (admin, `:80`) whose answers need no I/O: a connection
@@ -80,7 +114,7 @@ pub async fn serve_plain<F, Fut>(
     const CONNECTION_LIFE: std::time::Duration = std::time::Duration::from_secs(300);
     let answer = std::sync::Arc::new(answer);
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections));
-    while let Some((tcp, remote, hold)) = accept(&listener, &slots, what, &drain).await {
+    while let Some((tcp, remote, hold)) = accept(&listener, &slots, None, what, &drain).await {
         let answer = answer.clone();
         let lifetime = conn::Lifetime {
             expires: CONNECTION_LIFE,

@@ -83,7 +83,7 @@ impl TunnelPort {
     /// Accept the app's connections until the future is dropped or the drain starts.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         while let Some((tcp, remote, hold)) =
-            proxy::accept(&listener, &self.connections, "tunnel", &self.drain).await
+            proxy::accept(&listener, &self.connections, None, "tunnel", &self.drain).await
         {
             tokio::spawn(self.clone().connection(tcp, remote, hold));
         }

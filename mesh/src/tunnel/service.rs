@@ -144,7 +144,7 @@ impl TcpService {
     /// Accept connections until the future is dropped or the drain starts.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         while let Some((tcp, remote, hold)) =
-            proxy::accept(&listener, &self.connections, "tcp", &self.drain).await
+            proxy::accept(&listener, &self.connections, None, "tcp", &self.drain).await
         {
             tokio::spawn(self.clone().connection(tcp, remote, hold));
         }
