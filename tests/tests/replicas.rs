@@ -130,10 +130,10 @@ fn internal_roots(d: &Path) -> String {
 
 /// The leaf digest each of `fleet` serves for the domain, once all serve one that `accept`s.
 fn fleet_serves(d: &Path, fleet: &[Replica], what: &str, accept: impl Fn(&str) -> bool) -> String {
-    let mut leaves: Vec<Option<String>> = Vec::new();
-    wait_until(what, Duration::from_secs(60), || {
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
         let roots = internal_roots(d);
-        leaves = fleet
+        let leaves: Vec<Option<String>> = fleet
             .iter()
             .map(|r| {
                 tokio::task::block_in_place(|| {
@@ -141,11 +141,31 @@ fn fleet_serves(d: &Path, fleet: &[Replica], what: &str, accept: impl Fn(&str) -
                 })
             })
             .collect();
-        leaves
+        if leaves
             .iter()
             .all(|l| l.as_deref().is_some_and(&accept) && *l == leaves[0])
-    });
-    leaves[0].clone().unwrap()
+        {
+            return leaves[0].clone().unwrap_or_default();
+        }
+        if std::time::Instant::now() > end {
+            // What each replica serves and its last log lines: enough to tell a stuck watch
+            // from an order that never happened.
+            let logs: Vec<String> = fleet
+                .iter()
+                .flat_map(|r| &r.processes)
+                .map(|p| {
+                    let log = p.stderr();
+                    let lines: Vec<&str> = log.lines().collect();
+                    lines[lines.len().saturating_sub(30)..].join("\n")
+                })
+                .collect();
+            panic!(
+                "timed out after 60s waiting for {what}: serving {leaves:?}\n{}",
+                logs.join("\n----\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The domain's state on a replica's admin port.
